@@ -1,0 +1,85 @@
+"""Entry point of the ``cryospin`` command: dispatches to one module per subcommand.
+
+Each subcommand module in :mod:`cryospin.cli` defines ``add_args(parser)`` and ``main(args)``;
+its docstring is the subcommand's ``--help``. User errors (:class:`cryospin.errors.CryospinError`)
+print one line on stderr and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from cryospin import __version__
+from cryospin.errors import CryospinError
+
+# subcommand name -> module under cryospin.cli
+SUBCOMMANDS: dict[str, str] = {
+    "simulate": "simulate",
+    "downsample": "downsample",
+    "reconstruct": "reconstruct",
+    "backproject": "backproject",
+    "fsc": "fsc",
+    "pose-error": "pose_error",
+    "demo": "demo",
+}
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    parser = argparse.ArgumentParser(
+        prog="cryospin",
+        description="Ab initio cryo-EM reconstruction with semi-amortized pose inference.",
+    )
+    parser.add_argument("--version", action="version", version=f"cryospin {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules: dict[str, object] = {}
+    for name, module_name in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(f"cryospin.cli.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"cryospin.cli.{module_name}":
+                continue  # subcommand not built yet
+            raise
+        doc = (module.__doc__ or "").strip()
+        summary = doc.splitlines()[0] if doc else name
+        p = sub.add_parser(
+            name,
+            help=summary,
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_args(p)  # type: ignore[attr-defined]
+        modules[name] = module
+    return parser, modules
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cryospin`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser, modules = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 1
+    args.argv = ["cryospin", *(sys.argv[1:] if argv is None else list(argv))]
+    try:
+        status = modules[args.command].main(args)  # type: ignore[attr-defined]
+    except CryospinError as exc:
+        print(f"cryospin {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cryospin {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

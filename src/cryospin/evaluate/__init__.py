@@ -1,0 +1,1 @@
+"""Evaluation: FSC, map alignment, pose error."""

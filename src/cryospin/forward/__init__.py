@@ -1,0 +1,1 @@
+"""The image-formation model as pure, differentiable tensor functions."""

@@ -1,0 +1,1 @@
+"""Reading and writing particle stacks, maps, RELION/cryoSPARC/cryoDRGN metadata."""

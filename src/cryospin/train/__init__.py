@@ -1,0 +1,1 @@
+"""Training: configuration, the two stages (auto-encoding, auto-decoding), checkpoints."""
