@@ -234,23 +234,26 @@ def relion_matrix_from_euler(rot_deg: Tensor, tilt_deg: Tensor, psi_deg: Tensor)
 def relion_euler_from_matrix(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Inverse of :func:`relion_matrix_from_euler`: `(..., 3, 3)` -> (rot, tilt, psi) in degrees.
 
-    ``tilt`` lies in ``[0, 180]``; ``rot`` and ``psi`` in ``(−180, 180]``. At the poles
-    (``sin tilt ≈ 0``) only ``rot ± psi`` is defined; ``rot`` is set to 0.
+    ``tilt = atan2(√(A02² + A12²), A22)`` in ``[0, 180]``; ``psi = atan2(A12, −A02)``; ``rot``
+    comes from the well-conditioned in-plane combination ``rot + psi = atan2(A01 − A10,
+    A00 + A11)`` when ``cos tilt ≥ 0`` and ``psi − rot = atan2(A01 + A10, A11 − A00)`` otherwise,
+    so the matrix rebuilt from the angles matches ``A`` to ~1e-15 even within 1e-8° of the poles
+    (errors of ``psi`` there enter multiplied by ``sin tilt``). At the exact poles
+    (``sin tilt < 1e-12``) only ``rot ± psi`` is defined and ``rot = 0``. ``rot`` and ``psi`` lie
+    in ``(−180, 180]``.
     """
-    sin_tilt = torch.sqrt(A[..., 0, 2] ** 2 + A[..., 1, 2] ** 2)
-    tilt = torch.atan2(sin_tilt, A[..., 2, 2])
-    rot = torch.atan2(A[..., 2, 1], A[..., 2, 0])
-    psi = torch.atan2(A[..., 1, 2], -A[..., 0, 2])
-    eps = 16 * torch.finfo(A.dtype).eps if A.dtype.is_floating_point else 1e-6
-    pole = sin_tilt <= max(eps, 1e-6)
-    north = A[..., 2, 2] > 0
-    psi_pole = torch.where(
-        north,
-        torch.atan2(-A[..., 1, 0], A[..., 0, 0]),
-        torch.atan2(A[..., 1, 0], -A[..., 0, 0]),
-    )
+    s13, s23 = A[..., 0, 2], A[..., 1, 2]
+    sin_tilt = torch.sqrt(s13 * s13 + s23 * s23)
+    cos_tilt = A[..., 2, 2]
+    tilt = torch.atan2(sin_tilt, cos_tilt)
+    pole = sin_tilt < 1e-12
+    north = cos_tilt >= 0
+    total = torch.atan2(A[..., 0, 1] - A[..., 1, 0], A[..., 0, 0] + A[..., 1, 1])  # psi + rot
+    diff = torch.atan2(A[..., 0, 1] + A[..., 1, 0], A[..., 1, 1] - A[..., 0, 0])  # psi - rot
+    psi = torch.atan2(s23, -s13)
+    psi = torch.where(pole, torch.where(north, total, diff), psi)
+    rot = torch.where(north, total - psi, psi - diff)
     rot = torch.where(pole, torch.zeros_like(rot), rot)
-    psi = torch.where(pole, psi_pole, psi)
-    tilt = torch.where(pole, torch.where(north, torch.zeros_like(tilt),
-                                         torch.full_like(tilt, math.pi)), tilt)
+    rot = torch.remainder(rot + math.pi, 2 * math.pi) - math.pi  # wrap to (-180, 180]
+    rot = torch.where(rot <= -math.pi, rot + 2 * math.pi, rot)
     return torch.rad2deg(rot), torch.rad2deg(tilt), torch.rad2deg(psi)

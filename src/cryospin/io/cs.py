@@ -1,0 +1,273 @@
+"""cryoSPARC ``.cs`` particle files (numpy structured arrays) and their pose conventions.
+
+Conventions (proven against cryoDRGN's parses in the tests; see ``docs/conventions.md``,
+"RELION and cryoSPARC"):
+
+* ``alignments3D/pose`` is an axis-angle rotation vector ``ω`` (radians) of the *inverse* of
+  cryospin's rotation: ``R = exp([ω]×)ᵀ = exp(−[ω]×)``, i.e. ``ω = −log R``.
+* ``alignments3D/shift`` (pixels of ``alignments3D/psize_A``) has the sign of RELION's origin:
+  ``shift_px = −shift · psize_alignments / psize_blob``.
+* ``ctf/df1_A``, ``ctf/df2_A`` = defocus U, V (Å); ``ctf/df_angle_rad`` = defocus angle (rad);
+  ``ctf/phase_shift_rad`` (rad); ``ctf/accel_kv``, ``ctf/cs_mm``, ``ctf/amp_contrast``,
+  ``ctf/bfactor`` (Å²).
+* ``blob/idx`` is 0-based; ``blob/path`` is relative to the cryoSPARC project folder (often
+  ``J24/...``; a leading ``>`` marks imported paths and is dropped).
+
+When ``alignments3D/*`` is absent the ab-initio fields ``alignments_class_0/*`` are used.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryospin.errors import InputError
+from cryospin.forward.ctf import CTFParams
+from cryospin.io._paths import resolve_stack_path
+from cryospin.io.mrc import open_stack
+from cryospin.io.particles import ParticleSet
+from cryospin.rotations import so3_exp, so3_log
+
+__all__ = [
+    "CS_CTF_FIELDS",
+    "rotation_from_cryosparc_pose",
+    "cryosparc_pose_from_rotation",
+    "shift_px_from_cryosparc_shift",
+    "cryosparc_shift_from_shift_px",
+    "read_cs_table",
+    "read_cryosparc",
+]
+
+#: CTF fields a .cs must have (bfactor and phase shift default to 0 when absent).
+CS_CTF_FIELDS = (
+    "ctf/df1_A",
+    "ctf/df2_A",
+    "ctf/df_angle_rad",
+    "ctf/accel_kv",
+    "ctf/cs_mm",
+    "ctf/amp_contrast",
+)
+_ALIGNMENT_PREFIXES = ("alignments3D", "alignments_class_0")
+
+
+def rotation_from_cryosparc_pose(pose: Any) -> Tensor:
+    """cryoSPARC axis-angle ``pose`` `(N, 3)` (radians) -> cryospin rotations ``exp([ω]×)ᵀ``."""
+    w = pose if isinstance(pose, Tensor) else torch.as_tensor(np.asarray(pose, np.float64))
+    return so3_exp(w).transpose(-1, -2)
+
+
+def cryosparc_pose_from_rotation(R: Tensor) -> Tensor:
+    """cryospin rotations `(N, 3, 3)` -> cryoSPARC axis-angle ``pose = log(Rᵀ)`` `(N, 3)`."""
+    return so3_log(R.transpose(-1, -2))
+
+
+def shift_px_from_cryosparc_shift(shift: Any, scale: Any = 1.0) -> Tensor:
+    """cryoSPARC ``alignments3D/shift`` `(N, 2)` -> ``shift_px = −shift · scale``.
+
+    ``scale = alignments psize_A / blob psize_A`` converts alignment pixels into image pixels.
+    """
+    s = shift if isinstance(shift, Tensor) else torch.as_tensor(np.asarray(shift, np.float64))
+    sc = scale if isinstance(scale, Tensor) else torch.as_tensor(np.asarray(scale, np.float64))
+    if sc.ndim == 1:
+        sc = sc[:, None]
+    return -s * sc
+
+
+def cryosparc_shift_from_shift_px(shift_px: Any) -> Tensor:
+    """cryospin ``shift_px`` `(N, 2)` -> cryoSPARC shift (image pixels) ``= −shift_px``."""
+    s = shift_px if isinstance(shift_px, Tensor) else torch.as_tensor(
+        np.asarray(shift_px, np.float64))
+    return -s
+
+
+def read_cs_table(path: str | Path) -> np.ndarray:
+    """The structured array `(N,)` of a ``.cs`` file (metadata only, nothing else opened)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found" if not path.exists() else "not a file", path)
+    try:
+        table = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is bad input
+        raise InputError(f"cannot read cryoSPARC .cs ({type(exc).__name__}: {exc})", path) from None
+    if not isinstance(table, np.ndarray) or table.dtype.names is None or table.ndim != 1:
+        raise InputError("not a cryoSPARC .cs file (expected a 1D structured array)", path)
+    return table
+
+
+def _f64(table: np.ndarray, field: str) -> np.ndarray:
+    return np.asarray(table[field], dtype=np.float64)
+
+
+def _decode_paths(raw: np.ndarray) -> list[str]:
+    out = []
+    for p in raw.tolist():
+        s = p.decode("utf-8", "replace") if isinstance(p, bytes) else str(p)
+        out.append(s.lstrip(">").strip())
+    return out
+
+
+def read_cryosparc(
+    path: str | Path,
+    *,
+    datadir: str | Path | None = None,
+    no_ctf: bool = False,
+    metadata_only: bool = False,
+    box_px: int | None = None,
+) -> ParticleSet:
+    """Read a cryoSPARC ``.cs`` particle file into a :class:`ParticleSet`.
+
+    Parameters
+    ----------
+    path : the ``.cs`` file.
+    datadir : folder to look for the stacks in first (else the ``.cs`` folder); leading job
+        folders (``J24/...``) are stripped one at a time until a file is found.
+    no_ctf : do not require (nor read) ``ctf/*`` fields.
+    metadata_only : do not open the stacks (box from ``blob/shape`` or ``box_px``).
+    box_px : box size when neither ``blob/shape`` nor (unopened) stacks give it.
+
+    Raises
+    ------
+    InputError
+        Missing file or stacks (naming the paths tried), rows past the end of a stack,
+        missing CTF fields (named), conflicting pixel sizes or boxes, non-square images.
+    """
+    path = Path(path)
+    table = read_cs_table(path)
+    names = set(table.dtype.names or ())
+    n = len(table)
+    if n == 0:
+        raise InputError("the .cs file has no particles", path)
+    if "blob/path" not in names or "blob/idx" not in names:
+        raise InputError("no blob/path and blob/idx fields (not a particle .cs)", path)
+    raw_paths = _decode_paths(table["blob/path"])
+    image_index = np.asarray(table["blob/idx"], dtype=np.int64)
+    if image_index.min() < 0:
+        raise InputError(f"negative blob/idx {int(image_index.min())}", path)
+    uniq, codes = np.unique(np.asarray(raw_paths, dtype=object), return_inverse=True)
+    stack_index = np.asarray(codes, dtype=np.int64).reshape(-1)
+    ddir = None if datadir is None else Path(datadir)
+    stack_paths = tuple(
+        resolve_stack_path(u, base_dir=path.parent, datadir=ddir, must_exist=not metadata_only,
+                           source=path)
+        for u in uniq.tolist()
+    )
+
+    # pixel size and box
+    pixel_size = math.nan
+    if "blob/psize_A" in names:
+        ps = np.unique(np.round(_f64(table, "blob/psize_A"), 4))
+        if ps.size > 1:
+            raise InputError(f"conflicting pixel sizes in blob/psize_A ({ps[:6].tolist()} Å)",
+                             path)
+        pixel_size = float(_f64(table, "blob/psize_A")[0])
+    box = None
+    if "blob/shape" in names:
+        shapes = np.asarray(table["blob/shape"]).reshape(n, -1)
+        if shapes.shape[1] != 2 or (shapes[:, 0] != shapes[:, 1]).any():
+            bad = shapes[np.flatnonzero(shapes[:, 0] != shapes[:, -1])[0]]
+            raise InputError(f"images are not square (blob/shape {bad.tolist()})", path)
+        boxes = np.unique(shapes[:, 0])
+        if boxes.size > 1:
+            raise InputError(f"different boxes in blob/shape {boxes.tolist()} px", path)
+        box = int(boxes[0])
+    if not metadata_only:
+        for s, sp in enumerate(stack_paths):
+            stack = open_stack(sp)
+            if box is None:
+                box = stack.box_px
+            elif stack.box_px != box:
+                raise InputError(f"images are {stack.box_px} px but blob/shape says {box} px", sp)
+            rows = np.flatnonzero(stack_index == s)
+            worst = rows[np.argmax(image_index[rows])]
+            if image_index[worst] >= len(stack):
+                raise InputError(
+                    f"row {worst} (blob/idx {image_index[worst]}) points past the end of "
+                    f"{sp.name}, which has {len(stack)} images", path,
+                )
+            if math.isnan(pixel_size) and stack.pixel_size_angstrom > 0:
+                pixel_size = stack.pixel_size_angstrom
+    if box is None:
+        box = box_px
+    if box is None:
+        raise InputError("box size unknown: no blob/shape and stacks not opened; pass box_px",
+                         path)
+    if math.isnan(pixel_size):
+        pixel_size = 0.0
+
+    ctf = None
+    if not no_ctf:
+        missing = [f for f in CS_CTF_FIELDS if f not in names]
+        if missing:
+            raise InputError(
+                f"missing CTF fields {', '.join(missing)} (pass no_ctf / --no-ctf to proceed "
+                f"without CTF)", path,
+            )
+        ctf = _ctf_from_cs(table, names, path)
+
+    rotations = shifts = None
+    for prefix in _ALIGNMENT_PREFIXES:
+        if f"{prefix}/pose" in names and np.asarray(table[f"{prefix}/pose"]).ndim == 2:
+            pose = _f64(table, f"{prefix}/pose")
+            if not np.isfinite(pose).all():
+                raise InputError(f"{prefix}/pose has non-finite values", path)
+            rotations = rotation_from_cryosparc_pose(pose)
+            if f"{prefix}/shift" in names:
+                scale: Any = 1.0
+                if f"{prefix}/psize_A" in names and pixel_size > 0:
+                    align_psize = _f64(table, f"{prefix}/psize_A")
+                    scale = np.where(align_psize > 0, align_psize / pixel_size, 1.0)
+                shifts = shift_px_from_cryosparc_shift(_f64(table, f"{prefix}/shift"), scale)
+            else:
+                shifts = torch.zeros(n, 2, dtype=torch.float64)
+            break
+
+    random_subset = None
+    if rotations is not None and "alignments3D/split" in names:
+        random_subset = np.asarray(table["alignments3D/split"], dtype=np.int64) + 1
+    return ParticleSet(
+        source=path,
+        stack_paths=stack_paths,
+        stack_index=stack_index,
+        image_index=image_index,
+        box_px=int(box),
+        pixel_size_angstrom=float(pixel_size),
+        ctf=ctf,
+        rotations=rotations,
+        shifts_px=shifts,
+        optics_group=(
+            np.unique(np.asarray(table["ctf/exp_group_id"]), return_inverse=True)[1]
+            .reshape(-1).astype(np.int64) + 1
+            if "ctf/exp_group_id" in names else np.ones(n, np.int64)
+        ),
+        optics=None,
+        random_subset=random_subset,
+        # RELION-style names, 1-based
+        names=tuple(f"{i + 1:06d}@{p}" for i, p in zip(image_index.tolist(), raw_paths)),
+    )
+
+
+def _ctf_from_cs(table: np.ndarray, names: set[str], path: Path) -> CTFParams:
+    def f(field: str) -> Tensor:
+        v = _f64(table, field)
+        if not np.isfinite(v).all():
+            raise InputError(f"{field} has non-finite values", path)
+        return torch.from_numpy(v)
+
+    n = len(table)
+    zeros = torch.zeros(n, dtype=torch.float64)
+    return CTFParams(
+        defocus_u_angstrom=f("ctf/df1_A"),
+        defocus_v_angstrom=f("ctf/df2_A"),
+        defocus_angle_deg=torch.rad2deg(f("ctf/df_angle_rad")),
+        voltage_kv=f("ctf/accel_kv"),
+        cs_mm=f("ctf/cs_mm"),
+        amplitude_contrast=f("ctf/amp_contrast"),
+        phase_shift_deg=(torch.rad2deg(f("ctf/phase_shift_rad"))
+                         if "ctf/phase_shift_rad" in names else zeros),
+        bfactor_a2=f("ctf/bfactor") if "ctf/bfactor" in names else zeros.clone(),
+    )

@@ -1,0 +1,496 @@
+"""RELION ``.star`` particle files (3.0, 3.1, 5) and the RELION <-> cryospin pose conventions.
+
+Conventions (proven against cryoDRGN's parses in the tests; see ``docs/conventions.md``,
+"RELION and cryoSPARC"):
+
+* Rotation: cryospin's ``R`` equals RELION's Euler matrix
+  ``A = Rz(psi)·Ry(tilt)·Rz(rot)`` (passive ZYZ, :func:`cryospin.rotations.relion_matrix_from_euler`).
+  RELION's projector samples the map at ``Aᵀ (kx, ky, 0)ᵀ = k @ A``, exactly cryospin's slice.
+* Shift: RELION's origin is the translation that *centres* the image (RELION translates the
+  image by ``+origin``), so ``shift_px = −origin_px``; ``origin_px = rlnOriginX/Y`` (3.0) or
+  ``rlnOriginX/YAngst / pixel size`` (3.1+).
+* CTF parameters map one to one (``rlnDefocusU/V`` Å, ``rlnDefocusAngle`` °, ``rlnVoltage`` kV,
+  ``rlnSphericalAberration`` mm, ``rlnAmplitudeContrast``, ``rlnPhaseShift`` °, ``rlnCtfBfactor``
+  Å²).
+* ``rlnImageName = "idx@path"`` with a 1-based ``idx``; paths relative to the star's folder (or
+  ``datadir``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import starfile
+import torch
+from torch import Tensor
+
+from cryospin.atomic import atomic_path
+from cryospin.errors import InputError
+from cryospin.forward.ctf import CTFParams
+from cryospin.io._paths import resolve_stack_path
+from cryospin.io.mrc import open_stack
+from cryospin.io.particles import ParticleSet
+from cryospin.rotations import relion_euler_from_matrix, relion_matrix_from_euler
+
+__all__ = [
+    "CTF_COLUMNS",
+    "rotation_from_relion_euler",
+    "relion_euler_from_rotation",
+    "shift_px_from_relion_origin",
+    "relion_origin_from_shift_px",
+    "read_star_tables",
+    "merge_optics",
+    "pixel_sizes_angstrom",
+    "read_relion_star",
+    "write_relion_star",
+]
+
+#: CTF columns a particle star must have (after merging optics); phase shift and B-factor
+#: default to 0 when absent.
+CTF_COLUMNS = (
+    "rlnDefocusU",
+    "rlnDefocusV",
+    "rlnDefocusAngle",
+    "rlnVoltage",
+    "rlnSphericalAberration",
+    "rlnAmplitudeContrast",
+)
+_OPTICS_COLUMNS_FROM_CTF = {
+    "rlnVoltage": "voltage_kv",
+    "rlnSphericalAberration": "cs_mm",
+    "rlnAmplitudeContrast": "amplitude_contrast",
+}
+
+
+# ---------------------------------------------------------------------------- conventions
+def rotation_from_relion_euler(rot_deg: Any, tilt_deg: Any, psi_deg: Any) -> Tensor:
+    """RELION Euler angles (degrees, `(N,)`) -> cryospin rotations `(N, 3, 3)`.
+
+    ``R = A = Rz(psi)·Ry(tilt)·Rz(rot)`` (RELION's ``Euler_angles2matrix``); equal to cryoDRGN's
+    ``utils.R_from_relion``. Follows the input dtype (float64 for numpy/lists).
+    """
+    def t(x: Any) -> Tensor:
+        return x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x, dtype=np.float64))
+
+    return relion_matrix_from_euler(t(rot_deg), t(tilt_deg), t(psi_deg))
+
+
+def relion_euler_from_rotation(R: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """cryospin rotations `(..., 3, 3)` -> RELION ``(rot, tilt, psi)`` in degrees, each `(...)`.
+
+    cryospin's ``R`` is RELION's Euler matrix ``A`` (docs/conventions.md), so this is
+    :func:`cryospin.rotations.relion_euler_from_matrix`.
+    """
+    return relion_euler_from_matrix(R)
+
+
+def shift_px_from_relion_origin(origin_px: Any) -> Tensor:
+    """RELION origin `(N, 2)` ``(rlnOriginX, rlnOriginY)`` in pixels -> ``shift_px = −origin``."""
+    o = origin_px if isinstance(origin_px, Tensor) else torch.as_tensor(
+        np.asarray(origin_px, dtype=np.float64))
+    return -o
+
+
+def relion_origin_from_shift_px(shift_px: Any) -> Tensor:
+    """cryospin ``shift_px`` `(N, 2)` -> RELION origin in pixels ``= −shift_px``."""
+    s = shift_px if isinstance(shift_px, Tensor) else torch.as_tensor(
+        np.asarray(shift_px, dtype=np.float64))
+    return -s
+
+
+# ---------------------------------------------------------------------------- reading tables
+def read_star_tables(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The particle table and the optics table (None for RELION 3.0) of a star file.
+
+    The particle table is the block named ``particles`` (3.1+), else the first loop holding
+    ``rlnImageName`` (3.0: ``data_images``, ``data_``, ...). Block order does not matter.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found" if not path.exists() else "not a file", path)
+    try:
+        blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:  # noqa: BLE001 - parser errors are bad input
+        raise InputError(f"cannot parse STAR file ({type(exc).__name__}: {exc})", path) from None
+    tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
+    particles = tables.get("particles")
+    if particles is None:
+        for name, df in tables.items():
+            if name != "optics" and "rlnImageName" in df.columns:
+                particles = df
+                break
+    if particles is None:
+        raise InputError("no particle table (a loop with rlnImageName) in the STAR file", path)
+    optics = tables.get("optics")
+    return particles, optics
+
+
+def merge_optics(
+    particles: pd.DataFrame, optics: pd.DataFrame | None, path: str | Path | None = None
+) -> pd.DataFrame:
+    """Copy each particle's optics-group columns into the particle table (new DataFrame).
+
+    Columns present in both tables keep the particle's value.
+    """
+    df = particles.copy()
+    if optics is None or len(optics) == 0:
+        return df
+    if "rlnOpticsGroup" not in optics.columns:
+        raise InputError("optics table has no rlnOpticsGroup column", path)
+    if "rlnOpticsGroup" not in df.columns:
+        if len(optics) != 1:
+            raise InputError("particles lack rlnOpticsGroup but there are several optics "
+                             "groups", path)
+        df["rlnOpticsGroup"] = int(optics["rlnOpticsGroup"].iloc[0])
+    table = optics.set_index("rlnOpticsGroup")
+    groups = df["rlnOpticsGroup"].to_numpy()
+    missing = sorted(set(groups.tolist()) - set(table.index.tolist()))
+    if missing:
+        raise InputError(f"particles refer to optics groups {missing} absent from data_optics",
+                         path)
+    for col in table.columns:
+        if col not in df.columns:
+            df[col] = table[col].reindex(groups).to_numpy()
+    return df
+
+
+def pixel_sizes_angstrom(df: pd.DataFrame) -> np.ndarray:
+    """Per-particle pixel size (Å) `(N,)` from a merged table; NaN where unknown.
+
+    Precedence: ``rlnImagePixelSize`` (3.1+), ``rlnPixelSize``, then
+    ``rlnDetectorPixelSize [µm] · 1e4 / rlnMagnification`` (3.0).
+    """
+    n = len(df)
+    if "rlnImagePixelSize" in df.columns:
+        return df["rlnImagePixelSize"].to_numpy(dtype=np.float64)
+    if "rlnPixelSize" in df.columns:
+        return df["rlnPixelSize"].to_numpy(dtype=np.float64)
+    if "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
+        det = df["rlnDetectorPixelSize"].to_numpy(dtype=np.float64)
+        mag = df["rlnMagnification"].to_numpy(dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(mag > 0, det * 1e4 / mag, np.nan)
+    return np.full(n, np.nan)
+
+
+def _parse_image_names(names: pd.Series, path: Path) -> tuple[np.ndarray, list[str]]:
+    """``"idx@path"`` -> 0-based indices `(N,)` and the raw paths."""
+    idx = np.empty(len(names), dtype=np.int64)
+    paths: list[str] = []
+    for i, name in enumerate(names.astype(str).tolist()):
+        num, sep, p = name.partition("@")
+        if not sep:  # a single-image file
+            idx[i] = 0
+            paths.append(name.strip())
+            continue
+        try:
+            k = int(num)
+        except ValueError:
+            raise InputError(f"row {i + 1}: bad rlnImageName {name!r} (expected idx@path)",
+                             path) from None
+        if k <= 0:
+            raise InputError(
+                f"row {i + 1}: image index {k} in rlnImageName {name!r}; RELION indices "
+                f"are 1-based", path,
+            )
+        idx[i] = k - 1
+        paths.append(p.strip())
+    return idx, paths
+
+
+def _unique_value(values: np.ndarray, what: str, path: Path, rel: float = 1e-4) -> float:
+    vals = np.unique(values[np.isfinite(values)])
+    if vals.size == 0:
+        return math.nan
+    if (vals.max() - vals.min()) > rel * abs(vals.max()):
+        shown = ", ".join(f"{v:g}" for v in vals[:6])
+        raise InputError(f"conflicting {what} ({shown}); select one optics group", path)
+    return float(vals[0])
+
+
+def read_relion_star(
+    path: str | Path,
+    *,
+    datadir: str | Path | None = None,
+    no_ctf: bool = False,
+    metadata_only: bool = False,
+    box_px: int | None = None,
+    defaults: Mapping[str, float] | None = None,
+) -> ParticleSet:
+    """Read a RELION 3.0/3.1/5 particle star file into a :class:`ParticleSet`.
+
+    Parameters
+    ----------
+    path : the ``.star`` file.
+    datadir : folder to look for the stacks in first (else the star's folder).
+    no_ctf : do not require (nor read) CTF columns.
+    metadata_only : do not open the stacks (box from ``rlnImageSize`` or ``box_px``).
+    box_px : box size when neither the star nor (unopened) stacks give it.
+    defaults : values for columns missing from the star, e.g. ``{"rlnAmplitudeContrast": 0.1}``.
+
+    Raises
+    ------
+    InputError
+        Missing file or stacks, rows past the end of a stack, index ≤ 0, missing CTF columns
+        (named), conflicting pixel sizes or boxes, non-square images.
+    """
+    path = Path(path)
+    particles, optics = read_star_tables(path)
+    df = merge_optics(particles, optics, path)
+    for col, value in (defaults or {}).items():
+        if col not in df.columns:
+            df[col] = value
+    n = len(df)
+    if n == 0:
+        raise InputError("the particle table is empty", path)
+    if "rlnImageName" not in df.columns:
+        raise InputError("no rlnImageName column", path)
+    image_index, raw_paths = _parse_image_names(df["rlnImageName"], path)
+    codes, uniques = pd.factorize(pd.Series(raw_paths))
+    base = path.parent
+    ddir = None if datadir is None else Path(datadir)
+    stack_paths = tuple(
+        resolve_stack_path(u, base_dir=base, datadir=ddir, must_exist=not metadata_only,
+                           source=path)
+        for u in uniques.tolist()
+    )
+    stack_index = codes.astype(np.int64)
+
+    # pixel size
+    apix_per = pixel_sizes_angstrom(df)
+    pixel_size = _unique_value(apix_per, "pixel sizes (Å)", path)
+
+    # box
+    star_box = math.nan
+    if "rlnImageSize" in df.columns:
+        star_box = _unique_value(df["rlnImageSize"].to_numpy(np.float64), "boxes (px)", path, 0)
+    box = int(star_box) if not math.isnan(star_box) else None
+    if not metadata_only:
+        header_sizes = set()
+        for s, sp in enumerate(stack_paths):
+            stack = open_stack(sp)
+            if box is None:
+                box = stack.box_px
+            elif stack.box_px != box:
+                raise InputError(
+                    f"images are {stack.box_px} px but "
+                    f"{'rlnImageSize says' if not math.isnan(star_box) else 'other stacks are'} "
+                    f"{box} px", sp,
+                )
+            rows = np.flatnonzero(stack_index == s)
+            worst = rows[np.argmax(image_index[rows])]
+            if image_index[worst] >= len(stack):
+                raise InputError(
+                    f"row {worst + 1} ({df['rlnImageName'].iloc[worst]}) points past the end of "
+                    f"{sp.name}, which has {len(stack)} images", path,
+                )
+            if stack.pixel_size_angstrom > 0:
+                header_sizes.add(round(stack.pixel_size_angstrom, 4))
+        if math.isnan(pixel_size) and len(header_sizes) == 1:
+            pixel_size = float(header_sizes.pop())
+    if box is None:
+        box = box_px
+    if box is None:
+        raise InputError("box size unknown: no rlnImageSize and stacks not opened; "
+                         "pass box_px", path)
+    if math.isnan(pixel_size):
+        warnings.warn(f"{path}: no pixel size in the star file or stack headers; using 0",
+                      stacklevel=2)
+        pixel_size = 0.0
+
+    ctf = None if no_ctf else _ctf_from_table(df, path)
+    rotations, shifts = _poses_from_table(df, apix_per, pixel_size, path)
+    optics_group = (
+        df["rlnOpticsGroup"].to_numpy(np.int64) if "rlnOpticsGroup" in df.columns
+        else np.ones(n, np.int64)
+    )
+    random_subset = (
+        df["rlnRandomSubset"].to_numpy(np.int64) if "rlnRandomSubset" in df.columns else None
+    )
+    return ParticleSet(
+        source=path,
+        stack_paths=stack_paths,
+        stack_index=stack_index,
+        image_index=image_index,
+        box_px=int(box),
+        pixel_size_angstrom=float(pixel_size),
+        ctf=ctf,
+        rotations=rotations,
+        shifts_px=shifts,
+        optics_group=optics_group,
+        optics=None if optics is None else optics.copy(),
+        random_subset=random_subset,
+        names=tuple(df["rlnImageName"].astype(str).tolist()),
+    )
+
+
+def _column(df: pd.DataFrame, col: str, path: Path) -> Tensor:
+    try:
+        v = np.array(pd.to_numeric(df[col], errors="raise"), dtype=np.float64, copy=True)
+    except (ValueError, TypeError):
+        raise InputError(f"column {col} is not numeric", path) from None
+    if not np.isfinite(v).all():
+        bad = int(np.flatnonzero(~np.isfinite(v))[0])
+        raise InputError(f"column {col} has a missing/non-finite value in row {bad + 1}", path)
+    return torch.from_numpy(v)
+
+
+def _ctf_from_table(df: pd.DataFrame, path: Path) -> CTFParams:
+    missing = [c for c in CTF_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputError(
+            f"missing CTF columns {', '.join(missing)} (supply them, or pass no_ctf / "
+            f"--no-ctf to proceed without CTF)", path,
+        )
+    n = len(df)
+
+    def opt(col: str) -> Tensor:
+        return _column(df, col, path) if col in df.columns else torch.zeros(n, dtype=torch.float64)
+
+    return CTFParams(
+        defocus_u_angstrom=_column(df, "rlnDefocusU", path),
+        defocus_v_angstrom=_column(df, "rlnDefocusV", path),
+        defocus_angle_deg=_column(df, "rlnDefocusAngle", path),
+        voltage_kv=_column(df, "rlnVoltage", path),
+        cs_mm=_column(df, "rlnSphericalAberration", path),
+        amplitude_contrast=_column(df, "rlnAmplitudeContrast", path),
+        phase_shift_deg=opt("rlnPhaseShift"),
+        bfactor_a2=opt("rlnCtfBfactor"),
+    )
+
+
+def _poses_from_table(
+    df: pd.DataFrame, apix_per: np.ndarray, pixel_size: float, path: Path
+) -> tuple[Tensor | None, Tensor | None]:
+    angle_cols = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+    rotations = None
+    if all(c in df.columns for c in angle_cols):
+        rotations = rotation_from_relion_euler(*(_column(df, c, path) for c in angle_cols))
+    shifts = None
+    if "rlnOriginXAngst" in df.columns and "rlnOriginYAngst" in df.columns:
+        apix = np.where(np.isfinite(apix_per), apix_per, pixel_size)
+        if not (apix > 0).all():
+            raise InputError("rlnOriginXAngst/YAngst need a pixel size (rlnImagePixelSize)", path)
+        origin_a = torch.stack([_column(df, "rlnOriginXAngst", path),
+                                _column(df, "rlnOriginYAngst", path)], dim=1)
+        shifts = shift_px_from_relion_origin(origin_a / torch.from_numpy(apix)[:, None])
+    elif "rlnOriginX" in df.columns and "rlnOriginY" in df.columns:
+        origin = torch.stack([_column(df, "rlnOriginX", path),
+                              _column(df, "rlnOriginY", path)], dim=1)
+        shifts = shift_px_from_relion_origin(origin)
+    elif rotations is not None:
+        shifts = torch.zeros(len(df), 2, dtype=torch.float64)
+    return rotations, shifts
+
+
+# ---------------------------------------------------------------------------- writing
+def _star_image_path(stack: Path, out_dir: Path) -> str:
+    try:
+        return os.path.relpath(Path(stack).resolve(), out_dir.resolve())
+    except ValueError:  # different drive (Windows)
+        return str(Path(stack).resolve())
+
+
+def _optics_tables(ps: ParticleSet) -> tuple[pd.DataFrame, np.ndarray]:
+    """New optics table and per-particle group ids: one group per distinct
+    (original group, kV, Cs, w), carrying the original group's other columns."""
+    n = len(ps)
+    keys = [ps.optics_group.astype(np.float64)]
+    if ps.ctf is not None:
+        for f in _OPTICS_COLUMNS_FROM_CTF.values():
+            keys.append(getattr(ps.ctf, f).detach().cpu().double().expand(n).numpy())
+    key_arr = np.stack(keys, axis=1) if n else np.zeros((0, len(keys)))
+    uniq, inverse = np.unique(key_arr, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    orig = None
+    if ps.optics is not None and "rlnOpticsGroup" in ps.optics.columns:
+        orig = ps.optics.set_index("rlnOpticsGroup")
+    rows = []
+    split_count: dict[int, int] = {}
+    for g, key in enumerate(uniq):
+        og = int(key[0])
+        split_count[og] = split_count.get(og, 0) + 1
+        row: dict[str, Any] = {}
+        if orig is not None and og in orig.index:
+            row.update(orig.loc[og].to_dict())
+        name = str(row.get("rlnOpticsGroupName", f"opticsGroup{og}"))
+        row["rlnOpticsGroupName"] = name
+        row["rlnOpticsGroup"] = g + 1
+        if ps.ctf is not None:
+            for (col, _), v in zip(_OPTICS_COLUMNS_FROM_CTF.items(), key[1:]):
+                row[col] = float(v)
+        row["rlnImagePixelSize"] = float(ps.pixel_size_angstrom)
+        row["rlnImageSize"] = int(ps.box_px)
+        row["rlnImageDimensionality"] = 2
+        rows.append(row)
+    # groups split into several get distinct names
+    names_seen: dict[str, int] = {}
+    for row in rows:
+        nm = row["rlnOpticsGroupName"]
+        names_seen[nm] = names_seen.get(nm, 0) + 1
+        if names_seen[nm] > 1:
+            row["rlnOpticsGroupName"] = f"{nm}_{names_seen[nm]}"
+    first = ["rlnOpticsGroupName", "rlnOpticsGroup"]
+    table = pd.DataFrame(rows)
+    table = table[first + [c for c in table.columns if c not in first]]
+    return table, (inverse + 1).astype(np.int64)
+
+
+def write_relion_star(path: str | Path, particles: ParticleSet) -> None:
+    """Write a RELION 3.1 star (``data_optics`` + ``data_particles``), atomically.
+
+    Particle columns: ``rlnImageName`` (1-based ``idx@path``, path relative to the star's
+    folder), ``rlnAngleRot/Tilt/Psi`` and ``rlnOriginXAngst/YAngst`` (``= −shift_px · pixel
+    size``) when poses are known, ``rlnDefocusU/V/Angle``, ``rlnPhaseShift``, ``rlnCtfBfactor``
+    (if any is nonzero), ``rlnOpticsGroup``, ``rlnRandomSubset`` when known. Optics columns:
+    ``rlnVoltage``, ``rlnSphericalAberration``, ``rlnAmplitudeContrast`` (one group per distinct
+    combination within each original group), ``rlnImagePixelSize``, ``rlnImageSize``,
+    ``rlnImageDimensionality``, plus the original optics table's other columns.
+    """
+    path = Path(path)
+    ps = particles
+    n = len(ps)
+    out_dir = path.parent if str(path.parent) else Path(".")
+    optics, group = _optics_tables(ps)
+    rel = [_star_image_path(p, out_dir) for p in ps.stack_paths]
+    data: dict[str, Any] = {
+        "rlnImageName": [f"{i + 1:06d}@{rel[s]}" for i, s in
+                         zip(ps.image_index.tolist(), ps.stack_index.tolist())],
+    }
+    if ps.rotations is not None:
+        rot, tilt, psi = relion_euler_from_rotation(ps.rotations.detach().cpu().double())
+        data["rlnAngleRot"] = rot.numpy()
+        data["rlnAngleTilt"] = tilt.numpy()
+        data["rlnAnglePsi"] = psi.numpy()
+    if ps.shifts_px is not None:
+        if ps.pixel_size_angstrom <= 0:
+            raise ValueError("cannot write rlnOriginXAngst/YAngst without a pixel size")
+        origin_a = relion_origin_from_shift_px(ps.shifts_px.detach().cpu().double()) * float(
+            ps.pixel_size_angstrom)
+        data["rlnOriginXAngst"] = origin_a[:, 0].numpy()
+        data["rlnOriginYAngst"] = origin_a[:, 1].numpy()
+    if ps.ctf is not None:
+        def col(f: str) -> np.ndarray:
+            return getattr(ps.ctf, f).detach().cpu().double().expand(n).numpy()
+
+        data["rlnDefocusU"] = col("defocus_u_angstrom")
+        data["rlnDefocusV"] = col("defocus_v_angstrom")
+        data["rlnDefocusAngle"] = col("defocus_angle_deg")
+        data["rlnPhaseShift"] = col("phase_shift_deg")
+        b = col("bfactor_a2")
+        if np.any(b != 0):
+            data["rlnCtfBfactor"] = b
+    data["rlnOpticsGroup"] = group
+    if ps.random_subset is not None:
+        data["rlnRandomSubset"] = np.asarray(ps.random_subset, dtype=np.int64)
+    table = pd.DataFrame(data)
+    with atomic_path(path) as tmp:
+        starfile.write({"optics": optics, "particles": table}, tmp, float_format="%.12g",
+                       sep=" ")
