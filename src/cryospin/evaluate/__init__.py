@@ -1,1 +1,37 @@
-"""Evaluation: FSC, map alignment, pose error."""
+"""Evaluation: FSC, masks, map alignment (rotation, shift, hand) and pose error.
+
+Conventions: ``docs/conventions.md``. Modules: :mod:`~cryospin.evaluate.fsc`,
+:mod:`~cryospin.evaluate.masks`, :mod:`~cryospin.evaluate.align`,
+:mod:`~cryospin.evaluate.pose_error`.
+"""
+
+from cryospin.evaluate.align import AlignResult, align_maps, mirror_map, transform_map
+from cryospin.evaluate.fsc import FSCResult, fsc, resolution_at, write_fsc_json
+from cryospin.evaluate.masks import auto_mask, spherical_mask
+from cryospin.evaluate.pose_error import (
+    HAND_FLIP,
+    PoseErrorResult,
+    align_rotations,
+    flip_hand,
+    pose_error,
+    write_pose_error_json,
+)
+
+__all__ = [
+    "AlignResult",
+    "align_maps",
+    "mirror_map",
+    "transform_map",
+    "FSCResult",
+    "fsc",
+    "resolution_at",
+    "write_fsc_json",
+    "auto_mask",
+    "spherical_mask",
+    "HAND_FLIP",
+    "PoseErrorResult",
+    "align_rotations",
+    "flip_hand",
+    "pose_error",
+    "write_pose_error_json",
+]
