@@ -1,0 +1,107 @@
+"""Per-image Gaussian negative log-likelihood and the winner-take-all rule over heads.
+
+The image model is ``observed = predicted + noise`` with independent Gaussian noise of variance
+``σ²`` on every Hartley coefficient of the loss disc (see ``docs/conventions.md``). Working in
+Hartley space costs nothing: for a real image ``H = Re F − Im F`` and ``H(−k)`` pairs with
+``H(k)`` so that, over any set of frequencies closed under ``k -> −k`` (the loss disc is),
+
+    Σ_k (H_pred(k) − H_obs(k))² = Σ_k |F_pred(k) − F_obs(k)|²       (Parseval for Hartley),
+
+because ``H(k)² + H(−k)² = 2 (Re F(k)² + Im F(k)²)`` and the transform is linear. The summed
+squared Hartley error is therefore exactly the summed squared Fourier error, and the Hartley
+NLL equals the Fourier NLL with the same ``σ²`` per real degree of freedom.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["gaussian_nll", "winner_take_all", "head_usage"]
+
+
+def gaussian_nll(predicted: Tensor, observed: Tensor, noise_variance: float | Tensor) -> Tensor:
+    """Negative log-likelihood of each image under each head's prediction, constants dropped.
+
+    ``nll[b, m] = Σ_p (predicted[b, m, p] − observed[b, p])² / (2 σ²[b, p])``.
+
+    Parameters
+    ----------
+    predicted : `(B, M, P)`
+        Predicted Hartley coefficients on the ``P`` frequencies of the loss disc, one row per
+        head (or per candidate pose) ``m``.
+    observed : `(B, P)`
+        Observed Hartley coefficients on the same frequencies.
+    noise_variance : float or Tensor
+        Noise variance ``σ²`` per Hartley coefficient, in the squared units of the
+        coefficients: a positive float, or a tensor broadcastable against `(B, P)` (e.g. `()`,
+        `(P,)` per frequency, `(B, 1)` per image or `(B, P)`).
+
+    Returns
+    -------
+    `(B, M)`
+        Per-image, per-head NLL (dtype of ``predicted``); ``log σ`` terms are omitted, so only
+        differences at fixed ``σ²`` are meaningful.
+    """
+    if predicted.ndim != 3 or observed.ndim != 2:
+        raise ValueError(
+            f"expected predicted (B, M, P) and observed (B, P), got {tuple(predicted.shape)} "
+            f"and {tuple(observed.shape)}"
+        )
+    if predicted.shape[0] != observed.shape[0] or predicted.shape[2] != observed.shape[1]:
+        raise ValueError(
+            f"predicted {tuple(predicted.shape)} and observed {tuple(observed.shape)} disagree"
+        )
+    if not isinstance(noise_variance, Tensor):
+        if not noise_variance > 0:
+            raise ValueError(f"noise_variance must be positive, got {noise_variance}")
+        noise_variance = torch.as_tensor(
+            noise_variance, dtype=predicted.dtype, device=predicted.device
+        )
+    inv_two_var = (0.5 / noise_variance).broadcast_to(observed.shape)  # (B, P)
+    sq = (predicted - observed.unsqueeze(1)).square()  # (B, M, P)
+    return (sq * inv_two_var.unsqueeze(1)).sum(-1)  # (B, M)
+
+
+def winner_take_all(loss_bm: Tensor) -> tuple[Tensor, Tensor]:
+    """Keep, for each image, only the head with the least loss.
+
+    Parameters
+    ----------
+    loss_bm : `(B, M)`
+        Per-image, per-head loss.
+
+    Returns
+    -------
+    loss : `()`
+        ``mean_b min_m loss_bm[b, m]``. Its gradient reaches only the winning entry of each
+        row (ties: the lowest head index wins).
+    best_head : `(B,)` long
+        Index of the winning head of each image.
+    """
+    if loss_bm.ndim != 2 or loss_bm.shape[1] == 0:
+        raise ValueError(f"expected loss of shape (B, M) with M >= 1, got {tuple(loss_bm.shape)}")
+    best_loss, best_head = loss_bm.min(dim=1)  # (B,), (B,)
+    return best_loss.mean(), best_head
+
+
+def head_usage(best_head: Tensor, num_heads: int) -> Tensor:
+    """Fraction of images won by each head.
+
+    Parameters
+    ----------
+    best_head : `(B,)` integer
+        Winning head per image, in ``[0, num_heads)``.
+    num_heads : int
+        Number of heads ``M``.
+
+    Returns
+    -------
+    `(M,)` float32
+        ``usage[m] = #{b : best_head[b] = m} / B`` (sums to 1; all zeros when ``B = 0``).
+    """
+    counts = torch.bincount(best_head.reshape(-1).long(), minlength=num_heads)
+    if counts.numel() > num_heads:
+        raise ValueError(f"best_head has values >= num_heads = {num_heads}")
+    total = max(int(best_head.numel()), 1)
+    return counts.to(torch.float32) / total

@@ -1,0 +1,122 @@
+"""Tests of cryospin.encoder.MultiHeadPoseEncoder (small boxes and widths, to stay fast)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from cryospin.encoder import EncoderOutput, MultiHeadPoseEncoder
+from cryospin.losses import winner_take_all
+from cryospin.rotations import geodesic_distance_deg
+
+
+def _images(b: int, L: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, L, L, generator=torch.Generator().manual_seed(seed))
+
+
+def _encoder(L: int = 16, m: int = 5, **kwargs: object) -> MultiHeadPoseEncoder:
+    torch.manual_seed(0)
+    kwargs.setdefault("width_multiplier", 0.125)
+    kwargs.setdefault("head_hidden", 32)
+    return MultiHeadPoseEncoder(L, m, **kwargs)
+
+
+@pytest.mark.parametrize("use_bf16", [False, True])
+def test_output_shapes_so3_and_bounded_shifts(use_bf16: bool) -> None:
+    enc = _encoder(predict_shifts=True, max_shift_px=3.0, use_bf16=use_bf16)
+    out = enc(_images(4, 16))
+    assert isinstance(out, EncoderOutput)
+    assert out.rotations.shape == (4, 5, 3, 3) and out.rotations.dtype == torch.float32
+    assert out.shifts_px.shape == (4, 5, 2) and out.shifts_px.dtype == torch.float32
+    assert out.shifts_px.abs().max() <= 3.0
+    r = out.rotations
+    eye = torch.eye(3).expand_as(r)
+    torch.testing.assert_close(r @ r.transpose(-1, -2), eye, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.linalg.det(r), torch.ones(4, 5), rtol=0, atol=1e-5)
+
+
+def test_no_shifts_unless_asked() -> None:
+    rotations, shifts = _encoder()(_images(2, 16))
+    assert rotations.shape == (2, 5, 3, 3) and shifts is None
+
+
+def test_heads_start_with_well_separated_rotations() -> None:
+    enc = _encoder(m=7, width_multiplier=0.25, head_hidden=256)
+    out = enc(_images(8, 16))
+    for i, j in itertools.combinations(range(7), 2):
+        dist = geodesic_distance_deg(out.rotations[:, i], out.rotations[:, j])  # (B,)
+        assert dist.min() > 30.0, (i, j, dist)
+
+
+def test_per_image_standardisation_makes_output_invariant_to_affine_intensity() -> None:
+    enc = _encoder(predict_shifts=True, max_shift_px=2.0).eval()
+    x = _images(3, 16)
+    scaled = 7.5 * x - 2.0
+    a, b = enc(x), enc(scaled)
+    torch.testing.assert_close(a.rotations, b.rotations, rtol=0, atol=1e-4)
+    torch.testing.assert_close(a.shifts_px, b.shifts_px, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("L", [8, 21, 40])
+def test_small_and_odd_boxes(L: int) -> None:
+    out = _encoder(L=L, m=2)(_images(2, L))
+    assert out.rotations.shape == (2, 2, 3, 3)
+
+
+def test_channel_widths_follow_the_vgg16_layout() -> None:
+    enc = MultiHeadPoseEncoder(16, 1, width_multiplier=0.5, head_hidden=8)
+    convs = [m.out_channels for m in enc.trunk if isinstance(m, nn.Conv2d)]
+    assert convs == [32, 32, 64, 64, 128, 128, 128] + [256] * 6
+    assert sum(isinstance(m, nn.MaxPool2d) for m in enc.trunk) == 5
+    assert enc.feature_dim == 256 * 4
+    tiny = MultiHeadPoseEncoder(16, 1, width_multiplier=0.01, head_hidden=8)
+    assert {m.out_channels for m in tiny.trunk if isinstance(m, nn.Conv2d)} == {8}
+
+
+def test_gradient_reaches_trunk_and_only_winning_heads() -> None:
+    enc = _encoder(m=4)
+    out = enc(_images(3, 16))
+    target = torch.eye(3)
+    loss_bm = (out.rotations - target).square().sum((-2, -1))  # (B, M)
+    loss, best = winner_take_all(loss_bm)
+    loss.backward()
+    first_conv = next(m for m in enc.trunk if isinstance(m, nn.Conv2d))
+    assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
+    winners = set(best.tolist())
+    for m in range(4):
+        g = enc.heads.weight3.grad[m]
+        assert (g.abs().sum() > 0) == (m in winners), m
+
+
+def test_bf16_trunk_uses_channels_last_and_is_close_to_float32() -> None:
+    enc32 = _encoder(width_multiplier=0.25).eval()
+    enc16 = _encoder(width_multiplier=0.25, use_bf16=True).eval()
+    enc16.load_state_dict(enc32.state_dict())
+    conv = next(m for m in enc16.trunk if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = _images(4, 16)
+    dist = geodesic_distance_deg(enc32(x).rotations, enc16(x).rotations)
+    assert dist.max() < 5.0, dist
+
+
+def test_bf16_training_step_gives_float32_gradients() -> None:
+    enc = _encoder(use_bf16=True, predict_shifts=True, max_shift_px=1.0)
+    out = enc(_images(2, 16))
+    (out.rotations.sum() + out.shifts_px.sum()).backward()
+    for name, p in enc.named_parameters():
+        assert p.grad is None or p.grad.dtype == torch.float32, name
+
+
+def test_rejects_bad_arguments_and_inputs() -> None:
+    with pytest.raises(ValueError, match="max_shift_px"):
+        MultiHeadPoseEncoder(32, 2, predict_shifts=True)
+    with pytest.raises(ValueError, match="num_heads"):
+        MultiHeadPoseEncoder(32, 0)
+    enc = _encoder()
+    with pytest.raises(ValueError, match="expected images"):
+        enc(torch.zeros(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="expected images"):
+        enc(torch.zeros(2, 20, 20))
