@@ -199,8 +199,10 @@ def accumulate_backprojection(
         for which, (acc_num, acc_den) in ((1, (0, 1)), (2, (2, 3))):
             m = torch.from_numpy(half_set[idx] == which).to(device)
             if bool(m.any()):
-                sums[acc_num] += insert_central_slices(num[m], R[m], L)
-                sums[acc_den] += insert_central_slices(den[m], R[m], L)
+                both = insert_central_slices(torch.stack([num[m], den[m]]), R[m], L,
+                                             channels=True)  # (2, L, L, L)
+                sums[acc_num] += both[0]
+                sums[acc_den] += both[1]
     return BackprojectionSums(*sums)
 
 

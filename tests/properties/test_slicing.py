@@ -17,6 +17,7 @@ from cryospin.forward.lattice import (
 )
 from cryospin.forward.slicing import (
     _extract_central_slices_gather,
+    _insert_central_slices_scatter,
     extract_central_slices,
     insert_central_slices,
 )
@@ -210,3 +211,20 @@ def test_shape_errors() -> None:
         extract_central_slices(torch.zeros(4, 4, 4), torch.eye(3), frequencies=torch.zeros(3))
     with pytest.raises(ValueError, match="slices"):
         insert_central_slices(torch.zeros(5, 5), torch.eye(3), 4)
+
+
+@pytest.mark.parametrize("L", [7, 8])
+def test_fused_insert_matches_explicit_scatter_and_channels(L: int) -> None:
+    R = random_rotations(9, generator=_gen(11), dtype=F64).reshape(3, 3, 3, 3)
+    S = torch.randn(2, 3, 3, L, L, dtype=F64, generator=_gen(12))
+    fused = insert_central_slices(S, R, L, channels=True)
+    assert fused.shape == (2, L, L, L)
+    for c in range(2):
+        torch.testing.assert_close(fused[c], _insert_central_slices_scatter(S[c], R, L),
+                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(fused[c], insert_central_slices(S[c], R, L), rtol=0, atol=0)
+    freqs = disc_frequencies(L, dtype=F64) * 1.3
+    Sf = torch.randn(3, 3, freqs.shape[0], dtype=F64, generator=_gen(13))
+    torch.testing.assert_close(
+        insert_central_slices(Sf, R, L, frequencies=freqs),
+        _insert_central_slices_scatter(Sf, R, L, frequencies=freqs), rtol=0, atol=1e-12)

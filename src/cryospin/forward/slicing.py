@@ -165,9 +165,84 @@ def _extract_central_slices_gather(
 
 
 def insert_central_slices(
-    slices: Tensor, rotations: Tensor, box_px: int, *, frequencies: Tensor | None = None
+    slices: Tensor,
+    rotations: Tensor,
+    box_px: int,
+    *,
+    frequencies: Tensor | None = None,
+    channels: bool = False,
 ) -> Tensor:
     """Adjoint of :func:`extract_central_slices` with respect to the volume (backprojection).
+
+    Each slice value is spread onto the 8 surrounding voxels with the trilinear weights of the
+    extraction (corners outside the grid are dropped), so that
+    ``<extract(V, R), S> = <V, insert(S, R)>``. Computed by ATen's fused
+    ``grid_sampler_3d_backward`` kernel (the exact adjoint of the ``grid_sample`` used by
+    :func:`extract_central_slices`), chunked over poses to bound memory. With ``channels=True``
+    several value channels share one weight computation (e.g. ``CTF·image`` and ``CTF²`` in
+    backprojection). Inserting ``torch.ones`` gives the sampling weights. Not differentiable
+    (use :func:`_insert_central_slices_scatter` when gradients are needed).
+
+    Parameters
+    ----------
+    slices : `(..., L, L)` or `(..., P)`; with ``channels=True`` `(C, ..., L, L)` / `(C, ..., P)`
+        Values on the centred 2D grid (or at ``frequencies``); leading dims broadcast against
+        those of ``rotations``.
+    rotations : `(..., 3, 3)`
+        Rotation matrices (left-multiply xyz column vectors); cast to ``slices.dtype``.
+    box_px : int
+        Box size ``L`` of the output volume.
+    frequencies : `(P, 2)`, optional
+        2D frequencies ``(kx, ky)`` in cycles per box of the slice values; default the full
+        ``L × L`` grid.
+    channels : bool
+        Whether ``slices`` has a leading channel axis.
+
+    Returns
+    -------
+    `(L, L, L)`, or `(C, L, L, L)` with ``channels=True``
+        Volume indexed ``[z, y, x]``, in ``slices.dtype``.
+    """
+    L = int(box_px)
+    if L < 2:
+        raise ValueError(f"box_px must be at least 2, got {box_px}")
+    _check_rotations(rotations)
+    values = slices if channels else slices[None]  # (C, ..., L, L) or (C, ..., P)
+    C = values.shape[0]
+    freqs = _frequencies(frequencies, L, values.dtype, values.device)  # (P, 2)
+    P = freqs.shape[0]
+    if frequencies is None:
+        if values.ndim < 3 or values.shape[-2:] != (L, L):
+            raise ValueError(f"slices must have shape (..., {L}, {L}), got {tuple(slices.shape)}")
+        values = values.reshape(C, *values.shape[1:-2], P)  # (C, ..., P)
+    elif values.ndim < 2 or values.shape[-1] != P:
+        raise ValueError(f"slices must have shape (..., {P}), got {tuple(slices.shape)}")
+    batch_shape = torch.broadcast_shapes(values.shape[1:-1], rotations.shape[:-2])
+    values = values.expand(C, *batch_shape, P).reshape(C, -1, P)  # (C, B, P)
+    rot = rotations.to(values.dtype).expand(*batch_shape, 3, 3).reshape(-1, 3, 3)  # (B, 3, 3)
+    shape_only = torch.empty(1, C, L, L, L, dtype=values.dtype, device=values.device)
+    out = torch.zeros(1, C, L, L, L, dtype=values.dtype, device=values.device)
+    per_chunk = max(1, _INSERT_CHUNK_SAMPLES // max(P, 1))
+    with torch.no_grad():
+        for start in range(0, rot.shape[0], per_chunk):
+            r = rot[start : start + per_chunk]
+            q = _slice_points(r, freqs)  # (b, P, 3)
+            grid = (q + (L // 2)) * (2.0 / (L - 1)) - 1.0  # same mapping as extraction
+            v = values[:, start : start + per_chunk].reshape(1, C, 1, 1, -1)  # (1, C, 1, 1, b*P)
+            grad_input, _ = torch.ops.aten.grid_sampler_3d_backward(
+                v.contiguous(), shape_only, grid.reshape(1, 1, 1, -1, 3).contiguous(),
+                0, 0, True, [True, False],  # bilinear, zeros padding, align_corners
+            )
+            out += grad_input
+    return out[0] if channels else out[0, 0]
+
+
+def _insert_central_slices_scatter(
+    slices: Tensor, rotations: Tensor, box_px: int, *, frequencies: Tensor | None = None
+) -> Tensor:
+    """Reference implementation of :func:`insert_central_slices` by explicit scatter-add.
+
+    Used by the tests as a second method. Adjoint of :func:`extract_central_slices`.
 
     Each slice value is scatter-added into the 8 surrounding voxels with the trilinear weights
     of the extraction (corners outside the grid are dropped), so that
