@@ -1,0 +1,166 @@
+"""Ab initio reconstruction of a volume and per-particle poses (cryoSPIN).
+
+Stage 1 trains a multi-head encoder and the volume together (winner-take-all over heads);
+after --switch-epoch, each particle's best head seeds its pose, which is then refined per
+particle while the volume keeps learning (stage 2). Writes RUN_DIR/map.NNN.mrc after each epoch,
+metrics.jsonl, checkpoint.pt, and at the end map.mrc, poses.star (RELION 3.1), poses.pkl.
+
+examples:
+  cryospin reconstruct particles.star -o run1 --preset paper-real
+  cryospin reconstruct stack.mrcs --ctf ctf.pkl -o run2 --epochs 10 --switch-epoch 4
+  cryospin reconstruct --resume run1                 # continue after Ctrl-C or a crash
+  cryospin reconstruct --resume run1 --epochs 40     # train longer
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from cryospin.errors import InputError
+from cryospin.train.config import PRESETS, build_config, load_config
+
+__all__ = ["add_args", "main"]
+
+# flag dest -> (config section, field); None values mean "not given"
+_OVERRIDES = {
+    "heads": ("model", "num_heads"),
+    "width": ("model", "width_multiplier"),
+    "shifts": ("model", "predict_shifts"),
+    "max_shift_px": ("model", "max_shift_px"),
+    "epochs": ("schedule", "epochs"),
+    "switch_epoch": ("schedule", "switch_epoch"),
+    "batch_size": ("optim", "batch_size"),
+    "encoder_lr": ("optim", "encoder_lr"),
+    "decoder_lr": ("optim", "decoder_lr"),
+    "decoder_lr_after_switch": ("optim", "decoder_lr_after_switch"),
+    "pose_lr": ("optim", "pose_lr"),
+    "shift_lr": ("optim", "shift_lr"),
+    "invert_contrast": ("data", "invert_contrast"),
+    "no_ctf": ("data", "no_ctf"),
+    "device": ("run", "device"),
+    "seed": ("run", "seed"),
+    "threads": ("run", "num_threads"),
+}
+_RESUMABLE = {"epochs", "device", "threads"}
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``cryospin reconstruct``."""
+    parser.add_argument("particles", nargs="?", metavar="PARTICLES",
+                        help=".star, .cs, .txt (list of stacks) or .mrcs (with --ctf)")
+    parser.add_argument("-o", "--out", metavar="RUN_DIR", help="output folder (created)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last complete epoch")
+    parser.add_argument("--preset", choices=PRESETS, default="default",
+                        help="settings to start from (default: %(default)s)")
+    g = parser.add_argument_group("input")
+    g.add_argument("--ctf", metavar="PKL", help="cryoDRGN ctf.pkl (for .mrcs/.txt inputs)")
+    g.add_argument("--ind", metavar="PKL", help="index file selecting a subset of particles")
+    g.add_argument("--datadir", metavar="DIR", help="folder to resolve image paths against")
+    g.add_argument("--no-ctf", action="store_true", default=None, help="ignore the CTF")
+    g.add_argument("--invert-contrast", action="store_true", default=None,
+                   help="multiply the images by -1")
+    g = parser.add_argument_group("model and schedule (default: from the preset)")
+    g.add_argument("--heads", type=int, metavar="M", help="number of encoder heads")
+    g.add_argument("--width", type=float, metavar="W", help="encoder channel multiplier")
+    g.add_argument("--no-bf16", action="store_true", help="run the encoder in float32")
+    g.add_argument("--shifts", action=argparse.BooleanOptionalAction, default=None,
+                   help="estimate in-plane shifts")
+    g.add_argument("--max-shift-px", type=float, metavar="PX", help="shift bound, pixels")
+    g.add_argument("--epochs", type=int, metavar="E", help="total epochs")
+    g.add_argument("--switch-epoch", type=int, metavar="K",
+                   help="last epoch of stage 1 (auto-encoding)")
+    g = parser.add_argument_group("optimisation (default: from the preset)")
+    g.add_argument("--batch-size", type=int, metavar="B")
+    g.add_argument("--encoder-lr", type=float, metavar="LR")
+    g.add_argument("--decoder-lr", type=float, metavar="LR", help="volume lr in stage 1")
+    g.add_argument("--decoder-lr-after-switch", type=float, metavar="LR",
+                   help="volume lr in stage 2")
+    g.add_argument("--pose-lr", type=float, metavar="LR", help="per-particle rotation lr")
+    g.add_argument("--shift-lr", type=float, metavar="LR", help="per-particle shift lr")
+    g = parser.add_argument_group("execution")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads (torch)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--stop-after", type=int, metavar="EPOCH",
+                   help="stop after this epoch (checkpoint kept; continue with --resume)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    out: dict[str, dict[str, object]] = {}
+    for dest, (section, key) in _OVERRIDES.items():
+        out.setdefault(section, {})[key] = getattr(args, dest)
+    if args.no_bf16:
+        out["model"]["use_bf16"] = False
+    if args.no_progress:
+        out.setdefault("run", {})["progress"] = False
+    return out
+
+
+def _abs(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``cryospin reconstruct``; returns the exit status (130 on Ctrl-C)."""
+    from cryospin.io.particles import load_particles
+    from cryospin.train.fit import TrainingInterrupted, fit, prepare_run_dir
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.out and Path(args.out).resolve() != run_dir.resolve():
+            raise InputError("--resume continues in its own folder; drop -o or make them equal")
+        given = {d for d in _OVERRIDES if getattr(args, d) is not None} - _RESUMABLE
+        if given or args.no_bf16:
+            flags = ", ".join("--" + d.replace("_", "-") for d in sorted(given)) or "--no-bf16"
+            raise InputError(f"with --resume only --epochs, --device and --threads may change "
+                             f"(got {flags})")
+        prepare_run_dir(run_dir, resume=True)
+        config = load_config(run_dir / "config.yaml")
+        run = {k: v for k, v in _overrides(args)["run"].items() if v is not None}
+        epochs = args.epochs or config.schedule.epochs
+        config = dataclasses.replace(
+            config,
+            schedule=dataclasses.replace(config.schedule, epochs=epochs),
+            run=dataclasses.replace(config.run, **run),
+        )
+        if args.particles:  # the data moved: read it from the new place
+            moved = dataclasses.replace(
+                config.input, particles=_abs(args.particles),
+                ctf=_abs(args.ctf) or config.input.ctf,
+                datadir=_abs(args.datadir) or config.input.datadir,
+            )
+            config = dataclasses.replace(config, input=moved)
+    else:
+        if not args.particles or not args.out:
+            raise InputError("give PARTICLES and -o RUN_DIR (or --resume RUN_DIR)")
+        run_dir = Path(args.out)
+        prepare_run_dir(run_dir, resume=False)  # unwritable or used folder: fail before reading
+        overrides = _overrides(args)
+        overrides["input"] = {"particles": _abs(args.particles), "ctf": _abs(args.ctf),
+                              "ind": _abs(args.ind), "datadir": _abs(args.datadir)}
+        config = build_config(args.preset, overrides)
+
+    if config.input.particles is None:
+        raise InputError("the run's config.yaml names no particles", run_dir / "config.yaml")
+    particles = load_particles(
+        config.input.particles, ctf_pkl=config.input.ctf, ind=config.input.ind,
+        datadir=config.input.datadir, no_ctf=config.data.no_ctf,
+    )
+    try:
+        result = fit(config, particles, run_dir, resume=bool(args.resume),
+                     argv=getattr(args, "argv", None), stop_after=args.stop_after)
+    except TrainingInterrupted as exc:
+        print(f"cryospin reconstruct: {exc}", file=sys.stderr)
+        return 130
+    if not result.finished:
+        print(f"stopped after epoch {result.epochs_completed}; continue with: "
+              f"cryospin reconstruct --resume {run_dir}")
+        return 0
+    print(f"done: {result.epochs_completed} epochs; map {result.map_path}, "
+          f"poses {result.star_path}")
+    return 0

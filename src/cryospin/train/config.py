@@ -1,0 +1,445 @@
+"""Run configuration: frozen typed dataclasses, YAML presets, and the run's ``config.yaml``.
+
+One source of truth: a :class:`Config` is built once (defaults < preset < command line), saved
+as ``RUN_DIR/config.yaml`` together with the cryospin version and the command line, and read
+back into the identical dataclass on ``--resume``.
+
+Epoch numbering: epochs are counted from 1. Stage 1 (auto-encoding) runs epochs
+``1 .. switch_epoch``; stage 2 (auto-decoding) runs epochs ``switch_epoch + 1 .. epochs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cryospin import __version__
+from cryospin.atomic import atomic_write_text
+from cryospin.errors import InputError
+
+__all__ = [
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "DataConfig",
+    "RunConfig",
+    "InputConfig",
+    "Config",
+    "PRESETS",
+    "preset_names",
+    "load_preset",
+    "build_config",
+    "config_to_dict",
+    "config_from_dict",
+    "save_config",
+    "load_config",
+    "read_config_argv",
+]
+
+Method = Literal["semi-amortized"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+_META_KEYS = ("cryospin_version", "argv", "resumed_argv")
+
+#: Preset names shipped as ``cryospin/presets/<name>.yaml``.
+PRESETS: tuple[str, ...] = ("default", "paper-synthetic", "paper-real")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder (stage 1) architecture and pose parametrisation.
+
+    Attributes
+    ----------
+    num_heads : int
+        Number M of pose heads sharing the CNN trunk (winner-take-all).
+    width_multiplier : float
+        Channel multiplier of the VGG16-style trunk (1.0 = the paper's widths).
+    head_hidden : int
+        Hidden width of each head's MLP.
+    use_bf16 : bool
+        Run the encoder trunk in bfloat16 autocast (CPU and CUDA).
+    predict_shifts : bool
+        Also estimate a 2D in-plane shift per particle (heads in stage 1, pose table in stage 2).
+    max_shift_px : float
+        Bound on the shift magnitude per axis, pixels.
+    """
+
+    num_heads: int = 7
+    width_multiplier: float = 0.5
+    head_hidden: int = 256
+    use_bf16: bool = True
+    predict_shifts: bool = False
+    max_shift_px: float = 8.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisers (all Adam) and batch size.
+
+    Attributes
+    ----------
+    batch_size : int
+        Images per batch in both stages.
+    encoder_lr : float
+        Encoder learning rate (stage 1).
+    decoder_lr : float
+        Volume learning rate in stage 1.
+    decoder_lr_after_switch : float
+        Volume learning rate in stage 2 (a new optimiser is created at the switch).
+    pose_lr : float
+        Per-particle rotation learning rate (rad per step scale, Adam).
+    shift_lr : float
+        Per-particle shift learning rate (pixels per step scale, Adam).
+    pose_steps_per_batch : int
+        Pose steps per batch before the one volume step (stage 2).
+    """
+
+    batch_size: int = 64
+    encoder_lr: float = 1e-4
+    decoder_lr: float = 0.05
+    decoder_lr_after_switch: float = 0.02
+    pose_lr: float = 0.05
+    shift_lr: float = 0.05
+    pose_steps_per_batch: int = 5
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Epochs and the switch from auto-encoding to auto-decoding.
+
+    Attributes
+    ----------
+    epochs : int
+        Total number of epochs (passes over the particles).
+    switch_epoch : int
+        Last epoch of stage 1; 0 starts directly with stage 2 (poses from the untrained
+        encoder), ``>= epochs`` never switches (a fully amortized run).
+    method : str
+        ``"semi-amortized"`` (cryoSPIN).
+    """
+
+    epochs: int = 20
+    switch_epoch: int = 7
+    method: Method = "semi-amortized"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing of the particle images.
+
+    Attributes
+    ----------
+    invert_contrast : bool
+        Multiply images by −1 before training (see docs/conventions.md, Contrast).
+    no_ctf : bool
+        Ignore CTF parameters (CTF = 1).
+    loss_radius_px : int or None
+        Radius of the Fourier disc of the loss, in Fourier pixels (cycles per box);
+        ``None`` = ``L//2 − 1``.
+    noise_variance : float or None
+        Noise variance of the real-space images after normalisation; ``None`` = estimated
+        from the image corners.
+    max_preload_gb : float
+        Preprocess every image once and keep it in memory when that takes at most this many
+        GB (images, Hartley values and CTF, float32); otherwise read and preprocess each batch
+        from the stacks. 0 never preloads.
+    """
+
+    invert_contrast: bool = False
+    no_ctf: bool = False
+    loss_radius_px: int | None = None
+    noise_variance: float | None = None
+    max_preload_gb: float = 8.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Execution settings.
+
+    Attributes
+    ----------
+    seed : int
+        Seed of every random generator (initialisation, batch order).
+    device : str
+        ``"auto"`` (cuda if available, else mps, else cpu), ``"cpu"``, ``"cuda"`` or ``"mps"``.
+    num_threads : int or None
+        ``torch.set_num_threads`` on CPU; ``None`` keeps torch's default.
+    inference_batch_size : int
+        Batch size of the inference pass at the switch.
+    progress : bool
+        Show a progress bar (only when stderr is a terminal).
+    keep_epoch_maps : bool
+        Write ``map.NNN.mrc`` after every epoch.
+    """
+
+    seed: int = 0
+    device: Device = "auto"
+    num_threads: int | None = None
+    inference_batch_size: int = 256
+    progress: bool = True
+    keep_epoch_maps: bool = True
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Where the particles come from (recorded so that ``--resume`` can reload them).
+
+    Attributes
+    ----------
+    particles : str or None
+        ``.star``, ``.cs``, ``.txt`` or ``.mrcs`` file.
+    ctf : str or None
+        cryoDRGN ``ctf.pkl`` (for ``.mrcs``/``.txt`` inputs).
+    ind : str or None
+        cryoDRGN index ``.pkl`` selecting a subset.
+    datadir : str or None
+        Folder to resolve relative image paths against.
+    """
+
+    particles: str | None = None
+    ctf: str | None = None
+    ind: str | None = None
+    datadir: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "data": DataConfig,
+    "run": RunConfig,
+    "input": InputConfig,
+}
+
+
+def _validate(c: Config) -> None:
+    def bad(msg: str) -> InputError:
+        return InputError(f"invalid configuration: {msg}")
+
+    if c.model.num_heads < 1:
+        raise bad(f"model.num_heads must be >= 1, got {c.model.num_heads}")
+    if c.model.width_multiplier <= 0:
+        raise bad(f"model.width_multiplier must be > 0, got {c.model.width_multiplier}")
+    if c.model.head_hidden < 1:
+        raise bad(f"model.head_hidden must be >= 1, got {c.model.head_hidden}")
+    if c.model.max_shift_px < 0:
+        raise bad(f"model.max_shift_px must be >= 0, got {c.model.max_shift_px}")
+    if c.optim.batch_size < 1:
+        raise bad(f"optim.batch_size must be >= 1, got {c.optim.batch_size}")
+    for name in ("encoder_lr", "decoder_lr", "decoder_lr_after_switch", "pose_lr", "shift_lr"):
+        if not getattr(c.optim, name) > 0:
+            raise bad(f"optim.{name} must be > 0, got {getattr(c.optim, name)}")
+    if c.optim.pose_steps_per_batch < 0:
+        raise bad(f"optim.pose_steps_per_batch must be >= 0, got {c.optim.pose_steps_per_batch}")
+    if c.schedule.epochs < 1:
+        raise bad(f"schedule.epochs must be >= 1, got {c.schedule.epochs}")
+    if c.schedule.switch_epoch < 0:
+        raise bad(f"schedule.switch_epoch must be >= 0, got {c.schedule.switch_epoch}")
+    if c.schedule.method != "semi-amortized":
+        raise bad(f"schedule.method {c.schedule.method!r} is not implemented "
+                  "(only 'semi-amortized')")
+    if c.data.loss_radius_px is not None and c.data.loss_radius_px < 1:
+        raise bad(f"data.loss_radius_px must be >= 1, got {c.data.loss_radius_px}")
+    if c.data.noise_variance is not None and not c.data.noise_variance > 0:
+        raise bad(f"data.noise_variance must be > 0, got {c.data.noise_variance}")
+    if c.data.max_preload_gb < 0:
+        raise bad(f"data.max_preload_gb must be >= 0, got {c.data.max_preload_gb}")
+    if c.run.device not in ("auto", "cpu", "cuda", "mps"):
+        raise bad(f"run.device must be auto, cpu, cuda or mps, got {c.run.device!r}")
+    if c.run.num_threads is not None and c.run.num_threads < 1:
+        raise bad(f"run.num_threads must be >= 1, got {c.run.num_threads}")
+    if c.run.inference_batch_size < 1:
+        raise bad(f"run.inference_batch_size must be >= 1, got {c.run.inference_batch_size}")
+
+
+def preset_names() -> tuple[str, ...]:
+    """Names accepted by :func:`load_preset`."""
+    return PRESETS
+
+
+def load_preset(name: str) -> dict[str, dict[str, Any]]:
+    """The nested overrides of preset ``name`` (``{section: {field: value}}``), validated."""
+    if name not in PRESETS:
+        raise InputError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    resource = importlib.resources.files("cryospin") / "presets" / f"{name}.yaml"
+    text = resource.read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
+    where = f"preset {name}"
+    _check_nested(data, where)
+    config_from_dict(data, where=where)  # type check now, not at first use
+    return data
+
+
+def build_config(
+    preset: str | None = "default",
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Config:
+    """Defaults < preset < ``overrides`` (e.g. from the command line; ``None`` values ignored)."""
+    merged: dict[str, dict[str, Any]] = {}
+    if preset is not None:
+        for section, values in load_preset(preset).items():
+            merged.setdefault(section, {}).update(values)
+    for section, values in (overrides or {}).items():
+        for key, value in values.items():
+            if value is not None:
+                merged.setdefault(section, {})[key] = value
+    return config_from_dict(merged, where="command line")
+
+
+def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict (YAML-ready) of ``config``."""
+    return {name: dataclasses.asdict(getattr(config, name)) for name in _SECTIONS}
+
+
+def _check_nested(data: object, where: str) -> None:
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if section not in _SECTIONS:
+            raise InputError(
+                f"{where}: unknown section {section!r} (expected one of {', '.join(_SECTIONS)})"
+            )
+        if not isinstance(values, dict):
+            raise InputError(f"{where}: section {section!r} must be a mapping")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a (simple) annotation; ints are accepted for floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except InputError as exc:
+                errors.append(str(exc))
+        raise InputError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            choices = ", ".join(map(str, typing.get_args(annotation)))
+            raise InputError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InputError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise InputError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r}")  # programming error
+
+
+def config_from_dict(data: dict[str, Any], *, where: str = "configuration") -> Config:
+    """Build a :class:`Config` from a nested dict; missing fields take their defaults.
+
+    Unknown sections or fields and wrongly typed values raise :class:`InputError` naming
+    ``where`` (a file name or "command line").
+    """
+    _check_nested(data, where)
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        values = data.get(name, {}) or {}
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                raise InputError(
+                    f"{where}: unknown field {name}.{key} "
+                    f"(expected one of {', '.join(sorted(known))})"
+                )
+            kwargs[key] = _coerce(value, hints[key], f"{where}: {name}.{key}")
+        sections[name] = cls(**kwargs)
+    try:
+        return Config(**sections)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+
+
+def save_config(
+    path: str | Path,
+    config: Config,
+    argv: list[str] | None = None,
+    *,
+    resumed: list[list[str] | None] | None = None,
+) -> None:
+    """Write ``config`` as YAML (atomically) with the cryospin version and command line.
+
+    ``argv`` is the command line that started the run; ``resumed`` the command lines of the
+    later ``--resume`` invocations (recorded under ``resumed_argv``).
+    """
+    doc: dict[str, Any] = {
+        "cryospin_version": __version__,
+        "argv": list(argv) if argv is not None else None,
+    }
+    if resumed:
+        doc["resumed_argv"] = [None if a is None else list(a) for a in resumed]
+    doc.update(config_to_dict(config))
+    atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a ``config.yaml`` written by :func:`save_config` back into a :class:`Config`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError("file not found", path) from None
+    except OSError as exc:
+        raise InputError(f"cannot read ({exc.strerror})", path) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"not valid YAML ({str(exc).splitlines()[0]})", path) from None
+    if not isinstance(data, dict):
+        raise InputError("expected a YAML mapping", path)
+    data = {k: v for k, v in data.items() if k not in _META_KEYS}
+    return config_from_dict(data, where=str(path))
+
+
+def read_config_argv(path: str | Path) -> tuple[list[str] | None, list[list[str] | None]]:
+    """``(argv, resumed_argv)`` recorded in a ``config.yaml`` (``(None, [])`` if unreadable)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None, []
+    if not isinstance(data, dict):
+        return None, []
+    return data.get("argv"), list(data.get("resumed_argv") or [])

@@ -1,0 +1,331 @@
+"""Training data, preprocessed once: normalised images, their Hartley values on the loss disc,
+the CTF on the same frequencies, a noise-variance estimate and the data's radial amplitude.
+
+Conventions (``docs/conventions.md``): images `(N, L, L)` indexed ``[y, x]``; Hartley values
+of the centred transform (unnormalised forward); frequencies ``(kx, ky)`` in cycles per box on
+the loss disc ``|k| ≤ radius`` (default ``L//2 − 1``), in the row-major order of
+:func:`cryospin.forward.lattice.disc_frequencies`.
+
+Normalisation: images are multiplied by ``image_scale`` (−1 with ``invert_contrast``, divided by
+the global standard deviation of the pixels), so the encoder sees unit-variance inputs. The
+map's scale is therefore arbitrary (as in every ab initio method).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cryospin.errors import InputError
+from cryospin.forward.hartley import hartley2
+from cryospin.forward.lattice import disc_frequencies, negation_permutation
+from cryospin.train.config import DataConfig
+
+__all__ = ["TrainingData", "Batch", "prepare_data", "batch_indices", "radial_profile"]
+
+# images per chunk while preprocessing (bounded memory for the FFTs)
+_CHUNK = 512
+# images used to estimate the normalisation and the noise
+_STATS_IMAGES = 2000
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of training data (all on the training device).
+
+    Attributes
+    ----------
+    indices : `(B,)` int64
+        Particle indices (rows of the pose table).
+    images : `(B, L, L)` float32
+        Normalised real-space images (encoder input).
+    hartley : `(B, P)` float32
+        Hartley values of the images on the loss disc.
+    ctf : `(B, P)` float32 or None
+        CTF on the loss disc (None when CTF is ignored).
+    """
+
+    indices: Tensor
+    images: Tensor
+    hartley: Tensor
+    ctf: Tensor | None
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Preprocessed particles (see the module docstring).
+
+    When the dataset fits in ``DataConfig.max_preload_gb``, ``images``, ``hartley`` and ``ctf``
+    hold every particle (computed once). Otherwise they are None and :meth:`batch` reads and
+    preprocesses each batch from ``source`` (memory-mapped stacks) with the same function.
+
+    Attributes
+    ----------
+    box_px : int
+    pixel_size_angstrom : float
+    num_particles : int
+    frequencies : `(P, 2)` float32
+        Loss-disc frequencies ``(kx, ky)``, cycles per box.
+    negation_index : `(P,)` int64
+        ``frequencies[negation_index] == −frequencies``.
+    noise_variance : float
+        Noise variance of one Hartley coefficient (``L² ×`` the real-space pixel variance).
+    radial_amplitude : `(L//2 + 1,)` float32
+        RMS Hartley amplitude of the signal per integer frequency shell ``|k|``, corrected for
+        the mean CTF power; used to initialise the volume.
+    image_scale : float
+        Factor applied to the raw images.
+    use_ctf : bool
+    images : `(N, L, L)` float32 or None
+    hartley : `(N, P)` float32 or None
+    ctf : `(N, P)` float32 or None
+    source : ParticleSet or None
+        Where batches are read from when not preloaded.
+    """
+
+    box_px: int
+    pixel_size_angstrom: float
+    num_particles: int
+    frequencies: Tensor
+    negation_index: Tensor
+    noise_variance: float
+    radial_amplitude: Tensor
+    image_scale: float
+    use_ctf: bool
+    images: Tensor | None = None
+    hartley: Tensor | None = None
+    ctf: Tensor | None = None
+    source: Any = None
+
+    def __len__(self) -> int:
+        return self.num_particles
+
+    @property
+    def device(self) -> torch.device:
+        return self.frequencies.device
+
+    @property
+    def preloaded(self) -> bool:
+        return self.images is not None
+
+    def batch(self, indices: Tensor) -> Batch:
+        """Rows ``indices`` `(B,)` as a :class:`Batch` (on :attr:`device`)."""
+        idx = indices.to(self.device)
+        if self.images is not None and self.hartley is not None:
+            return Batch(
+                indices=idx,
+                images=self.images[idx],
+                hartley=self.hartley[idx],
+                ctf=None if self.ctf is None else self.ctf[idx],
+            )
+        images, hart, ctf = _preprocess(
+            self.source, indices.cpu(), self.image_scale, self.frequencies.cpu(), self.use_ctf
+        )
+        dev = self.device
+        return Batch(
+            indices=idx,
+            images=images.to(dev),
+            hartley=hart.to(dev),
+            ctf=None if ctf is None else ctf.to(dev),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Small JSON-ready description (sizes, noise, scale)."""
+        return {
+            "num_particles": len(self),
+            "box_px": self.box_px,
+            "pixel_size_angstrom": self.pixel_size_angstrom,
+            "num_frequencies": int(self.frequencies.shape[0]),
+            "noise_variance_hartley": self.noise_variance,
+            "image_scale": self.image_scale,
+            "ctf": self.use_ctf,
+            "preloaded": self.preloaded,
+        }
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """A random permutation of ``range(n)`` cut into batches `(≤ batch_size,)` (last is partial).
+
+    The permutation is drawn from ``generator`` (a CPU generator) when this is called, so the
+    generator's state after the call determines the next epoch's order. A last batch of a
+    single image is merged into the previous one (batch normalisation needs two images).
+    """
+    perm = torch.randperm(n, generator=generator)
+    batches = list(perm.split(batch_size))
+    if len(batches) > 1 and batches[-1].numel() == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return iter(batches)
+
+
+def radial_profile(values_sq: Tensor, frequencies: Tensor, num_shells: int) -> Tensor:
+    """Mean of ``values_sq`` `(..., P)` over integer shells ``round(|k|)``; `(num_shells,)`.
+
+    Averages over all leading axes too. Empty shells take the value of the last non-empty one.
+    """
+    shell = torch.round(frequencies.double().norm(dim=-1)).long().clamp_max(num_shells - 1)
+    flat = values_sq.reshape(-1, values_sq.shape[-1]).double().sum(0)  # (P,)
+    count = float(values_sq.reshape(-1, values_sq.shape[-1]).shape[0])
+    sums = torch.zeros(num_shells, dtype=torch.float64).index_add_(0, shell.cpu(), flat.cpu())
+    counts = torch.zeros(num_shells, dtype=torch.float64).index_add_(
+        0, shell.cpu(), torch.full_like(flat.cpu(), count)
+    )
+    prof = sums / counts.clamp_min(1)
+    for s in range(1, num_shells):
+        if counts[s] == 0:
+            prof[s] = prof[s - 1]
+    return prof
+
+
+def _corner_mask(L: int) -> Tensor:
+    """Pixels outside the inscribed circle `(L, L)` (the background of a centred particle)."""
+    r = torch.arange(L, dtype=torch.float64) - L // 2
+    rr = (r[:, None] ** 2 + r[None, :] ** 2).sqrt()
+    return rr > (L / 2)
+
+
+def _stats_indices(n: int) -> Tensor:
+    """Evenly spaced indices of at most ``_STATS_IMAGES`` particles (deterministic)."""
+    m = min(n, _STATS_IMAGES)
+    return torch.linspace(0, n - 1, m).round().long().unique()
+
+
+def _preprocess(
+    particles: Any, idx: Tensor, scale: float, frequencies: Tensor, use_ctf: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Read particles ``idx`` `(c,)` and preprocess them (CPU, float32).
+
+    Returns
+    -------
+    images : `(c, L, L)` scaled real-space images.
+    hartley : `(c, P)` their Hartley values on the disc ``frequencies`` `(P, 2)`.
+    ctf : `(c, P)` or None.
+    """
+    from cryospin.forward.ctf import compute_ctf
+
+    L = int(particles.box_px)
+    where = getattr(particles, "source", None)
+    raw = particles.images(idx)
+    if tuple(raw.shape) != (len(idx), L, L):
+        raise InputError(f"images have shape {tuple(raw.shape[1:])}, expected ({L}, {L})", where)
+    x = raw.to(torch.float64) * scale  # (c, L, L)
+    if not torch.isfinite(x).all():
+        first = int(idx[0]) if len(idx) else 0
+        raise InputError(f"particle images near index {first} contain NaN or Inf", where)
+    k = torch.round(frequencies).long()  # (P, 2) integer (kx, ky)
+    flat = (k[:, 1] + L // 2) * L + (k[:, 0] + L // 2)  # (P,) row-major [y, x]
+    hart = hartley2(x).reshape(len(idx), L * L)[:, flat]  # (c, P)
+    ctf = None
+    if use_ctf:
+        ctf = compute_ctf(
+            particles.ctf[idx], L, float(particles.pixel_size_angstrom),
+            frequencies=frequencies.to(torch.float64),
+        ).to(torch.float32)  # (c, P)
+    return x.to(torch.float32), hart.to(torch.float32), ctf
+
+
+def prepare_data(
+    particles: Any,
+    config: DataConfig,
+    *,
+    device: torch.device | str = "cpu",
+) -> TrainingData:
+    """Read and preprocess the particles (all at once when they fit in the preload budget).
+
+    Parameters
+    ----------
+    particles : cryospin.io.particles.ParticleSet
+        Needs ``box_px``, ``pixel_size_angstrom``, ``ctf`` (or ``config.no_ctf``), ``len()`` and
+        ``images(indices) -> (n, L, L)``.
+    config : DataConfig
+    device : torch device
+        Where the tensors live during training.
+
+    Returns
+    -------
+    TrainingData
+    """
+    n = len(particles)
+    L = int(particles.box_px)
+    where = getattr(particles, "source", None)
+    if n == 0:
+        raise InputError("no particles to train on", where)
+    if L < 8:
+        raise InputError(f"box size {L} px is too small (need >= 8)", where)
+    radius = config.loss_radius_px
+    if radius is not None and radius > L // 2 - 1:
+        raise InputError(
+            f"loss radius {radius} px exceeds the largest disc of a {L} px box ({L // 2 - 1})"
+        )
+    use_ctf = not config.no_ctf
+    if use_ctf and particles.ctf is None:
+        raise InputError(
+            "particles have no CTF parameters (give --ctf, or --no-ctf to ignore the CTF)", where
+        )
+    freqs = disc_frequencies(L, radius)  # (P, 2) float32
+    neg = negation_permutation(freqs, L)  # (P,)
+    P = int(freqs.shape[0])
+
+    # --- normalisation and noise from a deterministic sample of images
+    stats_idx = _stats_indices(n)
+    sample = particles.images(stats_idx).to(torch.float64)  # (m, L, L)
+    if not torch.isfinite(sample).all():
+        raise InputError("particle images contain NaN or Inf", where)
+    std = float(sample.std())
+    if not std > 0:
+        raise InputError("particle images are constant", where)
+    scale = (-1.0 if config.invert_contrast else 1.0) / std
+    if config.noise_variance is not None:
+        noise_var_real = float(config.noise_variance)
+    else:
+        corners = (sample * scale)[:, _corner_mask(L)]  # (m, C)
+        noise_var_real = float(corners.var(dim=1).mean()) if corners.numel() else 1.0
+        noise_var_real = max(noise_var_real, 1e-6)
+    noise_var_hartley = noise_var_real * L * L
+
+    # --- radial amplitude of the signal, for the volume initialisation
+    shells = L // 2 + 1
+    _, stats_h, stats_ctf = _preprocess(particles, stats_idx, scale, freqs, use_ctf)
+    power = radial_profile(stats_h.double().square(), freqs, shells) - noise_var_hartley
+    if stats_ctf is not None:
+        ctf_power = radial_profile(stats_ctf.double().square(), freqs, shells)
+    else:
+        ctf_power = torch.ones(shells, dtype=torch.float64)
+    floor = 1e-3 * float(power.abs().max())
+    amplitude = (power.clamp_min(floor) / ctf_power.clamp_min(0.05)).sqrt().to(torch.float32)
+
+    dev = torch.device(device)
+    common = {
+        "box_px": L,
+        "pixel_size_angstrom": float(particles.pixel_size_angstrom),
+        "num_particles": n,
+        "frequencies": freqs.to(dev),
+        "negation_index": neg.to(dev),
+        "noise_variance": float(noise_var_hartley),
+        "radial_amplitude": amplitude,
+        "image_scale": float(scale),
+        "use_ctf": use_ctf,
+    }
+    bytes_needed = 4 * n * (L * L + P * (2 if use_ctf else 1))
+    if bytes_needed > config.max_preload_gb * 1e9:
+        return TrainingData(**common, source=particles)
+
+    # --- everything once, in chunks
+    images = torch.empty(n, L, L, dtype=torch.float32)
+    hart = torch.empty(n, P, dtype=torch.float32)
+    ctf = torch.empty(n, P, dtype=torch.float32) if use_ctf else None
+    for start in range(0, n, _CHUNK):
+        idx = torch.arange(start, min(start + _CHUNK, n))
+        x, h, c = _preprocess(particles, idx, scale, freqs, use_ctf)
+        images[idx], hart[idx] = x, h
+        if ctf is not None and c is not None:
+            ctf[idx] = c
+    return TrainingData(
+        **common,
+        images=images.to(dev),
+        hartley=hart.to(dev),
+        ctf=None if ctf is None else ctf.to(dev),
+    )

@@ -1,0 +1,562 @@
+"""``fit``: the cryoSPIN training run, as explicit phases.
+
+1. **setup** — run folder, device, threads, seeds, preprocessing (:mod:`cryospin.train.data`),
+   volume initialised from the data's radial amplitude, encoder, optimisers; or everything
+   restored from ``RUN_DIR/checkpoint.pt`` on resume.
+2. **stage 1** (epochs ``1 .. switch_epoch``) — :func:`~cryospin.train.autoencode.autoencode_epoch`.
+3. **the switch** — one inference pass picks every particle's best head; its pose seeds the
+   :class:`~cryospin.pose.PoseTable`; the encoder is dropped; a new volume optimiser with the
+   lower learning rate.
+4. **stage 2** (epochs ``switch_epoch + 1 .. epochs``) —
+   :func:`~cryospin.train.autodecode.autodecode_epoch`.
+
+After every epoch: ``map.NNN.mrc`` (real-space map, voxel size set), a line of ``metrics.jsonl``
+and ``checkpoint.pt`` (atomic; the previous one survives until the new one is complete). At the
+end: ``map.mrc``, ``poses.star`` (RELION 3.1) and ``poses.pkl`` (cryoDRGN). ``config.yaml`` is
+written at the start.
+
+Resuming restores every parameter, optimiser state, the pose table and all RNG states, so that
+a resumed run equals the uninterrupted one with the same seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryospin import __version__
+from cryospin.errors import InputError, OutputError
+from cryospin.train.autodecode import autodecode_epoch
+from cryospin.train.autoencode import EpochStats, autoencode_epoch, infer_best_poses
+from cryospin.train.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from cryospin.train.config import (
+    Config,
+    config_from_dict,
+    config_to_dict,
+    read_config_argv,
+    save_config,
+)
+from cryospin.train.data import TrainingData, prepare_data
+from cryospin.train.metrics import EpochMetrics, append_metrics, truncate_metrics
+
+__all__ = [
+    "AUTOENCODE",
+    "AUTODECODE",
+    "FitResult",
+    "TrainingInterrupted",
+    "RunFiles",
+    "resolve_device",
+    "prepare_run_dir",
+    "fit",
+]
+
+logger = logging.getLogger(__name__)
+
+AUTOENCODE = "autoencode"
+AUTODECODE = "autodecode"
+
+
+class RunFiles:
+    """Names of the files in a run folder."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        self.config = self.dir / "config.yaml"
+        self.checkpoint = self.dir / "checkpoint.pt"
+        self.metrics = self.dir / "metrics.jsonl"
+        self.map = self.dir / "map.mrc"
+        self.star = self.dir / "poses.star"
+        self.pkl = self.dir / "poses.pkl"
+
+    def epoch_map(self, epoch: int) -> Path:
+        return self.dir / f"map.{epoch:03d}.mrc"
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Outcome of :func:`fit`.
+
+    Attributes
+    ----------
+    run_dir : Path
+    epochs_completed : int
+    stage : str
+        Stage of the last completed epoch.
+    finished : bool
+        All epochs done and the final outputs written (False when stopped by ``stop_after``).
+    rotations : `(N, 3, 3)` float32 or None
+        Final poses (pose table, or the encoder's best heads if the run never switched); None
+        when not finished.
+    shifts_px : `(N, 2)` float32 or None
+    map_path, star_path, pkl_path : Path or None
+        Final outputs (None when not finished).
+    """
+
+    run_dir: Path
+    epochs_completed: int
+    stage: str
+    finished: bool
+    rotations: torch.Tensor | None = None
+    shifts_px: torch.Tensor | None = None
+    map_path: Path | None = None
+    star_path: Path | None = None
+    pkl_path: Path | None = None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`fit`; the last complete checkpoint is usable for ``--resume``."""
+
+    def __init__(self, run_dir: Path, last_epoch: int) -> None:
+        self.run_dir = run_dir
+        self.last_epoch = last_epoch
+        super().__init__(
+            f"interrupted; the last complete epoch is {last_epoch}"
+            f" — continue with: cryospin reconstruct --resume {run_dir}"
+            if last_epoch
+            else "interrupted before the first epoch completed (nothing to resume)"
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda if available, else mps, else cpu; others are checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device cuda requested but no CUDA device is available")
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise InputError("device mps requested but MPS is not available")
+    if name not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unknown device {name!r} (auto, cpu, cuda or mps)")
+    return torch.device(name)
+
+
+def prepare_run_dir(run_dir: str | Path, *, resume: bool) -> RunFiles:
+    """Create/check the run folder before any work is done.
+
+    Raises
+    ------
+    OutputError
+        When the folder cannot be created or written, or (without ``resume``) already holds a
+        run.
+    InputError
+        When ``resume`` and there is no checkpoint.
+    """
+    files = RunFiles(run_dir)
+    if resume:
+        if not files.checkpoint.is_file():
+            raise InputError("no checkpoint.pt here to resume from", files.dir)
+    else:
+        if files.checkpoint.exists() or files.metrics.exists():
+            raise OutputError(
+                "already holds a run (use --resume to continue it, or choose another -o)",
+                files.dir,
+            )
+        try:
+            files.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the output folder ({exc.strerror})",
+                              files.dir) from None
+    try:
+        with tempfile.TemporaryFile(dir=files.dir):
+            pass
+    except OSError as exc:
+        raise OutputError(f"output folder is not writable ({exc.strerror})", files.dir) from None
+    return files
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    """Seed the global generators; return the CPU generator of the batch order."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _build_encoder(config: Config, box_px: int, device: torch.device) -> torch.nn.Module:
+    from cryospin.encoder import MultiHeadPoseEncoder
+
+    m = config.model
+    return MultiHeadPoseEncoder(
+        box_px,
+        m.num_heads,
+        width_multiplier=m.width_multiplier,
+        predict_shifts=m.predict_shifts,
+        max_shift_px=m.max_shift_px,
+        head_hidden=m.head_hidden,
+        use_bf16=m.use_bf16,
+    ).to(device)
+
+
+def _build_pose_table(
+    config: Config, rotations: torch.Tensor, shifts_px: torch.Tensor | None
+) -> Any:
+    from cryospin.pose import PoseTable
+
+    m, o = config.model, config.optim
+    return PoseTable(
+        rotations,
+        shifts_px if m.predict_shifts else None,
+        lr_rot=o.pose_lr,
+        lr_shift=o.shift_lr,
+        max_shift_px=m.max_shift_px if m.predict_shifts else None,
+    )
+
+
+def _adam(params: Any, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr)
+
+
+def _progress_bar(config: Config, total: int, initial_desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    enabled = config.run.progress and sys.stderr.isatty()
+    return tqdm(total=total, unit="img", desc=initial_desc, disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def fit(
+    config: Config,
+    particles: Any,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    argv: list[str] | None = None,
+    stop_after: int | None = None,
+) -> FitResult:
+    """Train a volume and poses on ``particles``; write everything to ``run_dir``.
+
+    Parameters
+    ----------
+    config : Config
+    particles : cryospin.io.particles.ParticleSet
+    run_dir : path
+        Output folder (created). Without ``resume`` it must not already hold a run.
+    resume : bool
+        Continue from ``run_dir/checkpoint.pt`` (the last complete epoch).
+    argv : list of str, optional
+        Command line, recorded in ``config.yaml``.
+    stop_after : int, optional
+        Stop after this epoch (checkpoint written, final outputs not): for tests and for
+        splitting a run over several sessions.
+
+    Returns
+    -------
+    FitResult
+
+    Raises
+    ------
+    NonFiniteLossError
+        When the loss becomes NaN/Inf (the last good checkpoint is kept).
+    TrainingInterrupted
+        On Ctrl-C (the last good checkpoint is kept).
+    """
+    # ------------------------------------------------------------------ setup
+    files = prepare_run_dir(run_dir, resume=resume)
+    device = resolve_device(config.run.device)
+    threads_before = torch.get_num_threads()
+    if config.run.num_threads is not None and device.type == "cpu":
+        torch.set_num_threads(config.run.num_threads)
+    try:
+        return _fit(config, particles, files, device, resume=resume, argv=argv,
+                    stop_after=stop_after)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _fit(
+    config: Config,
+    particles: Any,
+    files: RunFiles,
+    device: torch.device,
+    *,
+    resume: bool,
+    argv: list[str] | None,
+    stop_after: int | None,
+) -> FitResult:
+    state = load_checkpoint(files.checkpoint) if resume else None
+    if state is not None:
+        _check_resume_config(config, state, files.checkpoint)
+    if resume:
+        first_argv, resumed = read_config_argv(files.config)
+        save_config(files.config, config, first_argv, resumed=[*resumed, argv])
+    else:
+        save_config(files.config, config, argv)
+
+    generator = _seed_everything(config.run.seed)
+    logger.info("preprocessing %d particles (%d px) on %s", len(particles), particles.box_px,
+                device)
+    data = prepare_data(particles, config.data, device=device)
+    from cryospin.volume import HartleyVolume
+
+    init_gen = torch.Generator(device="cpu").manual_seed(config.run.seed + 1)
+    volume = HartleyVolume.ab_initio(
+        data.box_px, data.radial_amplitude.cpu(), generator=init_gen
+    ).to(device)
+
+    K, E = config.schedule.switch_epoch, config.schedule.epochs
+    stage = AUTOENCODE if K > 0 else AUTODECODE
+    if state is not None:
+        stage = state["stage"]
+    encoder = _build_encoder(config, data.box_px, device) if stage == AUTOENCODE else None
+    encoder_opt = None if encoder is None else _adam(encoder.parameters(), config.optim.encoder_lr)
+    decoder_opt = _adam(volume.parameters(), config.optim.decoder_lr)
+    pose_table = None
+    epochs_done = 0
+    elapsed_before = 0.0
+
+    if state is not None:
+        stage, epochs_done = state["stage"], int(state["epoch"])
+        volume.load_state_dict(state["volume"])
+        if stage == AUTOENCODE:
+            encoder.load_state_dict(state["encoder"])
+            encoder_opt.load_state_dict(state["optimizers"]["encoder"])
+            decoder_opt.load_state_dict(state["optimizers"]["decoder"])
+        else:
+            encoder = encoder_opt = None
+            pose_table = _restore_pose_table(config, state["pose_table"], device)
+            decoder_opt = _adam(volume.parameters(), config.optim.decoder_lr_after_switch)
+            decoder_opt.load_state_dict(state["optimizers"]["decoder"])
+        restore_rng_state(state["rng"], generator)
+        elapsed_before = float(state.get("extra", {}).get("elapsed_s", 0.0))
+        truncate_metrics(files.metrics, epochs_done)
+        logger.info("resuming %s after epoch %d (%s)", files.dir, epochs_done, stage)
+        del state
+
+    n = len(data)
+    last = E if stop_after is None else min(E, max(stop_after, epochs_done))
+    bar = _progress_bar(config, (last - epochs_done) * n, "cryospin")
+    t_start = time.perf_counter()
+    try:
+        for epoch in range(epochs_done + 1, last + 1):
+            switch_info: dict[str, Any] = {}
+            # -------------------------------------------------------- the switch
+            if stage == AUTOENCODE and epoch > K:
+                pose_table, switch_info = _switch(config, encoder, volume, data)
+                encoder = encoder_opt = None
+                decoder_opt = _adam(volume.parameters(), config.optim.decoder_lr_after_switch)
+                stage = AUTODECODE
+
+            bar.set_description(f"epoch {epoch}/{E} {stage}")
+
+            def tick(images: int, loss: float) -> None:
+                bar.update(images)
+                bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+            t0 = time.perf_counter()
+            # -------------------------------------------------------- stage 1 / stage 2
+            if stage == AUTOENCODE:
+                stats = autoencode_epoch(
+                    encoder, volume, data, encoder_opt, decoder_opt,
+                    batch_size=config.optim.batch_size, generator=generator, epoch=epoch,
+                    progress=tick,
+                )
+            else:
+                stats = autodecode_epoch(
+                    volume, pose_table, data, decoder_opt,
+                    batch_size=config.optim.batch_size,
+                    pose_steps=config.optim.pose_steps_per_batch,
+                    refine_shifts=config.model.predict_shifts,
+                    generator=generator, epoch=epoch, progress=tick,
+                )
+            wall = time.perf_counter() - t0
+            elapsed = elapsed_before + (time.perf_counter() - t_start)
+            _end_of_epoch(
+                files, config, data, volume, encoder, pose_table, encoder_opt, decoder_opt,
+                generator, epoch=epoch, stage=stage, stats=stats, wall_s=wall,
+                elapsed_s=elapsed, switch_info=switch_info,
+            )
+            epochs_done = epoch
+            logger.info(
+                "epoch %d/%d %s: loss %.6g, %.1f images/s%s", epoch, E, stage, stats.loss,
+                stats.num_images / wall if wall > 0 else float("nan"),
+                f", pose change {stats.mean_pose_change_deg:.3g} deg"
+                if stats.mean_pose_change_deg is not None else "",
+            )
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(files.dir, epochs_done) from None
+    finally:
+        bar.close()
+
+    if epochs_done < E:
+        return FitResult(files.dir, epochs_done, stage, finished=False)
+
+    # ------------------------------------------------------------------ final outputs
+    if pose_table is not None:
+        rotations, shifts = pose_table.gather(torch.arange(n, device=device))
+        shifts_out = shifts if config.model.predict_shifts else None
+    else:
+        best = infer_best_poses(encoder, volume, data, batch_size=config.run.inference_batch_size)
+        rotations, shifts_out = best.rotations, best.shifts_px
+    rotations = rotations.detach().cpu()
+    shifts_out = None if shifts_out is None else shifts_out.detach().cpu()
+    _write_final(files, particles, data, volume, rotations, shifts_out)
+    return FitResult(
+        files.dir, epochs_done, stage, finished=True, rotations=rotations, shifts_px=shifts_out,
+        map_path=files.map, star_path=files.star, pkl_path=files.pkl,
+    )
+
+
+def _check_resume_config(config: Config, state: dict[str, Any], path: Path) -> None:
+    """All but the epochs, device, threads, progress and input paths must match the checkpoint."""
+    saved = config_from_dict(state["config"], where=str(path))
+    mine, theirs = config_to_dict(config), config_to_dict(saved)
+    del mine["input"], theirs["input"]  # the data may have moved
+    for section in ("run", "schedule"):
+        for key in ("device", "num_threads", "progress", "epochs"):
+            mine[section].pop(key, None)
+            theirs[section].pop(key, None)
+    if mine != theirs:
+        diffs = [
+            f"{s}.{k}" for s in mine for k in mine[s] if mine[s][k] != theirs[s].get(k)
+        ]
+        raise InputError(
+            "the configuration differs from the run's checkpoint "
+            f"({', '.join(diffs)}); only --epochs and --device may change on resume",
+            path,
+        )
+    if int(state["epoch"]) > config.schedule.epochs:
+        raise InputError(
+            f"the checkpoint is at epoch {state['epoch']}, beyond --epochs "
+            f"{config.schedule.epochs}", path,
+        )
+
+
+def _restore_pose_table(config: Config, pose_state: dict[str, Any], device: torch.device) -> Any:
+    from cryospin.pose import PoseTable
+
+    table = PoseTable.from_state_dict(pose_state).to(device)
+    return table
+
+
+def _switch(
+    config: Config, encoder: Any, volume: Any, data: TrainingData
+) -> tuple[Any, dict[str, Any]]:
+    """The switch: best head of every particle -> pose table."""
+    from cryospin.losses import head_usage
+
+    t0 = time.perf_counter()
+    best = infer_best_poses(encoder, volume, data, batch_size=config.run.inference_batch_size)
+    table = _build_pose_table(config, best.rotations.float(), best.shifts_px)
+    usage = head_usage(best.best_head.cpu(), config.model.num_heads).tolist()
+    info = {
+        "switch": {
+            "head_usage": usage,
+            "mean_loss": float(best.loss.mean()),
+            "wall_time_s": time.perf_counter() - t0,
+        }
+    }
+    logger.info("switch to auto-decoding: head usage %s",
+                " ".join(f"{u:.2f}" for u in usage))
+    return table.to(data.device), info
+
+
+def _end_of_epoch(
+    files: RunFiles,
+    config: Config,
+    data: TrainingData,
+    volume: Any,
+    encoder: Any,
+    pose_table: Any,
+    encoder_opt: Any,
+    decoder_opt: Any,
+    generator: torch.Generator,
+    *,
+    epoch: int,
+    stage: str,
+    stats: EpochStats,
+    wall_s: float,
+    elapsed_s: float,
+    switch_info: dict[str, Any],
+) -> None:
+    """map.NNN.mrc, a metrics line, then the checkpoint (the commit point of the epoch)."""
+    from cryospin.io.mrc import write_map
+
+    with torch.no_grad():
+        real = volume.to_real_space().detach().cpu()
+    if config.run.keep_epoch_maps:
+        write_map(files.epoch_map(epoch), real.numpy(), data.pixel_size_angstrom)
+    usage = stats.head_usage
+    if usage is None and switch_info:
+        usage = switch_info["switch"]["head_usage"]
+    append_metrics(
+        files.metrics,
+        EpochMetrics(
+            epoch=epoch,
+            stage=stage,
+            loss=stats.loss,
+            num_images=stats.num_images,
+            wall_time_s=wall_s,
+            images_per_s=stats.num_images / wall_s if wall_s > 0 else float("nan"),
+            head_usage=usage,
+            mean_pose_change_deg=stats.mean_pose_change_deg,
+            mean_shift_change_px=stats.mean_shift_change_px,
+            decoder_lr=float(decoder_opt.param_groups[0]["lr"]),
+            elapsed_s=elapsed_s,
+            extra=switch_info,
+        ),
+    )
+    optimizers = {"decoder": decoder_opt.state_dict()}
+    if encoder_opt is not None:
+        optimizers["encoder"] = encoder_opt.state_dict()
+    save_checkpoint(
+        files.checkpoint,
+        {
+            "cryospin_version": __version__,
+            "config": config_to_dict(config),
+            "stage": stage,
+            "epoch": epoch,
+            "volume": volume.state_dict(),
+            "encoder": None if encoder is None else encoder.state_dict(),
+            "pose_table": None if pose_table is None else pose_table.state_dict(),
+            "optimizers": optimizers,
+            "rng": capture_rng_state(generator),
+            "data": data.summary(),
+            "extra": {"elapsed_s": elapsed_s},
+        },
+    )
+
+
+def _write_final(
+    files: RunFiles,
+    particles: Any,
+    data: TrainingData,
+    volume: Any,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor | None,
+) -> None:
+    from cryospin.io.mrc import write_map
+    from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
+
+    with torch.no_grad():
+        real = volume.to_real_space().detach().cpu()
+    write_map(files.map, real.numpy(), data.pixel_size_angstrom)
+    shifts = shifts_px if shifts_px is not None else torch.zeros(rotations.shape[0], 2)
+    write_particles_star(files.star, particles.with_poses(rotations, shifts))
+    write_cryodrgn_poses(files.pkl, rotations, shifts, data.box_px)
+    logger.info("wrote %s, %s and %s", files.map, files.star, files.pkl)

@@ -1,0 +1,397 @@
+"""End-to-end tests of the trainer and ``cryospin reconstruct`` on tiny simulated data.
+
+The particles are made with cryospin's own forward model (central slices, CTF, shift, white
+noise). That is an "inverse crime", acceptable here: these tests check that training runs,
+improves, writes its outputs, resumes exactly and fails cleanly — not absolute accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cryospin.cli.main import main as cli_main
+from cryospin.errors import CryospinError
+from cryospin.forward.ctf import CTFParams, compute_ctf
+from cryospin.forward.hartley import hartley3, ihartley2
+from cryospin.forward.model import render
+from cryospin.io.mrc import read_map, write_map, write_stack
+from cryospin.io.particles import load_particles
+from cryospin.io.pkl import read_cryodrgn_poses, write_cryodrgn_ctf
+from cryospin.rotations import random_rotations
+from cryospin.train import fit as fit_module
+from cryospin.train.checkpoint import load_checkpoint
+from cryospin.train.config import build_config, load_config
+from cryospin.train.fit import TrainingInterrupted, fit
+from cryospin.train.metrics import NonFiniteLossError, read_metrics
+
+# ----------------------------------------------------------------------------- data
+
+
+def _blob_volume(L: int, generator: torch.Generator) -> torch.Tensor:
+    """An asymmetric density `(L, L, L)`: six Gaussian blobs of width L/12 near the centre."""
+    k = torch.arange(L, dtype=torch.float64) - L // 2
+    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
+    vol = torch.zeros(L, L, L, dtype=torch.float64)
+    centres = (torch.rand(6, 3, generator=generator, dtype=torch.float64) - 0.5) * L * 0.45
+    for cx, cy, cz in centres.tolist():
+        vol += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * (L / 12) ** 2))
+    return vol
+
+
+def _make_dataset(
+    folder: Path, *, box_px: int, n: int, seed: int, snr: float = 1.0,
+    max_shift_px: float = 0.0, pixel_size_angstrom: float = 4.0,
+) -> dict:
+    """Write ``particles.mrcs``, ``ctf.pkl`` and ``gt.mrc`` to ``folder``; return the truth."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    vol = _blob_volume(box_px, g)
+    rot = random_rotations(n, generator=g)
+    shifts = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1) * max_shift_px
+    f64 = {"dtype": torch.float64}
+    defocus = torch.empty(n, **f64).uniform_(8000.0, 15000.0, generator=g)
+    ctf = CTFParams(
+        defocus_u_angstrom=defocus, defocus_v_angstrom=defocus.clone(),
+        defocus_angle_deg=torch.zeros(n, **f64), voltage_kv=torch.full((n,), 300.0, **f64),
+        cs_mm=torch.full((n,), 2.7, **f64), amplitude_contrast=torch.full((n,), 0.1, **f64),
+        phase_shift_deg=torch.zeros(n, **f64), bfactor_a2=torch.zeros(n, **f64),
+    )
+    c = compute_ctf(ctf, box_px, pixel_size_angstrom)  # (n, L, L)
+    clean = ihartley2(render(hartley3(vol), rot, shifts, c))  # (n, L, L)
+    sigma = float(clean.std()) / math.sqrt(snr)
+    images = clean + sigma * torch.randn(clean.shape, generator=g, **f64)
+    write_stack(folder / "particles.mrcs", images, pixel_size_angstrom)
+    write_cryodrgn_ctf(folder / "ctf.pkl", ctf, box_px, pixel_size_angstrom)
+    write_map(folder / "gt.mrc", vol, pixel_size_angstrom)
+    return {"volume": vol, "rotations": rot, "shifts_px": shifts, "folder": folder}
+
+
+def _particles(data: dict):
+    folder = data["folder"]
+    return load_particles(folder / "particles.mrcs", ctf_pkl=folder / "ctf.pkl")
+
+
+def _tiny_config(**changes):
+    """Small and fast: 16 px, 3 heads, narrow float32 encoder, one thread."""
+    overrides = {
+        "model": {"num_heads": 3, "width_multiplier": 0.125, "head_hidden": 32,
+                  "use_bf16": False, "predict_shifts": True, "max_shift_px": 2.0},
+        "optim": {"batch_size": 32, "encoder_lr": 1e-3},
+        "schedule": {"epochs": 3, "switch_epoch": 1},
+        "run": {"device": "cpu", "num_threads": 1, "seed": 3, "progress": False},
+    }
+    for section, values in changes.items():
+        overrides.setdefault(section, {}).update(values)
+    return build_config("default", overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    return _make_dataset(tmp_path_factory.mktemp("tiny"), box_px=16, n=64, seed=1,
+                         max_shift_px=1.0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """The reference run: 3 epochs (1 auto-encoding + 2 auto-decoding), never stopped."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    result = fit(_tiny_config(), _particles(tiny), run_dir)
+    return result
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_outputs_and_round_trips(uninterrupted, tiny):
+    run = uninterrupted.run_dir
+    assert uninterrupted.finished and uninterrupted.epochs_completed == 3
+    for name in ("config.yaml", "checkpoint.pt", "metrics.jsonl", "map.mrc", "poses.star",
+                 "poses.pkl", "map.001.mrc", "map.002.mrc", "map.003.mrc"):
+        assert (run / name).is_file(), name
+    assert not [p for p in run.iterdir() if ".tmp." in p.name]  # no temp files left
+
+    # map: voxel size set, finite, same as the last epoch's map
+    final, voxel = read_map(run / "map.mrc")
+    assert voxel == pytest.approx(4.0)
+    assert np.isfinite(final).all() and final.shape == (16, 16, 16)
+    np.testing.assert_array_equal(final, read_map(run / "map.003.mrc")[0])
+
+    # metrics: one line per epoch, stages, switch info, pose change in stage 2
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["stage"] for r in rows] == ["autoencode", "autodecode", "autodecode"]
+    assert len(rows[0]["head_usage"]) == 3 and sum(rows[0]["head_usage"]) == pytest.approx(1)
+    assert "switch" in rows[1]["extra"]
+    assert rows[1]["mean_pose_change_deg"] > 0 and rows[2]["mean_shift_change_px"] >= 0
+    assert all(r["images_per_s"] > 0 and r["num_images"] == 64 for r in rows)
+
+    # poses.star read back equals the pose table of the checkpoint
+    state = load_checkpoint(run / "checkpoint.pt")
+    table_rot = state["pose_table"]["rotations"].double()
+    table_shift = state["pose_table"]["shifts_px"].double()
+    back = load_particles(run / "poses.star", datadir=tiny["folder"])
+    assert len(back) == 64 and back.box_px == 16
+    torch.testing.assert_close(back.rotations, table_rot, atol=2e-5, rtol=0)
+    torch.testing.assert_close(back.shifts_px, table_shift, atol=1e-4, rtol=0)
+    torch.testing.assert_close(back.ctf.defocus_u_angstrom,
+                               _particles(tiny).ctf.defocus_u_angstrom, atol=1e-2, rtol=0)
+    rot_pkl, shift_pkl = read_cryodrgn_poses(run / "poses.pkl", 16)
+    torch.testing.assert_close(rot_pkl, table_rot, atol=1e-6, rtol=0)
+    torch.testing.assert_close(shift_pkl, table_shift, atol=1e-5, rtol=0)
+
+    # config.yaml gives back the run's configuration
+    assert load_config(run / "config.yaml") == _tiny_config()
+
+
+def test_loss_decreases(uninterrupted):
+    rows = read_metrics(uninterrupted.run_dir / "metrics.jsonl")
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    np.testing.assert_allclose(read_map(a / "map.mrc")[0], read_map(b / "map.mrc")[0],
+                               rtol=0, atol=1e-6)
+    sa, sb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
+    for key in ("rotations", "shifts_px"):
+        torch.testing.assert_close(sa["pose_table"][key], sb["pose_table"][key],
+                                   atol=1e-6, rtol=0)
+    la = [(r["epoch"], r["stage"], r["loss"]) for r in read_metrics(a / "metrics.jsonl")]
+    lb = [(r["epoch"], r["stage"], r["loss"]) for r in read_metrics(b / "metrics.jsonl")]
+    assert [x[:2] for x in la] == [x[:2] for x in lb]
+    np.testing.assert_allclose([x[2] for x in la], [x[2] for x in lb], rtol=1e-6)
+
+
+def test_resume_after_stage_one_equals_uninterrupted(uninterrupted, tiny, tmp_path):
+    """Stopped at the end of stage 1 (the switch happens after resuming)."""
+    run = tmp_path / "run"
+    partial = fit(_tiny_config(), _particles(tiny), run, stop_after=1)
+    assert not partial.finished and partial.epochs_completed == 1
+    assert not (run / "map.mrc").exists()
+    assert load_checkpoint(run / "checkpoint.pt")["stage"] == "autoencode"
+    done = fit(_tiny_config(), _particles(tiny), run, resume=True)
+    assert done.finished and done.epochs_completed == 3
+    _assert_same_run(uninterrupted.run_dir, run)
+
+
+def test_ctrl_c_keeps_checkpoint_and_resume_equals_uninterrupted(
+    uninterrupted, tiny, tmp_path, monkeypatch
+):
+    """Ctrl-C in the middle of epoch 3: the epoch-2 checkpoint is used to finish the run."""
+    run = tmp_path / "run"
+    real_epoch = fit_module.autodecode_epoch
+
+    def interrupted_in_epoch_3(*args, **kwargs):
+        if kwargs["epoch"] == 3:
+            def boom(images, loss):
+                raise KeyboardInterrupt
+            kwargs["progress"] = boom
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "autodecode_epoch", interrupted_in_epoch_3)
+    with pytest.raises(TrainingInterrupted, match="--resume") as info:
+        fit(_tiny_config(), _particles(tiny), run)
+    assert info.value.last_epoch == 2
+    monkeypatch.undo()
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 2
+    assert len(read_metrics(run / "metrics.jsonl")) == 2
+
+    fit(_tiny_config(), _particles(tiny), run, resume=True)
+    _assert_same_run(uninterrupted.run_dir, run)
+
+
+def test_resume_rejects_a_changed_configuration(uninterrupted, tiny):
+    changed = _tiny_config(model={"num_heads": 4}, schedule={"epochs": 4})
+    with pytest.raises(CryospinError, match="model.num_heads"):
+        fit(changed, _particles(tiny), uninterrupted.run_dir, resume=True)
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_nan_loss_stops_with_epoch_and_batch(tiny, tmp_path, monkeypatch):
+    from cryospin.train import autodecode
+
+    real = autodecode.pose_nll
+
+    def nan_nll(*args, **kwargs):
+        return real(*args, **kwargs) * float("nan")
+
+    run = tmp_path / "run"
+    fit(_tiny_config(), _particles(tiny), run, stop_after=1)
+    monkeypatch.setattr(autodecode, "pose_nll", nan_nll)
+    with pytest.raises(NonFiniteLossError, match="epoch 2, batch 1") as info:
+        fit(_tiny_config(), _particles(tiny), run, resume=True)
+    assert "\n" not in str(info.value)
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1  # last good one kept
+
+
+def test_used_output_folder_is_refused_before_training(uninterrupted, tiny):
+    with pytest.raises(CryospinError, match="already holds a run"):
+        fit(_tiny_config(), _particles(tiny), uninterrupted.run_dir)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_reconstruct_and_resume(tiny, tmp_path, capsys):
+    folder = tiny["folder"]
+    run = tmp_path / "cli_run"
+    common = ["--heads", "2", "--width", "0.125", "--no-bf16", "--batch-size", "32",
+              "--device", "cpu", "--threads", "1", "--no-progress", "--seed", "5"]
+    status = cli_main(["reconstruct", str(folder / "particles.mrcs"), "--ctf",
+                       str(folder / "ctf.pkl"), "-o", str(run), "--epochs", "1",
+                       "--switch-epoch", "1", *common])
+    assert status == 0
+    cfg = load_config(run / "config.yaml")
+    assert (cfg.model.num_heads, cfg.model.use_bf16, cfg.run.seed) == (2, False, 5)
+    assert cfg.input.particles == str((folder / "particles.mrcs").resolve())
+
+    # continue to a second epoch (the switch happens now)
+    assert cli_main(["reconstruct", "--resume", str(run), "--epochs", "2"]) == 0
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["stage"] for r in rows] == ["autoencode", "autodecode"]
+    assert load_config(run / "config.yaml").schedule.epochs == 2
+
+    # changing the model on resume is refused with one line
+    assert cli_main(["reconstruct", "--resume", str(run), "--heads", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--heads" in err[0]
+
+
+def test_cli_unwritable_output_fails_before_reading(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    status = cli_main(["reconstruct", str(tmp_path / "missing.star"), "-o",
+                       str(blocker / "run")])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output folder" in err[0]
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+def _best_lowres_correlation(
+    rec: torch.Tensor, ref: torch.Tensor, *, radius: int = 5, num_rotations: int = 3000
+) -> float:
+    """Max over rotations (and the mirror) of the correlation of two maps' Hartley values on
+    the shells ``1 ≤ |k| ≤ radius`` — a rotation- and hand-invariant similarity."""
+    L = ref.shape[-1]
+    h_rec, h_ref = hartley3(rec.double()), hartley3(ref.double())
+    k = torch.arange(L, dtype=torch.float64) - L // 2
+    kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
+    r = (kx**2 + ky**2 + kz**2).sqrt()
+    mask = (r >= 1) & (r <= radius)
+    points = torch.stack([kx[mask], ky[mask], kz[mask]], -1)  # (Q, 3) xyz
+    target = h_ref[mask]  # (Q,)
+    G = random_rotations(num_rotations, generator=torch.Generator().manual_seed(0))
+    best = -1.0
+    for sign in (1.0, -1.0):  # H(-k) is the Hartley transform of the mirrored map
+        q = sign * points @ G  # (R, Q, 3)
+        grid = (q + L // 2) * (2.0 / (L - 1)) - 1.0
+        samples = F.grid_sample(h_rec[None, None], grid.reshape(1, 1, 1, -1, 3),
+                                align_corners=True).reshape(num_rotations, -1)  # (R, Q)
+        corr = (samples * target).sum(-1) / (samples.norm(dim=-1) * target.norm())
+        best = max(best, float(corr.max()))
+    return best
+
+
+@pytest.mark.slow
+def test_reconstruction_improves_over_epochs(tmp_path):
+    truth = _make_dataset(tmp_path / "data", box_px=24, n=320, seed=2, snr=1.0)
+    cfg = _tiny_config(
+        model={"num_heads": 5, "width_multiplier": 0.25, "head_hidden": 64,
+               "predict_shifts": False},
+        optim={"batch_size": 64},
+        schedule={"epochs": 6, "switch_epoch": 3},
+    )
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, num_threads=2))
+    result = fit(cfg, _particles(truth), tmp_path / "run")
+    ref = truth["volume"]
+    corr = [
+        _best_lowres_correlation(torch.from_numpy(read_map(tmp_path / "run" /
+                                                           f"map.{e:03d}.mrc")[0].copy()), ref)
+        for e in range(1, 7)
+    ]
+    assert result.finished
+    assert corr[-1] > corr[0] + 0.1, corr
+    assert corr[-1] > 0.6, corr
+
+
+def test_cli_ctrl_c_exits_130_with_resume_hint(tiny, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_module, "autodecode_epoch", interrupted)
+    folder = tiny["folder"]
+    run = tmp_path / "run"
+    status = cli_main(["reconstruct", str(folder / "particles.mrcs"), "--ctf",
+                       str(folder / "ctf.pkl"), "-o", str(run), "--epochs", "2",
+                       "--switch-epoch", "1", "--heads", "2", "--width", "0.125", "--no-bf16",
+                       "--device", "cpu", "--threads", "1", "--no-progress"])
+    assert status == 130
+    err = capsys.readouterr().err
+    assert f"--resume {run}" in err and "last complete epoch is 1" in err
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_prepared_data_matches_the_images(tiny):
+    from cryospin.forward.hartley import hartley2
+    from cryospin.forward.lattice import disc_frequencies, disc_indices
+    from cryospin.train.config import DataConfig
+    from cryospin.train.data import prepare_data
+
+    particles = _particles(tiny)
+    data = prepare_data(particles, DataConfig(invert_contrast=True))
+    raw = particles.images().double()
+    scale = data.image_scale
+    assert scale < 0  # inverted contrast
+    torch.testing.assert_close(data.images.double(), raw * scale, rtol=1e-6, atol=1e-6)
+    expected = hartley2(raw * scale).reshape(64, -1)[:, disc_indices(16)]
+    torch.testing.assert_close(data.hartley.double(), expected, rtol=1e-5, atol=1e-4)
+    ctf = compute_ctf(particles.ctf, 16, 4.0, frequencies=disc_frequencies(16).double())
+    torch.testing.assert_close(data.ctf.double(), ctf, rtol=1e-5, atol=1e-6)
+    assert torch.equal(data.frequencies[data.negation_index], -data.frequencies)
+    assert data.radial_amplitude.shape == (9,) and bool((data.radial_amplitude > 0).all())
+    # SNR 1: the corner (background) variance is the noise, about half the pixel variance
+    assert 0.3 * 16**2 < data.noise_variance < 0.7 * 16**2
+
+
+def test_batches_cover_every_particle_once():
+    from cryospin.train.data import batch_indices
+
+    g = torch.Generator().manual_seed(0)
+    batches = list(batch_indices(65, 32, g))
+    assert [len(b) for b in batches] == [32, 33]  # a lone last image joins the previous batch
+    assert sorted(torch.cat(batches).tolist()) == list(range(65))
+    again = list(batch_indices(65, 32, torch.Generator().manual_seed(0)))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_lazy_batches_equal_preloaded_batches(tiny):
+    from cryospin.train.config import DataConfig
+    from cryospin.train.data import prepare_data
+
+    particles = _particles(tiny)
+    eager = prepare_data(particles, DataConfig())
+    lazy = prepare_data(particles, DataConfig(max_preload_gb=0))
+    assert eager.preloaded and not lazy.preloaded
+    assert lazy.noise_variance == eager.noise_variance
+    assert torch.equal(lazy.radial_amplitude, eager.radial_amplitude)
+    idx = torch.tensor([5, 0, 63, 17])
+    a, b = eager.batch(idx), lazy.batch(idx)
+    for name in ("indices", "images", "hartley", "ctf"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=0, atol=0)

@@ -1,0 +1,121 @@
+"""Run configuration: presets, precedence, YAML round trip, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from cryospin import __version__
+from cryospin.errors import InputError
+from cryospin.train.config import (
+    PRESETS,
+    Config,
+    ModelConfig,
+    build_config,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    load_preset,
+    save_config,
+)
+
+
+def test_defaults_are_the_paper_optimiser_settings():
+    c = Config()
+    assert c.optim.batch_size == 64
+    assert c.optim.encoder_lr == 1e-4
+    assert (c.optim.decoder_lr, c.optim.decoder_lr_after_switch) == (0.05, 0.02)
+    assert c.optim.pose_lr == 0.05
+    assert c.optim.pose_steps_per_batch == 5
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_loads(name):
+    cfg = build_config(name)
+    assert isinstance(cfg, Config)
+    assert load_preset(name)  # non-empty
+
+
+def test_paper_presets_match_the_paper():
+    syn = build_config("paper-synthetic")
+    assert (syn.model.num_heads, syn.schedule.switch_epoch, syn.schedule.epochs) == (7, 7, 20)
+    assert not syn.model.predict_shifts
+    real = build_config("paper-real")
+    assert (real.model.num_heads, real.schedule.switch_epoch, real.schedule.epochs) == (15, 15, 30)
+    assert real.model.predict_shifts
+
+
+def test_precedence_cli_over_preset_over_defaults():
+    cfg = build_config(
+        "paper-real", {"model": {"num_heads": 3, "use_bf16": None}, "run": {"seed": 11}}
+    )
+    assert cfg.model.num_heads == 3  # command line wins
+    assert cfg.model.predict_shifts  # preset (default is False)
+    assert cfg.model.use_bf16 is False  # None on the command line = not given -> preset
+    assert cfg.run.seed == 11
+    assert cfg.run.inference_batch_size == Config().run.inference_batch_size  # default
+    assert build_config(None).model == ModelConfig()
+
+
+def test_config_yaml_round_trip(tmp_path):
+    cfg = build_config(
+        "paper-real",
+        {
+            "model": {"width_multiplier": 0.75, "max_shift_px": 5},
+            "data": {"invert_contrast": True, "loss_radius_px": 10, "noise_variance": 0.3},
+            "run": {"device": "cpu", "num_threads": 2},
+            "input": {"particles": "/x/p.star", "ctf": None},
+        },
+    )
+    path = tmp_path / "config.yaml"
+    save_config(path, cfg, argv=["cryospin", "reconstruct", "p.star"])
+    back = load_config(path)
+    assert back == cfg
+    assert isinstance(back.model.max_shift_px, float)
+    doc = yaml.safe_load(path.read_text())
+    assert doc["cryospin_version"] == __version__
+    assert doc["argv"] == ["cryospin", "reconstruct", "p.star"]
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.num_heads = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"model": {"num_heads": 0}}, "num_heads"),
+        ({"model": {"heads": 3}}, "unknown field model.heads"),
+        ({"modle": {}}, "unknown section"),
+        ({"model": {"num_heads": 2.5}}, "expected an integer"),
+        ({"model": {"use_bf16": "yes"}}, "true/false"),
+        ({"run": {"device": "tpu"}}, "device"),
+        ({"schedule": {"method": "amortized"}}, "method"),
+        ({"optim": {"decoder_lr": -1}}, "decoder_lr"),
+        ({"schedule": {"epochs": 0}}, "epochs"),
+    ],
+)
+def test_bad_values_raise_one_line_input_errors(data, fragment):
+    with pytest.raises(InputError, match=fragment) as info:
+        config_from_dict(data, where="test.yaml")
+    assert "\n" not in str(info.value)
+    assert "test.yaml" in str(info.value)
+
+
+def test_unknown_preset():
+    with pytest.raises(InputError, match="unknown preset"):
+        build_config("paper-imaginary")
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(InputError, match="YAML"):
+        load_config(bad)
