@@ -34,6 +34,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise OutputError(f"cannot write here ({exc.strerror})", folder) from None
     os.close(fd)
     tmp = Path(tmp_name)
+    _set_default_mode(tmp)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -51,6 +52,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _set_default_mode(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open()`` would (0666 minus the umask), not mkstemp's 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~umask)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
