@@ -1,0 +1,113 @@
+"""End-to-end accuracy and speed benchmark of `cryospin reconstruct` against the oracle.
+
+Simulates a dataset (cached in --workdir), runs the ab initio reconstruction, the oracle
+(`cryospin backproject` with the true poses), and evaluates both against the ground truth with
+cryospin's own tools. Prints a Markdown table: median/mean rotation error, FSC = 0.5 resolution vs
+the ground truth (aligned, both hands), the ratio to the oracle, images/s per stage, wall time and
+peak resident memory of each step.
+
+The issue's target configuration is the default::
+
+    python benchmarks/bench_reconstruct.py --workdir bench_out/spike64
+
+(6VYB, 64 px at 3.4 Å/px, 20,000 particles, SNR 0.1, centred, defocus 1.0-2.5 µm). Use
+``--quick`` for a small smoke-sized run (32 px, 2,000 particles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _run(argv: list[str], log: Path) -> tuple[float, float]:
+    """Run a command; return (wall seconds, peak RSS in MiB). Exit on failure."""
+    print(f"$ {shlex.join(argv)}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        sys.exit(f"command failed (see {log}): {shlex.join(argv)}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("bench_out/spike64"))
+    p.add_argument("--structure", default="bundled:6vyb")
+    p.add_argument("--n-particles", type=int, default=20000)
+    p.add_argument("--box", type=int, default=64)
+    p.add_argument("--pixel-size", type=float, default=3.4)
+    p.add_argument("--snr", type=float, default=0.1)
+    p.add_argument("--shift-std-px", type=float, default=0.0)
+    p.add_argument("--preset", default="default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="32 px, 2,000 particles")
+    p.add_argument("reconstruct_args", nargs="*", help="extra flags for reconstruct (after --)")
+    args = p.parse_args()
+    if args.quick:
+        args.n_particles, args.box, args.pixel_size = 2000, 32, 6.8
+    exe = [sys.executable, "-m", "cryospin.cli.main"]
+    work: Path = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "bench.log"
+    data, run, oracle = work / "data", work / "run", work / "oracle"
+    rows: dict[str, tuple[float, float]] = {}
+    if not (data / "particles.star").exists():
+        rows["simulate"] = _run(exe + [
+            "simulate", args.structure, "-o", str(data), "--n-particles", str(args.n_particles),
+            "--box", str(args.box), "--pixel-size", str(args.pixel_size), "--snr", str(args.snr),
+            "--shift-std-px", str(args.shift_std_px), "--seed", str(args.seed), "--no-progress",
+        ], log)
+    if run.exists():
+        subprocess.run(["rm", "-rf", str(run)], check=True)
+    rows["reconstruct"] = _run(exe + [
+        "reconstruct", str(data / "particles.star"), "-o", str(run), "--preset", args.preset,
+        "--seed", str(args.seed), "--no-progress", *args.reconstruct_args,
+    ], log)
+    rows["oracle backproject"] = _run(exe + [
+        "backproject", str(data / "particles.star"), "-o", str(oracle)], log)
+    _run(exe + ["fsc", str(data / "gt.mrc"), str(run / "map.mrc"), "--align",
+                "-o", str(work / "fsc_run.json"), "--plot", str(work / "fsc_run.png")], log)
+    _run(exe + ["fsc", str(data / "gt.mrc"), str(oracle / "map.mrc"),
+                "-o", str(work / "fsc_oracle.json")], log)
+    _run(exe + ["pose-error", str(run / "poses.star"), str(data / "particles.star"),
+                "-o", str(work / "pose_error.json")], log)
+
+    fsc_run = json.loads((work / "fsc_run.json").read_text())
+    fsc_oracle = json.loads((work / "fsc_oracle.json").read_text())
+    err = json.loads((work / "pose_error.json").read_text())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    speed: dict[str, list[float]] = {}
+    for m in metrics:
+        speed.setdefault(m["stage"], []).append(m["images_per_s"])
+    res_run = fsc_run["resolution_0.5_angstrom"]
+    res_oracle = fsc_oracle["resolution_0.5_angstrom"]
+
+    print(f"\n### {args.structure}, {args.n_particles} particles, {args.box} px at "
+          f"{args.pixel_size} Å/px, SNR {args.snr}, preset `{args.preset}`\n")
+    print("| metric | value |")
+    print("|---|---|")
+    print(f"| median rotation error | {err['median_rotation_error_deg']:.2f}° |")
+    print(f"| mean rotation error | {err['mean_rotation_error_deg']:.2f}° |")
+    print(f"| fraction within 10° | {err['fraction_rotation_error_below_10_deg']:.3f} |")
+    print(f"| FSC=0.5 vs ground truth (ab initio) | {res_run:.2f} Å |")
+    print(f"| FSC=0.5 vs ground truth (oracle, true poses) | {res_oracle:.2f} Å |")
+    print(f"| ratio ab initio / oracle | {res_run / res_oracle:.3f} (target ≤ 1.15) |")
+    for stage, values in speed.items():
+        best = max(values)
+        print(f"| images/s, {stage} (best epoch) | {best:.0f} |")
+    for step, (wall, rss) in rows.items():
+        print(f"| {step}: wall time, peak RSS | {wall / 60:.1f} min, {rss:.0f} MiB |")
+
+
+if __name__ == "__main__":
+    main()
