@@ -13,7 +13,7 @@ from cryospin.evaluate.fsc import FSCResult
 __all__ = ["plot_fsc"]
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -38,7 +38,7 @@ def plot_fsc(
     The x axis is spatial frequency in Å⁻¹ (cycles per pixel without a pixel size); each
     curve's legend gives its resolution at every threshold.
     """
-    plt = _pyplot()
+    plt = pyplot()
     items = [("FSC", curves)] if isinstance(curves, FSCResult) else list(curves)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     unit = "Å"

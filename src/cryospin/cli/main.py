@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, str] = {
     "fsc": "fsc",
     "pose-error": "pose_error",
     "demo": "demo",
+    "report": "report",
+    "flip-hand": "flip_hand",
 }
 
 

@@ -1,0 +1,989 @@
+"""Run report: figures (one PNG each) and a self-contained HTML page from a run folder.
+
+A run folder is what ``cryospin reconstruct -o RUN_DIR`` writes (:mod:`cryospin.train.fit`):
+``config.yaml``, ``metrics.jsonl`` (one JSON object per epoch, :mod:`cryospin.train.metrics`),
+``map.NNN.mrc`` per epoch, ``map.mrc`` and ``poses.star`` at the end. The page needs no network
+and no JavaScript; figures are PNGs next to it, referenced by relative paths.
+
+Figures (each function writes exactly one PNG; matplotlib is imported lazily, Agg backend):
+
+* :func:`plot_training` — loss (and, with a ground truth, resolution; and the stage-2 mean pose
+  change) against cumulative wall time, the switch marked;
+* :func:`plot_head_usage` — fraction of images won by each head, per stage-1 epoch and at the
+  switch (stacked bars);
+* :func:`plot_orientations` — view directions on the sphere as an equal-area (Mollweide) heat map
+  of equal-area bins;
+* :func:`plot_map_views` — central sections and projections (sums) along z, y and x;
+* :func:`plot_rotation_errors` — histogram of the rotation error against ground-truth poses;
+* the FSC curve against a ground-truth map (:func:`cryospin.plotting.plot_fsc`).
+
+Conventions (``docs/conventions.md``): volumes are `(L, L, L)` indexed ``[z, y, x]``; a rotation
+``R`` left-multiplies xyz column vectors and its third row ``R[2, :]`` is the projection
+direction in the map frame, ``(sin θ cos φ, sin θ sin φ, cos θ)`` with RELION's ``φ = rot``,
+``θ = tilt``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryospin.atomic import atomic_path, atomic_write_text
+from cryospin.errors import InputError, OutputError
+from cryospin.plotting import pyplot
+
+__all__ = [
+    "RunData",
+    "EpochResolution",
+    "ReportResult",
+    "HAND_NOTE",
+    "load_run",
+    "switch_epoch",
+    "elapsed_seconds",
+    "view_directions",
+    "orientation_histogram",
+    "pick_epochs",
+    "head_usage_table",
+    "gt_in_run_frame",
+    "plot_training",
+    "plot_head_usage",
+    "plot_orientations",
+    "plot_map_views",
+    "plot_rotation_errors",
+    "build_html",
+    "write_report",
+]
+
+#: The handedness paragraph of every report.
+HAND_NOTE = (
+    "Ab initio reconstruction cannot distinguish a map from its mirror image: the mirrored map "
+    "with mirrored poses explains the images equally well. If the hand is wrong (e.g. "
+    "left-handed α-helices), run <code>cryospin flip-hand map.mrc -o map_flipped.mrc</code> "
+    "(add <code>--poses poses.star --out-poses poses_flipped.star</code> to convert the poses)."
+)
+
+_EPOCH_MAP = re.compile(r"^map\.(\d+)\.mrc$")
+_STAGE1, _STAGE2 = "autoencode", "autodecode"
+
+
+# ---------------------------------------------------------------------------- run folder
+@dataclass(frozen=True)
+class RunData:
+    """What a report reads from a run folder (maps and poses are read on demand).
+
+    Attributes
+    ----------
+    run_dir : Path
+    metrics : list of dict
+        Lines of ``metrics.jsonl`` in epoch order (see :mod:`cryospin.train.metrics`).
+    config : dict
+        ``config.yaml`` parsed (empty when absent).
+    config_text : str or None
+        ``config.yaml`` verbatim.
+    map_path : Path or None
+        ``map.mrc``, else the last epoch's map (unfinished run), else None.
+    epoch_maps : dict[int, Path]
+        ``map.NNN.mrc`` by epoch.
+    poses_path : Path or None
+        ``poses.star`` when the run finished.
+    finished : bool
+        ``map.mrc`` exists.
+    """
+
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+    config: dict[str, Any]
+    config_text: str | None
+    map_path: Path | None
+    epoch_maps: dict[int, Path]
+    poses_path: Path | None
+    finished: bool
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run folder's metrics and config and find its maps and poses.
+
+    Raises
+    ------
+    InputError
+        The folder does not exist or holds neither ``metrics.jsonl`` nor a map.
+    """
+    import yaml
+
+    from cryospin.train.metrics import read_metrics
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError("run folder not found" if not run_dir.exists() else "not a folder",
+                         run_dir)
+    metrics = sorted(read_metrics(run_dir / "metrics.jsonl"), key=lambda r: int(r.get("epoch", 0)))
+    config_path = run_dir / "config.yaml"
+    config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else None
+    config: dict[str, Any] = {}
+    if config_text:
+        try:
+            loaded = yaml.safe_load(config_text)
+        except yaml.YAMLError as exc:
+            raise InputError(f"cannot parse YAML ({exc.__class__.__name__})", config_path) from None
+        config = loaded if isinstance(loaded, dict) else {}
+    epoch_maps = {}
+    for p in run_dir.iterdir():
+        m = _EPOCH_MAP.match(p.name)
+        if m and p.is_file():
+            epoch_maps[int(m.group(1))] = p
+    epoch_maps = dict(sorted(epoch_maps.items()))
+    final = run_dir / "map.mrc"
+    finished = final.is_file()
+    map_path = final if finished else (epoch_maps[max(epoch_maps)] if epoch_maps else None)
+    if not metrics and map_path is None:
+        raise InputError("no metrics.jsonl and no map: not a cryospin run folder", run_dir)
+    poses = run_dir / "poses.star"
+    return RunData(
+        run_dir=run_dir,
+        metrics=metrics,
+        config=config,
+        config_text=config_text,
+        map_path=map_path,
+        epoch_maps=epoch_maps,
+        poses_path=poses if poses.is_file() else None,
+        finished=finished,
+    )
+
+
+def switch_epoch(metrics: Sequence[dict[str, Any]]) -> int | None:
+    """The first auto-decoding (stage 2) epoch, or None if the run never switched."""
+    for row in metrics:
+        if row.get("stage") == _STAGE2:
+            return int(row["epoch"])
+    return None
+
+
+def elapsed_seconds(metrics: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Cumulative wall time at the end of each epoch, `(E,)` seconds.
+
+    ``elapsed_s`` when every line has it (includes the switch pass and resumed parts), else the
+    running sum of ``wall_time_s``.
+    """
+    if metrics and all(r.get("elapsed_s") is not None for r in metrics):
+        return np.array([float(r["elapsed_s"]) for r in metrics], dtype=np.float64)
+    wall = [float(r.get("wall_time_s") or 0.0) for r in metrics]
+    return np.cumsum(np.array(wall, dtype=np.float64))
+
+
+def pick_epochs(epochs: Sequence[int], max_count: int, *, keep: Sequence[int] = ()) -> list[int]:
+    """At most ``max_count`` of ``epochs``, evenly spread, always with the last and ``keep``.
+
+    Returns a sorted list (empty when ``max_count <= 0``).
+    """
+    epochs = sorted(set(int(e) for e in epochs))
+    if max_count <= 0 or not epochs:
+        return []
+    if len(epochs) <= max_count:
+        return epochs
+    must = {epochs[-1]} | {int(k) for k in keep if int(k) in epochs}
+    rest = [e for e in epochs if e not in must]
+    spare = min(max(max_count - len(must), 0), len(rest))
+    spread = np.linspace(0, len(rest) - 1, spare).round().astype(int) if spare else []
+    return sorted(must | {rest[i] for i in spread})
+
+
+# ---------------------------------------------------------------------------- orientations
+def view_directions(rotations: Any) -> np.ndarray:
+    """Projection directions in the map frame, `(N, 3)` float64: the third rows ``R[:, 2, :]``.
+
+    Parameters
+    ----------
+    rotations : `(N, 3, 3)` array or tensor
+        cryospin rotations (``docs/conventions.md``).
+    """
+    R = np.asarray(rotations.detach().cpu() if hasattr(rotations, "detach") else rotations,
+                   dtype=np.float64)
+    if R.ndim != 3 or R.shape[1:] != (3, 3):
+        raise ValueError(f"expected (N, 3, 3) rotations, got shape {R.shape}")
+    return R[:, 2, :].copy()
+
+
+def orientation_histogram(
+    directions: Any, *, n_lon: int = 72, n_z: int = 36
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Histogram of unit vectors over equal-area bins of the sphere.
+
+    Bins are equal steps in longitude ``φ = atan2(y, x) ∈ [−π, π]`` and in ``z = sin(latitude)
+    ∈ [−1, 1]``; by Archimedes' hat-box theorem every bin has the same area ``4π/(n_lon·n_z)``.
+
+    Parameters
+    ----------
+    directions : `(N, 3)`
+        Vectors ``(x, y, z)`` (normalised here; zero vectors are dropped).
+    n_lon, n_z : int
+        Bins in longitude and in ``z``.
+
+    Returns
+    -------
+    counts : `(n_z, n_lon)` int64
+        Row ``i`` is the latitude band ``lat_edges_rad[i] .. lat_edges_rad[i + 1]``.
+    lon_edges_rad : `(n_lon + 1,)` float64
+    lat_edges_rad : `(n_z + 1,)` float64
+        ``arcsin`` of equally spaced ``z`` edges.
+    """
+    v = np.asarray(directions, dtype=np.float64).reshape(-1, 3)
+    norm = np.linalg.norm(v, axis=1)
+    v = v[norm > 0] / norm[norm > 0, None]
+    lon = np.arctan2(v[:, 1], v[:, 0])
+    z = np.clip(v[:, 2], -1.0, 1.0)
+    lon_edges = np.linspace(-math.pi, math.pi, n_lon + 1)
+    z_edges = np.linspace(-1.0, 1.0, n_z + 1)
+    counts, _, _ = np.histogram2d(z, lon, bins=(z_edges, lon_edges))
+    return counts.astype(np.int64), lon_edges, np.arcsin(z_edges)
+
+
+# ---------------------------------------------------------------------------- figures
+def _save(fig: Any, path: str | Path) -> None:
+    plt = pyplot()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _time_unit(last_s: float) -> tuple[float, str]:
+    """Divisor and axis label for a time axis ending at ``last_s`` seconds."""
+    if last_s > 3 * 3600:
+        return 3600.0, "wall time (h)"
+    if last_s > 600:
+        return 60.0, "wall time (min)"
+    return 1.0, "wall time (s)"
+
+
+@dataclass(frozen=True)
+class EpochResolution:
+    """Resolution of one epoch's map against the ground truth (after alignment).
+
+    Attributes
+    ----------
+    epoch : int
+    elapsed_s : float
+        Cumulative wall time at the end of the epoch.
+    resolution_05_angstrom, resolution_0143_angstrom : float
+        FSC = 0.5 and 0.143 crossings (Å; ``inf`` if the FSC starts below the threshold).
+    flipped : bool
+        The map matched the ground truth's mirror image.
+    correlation : float
+        Real-space correlation after alignment.
+    """
+
+    epoch: int
+    elapsed_s: float
+    resolution_05_angstrom: float
+    resolution_0143_angstrom: float
+    flipped: bool
+    correlation: float
+
+
+def plot_training(
+    metrics: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    resolutions: Sequence[EpochResolution] = (),
+) -> None:
+    """Loss (and resolution, and mean pose change) against cumulative wall time.
+
+    One panel per quantity, sharing the time axis; markers distinguish the stages and a dashed
+    line marks the switch (end of the last auto-encoding epoch).
+    """
+    if not metrics:
+        raise ValueError("no metrics to plot")
+    plt = pyplot()
+    seconds = elapsed_seconds(metrics)
+    unit, xlabel = _time_unit(float(seconds[-1]))
+    t = seconds / unit
+    stage2 = np.array([r.get("stage") == _STAGE2 for r in metrics])
+    loss = np.array([np.nan if r.get("loss") is None else float(r["loss"]) for r in metrics])
+    pose_change = np.array([np.nan if r.get("mean_pose_change_deg") is None
+                            else float(r["mean_pose_change_deg"]) for r in metrics])
+    panels = ["loss"]
+    if resolutions:
+        panels.append("resolution")
+    if np.isfinite(pose_change).any():
+        panels.append("pose")
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False,
+                             figsize=(7, 1.0 + 2.3 * len(panels)), dpi=110)
+    axes = axes[:, 0]
+    k = switch_epoch(metrics)
+    t_switch = None
+    if k is not None:
+        i = next(j for j, r in enumerate(metrics) if int(r["epoch"]) == k)
+        t_switch = float(t[i - 1]) if i > 0 else 0.0
+
+    ax = axes[panels.index("loss")]
+    ax.plot(t, loss, color="0.6", linewidth=1)
+    ax.plot(t[~stage2], loss[~stage2], "o", color="tab:blue", label="stage 1: auto-encoding")
+    ax.plot(t[stage2], loss[stage2], "s", color="tab:orange", label="stage 2: auto-decoding")
+    ax.set_ylabel("loss (mean NLL / image)")
+    ax.legend(fontsize=8, loc="upper right")
+    if "resolution" in panels:
+        ax = axes[panels.index("resolution")]
+        ts = np.array([r.elapsed_s for r in resolutions]) / unit
+        for attr, label, style in (("resolution_05_angstrom", "FSC 0.5", "o-"),
+                                   ("resolution_0143_angstrom", "FSC 0.143", "^-")):
+            vals = np.array([getattr(r, attr) for r in resolutions], dtype=np.float64)
+            vals[~np.isfinite(vals)] = np.nan
+            ax.plot(ts, vals, style, label=label)
+        ax.set_ylabel("resolution vs GT (Å)")
+        ax.legend(fontsize=8, loc="upper right")
+    if "pose" in panels:
+        ax = axes[panels.index("pose")]
+        ax.plot(t, pose_change, "s-", color="tab:orange")
+        ax.set_ylabel("mean pose change (°)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if t_switch is not None:
+            ax.axvline(t_switch, color="k", linestyle="--", linewidth=1)
+    if t_switch is not None:
+        axes[0].text(t_switch, 1.0, f" switch (after epoch {k - 1})",
+                     transform=axes[0].get_xaxis_transform(), va="bottom", ha="left", fontsize=8)
+    axes[-1].set_xlabel(xlabel)
+    axes[-1].set_xlim(left=0)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def head_usage_table(metrics: Sequence[dict[str, Any]]) -> tuple[list[str], np.ndarray]:
+    """Bar labels and head-usage fractions `(bars, M)`: stage-1 epochs, then the switch pass."""
+    labels: list[str] = []
+    rows: list[list[float]] = []
+    for r in metrics:
+        if r.get("stage") == _STAGE1 and r.get("head_usage"):
+            labels.append(str(int(r["epoch"])))
+            rows.append([float(u) for u in r["head_usage"]])
+        switch = (r.get("extra") or {}).get("switch")
+        if isinstance(switch, dict) and switch.get("head_usage"):
+            labels.append("switch")
+            rows.append([float(u) for u in switch["head_usage"]])
+    if not rows:
+        return [], np.zeros((0, 0))
+    width = max(len(u) for u in rows)
+    table = np.zeros((len(rows), width))
+    for i, u in enumerate(rows):
+        table[i, : len(u)] = u
+    return labels, table
+
+
+def plot_head_usage(metrics: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Stacked bars: fraction of images won by each encoder head, per epoch and at the switch."""
+    labels, table = head_usage_table(metrics)
+    if not labels:
+        raise ValueError("no head usage in the metrics")
+    plt = pyplot()
+    n_bars, n_heads = table.shape
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.25 * n_bars), 3.6), dpi=110)
+    cmap = plt.get_cmap("tab10" if n_heads <= 10 else "tab20")
+    x = np.arange(n_bars)
+    bottom = np.zeros(n_bars)
+    for h in range(n_heads):
+        ax.bar(x, table[:, h], bottom=bottom, width=0.8, color=cmap(h % cmap.N),
+               label=f"head {h + 1}", edgecolor="white", linewidth=0.3)
+        bottom += table[:, h]
+    step = max(1, n_bars // 25)
+    ticks = [i for i in range(n_bars) if i % step == 0 or labels[i] == "switch"]
+    ax.set_xticks(ticks, [labels[i] for i in ticks], fontsize=8)
+    ax.set_xlabel("stage-1 epoch")
+    ax.set_ylabel("fraction of images")
+    ax.set_ylim(0, 1)
+    ax.set_title("winning head per image", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_orientations(rotations: Any, path: str | Path, *, title: str | None = None) -> None:
+    """Heat map of the view directions (third rows of ``R``) on a Mollweide (equal-area) map.
+
+    The bins are equal-area (:func:`orientation_histogram`), their number grows with the
+    number of particles; the colour is the density relative to a uniform distribution.
+    """
+    plt = pyplot()
+    v = view_directions(rotations)
+    n = v.shape[0]
+    n_z = int(np.clip(round(math.sqrt(max(n, 1) / 40.0)), 4, 36))  # ~20 per bin if uniform
+    counts, lon_edges, _ = orientation_histogram(v, n_lon=2 * n_z, n_z=n_z)
+    density = counts / max(n, 1) * counts.size  # (n_z, 2 n_z), 1 = uniform
+    # draw each bin as a block of finer cells (equal steps in lon and z, so the block covers
+    # the bin exactly) so that the bin boundaries follow the projection's curves
+    f = int(math.ceil(36 / n_z))
+    fine = np.repeat(np.repeat(density, f, axis=0), f, axis=1)  # (f n_z, 2 f n_z)
+    lon_fine = np.linspace(lon_edges[0], lon_edges[-1], fine.shape[1] + 1)
+    lat_fine = np.arcsin(np.linspace(-1.0, 1.0, fine.shape[0] + 1))
+    fig = plt.figure(figsize=(7.5, 4.2), dpi=110)
+    ax = fig.add_subplot(111, projection="mollweide")
+    mesh = ax.pcolormesh(lon_fine, lat_fine, fine, cmap="viridis", shading="flat")
+    fig.colorbar(mesh, ax=ax, orientation="horizontal", fraction=0.05, pad=0.08,
+                 label="density of view directions (1 = uniform)")
+    ax.grid(alpha=0.4)
+    ax.tick_params(labelsize=7)
+    ax.set_title(title or f"view directions R[2, :] of {n} particles "
+                 f"(longitude atan2(y, x), latitude asin z; equal-area)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_map_views(
+    volume: Any, path: str | Path, *, pixel_size_angstrom: float | None = None
+) -> None:
+    """Central sections (top) and projections (sums, bottom) of a map along z, y and x.
+
+    Parameters
+    ----------
+    volume : `(L, L, L)` indexed ``[z, y, x]``
+        Sections are the planes through voxel ``L//2``; images are drawn with the first
+        in-plane axis up (``origin="lower"``).
+    """
+    vol = np.asarray(volume.detach().cpu() if hasattr(volume, "detach") else volume,
+                     dtype=np.float64)
+    if vol.ndim != 3:
+        raise ValueError(f"expected a (Z, Y, X) map, got shape {vol.shape}")
+    plt = pyplot()
+    cz, cy, cx = (s // 2 for s in vol.shape)
+    # (image indexed [row, col], row axis name, column axis name)
+    sections = [(vol[cz], "y", "x"), (vol[:, cy, :], "z", "x"), (vol[:, :, cx], "z", "y")]
+    projections = [(vol.sum(0), "y", "x"), (vol.sum(1), "z", "x"), (vol.sum(2), "z", "y")]
+    fig, axes = plt.subplots(2, 3, figsize=(9, 6.6), dpi=110)
+    for col, normal in enumerate(("z", "y", "x")):
+        for row, (images, kind) in enumerate(((sections, "section"), (projections, "projection"))):
+            img, vert, horiz = images[col]
+            ax = axes[row, col]
+            ax.imshow(img, origin="lower", cmap="gray", interpolation="nearest")
+            ax.set_title(f"{kind} along {normal}" + (f" ({normal} = 0)" if row == 0 else ""),
+                         fontsize=9)
+            ax.set_xlabel(f"{horiz} →", fontsize=8)
+            ax.set_ylabel(f"{vert} →", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    size = f"{vol.shape[-1]} px"
+    if pixel_size_angstrom:
+        size += f" at {pixel_size_angstrom:g} Å/px"
+    fig.suptitle(f"map {'×'.join(str(s) for s in vol.shape[::-1])} ({size})", fontsize=10)
+    fig.tight_layout(h_pad=1.5)
+    _save(fig, path)
+
+
+def plot_rotation_errors(result: Any, path: str | Path) -> None:
+    """Histograms of the rotation and view-direction errors of a
+    :class:`~cryospin.evaluate.pose_error.PoseErrorResult` (degrees), medians marked."""
+    plt = pyplot()
+    rot = np.asarray(result.rotation_error_deg, dtype=np.float64)
+    view = np.asarray(result.view_direction_error_deg, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    bins = np.linspace(0.0, 180.0, 91)
+    ax.hist(rot, bins=bins, color="tab:blue", alpha=0.8, label="rotation error")
+    ax.hist(view, bins=bins, histtype="step", color="tab:red", linewidth=1.2,
+            label="view-direction error")
+    med = float(np.median(rot))
+    ax.axvline(med, color="k", linestyle="--", linewidth=1,
+               label=f"median rotation error {med:.1f}°")
+    ax.set_xlabel("error after global alignment (°)")
+    ax.set_ylabel("particles")
+    ax.set_xlim(0, 180)
+    hand = "mirrored hand" if result.flipped else "same hand"
+    ax.set_title(f"final poses vs ground truth ({rot.size} particles, {hand})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------------------- HTML
+_CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto;
+       max-width: 1000px; padding: 0 1em; color: #222; line-height: 1.4; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.6em;
+     border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; } td, th { padding: 0.25em 0.8em; text-align: left;
+        border-bottom: 1px solid #eee; vertical-align: top; }
+th { font-weight: 600; color: #444; }
+figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: 0.9em; color: #555; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.6em 1em; }
+"""
+
+
+def build_html(
+    *,
+    title: str,
+    summary: Sequence[tuple[str, str]],
+    figures: Sequence[tuple[str, str, str]],
+    notes: Sequence[str] = (),
+    tables: Sequence[tuple[str, Sequence[str], Sequence[Sequence[str]]]] = (),
+    config_text: str | None = None,
+) -> str:
+    """A self-contained HTML page (inline CSS, no scripts, no network).
+
+    Parameters
+    ----------
+    title : str
+        Plain text (escaped).
+    summary : sequence of (name, value)
+        Rows of the summary table; plain text (escaped).
+    figures : sequence of (title, src, caption)
+        ``src`` is a relative URL of a PNG (already URL-quoted); title and caption plain text.
+    notes : sequence of str
+        Paragraphs of trusted HTML (e.g. :data:`HAND_NOTE`).
+    tables : sequence of (title, header, rows)
+        Further tables after the figures; plain text cells (escaped).
+    config_text : str, optional
+        ``config.yaml`` shown verbatim.
+    """
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        '<link rel="icon" href="data:,">',
+        f"<title>{esc(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{esc(title)}</h1>",
+        "<h2>Summary</h2>",
+        "<table>",
+    ]
+    parts += [f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in summary]
+    parts.append("</table>")
+    for note in notes:
+        parts.append(f'<p class="note">{note}</p>')
+    for fig_title, src, caption in figures:
+        parts += [
+            f"<h2>{esc(fig_title)}</h2>",
+            "<figure>",
+            f'<img src="{esc(src, quote=True)}" alt="{esc(fig_title, quote=True)}">',
+            f"<figcaption>{esc(caption)}</figcaption>",
+            "</figure>",
+        ]
+    for table_title, header, rows in tables:
+        parts += [f"<h2>{esc(table_title)}</h2>", "<table>",
+                  "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    if config_text is not None:
+        parts += ["<h2>Configuration (config.yaml)</h2>", f"<pre>{esc(config_text)}</pre>"]
+    parts += ["</body>", "</html>", ""]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------- orchestration
+@dataclass(frozen=True)
+class ReportResult:
+    """Outcome of :func:`write_report`.
+
+    Attributes
+    ----------
+    html_path : Path
+    figure_paths : list of Path
+        PNGs written (in page order).
+    summary : dict
+        Numbers of the summary table (JSON-ready), also written as ``<figures>/summary.json``.
+    """
+
+    html_path: Path
+    figure_paths: list[Path]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_volume(path: Path) -> tuple[np.ndarray, float]:
+    from cryospin.io.mrc import read_map
+
+    vol, apix = read_map(path)
+    if vol.ndim != 3 or len(set(vol.shape)) != 1:
+        raise InputError(f"expected a cubic map, got shape {vol.shape}", path)
+    return np.array(vol, dtype=np.float64), float(apix)
+
+
+def _ground_truth_on_grid(gt_path: Path, box_px: int, pixel_size_angstrom: float) -> np.ndarray:
+    """The ground-truth map on the run's grid: same box, or Fourier-resampled when only the
+    sampling differs (same physical box size within 1 %)."""
+    import torch
+
+    from cryospin.evaluate.align import fourier_crop, fourier_pad
+
+    gt, apix = _read_volume(gt_path)
+    L_gt = gt.shape[0]
+    if L_gt == box_px:
+        if apix > 0 and pixel_size_angstrom > 0 and abs(apix - pixel_size_angstrom) > (
+                0.01 * pixel_size_angstrom):
+            raise InputError(f"voxel size {apix:g} Å differs from the run's "
+                             f"{pixel_size_angstrom:g} Å", gt_path)
+        return gt
+    if apix > 0 and pixel_size_angstrom > 0 and abs(L_gt * apix - box_px * pixel_size_angstrom) <= (
+            0.01 * box_px * pixel_size_angstrom):
+        t = torch.from_numpy(gt)
+        t = fourier_crop(t, box_px) if L_gt > box_px else fourier_pad(t, box_px)
+        return t.numpy()
+    raise InputError(f"box {L_gt} px at {apix:g} Å/px does not match the run's {box_px} px at "
+                     f"{pixel_size_angstrom:g} Å/px", gt_path)
+
+
+def _read_rotations(path: Path, box_px: int) -> tuple[Any, Any]:
+    """Rotations `(N, 3, 3)` and shifts `(N, 2)` from a .star/.cs (metadata only) or a pose.pkl."""
+    if path.suffix.lower() == ".pkl":
+        from cryospin.io.pkl import read_cryodrgn_poses
+
+        return read_cryodrgn_poses(path, box_px)
+    from cryospin.io.particles import load_particles
+
+    ps = load_particles(path, metadata_only=True, no_ctf=True, check_finite=False,
+                        box_px=box_px)
+    if ps.rotations is None:
+        raise InputError("no poses (rlnAngleRot/Tilt/Psi) in the file", path)
+    return ps.rotations, ps.shifts_px
+
+
+def gt_in_run_frame(gt_rotations: Any, result: Any) -> Any:
+    """Ground-truth rotations expressed in the run's frame, `(N, 3, 3)` float64 tensor.
+
+    :func:`~cryospin.evaluate.pose_error.pose_error` finds ``R_pred ≈ H(R_gt) · A`` (``H`` the
+    hand flip ``D·D`` when ``result.flipped``, ``A = result.alignment``); this returns
+    ``H(R_gt) · A``, directly comparable with the run's poses.
+    """
+    import torch
+
+    from cryospin.evaluate.pose_error import flip_hand
+
+    gt = torch.as_tensor(np.asarray(gt_rotations.detach().cpu() if hasattr(gt_rotations, "detach")
+                                    else gt_rotations), dtype=torch.float64)
+    if result.flipped:
+        gt = flip_hand(gt)
+    return gt @ torch.as_tensor(np.asarray(result.alignment), dtype=torch.float64)
+
+
+def _fmt_res(r: float) -> str:
+    return f"{r:.2f} Å" if math.isfinite(r) else "–"
+
+
+def _fmt_time(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.2f} h"
+    if s >= 120:
+        return f"{s / 60:.1f} min"
+    return f"{s:.1f} s"
+
+
+def _align_resolution(gt: np.ndarray, volume: np.ndarray, apix: float | None, *,
+                      search_hand: bool, n_rotations: int) -> tuple[Any, Any]:
+    import torch
+
+    from cryospin.evaluate.align import align_maps
+    from cryospin.evaluate.fsc import fsc
+
+    g = torch.from_numpy(gt)
+    aligned = align_maps(g, torch.from_numpy(volume), search_hand=search_hand,
+                         n_rotations=n_rotations)
+    return fsc(g, aligned.aligned, pixel_size_angstrom=apix), aligned
+
+
+def _epoch_resolutions(
+    run: RunData, gt: np.ndarray, final_fsc: Any, final_alignment: Any, elapsed: np.ndarray, *,
+    max_epoch_fsc: int, search_hand: bool,
+) -> list[EpochResolution]:
+    """Resolution against ``gt`` of at most ``max_epoch_fsc`` epochs (the final map counts)."""
+    metrics = run.metrics
+    k_switch = switch_epoch(metrics)
+    resolutions: list[EpochResolution] = []
+    by_epoch = {int(r["epoch"]): float(t) for r, t in zip(metrics, elapsed)}
+    last = int(metrics[-1]["epoch"]) if metrics else None
+    # the last epoch of a finished run is map.mrc, already compared (full search)
+    final_is_last = run.finished and last is not None
+    usable = [e for e in run.epoch_maps if e in by_epoch and not (final_is_last and e == last)]
+    keep = [] if k_switch is None else [k_switch - 1]
+    budget = max_epoch_fsc - 1 if final_is_last else max_epoch_fsc
+    apix = final_fsc.pixel_size_angstrom
+    for e in pick_epochs(usable, budget, keep=keep):
+        volume, _ = _read_volume(run.epoch_maps[e])
+        if volume.shape != gt.shape:
+            continue
+        res, al = _align_resolution(gt, volume, apix, search_hand=search_hand, n_rotations=1000)
+        resolutions.append(EpochResolution(
+            epoch=e, elapsed_s=by_epoch[e], resolution_05_angstrom=res.resolution(0.5),
+            resolution_0143_angstrom=res.resolution(0.143), flipped=bool(al.flipped),
+            correlation=al.correlation,
+        ))
+    if final_is_last:
+        resolutions.append(EpochResolution(
+            epoch=last, elapsed_s=float(elapsed[-1]),
+            resolution_05_angstrom=final_fsc.resolution(0.5),
+            resolution_0143_angstrom=final_fsc.resolution(0.143),
+            flipped=bool(final_alignment.flipped), correlation=final_alignment.correlation,
+        ))
+    return resolutions
+
+
+def write_report(
+    run_dir: str | Path,
+    *,
+    gt_map: str | Path | None = None,
+    gt_poses: str | Path | None = None,
+    output: str | Path | None = None,
+    max_epoch_fsc: int = 10,
+    search_hand: bool = True,
+) -> ReportResult:
+    """Write ``report.html`` and its figures for a run folder.
+
+    Parameters
+    ----------
+    run_dir : run folder of ``cryospin reconstruct``.
+    gt_map : ground-truth map (``.mrc``); adds the FSC curve, the resolution per epoch (for at
+        most ``max_epoch_fsc`` epoch maps, each aligned to it with a coarser search) and the
+        resolution in the summary.
+    gt_poses : ground-truth poses (``.star``/``.cs``, or cryoDRGN ``.pkl``); adds the
+        rotation-error histogram of the final poses (per-epoch poses are not stored).
+    output : the HTML file (default ``RUN_DIR/report.html``); figures go to the folder named
+        after its stem next to it (default ``RUN_DIR/report/``).
+    max_epoch_fsc : int
+        Epochs whose maps are compared with ``gt_map``, counting the final map (always
+        compared, with the full search); the others are evenly spread and include the last
+        stage-1 epoch. 0 or 1 = final map only.
+    search_hand : bool
+        Let the alignments to the ground truth (map and poses) try the mirrored hand.
+
+    Returns
+    -------
+    ReportResult
+    """
+    # 1. read and check every input before writing anything
+    run = load_run(run_dir)
+    html_path = Path(output) if output is not None else run.run_dir / "report.html"
+    fig_dir = html_path.parent / html_path.stem
+    metrics = run.metrics
+    volume = apix = None
+    if run.map_path is not None:
+        volume, apix = _read_volume(run.map_path)
+    box = None if volume is None else int(volume.shape[0])
+    gt = None
+    if gt_map is not None:
+        if volume is None:
+            raise InputError("the run has no map to compare with the ground truth", run.run_dir)
+        gt = _ground_truth_on_grid(Path(gt_map), box, apix or 0.0)
+    rotations = shifts = None
+    if run.poses_path is not None and box is not None:
+        rotations, shifts = _read_rotations(run.poses_path, box)
+    gt_R = gt_t = None
+    if gt_poses is not None:
+        if rotations is None:
+            raise InputError("the run has no final poses (poses.star) to compare", run.run_dir)
+        gt_R, gt_t = _read_rotations(Path(gt_poses), box)
+        if gt_R.shape[0] != rotations.shape[0]:
+            raise InputError(f"{gt_R.shape[0]} poses but the run has {rotations.shape[0]} "
+                             f"particles", gt_poses)
+
+    # 2. numbers
+    k_switch = switch_epoch(metrics)
+    elapsed = elapsed_seconds(metrics) if metrics else np.zeros(0)
+    summary: dict[str, Any] = {"run_dir": str(run.run_dir), "finished": run.finished}
+    if metrics:
+        summary.update(
+            particles=int(metrics[0].get("num_images") or 0) or None,
+            epochs_completed=int(metrics[-1]["epoch"]),
+            switch_epoch=k_switch,
+            final_loss=metrics[-1].get("loss"),
+            final_stage=metrics[-1].get("stage"),
+            wall_time_s=float(elapsed[-1]),
+        )
+    if rotations is not None and not summary.get("particles"):
+        summary["particles"] = int(rotations.shape[0])
+    summary.update(box_px=box, pixel_size_angstrom=apix)
+    notes: list[str] = []
+    resolutions: list[EpochResolution] = []
+    final_fsc = None
+    if gt is not None:  # FSC of the final map (full search), then of a few epoch maps
+        final_fsc, aligned = _align_resolution(gt, volume, apix or None,
+                                               search_hand=search_hand, n_rotations=5000)
+        summary.update(
+            resolution_05_angstrom=final_fsc.resolution(0.5),
+            resolution_0143_angstrom=final_fsc.resolution(0.143),
+            gt_correlation=aligned.correlation,
+            hand_flipped_vs_gt=bool(aligned.flipped),
+        )
+        resolutions = _epoch_resolutions(run, gt, final_fsc, aligned, elapsed,
+                                         max_epoch_fsc=max_epoch_fsc, search_hand=search_hand)
+        summary["epoch_resolutions"] = [
+            {"epoch": r.epoch, "elapsed_s": r.elapsed_s,
+             "resolution_05_angstrom": r.resolution_05_angstrom,
+             "resolution_0143_angstrom": r.resolution_0143_angstrom}
+            for r in resolutions
+        ]
+        if aligned.flipped:
+            notes.append("The map matches the <b>mirror image</b> of the ground truth: the hand "
+                         "is inverted. Use <code>cryospin flip-hand</code> as described below.")
+    pose_result = None
+    if gt_R is not None:
+        from cryospin.evaluate.pose_error import pose_error
+
+        pose_result = pose_error(rotations, gt_R, shifts, gt_t, allow_flip=search_hand)
+        err = pose_result.rotation_error_deg
+        summary.update(
+            median_rotation_error_deg=float(np.median(err)),
+            mean_rotation_error_deg=float(np.mean(err)),
+            fraction_rotation_error_below_10_deg=float(np.mean(err < 10)),
+            poses_flipped_vs_gt=bool(pose_result.flipped),
+        )
+
+    # 3. figures, then the page
+    try:
+        fig_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create folder ({exc.strerror})", fig_dir) from None
+    figures: list[tuple[str, str, str]] = []
+    written: list[Path] = []
+
+    def add(name: str, title: str, caption: str) -> Path:
+        p = fig_dir / name
+        written.append(p)
+        src = urllib.parse.quote(Path(os.path.relpath(p, html_path.parent)).as_posix())
+        figures.append((title, src, caption))
+        return p
+
+    if metrics:
+        plot_training(metrics, add("training.png", "Training",
+                                   "Loss against cumulative wall time"
+                                   + (", resolution against the ground truth (each epoch map "
+                                      "aligned to it)" if resolutions else "")
+                                   + "; the dashed line marks the switch from auto-encoding "
+                                     "to auto-decoding."),
+                      resolutions=resolutions)
+        if head_usage_table(metrics)[0]:
+            plot_head_usage(metrics, add("head_usage.png", "Encoder head usage",
+                                         "Fraction of images whose best pose came from each "
+                                         "head, per stage-1 epoch and at the switch."))
+    if rotations is not None:
+        plot_orientations(rotations, add("orientations.png", "Orientation distribution",
+                                         "View directions (third row of each R, the projection "
+                                         "direction in the map frame) of the final poses, "
+                                         "binned in equal-area cells on a Mollweide "
+                                         "projection."))
+    if volume is not None:
+        plot_map_views(volume, add("map_views.png", "Map",
+                                   f"Central sections and projections of {run.map_path.name}."),
+                       pixel_size_angstrom=apix)
+    if final_fsc is not None:
+        from cryospin.evaluate.fsc import write_fsc_json
+        from cryospin.plotting import plot_fsc
+
+        plot_fsc([(f"{run.map_path.name} vs {Path(gt_map).name}", final_fsc)],
+                 add("fsc.png", "FSC against the ground truth",
+                     "Fourier shell correlation of the map, aligned (rotation, shift, hand) "
+                     "to the ground truth, with the 0.5 and 0.143 thresholds."),
+                 title="map vs ground truth (aligned)")
+        write_fsc_json(final_fsc, fig_dir / "fsc.json", map=str(run.map_path),
+                       gt_map=str(gt_map))
+    if pose_result is not None:
+        plot_orientations(gt_in_run_frame(gt_R, pose_result), add("orientations_gt.png",
+                                         "Ground-truth orientation distribution",
+                                         "View directions of the ground-truth poses, brought "
+                                         "into the run's frame by the global alignment (and "
+                                         "hand) of the pose error: compare with the "
+                                         "orientation distribution above."),
+                          title=f"ground-truth view directions of {gt_R.shape[0]} particles, "
+                                f"in the run's frame (equal-area)")
+        plot_rotation_errors(pose_result, add("rotation_error.png", "Pose error",
+                                              "Rotation and view-direction errors of the final "
+                                              "poses after the best global rotation (and hand); "
+                                              "per-epoch poses are not stored."))
+    notes.append(HAND_NOTE)
+    if not run.finished:
+        notes.insert(0, "This run has not finished: the report shows the last completed epoch.")
+    title = f"cryospin run report: {run.run_dir.resolve().name}"
+    page = build_html(title=title, summary=_summary_rows(summary, run), figures=figures,
+                      notes=notes, tables=[_epoch_table(metrics, elapsed, resolutions)],
+                      config_text=run.config_text)
+    atomic_write_text(fig_dir / "summary.json",
+                      json.dumps(_json_ready(summary), indent=2) + "\n")
+    atomic_write_text(html_path, page)
+    return ReportResult(html_path=html_path, figure_paths=written, summary=summary)
+
+
+def _epoch_table(
+    metrics: Sequence[dict[str, Any]], elapsed: np.ndarray,
+    resolutions: Sequence[EpochResolution],
+) -> tuple[str, list[str], list[list[str]]]:
+    """The per-epoch table: epoch, stage, loss, times, throughput, pose change, resolution."""
+    res = {r.epoch: r for r in resolutions}
+
+    def num(x: Any, fmt: str) -> str:
+        return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt % x
+
+    header = ["epoch", "stage", "loss", "epoch time", "elapsed", "images/s",
+              "mean pose change", "resolution vs GT (0.5 / 0.143)"]
+    rows = []
+    for r, t in zip(metrics, elapsed):
+        e = int(r["epoch"])
+        rr = res.get(e)
+        rows.append([
+            str(e), str(r.get("stage", "")), num(r.get("loss"), "%.6g"),
+            _fmt_time(float(r.get("wall_time_s") or 0.0)), _fmt_time(float(t)),
+            num(r.get("images_per_s"), "%.1f"), num(r.get("mean_pose_change_deg"), "%.2f°"),
+            "–" if rr is None else f"{_fmt_res(rr.resolution_05_angstrom)} / "
+                                   f"{_fmt_res(rr.resolution_0143_angstrom)}",
+        ])
+    return "Epochs", header, rows
+
+
+def _finite_or_none(x: Any) -> Any:
+    return x if not isinstance(x, float) or math.isfinite(x) else None
+
+
+def _json_ready(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_ready(v) for v in x]
+    return _finite_or_none(x)
+
+
+def _summary_rows(s: dict[str, Any], run: RunData) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = [("run folder", str(run.run_dir))]
+    version = run.config.get("cryospin_version")
+    if version:
+        rows.append(("cryospin version", str(version)))
+    if s.get("particles"):
+        rows.append(("particles", f"{s['particles']:,}"))
+    if s.get("box_px"):
+        rows.append(("box", f"{s['box_px']} px"))
+    if s.get("pixel_size_angstrom"):
+        rows.append(("pixel size", f"{s['pixel_size_angstrom']:.4g} Å"))
+    if "epochs_completed" in s:
+        planned = (run.config.get("schedule") or {}).get("epochs")
+        rows.append(("epochs", f"{s['epochs_completed']}"
+                     + (f" of {planned}" if planned and planned != s["epochs_completed"] else "")))
+        k = s.get("switch_epoch")
+        rows.append(("switch", "never (auto-encoding only)" if k is None else
+                     f"after epoch {k - 1}; first auto-decoding epoch {k}"))
+        loss = s.get("final_loss")
+        rows.append(("final loss", "–" if loss is None else f"{loss:.6g} ({s.get('final_stage')})"))
+        rows.append(("wall time", _fmt_time(s["wall_time_s"])))
+    if "resolution_05_angstrom" in s:
+        rows.append(("resolution vs ground truth",
+                     f"{_fmt_res(s['resolution_05_angstrom'])} (FSC 0.5), "
+                     f"{_fmt_res(s['resolution_0143_angstrom'])} (FSC 0.143)"))
+        rows.append(("hand vs ground truth",
+                     "mirrored" if s["hand_flipped_vs_gt"] else "same"))
+    if "median_rotation_error_deg" in s:
+        rows.append(("rotation error vs ground truth",
+                     f"median {s['median_rotation_error_deg']:.2f}°, mean "
+                     f"{s['mean_rotation_error_deg']:.2f}°, "
+                     f"{100 * s['fraction_rotation_error_below_10_deg']:.1f} % below 10°"))
+    if not run.finished:
+        rows.append(("status", "unfinished"))
+    return rows
