@@ -90,17 +90,62 @@ def read_cs_table(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found" if not path.exists() else "not a file", path)
+    _check_npy_size(path)
     try:
         table = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is bad input
-        raise InputError(f"cannot read cryoSPARC .cs ({type(exc).__name__}: {exc})", path) from None
+        msg = " ".join(str(exc).split())[:300]
+        raise InputError(f"cannot read cryoSPARC .cs ({type(exc).__name__}: {msg})",
+                         path) from None
     if not isinstance(table, np.ndarray) or table.dtype.names is None or table.ndim != 1:
         raise InputError("not a cryoSPARC .cs file (expected a 1D structured array)", path)
     return table
 
 
-def _f64(table: np.ndarray, field: str) -> np.ndarray:
-    return np.asarray(table[field], dtype=np.float64)
+def _check_npy_size(path: Path) -> None:
+    """Refuse a ``.npy`` whose header announces more data than the file holds (a truncated
+    or forged file), before numpy tries to allocate it."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            offset = fh.tell()
+    except Exception:  # noqa: BLE001 - not an .npy at all: np.load reports it
+        return
+    if any(int(d) < 0 for d in shape):
+        raise InputError(f"not a cryoSPARC .cs file (array shape {shape})", path)
+    count = math.prod(int(d) for d in shape)
+    need = offset + count * dtype.itemsize
+    size = path.stat().st_size
+    if dtype.hasobject:
+        return  # np.load(allow_pickle=False) refuses it with a clear message
+    if size < need:
+        raise InputError(f"truncated cryoSPARC .cs: the header announces {count} rows "
+                         f"({need} bytes) but the file has {size} bytes", path)
+
+
+def _field(table: np.ndarray, field: str, path: Path, tail: tuple[int, ...] = (),
+           *, integer: bool = False) -> np.ndarray:
+    """Numeric field as float64 `(N, *tail)`; InputError when it is not numbers of that shape,
+    holds NaN/Inf or (``integer``) non-integers."""
+    raw = np.asarray(table[field])
+    if raw.dtype.kind not in "biuf":
+        raise InputError(f"{field} is not numeric (dtype {raw.dtype})", path)
+    if raw.shape != (len(table), *tail):
+        want = ", ".join(["N", *map(str, tail)])
+        raise InputError(f"{field} has shape {raw.shape[1:] or '()'} per row; expected "
+                         f"({want})", path)
+    v = raw.astype(np.float64)
+    if not np.isfinite(v).all():
+        k = int(np.flatnonzero(~np.isfinite(v).reshape(len(v), -1).all(1))[0])
+        raise InputError(f"{field} has a non-finite value in row {k}", path)
+    if integer and (v != np.round(v)).any():
+        k = int(np.flatnonzero((v != np.round(v)).reshape(len(v), -1).any(1))[0])
+        raise InputError(f"{field} in row {k} is {raw[k]}, not an integer", path)
+    return v
 
 
 def _decode_paths(raw: np.ndarray) -> list[str]:
@@ -144,10 +189,17 @@ def read_cryosparc(
         raise InputError("the .cs file has no particles", path)
     if "blob/path" not in names or "blob/idx" not in names:
         raise InputError("no blob/path and blob/idx fields (not a particle .cs)", path)
+    if np.asarray(table["blob/path"]).dtype.kind not in "SU" or table["blob/path"].ndim != 1:
+        raise InputError(f"blob/path is not a text field (dtype {table.dtype['blob/path']})",
+                         path)
     raw_paths = _decode_paths(table["blob/path"])
-    image_index = np.asarray(table["blob/idx"], dtype=np.int64)
-    if image_index.min() < 0:
-        raise InputError(f"negative blob/idx {int(image_index.min())}", path)
+    idx_f = _field(table, "blob/idx", path, integer=True)
+    if idx_f.min() < 0:
+        raise InputError(f"negative blob/idx {int(idx_f.min())}", path)
+    if idx_f.max() >= 2.0**62:
+        raise InputError(f"blob/idx {np.asarray(table['blob/idx']).max()} is too large", path)
+    image_index = (np.asarray(table["blob/idx"]).astype(np.int64) if
+                   np.asarray(table["blob/idx"]).dtype.kind in "iu" else idx_f.astype(np.int64))
     uniq, codes = np.unique(np.asarray(raw_paths, dtype=object), return_inverse=True)
     stack_index = np.asarray(codes, dtype=np.int64).reshape(-1)
     ddir = None if datadir is None else Path(datadir)
@@ -160,16 +212,23 @@ def read_cryosparc(
     # pixel size and box
     pixel_size = math.nan
     if "blob/psize_A" in names:
-        ps = np.unique(np.round(_f64(table, "blob/psize_A"), 4))
+        psize = _field(table, "blob/psize_A", path)
+        if psize.min() < 0:
+            raise InputError(f"negative pixel size in blob/psize_A ({psize.min():g} Å)", path)
+        ps = np.unique(np.round(psize, 4))
         if ps.size > 1:
             raise InputError(f"conflicting pixel sizes in blob/psize_A ({ps[:6].tolist()} Å)",
                              path)
-        pixel_size = float(_f64(table, "blob/psize_A")[0])
+        if psize[0] > 0:  # 0 = unknown
+            pixel_size = float(psize[0])
     box = None
     if "blob/shape" in names:
-        shapes = np.asarray(table["blob/shape"]).reshape(n, -1)
-        if shapes.shape[1] != 2 or (shapes[:, 0] != shapes[:, 1]).any():
-            bad = shapes[np.flatnonzero(shapes[:, 0] != shapes[:, -1])[0]]
+        shapes = _field(table, "blob/shape", path, (2,), integer=True).astype(np.int64)
+        if (shapes <= 0).any():
+            bad = shapes[np.flatnonzero((shapes <= 0).any(1))[0]]
+            raise InputError(f"invalid image shape in blob/shape {bad.tolist()}", path)
+        if (shapes[:, 0] != shapes[:, 1]).any():
+            bad = shapes[np.flatnonzero(shapes[:, 0] != shapes[:, 1])[0]]
             raise InputError(f"images are not square (blob/shape {bad.tolist()})", path)
         boxes = np.unique(shapes[:, 0])
         if boxes.size > 1:
@@ -211,24 +270,27 @@ def read_cryosparc(
 
     rotations = shifts = None
     for prefix in _ALIGNMENT_PREFIXES:
-        if f"{prefix}/pose" in names and np.asarray(table[f"{prefix}/pose"]).ndim == 2:
-            pose = _f64(table, f"{prefix}/pose")
-            if not np.isfinite(pose).all():
-                raise InputError(f"{prefix}/pose has non-finite values", path)
+        if f"{prefix}/pose" in names:
+            pose = _field(table, f"{prefix}/pose", path, (3,))
             rotations = rotation_from_cryosparc_pose(pose)
             if f"{prefix}/shift" in names:
                 scale: Any = 1.0
                 if f"{prefix}/psize_A" in names and pixel_size > 0:
-                    align_psize = _f64(table, f"{prefix}/psize_A")
+                    align_psize = _field(table, f"{prefix}/psize_A", path)
                     scale = np.where(align_psize > 0, align_psize / pixel_size, 1.0)
-                shifts = shift_px_from_cryosparc_shift(_f64(table, f"{prefix}/shift"), scale)
+                shifts = shift_px_from_cryosparc_shift(
+                    _field(table, f"{prefix}/shift", path, (2,)), scale)
             else:
                 shifts = torch.zeros(n, 2, dtype=torch.float64)
             break
 
     random_subset = None
     if rotations is not None and "alignments3D/split" in names:
-        random_subset = np.asarray(table["alignments3D/split"], dtype=np.int64) + 1
+        split = _field(table, "alignments3D/split", path, integer=True)
+        if not np.isin(split, (0, 1)).all():
+            bad = split[~np.isin(split, (0, 1))][0]
+            raise InputError(f"alignments3D/split holds {bad:g}; expected 0 or 1", path)
+        random_subset = split.astype(np.int64) + 1
     return ParticleSet(
         source=path,
         stack_paths=stack_paths,
@@ -253,10 +315,7 @@ def read_cryosparc(
 
 def _ctf_from_cs(table: np.ndarray, names: set[str], path: Path) -> CTFParams:
     def f(field: str) -> Tensor:
-        v = _f64(table, field)
-        if not np.isfinite(v).all():
-            raise InputError(f"{field} has non-finite values", path)
-        return torch.from_numpy(v)
+        return torch.from_numpy(_field(table, field, path))
 
     n = len(table)
     zeros = torch.zeros(n, dtype=torch.float64)

@@ -95,6 +95,11 @@ def read_header(path: str | Path) -> MrcHeaderInfo:
         Missing or unreadable file, file shorter than the 1024-byte header, bad dimensions or
         axis order, unsupported mode, or a data block shorter than the header announces
         (truncated file).
+
+    Warns (``UserWarning``) when the file is longer than the header announces (trailing
+    bytes, or a corrupted size/mode field) and when the cell size gives a negative or
+    non-finite voxel size (then treated as unknown, 0). A machine stamp contradicting the
+    mode is overridden by the byte order under which the mode and dimensions make sense.
     """
     path = Path(path)
     if not path.is_file():
@@ -121,6 +126,14 @@ def read_header(path: str | Path) -> MrcHeaderInfo:
         order = "<" if int(hdr["mode"]) in _MODES else ">"
     if order == ">":
         hdr = np.frombuffer(raw, dtype=HEADER_DTYPE.newbyteorder(">"), count=1)[0]
+    if int(hdr["mode"]) not in _MODES:
+        # a wrong machine stamp: trust the other order when it gives a known mode and
+        # positive dimensions
+        other = "<" if order == ">" else ">"
+        alt = np.frombuffer(raw, dtype=HEADER_DTYPE.newbyteorder(other), count=1)[0]
+        if int(alt["mode"]) in _MODES and min(int(alt["nx"]), int(alt["ny"]),
+                                               int(alt["nz"])) > 0:
+            order, hdr = other, alt
     nx, ny, nz = int(hdr["nx"]), int(hdr["ny"]), int(hdr["nz"])
     mode = int(hdr["mode"])
     if mode not in _MODES:
@@ -147,10 +160,22 @@ def read_header(path: str | Path) -> MrcHeaderInfo:
             f"truncated MRC: header announces {nx}x{ny}x{nz} mode {mode} "
             f"({expected} bytes) but the file has {size} bytes", path,
         )
+    if size > expected:  # readable, but a corrupted size/mode field would look like this
+        warnings.warn(
+            f"{path}: MRC file has {size - expected} bytes more than its header announces "
+            f"({nx}x{ny}x{nz} mode {mode}); reading the announced data", stacklevel=2,
+        )
     mxyz = np.array([hdr["mx"], hdr["my"], hdr["mz"]], dtype=np.float64)
     cella = np.array([hdr["cella"]["x"], hdr["cella"]["y"], hdr["cella"]["z"]], np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         vox = np.where(mxyz > 0, cella / np.where(mxyz > 0, mxyz, 1), 0.0)
+    bad_vox = ~np.isfinite(vox) | (vox < 0)
+    if bad_vox.any():  # a corrupted cell size: the voxel size is unknown, never negative/NaN
+        warnings.warn(
+            f"{path}: invalid voxel size in the MRC header (cella {cella.tolist()}, "
+            f"mx/my/mz {mxyz.tolist()}); treated as unknown (0)", stacklevel=2,
+        )
+        vox = np.where(bad_vox, 0.0, vox)
     return MrcHeaderInfo(
         path=path,
         shape_file=(nz, ny, nx),

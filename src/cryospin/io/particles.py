@@ -11,6 +11,7 @@ conventions at the edge (:mod:`cryospin.io.star`, :mod:`cryospin.io.cs`, :mod:`c
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,9 @@ class ParticleSet:
     def check_finite(self, batch_size: int = 512) -> None:
         """Stream through the images in chunks of ``batch_size`` and reject NaN/Inf pixels.
 
+        Constant images (zero variance, e.g. blank boxes) are allowed but warned about
+        (:class:`UserWarning` naming how many and the first few particle indices).
+
         Raises
         ------
         InputError
@@ -209,15 +213,18 @@ class ParticleSet:
         # visit particles in storage order (contiguous reads), report dataset indices
         order = np.lexsort((self.image_index, self.stack_index))
         bad_idx: list[np.ndarray] = []
+        flat_idx: list[np.ndarray] = []
         bad_pixels = 0
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
-            imgs = self.images_numpy(rows)
+            imgs = self.images_numpy(rows).reshape(len(rows), -1)
             nonfinite = ~np.isfinite(imgs)
             if nonfinite.any():
-                per_image = nonfinite.reshape(len(rows), -1).sum(1)
+                per_image = nonfinite.sum(1)
                 bad_pixels += int(per_image.sum())
                 bad_idx.append(rows[per_image > 0])
+            if imgs.shape[1]:
+                flat_idx.append(rows[(imgs == imgs[:, :1]).all(1)])
         if bad_pixels:
             bad = np.sort(np.concatenate(bad_idx))
             first = ", ".join(str(i) for i in bad[:5].tolist())
@@ -228,6 +235,15 @@ class ParticleSet:
                 f"(particles {first}{more}; stack {stacks[0]}"
                 f"{f' and {len(stacks) - 1} more' if len(stacks) > 1 else ''})",
                 self.source,
+            )
+        flat = np.sort(np.concatenate(flat_idx)) if flat_idx else np.empty(0, np.int64)
+        if flat.size:
+            # legal (blank boxes happen) but they carry no signal, and any per-image
+            # normalisation by the standard deviation would divide by zero
+            first = ", ".join(str(i) for i in flat[:5].tolist())
+            warnings.warn(
+                f"{self.source}: {flat.size} of {n} images are constant (zero variance; "
+                f"particles {first}{', ...' if flat.size > 5 else ''})", stacklevel=2,
             )
 
 
@@ -240,16 +256,18 @@ def load_indices(ind: Any, n: int | None = None) -> np.ndarray:
             raise InputError("index file not found", p)
         try:
             if p.suffix == ".pkl":
-                import pickle
+                from cryospin.io.pkl import safe_load_pickle
 
-                with open(p, "rb") as fh:
-                    arr = np.asarray(pickle.load(fh))
+                arr = np.asarray(safe_load_pickle(p))  # numpy/containers only, never code
             elif p.suffix == ".npy":
                 arr = np.load(p, allow_pickle=False)
             else:
                 arr = np.loadtxt(p, dtype=np.int64, ndmin=1)
+        except InputError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any parse failure is bad input
-            raise InputError(f"cannot read particle indices ({exc})", p) from None
+            msg = " ".join(str(exc).split())[:300]
+            raise InputError(f"cannot read particle indices ({msg})", p) from None
         where: Any = p
     else:
         arr = ind.detach().cpu().numpy() if isinstance(ind, Tensor) else np.asarray(ind)
@@ -293,7 +311,8 @@ def load_particles(
         applied after ``ctf_pkl``/``poses_pkl`` (which describe the full set).
     datadir : folder holding the stacks, when the paths in the metadata do not resolve.
     no_ctf : proceed without CTF parameters.
-    check_finite : scan the selected images for NaN/Inf (streamed in chunks).
+    check_finite : scan the selected images for NaN/Inf (streamed in chunks); constant
+        (zero-variance) images give a warning.
     metadata_only : do not open any stack (the box must then be known from the metadata or
         ``box_px``); for inspecting files whose images are absent.
     box_px : box size to use when the metadata does not give it and stacks are not opened.
@@ -372,22 +391,34 @@ def load_particles(
 
 def _read_plain_stacks(path: Path, *, datadir: str | Path | None) -> ParticleSet:
     if path.suffix.lower() == ".txt":
+        if not path.is_file():  # a directory, or a FIFO that would block the read forever
+            raise InputError("not a regular file", path)
         try:
             lines = [ln.strip() for ln in path.read_text().splitlines()]
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read stack list ({exc})", path) from None
         base = Path(datadir) if datadir is not None else path.parent
         stack_paths = []
-        for ln in lines:
+        line_no = []
+        for k, ln in enumerate(lines, start=1):
             if not ln or ln.startswith("#"):
                 continue
             p = Path(ln)
             stack_paths.append(p if p.is_absolute() else base / p)
+            line_no.append(k)
         if not stack_paths:
             raise InputError("stack list is empty", path)
+        stacks = []
+        for k, p in zip(line_no, stack_paths):
+            try:
+                stacks.append(open_stack(p))
+            except InputError as exc:  # name the list and the line, then the stack's problem
+                problem = str(exc)
+                if exc.path and problem.startswith(f"{exc.path}: "):
+                    problem = problem[len(exc.path) + 2:]
+                raise InputError(f"line {k}: stack {p}: {problem}", path) from None
     else:
-        stack_paths = [path]
-    stacks = [open_stack(p) for p in stack_paths]
+        stacks = [open_stack(path)]
     boxes = {s.box_px for s in stacks}
     if len(boxes) > 1:
         raise InputError(f"stacks have different boxes {sorted(boxes)} px", path)

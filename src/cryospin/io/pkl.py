@@ -14,6 +14,7 @@ of RELION's origin: cryoDRGN centres an image by translating it by ``+trans·D``
 
 from __future__ import annotations
 
+import codecs
 import io
 import pickle
 from pathlib import Path
@@ -28,6 +29,7 @@ from cryospin.errors import InputError
 from cryospin.forward.ctf import CTFParams
 
 __all__ = [
+    "safe_load_pickle",
     "read_cryodrgn_ctf",
     "write_cryodrgn_ctf",
     "ctf_params_from_cryodrgn_array",
@@ -39,15 +41,77 @@ __all__ = [
 ]
 
 
-def _load_pickle(path: str | Path) -> Any:
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """The only callables a cryoDRGN pickle may name: numpy's array/scalar rebuilders, under
+    both the numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) module names."""
+    reconstruct = np.zeros(1).__reduce__()[0]  # ndarray rebuilder, protocols <= 4
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5
+    scalar = np.float64(1.0).__reduce__()[0]  # numpy scalars
+    out: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles
+    }
+    for core in ("numpy.core", "numpy._core"):
+        out[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        out[(f"{core}.multiarray", "scalar")] = scalar
+        out[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return out
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that rebuilds only numpy arrays/scalars and builtin containers: any other
+    global (``os.system``, ``builtins.eval``, a class...) is refused before it is called."""
+
+    def __init__(self, fh: Any) -> None:
+        super().__init__(fh)
+        self._allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name} (only numpy arrays, tuples, lists and "
+                f"dicts are allowed)"
+            ) from None
+
+
+def safe_load_pickle(path: str | Path) -> Any:
+    """Unpickle ``path`` allowing only numpy arrays/scalars, tuples, lists, dicts, numbers and
+    strings -- never arbitrary code (a pickle naming any other callable is refused).
+
+    Raises
+    ------
+    InputError
+        Missing file, truncated/corrupt pickle, or a pickle referring to anything else.
+    """
     p = Path(path)
     if not p.is_file():
-        raise InputError("file not found", p)
+        raise InputError("file not found" if not p.exists() else "not a file", p)
     try:
         with open(p, "rb") as fh:
-            return pickle.load(fh)
+            return _NumpyOnlyUnpickler(fh).load()
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is bad input
-        raise InputError(f"cannot read pickle ({type(exc).__name__}: {exc})", p) from None
+        msg = " ".join(str(exc).split())[:300]
+        raise InputError(f"cannot read pickle ({type(exc).__name__}: {msg})", p) from None
+
+
+_load_pickle = safe_load_pickle
+
+
+def _float_array(obj: Any, what: str, path: str | Path) -> np.ndarray:
+    """``obj`` as a float64 array, or InputError saying what it was."""
+    if isinstance(obj, (dict, str, bytes)) or obj is None:
+        raise InputError(f"{what} is a {type(obj).__name__}, not a numeric array", path)
+    try:
+        arr = np.asarray(obj)
+        if arr.dtype.kind not in "iuf":
+            raise TypeError(f"dtype {arr.dtype}")
+        return arr.astype(np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise InputError(f"{what} is not a numeric array ({msg})", path) from None
 
 
 def _dump_pickle(path: str | Path, obj: Any) -> None:
@@ -57,7 +121,8 @@ def _dump_pickle(path: str | Path, obj: Any) -> None:
 
 
 def ctf_params_from_cryodrgn_array(arr: np.ndarray) -> CTFParams:
-    """`(N, 9)` or `(N, 8)`-plus cryoDRGN CTF array -> float64 :class:`CTFParams`."""
+    """`(N, 9)` cryoDRGN CTF array -> float64 :class:`CTFParams` (an `(N, 8)` array, without
+    the phase-shift column, reads with phase shift 0)."""
     a = torch.as_tensor(np.asarray(arr, dtype=np.float64))
     return CTFParams(
         defocus_u_angstrom=a[:, 2].clone(),
@@ -99,18 +164,25 @@ def read_cryodrgn_ctf(path: str | Path) -> tuple[CTFParams, int, float]:
     pixel_size_angstrom : float
         Column ``Apix`` (must be the same for all rows).
     """
-    arr = _load_pickle(path)
-    arr = np.asarray(arr)
-    if arr.ndim != 2 or arr.shape[1] < 8 or not np.issubdtype(arr.dtype, np.number):
+    arr = _float_array(_load_pickle(path), "CTF pickle content", path)
+    if arr.ndim != 2 or arr.shape[1] != 9:
         raise InputError(f"not a cryoDRGN CTF array: expected (N, 9), got {arr.shape}", path)
+    if arr.shape[0] == 0:
+        raise InputError("CTF pickle has no rows", path)
     if not np.isfinite(arr).all():
-        raise InputError("CTF parameters contain NaN/Inf", path)
+        bad = int(np.flatnonzero(~np.isfinite(arr).all(1))[0])
+        raise InputError(f"CTF parameters contain NaN/Inf (row {bad})", path)
     boxes = np.unique(arr[:, 0])
-    apix = np.unique(np.round(arr[:, 1].astype(np.float64), 5))
+    apix = np.unique(np.round(arr[:, 1], 5))
     if boxes.size != 1:
-        raise InputError(f"CTF pickle mixes box sizes {boxes.tolist()}", path)
+        raise InputError(f"CTF pickle mixes box sizes {boxes[:6].tolist()}", path)
     if apix.size != 1:
-        raise InputError(f"conflicting pixel sizes in CTF pickle {apix.tolist()} Å", path)
+        raise InputError(f"conflicting pixel sizes in CTF pickle {apix[:6].tolist()} Å", path)
+    if boxes[0] <= 0 or boxes[0] != round(boxes[0]):
+        raise InputError(f"CTF pickle box size (column D) is {boxes[0]:g}, not a positive "
+                         f"integer", path)
+    if arr[0, 1] <= 0:
+        raise InputError(f"CTF pickle pixel size (column Apix) is {arr[0, 1]:g} Å", path)
     return ctf_params_from_cryodrgn_array(arr), int(boxes[0]), float(arr[0, 1])
 
 
@@ -151,13 +223,15 @@ def read_cryodrgn_poses(path: str | Path, box_px: int) -> tuple[Tensor, Tensor]:
         parts = [obj]
     if not parts or len(parts) > 3:
         raise InputError("not a cryoDRGN pose pickle: expected (rot, trans)", path)
-    rot = np.asarray(parts[0], dtype=np.float64)
+    rot = _float_array(parts[0], "pose pickle rotations", path)
     if rot.ndim != 3 or rot.shape[1:] != (3, 3):
         raise InputError(f"pose pickle rotations have shape {rot.shape}, expected (N, 3, 3)",
                          path)
     n = rot.shape[0]
+    if n == 0:
+        raise InputError("pose pickle has no rows", path)
     if len(parts) >= 2 and parts[1] is not None:
-        trans = np.asarray(parts[1], dtype=np.float64)
+        trans = _float_array(parts[1], "pose pickle translations", path)
         if trans.shape != (n, 2):
             raise InputError(f"pose pickle translations have shape {trans.shape}, "
                              f"expected ({n}, 2)", path)

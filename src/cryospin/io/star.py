@@ -62,6 +62,16 @@ CTF_COLUMNS = (
     "rlnSphericalAberration",
     "rlnAmplitudeContrast",
 )
+_MAX_IMAGE_INDEX = 2**62  # far beyond any stack; keeps indices inside int64
+#: numeric columns checked up front (finite numbers) when present; value: (integer, positive)
+_CHECKED_COLUMNS = {
+    "rlnImagePixelSize": (False, False),
+    "rlnPixelSize": (False, False),
+    "rlnDetectorPixelSize": (False, False),
+    "rlnMagnification": (False, False),
+    "rlnImageSize": (True, True),
+    "rlnRandomSubset": (True, False),
+}
 _OPTICS_COLUMNS_FROM_CTF = {
     "rlnVoltage": "voltage_kv",
     "rlnSphericalAberration": "cs_mm",
@@ -118,8 +128,14 @@ def read_star_tables(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | Non
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # noqa: BLE001 - parser errors are bad input
-        raise InputError(f"cannot parse STAR file ({type(exc).__name__}: {exc})", path) from None
+        raise InputError(f"cannot parse STAR file ({type(exc).__name__}: "
+                         f"{_one_line(str(exc))})", path) from None
     tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
+    for name, df in tables.items():
+        dup = sorted(set(df.columns[df.columns.duplicated()].tolist()))
+        if dup:
+            raise InputError(f"column {', '.join(map(str, dup))} appears more than once in "
+                             f"data_{name}", path)
     particles = tables.get("particles")
     if particles is None:
         for name, df in tables.items():
@@ -132,6 +148,31 @@ def read_star_tables(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | Non
     return particles, optics
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (whitespace runs collapsed), at most ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _finite_column(df: pd.DataFrame, col: str, path: str | Path | None, what: str,
+                   *, integer: bool = False, positive: bool = False) -> np.ndarray:
+    """Column ``col`` of ``df`` as float64 `(N,)`, rejecting non-numeric or non-finite values
+    (and, when asked, non-integers or values <= 0) with an InputError naming the row."""
+    raw = df[col]
+    num = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(num)
+    if integer:
+        bad |= np.isfinite(num) & (num != np.round(num))
+    if positive:
+        bad |= np.isfinite(num) & (num <= 0)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        need = ("a positive " if positive else "an " if integer else "a ") + (
+            "integer" if integer else "number")
+        raise InputError(f"{col} in {what} row {k + 1} is {raw.iloc[k]!r}, not {need}", path)
+    return num
+
+
 def merge_optics(
     particles: pd.DataFrame, optics: pd.DataFrame | None, path: str | Path | None = None
 ) -> pd.DataFrame:
@@ -140,10 +181,20 @@ def merge_optics(
     Columns present in both tables keep the particle's value.
     """
     df = particles.copy()
+    if "rlnOpticsGroup" in df.columns:
+        df["rlnOpticsGroup"] = _finite_column(df, "rlnOpticsGroup", path, "the particle table",
+                                              integer=True).astype(np.int64)
     if optics is None or len(optics) == 0:
         return df
     if "rlnOpticsGroup" not in optics.columns:
         raise InputError("optics table has no rlnOpticsGroup column", path)
+    optics = optics.copy()
+    optics["rlnOpticsGroup"] = _finite_column(optics, "rlnOpticsGroup", path, "data_optics",
+                                              integer=True).astype(np.int64)
+    if optics["rlnOpticsGroup"].duplicated().any():
+        dup = sorted(set(optics["rlnOpticsGroup"][optics["rlnOpticsGroup"].duplicated()]
+                         .tolist()))
+        raise InputError(f"optics group {dup} defined more than once in data_optics", path)
     if "rlnOpticsGroup" not in df.columns:
         if len(optics) != 1:
             raise InputError("particles lack rlnOpticsGroup but there are several optics "
@@ -165,36 +216,49 @@ def pixel_sizes_angstrom(df: pd.DataFrame) -> np.ndarray:
     """Per-particle pixel size (Å) `(N,)` from a merged table; NaN where unknown.
 
     Precedence: ``rlnImagePixelSize`` (3.1+), ``rlnPixelSize``, then
-    ``rlnDetectorPixelSize [µm] · 1e4 / rlnMagnification`` (3.0).
+    ``rlnDetectorPixelSize [µm] · 1e4 / rlnMagnification`` (3.0). Values <= 0 or non-numeric
+    are unknown (NaN); :func:`read_relion_star` rejects non-numeric ones before this.
     """
     n = len(df)
+
+    def col(name: str) -> np.ndarray:
+        return pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=np.float64)
+
     if "rlnImagePixelSize" in df.columns:
-        return df["rlnImagePixelSize"].to_numpy(dtype=np.float64)
-    if "rlnPixelSize" in df.columns:
-        return df["rlnPixelSize"].to_numpy(dtype=np.float64)
-    if "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
-        det = df["rlnDetectorPixelSize"].to_numpy(dtype=np.float64)
-        mag = df["rlnMagnification"].to_numpy(dtype=np.float64)
+        v = col("rlnImagePixelSize")
+    elif "rlnPixelSize" in df.columns:
+        v = col("rlnPixelSize")
+    elif "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
+        det, mag = col("rlnDetectorPixelSize"), col("rlnMagnification")
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(mag > 0, det * 1e4 / mag, np.nan)
-    return np.full(n, np.nan)
+            v = np.where(mag > 0, det * 1e4 / mag, np.nan)
+    else:
+        return np.full(n, np.nan)
+    with np.errstate(invalid="ignore"):
+        return np.where(v > 0, v, np.nan)  # 0 (or junk) means unknown
 
 
 def _parse_image_names(names: pd.Series, path: Path) -> tuple[np.ndarray, list[str]]:
     """``"idx@path"`` -> 0-based indices `(N,)` and the raw paths."""
     idx = np.empty(len(names), dtype=np.int64)
     paths: list[str] = []
+    missing = np.flatnonzero(names.isna().to_numpy())
+    if missing.size:
+        raise InputError(f"row {int(missing[0]) + 1}: missing rlnImageName (short row?)", path)
     for i, name in enumerate(names.astype(str).tolist()):
         num, sep, p = name.partition("@")
         if not sep:  # a single-image file
             idx[i] = 0
             paths.append(name.strip())
             continue
-        try:
-            k = int(num)
-        except ValueError:
+        num = num.strip()
+        if not (num.isascii() and num.lstrip("-").isdigit()):
             raise InputError(f"row {i + 1}: bad rlnImageName {name!r} (expected idx@path)",
-                             path) from None
+                             path)
+        k = int(num)
+        if k > _MAX_IMAGE_INDEX:
+            raise InputError(f"row {i + 1}: image index {k} in rlnImageName is too large",
+                             path)
         if k <= 0:
             raise InputError(
                 f"row {i + 1}: image index {k} in rlnImageName {name!r}; RELION indices "
@@ -252,6 +316,14 @@ def read_relion_star(
         raise InputError("the particle table is empty", path)
     if "rlnImageName" not in df.columns:
         raise InputError("no rlnImageName column", path)
+    for col, (integer, positive) in _CHECKED_COLUMNS.items():
+        if col in df.columns:
+            df[col] = _finite_column(df, col, path, "particle", integer=integer,
+                                     positive=positive)
+    for col in ("rlnImagePixelSize", "rlnPixelSize", "rlnDetectorPixelSize", "rlnMagnification"):
+        if col in df.columns and (df[col] < 0).any():
+            k = int(np.flatnonzero(df[col].to_numpy() < 0)[0])
+            raise InputError(f"{col} in particle row {k + 1} is negative", path)
     image_index, raw_paths = _parse_image_names(df["rlnImageName"], path)
     codes, uniques = pd.factorize(pd.Series(raw_paths))
     base = path.parent
