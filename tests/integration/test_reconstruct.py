@@ -83,7 +83,8 @@ def _tiny_config(**changes):
     overrides = {
         "model": {"num_heads": 3, "width_multiplier": 0.125, "head_hidden": 32,
                   "use_bf16": False, "predict_shifts": True, "max_shift_px": 2.0},
-        "optim": {"batch_size": 32, "encoder_lr": 1e-3},
+        "optim": {"batch_size": 32, "encoder_lr": 1e-3, "search_rotations": 256,
+                  "search_radius_px": 3.0},
         "schedule": {"epochs": 3, "switch_epoch": 1},
         "run": {"device": "cpu", "num_threads": 1, "seed": 3, "progress": False},
     }
@@ -395,3 +396,133 @@ def test_lazy_batches_equal_preloaded_batches(tiny):
     a, b = eager.batch(idx), lazy.batch(idx)
     for name in ("indices", "images", "hartley", "ctf"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- frequency marching
+
+
+def test_sub_disc_is_a_closed_subset_of_the_training_disc():
+    from cryospin.forward.lattice import disc_frequencies
+    from cryospin.train.data import sub_disc
+
+    full = disc_frequencies(16)  # (P, 2)
+    disc = sub_disc(full, 16, 3.5)
+    radius = disc.frequencies.double().norm(dim=-1)
+    assert bool((radius <= 3.5).all())
+    assert torch.equal(disc.frequencies, full[disc.columns])
+    assert int(disc.columns.numel()) == int((full.double().norm(dim=-1) <= 3.5).sum())
+    assert torch.equal(disc.frequencies[disc.negation_index], -disc.frequencies)
+
+
+def test_gaussian_lowpass_keeps_the_mean_and_damps_high_frequencies():
+    from cryospin.train.data import gaussian_lowpass
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 16, 16, generator=g, dtype=torch.float64)
+    out = gaussian_lowpass(images, 2.0)
+    assert out.dtype == images.dtype and out.shape == images.shape
+    torch.testing.assert_close(out.mean(dim=(-2, -1)), images.mean(dim=(-2, -1)))
+    # the Nyquist checkerboard (|k| = 8√2) is damped by exp(-128 / 8)
+    checker = (-1.0) ** (torch.arange(16)[:, None] + torch.arange(16)[None, :]).double()
+    damped = gaussian_lowpass(checker[None], 2.0)
+    torch.testing.assert_close(damped, checker[None] * math.exp(-128 / 8), rtol=1e-6, atol=1e-12)
+
+
+def test_num_batches_matches_batch_indices():
+    from cryospin.train.data import batch_indices, num_batches
+
+    for n, b in [(65, 32), (64, 32), (1, 32), (33, 32), (100, 7), (5, 64)]:
+        got = len(list(batch_indices(n, b, torch.Generator().manual_seed(0))))
+        assert num_batches(n, b) == got, (n, b)
+
+
+def test_stage1_loss_radius_grows_linearly_to_the_end_radius():
+    from cryospin.train.autoencode import stage1_loss_radius
+
+    assert stage1_loss_radius(5, 10, None, 7.0) is None
+    radii = [stage1_loss_radius(s, 5, 3.0, 7.0) for s in range(5)]
+    assert radii == [3.0, 4.0, 5.0, 6.0, 7.0]
+    assert stage1_loss_radius(9, 5, 3.0, 7.0) == 7.0
+
+
+def test_resume_with_marching_search_and_lr_decay_equals_uninterrupted(tiny, tmp_path):
+    cfg = _tiny_config(schedule={"epochs": 4, "switch_epoch": 2, "loss_radius_start_px": 2.0,
+                                 "search_epochs": 1},
+                       model={"encoder_lowpass": True},
+                       optim={"search_rotations": 64, "search_radius_px": 3.0,
+                              "decoder_lr_final": 0.005})
+    ref = fit(cfg, _particles(tiny), tmp_path / "ref")
+    assert ref.finished
+    run = tmp_path / "run"
+    fit(cfg, _particles(tiny), run, stop_after=1)  # in stage 1
+    fit(cfg, _particles(tiny), run, resume=True, stop_after=3)  # after the search epoch
+    done = fit(cfg, _particles(tiny), run, resume=True)
+    assert done.finished
+    _assert_same_run(tmp_path / "ref", run)
+
+
+# ----------------------------------------------------------------------------- global search
+
+
+def test_super_fibonacci_rotations_are_rotations_and_cover_so3():
+    from cryospin.rotations import geodesic_distance_deg
+    from cryospin.train.autodecode import super_fibonacci_rotations
+
+    grid = super_fibonacci_rotations(1024, dtype=torch.float64)  # (1024, 3, 3)
+    eye = torch.eye(3, dtype=torch.float64).expand_as(grid)
+    torch.testing.assert_close(grid @ grid.transpose(-1, -2), eye, atol=1e-12, rtol=0)
+    assert bool((torch.linalg.det(grid) > 0).all())
+    # every random rotation has a grid point within the covering radius (~ 2x the spacing)
+    probes = random_rotations(200, generator=torch.Generator().manual_seed(0))
+    nearest = geodesic_distance_deg(probes[:, None], grid[None]).min(dim=1).values  # (200,)
+    assert float(nearest.max()) < 25.0
+
+
+def test_search_rotations_finds_the_true_grid_rotation(tiny):
+    """Images rendered at grid rotations (with CTF and shifts) are matched exactly."""
+    from cryospin.train.autodecode import RotationSearch, search_rotations
+    from cryospin.train.config import DataConfig
+    from cryospin.train.data import prepare_data
+
+    particles = _particles(tiny)
+    data = prepare_data(particles, DataConfig())
+    search = RotationSearch.build(data, 256, 5.0)
+    volume_ht = hartley3(tiny["volume"]).float()
+    pick = torch.tensor([3, 100, 17, 250])
+    idx = torch.arange(4)
+    batch = data.batch(idx)
+    shifts = torch.tensor([[0.5, -1.0], [0.0, 0.0], [1.5, 0.25], [-0.75, 0.5]])
+    clean = render(volume_ht, search.rotations[pick], shifts, batch.ctf,
+                   frequencies=data.frequencies, negation_index=data.negation_index)  # (4, P)
+    batch = dataclasses.replace(batch, hartley=clean)
+    rot, nll = search_rotations(volume_ht, search, batch, data, shifts, chunk=100)
+    torch.testing.assert_close(rot, search.rotations[pick])
+    assert float(nll.abs().max()) < 1e-3
+
+
+def test_switch_epoch_zero_with_global_search(tiny, tmp_path):
+    """switch_epoch 0: stage 2 from the untrained encoder's poses, with a search epoch first."""
+    cfg = _tiny_config(schedule={"epochs": 2, "switch_epoch": 0, "search_epochs": 1},
+                       optim={"search_rotations": 64, "search_radius_px": 3.0})
+    result = fit(cfg, _particles(tiny), tmp_path / "run")
+    assert result.finished and result.stage == "autodecode"
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["stage"] for r in rows] == ["autodecode", "autodecode"]
+    assert "switch" in rows[0]["extra"]
+    # the search epoch moves poses by grid jumps, far more than the local steps of epoch 2
+    assert rows[0]["mean_pose_change_deg"] > rows[1]["mean_pose_change_deg"]
+
+
+def test_stage2_decoder_lr_is_constant_through_search_then_decays_to_final():
+    from cryospin.train.fit import stage2_decoder_lr
+
+    cfg = _tiny_config(schedule={"epochs": 10, "switch_epoch": 2, "search_epochs": 4},
+                       optim={"decoder_lr_after_switch": 0.02, "decoder_lr_final": 0.002})
+    lrs = [stage2_decoder_lr(cfg, e) for e in range(3, 11)]
+    assert lrs[:4] == [0.02] * 4  # epochs 3..6 search at the full rate
+    assert lrs[-1] == pytest.approx(0.002)
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:], strict=False))
+    constant = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim,
+                                                                  decoder_lr_final=None))
+    assert {stage2_decoder_lr(constant, e) for e in range(3, 11)} == {
+        constant.optim.decoder_lr_after_switch}

@@ -98,6 +98,11 @@ def test_config_is_frozen():
         ({"schedule": {"method": "amortized"}}, "method"),
         ({"optim": {"decoder_lr": -1}}, "decoder_lr"),
         ({"schedule": {"epochs": 0}}, "epochs"),
+        ({"schedule": {"loss_radius_start_px": 0.5}}, "loss_radius_start_px"),
+        ({"schedule": {"loss_radius_end_px": 0}}, "loss_radius_end_px"),
+        ({"schedule": {"search_epochs": -1}}, "search_epochs"),
+        ({"optim": {"search_rotations": 0}}, "search_rotations"),
+        ({"optim": {"search_radius_px": 0.5}}, "search_radius_px"),
     ],
 )
 def test_bad_values_raise_one_line_input_errors(data, fragment):

@@ -18,10 +18,24 @@ from torch import Tensor, nn
 
 from cryospin.forward.model import render
 from cryospin.losses import gaussian_nll, head_usage, winner_take_all
-from cryospin.train.data import Batch, TrainingData, batch_indices
+from cryospin.train.data import (
+    Batch,
+    LossDisc,
+    TrainingData,
+    batch_indices,
+    gaussian_lowpass,
+    sub_disc,
+)
 from cryospin.train.metrics import RunningMean, check_finite_loss
 
-__all__ = ["EpochStats", "BestPoses", "autoencode_epoch", "infer_best_poses", "predict_nll"]
+__all__ = [
+    "EpochStats",
+    "BestPoses",
+    "autoencode_epoch",
+    "infer_best_poses",
+    "predict_nll",
+    "stage1_loss_radius",
+]
 
 STAGE = "autoencode"
 
@@ -70,8 +84,36 @@ class BestPoses:
     loss: Tensor
 
 
+def stage1_loss_radius(
+    step: int, total_steps: int, start_px: float | None, end_px: float
+) -> float | None:
+    """Loss radius of stage-1 step ``step`` (0-based) under frequency marching.
+
+    The radius grows linearly from ``start_px`` at step 0 to ``end_px`` at the last step
+    ``total_steps − 1`` (the switch); ``None`` when ``start_px`` is None (no marching).
+    Pure: the same step always gives the same radius (resume is exact).
+    """
+    if start_px is None:
+        return None
+    frac = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+    return float(start_px) + frac * (float(end_px) - float(start_px))
+
+
+def _encoder_input(batch: Batch, disc: LossDisc | None, lowpass: bool) -> Tensor:
+    """The encoder's input `(B, L, L)`: the images, Gaussian low-passed at the disc radius."""
+    if not lowpass or disc is None:
+        return batch.images
+    return gaussian_lowpass(batch.images, disc.radius_px)
+
+
 def predict_nll(
-    encoder: nn.Module, volume_ht: Tensor, batch: Batch, data: TrainingData
+    encoder: nn.Module,
+    volume_ht: Tensor,
+    batch: Batch,
+    data: TrainingData,
+    disc: LossDisc | None = None,
+    *,
+    lowpass_input: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """NLL of every head for a batch.
 
@@ -81,7 +123,12 @@ def predict_nll(
     volume_ht : `(L, L, L)`
         Hartley volume (``volume()``).
     batch : Batch
+        On the full training disc.
     data : TrainingData
+    disc : LossDisc, optional
+        Evaluate the NLL on this sub-disc only (frequency marching).
+    lowpass_input : bool
+        Low-pass the encoder's input with a Gaussian of ``σ = disc.radius_px``.
 
     Returns
     -------
@@ -89,15 +136,19 @@ def predict_nll(
     rotations : `(B, M, 3, 3)`
     shifts_px : `(B, M, 2)` or None
     """
-    out = encoder(batch.images)
+    out = encoder(_encoder_input(batch, disc, lowpass_input))
+    freqs, neg = data.frequencies, data.negation_index
+    if disc is not None:
+        batch = batch.restrict(disc)
+        freqs, neg = disc.frequencies, disc.negation_index
     ctf = None if batch.ctf is None else batch.ctf[:, None, :]  # (B, 1, P)
     pred = render(
         volume_ht,
         out.rotations,
         out.shifts_px,
         ctf,
-        frequencies=data.frequencies,
-        negation_index=data.negation_index,
+        frequencies=freqs,
+        negation_index=neg,
     )  # (B, M, P)
     nll = gaussian_nll(pred, batch.hartley, data.noise_variance)  # (B, M)
     return nll, out.rotations, out.shifts_px
@@ -114,6 +165,8 @@ def autoencode_epoch(
     generator: torch.Generator,
     epoch: int,
     progress: Callable[[int, float], None] | None = None,
+    loss_radius: Callable[[int], float | None] | None = None,
+    lowpass_input: bool = False,
 ) -> EpochStats:
     """One pass over the particles in random order (drawn from ``generator``).
 
@@ -131,6 +184,11 @@ def autoencode_epoch(
         For error messages.
     progress : callable, optional
         Called after each batch with ``(images_in_batch, batch_loss)``.
+    loss_radius : callable, optional
+        ``loss_radius(b)`` is the loss radius (cycles per box) of batch ``b`` (1-based) of the
+        epoch, or None for the full training disc (frequency marching).
+    lowpass_input : bool
+        Low-pass the encoder's input at the loss radius (see :func:`predict_nll`).
 
     Raises
     ------
@@ -138,12 +196,22 @@ def autoencode_epoch(
         If a batch loss is NaN/Inf (before any parameter is updated with it).
     """
     encoder.train()
+    discs: dict[int, LossDisc] = {}
     num_heads = int(encoder.num_heads)
     running = RunningMean()
     wins = torch.zeros(num_heads, dtype=torch.float64)
     for b, idx in enumerate(batch_indices(len(data), batch_size, generator), start=1):
         batch = data.batch(idx)
-        nll, _, _ = predict_nll(encoder, volume(), batch, data)  # (B, M)
+        radius = None if loss_radius is None else loss_radius(b)
+        disc = None
+        if radius is not None:
+            key = round(radius * 1000)
+            if key not in discs:
+                discs[key] = sub_disc(data.frequencies, data.box_px, radius)
+            disc = discs[key]
+        nll, _, _ = predict_nll(
+            encoder, volume(), batch, data, disc, lowpass_input=lowpass_input
+        )  # (B, M)
         loss, best = winner_take_all(nll)
         check_finite_loss(loss, STAGE, epoch, b)
         encoder_optimizer.zero_grad(set_to_none=True)
@@ -175,19 +243,32 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 def infer_best_poses(
-    encoder: nn.Module, volume: nn.Module, data: TrainingData, *, batch_size: int = 256
+    encoder: nn.Module,
+    volume: nn.Module,
+    data: TrainingData,
+    *,
+    batch_size: int = 256,
+    loss_radius_px: float | None = None,
+    lowpass_input: bool = False,
 ) -> BestPoses:
     """Pose of each particle's best head (least NLL), in particle order, without gradients.
 
     The encoder runs in eval mode (batch-norm running statistics); its mode is restored after.
+    ``loss_radius_px`` and ``lowpass_input`` are those of the last stage-1 step (see
+    :func:`predict_nll`); None uses the full training disc.
     """
+    disc = None
+    if loss_radius_px is not None:
+        disc = sub_disc(data.frequencies, data.box_px, loss_radius_px)
     n = len(data)
     rotations, shifts, heads, losses = [], [], [], []
     with _eval_mode(encoder), torch.inference_mode():
         volume_ht = volume()
         for idx in torch.arange(n).split(batch_size):
             batch = data.batch(idx)
-            nll, rot, sh = predict_nll(encoder, volume_ht, batch, data)  # (B, M), ...
+            nll, rot, sh = predict_nll(
+                encoder, volume_ht, batch, data, disc, lowpass_input=lowpass_input
+            )  # (B, M), ...
             best_loss, best = nll.min(dim=1)  # (B,)
             rows = torch.arange(best.shape[0], device=best.device)
             rotations.append(rot[rows, best])  # (B, 3, 3)

@@ -70,6 +70,9 @@ class ModelConfig:
         Also estimate a 2D in-plane shift per particle (heads in stage 1, pose table in stage 2).
     max_shift_px : float
         Bound on the shift magnitude per axis, pixels.
+    encoder_lowpass : bool
+        With frequency marching (``schedule.loss_radius_start_px``), low-pass the encoder's
+        input images with a Gaussian of ``σ`` = the current loss radius.
     """
 
     num_heads: int = 7
@@ -78,6 +81,7 @@ class ModelConfig:
     use_bf16: bool = True
     predict_shifts: bool = False
     max_shift_px: float = 8.0
+    encoder_lowpass: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,21 +98,36 @@ class OptimConfig:
         Volume learning rate in stage 1.
     decoder_lr_after_switch : float
         Volume learning rate in stage 2 (a new optimiser is created at the switch).
+    decoder_lr_final : float or None
+        If given, the stage-2 volume learning rate stays at ``decoder_lr_after_switch`` during
+        the search epochs, then decays geometrically, epoch by epoch, to this value in the last
+        epoch (less high-frequency noise in the final map). ``None``: constant.
     pose_lr : float
         Per-particle rotation learning rate (rad per step scale, Adam).
     shift_lr : float
         Per-particle shift learning rate (pixels per step scale, Adam).
     pose_steps_per_batch : int
         Pose steps per batch before the one volume step (stage 2).
+    search_rotations : int
+        Size of the rotation grid of the global search (``schedule.search_epochs``).
+    search_radius_px : float
+        Radius (cycles per box) of the low-frequency disc the global search is scored on
+        (in the first search epoch).
+    search_radius_end_px : float or None
+        Radius in the last search epoch (linear in between); ``None`` = ``search_radius_px``.
     """
 
     batch_size: int = 64
     encoder_lr: float = 1e-4
     decoder_lr: float = 0.05
     decoder_lr_after_switch: float = 0.02
+    decoder_lr_final: float | None = None
     pose_lr: float = 0.05
     shift_lr: float = 0.05
     pose_steps_per_batch: int = 5
+    search_rotations: int = 8192
+    search_radius_px: float = 6.0
+    search_radius_end_px: float | None = None
 
 
 @dataclass(frozen=True)
@@ -124,11 +143,24 @@ class ScheduleConfig:
         encoder), ``>= epochs`` never switches (a fully amortized run).
     method : str
         ``"semi-amortized"`` (cryoSPIN).
+    loss_radius_start_px : float or None
+        Frequency marching in stage 1: the loss disc radius (cycles per box) at the first
+        step; it grows linearly, step by step, to ``loss_radius_end_px`` at the switch.
+        ``None``: no marching (the full training disc throughout).
+    loss_radius_end_px : float or None
+        Radius reached at the switch; ``None`` = the training disc (``data.loss_radius_px``).
+    search_epochs : int
+        The first ``search_epochs`` epochs of stage 2 start every batch with a global rotation
+        search (``optim.search_rotations``, ``optim.search_radius_px``) that replaces a
+        particle's rotation when a grid rotation fits better; 0 = never.
     """
 
     epochs: int = 20
     switch_epoch: int = 7
     method: Method = "semi-amortized"
+    loss_radius_start_px: float | None = None
+    loss_radius_end_px: float | None = None
+    search_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -252,6 +284,17 @@ def _validate(c: Config) -> None:
     for name in ("encoder_lr", "decoder_lr", "decoder_lr_after_switch", "pose_lr", "shift_lr"):
         if not getattr(c.optim, name) > 0:
             raise bad(f"optim.{name} must be > 0, got {getattr(c.optim, name)}")
+    if c.optim.decoder_lr_final is not None and not c.optim.decoder_lr_final > 0:
+        raise bad(f"optim.decoder_lr_final must be > 0, got {c.optim.decoder_lr_final}")
+    if c.optim.search_rotations < 1:
+        raise bad(f"optim.search_rotations must be >= 1, got {c.optim.search_rotations}")
+    if not c.optim.search_radius_px >= 1:
+        raise bad(f"optim.search_radius_px must be >= 1, got {c.optim.search_radius_px}")
+    end = c.optim.search_radius_end_px
+    if end is not None and not end >= 1:
+        raise bad(f"optim.search_radius_end_px must be >= 1, got {end}")
+    if c.schedule.search_epochs < 0:
+        raise bad(f"schedule.search_epochs must be >= 0, got {c.schedule.search_epochs}")
     if c.optim.pose_steps_per_batch < 0:
         raise bad(f"optim.pose_steps_per_batch must be >= 0, got {c.optim.pose_steps_per_batch}")
     if c.schedule.epochs < 1:
@@ -261,6 +304,10 @@ def _validate(c: Config) -> None:
     if c.schedule.method != "semi-amortized":
         raise bad(f"schedule.method {c.schedule.method!r} is not implemented "
                   "(only 'semi-amortized')")
+    for name in ("loss_radius_start_px", "loss_radius_end_px"):
+        value = getattr(c.schedule, name)
+        if value is not None and not value >= 1:
+            raise bad(f"schedule.{name} must be >= 1, got {value}")
     if c.data.loss_radius_px is not None and c.data.loss_radius_px < 1:
         raise bad(f"data.loss_radius_px must be >= 1, got {c.data.loss_radius_px}")
     if c.data.noise_variance is not None and not c.data.noise_variance > 0:

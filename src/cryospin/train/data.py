@@ -25,7 +25,17 @@ from cryospin.forward.hartley import hartley2
 from cryospin.forward.lattice import disc_frequencies, negation_permutation
 from cryospin.train.config import DataConfig
 
-__all__ = ["TrainingData", "Batch", "prepare_data", "batch_indices", "radial_profile"]
+__all__ = [
+    "TrainingData",
+    "Batch",
+    "LossDisc",
+    "prepare_data",
+    "batch_indices",
+    "num_batches",
+    "radial_profile",
+    "sub_disc",
+    "gaussian_lowpass",
+]
 
 # images per chunk while preprocessing (bounded memory for the FFTs)
 _CHUNK = 512
@@ -53,6 +63,66 @@ class Batch:
     images: Tensor
     hartley: Tensor
     ctf: Tensor | None
+
+    def restrict(self, disc: LossDisc) -> Batch:
+        """The same batch with ``hartley`` and ``ctf`` on the sub-disc ``disc`` only."""
+        cols = disc.columns
+        return Batch(
+            indices=self.indices,
+            images=self.images,
+            hartley=self.hartley[:, cols],
+            ctf=None if self.ctf is None else self.ctf[:, cols],
+        )
+
+
+@dataclass(frozen=True)
+class LossDisc:
+    """A smaller loss disc ``|k| ≤ radius_px`` inside the training disc.
+
+    Attributes
+    ----------
+    radius_px : float
+        Radius in cycles per box.
+    columns : `(P',)` int64
+        Positions of its frequencies among the training disc's ``P`` (row-major order kept).
+    frequencies : `(P', 2)` float32
+        ``(kx, ky)`` in cycles per box.
+    negation_index : `(P',)` int64
+        ``frequencies[negation_index] == −frequencies``.
+    """
+
+    radius_px: float
+    columns: Tensor
+    frequencies: Tensor
+    negation_index: Tensor
+
+
+def sub_disc(frequencies: Tensor, box_px: int, radius_px: float) -> LossDisc:
+    """The frequencies of ``frequencies`` `(P, 2)` with ``|k| ≤ radius_px``, as a :class:`LossDisc`.
+
+    The sub-disc is closed under ``k → −k`` whenever the full disc is.
+    """
+    k2 = frequencies.double().square().sum(-1)  # (P,)
+    columns = torch.nonzero(k2 <= float(radius_px) ** 2, as_tuple=False).squeeze(-1)
+    freqs = frequencies[columns]  # (P', 2)
+    return LossDisc(
+        radius_px=float(radius_px),
+        columns=columns,
+        frequencies=freqs,
+        negation_index=negation_permutation(freqs.cpu(), box_px).to(freqs.device),
+    )
+
+
+def gaussian_lowpass(images: Tensor, sigma_px: float) -> Tensor:
+    """Images `(B, L, L)` filtered by ``exp(−|k|² / (2 σ²))`` (``k`` in cycles per box).
+
+    A new tensor of the same dtype; the DC term (image mean) is unchanged.
+    """
+    L = images.shape[-1]
+    k = torch.fft.fftfreq(L, d=1.0 / L, device=images.device, dtype=torch.float64)  # (L,)
+    k2 = k[:, None] ** 2 + k[None, :] ** 2  # (L, L), uncentred FFT order
+    filt = torch.exp(-k2 / (2.0 * float(sigma_px) ** 2)).to(images.dtype)  # (L, L)
+    return torch.fft.ifft2(torch.fft.fft2(images) * filt).real.to(images.dtype)
 
 
 @dataclass(frozen=True)
@@ -159,6 +229,14 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterat
     if len(batches) > 1 and batches[-1].numel() == 1:
         batches[-2:] = [torch.cat(batches[-2:])]
     return iter(batches)
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    """Number of batches :func:`batch_indices` yields for ``n`` items."""
+    count = -(-n // batch_size)
+    if count > 1 and n % batch_size == 1:
+        count -= 1
+    return count
 
 
 def radial_profile(values_sq: Tensor, frequencies: Tensor, num_shells: int) -> Tensor:

@@ -8,7 +8,14 @@
    :class:`~cryospin.pose.PoseTable`; the encoder is dropped; a new volume optimiser with the
    lower learning rate.
 4. **stage 2** (epochs ``switch_epoch + 1 .. epochs``) —
-   :func:`~cryospin.train.autodecode.autodecode_epoch`.
+   :func:`~cryospin.train.autodecode.autodecode_epoch`; its first ``schedule.search_epochs``
+   epochs start each batch with a global rotation search
+   (:class:`~cryospin.train.autodecode.RotationSearch`) on a low-frequency disc whose radius
+   grows from ``optim.search_radius_px`` to ``optim.search_radius_end_px``.
+
+Stage 1 may use frequency marching: the loss disc grows from
+``schedule.loss_radius_start_px`` to ``schedule.loss_radius_end_px`` over the stage-1 steps
+(optionally with the encoder's input low-passed to match, ``model.encoder_lowpass``).
 
 After every epoch: ``map.NNN.mrc`` (real-space map, voxel size set), a line of ``metrics.jsonl``
 and ``checkpoint.pt`` (atomic; the previous one survives until the new one is complete). At the
@@ -35,8 +42,13 @@ import torch
 
 from cryospin import __version__
 from cryospin.errors import InputError, OutputError
-from cryospin.train.autodecode import autodecode_epoch
-from cryospin.train.autoencode import EpochStats, autoencode_epoch, infer_best_poses
+from cryospin.train.autodecode import RotationSearch, autodecode_epoch
+from cryospin.train.autoencode import (
+    EpochStats,
+    autoencode_epoch,
+    infer_best_poses,
+    stage1_loss_radius,
+)
 from cryospin.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -50,7 +62,7 @@ from cryospin.train.config import (
     read_config_argv,
     save_config,
 )
-from cryospin.train.data import TrainingData, prepare_data
+from cryospin.train.data import TrainingData, num_batches, prepare_data
 from cryospin.train.metrics import EpochMetrics, append_metrics, truncate_metrics
 
 __all__ = [
@@ -62,6 +74,7 @@ __all__ = [
     "resolve_device",
     "prepare_run_dir",
     "fit",
+    "stage2_decoder_lr",
 ]
 
 logger = logging.getLogger(__name__)
@@ -320,7 +333,8 @@ def _fit(
     ).to(device)
 
     K, E = config.schedule.switch_epoch, config.schedule.epochs
-    stage = AUTOENCODE if K > 0 else AUTODECODE
+    # with K = 0 the switch happens before epoch 1: poses from the untrained encoder
+    stage = AUTOENCODE
     if state is not None:
         stage = state["stage"]
     encoder = _build_encoder(config, data.box_px, device) if stage == AUTOENCODE else None
@@ -374,15 +388,19 @@ def _fit(
                 stats = autoencode_epoch(
                     encoder, volume, data, encoder_opt, decoder_opt,
                     batch_size=config.optim.batch_size, generator=generator, epoch=epoch,
-                    progress=tick,
+                    progress=tick, loss_radius=_radius_schedule(config, data, epoch),
+                    lowpass_input=config.model.encoder_lowpass,
                 )
             else:
+                for group in decoder_opt.param_groups:
+                    group["lr"] = stage2_decoder_lr(config, epoch)
+                search = _rotation_search(config, data, epoch - K)
                 stats = autodecode_epoch(
                     volume, pose_table, data, decoder_opt,
                     batch_size=config.optim.batch_size,
                     pose_steps=config.optim.pose_steps_per_batch,
                     refine_shifts=config.model.predict_shifts,
-                    generator=generator, epoch=epoch, progress=tick,
+                    generator=generator, epoch=epoch, progress=tick, search=search,
                 )
             wall = time.perf_counter() - t0
             elapsed = elapsed_before + (time.perf_counter() - t_start)
@@ -411,7 +429,11 @@ def _fit(
         rotations, shifts = pose_table.gather(torch.arange(n, device=device))
         shifts_out = shifts if config.model.predict_shifts else None
     else:
-        best = infer_best_poses(encoder, volume, data, batch_size=config.run.inference_batch_size)
+        best = infer_best_poses(
+            encoder, volume, data, batch_size=config.run.inference_batch_size,
+            loss_radius_px=_final_stage1_radius(config, data),
+            lowpass_input=config.model.encoder_lowpass,
+        )
         rotations, shifts_out = best.rotations, best.shifts_px
     rotations = rotations.detach().cpu()
     shifts_out = None if shifts_out is None else shifts_out.detach().cpu()
@@ -420,6 +442,64 @@ def _fit(
         files.dir, epochs_done, stage, finished=True, rotations=rotations, shifts_px=shifts_out,
         map_path=files.map, star_path=files.star, pkl_path=files.pkl,
     )
+
+
+def _radius_schedule(
+    config: Config, data: TrainingData, epoch: int
+) -> Any:
+    """``b -> loss radius`` of batch ``b`` of stage-1 epoch ``epoch`` (None: no marching)."""
+    s = config.schedule
+    if s.loss_radius_start_px is None:
+        return None
+    full = float(data.box_px // 2 - 1 if config.data.loss_radius_px is None
+                 else config.data.loss_radius_px)
+    end = full if s.loss_radius_end_px is None else min(float(s.loss_radius_end_px), full)
+    start = min(float(s.loss_radius_start_px), end)
+    per_epoch = num_batches(len(data), config.optim.batch_size)
+    total = max(s.switch_epoch, 1) * per_epoch
+
+    def radius(b: int) -> float | None:
+        return stage1_loss_radius((epoch - 1) * per_epoch + b - 1, total, start, end)
+
+    return radius
+
+
+def stage2_decoder_lr(config: Config, epoch: int) -> float:
+    """Volume learning rate of stage-2 epoch ``epoch`` (pure; see ``optim.decoder_lr_final``).
+
+    Constant ``decoder_lr_after_switch`` up to the last search epoch, then geometric decay
+    reaching ``decoder_lr_final`` at the last epoch.
+    """
+    o, s = config.optim, config.schedule
+    if o.decoder_lr_final is None:
+        return o.decoder_lr_after_switch
+    first = s.switch_epoch + s.search_epochs  # last epoch at the full rate
+    span = s.epochs - first
+    if span <= 0 or epoch <= first:
+        return o.decoder_lr_after_switch
+    frac = min((epoch - first) / span, 1.0)
+    return o.decoder_lr_after_switch * (o.decoder_lr_final / o.decoder_lr_after_switch) ** frac
+
+
+def _rotation_search(config: Config, data: TrainingData, stage2_epoch: int) -> Any:
+    """The global search of stage-2 epoch ``stage2_epoch`` (1-based), or None."""
+    count = config.schedule.search_epochs
+    if stage2_epoch > count:
+        return None
+    o = config.optim
+    start = o.search_radius_px
+    end = start if o.search_radius_end_px is None else o.search_radius_end_px
+    radius = start + (end - start) * (stage2_epoch - 1) / max(count - 1, 1)
+    radius = min(radius, float(data.frequencies.norm(dim=-1).max()))
+    return RotationSearch.build(data, o.search_rotations, radius)
+
+
+def _final_stage1_radius(config: Config, data: TrainingData) -> float | None:
+    """Loss radius of the last stage-1 step (used by the inference pass at the switch)."""
+    schedule = _radius_schedule(config, data, max(config.schedule.switch_epoch, 1))
+    if schedule is None:
+        return None
+    return schedule(num_batches(len(data), config.optim.batch_size))
 
 
 def _check_resume_config(config: Config, state: dict[str, Any], path: Path) -> None:
@@ -461,7 +541,11 @@ def _switch(
     from cryospin.losses import head_usage
 
     t0 = time.perf_counter()
-    best = infer_best_poses(encoder, volume, data, batch_size=config.run.inference_batch_size)
+    best = infer_best_poses(
+        encoder, volume, data, batch_size=config.run.inference_batch_size,
+        loss_radius_px=_final_stage1_radius(config, data),
+        lowpass_input=config.model.encoder_lowpass,
+    )
     table = _build_pose_table(config, best.rotations.float(), best.shifts_px)
     usage = head_usage(best.best_head.cpu(), config.model.num_heads).tolist()
     info = {
