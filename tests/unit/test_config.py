@@ -124,3 +124,25 @@ def test_load_config_errors(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(InputError, match="YAML"):
         load_config(bad)
+
+
+def test_search_and_schedule_flags_reach_the_config() -> None:
+    import argparse
+
+    from cryospin.cli import reconstruct as cli
+    from cryospin.train.config import build_config
+
+    parser = argparse.ArgumentParser()
+    cli.add_args(parser)
+    args = parser.parse_args([
+        "p.star", "-o", "run", "--search-epochs", "2", "--search-rotations", "512",
+        "--search-radius", "5", "--decoder-lr-final", "0.001", "--loss-radius-start", "4",
+        "--encoder-lowpass",
+    ])
+    cfg = build_config("default", cli._overrides(args))
+    assert cfg.schedule.search_epochs == 2
+    assert cfg.optim.search_rotations == 512
+    assert cfg.optim.search_radius_px == 5.0
+    assert cfg.optim.decoder_lr_final == 0.001
+    assert cfg.schedule.loss_radius_start_px == 4.0
+    assert cfg.model.encoder_lowpass is True

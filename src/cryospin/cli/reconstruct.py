@@ -38,6 +38,12 @@ _OVERRIDES = {
     "decoder_lr_after_switch": ("optim", "decoder_lr_after_switch"),
     "pose_lr": ("optim", "pose_lr"),
     "shift_lr": ("optim", "shift_lr"),
+    "decoder_lr_final": ("optim", "decoder_lr_final"),
+    "search_epochs": ("schedule", "search_epochs"),
+    "search_rotations": ("optim", "search_rotations"),
+    "search_radius": ("optim", "search_radius_px"),
+    "loss_radius_start": ("schedule", "loss_radius_start_px"),
+    "encoder_lowpass": ("model", "encoder_lowpass"),
     "invert_contrast": ("data", "invert_contrast"),
     "no_ctf": ("data", "no_ctf"),
     "device": ("run", "device"),
@@ -81,6 +87,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="volume lr in stage 2")
     g.add_argument("--pose-lr", type=float, metavar="LR", help="per-particle rotation lr")
     g.add_argument("--shift-lr", type=float, metavar="LR", help="per-particle shift lr")
+    g.add_argument("--decoder-lr-final", type=float, metavar="LR",
+                   help="volume lr reached by the last epoch (decays after the search epochs)")
+    g.add_argument("--search-epochs", type=int, metavar="E",
+                   help="stage-2 epochs that start each batch with a global rotation search")
+    g.add_argument("--search-rotations", type=int, metavar="N",
+                   help="rotations in the global search grid")
+    g.add_argument("--search-radius", type=float, metavar="PX",
+                   help="frequency radius (cycles/box) of the global search")
+    g.add_argument("--loss-radius-start", type=float, metavar="PX",
+                   help="stage-1 frequency marching: loss radius at the first step")
+    g.add_argument("--encoder-lowpass", action="store_true", default=None,
+                   help="with frequency marching, low-pass the encoder input too")
     g = parser.add_argument_group("execution")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
     g.add_argument("--seed", type=int)
