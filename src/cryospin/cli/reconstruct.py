@@ -15,6 +15,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import logging
 import dataclasses
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ from cryospin.errors import InputError
 from cryospin.train.config import PRESETS, build_config, load_config
 
 __all__ = ["add_args", "main"]
+
+log = logging.getLogger(__name__)
 
 # flag dest -> (config section, field); None values mean "not given"
 _OVERRIDES = {
@@ -181,4 +184,18 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print(f"done: {result.epochs_completed} epochs; map {result.map_path}, "
           f"poses {result.star_path}")
+    _write_report(run_dir)
     return 0
+
+
+def _write_report(run_dir: Path) -> None:
+    """The run report, written at the end; a failure here never fails the finished run."""
+    from cryospin.errors import CryospinError
+    from cryospin.report import write_report
+
+    try:
+        report = write_report(run_dir)
+    except (CryospinError, OSError) as exc:
+        log.warning("run report not written (%s); try: cryospin report %s", exc, run_dir)
+        return
+    print(f"report {report.html_path}")
