@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf demo_run
 	$(VENV)/bin/cryospin demo --out demo_run
 
 test: $(STAMP)
