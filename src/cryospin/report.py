@@ -617,7 +617,7 @@ def _ground_truth_on_grid(gt_path: Path, box_px: int, pixel_size_angstrom: float
     sampling differs (same physical box size within 1 %)."""
     import torch
 
-    from cryospin.evaluate.align import fourier_crop, fourier_pad
+    from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
 
     gt, apix = _read_volume(gt_path)
     L_gt = gt.shape[0]
@@ -630,7 +630,7 @@ def _ground_truth_on_grid(gt_path: Path, box_px: int, pixel_size_angstrom: float
     if apix > 0 and pixel_size_angstrom > 0 and abs(L_gt * apix - box_px * pixel_size_angstrom) <= (
             0.01 * box_px * pixel_size_angstrom):
         t = torch.from_numpy(gt)
-        t = fourier_crop(t, box_px) if L_gt > box_px else fourier_pad(t, box_px)
+        t = fourier_crop_3d(t, box_px) if L_gt > box_px else fourier_pad_3d(t, box_px)
         return t.numpy()
     raise InputError(f"box {L_gt} px at {apix:g} Å/px does not match the run's {box_px} px at "
                      f"{pixel_size_angstrom:g} Å/px", gt_path)

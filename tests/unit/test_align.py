@@ -7,12 +7,11 @@ import torch
 
 from cryospin.evaluate.align import (
     align_maps,
-    fourier_crop,
-    fourier_pad,
     mirror_map,
     super_fibonacci_rotations,
     transform_map,
 )
+from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
 from cryospin.evaluate.pose_error import HAND_FLIP
 from cryospin.rotations import geodesic_distance_deg, random_rotations
 
@@ -121,8 +120,8 @@ def test_fourier_crop_pad_round_trip() -> None:
     L = 32
     V = _gaussians(7)
     v = V(_coords(L))  # inside the box, sigma >= 1.4 px: power at Nyquist ~ 1e-4
-    up = fourier_pad(v, 64)
+    up = fourier_pad_3d(v, 64)
     assert up.shape == (64, 64, 64)
-    torch.testing.assert_close(fourier_crop(up, L), v, atol=1e-3 * float(v.abs().max()), rtol=0)
+    torch.testing.assert_close(fourier_crop_3d(up, L), v, atol=1e-3 * float(v.abs().max()), rtol=0)
     # upsampled map interpolates the original at the even voxels
     torch.testing.assert_close(up[::2, ::2, ::2], v, atol=1e-3 * float(v.abs().max()), rtol=0)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
 from cryospin.rotations import quaternion_to_matrix, so3_exp
 
 _MAX_OVERSAMPLED_BOX = 256
@@ -38,8 +39,6 @@ __all__ = [
     "align_maps",
     "mirror_map",
     "transform_map",
-    "fourier_crop",
-    "fourier_pad",
     "super_fibonacci_rotations",
 ]
 
@@ -168,31 +167,9 @@ def _ifft3c(X: Tensor) -> Tensor:
     return torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(X, dim=dims), dim=dims), dim=dims)
 
 
-def fourier_crop(volume: Tensor, box_px: int) -> Tensor:
-    """Downsample `(L, L, L)` -> `(l, l, l)` by cropping the centred transform (an ideal low-pass).
-
-    Values are scaled by ``(l/L)³`` so that a smooth map keeps its values (pixel size grows by
-    ``L/l``).
-    """
-    L = volume.shape[-1]
-    if box_px >= L:
-        return volume
-    X = _fft3c(volume)
-    a = L // 2 - box_px // 2
-    Xc = X[a : a + box_px, a : a + box_px, a : a + box_px]
-    return _ifft3c(Xc).real.to(volume.dtype) * (box_px / L) ** 3
-
-
-def fourier_pad(volume: Tensor, box_px: int) -> Tensor:
-    """Upsample `(L, L, L)` -> `(l, l, l)`, ``l ≥ L``, by zero-padding the centred transform."""
-    L = volume.shape[-1]
-    if box_px <= L:
-        return volume
-    X = _fft3c(volume)
-    Xp = torch.zeros((box_px,) * 3, dtype=X.dtype, device=X.device)
-    a = box_px // 2 - L // 2
-    Xp[a : a + L, a : a + L, a : a + L] = X
-    return _ifft3c(Xp).real.to(volume.dtype) * (box_px / L) ** 3
+def _crop(volume: Tensor, box_px: int) -> Tensor:
+    """Fourier crop to ``box_px`` (values kept; see forward.resample), identity when not smaller."""
+    return fourier_crop_3d(volume, box_px) if box_px < volume.shape[-1] else volume
 
 
 def _normalise(v: Tensor) -> Tensor:
@@ -433,12 +410,12 @@ def align_maps(
     best: tuple[float, Tensor, Tensor, bool] | None = None
     for flipped in hands:
         mov_h = mirror_map(mov64) if flipped else mov64
-        ref_c, mov_c = fourier_crop(ref64, lc), fourier_crop(mov_h, lc)
+        ref_c, mov_c = _crop(ref64, lc), _crop(mov_h, lc)
         candidates = _coarse_search(
             ref_c.float(), mov_c.float(), rotations, batch=1024,
             max_shift_px=max_shift_fraction * lc, top_k=top_k,
         )
-        ref_r, mov_r = fourier_crop(ref64, lr), fourier_crop(mov_h, lr)
+        ref_r, mov_r = _crop(ref64, lr), _crop(mov_h, lr)
         for _, Q, t in candidates:
             Qr, tr, ncc = _refine(ref_r.float(), mov_r.float(), Q, t * (lr / lc), max_iter=8)
             if best is None or ncc > best[0]:
@@ -447,13 +424,13 @@ def align_maps(
     _, Q, t, flipped = best
     mov_h = mirror_map(mov64) if flipped else mov64
     if lf > lr:
-        ref_f, mov_f = fourier_crop(ref64, lf), fourier_crop(mov_h, lf)
+        ref_f, mov_f = _crop(ref64, lf), _crop(mov_h, lf)
         Q, t_f, ncc = _refine(ref_f, mov_f, Q, t * (lf / L), max_iter=10)
         t = t_f * (L / lf)
     else:
         ncc = best[0]
     factor = oversample_output if L * oversample_output <= _MAX_OVERSAMPLED_BOX else 1
-    src = fourier_pad(mov_h, L * factor) if factor > 1 else mov_h
+    src = fourier_pad_3d(mov_h, L * factor) if factor > 1 else mov_h
     aligned = transform_map(src, Q, t, output_box_px=L, input_scale=float(factor))
     return AlignResult(
         rotation=Q, translation_px=t, flipped=flipped, aligned=aligned.to(moving.dtype),
