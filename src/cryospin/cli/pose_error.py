@@ -31,6 +31,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="do not consider the mirrored hand")
     parser.add_argument("--box", type=int, default=None,
                         help="box size, px, for the shifts of .pkl files")
+    parser.add_argument("--symmetry", default=None, metavar="GROUP",
+                        help="point group of the particle (Cn or Dn, e.g. D7): errors against "
+                             "the nearest symmetry-equivalent pose")
     parser.add_argument("-o", "--output", type=Path, default=None, help="write JSON here")
 
 
@@ -81,10 +84,16 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"{pred_R.shape[0]} poses but {args.gt} has {gt_R.shape[0]}", args.pred)
     if pred_t is None or gt_t is None:
         log.warning("no box size for the .pkl shifts (use --box): comparing rotations only")
-    res = pose_error(pred_R, gt_R, pred_t, gt_t, allow_flip=not args.no_flip)
+    if args.symmetry is not None:
+        from cryospin.symmetry import parse_point_group
+
+        parse_point_group(args.symmetry)  # a clear error before any work
+    res = pose_error(pred_R, gt_R, pred_t, gt_t, allow_flip=not args.no_flip,
+                     symmetry=args.symmetry)
     d = res.to_dict()
     print(f"pose error of {args.pred.name} vs {args.gt.name} ({res.n_particles} particles"
-          f"{', mirrored hand' if res.flipped else ''}):")
+          f"{', mirrored hand' if res.flipped else ''}"
+          f"{f', modulo {args.symmetry.upper()}' if args.symmetry else ''}):")
     print(f"  rotation       mean {d['mean_rotation_error_deg']:.2f}°  "
           f"median {d['median_rotation_error_deg']:.2f}°")
     print(f"  view direction mean {d['mean_view_direction_error_deg']:.2f}°  "

@@ -5,10 +5,13 @@ shipped with cryospin). Writes OUTDIR/particles.mrcs, particles.star (RELION 3.1
 poses, shifts and CTF), gt.mrc, gt_poses.pkl (cryoDRGN) and simulation.json. The SNR is
 var(all pixels of the clean stack) / noise variance (docs/conventions.md, "Simulator SNR").
 
-Example::
+Examples::
 
     cryospin simulate bundled:6vyb -o sim --n-particles 20000 --box 64 --pixel-size 3.4 \\
         --snr 0.1 --seed 0
+    # a symmetric particle: a D7 ring of the spike's receptor-binding domain
+    cryospin simulate bundled:6vyb --select A:330-530 --symmetry D7 -o sim_d7 \\
+        --n-particles 20000 --box 64 --pixel-size 3.4
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution-angstrom", type=float, default=None,
                         help="band limit of atomic models (default 2 x pixel size)")
     parser.add_argument("--chunk", type=int, default=256, help="images per block (default 256)")
+    parser.add_argument("--select", default=None, metavar="CHAIN[:FIRST-LAST]",
+                        help="atomic models: keep one chain or a residue range, e.g. A:330-530")
+    parser.add_argument("--symmetry", default=None, metavar="GROUP",
+                        help="atomic models: simulate a Cn/Dn assembly of the (selected) atoms, "
+                             "e.g. D7 (symmetry axis z)")
     parser.add_argument("--write-clean", action="store_true",
                         help="also write the noise-free stack particles_clean.mrcs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
         astigmatism_angstrom=args.astigmatism_angstrom, voltage_kv=args.voltage_kv,
         cs_mm=args.cs_mm, amplitude_contrast=args.amplitude_contrast,
         resolution_angstrom=args.resolution_angstrom, chunk_size=args.chunk,
-        write_clean=args.write_clean, progress=not args.no_progress,
+        write_clean=args.write_clean, select=args.select, symmetry=args.symmetry,
+        progress=not args.no_progress,
     )
     print(f"simulated {len(ds.particles)} particles of {ds.box_px} px at "
           f"{ds.pixel_size_angstrom:g} Å/px in {time.perf_counter() - t0:.1f} s")

@@ -68,20 +68,33 @@ def _geodesic_rad(R1: Tensor, R2: Tensor) -> Tensor:
     return 2 * torch.atan2(q[..., 1:].norm(dim=-1), q[..., 0].abs())
 
 
+def _min_angle_over_group(A: Tensor, cand_g: Tensor) -> tuple[Tensor, Tensor]:
+    """``min_g angle(A, C_g,i)`` and its argmin, for ``cand_g`` `(G, N, 3, 3)` -> `(N,)`, `(N,)`."""
+    qa = matrix_to_quaternion(A)[None]  # (1, 4)
+    q = matrix_to_quaternion(cand_g)  # (G, N, 4)
+    dots = (q @ qa[0]).abs().clamp(max=1.0)  # (G, N)
+    best, idx = dots.max(dim=0)
+    return 2 * torch.acos(best), idx
+
+
 def align_rotations(
     pred_R: Tensor,
     gt_R: Tensor,
     *,
+    symmetry: Tensor | None = None,
     n_candidates: int = 512,
     max_iter: int = 200,
     tol_rad: float = 1e-12,
 ) -> tuple[Tensor, Tensor]:
-    """Global rotation ``A`` minimising ``Σ_i angle(R_gt,i A, R_pred,i)`` (geodesic median).
+    """Global rotation ``A`` minimising ``Σ_i min_g angle(R_gt,i g A, R_pred,i)`` (geodesic median).
 
     Parameters
     ----------
     pred_R, gt_R : `(N, 3, 3)`
         Estimated and reference rotations (computed in float64).
+    symmetry : `(G, 3, 3)`, optional
+        The particle's point group (:func:`cryospin.symmetry.point_group_rotations`): poses
+        ``R_gt g`` are equivalent to ``R_gt``; each particle's error is the minimum over ``g``.
     n_candidates : int
         How many of the per-particle candidates ``A_i = R_gt,iᵀ R_pred,i`` (evenly spaced in
         index) are scored as starting points.
@@ -91,30 +104,51 @@ def align_rotations(
     Returns
     -------
     A : `(3, 3)` float64
-        The alignment: ``R_pred ≈ R_gt A``; ``R_pred Aᵀ`` are the aligned estimates.
+        The alignment: ``R_pred ≈ R_gt g A``; ``R_pred Aᵀ`` are the aligned estimates.
     errors_rad : `(N,)` float64
-        ``angle(R_gt,i A, R_pred,i)``.
+        ``min_g angle(R_gt,i g A, R_pred,i)``.
     """
     pred = pred_R.to(torch.float64)
     gt = gt_R.to(pred.device, torch.float64)
     cand = gt.transpose(-1, -2) @ pred  # (N, 3, 3): A_i
     n = cand.shape[0]
-    q_all = matrix_to_quaternion(cand)  # (N, 4)
     pick = torch.linspace(0, n - 1, min(n, n_candidates), device=pred.device).round().long()
-    costs = torch.zeros(pick.numel(), dtype=torch.float64, device=pred.device)
-    for start in range(0, n, 8192):  # bounded memory: (n_candidates, 8192)
-        costs += _quat_angle_matrix(q_all[pick], q_all[start : start + 8192]).sum(1)
-    A = cand[pick[costs.argmin()]]
-    # Weiszfeld iterations for the geodesic median on SO(3): A <- A exp(Σ w_i v_i / Σ w_i)
+    if symmetry is None:
+        q_all = matrix_to_quaternion(cand)  # (N, 4)
+        costs = torch.zeros(pick.numel(), dtype=torch.float64, device=pred.device)
+        for start in range(0, n, 8192):  # bounded memory: (n_candidates, 8192)
+            costs += _quat_angle_matrix(q_all[pick], q_all[start : start + 8192]).sum(1)
+        A = cand[pick[costs.argmin()]]
+        targets = cand
+    else:
+        G = symmetry.to(pred.device, torch.float64)
+        # angle(R_gt g A, R_pred) = angle(A, gᵀ A_i): the candidate set of particle i
+        cand_g = G.transpose(-1, -2)[:, None] @ cand[None]  # (G, N, 3, 3)
+        q_g = matrix_to_quaternion(cand_g)  # (G, N, 4)
+        q_pick = matrix_to_quaternion(cand[pick])  # (P, 4)
+        costs = torch.zeros(pick.numel(), dtype=torch.float64, device=pred.device)
+        for start in range(0, n, 4096):
+            dots = (q_g[:, start : start + 4096] @ q_pick.T).abs().amax(0)  # (n', P)
+            costs += (2 * torch.acos(dots.clamp(max=1.0))).sum(0)
+        A = cand[pick[costs.argmin()]]
+        targets = cand_g[0]
+    # Weiszfeld iterations for the geodesic median on SO(3): A <- A exp(Σ w_i v_i / Σ w_i);
+    # with symmetry, every particle's nearest equivalent candidate is re-chosen each step
     for _ in range(max_iter):
-        v = so3_log(A.T @ cand)  # (N, 3), tangent vectors at A
+        if symmetry is not None:
+            _, which = _min_angle_over_group(A, cand_g)
+            targets = cand_g[which, torch.arange(n, device=pred.device)]
+        v = so3_log(A.T @ targets)  # (N, 3), tangent vectors at A
         d = v.norm(dim=-1)
         w = 1.0 / d.clamp_min(1e-9)
         step = (w[:, None] * v).sum(0) / w.sum()
         A = A @ so3_exp(step)
         if float(step.norm()) < tol_rad:
             break
-    return A, _geodesic_rad(gt @ A, pred)
+    if symmetry is None:
+        return A, _geodesic_rad(gt @ A, pred)
+    err, _ = _min_angle_over_group(A, cand_g)
+    return A, err
 
 
 @dataclass(frozen=True)
@@ -197,6 +231,7 @@ def pose_error(
     gt_shift_px: Tensor | np.ndarray | None = None,
     *,
     allow_flip: bool = True,
+    symmetry: str | None = None,
 ) -> PoseErrorResult:
     """Compare estimated poses to the ground truth after the best global rotation (and hand).
 
@@ -209,6 +244,9 @@ def pose_error(
     allow_flip : bool
         Also try the mirrored hand (``R_gt -> D R_gt D``) and keep whichever fits better
         (smaller median rotation error).
+    symmetry : str, optional
+        Point group of the particle (``"C4"``, ``"D7"``; :mod:`cryospin.symmetry`): each
+        particle's errors are measured against its nearest equivalent pose ``R_gt g``.
 
     Returns
     -------
@@ -225,18 +263,29 @@ def pose_error(
     if pred.shape[0] == 0:
         raise ValueError("no poses to compare")
 
-    A, err = align_rotations(pred, gt)
+    G = None
+    if symmetry is not None:
+        from cryospin.symmetry import point_group_rotations
+
+        G = point_group_rotations(symmetry).to(pred.device)
+    A, err = align_rotations(pred, gt, symmetry=G)
     flipped = False
     if allow_flip:
-        A_f, err_f = align_rotations(pred, flip_hand(gt))
+        A_f, err_f = align_rotations(pred, flip_hand(gt), symmetry=G)
         if float(err_f.median()) < float(err.median()):
             A, err, flipped = A_f, err_f, True
 
-    aligned = pred @ A.T  # (N, 3, 3): ≈ H(gt)
-    if flipped:
-        aligned = flip_hand(aligned)  # ≈ gt
-    view_err = _angle_between_deg(aligned[:, 2, :], gt[:, 2, :])
-    in_plane = _twist_about_z_deg(aligned @ gt.transpose(-1, -2))
+    # angles are the same in the mirrored frame: compare there, against the nearest
+    # equivalent pose H(R_gt) g (the group is closed under g -> D g D)
+    ref = flip_hand(gt) if flipped else gt
+    if G is not None:
+        cand_g = G.transpose(-1, -2)[:, None] @ (ref.transpose(-1, -2) @ pred)[None]
+        q = matrix_to_quaternion(cand_g)  # (G, N, 4)
+        which = (q @ matrix_to_quaternion(A)).abs().argmax(dim=0)  # (N,)
+        ref = ref @ G[which]
+    aligned = pred @ A.T  # (N, 3, 3): ≈ ref
+    view_err = _angle_between_deg(aligned[:, 2, :], ref[:, 2, :])
+    in_plane = _twist_about_z_deg(aligned @ ref.transpose(-1, -2))
 
     shift_err = shift_err_c = offset = None
     if pred_shift_px is not None and gt_shift_px is not None:
@@ -267,6 +316,7 @@ def pose_error(
         shift_error_px=np_or_none(shift_err),
         shift_error_centered_px=np_or_none(shift_err_c),
         map_offset_px=np_or_none(offset),
+        meta={} if symmetry is None else {"symmetry": str(symmetry).upper()},
     )
 
 

@@ -48,6 +48,7 @@ from cryospin.simulate.density import (
     atom_positions_px,
     atoms_to_volume,
     gaussian_sigma_angstrom,
+    symmetric_assembly,
     read_atomic_model,
     resample_map,
 )
@@ -184,11 +185,14 @@ class _Projector:
     """Clean projections of either atoms or a map, in a fixed dtype."""
 
     def __init__(self, structure: Path, box_px: int, pixel_size_angstrom: float,
-                 resolution_angstrom: float, dtype: torch.dtype) -> None:
+                 resolution_angstrom: float, dtype: torch.dtype, select: str | None = None,
+                 symmetry: str | None = None) -> None:
         self.box_px = box_px
         self.dtype = dtype
         name = structure.name.lower()
         self.is_map = name.endswith(MAP_SUFFIXES)
+        if self.is_map and (select is not None or symmetry is not None):
+            raise InputError("--select and --symmetry need an atomic model, not a map", structure)
         if self.is_map:
             arr, voxel = read_map(structure)
             vol64 = resample_map(torch.from_numpy(np.array(arr, dtype=np.float64)), voxel, box_px,
@@ -197,7 +201,9 @@ class _Projector:
             self.upsampled = upsample_map_for_projection(self.volume)
             self.description = f"map {structure.name} ({arr.shape[0]}³ × {voxel:g} Å)"
         else:
-            model = read_atomic_model(structure)
+            model = read_atomic_model(structure, select=select)
+            if symmetry is not None:
+                model = symmetric_assembly(model, symmetry)
             self.sigma_px = gaussian_sigma_angstrom(resolution_angstrom) / pixel_size_angstrom
             pos = atom_positions_px(model, pixel_size_angstrom)
             radius = float(pos.norm(dim=1).max()) + 3 * self.sigma_px
@@ -238,6 +244,8 @@ def simulate_dataset(
     resolution_angstrom: float | None = None,
     chunk_size: int = 256,
     write_clean: bool = False,
+    select: str | None = None,
+    symmetry: str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> SimulatedDataset:
@@ -260,6 +268,9 @@ def simulate_dataset(
     resolution_angstrom : band limit of atomic models (default twice the pixel size; see
         :mod:`cryospin.simulate.density`). Ignored for maps.
     chunk_size : images per block.
+    select : atomic models only: keep chain ``"A"`` or residues ``"A:330-530"``.
+    symmetry : atomic models only: build a ``Cn``/``Dn`` assembly of the (selected) atoms
+        (:func:`cryospin.simulate.density.symmetric_assembly`), e.g. ``"D7"``.
     dtype : computation dtype of the projections (outputs are float32 files).
     progress : tqdm progress bars on stderr.
 
@@ -287,7 +298,8 @@ def simulate_dataset(
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
 
-    projector = _Projector(path, L, float(pixel_size_angstrom), float(resolution), dtype)
+    projector = _Projector(path, L, float(pixel_size_angstrom), float(resolution), dtype,
+                           select=select, symmetry=symmetry)
     g = torch.Generator().manual_seed(int(seed))
     rotations = random_rotations(n, generator=g)  # (N, 3, 3) float64
     shifts = torch.randn(n, 2, generator=g, dtype=torch.float64) * float(shift_std_px)
@@ -364,6 +376,8 @@ def simulate_dataset(
         "structure": str(structure),
         "structure_path": str(path),
         "density": projector.description,
+        "select": select,
+        "symmetry": None if symmetry is None else str(symmetry).upper(),
         "n_particles": n,
         "box_px": L,
         "pixel_size_angstrom": float(pixel_size_angstrom),

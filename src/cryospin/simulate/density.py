@@ -39,6 +39,8 @@ from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
 __all__ = [
     "AtomicModel",
     "read_atomic_model",
+    "parse_selection",
+    "symmetric_assembly",
     "gaussian_sigma_angstrom",
     "atom_positions_px",
     "gaussian_profiles",
@@ -83,14 +85,47 @@ class AtomicModel:
         return (self.coords_angstrom * w[:, None]).sum(0) / w.sum()
 
 
-def read_atomic_model(path: str | Path) -> AtomicModel:
-    """Read the first model of a PDB/mmCIF file (``.gz`` accepted) without hydrogens and waters.
+def parse_selection(spec: str) -> tuple[str, int | None, int | None]:
+    """``"A:330-530"`` -> ``("A", 330, 530)``; ``"A"`` -> ``("A", None, None)``.
 
     Raises
     ------
     InputError
-        Missing or unreadable file, or no atoms.
+        Malformed selection.
     """
+    text = str(spec).strip()
+    chain, _, span = text.partition(":")
+    if not chain or any(c.isspace() for c in chain):
+        raise InputError(f"bad atom selection {spec!r}: expected CHAIN or CHAIN:FIRST-LAST")
+    if not span:
+        return chain, None, None
+    first, sep, last = span.partition("-")
+    try:
+        lo, hi = int(first), int(last)
+    except ValueError:
+        raise InputError(f"bad atom selection {spec!r}: expected CHAIN:FIRST-LAST "
+                         "(residue numbers)") from None
+    if not sep or lo > hi:
+        raise InputError(f"bad atom selection {spec!r}: expected CHAIN:FIRST-LAST, FIRST <= LAST")
+    return chain, lo, hi
+
+
+def read_atomic_model(path: str | Path, select: str | None = None) -> AtomicModel:
+    """Read the first model of a PDB/mmCIF file (``.gz`` accepted) without hydrogens and waters.
+
+    Parameters
+    ----------
+    path : path
+    select : str, optional
+        Keep only chain ``CHAIN`` or residues ``FIRST..LAST`` (sequence numbers, inclusive)
+        of it: ``"A"`` or ``"A:330-530"``.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, or no atoms (or none selected).
+    """
+    chain_sel, lo, hi = parse_selection(select) if select is not None else (None, None, None)
     import gemmi
 
     path = Path(path)
@@ -107,14 +142,19 @@ def read_atomic_model(path: str | Path) -> AtomicModel:
     xyz: list[tuple[float, float, float]] = []
     weights: list[float] = []
     for chain in st[0]:
+        if chain_sel is not None and chain.name != chain_sel:
+            continue
         for residue in chain:
+            if lo is not None and not lo <= residue.seqid.num <= hi:
+                continue
             for atom in residue:
                 xyz.append((atom.pos.x, atom.pos.y, atom.pos.z))
                 weights.append(atom.element.atomic_number * atom.occ)
     coords = torch.tensor(np.asarray(xyz, dtype=np.float64).reshape(-1, 3))
     w = torch.tensor(np.asarray(weights, dtype=np.float64))
     if coords.shape[0] == 0 or float(w.sum()) <= 0:
-        raise InputError("structure has no (non-hydrogen, non-water) atoms", path)
+        what = f"selected by {select!r}" if select is not None else "(non-hydrogen, non-water)"
+        raise InputError(f"structure has no atoms {what}", path)
     if not torch.isfinite(coords).all():
         raise InputError("structure has non-finite atom coordinates", path)
     return AtomicModel(coords_angstrom=coords, weights=w, source=str(path))
@@ -277,3 +317,31 @@ def resample_map(
     elif M > L:
         volume = fourier_pad_3d(volume, M)
     return _centre_crop_or_pad(volume, int(box_px))
+
+
+def symmetric_assembly(model: AtomicModel, symmetry: str,
+                       radius_angstrom: float | None = None) -> AtomicModel:
+    """An assembly of copies of ``model`` with point group ``symmetry`` (Cn or Dn).
+
+    The copy (the asymmetric unit) is centred on its centre of mass and moved to
+    ``(radius, 0, height)``; the group's rotations (:func:`cryospin.symmetry.point_group_rotations`,
+    symmetry axis ``z``, a two-fold along ``x`` for Dn) place the other copies. Default
+    ``radius = R_g / sin(π/n)`` (neighbouring copies about two radii of gyration ``R_g`` apart)
+    and ``height = R_g`` for Dn (two rings ``2 R_g`` apart), 0 for Cn. The result is
+    symmetric about the origin: ``V(g r) = V(r)`` (it is re-centred on its centre of mass, which
+    lies on the axis, by :func:`atom_positions_px`).
+    """
+    from cryospin.symmetry import parse_point_group, point_group_rotations
+
+    kind, n = parse_point_group(symmetry)
+    G = point_group_rotations(symmetry)  # (G, 3, 3)
+    xyz = model.coords_angstrom - model.centre_of_mass_angstrom()  # (A, 3)
+    w = model.weights
+    rg = float(((xyz.square().sum(-1) * w).sum() / w.sum()).sqrt())
+    if radius_angstrom is None:
+        radius_angstrom = rg / math.sin(math.pi / n) if n > 1 else 0.0
+    height = rg if kind == "D" else 0.0
+    unit = xyz + torch.tensor([float(radius_angstrom), 0.0, height], dtype=xyz.dtype)
+    coords = torch.cat([unit @ g.T for g in G])  # (G·A, 3): r -> g r
+    return AtomicModel(coords_angstrom=coords, weights=w.repeat(G.shape[0]),
+                       source=f"{model.source} ({symmetry.upper()} assembly of {len(model)} atoms)")
