@@ -1,0 +1,498 @@
+"""Gold-standard half-map reconstruction (``cryospin reconstruct --halves``).
+
+Phases of :func:`fit_halves`:
+
+1. **split** — every particle goes to half 1 (A) or 2 (B): ``rlnRandomSubset`` when the
+   particles carry a 1/2 split, else a random split seeded by ``run.seed``
+   (:func:`split_halves`). Saved as ``RUN_DIR/half_set.npy``; ``RUN_DIR/halves.json`` marks the
+   folder as a halves run and ``RUN_DIR/config.yaml`` holds the shared configuration.
+2. **two independent runs** — ``RUN_DIR/half_A`` and ``RUN_DIR/half_B`` are ordinary run
+   folders (:func:`cryospin.train.fit.fit` on the subset, from scratch, same configuration
+   except the seed: half B uses ``run.seed + HALF_B_SEED_OFFSET``, so the two halves do not
+   start from the same random volume, whose high-frequency features could otherwise steer
+   both halves alike and inflate their FSC).
+   Each holds ``particles.ind.npy``, the 0-based indices of its particles in the original
+   particle file, named as ``input.ind`` in its ``config.yaml``. On resume, a finished half is
+   skipped, an interrupted one resumed from its checkpoint, a missing one started.
+3. **combination** (:func:`combine_halves`) — half B's ``map.mrc`` is aligned onto half A's
+   (rotation, translation and hand, :func:`cryospin.evaluate.align.align_maps`); the FSC is
+   computed unmasked and within an automatic soft mask with the phase-randomisation
+   correction (:mod:`cryospin.evaluate.gold_standard`); the halves are averaged with the
+   FSC weighting; half B's poses are moved into A's frame.
+
+Outputs in ``RUN_DIR``: ``half_A.mrc``, ``half_B.mrc`` (aligned into A's frame), ``map.mrc``
+(FSC-weighted average), ``mask.mrc``, ``map_masked.mrc``, ``postprocess.star`` (RELION layout),
+``fsc.json``, ``fsc.png``, ``poses.star`` (all particles, A's frame, ``rlnRandomSubset`` 1/2)
+and ``poses.pkl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryospin import __version__
+from cryospin.atomic import atomic_path, atomic_write_text
+from cryospin.errors import CryospinError, InputError, OutputError
+from cryospin.evaluate.align import AlignResult
+from cryospin.evaluate.gold_standard import GoldStandardFSC
+from cryospin.train.config import Config, read_config_argv, save_config
+
+__all__ = [
+    "HALF_NAMES",
+    "HALF_B_SEED_OFFSET",
+    "HalvesFiles",
+    "HalvesResult",
+    "is_halves_run",
+    "split_halves",
+    "fit_halves",
+    "combine_halves",
+    "format_summary",
+]
+
+log = logging.getLogger(__name__)
+
+#: Folder names of the two half runs (half set 1 and 2).
+HALF_NAMES = ("half_A", "half_B")
+#: Half B's seed is ``run.seed`` plus this (independent initialisation of the two halves).
+HALF_B_SEED_OFFSET = 1000
+
+
+class HalvesFiles:
+    """Names of the files in a halves run folder."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        self.marker = self.dir / "halves.json"
+        self.config = self.dir / "config.yaml"
+        self.half_set = self.dir / "half_set.npy"
+        self.half_maps = (self.dir / "half_A.mrc", self.dir / "half_B.mrc")
+        self.map = self.dir / "map.mrc"
+        self.mask = self.dir / "mask.mrc"
+        self.masked_map = self.dir / "map_masked.mrc"
+        self.postprocess = self.dir / "postprocess.star"
+        self.fsc_json = self.dir / "fsc.json"
+        self.fsc_png = self.dir / "fsc.png"
+        self.star = self.dir / "poses.star"
+        self.pkl = self.dir / "poses.pkl"
+
+    def half_dir(self, which: int) -> Path:
+        """Run folder of half set ``which`` (1 or 2)."""
+        return self.dir / HALF_NAMES[which - 1]
+
+
+@dataclass(frozen=True)
+class HalvesResult:
+    """Outcome of :func:`fit_halves`.
+
+    Attributes
+    ----------
+    run_dir : Path
+    finished : bool
+        Both halves trained to the last epoch and the combined outputs written.
+    epochs_completed : tuple[int, int]
+        Epochs done by half A and half B.
+    half_sizes : tuple[int, int]
+        Particles in each half.
+    split_source : str
+        ``"rlnRandomSubset"`` or ``"random"``.
+    gold_standard : GoldStandardFSC or None
+        The FSC curves (None when not finished).
+    alignment : AlignResult or None
+        Half B's map onto half A's (None when not finished).
+    """
+
+    run_dir: Path
+    finished: bool
+    epochs_completed: tuple[int, int]
+    half_sizes: tuple[int, int]
+    split_source: str
+    gold_standard: GoldStandardFSC | None = None
+    alignment: AlignResult | None = None
+
+
+def is_halves_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a ``--halves`` run (its ``halves.json`` marker)."""
+    return HalvesFiles(run_dir).marker.is_file()
+
+
+def split_halves(particles: Any, seed: int) -> tuple[np.ndarray, str]:
+    """Half set (1 or 2) of every particle, `(N,)` int64, and where it came from.
+
+    ``particles.random_subset`` (``rlnRandomSubset``) is honoured when it is a 1/2 split with
+    both halves present; otherwise a random split seeded by ``seed`` into halves of
+    ``ceil(N/2)`` and ``floor(N/2)`` particles
+    (:func:`cryospin.backproject.half_set_assignment`).
+    """
+    from cryospin.backproject import half_set_assignment
+
+    n = len(particles)
+    rs = getattr(particles, "random_subset", None)
+    usable = rs is not None and set(np.unique(np.asarray(rs)).tolist()) == {1, 2}
+    half = half_set_assignment(n, random_subset=rs if usable else None, seed=seed)
+    return half, ("rlnRandomSubset" if usable else "random")
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
+
+
+def _load_half_set(files: HalvesFiles, n: int) -> np.ndarray:
+    try:
+        half = np.load(files.half_set, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the half split ({exc})", files.half_set) from None
+    if half.shape != (n,) or not set(np.unique(half).tolist()) <= {1, 2}:
+        raise InputError(
+            f"the half split has {half.shape[0] if half.ndim else 0} entries but there are {n} "
+            "particles (were the particles changed?)", files.half_set,
+        )
+    return half.astype(np.int64)
+
+
+def _start(
+    files: HalvesFiles, config: Config, particles: Any, argv: list[str] | None
+) -> tuple[np.ndarray, str]:
+    """New halves run: check the folder, split, write the marker, split and config."""
+    if files.marker.exists() or any(
+        (files.half_dir(w) / name).exists() for w in (1, 2)
+        for name in ("checkpoint.pt", "metrics.jsonl")
+    ):
+        raise OutputError("already holds a run (use --resume to continue it, or choose "
+                          "another -o)", files.dir)
+    files.dir.mkdir(parents=True, exist_ok=True)
+    half, source = split_halves(particles, config.run.seed)
+    _save_npy(files.half_set, half)
+    save_config(files.config, config, argv)
+    marker = {
+        "cryospin_version": __version__,
+        "kind": "gold-standard halves",
+        "num_particles": int(half.size),
+        "half_sizes": [int((half == 1).sum()), int((half == 2).sum())],
+        "split_source": source,
+        "seed": int(config.run.seed),
+        "half_seeds": [int(config.run.seed), int(config.run.seed) + HALF_B_SEED_OFFSET],
+        "halves": list(HALF_NAMES),
+    }
+    atomic_write_text(files.marker, json.dumps(marker, indent=2) + "\n")
+    return half, source
+
+
+def _resume(
+    files: HalvesFiles, config: Config, particles: Any, argv: list[str] | None
+) -> tuple[np.ndarray, str]:
+    if not files.marker.is_file():
+        raise InputError("not a --halves run (no halves.json here)", files.dir)
+    half = _load_half_set(files, len(particles))
+    try:
+        source = str(json.loads(files.marker.read_text(encoding="utf-8"))["split_source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError("halves.json is unreadable", files.marker) from None
+    first_argv, resumed = read_config_argv(files.config)
+    save_config(files.config, config, first_argv, resumed=[*resumed, argv])
+    return half, source
+
+
+def _half_config(config: Config, which: int, ind_path: Path) -> Config:
+    """The configuration of half ``which``: its particle indices and its seed."""
+    seed = config.run.seed + (HALF_B_SEED_OFFSET if which == 2 else 0)
+    return dataclasses.replace(
+        config,
+        input=dataclasses.replace(config.input, ind=str(ind_path.resolve())),
+        run=dataclasses.replace(config.run, seed=seed),
+    )
+
+
+def _original_indices(config: Config, local: np.ndarray) -> np.ndarray:
+    """Indices of the half's particles in the original file (composing the user's ``--ind``)."""
+    if config.input.ind is None:
+        return local
+    from cryospin.io.particles import load_indices
+
+    return load_indices(config.input.ind)[local]
+
+
+def _half_status(half_dir: Path, epochs: int) -> tuple[str, int]:
+    """``("new" | "partial" | "finished", epochs done)`` of a half's run folder."""
+    from cryospin.train.fit import RunFiles
+    from cryospin.train.metrics import read_metrics
+
+    f = RunFiles(half_dir)
+    if not f.checkpoint.is_file():
+        return "new", 0
+    rows = read_metrics(f.metrics)
+    done = int(rows[-1].get("epoch", 0)) if rows else 0
+    if (done >= epochs and f.map.is_file() and f.star.is_file()
+            and f.map.stat().st_mtime >= f.checkpoint.stat().st_mtime):
+        return "finished", done
+    return "partial", done
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def fit_halves(
+    config: Config,
+    particles: Any,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    argv: list[str] | None = None,
+    stop_after: int | None = None,
+) -> HalvesResult:
+    """Reconstruct two half sets independently, then combine them (module docstring).
+
+    Parameters
+    ----------
+    config : Config
+        Shared by both halves.
+    particles : ParticleSet
+        All particles (after any ``--ind`` selection).
+    run_dir : path
+        The halves run folder.
+    resume : bool
+        Continue the halves run in ``run_dir`` (finished halves are skipped).
+    argv : list of str, optional
+        Command line, recorded in the config files.
+    stop_after : int, optional
+        Stop each half after this epoch (both halves are brought to it), without combining.
+
+    Returns
+    -------
+    HalvesResult
+
+    Raises
+    ------
+    TrainingInterrupted
+        On Ctrl-C, naming ``run_dir`` (continue with ``--resume run_dir``).
+    """
+    from cryospin.train.fit import TrainingInterrupted, fit
+
+    files = HalvesFiles(run_dir)
+    setup = _resume if resume else _start
+    half, source = setup(files, config, particles, argv)
+    sizes = (int((half == 1).sum()), int((half == 2).sum()))
+    if min(sizes) < 2:
+        raise InputError(f"each half needs at least 2 particles, got {sizes[0]} and {sizes[1]}",
+                         particles.source)
+    E = config.schedule.epochs
+    done: list[int] = []
+    finished = True
+    for which in (1, 2):
+        half_dir = files.half_dir(which)
+        local = np.flatnonzero(half == which)
+        status, epochs_done = _half_status(half_dir, E)
+        if status == "finished":
+            log.info("%s is finished (%d epochs)", half_dir.name, epochs_done)
+            done.append(epochs_done)
+            continue
+        half_dir.mkdir(parents=True, exist_ok=True)
+        ind_path = half_dir / "particles.ind.npy"
+        if status == "new":
+            (half_dir / "metrics.jsonl").unlink(missing_ok=True)  # crashed before a checkpoint
+            _save_npy(ind_path, _original_indices(config, local))
+        log.info("%s: %s run on %d particles", half_dir.name,
+                 "resuming the" if status == "partial" else "starting a", local.size)
+        try:
+            result = fit(_half_config(config, which, ind_path), particles.subset(local),
+                         half_dir, resume=status == "partial", argv=argv, stop_after=stop_after)
+        except TrainingInterrupted as exc:
+            raise TrainingInterrupted(files.dir, exc.last_epoch) from None
+        done.append(result.epochs_completed)
+        finished = finished and result.finished
+    if not finished:
+        return HalvesResult(files.dir, False, (done[0], done[1]), sizes, source)
+    gold, align = combine_halves(files.dir, particles, half, config=config)
+    return HalvesResult(files.dir, True, (done[0], done[1]), sizes, source, gold, align)
+
+
+def _auto_mask_widths(box_px: int) -> tuple[float, float]:
+    """Dilation and soft edge (pixels) of the automatic mask for a box: 1–3 and 2–6 px."""
+    return float(np.clip(box_px / 32, 1.0, 3.0)), float(np.clip(box_px / 8, 2.0, 6.0))
+
+
+def _read_half_poses(star: Path, box_px: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from cryospin.io.star import read_relion_star
+
+    ps = read_relion_star(star, no_ctf=True, metadata_only=True, box_px=box_px)
+    if ps.rotations is None:
+        raise InputError("no poses in the half's star file", star)
+    n = len(ps)
+    shifts = ps.shifts_px if ps.shifts_px is not None else torch.zeros(n, 2, dtype=torch.float64)
+    return ps.rotations.double(), shifts.double()
+
+
+def combine_halves(
+    run_dir: str | Path,
+    particles: Any,
+    half_set: np.ndarray,
+    *,
+    config: Config,
+    mask_dilate_px: float | None = None,
+    mask_soft_edge_px: float | None = None,
+) -> tuple[GoldStandardFSC, AlignResult]:
+    """Align, mask, FSC, combine and write the outputs of two finished half runs.
+
+    Parameters
+    ----------
+    run_dir : path
+        Halves run folder holding ``half_A/`` and ``half_B/`` (each with ``map.mrc`` and
+        ``poses.star``).
+    particles : ParticleSet
+        All particles, in the order ``half_set`` refers to.
+    half_set : `(N,)` ints in {1, 2}
+    config : Config
+        For the seed of the phase randomisation and the CPU threads.
+    mask_dilate_px, mask_soft_edge_px : float, optional
+        Automatic mask parameters (default: scaled with the box, 1–3 and 2–6 px).
+
+    Returns
+    -------
+    (GoldStandardFSC, AlignResult)
+    """
+    threads = torch.get_num_threads()
+    if config.run.num_threads is not None:
+        torch.set_num_threads(config.run.num_threads)
+    try:
+        return _combine(HalvesFiles(run_dir), particles, np.asarray(half_set), config,
+                        mask_dilate_px, mask_soft_edge_px)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _combine(
+    files: HalvesFiles,
+    particles: Any,
+    half_set: np.ndarray,
+    config: Config,
+    mask_dilate_px: float | None,
+    mask_soft_edge_px: float | None,
+) -> tuple[GoldStandardFSC, AlignResult]:
+    from cryospin.evaluate.align import align_maps
+    from cryospin.evaluate.gold_standard import (
+        fsc_weighted_average,
+        gold_standard_fsc,
+        poses_in_aligned_frame,
+        write_postprocess_star,
+    )
+    from cryospin.evaluate.masks import auto_mask
+    from cryospin.io.mrc import read_map, write_map
+    from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
+    from cryospin.train.fit import RunFiles
+
+    half_files = [RunFiles(files.half_dir(w)) for w in (1, 2)]
+    maps = [torch.tensor(read_map(f.map)[0], dtype=torch.float64) for f in half_files]
+    map_a, map_b = maps
+    if map_a.shape != map_b.shape:
+        raise InputError(f"the half maps differ in shape ({tuple(map_a.shape)} vs "
+                         f"{tuple(map_b.shape)})", files.dir)
+    L = map_a.shape[-1]
+    # the half maps are at the training box (--box crops): voxel = pixel size · L0 / L
+    to_original_px = int(particles.box_px) / L
+    apix = float(particles.pixel_size_angstrom) * to_original_px
+    pixel_size = apix if apix > 0 else None
+
+    log.info("aligning half B onto half A (rotation, shift, hand)")
+    align = align_maps(map_a, map_b, search_hand=True)
+    b_aligned = align.aligned.double()
+    dilate, edge = _auto_mask_widths(L)
+    mask = auto_mask(0.5 * (map_a + b_aligned),
+                     dilate_px=dilate if mask_dilate_px is None else mask_dilate_px,
+                     soft_edge_px=edge if mask_soft_edge_px is None else mask_soft_edge_px)
+    gold = gold_standard_fsc(map_a, b_aligned, mask, pixel_size_angstrom=pixel_size,
+                             seed=config.run.seed)
+    combined = fsc_weighted_average(map_a, b_aligned, gold.corrected.fsc)
+
+    write_map(files.half_maps[0], map_a.numpy(), apix)
+    write_map(files.half_maps[1], b_aligned.numpy(), apix)
+    write_map(files.map, combined.numpy(), apix)
+    write_map(files.mask, mask.numpy(), apix)
+    write_map(files.masked_map, (combined * mask).numpy(), apix)
+    write_postprocess_star(
+        files.postprocess, gold, half1_name=files.half_maps[0].name,
+        half2_name=files.half_maps[1].name, mask_name=files.mask.name,
+        masked_map_name=files.masked_map.name,
+    )
+    summary = gold.to_dict()
+    summary["alignment"] = {
+        "rotation": align.rotation.tolist(),
+        "translation_px": align.translation_px.tolist(),
+        "flipped": bool(align.flipped),
+        "correlation": float(align.correlation),
+    }
+    summary["half_sizes"] = [int((half_set == 1).sum()), int((half_set == 2).sum())]
+    atomic_write_text(files.fsc_json, json.dumps(summary, indent=2) + "\n")
+    _plot(files.fsc_png, gold)
+
+    # poses: A's as they are, B's moved into A's frame by the alignment (incl. hand)
+    n = len(particles)
+    rotations = torch.zeros(n, 3, 3, dtype=torch.float64)
+    shifts = torch.zeros(n, 2, dtype=torch.float64)
+    for which, f in zip((1, 2), half_files, strict=True):
+        idx = torch.from_numpy(np.flatnonzero(half_set == which))
+        R, s = _read_half_poses(f.star, particles.box_px)
+        if R.shape[0] != idx.numel():
+            raise InputError(f"{R.shape[0]} poses for {idx.numel()} particles of this half",
+                             f.star)
+        if which == 2:
+            # the alignment's translation is in map voxels; the shifts in original pixels
+            R, s = poses_in_aligned_frame(R, s, align.rotation,
+                                          align.translation_px * to_original_px, align.flipped)
+        rotations[idx], shifts[idx] = R, s
+    both = dataclasses.replace(particles.with_poses(rotations, shifts),
+                               random_subset=half_set.astype(np.int64))
+    write_particles_star(files.star, both)
+    write_cryodrgn_poses(files.pkl, rotations, shifts, particles.box_px)
+    log.info("wrote %s, %s, %s", files.map, files.postprocess, files.star)
+    return gold, align
+
+
+def _plot(path: Path, gold: GoldStandardFSC) -> None:
+    from cryospin.plotting import plot_fsc
+
+    try:
+        plot_fsc(
+            [("unmasked", gold.unmasked), ("masked", gold.masked),
+             ("phase-randomised masked", gold.phase_randomised),
+             ("corrected", gold.corrected)],
+            path, thresholds=(0.143,), title="gold-standard FSC (half A vs aligned half B)",
+        )
+    except CryospinError as exc:  # matplotlib missing: the numbers are in fsc.json
+        log.warning("FSC plot not written (%s)", exc)
+
+
+def format_summary(result: HalvesResult) -> str:
+    """A few lines for the terminal: half sizes, alignment and the resolutions at 0.143."""
+    a, b = result.half_sizes
+    lines = [f"halves: {a} + {b} particles ({result.split_source}), epochs "
+             f"{result.epochs_completed[0]} / {result.epochs_completed[1]}"]
+    gold, align = result.gold_standard, result.alignment
+    if gold is None or align is None:
+        return "\n".join(lines)
+    unit = "Å" if gold.unmasked.pixel_size_angstrom is not None else "px"
+
+    def res(x: float) -> str:
+        return f"{x:.2f} {unit}" if math.isfinite(x) else "–"
+
+    lines.append(f"half B aligned onto half A: {'mirrored, ' if align.flipped else ''}"
+                 f"correlation {align.correlation:.3f}")
+    lines.append(
+        f"FSC 0.143: unmasked {res(gold.unmasked.resolution(0.143))}, masked "
+        f"{res(gold.masked.resolution(0.143))}, corrected {res(gold.final_resolution)} "
+        f"(phases randomised beyond {res(gold.randomise_from_resolution)})"
+    )
+    lines.append(f"map {HalvesFiles(result.run_dir).map}, "
+                 f"postprocess {HalvesFiles(result.run_dir).postprocess}")
+    return "\n".join(lines)

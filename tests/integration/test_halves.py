@@ -1,0 +1,159 @@
+"""End to end: ``cryospin reconstruct --halves`` on a tiny simulated data set (16 px, 200
+particles, 2 epochs, one thread), stopped after epoch 1, resumed, then resumed again after
+half B lost its final outputs.
+
+The particles are made with cryospin's own forward model (an "inverse crime", acceptable: the
+test checks the workflow and its files, not accuracy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import starfile
+import torch
+
+from cryospin.cli.main import main as cli_main
+from cryospin.forward.ctf import CTFParams, compute_ctf
+from cryospin.forward.hartley import hartley3, ihartley2
+from cryospin.forward.model import render
+from cryospin.io.mrc import read_map, write_stack
+from cryospin.io.particles import load_particles, write_particles_star
+from cryospin.io.pkl import write_cryodrgn_ctf
+from cryospin.io.star import read_relion_star
+from cryospin.rotations import random_rotations
+from cryospin.train.config import load_config
+from cryospin.train.metrics import read_metrics
+
+L, N, APIX = 16, 200, 4.0
+
+
+def _blobs(L: int, g: torch.Generator) -> torch.Tensor:
+    k = torch.arange(L, dtype=torch.float64) - L // 2
+    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
+    vol = torch.zeros(L, L, L, dtype=torch.float64)
+    for cx, cy, cz in ((torch.rand(5, 3, generator=g, dtype=torch.float64) - 0.5) * L * 0.45):
+        vol += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * (L / 12) ** 2))
+    return vol
+
+
+@pytest.fixture(scope="module")
+def star_with_subsets(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """``particles.star`` (RELION 3.1) with an ``rlnRandomSubset`` column; returns it and the
+    subsets."""
+    folder = tmp_path_factory.mktemp("halves_data")
+    g = torch.Generator().manual_seed(2)
+    vol = _blobs(L, g)
+    rot = random_rotations(N, generator=g)
+    f64 = {"dtype": torch.float64}
+    defocus = torch.empty(N, **f64).uniform_(8000.0, 15000.0, generator=g)
+    ctf = CTFParams(
+        defocus_u_angstrom=defocus, defocus_v_angstrom=defocus.clone(),
+        defocus_angle_deg=torch.zeros(N, **f64), voltage_kv=torch.full((N,), 300.0, **f64),
+        cs_mm=torch.full((N,), 2.7, **f64), amplitude_contrast=torch.full((N,), 0.1, **f64),
+        phase_shift_deg=torch.zeros(N, **f64), bfactor_a2=torch.zeros(N, **f64),
+    )
+    clean = ihartley2(render(hartley3(vol), rot, None, compute_ctf(ctf, L, APIX)))
+    images = clean + 0.5 * float(clean.std()) * torch.randn(clean.shape, generator=g, **f64)
+    write_stack(folder / "particles.mrcs", images, APIX)
+    write_cryodrgn_ctf(folder / "ctf.pkl", ctf, L, APIX)
+    ps = load_particles(folder / "particles.mrcs", ctf_pkl=folder / "ctf.pkl")
+    subsets = np.random.default_rng(0).permutation(np.repeat([1, 2], N // 2)).astype(np.int64)
+    write_particles_star(folder / "particles.star", dataclasses.replace(ps,
+                                                                        random_subset=subsets))
+    return folder / "particles.star", subsets
+
+
+OUTPUTS = ("half_A.mrc", "half_B.mrc", "map.mrc", "mask.mrc", "map_masked.mrc",
+           "postprocess.star", "fsc.json", "fsc.png", "poses.star", "poses.pkl")
+
+
+def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> None:
+    star, subsets = star_with_subsets
+    run = tmp_path / "run"
+    status = cli_main([
+        "reconstruct", str(star), "-o", str(run), "--halves", "--epochs", "2",
+        "--switch-epoch", "1", "--heads", "2", "--width", "0.125", "--no-bf16",
+        "--batch-size", "50", "--search-rotations", "128", "--device", "cpu",
+        "--threads", "1", "--no-progress", "--seed", "4", "--stop-after", "1",
+    ])
+    assert status == 0
+    assert "--resume" in capsys.readouterr().out
+    for name in ("half_A", "half_B"):  # both halves stopped after epoch 1
+        assert [r["epoch"] for r in read_metrics(run / name / "metrics.jsonl")] == [1]
+    assert not any((run / f).exists() for f in OUTPUTS)
+    # the split is rlnRandomSubset; each half's config names its particles
+    np.testing.assert_array_equal(np.load(run / "half_set.npy"), subsets)
+    for which, name in ((1, "half_A"), (2, "half_B")):
+        ind = np.load(run / name / "particles.ind.npy")
+        np.testing.assert_array_equal(ind, np.flatnonzero(subsets == which))
+        cfg = load_config(run / name / "config.yaml")
+        assert cfg.input.ind == str((run / name / "particles.ind.npy").resolve())
+        assert cfg.run.seed == 4 + (1000 if which == 2 else 0)  # independent initialisations
+    assert json.loads((run / "halves.json").read_text())["split_source"] == "rlnRandomSubset"
+
+    # --resume finds the halves run and finishes both halves, then combines them
+    assert cli_main(["reconstruct", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "FSC 0.143" in out and "corrected" in out
+    for f in OUTPUTS:
+        assert (run / f).is_file(), f
+    for name in ("half_A", "half_B"):
+        assert [r["epoch"] for r in read_metrics(run / name / "metrics.jsonl")] == [1, 2]
+
+    blocks = starfile.read(run / "postprocess.star", always_dict=True)
+    general, table = blocks["general"], blocks["fsc"]
+    assert len(table) == L // 2 + 1
+    assert general["rlnUnfilteredMapHalf1"] == "half_A.mrc"
+    assert general["rlnMaskName"] == "mask.mrc"
+    summary = json.loads((run / "fsc.json").read_text())
+    final = summary["final_resolution_angstrom"]
+    assert final is not None and 2 * APIX <= final
+    assert general["rlnFinalResolution"] == pytest.approx(final, rel=1e-5)
+    np.testing.assert_allclose(table["rlnFourierShellCorrelationCorrected"],
+                               summary["fsc_corrected"], atol=1e-6)
+    assert summary["half_sizes"] == [N // 2, N // 2]
+    assert isinstance(summary["alignment"]["flipped"], bool)
+
+    combined, apix = read_map(run / "map.mrc")
+    assert combined.shape == (L, L, L) and math.isclose(apix, APIX, rel_tol=1e-5)
+    assert np.isfinite(combined).all()
+    mask, _ = read_map(run / "mask.mrc")
+    assert mask.min() >= 0 and mask.max() <= 1 + 1e-6 and mask.max() > 0.99
+
+    poses = read_relion_star(run / "poses.star", metadata_only=True)
+    assert len(poses) == N
+    np.testing.assert_array_equal(poses.random_subset, subsets)
+    R = poses.rotations
+    torch.testing.assert_close(R @ R.transpose(-1, -2), torch.eye(3, dtype=R.dtype).expand(N, 3, 3),
+                               atol=1e-9, rtol=0)
+    # half A's poses are copied unchanged
+    half_a = read_relion_star(run / "half_A" / "poses.star", metadata_only=True)
+    torch.testing.assert_close(R[torch.from_numpy(subsets == 1)], half_a.rotations,
+                               atol=1e-9, rtol=0)
+
+    # half B loses its final outputs (as after a crash while writing them): --resume redoes
+    # only those, leaving the finished half A alone
+    a_ckpt = (run / "half_A" / "checkpoint.pt").stat().st_mtime_ns
+    (run / "half_B" / "map.mrc").unlink()
+    assert cli_main(["reconstruct", "--resume", str(run)]) == 0
+    assert (run / "half_B" / "map.mrc").is_file()
+    assert (run / "half_A" / "checkpoint.pt").stat().st_mtime_ns == a_ckpt
+    assert [r["epoch"] for r in read_metrics(run / "half_B" / "metrics.jsonl")] == [1, 2]
+
+
+def test_halves_refuses_a_used_folder(star_with_subsets, tmp_path, capsys) -> None:
+    star, _ = star_with_subsets
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "halves.json").write_text("{}")
+    status = cli_main(["reconstruct", str(star), "-o", str(run), "--halves", "--epochs", "1",
+                       "--device", "cpu", "--threads", "1", "--no-progress"])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0]
