@@ -15,6 +15,12 @@ Figures (each function writes exactly one PNG; matplotlib is imported lazily, Ag
   of equal-area bins;
 * :func:`plot_map_views` — central sections and projections (sums) along z, y and x;
 * :func:`plot_rotation_errors` — histogram of the rotation error against ground-truth poses;
+* :func:`plot_track_errors` — with ``pose_track.npz`` (:mod:`cryospin.train.track`) and
+  ground-truth poses: median and mean rotation error of the tracked particles against the
+  epoch, the switch marked;
+* :func:`plot_head_errors` — per encoder head, the rotation error of its prediction at the last
+  auto-encoding epoch, at each particle's ground-truth view direction (equal-area map);
+* :func:`plot_pose_posterior` — one particle's view posterior (``cryospin posterior``);
 * the FSC curve against a ground-truth map (:func:`cryospin.plotting.plot_fsc`).
 
 Conventions (``docs/conventions.md``): volumes are `(L, L, L)` indexed ``[z, y, x]``; a rotation
@@ -60,6 +66,12 @@ __all__ = [
     "plot_orientations",
     "plot_map_views",
     "plot_rotation_errors",
+    "TrackErrors",
+    "track_errors",
+    "head_errors",
+    "plot_track_errors",
+    "plot_head_errors",
+    "plot_pose_posterior",
     "build_html",
     "write_report",
 ]
@@ -503,6 +515,242 @@ def plot_rotation_errors(result: Any, path: str | Path) -> None:
     _save(fig, path)
 
 
+# ---------------------------------------------------------------------------- pose track
+@dataclass(frozen=True)
+class TrackErrors:
+    """Rotation errors of the tracked particles (``pose_track.npz``) against the ground truth.
+
+    Every epoch is aligned on its own (global rotation and hand, as
+    :func:`~cryospin.evaluate.pose_error.pose_error` does for the final poses): the map's frame
+    drifts during training, so one alignment for all epochs would mix frame drift into the
+    error.
+
+    Attributes
+    ----------
+    epochs : `(E,)` int64
+    median_deg, mean_deg : `(E,)` float64
+        Median and mean rotation error over the tracked particles after alignment.
+    results : list of PoseErrorResult
+        One per epoch (``alignment``, ``flipped``, per-particle errors).
+    stage1 : `(E,)` bool
+        Epochs with head predictions (auto-encoding).
+    """
+
+    epochs: np.ndarray
+    median_deg: np.ndarray
+    mean_deg: np.ndarray
+    results: list[Any]
+    stage1: np.ndarray
+
+
+def track_errors(
+    track: Any, gt_rotations: Any, *, allow_flip: bool = True, max_epochs: int = 60
+) -> TrackErrors:
+    """Per-epoch rotation errors of a :class:`~cryospin.train.track.PoseTrack` against the
+    ground-truth rotations of all `(N, 3, 3)` particles (rows ``track.indices`` are used).
+
+    At most ``max_epochs`` epochs are evaluated (evenly spread, always with the last one and
+    the last auto-encoding epoch; :func:`pick_epochs`): each alignment costs up to ~0.3 s.
+    """
+    from cryospin.evaluate.pose_error import pose_error
+
+    gt = np.asarray(gt_rotations.detach().cpu() if hasattr(gt_rotations, "detach")
+                    else gt_rotations, dtype=np.float64)[track.indices]  # (K, 3, 3)
+    stage1 = track.stage1_mask()
+    epochs = np.asarray(track.epochs, dtype=np.int64)
+    keep = [int(epochs[stage1][-1])] if stage1.any() else []
+    chosen = set(pick_epochs(epochs.tolist(), max_epochs, keep=keep))
+    rows = [e for e in range(epochs.shape[0]) if int(epochs[e]) in chosen]
+    results = [pose_error(track.rotations[e].astype(np.float64), gt, allow_flip=allow_flip)
+               for e in rows]
+    return TrackErrors(
+        epochs=epochs[rows],
+        median_deg=np.array([np.median(r.rotation_error_deg) for r in results]),
+        mean_deg=np.array([np.mean(r.rotation_error_deg) for r in results]),
+        results=results,
+        stage1=stage1[rows],
+    )
+
+
+def head_errors(track: Any, gt_rotations: Any, errors: TrackErrors) -> tuple[int, np.ndarray]:
+    """Rotation error of every head's prediction at the last stage-1 epoch of the track.
+
+    The heads are compared with the ground truth brought into the run's frame by that epoch's
+    alignment (of the best-head poses; :func:`gt_in_run_frame`).
+
+    Returns
+    -------
+    epoch : int
+    errors_deg : `(M, K)` float64
+        Geodesic angle between head ``m``'s rotation and the aligned ground truth of tracked
+        particle ``k``.
+
+    Raises
+    ------
+    ValueError
+        When the track holds no stage-1 epoch.
+    """
+    import torch
+
+    from cryospin.rotations import geodesic_distance_deg
+
+    if not errors.stage1.any():
+        raise ValueError("the pose track holds no auto-encoding epoch")
+    e = int(np.flatnonzero(errors.stage1)[-1])
+    gt = np.asarray(gt_rotations.detach().cpu() if hasattr(gt_rotations, "detach")
+                    else gt_rotations, dtype=np.float64)[track.indices]
+    epoch = int(errors.epochs[e])
+    row = int(np.flatnonzero(track.epochs == epoch)[0])
+    ref = gt_in_run_frame(gt, errors.results[e])  # (K, 3, 3)
+    heads = torch.as_tensor(track.head_rotations[row], dtype=torch.float64)  # (K, M, 3, 3)
+    err = geodesic_distance_deg(heads, ref[:, None])  # (K, M)
+    return epoch, err.T.numpy().copy()
+
+
+def plot_track_errors(errors: TrackErrors, path: str | Path) -> None:
+    """Median and mean rotation error of the tracked particles against the epoch, the switch
+    (between the last auto-encoding and the first auto-decoding epoch) marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    ep = errors.epochs
+    ax.plot(ep, errors.median_deg, "o-", color="tab:blue", label="median")
+    ax.plot(ep, errors.mean_deg, "s--", color="tab:red", label="mean")
+    s1, s2 = errors.stage1, ~errors.stage1
+    if s1.any() and s2.any():
+        x = 0.5 * (ep[s1].max() + ep[s2].min())
+        ax.axvline(x, color="k", linestyle="--", linewidth=1)
+        ax.text(x, 0.02, " switch", transform=ax.get_xaxis_transform(), va="bottom",
+                ha="left", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("rotation error (°)")
+    top = float(np.nanmax(np.concatenate([errors.mean_deg, errors.median_deg]))) if ep.size else 1
+    ax.set_ylim(0, min(180.0, 1.25 * top + 1.0))
+    k = int(errors.results[0].rotation_error_deg.shape[0]) if errors.results else 0
+    ax.set_title(f"tracked particles ({k}) vs ground truth, each epoch aligned "
+                 "(global rotation and hand)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _mollweide_xy(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Longitude ``atan2(y, x)`` and latitude ``asin z`` (radians) of unit vectors `(n, 3)`."""
+    v = np.asarray(directions, dtype=np.float64).reshape(-1, 3)
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return np.arctan2(v[:, 1], v[:, 0]), np.arcsin(np.clip(v[:, 2], -1.0, 1.0))
+
+
+def plot_head_errors(gt_directions: Any, errors_deg: np.ndarray, path: str | Path, *,
+                     epoch: int | None = None) -> None:
+    """Per head, the rotation error of its prediction at the ground-truth view direction of
+    each particle, on an equal-area (Mollweide) map (paper Fig. 6).
+
+    Parameters
+    ----------
+    gt_directions : `(K, 3)`
+        Ground-truth view directions (third rows of the ground-truth rotations).
+    errors_deg : `(M, K)`
+        From :func:`head_errors`.
+    """
+    plt = pyplot()
+    errors_deg = np.asarray(errors_deg, dtype=np.float64)
+    m = errors_deg.shape[0]
+    lon, lat = _mollweide_xy(np.asarray(gt_directions))
+    cols = min(m, 3)
+    rows = -(-m // cols)
+    fig = plt.figure(figsize=(3.9 * cols, 2.1 * rows + 1.1), dpi=110, layout="constrained")
+    mappable = None
+    size = float(np.clip(4000.0 / max(lon.size, 1), 6.0, 40.0))
+    for h in range(m):
+        ax = fig.add_subplot(rows, cols, h + 1, projection="mollweide")
+        mappable = ax.scatter(lon, lat, c=errors_deg[h], s=size, cmap="viridis_r", vmin=0,
+                              vmax=180, edgecolors="none")
+        ax.set_xticklabels([])
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.4)
+        good = float(np.mean(errors_deg[h] < 10.0)) * 100
+        ax.set_title(f"head {h + 1}: median {np.median(errors_deg[h]):.0f}°, "
+                     f"{good:.0f} % < 10°", fontsize=8)
+    if mappable is not None:
+        fig.colorbar(mappable, ax=fig.axes, orientation="horizontal", shrink=0.6,
+                     aspect=40, label="rotation error of the head's pose (°)")
+    fig.suptitle("per-head rotation error at the ground-truth view direction"
+                 + (f" (epoch {epoch}, last auto-encoding epoch)" if epoch is not None else ""),
+                 fontsize=10)
+    _save(fig, path)
+
+
+def _break_wraps(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Insert NaNs where a path crosses the ±180° meridian (no line across the map)."""
+    if lon.size < 2:
+        return lon, lat
+    jumps = np.flatnonzero(np.abs(np.diff(lon)) > math.pi) + 1
+    return np.insert(lon, jumps, np.nan), np.insert(lat, jumps, np.nan)
+
+
+def plot_pose_posterior(
+    result: Any, nside: int, path: str | Path, *, range_nats: float = 30.0
+) -> None:
+    """A particle's view posterior (:class:`~cryospin.evaluate.posterior.ParticlePosterior`)
+    on an equal-area (Mollweide) map, HEALPix pixels drawn exactly.
+
+    Colour: ``log p − max log p`` (nats), clipped at ``−range_nats``. Overlays: each head's
+    candidate at the last auto-encoding epoch (numbered; the best head, by loss, ringed), the
+    particle's path through the auto-decoding epochs, and its final pose (star).
+    """
+    from cryospin.evaluate.posterior import healpix_ang2pix
+
+    plt = pyplot()
+    logp = np.asarray(result.log_posterior, dtype=np.float64)
+    rel = np.maximum(logp - logp.max(), -float(range_nats))
+    lon_edges = np.linspace(-math.pi, math.pi, 481)  # 0.75° cells: HEALPix shapes drawn
+    lat_edges = np.linspace(-math.pi / 2, math.pi / 2, 241)
+    lon_c = 0.5 * (lon_edges[1:] + lon_edges[:-1])
+    lat_c = 0.5 * (lat_edges[1:] + lat_edges[:-1])
+    pix = healpix_ang2pix(nside, (math.pi / 2 - lat_c)[:, None], lon_c[None, :])  # (240, 480)
+    fig = plt.figure(figsize=(8.0, 4.8), dpi=110)
+    ax = fig.add_subplot(111, projection="mollweide")
+    mesh = ax.pcolormesh(lon_edges, lat_edges, rel[pix], cmap="magma", shading="flat",
+                         vmin=-float(range_nats), vmax=0.0, rasterized=True)
+    fig.colorbar(mesh, ax=ax, orientation="horizontal", fraction=0.05, pad=0.08,
+                 label="log posterior − max (nats), in-plane angle marginalised")
+    if result.head_rotations is not None:
+        lon, lat = _mollweide_xy(np.asarray(result.head_rotations)[:, 2, :])
+        best = int(np.nanargmin(result.head_losses)) if result.head_losses is not None else -1
+        ax.scatter(lon, lat, s=40, marker="o", facecolors="none", edgecolors="cyan",
+                   linewidths=1.5, label=f"heads (epoch {result.head_epoch})", zorder=3)
+        for h, (x, y) in enumerate(zip(lon, lat)):
+            ax.annotate(str(h + 1), (x, y), xytext=(5, 3), textcoords="offset points",
+                        color="cyan", fontsize=9, fontweight="bold")
+        if best >= 0:
+            ax.scatter(lon[best], lat[best], s=110, marker="o", facecolors="none",
+                       edgecolors="cyan", linewidths=1.6, label="best head", zorder=3)
+    if result.path_rotations is not None and len(result.path_rotations):
+        lon, lat = _mollweide_xy(np.asarray(result.path_rotations)[:, 2, :])
+        px, py = _break_wraps(lon, lat)
+        ax.plot(px, py, "-", color="lime", linewidth=1.6, zorder=3)
+        epochs = result.path_epochs
+        label = "auto-decoding path" + (f" (epochs {int(epochs[0])}–{int(epochs[-1])})"
+                                        if epochs is not None and len(epochs) else "")
+        ax.scatter(lon, lat, s=16, color="lime", edgecolors="black", linewidths=0.4,
+                   zorder=3, label=label)
+    if result.final_rotation is not None:
+        lon, lat = _mollweide_xy(np.asarray(result.final_rotation)[2, :][None])
+        ax.scatter(lon, lat, s=160, marker="*", color="white", edgecolors="black",
+                   linewidths=0.8, zorder=4, label="final pose")
+    ax.grid(alpha=0.3, color="0.7")
+    ax.tick_params(labelsize=7, colors="0.3")
+    ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.05, -0.05), framealpha=0.8)
+    ax.set_title(f"particle {result.particle}: posterior over view directions R[2, :] "
+                 f"(HEALPix nside {nside}, {logp.size} pixels)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 # ---------------------------------------------------------------------------- HTML
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto;
@@ -651,6 +899,21 @@ def _read_rotations(path: Path, box_px: int) -> tuple[Any, Any]:
     return ps.rotations, ps.shifts_px
 
 
+def _read_track(run_dir: Path, num_particles: int) -> Any:
+    """The run's pose track when it exists, holds an epoch and fits ``num_particles``."""
+    from cryospin.train.track import TRACK_FILE, load_pose_track
+
+    if not (run_dir / TRACK_FILE).is_file():
+        return None
+    track = load_pose_track(run_dir)
+    if not track.epochs.size or not track.indices.size:
+        return None
+    if int(track.indices.max()) >= num_particles:
+        raise InputError(f"tracks particle {int(track.indices.max())} but the ground truth "
+                         f"has {num_particles} poses", run_dir / TRACK_FILE)
+    return track
+
+
 def gt_in_run_frame(gt_rotations: Any, result: Any) -> Any:
     """Ground-truth rotations expressed in the run's frame, `(N, 3, 3)` float64 tensor.
 
@@ -748,7 +1011,8 @@ def write_report(
         most ``max_epoch_fsc`` epoch maps, each aligned to it with a coarser search) and the
         resolution in the summary.
     gt_poses : ground-truth poses (``.star``/``.cs``, or cryoDRGN ``.pkl``); adds the
-        rotation-error histogram of the final poses (per-epoch poses are not stored).
+        rotation-error histogram of the final poses and, when the run has a
+        ``pose_track.npz``, the error of the tracked particles per epoch and per head.
     output : the HTML file (default ``RUN_DIR/report.html``); figures go to the folder named
         after its stem next to it (default ``RUN_DIR/report/``).
     max_epoch_fsc : int
@@ -827,7 +1091,17 @@ def write_report(
         if aligned.flipped:
             notes.append("The map matches the <b>mirror image</b> of the ground truth: the hand "
                          "is inverted. Use <code>cryospin flip-hand</code> as described below.")
-    pose_result = None
+    pose_result = track_err = track_heads = track = None
+    if gt_R is not None:
+        track = _read_track(run.run_dir, gt_R.shape[0])
+    if track is not None:
+        track_err = track_errors(track, gt_R, allow_flip=search_hand)
+        summary["tracked_rotation_error"] = [
+            {"epoch": int(e), "median_deg": float(md), "mean_deg": float(mn)}
+            for e, md, mn in zip(track_err.epochs, track_err.median_deg, track_err.mean_deg)
+        ]
+        if track_err.stage1.any():
+            track_heads = head_errors(track, gt_R, track_err)
     if gt_R is not None:
         from cryospin.evaluate.pose_error import pose_error
 
@@ -899,8 +1173,24 @@ def write_report(
                                 f"in the run's frame (equal-area)")
         plot_rotation_errors(pose_result, add("rotation_error.png", "Pose error",
                                               "Rotation and view-direction errors of the final "
-                                              "poses after the best global rotation (and hand); "
-                                              "per-epoch poses are not stored."))
+                                              "poses after the best global rotation (and hand)."
+                                              ))
+    if track_err is not None:
+        plot_track_errors(track_err, add(
+            "rotation_error_epochs.png", "Rotation error against epoch",
+            f"Median and mean rotation error of the {track.indices.size} tracked particles "
+            "(pose_track.npz) at the end of each epoch (stage 1: best head; stage 2: pose "
+            "table), each epoch aligned to the ground truth on its own (global rotation and "
+            "hand); the dashed line marks the switch."))
+    if track_heads is not None:
+        head_epoch, head_err = track_heads
+        gt_dirs = view_directions(np.asarray(gt_R.detach().cpu() if hasattr(gt_R, "detach")
+                                             else gt_R)[track.indices])
+        plot_head_errors(gt_dirs, head_err, add(
+            "head_errors.png", "Per-head rotation error over the sphere",
+            f"For the last auto-encoding epoch ({head_epoch}), each head's rotation error "
+            "(after that epoch's alignment) plotted at the ground-truth view direction of "
+            "each tracked particle, on equal-area (Mollweide) maps."), epoch=head_epoch)
     notes.append(HAND_NOTE)
     if not run.finished:
         notes.insert(0, "This run has not finished: the report shows the last completed epoch.")

@@ -43,7 +43,8 @@ needs_matplotlib = pytest.mark.skipif(
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPECTED_FIGURES = {"training.png", "head_usage.png", "orientations.png", "map_views.png",
-                    "fsc.png", "orientations_gt.png", "rotation_error.png"}
+                    "fsc.png", "orientations_gt.png", "rotation_error.png",
+                    "rotation_error_epochs.png", "head_errors.png"}
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -128,6 +129,14 @@ def test_report_html_and_figures(full_report: Path, tiny_run: dict[str, Path]) -
     assert 26.0 - 1e-6 <= summary["resolution_0143_angstrom"] <= 208.0
     assert [r["epoch"] for r in summary["epoch_resolutions"]] == [1, 2]
     assert 0.0 <= summary["median_rotation_error_deg"] <= 180.0
+    # the pose track (all 64 particles tracked): error per epoch, per head
+    tracked = summary["tracked_rotation_error"]
+    assert [r["epoch"] for r in tracked] == [1, 2]
+    assert all(0.0 <= r["median_deg"] <= 180.0 and 0.0 <= r["mean_deg"] <= 180.0
+               for r in tracked)
+    for name in ("rotation_error_epochs.png", "head_errors.png"):
+        _check_png(tiny_run["run"] / "report" / name)
+    assert "Rotation error against epoch" in text and "Per-head rotation error" in text
     fsc_json = json.loads((tiny_run["run"] / "report" / "fsc.json").read_text())
     assert fsc_json["fsc"][0] == pytest.approx(1.0, abs=1e-6)  # DC of aligned maps
 

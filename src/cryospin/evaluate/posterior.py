@@ -1,0 +1,396 @@
+"""Approximate pose posterior over view directions, on a HEALPix grid (paper Figs. 4–5, 7–8).
+
+For one image ``y`` with CTF ``c`` and shift ``t``, the Gaussian image model of training
+(:func:`cryospin.losses.gaussian_nll`, noise variance ``σ²`` per Hartley coefficient) gives
+``log p(y | R) = −NLL(R) + const``. With a uniform prior on SO(3), parametrised by a view
+direction ``v`` (third row of ``R``, ``docs/conventions.md``) and an in-plane angle ``ψ``,
+
+    log p(v | y) = logsumexp_ψ(−NLL(R(v, ψ))) − log S − logsumexp_v(...)       (normalised),
+
+with ``v`` the centres of the ``12·nside²`` equal-area HEALPix pixels and ``ψ`` ``S`` equally
+spaced angles. ``R(v, ψ)`` is RELION's Euler matrix with ``rot = φ``, ``tilt = θ`` of ``v`` and
+``psi = ψ`` (its third row is ``v``). "Approximate": the shift is held fixed and the integrals
+are sums over grids.
+
+HEALPix (Górski et al. 2005, ApJ 622:759), RING scheme: pixels are numbered ring by ring from
+the north pole (``z = +1``), each ring in increasing longitude ``φ ∈ [0, 2π)``. Rings
+``i = 1 … 4·nside − 1``; a polar-cap ring ``i < nside`` has ``4i`` pixels at
+``z = 1 − i²/(3 nside²)``, ``φ = (j − ½) π / (2i)``; an equatorial ring ``nside ≤ i ≤ 3 nside``
+has ``4 nside`` pixels at ``z = 4/3 − 2i/(3 nside)``, ``φ = (j − f) π / (2 nside)`` with
+``f = 1`` when ``i + nside`` is odd and ``½`` otherwise; the south cap mirrors the north.
+Implemented here from the paper (healpy is not a dependency).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryospin.errors import InputError
+
+__all__ = [
+    "healpix_npix",
+    "healpix_pixel_centres",
+    "healpix_vectors",
+    "healpix_ang2pix",
+    "view_rotations",
+    "log_posterior_views",
+    "ParticlePosterior",
+    "run_posteriors",
+]
+
+
+# ---------------------------------------------------------------------------- HEALPix
+def _check_nside(nside: int) -> int:
+    if isinstance(nside, bool) or int(nside) != nside or nside < 1:
+        raise ValueError(f"nside must be a positive integer, got {nside!r}")
+    return int(nside)
+
+
+def healpix_npix(nside: int) -> int:
+    """Number of HEALPix pixels, ``12 · nside²``."""
+    nside = _check_nside(nside)
+    return 12 * nside * nside
+
+
+def healpix_pixel_centres(nside: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centres of the RING-scheme pixels: colatitude ``θ`` and longitude ``φ`` (radians).
+
+    Returns
+    -------
+    theta : `(12 nside²,)` float64 in ``(0, π)``
+    phi : `(12 nside²,)` float64 in ``[0, 2π)``
+    """
+    nside = _check_nside(nside)
+    z_parts, phi_parts = [], []
+    for i in range(1, 4 * nside):
+        if i < nside or i > 3 * nside:  # polar caps: ring i' from the nearer pole
+            ip = i if i < nside else 4 * nside - i
+            j = np.arange(1, 4 * ip + 1, dtype=np.float64)
+            z = 1.0 - ip * ip / (3.0 * nside * nside)
+            phi = (j - 0.5) * math.pi / (2 * ip)
+            if i > 3 * nside:
+                z = -z
+        else:  # equatorial belt
+            j = np.arange(1, 4 * nside + 1, dtype=np.float64)
+            z = 4.0 / 3.0 - 2.0 * i / (3.0 * nside)
+            f = 1.0 if (i + nside) % 2 == 1 else 0.5
+            phi = (j - f) * math.pi / (2 * nside)
+        z_parts.append(np.full(j.shape, z))
+        phi_parts.append(phi)
+    z_all = np.concatenate(z_parts)
+    return np.arccos(np.clip(z_all, -1.0, 1.0)), np.concatenate(phi_parts)
+
+
+def healpix_vectors(nside: int) -> np.ndarray:
+    """Unit vectors ``(x, y, z)`` of the pixel centres, `(12 nside², 3)` float64."""
+    theta, phi = healpix_pixel_centres(nside)
+    s = np.sin(theta)
+    return np.stack([s * np.cos(phi), s * np.sin(phi), np.cos(theta)], axis=1)
+
+
+def healpix_ang2pix(nside: int, theta: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """RING-scheme pixel index of each direction (colatitude ``θ``, longitude ``φ``, radians).
+
+    Parameters
+    ----------
+    theta, phi : `(...)` arrays (broadcast together); ``φ`` is taken modulo ``2π``.
+
+    Returns
+    -------
+    `(...)` int64 in ``[0, 12 nside²)``
+    """
+    nside = _check_nside(nside)
+    theta, phi = np.broadcast_arrays(np.asarray(theta, np.float64), np.asarray(phi, np.float64))
+    z = np.cos(theta)
+    za = np.abs(z)
+    tt = np.mod(phi, 2 * math.pi) / (0.5 * math.pi)  # in [0, 4)
+    tt = np.where(tt >= 4.0, 0.0, tt)
+    npix, ncap, nl4 = 12 * nside * nside, 2 * nside * (nside - 1), 4 * nside
+    out = np.empty(z.shape, dtype=np.int64)
+
+    eq = za <= 2.0 / 3.0
+    # equatorial belt: the pixel is between two ascending and two descending edge lines
+    t1 = nside * (0.5 + tt[eq])
+    t2 = nside * z[eq] * 0.75
+    jp = np.floor(t1 - t2).astype(np.int64)
+    jm = np.floor(t1 + t2).astype(np.int64)
+    ir = nside + 1 + jp - jm  # ring in the belt, 1 … 2 nside + 1
+    kshift = 1 - (ir & 1)
+    ip = ((jp + jm - nside + kshift + 1) // 2) % nl4
+    out[eq] = ncap + (ir - 1) * nl4 + ip
+
+    pol = ~eq
+    tp = tt[pol] - np.floor(tt[pol])
+    tmp = nside * np.sqrt(3.0 * (1.0 - za[pol]))
+    jp = np.floor(tp * tmp).astype(np.int64)
+    jm = np.floor((1.0 - tp) * tmp).astype(np.int64)
+    ir = jp + jm + 1  # ring counted from the nearer pole
+    ip = np.floor(tt[pol] * ir).astype(np.int64) % (4 * ir)
+    out[pol] = np.where(z[pol] > 0, 2 * ir * (ir - 1) + ip, npix - 2 * ir * (ir + 1) + ip)
+    return out
+
+
+# ---------------------------------------------------------------------------- posterior
+def view_rotations(directions: Tensor, psi_rad: Tensor) -> Tensor:
+    """Rotations with third row ``directions`` and in-plane angle ``ψ``, `(D, S, 3, 3)`.
+
+    ``R = Rz(ψ)·Ry(θ)·Rz(φ)`` (RELION's Euler matrix, ``docs/conventions.md``) with ``θ, φ``
+    the colatitude and longitude of each direction `(D, 3)` (unit vectors); ``psi_rad`` `(S,)`.
+    Dtype and device of ``directions``.
+    """
+    from cryospin.rotations import relion_matrix_from_euler
+
+    v = directions / directions.norm(dim=-1, keepdim=True)
+    theta = torch.acos(v[:, 2].clamp(-1.0, 1.0))  # (D,)
+    phi = torch.atan2(v[:, 1], v[:, 0])  # (D,)
+    psi = psi_rad.to(v)
+    D, S = v.shape[0], psi.shape[0]
+    return relion_matrix_from_euler(
+        torch.rad2deg(phi)[:, None].expand(D, S),
+        torch.rad2deg(theta)[:, None].expand(D, S),
+        torch.rad2deg(psi)[None, :].expand(D, S),
+    )  # (D, S, 3, 3)
+
+
+def log_posterior_views(
+    volume_ht: Tensor,
+    observed: Tensor,
+    noise_variance: float,
+    frequencies: Tensor,
+    directions: Tensor,
+    *,
+    psi_steps: int = 36,
+    ctf: Tensor | None = None,
+    shift_px: Tensor | None = None,
+    negation_index: Tensor | None = None,
+    chunk: int = 2048,
+) -> Tensor:
+    """Normalised log posterior of one image over view directions (in-plane marginalised).
+
+    Parameters
+    ----------
+    volume_ht : `(L, L, L)`
+        Hartley volume (``HartleyVolume()``).
+    observed : `(P,)`
+        The image's Hartley values on ``frequencies``, scaled as in training.
+    noise_variance : float
+        ``σ²`` per Hartley coefficient (training's ``TrainingData.noise_variance``).
+    frequencies : `(P, 2)`
+        ``(kx, ky)`` cycles per box (closed under ``k → −k`` when ``shift_px`` is given).
+    directions : `(D, 3)`
+        View directions (e.g. :func:`healpix_vectors`), treated as equal-area cells.
+    psi_steps : int
+        ``S`` in-plane angles ``ψ = 2π s / S``, ``s = 0 … S−1``.
+    ctf : `(P,)`, optional
+    shift_px : `(2,)`, optional
+        Fixed shift ``(tx, ty)`` in pixels.
+    negation_index : `(P,)`, optional
+        ``negation_permutation(frequencies, L)``.
+    chunk : int
+        Rotations rendered per call (bounds memory).
+
+    Returns
+    -------
+    `(D,)` float64: ``log p(v | y)`` with ``logsumexp = 0`` (the images are rendered and
+    scored in the dtype of ``volume_ht``, e.g. float32 as in training).
+    """
+    from cryospin.forward.model import render
+    from cryospin.losses import gaussian_nll
+
+    if psi_steps < 1:
+        raise ValueError(f"psi_steps must be >= 1, got {psi_steps}")
+    dtype, device = volume_ht.dtype, volume_ht.device
+    psi = torch.arange(psi_steps, dtype=torch.float64) * (2 * math.pi / psi_steps)
+    R = view_rotations(directions.to(device=device, dtype=torch.float64), psi.to(device))
+    D = R.shape[0]
+    flat = R.reshape(-1, 3, 3).to(dtype)  # (D S, 3, 3)
+    obs = observed.to(device=device, dtype=dtype)[None]  # (1, P)
+    freqs = frequencies.to(device)
+    out = []
+    with torch.no_grad():
+        for part in flat.split(chunk):
+            sh = None if shift_px is None else shift_px.to(device, dtype).expand(part.shape[0], 2)
+            pred = render(volume_ht, part, sh, None if ctf is None else ctf.to(device, dtype),
+                          frequencies=freqs, negation_index=negation_index)  # (C, P)
+            out.append(-gaussian_nll(pred[None], obs, noise_variance)[0])  # (C,)
+    loglik = torch.cat(out).double().reshape(D, psi_steps)  # (D, S)
+    marginal = torch.logsumexp(loglik, dim=1) - math.log(psi_steps)  # (D,)
+    return marginal - torch.logsumexp(marginal, dim=0)
+
+
+# ---------------------------------------------------------------------------- run folders
+@dataclass(frozen=True)
+class ParticlePosterior:
+    """The view posterior of one particle of a run, with what the plot overlays.
+
+    Attributes
+    ----------
+    particle : int
+        Index in the run's particle set.
+    log_posterior : `(12 nside²,)` float64
+        Normalised over the HEALPix pixels (RING order).
+    final_rotation : `(3, 3)` float64 or None
+        The run's current pose of the particle (pose table of the checkpoint, or the last
+        tracked epoch / ``poses.star`` of a run that never switched).
+    shift_px : `(2,)` float64
+        The shift used (the run's current shift, or 0).
+    head_rotations : `(M, 3, 3)` float64 or None
+        Every head's prediction at the last tracked stage-1 epoch (None if not tracked).
+    head_losses : `(M,)` float64 or None
+    head_epoch : int or None
+    path_rotations : `(E2, 3, 3)` float64 or None
+        The particle's pose at the end of each tracked stage-2 epoch.
+    path_epochs : `(E2,)` int64 or None
+    """
+
+    particle: int
+    log_posterior: np.ndarray
+    final_rotation: np.ndarray | None
+    shift_px: np.ndarray
+    head_rotations: np.ndarray | None = None
+    head_losses: np.ndarray | None = None
+    head_epoch: int | None = None
+    path_rotations: np.ndarray | None = None
+    path_epochs: np.ndarray | None = None
+
+
+def _read_track(run_dir: Path) -> Any:
+    from cryospin.train.track import TRACK_FILE, load_pose_track
+
+    return load_pose_track(run_dir) if (run_dir / TRACK_FILE).is_file() else None
+
+
+def run_posteriors(
+    run_dir: str | Path,
+    particles: Any,
+    indices: list[int],
+    *,
+    nside: int = 8,
+    psi_steps: int = 36,
+    loss_radius_px: float | None = None,
+) -> list[ParticlePosterior]:
+    """View posteriors of particles ``indices`` of a run, with the run's trained volume.
+
+    Reads ``RUN_DIR/config.yaml``, ``checkpoint.pt`` (volume, pose table, the training's image
+    scale and noise variance) and, when present, ``pose_track.npz``. The images are prepared
+    exactly as in training (:func:`cryospin.train.data.prepare_data` on the subset, rescaled to
+    the training's ``image_scale``); the NLL is the training's, on its loss disc (or on the
+    smaller disc ``|k| ≤ loss_radius_px``).
+
+    Parameters
+    ----------
+    particles : ParticleSet
+        The run's particle set (same order as in training).
+    indices : list of int
+        0-based particle indices.
+
+    Raises
+    ------
+    InputError
+        Missing run files, indices out of range, or a loss radius outside the training disc.
+    """
+    import dataclasses
+
+    from cryospin.forward.lattice import negation_permutation
+    from cryospin.train.checkpoint import load_checkpoint
+    from cryospin.train.config import load_config
+    from cryospin.train.data import prepare_data, sub_disc
+    from cryospin.volume import HartleyVolume
+
+    run_dir = Path(run_dir)
+    _check_nside(nside)
+    if psi_steps < 1:
+        raise InputError(f"--psi-steps must be >= 1, got {psi_steps}")
+    n = len(particles)
+    bad = [i for i in indices if not 0 <= i < n]
+    if bad:
+        raise InputError(f"particle index {bad[0]} is outside 0..{n - 1}", particles.source)
+    config = load_config(run_dir / "config.yaml")
+    ckpt = run_dir / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise InputError("no checkpoint.pt in the run folder", run_dir)
+    state = load_checkpoint(ckpt)
+    summary = state.get("data") or {}
+    # the images as trained on (Fourier crop, normalisation: config.data), few, preloaded
+    sub = particles.subset(np.asarray(indices, dtype=np.int64))
+    data = prepare_data(sub, dataclasses.replace(config.data, max_preload_gb=1e9))
+    if data.hartley is None:
+        raise InputError("could not preload the chosen particles", particles.source)
+    volume = HartleyVolume(data.box_px, init_scale=0.0)
+    try:
+        volume.load_state_dict(state["volume"])
+    except RuntimeError:
+        raise InputError(f"the checkpoint's volume does not match the training box of "
+                         f"{data.box_px} px", ckpt) from None
+    scale = float(summary.get("image_scale", data.image_scale)) / data.image_scale
+    noise = float(summary.get("noise_variance_hartley", data.noise_variance))
+    hart, ctf, freqs = data.hartley * scale, data.ctf, data.frequencies
+    if loss_radius_px is not None:
+        largest = float(freqs.norm(dim=-1).max())
+        if not 1 <= loss_radius_px <= largest + 1e-6:
+            raise InputError(f"--loss-radius must lie in [1, {largest:.4g}], "
+                             f"got {loss_radius_px}")
+        disc = sub_disc(freqs, data.box_px, loss_radius_px)
+        hart, freqs = hart[:, disc.columns], disc.frequencies
+        ctf = None if ctf is None else ctf[:, disc.columns]
+    neg = negation_permutation(freqs, data.box_px)
+
+    table = state.get("pose_table")
+    track = _read_track(run_dir)
+    star_rot = star_shift = None
+    if table is None and track is None and (run_dir / "poses.star").is_file():
+        from cryospin.io.particles import load_particles
+
+        final = load_particles(run_dir / "poses.star", metadata_only=True, no_ctf=True,
+                               check_finite=False, box_px=particles.box_px)
+        star_rot, star_shift = final.rotations, final.shifts_px
+        if star_shift is not None:  # poses.star keeps the original pixels
+            star_shift = star_shift * (data.box_px / particles.box_px)
+    directions = torch.from_numpy(healpix_vectors(nside))
+    with torch.no_grad():
+        volume_ht = volume()  # float32, as in training
+    results = []
+    for row, i in enumerate(indices):
+        final_R, shift = None, np.zeros(2)
+        heads = losses = head_epoch = path = path_epochs = None
+        pos = None
+        if track is not None:
+            hits = np.flatnonzero(track.indices == i)
+            pos = int(hits[0]) if hits.size else None
+        if table is not None:
+            final_R = table["rotations"][i].double().numpy()
+            shift = table["shifts_px"][i].double().numpy()
+        elif pos is not None and track.epochs.size:
+            final_R = track.rotations[-1, pos].astype(np.float64)
+            shift = track.shifts_px[-1, pos].astype(np.float64)
+        elif star_rot is not None:
+            final_R = star_rot[i].double().numpy()
+            shift = np.zeros(2) if star_shift is None else star_shift[i].double().numpy()
+        if pos is not None:
+            stage1 = track.stage1_mask()
+            if stage1.any():
+                e = int(np.flatnonzero(stage1)[-1])
+                heads = track.head_rotations[e, pos].astype(np.float64)
+                losses = track.head_losses[e, pos].astype(np.float64)
+                head_epoch = int(track.epochs[e])
+            if (~stage1).any():
+                path = track.rotations[~stage1, pos].astype(np.float64)
+                path_epochs = track.epochs[~stage1].copy()
+        log_post = log_posterior_views(
+            volume_ht, hart[row], noise, freqs, directions, psi_steps=psi_steps,
+            ctf=None if ctf is None else ctf[row],
+            shift_px=torch.from_numpy(np.asarray(shift, np.float64)), negation_index=neg,
+        )
+        results.append(ParticlePosterior(
+            particle=int(i), log_posterior=log_post.numpy(), final_rotation=final_R,
+            shift_px=np.asarray(shift, np.float64), head_rotations=heads, head_losses=losses,
+            head_epoch=head_epoch, path_rotations=path, path_epochs=path_epochs,
+        ))
+    return results

@@ -1,0 +1,122 @@
+"""``cryospin posterior`` on a tiny run: one PNG per particle and posterior.npz, consistent
+with the run's checkpoint and pose track; bad particle lists fail with one line."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cryospin.cli.main import main as cli_main
+from cryospin.train.checkpoint import load_checkpoint
+from cryospin.train.track import load_pose_track
+
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="the figures need matplotlib")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _dataset(folder: Path, n: int = 32, L: int = 16) -> Path:
+    """Noisy CTF-modulated, shifted images of a blob volume (particles.mrcs + ctf.pkl)."""
+    from cryospin.forward.ctf import CTFParams, compute_ctf
+    from cryospin.forward.hartley import hartley3, ihartley2
+    from cryospin.forward.model import render
+    from cryospin.io.mrc import write_stack
+    from cryospin.io.pkl import write_cryodrgn_ctf
+    from cryospin.rotations import random_rotations
+
+    g = torch.Generator().manual_seed(11)
+    folder.mkdir(parents=True, exist_ok=True)
+    k = torch.arange(L, dtype=torch.float64) - L // 2
+    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
+    vol = torch.zeros(L, L, L, dtype=torch.float64)
+    for cx, cy, cz in ((torch.rand(5, 3, generator=g, dtype=torch.float64) - 0.5) * 7).tolist():
+        vol += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / 3.0)
+    f64 = {"dtype": torch.float64}
+    df = torch.empty(n, **f64).uniform_(8000.0, 15000.0, generator=g)
+    ctf = CTFParams(
+        defocus_u_angstrom=df, defocus_v_angstrom=df.clone(),
+        defocus_angle_deg=torch.zeros(n, **f64), voltage_kv=torch.full((n,), 300.0, **f64),
+        cs_mm=torch.full((n,), 2.7, **f64), amplitude_contrast=torch.full((n,), 0.1, **f64),
+        phase_shift_deg=torch.zeros(n, **f64), bfactor_a2=torch.zeros(n, **f64),
+    )
+    shifts = torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5
+    clean = ihartley2(render(hartley3(vol), random_rotations(n, generator=g), shifts,
+                             compute_ctf(ctf, L, 4.0)))
+    images = clean + float(clean.std()) * torch.randn(clean.shape, generator=g, **f64)
+    write_stack(folder / "particles.mrcs", images, 4.0)
+    write_cryodrgn_ctf(folder / "ctf.pkl", ctf, L, 4.0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """32 particles of 16 px; 2 epochs (switch after 1), every particle tracked."""
+    root = tmp_path_factory.mktemp("posterior")
+    data, run = _dataset(root / "D"), root / "R"
+    assert cli_main(["reconstruct", str(data / "particles.mrcs"), "--ctf", str(data / "ctf.pkl"),
+                     "-o", str(run), "--epochs", "2", "--switch-epoch", "1", "--batch-size",
+                     "16", "--heads", "3", "--width", "0.125", "--no-bf16", "--shifts",
+                     "--final-map", "decoder", "--no-progress", "--threads", "1",
+                     "--device", "cpu"]) == 0
+    return run
+
+
+@needs_matplotlib
+def test_posterior_of_tracked_particles(tiny_run, tmp_path, capsys):
+    track = load_pose_track(tiny_run)
+    assert track.indices.tolist() == list(range(32))  # fewer particles than the default 512
+    out = tmp_path / "post"
+    status = cli_main(["posterior", str(tiny_run), "--particles", "0,5,17", "--nside", "2",
+                       "--psi-steps", "12", "-o", str(out)])
+    assert status == 0
+    assert "posterior.npz" in capsys.readouterr().out
+    for i in (0, 5, 17):
+        png = out / f"posterior_{i}.png"
+        assert png.is_file() and png.read_bytes()[:8] == PNG_MAGIC
+        import matplotlib.image
+
+        pixels = np.asarray(matplotlib.image.imread(png), dtype=np.float64)
+        assert pixels.shape[0] > 200 and pixels[..., :3].std() > 0.05
+    with np.load(out / "posterior.npz") as z:
+        assert int(z["nside"]) == 2 and int(z["psi_steps"]) == 12
+        assert z["particles"].tolist() == [0, 5, 17]
+        assert z["directions"].shape == (48, 3)
+        logp = z["log_posterior"]
+        assert logp.shape == (3, 48) and np.isfinite(logp).all()
+        np.testing.assert_allclose(np.exp(logp).sum(axis=1), 1.0, atol=1e-9)
+        # the final pose and shift are the pose table's (stage 2) rows
+        table = load_checkpoint(tiny_run / "checkpoint.pt")["pose_table"]
+        idx = torch.tensor([0, 5, 17])
+        np.testing.assert_allclose(z["final_rotations"], table["rotations"][idx].double(),
+                                   atol=1e-7)
+        np.testing.assert_allclose(z["shifts_px"], table["shifts_px"][idx].double(), atol=1e-7)
+
+
+@needs_matplotlib
+def test_posterior_with_a_smaller_disc_defaults_to_run_folder(tiny_run):
+    assert cli_main(["posterior", str(tiny_run), "--particles", "3", "--nside", "1",
+                     "--psi-steps", "4", "--loss-radius", "3"]) == 0
+    assert (tiny_run / "posterior" / "posterior_3.png").is_file()
+    with np.load(tiny_run / "posterior" / "posterior.npz") as z:
+        assert z["log_posterior"].shape == (1, 12)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--particles", "0,x"], "comma-separated"),
+    (["--particles", "99"], "outside 0..31"),
+    (["--particles", "1", "--nside", "0"], "--nside"),
+    (["--particles", "1", "--loss-radius", "50"], "--loss-radius"),
+])
+def test_bad_arguments_fail_with_one_line(tiny_run, tmp_path, capsys, args, needle):
+    assert cli_main(["posterior", str(tiny_run), *args, "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_missing_run_folder(tmp_path, capsys):
+    assert cli_main(["posterior", str(tmp_path / "nope"), "--particles", "0"]) == 2
+    assert "run folder not found" in capsys.readouterr().err
