@@ -1,0 +1,371 @@
+"""The streaming loader (:mod:`cryospin.train.stream`): coverage, determinism, contiguous reads,
+the prefetch thread's life cycle, the float16 cache, and a training run that streams."""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cryospin.errors import InputError
+from cryospin.forward.ctf import CTFParams, compute_ctf
+from cryospin.forward.hartley import hartley3, ihartley2
+from cryospin.forward.model import render
+from cryospin.io import mrc
+from cryospin.io.mrc import write_stack
+from cryospin.io.particles import load_particles
+from cryospin.io.pkl import write_cryodrgn_ctf
+from cryospin.rotations import random_rotations
+from cryospin.train.config import DataConfig, build_config
+from cryospin.train.data import TrainingData, num_batches, prepare_data
+from cryospin.train.stream import StreamOptions, batch_sizes, open_cache, storage_layout
+
+L = 16
+SIZES = (100, 60)  # two stacks
+N = sum(SIZES)
+OPTS = StreamOptions(chunk_images=16, window_chunks=2, prefetch_chunks=1)
+
+
+def _ctf(n: int) -> CTFParams:
+    f64 = {"dtype": torch.float64}
+    d = torch.linspace(8000.0, 15000.0, n, **f64)
+    return CTFParams(
+        defocus_u_angstrom=d, defocus_v_angstrom=d.clone(),
+        defocus_angle_deg=torch.zeros(n, **f64), voltage_kv=torch.full((n,), 300.0, **f64),
+        cs_mm=torch.full((n,), 2.7, **f64), amplitude_contrast=torch.full((n,), 0.1, **f64),
+        phase_shift_deg=torch.zeros(n, **f64), bfactor_a2=torch.zeros(n, **f64),
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Two stacks listed in ``stacks.txt`` and a ``ctf.pkl``; random images."""
+    folder = tmp_path_factory.mktemp("stream")
+    g = torch.Generator().manual_seed(0)
+    for k, n in enumerate(SIZES):
+        write_stack(folder / f"s{k}.mrcs", torch.randn(n, L, L, generator=g) + 0.5, 4.0)
+    (folder / "stacks.txt").write_text("s0.mrcs\ns1.mrcs\n")
+    write_cryodrgn_ctf(folder / "ctf.pkl", _ctf(N), L, 4.0)
+    return folder
+
+
+def _particles(folder: Path):
+    return load_particles(folder / "stacks.txt", ctf_pkl=folder / "ctf.pkl")
+
+
+@pytest.fixture(scope="module")
+def lazy(dataset) -> TrainingData:
+    data = prepare_data(_particles(dataset), DataConfig(), preload=False)
+    assert not data.preloaded
+    return data
+
+
+@pytest.fixture(scope="module")
+def eager(lazy) -> TrainingData:
+    return lazy.in_memory()
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "cryospin-prefetch" and t.is_alive()]
+
+
+def _wait_no_threads(timeout_s: float = 5.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        gc.collect()
+        if not _prefetch_threads():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ----------------------------------------------------------------------------- order
+
+
+def test_layout_sorts_by_stack_and_never_crosses_a_stack(lazy):
+    order, chunks = storage_layout(lazy.source, N, 16)
+    assert sorted(order.tolist()) == list(range(N))
+    assert chunks[0] == (0, 16) and chunks[-1][1] == N
+    assert (96, 100) in chunks and (100, 116) in chunks and not any(a < 100 < b for a, b in chunks)
+    assert len(chunks) == math.ceil(100 / 16) + math.ceil(60 / 16)
+
+
+@pytest.mark.parametrize("n,b", [(160, 24), (161, 32), (5, 8), (33, 32), (64, 32)])
+def test_batch_sizes_match_num_batches(n, b):
+    sizes = batch_sizes(n, b)
+    assert sum(sizes) == n and len(sizes) == num_batches(n, b) and min(sizes) >= min(n, 2)
+
+
+def test_every_particle_once_deterministic_and_new_order_each_epoch(lazy):
+    gen = torch.Generator().manual_seed(7)
+    first = [b.indices for b in lazy.epoch_batches(24, gen, OPTS)]
+    second = [b.indices for b in lazy.epoch_batches(24, gen, OPTS)]
+    for epoch in (first, second):
+        assert len(epoch) == num_batches(N, 24)
+        assert sorted(torch.cat(epoch).tolist()) == list(range(N))
+    assert not torch.equal(torch.cat(first), torch.cat(second))
+    again = [b.indices for b in lazy.epoch_batches(24, torch.Generator().manual_seed(7), OPTS)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    # the generator advances exactly as much as the epoch drew (resume is exact)
+    gen2 = torch.Generator().manual_seed(7)
+    lazy.epoch_batches(24, gen2, OPTS)  # drawn at creation, never iterated
+    lazy.epoch_batches(24, gen2, OPTS)
+    assert torch.equal(gen.get_state(), gen2.get_state())
+    assert _wait_no_threads()
+
+
+def test_streamed_batches_equal_the_preloaded_rows(lazy, eager):
+    gen = torch.Generator().manual_seed(1)
+    for batch in lazy.epoch_batches(40, gen, OPTS):
+        ref = eager.batch(batch.indices)
+        for name in ("images", "hartley", "ctf"):
+            torch.testing.assert_close(getattr(batch, name), getattr(ref, name), rtol=0, atol=0)
+
+
+def test_preloaded_epochs_keep_the_batch_indices_permutation(eager):
+    from cryospin.train.data import batch_indices
+
+    got = [b.indices for b in eager.epoch_batches(32, torch.Generator().manual_seed(3))]
+    want = list(batch_indices(N, 32, torch.Generator().manual_seed(3)))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_a_batch_mixes_several_chunks(lazy):
+    order, chunks = storage_layout(lazy.source, N, OPTS.chunk_images)
+    rank = np.empty(N, np.int64)
+    rank[order] = np.arange(N)
+    chunk_of = np.searchsorted([a for a, _ in chunks], rank, side="right") - 1
+    gen = torch.Generator().manual_seed(2)
+    spread = [len(set(chunk_of[b.indices.numpy()].tolist()))
+              for b in lazy.epoch_batches(16, gen, OPTS)]
+    assert max(spread) >= 2
+
+
+# ----------------------------------------------------------------------------- reads
+
+
+def test_reads_are_contiguous_chunks_from_cached_stacks(lazy, monkeypatch):
+    calls: list[np.ndarray] = []
+    opened: list[str] = []
+    real_read, real_init = mrc.ImageStack.read, mrc.ImageStack.__init__
+
+    def counting_read(self, indices=None):
+        calls.append(np.atleast_1d(np.asarray(indices)).copy())
+        return real_read(self, indices)
+
+    def counting_init(self, path):
+        opened.append(str(path))
+        real_init(self, path)
+
+    monkeypatch.setattr(mrc.ImageStack, "read", counting_read)
+    monkeypatch.setattr(mrc.ImageStack, "__init__", counting_init)
+    batches = list(lazy.epoch_batches(24, torch.Generator().manual_seed(0), OPTS))
+    _, chunks = storage_layout(lazy.source, N, OPTS.chunk_images)
+    assert len(calls) == len(chunks)  # one read per chunk, not per image or per batch
+    assert all(bool(np.all(np.diff(c) == 1)) for c in calls)  # consecutive images
+    assert sum(len(c) for c in calls) == N and len(batches) == num_batches(N, 24)
+    assert len(opened) <= len(SIZES)  # stacks come from open_stack's cache
+
+
+# ----------------------------------------------------------------------------- prefetch thread
+
+
+def test_thread_stops_when_the_consumer_stops_early(lazy):
+    it = lazy.epoch_batches(8, torch.Generator().manual_seed(0), OPTS)
+    next(it)
+    assert _prefetch_threads()
+    it.close()
+    assert _wait_no_threads()
+
+    it = lazy.epoch_batches(8, torch.Generator().manual_seed(0), OPTS)
+    for _ in it:
+        break
+    del it  # dropped: the generator's finally stops the thread
+    assert _wait_no_threads()
+
+
+def test_thread_stops_when_the_consumer_raises(lazy):
+    def consume():
+        for b, _batch in enumerate(lazy.epoch_batches(8, torch.Generator().manual_seed(0),
+                                                      OPTS)):
+            if b == 2:
+                raise RuntimeError("training failed")
+
+    with pytest.raises(RuntimeError, match="training failed"):
+        consume()
+    assert _wait_no_threads()
+
+
+def test_loader_errors_reach_the_consumer_and_stop_the_thread(lazy, monkeypatch):
+    calls = {"n": 0}
+    real = TrainingData.load_rows
+
+    def failing(self, indices):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise InputError("particle images near index 3 contain NaN or Inf", "x.mrcs")
+        return real(self, indices)
+
+    monkeypatch.setattr(TrainingData, "load_rows", failing)
+    with pytest.raises(InputError, match="NaN or Inf"):
+        list(lazy.epoch_batches(8, torch.Generator().manual_seed(0), OPTS))
+    assert _wait_no_threads()
+
+
+def test_full_epoch_leaves_no_thread(lazy):
+    assert len(list(lazy.epoch_batches(50, torch.Generator().manual_seed(0), OPTS))) == num_batches(N, 50)
+    assert _wait_no_threads()
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _assert_f16_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * scale)
+
+
+def test_cache_round_trip_in_float16_and_reuse(dataset, eager, tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
+    data = prepare_data(_particles(dataset), cfg, preload=False).streaming()
+    assert data.cache is not None
+    folder = data.cache.folder
+    assert data.cache.images.dtype == np.float16 and data.cache.hartley.dtype == np.float16
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    seen = []
+    for batch in data.epoch_batches(32, torch.Generator().manual_seed(0), OPTS):
+        ref = eager.batch(batch.indices)
+        for name in ("images", "hartley", "ctf"):
+            _assert_f16_close(getattr(batch, name), getattr(ref, name))
+        seen.append(batch.indices)
+    assert sorted(torch.cat(seen).tolist()) == list(range(N))
+    # same inputs: the cache is reused, not rewritten
+    again = prepare_data(_particles(dataset), cfg, preload=False).streaming()
+    assert again.cache.folder == folder
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    # the streamed order does not depend on the cache
+    plain = [b.indices for b in eager.epoch_batches(32, torch.Generator().manual_seed(0))]
+    assert len(plain) == len(seen)
+
+
+def test_cache_is_invalidated_when_inputs_or_config_change(dataset, tmp_path):
+    root = tmp_path / "cache"
+    base = prepare_data(_particles(dataset), DataConfig(cache_dir=str(root)), preload=False)
+    first = base.streaming().cache.folder
+    # preprocessing configuration changed: another cache
+    inverted = prepare_data(_particles(dataset),
+                            DataConfig(cache_dir=str(root), invert_contrast=True), preload=False)
+    cache_inv = inverted.streaming().cache
+    assert cache_inv.folder != first
+    assert float(cache_inv.images[0, 0, 0]) == pytest.approx(
+        -float(np.load(first / "images.npy")[0, 0, 0]), rel=1e-3)
+    # a settings change that does not change the values keeps the cache
+    same = prepare_data(_particles(dataset),
+                        DataConfig(cache_dir=str(root), max_preload_gb=1.0), preload=False)
+    assert same.streaming().cache.folder == first
+    # an interrupted build (no meta.json) is rebuilt
+    (first / "meta.json").unlink()
+    rebuilt = base.streaming().cache
+    assert (first / "meta.json").is_file() and len(rebuilt) == N
+    # the stack file rewritten: another key
+    copy = tmp_path / "moved"
+    copy.mkdir()
+    for name in ("s0.mrcs", "s1.mrcs", "stacks.txt", "ctf.pkl"):
+        (copy / name).write_bytes((dataset / name).read_bytes())
+    g = torch.Generator().manual_seed(5)
+    write_stack(copy / "s1.mrcs", torch.randn(SIZES[1], L, L, generator=g), 4.0)
+    other = prepare_data(_particles(copy), DataConfig(cache_dir=str(root)), preload=False)
+    assert other.streaming().cache.folder != first
+
+
+def test_cache_of_a_source_without_stacks_is_skipped(lazy, tmp_path):
+    import dataclasses
+
+    class Plain:
+        pass
+
+    data = dataclasses.replace(lazy, source=Plain())
+    assert open_cache(data, tmp_path) is None
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _simulated(folder: Path, n: int = 128) -> Path:
+    """Blob volume, random poses, CTF and noise (SNR 1) in ``particles.mrcs`` + ``ctf.pkl``."""
+    g = torch.Generator().manual_seed(11)
+    k = torch.arange(L, dtype=torch.float64) - L // 2
+    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
+    vol = torch.zeros(L, L, L, dtype=torch.float64)
+    for cx, cy, cz in ((torch.rand(5, 3, generator=g, dtype=torch.float64) - 0.5) * L * 0.45
+                       ).tolist():
+        vol += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * (L / 12) ** 2))
+    rot = random_rotations(n, generator=g)
+    ctf = _ctf(n)
+    clean = ihartley2(render(hartley3(vol), rot, None, compute_ctf(ctf, L, 4.0)))
+    images = clean + float(clean.std()) * torch.randn(clean.shape, generator=g,
+                                                      dtype=torch.float64)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_stack(folder / "particles.mrcs", images, 4.0)
+    write_cryodrgn_ctf(folder / "ctf.pkl", ctf, L, 4.0)
+    return folder
+
+
+def _tiny_config(data: dict):
+    return build_config("default", {
+        "model": {"num_heads": 3, "width_multiplier": 0.125, "head_hidden": 32,
+                  "use_bf16": False},
+        "optim": {"batch_size": 32, "encoder_lr": 1e-3, "search_rotations": 256,
+                  "search_radius_px": 3.0},
+        "schedule": {"epochs": 3, "switch_epoch": 1, "search_epochs": 1},
+        "run": {"device": "cpu", "num_threads": 1, "seed": 3, "progress": False,
+                "keep_epoch_maps": False},
+        "data": data,
+    })
+
+
+def test_streaming_training_run_matches_the_in_memory_run(tmp_path, caplog):
+    """Same data, same seed: the streamed run visits particles in another order, so it is
+    not bitwise equal; it must finish and reach a per-epoch loss within 5 % of the in-memory
+    run's (the NLL per image, which measures how well map and poses explain the data)."""
+    from cryospin.train.fit import fit
+    from cryospin.train.metrics import read_metrics
+
+    folder = _simulated(tmp_path / "data")
+    particles = load_particles(folder / "particles.mrcs", ctf_pkl=folder / "ctf.pkl")
+    caplog.set_level("INFO", logger="cryospin.train.memory")
+    ref = fit(_tiny_config({}), particles, tmp_path / "mem")
+    assert "loader: in-memory" in caplog.text
+    caplog.clear()
+    streamed = fit(_tiny_config({"max_preload_gb": 0.0, "cache_dir": str(tmp_path / "c")}),
+                   particles, tmp_path / "stream")
+    assert "loader: streaming" in caplog.text and "| total" not in caplog.text.split("loader")[1]
+    assert ref.finished and streamed.finished
+    a, b = read_metrics(ref.run_dir / "metrics.jsonl"), read_metrics(
+        streamed.run_dir / "metrics.jsonl")
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["num_images"] == ra["num_images"] == 128
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=0.05)
+    assert a[-1]["loss"] < a[0]["loss"] and b[-1]["loss"] < b[0]["loss"]
+    from cryospin.io.mrc import read_map
+
+    assert np.isfinite(read_map(streamed.map_path)[0]).all()
+    assert _wait_no_threads()
+
+
+def test_a_budget_below_the_streaming_plan_stops_before_training(tmp_path):
+    from cryospin.train.fit import fit
+
+    folder = _simulated(tmp_path / "data", n=64)
+    particles = load_particles(folder / "particles.mrcs", ctf_pkl=folder / "ctf.pkl")
+    with pytest.raises(InputError, match="smaller --batch-size or --box"):
+        fit(_tiny_config({"max_memory_gb": 0.01}), particles, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert os.path.isdir(tmp_path / "run")
