@@ -6,6 +6,12 @@ and, optionally, a 2D shift ``max_shift_px · tanh(·)`` in pixels. With winner-
 (:func:`cryospin.losses.winner_take_all`) the heads specialise on different pose hypotheses, so
 they are initialised to output well-separated rotations.
 
+cryoAI's symmetrised loss (``--method cryoai``) is :func:`in_plane_flip_hypotheses`: every head's
+pose ``(R, t)`` is paired with ``(diag(−1, −1, 1) · R, −t)``, the pose that renders the same image
+rotated by 180° in-plane about the box centre (docs/conventions.md, "cryoAI two hypotheses");
+:class:`InPlaneFlipEncoder` wraps an encoder so that the trainer sees ``2M`` hypotheses and keeps
+the best one (winner-take-all), with no special case in the training loop.
+
 Speed: on CPUs with bf16 support the convolutions run about 5x faster in
 ``torch.autocast(dtype=torch.bfloat16)`` with ``channels_last`` tensors (``use_bf16=True``, see
 ``benchmarks/bench_encoder.py``). The per-image normalisation, the heads and Gram–Schmidt always
@@ -27,7 +33,13 @@ from cryospin.rotations import (
     rotation_6d_to_matrix,
 )
 
-__all__ = ["EncoderOutput", "MultiHeadPoseEncoder", "VGG16_LAYOUT"]
+__all__ = [
+    "EncoderOutput",
+    "MultiHeadPoseEncoder",
+    "InPlaneFlipEncoder",
+    "VGG16_LAYOUT",
+    "in_plane_flip_hypotheses",
+]
 
 #: VGG16 convolution widths; "M" is a 2x2 max-pool.
 VGG16_LAYOUT: tuple[int | str, ...] = (
@@ -226,3 +238,70 @@ class MultiHeadPoseEncoder(nn.Module):
             f"predict_shifts={self.predict_shifts}, max_shift_px={self.max_shift_px}, "
             f"use_bf16={self.use_bf16}"
         )
+
+
+def in_plane_flip_hypotheses(
+    rotations: Tensor, shifts_px: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Append, for every pose, the pose of the image rotated by 180° in-plane (cryoAI).
+
+    Rotating an image by 180° about the box centre, ``image'(r) = image(−r)``, gives the image
+    of pose ``R' = diag(−1, −1, 1) · R`` and shift ``t' = −t``: the slice of ``R'`` samples the
+    volume at ``k @ R' = (−k) @ R`` for ``k = (kx, ky, 0)``, so the rendered transform is the
+    original one at ``−k`` (the 180°-rotated image), and ``P'(r − t') = P(−r − t)``
+    (docs/conventions.md, "cryoAI two hypotheses"). Pure; keeps dtype, device and autograd.
+
+    Parameters
+    ----------
+    rotations : `(B, M, 3, 3)`
+        Poses (left-multiply xyz column vectors).
+    shifts_px : `(B, M, 2)` or None
+        ``(tx, ty)`` in pixels.
+
+    Returns
+    -------
+    rotations : `(B, 2M, 3, 3)`
+        ``[..., :M]`` the input poses, ``[..., M:]`` their flipped partners, head by head.
+    shifts_px : `(B, 2M, 2)` or None
+        ``[..., :M]`` the input shifts, ``[..., M:]`` their negatives.
+    """
+    if rotations.ndim != 4 or rotations.shape[-2:] != (3, 3):
+        raise ValueError(f"expected rotations (B, M, 3, 3), got {tuple(rotations.shape)}")
+    if shifts_px is not None and shifts_px.shape != (*rotations.shape[:2], 2):
+        raise ValueError(
+            f"expected shifts (B, M, 2) with rotations {tuple(rotations.shape)}, "
+            f"got {tuple(shifts_px.shape)}"
+        )
+    sign = torch.tensor([-1.0, -1.0, 1.0], dtype=rotations.dtype, device=rotations.device)
+    flipped = rotations * sign[:, None]  # diag(-1, -1, 1) @ R: rows x and y negated
+    rot2 = torch.cat([rotations, flipped], dim=1)  # (B, 2M, 3, 3)
+    if shifts_px is None:
+        return rot2, None
+    return rot2, torch.cat([shifts_px, -shifts_px], dim=1)  # (B, 2M, 2)
+
+
+class InPlaneFlipEncoder(nn.Module):
+    """An encoder whose ``M`` head poses are each paired with their 180° in-plane partner.
+
+    The output has ``2M`` hypotheses per image (:func:`in_plane_flip_hypotheses`); used with
+    one head it is cryoAI's symmetrised loss with cryospin's explicit decoder
+    (``--method cryoai``). The wrapped encoder is the only learnable state.
+
+    Parameters
+    ----------
+    encoder : MultiHeadPoseEncoder
+    """
+
+    def __init__(self, encoder: MultiHeadPoseEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.num_heads = 2 * int(encoder.num_heads)  # hypotheses seen by the trainer
+        self.box_px = encoder.box_px
+        self.predict_shifts = encoder.predict_shifts
+        self.max_shift_px = encoder.max_shift_px
+        self.use_bf16 = encoder.use_bf16
+
+    def forward(self, images: Tensor) -> EncoderOutput:
+        """`(B, L, L)` -> rotations `(B, 2M, 3, 3)`, shifts `(B, 2M, 2)` or None."""
+        out = self.encoder(images)
+        return EncoderOutput(*in_plane_flip_hypotheses(out.rotations, out.shifts_px))

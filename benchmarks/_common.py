@@ -1,0 +1,62 @@
+"""Small helpers shared by the benchmark scripts (not part of the cryospin package).
+
+* :func:`run` — run a command with its output appended to a log; wall time and the peak
+  resident memory of the child (``os.wait4``), exit on failure.
+* :func:`cryospin_argv` — how to call the ``cryospin`` command line with this interpreter.
+* :func:`read_jsonl` — the lines of a ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["run", "cryospin_argv", "read_jsonl", "markdown_table"]
+
+
+def cryospin_argv() -> list[str]:
+    """``[python, -m, cryospin.cli.main]`` with the running interpreter."""
+    return [sys.executable, "-m", "cryospin.cli.main"]
+
+
+def run(argv: list[str], log: Path) -> tuple[float, float]:
+    """Run ``argv`` (stdout and stderr appended to ``log``).
+
+    Returns
+    -------
+    wall_s : float
+        Wall time, seconds.
+    peak_rss_mib : float
+        Peak resident set size of the child (``ru_maxrss`` from ``os.wait4``), MiB.
+
+    Exits the benchmark with a message naming the log when the command fails.
+    """
+    print(f"$ {shlex.join(argv)}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        sys.exit(f"command failed (see {log}): {shlex.join(argv)}")
+    return wall, usage.ru_maxrss / 1024  # Linux: KiB
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every non-empty line of a JSON-lines file as a dict (missing file: empty list)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (strings in, one string out)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
