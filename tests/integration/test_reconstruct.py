@@ -110,6 +110,15 @@ def uninterrupted(tiny, tmp_path_factory):
 # ----------------------------------------------------------------------------- outputs
 
 
+def test_final_map_decoder_is_the_trained_volume(tiny, tmp_path):
+    """``run.final_map = "decoder"``: map.mrc is the trained volume, no map_decoder.mrc."""
+    result = fit(_tiny_config(schedule={"epochs": 2}, run={"final_map": "decoder"}),
+                 _particles(tiny), tmp_path / "run")
+    run = result.run_dir
+    assert not (run / "map_decoder.mrc").exists()
+    np.testing.assert_array_equal(read_map(run / "map.mrc")[0], read_map(run / "map.002.mrc")[0])
+
+
 def test_outputs_and_round_trips(uninterrupted, tiny):
     run = uninterrupted.run_dir
     assert uninterrupted.finished and uninterrupted.epochs_completed == 3
@@ -118,11 +127,23 @@ def test_outputs_and_round_trips(uninterrupted, tiny):
         assert (run / name).is_file(), name
     assert not [p for p in run.iterdir() if ".tmp." in p.name]  # no temp files left
 
-    # map: voxel size set, finite, same as the last epoch's map
+    # map_decoder.mrc: the trained volume = the last epoch's map; map.mrc: the backprojection
+    # from the final poses (same voxel size, finite, agrees with the trained volume)
     final, voxel = read_map(run / "map.mrc")
-    assert voxel == pytest.approx(4.0)
+    decoder, voxel_dec = read_map(run / "map_decoder.mrc")
+    assert voxel == pytest.approx(4.0) and voxel_dec == pytest.approx(4.0)
     assert np.isfinite(final).all() and final.shape == (16, 16, 16)
-    np.testing.assert_array_equal(final, read_map(run / "map.003.mrc")[0])
+    np.testing.assert_array_equal(decoder, read_map(run / "map.003.mrc")[0])
+    from cryospin.train.data import prepare_data
+    from cryospin.train.fit import final_backprojection
+
+    config = _tiny_config()
+    again = final_backprojection(
+        _particles(tiny), prepare_data(_particles(tiny), config.data, device=torch.device("cpu")),
+        uninterrupted.rotations, uninterrupted.shifts_px, seed=config.run.seed,
+    )
+    np.testing.assert_allclose(final, again.numpy(), rtol=1e-5, atol=1e-6 * np.abs(final).max())
+    assert not np.array_equal(final, decoder)
 
     # metrics: one line per epoch, stages, switch info, pose change in stage 2
     rows = read_metrics(run / "metrics.jsonl")
@@ -495,8 +516,32 @@ def test_search_rotations_finds_the_true_grid_rotation(tiny):
     clean = render(volume_ht, search.rotations[pick], shifts, batch.ctf,
                    frequencies=data.frequencies, negation_index=data.negation_index)  # (4, P)
     batch = dataclasses.replace(batch, hartley=clean)
-    rot, nll = search_rotations(volume_ht, search, batch, data, shifts, chunk=100)
+    rot, nll, no_shift = search_rotations(volume_ht, search, batch, data, shifts, chunk=100)
     torch.testing.assert_close(rot, search.rotations[pick])
+    assert float(nll.abs().max()) < 1e-3 and no_shift is None
+
+
+def test_joint_search_finds_grid_rotation_and_grid_shift(tiny):
+    """With a shift grid, unknown grid shifts and grid rotations are both recovered exactly,
+    whatever the images' current shifts."""
+    from cryospin.train.autodecode import RotationSearch, search_rotations, shift_grid
+    from cryospin.train.config import DataConfig
+    from cryospin.train.data import prepare_data
+
+    data = prepare_data(_particles(tiny), DataConfig())
+    grid_t = shift_grid(3.0, 1.5)  # (25, 2): -3 .. 3 px in steps of 1.5
+    assert grid_t.shape == (25, 2) and bool((grid_t == 0).all(dim=1).any())
+    search = RotationSearch.build(data, 256, 5.0, shifts_px=grid_t)
+    volume_ht = hartley3(tiny["volume"]).float()
+    pick_r, pick_t = torch.tensor([3, 100, 17, 250]), torch.tensor([0, 7, 12, 24])
+    batch = data.batch(torch.arange(4))
+    clean = render(volume_ht, search.rotations[pick_r], grid_t[pick_t], batch.ctf,
+                   frequencies=data.frequencies, negation_index=data.negation_index)
+    batch = dataclasses.replace(batch, hartley=clean)
+    wrong_current = torch.full((4, 2), 0.7)
+    rot, nll, shift = search_rotations(volume_ht, search, batch, data, wrong_current, chunk=64)
+    torch.testing.assert_close(rot, search.rotations[pick_r])
+    torch.testing.assert_close(shift, grid_t[pick_t])
     assert float(nll.abs().max()) < 1e-3
 
 

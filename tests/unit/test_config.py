@@ -95,7 +95,7 @@ def test_config_is_frozen():
         ({"model": {"num_heads": 2.5}}, "expected an integer"),
         ({"model": {"use_bf16": "yes"}}, "true/false"),
         ({"run": {"device": "tpu"}}, "device"),
-        ({"schedule": {"method": "amortized"}}, "method"),
+        ({"schedule": {"method": "fully-amortized"}}, "method"),
         ({"optim": {"decoder_lr": -1}}, "decoder_lr"),
         ({"schedule": {"epochs": 0}}, "epochs"),
         ({"schedule": {"loss_radius_start_px": 0.5}}, "loss_radius_start_px"),

@@ -2,7 +2,8 @@
 
 Each subcommand module in :mod:`cryospin.cli` defines ``add_args(parser)`` and ``main(args)``;
 its docstring is the subcommand's ``--help``. User errors (:class:`cryospin.errors.CryospinError`)
-print one line on stderr and exit with status 2, without a traceback.
+and I/O failures (``OSError``: disk full, permissions) print one line on stderr and exit with
+status 2, without a traceback (``-v`` logs the traceback of an ``OSError``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "demo",
     "report": "report",
     "flip-hand": "flip_hand",
+    "posterior": "posterior",
 }
 
 
@@ -59,6 +61,14 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     return parser, modules
 
 
+def _os_error_line(exc: OSError) -> str:
+    """``FILE: reason`` for an OSError (the file when known; see ``describe_os_error``)."""
+    from cryospin.atomic import describe_os_error
+
+    reason = describe_os_error(exc)
+    return f"{exc.filename}: {reason}" if exc.filename is not None else reason
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cryospin`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser, modules = _build_parser()
@@ -76,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = modules[args.command].main(args)  # type: ignore[attr-defined]
     except CryospinError as exc:
         print(f"cryospin {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an I/O failure no module wrapped (disk full, permissions, ...)
+        logging.getLogger(__name__).debug("I/O error", exc_info=True)
+        print(f"cryospin {args.command}: error: {_os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cryospin {args.command}: interrupted", file=sys.stderr)

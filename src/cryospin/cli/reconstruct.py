@@ -3,13 +3,15 @@
 Stage 1 trains a multi-head encoder and the volume together (winner-take-all over heads);
 after --switch-epoch, each particle's best head seeds its pose, which is then refined per
 particle while the volume keeps learning (stage 2). Writes RUN_DIR/map.NNN.mrc after each epoch,
-metrics.jsonl, checkpoint.pt, and at the end map.mrc, poses.star (RELION 3.1), poses.pkl.
+metrics.jsonl, checkpoint.pt, and at the end map.mrc (a Wiener backprojection of the images from
+the final poses; the trained volume is map_decoder.mrc), poses.star (RELION 3.1), poses.pkl.
 
 examples:
   cryospin reconstruct particles.star -o run1 --preset paper-real
   cryospin reconstruct stack.mrcs --ctf ctf.pkl -o run2 --epochs 10 --switch-epoch 4
   cryospin reconstruct --resume run1                 # continue after Ctrl-C or a crash
   cryospin reconstruct --resume run1 --epochs 40     # train longer
+  cryospin reconstruct particles.star -o run3 --halves   # gold-standard half maps and FSC
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 from cryospin.errors import InputError
 from cryospin.train.config import PRESETS, build_config, load_config
@@ -35,6 +38,7 @@ _OVERRIDES = {
     "max_shift_px": ("model", "max_shift_px"),
     "epochs": ("schedule", "epochs"),
     "switch_epoch": ("schedule", "switch_epoch"),
+    "method": ("schedule", "method"),
     "batch_size": ("optim", "batch_size"),
     "encoder_lr": ("optim", "encoder_lr"),
     "decoder_lr": ("optim", "decoder_lr"),
@@ -45,15 +49,23 @@ _OVERRIDES = {
     "search_epochs": ("schedule", "search_epochs"),
     "search_rotations": ("optim", "search_rotations"),
     "search_radius": ("optim", "search_radius_px"),
+    "search_shift_step": ("optim", "search_shift_step_px"),
     "loss_radius_start": ("schedule", "loss_radius_start_px"),
     "encoder_lowpass": ("model", "encoder_lowpass"),
     "invert_contrast": ("data", "invert_contrast"),
     "no_ctf": ("data", "no_ctf"),
+    "max_memory": ("data", "max_memory_gb"),
+    "cache_dir": ("data", "cache_dir"),
+    "box": ("data", "box_px"),
+    "normalize": ("data", "normalize"),
+    "mask_radius": ("data", "mask_radius_fraction"),
+    "mask_edge": ("data", "mask_edge_px"),
     "device": ("run", "device"),
     "seed": ("run", "seed"),
     "threads": ("run", "num_threads"),
+    "final_map": ("run", "final_map"),
 }
-_RESUMABLE = {"epochs", "device", "threads"}
+_RESUMABLE = {"epochs", "device", "threads", "final_map"}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +84,22 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-ctf", action="store_true", default=None, help="ignore the CTF")
     g.add_argument("--invert-contrast", action="store_true", default=None,
                    help="multiply the images by -1")
+    g.add_argument("--max-memory", type=float, metavar="GB",
+                   help="peak memory budget: stream the images from disk in chunks when the "
+                        "in-memory plan exceeds it; stop if even streaming does not fit")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="keep preprocessed images (float16) here for the streaming loader")
+    g.add_argument("--box", type=int, metavar="N",
+                   help="Fourier-crop the images to N px on the fly (even; outputs stay in "
+                        "the original particles' frame)")
+    g.add_argument("--normalize", choices=["global", "background"],
+                   help="image normalisation: one global std, or per particle from the "
+                        "background outside the mask radius (default: global)")
+    g.add_argument("--mask-radius", type=float, metavar="F",
+                   help="soft circular mask on the encoder input, radius as a fraction of "
+                        "half the box (default: no mask)")
+    g.add_argument("--mask-edge", type=float, metavar="PX",
+                   help="width of the mask's soft edge, pixels (default: 3)")
     g = parser.add_argument_group("model and schedule (default: from the preset)")
     g.add_argument("--heads", type=int, metavar="M", help="number of encoder heads")
     g.add_argument("--width", type=float, metavar="W", help="encoder channel multiplier")
@@ -82,6 +110,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, metavar="E", help="total epochs")
     g.add_argument("--switch-epoch", type=int, metavar="K",
                    help="last epoch of stage 1 (auto-encoding)")
+    g.add_argument("--method", choices=["semi-amortized", "amortized", "cryoai"],
+                   help="semi-amortized (cryoSPIN, default); baselines that never switch: "
+                        "amortized (multi-head winner-take-all throughout), cryoai (one head "
+                        "+ its 180° in-plane partner; sets --heads 1)")
     g = parser.add_argument_group("optimisation (default: from the preset)")
     g.add_argument("--batch-size", type=int, metavar="B")
     g.add_argument("--encoder-lr", type=float, metavar="LR")
@@ -98,6 +130,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="rotations in the global search grid")
     g.add_argument("--search-radius", type=float, metavar="PX",
                    help="frequency radius (cycles/box) of the global search")
+    g.add_argument("--search-shift-step", type=float, metavar="PX",
+                   help="with --shifts, the global search also tries a shift grid of this "
+                        "spacing within --max-shift-px (default 2)")
     g.add_argument("--loss-radius-start", type=float, metavar="PX",
                    help="stage-1 frequency marching: loss radius at the first step")
     g.add_argument("--encoder-lowpass", action="store_true", default=None,
@@ -107,8 +142,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads (torch)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--final-map", choices=["backprojection", "decoder"],
+                   help="map.mrc = Wiener backprojection from the final poses (default; the "
+                        "trained volume is kept as map_decoder.mrc) or the trained volume")
     g.add_argument("--stop-after", type=int, metavar="EPOCH",
                    help="stop after this epoch (checkpoint kept; continue with --resume)")
+    g.add_argument("--halves", action="store_true",
+                   help="gold standard: reconstruct two random halves independently "
+                        "(RUN_DIR/half_A, half_B; rlnRandomSubset when present), align them "
+                        "and write the FSC (postprocess.star, fsc.json, fsc.png), the "
+                        "FSC-weighted map.mrc and poses.star")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]:
@@ -130,7 +173,9 @@ def main(args: argparse.Namespace) -> int:
     """Run ``cryospin reconstruct``; returns the exit status (130 on Ctrl-C)."""
     from cryospin.io.particles import load_particles
     from cryospin.train.fit import TrainingInterrupted, fit, prepare_run_dir
+    from cryospin.train.halves import is_halves_run
 
+    halves = args.halves or bool(args.resume and is_halves_run(args.resume))
     if args.resume:
         run_dir = Path(args.resume)
         if args.out and Path(args.out).resolve() != run_dir.resolve():
@@ -140,7 +185,8 @@ def main(args: argparse.Namespace) -> int:
             flags = ", ".join("--" + d.replace("_", "-") for d in sorted(given)) or "--no-bf16"
             raise InputError(f"with --resume only --epochs, --device and --threads may change "
                              f"(got {flags})")
-        prepare_run_dir(run_dir, resume=True)
+        if not halves:
+            prepare_run_dir(run_dir, resume=True)
         config = load_config(run_dir / "config.yaml")
         run = {k: v for k, v in _overrides(args)["run"].items() if v is not None}
         epochs = args.epochs or config.schedule.epochs
@@ -164,6 +210,7 @@ def main(args: argparse.Namespace) -> int:
         overrides = _overrides(args)
         overrides["input"] = {"particles": _abs(args.particles), "ctf": _abs(args.ctf),
                               "ind": _abs(args.ind), "datadir": _abs(args.datadir)}
+        overrides.setdefault("data", {})["cache_dir"] = _abs(args.cache_dir)
         config = build_config(args.preset, overrides)
 
     if config.input.particles is None:
@@ -172,6 +219,9 @@ def main(args: argparse.Namespace) -> int:
         config.input.particles, ctf_pkl=config.input.ctf, ind=config.input.ind,
         datadir=config.input.datadir, no_ctf=config.data.no_ctf,
     )
+    _warn_contrast(particles, config.data.invert_contrast)
+    if halves:
+        return _run_halves(config, particles, run_dir, args)
     try:
         result = fit(config, particles, run_dir, resume=bool(args.resume),
                      argv=getattr(args, "argv", None), stop_after=args.stop_after)
@@ -188,6 +238,23 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_contrast(particles: object, invert_contrast: bool) -> None:
+    """Log a WARNING when the particles' contrast disagrees with ``--invert-contrast``."""
+    from cryospin.preprocess import sample_contrast
+
+    check = sample_contrast(particles)
+    log.info("contrast check on %d particles: %s (t = %.3g)", check.num_images,
+             check.verdict, check.z_score)
+    if check.inverted is True and not invert_contrast:
+        log.warning("the particles look dark (raw micrograph contrast; t = %.3g over %d "
+                    "images): cryospin models bright particles, consider --invert-contrast",
+                    check.z_score, check.num_images)
+    elif check.inverted is False and invert_contrast:
+        log.warning("the particles already look bright (t = %.3g over %d images) but "
+                    "--invert-contrast is set: consider dropping it",
+                    check.z_score, check.num_images)
+
+
 def _write_report(run_dir: Path) -> None:
     """The run report, written at the end; a failure here never fails the finished run."""
     from cryospin.errors import CryospinError
@@ -199,3 +266,20 @@ def _write_report(run_dir: Path) -> None:
         log.warning("run report not written (%s); try: cryospin report %s", exc, run_dir)
         return
     print(f"report {report.html_path}")
+
+
+def _run_halves(config: Any, particles: Any, run_dir: Path, args: argparse.Namespace) -> int:
+    """``--halves``: both half runs, then the gold-standard combination and its summary."""
+    from cryospin.train.fit import TrainingInterrupted
+    from cryospin.train.halves import fit_halves, format_summary
+
+    try:
+        result = fit_halves(config, particles, run_dir, resume=bool(args.resume),
+                            argv=getattr(args, "argv", None), stop_after=args.stop_after)
+    except TrainingInterrupted as exc:
+        print(f"cryospin reconstruct: {exc}", file=sys.stderr)
+        return 130
+    print(format_summary(result))
+    if not result.finished:
+        print(f"continue with: cryospin reconstruct --resume {run_dir}")
+    return 0

@@ -6,8 +6,9 @@ step of the volume with the refined poses. Only the rows of the batch are touche
 
 Optionally (:class:`RotationSearch`, the first epochs after the switch), each batch first runs
 a global search: the NLL of every image against every rotation of a fixed, near-uniform grid
-of SO(3) is evaluated on a small low-frequency disc (two matrix products), and a particle's
-rotation is replaced by the best grid rotation when that fits better than its current one.
+of SO(3) (and, with shifts, every shift of a grid) is evaluated on a small low-frequency disc
+(two matrix products), and a particle's pose is replaced by the best grid pose when that fits
+better than its current one.
 This rescues the particles whose stage-1 pose sits in a wrong basin, which local refinement
 cannot leave.
 """
@@ -28,8 +29,8 @@ from cryospin.losses import gaussian_nll
 from cryospin.pose import PoseTable
 from cryospin.rotations import geodesic_distance_deg, quaternion_to_matrix
 from cryospin.train.autoencode import EpochStats
-from cryospin.train.data import Batch, LossDisc, TrainingData, batch_indices, sub_disc
-from cryospin.train.metrics import RunningMean, check_finite_loss
+from cryospin.train.data import Batch, LossDisc, TrainingData, sub_disc
+from cryospin.train.metrics import RunningMean, check_finite_gradients, check_finite_loss
 
 __all__ = [
     "autodecode_epoch",
@@ -38,6 +39,7 @@ __all__ = [
     "RotationSearch",
     "super_fibonacci_rotations",
     "search_rotations",
+    "shift_grid",
 ]
 
 STAGE = "autodecode"
@@ -62,9 +64,21 @@ def super_fibonacci_rotations(n: int, dtype: torch.dtype = torch.float32) -> Ten
     return quaternion_to_matrix(q).to(dtype)
 
 
+def shift_grid(max_shift_px: float, step_px: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Shifts ``(tx, ty)`` `(S, 2)` on a square grid of spacing ``step_px`` within
+    ``[−max_shift_px, max_shift_px]`` per axis (the pose table's bound), ``(0, 0)`` included."""
+    if not step_px > 0:
+        raise ValueError(f"step_px must be > 0, got {step_px}")
+    n = int(math.floor(max_shift_px / step_px + 1e-9))
+    axis = torch.arange(-n, n + 1, dtype=torch.float64) * step_px  # (2n+1,)
+    ty, tx = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([tx.reshape(-1), ty.reshape(-1)], dim=-1).to(dtype)
+
+
 @dataclass(frozen=True)
 class RotationSearch:
-    """A global rotation search: the grid and the low-frequency disc it is scored on.
+    """A global pose search: the rotation grid, an optional shift grid, and the disc it is
+    scored on.
 
     Attributes
     ----------
@@ -72,16 +86,22 @@ class RotationSearch:
         Candidate rotations.
     disc : LossDisc
         Frequencies of the score (a sub-disc of the training disc).
+    shifts_px : `(S, 2)` or None
+        Candidate shifts ``(tx, ty)`` (pixels), searched jointly with the rotations; None keeps
+        each image's current shift.
     """
 
     rotations: Tensor
     disc: LossDisc
+    shifts_px: Tensor | None = None
 
     @classmethod
-    def build(cls, data: TrainingData, num_rotations: int, radius_px: float) -> RotationSearch:
+    def build(cls, data: TrainingData, num_rotations: int, radius_px: float,
+              shifts_px: Tensor | None = None) -> RotationSearch:
         """Super-Fibonacci grid of ``num_rotations`` on the disc ``|k| ≤ radius_px``."""
         grid = super_fibonacci_rotations(num_rotations).to(data.frequencies.device)
-        return cls(grid, sub_disc(data.frequencies, data.box_px, radius_px))
+        shifts = None if shifts_px is None else shifts_px.to(data.frequencies)
+        return cls(grid, sub_disc(data.frequencies, data.box_px, radius_px), shifts)
 
 
 def search_rotations(
@@ -91,12 +111,16 @@ def search_rotations(
     data: TrainingData,
     shifts_px: Tensor | None = None,
     chunk: int = 4096,
-) -> tuple[Tensor, Tensor]:
-    """Best grid rotation of every image of ``batch`` and its NLL on ``search.disc``.
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Best grid pose of every image of ``batch`` and its NLL on ``search.disc``.
 
     With observed ``y`` `(B, P')`, CTF ``c`` and the slice ``s_r`` of grid rotation ``r``,
     ``NLL[b, r] = Σ_p (y − c s_r)² / (2σ²) = (Σ y² − 2 (y∘c)·s_r + (c²)·(s_r²)) / (2σ²)``:
-    two matrix products per chunk of ``chunk`` rotations.
+    two matrix products per chunk of ``chunk`` rotations. A shift ``t`` is applied by
+    shifting the observation by ``−t`` (equivalent to shifting the prediction by ``t``: the
+    shift is orthogonal on a negation-closed disc, so ``Σ y²`` does not change); with a shift
+    grid (``search.shifts_px``, ``S`` shifts) the cross term is computed for every shifted
+    observation, ``S`` times the cost of the rotation-only search.
 
     Parameters
     ----------
@@ -107,50 +131,71 @@ def search_rotations(
         On the full training disc.
     data : TrainingData
     shifts_px : `(B, 2)`, optional
-        Current in-plane shifts of the images.
+        Current in-plane shifts of the images (used when the search has no shift grid).
     chunk : int
-        Grid rotations per matrix product (bounds memory at ``B × chunk``).
-    With ``shifts_px`` `(B, 2)`, the observations are shifted by ``−t`` first (equivalent to
-    shifting the prediction by ``t``: the shift is orthogonal on a negation-closed disc).
+        Grid rotations per matrix product (memory ``B × S × chunk``; reduced for large ``S``).
 
     Returns
     -------
     best_rotation : `(B, 3, 3)`
     best_nll : `(B,)`
+    best_shift_px : `(B, 2)` or None
+        The best grid shift (None without a shift grid).
     """
     disc = search.disc
     restricted = batch.restrict(disc)
     y = restricted.hartley  # (B, P')
-    if shifts_px is not None:
-        y = shift_hartley(y, y[:, disc.negation_index], -shifts_px, disc.frequencies,
-                          data.box_px)  # (B, P')
+    B = y.shape[0]
+    if search.shifts_px is not None:
+        cand = search.shifts_px  # (S, 2)
+        S = cand.shape[0]
+        yy = y[:, None, :].expand(B, S, y.shape[1])  # (B, S, P')
+        tt = (-cand)[None].expand(B, S, 2)
+        y_s = shift_hartley(yy, yy[..., disc.negation_index], tt, disc.frequencies,
+                            data.box_px)  # (B, S, P')
+    else:
+        if shifts_px is not None:
+            y = shift_hartley(y, y[:, disc.negation_index], -shifts_px, disc.frequencies,
+                              data.box_px)  # (B, P')
+        S = 1
+        y_s = y[:, None, :]  # (B, 1, P')
     c = torch.ones_like(y) if restricted.ctf is None else restricted.ctf  # (B, P')
-    yc, c2 = y * c, c * c  # (B, P')
-    y2 = y.square().sum(-1, keepdim=True)  # (B, 1)
-    best_nll = torch.full((y.shape[0],), float("inf"), dtype=y.dtype, device=y.device)
-    best_idx = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
-    for start in range(0, search.rotations.shape[0], chunk):
-        grid = search.rotations[start:start + chunk]
+    yc = (y_s * c[:, None, :]).reshape(B * S, -1)  # (B·S, P')
+    c2 = c * c  # (B, P')
+    y2 = y.square().sum(-1)  # (B,)
+    best_sq = torch.full((B,), float("inf"), dtype=y.dtype, device=y.device)
+    best_flat = torch.zeros(B, dtype=torch.long, device=y.device)  # s · R + r
+    R_total = search.rotations.shape[0]
+    step = max(64, chunk // max(1, S // 4))
+    for start in range(0, R_total, step):
+        grid = search.rotations[start:start + step]
         slices = extract_central_slices(volume_ht, grid.to(volume_ht.dtype),
-                                        frequencies=disc.frequencies)  # (R, P')
-        sq = y2 - 2.0 * yc @ slices.T + c2 @ slices.square().T  # (B, R)
-        value, index = sq.min(dim=1)
-        better = value < best_nll
-        best_nll = torch.where(better, value, best_nll)
-        best_idx = torch.where(better, index + start, best_idx)
-    best_nll = best_nll * (0.5 / data.noise_variance)
-    return search.rotations[best_idx], best_nll
+                                        frequencies=disc.frequencies)  # (r, P')
+        cross = (yc @ slices.T).reshape(B, S, -1)  # (B, S, r)
+        quad = c2 @ slices.square().T  # (B, r)
+        sq = quad[:, None, :] - 2.0 * cross  # (B, S, r), without the constant Σ y²
+        value, index = sq.reshape(B, -1).min(dim=1)  # over (s, r)
+        s_idx, r_idx = index // sq.shape[2], index % sq.shape[2]
+        better = value < best_sq
+        best_sq = torch.where(better, value, best_sq)
+        best_flat = torch.where(better, s_idx * R_total + r_idx + start, best_flat)
+    best_nll = (best_sq + y2) * (0.5 / data.noise_variance)
+    best_rot = search.rotations[best_flat % R_total]
+    best_shift = None if search.shifts_px is None else search.shifts_px[best_flat // R_total]
+    return best_rot, best_nll, best_shift
 
 
 def _apply_search(
     pose_table: PoseTable, volume_ht: Tensor, search: RotationSearch, batch: Batch,
     data: TrainingData, refine_shifts: bool,
 ) -> int:
-    """Replace the rows of ``batch`` whose best grid rotation beats their pose; return count."""
+    """Replace the rows of ``batch`` whose best grid pose beats their pose; return count."""
     idx = batch.indices
     rot, shift = pose_table.gather(idx)
     shift_used = shift if refine_shifts else None
-    grid_rot, grid_nll = search_rotations(volume_ht, search, batch, data, shift_used)
+    if not refine_shifts and search.shifts_px is not None:
+        raise ValueError("a shift grid needs refine_shifts")
+    grid_rot, grid_nll, grid_shift = search_rotations(volume_ht, search, batch, data, shift_used)
     sub = batch.restrict(search.disc)
     pred = render(volume_ht, rot, shift_used, sub.ctf, frequencies=search.disc.frequencies,
                   negation_index=search.disc.negation_index)  # (B, P')
@@ -162,6 +207,11 @@ def _apply_search(
         for buf in (pose_table.exp_avg_rot, pose_table.exp_avg_sq_rot):
             buf[rows] = 0
         pose_table.step[rows] = 0
+        if grid_shift is not None:
+            pose_table.shifts_px[rows] = grid_shift[better].to(pose_table.shifts_px.dtype)
+            for buf in (pose_table.exp_avg_shift, pose_table.exp_avg_sq_shift):
+                buf[rows] = 0
+            pose_table.step_shift[rows] = 0
     return int(better.sum())
 
 
@@ -206,9 +256,11 @@ def refine_poses(
         check_finite_loss(total, STAGE, epoch, batch_number)
         if refine_shifts:
             g_omega, g_dt = torch.autograd.grad(total, (omega, dt))
+            check_finite_gradients({"poses": (g_omega, g_dt)}, STAGE, epoch, batch_number)
             pose_table.apply_gradients(idx, g_omega, g_dt)
         else:
             (g_omega,) = torch.autograd.grad(total, (omega,))
+            check_finite_gradients({"poses": (g_omega,)}, STAGE, epoch, batch_number)
             pose_table.apply_gradients(idx, g_omega, None)
 
 
@@ -252,12 +304,14 @@ def autodecode_epoch(
     ------
     NonFiniteLossError
         If a loss is NaN/Inf.
+    NonFiniteGradientError
+        If a gradient of the poses or the volume is NaN/Inf (before it is applied).
     """
     running = RunningMean()
     rot_change = RunningMean()
     shift_change = RunningMean()
-    for b, idx in enumerate(batch_indices(len(data), batch_size, generator), start=1):
-        batch = data.batch(idx)
+    for b, batch in enumerate(data.epoch_batches(batch_size, generator), start=1):
+        idx = batch.indices
         rot0, shift0 = pose_table.gather(batch.indices)
         with torch.no_grad():
             volume_fixed = volume()
@@ -273,6 +327,8 @@ def autodecode_epoch(
         check_finite_loss(loss, STAGE, epoch, b)
         decoder_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        check_finite_gradients({"volume": (p.grad for p in volume.parameters())},
+                               STAGE, epoch, b)
         decoder_optimizer.step()
         n = int(idx.numel())
         running.add(float(loss.detach()), n)

@@ -5,6 +5,12 @@ For a batch of ``B`` images the encoder proposes ``M`` poses per image; the volu
 the observation by the Gaussian NLL over the loss disc, and only the best head of each image
 contributes to the loss (winner-take-all). One Adam step of the encoder and one of the volume
 follow. :func:`infer_best_poses` is the inference pass at the switch to stage 2.
+
+``M`` is the encoder's number of hypotheses (``encoder.num_heads``): the heads of a
+:class:`~cryospin.encoder.MultiHeadPoseEncoder`, or twice as many for an
+:class:`~cryospin.encoder.InPlaneFlipEncoder` (``--method cryoai``: each head's pose and its
+180° in-plane partner, :func:`~cryospin.encoder.in_plane_flip_hypotheses`). Nothing here
+depends on the method: the expansion is done by the encoder, the choice by winner-take-all.
 """
 
 from __future__ import annotations
@@ -22,11 +28,10 @@ from cryospin.train.data import (
     Batch,
     LossDisc,
     TrainingData,
-    batch_indices,
     gaussian_lowpass,
     sub_disc,
 )
-from cryospin.train.metrics import RunningMean, check_finite_loss
+from cryospin.train.metrics import RunningMean, check_finite_gradients, check_finite_loss
 
 __all__ = [
     "EpochStats",
@@ -194,14 +199,16 @@ def autoencode_epoch(
     ------
     NonFiniteLossError
         If a batch loss is NaN/Inf (before any parameter is updated with it).
+    NonFiniteGradientError
+        If a gradient of the encoder or the volume is NaN/Inf (before the optimiser steps).
     """
     encoder.train()
     discs: dict[int, LossDisc] = {}
     num_heads = int(encoder.num_heads)
     running = RunningMean()
     wins = torch.zeros(num_heads, dtype=torch.float64)
-    for b, idx in enumerate(batch_indices(len(data), batch_size, generator), start=1):
-        batch = data.batch(idx)
+    for b, batch in enumerate(data.epoch_batches(batch_size, generator), start=1):
+        idx = batch.indices
         radius = None if loss_radius is None else loss_radius(b)
         disc = None
         if radius is not None:
@@ -217,6 +224,11 @@ def autoencode_epoch(
         encoder_optimizer.zero_grad(set_to_none=True)
         decoder_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        check_finite_gradients(
+            {"encoder": (p.grad for p in encoder.parameters()),
+             "volume": (p.grad for p in volume.parameters())},
+            STAGE, epoch, b,
+        )
         encoder_optimizer.step()
         decoder_optimizer.step()
         n = int(idx.numel())

@@ -33,6 +33,7 @@ __all__ = [
     "InputConfig",
     "Config",
     "PRESETS",
+    "AMORTIZED_METHODS",
     "preset_names",
     "load_preset",
     "build_config",
@@ -43,8 +44,11 @@ __all__ = [
     "read_config_argv",
 ]
 
-Method = Literal["semi-amortized"]
+Method = Literal["semi-amortized", "amortized", "cryoai"]
+#: Methods that never switch to the pose table (the encoder gives the poses to the end).
+AMORTIZED_METHODS: tuple[str, ...] = ("amortized", "cryoai")
 Device = Literal["auto", "cpu", "cuda", "mps"]
+FinalMap = Literal["backprojection", "decoder"]
 
 _META_KEYS = ("cryospin_version", "argv", "resumed_argv")
 
@@ -115,6 +119,10 @@ class OptimConfig:
         (in the first search epoch).
     search_radius_end_px : float or None
         Radius in the last search epoch (linear in between); ``None`` = ``search_radius_px``.
+    search_shift_step_px : float or None
+        With shifts on (``model.predict_shifts``), the global search also tries every shift of a
+        square grid with this spacing (pixels) within ``model.max_shift_px`` per axis, jointly
+        with the rotations; ``None`` keeps each particle's current shift.
     """
 
     batch_size: int = 64
@@ -128,6 +136,7 @@ class OptimConfig:
     search_rotations: int = 8192
     search_radius_px: float = 6.0
     search_radius_end_px: float | None = None
+    search_shift_step_px: float | None = 2.0
 
 
 @dataclass(frozen=True)
@@ -142,7 +151,12 @@ class ScheduleConfig:
         Last epoch of stage 1; 0 starts directly with stage 2 (poses from the untrained
         encoder), ``>= epochs`` never switches (a fully amortized run).
     method : str
-        ``"semi-amortized"`` (cryoSPIN).
+        ``"semi-amortized"`` (cryoSPIN); ``"amortized"`` (the paper's fully-amortized baseline:
+        multi-head winner-take-all in every epoch, never switching); ``"cryoai"`` (the paper's
+        cryoAI-explicit baseline: one head, its pose and the pose of the 180° in-plane rotated
+        image as two hypotheses, never switching; requires ``model.num_heads = 1``). With both
+        baselines :func:`build_config` sets ``switch_epoch = epochs`` and ``search_epochs = 0``
+        and the trainer never switches, whatever ``switch_epoch`` says.
     loss_radius_start_px : float or None
         Frequency marching in stage 1: the loss disc radius (cycles per box) at the first
         step; it grows linearly, step by step, to ``loss_radius_end_px`` at the switch.
@@ -182,7 +196,31 @@ class DataConfig:
     max_preload_gb : float
         Preprocess every image once and keep it in memory when that takes at most this many
         GB (images, Hartley values and CTF, float32); otherwise read and preprocess each batch
-        from the stacks. 0 never preloads.
+        from the stacks. 0 never preloads. Used only when ``max_memory_gb`` is None (the rule
+        of configurations written before ``max_memory_gb`` existed).
+    max_memory_gb : float or None
+        Budget (GB, 1e9 bytes) for the whole run's peak resident memory, predicted before
+        training by :mod:`cryospin.train.memory` (``--max-memory``). The data are held in
+        memory when the in-memory plan fits, else streamed from the stacks in chunks; when
+        even the streaming plan exceeds it the run stops before training. None: the
+        ``max_preload_gb`` rule decides, and the plan is only printed.
+    cache_dir : str or None
+        Folder of the on-disk cache of preprocessed images (float16) read by the streaming
+        loader (``--cache-dir``); written once, rebuilt when the inputs or preprocessing change.
+    box_px : int or None
+        Fourier-crop every image to this box (even, ``<=`` the particles' box) when it is
+        read; the pixel size becomes ``pixel_size · L / box_px`` and outputs are written in
+        the original particles' frame (shifts in original pixels). ``None``: no cropping.
+    normalize : "global" or "background"
+        "global": divide all images by one standard deviation of the pixels; "background":
+        per image, subtract the mean and divide by the standard deviation of the pixels
+        outside the mask radius (docs/conventions.md, Preprocessing).
+    mask_radius_fraction : float or None
+        Radius of the soft circular mask applied to the encoder's input, as a fraction of
+        half the (cropped) box, in (0, 1]; also the background radius of
+        ``normalize: background`` (default 0.8 there). ``None``: no mask.
+    mask_edge_px : float
+        Width of the mask's raised-cosine edge, pixels of the (cropped) box.
     """
 
     invert_contrast: bool = False
@@ -190,6 +228,12 @@ class DataConfig:
     loss_radius_px: int | None = None
     noise_variance: float | None = None
     max_preload_gb: float = 8.0
+    box_px: int | None = None
+    normalize: Literal["global", "background"] = "global"
+    mask_radius_fraction: float | None = None
+    mask_edge_px: float = 3.0
+    max_memory_gb: float | None = None
+    cache_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +254,13 @@ class RunConfig:
         Show a progress bar (only when stderr is a terminal).
     keep_epoch_maps : bool
         Write ``map.NNN.mrc`` after every epoch.
+    final_map : str
+        What the final ``map.mrc`` is: ``"backprojection"`` (a CTF-corrected Wiener
+        backprojection of the training images from the final poses; the trained volume is
+        kept as ``map_decoder.mrc``) or ``"decoder"`` (the trained volume itself).
+    track_particles : int
+        Follow this many particles (a seeded subset; all when fewer) through training in
+        ``RUN_DIR/pose_track.npz`` (:mod:`cryospin.train.track`); 0 disables the track.
     """
 
     seed: int = 0
@@ -218,6 +269,8 @@ class RunConfig:
     inference_batch_size: int = 256
     progress: bool = True
     keep_epoch_maps: bool = True
+    final_map: FinalMap = "backprojection"
+    track_particles: int = 512
 
 
 @dataclass(frozen=True)
@@ -271,6 +324,19 @@ def _validate(c: Config) -> None:
     def bad(msg: str) -> InputError:
         return InputError(f"invalid configuration: {msg}")
 
+    # every float must be finite (NaN/inf learning rates, radii, ... are rejected here); memory
+    # budgets (*_gb) may be inf ("no limit")
+    for section in dataclasses.fields(c):
+        values = getattr(c, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if (isinstance(value, float) and not f.name.endswith("_gb")
+                    and not -float("inf") < value < float("inf")):
+                raise bad(f"{section.name}.{f.name} must be a finite number, got {value}")
+    for name in ("batch_size",):
+        value = getattr(c.optim, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(f"optim.{name} must be an integer, got {value!r}")
     if c.model.num_heads < 1:
         raise bad(f"model.num_heads must be >= 1, got {c.model.num_heads}")
     if c.model.width_multiplier <= 0:
@@ -293,6 +359,9 @@ def _validate(c: Config) -> None:
     end = c.optim.search_radius_end_px
     if end is not None and not end >= 1:
         raise bad(f"optim.search_radius_end_px must be >= 1, got {end}")
+    step = c.optim.search_shift_step_px
+    if step is not None and not step > 0:
+        raise bad(f"optim.search_shift_step_px must be > 0, got {step}")
     if c.schedule.search_epochs < 0:
         raise bad(f"schedule.search_epochs must be >= 0, got {c.schedule.search_epochs}")
     if c.optim.pose_steps_per_batch < 0:
@@ -301,9 +370,12 @@ def _validate(c: Config) -> None:
         raise bad(f"schedule.epochs must be >= 1, got {c.schedule.epochs}")
     if c.schedule.switch_epoch < 0:
         raise bad(f"schedule.switch_epoch must be >= 0, got {c.schedule.switch_epoch}")
-    if c.schedule.method != "semi-amortized":
-        raise bad(f"schedule.method {c.schedule.method!r} is not implemented "
-                  "(only 'semi-amortized')")
+    if c.schedule.method not in ("semi-amortized", *AMORTIZED_METHODS):
+        raise bad(f"schedule.method {c.schedule.method!r} is not one of semi-amortized, "
+                  "amortized, cryoai")
+    if c.schedule.method == "cryoai" and c.model.num_heads != 1:
+        raise bad(f"schedule.method cryoai uses one pose head (model.num_heads = 1), "
+                  f"got {c.model.num_heads}")
     for name in ("loss_radius_start_px", "loss_radius_end_px"):
         value = getattr(c.schedule, name)
         if value is not None and not value >= 1:
@@ -314,12 +386,25 @@ def _validate(c: Config) -> None:
         raise bad(f"data.noise_variance must be > 0, got {c.data.noise_variance}")
     if c.data.max_preload_gb < 0:
         raise bad(f"data.max_preload_gb must be >= 0, got {c.data.max_preload_gb}")
+    if c.data.max_memory_gb is not None and not c.data.max_memory_gb > 0:
+        raise bad(f"data.max_memory_gb must be > 0, got {c.data.max_memory_gb}")
+    if c.data.box_px is not None and (c.data.box_px < 8 or c.data.box_px % 2):
+        raise bad(f"data.box_px must be even and >= 8, got {c.data.box_px}")
+    if c.data.normalize not in ("global", "background"):
+        raise bad(f"data.normalize must be global or background, got {c.data.normalize!r}")
+    frac = c.data.mask_radius_fraction
+    if frac is not None and not 0 < frac <= 1:
+        raise bad(f"data.mask_radius_fraction must be in (0, 1], got {frac}")
+    if not c.data.mask_edge_px >= 0:
+        raise bad(f"data.mask_edge_px must be >= 0, got {c.data.mask_edge_px}")
     if c.run.device not in ("auto", "cpu", "cuda", "mps"):
         raise bad(f"run.device must be auto, cpu, cuda or mps, got {c.run.device!r}")
     if c.run.num_threads is not None and c.run.num_threads < 1:
         raise bad(f"run.num_threads must be >= 1, got {c.run.num_threads}")
     if c.run.inference_batch_size < 1:
         raise bad(f"run.inference_batch_size must be >= 1, got {c.run.inference_batch_size}")
+    if c.run.track_particles < 0:
+        raise bad(f"run.track_particles must be >= 0, got {c.run.track_particles}")
 
 
 def preset_names() -> tuple[str, ...]:
@@ -344,7 +429,12 @@ def build_config(
     preset: str | None = "default",
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> Config:
-    """Defaults < preset < ``overrides`` (e.g. from the command line; ``None`` values ignored)."""
+    """Defaults < preset < ``overrides`` (e.g. from the command line; ``None`` values ignored).
+
+    ``schedule.method`` ``amortized`` or ``cryoai`` replaces the preset's ``switch_epoch`` by
+    ``epochs`` and its ``search_epochs`` by 0 (they never switch), and ``cryoai`` its
+    ``num_heads`` by 1; an override that contradicts this raises :class:`InputError`.
+    """
     merged: dict[str, dict[str, Any]] = {}
     if preset is not None:
         for section, values in load_preset(preset).items():
@@ -353,7 +443,29 @@ def build_config(
         for key, value in values.items():
             if value is not None:
                 merged.setdefault(section, {})[key] = value
+    _apply_method(merged, overrides or {})
     return config_from_dict(merged, where="command line")
+
+
+def _apply_method(merged: dict[str, dict[str, Any]], overrides: dict[str, Any]) -> None:
+    """In place on ``merged``: the schedule (and head count) implied by an amortized method."""
+    schedule = merged.setdefault("schedule", {})
+    method = schedule.get("method", ScheduleConfig.method)
+    if method not in AMORTIZED_METHODS:
+        return
+    epochs = schedule.get("epochs", ScheduleConfig.epochs)
+    given = overrides.get("schedule") or {}
+    switch, search = given.get("switch_epoch"), given.get("search_epochs")
+    if isinstance(switch, int) and isinstance(epochs, int) and switch < epochs:
+        raise InputError(f"command line: method {method} never switches to per-particle "
+                         f"poses; drop switch_epoch {switch}")
+    if search:
+        raise InputError(f"command line: method {method} never switches, so it has no "
+                         f"search epochs; drop search_epochs {search}")
+    schedule["switch_epoch"] = epochs
+    schedule["search_epochs"] = 0
+    if method == "cryoai" and (overrides.get("model") or {}).get("num_heads") is None:
+        merged.setdefault("model", {})["num_heads"] = 1
 
 
 def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:

@@ -8,11 +8,15 @@ the loss disc ``|k| ≤ radius`` (default ``L//2 − 1``), in the row-major orde
 
 Normalisation: images are multiplied by ``image_scale`` (−1 with ``invert_contrast``, divided by
 the global standard deviation of the pixels), so the encoder sees unit-variance inputs. The
-map's scale is therefore arbitrary (as in every ab initio method).
+map's scale is therefore arbitrary (as in every ab initio method). With ``DataConfig.box_px``,
+``normalize="background"`` or ``mask_radius_fraction``, the particles are first wrapped in
+:class:`cryospin.preprocess.PreprocessedParticles` (Fourier crop, per-particle background
+normalisation; the soft mask is applied to the encoder input only, not to the loss).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -155,6 +159,10 @@ class TrainingData:
     ctf : `(N, P)` float32 or None
     source : ParticleSet or None
         Where batches are read from when not preloaded.
+    config : DataConfig or None
+        The preprocessing configuration (keys the on-disk cache).
+    cache : cryospin.train.stream.PreprocessedCache or None
+        Float16 preprocessed images read by the streaming loader (``config.cache_dir``).
     """
 
     box_px: int
@@ -170,6 +178,8 @@ class TrainingData:
     hartley: Tensor | None = None
     ctf: Tensor | None = None
     source: Any = None
+    config: DataConfig | None = None
+    cache: Any = None
 
     def __len__(self) -> int:
         return self.num_particles
@@ -192,9 +202,7 @@ class TrainingData:
                 hartley=self.hartley[idx],
                 ctf=None if self.ctf is None else self.ctf[idx],
             )
-        images, hart, ctf = _preprocess(
-            self.source, indices.cpu(), self.image_scale, self.frequencies.cpu(), self.use_ctf
-        )
+        images, hart, ctf = self.load_rows(indices)
         dev = self.device
         return Batch(
             indices=idx,
@@ -202,6 +210,66 @@ class TrainingData:
             hartley=hart.to(dev),
             ctf=None if ctf is None else ctf.to(dev),
         )
+
+    def load_rows(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Read and preprocess particles ``indices`` `(c,)` from ``source`` (CPU, float32).
+
+        Returns ``images`` `(c, L, L)`, ``hartley`` `(c, P)`, ``ctf`` `(c, P)` or None. The
+        resident pages of the stacks read are handed back (see :mod:`cryospin.train.stream`).
+        """
+        from cryospin.train.stream import release_pages
+
+        idx = indices.cpu()
+        out = _preprocess(self.source, idx, self.image_scale, self.frequencies.cpu(), self.use_ctf)
+        release_pages(self.source, idx)
+        return out
+
+    def epoch_batches(
+        self, batch_size: int, generator: torch.Generator, options: Any = None
+    ) -> Iterator[Batch]:
+        """The batches of one epoch in random order (drawn from ``generator`` now).
+
+        Preloaded: the permutation of :func:`batch_indices` (seeded runs unchanged). Otherwise
+        the chunked streaming loader (:func:`cryospin.train.stream.stream_epoch`, ``options``
+        a :class:`~cryospin.train.stream.StreamOptions`): chunk order and windows shuffled,
+        background prefetch. Both yield :func:`num_batches` batches.
+        """
+        if self.preloaded:
+            order = batch_indices(self.num_particles, batch_size, generator)
+            return (self.batch(idx) for idx in order)
+        from cryospin.train.stream import stream_epoch
+
+        return stream_epoch(self, batch_size, generator, options)
+
+    def in_memory(self) -> TrainingData:
+        """A copy with every particle preprocessed once and held in memory (on :attr:`device`)."""
+        if self.preloaded:
+            return self
+        n, L, P = self.num_particles, self.box_px, int(self.frequencies.shape[0])
+        images = torch.empty(n, L, L, dtype=torch.float32)
+        hart = torch.empty(n, P, dtype=torch.float32)
+        ctf = torch.empty(n, P, dtype=torch.float32) if self.use_ctf else None
+        for start in range(0, n, _CHUNK):
+            idx = torch.arange(start, min(start + _CHUNK, n))
+            x, h, c = self.load_rows(idx)
+            images[idx], hart[idx] = x, h
+            if ctf is not None and c is not None:
+                ctf[idx] = c
+        dev = self.device
+        return dataclasses.replace(
+            self, images=images.to(dev), hartley=hart.to(dev),
+            ctf=None if ctf is None else ctf.to(dev), cache=None,
+        )
+
+    def streaming(self) -> TrainingData:
+        """This lazy data, with the preprocessed-image cache of ``config.cache_dir`` attached
+        (built on first use) when one is configured."""
+        cache_dir = getattr(self.config, "cache_dir", None)
+        if self.preloaded or cache_dir is None or self.cache is not None:
+            return self
+        from cryospin.train.stream import open_cache
+
+        return dataclasses.replace(self, cache=open_cache(self, cache_dir))
 
     def summary(self) -> dict[str, Any]:
         """Small JSON-ready description (sizes, noise, scale)."""
@@ -296,6 +364,9 @@ def _preprocess(
     k = torch.round(frequencies).long()  # (P, 2) integer (kx, ky)
     flat = (k[:, 1] + L // 2) * L + (k[:, 0] + L // 2)  # (P,) row-major [y, x]
     hart = hartley2(x).reshape(len(idx), L * L)[:, flat]  # (c, P)
+    mask = getattr(particles, "encoder_mask", None)  # (L, L) soft mask of the encoder input
+    if mask is not None:
+        x = x * mask.to(x.dtype)  # the loss (hart) stays unmasked
     ctf = None
     if use_ctf:
         ctf = compute_ctf(
@@ -310,8 +381,15 @@ def prepare_data(
     config: DataConfig,
     *,
     device: torch.device | str = "cpu",
+    preload: bool | None = None,
 ) -> TrainingData:
     """Read and preprocess the particles (all at once when they fit in the preload budget).
+
+    ``preload`` None preloads when images, Hartley values and CTF take at most
+    ``config.max_preload_gb``, else streams (with the cache of ``config.cache_dir``); True
+    preloads; False returns the lazy data only (statistics computed, nothing else read), to be
+    finished by :meth:`TrainingData.in_memory` or :meth:`TrainingData.streaming` (the trainer
+    decides with :func:`cryospin.train.memory.plan_and_load`).
 
     Parameters
     ----------
@@ -326,6 +404,14 @@ def prepare_data(
     -------
     TrainingData
     """
+    from cryospin.preprocess import PreprocessedParticles
+
+    # Fourier crop / background normalisation / encoder mask on the fly, chunk by chunk
+    # (the view is the `source` of lazy batches too, so both paths preprocess identically)
+    particles = PreprocessedParticles.wrap(
+        particles, box_px=config.box_px, normalize=config.normalize,
+        mask_radius_fraction=config.mask_radius_fraction, mask_edge_px=config.mask_edge_px,
+    )
     n = len(particles)
     L = int(particles.box_px)
     where = getattr(particles, "source", None)
@@ -355,7 +441,9 @@ def prepare_data(
     std = float(sample.std())
     if not std > 0:
         raise InputError("particle images are constant", where)
-    scale = (-1.0 if config.invert_contrast else 1.0) / std
+    # "background": images are already normalised per particle; only the sign is applied
+    scale = (-1.0 if config.invert_contrast else 1.0) / (
+        1.0 if config.normalize == "background" else std)
     if config.noise_variance is not None:
         noise_var_real = float(config.noise_variance)
     else:
@@ -366,7 +454,14 @@ def prepare_data(
 
     # --- radial amplitude of the signal, for the volume initialisation
     shells = L // 2 + 1
-    _, stats_h, stats_ctf = _preprocess(particles, stats_idx, scale, freqs, use_ctf)
+    parts = []  # in chunks: the transient memory of the FFTs stays bounded
+    for i in range(0, len(stats_idx), _CHUNK):
+        _, h_part, c_part = _preprocess(particles, stats_idx[i : i + _CHUNK], scale, freqs,
+                                        use_ctf)
+        parts.append((h_part, c_part))
+    stats_h = torch.cat([h for h, _ in parts])  # (m, P)
+    stats_ctf = None if parts[0][1] is None else torch.cat([c for _, c in parts])  # (m, P)
+    del parts
     power = radial_profile(stats_h.double().square(), freqs, shells) - noise_var_hartley
     if stats_ctf is not None:
         ctf_power = radial_profile(stats_ctf.double().square(), freqs, shells)
@@ -387,23 +482,10 @@ def prepare_data(
         "image_scale": float(scale),
         "use_ctf": use_ctf,
     }
-    bytes_needed = 4 * n * (L * L + P * (2 if use_ctf else 1))
-    if bytes_needed > config.max_preload_gb * 1e9:
-        return TrainingData(**common, source=particles)
-
-    # --- everything once, in chunks
-    images = torch.empty(n, L, L, dtype=torch.float32)
-    hart = torch.empty(n, P, dtype=torch.float32)
-    ctf = torch.empty(n, P, dtype=torch.float32) if use_ctf else None
-    for start in range(0, n, _CHUNK):
-        idx = torch.arange(start, min(start + _CHUNK, n))
-        x, h, c = _preprocess(particles, idx, scale, freqs, use_ctf)
-        images[idx], hart[idx] = x, h
-        if ctf is not None and c is not None:
-            ctf[idx] = c
-    return TrainingData(
-        **common,
-        images=images.to(dev),
-        hartley=hart.to(dev),
-        ctf=None if ctf is None else ctf.to(dev),
-    )
+    lazy = TrainingData(**common, source=particles, config=config)
+    if preload is False:  # the caller attaches the cache (``streaming()``) or preloads later
+        return lazy
+    if preload is None:
+        preload = 4 * n * (L * L + P * (2 if use_ctf else 1)) <= config.max_preload_gb * 1e9
+    # in memory: everything once, in chunks; else batches read from the stacks (or the cache)
+    return lazy.in_memory() if preload else lazy.streaming()
