@@ -22,7 +22,7 @@ from cryospin.train.config import (
 )
 from cryospin.train.data import TrainingData, prepare_data
 from cryospin.train.fit import FitResult, TrainingInterrupted, resolve_device
-from cryospin.train.metrics import NonFiniteLossError, read_metrics
+from cryospin.train.metrics import NonFiniteGradientError, NonFiniteLossError, read_metrics
 
 __all__ = [
     "Config",
@@ -48,6 +48,7 @@ __all__ = [
     "FitResult",
     "TrainingInterrupted",
     "resolve_device",
+    "NonFiniteGradientError",
     "NonFiniteLossError",
     "read_metrics",
 ]

@@ -41,13 +41,17 @@ CHECKPOINT_FORMAT = 1
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (the old file survives any failure).
 
-    ``format`` is added when missing. Raises :class:`cryospin.errors.OutputError` if the
-    folder is not writable or the disk is full.
+    ``format`` is added when missing. Raises :class:`cryospin.errors.OutputError` (one line
+    naming ``path`` and the reason) if the folder is not writable, the disk is full or the
+    file-size limit is reached; the temporary file is removed and the previous checkpoint is
+    left as it was.
     """
     state = dict(state)
     state.setdefault("format", CHECKPOINT_FORMAT)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        # through a Python file object, so that a failed write (ENOSPC, EFBIG) raises an
+        # OSError that atomic_path reports, not only torch's opaque "unexpected pos" error
+        torch.save(state, fh)
 
 
 def load_checkpoint(

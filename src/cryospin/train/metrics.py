@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ __all__ = [
     "EpochMetrics",
     "RunningMean",
     "NonFiniteLossError",
+    "NonFiniteGradientError",
     "check_finite_loss",
+    "check_finite_gradients",
     "append_metrics",
     "read_metrics",
     "truncate_metrics",
@@ -108,11 +111,27 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(path: str | Path, last_epoch: int) -> None:
-    """Keep only the lines with ``epoch <= last_epoch`` (used on resume)."""
+    """Keep only the lines with ``epoch <= last_epoch`` (used on resume).
+
+    A last line that is not JSON (cut short by a writer that was not atomic, e.g. a copy
+    interrupted midway) is dropped too; a bad line before the last still raises
+    :class:`~cryospin.errors.InputError`.
+    """
     path = Path(path)
     if not path.exists():
         return
-    rows = [r for r in read_metrics(path) if int(r.get("epoch", 0)) <= last_epoch]
+    lines = path.read_text(encoding="utf-8").rstrip().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # a half-written last line: its epoch is not in the checkpoint
+            raise InputError(f"line {number} is not JSON", path) from None
+    rows = [r for r in rows if int(r.get("epoch", 0)) <= last_epoch]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -131,3 +150,48 @@ def check_finite_loss(loss: Tensor, stage: str, epoch: int, batch: int) -> None:
     """Raise :class:`NonFiniteLossError` unless every element of ``loss`` is finite."""
     if not bool(torch.isfinite(loss).all()):
         raise NonFiniteLossError(stage, epoch, batch)
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """A gradient became NaN or Inf (the loss was finite); raised before any parameter is
+    updated with it. The message names what the gradient is of, the stage, epoch and batch."""
+
+    def __init__(self, what: str, stage: str, epoch: int, batch: int) -> None:
+        self.what = what
+        CryospinError.__init__(
+            self,
+            f"non-finite gradient of the {what} in {stage} epoch {epoch}, batch {batch} "
+            "(the last complete checkpoint is kept; try lower learning rates or check the data)",
+        )
+        self.stage, self.epoch, self.batch = stage, epoch, batch
+
+
+def check_finite_gradients(
+    gradients: Mapping[str, Iterable[Tensor | None]], stage: str, epoch: int, batch: int
+) -> None:
+    """Raise :class:`NonFiniteGradientError` unless every gradient is finite.
+
+    Parameters
+    ----------
+    gradients : mapping of name -> iterable of tensors (or None, skipped)
+        E.g. ``{"encoder": (p.grad for p in encoder.parameters()), "poses": (g_omega,)}``;
+        the first name with a NaN/Inf element is reported.
+    stage : str
+    epoch, batch : int
+        1-based, for the message.
+
+    Notes
+    -----
+    One host synchronisation per call (the per-tensor checks are stacked first).
+    """
+    names, flags = [], []
+    for name, tensors in gradients.items():
+        checks = [torch.isfinite(g).all() for g in tensors if g is not None]
+        if checks:
+            names.append(name)
+            flags.append(torch.stack(checks).all())
+    if not flags:
+        return
+    ok = torch.stack(flags).cpu()  # (G,) bool, one sync
+    if not bool(ok.all()):
+        raise NonFiniteGradientError(names[int((~ok).nonzero()[0])], stage, epoch, batch)
