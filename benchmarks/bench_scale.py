@@ -10,10 +10,9 @@
 (b) Time per epoch (stage 1 and stage 2) and peak memory for N = 5k, 10k, 20k, 40k at 64 px,
     in-memory, with the time and memory per 1,000 particles (cost should be linear in N).
 
-Each run is a fresh process running ``fit`` on the particles loaded with
-``check_finite=False`` (the finite-pixel scan of ``load_particles`` touches the whole
-memory-mapped stack before training and would dominate the peak of a streamed run; see the
-report). Particles are simulated once with ``cryospin simulate`` into ``--workdir`` (the 40k
+Each run is a fresh process running ``fit`` on the particles loaded as ``reconstruct`` loads
+them (the finite-pixel scan of ``load_particles`` hands back each chunk's memory-mapped pages,
+so it does not grow the resident memory). Particles are simulated once with ``cryospin simulate`` into ``--workdir`` (the 40k
 stack; smaller N are its first particles via ``--ind``-style index files).
 
     python benchmarks/bench_scale.py --workdir bench_out/scale
@@ -41,7 +40,7 @@ from cryospin.train.config import build_config
 from cryospin.train.fit import fit
 from cryospin.train.metrics import read_metrics
 star, n, overrides, out = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-ps = load_particles(star, check_finite=False)
+ps = load_particles(star)
 if n < len(ps):
     ps = ps.subset(np.arange(n))
 t0 = time.perf_counter()

@@ -13,6 +13,7 @@ the same file never opens it once per image.
 from __future__ import annotations
 
 import collections
+import mmap
 import contextlib
 import threading
 import warnings
@@ -38,6 +39,7 @@ __all__ = [
     "clear_stack_cache",
     "write_stack",
     "StackWriter",
+    "release_memmap_rows",
 ]
 
 # MRC modes we read, and their numpy dtypes (little endian; byte order is fixed up below)
@@ -314,6 +316,12 @@ class ImageStack:
             self._data = _raw_memmap(self._info)
         return self._data
 
+    def release(self, start: int, stop: int) -> None:
+        """Hand back the resident pages of images ``[start, stop)`` (see
+        :func:`release_memmap_rows`); they are read from the file again when needed."""
+        if self._data is not None:
+            release_memmap_rows(self._data, start, stop)
+
     def close(self) -> None:
         """Drop the memory map (reopened on the next read)."""
         self._data = None
@@ -503,3 +511,23 @@ class StackWriter:
         h.dmin, h.dmax, h.dmean = self._min, self._max, mean
         h.rms = float(np.sqrt(max(self._sumsq / count - mean * mean, 0.0)))
         mrc.flush()
+
+
+def release_memmap_rows(arr: Any, start: int, stop: int) -> None:
+    """``madvise(MADV_DONTNEED)`` the resident pages of rows ``[start, stop)`` of a numpy memory
+    map (read-only data: the pages are re-read from the file if touched again). Keeps a pass
+    over a stack larger than RAM from growing the resident memory; a no-op where unsupported."""
+    mm = getattr(arr, "_mmap", None)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if mm is None or advice is None or not hasattr(mm, "madvise") or stop <= start:
+        return
+    try:
+        base = int(arr.offset) % mmap.ALLOCATIONGRANULARITY  # row 0 within the mapping
+        row = int(arr.strides[0])
+        lo = base + start * row
+        hi = min(base + stop * row, len(mm))
+        lo -= lo % mmap.PAGESIZE
+        if hi > lo:
+            mm.madvise(advice, lo, hi - lo)
+    except (OSError, ValueError, AttributeError):  # closed map or an exotic platform
+        return

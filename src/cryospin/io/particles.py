@@ -153,6 +153,18 @@ class ParticleSet:
             out[rows] = stack.read(self.image_index[idx[rows]])  # sorted + coalesced inside
         return out
 
+    def release_pages(self, indices: Any) -> None:
+        """Hand back the resident memory-mapped pages of the stacks holding ``indices``
+        (:meth:`cryospin.io.mrc.ImageStack.release`): a pass over more images than fit in RAM
+        keeps its resident memory bounded."""
+        idx = _as_index_array(indices, len(self))
+        if idx.size == 0:
+            return
+        stacks, images = self.stack_index[idx], self.image_index[idx]
+        for s in np.unique(stacks).tolist():
+            rows = images[stacks == s]
+            open_stack(self.stack_paths[s]).release(int(rows.min()), int(rows.max()) + 1)
+
     def images(self, indices: Any = None) -> Tensor:
         """Images of the particles at 0-based ``indices`` (None = all), in the requested order.
 
@@ -218,6 +230,7 @@ class ParticleSet:
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
             imgs = self.images_numpy(rows).reshape(len(rows), -1)
+            self.release_pages(rows)  # a stack larger than RAM stays out of resident memory
             nonfinite = ~np.isfinite(imgs)
             if nonfinite.any():
                 per_image = nonfinite.sum(1)

@@ -37,7 +37,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import mmap
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +50,7 @@ from torch import Tensor
 
 from cryospin.atomic import atomic_path, atomic_write_text
 from cryospin.errors import InputError, OutputError
+from cryospin.io.mrc import release_memmap_rows
 
 __all__ = [
     "StreamOptions",
@@ -222,51 +222,15 @@ def plan_epoch(
 # --------------------------------------------------------------------------- resident pages
 
 
-def _drop_rows(arr: Any, start: int, stop: int) -> None:
-    """``madvise(MADV_DONTNEED)`` the pages of rows ``[start, stop)`` of a memory map."""
-    mm = getattr(arr, "_mmap", None)
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    if mm is None or advice is None or not hasattr(mm, "madvise") or stop <= start:
-        return
-    try:
-        base = int(arr.offset) % mmap.ALLOCATIONGRANULARITY  # row 0 within the mapping
-        row = int(arr.strides[0])
-        lo = base + start * row
-        hi = min(base + stop * row, len(mm))
-        lo -= lo % mmap.PAGESIZE
-        if hi > lo:
-            mm.madvise(advice, lo, hi - lo)
-    except (OSError, ValueError, AttributeError):  # closed map or an exotic platform
-        return
-
-
 def release_pages(source: Any, indices: Any) -> None:
-    """Hand back the resident pages of the stacks that hold particles ``indices``.
-
-    A no-op for sources that are not ParticleSets or stacks that are not mapped.
-    """
+    """Hand back the resident pages of the stacks that hold particles ``indices``
+    (:meth:`cryospin.io.particles.ParticleSet.release_pages`); a no-op for other sources."""
     owner = _stack_owner(source)
-    paths = getattr(owner, "stack_paths", None)
-    stack_index = getattr(owner, "stack_index", None)
-    image_index = getattr(owner, "image_index", None)
-    if paths is None or stack_index is None or image_index is None:
+    release = getattr(owner, "release_pages", None)
+    if release is None:
         return
-    from cryospin.io.mrc import open_stack
-
     idx = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices, dtype=np.int64)
-    if idx.size == 0:
-        return
-    stacks = np.asarray(stack_index)[idx]
-    images = np.asarray(image_index)[idx]
-    for s in np.unique(stacks).tolist():
-        rows = images[stacks == s]
-        try:
-            stack = open_stack(paths[s])
-        except InputError:
-            continue
-        data = getattr(stack, "_data", None)
-        if data is not None:
-            _drop_rows(data, int(rows.min()), int(rows.max()) + 1)
+    release(idx)
 
 
 # --------------------------------------------------------------------------- the cache
@@ -354,7 +318,7 @@ class PreprocessedCache:
             block = np.array(arr[start:stop], dtype=np.float32)
             if scale != 1.0:
                 block *= scale
-            _drop_rows(arr, start, stop)
+            release_memmap_rows(arr, start, stop)
             out.append(torch.from_numpy(block))
         return out[0], out[1], out[2]
 
