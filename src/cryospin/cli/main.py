@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -73,9 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cryospin`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser, modules = _build_parser()
     args = parser.parse_args(argv)
+    rank = os.environ.get("RANK", "0")  # under torchrun only rank 0 logs progress
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
+        level=logging.DEBUG if args.verbose else logging.INFO if rank in ("0", "")
+        else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s" if rank in ("0", "")
+        else f"%(asctime)s rank {rank} %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
     if args.command is None:

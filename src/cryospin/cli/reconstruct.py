@@ -172,6 +172,7 @@ def _abs(path: str | None) -> str | None:
 def main(args: argparse.Namespace) -> int:
     """Run ``cryospin reconstruct``; returns the exit status (130 on Ctrl-C)."""
     from cryospin.io.particles import load_particles
+    from cryospin.train.distributed import world_from_env
     from cryospin.train.fit import TrainingInterrupted, fit, prepare_run_dir
     from cryospin.train.halves import is_halves_run
 
@@ -220,7 +221,10 @@ def main(args: argparse.Namespace) -> int:
         datadir=config.input.datadir, no_ctf=config.data.no_ctf,
     )
     _warn_contrast(particles, config.data.invert_contrast)
+    world = world_from_env()
     if halves:
+        if world.distributed:
+            raise InputError("--halves does not run under torchrun yet; run it as one process")
         return _run_halves(config, particles, run_dir, args)
     try:
         result = fit(config, particles, run_dir, resume=bool(args.resume),
@@ -228,6 +232,8 @@ def main(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         print(f"cryospin reconstruct: {exc}", file=sys.stderr)
         return 130
+    if not world.is_main:  # distributed: rank 0 reports and writes the report
+        return 0
     if not result.finished:
         print(f"stopped after epoch {result.epochs_completed}; continue with: "
               f"cryospin reconstruct --resume {run_dir}")

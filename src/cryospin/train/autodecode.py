@@ -30,6 +30,7 @@ from cryospin.pose import PoseTable
 from cryospin.rotations import geodesic_distance_deg, quaternion_to_matrix
 from cryospin.train.autoencode import EpochStats
 from cryospin.train.data import Batch, LossDisc, TrainingData, sub_disc
+from cryospin.train.distributed import Shard, local_batches
 from cryospin.train.metrics import RunningMean, check_finite_gradients, check_finite_loss
 
 __all__ = [
@@ -277,6 +278,7 @@ def autodecode_epoch(
     epoch: int,
     progress: Callable[[int, float], None] | None = None,
     search: RotationSearch | None = None,
+    shard: Shard | None = None,
 ) -> EpochStats:
     """One pass over the particles in random order (drawn from ``generator``).
 
@@ -299,6 +301,10 @@ def autodecode_epoch(
         Called after each batch with ``(images_in_batch, batch_loss)``.
     search : RotationSearch, optional
         Run a global rotation search on each batch before the pose steps.
+    shard : cryospin.train.distributed.Shard, optional
+        Distributed run: this rank searches and refines the rows it owns in each global batch,
+        the volume gradients are averaged over the ranks and the returned statistics are those
+        of all ranks.
 
     Raises
     ------
@@ -310,7 +316,8 @@ def autodecode_epoch(
     running = RunningMean()
     rot_change = RunningMean()
     shift_change = RunningMean()
-    for b, batch in enumerate(data.epoch_batches(batch_size, generator), start=1):
+    batches = data.epoch_batches(batch_size, generator)
+    for b, (batch, total) in enumerate(local_batches(batches, shard), start=1):
         idx = batch.indices
         rot0, shift0 = pose_table.gather(batch.indices)
         with torch.no_grad():
@@ -324,19 +331,30 @@ def autodecode_epoch(
         rot, shift = pose_table.gather(batch.indices)
         nll = pose_nll(volume(), rot, shift if refine_shifts else None, batch, data)  # (B,)
         loss = nll.mean()
-        check_finite_loss(loss, STAGE, epoch, b)
+        objective = loss if shard is None else shard.objective(nll, total)
+        check_finite_loss(objective, STAGE, epoch, b)
         decoder_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
+        if shard is not None:
+            shard.average_gradients(volume.parameters())
         check_finite_gradients({"volume": (p.grad for p in volume.parameters())},
                                STAGE, epoch, b)
         decoder_optimizer.step()
         n = int(idx.numel())
+        if n == 0:  # distributed: none of this batch's particles is on this rank
+            continue
         running.add(float(loss.detach()), n)
         rot_change.add(float(geodesic_distance_deg(rot0, rot).mean()), n)
         if refine_shifts:
             shift_change.add(float((shift - shift0).norm(dim=-1).mean()), n)
         if progress is not None:
             progress(n, float(loss.detach()))
+    if shard is not None:  # statistics of all ranks
+        sums = shard.all_sum(torch.tensor([running.total, running.weight, rot_change.total,
+                                           shift_change.total]))
+        running.total, running.weight = float(sums[0]), float(sums[1])
+        rot_change.total, rot_change.weight = float(sums[2]), float(sums[1])
+        shift_change.total, shift_change.weight = float(sums[3]), float(sums[1])
     return EpochStats(
         loss=running.mean,
         num_images=int(running.weight),

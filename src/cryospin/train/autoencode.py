@@ -31,7 +31,9 @@ from cryospin.train.data import (
     gaussian_lowpass,
     sub_disc,
 )
+from cryospin.train.distributed import Shard, local_batches
 from cryospin.train.metrics import RunningMean, check_finite_gradients, check_finite_loss
+
 
 __all__ = [
     "EpochStats",
@@ -172,6 +174,7 @@ def autoencode_epoch(
     progress: Callable[[int, float], None] | None = None,
     loss_radius: Callable[[int], float | None] | None = None,
     lowpass_input: bool = False,
+    shard: Shard | None = None,
 ) -> EpochStats:
     """One pass over the particles in random order (drawn from ``generator``).
 
@@ -194,6 +197,10 @@ def autoencode_epoch(
         epoch, or None for the full training disc (frequency marching).
     lowpass_input : bool
         Low-pass the encoder's input at the loss radius (see :func:`predict_nll`).
+    shard : cryospin.train.distributed.Shard, optional
+        Distributed run: this rank trains on its particles of each global batch, ``encoder``
+        is the DDP-wrapped encoder, the volume gradients are averaged over the ranks and the
+        returned statistics are those of all ranks.
 
     Raises
     ------
@@ -204,10 +211,11 @@ def autoencode_epoch(
     """
     encoder.train()
     discs: dict[int, LossDisc] = {}
-    num_heads = int(encoder.num_heads)
+    num_heads = int(getattr(encoder, "module", encoder).num_heads)  # DDP wraps the encoder
     running = RunningMean()
     wins = torch.zeros(num_heads, dtype=torch.float64)
-    for b, batch in enumerate(data.epoch_batches(batch_size, generator), start=1):
+    batches = data.epoch_batches(batch_size, generator)
+    for b, (batch, total) in enumerate(local_batches(batches, shard), start=1):
         idx = batch.indices
         radius = None if loss_radius is None else loss_radius(b)
         disc = None
@@ -219,11 +227,19 @@ def autoencode_epoch(
         nll, _, _ = predict_nll(
             encoder, volume(), batch, data, disc, lowpass_input=lowpass_input
         )  # (B, M)
-        loss, best = winner_take_all(nll)
-        check_finite_loss(loss, STAGE, epoch, b)
+        if shard is None:
+            loss, best = winner_take_all(nll)
+            objective = loss
+        else:  # this rank's share of the global batch mean
+            best_nll, best = nll.min(dim=1)  # (B_r,)
+            objective = shard.objective(best_nll, total)
+            loss = best_nll.detach().mean() if best_nll.numel() else objective.detach()
+        check_finite_loss(objective, STAGE, epoch, b)
         encoder_optimizer.zero_grad(set_to_none=True)
         decoder_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
+        if shard is not None:  # the encoder's gradients are averaged by DDP
+            shard.average_gradients(volume.parameters())
         check_finite_gradients(
             {"encoder": (p.grad for p in encoder.parameters()),
              "volume": (p.grad for p in volume.parameters())},
@@ -236,12 +252,16 @@ def autoencode_epoch(
         wins += head_usage(best.detach().cpu(), num_heads).double() * n
         if progress is not None:
             progress(n, float(loss.detach()))
+    if shard is not None:  # statistics of all ranks
+        sums = shard.all_sum(torch.cat([torch.tensor([running.total, running.weight]), wins]))
+        running.total, running.weight, wins = float(sums[0]), float(sums[1]), sums[2:]
     total = max(running.weight, 1.0)
     return EpochStats(
         loss=running.mean,
         num_images=int(running.weight),
         head_usage=(wins / total).tolist(),
     )
+
 
 
 @contextlib.contextmanager
@@ -262,21 +282,23 @@ def infer_best_poses(
     batch_size: int = 256,
     loss_radius_px: float | None = None,
     lowpass_input: bool = False,
+    indices: Tensor | None = None,
 ) -> BestPoses:
     """Pose of each particle's best head (least NLL), in particle order, without gradients.
 
     The encoder runs in eval mode (batch-norm running statistics); its mode is restored after.
     ``loss_radius_px`` and ``lowpass_input`` are those of the last stage-1 step (see
-    :func:`predict_nll`); None uses the full training disc.
+    :func:`predict_nll`); None uses the full training disc. ``indices`` `(n,)` restricts the
+    pass to those particles (results in that order; a distributed rank's own particles).
     """
     disc = None
     if loss_radius_px is not None:
         disc = sub_disc(data.frequencies, data.box_px, loss_radius_px)
-    n = len(data)
+    order = torch.arange(len(data)) if indices is None else indices.cpu()
     rotations, shifts, heads, losses = [], [], [], []
     with _eval_mode(encoder), torch.inference_mode():
         volume_ht = volume()
-        for idx in torch.arange(n).split(batch_size):
+        for idx in order.split(batch_size):
             batch = data.batch(idx)
             nll, rot, sh = predict_nll(
                 encoder, volume_ht, batch, data, disc, lowpass_input=lowpass_input

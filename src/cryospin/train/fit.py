@@ -30,6 +30,10 @@ benchmark, benchmarks/RESULTS.md).
 
 Resuming restores every parameter, optimiser state, the pose table and all RNG states, so that
 a resumed run equals the uninterrupted one with the same seed.
+
+Under ``torchrun`` the same run is computed data-parallel (:mod:`cryospin.train.distributed`):
+each rank trains on its particles of every global batch, rank 0 writes every file, and the
+checkpoint holds the full pose table (resumable with any number of processes).
 """
 
 from __future__ import annotations
@@ -71,6 +75,15 @@ from cryospin.train.config import (
     save_config,
 )
 from cryospin.train.data import TrainingData, num_batches, prepare_data
+from cryospin.train.distributed import (
+    Shard,
+    WorldInfo,
+    device_for_rank,
+    init_distributed,
+    teardown_distributed,
+    world_from_env,
+    wrap_encoder,
+)
 from cryospin.train.metrics import EpochMetrics, append_metrics, truncate_metrics
 from cryospin.train.track import PoseTracker
 
@@ -258,10 +271,10 @@ def _adam(params: Any, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr)
 
 
-def _progress_bar(config: Config, total: int, initial_desc: str) -> Any:
+def _progress_bar(config: Config, total: int, initial_desc: str, *, enabled: bool = True) -> Any:
     from tqdm.auto import tqdm
 
-    enabled = config.run.progress and sys.stderr.isatty()
+    enabled = enabled and config.run.progress and sys.stderr.isatty()
     return tqdm(total=total, unit="img", desc=initial_desc, disable=not enabled,
                 dynamic_ncols=True, smoothing=0.1)
 
@@ -311,15 +324,18 @@ def fit(
     """
     # ------------------------------------------------------------------ setup
     files = prepare_run_dir(run_dir, resume=resume)
-    device = resolve_device(config.run.device)
+    world = world_from_env()  # torchrun / Slurm: see cryospin.train.distributed
+    device = device_for_rank(resolve_device(config.run.device), world)
     threads_before = torch.get_num_threads()
     if config.run.num_threads is not None and device.type == "cpu":
         torch.set_num_threads(config.run.num_threads)
+    created = init_distributed(world, device)
     try:
         return _fit(config, particles, files, device, resume=resume, argv=argv,
-                    stop_after=stop_after)
+                    stop_after=stop_after, world=world)
     finally:
         torch.set_num_threads(threads_before)
+        teardown_distributed(created)
 
 
 def _fit(
@@ -331,11 +347,15 @@ def _fit(
     resume: bool,
     argv: list[str] | None,
     stop_after: int | None,
+    world: WorldInfo = WorldInfo(),
 ) -> FitResult:
+    # distributed: this rank's particles and the collectives; rank 0 writes every file
+    shard = Shard(world) if world.distributed else None
+    main = world.is_main
     state = load_checkpoint(files.checkpoint) if resume and files.checkpoint.is_file() else None
     if state is not None:
         _check_resume_config(config, state, files.checkpoint)
-    if resume:
+    if resume and main:
         for stale in remove_stale_temporaries(files.dir):  # left by a kill during a write
             logger.info("removed %s (left by an interrupted write)", stale.name)
         if state is None:  # killed before the first checkpoint: start again at epoch 1
@@ -343,7 +363,7 @@ def _fit(
             truncate_metrics(files.metrics, 0)
         first_argv, resumed = read_config_argv(files.config)
         save_config(files.config, config, first_argv, resumed=[*resumed, argv])
-    else:
+    elif main:
         save_config(files.config, config, argv)
 
     generator = _seed_everything(config.run.seed)
@@ -353,6 +373,9 @@ def _fit(
 
     data = plan_and_load(config, prepare_data(particles, config.data, device=device,
                                               preload=False))
+    if shard is not None and len(data) < world.world_size:
+        raise InputError(f"{len(data)} particles cannot be shared by {world.world_size} "
+                         "processes")
     from cryospin.volume import HartleyVolume
 
     init_gen = torch.Generator(device="cpu").manual_seed(config.run.seed + 1)
@@ -388,26 +411,29 @@ def _fit(
             decoder_opt.load_state_dict(state["optimizers"]["decoder"])
         restore_rng_state(state["rng"], generator)
         elapsed_before = float(state.get("extra", {}).get("elapsed_s", 0.0))
-        truncate_metrics(files.metrics, epochs_done)
+        if main:
+            truncate_metrics(files.metrics, epochs_done)
         logger.info("resuming %s after epoch %d (%s)", files.dir, epochs_done, stage)
         del state
+    # the encoder as trained: in DDP when distributed (checkpoints save `encoder` itself)
+    train_encoder = None if encoder is None or shard is None else wrap_encoder(encoder, device)
     # pose_track.npz (resume: entries after the checkpoint's epoch are dropped)
-    tracker = PoseTracker.start(
+    tracker = None if not main else PoseTracker.start(
         files.dir, num_particles=len(data), num_heads=config.model.num_heads,
         count=config.run.track_particles, seed=config.run.seed, last_epoch=epochs_done,
     )
 
     n = len(data)
     last = E if stop_after is None else min(E, max(stop_after, epochs_done))
-    bar = _progress_bar(config, (last - epochs_done) * n, "cryospin")
+    bar = _progress_bar(config, (last - epochs_done) * n, "cryospin", enabled=main)
     t_start = time.perf_counter()
     try:
         for epoch in range(epochs_done + 1, last + 1):
             switch_info: dict[str, Any] = {}
             # -------------------------------------------------------- the switch
             if stage == AUTOENCODE and epoch > K:
-                pose_table, switch_info = _switch(config, encoder, volume, data)
-                encoder = encoder_opt = None
+                pose_table, switch_info = _switch(config, encoder, volume, data, shard)
+                encoder = encoder_opt = train_encoder = None
                 decoder_opt = _adam(volume.parameters(), config.optim.decoder_lr_after_switch)
                 stage = AUTODECODE
 
@@ -421,10 +447,11 @@ def _fit(
             # -------------------------------------------------------- stage 1 / stage 2
             if stage == AUTOENCODE:
                 stats = autoencode_epoch(
-                    encoder, volume, data, encoder_opt, decoder_opt,
+                    encoder if train_encoder is None else train_encoder, volume, data,
+                    encoder_opt, decoder_opt,
                     batch_size=config.optim.batch_size, generator=generator, epoch=epoch,
                     progress=tick, loss_radius=_radius_schedule(config, data, epoch),
-                    lowpass_input=config.model.encoder_lowpass,
+                    lowpass_input=config.model.encoder_lowpass, shard=shard,
                 )
             else:
                 for group in decoder_opt.param_groups:
@@ -436,23 +463,27 @@ def _fit(
                     pose_steps=config.optim.pose_steps_per_batch,
                     refine_shifts=config.model.predict_shifts,
                     generator=generator, epoch=epoch, progress=tick, search=search,
+                    shard=shard,
                 )
             wall = time.perf_counter() - t0
             elapsed = elapsed_before + (time.perf_counter() - t_start)
+            # the full pose table (distributed: every rank's rows, gathered to rank 0)
+            full_table = _full_pose_table(pose_table, shard)
             if tracker is not None:  # before the checkpoint; draws no random numbers
                 radius = _radius_schedule(config, data, epoch) if pose_table is None else None
                 tracker.record(
-                    epoch, encoder=encoder, volume=volume, data=data, pose_table=pose_table,
+                    epoch, encoder=encoder, volume=volume, data=data, pose_table=full_table,
                     batch_size=config.run.inference_batch_size,
                     loss_radius_px=None if radius is None
                     else radius(num_batches(n, config.optim.batch_size)),
                     lowpass_input=config.model.encoder_lowpass,
                 )
-            _end_of_epoch(
-                files, config, data, volume, encoder, pose_table, encoder_opt, decoder_opt,
-                generator, epoch=epoch, stage=stage, stats=stats, wall_s=wall,
-                elapsed_s=elapsed, switch_info=switch_info,
-            )
+            if main:
+                _end_of_epoch(
+                    files, config, data, volume, encoder, full_table, encoder_opt,
+                    decoder_opt, generator, epoch=epoch, stage=stage, stats=stats, wall_s=wall,
+                    elapsed_s=elapsed, switch_info=switch_info,
+                )
             epochs_done = epoch
             logger.info(
                 "epoch %d/%d %s: loss %.6g, %.1f images/s%s", epoch, E, stage, stats.loss,
@@ -471,6 +502,9 @@ def _fit(
         return FitResult(files.dir, epochs_done, stage, finished=False)
 
     # ------------------------------------------------------------------ final outputs
+    pose_table = _full_pose_table(pose_table, shard)  # distributed: rank 0 writes the outputs
+    if not main:
+        return FitResult(files.dir, epochs_done, stage, finished=True)
     if pose_table is not None:
         rotations, shifts = pose_table.gather(torch.arange(n, device=device))
         shifts_out = shifts if config.model.predict_shifts else None
@@ -597,9 +631,10 @@ def _restore_pose_table(config: Config, pose_state: dict[str, Any], device: torc
 
 
 def _switch(
-    config: Config, encoder: Any, volume: Any, data: TrainingData
+    config: Config, encoder: Any, volume: Any, data: TrainingData, shard: Shard | None = None
 ) -> tuple[Any, dict[str, Any]]:
-    """The switch: best head of every particle -> pose table."""
+    """The switch: best head of every particle -> pose table (distributed: of this rank's
+    particles, into the rows it owns; head usage and loss over all ranks)."""
     from cryospin.losses import head_usage
 
     t0 = time.perf_counter()
@@ -607,19 +642,38 @@ def _switch(
         encoder, volume, data, batch_size=config.run.inference_batch_size,
         loss_radius_px=_final_stage1_radius(config, data),
         lowpass_input=config.model.encoder_lowpass,
+        indices=None if shard is None else shard.owned(len(data)),
     )
-    table = _build_pose_table(config, best.rotations.float(), best.shifts_px)
-    usage = head_usage(best.best_head.cpu(), config.model.num_heads).tolist()
+    rotations, shifts = best.rotations.float(), best.shifts_px
+    usage_t = head_usage(best.best_head.cpu(), config.model.num_heads)
+    mean_loss = float(best.loss.mean())
+    if shard is not None:  # rows of the other ranks' particles: identity, never touched here
+        n, m = len(data), float(best.loss.numel())
+        rotations = shard.expand_rows(rotations, n, torch.eye(3))
+        shifts = None if shifts is None else shard.expand_rows(shifts, n, torch.zeros(2))
+        sums = shard.all_sum(torch.cat([usage_t.double() * m,
+                                        best.loss.double().sum().reshape(1).cpu()]))
+        usage_t, mean_loss = sums[:-1] / n, float(sums[-1]) / n
+    table = _build_pose_table(config, rotations, shifts)
+    usage = usage_t.tolist()
     info = {
         "switch": {
             "head_usage": usage,
-            "mean_loss": float(best.loss.mean()),
+            "mean_loss": mean_loss,
             "wall_time_s": time.perf_counter() - t0,
         }
     }
     logger.info("switch to auto-decoding: head usage %s",
                 " ".join(f"{u:.2f}" for u in usage))
     return table.to(data.device), info
+
+
+def _full_pose_table(pose_table: Any, shard: Shard | None) -> Any:
+    """The pose table with every particle's row: ``pose_table`` itself for one process; when
+    distributed, gathered to rank 0 (None on the other ranks; a collective)."""
+    if shard is None or pose_table is None:
+        return pose_table
+    return shard.gather_pose_table(pose_table)
 
 
 def _end_of_epoch(
