@@ -29,25 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-
-def _run(argv: list[str], log: Path) -> tuple[float, float]:
-    """Run a command; return (wall seconds, peak RSS in MiB). Exit on failure."""
-    print(f"$ {shlex.join(argv)}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        sys.exit(f"command failed (see {log}): {shlex.join(argv)}")
-    return wall, usage.ru_maxrss / 1024
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run  # noqa: E402
 
 
 def main() -> None:
@@ -83,7 +70,7 @@ def main() -> None:
     err_extra = ["--symmetry", args.symmetry] if args.symmetry else []
     rows: dict[str, tuple[float, float]] = {}
     if not (data / "particles.star").exists():
-        rows["simulate"] = _run(exe + [
+        rows["simulate"] = run(exe + [
             "simulate", args.structure, "-o", str(data), "--n-particles", str(args.n_particles),
             "--box", str(args.box), "--pixel-size", str(args.pixel_size), "--snr", str(args.snr),
             "--shift-std-px", str(args.shift_std_px), "--seed", str(args.seed), "--no-progress",
@@ -91,24 +78,24 @@ def main() -> None:
         ], log)
     if run.exists():
         subprocess.run(["rm", "-rf", str(run)], check=True)
-    rows["reconstruct"] = _run(exe + [
+    rows["reconstruct"] = run(exe + [
         "reconstruct", str(data / "particles.star"), "-o", str(run), "--preset", args.preset,
         "--seed", str(args.seed), "--no-progress", *args.reconstruct_args,
     ], log)
-    rows["oracle backproject"] = _run(exe + [
+    rows["oracle backproject"] = run(exe + [
         "backproject", str(data / "particles.star"), "-o", str(oracle)], log)
-    _run(exe + ["fsc", str(data / "gt.mrc"), str(run / "map.mrc"), "--align",
+    run(exe + ["fsc", str(data / "gt.mrc"), str(run / "map.mrc"), "--align",
                 "-o", str(work / "fsc_run.json"), "--plot", str(work / "fsc_run.png")], log)
-    _run(exe + ["fsc", str(data / "gt.mrc"), str(oracle / "map.mrc"),
+    run(exe + ["fsc", str(data / "gt.mrc"), str(oracle / "map.mrc"),
                 "-o", str(work / "fsc_oracle.json")], log)
-    _run(exe + ["pose-error", str(run / "poses.star"), str(data / "particles.star"),
+    run(exe + ["pose-error", str(run / "poses.star"), str(data / "particles.star"),
                 "-o", str(work / "pose_error.json"), *err_extra], log)
 
     halves = work / "halves"
     if args.halves:
         if halves.exists():
             subprocess.run(["rm", "-rf", str(halves)], check=True)
-        rows["reconstruct --halves"] = _run(exe + [
+        rows["reconstruct --halves"] = run(exe + [
             "reconstruct", str(data / "particles.star"), "-o", str(halves), "--halves",
             "--preset", args.preset, "--seed", str(args.seed), "--no-progress",
             *args.reconstruct_args,

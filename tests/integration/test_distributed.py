@@ -120,6 +120,7 @@ def test_collectives_match_one_process(tmp_path):
     averaged gradients equal the gradient of the global mean; gather_rows reassembles rows."""
     script = tmp_path / "check.py"
     script.write_text(textwrap.dedent("""
+        import os
         import torch, torch.distributed as dist
         from torch import nn
         from cryospin.train.distributed import (Shard, convert_batch_norm, world_from_env)
@@ -165,7 +166,9 @@ def test_collectives_match_one_process(tmp_path):
         else:
             assert got is None
         dist.destroy_process_group()
-        print("ok", world.rank)
+        # one write per rank: the two ranks share the pipe and separate print() writes
+        # ("ok", " ", "0", "\n") interleave (observed: "okok 0\n 1\n")
+        os.write(1, f"ok {world.rank}\n".encode())
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

@@ -280,8 +280,7 @@ def pose_error(
     ref = flip_hand(gt) if flipped else gt
     if G is not None:
         cand_g = G.transpose(-1, -2)[:, None] @ (ref.transpose(-1, -2) @ pred)[None]
-        q = matrix_to_quaternion(cand_g)  # (G, N, 4)
-        which = (q @ matrix_to_quaternion(A)).abs().argmax(dim=0)  # (N,)
+        _, which = _min_angle_over_group(A, cand_g)  # (N,) nearest equivalent pose
         ref = ref @ G[which]
     aligned = pred @ A.T  # (N, 3, 3): ≈ ref
     view_err = _angle_between_deg(aligned[:, 2, :], ref[:, 2, :])

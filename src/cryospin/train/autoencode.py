@@ -36,6 +36,7 @@ from cryospin.train.metrics import RunningMean, check_finite_gradients, check_fi
 
 
 __all__ = [
+    "eval_mode",
     "EpochStats",
     "BestPoses",
     "autoencode_epoch",
@@ -263,9 +264,9 @@ def autoencode_epoch(
     )
 
 
-
 @contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode for the block, then back to its previous mode."""
     was_training = module.training
     module.eval()
     try:
@@ -296,7 +297,7 @@ def infer_best_poses(
         disc = sub_disc(data.frequencies, data.box_px, loss_radius_px)
     order = torch.arange(len(data)) if indices is None else indices.cpu()
     rotations, shifts, heads, losses = [], [], [], []
-    with _eval_mode(encoder), torch.inference_mode():
+    with eval_mode(encoder), torch.inference_mode():
         volume_ht = volume()
         for idx in order.split(batch_size):
             batch = data.batch(idx)

@@ -31,8 +31,6 @@ mode without gradients), so a run with a track is bitwise the run without it.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,16 +129,6 @@ def select_track_indices(num_particles: int, count: int, seed: int) -> np.ndarra
     return np.sort(rng.choice(n, size=int(count), replace=False)).astype(np.int64)
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
 def head_predictions(
     encoder: nn.Module,
     volume: nn.Module,
@@ -172,14 +160,14 @@ def head_predictions(
     rotations : `(K, M, 3, 3)` float32
     shifts_px : `(K, M, 2)` float32 or None
     """
-    from cryospin.train.autoencode import predict_nll
+    from cryospin.train.autoencode import eval_mode, predict_nll
     from cryospin.train.data import sub_disc
 
     disc = None
     if loss_radius_px is not None:
         disc = sub_disc(data.frequencies, data.box_px, loss_radius_px)
     losses, rotations, shifts = [], [], []
-    with _eval_mode(encoder), torch.inference_mode():
+    with eval_mode(encoder), torch.inference_mode():
         volume_ht = volume()
         for idx in indices.cpu().split(batch_size):
             nll, rot, sh = predict_nll(encoder, volume_ht, data.batch(idx), data, disc,
