@@ -166,9 +166,9 @@ def test_collectives_match_one_process(tmp_path):
         else:
             assert got is None
         dist.destroy_process_group()
-        # one write per rank: the two ranks share the pipe and separate print() writes
-        # ("ok", " ", "0", "\n") interleave (observed: "okok 0\n 1\n")
-        os.write(1, f"ok {world.rank}\n".encode())
+        # one write per rank: the ranks share the pipe, and print()'s separate writes of
+        # the words and the newline interleaved (observed output: okok 0 / 1)
+        os.write(1, ("ok %d" % world.rank + chr(10)).encode())
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
