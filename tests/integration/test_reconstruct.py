@@ -571,3 +571,27 @@ def test_stage2_decoder_lr_is_constant_through_search_then_decays_to_final():
                                                                   decoder_lr_final=None))
     assert {stage2_decoder_lr(constant, e) for e in range(3, 11)} == {
         constant.optim.decoder_lr_after_switch}
+
+
+def test_stage2_pose_lrs_decay_like_the_volume_with_shift_lr_by_the_same_factor():
+    from cryospin.train.fit import stage2_pose_lrs
+
+    cfg = _tiny_config(schedule={"epochs": 10, "switch_epoch": 2, "search_epochs": 4},
+                       optim={"pose_lr": 0.05, "shift_lr": 0.1, "pose_lr_final": 0.005})
+    lrs = [stage2_pose_lrs(cfg, e) for e in range(3, 11)]
+    assert lrs[:4] == [(0.05, 0.1)] * 4  # the search epochs at the full rate
+    assert lrs[-1][0] == pytest.approx(0.005) and lrs[-1][1] == pytest.approx(0.01)
+    assert all(a[0] > b[0] and a[1] > b[1] for a, b in zip(lrs[3:], lrs[4:], strict=False))
+    constant = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, pose_lr_final=None))
+    assert {stage2_pose_lrs(constant, e) for e in range(3, 11)} == {(0.05, 0.1)}
+
+
+def test_pose_table_learning_rates_follow_the_schedule_and_are_logged(tiny, tmp_path):
+    cfg = _tiny_config(schedule={"epochs": 3, "switch_epoch": 0, "search_epochs": 1},
+                       optim={"search_rotations": 64, "search_radius_px": 3.0,
+                              "pose_lr": 0.04, "pose_lr_final": 0.01})
+    fit(cfg, _particles(tiny), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["pose_lr"] for r in rows] == pytest.approx([0.04, 0.02, 0.01])
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["pose_table"]["_extra_state"]["lr_rot"] == pytest.approx(0.01)

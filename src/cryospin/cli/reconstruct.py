@@ -46,6 +46,7 @@ _OVERRIDES = {
     "pose_lr": ("optim", "pose_lr"),
     "shift_lr": ("optim", "shift_lr"),
     "decoder_lr_final": ("optim", "decoder_lr_final"),
+    "pose_lr_final": ("optim", "pose_lr_final"),
     "search_epochs": ("schedule", "search_epochs"),
     "search_rotations": ("optim", "search_rotations"),
     "search_radius": ("optim", "search_radius_px"),
@@ -124,6 +125,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shift-lr", type=float, metavar="LR", help="per-particle shift lr")
     g.add_argument("--decoder-lr-final", type=float, metavar="LR",
                    help="volume lr reached by the last epoch (decays after the search epochs)")
+    g.add_argument("--pose-lr-final", type=float, metavar="LR",
+                   help="rotation lr reached by the last epoch (decays like the volume's; the "
+                        "shift lr by the same factor)")
     g.add_argument("--search-epochs", type=int, metavar="E",
                    help="stage-2 epochs that start each batch with a global rotation search")
     g.add_argument("--search-rotations", type=int, metavar="N",

@@ -27,7 +27,7 @@ from cryospin.forward.shifts import shift_hartley
 from cryospin.forward.slicing import extract_central_slices
 from cryospin.losses import gaussian_nll
 from cryospin.pose import PoseTable
-from cryospin.rotations import geodesic_distance_deg, quaternion_to_matrix
+from cryospin.rotations import geodesic_distance_deg, quaternion_to_matrix, so3_exp, so3_log
 from cryospin.train.autoencode import EpochStats
 from cryospin.train.data import Batch, LossDisc, TrainingData, sub_disc
 from cryospin.train.distributed import Shard, local_batches
@@ -41,6 +41,7 @@ __all__ = [
     "super_fibonacci_rotations",
     "search_rotations",
     "shift_grid",
+    "remove_common_rotation",
 ]
 
 STAGE = "autodecode"
@@ -216,6 +217,29 @@ def _apply_search(
     return int(better.sum())
 
 
+def remove_common_rotation(
+    before: Tensor, after: Tensor, shard: Shard | None = None
+) -> Tensor:
+    """``after`` `(B, 3, 3)` with the batch's common rotation in the map frame taken out.
+
+    Poses ``R Qᵀ`` with the map rotated by ``Q`` give the same images (the global-rotation
+    ambiguity, ``cryospin.evaluate.pose_error``), so a change ``R → R·exp(c)`` shared by all
+    rows moves nothing but the frame — and a map that rotates a little with every volume step,
+    followed by poses refined only once per epoch, leaves the rows visited early and late in an
+    epoch in different frames. With ``c`` = the mean over the batch (over all ranks with a
+    ``shard``) of ``log(Rᵢ,beforeᵀ Rᵢ,after)`` `(3,)`, returns ``Rᵢ,after · exp(−c)``: the
+    poses' refinement keeps each row's own change and the map must follow the poses.
+    """
+    w = so3_log(before.transpose(-1, -2) @ after)  # (B, 3), map frame
+    total = torch.cat([w.sum(0), w.new_tensor([float(w.shape[0])])])  # (4,)
+    if shard is not None:
+        total = shard.all_sum(total)
+    if float(total[3]) == 0:
+        return after
+    c = total[:3] / total[3]  # (3,)
+    return after @ so3_exp(-c).to(after)
+
+
 def pose_nll(
     volume_ht: Tensor, rotations: Tensor, shifts_px: Tensor | None, batch: Batch,
     data: TrainingData,
@@ -279,6 +303,7 @@ def autodecode_epoch(
     progress: Callable[[int, float], None] | None = None,
     search: RotationSearch | None = None,
     shard: Shard | None = None,
+    anchor_frame: bool = False,
 ) -> EpochStats:
     """One pass over the particles in random order (drawn from ``generator``).
 
@@ -305,6 +330,9 @@ def autodecode_epoch(
         Distributed run: this rank searches and refines the rows it owns in each global batch,
         the volume gradients are averaged over the ranks and the returned statistics are those
         of all ranks.
+    anchor_frame : bool
+        After the pose steps of each batch, take out the batch's common rotation
+        (:func:`remove_common_rotation`; not in search epochs, whose grid jumps are no drift).
 
     Raises
     ------
@@ -328,6 +356,9 @@ def autodecode_epoch(
             pose_table, volume_fixed, batch, data, steps=pose_steps,
             refine_shifts=refine_shifts, epoch=epoch, batch_number=b,
         )
+        if anchor_frame and search is None:
+            pose_table.rotations[idx] = remove_common_rotation(
+                rot0, pose_table.rotations[idx], shard)
         rot, shift = pose_table.gather(batch.indices)
         nll = pose_nll(volume(), rot, shift if refine_shifts else None, batch, data)  # (B,)
         loss = nll.mean()

@@ -97,6 +97,7 @@ __all__ = [
     "prepare_run_dir",
     "fit",
     "stage2_decoder_lr",
+    "stage2_pose_lrs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -456,6 +457,7 @@ def _fit(
             else:
                 for group in decoder_opt.param_groups:
                     group["lr"] = stage2_decoder_lr(config, epoch)
+                pose_table.lr_rot, pose_table.lr_shift = stage2_pose_lrs(config, epoch)
                 search = _rotation_search(config, data, epoch - K)
                 stats = autodecode_epoch(
                     volume, pose_table, data, decoder_opt,
@@ -463,7 +465,7 @@ def _fit(
                     pose_steps=config.optim.pose_steps_per_batch,
                     refine_shifts=config.model.predict_shifts,
                     generator=generator, epoch=epoch, progress=tick, search=search,
-                    shard=shard,
+                    shard=shard, anchor_frame=config.optim.anchor_pose_frame,
                 )
             wall = time.perf_counter() - t0
             elapsed = elapsed_before + (time.perf_counter() - t_start)
@@ -555,21 +557,37 @@ def _radius_schedule(
     return radius
 
 
+def _stage2_decay(config: Config, epoch: int, start: float, final: float | None) -> float:
+    """``start`` up to the last search epoch, then geometric decay to ``final`` (None: constant)
+    reached at the last epoch."""
+    s = config.schedule
+    if final is None:
+        return start
+    first = s.switch_epoch + s.search_epochs  # last epoch at the full rate
+    span = s.epochs - first
+    if span <= 0 or epoch <= first:
+        return start
+    frac = min((epoch - first) / span, 1.0)
+    return start * (final / start) ** frac
+
+
 def stage2_decoder_lr(config: Config, epoch: int) -> float:
     """Volume learning rate of stage-2 epoch ``epoch`` (pure; see ``optim.decoder_lr_final``).
 
     Constant ``decoder_lr_after_switch`` up to the last search epoch, then geometric decay
     reaching ``decoder_lr_final`` at the last epoch.
     """
-    o, s = config.optim, config.schedule
-    if o.decoder_lr_final is None:
-        return o.decoder_lr_after_switch
-    first = s.switch_epoch + s.search_epochs  # last epoch at the full rate
-    span = s.epochs - first
-    if span <= 0 or epoch <= first:
-        return o.decoder_lr_after_switch
-    frac = min((epoch - first) / span, 1.0)
-    return o.decoder_lr_after_switch * (o.decoder_lr_final / o.decoder_lr_after_switch) ** frac
+    o = config.optim
+    return _stage2_decay(config, epoch, o.decoder_lr_after_switch, o.decoder_lr_final)
+
+
+def stage2_pose_lrs(config: Config, epoch: int) -> tuple[float, float]:
+    """(rotation, shift) learning rates of stage-2 epoch ``epoch`` (pure; see
+    ``optim.pose_lr_final``): the rotation rate decays like the volume's, the shift rate by the
+    same factor."""
+    o = config.optim
+    rot = _stage2_decay(config, epoch, o.pose_lr, o.pose_lr_final)
+    return rot, o.shift_lr * (rot / o.pose_lr)
 
 
 def _rotation_search(config: Config, data: TrainingData, stage2_epoch: int) -> Any:
@@ -717,6 +735,7 @@ def _end_of_epoch(
             mean_pose_change_deg=stats.mean_pose_change_deg,
             mean_shift_change_px=stats.mean_shift_change_px,
             decoder_lr=float(decoder_opt.param_groups[0]["lr"]),
+            pose_lr=None if pose_table is None else float(pose_table.lr_rot),
             elapsed_s=elapsed_s,
             extra=switch_info,
         ),
