@@ -226,6 +226,90 @@ def test_one_rank_then_resumed_on_two_equal_one_process(particles, reference, tm
             np.testing.assert_allclose(track[key], ref_track[key], rtol=1e-3, atol=1e-3)
 
 
+def test_each_rank_holds_and_preprocesses_only_its_particles(particles, tmp_path):
+    """Under torchrun (2 ranks), ``plan_and_load`` with the shard: in memory, a rank
+    preprocesses and holds exactly its particles ``i mod 2 == rank`` (N/2 rows); streaming,
+    nothing is preprocessed up front and an epoch preprocesses exactly those particles, in the
+    parts of the same global batches on both ranks (checked by all-gathering the parts)."""
+    script = tmp_path / "check.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        import torch, torch.distributed as dist
+        import cryospin.train.data as D
+        from cryospin.io.particles import load_particles
+        from cryospin.train.config import build_config
+        from cryospin.train.distributed import Shard, world_from_env
+        from cryospin.train.memory import plan_and_load
+        from cryospin.train.stream import StreamOptions
+        world = world_from_env()
+        dist.init_process_group("gloo")
+        shard = Shard(world)
+        N = {N_PARTICLES}
+        owned = list(range(world.rank, N, world.world_size))
+        seen = []
+        real = D._preprocess
+        def counting(particles, idx, *args, **kwargs):
+            seen.extend(int(i) for i in idx)
+            return real(particles, idx, *args, **kwargs)
+        D._preprocess = counting
+        particles = load_particles({str(particles)!r})
+        for preload_gb, preloaded in ((10.0, True), (1e-9, False)):
+            cfg = build_config("default", {{"data": {{"max_preload_gb": preload_gb}}}})
+            lazy = D.prepare_data(particles, cfg.data, preload=False)
+            seen.clear()
+            data = plan_and_load(cfg, lazy, shard=shard)
+            assert data.preloaded == preloaded and len(data) == N
+            assert data.held.tolist() == owned
+            if preloaded:
+                assert sorted(seen) == owned, "in memory: owned rows preprocessed once"
+                assert data.images.shape[0] == data.hartley.shape[0] == len(owned)
+            else:
+                assert seen == [], "streaming: nothing preprocessed up front"
+                gen = torch.Generator().manual_seed(3)
+                parts = list(data.epoch_batches(50, gen, StreamOptions(chunk_images=32)))
+                assert sorted(seen) == owned, "an epoch preprocesses the owned rows only"
+                assert all(shard.owns(p.indices).all() for p in parts)
+                sizes = torch.tensor([p.global_size for p in parts])
+                mine = torch.zeros(N, dtype=torch.int64)  # batch number of each particle
+                for b, p in enumerate(parts, start=1):
+                    mine[p.indices] = b
+                every = mine.clone()
+                dist.all_reduce(every)  # the parts are disjoint: every particle's batch
+                assert bool((every >= 1).all()), "each particle in one rank's part"
+                counts = torch.bincount(every, minlength=len(sizes) + 1)[1:]
+                assert torch.equal(counts, sizes), "parts add up to the global batches"
+                other = sizes.clone()
+                dist.broadcast(other, src=0)
+                assert torch.equal(other, sizes), "the same global batches on every rank"
+        dist.destroy_process_group()
+        os.write(1, ("ok %d" % world.rank + chr(10)).encode())
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         "2", str(script)], env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ok 0" in proc.stdout and "ok 1" in proc.stdout
+
+
+@pytest.mark.slow
+def test_amortized_two_ranks_equal_one_process(particles, tmp_path):
+    """Stage 1 only (``--method amortized``): the final poses come from rank 0's inference
+    pass over every particle, read lazily from the stacks (its in-memory data hold only its
+    own particles)."""
+    drop = {"--epochs", "--switch-epoch", "--search-epochs", "--search-rotations",
+            "--search-radius"}
+    common = [a for i, a in enumerate(TRAIN) if a not in drop and TRAIN[i - 1] not in drop]
+    argv = ["--method", "amortized", "--epochs", "2", *common]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert_ok(run_cryospin([str(particles), "-o", str(ref), *argv]))
+    assert_ok(run_cryospin([str(particles), "-o", str(run), *argv], nproc=2))
+    for name in ("map.002.mrc", "map.mrc"):
+        assert_same_map(ref / name, run / name)
+    assert_same_poses(ref / "poses.pkl", run / "poses.pkl")
+
+
 def test_world_from_env_reads_torchrun_then_slurm_variables():
     from cryospin.errors import InputError
     from cryospin.train.distributed import WorldInfo, world_from_env

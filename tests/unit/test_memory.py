@@ -165,3 +165,73 @@ def test_prediction_within_35_percent_of_measured_peak_rss(tmp_path, L, n, chang
     predicted = _plan(build_config("default", base), n, L, loader).total_bytes
     measured = _measure(tmp_path, L, n, base)
     assert abs(predicted / measured - 1) <= TOLERANCE, (predicted / 2**20, measured / 2**20)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def test_per_rank_plan_divides_the_data_terms_only():
+    cfg, L, n = _config(), 64, 10_001
+    P = int(disc_frequencies(L).shape[0])
+    for loader in ("in-memory", "streaming"):
+        one = dict(_plan(cfg, n, L, loader).rows)
+        two = plan_memory(cfg, num_particles=n, box_px=L, num_frequencies=P, use_ctf=True,
+                          loader=loader, world_size=2)
+        rows = dict(two.rows)
+        name = "images + Hartley + CTF" if loader == "in-memory" else "streamed chunks"
+        assert rows[f"{name} (1/2 per rank)"] < 0.6 * one[name]
+        if loader == "in-memory":  # rank 0 holds ceil(N / W) particles
+            assert rows[f"{name} (1/2 per rank)"] == 4 * 5001 * (L * L + 2 * P)
+        for key in ("runtime (python + torch)", "particle metadata", "volume + Adam",
+                    "encoder + Adam"):
+            assert rows[key] == one[key]  # N rows of metadata on every rank
+    with pytest.raises(ValueError, match="world_size"):
+        plan_memory(cfg, num_particles=n, box_px=L, num_frequencies=P, use_ctf=True,
+                    loader="in-memory", world_size=0)
+
+
+def test_choose_loader_uses_the_share_of_a_rank():
+    kw = {"num_particles": 40_000, "box_px": 64, "num_frequencies":
+          int(disc_frequencies(64).shape[0]), "use_ctf": True}
+    one = choose_loader(_config(), **kw).in_memory.total_gb
+    two = choose_loader(_config(), world_size=4, **kw).in_memory.total_gb
+    budget = _config(data={"max_memory_gb": (one + two) / 2})
+    assert not choose_loader(budget, **kw).preload  # one process streams
+    assert choose_loader(budget, world_size=4, **kw).preload  # each of 4 ranks holds N/4
+    data_gb = 40_000 * 4 * (64 * 64 + 2 * kw["num_frequencies"]) / 1e9
+    limit = _config(data={"max_preload_gb": 0.6 * data_gb})
+    assert not choose_loader(limit, **kw).preload
+    choice = choose_loader(limit, world_size=2, **kw)
+    assert choice.preload and "per rank (20000 particles)" in choice.reason
+
+
+def test_plan_and_load_holds_only_the_rank_particles(tmp_path, caplog):
+    import logging
+
+    from cryospin.io.mrc import write_stack
+    from cryospin.io.particles import load_particles
+    from cryospin.train.data import prepare_data
+    from cryospin.train.distributed import Shard, WorldInfo
+    from cryospin.train.memory import plan_and_load
+
+    n = 41
+    write_stack(tmp_path / "s.mrcs", torch.randn(n, 16, 16, generator=torch.Generator()
+                                                 .manual_seed(0)), 4.0)
+    (tmp_path / "stacks.txt").write_text("s.mrcs\n")
+    particles = load_particles(tmp_path / "stacks.txt", no_ctf=True)
+    for preload_gb, preloaded in ((1.0, True), (1e-9, False)):
+        cfg = _config(data={"no_ctf": True, "max_preload_gb": preload_gb})
+        lazy = prepare_data(particles, cfg.data, preload=False)
+        held = []
+        for rank in range(3):
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="cryospin.train.memory"):
+                data = plan_and_load(cfg, lazy, shard=Shard(WorldInfo(rank, rank, 3)))
+            assert data.preloaded == preloaded  # the same loader on every rank
+            assert data.held.tolist() == list(range(rank, n, 3)) and len(data) == n
+            if preloaded:
+                assert data.images.shape == (len(range(rank, n, 3)), 16, 16)
+            logged = " ".join(r.getMessage() for r in caplog.records)
+            assert ("on each of the 3 ranks" in logged) == (rank == 0)  # rank 0 logs
+            held.append(data.num_held)
+        assert sum(held) == n and max(held) == -(-n // 3)

@@ -61,12 +61,16 @@ class Batch:
         Hartley values of the images on the loss disc.
     ctf : `(B, P)` float32 or None
         CTF on the loss disc (None when CTF is ignored).
+    global_size : int or None
+        Distributed (sharded data): the size of the global batch this batch is this rank's
+        part of (the rows it holds, possibly none); None: the batch is whole.
     """
 
     indices: Tensor
     images: Tensor
     hartley: Tensor
     ctf: Tensor | None
+    global_size: int | None = None
 
     def restrict(self, disc: LossDisc) -> Batch:
         """The same batch with ``hartley`` and ``ctf`` on the sub-disc ``disc`` only."""
@@ -76,6 +80,7 @@ class Batch:
             images=self.images,
             hartley=self.hartley[:, cols],
             ctf=None if self.ctf is None else self.ctf[:, cols],
+            global_size=self.global_size,
         )
 
 
@@ -137,6 +142,14 @@ class TrainingData:
     hold every particle (computed once). Otherwise they are None and :meth:`batch` reads and
     preprocesses each batch from ``source`` (memory-mapped stacks) with the same function.
 
+    **Sharded** (distributed training, :meth:`holding`): the data hold only the particles
+    ``held`` (a rank's shard, ``i mod W == rank``). In memory, the arrays have one row per held
+    particle (``images[k]`` is particle ``held[k]``) and everything stays indexed by *global*
+    particle index: :meth:`batch` maps global indices to rows (:meth:`local_rows`) and raises
+    for particles not held; :meth:`epoch_batches` draws the same global batches as one process
+    and yields the held part of each (:attr:`Batch.global_size` set), reading and preprocessing
+    held particles only. ``num_particles`` stays the global ``N``.
+
     Attributes
     ----------
     box_px : int
@@ -155,6 +168,7 @@ class TrainingData:
         Factor applied to the raw images.
     use_ctf : bool
     images : `(N, L, L)` float32 or None
+        Sharded: `(n_held, L, L)`, row ``k`` is particle ``held[k]`` (also ``hartley``, ``ctf``).
     hartley : `(N, P)` float32 or None
     ctf : `(N, P)` float32 or None
     source : ParticleSet or None
@@ -163,6 +177,9 @@ class TrainingData:
         The preprocessing configuration (keys the on-disk cache).
     cache : cryospin.train.stream.PreprocessedCache or None
         Float16 preprocessed images read by the streaming loader (``config.cache_dir``).
+    held : `(n_held,)` int64 or None
+        Sharded: the global indices of the particles these data hold, increasing (CPU);
+        None: every particle.
     """
 
     box_px: int
@@ -180,6 +197,7 @@ class TrainingData:
     source: Any = None
     config: DataConfig | None = None
     cache: Any = None
+    held: Tensor | None = None
 
     def __len__(self) -> int:
         return self.num_particles
@@ -192,15 +210,64 @@ class TrainingData:
     def preloaded(self) -> bool:
         return self.images is not None
 
+    @property
+    def sharded(self) -> bool:
+        """Whether these data hold only some particles (:attr:`held`)."""
+        return self.held is not None
+
+    @property
+    def num_held(self) -> int:
+        """Number of particles held: ``len(held)``, or ``N`` when not sharded."""
+        return self.num_particles if self.held is None else int(self.held.numel())
+
+    def holds(self, indices: Tensor) -> Tensor:
+        """Boolean mask `(B,)` (CPU): which global particle ``indices`` `(B,)` are held."""
+        idx = indices.detach().cpu().to(torch.int64)
+        if self.held is None:
+            return (idx >= 0) & (idx < self.num_particles)
+        held = self.held
+        if held.numel() == 0:
+            return torch.zeros(idx.shape, dtype=torch.bool)
+        pos = torch.searchsorted(held, idx).clamp_max(held.numel() - 1)
+        return held[pos] == idx
+
+    def local_rows(self, indices: Tensor) -> Tensor:
+        """Rows `(B,)` int64 (CPU) of the held arrays for global particle ``indices`` `(B,)`.
+
+        The identity when not sharded; else the position of each index in :attr:`held`.
+
+        Raises
+        ------
+        ValueError
+            When some of ``indices`` are not held (another rank owns them).
+        """
+        idx = indices.detach().cpu().to(torch.int64)
+        if self.held is None:
+            return idx
+        ok = self.holds(idx)
+        if not bool(ok.all()):
+            missing = idx[~ok]
+            shown = ", ".join(str(int(i)) for i in missing[:5])
+            raise ValueError(
+                f"particles {shown}{', ...' if missing.numel() > 5 else ''} "
+                f"({missing.numel()} of {idx.numel()} requested) are not held by this process, "
+                f"which holds {self.num_held} of {self.num_particles} particles (its shard); "
+                "use TrainingData.unsharded() to read any particle from the stacks"
+            )
+        return torch.searchsorted(self.held, idx)
+
     def batch(self, indices: Tensor) -> Batch:
-        """Rows ``indices`` `(B,)` as a :class:`Batch` (on :attr:`device`)."""
+        """Rows ``indices`` `(B,)` (global particle indices) as a :class:`Batch` (on
+        :attr:`device`). Sharded: raises ValueError for particles not held."""
         idx = indices.to(self.device)
+        rows = self.local_rows(indices)  # (B,) CPU; checks that the particles are held
         if self.images is not None and self.hartley is not None:
+            rows = rows.to(self.images.device)
             return Batch(
                 indices=idx,
-                images=self.images[idx],
-                hartley=self.hartley[idx],
-                ctf=None if self.ctf is None else self.ctf[idx],
+                images=self.images[rows],
+                hartley=self.hartley[rows],
+                ctf=None if self.ctf is None else self.ctf[rows],
             )
         images, hart, ctf = self.load_rows(indices)
         dev = self.device
@@ -216,10 +283,16 @@ class TrainingData:
 
         Returns ``images`` `(c, L, L)`, ``hartley`` `(c, P)`, ``ctf`` `(c, P)` or None. The
         resident pages of the stacks read are handed back (see :mod:`cryospin.train.stream`).
+        Reads any particle (held or not); ``c = 0`` reads nothing.
         """
         from cryospin.train.stream import release_pages
 
         idx = indices.cpu()
+        if idx.numel() == 0:
+            L, P = self.box_px, int(self.frequencies.shape[0])
+            empty = torch.empty(0, P, dtype=torch.float32)
+            return (torch.empty(0, L, L, dtype=torch.float32), empty,
+                    empty.clone() if self.use_ctf else None)
         out = _preprocess(self.source, idx, self.image_scale, self.frequencies.cpu(), self.use_ctf)
         release_pages(self.source, idx)
         return out
@@ -233,28 +306,74 @@ class TrainingData:
         the chunked streaming loader (:func:`cryospin.train.stream.stream_epoch`, ``options``
         a :class:`~cryospin.train.stream.StreamOptions`): chunk order and windows shuffled,
         background prefetch. Both yield :func:`num_batches` batches.
+
+        Sharded: the same global batches (the same draws from ``generator``), each reduced to
+        the particles held (in the batch's order, possibly none), with ``global_size`` set.
         """
         if self.preloaded:
             order = batch_indices(self.num_particles, batch_size, generator)
-            return (self.batch(idx) for idx in order)
+            if self.held is None:
+                return (self.batch(idx) for idx in order)
+            return (self._held_part(idx) for idx in order)
         from cryospin.train.stream import stream_epoch
 
         return stream_epoch(self, batch_size, generator, options)
 
+    def _held_part(self, indices: Tensor) -> Batch:
+        part = self.batch(indices[self.holds(indices)])
+        return dataclasses.replace(part, global_size=int(indices.numel()))
+
+    def holding(self, indices: Tensor | None) -> TrainingData:
+        """These data restricted to the particles ``indices`` `(n,)` (global, any order;
+        a distributed rank's shard, ``Shard.owned(N)``); None: every particle.
+
+        Lazy data stay lazy (finish with :meth:`in_memory` or :meth:`streaming`, which then
+        read and preprocess these particles only); preloaded data keep the rows of
+        ``indices``, which must be held.
+        """
+        if indices is None:
+            if self.held is None:
+                return self
+            return self.unsharded()
+        held = torch.unique(torch.as_tensor(indices, dtype=torch.int64).cpu())  # sorted
+        if held.numel() and (int(held[0]) < 0 or int(held[-1]) >= self.num_particles):
+            raise ValueError(f"particle indices outside 0..{self.num_particles - 1}")
+        if self.images is None or self.hartley is None:
+            return dataclasses.replace(self, held=held)
+        rows = self.local_rows(held).to(self.images.device)
+        return dataclasses.replace(
+            self, images=self.images[rows], hartley=self.hartley[rows],
+            ctf=None if self.ctf is None else self.ctf[rows], held=held,
+        )
+
+    def unsharded(self) -> TrainingData:
+        """Every particle: these data themselves when they hold all; else a lazy view that
+        reads and preprocesses any particle from ``source`` on demand (for rank 0's
+        diagnostics and final outputs, not for training)."""
+        if self.held is None:
+            return self
+        if self.source is None:
+            raise ValueError("sharded training data without a source cannot read other "
+                             "particles")
+        return dataclasses.replace(self, images=None, hartley=None, ctf=None, held=None)
+
     def in_memory(self) -> TrainingData:
-        """A copy with every particle preprocessed once and held in memory (on :attr:`device`)."""
+        """A copy with every particle held (sharded: the :attr:`held` ones only) preprocessed
+        once and kept in memory (on :attr:`device`)."""
         if self.preloaded:
             return self
-        n, L, P = self.num_particles, self.box_px, int(self.frequencies.shape[0])
+        ids = torch.arange(self.num_particles) if self.held is None else self.held
+        n, L, P = int(ids.numel()), self.box_px, int(self.frequencies.shape[0])
         images = torch.empty(n, L, L, dtype=torch.float32)
         hart = torch.empty(n, P, dtype=torch.float32)
         ctf = torch.empty(n, P, dtype=torch.float32) if self.use_ctf else None
         for start in range(0, n, _CHUNK):
-            idx = torch.arange(start, min(start + _CHUNK, n))
+            idx = ids[start:start + _CHUNK]
+            stop = start + int(idx.numel())
             x, h, c = self.load_rows(idx)
-            images[idx], hart[idx] = x, h
+            images[start:stop], hart[start:stop] = x, h
             if ctf is not None and c is not None:
-                ctf[idx] = c
+                ctf[start:stop] = c
         dev = self.device
         return dataclasses.replace(
             self, images=images.to(dev), hartley=hart.to(dev),
@@ -263,7 +382,8 @@ class TrainingData:
 
     def streaming(self) -> TrainingData:
         """This lazy data, with the preprocessed-image cache of ``config.cache_dir`` attached
-        (built on first use) when one is configured."""
+        (built on first use) when one is configured. Sharded: its streamed epochs read and
+        preprocess (or read from the cache) the :attr:`held` particles only."""
         cache_dir = getattr(self.config, "cache_dir", None)
         if self.preloaded or cache_dir is None or self.cache is not None:
             return self

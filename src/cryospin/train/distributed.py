@@ -22,6 +22,10 @@ to float round-off:
 - **Rank 0 writes.** Maps, metrics, pose track, ``config.yaml``, the checkpoint and the final
   outputs. The pose table is gathered to rank 0 once per epoch (:meth:`Shard.gather_pose_table`)
   for the checkpoint, which therefore holds the full table and resumes with any ``W``.
+- **Sharded data.** The trainer gives :func:`cryospin.train.memory.plan_and_load` the shard:
+  each rank reads, preprocesses and holds (or streams) only the particles it owns
+  (``TrainingData.holding(shard.owned(N))``), so the data's memory and preprocessing per rank
+  are about ``N / W``; its epochs yield the rank's part of each global batch directly.
 
 When not launched distributed (``WORLD_SIZE`` unset or 1) none of this is used and the
 trainer's code paths are those of a single process.
@@ -305,9 +309,21 @@ class Shard:
         """``(this rank's part of the batch, global batch size)`` for each global batch.
 
         ``batches`` yields :class:`~cryospin.train.data.Batch` objects; the part keeps the
-        rows this rank owns, in the batch's order (possibly none).
+        rows this rank owns, in the batch's order (possibly none). Batches of sharded data
+        (``global_size`` set: already this rank's part) pass through after a check.
+
+        Raises
+        ------
+        ValueError
+            When a part of a sharded batch holds particles this rank does not own.
         """
         for batch in batches:
+            if getattr(batch, "global_size", None) is not None:
+                if not bool(self.owns(batch.indices).all()):
+                    raise ValueError(f"rank {self.rank} of {self.world_size} was given "
+                                     "particles of another rank (data sharded differently)")
+                yield batch, int(batch.global_size)
+                continue
             keep = self.owns(batch.indices)
             part = dataclasses.replace(
                 batch, indices=batch.indices[keep], images=batch.images[keep],

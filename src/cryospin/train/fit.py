@@ -372,8 +372,9 @@ def _fit(
                 device)
     from cryospin.train.memory import plan_and_load  # logs the memory plan, picks the loader
 
+    # distributed: each rank reads, preprocesses and holds only its particles (sharded data)
     data = plan_and_load(config, prepare_data(particles, config.data, device=device,
-                                              preload=False))
+                                              preload=False), shard=shard)
     if shard is not None and len(data) < world.world_size:
         raise InputError(f"{len(data)} particles cannot be shared by {world.world_size} "
                          "processes")
@@ -474,7 +475,8 @@ def _fit(
             if tracker is not None:  # before the checkpoint; draws no random numbers
                 radius = _radius_schedule(config, data, epoch) if pose_table is None else None
                 tracker.record(
-                    epoch, encoder=encoder, volume=volume, data=data, pose_table=full_table,
+                    epoch, encoder=encoder, volume=volume, data=data.unsharded(),
+                    pose_table=full_table,
                     batch_size=config.run.inference_batch_size,
                     loss_radius_px=None if radius is None
                     else radius(num_batches(n, config.optim.batch_size)),
@@ -511,8 +513,8 @@ def _fit(
         rotations, shifts = pose_table.gather(torch.arange(n, device=device))
         shifts_out = shifts if config.model.predict_shifts else None
     else:
-        best = infer_best_poses(
-            encoder, volume, data, batch_size=config.run.inference_batch_size,
+        best = infer_best_poses(  # rank 0: every particle (sharded data read them lazily)
+            encoder, volume, data.unsharded(), batch_size=config.run.inference_batch_size,
             loss_radius_px=_final_stage1_radius(config, data),
             lowpass_input=config.model.encoder_lowpass,
         )

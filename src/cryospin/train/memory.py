@@ -14,6 +14,11 @@ The constants were calibrated against the peak RSS (``resource.getrusage``) of s
 and streaming plans side by side), holds the data in memory when the in-memory plan fits
 ``DataConfig.max_memory_gb``, streams otherwise, and stops with a one-line
 :class:`~cryospin.errors.InputError` when even the streaming plan does not fit.
+
+Distributed training (``W`` ranks): the data are sharded (each rank reads, preprocesses and
+holds or streams only its particles ``i mod W == rank``), so the plan is that of one rank: the
+data terms use the largest share ``⌈N / W⌉`` (the metadata, pose table and outputs stay ``N``).
+Every rank computes the same plan from ``N`` and ``W``, hence picks the same loader.
 """
 
 from __future__ import annotations
@@ -143,8 +148,9 @@ def plan_memory(
     use_ctf: bool,
     loader: str,
     stream_options: Any = None,
+    world_size: int = 1,
 ) -> MemoryPlan:
-    """Predict the peak resident memory of a run.
+    """Predict the peak resident memory of a run (of one rank when distributed).
 
     Parameters
     ----------
@@ -160,6 +166,9 @@ def plan_memory(
     use_ctf : bool
     loader : "in-memory" or "streaming"
     stream_options : cryospin.train.stream.StreamOptions, optional
+    world_size : int
+        ``W`` ranks sharing the particles: the data terms below are those of ``⌈N / W⌉``
+        particles (in memory) or ``1 / W`` of the streamed rows.
 
     Returns
     -------
@@ -178,19 +187,23 @@ def plan_memory(
 
     if loader not in ("in-memory", "streaming"):
         raise ValueError(f"loader must be 'in-memory' or 'streaming', got {loader!r}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
     opts = stream_options or StreamOptions()
     N, L, P = int(num_particles), int(box_px), int(num_frequencies)
+    W = int(world_size)
+    n_rank = -(-N // W)  # the largest share of the particles (rank 0's)
     m, o, s = config.model, config.optim, config.schedule
     B, M = int(o.batch_size), int(m.num_heads)
     per_image = 4 * (L * L + P * (2 if use_ctf else 1))
-    preprocess_chunk = min(512, N) * L * L * _PREPROCESS_BYTES_PER_PIXEL
+    preprocess_chunk = min(512, n_rank) * L * L * _PREPROCESS_BYTES_PER_PIXEL
 
     if loader == "in-memory":
-        data = N * per_image
+        data = n_rank * per_image
         setup_chunk = preprocess_chunk
-    else:
-        chunk = min(opts.chunk_images, N)
-        data = min(opts.resident_images(B), N + B) * per_image
+    else:  # the held rows of the windows, queue and batch (≈ 1 / W of them)
+        chunk = -(-min(opts.chunk_images, N) // W)
+        data = min(-(-opts.resident_images(B) // W), n_rank + -(-B // W)) * per_image
         data += chunk * L * L * _PREPROCESS_BYTES_PER_PIXEL
         setup_chunk = preprocess_chunk
     volume = _VOLUME_COPIES * 4 * L**3
@@ -227,7 +240,8 @@ def plan_memory(
     rows = (
         ("runtime (python + torch)", RUNTIME_BYTES),
         ("particle metadata", N * _METADATA_BYTES),
-        ("images + Hartley + CTF" if loader == "in-memory" else "streamed chunks", data),
+        (("images + Hartley + CTF" if loader == "in-memory" else "streamed chunks")
+         + (f" (1/{W} per rank)" if W > 1 else ""), data),
         ("volume + Adam", volume),
         ("encoder + Adam", encoder),
         (f"peak phase: {peak_name}", phases[peak_name]),
@@ -255,9 +269,12 @@ def format_plans(plans: list[MemoryPlan], chosen: str | None = None) -> str:
 
 def choose_loader(
     config: Any, *, num_particles: int, box_px: int, num_frequencies: int, use_ctf: bool,
-    stream_options: Any = None,
+    stream_options: Any = None, world_size: int = 1,
 ) -> LoaderChoice:
     """In memory or streaming, following ``config.data.max_memory_gb`` (see module docstring).
+
+    ``world_size`` ``W``: the budgets are per rank and the data terms those of a rank's share
+    ``⌈N / W⌉``; the choice depends on ``N`` and ``W`` only, so every rank makes the same.
 
     Raises
     ------
@@ -266,15 +283,17 @@ def choose_loader(
     """
     kw = {"num_particles": num_particles, "box_px": box_px,
           "num_frequencies": num_frequencies, "use_ctf": use_ctf,
-          "stream_options": stream_options}
+          "stream_options": stream_options, "world_size": world_size}
     mem = plan_memory(config, loader="in-memory", **kw)
     stream = plan_memory(config, loader="streaming", **kw)
     budget = config.data.max_memory_gb
     if budget is None:
-        data_gb = num_particles * 4 * (box_px**2 + num_frequencies * (2 if use_ctf else 1)) / 1e9
+        n_rank = -(-int(num_particles) // int(world_size))
+        data_gb = n_rank * 4 * (box_px**2 + num_frequencies * (2 if use_ctf else 1)) / 1e9
         limit = config.data.max_preload_gb
         preload = data_gb <= limit
-        reason = (f"the preprocessed data take {data_gb:.2f} GB, "
+        share = f" per rank ({n_rank} particles)" if world_size > 1 else ""
+        reason = (f"the preprocessed data take {data_gb:.2f} GB{share}, "
                   f"{'within' if preload else 'over'} max_preload_gb {limit:g} GB "
                   f"(no --max-memory given)")
         return LoaderChoice(preload, reason, mem, stream)
@@ -291,7 +310,9 @@ def choose_loader(
     )
 
 
-def plan_and_load(config: Any, data: Any, stream_options: Any = None) -> Any:
+def plan_and_load(
+    config: Any, data: Any, stream_options: Any = None, shard: Any = None
+) -> Any:
     """Log the memory plan, choose the loader and finish ``data`` accordingly.
 
     Parameters
@@ -299,21 +320,37 @@ def plan_and_load(config: Any, data: Any, stream_options: Any = None) -> Any:
     config : Config
     data : TrainingData
         Lazy (from ``prepare_data(..., preload=False)``).
+    stream_options : StreamOptions, optional
+    shard : cryospin.train.distributed.Shard, optional
+        Distributed: the data are restricted to the rank's particles
+        (``data.holding(shard.owned(N))``) before loading; the plan is per rank and every
+        rank chooses the same loader. Rank 0 logs.
 
     Returns
     -------
     TrainingData
-        ``data.in_memory()`` or ``data.streaming()``.
+        ``data.in_memory()`` or ``data.streaming()`` (sharded: of the rank's particles).
     """
+    world_size = 1 if shard is None else int(shard.world_size)
+    main = shard is None or shard.rank == 0
     choice = choose_loader(
         config, num_particles=len(data), box_px=data.box_px,
         num_frequencies=int(data.frequencies.shape[0]), use_ctf=data.use_ctf,
-        stream_options=stream_options,
+        stream_options=stream_options, world_size=world_size,
     )
     loader = "in-memory" if choice.preload else "streaming"
-    logger.info("memory plan (predicted peak resident memory, MB):\n%s",
-                format_plans([choice.in_memory, choice.streaming], chosen=loader))
-    logger.info("loader: %s, because %s", loader, choice.reason)
+    if main:
+        logger.info("memory plan (predicted peak resident memory%s, MB):\n%s",
+                    f" per rank, {world_size} ranks" if world_size > 1 else "",
+                    format_plans([choice.in_memory, choice.streaming], chosen=loader))
+        if world_size > 1:
+            logger.info("loader: %s on each of the %d ranks (each holds its ~%d of %d "
+                        "particles), because %s", loader, world_size,
+                        -(-len(data) // world_size), len(data), choice.reason)
+        else:
+            logger.info("loader: %s, because %s", loader, choice.reason)
+    if shard is not None:
+        data = data.holding(shard.owned(len(data)))
     if choice.preload:
         return data.in_memory()
     return data.streaming()

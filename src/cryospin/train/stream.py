@@ -18,6 +18,14 @@ All random numbers are drawn from the training generator when the epoch is creat
 reads and preprocesses the chunks in visiting order into a bounded queue (``prefetch_chunks``
 ahead); torch releases the GIL in its kernels, so preprocessing overlaps training.
 
+Sharded data (distributed training, ``TrainingData.held``): the plan above is drawn exactly
+as by one process (the same chunks, windows and permutations, so every rank sees the same
+global batches), but from each chunk only the particles the rank holds are read (the held
+images of the chunk's contiguous range of one stack, or the held rows of the cache) and
+preprocessed; each window's permutation is applied to the held rows, and each global batch
+yields its held part (``Batch.global_size`` the global batch's size). Memory and
+preprocessing per rank are therefore about ``1/W`` of a single process's.
+
 Resident memory: pages of a memory-mapped file count in a process's resident set once touched,
 so after each chunk the pages it covered are handed back (``madvise(MADV_DONTNEED)``; the data
 stay in the OS page cache). Without that an epoch would grow the resident set by the whole
@@ -307,15 +315,19 @@ class PreprocessedCache:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def read(self, start: int, stop: int) -> Rows:
-        """Rows ``[start, stop)`` as float32 tensors ``(images, hartley, ctf)`` (one read each)."""
+    def read(self, start: int, stop: int, keep: np.ndarray | None = None) -> Rows:
+        """Rows ``[start, stop)`` as float32 tensors ``(images, hartley, ctf)`` (one read each).
+
+        ``keep`` `(stop − start,)` bool: only those rows are read (a rank's held particles).
+        """
         out = []
         for arr, scale in ((self.images, 1.0), (self.hartley, float(self.box_px)),
                            (self.ctf, 1.0)):
             if arr is None:
                 out.append(None)
                 continue
-            block = np.array(arr[start:stop], dtype=np.float32)
+            rows = arr[start:stop]  # a view of the memory map: nothing read yet
+            block = np.array(rows if keep is None else rows[keep], dtype=np.float32)
             if scale != 1.0:
                 block *= scale
             release_memmap_rows(arr, start, stop)
@@ -508,15 +520,26 @@ def stream_epoch(
     else:
         order, chunks = storage_layout(data.source, data.num_particles, opts.chunk_images)
     plan = plan_epoch(order, chunks, batch_size, opts.window_chunks, generator)
+    held = getattr(data, "held", None)
+    owned = None  # (N,) bool by particle: held by this rank (sharded data only)
+    stored_owned = None  # (N,) bool in storage order
+    if held is not None:
+        owned = torch.zeros(data.num_particles, dtype=torch.bool)
+        owned[held] = True
+        stored_owned = owned.numpy()[np.asarray(order, dtype=np.int64)]
 
     if cache is not None:
         def load(rng: tuple[int, int]) -> Rows:
-            return cache.read(*rng)
+            keep = None if stored_owned is None else stored_owned[rng[0] : rng[1]]
+            return cache.read(*rng, keep=keep)
     else:
         def load(rng: tuple[int, int]) -> Rows:
-            return data.load_rows(torch.from_numpy(order[rng[0] : rng[1]]))
+            ids = order[rng[0] : rng[1]]
+            if stored_owned is not None:
+                ids = ids[stored_owned[rng[0] : rng[1]]]  # this rank's particles only
+            return data.load_rows(torch.from_numpy(np.ascontiguousarray(ids)))
 
-    return _iterate(data, plan, load, opts)
+    return _iterate(data, plan, load, opts, owned=owned, stored_owned=stored_owned)
 
 
 def _cat(parts: list[Rows]) -> Rows:
@@ -526,9 +549,25 @@ def _cat(parts: list[Rows]) -> Rows:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), ctf
 
 
+def _held_permutation(perm: Tensor, keep: Tensor) -> Tensor:
+    """Rows `(m_held,)` of a window's held rows in the order of ``perm`` `(m,)`.
+
+    ``keep`` `(m,)` bool marks the held rows of the window's concatenated chunks; the loader
+    returns only those (in the same order), so the held row of position ``j`` is
+    ``cumsum(keep)[j] − 1``.
+    """
+    local = torch.cumsum(keep.to(torch.int64), 0) - 1  # (m,)
+    chosen = perm[keep[perm]]  # positions of the held rows, in permuted order
+    return local[chosen]
+
+
 def _iterate(
-    data: Any, plan: EpochPlan, load: Callable[[tuple[int, int]], Rows], opts: StreamOptions
+    data: Any, plan: EpochPlan, load: Callable[[tuple[int, int]], Rows], opts: StreamOptions,
+    owned: Tensor | None = None, stored_owned: np.ndarray | None = None,
 ) -> Iterator[Any]:
+    """The batches of ``plan``; with ``owned`` `(N,)` bool (by particle) and ``stored_owned``
+    `(N,)` bool (storage order), ``load`` returns the held rows of a chunk only and each
+    global batch yields its held part."""
     from cryospin.train.data import Batch
 
     if not plan.sizes:
@@ -538,12 +577,21 @@ def _iterate(
     prefetch = _Prefetcher(load, plan.chunks, opts.prefetch_chunks)
     try:
         windows = iter(plan.windows)
+        chunks = iter(plan.chunks)
         pending: Rows | None = None  # rows in visiting order not yet batched
         for idx in batches:
+            global_size = int(idx.numel())
+            if owned is not None:
+                idx = idx[owned[idx]]  # this rank's part of the global batch
             need = int(idx.numel())
             while pending is None or int(pending[0].shape[0]) < need:
                 count, perm = next(windows)
+                group = [next(chunks) for _ in range(count)]
                 block = _cat([prefetch.get() for _ in range(count)])
+                if stored_owned is not None:
+                    keep = torch.from_numpy(np.concatenate(
+                        [stored_owned[a:b] for a, b in group]))  # (m,)
+                    perm = _held_permutation(perm, keep)
                 x, h, c = block
                 block = (x[perm], h[perm], None if c is None else c[perm])  # (m, ...)
                 pending = block if pending is None else _cat([pending, block])
@@ -553,6 +601,7 @@ def _iterate(
                 images=x[:need].to(dev),
                 hartley=h[:need].to(dev),
                 ctf=None if c is None else c[:need].to(dev),
+                global_size=None if owned is None else global_size,
             )
             pending = (x[need:], h[need:], None if c is None else c[need:])
     finally:
