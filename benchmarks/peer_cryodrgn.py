@@ -27,6 +27,24 @@ a minute per batch at 32 px on one shared core), so a smoke run should use ``--n
 The pretraining epoch stops after one pass over the data even when ``--n-imgs-pretrain``
 (default 10,000) is larger.
 
+``--fast`` (opt-in; the default run is unchanged) makes 3,000 particles at 48 px fit in about
+40 min on 2 threads. It keeps cryoDRGN's method (random-pose pretraining, hierarchical pose
+search over the same base healpy grid, then pose autodecoding; implicit neural volume) and
+shrinks only sizes (measured on one thread at 48 px, CPU s per image; default -> fast)::
+
+    --dim 128 --pe-dim 32        MLP 256 -> 128 wide, 64 -> 32 Fourier features (296k -> 74k
+                                 parameters); pretrain 65 -> 23 ms, autodecoding 83 -> 35 ms
+    --nkeptposes 4 --niter 3     8 -> 4 poses kept per image, 4 -> 3 refinements (final grid
+                                 step ~1.9 deg instead of ~0.9; base grid: healpy order 2)
+    --l-end 20                   pose search up to 20 px radius (10.9 A) instead of Nyquist (24);
+                                 the autodecoding epochs still fit all frequencies
+    --epochs-pose-search 2       pose-search epochs 3 -> 2 (cryoDRGN's stated minimum)
+    --t-extent 0 --t-ngrid 1     only with --no-trans: no translation search (default searches
+                                 196 shifts up to +-20 px that --no-trans then ignores)
+
+Pose search: ~4.6 s (default) -> 0.48 s per image. Predicted for 3,000 particles, ``-n 12``:
+default ~12 h on one thread; ``--fast`` ~66 min on one thread, ~40 min on two (assumed 1.7x).
+
 Inputs. The particles are the dataset's ``particles.star`` (RELION 3.1, ``--datadir`` = the
 dataset folder), the same file cryospin reads. ``ctf.pkl`` is made by cryoDRGN's own
 ``cryodrgn parse_ctf_star`` in the peer venv (the parameters map one to one, docs/conventions.md
@@ -63,7 +81,8 @@ WORKDIR/peer_cryodrgn.json. Example (smoke size)::
     OMP_NUM_THREADS=1 python benchmarks/peer_cryodrgn.py --dataset bench_out/peer_smoke/data \\
         --workdir bench_out/peer_smoke/cryodrgn --epochs 1 --threads 1 --n-particles 160
 
-and for the full comparison on the dataset of ``bench_reconstruct.py`` (12 epochs, hours)::
+and for the full comparison on the dataset of ``bench_reconstruct.py`` (12 epochs, hours;
+add ``--fast`` for ~40 min at 48 px, 3,000 particles)::
 
     python benchmarks/peer_cryodrgn.py --dataset bench_out/spike64/data \
         --workdir bench_out/spike64/cryodrgn --threads 2
@@ -90,6 +109,11 @@ from _common import cryospin_argv, markdown_table, run  # noqa: E402
 CRYODRGN_VERSION = "4.3.1"
 TORCH_VERSION = "2.13.0"
 INSTALL_RECORD = "cryospin-peer-install.json"
+#: ``--fast``: cryoDRGN's method with a smaller MLP volume and pose-search grid (module docstring).
+FAST_FLAGS = ["--dim", "128", "--pe-dim", "32", "--nkeptposes", "4", "--niter", "3",
+              "--l-end", "20", "--epochs-pose-search", "2"]
+#: added by ``--fast`` when ``--no-trans``: no translation search (its result would be ignored).
+FAST_NO_TRANS_FLAGS = ["--t-extent", "0", "--t-ngrid", "1"]
 
 
 def ensure_venv(venv: Path, version: str, log: Path) -> float | None:
@@ -209,6 +233,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-particles", type=int, default=None,
                    help="use only the first N particles (cryodrgn --ind N; smoke runs)")
+    p.add_argument("--fast", action="store_true",
+                   help="smaller volume MLP and pose-search grid (see FAST_FLAGS and above)")
     p.add_argument("--search-shifts", action="store_true",
                    help="search translations even when the simulation has none")
     p.add_argument("extra", nargs="*", help="extra flags for `cryodrgn abinit` (after --)")
@@ -255,6 +281,8 @@ def main() -> None:
             "--seed", str(args.seed), "--no-amp", "--no-analysis", "--num-workers", "0",
             "--max-threads", str(args.threads)]
     argv += ["--no-trans"] if no_trans else []
+    if args.fast:
+        argv += FAST_FLAGS + (FAST_NO_TRANS_FLAGS if no_trans else [])
     gt_poses = data / "particles.star"
     if args.n_particles is not None:
         ind_pkl = work / f"ind_first_{args.n_particles}.pkl"  # an int --ind is taken as a path
@@ -279,7 +307,7 @@ def main() -> None:
     fsc = json.loads((work / "fsc.json").read_text())
     err = json.loads((work / "pose_error.json").read_text())
 
-    method = f"cryoDRGN abinit_homo {version} (`abinit --zdim 0`)"
+    method = f"cryoDRGN abinit_homo {version} (`abinit --zdim 0`{' --fast' if args.fast else ''})"
     result = {
         "method": method,
         "cryodrgn_version": version,
@@ -290,6 +318,7 @@ def main() -> None:
         "pixel_size_angstrom": apix,
         "snr": sim.get("snr"),
         "epochs": args.epochs,
+        "fast_preset": args.fast,
         "final_epoch_file": epoch,
         "threads": args.threads,
         "wall_s": wall_s,
