@@ -64,7 +64,7 @@ def main() -> None:
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     log = work / "bench.log"
-    data, run, oracle = args.data or work / "data", work / "run", work / "oracle"
+    data, run_dir, oracle = args.data or work / "data", work / "run", work / "oracle"
     sim_extra = (["--select", args.select] if args.select else []) + (
         ["--symmetry", args.symmetry] if args.symmetry else [])
     err_extra = ["--symmetry", args.symmetry] if args.symmetry else []
@@ -76,19 +76,19 @@ def main() -> None:
             "--shift-std-px", str(args.shift_std_px), "--seed", str(args.seed), "--no-progress",
             *sim_extra,
         ], log)
-    if run.exists():
-        subprocess.run(["rm", "-rf", str(run)], check=True)
+    if run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     rows["reconstruct"] = run(exe + [
-        "reconstruct", str(data / "particles.star"), "-o", str(run), "--preset", args.preset,
+        "reconstruct", str(data / "particles.star"), "-o", str(run_dir), "--preset", args.preset,
         "--seed", str(args.seed), "--no-progress", *args.reconstruct_args,
     ], log)
     rows["oracle backproject"] = run(exe + [
         "backproject", str(data / "particles.star"), "-o", str(oracle)], log)
-    run(exe + ["fsc", str(data / "gt.mrc"), str(run / "map.mrc"), "--align",
+    run(exe + ["fsc", str(data / "gt.mrc"), str(run_dir / "map.mrc"), "--align",
                 "-o", str(work / "fsc_run.json"), "--plot", str(work / "fsc_run.png")], log)
     run(exe + ["fsc", str(data / "gt.mrc"), str(oracle / "map.mrc"),
                 "-o", str(work / "fsc_oracle.json")], log)
-    run(exe + ["pose-error", str(run / "poses.star"), str(data / "particles.star"),
+    run(exe + ["pose-error", str(run_dir / "poses.star"), str(data / "particles.star"),
                 "-o", str(work / "pose_error.json"), *err_extra], log)
 
     halves = work / "halves"
@@ -104,7 +104,7 @@ def main() -> None:
     fsc_run = json.loads((work / "fsc_run.json").read_text())
     fsc_oracle = json.loads((work / "fsc_oracle.json").read_text())
     err = json.loads((work / "pose_error.json").read_text())
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     speed: dict[str, list[float]] = {}
     for m in metrics:
         speed.setdefault(m["stage"], []).append(m["images_per_s"])
