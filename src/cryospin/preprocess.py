@@ -222,8 +222,11 @@ def sample_contrast(particles: Any, *, max_images: int = 256) -> ContrastCheck:
     idx = torch.linspace(0, n - 1, min(n, int(max_images))).round().long().unique()
     half = int(particles.box_px) / 2.0
     stats = []
+    release = getattr(particles, "release_pages", None)  # memory-mapped stacks
     for chunk in idx.split(_CONTRAST_CHUNK):
         x = particles.images(chunk).to(torch.float64)  # (c, L, L)
+        if release is not None:  # spread-out reads can map whole page-cache folios
+            release(chunk.numpy())
         stats.append(contrast_statistic(
             x, _CONTRAST_INNER_FRACTION * half, DEFAULT_BACKGROUND_RADIUS_FRACTION * half
         ))
