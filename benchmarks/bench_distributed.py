@@ -8,6 +8,12 @@ separately from the later epochs. Also prints the relative difference of the two
 
     python benchmarks/bench_distributed.py --workdir bench_out/distributed
     python benchmarks/bench_distributed.py --quick    # smoke test: 16 px, 200 particles
+    python benchmarks/bench_distributed.py --dataset DIR --full   # a whole default run
+
+``--full`` trains with the ``default`` preset (all its epochs) instead of the short schedule, on
+the simulated dataset ``--dataset`` (a ``cryospin simulate`` folder), and compares each run with
+the ground truth (``cryospin pose-error``, modulo the point group of ``simulation.json``;
+``cryospin fsc --align`` of the final map against ``gt.mrc``) and the two runs with each other.
 
 Needs at least 2 free cores for a meaningful speed-up (each rank runs one thread). Prints a
 Markdown table and the exact commands.
@@ -61,13 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--nproc", type=int, default=2, help="ranks of the distributed run")
     p.add_argument("--quick", action="store_true", help="16 px, 200 particles, 3 epochs")
+    p.add_argument("--dataset", type=Path, default=None,
+                   help="a `cryospin simulate` folder to use instead of simulating 6VYB")
+    p.add_argument("--full", action="store_true",
+                   help="the default preset's whole run, evaluated against the ground truth")
     args = p.parse_args(argv)
     if args.quick:
         args.box, args.particles, args.epochs = 16, 200, 3
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    data = work / f"sim_{args.box}_{args.particles}"
+    data = work / f"sim_{args.box}_{args.particles}" if args.dataset is None else \
+        args.dataset.resolve()
     if not (data / "particles.star").exists():
         pixel = 3.4 * 64 / args.box  # the 64 px benchmarks' field of view
         _run([py, "-m", "cryospin.cli.main", "simulate", "bundled:6vyb", "-o", str(data),
@@ -79,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
              "--no-progress", "--seed", "1"]
     if args.quick:
         train += ["--heads", "2", "--width", "0.125", "--no-bf16", "--search-rotations", "128"]
+    if args.full:
+        train = ["--preset", "default", "--device", "cpu", "--threads", "1", "--no-progress",
+                 "--seed", "1"]
     rows, commands, runs = [], [], {}
     for nproc in (1, args.nproc):
-        run = work / f"run_{args.box}_{args.particles}_np{nproc}"
+        run = work / f"run_{data.name}_{'full_' if args.full else ''}np{nproc}"
         if run.exists():
             import shutil
 
@@ -113,7 +127,37 @@ def main(argv: list[str] | None = None) -> int:
           f"{diff:.2g}\n\nCommands (OMP_NUM_THREADS=1):\n")
     for c in commands:
         print(f"    {c}")
+    if args.full:
+        _compare(py, data, runs[1], runs[args.nproc], args.nproc)
     return 0
+
+
+def _compare(py: str, data: Path, one: Path, many: Path, nproc: int) -> None:
+    """Each run against the ground truth, and the two runs against each other."""
+    sim = json.loads((data / "simulation.json").read_text())
+    sym = ["--symmetry", sim["symmetry"]] if sim.get("symmetry") else []
+    apix = ["--apix", str(sim["pixel_size_angstrom"])]
+    rows = []
+    for name, a, b in (("1 process vs ground truth", one / "poses.star", None),
+                       (f"{nproc} processes vs ground truth", many / "poses.star", None),
+                       (f"1 vs {nproc} processes", one / "poses.star", many / "poses.star")):
+        gt_poses = data / "particles.star" if b is None else b
+        out = a.parent / f"pose_error_{'gt' if b is None else 'other'}.json"
+        _run([py, "-m", "cryospin.cli.main", "pose-error", str(a), str(gt_poses), *sym,
+              "-o", str(out)])
+        pe = json.loads(out.read_text())
+        ref = data / "gt.mrc" if b is None else b.parent / "map.mrc"
+        fsc_out = a.parent / f"fsc_{'gt' if b is None else 'other'}.json"
+        _run([py, "-m", "cryospin.cli.main", "fsc", str(ref), str(a.parent / "map.mrc"),
+              "--align", *apix, "-o", str(fsc_out)])
+        fsc = json.loads(fsc_out.read_text())
+        rows.append((name, pe["median_rotation_error_deg"], pe["mean_rotation_error_deg"],
+                     fsc.get("resolution_0.5_angstrom")))
+    print("\n| comparison | median rotation difference | mean | FSC = 0.5 of the final maps |")
+    print("|---|---:|---:|---:|")
+    for name, med, mean, res in rows:
+        res_s = "—" if res is None else f"{res:.2f} Å"
+        print(f"| {name} | {med:.2f}° | {mean:.2f}° | {res_s} |")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,34 @@
 """Scaling benchmark: the streaming loader against the in-memory one, and cost against N.
 
-(a) On one stack (default 64 px, 40,000 particles: a 655 MB float32 stack, 1.6 GB of
-    preprocessed images + Hartley values + CTF), one stage-1 and one stage-2 epoch with the
-    in-memory loader and with the streaming loader forced by ``--max-memory`` (default: the
-    streaming plan + 15 %; the budget covers the whole process: Python + torch alone take
-    about 0.45 GB and the default encoder's activations ~0.5 GB at 64 px, so a stack twice the
-    budget needs N ≈ 120k here, ``--sizes ...,120000``). Reports images/s per stage,
-    the predicted and measured peak resident memory (``ru_maxrss`` of the run's process).
-(b) Time per epoch (stage 1 and stage 2) and peak memory for N = 5k, 10k, 20k, 40k at 64 px,
-    in-memory, with the time and memory per 1,000 particles (cost should be linear in N).
+(a) A stack at least twice the memory budget: by default 140,000 particles at 64 px (a 2.3 GB
+    float32 stack). The budget ``--max-memory`` covers the whole process (Python + torch alone
+    take about 0.45 GB), default: the streaming plan + 15 % (about 1.04 GB here). Measured: one
+    stage-2 epoch (local pose refinement, the fastest epoch and so the one most sensitive to
+    loading) with the in-memory loader and with the streaming loader forced by the budget,
+    images/s and the peak resident memory (``ru_maxrss`` of the run's process) against the
+    predicted plan. The run starts at the switch (``switch_epoch 0``) with a narrow one-head
+    encoder (width 0.125) that only seeds the poses, so that the encoder's activations do not
+    set the floor of the budget.
+(b) Time per epoch (stage 1, and a stage-2 epoch of local refinement; the
+    switch's inference pass is not counted) and peak memory for N = 5k, 10k, 20k, 40k at 64 px with the
+    default preset, in memory, with the time and memory per 1,000 particles (cost should be
+    linear in N). (A stage-2 epoch with the global search costs ~4x a local one; see the
+    reconstruction benchmarks.)
 
 Each run is a fresh process running ``fit`` on the particles loaded as ``reconstruct`` loads
 them (the finite-pixel scan of ``load_particles`` hands back each chunk's memory-mapped pages,
-so it does not grow the resident memory). Particles are simulated once with ``cryospin simulate`` into ``--workdir`` (the 40k
-stack; smaller N are its first particles via ``--ind``-style index files).
+so it does not grow the resident memory). Particles are simulated once with
+``cryospin simulate`` into ``--workdir``; smaller N are the first particles of that stack.
+The stack is read through the operating system's page cache, which is not part of the
+process's resident memory.
 
     python benchmarks/bench_scale.py --workdir bench_out/scale
+    python benchmarks/bench_scale.py --workdir bench_out/scale --tile-from bench_out/spike64/data
     python benchmarks/bench_scale.py --quick        # smoke test: 32 px, 1,000 particles
+
+``--tile-from`` builds the 140,000-particle stack by repeating an existing 64 px simulation
+(e.g. the 20,000 particles of ``bench_reconstruct.py``) instead of simulating all of them
+(~30 min on 2 cores); the loaders' cost does not depend on the images' content.
 
 Prints Markdown tables and the exact commands.
 """
@@ -53,21 +65,33 @@ print(json.dumps({"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxr
 """
 
 
-def _overrides(args: argparse.Namespace, data: dict) -> dict:
-    return {
-        "schedule": {"epochs": 2, "switch_epoch": 1, "search_epochs": 1},
+#: part (a): one stage-2 epoch seeded by a tiny encoder (see the module docstring)
+STREAM_SETTINGS = {
+    "schedule": {"epochs": 1, "switch_epoch": 0, "search_epochs": 0},
+    "model": {"width_multiplier": 0.125, "num_heads": 1},
+    "run": {"inference_batch_size": 64},
+}
+
+
+def _overrides(args: argparse.Namespace, data: dict, settings: dict | None = None) -> dict:
+    out = {
+        "schedule": {"epochs": 2, "switch_epoch": 1, "search_epochs": 0},
         "run": {"device": "cpu", "num_threads": args.threads, "seed": 0, "progress": False,
-                "keep_epoch_maps": False},
+                "keep_epoch_maps": False, "final_map": "decoder"},
         "data": data,
     }
+    for section, values in (settings or {}).items():
+        out[section] = {**out.get(section, {}), **values}
+    return out
 
 
-def _fit(args: argparse.Namespace, star: Path, n: int, data: dict, out: Path) -> dict:
-    """One short run (1 stage-1 + 1 stage-2 epoch) in a fresh process."""
+def _fit(args: argparse.Namespace, star: Path, n: int, data: dict, out: Path,
+         settings: dict | None = None) -> dict:
+    """One short run (default: 1 stage-1 + 1 stage-2 epoch) in a fresh process."""
     if out.exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
     argv = [sys.executable, "-c", _DRIVER, str(star), str(n),
-            json.dumps(_overrides(args, data)), str(out)]
+            json.dumps(_overrides(args, data, settings)), str(out)]
     print(f"$ {shlex.join(argv[:2])} <driver> {shlex.join(argv[3:])}", file=sys.stderr,
           flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -78,16 +102,45 @@ def _fit(args: argparse.Namespace, star: Path, n: int, data: dict, out: Path) ->
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _predicted(args: argparse.Namespace, n: int, data: dict) -> dict[str, float]:
+def _predicted(args: argparse.Namespace, n: int, data: dict,
+               settings: dict | None = None) -> dict[str, float]:
     from cryospin.forward.lattice import disc_frequencies
     from cryospin.train.config import build_config
     from cryospin.train.memory import plan_memory
 
-    cfg = build_config("default", _overrides(args, data))
+    cfg = build_config("default", _overrides(args, data, settings))
     P = int(disc_frequencies(args.box).shape[0])
     return {loader: plan_memory(cfg, num_particles=n, box_px=args.box, num_frequencies=P,
                                 use_ctf=True, loader=loader).total_bytes / 2**20
             for loader in ("in-memory", "streaming")}
+
+
+def _tile_dataset(src: Path, dst: Path, n: int) -> None:
+    """``dst``: a stack of ``n`` particles that repeats the particles of the simulated dataset
+    ``src`` (one ``particles.mrcs`` written chunk by chunk, and its ``particles.star``)."""
+    import mrcfile
+    import numpy as np
+    import starfile
+
+    tables = starfile.read(src / "particles.star", always_dict=True)
+    parts = tables["particles"]
+    with mrcfile.mmap(src / "particles.mrcs", mode="r") as m:
+        stack = m.data
+        m_src, L = stack.shape[0], stack.shape[-1]
+        voxel = float(m.voxel_size.x)
+        dst.mkdir(parents=True, exist_ok=True)
+        tmp = dst / "particles.mrcs.tmp"
+        with mrcfile.new_mmap(tmp, shape=(n, L, L), mrc_mode=2, overwrite=True) as out:
+            for start in range(0, n, m_src):
+                k = min(m_src, n - start)
+                out.data[start:start + k] = stack[:k]
+            out.set_image_stack()
+            out.voxel_size = voxel
+        tmp.replace(dst / "particles.mrcs")
+    reps = -(-n // m_src)
+    rows = parts.iloc[np.tile(np.arange(len(parts)), reps)[:n]].reset_index(drop=True)
+    rows["rlnImageName"] = [f"{i + 1:06d}@particles.mrcs" for i in range(n)]
+    starfile.write({**tables, "particles": rows}, dst / "particles.star", overwrite=True)
 
 
 def _stage(res: dict, stage: str) -> dict:
@@ -99,79 +152,92 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("bench_out/scale"))
     p.add_argument("--box", type=int, default=64)
     p.add_argument("--pixel-size", type=float, default=3.4)
-    p.add_argument("--sizes", default="5000,10000,20000,40000")
+    p.add_argument("--sizes", default="5000,10000,20000,40000",
+                   help="N of part (b), comma-separated")
+    p.add_argument("--stream-n", type=int, default=140000,
+                   help="N of part (a) (the stack must be >= 2x the budget)")
     p.add_argument("--budget-gb", type=float, default=None,
                    help="--max-memory of part (a); default: the streaming plan + 15 %%")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip", choices=("a", "b"), default=None, help="leave out one part")
+    p.add_argument("--tile-from", type=Path, default=None,
+                   help="build the stack by repeating this `cryospin simulate` folder's particles "
+                        "(same box) instead of simulating all of them (loading cost does not "
+                        "depend on the images' content)")
     p.add_argument("--quick", action="store_true", help="32 px, N = 500, 1000 (smoke test)")
     args = p.parse_args()
     if args.quick:
-        args.box, args.pixel_size, args.sizes = 32, 6.8, "500,1000"
+        args.box, args.pixel_size, args.sizes, args.stream_n = 32, 6.8, "500,1000", 1000
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    total = max(sizes[-1], args.stream_n)
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    data_dir = work / f"data{args.box}_{sizes[-1]}"
+    data_dir = work / f"data{args.box}_{total}"
     star = data_dir / "particles.star"
     commands = []
+    if not star.exists() and args.tile_from is not None:
+        _tile_dataset(args.tile_from, data_dir, total)
+        commands.append(f"stack of {total:,} particles: {args.tile_from}/particles.mrcs repeated "
+                        "(benchmarks/bench_scale.py _tile_dataset)")
     if not star.exists():
         sim = [sys.executable, "-m", "cryospin.cli.main", "simulate", "bundled:6vyb",
-               "-o", str(data_dir), "--n-particles", str(sizes[-1]), "--box", str(args.box),
+               "-o", str(data_dir), "--n-particles", str(total), "--box", str(args.box),
                "--pixel-size", str(args.pixel_size), "--snr", "0.1", "--seed", "0",
                "--no-progress"]
         print(f"$ {shlex.join(sim)}", file=sys.stderr, flush=True)
         subprocess.run(sim, check=True, stdout=subprocess.DEVNULL)
         commands.append(shlex.join(sim))
-    stack_mb = sum(f.stat().st_size for f in data_dir.glob("*.mrcs")) / 2**20
+    image_mb = args.box * args.box * 4 / 2**20
 
-    # (a) streaming vs in-memory on the largest stack
-    n = sizes[-1]
-    budget = args.budget_gb
-    if budget is None:
-        budget = round(_predicted(args, n, {})["streaming"] * 2**20 * 1.15 / 1e9, 2)
-    runs = {"in-memory": {}, "streaming": {"max_memory_gb": budget},
-            "streaming + cache": {"max_memory_gb": budget,
-                                  "cache_dir": str(work / "cache")}}
-    results = {}
-    for name, data in runs.items():
-        out = work / ("run_a_" + name.replace(" ", "").replace("+", "_"))
-        results[name] = _fit(args, star, n, data, out)
-        commands.append(f"fit on {star} (N={n}) with data={json.dumps(data)}")
-    pred = _predicted(args, n, {})
-    print(f"\n### (a) streaming vs in-memory, {args.box} px, N = {n:,} "
-          f"(stack {stack_mb:,.0f} MB, --max-memory {budget:g} GB = {budget * 1e9 / 2**20:,.0f}"
-          f" MB)\n")
-    print("| loader | stage-1 img/s | stage-2 img/s | predicted peak (MB) | measured peak (MB) "
-          "| within budget |")
-    print("|---|---:|---:|---:|---:|---|")
-    for name, res in results.items():
-        peak = res["peak_bytes"] / 2**20
-        pk = pred["in-memory" if name == "in-memory" else "streaming"]
-        ok = "-" if name == "in-memory" else ("yes" if res["peak_bytes"] <= budget * 1e9
-                                              else "NO")
-        print(f"| {name} | {_stage(res, 'autoencode')['images_per_s']:.0f} | "
-              f"{_stage(res, 'autodecode')['images_per_s']:.0f} | {pk:,.0f} | {peak:,.0f} "
-              f"| {ok} |")
-    print("\n(streaming + cache: the second of two runs would read the float16 cache only; "
-          "this first run also writes it.)")
+    if args.skip != "a":
+        # (a) streaming vs in-memory on a stack >= 2x the budget
+        n = args.stream_n
+        stack_mb = n * image_mb
+        budget = args.budget_gb
+        if budget is None:
+            budget = round(_predicted(args, n, {}, STREAM_SETTINGS)["streaming"] * 2**20 * 1.15
+                           / 1e9, 2)
+        runs = {"in-memory": {}, "streaming": {"max_memory_gb": budget}}
+        results = {}
+        for name, data in runs.items():
+            out = work / ("run_a_" + name)
+            results[name] = _fit(args, star, n, data, out, STREAM_SETTINGS)
+            commands.append(f"fit on {star} (N={n}) with data={json.dumps(data)}, "
+                            f"{json.dumps(STREAM_SETTINGS)}")
+        pred = _predicted(args, n, {}, STREAM_SETTINGS)
+        budget_mb = budget * 1e9 / 2**20
+        print(f"\n### (a) streaming vs in-memory, {args.box} px, N = {n:,}: stack "
+              f"{stack_mb:,.0f} MB = {stack_mb / budget_mb:.2f}x the budget "
+              f"(--max-memory {budget:g} GB = {budget_mb:,.0f} MB)\n")
+        print("| loader | stage-2 epoch (s) | stage-2 img/s | vs in-memory | predicted peak (MB) "
+              "| measured peak (MB) | within budget |")
+        print("|---|---:|---:|---:|---:|---:|---|")
+        base = _stage(results["in-memory"], "autodecode")["images_per_s"]
+        for name, res in results.items():
+            e2 = _stage(res, "autodecode")
+            peak = res["peak_bytes"] / 2**20
+            ok = "-" if name == "in-memory" else ("yes" if res["peak_bytes"] <= budget * 1e9
+                                                  else "NO")
+            print(f"| {name} | {e2['wall_time_s']:.0f} | {e2['images_per_s']:.0f} | "
+                  f"{e2['images_per_s'] / base:.2f} | {pred[name]:,.0f} | {peak:,.0f} | {ok} |")
 
-    # (b) cost against N (in-memory)
-    print(f"\n### (b) time per epoch and peak memory against N, {args.box} px, in-memory\n")
-    print("| N | stage-1 epoch (s) | stage-2 epoch (s) | s per 1k (stage 1 + 2) | predicted "
-          "peak (MB) | measured peak (MB) | measured MB per 1k above runtime |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for n_i in sizes:
-        res = results["in-memory"] if n_i == n else _fit(
-            args, star, n_i, {}, work / f"run_b_{n_i}")
-        if n_i != n:
-            commands.append(f"fit on {star} (N={n_i}) in memory")
-        t1 = _stage(res, "autoencode")["wall_time_s"]
-        t2 = _stage(res, "autodecode")["wall_time_s"]
-        peak = res["peak_bytes"] / 2**20
+    if args.skip != "b":
+        # (b) cost against N (in-memory, default preset)
         from cryospin.train.memory import RUNTIME_BYTES
 
-        print(f"| {n_i:,} | {t1:.1f} | {t2:.1f} | {(t1 + t2) / n_i * 1000:.2f} | "
-              f"{_predicted(args, n_i, {})['in-memory']:,.0f} | {peak:,.0f} | "
-              f"{(peak - RUNTIME_BYTES / 2**20) / n_i * 1000:.1f} |")
+        print(f"\n### (b) time per epoch and peak memory against N, {args.box} px, in-memory\n")
+        print("| N | stage-1 epoch (s) | stage-2 epoch (s) | s per 1k (stage 1 + 2) | "
+              "predicted peak (MB) | measured peak (MB) | measured MB per 1k above runtime |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for n_i in sizes:
+            res = _fit(args, star, n_i, {}, work / f"run_b_{n_i}")
+            commands.append(f"fit on {star} (N={n_i}) in memory")
+            t1 = _stage(res, "autoencode")["wall_time_s"]
+            t2 = _stage(res, "autodecode")["wall_time_s"]
+            peak = res["peak_bytes"] / 2**20
+            print(f"| {n_i:,} | {t1:.1f} | {t2:.1f} | {(t1 + t2) / n_i * 1000:.2f} | "
+                  f"{_predicted(args, n_i, {})['in-memory']:,.0f} | {peak:,.0f} | "
+                  f"{(peak - RUNTIME_BYTES / 2**20) / n_i * 1000:.1f} |", flush=True)
     print("\nCommands (each fit in a fresh process; see the driver in "
           "benchmarks/bench_scale.py):\n")
     print(f"    python {shlex.join(sys.argv)}")
