@@ -296,9 +296,17 @@ def infer_best_poses(
     if loss_radius_px is not None:
         disc = sub_disc(data.frequencies, data.box_px, loss_radius_px)
     order = torch.arange(len(data)) if indices is None else indices.cpu()
-    rotations, shifts, heads, losses = [], [], [], []
+    # Results go into tensors allocated once: per-batch small tensors kept in lists, interleaved
+    # with the batch's large temporaries, fragmented glibc's heap so that the resident memory
+    # grew by ~10 KB per particle over the pass (650 MB for 60,000 streamed particles).
+    n, dev = len(order), data.device
+    rotations = torch.empty(n, 3, 3, device=dev)
+    shifts: Tensor | None = None
+    heads = torch.empty(n, dtype=torch.int64, device=dev)
+    losses = torch.empty(n, device=dev)
     with eval_mode(encoder), torch.inference_mode():
         volume_ht = volume()
+        start = 0
         for idx in order.split(batch_size):
             batch = data.batch(idx)
             nll, rot, sh = predict_nll(
@@ -306,14 +314,13 @@ def infer_best_poses(
             )  # (B, M), ...
             best_loss, best = nll.min(dim=1)  # (B,)
             rows = torch.arange(best.shape[0], device=best.device)
-            rotations.append(rot[rows, best])  # (B, 3, 3)
+            stop = start + len(idx)
+            rotations[start:stop] = rot[rows, best]  # (B, 3, 3)
             if sh is not None:
-                shifts.append(sh[rows, best])  # (B, 2)
-            heads.append(best)
-            losses.append(best_loss)
-    return BestPoses(
-        rotations=torch.cat(rotations).clone(),
-        shifts_px=torch.cat(shifts).clone() if shifts else None,
-        best_head=torch.cat(heads).clone(),
-        loss=torch.cat(losses).clone(),
-    )
+                if shifts is None:
+                    shifts = torch.empty(n, 2, device=dev)
+                shifts[start:stop] = sh[rows, best]  # (B, 2)
+            heads[start:stop] = best
+            losses[start:stop] = best_loss
+            start = stop
+    return BestPoses(rotations=rotations, shifts_px=shifts, best_head=heads, loss=losses)

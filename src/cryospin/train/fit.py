@@ -370,11 +370,15 @@ def _fit(
     generator = _seed_everything(config.run.seed)
     logger.info("preprocessing %d particles (%d px) on %s", len(particles), particles.box_px,
                 device)
-    from cryospin.train.memory import plan_and_load  # logs the memory plan, picks the loader
+    from cryospin.train.memory import (  # logs the memory plan, picks the loader
+        plan_and_load,
+        return_free_memory,
+    )
 
     # distributed: each rank reads, preprocesses and holds only its particles (sharded data)
     data = plan_and_load(config, prepare_data(particles, config.data, device=device,
                                               preload=False), shard=shard)
+    return_free_memory()  # the statistics sample and preprocessing temporaries
     if shard is not None and len(data) < world.world_size:
         raise InputError(f"{len(data)} particles cannot be shared by {world.world_size} "
                          "processes")
@@ -438,6 +442,7 @@ def _fit(
                 encoder = encoder_opt = train_encoder = None
                 decoder_opt = _adam(volume.parameters(), config.optim.decoder_lr_after_switch)
                 stage = AUTODECODE
+                return_free_memory()  # the encoder and its optimiser are gone
 
             bar.set_description(f"epoch {epoch}/{E} {stage}")
 

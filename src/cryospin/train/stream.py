@@ -59,6 +59,7 @@ from torch import Tensor
 from cryospin.atomic import atomic_path, atomic_write_text
 from cryospin.errors import InputError, OutputError
 from cryospin.io.mrc import release_memmap_rows
+from cryospin.train.memory import return_free_memory
 
 __all__ = [
     "StreamOptions",
@@ -451,7 +452,9 @@ class _Prefetcher:
             for item in self._items:
                 if self._stop.is_set():
                     return
-                if not self._put(("ok", self._load(item))):
+                loaded = self._load(item)
+                return_free_memory()  # this thread's arena keeps the chunk's temporaries
+                if not self._put(("ok", loaded)):
                     return
             self._put(("end", None))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
@@ -549,6 +552,11 @@ def _cat(parts: list[Rows]) -> Rows:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), ctf
 
 
+def _clone_rows(rows: Rows) -> Rows:
+    x, h, c = rows
+    return x.clone(), h.clone(), None if c is None else c.clone()
+
+
 def _held_permutation(perm: Tensor, keep: Tensor) -> Tensor:
     """Rows `(m_held,)` of a window's held rows in the order of ``perm`` `(m,)`.
 
@@ -585,6 +593,11 @@ def _iterate(
                 idx = idx[owned[idx]]  # this rank's part of the global batch
             need = int(idx.numel())
             while pending is None or int(pending[0].shape[0]) < need:
+                # Resident memory: the unbatched tail is a view of the previous window, so it
+                # is copied out first (freeing that window) and the temporaries of each step
+                # are dropped before the next one; at most ~2 windows are held at once.
+                if pending is not None:
+                    pending = _clone_rows(pending) if int(pending[0].shape[0]) else None
                 count, perm = next(windows)
                 group = [next(chunks) for _ in range(count)]
                 block = _cat([prefetch.get() for _ in range(count)])
@@ -593,8 +606,12 @@ def _iterate(
                         [stored_owned[a:b] for a, b in group]))  # (m,)
                     perm = _held_permutation(perm, keep)
                 x, h, c = block
+                del block
                 block = (x[perm], h[perm], None if c is None else c[perm])  # (m, ...)
+                del x, h, c
                 pending = block if pending is None else _cat([pending, block])
+                del block
+                return_free_memory()
             x, h, c = pending
             yield Batch(
                 indices=idx.to(dev),
