@@ -114,14 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         mean = (lambda v: sum(v) / len(v) if v else float("nan"))
         rows.append((nproc, first, mean(s1), mean(s2), total))
     base = rows[0]
-    print(f"\n### Distributed epoch time: {args.particles} particles, {args.box} px, "
-          f"batch {args.batch_size}, gloo, 1 thread per process\n")
+    what = (f"{args.particles} particles, {args.box} px, batch {args.batch_size}"
+            if args.dataset is None else f"{data.name}, preset default")
+    print(f"\n### Distributed epoch time: {what}, gloo, 1 thread per process\n")
     print("| processes | epoch 1 (s, incl. warm-up) | later stage-1 epoch (s) "
           "| stage-2 epoch (s) | speed-up stage 1 | speed-up stage 2 | whole command (s) |")
     print("|---|---|---|---|---|---|---|")
+    def cell(value: float) -> str:
+        return "—" if value != value else f"{value:.2f}"  # nan: no such epoch
+
     for nproc, first, s1, s2, total in rows:
-        print(f"| {nproc} | {first:.2f} | {s1:.2f} | {s2:.2f} | {base[2] / s1:.2f} | "
-              f"{base[3] / s2:.2f} | {total:.1f} |")
+        print(f"| {nproc} | {first:.2f} | {cell(s1)} | {cell(s2)} | {cell(base[2] / s1)} | "
+              f"{cell(base[3] / s2)} | {total:.1f} |")
     diff = _map_difference(runs[1] / "map.mrc", runs[args.nproc] / "map.mrc")
     print(f"\nFinal maps, max |1-process − {args.nproc}-process| / max |1-process| = "
           f"{diff:.2g}\n\nCommands (OMP_NUM_THREADS=1):\n")

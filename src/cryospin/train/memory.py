@@ -385,6 +385,10 @@ def plan_and_load(
                         -(-len(data) // world_size), len(data), choice.reason)
         else:
             logger.info("loader: %s, because %s", loader, choice.reason)
+        if loader == "streaming" and getattr(config.data, "cache_dir", None) is None:
+            logger.info("streaming without --cache-dir: the images are read, transformed and "
+                        "their CTFs computed again every epoch; --cache-dir DIR stores them "
+                        "once (float16) and makes epochs about as fast as in memory")
     if shard is not None:
         data = data.holding(shard.owned(len(data)))
     if choice.preload:
