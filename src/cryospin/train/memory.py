@@ -96,7 +96,7 @@ _FINAL_VOLUME_BYTES = 96  # per voxel at the end: Wiener backprojection (float64
 _METADATA_BYTES = 240  # per particle: CTF (float64), stack/image/optics indices, names
 _OUTPUT_BYTES = 700  # per particle at the end: final poses, float64 copies, poses.star table
 _POSE_TABLE_BYTES = 4 * (9 + 2 + 3 + 3 + 2 + 2) + 8 * 2  # rotation, shift, Adam, step counts
-_BEST_POSES_BYTES = 2 * 4 * (9 + 2 + 1 + 1)  # BestPoses + the per-batch lists before cat
+_BEST_POSES_BYTES = 2 * 4 * (9 + 2 + 1 + 1)  # BestPoses and the switch's float copies of it
 _SEARCH_CHUNK = 4096  # rotations per matrix product in the global search
 
 
