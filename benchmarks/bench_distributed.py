@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((nproc, first, mean(s1), mean(s2), total))
     base = rows[0]
     what = (f"{args.particles} particles, {args.box} px, batch {args.batch_size}"
-            if args.dataset is None else f"{data.name}, preset default")
+            if args.dataset is None else data.name) + (", preset default" if args.full else "")
     print(f"\n### Distributed epoch time: {what}, gloo, 1 thread per process\n")
     print("| processes | epoch 1 (s, incl. warm-up) | later stage-1 epoch (s) "
           "| stage-2 epoch (s) | speed-up stage 1 | speed-up stage 2 | whole command (s) |")

@@ -297,8 +297,8 @@ def infer_best_poses(
         disc = sub_disc(data.frequencies, data.box_px, loss_radius_px)
     order = torch.arange(len(data)) if indices is None else indices.cpu()
     # Results go into tensors allocated once: per-batch small tensors kept in lists, interleaved
-    # with the batch's large temporaries, fragmented glibc's heap so that the resident memory
-    # grew by ~10 KB per particle over the pass (650 MB for 60,000 streamed particles).
+    # with the batch's large temporaries, fragmented glibc's heap and the resident memory grew
+    # with every batch (+685 MB over 140,000 streamed particles; benchmarks/RESULTS.md "Scale").
     n, dev = len(order), data.device
     rotations = torch.empty(n, 3, 3, device=dev)
     shifts: Tensor | None = None

@@ -23,6 +23,7 @@ Every rank computes the same plan from ``N`` and ``W``, hence picks the same loa
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -58,31 +59,29 @@ def return_free_memory() -> None:
     process that allocates and frees large temporaries batch after batch, and a prefetch
     thread that builds chunks in its own arena, keep resident memory that nothing uses. Called
     after each streamed chunk and at the phase boundaries of a run, it keeps the resident set
-    near what :func:`plan_memory` predicts. Cost: microseconds to a few milliseconds.
+    near what :func:`plan_memory` predicts. Its cost did not show in an A/B of streamed
+    epochs with and without it (40,000 particles, 64 px; benchmarks/RESULTS.md "Scale").
     """
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
 
-_TRIM: list[Any] = []  # the resolved malloc_trim (or None), looked up on first use
-
-
+@functools.cache
 def _malloc_trim() -> Any:
-    if not _TRIM:
-        fn = None
-        try:
-            import ctypes
-            import ctypes.util
+    """glibc's ``malloc_trim`` (looked up once), or None without glibc."""
+    import ctypes
+    import ctypes.util
 
-            name = ctypes.util.find_library("c")
-            fn = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-            if fn is not None:
-                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-        except OSError:
-            fn = None
-        _TRIM.append(fn)
-    return _TRIM[0]
+    name = ctypes.util.find_library("c")
+    try:
+        fn = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
 
 # calibrated constants (bytes per element of the named quantity)
 _PREPROCESS_BYTES_PER_PIXEL = 56  # float64 image, complex FFT and its shifts, per pixel
@@ -385,7 +384,7 @@ def plan_and_load(
                         -(-len(data) // world_size), len(data), choice.reason)
         else:
             logger.info("loader: %s, because %s", loader, choice.reason)
-        if loader == "streaming" and getattr(config.data, "cache_dir", None) is None:
+        if loader == "streaming" and config.data.cache_dir is None:
             logger.info("streaming without --cache-dir: the images are read, transformed and "
                         "their CTFs computed again every epoch; --cache-dir DIR stores them "
                         "once (float16) and makes epochs about as fast as in memory")
