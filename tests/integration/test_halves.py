@@ -22,13 +22,15 @@ from cryospin.cli.main import main as cli_main
 from cryospin.forward.ctf import CTFParams, compute_ctf
 from cryospin.forward.hartley import hartley3, ihartley2
 from cryospin.forward.model import render
-from cryospin.io.mrc import read_map, write_stack
+from cryospin.io.mrc import read_map, write_map, write_stack
 from cryospin.io.particles import load_particles, write_particles_star
-from cryospin.io.pkl import write_cryodrgn_ctf
+from cryospin.io.pkl import write_cryodrgn_ctf, write_cryodrgn_poses
 from cryospin.io.star import read_relion_star
 from cryospin.rotations import random_rotations
 from cryospin.train.config import load_config
 from cryospin.train.metrics import read_metrics
+
+from _html import check_png, image_sources, link_targets  # tests/integration/_html.py
 
 L, N, APIX = 16, 200, 4.0
 
@@ -66,6 +68,8 @@ def star_with_subsets(tmp_path_factory) -> tuple[Path, np.ndarray]:
     subsets = np.random.default_rng(0).permutation(np.repeat([1, 2], N // 2)).astype(np.int64)
     write_particles_star(folder / "particles.star", dataclasses.replace(ps,
                                                                         random_subset=subsets))
+    write_map(folder / "gt.mrc", vol.numpy(), APIX)
+    write_cryodrgn_poses(folder / "gt_poses.pkl", rot, torch.zeros(N, 2, **f64), L)
     return folder / "particles.star", subsets
 
 
@@ -137,6 +141,16 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     torch.testing.assert_close(R[torch.from_numpy(subsets == 1)], half_a.rotations,
                                atol=1e-9, rtol=0)
 
+    # the run report, written at the end: the halves' pages and the whole run's
+    _check_halves_report(run, run / "report.html", gt=False)
+    assert cli_main(["report", str(run), "--gt", str(star.parent / "gt.mrc"),
+                     "--gt-poses", str(star.parent / "gt_poses.pkl"), "--epoch-fsc", "0",
+                     "-o", str(run / "with_gt.html")]) == 0
+    summary = _check_halves_report(run, run / "with_gt.html", gt=True)
+    assert 2 * APIX - 1e-6 <= summary["resolution_0143_angstrom"] <= L * APIX
+    assert 0.0 <= summary["median_rotation_error_deg"] <= 180.0
+    assert summary["resolution_0143_corrected"] == pytest.approx(final, rel=1e-6)
+
     # half B loses its final outputs (as after a crash while writing them): --resume redoes
     # only those, leaving the finished half A alone
     a_ckpt = (run / "half_A" / "checkpoint.pt").stat().st_mtime_ns
@@ -145,6 +159,39 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     assert (run / "half_B" / "map.mrc").is_file()
     assert (run / "half_A" / "checkpoint.pt").stat().st_mtime_ns == a_ckpt
     assert [r["epoch"] for r in read_metrics(run / "half_B" / "metrics.jsonl")] == [1, 2]
+
+
+HALVES_FIGURES = {"fsc_gold.png", "training.png", "orientations.png", "map_views.png"}
+HALVES_GT_FIGURES = {"fsc.png", "orientations_gt.png", "rotation_error.png"}
+
+
+def _check_halves_report(run: Path, page: Path, *, gt: bool) -> dict:
+    """The halves page: its figures (valid, not blank), links to both halves' reports (which
+    exist and show their figures), its summary; returns the summary."""
+    figures, n_scripts = image_sources(page)
+    assert n_scripts == 0
+    assert {p.name for p in figures} == HALVES_FIGURES | (HALVES_GT_FIGURES if gt else set())
+    for p in figures:
+        assert p.parent == run / page.stem
+        check_png(p)
+    links = link_targets(page)
+    assert links == [run / "half_A" / "report.html", run / "half_B" / "report.html"]
+    for half_page in links:
+        half_figures, _ = image_sources(half_page)
+        assert {"training.png", "map_views.png", "orientations.png"} <= {
+            p.name for p in half_figures}
+        for p in half_figures:
+            check_png(p)
+    text = page.read_text(encoding="utf-8")
+    for needle in ("gold standard", "corrected FSC 0.143", "half B onto half A",
+                   "Gold-standard FSC resolutions", "cryospin flip-hand"):
+        assert needle in text, needle
+    summary = json.loads((run / page.stem / "summary.json").read_text())
+    assert summary["half_sizes"] == [N // 2, N // 2] and summary["particles"] == N
+    assert summary["split_source"] == "rlnRandomSubset"
+    assert summary["epochs_completed"] == [2, 2]
+    assert all(w > 0 for w in summary["wall_time_s"])
+    return summary
 
 
 def test_halves_refuses_a_used_folder(star_with_subsets, tmp_path, capsys) -> None:

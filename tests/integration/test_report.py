@@ -7,13 +7,11 @@ without errors.
 
 from __future__ import annotations
 
-import html.parser
 import importlib.util
 import json
 import math
 import shutil
 import subprocess
-import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +35,13 @@ from cryospin.report import (
 from cryospin.rotations import random_rotations
 from cryospin.train.metrics import EpochMetrics, append_metrics
 
+from _html import check_png as _check_png  # tests/integration/_html.py
+from _html import image_sources as _image_sources
+
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None,
     reason="the report's figures need matplotlib (pip install 'cryospin[report]')",
 )
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPECTED_FIGURES = {"training.png", "head_usage.png", "orientations.png", "map_views.png",
                     "fsc.png", "orientations_gt.png", "rotation_error.png",
                     "rotation_error_epochs.png", "head_errors.png"}
@@ -69,41 +69,6 @@ def full_report(tiny_run: dict[str, Path]) -> Path:
                        "--gt-poses", str(data / "particles.star")])
     assert status == 0
     return run / "report.html"
-
-
-class _ImgSources(html.parser.HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.sources: list[str] = []
-        self.scripts = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "img":
-            self.sources.append(dict(attrs)["src"] or "")
-        if tag == "script":
-            self.scripts += 1
-
-
-def _image_sources(page: Path) -> tuple[list[Path], int]:
-    parser = _ImgSources()
-    parser.feed(page.read_text(encoding="utf-8"))
-    for src in parser.sources:
-        assert "://" not in src and not src.startswith("/"), f"non-relative image path {src}"
-    return [page.parent / urllib.parse.unquote(s) for s in parser.sources], parser.scripts
-
-
-def _check_png(path: Path) -> None:
-    import matplotlib.image
-
-    assert path.is_file(), f"{path} missing"
-    assert path.read_bytes()[:8] == PNG_MAGIC, f"{path} is not a PNG"
-    pixels = np.asarray(matplotlib.image.imread(path), dtype=np.float64)  # (H, W, 3|4) in [0, 1]
-    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
-    rgb = pixels[..., :3]
-    assert rgb.std() > 0.01, f"{path} is blank"
-    q = (rgb * 255).round().astype(np.int64)
-    colours = np.unique(q[..., 0] * 65536 + q[..., 1] * 256 + q[..., 2])
-    assert len(colours) > 10, f"{path} has only {len(colours)} colours"
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -265,13 +265,15 @@ def _warn_contrast(particles: object, invert_contrast: bool) -> None:
                     check.z_score, check.num_images)
 
 
-def _write_report(run_dir: Path) -> None:
-    """The run report, written at the end; a failure here never fails the finished run."""
+def _write_report(run_dir: Path, *, halves: bool = False) -> None:
+    """The run report (``halves``: of a ``--halves`` run), written at the end; a failure here
+    never fails the finished run."""
     from cryospin.errors import CryospinError
     from cryospin.report import write_report
+    from cryospin.report_halves import write_halves_report
 
     try:
-        report = write_report(run_dir)
+        report = (write_halves_report if halves else write_report)(run_dir)
     except (CryospinError, OSError) as exc:
         log.warning("run report not written (%s); try: cryospin report %s", exc, run_dir)
         return
@@ -292,4 +294,6 @@ def _run_halves(config: Any, particles: Any, run_dir: Path, args: argparse.Names
     print(format_summary(result))
     if not result.finished:
         print(f"continue with: cryospin reconstruct --resume {run_dir}")
+        return 0
+    _write_report(run_dir, halves=True)
     return 0

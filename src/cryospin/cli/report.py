@@ -7,6 +7,10 @@ map is aligned to a ground-truth map: FSC curve and resolution per epoch; with -
 rotation-error histogram of the final poses. Figures go to the folder named after the HTML file
 (default RUN_DIR/report/).
 
+For a --halves run folder the page shows the gold-standard FSC curves, both halves' training,
+the combined map and poses (and, with --gt/--gt-poses, their FSC and pose error); each half
+gets its own report too (RUN_DIR/half_A/report.html, half_B/report.html).
+
 Example::
 
     cryospin report run/ --gt data/gt.mrc --gt-poses data/particles.star
@@ -38,10 +42,13 @@ def main(args: argparse.Namespace) -> int:
     """Build the report and print where it is."""
     from cryospin.errors import InputError
     from cryospin.report import write_report
+    from cryospin.report_halves import write_halves_report
+    from cryospin.train.halves import is_halves_run
 
     if args.epoch_fsc < 0:
         raise InputError(f"--epoch-fsc must be >= 0, got {args.epoch_fsc}")
-    result = write_report(
+    writer = write_halves_report if is_halves_run(args.run_dir) else write_report
+    result = writer(
         args.run_dir, gt_map=args.gt, gt_poses=args.gt_poses, output=args.output,
         max_epoch_fsc=args.epoch_fsc, search_hand=not args.no_flip,
     )

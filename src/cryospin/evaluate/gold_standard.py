@@ -130,6 +130,35 @@ class GoldStandardFSC:
             out[f"fsc_{name}"] = r.fsc.tolist()
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict) -> GoldStandardFSC:
+        """The inverse of :meth:`to_dict` (e.g. a halves run's ``fsc.json``).
+
+        Raises
+        ------
+        KeyError, TypeError, ValueError
+            ``d`` is not a :meth:`to_dict` result (the caller names the file).
+        """
+        box = int(d["box_px"])
+        apix = d["pixel_size_angstrom"]
+        apix = None if apix is None else float(apix)
+        shells = np.asarray(d["shells_cycles_per_box"], dtype=np.float64)
+        counts = np.asarray(d["voxel_counts"], dtype=np.int64)
+        if shells.ndim != 1 or counts.shape != shells.shape:
+            raise ValueError("shells and voxel counts differ in length")
+
+        def curve(name: str) -> FSCResult:
+            values = np.asarray(d[f"fsc_{name}"], dtype=np.float64)
+            if values.shape != shells.shape:
+                raise ValueError(f"fsc_{name} has {values.size} shells, not {shells.size}")
+            return FSCResult(shells=shells, fsc=values, voxel_counts=counts, box_px=box,
+                             pixel_size_angstrom=apix)
+
+        return cls(unmasked=curve("unmasked"), masked=curve("masked"),
+                   phase_randomised=curve("phase_randomised_masked"),
+                   corrected=curve("corrected"),
+                   randomise_from_shell=int(d["randomise_from_shell"]))
+
 
 def randomisation_shell(
     unmasked_fsc: Tensor | np.ndarray, threshold: float = RANDOMISE_FSC_THRESHOLD
