@@ -100,6 +100,11 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
         assert cfg.input.ind == str((run / name / "particles.ind.npy").resolve())
         assert cfg.run.seed == 4 + (1000 if which == 2 else 0)  # independent initialisations
     assert json.loads((run / "halves.json").read_text())["split_source"] == "rlnRandomSubset"
+    # no report for an unfinished halves run: a one-line error naming the folder
+    assert cli_main(["report", str(run)]) != 0
+    err = capsys.readouterr().err
+    assert "has not finished" in err and str(run) in err and "Traceback" not in err
+    assert not (run / "report.html").exists()
 
     # --resume finds the halves run and finishes both halves, then combines them
     assert cli_main(["reconstruct", "--resume", str(run)]) == 0

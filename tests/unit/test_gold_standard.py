@@ -20,6 +20,7 @@ from cryospin.backproject import backproject
 from cryospin.evaluate.align import align_maps
 from cryospin.evaluate.fsc import fsc, shell_index
 from cryospin.evaluate.gold_standard import (
+    GoldStandardFSC,
     corrected_fsc,
     fsc_weighted_average,
     fsc_weights,
@@ -155,6 +156,37 @@ def test_identical_halves_have_fsc_one_and_nyquist_resolution() -> None:
     d = res.to_dict()
     assert d["final_resolution_angstrom"] == pytest.approx(4.0)
     assert len(d["fsc_corrected"]) == L // 2 + 1
+
+
+@pytest.mark.parametrize("apix", [2.0, None])
+def test_to_dict_from_dict_round_trip_through_json(apix: float | None) -> None:
+    """``fsc.json`` of a halves run (to_dict, JSON) reads back into the same curves."""
+    import json
+
+    L = 16
+    g = torch.Generator().manual_seed(5)
+    signal = torch.randn(L, L, L, generator=g, dtype=F64)
+    a = signal + 0.8 * torch.randn(L, L, L, generator=g, dtype=F64)
+    b = signal + 0.8 * torch.randn(L, L, L, generator=g, dtype=F64)
+    res = gold_standard_fsc(a, b, spherical_mask(L, 5.0, soft_edge_px=2.0),
+                            pixel_size_angstrom=apix, seed=1)
+    back = GoldStandardFSC.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert back.randomise_from_shell == res.randomise_from_shell
+    for name in ("unmasked", "masked", "phase_randomised", "corrected"):
+        x, y = getattr(res, name), getattr(back, name)
+        np.testing.assert_array_equal(y.fsc, x.fsc)
+        np.testing.assert_array_equal(y.shells, x.shells)
+        np.testing.assert_array_equal(y.voxel_counts, x.voxel_counts)
+        assert (y.box_px, y.pixel_size_angstrom) == (x.box_px, x.pixel_size_angstrom)
+    assert back.final_resolution == res.final_resolution
+    d = res.to_dict()
+    d["fsc_masked"] = d["fsc_masked"][:-1]
+    with pytest.raises(ValueError, match="fsc_masked"):
+        GoldStandardFSC.from_dict(d)
+    d = res.to_dict()
+    del d["fsc_corrected"]
+    with pytest.raises(KeyError):
+        GoldStandardFSC.from_dict(d)
 
 
 # ----------------------------------------------------------------------------- combination
