@@ -49,6 +49,10 @@ def _epochs(run: Path) -> list[dict]:
             if line.strip()]
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
 def _map_difference(a: Path, b: Path) -> float:
     import numpy as np
 
@@ -111,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         first = epochs[0]["wall_time_s"]
         s1 = [e["wall_time_s"] for e in epochs[1:] if e["stage"] == "autoencode"]
         s2 = [e["wall_time_s"] for e in epochs if e["stage"] == "autodecode"]
-        mean = (lambda v: sum(v) / len(v) if v else float("nan"))
-        rows.append((nproc, first, mean(s1), mean(s2), total))
+        rows.append((nproc, first, _mean(s1), _mean(s2), total))
     base = rows[0]
     what = (f"{args.particles} particles, {args.box} px, batch {args.batch_size}"
             if args.dataset is None else data.name) + (", preset default" if args.full else "")

@@ -66,7 +66,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--sym-select", default="A:330-530")
     p.add_argument("--sym-symmetry", default="D7")
     p.add_argument("--fig3-epochs", type=int, default=4,
-                   help="per-epoch maps evaluated per run for Fig. 3 (evenly spaced, with the last)")
+                   help="per-epoch maps evaluated per run for Fig. 3 (evenly spaced, with the "
+                        "last)")
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs found in --workdir (default: rerun them)")
     p.add_argument("--paper", action="store_true",

@@ -11,8 +11,8 @@
     (``switch_epoch 0``) with a narrow one-head encoder (width 0.125) that only seeds the
     poses, so that the encoder's activations do not set the floor of the budget.
 (b) Time per epoch (stage 1, and a stage-2 epoch of local refinement; the
-    switch's inference pass is not counted) and peak memory for N = 5k, 10k, 20k, 40k at 64 px with the
-    default preset, in memory, with the time and memory per 1,000 particles (cost should be
+    switch's inference pass is not counted) and peak memory for N = 5k, 10k, 20k, 40k at 64 px
+    with the default preset, in memory, with the time and memory per 1,000 particles (cost should be
     linear in N). (A stage-2 epoch with the global search costs ~4x a local one; see the
     reconstruction benchmarks.)
 

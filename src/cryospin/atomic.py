@@ -111,7 +111,8 @@ def _os_error_in_chain(exc: BaseException) -> OSError | None:
 
 
 def _set_default_mode(path: Path) -> None:
-    """Give ``path`` the mode a plain ``open()`` would (0666 minus the umask), not mkstemp's 0600."""
+    """Give ``path`` the mode a plain ``open()`` would (0666 minus the umask), not mkstemp's
+    0600."""
     umask = os.umask(0)
     os.umask(umask)
     with contextlib.suppress(OSError):

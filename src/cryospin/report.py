@@ -74,6 +74,15 @@ __all__ = [
     "plot_pose_posterior",
     "build_html",
     "write_report",
+    "read_volume",
+    "read_poses",
+    "ground_truth_on_grid",
+    "align_resolution",
+    "format_resolution",
+    "format_duration",
+    "json_ready",
+    "save_figure",
+    "time_axis_unit",
 ]
 
 #: The handedness paragraph of every report.
@@ -260,7 +269,8 @@ def orientation_histogram(
 
 
 # ---------------------------------------------------------------------------- figures
-def _save(fig: Any, path: str | Path) -> None:
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Write ``fig`` as a PNG at ``path`` atomically, then close it."""
     plt = pyplot()
     try:
         with atomic_path(path) as tmp:
@@ -269,7 +279,7 @@ def _save(fig: Any, path: str | Path) -> None:
         plt.close(fig)
 
 
-def _time_unit(last_s: float) -> tuple[float, str]:
+def time_axis_unit(last_s: float) -> tuple[float, str]:
     """Divisor and axis label for a time axis ending at ``last_s`` seconds."""
     if last_s > 3 * 3600:
         return 3600.0, "wall time (h)"
@@ -318,7 +328,7 @@ def plot_training(
         raise ValueError("no metrics to plot")
     plt = pyplot()
     seconds = elapsed_seconds(metrics)
-    unit, xlabel = _time_unit(float(seconds[-1]))
+    unit, xlabel = time_axis_unit(float(seconds[-1]))
     t = seconds / unit
     stage2 = np.array([r.get("stage") == _STAGE2 for r in metrics])
     loss = np.array([np.nan if r.get("loss") is None else float(r["loss"]) for r in metrics])
@@ -368,7 +378,7 @@ def plot_training(
     axes[-1].set_xlabel(xlabel)
     axes[-1].set_xlim(left=0)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def head_usage_table(metrics: Sequence[dict[str, Any]]) -> tuple[list[str], np.ndarray]:
@@ -416,7 +426,7 @@ def plot_head_usage(metrics: Sequence[dict[str, Any]], path: str | Path) -> None
     ax.set_title("winning head per image", fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_orientations(rotations: Any, path: str | Path, *, title: str | None = None) -> None:
@@ -447,7 +457,7 @@ def plot_orientations(rotations: Any, path: str | Path, *, title: str | None = N
     ax.set_title(title or f"view directions R[2, :] of {n} particles "
                  f"(longitude atan2(y, x), latitude asin z; equal-area)", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_map_views(
@@ -487,7 +497,7 @@ def plot_map_views(
         size += f" at {pixel_size_angstrom:g} Å/px"
     fig.suptitle(f"map {'×'.join(str(s) for s in vol.shape[::-1])} ({size})", fontsize=10)
     fig.tight_layout(h_pad=1.5)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_rotation_errors(result: Any, path: str | Path) -> None:
@@ -512,7 +522,7 @@ def plot_rotation_errors(result: Any, path: str | Path) -> None:
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- pose track
@@ -634,7 +644,7 @@ def plot_track_errors(errors: TrackErrors, path: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _mollweide_xy(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -681,7 +691,7 @@ def plot_head_errors(gt_directions: Any, errors_deg: np.ndarray, path: str | Pat
     fig.suptitle("per-head rotation error at the ground-truth view direction"
                  + (f" (epoch {epoch}, last auto-encoding epoch)" if epoch is not None else ""),
                  fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _break_wraps(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -723,7 +733,7 @@ def plot_pose_posterior(
         best = int(np.nanargmin(result.head_losses)) if result.head_losses is not None else -1
         ax.scatter(lon, lat, s=40, marker="o", facecolors="none", edgecolors="cyan",
                    linewidths=1.5, label=f"heads (epoch {result.head_epoch})", zorder=3)
-        for h, (x, y) in enumerate(zip(lon, lat)):
+        for h, (x, y) in enumerate(zip(lon, lat, strict=True)):
             ax.annotate(str(h + 1), (x, y), xytext=(5, 3), textcoords="offset points",
                         color="cyan", fontsize=9, fontweight="bold")
         if best >= 0:
@@ -748,7 +758,7 @@ def plot_pose_posterior(
     ax.set_title(f"particle {result.particle}: posterior over view directions R[2, :] "
                  f"(HEALPix nside {nside}, {logp.size} pixels)", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------- HTML
@@ -851,7 +861,8 @@ class ReportResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_volume(path: Path) -> tuple[np.ndarray, float]:
+def read_volume(path: Path) -> tuple[np.ndarray, float]:
+    """A cubic map `(L, L, L)` float64 ``[z, y, x]`` and its voxel size (Å; 0 if unknown)."""
     from cryospin.io.mrc import read_map
 
     vol, apix = read_map(path)
@@ -860,14 +871,14 @@ def _read_volume(path: Path) -> tuple[np.ndarray, float]:
     return np.array(vol, dtype=np.float64), float(apix)
 
 
-def _ground_truth_on_grid(gt_path: Path, box_px: int, pixel_size_angstrom: float) -> np.ndarray:
+def ground_truth_on_grid(gt_path: Path, box_px: int, pixel_size_angstrom: float) -> np.ndarray:
     """The ground-truth map on the run's grid: same box, or Fourier-resampled when only the
     sampling differs (same physical box size within 1 %)."""
     import torch
 
     from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
 
-    gt, apix = _read_volume(gt_path)
+    gt, apix = read_volume(gt_path)
     L_gt = gt.shape[0]
     if L_gt == box_px:
         if apix > 0 and pixel_size_angstrom > 0 and abs(apix - pixel_size_angstrom) > (
@@ -884,7 +895,7 @@ def _ground_truth_on_grid(gt_path: Path, box_px: int, pixel_size_angstrom: float
                      f"{pixel_size_angstrom:g} Å/px", gt_path)
 
 
-def _read_rotations(path: Path, box_px: int) -> tuple[Any, Any]:
+def read_poses(path: Path, box_px: int) -> tuple[Any, Any]:
     """Rotations `(N, 3, 3)` and shifts `(N, 2)` from a .star/.cs (metadata only) or a pose.pkl."""
     if path.suffix.lower() == ".pkl":
         from cryospin.io.pkl import read_cryodrgn_poses
@@ -932,11 +943,13 @@ def gt_in_run_frame(gt_rotations: Any, result: Any) -> Any:
     return gt @ torch.as_tensor(np.asarray(result.alignment), dtype=torch.float64)
 
 
-def _fmt_res(r: float) -> str:
+def format_resolution(r: float) -> str:
+    """``"12.34 Å"``, or ``"–"`` for an infinite (never crossed) resolution."""
     return f"{r:.2f} Å" if math.isfinite(r) else "–"
 
 
-def _fmt_time(s: float) -> str:
+def format_duration(s: float) -> str:
+    """Seconds as ``"12.3 s"``, ``"4.5 min"`` or ``"1.25 h"``."""
     if s >= 3600:
         return f"{s / 3600:.2f} h"
     if s >= 120:
@@ -944,8 +957,10 @@ def _fmt_time(s: float) -> str:
     return f"{s:.1f} s"
 
 
-def _align_resolution(gt: np.ndarray, volume: np.ndarray, apix: float | None, *,
-                      search_hand: bool, n_rotations: int) -> tuple[Any, Any]:
+def align_resolution(gt: np.ndarray, volume: np.ndarray, apix: float | None, *,
+                     search_hand: bool, n_rotations: int) -> tuple[Any, Any]:
+    """``volume`` aligned to ``gt`` (both `(L, L, L)`, voxel ``apix`` Å): (FSCResult,
+    AlignResult)."""
     import torch
 
     from cryospin.evaluate.align import align_maps
@@ -965,7 +980,7 @@ def _epoch_resolutions(
     metrics = run.metrics
     k_switch = switch_epoch(metrics)
     resolutions: list[EpochResolution] = []
-    by_epoch = {int(r["epoch"]): float(t) for r, t in zip(metrics, elapsed)}
+    by_epoch = {int(r["epoch"]): float(t) for r, t in zip(metrics, elapsed, strict=True)}
     last = int(metrics[-1]["epoch"]) if metrics else None
     # the last epoch of a finished run is map.mrc, already compared (full search)
     final_is_last = run.finished and last is not None
@@ -974,10 +989,10 @@ def _epoch_resolutions(
     budget = max_epoch_fsc - 1 if final_is_last else max_epoch_fsc
     apix = final_fsc.pixel_size_angstrom
     for e in pick_epochs(usable, budget, keep=keep):
-        volume, _ = _read_volume(run.epoch_maps[e])
+        volume, _ = read_volume(run.epoch_maps[e])
         if volume.shape != gt.shape:
             continue
-        res, al = _align_resolution(gt, volume, apix, search_hand=search_hand, n_rotations=1000)
+        res, al = align_resolution(gt, volume, apix, search_hand=search_hand, n_rotations=1000)
         resolutions.append(EpochResolution(
             epoch=e, elapsed_s=by_epoch[e], resolution_05_angstrom=res.resolution(0.5),
             resolution_0143_angstrom=res.resolution(0.143), flipped=bool(al.flipped),
@@ -1033,21 +1048,21 @@ def write_report(
     metrics = run.metrics
     volume = apix = None
     if run.map_path is not None:
-        volume, apix = _read_volume(run.map_path)
+        volume, apix = read_volume(run.map_path)
     box = None if volume is None else int(volume.shape[0])
     gt = None
     if gt_map is not None:
         if volume is None:
             raise InputError("the run has no map to compare with the ground truth", run.run_dir)
-        gt = _ground_truth_on_grid(Path(gt_map), box, apix or 0.0)
+        gt = ground_truth_on_grid(Path(gt_map), box, apix or 0.0)
     rotations = shifts = None
     if run.poses_path is not None and box is not None:
-        rotations, shifts = _read_rotations(run.poses_path, box)
+        rotations, shifts = read_poses(run.poses_path, box)
     gt_R = gt_t = None
     if gt_poses is not None:
         if rotations is None:
             raise InputError("the run has no final poses (poses.star) to compare", run.run_dir)
-        gt_R, gt_t = _read_rotations(Path(gt_poses), box)
+        gt_R, gt_t = read_poses(Path(gt_poses), box)
         if gt_R.shape[0] != rotations.shape[0]:
             raise InputError(f"{gt_R.shape[0]} poses but the run has {rotations.shape[0]} "
                              f"particles", gt_poses)
@@ -1072,7 +1087,7 @@ def write_report(
     resolutions: list[EpochResolution] = []
     final_fsc = None
     if gt is not None:  # FSC of the final map (full search), then of a few epoch maps
-        final_fsc, aligned = _align_resolution(gt, volume, apix or None,
+        final_fsc, aligned = align_resolution(gt, volume, apix or None,
                                                search_hand=search_hand, n_rotations=5000)
         summary.update(
             resolution_05_angstrom=final_fsc.resolution(0.5),
@@ -1098,7 +1113,8 @@ def write_report(
         track_err = track_errors(track, gt_R, allow_flip=search_hand)
         summary["tracked_rotation_error"] = [
             {"epoch": int(e), "median_deg": float(md), "mean_deg": float(mn)}
-            for e, md, mn in zip(track_err.epochs, track_err.median_deg, track_err.mean_deg)
+            for e, md, mn in zip(track_err.epochs, track_err.median_deg, track_err.mean_deg,
+                                  strict=True)
         ]
         if track_err.stage1.any():
             track_heads = head_errors(track, gt_R, track_err)
@@ -1199,7 +1215,7 @@ def write_report(
                       notes=notes, tables=[_epoch_table(metrics, elapsed, resolutions)],
                       config_text=run.config_text)
     atomic_write_text(fig_dir / "summary.json",
-                      json.dumps(_json_ready(summary), indent=2) + "\n")
+                      json.dumps(json_ready(summary), indent=2) + "\n")
     atomic_write_text(html_path, page)
     return ReportResult(html_path=html_path, figure_paths=written, summary=summary)
 
@@ -1217,15 +1233,15 @@ def _epoch_table(
     header = ["epoch", "stage", "loss", "epoch time", "elapsed", "images/s",
               "mean pose change", "resolution vs GT (0.5 / 0.143)"]
     rows = []
-    for r, t in zip(metrics, elapsed):
+    for r, t in zip(metrics, elapsed, strict=True):
         e = int(r["epoch"])
         rr = res.get(e)
         rows.append([
             str(e), str(r.get("stage", "")), num(r.get("loss"), "%.6g"),
-            _fmt_time(float(r.get("wall_time_s") or 0.0)), _fmt_time(float(t)),
+            format_duration(float(r.get("wall_time_s") or 0.0)), format_duration(float(t)),
             num(r.get("images_per_s"), "%.1f"), num(r.get("mean_pose_change_deg"), "%.2f°"),
-            "–" if rr is None else f"{_fmt_res(rr.resolution_05_angstrom)} / "
-                                   f"{_fmt_res(rr.resolution_0143_angstrom)}",
+            "–" if rr is None else f"{format_resolution(rr.resolution_05_angstrom)} / "
+                                   f"{format_resolution(rr.resolution_0143_angstrom)}",
         ])
     return "Epochs", header, rows
 
@@ -1234,11 +1250,12 @@ def _finite_or_none(x: Any) -> Any:
     return x if not isinstance(x, float) or math.isfinite(x) else None
 
 
-def _json_ready(x: Any) -> Any:
+def json_ready(x: Any) -> Any:
+    """``x`` (nested dicts and lists) with non-finite floats replaced by None, for JSON."""
     if isinstance(x, dict):
-        return {k: _json_ready(v) for k, v in x.items()}
+        return {k: json_ready(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_json_ready(v) for v in x]
+        return [json_ready(v) for v in x]
     return _finite_or_none(x)
 
 
@@ -1262,11 +1279,11 @@ def _summary_rows(s: dict[str, Any], run: RunData) -> list[tuple[str, str]]:
                      f"after epoch {k - 1}; first auto-decoding epoch {k}"))
         loss = s.get("final_loss")
         rows.append(("final loss", "–" if loss is None else f"{loss:.6g} ({s.get('final_stage')})"))
-        rows.append(("wall time", _fmt_time(s["wall_time_s"])))
+        rows.append(("wall time", format_duration(s["wall_time_s"])))
     if "resolution_05_angstrom" in s:
         rows.append(("resolution vs ground truth",
-                     f"{_fmt_res(s['resolution_05_angstrom'])} (FSC 0.5), "
-                     f"{_fmt_res(s['resolution_0143_angstrom'])} (FSC 0.143)"))
+                     f"{format_resolution(s['resolution_05_angstrom'])} (FSC 0.5), "
+                     f"{format_resolution(s['resolution_0143_angstrom'])} (FSC 0.143)"))
         rows.append(("hand vs ground truth",
                      "mirrored" if s["hand_flipped_vs_gt"] else "same"))
     if "median_rotation_error_deg" in s:

@@ -30,22 +30,24 @@ from cryospin.errors import InputError, OutputError
 from cryospin.report import (
     HAND_NOTE,
     ReportResult,
-    _align_resolution,
-    _fmt_res,
-    _fmt_time,
-    _ground_truth_on_grid,
-    _json_ready,
-    _read_rotations,
-    _read_volume,
-    _save,
-    _time_unit,
+    align_resolution,
+    build_html,
     elapsed_seconds,
+    format_duration,
+    format_resolution,
+    ground_truth_on_grid,
     gt_in_run_frame,
+    json_ready,
     load_run,
     plot_map_views,
     plot_orientations,
     plot_rotation_errors,
+    read_poses,
+    read_volume,
+    save_figure,
     switch_epoch,
+    time_axis_unit,
+    write_report,
 )
 from cryospin.train.halves import HALF_NAMES, HalvesFiles, is_halves_run
 
@@ -76,9 +78,9 @@ def plot_halves_training(
         raise ValueError("no metrics to plot")
     plt = pyplot()
     last = max(float(elapsed_seconds(m)[-1]) for _, m in items)
-    unit, xlabel = _time_unit(last)
+    unit, xlabel = time_axis_unit(last)
     fig, ax = plt.subplots(figsize=(7, 3.4), dpi=110)
-    for (label, metrics), colour in zip(items, _COLOURS * len(items)):
+    for (label, metrics), colour in zip(items, _COLOURS * len(items), strict=False):
         t = elapsed_seconds(metrics) / unit
         loss = np.array([np.nan if r.get("loss") is None else float(r["loss"])
                          for r in metrics])
@@ -99,7 +101,7 @@ def plot_halves_training(
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title("the two halves (dashed: each half's switch)", fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _read_fsc_json(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -154,8 +156,6 @@ def write_halves_report(
     InputError
         Not a halves run, not finished, or a ground truth that does not fit.
     """
-    from cryospin.report import write_report
-
     files = HalvesFiles(run_dir)
     if not is_halves_run(files.dir):
         raise InputError("not a --halves run folder (no halves.json)", files.dir)
@@ -163,21 +163,21 @@ def write_halves_report(
     gold, fsc_summary = _read_fsc_json(files.fsc_json)
     if not files.map.is_file():
         raise InputError("the halves run has no combined map.mrc (not finished)", files.dir)
-    volume, apix = _read_volume(files.map)
+    volume, apix = read_volume(files.map)
     box = int(volume.shape[0])
     halves = [load_run(files.half_dir(w)) for w in (1, 2)]
     try:
         marker = json.loads(files.marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise InputError("halves.json is unreadable", files.marker) from None
-    gt = None if gt_map is None else _ground_truth_on_grid(Path(gt_map), box, apix)
+    gt = None if gt_map is None else ground_truth_on_grid(Path(gt_map), box, apix)
     rotations = shifts = gt_R = gt_t = None
     if files.star.is_file():
-        rotations, shifts = _read_rotations(files.star, box)
+        rotations, shifts = read_poses(files.star, box)
     if gt_poses is not None:
         if rotations is None:
             raise InputError("the halves run has no combined poses.star to compare", files.dir)
-        gt_R, gt_t = _read_rotations(Path(gt_poses), box)
+        gt_R, gt_t = read_poses(Path(gt_poses), box)
         if gt_R.shape[0] != rotations.shape[0]:
             raise InputError(f"{gt_R.shape[0]} poses but the run has {rotations.shape[0]} "
                              "particles", gt_poses)
@@ -211,7 +211,7 @@ def write_halves_report(
     final_fsc = pose_result = None
     notes: list[str] = []
     if gt is not None:
-        final_fsc, aligned = _align_resolution(gt, volume, apix or None,
+        final_fsc, aligned = align_resolution(gt, volume, apix or None,
                                                search_hand=search_hand, n_rotations=5000)
         summary.update(resolution_05_angstrom=final_fsc.resolution(0.5),
                        resolution_0143_angstrom=final_fsc.resolution(0.143),
@@ -246,16 +246,20 @@ def write_halves_report(
 
     from cryospin.plotting import plot_fsc
 
-    r_from = gold.randomise_from_resolution
+    if gold.randomise_from_shell > gold.unmasked.box_px // 2:
+        randomised = "(none: the unmasked FSC never fell below the threshold)"
+    elif gold.randomise_from_shell <= 0:
+        randomised = "at every shell"
+    else:
+        randomised = f"beyond {format_resolution(gold.randomise_from_resolution)}"
     plot_fsc([("unmasked", gold.unmasked), ("masked", gold.masked),
               ("phase-randomised masked", gold.phase_randomised),
               ("corrected", gold.corrected)],
              add("fsc_gold.png", "Gold-standard FSC",
                  "FSC of half A and half B (aligned onto A) without and with the automatic "
-                 "mask, of the masked halves with phases randomised "
-                 + (f"beyond {_fmt_res(r_from)}" if np.isfinite(r_from) else "at all shells")
-                 + ", and the corrected FSC whose 0.143 crossing is the resolution (the "
-                   "numbers are in fsc.json and postprocess.star)."),
+                 f"mask, of the masked halves with phases randomised {randomised}, and the "
+                 "corrected FSC whose 0.143 crossing is the resolution (the numbers are in "
+                 "fsc.json and postprocess.star)."),
              thresholds=(0.143,), title="gold-standard FSC (half A vs aligned half B)")
     if any(h.metrics for h in halves):
         plot_halves_training([(n.replace("_", " "), h.metrics)
@@ -300,15 +304,13 @@ def write_halves_report(
     config_path = files.config
     page = _page(files, summary, figures, notes, gold,
                  config_path.read_text(encoding="utf-8") if config_path.is_file() else None)
-    atomic_write_text(fig_dir / "summary.json", json.dumps(_json_ready(summary), indent=2) + "\n")
+    atomic_write_text(fig_dir / "summary.json", json.dumps(json_ready(summary), indent=2) + "\n")
     atomic_write_text(html_path, page)
     return ReportResult(html_path=html_path, figure_paths=written, summary=summary)
 
 
 def _page(files: HalvesFiles, s: dict[str, Any], figures: list[tuple[str, str, str]],
           notes: list[str], gold: Any, config_text: str | None) -> str:
-    from cryospin.report import build_html
-
     a, b = s["half_sizes"]
     rows: list[tuple[str, str]] = [("run folder", str(files.dir))]
     if s["particles"]:
@@ -320,19 +322,20 @@ def _page(files: HalvesFiles, s: dict[str, Any], figures: list[tuple[str, str, s
     ea, eb = s["epochs_completed"]
     wa, wb = s["wall_time_s"]
     rows.append(("epochs", f"half A {ea}, half B {eb}"))
-    rows.append(("wall time", f"{_fmt_time(wa + wb)} (half A {_fmt_time(wa)}, half B "
-                              f"{_fmt_time(wb)})"))
+    rows.append(("wall time", f"{format_duration(wa + wb)} (half A {format_duration(wa)}, half B "
+                              f"{format_duration(wb)})"))
     if s["half_alignment_correlation"] is not None:
         rows.append(("half B onto half A", ("mirrored, " if s["half_b_mirrored"] else "")
                      + f"correlation {s['half_alignment_correlation']:.3f}"))
     rows.append(("resolution (gold standard)",
-                 f"{_fmt_res(s['resolution_0143_corrected'])} (corrected FSC 0.143; unmasked "
-                 f"{_fmt_res(s['resolution_0143_unmasked'])}, masked "
-                 f"{_fmt_res(s['resolution_0143_masked'])})"))
+                 f"{format_resolution(s['resolution_0143_corrected'])} (corrected FSC 0.143; "
+                 f"unmasked "
+                 f"{format_resolution(s['resolution_0143_unmasked'])}, masked "
+                 f"{format_resolution(s['resolution_0143_masked'])})"))
     if "resolution_05_angstrom" in s:
         rows.append(("combined map vs ground truth",
-                     f"{_fmt_res(s['resolution_05_angstrom'])} (FSC 0.5), "
-                     f"{_fmt_res(s['resolution_0143_angstrom'])} (FSC 0.143), hand "
+                     f"{format_resolution(s['resolution_05_angstrom'])} (FSC 0.5), "
+                     f"{format_resolution(s['resolution_0143_angstrom'])} (FSC 0.143), hand "
                      + ("mirrored" if s["hand_flipped_vs_gt"] else "same")))
     if "median_rotation_error_deg" in s:
         rows.append(("rotation error vs ground truth",
@@ -342,7 +345,7 @@ def _page(files: HalvesFiles, s: dict[str, Any], figures: list[tuple[str, str, s
     curves = (("unmasked", gold.unmasked), ("masked", gold.masked),
               ("phase-randomised masked", gold.phase_randomised), ("corrected", gold.corrected))
     table = ("Gold-standard FSC resolutions", ["curve", "FSC 0.5", "FSC 0.143"],
-             [[name, _fmt_res(c.resolution(0.5)), _fmt_res(c.resolution(0.143))]
+             [[name, format_resolution(c.resolution(0.5)), format_resolution(c.resolution(0.143))]
               for name, c in curves])
     return build_html(title=f"cryospin gold-standard report: {files.dir.resolve().name}",
                       summary=rows, figures=figures, notes=notes, tables=[table],

@@ -217,7 +217,8 @@ def _ry_passive(angle: Tensor) -> Tensor:
 
 
 def relion_matrix_from_euler(rot_deg: Tensor, tilt_deg: Tensor, psi_deg: Tensor) -> Tensor:
-    """RELION's Euler matrix ``A = Rz(psi)·Ry(tilt)·Rz(rot)`` (ZYZ, passive), `(...)` -> `(..., 3, 3)`.
+    """RELION's Euler matrix ``A = Rz(psi)·Ry(tilt)·Rz(rot)`` (ZYZ, passive),
+    `(...)` -> `(..., 3, 3)`.
 
     This is the matrix of RELION's ``Euler_angles2matrix`` (Heymann et al. 2005 convention): its
     third row is the projection direction in the map's frame,

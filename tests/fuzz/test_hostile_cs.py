@@ -219,7 +219,7 @@ def test_forged_npy_header(project, shape: str) -> None:
     """A header announcing a huge array must be refused from the file size, not allocated."""
     d, _ = project
     descr = np.lib.format.dtype_to_descr(_table().dtype)
-    header = "{'descr': %r, 'fortran_order': False, 'shape': %s, }" % (descr, shape)
+    header = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape}, }}"
     hdr = header.encode("latin1")
     hdr += b" " * ((64 - (10 + len(hdr) + 1) % 64) % 64) + b"\n"
     raw = b"\x93NUMPY\x01\x00" + len(hdr).to_bytes(2, "little") + hdr + _table(1).tobytes()

@@ -75,7 +75,8 @@ def assert_same_as_reference(run: Path, ref: Path) -> None:
 
 def fail_then_resume(particles: Path, reference: Path, run: Path, fault: dict,
                      *, failed_file: str, reason: str, last_epoch: int) -> str:
-    """Run with ``fault``; check the stop, the kept checkpoint; resume; compare. Returns the line."""
+    """Run with ``fault``; check the stop and the kept checkpoint; resume; compare. Returns the
+    line."""
     proc = run_cryospin([fault], ["reconstruct", str(particles), "-o", str(run), *TRAIN])
     line = error_line(proc)
     assert str(run / failed_file) in line

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cryospin.io.mrc import read_map
 from cryospin.io.pkl import read_cryodrgn_poses

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import starfile
 import torch
+from _html import check_png, image_sources, link_targets  # tests/integration/_html.py
 
 from cryospin.cli.main import main as cli_main
 from cryospin.forward.ctf import CTFParams, compute_ctf
@@ -29,8 +30,6 @@ from cryospin.io.star import read_relion_star
 from cryospin.rotations import random_rotations
 from cryospin.train.config import load_config
 from cryospin.train.metrics import read_metrics
-
-from _html import check_png, image_sources, link_targets  # tests/integration/_html.py
 
 L, N, APIX = 16, 200, 4.0
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _html import check_png as _check_png  # tests/integration/_html.py
+from _html import image_sources as _image_sources
 
 from cryospin.cli.main import main as cli_main
 from cryospin.errors import InputError
@@ -34,9 +36,6 @@ from cryospin.report import (
 )
 from cryospin.rotations import random_rotations
 from cryospin.train.metrics import EpochMetrics, append_metrics
-
-from _html import check_png as _check_png  # tests/integration/_html.py
-from _html import image_sources as _image_sources
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None,

@@ -1,4 +1,5 @@
-"""Properties of Fourier crop/pad (float64): constants kept, adjointness, band-limited round trips."""
+"""Properties of Fourier crop/pad (float64): constants kept, adjointness, band-limited round
+trips."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from cryospin.evaluate.align import (
     super_fibonacci_rotations,
     transform_map,
 )
-from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
 from cryospin.evaluate.pose_error import HAND_FLIP
+from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
 from cryospin.rotations import geodesic_distance_deg, random_rotations
 
 

@@ -87,7 +87,8 @@ def _assert_same(a: ParticleSet, b: ParticleSet) -> None:
         torch.testing.assert_close(getattr(a.ctf, f), getattr(b.ctf, f), atol=1e-8, rtol=1e-11)
     np.testing.assert_array_equal(a.random_subset, b.random_subset)
     for i in range(len(a)):
-        assert a.stack_paths[a.stack_index[i]].resolve() == b.stack_paths[b.stack_index[i]].resolve()
+        path_a = a.stack_paths[a.stack_index[i]].resolve()
+        assert path_a == b.stack_paths[b.stack_index[i]].resolve()
     np.testing.assert_array_equal(a.image_index, b.image_index)
 
 

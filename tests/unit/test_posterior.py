@@ -153,7 +153,6 @@ def test_noiseless_image_off_grid_peaks_near_the_true_direction():
     L, nside = 16, 4
     vol = _blob_hartley_volume(L)
     freqs = disc_frequencies(L).double()
-    neg = negation_permutation(freqs, L)
     dirs = torch.from_numpy(healpix_vectors(nside))
     spacing_deg = math.degrees(math.sqrt(4 * math.pi / healpix_npix(nside)))  # ≈ 14.7°
     for R in random_rotations(4, generator=torch.Generator().manual_seed(5)):

@@ -220,7 +220,8 @@ def test_loader_errors_reach_the_consumer_and_stop_the_thread(lazy, monkeypatch)
 
 
 def test_full_epoch_leaves_no_thread(lazy):
-    assert len(list(lazy.epoch_batches(50, torch.Generator().manual_seed(0), OPTS))) == num_batches(N, 50)
+    batches = list(lazy.epoch_batches(50, torch.Generator().manual_seed(0), OPTS))
+    assert len(batches) == num_batches(N, 50)
     assert _wait_no_threads()
 
 

@@ -17,8 +17,8 @@ examples:
 from __future__ import annotations
 
 import argparse
-import logging
 import dataclasses
+import logging
 import sys
 from pathlib import Path
 from typing import Any

@@ -183,21 +183,21 @@ def _best_translation_scores(
 ) -> tuple[Tensor, Tensor]:
     """Best circular cross-correlation over translations for each rotated map.
 
-    ``ref`` `(l, l, l)` and ``rotated`` `(B, l, l, l)` are zero-mean, unit-norm. Returns the
+    ``ref`` `(L, L, L)` and ``rotated`` `(B, L, L, L)` are zero-mean, unit-norm. Returns the
     scores `(B,)` and translations `(B, 3)` (x, y, z) with ``ref(r) ≈ rotated(r − t)``.
     """
-    l = ref.shape[-1]
+    L = ref.shape[-1]
     cc = torch.fft.irfftn(
         torch.fft.rfftn(ref)[None] * torch.fft.rfftn(rotated, dim=(-3, -2, -1)).conj(),
-        s=(l, l, l),
+        s=(L, L, L),
         dim=(-3, -2, -1),
-    )  # (B, l, l, l): cc[t] = Σ_r ref(r) rotated(r − t), t indexed [z, y, x] periodically
-    k = torch.fft.fftfreq(l, d=1.0 / l, device=ref.device)
+    )  # (B, L, L, L): cc[t] = Σ_r ref(r) rotated(r − t), t indexed [z, y, x] periodically
+    k = torch.fft.fftfreq(L, d=1.0 / L, device=ref.device)
     kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
     too_far = (kx**2 + ky**2 + kz**2) > max_shift_px**2
     cc = cc.masked_fill(too_far, -math.inf)
     best, flat = cc.flatten(1).max(dim=1)
-    iz, iy, ix = flat // (l * l), (flat // l) % l, flat % l
+    iz, iy, ix = flat // (L * L), (flat // L) % L, flat % L
     t = torch.stack([k[ix], k[iy], k[iz]], -1)
     return best, t
 
@@ -236,9 +236,9 @@ def _coarse_search(
     ref_centred = _phase_shift(ref, -c_ref)
     mov_centred = _phase_shift(moving, -c_mov)
     # score on the voxels of the inscribed ball only (rotation-invariant support)
-    l = ref.shape[-1]
-    pts = _centred_coords(l, ref.dtype, ref.device).reshape(-1, 3)
-    pts = pts[pts.norm(dim=-1) <= l // 2]  # (P, 3)
+    L = ref.shape[-1]
+    pts = _centred_coords(L, ref.dtype, ref.device).reshape(-1, 3)
+    pts = pts[pts.norm(dim=-1) <= L // 2]  # (P, 3)
     f = _sample4(ref_centred[None], pts)[:, 0]
     f = f - f.mean()
     f = f / f.norm().clamp_min(1e-30)

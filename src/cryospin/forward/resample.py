@@ -26,7 +26,6 @@ accept any leading batch dimensions.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from cryospin.forward.hartley import fft2_centered, fft3_centered, ifft2_centered, ifft3_centered
@@ -105,5 +104,6 @@ def fourier_crop_3d(volume: Tensor, new_box: int) -> Tensor:
 
 
 def fourier_pad_3d(volume: Tensor, new_box: int) -> Tensor:
-    """Fourier-pad volumes `(..., L, L, L)` to `(..., L', L', L')`; adjoint of the crop × ``(L'/L)³``."""
+    """Fourier-pad volumes `(..., L, L, L)` to `(..., L', L', L')`; adjoint of the crop ×
+    ``(L'/L)³``."""
     return _pad(volume, new_box, 3)

@@ -309,7 +309,8 @@ def read_cryosparc(
         optics=None,
         random_subset=random_subset,
         # RELION-style names, 1-based
-        names=tuple(f"{i + 1:06d}@{p}" for i, p in zip(image_index.tolist(), raw_paths)),
+        names=tuple(f"{i + 1:06d}@{p}"
+                    for i, p in zip(image_index.tolist(), raw_paths, strict=True)),
     )
 
 

@@ -13,8 +13,8 @@ the same file never opens it once per image.
 from __future__ import annotations
 
 import collections
-import mmap
 import contextlib
+import mmap
 import threading
 import warnings
 from collections.abc import Sequence
@@ -364,7 +364,7 @@ class ImageStack:
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         starts = np.concatenate([[0], breaks])
         stops = np.concatenate([breaks, [uniq.size]])
-        for s, e in zip(starts.tolist(), stops.tolist()):
+        for s, e in zip(starts.tolist(), stops.tolist(), strict=True):
             a = int(uniq[s])
             out_u[s:e] = data[a : a + (e - s)]
         out = np.empty((idx.size, self.box_px, self.box_px), np.float32)

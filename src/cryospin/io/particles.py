@@ -422,7 +422,7 @@ def _read_plain_stacks(path: Path, *, datadir: str | Path | None) -> ParticleSet
         if not stack_paths:
             raise InputError("stack list is empty", path)
         stacks = []
-        for k, p in zip(line_no, stack_paths):
+        for k, p in zip(line_no, stack_paths, strict=True):
             try:
                 stacks.append(open_stack(p))
             except InputError as exc:  # name the list and the line, then the stack's problem
@@ -456,7 +456,8 @@ def _read_plain_stacks(path: Path, *, datadir: str | Path | None) -> ParticleSet
 
 # ---------------------------------------------------------------------------- writing
 def write_particles_star(path: str | Path, particles: ParticleSet) -> None:
-    """Write ``particles`` as a RELION 3.1 star file (see :func:`cryospin.io.star.write_relion_star`)."""
+    """Write ``particles`` as a RELION 3.1 star file
+    (see :func:`cryospin.io.star.write_relion_star`)."""
     from cryospin.io.star import write_relion_star
 
     write_relion_star(path, particles)

@@ -240,7 +240,8 @@ def read_cryodrgn_poses(path: str | Path, box_px: int) -> tuple[Tensor, Tensor]:
     if not (np.isfinite(rot).all() and np.isfinite(trans).all()):
         raise InputError("pose pickle contains NaN/Inf", path)
     det = np.linalg.det(rot)
-    if np.abs(det - 1).max() > 1e-3 or np.abs(rot @ rot.transpose(0, 2, 1) - np.eye(3)).max() > 1e-3:
+    orthogonality = np.abs(rot @ rot.transpose(0, 2, 1) - np.eye(3)).max()
+    if np.abs(det - 1).max() > 1e-3 or orthogonality > 1e-3:
         raise InputError("pose pickle rotations are not rotation matrices", path)
     return torch.from_numpy(rot), shift_px_from_cryodrgn_trans(trans, box_px)
 

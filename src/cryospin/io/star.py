@@ -4,7 +4,8 @@ Conventions (proven against cryoDRGN's parses in the tests; see ``docs/conventio
 "RELION and cryoSPARC"):
 
 * Rotation: cryospin's ``R`` equals RELION's Euler matrix
-  ``A = Rz(psi)·Ry(tilt)·Rz(rot)`` (passive ZYZ, :func:`cryospin.rotations.relion_matrix_from_euler`).
+  ``A = Rz(psi)·Ry(tilt)·Rz(rot)`` (passive ZYZ,
+  :func:`cryospin.rotations.relion_matrix_from_euler`).
   RELION's projector samples the map at ``Aᵀ (kx, ky, 0)ᵀ = k @ A``, exactly cryospin's slice.
 * Shift: RELION's origin is the translation that *centres* the image (RELION translates the
   image by ``+origin``), so ``shift_px = −origin_px``; ``origin_px = rlnOriginX/Y`` (3.0) or
@@ -496,7 +497,7 @@ def _optics_tables(ps: ParticleSet) -> tuple[pd.DataFrame, np.ndarray]:
         row["rlnOpticsGroupName"] = name
         row["rlnOpticsGroup"] = g + 1
         if ps.ctf is not None:
-            for (col, _), v in zip(_OPTICS_COLUMNS_FROM_CTF.items(), key[1:]):
+            for (col, _), v in zip(_OPTICS_COLUMNS_FROM_CTF.items(), key[1:], strict=True):
                 row[col] = float(v)
         row["rlnImagePixelSize"] = float(ps.pixel_size_angstrom)
         row["rlnImageSize"] = int(ps.box_px)
@@ -534,7 +535,7 @@ def write_relion_star(path: str | Path, particles: ParticleSet) -> None:
     rel = [_star_image_path(p, out_dir) for p in ps.stack_paths]
     data: dict[str, Any] = {
         "rlnImageName": [f"{i + 1:06d}@{rel[s]}" for i, s in
-                         zip(ps.image_index.tolist(), ps.stack_index.tolist())],
+                         zip(ps.image_index.tolist(), ps.stack_index.tolist(), strict=True)],
     }
     if ps.rotations is not None:
         rot, tilt, psi = relion_euler_from_rotation(ps.rotations.detach().cpu().double())

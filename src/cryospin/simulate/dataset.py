@@ -48,9 +48,9 @@ from cryospin.simulate.density import (
     atom_positions_px,
     atoms_to_volume,
     gaussian_sigma_angstrom,
-    symmetric_assembly,
     read_atomic_model,
     resample_map,
+    symmetric_assembly,
 )
 from cryospin.simulate.project import project_atoms, project_map, upsample_map_for_projection
 
@@ -343,8 +343,9 @@ def simulate_dataset(
         with contextlib.ExitStack() as writers:
             noisy_w = writers.enter_context(
                 StackWriter(paths["particles_mrcs"], n, L, pixel_size_angstrom))
-            clean_w = writers.enter_context(
-                StackWriter(paths["clean_mrcs"], n, L, pixel_size_angstrom)) if write_clean else None
+            clean_w = (writers.enter_context(
+                StackWriter(paths["clean_mrcs"], n, L, pixel_size_angstrom))
+                if write_clean else None)
             for s, e in chunks:
                 block = torch.from_numpy(np.array(clean[s:e]))  # (b, L, L) float32
                 if clean_w is not None:

@@ -81,7 +81,8 @@ def project_atoms(
 
 
 def upsample_map_for_projection(volume: Tensor, factor: int = 3) -> Tensor:
-    """The ×``factor`` Fourier-padded map `(fL, fL, fL)` used by :func:`project_map` (compute once)."""
+    """The ×``factor`` Fourier-padded map `(fL, fL, fL)` used by :func:`project_map` (compute
+    once)."""
     L = int(volume.shape[-1])
     return fourier_pad_3d(volume, int(factor) * L)
 
@@ -116,7 +117,8 @@ def project_map(upsampled: Tensor, rotations: Tensor, box_px: int) -> Tensor:
     for b0 in range(0, R.shape[0], per_block):
         src = pts @ R[b0 : b0 + per_block]  # (b, L³, 3): rows of Rᵀ p
         # coordinate c -> upsampled index S//2 + f·c -> align_corners normalised coordinate
-        grid = (2.0 * (S // 2 + f * src) / (S - 1) - 1.0).reshape(1, -1, L, L, 3)  # (1, bL, L, L, 3)
+        # (1, bL, L, L, 3)
+        grid = (2.0 * (S // 2 + f * src) / (S - 1) - 1.0).reshape(1, -1, L, L, 3)
         vals = nnf.grid_sample(
             upsampled[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
         )  # (1, 1, b*L, L, L)

@@ -34,7 +34,6 @@ from cryospin.train.data import (
 from cryospin.train.distributed import Shard, local_batches
 from cryospin.train.metrics import RunningMean, check_finite_gradients, check_finite_loss
 
-
 __all__ = [
     "eval_mode",
     "EpochStats",

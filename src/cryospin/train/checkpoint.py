@@ -85,7 +85,7 @@ def load_checkpoint(
 
 def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
     """States of the torch (CPU and CUDA), NumPy and Python generators, and of ``generator``."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002 (the global state is what is restored)
     py_state = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -111,7 +111,7 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator | None =
     """Inverse of :func:`capture_rng_state` (sets the global generators and ``generator``)."""
     torch.set_rng_state(state["torch"].cpu())
     npst = state["numpy"]
-    np.random.set_state(
+    np.random.set_state(  # noqa: NPY002 (restores the global state captured above)
         (
             npst["kind"],
             npst["keys"].cpu().numpy().astype(np.uint32),

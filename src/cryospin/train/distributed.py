@@ -207,9 +207,10 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """:class:`torch.nn.BatchNorm2d` whose training statistics are those of the global batch.
 
     The per-channel sums ``Σ x`` (with the element count) and then ``Σ (x − μ)²`` are summed
-    over the ranks by an all-reduce whose backward is again an all-reduce, so the gradient is that of batch norm over the union of the ranks'
-    inputs. A rank with an empty share contributes zeros. Eval mode (running statistics) and
-    the state dict are those of the parent class; with no process group it is the parent.
+    over the ranks by an all-reduce whose backward is again an all-reduce, so the gradient is
+    that of batch norm over the union of the ranks' inputs. A rank with an empty share
+    contributes zeros. Eval mode (running statistics) and the state dict are those of the
+    parent class; with no process group it is the parent.
     """
 
     def forward(self, x: Tensor) -> Tensor:

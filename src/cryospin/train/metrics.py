@@ -6,15 +6,16 @@ Fields of a line (all stages): ``epoch`` (from 1), ``stage`` (``"autoencode"`` |
 (fraction of images won by each head: stage 1 over the epoch; at the switch, over the inference
 pass; otherwise None), ``mean_pose_change_deg`` (stage 2: mean geodesic change of the pose of
 each visited particle during the epoch; None in stage 1), ``mean_shift_change_px`` (stage 2 with
-shifts), ``decoder_lr``, ``pose_lr`` (stage 2's rotation learning rate) and ``elapsed_s`` (since the start of the run, including resumed parts).
+shifts), ``decoder_lr``, ``pose_lr`` (stage 2's rotation learning rate) and ``elapsed_s``
+(since the start of the run, including resumed parts).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 

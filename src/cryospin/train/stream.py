@@ -132,7 +132,9 @@ def _stack_owner(source: Any) -> Any:
     return source
 
 
-def storage_layout(source: Any, n: int, chunk_images: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def storage_layout(
+    source: Any, n: int, chunk_images: int
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Storage order of the particles and its cut into chunks.
 
     Parameters
@@ -163,7 +165,7 @@ def storage_layout(source: Any, n: int, chunk_images: int) -> tuple[np.ndarray, 
         order = np.arange(n, dtype=np.int64)
         cuts = []
     chunks: list[tuple[int, int]] = []
-    for a, b in zip([0, *cuts], [*cuts, n]):
+    for a, b in zip([0, *cuts], [*cuts, n], strict=True):
         for s in range(a, b, chunk_images):
             chunks.append((s, min(s + chunk_images, b)))
     return order, chunks
