@@ -12,6 +12,11 @@ stage 1), one fresh process times (median of ``--repeats``):
 * **encoder step**: a training step of the multi-head encoder (forward, backward, Adam) at
   ``--width`` (bf16 autocast + ``channels_last`` on CPU, the trainer's settings).
 
+Baselines, side by side (skip with ``--no-baseline``): the decoder step with one ``render``
+call *per image* (each slicing its ``M`` hypotheses from the volume) instead of one call for
+all ``B·M`` slices, and the encoder step in float32 without ``channels_last``. The ratio
+columns are cryospin's throughput over the baseline's.
+
 Throughput is images/s (``B`` over the step time). Memory is the increase of the process's
 peak resident set (``ru_maxrss``) over its value after setting up the inputs, i.e. the
 transient memory of one step.
@@ -66,7 +71,7 @@ def _ctf_fn(L: int, B: int) -> Callable[[], object]:
     return lambda: compute_ctf(params, L, 3.4 * 64 / L, frequencies=freqs)
 
 
-def _decoder_fn(L: int, B: int, M: int) -> Callable[[], None]:
+def _decoder_fn(L: int, B: int, M: int, *, per_image: bool = False) -> Callable[[], None]:
     from cryospin.forward.lattice import disc_frequencies, negation_permutation
     from cryospin.forward.model import render
     from cryospin.losses import gaussian_nll, winner_take_all
@@ -86,7 +91,12 @@ def _decoder_fn(L: int, B: int, M: int) -> Callable[[], None]:
     def step() -> None:
         volume.zero_grad(set_to_none=True)
         rot.grad = shifts.grad = None
-        pred = render(volume(), rot, shifts, ctf, frequencies=freqs, negation_index=neg)
+        vol = volume()
+        if per_image:  # baseline: one call per image
+            pred = torch.stack([render(vol, rot[b], shifts[b], ctf[b], frequencies=freqs,
+                                       negation_index=neg) for b in range(B)])
+        else:
+            pred = render(vol, rot, shifts, ctf, frequencies=freqs, negation_index=neg)
         loss_bm = gaussian_nll(pred, observed, 1.0)  # (B, M)
         loss, _ = winner_take_all(loss_bm)
         loss.backward()
@@ -94,14 +104,15 @@ def _decoder_fn(L: int, B: int, M: int) -> Callable[[], None]:
     return step
 
 
-def _encoder_fn(L: int, B: int, M: int, width: float) -> Callable[[], None]:
+def _encoder_fn(L: int, B: int, M: int, width: float, *, bf16: bool = True
+                ) -> Callable[[], None]:
     from cryospin.encoder import MultiHeadPoseEncoder
     from cryospin.losses import winner_take_all
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     enc = MultiHeadPoseEncoder(L, M, width_multiplier=width, predict_shifts=True,
-                               max_shift_px=4.0, use_bf16=True)
+                               max_shift_px=4.0, use_bf16=bf16)
     opt = torch.optim.Adam(enc.parameters(), lr=1e-4)
     images = torch.randn(B, L, L, generator=g)
     target = torch.linalg.qr(torch.randn(B, 3, 3, generator=g)).Q
@@ -121,10 +132,10 @@ def _one(kind: str, L: int, B: int, M: int, width: float, repeats: int) -> dict:
     """Time and measure one configuration (run in a fresh process)."""
     if kind == "ctf":
         fn = _ctf_fn(L, B)
-    elif kind == "decoder":
-        fn = _decoder_fn(L, B, M)
+    elif kind in ("decoder", "decoder_per_image"):
+        fn = _decoder_fn(L, B, M, per_image=kind == "decoder_per_image")
     else:
-        fn = _encoder_fn(L, B, M, width)
+        fn = _encoder_fn(L, B, M, width, bf16=kind == "encoder")
     base = _peak_mb()
     t = _time(fn, repeats)
     return {"kind": kind, "L": L, "B": B, "seconds": t, "images_per_s": B / t,
@@ -141,6 +152,14 @@ def _child(kind: str, L: int, B: int, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _ips(r: dict[str, dict], kind: str, fmt: str = ",.0f") -> str:
+    return format(r[kind]["images_per_s"], fmt)
+
+
+def _ratio(r: dict[str, dict], kind: str, baseline: str) -> str:
+    return f"{r[kind]['images_per_s'] / r[baseline]['images_per_s']:.2f}×"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--boxes", default="32,64,128")
@@ -150,6 +169,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the baselines (per-image decoder calls, fp32 encoder)")
     p.add_argument("--child", nargs=3, metavar=("KIND", "L", "B"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -165,16 +186,29 @@ def main() -> None:
     print(f"M = {args.heads} hypotheses per image, encoder width {args.width:g} (bf16 + "
           f"channels_last), torch {torch.__version__}, {args.threads} threads, median of "
           f"{args.repeats}\n")
-    print("| L | B | CTF (img/s) | decoder step (img/s) | decoder step memory (MB) "
-          "| encoder step (img/s) | encoder step memory (MB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    base = not args.no_baseline
+    kinds = ["ctf", "decoder", "encoder"]
+    header = ["L", "B", "CTF (img/s)", "decoder step (img/s)"]
+    if base:
+        kinds += ["decoder_per_image", "encoder_fp32"]
+        header += ["per-image calls (img/s)", "ratio"]
+    header += ["decoder step memory (MB)", "encoder step bf16 (img/s)"]
+    if base:
+        header += ["fp32 (img/s)", "ratio"]
+    header += ["encoder step memory (MB)"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---:|" * len(header))
     for L in boxes:
         for B in batches:
-            r = {k: _child(k, L, B, args) for k in ("ctf", "decoder", "encoder")}
-            print(f"| {L} | {B} | {r['ctf']['images_per_s']:,.0f} | "
-                  f"{r['decoder']['images_per_s']:,.0f} | {r['decoder']['step_mb']:,.0f} | "
-                  f"{r['encoder']['images_per_s']:,.1f} | {r['encoder']['step_mb']:,.0f} |",
-                  flush=True)
+            r = {k: _child(k, L, B, args) for k in kinds}
+            row = [str(L), str(B), _ips(r, "ctf"), _ips(r, "decoder")]
+            if base:
+                row += [_ips(r, "decoder_per_image"), _ratio(r, "decoder", "decoder_per_image")]
+            row += [f"{r['decoder']['step_mb']:,.0f}", _ips(r, "encoder", ",.1f")]
+            if base:
+                row += [_ips(r, "encoder_fp32", ",.1f"), _ratio(r, "encoder", "encoder_fp32")]
+            row += [f"{r['encoder']['step_mb']:,.0f}"]
+            print("| " + " | ".join(row) + " |", flush=True)
     print(f"\n    python {' '.join(sys.argv)}")
 
 
