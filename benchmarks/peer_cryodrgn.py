@@ -70,7 +70,8 @@ Unlike the legacy commands (fraction of the box), ``cryodrgn abinit`` stores ``t
 frequencies are in cycles per pixel), with the legacy sign (translating the image by ``+trans``
 centres it), so ``shift_px = −trans``. The poses are rewritten as a standard cryoDRGN pose
 pickle (``trans`` as a fraction of the box) with ``cryospin.io.pkl.write_cryodrgn_poses`` and
-compared with ``cryospin pose-error`` against ``particles.star``.
+compared with ``cryospin pose-error`` against ``particles.star`` (modulo the point group when
+``simulation.json`` names one, as ``bench_methods.py`` does for its symmetric particle).
 
 Prints a Markdown row (method, wall time, peak RSS from ``os.wait4``, median/mean rotation error,
 FSC = 0.5 and 0.143 resolutions against the ground truth, aligned, both hands) and writes
@@ -302,12 +303,14 @@ def main() -> None:
     run(cs + ["fsc", str(data / "gt.mrc"), str(out / f"reconstruct.{epoch}.mrc"), "--align",
               "--apix", str(apix), "-o", str(work / "fsc.json"),
               "--plot", str(work / "fsc.png")], log)
+    symmetry = sim.get("symmetry")  # point group of a symmetric simulation: errors modulo it
     run(cs + ["pose-error", str(poses), str(gt_poses), "--box", str(box_px),
-              "-o", str(work / "pose_error.json")], log)
+              "-o", str(work / "pose_error.json")]
+        + (["--symmetry", str(symmetry)] if symmetry else []), log)
     fsc = json.loads((work / "fsc.json").read_text())
     err = json.loads((work / "pose_error.json").read_text())
 
-    method = f"cryoDRGN abinit_homo {version} (`abinit --zdim 0`{' --fast' if args.fast else ''})"
+    method = f"cryoDRGN {version} `abinit --zdim 0`{' (--fast)' if args.fast else ''}"
     result = {
         "method": method,
         "cryodrgn_version": version,
@@ -317,6 +320,7 @@ def main() -> None:
         "box_px": box_px,
         "pixel_size_angstrom": apix,
         "snr": sim.get("snr"),
+        "symmetry": symmetry,
         "epochs": args.epochs,
         "fast_preset": args.fast,
         "final_epoch_file": epoch,
