@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import html.parser
+import shutil
+import subprocess
 import urllib.parse
 from pathlib import Path
 
@@ -62,3 +64,26 @@ def check_png(path: Path) -> None:
     q = (rgb * 255).round().astype(np.int64)
     colours = np.unique(q[..., 0] * 65536 + q[..., 1] * 256 + q[..., 2])
     assert len(colours) > 10, f"{path} has only {len(colours)} colours"
+
+
+def chromium() -> str | None:
+    """Path of a chromium binary on PATH, or None."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def render_in_chromium(browser: str, page: Path, tmp_path: Path) -> None:
+    """Open ``page`` in headless ``browser``: it exits 0, logs no uncaught script error and no
+    failed load of the page's own files, and its screenshot is a non-blank PNG."""
+    shot = tmp_path / "shot.png"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+           "--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
+           "--window-size=1200,2000", page.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = proc.stderr.splitlines()
+    assert not [line for line in log if "Uncaught" in line]
+    own = str(page.parent.resolve())
+    assert not [line for line in log if "Failed to load resource" in line and own in line]
+    check_png(shot)

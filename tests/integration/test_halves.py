@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 import starfile
 import torch
-from _html import check_png, image_sources, link_targets  # tests/integration/_html.py
+from _html import (  # tests/integration/_html.py
+    check_png,
+    chromium,
+    image_sources,
+    link_targets,
+    render_in_chromium,
+)
 
 from cryospin.cli.main import main as cli_main
 from cryospin.forward.ctf import CTFParams, compute_ctf
@@ -196,6 +202,31 @@ def _check_halves_report(run: Path, page: Path, *, gt: bool) -> dict:
     assert summary["epochs_completed"] == [2, 2]
     assert all(w > 0 for w in summary["wall_time_s"])
     return summary
+
+
+@pytest.fixture(scope="session")
+def browser() -> str:
+    """Path of a chromium binary; skips (before the run) when there is none."""
+    found = chromium()
+    if found is None:
+        pytest.skip("no chromium or chromium-browser binary on PATH: cannot render the page")
+    return found
+
+
+def test_halves_report_renders_in_headless_chromium(browser, star_with_subsets,
+                                                    tmp_path) -> None:
+    star, _ = star_with_subsets
+    run = tmp_path / "run"
+    assert cli_main([
+        "reconstruct", str(star), "-o", str(run), "--halves", "--epochs", "2",
+        "--switch-epoch", "1", "--heads", "2", "--width", "0.125", "--no-bf16",
+        "--batch-size", "50", "--search-rotations", "128", "--device", "cpu",
+        "--threads", "1", "--no-progress", "--seed", "4",
+    ]) == 0
+    for i, page in enumerate((run / "report.html", run / "half_A" / "report.html")):
+        scratch = tmp_path / f"browser{i}"
+        scratch.mkdir()
+        render_in_chromium(browser, page, scratch)
 
 
 def test_halves_refuses_a_used_folder(star_with_subsets, tmp_path, capsys) -> None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from _html import check_png as _check_png  # tests/integration/_html.py
+from _html import chromium, render_in_chromium
 from _html import image_sources as _image_sources
 
 from cryospin.cli.main import main as cli_main
@@ -122,7 +121,7 @@ def test_report_without_ground_truth_to_other_path(tiny_run: dict[str, Path],
 @pytest.fixture(scope="session")  # higher scope: set up (and skipped) before the run
 def browser() -> str:
     """Path of a chromium binary; skips (before any expensive fixture) when there is none."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    found = chromium()
     if found is None:
         pytest.skip("no chromium or chromium-browser binary on PATH: cannot render the page")
     return found
@@ -131,19 +130,7 @@ def browser() -> str:
 @needs_matplotlib
 def test_report_renders_in_headless_chromium(browser: str, full_report: Path,
                                              tmp_path: Path) -> None:
-    shot = tmp_path / "shot.png"
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-           "--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
-           "--window-size=1200,2000", full_report.resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    log = proc.stderr.splitlines()
-    assert not [line for line in log if "Uncaught" in line]
-    own = str(full_report.parent.resolve())
-    assert not [line for line in log if "Failed to load resource" in line and own in line]
-    _check_png(shot)
+    render_in_chromium(browser, full_report, tmp_path)
 
 
 # ----------------------------------------------------------------------------- fake run folder
