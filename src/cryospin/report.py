@@ -77,12 +77,18 @@ __all__ = [
     "read_volume",
     "read_poses",
     "ground_truth_on_grid",
-    "align_resolution",
     "format_resolution",
     "format_duration",
     "json_ready",
     "save_figure",
     "time_axis_unit",
+    "FigureSet",
+    "MIRROR_NOTE",
+    "read_gt_poses",
+    "compare_map_with_gt",
+    "compare_poses_with_gt",
+    "add_gt_figures",
+    "gt_summary_rows",
 ]
 
 #: The handedness paragraph of every report.
@@ -957,8 +963,8 @@ def format_duration(s: float) -> str:
     return f"{s:.1f} s"
 
 
-def align_resolution(gt: np.ndarray, volume: np.ndarray, apix: float | None, *,
-                     search_hand: bool, n_rotations: int) -> tuple[Any, Any]:
+def _align_resolution(gt: np.ndarray, volume: np.ndarray, apix: float | None, *,
+                      search_hand: bool, n_rotations: int) -> tuple[Any, Any]:
     """``volume`` aligned to ``gt`` (both `(L, L, L)`, voxel ``apix`` Å): (FSCResult,
     AlignResult)."""
     import torch
@@ -992,7 +998,7 @@ def _epoch_resolutions(
         volume, _ = read_volume(run.epoch_maps[e])
         if volume.shape != gt.shape:
             continue
-        res, al = align_resolution(gt, volume, apix, search_hand=search_hand, n_rotations=1000)
+        res, al = _align_resolution(gt, volume, apix, search_hand=search_hand, n_rotations=1000)
         resolutions.append(EpochResolution(
             epoch=e, elapsed_s=by_epoch[e], resolution_05_angstrom=res.resolution(0.5),
             resolution_0143_angstrom=res.resolution(0.143), flipped=bool(al.flipped),
@@ -1006,6 +1012,142 @@ def _epoch_resolutions(
             flipped=bool(final_alignment.flipped), correlation=final_alignment.correlation,
         ))
     return resolutions
+
+
+class FigureSet:
+    """The figures of one page: PNGs in the folder named after the HTML file, in page order.
+
+    Attributes
+    ----------
+    dir : Path
+        ``<html folder>/<html stem>/``.
+    figures : list of (title, src, caption)
+        For :func:`build_html`; ``src`` relative to the page, URL-quoted.
+    paths : list of Path
+        The PNGs, in page order.
+    """
+
+    def __init__(self, html_path: Path) -> None:
+        self.html_path = html_path
+        self.dir = html_path.parent / html_path.stem
+        self.figures: list[tuple[str, str, str]] = []
+        self.paths: list[Path] = []
+
+    def create(self) -> None:
+        """Create :attr:`dir` (OutputError naming it when that fails)."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create folder ({exc.strerror})", self.dir) from None
+
+    def link(self, target: Path) -> str:
+        """URL-quoted path of ``target`` relative to the page."""
+        return urllib.parse.quote(
+            Path(os.path.relpath(target, self.html_path.parent)).as_posix())
+
+    def add(self, name: str, title: str, caption: str) -> Path:
+        """Register figure ``name`` (a file in :attr:`dir`); returns the path to write."""
+        p = self.dir / name
+        self.paths.append(p)
+        self.figures.append((title, self.link(p), caption))
+        return p
+
+
+#: Note on a page whose map matched the ground truth's mirror image.
+MIRROR_NOTE = ("The map matches the <b>mirror image</b> of the ground truth: the hand is "
+               "inverted. Use <code>cryospin flip-hand</code> as described below.")
+
+
+def read_gt_poses(gt_poses: str | Path, rotations: Any, box_px: int | None,
+                  run_dir: Path) -> tuple[Any, Any]:
+    """Ground-truth rotations `(N, 3, 3)` and shifts `(N, 2)`, checked against the run's
+    ``rotations`` (None: the run has no final poses, an InputError naming ``run_dir``)."""
+    if rotations is None or box_px is None:
+        raise InputError("the run has no final poses (poses.star) to compare", run_dir)
+    gt_R, gt_t = read_poses(Path(gt_poses), box_px)
+    if gt_R.shape[0] != rotations.shape[0]:
+        raise InputError(f"{gt_R.shape[0]} poses but the run has {rotations.shape[0]} "
+                         "particles", gt_poses)
+    return gt_R, gt_t
+
+
+def compare_map_with_gt(gt: np.ndarray, volume: np.ndarray, apix: float | None, *,
+                        search_hand: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """The map aligned to the ground truth with the full search: (FSCResult, AlignResult,
+    summary fields ``resolution_05_angstrom``, ``resolution_0143_angstrom``,
+    ``gt_correlation``, ``hand_flipped_vs_gt``)."""
+    final_fsc, aligned = _align_resolution(gt, volume, apix or None, search_hand=search_hand,
+                                           n_rotations=5000)
+    return final_fsc, aligned, {
+        "resolution_05_angstrom": final_fsc.resolution(0.5),
+        "resolution_0143_angstrom": final_fsc.resolution(0.143),
+        "gt_correlation": aligned.correlation,
+        "hand_flipped_vs_gt": bool(aligned.flipped),
+    }
+
+
+def compare_poses_with_gt(rotations: Any, shifts: Any, gt_R: Any, gt_t: Any, *,
+                          search_hand: bool) -> tuple[Any, dict[str, Any]]:
+    """Pose error of the run's poses against the ground truth: (PoseErrorResult, summary
+    fields ``median_rotation_error_deg``, ``mean_rotation_error_deg``,
+    ``fraction_rotation_error_below_10_deg``, ``poses_flipped_vs_gt``)."""
+    from cryospin.evaluate.pose_error import pose_error
+
+    result = pose_error(rotations, gt_R, shifts, gt_t, allow_flip=search_hand)
+    err = result.rotation_error_deg
+    return result, {
+        "median_rotation_error_deg": float(np.median(err)),
+        "mean_rotation_error_deg": float(np.mean(err)),
+        "fraction_rotation_error_below_10_deg": float(np.mean(err < 10)),
+        "poses_flipped_vs_gt": bool(result.flipped),
+    }
+
+
+def add_gt_figures(figs: FigureSet, *, map_path: Path, gt_map: str | Path | None,
+                   final_fsc: Any, gt_rotations: Any, pose_result: Any) -> None:
+    """The ground-truth figures (those whose inputs are not None): FSC of ``map_path`` against
+    ``gt_map`` (and its ``fsc.json``), the ground-truth orientations in the run's frame and the
+    pose-error histogram."""
+    if final_fsc is not None:
+        from cryospin.evaluate.fsc import write_fsc_json
+        from cryospin.plotting import plot_fsc
+
+        plot_fsc([(f"{map_path.name} vs {Path(gt_map).name}", final_fsc)],
+                 figs.add("fsc.png", "FSC against the ground truth",
+                          f"Fourier shell correlation of {map_path.name}, aligned (rotation, "
+                          "shift, hand) to the ground truth, with the 0.5 and 0.143 "
+                          "thresholds."),
+                 title="map vs ground truth (aligned)")
+        write_fsc_json(final_fsc, figs.dir / "fsc.json", map=str(map_path), gt_map=str(gt_map))
+    if pose_result is not None:
+        plot_orientations(gt_in_run_frame(gt_rotations, pose_result),
+                          figs.add("orientations_gt.png", "Ground-truth orientation distribution",
+                                   "View directions of the ground-truth poses, brought into the "
+                                   "run's frame by the global alignment (and hand) of the pose "
+                                   "error: compare with the orientation distribution above."),
+                          title=f"ground-truth view directions of {gt_rotations.shape[0]} "
+                                "particles, in the run's frame (equal-area)")
+        plot_rotation_errors(pose_result, figs.add(
+            "rotation_error.png", "Pose error",
+            "Rotation and view-direction errors of the final poses after the best global "
+            "rotation (and hand)."))
+
+
+def gt_summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """Summary-table rows of the ground-truth comparisons present in ``s``."""
+    rows: list[tuple[str, str]] = []
+    if "resolution_05_angstrom" in s:
+        rows.append(("resolution vs ground truth",
+                     f"{format_resolution(s['resolution_05_angstrom'])} (FSC 0.5), "
+                     f"{format_resolution(s['resolution_0143_angstrom'])} (FSC 0.143)"))
+        rows.append(("hand vs ground truth",
+                     "mirrored" if s["hand_flipped_vs_gt"] else "same"))
+    if "median_rotation_error_deg" in s:
+        rows.append(("rotation error vs ground truth",
+                     f"median {s['median_rotation_error_deg']:.2f}°, mean "
+                     f"{s['mean_rotation_error_deg']:.2f}°, "
+                     f"{100 * s['fraction_rotation_error_below_10_deg']:.1f} % below 10°"))
+    return rows
 
 
 def write_report(
@@ -1044,7 +1186,6 @@ def write_report(
     # 1. read and check every input before writing anything
     run = load_run(run_dir)
     html_path = Path(output) if output is not None else run.run_dir / "report.html"
-    fig_dir = html_path.parent / html_path.stem
     metrics = run.metrics
     volume = apix = None
     if run.map_path is not None:
@@ -1060,12 +1201,7 @@ def write_report(
         rotations, shifts = read_poses(run.poses_path, box)
     gt_R = gt_t = None
     if gt_poses is not None:
-        if rotations is None:
-            raise InputError("the run has no final poses (poses.star) to compare", run.run_dir)
-        gt_R, gt_t = read_poses(Path(gt_poses), box)
-        if gt_R.shape[0] != rotations.shape[0]:
-            raise InputError(f"{gt_R.shape[0]} poses but the run has {rotations.shape[0]} "
-                             f"particles", gt_poses)
+        gt_R, gt_t = read_gt_poses(gt_poses, rotations, box, run.run_dir)
 
     # 2. numbers
     k_switch = switch_epoch(metrics)
@@ -1087,14 +1223,9 @@ def write_report(
     resolutions: list[EpochResolution] = []
     final_fsc = None
     if gt is not None:  # FSC of the final map (full search), then of a few epoch maps
-        final_fsc, aligned = align_resolution(gt, volume, apix or None,
-                                               search_hand=search_hand, n_rotations=5000)
-        summary.update(
-            resolution_05_angstrom=final_fsc.resolution(0.5),
-            resolution_0143_angstrom=final_fsc.resolution(0.143),
-            gt_correlation=aligned.correlation,
-            hand_flipped_vs_gt=bool(aligned.flipped),
-        )
+        final_fsc, aligned, fields = compare_map_with_gt(gt, volume, apix,
+                                                         search_hand=search_hand)
+        summary.update(fields)
         resolutions = _epoch_resolutions(run, gt, final_fsc, aligned, elapsed,
                                          max_epoch_fsc=max_epoch_fsc, search_hand=search_hand)
         summary["epoch_resolutions"] = [
@@ -1104,8 +1235,7 @@ def write_report(
             for r in resolutions
         ]
         if aligned.flipped:
-            notes.append("The map matches the <b>mirror image</b> of the ground truth: the hand "
-                         "is inverted. Use <code>cryospin flip-hand</code> as described below.")
+            notes.append(MIRROR_NOTE)
     pose_result = track_err = track_heads = track = None
     if gt_R is not None:
         track = _read_track(run.run_dir, gt_R.shape[0])
@@ -1119,31 +1249,14 @@ def write_report(
         if track_err.stage1.any():
             track_heads = head_errors(track, gt_R, track_err)
     if gt_R is not None:
-        from cryospin.evaluate.pose_error import pose_error
-
-        pose_result = pose_error(rotations, gt_R, shifts, gt_t, allow_flip=search_hand)
-        err = pose_result.rotation_error_deg
-        summary.update(
-            median_rotation_error_deg=float(np.median(err)),
-            mean_rotation_error_deg=float(np.mean(err)),
-            fraction_rotation_error_below_10_deg=float(np.mean(err < 10)),
-            poses_flipped_vs_gt=bool(pose_result.flipped),
-        )
+        pose_result, fields = compare_poses_with_gt(rotations, shifts, gt_R, gt_t,
+                                                    search_hand=search_hand)
+        summary.update(fields)
 
     # 3. figures, then the page
-    try:
-        fig_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create folder ({exc.strerror})", fig_dir) from None
-    figures: list[tuple[str, str, str]] = []
-    written: list[Path] = []
-
-    def add(name: str, title: str, caption: str) -> Path:
-        p = fig_dir / name
-        written.append(p)
-        src = urllib.parse.quote(Path(os.path.relpath(p, html_path.parent)).as_posix())
-        figures.append((title, src, caption))
-        return p
+    figs = FigureSet(html_path)
+    figs.create()
+    add = figs.add
 
     if metrics:
         plot_training(metrics, add("training.png", "Training",
@@ -1167,30 +1280,9 @@ def write_report(
         plot_map_views(volume, add("map_views.png", "Map",
                                    f"Central sections and projections of {run.map_path.name}."),
                        pixel_size_angstrom=apix)
-    if final_fsc is not None:
-        from cryospin.evaluate.fsc import write_fsc_json
-        from cryospin.plotting import plot_fsc
-
-        plot_fsc([(f"{run.map_path.name} vs {Path(gt_map).name}", final_fsc)],
-                 add("fsc.png", "FSC against the ground truth",
-                     "Fourier shell correlation of the map, aligned (rotation, shift, hand) "
-                     "to the ground truth, with the 0.5 and 0.143 thresholds."),
-                 title="map vs ground truth (aligned)")
-        write_fsc_json(final_fsc, fig_dir / "fsc.json", map=str(run.map_path),
-                       gt_map=str(gt_map))
-    if pose_result is not None:
-        plot_orientations(gt_in_run_frame(gt_R, pose_result), add("orientations_gt.png",
-                                         "Ground-truth orientation distribution",
-                                         "View directions of the ground-truth poses, brought "
-                                         "into the run's frame by the global alignment (and "
-                                         "hand) of the pose error: compare with the "
-                                         "orientation distribution above."),
-                          title=f"ground-truth view directions of {gt_R.shape[0]} particles, "
-                                f"in the run's frame (equal-area)")
-        plot_rotation_errors(pose_result, add("rotation_error.png", "Pose error",
-                                              "Rotation and view-direction errors of the final "
-                                              "poses after the best global rotation (and hand)."
-                                              ))
+    if run.map_path is not None:
+        add_gt_figures(figs, map_path=run.map_path, gt_map=gt_map, final_fsc=final_fsc,
+                       gt_rotations=gt_R, pose_result=pose_result)
     if track_err is not None:
         plot_track_errors(track_err, add(
             "rotation_error_epochs.png", "Rotation error against epoch",
@@ -1211,13 +1303,13 @@ def write_report(
     if not run.finished:
         notes.insert(0, "This run has not finished: the report shows the last completed epoch.")
     title = f"cryospin run report: {run.run_dir.resolve().name}"
-    page = build_html(title=title, summary=_summary_rows(summary, run), figures=figures,
+    page = build_html(title=title, summary=_summary_rows(summary, run), figures=figs.figures,
                       notes=notes, tables=[_epoch_table(metrics, elapsed, resolutions)],
                       config_text=run.config_text)
-    atomic_write_text(fig_dir / "summary.json",
+    atomic_write_text(figs.dir / "summary.json",
                       json.dumps(json_ready(summary), indent=2) + "\n")
     atomic_write_text(html_path, page)
-    return ReportResult(html_path=html_path, figure_paths=written, summary=summary)
+    return ReportResult(html_path=html_path, figure_paths=figs.paths, summary=summary)
 
 
 def _epoch_table(
@@ -1280,17 +1372,7 @@ def _summary_rows(s: dict[str, Any], run: RunData) -> list[tuple[str, str]]:
         loss = s.get("final_loss")
         rows.append(("final loss", "–" if loss is None else f"{loss:.6g} ({s.get('final_stage')})"))
         rows.append(("wall time", format_duration(s["wall_time_s"])))
-    if "resolution_05_angstrom" in s:
-        rows.append(("resolution vs ground truth",
-                     f"{format_resolution(s['resolution_05_angstrom'])} (FSC 0.5), "
-                     f"{format_resolution(s['resolution_0143_angstrom'])} (FSC 0.143)"))
-        rows.append(("hand vs ground truth",
-                     "mirrored" if s["hand_flipped_vs_gt"] else "same"))
-    if "median_rotation_error_deg" in s:
-        rows.append(("rotation error vs ground truth",
-                     f"median {s['median_rotation_error_deg']:.2f}°, mean "
-                     f"{s['mean_rotation_error_deg']:.2f}°, "
-                     f"{100 * s['fraction_rotation_error_below_10_deg']:.1f} % below 10°"))
+    rows += gt_summary_rows(s)
     if not run.finished:
         rows.append(("status", "unfinished"))
     return rows

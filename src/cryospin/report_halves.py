@@ -17,8 +17,6 @@ the combined poses' rotation error. The figures go to the folder named after the
 from __future__ import annotations
 
 import json
-import os
-import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,22 +24,26 @@ from typing import Any
 import numpy as np
 
 from cryospin.atomic import atomic_write_text
-from cryospin.errors import InputError, OutputError
+from cryospin.errors import InputError
 from cryospin.report import (
     HAND_NOTE,
+    MIRROR_NOTE,
+    FigureSet,
     ReportResult,
-    align_resolution,
+    add_gt_figures,
     build_html,
+    compare_map_with_gt,
+    compare_poses_with_gt,
     elapsed_seconds,
     format_duration,
     format_resolution,
     ground_truth_on_grid,
-    gt_in_run_frame,
+    gt_summary_rows,
     json_ready,
     load_run,
     plot_map_views,
     plot_orientations,
-    plot_rotation_errors,
+    read_gt_poses,
     read_poses,
     read_volume,
     save_figure,
@@ -119,10 +121,6 @@ def _read_fsc_json(path: Path) -> tuple[Any, dict[str, Any]]:
                          path) from None
 
 
-def _link(target: Path, page_dir: Path) -> str:
-    return urllib.parse.quote(Path(os.path.relpath(target, page_dir)).as_posix())
-
-
 def write_halves_report(
     run_dir: str | Path,
     *,
@@ -175,14 +173,8 @@ def write_halves_report(
     if files.star.is_file():
         rotations, shifts = read_poses(files.star, box)
     if gt_poses is not None:
-        if rotations is None:
-            raise InputError("the halves run has no combined poses.star to compare", files.dir)
-        gt_R, gt_t = read_poses(Path(gt_poses), box)
-        if gt_R.shape[0] != rotations.shape[0]:
-            raise InputError(f"{gt_R.shape[0]} poses but the run has {rotations.shape[0]} "
-                             "particles", gt_poses)
+        gt_R, gt_t = read_gt_poses(gt_poses, rotations, box, files.dir)
     html_path = Path(output) if output is not None else files.dir / "report.html"
-    fig_dir = html_path.parent / html_path.stem
 
     # 2. each half's own report (its training, head usage, map, orientations)
     half_pages = [write_report(h.run_dir, gt_map=gt_map, max_epoch_fsc=max_epoch_fsc,
@@ -211,38 +203,20 @@ def write_halves_report(
     final_fsc = pose_result = None
     notes: list[str] = []
     if gt is not None:
-        final_fsc, aligned = align_resolution(gt, volume, apix or None,
-                                               search_hand=search_hand, n_rotations=5000)
-        summary.update(resolution_05_angstrom=final_fsc.resolution(0.5),
-                       resolution_0143_angstrom=final_fsc.resolution(0.143),
-                       gt_correlation=aligned.correlation,
-                       hand_flipped_vs_gt=bool(aligned.flipped))
+        final_fsc, aligned, fields = compare_map_with_gt(gt, volume, apix,
+                                                         search_hand=search_hand)
+        summary.update(fields)
         if aligned.flipped:
-            notes.append("The combined map matches the <b>mirror image</b> of the ground "
-                         "truth: the hand is inverted (see below).")
+            notes.append(MIRROR_NOTE)
     if gt_R is not None:
-        from cryospin.evaluate.pose_error import pose_error
-
-        pose_result = pose_error(rotations, gt_R, shifts, gt_t, allow_flip=search_hand)
-        err = pose_result.rotation_error_deg
-        summary.update(median_rotation_error_deg=float(np.median(err)),
-                       mean_rotation_error_deg=float(np.mean(err)),
-                       fraction_rotation_error_below_10_deg=float(np.mean(err < 10)),
-                       poses_flipped_vs_gt=bool(pose_result.flipped))
+        pose_result, fields = compare_poses_with_gt(rotations, shifts, gt_R, gt_t,
+                                                    search_hand=search_hand)
+        summary.update(fields)
 
     # 4. figures, then the page
-    try:
-        fig_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create folder ({exc.strerror})", fig_dir) from None
-    figures: list[tuple[str, str, str]] = []
-    written: list[Path] = []
-
-    def add(name: str, title: str, caption: str) -> Path:
-        p = fig_dir / name
-        written.append(p)
-        figures.append((title, _link(p, html_path.parent), caption))
-        return p
+    figs = FigureSet(html_path)
+    figs.create()
+    add = figs.add
 
     from cryospin.plotting import plot_fsc
 
@@ -277,36 +251,19 @@ def write_halves_report(
                                "Central sections and projections of map.mrc, the FSC-weighted "
                                "average of the two aligned half maps (unmasked, unsharpened)."),
                    pixel_size_angstrom=apix)
-    if final_fsc is not None:
-        from cryospin.evaluate.fsc import write_fsc_json
-
-        plot_fsc([(f"map.mrc vs {Path(gt_map).name}", final_fsc)],
-                 add("fsc.png", "FSC against the ground truth",
-                     "Fourier shell correlation of the combined map, aligned (rotation, shift, "
-                     "hand) to the ground truth, with the 0.5 and 0.143 thresholds."),
-                 title="combined map vs ground truth (aligned)")
-        write_fsc_json(final_fsc, fig_dir / "fsc.json", map=str(files.map), gt_map=str(gt_map))
-    if pose_result is not None:
-        plot_orientations(gt_in_run_frame(gt_R, pose_result),
-                          add("orientations_gt.png", "Ground-truth orientation distribution",
-                              "View directions of the ground-truth poses in the run's frame "
-                              "(global alignment and hand of the pose error)."),
-                          title=f"ground-truth view directions of {gt_R.shape[0]} particles, "
-                                "in the run's frame (equal-area)")
-        plot_rotation_errors(pose_result, add("rotation_error.png", "Pose error",
-                                              "Rotation and view-direction errors of the "
-                                              "combined poses after the best global rotation "
-                                              "(and hand)."))
-    links = ", ".join(f'<a href="{_link(p, html_path.parent)}">{n.replace("_", " ")}</a>'
+    add_gt_figures(figs, map_path=files.map, gt_map=gt_map, final_fsc=final_fsc,
+                   gt_rotations=gt_R, pose_result=pose_result)
+    links = ", ".join(f'<a href="{figs.link(p)}">{n.replace("_", " ")}</a>'
                       for n, p in zip(HALF_NAMES, half_pages, strict=True))
     notes.append(f"Each half's own report (training, head usage, map, orientations): {links}.")
     notes.append(HAND_NOTE)
     config_path = files.config
-    page = _page(files, summary, figures, notes, gold,
+    page = _page(files, summary, figs.figures, notes, gold,
                  config_path.read_text(encoding="utf-8") if config_path.is_file() else None)
-    atomic_write_text(fig_dir / "summary.json", json.dumps(json_ready(summary), indent=2) + "\n")
+    atomic_write_text(figs.dir / "summary.json",
+                      json.dumps(json_ready(summary), indent=2) + "\n")
     atomic_write_text(html_path, page)
-    return ReportResult(html_path=html_path, figure_paths=written, summary=summary)
+    return ReportResult(html_path=html_path, figure_paths=figs.paths, summary=summary)
 
 
 def _page(files: HalvesFiles, s: dict[str, Any], figures: list[tuple[str, str, str]],
@@ -332,16 +289,7 @@ def _page(files: HalvesFiles, s: dict[str, Any], figures: list[tuple[str, str, s
                  f"unmasked "
                  f"{format_resolution(s['resolution_0143_unmasked'])}, masked "
                  f"{format_resolution(s['resolution_0143_masked'])})"))
-    if "resolution_05_angstrom" in s:
-        rows.append(("combined map vs ground truth",
-                     f"{format_resolution(s['resolution_05_angstrom'])} (FSC 0.5), "
-                     f"{format_resolution(s['resolution_0143_angstrom'])} (FSC 0.143), hand "
-                     + ("mirrored" if s["hand_flipped_vs_gt"] else "same")))
-    if "median_rotation_error_deg" in s:
-        rows.append(("rotation error vs ground truth",
-                     f"median {s['median_rotation_error_deg']:.2f}°, mean "
-                     f"{s['mean_rotation_error_deg']:.2f}°, "
-                     f"{100 * s['fraction_rotation_error_below_10_deg']:.1f} % below 10°"))
+    rows += gt_summary_rows(s)
     curves = (("unmasked", gold.unmasked), ("masked", gold.masked),
               ("phase-randomised masked", gold.phase_randomised), ("corrected", gold.corrected))
     table = ("Gold-standard FSC resolutions", ["curve", "FSC 0.5", "FSC 0.143"],
