@@ -116,7 +116,8 @@ def reference(particles, tmp_path_factory) -> Path:
 def test_collectives_match_one_process(tmp_path):
     """Float64, 2 ranks: GlobalBatchNorm2d (output, input and weight gradients, running
     statistics) equals BatchNorm2d on the union of the ranks' inputs; sharded objectives with
-    averaged gradients equal the gradient of the global mean; gather_rows reassembles rows."""
+    averaged gradients equal the gradient of the global mean; gather_rows reassembles rows;
+    teardown after a normal end waits at a barrier for the last rank."""
     script = tmp_path / "check.py"
     script.write_text(textwrap.dedent("""
         import os
@@ -164,7 +165,18 @@ def test_collectives_match_one_process(tmp_path):
             assert torch.equal(got, full), got
         else:
             assert got is None
-        dist.destroy_process_group()
+        # teardown after a normal end waits for every rank: rank 1 leaves only when rank 0
+        # (which writes the checkpoint after the others are done) arrives
+        import time
+        from cryospin.train.distributed import teardown_distributed
+        if world.is_main:
+            time.sleep(1.0)
+        t0 = time.perf_counter()
+        teardown_distributed(True, synchronise=True)
+        if not world.is_main:
+            waited = time.perf_counter() - t0
+            assert waited >= 0.5, "left %.2f s after arriving, before rank 0" % waited
+        assert not dist.is_initialized()
         # one write per rank: the ranks share the pipe, and print()'s separate writes of
         # the words and the newline interleaved (observed output: okok 0 / 1)
         os.write(1, ("ok %d" % world.rank + chr(10)).encode())

@@ -172,11 +172,19 @@ def init_distributed(world: WorldInfo, device: torch.device) -> bool:
     return True
 
 
-def teardown_distributed(created: bool) -> None:
-    """Leave the process group if :func:`init_distributed` created it."""
+def teardown_distributed(created: bool, *, synchronise: bool) -> None:
+    """Leave the process group if :func:`init_distributed` created it.
+
+    ``synchronise`` (the run ended normally on this rank): wait at a barrier first, so that no
+    rank destroys its gloo pairs while another still talks to it (rank 0 writes the checkpoint
+    after the others are done; a rank leaving early was seen to abort with "terminate called
+    without an active exception"). False after an error, where the other ranks may never arrive.
+    """
     import torch.distributed as dist
 
     if created and dist.is_initialized():
+        if synchronise:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -331,12 +331,15 @@ def fit(
     if config.run.num_threads is not None and device.type == "cpu":
         torch.set_num_threads(config.run.num_threads)
     created = init_distributed(world, device)
+    ended_normally = False
     try:
-        return _fit(config, particles, files, device, resume=resume, argv=argv,
-                    stop_after=stop_after, world=world)
+        result = _fit(config, particles, files, device, resume=resume, argv=argv,
+                      stop_after=stop_after, world=world)
+        ended_normally = True
+        return result
     finally:
         torch.set_num_threads(threads_before)
-        teardown_distributed(created)
+        teardown_distributed(created, synchronise=ended_normally)
 
 
 def _fit(
