@@ -243,7 +243,7 @@ def pose_error(
         Shifts ``(tx, ty)`` in pixels; the shift errors are reported when both are given.
     allow_flip : bool
         Also try the mirrored hand (``R_gt -> D R_gt D``) and keep whichever fits better
-        (smaller median rotation error).
+        (smaller total rotation error, the objective of the alignment).
     symmetry : str, optional
         Point group of the particle (``"C4"``, ``"D7"``; :mod:`cryospin.symmetry`): each
         particle's errors are measured against its nearest equivalent pose ``R_gt g``.
@@ -272,7 +272,12 @@ def pose_error(
     flipped = False
     if allow_flip:
         A_f, err_f = align_rotations(pred, flip_hand(gt), symmetry=G)
-        if float(err_f.median()) < float(err.median()):
+        # the hand whose alignment reaches the smaller value of the objective both minimise
+        # (the sum of the errors); not the median, which cannot decide when a minority of the
+        # particles is right and the rest sits in pseudo-symmetric copies (seen on 6VYB: 42 %
+        # within 10° of the right hand's alignment, median 116°, against 0.3 % and 104° for
+        # the mirror's)
+        if float(err_f.sum()) < float(err.sum()):
             A, err, flipped = A_f, err_f, True
 
     # angles are the same in the mirrored frame: compare there, against the nearest
