@@ -144,7 +144,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("execution")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
     g.add_argument("--seed", type=int)
-    g.add_argument("--threads", type=int, metavar="N", help="CPU threads (torch)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (torch; default: the cores available to the process, "
+                        "from its affinity and cgroup CPU quota)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--final-map", choices=["backprojection", "decoder"],
                    help="map.mrc = Wiener backprojection from the final poses (default; the "

@@ -259,7 +259,9 @@ class RunConfig:
     device : str
         ``"auto"`` (cuda if available, else mps, else cpu), ``"cpu"``, ``"cuda"`` or ``"mps"``.
     num_threads : int or None
-        ``torch.set_num_threads`` on CPU; ``None`` keeps torch's default.
+        ``torch.set_num_threads`` on CPU; ``None``: the cores available to the process
+        (affinity and cgroup quota, :func:`cryospin.cpus.available_cpus`), never more than
+        torch's default (physical cores, or ``OMP_NUM_THREADS``).
     inference_batch_size : int
         Batch size of the inference pass at the switch.
     progress : bool

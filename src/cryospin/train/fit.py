@@ -52,6 +52,7 @@ import torch
 
 from cryospin import __version__
 from cryospin.atomic import remove_stale_temporaries
+from cryospin.cpus import available_cpus, default_cpu_threads
 from cryospin.errors import InputError, OutputError
 from cryospin.train.autodecode import RotationSearch, autodecode_epoch
 from cryospin.train.autoencode import (
@@ -328,8 +329,9 @@ def fit(
     world = world_from_env()  # torchrun / Slurm: see cryospin.train.distributed
     device = device_for_rank(resolve_device(config.run.device), world)
     threads_before = torch.get_num_threads()
-    if config.run.num_threads is not None and device.type == "cpu":
-        torch.set_num_threads(config.run.num_threads)
+    if device.type == "cpu":  # num_threads None: the cores available to the process
+        torch.set_num_threads(
+            default_cpu_threads(config.run.num_threads, threads_before, available_cpus()))
     created = init_distributed(world, device)
     ended_normally = False
     try:

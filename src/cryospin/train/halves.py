@@ -41,6 +41,7 @@ import torch
 
 from cryospin import __version__
 from cryospin.atomic import atomic_path, atomic_write_text
+from cryospin.cpus import available_cpus, default_cpu_threads
 from cryospin.errors import CryospinError, InputError, OutputError
 from cryospin.evaluate.align import AlignResult
 from cryospin.evaluate.gold_standard import GoldStandardFSC
@@ -363,8 +364,7 @@ def combine_halves(
     (GoldStandardFSC, AlignResult)
     """
     threads = torch.get_num_threads()
-    if config.run.num_threads is not None:
-        torch.set_num_threads(config.run.num_threads)
+    torch.set_num_threads(default_cpu_threads(config.run.num_threads, threads, available_cpus()))
     try:
         return _combine(HalvesFiles(run_dir), particles, np.asarray(half_set), config,
                         mask_dilate_px, mask_soft_edge_px)

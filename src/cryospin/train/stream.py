@@ -16,7 +16,12 @@ read is one contiguous slice of a memory-mapped stack (stacks come from
 All random numbers are drawn from the training generator when the epoch is created (as
 :func:`~cryospin.train.data.batch_indices` does), so resumed runs are exact. A background thread
 reads and preprocesses the chunks in visiting order into a bounded queue (``prefetch_chunks``
-ahead); torch releases the GIL in its kernels, so preprocessing overlaps training.
+ahead); torch releases the GIL in its kernels, so preprocessing overlaps training. Threads: on
+CPU each Python thread running torch kernels gets its own OpenMP team of
+``torch.get_num_threads()`` threads (a new thread takes the process-wide value at its first
+parallel kernel), so while a chunk is preprocessed beside a training step up to twice that many
+compute threads are runnable. ``torch.set_num_threads`` is not per thread (it also changes the
+process-wide default), so this overlap is accepted rather than worked around here.
 
 Sharded data (distributed training, ``TrainingData.held``): the plan above is drawn exactly
 as by one process (the same chunks, windows and permutations, so every rank sees the same
