@@ -17,7 +17,8 @@ a wrapper that counts the calls whose arguments match, and acts at the ``call``-
 * ``action``: ``"kill"`` (SIGKILL itself before the call), ``"kill_after"`` (after the call
   returns), ``"enospc"`` (raise ``OSError(ENOSPC)`` instead of the call), or
   ``"fsize"`` (set ``RLIMIT_FSIZE`` to ``limit`` bytes -- SIGXFSZ ignored, so writes beyond
-  it fail with EFBIG -- then make the call).
+  it fail with EFBIG -- then make the call), or ``"pause"`` (create the file ``marker``, then
+  sleep ``seconds`` before the call: a point where the test signals the process from outside).
 
 Always installed: the run report (matplotlib, seconds per run) is skipped, since the tests
 here are about the training run's files. Nothing of this touches the production code.
@@ -32,6 +33,8 @@ import os
 import resource
 import signal
 import sys
+import time
+from pathlib import Path
 
 
 def _resolve(dotted: str) -> tuple[object, str]:
@@ -75,6 +78,9 @@ def _install(fault: dict) -> None:
                     limit = int(fault["limit"])
                     hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
                     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+                elif action == "pause":
+                    Path(fault["marker"]).touch()
+                    time.sleep(float(fault["seconds"]))
                 elif action == "kill_after":
                     out = real(*args, **kwargs)
                     os.kill(os.getpid(), signal.SIGKILL)

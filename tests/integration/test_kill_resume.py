@@ -13,7 +13,8 @@ SIGKILLs the process at its N-th call -- no test hooks in the production code. A
   run with the same seed **bitwise** (tolerance 0: one CPU thread, same operations in the same
   order, all RNG states restored).
 
-The default suite runs one kill (inside the checkpoint write); the chain of every kill point
+The default suite runs one kill (inside the checkpoint write) and one SIGTERM (handled like
+Ctrl-C: exit 143, the checkpoint of the last complete epoch kept); the chain of every kill point
 and the random-time kills are marked slow.
 """
 
@@ -185,6 +186,50 @@ def test_kill_inside_the_checkpoint_write_then_resume_equals_uninterrupted(
     done = resume(run)
     assert done.returncode == 0, done.stderr[-3000:]
     assert logged_epochs(done) == [2, 3]  # only the epoch in progress is repeated
+    assert_clean_metrics(run, EPOCHS)
+    assert_same_as_reference(run, reference)
+
+
+def test_sigterm_mid_epoch_exits_143_then_resume_equals_uninterrupted(particles, reference,
+                                                                      tmp_path):
+    """SIGTERM from outside during epoch 2 (a batch scheduler's time limit, ``kill``) takes
+    Ctrl-C's path: exit 143, the ``--resume`` command on stderr, epoch 1's checkpoint kept."""
+    run, marker = tmp_path / "run", tmp_path / "in-epoch-2"
+    # epoch 2's second pose step waits, so that the signal surely lands inside epoch 2
+    pause = {"target": "cryospin.train.autodecode.pose_nll", "call": 2, "action": "pause",
+             "marker": str(marker), "seconds": 120}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(FAULTS), json.dumps([pause]), "reconstruct", str(particles),
+           "-o", str(run), *TRAIN]
+    with open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert marker.exists(), (proc.poll(), (tmp_path / "stderr").read_text()[-3000:])
+            # epoch 1 is complete (metrics line and checkpoint), epoch 2 is in progress
+            assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1]
+            proc.send_signal(signal.SIGTERM)
+            status = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        stderr = err.read()
+    assert status == 143, (status, stderr[-3000:])
+    assert "terminated (SIGTERM)" in stderr
+    assert f"--resume {run}" in stderr
+    assert "Traceback" not in stderr
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert (state["epoch"], state["stage"]) == (1, "autoencode")
+    assert temporaries(run) == []
+    assert not (run / "map.mrc").exists()
+
+    done = resume(run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert logged_epochs(done) == [2, 3]
     assert_clean_metrics(run, EPOCHS)
     assert_same_as_reference(run, reference)
 

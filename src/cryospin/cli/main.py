@@ -3,20 +3,26 @@
 Each subcommand module in :mod:`cryospin.cli` defines ``add_args(parser)`` and ``main(args)``;
 its docstring is the subcommand's ``--help``. User errors (:class:`cryospin.errors.CryospinError`)
 and I/O failures (``OSError``: disk full, permissions) print one line on stderr and exit with
-status 2, without a traceback (``-v`` logs the traceback of an ``OSError``).
+status 2, without a traceback (``-v`` logs the traceback of an ``OSError``). Ctrl-C exits with
+status 130; SIGTERM (a batch scheduler's time limit, ``kill``) is handled the same way
+(:class:`cryospin.errors.Terminated`, a ``KeyboardInterrupt``) and exits with status 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 from cryospin import __version__
-from cryospin.errors import CryospinError
+from cryospin.errors import CryospinError, Terminated
 
 # subcommand name -> module under cryospin.cli
 SUBCOMMANDS: dict[str, str] = {
@@ -70,6 +76,33 @@ def _os_error_line(exc: OSError) -> str:
     return f"{exc.filename}: {reason}" if exc.filename is not None else reason
 
 
+@contextlib.contextmanager
+def sigterm_raises_terminated() -> Iterator[None]:
+    """Inside: SIGTERM raises :class:`~cryospin.errors.Terminated` in the main thread.
+
+    Only the first SIGTERM raises; later ones are ignored while that one unwinds (under Slurm
+    with torchrun a rank gets the signal twice: from Slurm and forwarded by torchrun). The
+    previous handler is restored on exit. Outside the main thread (where Python cannot install
+    handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = False
+
+    def handler(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001
+        nonlocal received
+        if not received:
+            received = True
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cryospin`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser, modules = _build_parser()
@@ -86,18 +119,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 1
     args.argv = ["cryospin", *(sys.argv[1:] if argv is None else list(argv))]
-    try:
-        status = modules[args.command].main(args)  # type: ignore[attr-defined]
-    except CryospinError as exc:
-        print(f"cryospin {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # an I/O failure no module wrapped (disk full, permissions, ...)
-        logging.getLogger(__name__).debug("I/O error", exc_info=True)
-        print(f"cryospin {args.command}: error: {_os_error_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"cryospin {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with sigterm_raises_terminated():
+        try:
+            status = modules[args.command].main(args)  # type: ignore[attr-defined]
+        except CryospinError as exc:
+            print(f"cryospin {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # an I/O failure no module wrapped (disk full, permissions, ...)
+            logging.getLogger(__name__).debug("I/O error", exc_info=True)
+            print(f"cryospin {args.command}: error: {_os_error_line(exc)}", file=sys.stderr)
+            return 2
+        except Terminated as exc:
+            print(f"cryospin {args.command}: {exc}", file=sys.stderr)
+            return Terminated.exit_status
+        except KeyboardInterrupt:
+            print(f"cryospin {args.command}: interrupted", file=sys.stderr)
+            return 130
     return int(status or 0)
 
 

@@ -9,7 +9,7 @@ the final poses; the trained volume is map_decoder.mrc), poses.star (RELION 3.1)
 examples:
   cryospin reconstruct particles.star -o run1 --preset paper-real
   cryospin reconstruct stack.mrcs --ctf ctf.pkl -o run2 --epochs 10 --switch-epoch 4
-  cryospin reconstruct --resume run1                 # continue after Ctrl-C or a crash
+  cryospin reconstruct --resume run1                 # continue after Ctrl-C, SIGTERM, a crash
   cryospin reconstruct --resume run1 --epochs 40     # train longer
   cryospin reconstruct particles.star -o run3 --halves   # gold-standard half maps and FSC
 """
@@ -176,7 +176,7 @@ def _abs(path: str | None) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``cryospin reconstruct``; returns the exit status (130 on Ctrl-C)."""
+    """Run ``cryospin reconstruct``; returns the exit status (130 on Ctrl-C, 143 on SIGTERM)."""
     from cryospin.io.particles import load_particles
     from cryospin.train.distributed import world_from_env
     from cryospin.train.fit import TrainingInterrupted, fit, prepare_run_dir
@@ -237,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
                      argv=getattr(args, "argv", None), stop_after=args.stop_after)
     except TrainingInterrupted as exc:
         print(f"cryospin reconstruct: {exc}", file=sys.stderr)
-        return 130
+        return exc.exit_status
     if not world.is_main:  # distributed: rank 0 reports and writes the report
         return 0
     if not result.finished:
@@ -292,7 +292,7 @@ def _run_halves(config: Any, particles: Any, run_dir: Path, args: argparse.Names
                             argv=getattr(args, "argv", None), stop_after=args.stop_after)
     except TrainingInterrupted as exc:
         print(f"cryospin reconstruct: {exc}", file=sys.stderr)
-        return 130
+        return exc.exit_status
     print(format_summary(result))
     if not result.finished:
         print(f"continue with: cryospin reconstruct --resume {run_dir}")

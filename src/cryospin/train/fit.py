@@ -53,7 +53,7 @@ import torch
 from cryospin import __version__
 from cryospin.atomic import remove_stale_temporaries
 from cryospin.cpus import available_cpus, default_cpu_threads
-from cryospin.errors import InputError, OutputError
+from cryospin.errors import InputError, OutputError, Terminated
 from cryospin.train.autodecode import RotationSearch, autodecode_epoch
 from cryospin.train.autoencode import (
     EpochStats,
@@ -156,16 +156,23 @@ class FitResult:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during :func:`fit`; the last complete checkpoint is usable for ``--resume``."""
+    """Ctrl-C, or SIGTERM (``terminated``; :class:`~cryospin.errors.Terminated`), during
+    :func:`fit`; the last complete checkpoint is usable for ``--resume``.
 
-    def __init__(self, run_dir: Path, last_epoch: int) -> None:
+    ``exit_status``: 143 (128 + SIGTERM) when terminated, else 130 (128 + SIGINT).
+    """
+
+    def __init__(self, run_dir: Path, last_epoch: int, *, terminated: bool = False) -> None:
         self.run_dir = run_dir
         self.last_epoch = last_epoch
+        self.terminated = terminated
+        self.exit_status = Terminated.exit_status if terminated else 130
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
         super().__init__(
-            f"interrupted; the last complete epoch is {last_epoch}"
+            f"{what}; the last complete epoch is {last_epoch}"
             f" — continue with: cryospin reconstruct --resume {run_dir}"
             if last_epoch
-            else "interrupted before the first epoch completed (nothing to resume)"
+            else f"{what} before the first epoch completed (nothing to resume)"
         )
 
 
@@ -322,7 +329,7 @@ def fit(
         When an output cannot be written (disk full, ...); the message names the file, the last
         complete epoch and the ``--resume`` command (the last good checkpoint is kept).
     TrainingInterrupted
-        On Ctrl-C (the last good checkpoint is kept).
+        On Ctrl-C or SIGTERM (the last good checkpoint is kept).
     """
     # ------------------------------------------------------------------ setup
     files = prepare_run_dir(run_dir, resume=resume)
@@ -505,8 +512,9 @@ def _fit(
                 f", pose change {stats.mean_pose_change_deg:.3g} deg"
                 if stats.mean_pose_change_deg is not None else "",
             )
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(files.dir, epochs_done) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (cryospin.cli.main's handler)
+        raise TrainingInterrupted(files.dir, epochs_done,
+                                  terminated=isinstance(exc, Terminated)) from None
     except OutputError as exc:  # disk full, file-size limit, folder gone: keep the checkpoint
         raise OutputError(f"{exc}; {_resume_hint(files.dir, epochs_done)}") from None
     finally:

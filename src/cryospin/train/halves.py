@@ -277,7 +277,7 @@ def fit_halves(
     Raises
     ------
     TrainingInterrupted
-        On Ctrl-C, naming ``run_dir`` (continue with ``--resume run_dir``).
+        On Ctrl-C or SIGTERM, naming ``run_dir`` (continue with ``--resume run_dir``).
     """
     from cryospin.train.fit import TrainingInterrupted, fit
 
@@ -310,7 +310,8 @@ def fit_halves(
             result = fit(_half_config(config, which, ind_path), particles.subset(local),
                          half_dir, resume=status == "partial", argv=argv, stop_after=stop_after)
         except TrainingInterrupted as exc:
-            raise TrainingInterrupted(files.dir, exc.last_epoch) from None
+            raise TrainingInterrupted(files.dir, exc.last_epoch,
+                                      terminated=exc.terminated) from None
         done.append(result.epochs_completed)
         finished = finished and result.finished
     if not finished:
