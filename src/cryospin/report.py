@@ -1208,9 +1208,12 @@ def write_report(
     elapsed = elapsed_seconds(metrics) if metrics else np.zeros(0)
     summary: dict[str, Any] = {"run_dir": str(run.run_dir), "finished": run.finished}
     if metrics:
+        from cryospin.train.metrics import search_stopped_after
+
         summary.update(
             particles=int(metrics[0].get("num_images") or 0) or None,
             epochs_completed=int(metrics[-1]["epoch"]),
+            search_stopped_after=search_stopped_after(metrics),
             switch_epoch=k_switch,
             final_loss=metrics[-1].get("loss"),
             final_stage=metrics[-1].get("stage"),
@@ -1364,8 +1367,13 @@ def _summary_rows(s: dict[str, Any], run: RunData) -> list[tuple[str, str]]:
         rows.append(("pixel size", f"{s['pixel_size_angstrom']:.4g} Å"))
     if "epochs_completed" in s:
         planned = (run.config.get("schedule") or {}).get("epochs")
-        rows.append(("epochs", f"{s['epochs_completed']}"
-                     + (f" of {planned}" if planned and planned != s["epochs_completed"] else "")))
+        stopped = s.get("search_stopped_after")
+        if stopped is not None:  # a shorter run by design, not an unfinished one
+            rows.append(("epochs", f"{s['epochs_completed']} (of up to {planned}: the global "
+                                   f"search stopped early after epoch {stopped})"))
+        else:
+            rows.append(("epochs", f"{s['epochs_completed']}" + (
+                f" of {planned}" if planned and planned != s["epochs_completed"] else "")))
         k = s.get("switch_epoch")
         rows.append(("switch", "never (auto-encoding only)" if k is None else
                      f"after epoch {k - 1}; first auto-decoding epoch {k}"))

@@ -595,3 +595,103 @@ def test_pose_table_learning_rates_follow_the_schedule_and_are_logged(tiny, tmp_
     assert [r["pose_lr"] for r in rows] == pytest.approx([0.04, 0.02, 0.01])
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert state["pose_table"]["_extra_state"]["lr_rot"] == pytest.approx(0.01)
+
+
+# ----------------------------------------------------------------------------- search early stop
+
+
+def _early_stop_config(**schedule):
+    """Stage 1 in epoch 1, up to 3 search epochs (2-4), then 1 local epoch; the search stops
+    after its second epoch (3) unless every particle jumped then (fraction 1.0). Not after its
+    first: from the 1-epoch encoder's poses every particle jumps in epoch 2."""
+    return _tiny_config(
+        schedule={"epochs": 5, "switch_epoch": 1, "search_epochs": 3, "search_min_epochs": 2,
+                  "search_stop_fraction": 1.0, **schedule},
+        optim={"search_rotations": 64, "search_radius_px": 3.0, "decoder_lr_final": 0.005,
+               "pose_lr": 0.04, "pose_lr_final": 0.01},
+    )
+
+
+@pytest.fixture(scope="module")
+def early_stopped(tiny, tmp_path_factory):
+    """The reference run with the early stop: epochs 1-4 instead of 1-5, never interrupted."""
+    return fit(_early_stop_config(), _particles(tiny), tmp_path_factory.mktemp("es") / "run")
+
+
+def test_search_stops_early_and_the_run_ends_sooner(early_stopped):
+    from cryospin.train.autodecode import JUMP_THRESHOLD_DEG
+
+    assert early_stopped.finished and early_stopped.epochs_completed == 4
+    run = early_stopped.run_dir
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0].get("jump_fraction") is None  # stage 1
+    assert all(0.0 <= r["jump_fraction"] <= 1.0 for r in rows[1:])
+    assert rows[2]["jump_fraction"] < 1.0
+    assert rows[2]["extra"]["search_stop"] == {
+        "after_epoch": 3, "jump_fraction": rows[2]["jump_fraction"],
+        "threshold_deg": JUMP_THRESHOLD_DEG, "stop_fraction": 1.0, "local_epochs": 1}
+    assert ["search_stop" in r["extra"] for r in rows] == [False, False, True, False]
+    # the decay starts after epoch 3 and reaches its end at epoch 4, the last
+    assert [r["decoder_lr"] for r in rows[1:]] == pytest.approx([0.02, 0.02, 0.005])
+    assert [r["pose_lr"] for r in rows[1:]] == pytest.approx([0.04, 0.04, 0.01])
+    assert load_checkpoint(run / "checkpoint.pt")["extra"]["search_stopped_after"] == 3
+    assert (run / "map.mrc").is_file() and not (run / "map.005.mrc").exists()
+
+
+def test_early_stop_with_stop_after_and_resume_equals_uninterrupted(
+    early_stopped, tiny, tmp_path, monkeypatch, caplog
+):
+    """Stopped in stage 1, resumed through the stopping epoch (whose checkpoint carries the
+    stop), resumed again to the end: the same run. The progress bar follows the shorter run."""
+    run = tmp_path / "run"
+    cfg = _early_stop_config()
+    fit(cfg, _particles(tiny), run, stop_after=1)
+    bars = []
+
+    class Bar:  # records the bar's total and progress
+        def __init__(self, *args, **kwargs):
+            self.total, self.done = args[1], 0
+            bars.append(self)
+
+        def update(self, images):
+            self.done += images
+
+        def set_description(self, *args, **kwargs): ...
+        def set_postfix(self, *args, **kwargs): ...
+        def refresh(self): ...
+        def close(self): ...
+
+    monkeypatch.setattr(fit_module, "_progress_bar", Bar)
+    caplog.set_level("INFO", logger="cryospin.train.fit")
+    done = fit(cfg, _particles(tiny), run, resume=True)  # epochs 2-4, the search stops at 3
+    assert done.finished and done.epochs_completed == 4
+    assert bars[0].total == bars[0].done == 3 * 64  # planned epochs 2-5, then 2-4
+    assert any(r.getMessage().startswith("global search done after epoch 3: ")
+               and "1 local epochs follow" in r.getMessage() for r in caplog.records)
+    _assert_same_run(early_stopped.run_dir, run)
+
+    run2 = tmp_path / "run2"
+    fit(cfg, _particles(tiny), run2, stop_after=3)  # the stop decided, the local epoch not run
+    assert load_checkpoint(run2 / "checkpoint.pt")["extra"]["search_stopped_after"] == 3
+    done = fit(cfg, _particles(tiny), run2, resume=True)
+    assert done.finished and done.epochs_completed == 4
+    assert bars[-1].total == bars[-1].done == 64
+    _assert_same_run(early_stopped.run_dir, run2)
+
+
+def test_resume_with_more_epochs_after_an_early_stop_adds_local_epochs(early_stopped, tiny,
+                                                                      tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(early_stopped.run_dir, run)
+    longer = _early_stop_config(epochs=6)  # 2 local epochs after the stop at epoch 3
+    done = fit(longer, _particles(tiny), run, resume=True)
+    assert done.finished and done.epochs_completed == 5
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[4]["pose_lr"] == pytest.approx(0.01)  # the decay now ends at epoch 5
+    # a checkpoint beyond the shortened run's last epoch is refused, naming the stop
+    with pytest.raises(CryospinError, match="the global search stopped after epoch 3"):
+        fit(_early_stop_config(epochs=4), _particles(tiny), run, resume=True)

@@ -48,6 +48,8 @@ _OVERRIDES = {
     "decoder_lr_final": ("optim", "decoder_lr_final"),
     "pose_lr_final": ("optim", "pose_lr_final"),
     "search_epochs": ("schedule", "search_epochs"),
+    "search_min_epochs": ("schedule", "search_min_epochs"),
+    "search_stop_fraction": ("schedule", "search_stop_fraction"),
     "search_rotations": ("optim", "search_rotations"),
     "search_radius": ("optim", "search_radius_px"),
     "search_shift_step": ("optim", "search_shift_step_px"),
@@ -129,7 +131,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="rotation lr reached by the last epoch (decays like the volume's; the "
                         "shift lr by the same factor)")
     g.add_argument("--search-epochs", type=int, metavar="E",
-                   help="stage-2 epochs that start each batch with a global rotation search")
+                   help="stage-2 epochs that start each batch with a global rotation search "
+                        "(at most, with --search-min-epochs)")
+    g.add_argument("--search-min-epochs", type=int, metavar="E",
+                   help="stop the global search early, after search epoch E or later, when "
+                        "few particles jumped (see --search-stop-fraction); the local epochs "
+                        "follow at once and the run ends sooner")
+    g.add_argument("--search-stop-fraction", type=float, metavar="F",
+                   help="early stop when fewer than this fraction (0-1) of the particles' "
+                        "rotations moved by more than 20 deg in a search epoch; 0 never stops "
+                        "early")
     g.add_argument("--search-rotations", type=int, metavar="N",
                    help="rotations in the global search grid")
     g.add_argument("--search-radius", type=float, metavar="PX",

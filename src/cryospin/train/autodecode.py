@@ -35,6 +35,7 @@ from cryospin.train.metrics import RunningMean, check_finite_gradients, check_fi
 
 __all__ = [
     "autodecode_epoch",
+    "JUMP_THRESHOLD_DEG",
     "pose_nll",
     "refine_poses",
     "RotationSearch",
@@ -45,6 +46,13 @@ __all__ = [
 ]
 
 STAGE = "autodecode"
+
+#: A rotation that moves by more than this in one epoch jumped to another basin (a global-search
+#: replacement or a hop between pseudo-symmetric copies) rather than being refined locally: the
+#: 8,192-rotation search grid's covering radius is ~10 deg (a replacement inside the right basin
+#: moves a pose by at most that, local steps by a few degrees), while a hop between the protomer
+#: copies of a pseudo-C3 particle moves it by ~120 deg.
+JUMP_THRESHOLD_DEG = 20.0
 
 
 def super_fibonacci_rotations(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -334,6 +342,12 @@ def autodecode_epoch(
         After the pose steps of each batch, take out the batch's common rotation
         (:func:`remove_common_rotation`; not in search epochs, whose grid jumps are no drift).
 
+    Returns
+    -------
+    EpochStats
+        With ``jump_fraction``: the fraction of visited particles whose rotation moved by more
+        than :data:`JUMP_THRESHOLD_DEG` from the start of their batch to its end.
+
     Raises
     ------
     NonFiniteLossError
@@ -344,6 +358,7 @@ def autodecode_epoch(
     running = RunningMean()
     rot_change = RunningMean()
     shift_change = RunningMean()
+    jumps = 0  # visited particles whose rotation moved > JUMP_THRESHOLD_DEG
     batches = data.epoch_batches(batch_size, generator)
     for b, (batch, total) in enumerate(local_batches(batches, shard), start=1):
         idx = batch.indices
@@ -375,20 +390,24 @@ def autodecode_epoch(
         if n == 0:  # distributed: none of this batch's particles is on this rank
             continue
         running.add(float(loss.detach()), n)
-        rot_change.add(float(geodesic_distance_deg(rot0, rot).mean()), n)
+        change_deg = geodesic_distance_deg(rot0, rot)  # (B,)
+        rot_change.add(float(change_deg.mean()), n)
+        jumps += int((change_deg > JUMP_THRESHOLD_DEG).sum())
         if refine_shifts:
             shift_change.add(float((shift - shift0).norm(dim=-1).mean()), n)
         if progress is not None:
             progress(n, float(loss.detach()))
     if shard is not None:  # statistics of all ranks
         sums = shard.all_sum(torch.tensor([running.total, running.weight, rot_change.total,
-                                           shift_change.total]))
+                                           shift_change.total, float(jumps)]))
         running.total, running.weight = float(sums[0]), float(sums[1])
         rot_change.total, rot_change.weight = float(sums[2]), float(sums[1])
         shift_change.total, shift_change.weight = float(sums[3]), float(sums[1])
+        jumps = round(float(sums[4]))
     return EpochStats(
         loss=running.mean,
         num_images=int(running.weight),
         mean_pose_change_deg=rot_change.mean,
         mean_shift_change_px=shift_change.mean if refine_shifts else None,
+        jump_fraction=jumps / running.weight if running.weight > 0 else None,
     )

@@ -63,13 +63,19 @@ class EpochStats:
         Mean geodesic change of a visited particle's rotation during the epoch (stage 2).
     mean_shift_change_px : float or None
         Mean Euclidean change of a visited particle's shift (stage 2 with shifts).
+    jump_fraction : float or None
+        Fraction of the visited particles whose rotation moved by more than
+        :data:`cryospin.train.autodecode.JUMP_THRESHOLD_DEG` during the epoch: basin jumps,
+        not local refinement (stage 2).
     """
+
 
     loss: float
     num_images: int
     head_usage: list[float] | None = None
     mean_pose_change_deg: float | None = None
     mean_shift_change_px: float | None = None
+    jump_fraction: float | None = None
 
 
 @dataclass(frozen=True)

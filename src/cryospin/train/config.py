@@ -176,9 +176,23 @@ class ScheduleConfig:
     loss_radius_end_px : float or None
         Radius reached at the switch; ``None`` = the training disc (``data.loss_radius_px``).
     search_epochs : int
-        The first ``search_epochs`` epochs of stage 2 start every batch with a global rotation
-        search (``optim.search_rotations``, ``optim.search_radius_px``) that replaces a
-        particle's rotation when a grid rotation fits better; 0 = never.
+        The first ``search_epochs`` epochs of stage 2 (at most: see ``search_min_epochs``)
+        start every batch with a global rotation search (``optim.search_rotations``,
+        ``optim.search_radius_px``) that replaces a particle's rotation when a grid rotation
+        fits better; 0 = never.
+    search_min_epochs : int or None
+        Early stop of the global search: after stage-2 search epoch ``s`` with
+        ``search_min_epochs <= s < search_epochs`` whose ``jump_fraction`` (the fraction of
+        particles whose rotation moved by more than
+        ``cryospin.train.autodecode.JUMP_THRESHOLD_DEG`` in the epoch) is below
+        ``search_stop_fraction``, the remaining search epochs are skipped: the local epochs
+        that follow keep their number (``epochs - switch_epoch - search_epochs``), so the run
+        ends ``search_epochs - s`` epochs before ``epochs``, and the learning-rate decay starts
+        after the actual last search epoch (:mod:`cryospin.train.schedule`). ``None``: no early
+        stop (every search epoch runs). :func:`build_config` drops a preset's value above the
+        ``search_epochs`` in effect (e.g. ``--search-epochs 1`` with the default preset).
+    search_stop_fraction : float
+        Threshold in [0, 1] of that early stop (0: never stop early).
     """
 
     epochs: int = 20
@@ -187,6 +201,8 @@ class ScheduleConfig:
     loss_radius_start_px: float | None = None
     loss_radius_end_px: float | None = None
     search_epochs: int = 0
+    search_min_epochs: int | None = None
+    search_stop_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -380,6 +396,13 @@ def _validate(c: Config) -> None:
         raise bad(f"optim.search_shift_step_px must be > 0, got {step}")
     if c.schedule.search_epochs < 0:
         raise bad(f"schedule.search_epochs must be >= 0, got {c.schedule.search_epochs}")
+    low = c.schedule.search_min_epochs
+    if low is not None and not 1 <= low <= c.schedule.search_epochs:
+        raise bad(f"schedule.search_min_epochs must be between 1 and schedule.search_epochs "
+                  f"({c.schedule.search_epochs}), got {low}")
+    if not 0.0 <= c.schedule.search_stop_fraction <= 1.0:
+        raise bad("schedule.search_stop_fraction must be in [0, 1], got "
+                  f"{c.schedule.search_stop_fraction}")
     if c.optim.pose_steps_per_batch < 0:
         raise bad(f"optim.pose_steps_per_batch must be >= 0, got {c.optim.pose_steps_per_batch}")
     if c.schedule.epochs < 1:
@@ -450,6 +473,7 @@ def build_config(
     ``schedule.method`` ``amortized`` or ``cryoai`` replaces the preset's ``switch_epoch`` by
     ``epochs`` and its ``search_epochs`` by 0 (they never switch), and ``cryoai`` its
     ``num_heads`` by 1; an override that contradicts this raises :class:`InputError`.
+    A preset's ``search_min_epochs`` above the resulting ``search_epochs`` becomes None.
     """
     merged: dict[str, dict[str, Any]] = {}
     if preset is not None:
@@ -460,7 +484,23 @@ def build_config(
             if value is not None:
                 merged.setdefault(section, {})[key] = value
     _apply_method(merged, overrides or {})
+    _drop_unreachable_search_minimum(merged, overrides or {})
     return config_from_dict(merged, where="command line")
+
+
+def _drop_unreachable_search_minimum(merged: dict[str, dict[str, Any]],
+                                     overrides: dict[str, Any]) -> None:
+    """In place on ``merged``: a preset's ``search_min_epochs`` above the ``search_epochs`` in
+    effect (``--search-epochs 1`` with the default preset's 4; an amortized method's 0) becomes
+    None, since no early stop can happen before the search ends anyway; one given in
+    ``overrides`` is left for the validation to reject."""
+    schedule = merged.setdefault("schedule", {})
+    low = schedule.get("search_min_epochs")
+    if (overrides.get("schedule") or {}).get("search_min_epochs") is not None:
+        return
+    search = schedule.get("search_epochs", ScheduleConfig.search_epochs)
+    if isinstance(low, int) and isinstance(search, int) and low > search:
+        schedule["search_min_epochs"] = None
 
 
 def _apply_method(merged: dict[str, dict[str, Any]], overrides: dict[str, Any]) -> None:

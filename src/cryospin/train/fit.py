@@ -11,7 +11,11 @@
    :func:`~cryospin.train.autodecode.autodecode_epoch`; its first ``schedule.search_epochs``
    epochs start each batch with a global rotation search
    (:class:`~cryospin.train.autodecode.RotationSearch`) on a low-frequency disc whose radius
-   grows from ``optim.search_radius_px`` to ``optim.search_radius_end_px``.
+   grows from ``optim.search_radius_px`` to ``optim.search_radius_end_px``. With
+   ``schedule.search_min_epochs`` the search stops early, after a search epoch in which fewer
+   than ``schedule.search_stop_fraction`` of the particles jumped; the local epochs then follow
+   at once and the run ends sooner (:mod:`cryospin.train.schedule`; the stop is kept in the
+   checkpoint for ``--resume`` and logged in ``metrics.jsonl``).
 
 Stage 1 may use frequency marching: the loss disc grows from
 ``schedule.loss_radius_start_px`` to ``schedule.loss_radius_end_px`` over the stage-1 steps
@@ -54,7 +58,7 @@ from cryospin import __version__
 from cryospin.atomic import remove_stale_temporaries
 from cryospin.cpus import available_cpus, default_cpu_threads
 from cryospin.errors import InputError, OutputError, Terminated
-from cryospin.train.autodecode import RotationSearch, autodecode_epoch
+from cryospin.train.autodecode import JUMP_THRESHOLD_DEG, RotationSearch, autodecode_epoch
 from cryospin.train.autoencode import (
     EpochStats,
     autoencode_epoch,
@@ -86,6 +90,7 @@ from cryospin.train.distributed import (
     wrap_encoder,
 )
 from cryospin.train.metrics import EpochMetrics, append_metrics, truncate_metrics
+from cryospin.train.schedule import decay_fraction, final_epoch, is_search_epoch, search_stops
 from cryospin.train.track import PoseTracker
 
 __all__ = [
@@ -414,6 +419,7 @@ def _fit(
     pose_table = None
     epochs_done = 0
     elapsed_before = 0.0
+    search_stopped_after: int | None = None  # the global search's early stop (train/schedule)
 
     if state is not None:
         stage, epochs_done = state["stage"], int(state["epoch"])
@@ -429,6 +435,7 @@ def _fit(
             decoder_opt.load_state_dict(state["optimizers"]["decoder"])
         restore_rng_state(state["rng"], generator)
         elapsed_before = float(state.get("extra", {}).get("elapsed_s", 0.0))
+        search_stopped_after = state.get("extra", {}).get("search_stopped_after")  # old: None
         if main:
             truncate_metrics(files.metrics, epochs_done)
         logger.info("resuming %s after epoch %d (%s)", files.dir, epochs_done, stage)
@@ -442,12 +449,17 @@ def _fit(
     )
 
     n = len(data)
-    last = E if stop_after is None else min(E, max(stop_after, epochs_done))
+    end = final_epoch(config.schedule, search_stopped_after)  # E, less after an early stop
+    last = end if stop_after is None else min(end, max(stop_after, epochs_done))
+    resumed_after = epochs_done
     bar = _progress_bar(config, (last - epochs_done) * n, "cryospin", enabled=main)
     t_start = time.perf_counter()
     try:
         for epoch in range(epochs_done + 1, last + 1):
+            if epoch > last:  # the global search stopped early: the run ends sooner
+                break
             switch_info: dict[str, Any] = {}
+            search_stop: dict[str, Any] = {}
             # -------------------------------------------------------- the switch
             if stage == AUTOENCODE and epoch > K:
                 pose_table, switch_info = _switch(config, encoder, volume, data, shard)
@@ -456,7 +468,7 @@ def _fit(
                 stage = AUTODECODE
                 return_free_memory()  # the encoder and its optimiser are gone
 
-            bar.set_description(f"epoch {epoch}/{E} {stage}")
+            bar.set_description(f"epoch {epoch}/{end} {stage}")
 
             def tick(images: int, loss: float) -> None:
                 bar.update(images)
@@ -474,9 +486,12 @@ def _fit(
                 )
             else:
                 for group in decoder_opt.param_groups:
-                    group["lr"] = stage2_decoder_lr(config, epoch)
-                pose_table.lr_rot, pose_table.lr_shift = stage2_pose_lrs(config, epoch)
-                search = _rotation_search(config, data, epoch - K)
+                    group["lr"] = stage2_decoder_lr(config, epoch, search_stopped_after)
+                pose_table.lr_rot, pose_table.lr_shift = stage2_pose_lrs(
+                    config, epoch, search_stopped_after)
+                search = (_rotation_search(config, data, epoch - K)
+                          if is_search_epoch(config.schedule, epoch, search_stopped_after)
+                          else None)
                 stats = autodecode_epoch(
                     volume, pose_table, data, decoder_opt,
                     batch_size=config.optim.batch_size,
@@ -485,6 +500,15 @@ def _fit(
                     generator=generator, epoch=epoch, progress=tick, search=search,
                     shard=shard, anchor_frame=config.optim.anchor_pose_frame,
                 )
+                # the search is done when few particles still jump (same on every rank)
+                if (search is not None and search_stopped_after is None
+                        and search_stops(config.schedule, epoch, stats.jump_fraction)):
+                    search_stopped_after = epoch
+                    end = final_epoch(config.schedule, search_stopped_after)
+                    last = min(last, end)
+                    bar.total = (last - resumed_after) * n
+                    bar.refresh()
+                    search_stop = _search_stop_record(config, epoch, stats, end)
             wall = time.perf_counter() - t0
             elapsed = elapsed_before + (time.perf_counter() - t_start)
             # the full pose table (distributed: every rank's rows, gathered to rank 0)
@@ -504,14 +528,19 @@ def _fit(
                     files, config, data, volume, encoder, full_table, encoder_opt,
                     decoder_opt, generator, epoch=epoch, stage=stage, stats=stats, wall_s=wall,
                     elapsed_s=elapsed, switch_info=switch_info,
+                    search_stopped_after=search_stopped_after, search_stop=search_stop,
                 )
             epochs_done = epoch
             logger.info(
-                "epoch %d/%d %s: loss %.6g, %.1f images/s%s", epoch, E, stage, stats.loss,
+                "epoch %d/%d %s: loss %.6g, %.1f images/s%s%s", epoch, end, stage, stats.loss,
                 stats.num_images / wall if wall > 0 else float("nan"),
                 f", pose change {stats.mean_pose_change_deg:.3g} deg"
                 if stats.mean_pose_change_deg is not None else "",
+                f", {100 * stats.jump_fraction:.1f} % jumped > {JUMP_THRESHOLD_DEG:g} deg"
+                if stats.jump_fraction is not None else "",
             )
+            if search_stop:
+                _log_search_stop(search_stop["search_stop"])
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (cryospin.cli.main's handler)
         raise TrainingInterrupted(files.dir, epochs_done,
                                   terminated=isinstance(exc, Terminated)) from None
@@ -520,7 +549,7 @@ def _fit(
     finally:
         bar.close()
 
-    if epochs_done < E:
+    if epochs_done < end:
         return FitResult(files.dir, epochs_done, stage, finished=False)
 
     # ------------------------------------------------------------------ final outputs
@@ -577,37 +606,59 @@ def _radius_schedule(
     return radius
 
 
-def _stage2_decay(config: Config, epoch: int, start: float, final: float | None) -> float:
+def _stage2_decay(config: Config, epoch: int, start: float, final: float | None,
+                  search_stopped_after: int | None) -> float:
     """``start`` up to the last search epoch, then geometric decay to ``final`` (None: constant)
-    reached at the last epoch."""
-    s = config.schedule
+    reached at the last epoch (both earlier after an early stop of the search:
+    :func:`cryospin.train.schedule.decay_fraction`)."""
     if final is None:
         return start
-    first = s.switch_epoch + s.search_epochs  # last epoch at the full rate
-    span = s.epochs - first
-    if span <= 0 or epoch <= first:
+    frac = decay_fraction(config.schedule, epoch, search_stopped_after)
+    if frac == 0.0:
         return start
-    frac = min((epoch - first) / span, 1.0)
     return start * (final / start) ** frac
 
 
-def stage2_decoder_lr(config: Config, epoch: int) -> float:
+def stage2_decoder_lr(config: Config, epoch: int,
+                      search_stopped_after: int | None = None) -> float:
     """Volume learning rate of stage-2 epoch ``epoch`` (pure; see ``optim.decoder_lr_final``).
 
     Constant ``decoder_lr_after_switch`` up to the last search epoch, then geometric decay
-    reaching ``decoder_lr_final`` at the last epoch.
+    reaching ``decoder_lr_final`` at the last epoch; ``search_stopped_after``: the epoch after
+    which the global search stopped early (None: it did not), which moves both earlier.
     """
     o = config.optim
-    return _stage2_decay(config, epoch, o.decoder_lr_after_switch, o.decoder_lr_final)
+    return _stage2_decay(config, epoch, o.decoder_lr_after_switch, o.decoder_lr_final,
+                         search_stopped_after)
 
 
-def stage2_pose_lrs(config: Config, epoch: int) -> tuple[float, float]:
+def stage2_pose_lrs(config: Config, epoch: int,
+                    search_stopped_after: int | None = None) -> tuple[float, float]:
     """(rotation, shift) learning rates of stage-2 epoch ``epoch`` (pure; see
-    ``optim.pose_lr_final``): the rotation rate decays like the volume's, the shift rate by the
-    same factor."""
+    ``optim.pose_lr_final``): the rotation rate decays like the volume's (also after an early
+    stop of the search), the shift rate by the same factor."""
     o = config.optim
-    rot = _stage2_decay(config, epoch, o.pose_lr, o.pose_lr_final)
+    rot = _stage2_decay(config, epoch, o.pose_lr, o.pose_lr_final, search_stopped_after)
     return rot, o.shift_lr * (rot / o.pose_lr)
+
+
+def _search_stop_record(config: Config, epoch: int, stats: EpochStats,
+                        end: int) -> dict[str, Any]:
+    """The ``metrics.jsonl`` record (``extra``) of the global search's early stop after
+    ``epoch``, the run now ending at ``end``."""
+    return {"search_stop": {"after_epoch": epoch,
+                            "jump_fraction": float(stats.jump_fraction or 0.0),
+                            "threshold_deg": JUMP_THRESHOLD_DEG,
+                            "stop_fraction": config.schedule.search_stop_fraction,
+                            "local_epochs": end - epoch}}
+
+
+def _log_search_stop(record: dict[str, Any]) -> None:
+    """One INFO line for a :func:`_search_stop_record`."""
+    logger.info("global search done after epoch %d: %.1f %% of particles jumped > %g deg "
+                "(< %g %%); %d local epochs follow", record["after_epoch"],
+                100 * record["jump_fraction"], record["threshold_deg"],
+                100 * record["stop_fraction"], record["local_epochs"])
 
 
 def _rotation_search(config: Config, data: TrainingData, stage2_epoch: int) -> Any:
@@ -654,10 +705,14 @@ def _check_resume_config(config: Config, state: dict[str, Any], path: Path) -> N
             f"({', '.join(diffs)}); only --epochs and --device may change on resume",
             path,
         )
-    if int(state["epoch"]) > config.schedule.epochs:
+    stopped = state.get("extra", {}).get("search_stopped_after")
+    if int(state["epoch"]) > final_epoch(config.schedule, stopped):
         raise InputError(
             f"the checkpoint is at epoch {state['epoch']}, beyond --epochs "
-            f"{config.schedule.epochs}", path,
+            f"{config.schedule.epochs}" + ("" if stopped is None else
+                                         f" (last epoch {final_epoch(config.schedule, stopped)}"
+                                         f": the global search stopped after epoch {stopped})"),
+            path,
         )
 
 
@@ -731,6 +786,8 @@ def _end_of_epoch(
     wall_s: float,
     elapsed_s: float,
     switch_info: dict[str, Any],
+    search_stopped_after: int | None = None,
+    search_stop: dict[str, Any] | None = None,
 ) -> None:
     """map.NNN.mrc, a metrics line, then the checkpoint (the commit point of the epoch)."""
     from cryospin.io.mrc import write_map
@@ -757,7 +814,8 @@ def _end_of_epoch(
             decoder_lr=float(decoder_opt.param_groups[0]["lr"]),
             pose_lr=None if pose_table is None else float(pose_table.lr_rot),
             elapsed_s=elapsed_s,
-            extra=switch_info,
+            jump_fraction=stats.jump_fraction,
+            extra={**switch_info, **(search_stop or {})},
         ),
     )
     optimizers = {"decoder": decoder_opt.state_dict()}
@@ -776,7 +834,7 @@ def _end_of_epoch(
             "optimizers": optimizers,
             "rng": capture_rng_state(generator),
             "data": data.summary(),
-            "extra": {"elapsed_s": elapsed_s},
+            "extra": {"elapsed_s": elapsed_s, "search_stopped_after": search_stopped_after},
         },
     )
 

@@ -45,7 +45,8 @@ from cryospin.cpus import available_cpus, default_cpu_threads
 from cryospin.errors import CryospinError, InputError, OutputError
 from cryospin.evaluate.align import AlignResult
 from cryospin.evaluate.gold_standard import GoldStandardFSC
-from cryospin.train.config import Config, read_config_argv, save_config
+from cryospin.train.config import Config, ScheduleConfig, read_config_argv, save_config
+from cryospin.train.schedule import final_epoch
 
 __all__ = [
     "HALF_NAMES",
@@ -225,17 +226,19 @@ def _original_indices(config: Config, local: np.ndarray) -> np.ndarray:
     return load_indices(config.input.ind)[local]
 
 
-def _half_status(half_dir: Path, epochs: int) -> tuple[str, int]:
-    """``("new" | "partial" | "finished", epochs done)`` of a half's run folder."""
+def _half_status(half_dir: Path, schedule: ScheduleConfig) -> tuple[str, int]:
+    """``("new" | "partial" | "finished", epochs done)`` of a half's run folder (finished at
+    ``schedule.epochs``, or earlier when its global search stopped early)."""
     from cryospin.train.fit import RunFiles
-    from cryospin.train.metrics import read_metrics
+    from cryospin.train.metrics import read_metrics, search_stopped_after
 
     f = RunFiles(half_dir)
     if not f.checkpoint.is_file():
         return "new", 0
     rows = read_metrics(f.metrics)
     done = int(rows[-1].get("epoch", 0)) if rows else 0
-    if (done >= epochs and f.map.is_file() and f.star.is_file()
+    last = final_epoch(schedule, search_stopped_after(rows))
+    if (done >= last and f.map.is_file() and f.star.is_file()
             and f.map.stat().st_mtime >= f.checkpoint.stat().st_mtime):
         return "finished", done
     return "partial", done
@@ -288,13 +291,12 @@ def fit_halves(
     if min(sizes) < 2:
         raise InputError(f"each half needs at least 2 particles, got {sizes[0]} and {sizes[1]}",
                          particles.source)
-    E = config.schedule.epochs
     done: list[int] = []
     finished = True
     for which in (1, 2):
         half_dir = files.half_dir(which)
         local = np.flatnonzero(half == which)
-        status, epochs_done = _half_status(half_dir, E)
+        status, epochs_done = _half_status(half_dir, config.schedule)
         if status == "finished":
             log.info("%s is finished (%d epochs)", half_dir.name, epochs_done)
             done.append(epochs_done)

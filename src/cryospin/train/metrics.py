@@ -6,8 +6,12 @@ Fields of a line (all stages): ``epoch`` (from 1), ``stage`` (``"autoencode"`` |
 (fraction of images won by each head: stage 1 over the epoch; at the switch, over the inference
 pass; otherwise None), ``mean_pose_change_deg`` (stage 2: mean geodesic change of the pose of
 each visited particle during the epoch; None in stage 1), ``mean_shift_change_px`` (stage 2 with
-shifts), ``decoder_lr``, ``pose_lr`` (stage 2's rotation learning rate) and ``elapsed_s``
-(since the start of the run, including resumed parts).
+shifts), ``decoder_lr``, ``pose_lr`` (stage 2's rotation learning rate), ``elapsed_s``
+(since the start of the run, including resumed parts) and ``jump_fraction`` (stage 2: fraction
+of the visited particles whose rotation moved by more than
+``cryospin.train.autodecode.JUMP_THRESHOLD_DEG`` during the epoch; absent from files written
+before it existed). ``extra`` holds ``"switch"`` (the switch's epoch) and ``"search_stop"`` (the
+epoch after which the global search stopped early; :func:`search_stopped_after`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "append_metrics",
     "read_metrics",
     "truncate_metrics",
+    "search_stopped_after",
 ]
 
 
@@ -54,6 +59,7 @@ class EpochMetrics:
     decoder_lr: float | None = None
     pose_lr: float | None = None
     elapsed_s: float | None = None
+    jump_fraction: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -110,6 +116,17 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             raise InputError(f"line {number} is not JSON", path) from None
     return rows
+
+
+def search_stopped_after(rows: Iterable[Mapping[str, Any]]) -> int | None:
+    """The epoch after which the global search stopped early, from :func:`read_metrics` rows
+    (the ``extra["search_stop"]`` of that epoch's line), or None when it did not (or the file
+    predates early stopping)."""
+    for row in rows:
+        stop = (row.get("extra") or {}).get("search_stop")
+        if isinstance(stop, dict) and stop.get("after_epoch") is not None:
+            return int(stop["after_epoch"])
+    return None
 
 
 def truncate_metrics(path: str | Path, last_epoch: int) -> None:

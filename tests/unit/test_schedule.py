@@ -1,0 +1,223 @@
+"""The global search's early stop: the pure epoch plan (cryospin.train.schedule), the
+learning-rate decay it moves, its configuration and flags, and the jump fraction it reads."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from cryospin.errors import InputError
+from cryospin.train.config import ScheduleConfig, build_config
+from cryospin.train.fit import stage2_decoder_lr, stage2_pose_lrs
+from cryospin.train.schedule import (
+    decay_fraction,
+    final_epoch,
+    is_search_epoch,
+    last_search_epoch,
+    search_stops,
+)
+
+# the default preset's shape: 1 stage-1 epoch, up to 8 search epochs, 3 local epochs
+SCHEDULE = ScheduleConfig(epochs=12, switch_epoch=1, search_epochs=8, search_min_epochs=4,
+                          search_stop_fraction=0.02)
+
+
+def _config(schedule: ScheduleConfig = SCHEDULE):
+    config = build_config("default", {"optim": {"decoder_lr_after_switch": 0.02,
+                                                "decoder_lr_final": 0.002, "pose_lr": 0.05,
+                                                "shift_lr": 0.1, "pose_lr_final": 0.005}})
+    return dataclasses.replace(config, schedule=schedule)
+
+
+def _old_stage2_decay(s: ScheduleConfig, epoch: int, start: float, final: float | None) -> float:
+    """The decay before the early stop existed (cryospin 0.1), verbatim."""
+    if final is None:
+        return start
+    first = s.switch_epoch + s.search_epochs
+    span = s.epochs - first
+    if span <= 0 or epoch <= first:
+        return start
+    frac = min((epoch - first) / span, 1.0)
+    return start * (final / start) ** frac
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def test_an_early_stop_skips_the_remaining_search_epochs_and_keeps_the_local_ones():
+    assert (last_search_epoch(SCHEDULE, None), final_epoch(SCHEDULE, None)) == (9, 12)
+    assert (last_search_epoch(SCHEDULE, 6), final_epoch(SCHEDULE, 6)) == (6, 9)
+    assert [e for e in range(1, 13) if is_search_epoch(SCHEDULE, e, None)] == list(range(2, 10))
+    assert [e for e in range(1, 13) if is_search_epoch(SCHEDULE, e, 6)] == [2, 3, 4, 5, 6]
+    # epochs short of the search: no local epochs, the run ends with the stop
+    short = dataclasses.replace(SCHEDULE, epochs=7)
+    assert final_epoch(short, None) == 7 and final_epoch(short, 5) == 5
+
+
+def test_the_search_never_stops_before_its_minimum_nor_at_its_last_epoch():
+    # search epoch s is epoch 1 + s; min 4: the first possible stop is after epoch 5
+    assert [e for e in range(2, 10) if search_stops(SCHEDULE, e, 0.0)] == [5, 6, 7, 8]
+    assert search_stops(SCHEDULE, 5, 0.0199) and not search_stops(SCHEDULE, 5, 0.02)  # strict
+    assert not search_stops(SCHEDULE, 5, None) and not search_stops(SCHEDULE, 5, math.nan)
+    off = dataclasses.replace(SCHEDULE, search_min_epochs=None)
+    assert not any(search_stops(off, e, 0.0) for e in range(1, 13))
+    never = dataclasses.replace(SCHEDULE, search_stop_fraction=0.0)
+    assert not any(search_stops(never, e, 0.0) for e in range(1, 13))
+
+
+def test_without_an_early_stop_the_learning_rates_are_bit_identical_to_the_old_decay():
+    o = _config().optim
+    for schedule in (SCHEDULE, dataclasses.replace(SCHEDULE, search_min_epochs=None),
+                     ScheduleConfig(epochs=10, switch_epoch=2, search_epochs=4),
+                     ScheduleConfig(epochs=5, switch_epoch=1, search_epochs=8),
+                     ScheduleConfig(epochs=6, switch_epoch=0, search_epochs=0)):
+        config = _config(schedule)
+        for epoch in range(schedule.switch_epoch + 1, schedule.epochs + 3):
+            assert stage2_decoder_lr(config, epoch) == _old_stage2_decay(
+                schedule, epoch, o.decoder_lr_after_switch, o.decoder_lr_final)
+            assert stage2_decoder_lr(config, epoch, None) == stage2_decoder_lr(config, epoch)
+            rot, shift = stage2_pose_lrs(config, epoch)
+            old = _old_stage2_decay(schedule, epoch, o.pose_lr, o.pose_lr_final)
+            assert rot == old and shift == o.shift_lr * (old / o.pose_lr)
+
+
+def test_after_an_early_stop_the_decay_starts_after_the_last_search_epoch_and_ends_at_the_last():
+    config = _config()
+    stopped = [stage2_decoder_lr(config, e, 6) for e in range(2, 10)]  # epochs 2 .. 9
+    assert stopped[:5] == [0.02] * 5  # search epochs 2 .. 6 at the full rate
+    assert stopped[-1] == pytest.approx(0.002)  # the final rate at the new last epoch, 9
+    assert all(a > b for a, b in zip(stopped[4:], stopped[5:], strict=False))
+    # the same curve as without the stop, 3 epochs earlier
+    assert stopped[5:] == [stage2_decoder_lr(config, e) for e in (10, 11, 12)]
+    assert [stage2_pose_lrs(config, e, 6) for e in (7, 8, 9)] == [
+        stage2_pose_lrs(config, e) for e in (10, 11, 12)]
+    assert decay_fraction(SCHEDULE, 6, 6) == 0.0 and decay_fraction(SCHEDULE, 9, 6) == 1.0
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_early_stop_settings_are_validated_with_clear_messages():
+    with pytest.raises(InputError, match=r"search_min_epochs must be between 1 and "
+                                         r"schedule.search_epochs \(3\), got 5"):
+        build_config("default", {"schedule": {"search_epochs": 3, "search_min_epochs": 5}})
+    with pytest.raises(InputError, match="search_min_epochs must be between 1"):
+        build_config("default", {"schedule": {"search_min_epochs": 0}})
+    for bad in (-0.1, 1.5):
+        with pytest.raises(InputError, match=r"search_stop_fraction must be in \[0, 1\]"):
+            build_config("default", {"schedule": {"search_stop_fraction": bad}})
+    assert build_config("default", {"schedule": {"search_stop_fraction": 1}}).schedule \
+        .search_stop_fraction == 1.0
+
+
+def test_presets_and_the_preset_minimum_above_a_shorter_search():
+    default = build_config("default").schedule
+    assert (default.search_epochs, default.search_min_epochs,
+            default.search_stop_fraction) == (8, 4, 0.02)
+    # a command line's shorter search drops the preset's minimum (no early stop possible)
+    assert build_config("default", {"schedule": {"search_epochs": 2}}).schedule \
+        .search_min_epochs is None
+    assert build_config("default", {"schedule": {"search_epochs": 6}}).schedule \
+        .search_min_epochs == 4
+    amortized = build_config("default", {"schedule": {"method": "amortized"}}).schedule
+    assert (amortized.search_epochs, amortized.search_min_epochs) == (0, None)
+    for name in ("paper-synthetic", "paper-real"):  # no search, nothing to stop
+        s = build_config(name).schedule
+        assert (s.search_epochs, s.search_min_epochs) == (0, None)
+    assert ScheduleConfig().search_min_epochs is None  # built-in default: no early stop
+
+
+def test_early_stop_flags_reach_the_config():
+    from cryospin.cli import reconstruct as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_args(parser)
+    args = parser.parse_args(["p.star", "-o", "run", "--search-min-epochs", "2",
+                              "--search-stop-fraction", "0.05"])
+    s = build_config("default", cli._overrides(args)).schedule
+    assert (s.search_epochs, s.search_min_epochs, s.search_stop_fraction) == (8, 2, 0.05)
+
+
+# ----------------------------------------------------------------------------- jump fraction
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """40 simulated particles, 16 px, prepared for training."""
+    from cryospin.io.particles import load_particles
+    from cryospin.simulate import simulate_dataset
+    from cryospin.train.config import DataConfig
+    from cryospin.train.data import prepare_data
+
+    folder = tmp_path_factory.mktemp("sim")
+    simulate_dataset("bundled:6vyb", folder, n_particles=40, box_px=16,
+                     pixel_size_angstrom=16.0, snr=1.0, seed=2)
+    return prepare_data(load_particles(folder / "particles.star"), DataConfig())
+
+
+@pytest.mark.parametrize("moved", [0, 5, 23])
+def test_jump_fraction_counts_the_rows_moved_beyond_the_threshold(data, monkeypatch, moved):
+    """40 particles; ``moved`` of them are turned by 90 deg during the epoch, 7 others by
+    10 deg (local refinement): jump_fraction = moved / 40."""
+    from cryospin.pose import PoseTable
+    from cryospin.rotations import random_rotations, so3_exp
+    from cryospin.train import autodecode
+    from cryospin.volume import HartleyVolume
+
+    g = torch.Generator().manual_seed(0)
+    volume = HartleyVolume.ab_initio(data.box_px, data.radial_amplitude.cpu(), generator=g)
+    table = PoseTable(random_rotations(40, generator=g), None, lr_rot=0.05, lr_shift=0.05)
+    jump = set(range(moved))
+    small = set(range(30, 37))
+    turn_90 = so3_exp(torch.tensor([0.0, 0.0, math.pi / 2]))
+    turn_10 = so3_exp(torch.tensor([math.radians(10.0), 0.0, 0.0]))
+
+    def fake_refine(pose_table, volume_ht, batch, data, **kwargs):
+        rotations = pose_table.rotations
+        for row in batch.indices.tolist():
+            if row in jump:
+                rotations[row] = rotations[row] @ turn_90.to(rotations)
+            elif row in small:
+                rotations[row] = rotations[row] @ turn_10.to(rotations)
+
+    monkeypatch.setattr(autodecode, "refine_poses", fake_refine)
+    optimizer = torch.optim.Adam(volume.parameters(), lr=1e-3)
+    stats = autodecode.autodecode_epoch(
+        volume, table, data, optimizer, batch_size=16, pose_steps=0, refine_shifts=False,
+        generator=torch.Generator().manual_seed(1), epoch=2)
+    assert stats.num_images == 40
+    assert stats.jump_fraction == moved / 40
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def test_metrics_readers_find_the_stop_and_old_files_read_as_not_stopped(tmp_path):
+    from cryospin.train.halves import _half_status
+    from cryospin.train.metrics import (
+        EpochMetrics,
+        append_metrics,
+        read_metrics,
+        search_stopped_after,
+    )
+
+    def line(epoch: int, **extra) -> EpochMetrics:
+        return EpochMetrics(epoch=epoch, stage="autodecode", loss=1.0, num_images=4,
+                            wall_time_s=1.0, images_per_s=4.0, extra=extra)
+
+    half = tmp_path / "half_A"
+    half.mkdir()
+    for epoch in range(1, 10):  # the default schedule, stopped after epoch 6: 9 epochs
+        stop = {"search_stop": {"after_epoch": 6}} if epoch == 6 else {}
+        append_metrics(half / "metrics.jsonl", line(epoch, **stop))
+    (half / "checkpoint.pt").write_bytes(b"")
+    for name in ("map.mrc", "poses.star"):  # written after the checkpoint
+        (half / name).write_bytes(b"")
+    assert search_stopped_after(read_metrics(half / "metrics.jsonl")) == 6
+    assert _half_status(half, SCHEDULE) == ("finished", 9)  # not "partial": 9 < 12 epochs
+    old = [{"epoch": 1, "stage": "autoencode"}, {"epoch": 2, "extra": {"switch": {}}}]
+    assert search_stopped_after(old) is None
