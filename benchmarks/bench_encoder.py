@@ -28,7 +28,7 @@ def _make_step(
     torch.manual_seed(0)
     enc = MultiHeadPoseEncoder(
         box_px, heads, width_multiplier=width, predict_shifts=True, max_shift_px=4.0,
-        use_bf16=use_bf16, batch_norm=batch_norm,
+        autocast_dtype=torch.bfloat16 if use_bf16 else None, batch_norm=batch_norm,
     )
     opt = torch.optim.Adam(enc.parameters(), lr=1e-4)
     images = torch.randn(batch, box_px, box_px, generator=gen)

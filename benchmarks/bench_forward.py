@@ -112,7 +112,8 @@ def _encoder_fn(L: int, B: int, M: int, width: float, *, bf16: bool = True
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     enc = MultiHeadPoseEncoder(L, M, width_multiplier=width, predict_shifts=True,
-                               max_shift_px=4.0, use_bf16=bf16)
+                               max_shift_px=4.0,
+                               autocast_dtype=torch.bfloat16 if bf16 else None)
     opt = torch.optim.Adam(enc.parameters(), lr=1e-4)
     images = torch.randn(B, L, L, generator=g)
     target = torch.linalg.qr(torch.randn(B, 3, 3, generator=g)).Q

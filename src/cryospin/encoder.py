@@ -12,10 +12,13 @@ rotated by 180° in-plane about the box centre (docs/conventions.md, "cryoAI two
 :class:`InPlaneFlipEncoder` wraps an encoder so that the trainer sees ``2M`` hypotheses and keeps
 the best one (winner-take-all), with no special case in the training loop.
 
-Speed: on CPUs with bf16 support the convolutions run about 5x faster in
-``torch.autocast(dtype=torch.bfloat16)`` with ``channels_last`` tensors (``use_bf16=True``, see
-``benchmarks/bench_encoder.py``). The per-image normalisation, the heads and Gram–Schmidt always
-run in float32.
+Speed: the trunk may run under ``torch.autocast`` (``autocast_dtype``) with ``channels_last``
+tensors. On CPUs with native bf16 (AVX512-BF16, AMX) bf16 is 2.9–5x faster than float32; without
+it bf16 is emulated and ~10x *slower* (``benchmarks/bench_encoder.py``), which is why the
+precision is chosen per machine (:mod:`cryospin.train.precision`). The trunk may also see a
+Fourier-cropped copy of the image (``input_box_px``): coarse poses live in the low frequencies,
+and the trunk's cost scales with the square of its box. The per-image normalisation, the heads
+and Gram–Schmidt always run in float32.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from cryospin.forward.resample import fourier_crop_2d
 from cryospin.rotations import (
     geodesic_distance_rad,
     matrix_to_rotation_6d,
@@ -146,9 +150,13 @@ class MultiHeadPoseEncoder(nn.Module):
         Shift bound in pixels (required > 0 when ``predict_shifts``).
     head_hidden : int
         Hidden width of each head's MLP (two hidden layers).
-    use_bf16 : bool
-        Run the trunk under ``torch.autocast(<input device>, dtype=torch.bfloat16)`` with
-        ``channels_last`` tensors. On CUDA devices without bf16 support, leave it False.
+    autocast_dtype : torch.dtype or None
+        Run the trunk under ``torch.autocast(<input device>, dtype=autocast_dtype)`` (bfloat16 or
+        float16) with ``channels_last`` tensors; None runs it in float32. Float16 needs a
+        gradient scaler in training (``torch.amp.GradScaler``).
+    input_box_px : int or None
+        Fourier-crop the images to this box before the trunk (even, ``<= box_px``); None or
+        ``box_px`` feeds them at full size.
     batch_norm : bool
         Batch normalisation after each convolution.
 
@@ -171,7 +179,8 @@ class MultiHeadPoseEncoder(nn.Module):
         predict_shifts: bool = False,
         max_shift_px: float = 0.0,
         head_hidden: int = 256,
-        use_bf16: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+        input_box_px: int | None = None,
         batch_norm: bool = True,
     ) -> None:
         super().__init__()
@@ -182,11 +191,18 @@ class MultiHeadPoseEncoder(nn.Module):
             )
         if predict_shifts and not max_shift_px > 0:
             raise ValueError("predict_shifts needs max_shift_px > 0")
+        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast_dtype must be None, bfloat16 or float16, "
+                             f"got {autocast_dtype}")
+        input_box = int(box_px) if input_box_px is None else int(input_box_px)
+        if not 2 <= input_box <= box_px or (input_box < box_px and input_box % 2):
+            raise ValueError(f"input_box_px must be even and in [2, {box_px}], got {input_box_px}")
         self.box_px = int(box_px)
         self.num_heads = int(num_heads)
         self.predict_shifts = bool(predict_shifts)
         self.max_shift_px = float(max_shift_px)
-        self.use_bf16 = bool(use_bf16)
+        self.autocast_dtype = autocast_dtype
+        self.input_box_px = input_box
 
         self.trunk, feature_dim = _vgg_trunk(width_multiplier, batch_norm)
         self.feature_dim = feature_dim
@@ -196,7 +212,7 @@ class MultiHeadPoseEncoder(nn.Module):
             self.heads.weight3.mul_(self._HEAD_OUT_GAIN)
             self.heads.bias3.zero_()
             self.heads.bias3[:, :6] = matrix_to_rotation_6d(_spread_rotations(num_heads))
-        if self.use_bf16:
+        if self.autocast_dtype is not None:
             self.trunk.to(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> EncoderOutput:
@@ -205,8 +221,8 @@ class MultiHeadPoseEncoder(nn.Module):
         Parameters
         ----------
         images : `(B, L, L)` float32
-            Real-space particle images ``[y, x]``; each is standardised (zero mean, unit
-            standard deviation) inside.
+            Real-space particle images ``[y, x]``; each is Fourier-cropped to
+            ``input_box_px`` and standardised (zero mean, unit standard deviation) inside.
 
         Returns
         -------
@@ -218,12 +234,14 @@ class MultiHeadPoseEncoder(nn.Module):
                 f"expected images (B, {self.box_px}, {self.box_px}), got {tuple(images.shape)}"
             )
         x = images.to(torch.float32)
+        if self.input_box_px < self.box_px:
+            x = fourier_crop_2d(x, self.input_box_px)  # (B, L', L')
         mean = x.mean(dim=(-2, -1), keepdim=True)
         std = x.std(dim=(-2, -1), keepdim=True)
-        x = ((x - mean) / (std + 1e-6)).unsqueeze(1)  # (B, 1, L, L)
-        if self.use_bf16:
+        x = ((x - mean) / (std + 1e-6)).unsqueeze(1)  # (B, 1, L', L')
+        if self.autocast_dtype is not None:
             x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
                 feature = self.trunk(x)  # (B, F)
         else:
             feature = self.trunk(x)  # (B, F)
@@ -236,7 +254,7 @@ class MultiHeadPoseEncoder(nn.Module):
         return (
             f"box_px={self.box_px}, num_heads={self.num_heads}, "
             f"predict_shifts={self.predict_shifts}, max_shift_px={self.max_shift_px}, "
-            f"use_bf16={self.use_bf16}"
+            f"input_box_px={self.input_box_px}, autocast_dtype={self.autocast_dtype}"
         )
 
 
@@ -299,7 +317,7 @@ class InPlaneFlipEncoder(nn.Module):
         self.box_px = encoder.box_px
         self.predict_shifts = encoder.predict_shifts
         self.max_shift_px = encoder.max_shift_px
-        self.use_bf16 = encoder.use_bf16
+        self.autocast_dtype = encoder.autocast_dtype
 
     def forward(self, images: Tensor) -> EncoderOutput:
         """`(B, L, L)` -> rotations `(B, 2M, 3, 3)`, shifts `(B, 2M, 2)` or None."""

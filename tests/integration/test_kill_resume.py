@@ -246,7 +246,7 @@ def test_chain_of_kills_at_every_kind_of_point(particles, reference, tmp_path):
         ("first checkpoint, before torch.save writes",
          {"target": "torch.save", "call": 1, "action": "kill"}, 0),
         ("epoch 1, batch 2 (stage 1; no checkpoint yet)",
-         {"target": "cryospin.train.autoencode.predict_nll", "call": 2, "action": "kill"}, 0),
+         {"target": "cryospin.train.autoencode.winner_nll", "call": 2, "action": "kill"}, 0),
         ("the switch (inference pass, before the pose table exists)",
          {"target": "cryospin.train.fit._switch", "call": 1, "action": "kill"}, 1),
         ("epoch 2, stage-2 pose step 7",

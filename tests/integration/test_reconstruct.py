@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from cryospin.cli.main import main as cli_main
 from cryospin.errors import CryospinError
@@ -82,7 +83,7 @@ def _tiny_config(**changes):
     """Small and fast: 16 px, 3 heads, narrow float32 encoder, one thread."""
     overrides = {
         "model": {"num_heads": 3, "width_multiplier": 0.125, "head_hidden": 32,
-                  "use_bf16": False, "predict_shifts": True, "max_shift_px": 2.0},
+                  "precision": "fp32", "predict_shifts": True, "max_shift_px": 2.0},
         "optim": {"batch_size": 32, "encoder_lr": 1e-3, "search_rotations": 256,
                   "search_radius_px": 3.0},
         "schedule": {"epochs": 3, "switch_epoch": 1},
@@ -231,6 +232,48 @@ def test_ctrl_c_keeps_checkpoint_and_resume_equals_uninterrupted(
     _assert_same_run(uninterrupted.run_dir, run)
 
 
+def test_fp16_encoder_with_loss_scaling_and_cropped_input_resumes_exactly(tiny, tmp_path):
+    """``precision fp16`` (the CUDA fallback) trains with a gradient scaler whose state is
+    checkpointed; ``encoder_box_px`` feeds the trunk 8 px copies of the 16 px images. Stopped
+    in stage 1 and resumed, the run equals the uninterrupted one."""
+    cfg = _tiny_config(model={"precision": "fp16", "encoder_box_px": 8},
+                       schedule={"epochs": 3, "switch_epoch": 2})
+    ref = fit(cfg, _particles(tiny), tmp_path / "ref")
+    assert ref.finished
+    resolved = yaml.safe_load((ref.run_dir / "config.yaml").read_text())["resolved"]
+    assert (resolved["precision"], resolved["encoder_box_px"]) == ("fp16", 8)
+    assert load_config(ref.run_dir / "config.yaml") == cfg
+    run = tmp_path / "run"
+    fit(cfg, _particles(tiny), run, stop_after=1)
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["optimizers"]["grad_scaler"]["scale"] > 0
+    fit(cfg, _particles(tiny), run, resume=True)
+    _assert_same_run(ref.run_dir, run)
+
+
+def test_auto_precision_is_resolved_logged_and_recorded(tiny, tmp_path, caplog):
+    caplog.set_level("INFO")
+    result = fit(_tiny_config(model={"precision": "auto"}, schedule={"epochs": 1}),
+                 _particles(tiny), tmp_path / "run")
+    resolved = yaml.safe_load((result.run_dir / "config.yaml").read_text())["resolved"]
+    assert resolved["precision"] in ("fp32", "bf16")
+    assert resolved["precision_reason"].startswith("auto: ")
+    assert resolved["threads"] == 1 and resolved["cpu_capability"]
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("device "))
+    assert f"precision {resolved['precision']}" in line and "1 threads" in line
+
+
+def test_resume_may_change_the_precision(tiny, tmp_path):
+    """A run may move to another machine: the stage-1 encoder continues in the new precision."""
+    run = tmp_path / "run"
+    fit(_tiny_config(schedule={"switch_epoch": 2}), _particles(tiny), run, stop_after=1)
+    assert yaml.safe_load((run / "config.yaml").read_text())["resolved"]["precision"] == "fp32"
+    done = fit(_tiny_config(model={"precision": "bf16"}, schedule={"switch_epoch": 2}),
+               _particles(tiny), run, resume=True)
+    assert done.finished
+    assert yaml.safe_load((run / "config.yaml").read_text())["resolved"]["precision"] == "bf16"
+
+
 def test_resume_rejects_a_changed_configuration(uninterrupted, tiny):
     changed = _tiny_config(model={"num_heads": 4}, schedule={"epochs": 4})
     with pytest.raises(CryospinError, match="model.num_heads"):
@@ -275,7 +318,7 @@ def test_cli_reconstruct_and_resume(tiny, tmp_path, capsys):
                        "--switch-epoch", "1", *common])
     assert status == 0
     cfg = load_config(run / "config.yaml")
-    assert (cfg.model.num_heads, cfg.model.use_bf16, cfg.run.seed) == (2, False, 5)
+    assert (cfg.model.num_heads, cfg.model.precision, cfg.run.seed) == (2, "fp32", 5)
     assert cfg.input.particles == str((folder / "particles.mrcs").resolve())
 
     # continue to a second epoch (the switch happens now)

@@ -109,7 +109,7 @@ def test_fit_with_box_writes_shifts_in_original_pixels(sim, tmp_path: Path) -> N
     box = 16
     config: Config = build_config("default", {
         "model": {"num_heads": 2, "width_multiplier": 0.125, "predict_shifts": True,
-                  "use_bf16": False},
+                  "precision": "fp32"},
         "schedule": {"epochs": 2, "switch_epoch": 1},
         "optim": {"batch_size": 16, "shift_lr": 0.5},
         "data": {"box_px": box},

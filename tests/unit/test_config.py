@@ -49,11 +49,11 @@ def test_paper_presets_match_the_paper():
 
 def test_precedence_cli_over_preset_over_defaults():
     cfg = build_config(
-        "paper-real", {"model": {"num_heads": 3, "use_bf16": None}, "run": {"seed": 11}}
+        "paper-real", {"model": {"num_heads": 3, "precision": None}, "run": {"seed": 11}}
     )
     assert cfg.model.num_heads == 3  # command line wins
     assert cfg.model.predict_shifts  # preset (default is False)
-    assert cfg.model.use_bf16 is False  # None on the command line = not given -> preset
+    assert cfg.model.precision == "auto"  # None on the command line = not given -> preset
     assert cfg.run.seed == 11
     assert cfg.run.inference_batch_size == Config().run.inference_batch_size  # default
     assert build_config(None).model == ModelConfig()
@@ -94,6 +94,8 @@ def test_config_is_frozen():
         ({"modle": {}}, "unknown section"),
         ({"model": {"num_heads": 2.5}}, "expected an integer"),
         ({"model": {"use_bf16": "yes"}}, "true/false"),
+        ({"model": {"precision": "fp64"}}, "precision"),
+        ({"model": {"encoder_box_px": 31}}, "encoder_box_px"),
         ({"run": {"device": "tpu"}}, "device"),
         ({"schedule": {"method": "fully-amortized"}}, "method"),
         ({"optim": {"decoder_lr": -1}}, "decoder_lr"),
@@ -146,3 +148,23 @@ def test_search_and_schedule_flags_reach_the_config() -> None:
     assert cfg.optim.decoder_lr_final == 0.001
     assert cfg.schedule.loss_radius_start_px == 4.0
     assert cfg.model.encoder_lowpass is True
+
+
+@pytest.mark.parametrize(("use_bf16", "precision"), [(True, "bf16"), (False, "fp32")])
+def test_old_use_bf16_reads_as_precision(tmp_path, use_bf16, precision):
+    """A config.yaml of cryospin <= 0.1.0 (``model.use_bf16``) resumes with the same arithmetic."""
+    path = tmp_path / "config.yaml"
+    doc = config_to_dict(Config())
+    del doc["model"]["precision"]
+    doc["model"]["use_bf16"] = use_bf16
+    path.write_text(yaml.safe_dump(doc))
+    assert load_config(path).model.precision == precision
+
+
+def test_resolved_section_of_config_yaml_is_metadata(tmp_path):
+    path = tmp_path / "config.yaml"
+    save_config(path, Config())
+    doc = yaml.safe_load(path.read_text())
+    doc["resolved"] = {"precision": "fp32", "threads": 2}
+    path.write_text(yaml.safe_dump(doc))
+    assert load_config(path) == Config()

@@ -24,9 +24,9 @@ def _encoder(L: int = 16, m: int = 5, **kwargs: object) -> MultiHeadPoseEncoder:
     return MultiHeadPoseEncoder(L, m, **kwargs)
 
 
-@pytest.mark.parametrize("use_bf16", [False, True])
-def test_output_shapes_so3_and_bounded_shifts(use_bf16: bool) -> None:
-    enc = _encoder(predict_shifts=True, max_shift_px=3.0, use_bf16=use_bf16)
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_output_shapes_so3_and_bounded_shifts(dtype: torch.dtype | None) -> None:
+    enc = _encoder(predict_shifts=True, max_shift_px=3.0, autocast_dtype=dtype)
     out = enc(_images(4, 16))
     assert isinstance(out, EncoderOutput)
     assert out.rotations.shape == (4, 5, 3, 3) and out.rotations.dtype == torch.float32
@@ -91,9 +91,10 @@ def test_gradient_reaches_trunk_and_only_winning_heads() -> None:
         assert (g.abs().sum() > 0) == (m in winners), m
 
 
-def test_bf16_trunk_uses_channels_last_and_is_close_to_float32() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_trunk_uses_channels_last_and_is_close_to_float32(dtype: torch.dtype) -> None:
     enc32 = _encoder(width_multiplier=0.25).eval()
-    enc16 = _encoder(width_multiplier=0.25, use_bf16=True).eval()
+    enc16 = _encoder(width_multiplier=0.25, autocast_dtype=dtype).eval()
     enc16.load_state_dict(enc32.state_dict())
     conv = next(m for m in enc16.trunk if isinstance(m, nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -102,12 +103,40 @@ def test_bf16_trunk_uses_channels_last_and_is_close_to_float32() -> None:
     assert dist.max() < 5.0, dist
 
 
-def test_bf16_training_step_gives_float32_gradients() -> None:
-    enc = _encoder(use_bf16=True, predict_shifts=True, max_shift_px=1.0)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_training_step_gives_float32_gradients_to_every_parameter(
+    dtype: torch.dtype,
+) -> None:
+    enc = _encoder(autocast_dtype=dtype, predict_shifts=True, max_shift_px=1.0)
     out = enc(_images(2, 16))
     (out.rotations.sum() + out.shifts_px.sum()).backward()
     for name, p in enc.named_parameters():
-        assert p.grad is None or p.grad.dtype == torch.float32, name
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert bool(torch.isfinite(p.grad).all()), name
+
+
+def test_input_box_feeds_the_trunk_the_fourier_cropped_image() -> None:
+    """An encoder on 32 px images with a 16 px input box is the 16 px encoder applied to the
+    Fourier-cropped images (same weights: the trunk ends in an adaptive pool)."""
+    from cryospin.forward.resample import fourier_crop_2d
+
+    big = _encoder(L=32, input_box_px=16, predict_shifts=True, max_shift_px=2.0).eval()
+    small = _encoder(L=16, predict_shifts=True, max_shift_px=2.0).eval()
+    small.load_state_dict(big.state_dict())
+    x = _images(3, 32)
+    a, b = big(x), small(fourier_crop_2d(x, 16))
+    torch.testing.assert_close(a.rotations, b.rotations, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.shifts_px, b.shifts_px, rtol=0, atol=1e-5)
+    assert _encoder(L=32, input_box_px=32).input_box_px == 32
+
+
+def test_input_box_and_autocast_dtype_are_checked() -> None:
+    with pytest.raises(ValueError, match="input_box_px"):
+        MultiHeadPoseEncoder(32, 2, input_box_px=15)
+    with pytest.raises(ValueError, match="input_box_px"):
+        MultiHeadPoseEncoder(32, 2, input_box_px=64)
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        MultiHeadPoseEncoder(32, 2, autocast_dtype=torch.float64)
 
 
 def test_rejects_bad_arguments_and_inputs() -> None:

@@ -118,7 +118,7 @@ def _config(switch_epoch: int, particles=None):
     return build_config("default", {
         "input": {"particles": None if particles is None else str(particles.source)},
         "model": {"num_heads": 2, "width_multiplier": 0.125, "head_hidden": 16,
-                  "use_bf16": False},
+                  "precision": "fp32"},
         "optim": {"batch_size": 16, "search_rotations": 64, "search_radius_px": 3.0,
                   "pose_steps_per_batch": 2},
         "schedule": {"epochs": 2, "switch_epoch": switch_epoch, "search_epochs": 0},
@@ -128,7 +128,7 @@ def _config(switch_epoch: int, particles=None):
 
 @pytest.mark.parametrize(
     ("switch_epoch", "module", "function", "what"),
-    [(2, autoencode, "predict_nll", "volume"),  # stage 1: encoder + volume
+    [(2, autoencode, "winner_nll", "volume"),  # stage 1: encoder + volume
      (1, autodecode, "pose_nll", "poses")],  # stage 2: the pose steps
 )
 def test_non_finite_gradient_stops_the_run_and_keeps_the_checkpoint(
@@ -142,7 +142,7 @@ def test_non_finite_gradient_stops_the_run_and_keeps_the_checkpoint(
 
     def finite_loss_nan_gradient(*args, **kwargs):
         out = real(*args, **kwargs)
-        x = args[1]  # volume_ht (predict_nll) or rotations (pose_nll)
+        x = args[1]  # volume_ht (winner_nll) or rotations (pose_nll)
         if isinstance(out, tuple):
             return (out[0] + _nan_gradient(x), *out[1:])
         return out + _nan_gradient(x)

@@ -322,7 +322,7 @@ def _simulated(folder: Path, n: int = 128) -> Path:
 def _tiny_config(data: dict):
     return build_config("default", {
         "model": {"num_heads": 3, "width_multiplier": 0.125, "head_hidden": 32,
-                  "use_bf16": False},
+                  "precision": "fp32"},
         "optim": {"batch_size": 32, "encoder_lr": 1e-3, "search_rotations": 256,
                   "search_radius_px": 3.0},
         "schedule": {"epochs": 3, "switch_epoch": 1, "search_epochs": 1},

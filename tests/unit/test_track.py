@@ -63,7 +63,7 @@ def _dataset(folder: Path) -> Path:
 def _config(**run):
     return build_config("default", {
         "model": {"num_heads": HEADS, "width_multiplier": 0.125, "head_hidden": 16,
-                  "use_bf16": False, "predict_shifts": True, "max_shift_px": 2.0},
+                  "precision": "fp32", "predict_shifts": True, "max_shift_px": 2.0},
         "optim": {"batch_size": 20, "search_rotations": 64, "search_radius_px": 3.0},
         "schedule": {"epochs": 3, "switch_epoch": 1},
         "run": {"device": "cpu", "num_threads": 1, "seed": 4, "progress": False,

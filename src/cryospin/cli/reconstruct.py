@@ -67,8 +67,10 @@ _OVERRIDES = {
     "seed": ("run", "seed"),
     "threads": ("run", "num_threads"),
     "final_map": ("run", "final_map"),
+    "precision": ("model", "precision"),
+    "encoder_box": ("model", "encoder_box_px"),
 }
-_RESUMABLE = {"epochs", "device", "threads", "final_map"}
+_RESUMABLE = {"epochs", "device", "threads", "final_map", "precision"}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +108,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and schedule (default: from the preset)")
     g.add_argument("--heads", type=int, metavar="M", help="number of encoder heads")
     g.add_argument("--width", type=float, metavar="W", help="encoder channel multiplier")
-    g.add_argument("--no-bf16", action="store_true", help="run the encoder in float32")
+    g.add_argument("--encoder-box", type=int, metavar="N",
+                   help="Fourier-crop the encoder's input to N px (even; the decoder and the "
+                        "loss keep the full box): stage 1 costs ~(N/L)^2 of the full size")
     g.add_argument("--shifts", action=argparse.BooleanOptionalAction, default=None,
                    help="estimate in-plane shifts")
     g.add_argument("--max-shift-px", type=float, metavar="PX", help="shift bound, pixels")
@@ -158,6 +162,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads (torch; default: the cores available to the process, "
                         "from its affinity and cgroup CPU quota)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="encoder arithmetic (default auto: bf16 where the CPU/GPU has it and "
+                        "it measures faster, else fp32; fp16 with loss scaling on GPUs "
+                        "without bf16)")
+    g.add_argument("--no-bf16", action="store_true", help="the same as --precision fp32")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--final-map", choices=["backprojection", "decoder"],
                    help="map.mrc = Wiener backprojection from the final poses (default; the "
@@ -176,7 +185,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     for dest, (section, key) in _OVERRIDES.items():
         out.setdefault(section, {})[key] = getattr(args, dest)
     if args.no_bf16:
-        out["model"]["use_bf16"] = False
+        if args.precision not in (None, "fp32"):
+            raise InputError(f"--no-bf16 contradicts --precision {args.precision}")
+        out["model"]["precision"] = "fp32"
     if args.no_progress:
         out.setdefault("run", {})["progress"] = False
     return out
@@ -199,19 +210,21 @@ def main(args: argparse.Namespace) -> int:
         if args.out and Path(args.out).resolve() != run_dir.resolve():
             raise InputError("--resume continues in its own folder; drop -o or make them equal")
         given = {d for d in _OVERRIDES if getattr(args, d) is not None} - _RESUMABLE
-        if given or args.no_bf16:
-            flags = ", ".join("--" + d.replace("_", "-") for d in sorted(given)) or "--no-bf16"
-            raise InputError(f"with --resume only --epochs, --device and --threads may change "
-                             f"(got {flags})")
+        if given:
+            flags = ", ".join("--" + d.replace("_", "-") for d in sorted(given))
+            raise InputError(f"with --resume only --epochs, --device, --threads and "
+                             f"--precision may change (got {flags})")
         if not halves:
             prepare_run_dir(run_dir, resume=True)
         config = load_config(run_dir / "config.yaml")
         run = {k: v for k, v in _overrides(args)["run"].items() if v is not None}
+        precision = _overrides(args)["model"]["precision"] or config.model.precision
         epochs = args.epochs or config.schedule.epochs
         config = dataclasses.replace(
             config,
             schedule=dataclasses.replace(config.schedule, epochs=epochs),
             run=dataclasses.replace(config.run, **run),
+            model=dataclasses.replace(config.model, precision=precision),
         )
         if args.particles:  # the data moved: read it from the new place
             moved = dataclasses.replace(

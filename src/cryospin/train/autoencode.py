@@ -3,8 +3,11 @@
 For a batch of ``B`` images the encoder proposes ``M`` poses per image; the volume renders all
 ``B × M`` predictions in one call (``render`` on `(B, M, 3, 3)` rotations), each is compared with
 the observation by the Gaussian NLL over the loss disc, and only the best head of each image
-contributes to the loss (winner-take-all). One Adam step of the encoder and one of the volume
-follow. :func:`infer_best_poses` is the inference pass at the switch to stage 2.
+contributes to the loss (winner-take-all). Since only the winners carry a gradient, the
+``B × M`` scoring runs without autograd and the ``B`` winners are rendered again with it
+(:func:`winner_nll`: the same loss and gradient, a fraction of the backward pass). One Adam
+step of the encoder and one of the volume follow. :func:`infer_best_poses` is the inference
+pass at the switch to stage 2.
 
 ``M`` is the encoder's number of hypotheses (``encoder.num_heads``): the heads of a
 :class:`~cryospin.encoder.MultiHeadPoseEncoder`, or twice as many for an
@@ -23,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from cryospin.forward.model import render
-from cryospin.losses import gaussian_nll, head_usage, winner_take_all
+from cryospin.losses import gaussian_nll, head_usage
 from cryospin.train.data import (
     Batch,
     LossDisc,
@@ -41,6 +44,7 @@ __all__ = [
     "autoencode_epoch",
     "infer_best_poses",
     "predict_nll",
+    "winner_nll",
     "stage1_loss_radius",
 ]
 
@@ -68,7 +72,6 @@ class EpochStats:
         :data:`cryospin.train.autodecode.JUMP_THRESHOLD_DEG` during the epoch: basin jumps,
         not local refinement (stage 2).
     """
-
 
     loss: float
     num_images: int
@@ -167,6 +170,61 @@ def predict_nll(
     return nll, out.rotations, out.shifts_px
 
 
+def winner_nll(
+    encoder: nn.Module,
+    volume_ht: Tensor,
+    batch: Batch,
+    data: TrainingData,
+    disc: LossDisc | None = None,
+    *,
+    lowpass_input: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """NLL of each image's best head, differentiable, rendering the others without gradients.
+
+    The same value and gradient as ``predict_nll(...)[0].min(dim=1)`` (the gradient of a
+    minimum reaches only its argmin), at a fraction of the cost: all ``B × M`` hypotheses are
+    rendered and scored without building a graph, then only the ``B`` winners are rendered
+    again with one (a stage-1 step renders and backpropagates ``B`` slices instead of
+    ``B × M``).
+
+    Parameters
+    ----------
+    encoder, volume_ht, batch, data, disc, lowpass_input
+        As in :func:`predict_nll`.
+
+    Returns
+    -------
+    nll : `(B,)`
+        The winning head's NLL of every image (gradients to the encoder and the volume).
+    best_head : `(B,)` int64
+        Its index (ties: the lowest).
+    """
+    out = encoder(_encoder_input(batch, disc, lowpass_input))
+    freqs, neg = data.frequencies, data.negation_index
+    if disc is not None:
+        batch = batch.restrict(disc)
+        freqs, neg = disc.frequencies, disc.negation_index
+    ctf = None if batch.ctf is None else batch.ctf[:, None, :]  # (B, 1, P)
+    shifts = out.shifts_px
+    with torch.no_grad():
+        pred = render(volume_ht.detach(), out.rotations.detach(),
+                      None if shifts is None else shifts.detach(), ctf,
+                      frequencies=freqs, negation_index=neg)  # (B, M, P)
+        best = gaussian_nll(pred, batch.hartley, data.noise_variance).argmin(dim=1)  # (B,)
+        del pred
+    rows = torch.arange(best.shape[0], device=best.device)
+    pred_best = render(
+        volume_ht,
+        out.rotations[rows, best][:, None],  # (B, 1, 3, 3)
+        None if shifts is None else shifts[rows, best][:, None],  # (B, 1, 2)
+        ctf,
+        frequencies=freqs,
+        negation_index=neg,
+    )  # (B, 1, P)
+    nll = gaussian_nll(pred_best, batch.hartley, data.noise_variance)[:, 0]  # (B,)
+    return nll, best
+
+
 def autoencode_epoch(
     encoder: nn.Module,
     volume: nn.Module,
@@ -181,6 +239,7 @@ def autoencode_epoch(
     loss_radius: Callable[[int], float | None] | None = None,
     lowpass_input: bool = False,
     shard: Shard | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> EpochStats:
     """One pass over the particles in random order (drawn from ``generator``).
 
@@ -207,13 +266,18 @@ def autoencode_epoch(
         Distributed run: this rank trains on its particles of each global batch, ``encoder``
         is the DDP-wrapped encoder, the volume gradients are averaged over the ranks and the
         returned statistics are those of all ranks.
+    grad_scaler : torch.amp.GradScaler, optional
+        Loss scaling for an fp16 encoder trunk: the objective is scaled before ``backward``,
+        the gradients unscaled before the optimisers step, and a step whose scaled gradients
+        overflowed is skipped (the scaler's job, so no NonFiniteGradientError then).
 
     Raises
     ------
     NonFiniteLossError
         If a batch loss is NaN/Inf (before any parameter is updated with it).
     NonFiniteGradientError
-        If a gradient of the encoder or the volume is NaN/Inf (before the optimiser steps).
+        If a gradient of the encoder or the volume is NaN/Inf (before the optimiser steps;
+        not with ``grad_scaler``).
     """
     encoder.train()
     discs: dict[int, LossDisc] = {}
@@ -230,29 +294,36 @@ def autoencode_epoch(
             if key not in discs:
                 discs[key] = sub_disc(data.frequencies, data.box_px, radius)
             disc = discs[key]
-        nll, _, _ = predict_nll(
+        best_nll, best = winner_nll(
             encoder, volume(), batch, data, disc, lowpass_input=lowpass_input
-        )  # (B, M)
+        )  # (B,), (B,): winner-take-all over the heads
         if shard is None:
-            loss, best = winner_take_all(nll)
+            loss = best_nll.mean()
             objective = loss
         else:  # this rank's share of the global batch mean
-            best_nll, best = nll.min(dim=1)  # (B_r,)
             objective = shard.objective(best_nll, total)
             loss = best_nll.detach().mean() if best_nll.numel() else objective.detach()
         check_finite_loss(objective, STAGE, epoch, b)
         encoder_optimizer.zero_grad(set_to_none=True)
         decoder_optimizer.zero_grad(set_to_none=True)
-        objective.backward()
+        if grad_scaler is None:
+            objective.backward()
+        else:
+            grad_scaler.scale(objective).backward()
         if shard is not None:  # the encoder's gradients are averaged by DDP
             shard.average_gradients(volume.parameters())
-        check_finite_gradients(
-            {"encoder": (p.grad for p in encoder.parameters()),
-             "volume": (p.grad for p in volume.parameters())},
-            STAGE, epoch, b,
-        )
-        encoder_optimizer.step()
-        decoder_optimizer.step()
+        if grad_scaler is None:
+            check_finite_gradients(
+                {"encoder": (p.grad for p in encoder.parameters()),
+                 "volume": (p.grad for p in volume.parameters())},
+                STAGE, epoch, b,
+            )
+            encoder_optimizer.step()
+            decoder_optimizer.step()
+        else:  # a step with overflowed (scaled) gradients is skipped and the scale lowered
+            grad_scaler.step(encoder_optimizer)
+            grad_scaler.step(decoder_optimizer)
+            grad_scaler.update()
         n = int(idx.numel())
         running.add(float(loss.detach()), n)
         wins += head_usage(best.detach().cpu(), num_heads).double() * n

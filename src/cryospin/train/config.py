@@ -42,6 +42,7 @@ __all__ = [
     "save_config",
     "load_config",
     "read_config_argv",
+    "record_resolved",
 ]
 
 Method = Literal["semi-amortized", "amortized", "cryoai"]
@@ -49,8 +50,9 @@ Method = Literal["semi-amortized", "amortized", "cryoai"]
 AMORTIZED_METHODS: tuple[str, ...] = ("amortized", "cryoai")
 Device = Literal["auto", "cpu", "cuda", "mps"]
 FinalMap = Literal["backprojection", "decoder"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
-_META_KEYS = ("cryospin_version", "argv", "resumed_argv")
+_META_KEYS = ("cryospin_version", "argv", "resumed_argv", "resolved")
 
 #: Preset names shipped as ``cryospin/presets/<name>.yaml``.
 PRESETS: tuple[str, ...] = ("default", "paper-synthetic", "paper-real")
@@ -68,8 +70,18 @@ class ModelConfig:
         Channel multiplier of the VGG16-style trunk (1.0 = the paper's widths).
     head_hidden : int
         Hidden width of each head's MLP.
-    use_bf16 : bool
-        Run the encoder trunk in bfloat16 autocast (CPU and CUDA).
+    precision : "auto", "fp32", "bf16" or "fp16"
+        Arithmetic of the encoder trunk (``torch.autocast``; everything else is float32).
+        ``auto`` is resolved per device and machine when the run starts
+        (:func:`cryospin.train.precision.resolve_precision`): on CPU bf16 only where the hardware
+        has it (AVX512-BF16 or AMX) *and* a micro-benchmark of the encoder step measures it
+        faster than float32, else fp32; on CUDA bf16 where supported, else fp16 with a gradient
+        scaler; fp32 on MPS. The choice and its reason are logged and recorded in
+        ``config.yaml`` (``resolved``).
+    encoder_box_px : int or None
+        Fourier-crop the encoder's input to this box (even, pixels of the training box; the
+        decoder and the loss keep the full box). ``None``, or a value ``>=`` the training box:
+        full size.
     predict_shifts : bool
         Also estimate a 2D in-plane shift per particle (heads in stage 1, pose table in stage 2).
     max_shift_px : float
@@ -82,7 +94,8 @@ class ModelConfig:
     num_heads: int = 7
     width_multiplier: float = 0.5
     head_hidden: int = 256
-    use_bf16: bool = True
+    precision: Precision = "auto"
+    encoder_box_px: int | None = None
     predict_shifts: bool = False
     max_shift_px: float = 8.0
     encoder_lowpass: bool = False
@@ -373,6 +386,11 @@ def _validate(c: Config) -> None:
         raise bad(f"model.width_multiplier must be > 0, got {c.model.width_multiplier}")
     if c.model.head_hidden < 1:
         raise bad(f"model.head_hidden must be >= 1, got {c.model.head_hidden}")
+    if c.model.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise bad(f"model.precision must be auto, fp32, bf16 or fp16, got {c.model.precision!r}")
+    box = c.model.encoder_box_px
+    if box is not None and (box < 8 or box % 2):
+        raise bad(f"model.encoder_box_px must be even and >= 8, got {box}")
     if c.model.max_shift_px < 0:
         raise bad(f"model.max_shift_px must be >= 0, got {c.model.max_shift_px}")
     if c.optim.batch_size < 1:
@@ -581,6 +599,21 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise TypeError(f"unsupported annotation {annotation!r}")  # programming error
 
 
+def _migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Fields renamed since a ``config.yaml`` or checkpoint was written: ``model.use_bf16``
+    (cryospin <= 0.1.0) is ``model.precision`` bf16 / fp32 (None: not given)."""
+    model = data.get("model")
+    if not isinstance(model, dict) or "use_bf16" not in model:
+        return data
+    model = dict(model)
+    use_bf16 = model.pop("use_bf16")
+    if use_bf16 is not None and "precision" not in model:
+        if not isinstance(use_bf16, bool):
+            raise InputError(f"{where}: model.use_bf16: expected true/false, got {use_bf16!r}")
+        model["precision"] = "bf16" if use_bf16 else "fp32"
+    return {**data, "model": model}
+
+
 def config_from_dict(data: dict[str, Any], *, where: str = "configuration") -> Config:
     """Build a :class:`Config` from a nested dict; missing fields take their defaults.
 
@@ -588,6 +621,7 @@ def config_from_dict(data: dict[str, Any], *, where: str = "configuration") -> C
     ``where`` (a file name or "command line").
     """
     _check_nested(data, where)
+    data = _migrate(data, where)
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         values = data.get(name, {}) or {}
@@ -647,6 +681,21 @@ def load_config(path: str | Path) -> Config:
         raise InputError("expected a YAML mapping", path)
     data = {k: v for k, v in data.items() if k not in _META_KEYS}
     return config_from_dict(data, where=str(path))
+
+
+def record_resolved(path: str | Path, resolved: dict[str, Any]) -> None:
+    """Add (replace) the ``resolved`` section of a ``config.yaml``: what ``auto`` settings became
+    on this machine (precision and why, device, threads, CPU). Metadata: ignored by
+    :func:`load_config`. Atomic; an unreadable file is left alone."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    if not isinstance(doc, dict):
+        return
+    doc["resolved"] = dict(resolved)
+    atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False, default_flow_style=False))
 
 
 def read_config_argv(path: str | Path) -> tuple[list[str] | None, list[list[str] | None]]:

@@ -57,6 +57,7 @@ import torch
 from cryospin import __version__
 from cryospin.atomic import remove_stale_temporaries
 from cryospin.cpus import available_cpus, default_cpu_threads
+from cryospin.encoder import InPlaneFlipEncoder, MultiHeadPoseEncoder
 from cryospin.errors import InputError, OutputError, Terminated
 from cryospin.train.autodecode import JUMP_THRESHOLD_DEG, RotationSearch, autodecode_epoch
 from cryospin.train.autoencode import (
@@ -77,6 +78,7 @@ from cryospin.train.config import (
     config_from_dict,
     config_to_dict,
     read_config_argv,
+    record_resolved,
     save_config,
 )
 from cryospin.train.data import TrainingData, num_batches, prepare_data
@@ -90,6 +92,13 @@ from cryospin.train.distributed import (
     wrap_encoder,
 )
 from cryospin.train.metrics import EpochMetrics, append_metrics, truncate_metrics
+from cryospin.train.precision import (
+    PrecisionChoice,
+    StepTimes,
+    cpu_model_name,
+    measure_encoder_step,
+    resolve_precision,
+)
 from cryospin.train.schedule import decay_fraction, final_epoch, is_search_epoch, search_stops
 from cryospin.train.track import PoseTracker
 
@@ -246,24 +255,73 @@ def _seed_everything(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def _build_encoder(config: Config, box_px: int, device: torch.device) -> torch.nn.Module:
-    """The stage-1 encoder; for ``method = cryoai`` each head's pose comes with its 180°
-    in-plane partner, so the trainer sees ``2 · num_heads`` hypotheses."""
-    from cryospin.encoder import InPlaneFlipEncoder, MultiHeadPoseEncoder
+def encoder_input_box(config: Config, box_px: int) -> int:
+    """The encoder trunk's box: ``model.encoder_box_px`` when smaller than ``box_px``."""
+    box = config.model.encoder_box_px
+    return box_px if box is None or box >= box_px else int(box)
 
+
+def _build_encoder(
+    config: Config, box_px: int, device: torch.device, dtype: torch.dtype | None
+) -> torch.nn.Module:
+    """The stage-1 encoder (trunk in ``dtype`` autocast, None: float32); for
+    ``method = cryoai`` each head's pose comes with its 180° in-plane partner, so the trainer
+    sees ``2 · num_heads`` hypotheses."""
     m = config.model
-    encoder = MultiHeadPoseEncoder(
+    encoder: torch.nn.Module = MultiHeadPoseEncoder(
         box_px,
         m.num_heads,
         width_multiplier=m.width_multiplier,
         predict_shifts=m.predict_shifts,
         max_shift_px=m.max_shift_px,
         head_hidden=m.head_hidden,
-        use_bf16=m.use_bf16,
+        autocast_dtype=dtype,
+        input_box_px=encoder_input_box(config, box_px),
     )
     if config.schedule.method == "cryoai":
         encoder = InPlaneFlipEncoder(encoder)
     return encoder.to(device)
+
+
+def _choose_precision(
+    config: Config, box_px: int, device: torch.device, shard: Shard | None
+) -> PrecisionChoice:
+    """Resolve ``model.precision`` (micro-benchmark of this run's encoder step on CPU); under
+    torchrun every rank takes the same choice (a split vote falls back to fp32)."""
+    m = config.model
+    shape = {"box_px": box_px, "encoder_box_px": encoder_input_box(config, box_px),
+             "width": m.width_multiplier, "heads": m.num_heads, "hidden": m.head_hidden,
+             "shifts": m.predict_shifts}
+
+    def measure() -> StepTimes:
+        logger.info("timing the encoder step in fp32 and bf16 (once per machine)")
+        return measure_encoder_step(
+            lambda dtype: _build_encoder(config, box_px, torch.device("cpu"), dtype), box_px)
+
+    choice = resolve_precision(m.precision, device, measure=measure, shape=shape)
+    if shard is not None:
+        names = ("fp32", "bf16", "fp16")
+        votes = shard.all_sum(torch.tensor([float(choice.name == n) for n in names]))
+        agreed = [n for n, v in zip(names, votes.tolist(), strict=True)
+                  if v == shard.world_size]
+        if not agreed:
+            choice = PrecisionChoice("fp32", "the ranks chose differently; fp32 on all",
+                                     m.precision)
+    return choice
+
+
+def describe_execution(device: torch.device, choice: PrecisionChoice) -> str:
+    """One line: device (CPU model and kernel capability, or GPU name), precision and why,
+    threads."""
+    if device.type == "cuda":
+        where = f"cuda ({torch.cuda.get_device_name(device)})"
+    elif device.type == "cpu":
+        where = (f"cpu ({cpu_model_name()}, capability "
+                 f"{torch.backends.cpu.get_cpu_capability()})")
+    else:
+        where = device.type
+    return (f"device {where}, precision {choice.name} ({choice.reason}), "
+            f"{torch.get_num_threads()} threads")
 
 
 def _build_pose_table(
@@ -413,8 +471,22 @@ def _fit(
     stage = AUTOENCODE
     if state is not None:
         stage = state["stage"]
-    encoder = _build_encoder(config, data.box_px, device) if stage == AUTOENCODE else None
-    encoder_opt = None if encoder is None else _adam(encoder.parameters(), config.optim.encoder_lr)
+    encoder = encoder_opt = scaler = None
+    if stage == AUTOENCODE:
+        precision = _choose_precision(config, data.box_px, device, shard)
+        logger.info("%s", describe_execution(device, precision))
+        if main:
+            record_resolved(files.config, {
+                "precision": precision.name, "precision_reason": precision.reason,
+                "device": str(device), "threads": torch.get_num_threads(),
+                "cpu": cpu_model_name(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "encoder_box_px": encoder_input_box(config, data.box_px),
+            })
+        encoder = _build_encoder(config, data.box_px, device, precision.dtype)
+        encoder_opt = _adam(encoder.parameters(), config.optim.encoder_lr)
+        if precision.needs_grad_scaler:
+            scaler = torch.amp.GradScaler(device.type)
     decoder_opt = _adam(volume.parameters(), config.optim.decoder_lr)
     pose_table = None
     epochs_done = 0
@@ -427,6 +499,8 @@ def _fit(
         if stage == AUTOENCODE:
             encoder.load_state_dict(state["encoder"])
             encoder_opt.load_state_dict(state["optimizers"]["encoder"])
+            if scaler is not None and "grad_scaler" in state["optimizers"]:
+                scaler.load_state_dict(state["optimizers"]["grad_scaler"])
             decoder_opt.load_state_dict(state["optimizers"]["decoder"])
         else:
             encoder = encoder_opt = None
@@ -463,7 +537,7 @@ def _fit(
             # -------------------------------------------------------- the switch
             if stage == AUTOENCODE and epoch > K:
                 pose_table, switch_info = _switch(config, encoder, volume, data, shard)
-                encoder = encoder_opt = train_encoder = None
+                encoder = encoder_opt = train_encoder = scaler = None
                 decoder_opt = _adam(volume.parameters(), config.optim.decoder_lr_after_switch)
                 stage = AUTODECODE
                 return_free_memory()  # the encoder and its optimiser are gone
@@ -483,6 +557,7 @@ def _fit(
                     batch_size=config.optim.batch_size, generator=generator, epoch=epoch,
                     progress=tick, loss_radius=_radius_schedule(config, data, epoch),
                     lowpass_input=config.model.encoder_lowpass, shard=shard,
+                    grad_scaler=scaler,
                 )
             else:
                 for group in decoder_opt.param_groups:
@@ -526,7 +601,8 @@ def _fit(
             if main:
                 _end_of_epoch(
                     files, config, data, volume, encoder, full_table, encoder_opt,
-                    decoder_opt, generator, epoch=epoch, stage=stage, stats=stats, wall_s=wall,
+                    decoder_opt, generator, grad_scaler=scaler,
+                    epoch=epoch, stage=stage, stats=stats, wall_s=wall,
                     elapsed_s=elapsed, switch_info=switch_info,
                     search_stopped_after=search_stopped_after, search_stop=search_stop,
                 )
@@ -688,12 +764,13 @@ def _final_stage1_radius(config: Config, data: TrainingData) -> float | None:
 
 
 def _check_resume_config(config: Config, state: dict[str, Any], path: Path) -> None:
-    """All but the epochs, device, threads, progress and input paths must match the checkpoint."""
+    """All but the epochs, device, threads, precision, progress and input paths must match the
+    checkpoint (a run may move to another machine)."""
     saved = config_from_dict(state["config"], where=str(path))
     mine, theirs = config_to_dict(config), config_to_dict(saved)
     del mine["input"], theirs["input"]  # the data may have moved
-    for section in ("run", "schedule"):
-        for key in ("device", "num_threads", "progress", "epochs"):
+    for section in ("run", "schedule", "model"):
+        for key in ("device", "num_threads", "progress", "epochs", "precision"):
             mine[section].pop(key, None)
             theirs[section].pop(key, None)
     if mine != theirs:
@@ -702,7 +779,8 @@ def _check_resume_config(config: Config, state: dict[str, Any], path: Path) -> N
         ]
         raise InputError(
             "the configuration differs from the run's checkpoint "
-            f"({', '.join(diffs)}); only --epochs and --device may change on resume",
+            f"({', '.join(diffs)}); only --epochs, --device, --threads and --precision may "
+            "change on resume",
             path,
         )
     stopped = state.get("extra", {}).get("search_stopped_after")
@@ -780,6 +858,7 @@ def _end_of_epoch(
     decoder_opt: Any,
     generator: torch.Generator,
     *,
+    grad_scaler: torch.amp.GradScaler | None = None,
     epoch: int,
     stage: str,
     stats: EpochStats,
@@ -821,6 +900,8 @@ def _end_of_epoch(
     optimizers = {"decoder": decoder_opt.state_dict()}
     if encoder_opt is not None:
         optimizers["encoder"] = encoder_opt.state_dict()
+    if grad_scaler is not None:
+        optimizers["grad_scaler"] = grad_scaler.state_dict()
     save_checkpoint(
         files.checkpoint,
         {
