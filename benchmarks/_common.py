@@ -4,6 +4,7 @@
   resident memory of the child (``os.wait4``), exit on failure.
 * :func:`cryospin_argv` — how to call the ``cryospin`` command line with this interpreter.
 * :func:`read_jsonl` — the lines of a ``metrics.jsonl``.
+* :func:`machine_line` — the CPU and kernel path every speed figure is printed with.
 """
 
 from __future__ import annotations
@@ -17,7 +18,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run", "cryospin_argv", "read_jsonl", "markdown_table"]
+__all__ = ["run", "cryospin_argv", "read_jsonl", "markdown_table", "machine_line"]
+
+
+def machine_line() -> str:
+    """The CPU model, ATen's CPU capability, oneDNN's ISA cap and torch's threads: every speed
+    figure is printed with it (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` gives an
+    AVX2-only machine's path on any CPU)."""
+    import torch
+
+    from cryospin.train.precision import cpu_bf16_support, cpu_model_name
+
+    native, why = cpu_bf16_support()
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "unset")
+    return (f"CPU {cpu_model_name()}, capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"ONEDNN_MAX_CPU_ISA {isa}, native bf16: {'yes' if native else 'no'} ({why}), "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
 def cryospin_argv() -> list[str]:

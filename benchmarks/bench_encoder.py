@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_line  # noqa: E402
 
 from cryospin.encoder import MultiHeadPoseEncoder
 from cryospin.losses import winner_take_all
@@ -60,8 +65,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     print(
-        f"box {args.box_px} px, batch {args.batch}, M = {args.heads}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+        f"box {args.box_px} px, batch {args.batch}, M = {args.heads}; {machine_line()}\n"
     )
     print("| width | batch norm | fp32 (img/s) | bf16 + channels_last (img/s) | speed-up |")
     print("|---:|:---:|---:|---:|---:|")

@@ -36,8 +36,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_line  # noqa: E402
 
 
 def _time(fn: Callable[[], object], repeats: int) -> float:
@@ -185,8 +189,7 @@ def main() -> None:
     boxes = [int(x) for x in args.boxes.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     print(f"M = {args.heads} hypotheses per image, encoder width {args.width:g} (bf16 + "
-          f"channels_last), torch {torch.__version__}, {args.threads} threads, median of "
-          f"{args.repeats}\n")
+          f"channels_last), median of {args.repeats}; {machine_line()}\n")
     base = not args.no_baseline
     kinds = ["ctf", "decoder", "encoder"]
     header = ["L", "B", "CTF (img/s)", "decoder step (img/s)"]

@@ -33,8 +33,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run  # noqa: E402
+from _common import machine_line, run  # noqa: E402
 
 
 def main() -> None:
@@ -83,7 +85,7 @@ def main() -> None:
         "--seed", str(args.seed), "--no-progress", *args.reconstruct_args,
     ], log)
     rows["oracle backproject"] = run(exe + [
-        "backproject", str(data / "particles.star"), "-o", str(oracle)], log)
+        "backproject", str(data / "particles.star"), "-o", str(oracle), "--force"], log)
     run(exe + ["fsc", str(data / "gt.mrc"), str(run_dir / "map.mrc"), "--align",
                 "-o", str(work / "fsc_run.json"), "--plot", str(work / "fsc_run.png")], log)
     run(exe + ["fsc", str(data / "gt.mrc"), str(oracle / "map.mrc"),
@@ -139,9 +141,27 @@ def main() -> None:
               f"{corrected:.2f} Å |")
         print(f"| half-map FSC=0.143 (corrected) / full map vs ground truth FSC=0.5 | "
               f"{corrected / res_run:.3f} (target within 15%) |")
+    resolved = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("resolved", {})
+    if resolved:
+        print(f"| encoder precision (auto: why) | {resolved.get('precision')} "
+              f"({resolved.get('precision_reason')}); encoder box "
+              f"{resolved.get('encoder_box_px')} px |")
     for stage, values in speed.items():
         best = max(values)
         print(f"| images/s, {stage} (best epoch) | {best:.0f} |")
+    switch = [m["extra"]["switch"]["wall_time_s"] for m in metrics
+              if (m.get("extra") or {}).get("switch")]
+    if switch:
+        print(f"| switch inference pass | {switch[0]:.0f} s |")
+    jumps = [f"{100 * m['jump_fraction']:.1f}" for m in metrics
+             if m.get("jump_fraction") is not None]
+    print(f"| epochs run; % of particles jumping > 20° per stage-2 epoch | {len(metrics)}; "
+          f"{' '.join(jumps) or '-'} |")
+    for m in metrics:
+        stop = (m.get("extra") or {}).get("search_stop")
+        if stop:
+            print(f"| global search stopped after epoch | {m['epoch']} |")
+    print(f"| machine | {machine_line()} |")
     for step, (wall, rss) in rows.items():
         print(f"| {step}: wall time, peak RSS | {wall / 60:.1f} min, {rss:.0f} MiB |")
 
