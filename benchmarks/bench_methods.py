@@ -338,7 +338,7 @@ def main() -> None:
         runs.mkdir(parents=True, exist_ok=True)
         oracle_dir = runs / "oracle"
         oracle_step = _step(cryospin_argv() + [
-            "backproject", str(data / "particles.star"), "-o", str(oracle_dir)],
+            "backproject", str(data / "particles.star"), "-o", str(oracle_dir), "--force"],
             oracle_dir, runs / "oracle.step.json", log, args.reuse)
         steps = {m: _reconstruct(m, data, runs, args, log) for m in args.methods}
         plan.append({"name": name, "data": data, "symmetry": symmetry, "runs": runs,

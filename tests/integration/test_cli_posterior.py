@@ -105,6 +105,24 @@ def test_posterior_with_a_smaller_disc_defaults_to_run_folder(tiny_run):
         assert z["log_posterior"].shape == (1, 12)
 
 
+@needs_matplotlib
+def test_posterior_refuses_a_folder_that_holds_files(tiny_run, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["posterior", str(tiny_run), "--particles", "2", "--nside", "1", "--psi-steps", "4",
+            "-o", str(out)]
+    assert cli_main(argv) == 0
+    before = (out / "posterior.npz").read_bytes()
+    capsys.readouterr()
+    other = [*argv[:3], "4", *argv[4:]]  # other particles into the same folder
+    assert cli_main(other) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out}: not empty" in err[0] and "--force" in err[0], err
+    assert (out / "posterior.npz").read_bytes() == before
+    assert not (out / "posterior_4.png").exists()
+    assert cli_main([*other, "--force"]) == 0
+    assert (out / "posterior_4.png").is_file()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--particles", "0,x"], "comma-separated"),
     (["--particles", "99"], "outside 0..31"),

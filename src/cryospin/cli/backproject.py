@@ -1,7 +1,8 @@
 """Reconstruct a map from particles with known poses (Hartley-space backprojection).
 
 Writes OUT_DIR/map.mrc, half_A.mrc, half_B.mrc (voxel size set) and fsc.json (FSC between the
-half maps), and prints the half-map resolution. Poses come from PARTICLES itself (.star/.cs),
+half maps), and prints the half-map resolution. OUT_DIR must be new or empty (--force writes
+into one that holds files). Poses come from PARTICLES itself (.star/.cs),
 or from --poses: a cryoDRGN pose .pkl, or a .star whose rotations and shifts are used (same
 particles, same order). CTF correction uses the particles' CTF or --ctf (cryoDRGN ctf.pkl);
 the Wiener term is estimated from the half-map FSC (see cryospin.backproject). Half sets follow
@@ -23,7 +24,11 @@ from pathlib import Path
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Register the flags of ``cryospin backproject``."""
     parser.add_argument("particles", type=Path, help="particles (.star, .cs, .mrcs or .txt)")
-    parser.add_argument("-o", "--outdir", type=Path, required=True, help="output folder")
+    parser.add_argument("-o", "--outdir", type=Path, required=True,
+                        help="output folder (new or empty; see --force)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a folder that already holds files (files of the same "
+                             "names are replaced, others kept)")
     parser.add_argument("--poses", type=Path, default=None,
                         help="poses: cryoDRGN pose .pkl or a .star with poses")
     parser.add_argument("--ctf", type=Path, default=None, help="cryoDRGN ctf.pkl")
@@ -66,9 +71,11 @@ def main(args: argparse.Namespace) -> int:
     from cryospin.evaluate.fsc import write_fsc_json
     from cryospin.io.mrc import write_map
     from cryospin.io.particles import load_particles
+    from cryospin.runlock import check_output_folder, claim_output_folder, describe_command
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_output_folder(args.outdir, force=args.force)  # before any work; again when writing
     if args.poses is not None and not args.poses.exists():
         raise InputError("file not found", args.poses)
     pose_pkl = args.poses if args.poses is not None and args.poses.suffix == ".pkl" else None
@@ -87,14 +94,15 @@ def main(args: argparse.Namespace) -> int:
         dtype=torch.float32 if args.float32 else torch.float64, progress=True,
     )
     out: Path = args.outdir
-    out.mkdir(parents=True, exist_ok=True)
     apix = particles.pixel_size_angstrom
-    for name, vol in (("map.mrc", res.volume), ("half_A.mrc", res.half_a),
-                      ("half_B.mrc", res.half_b)):
-        write_map(out / name, vol.detach().cpu().float().numpy(), apix)
-    n1 = int((res.half_set == 1).sum())
-    write_fsc_json(res.fsc, out / "fsc.json", particles=str(args.particles),
-                   n_particles=len(particles), half_sizes=[n1, len(particles) - n1])
+    with claim_output_folder(out, force=args.force,
+                             command=describe_command(getattr(args, "argv", None))):
+        for name, vol in (("map.mrc", res.volume), ("half_A.mrc", res.half_a),
+                          ("half_B.mrc", res.half_b)):
+            write_map(out / name, vol.detach().cpu().float().numpy(), apix)
+        n1 = int((res.half_set == 1).sum())
+        write_fsc_json(res.fsc, out / "fsc.json", particles=str(args.particles),
+                       n_particles=len(particles), half_sizes=[n1, len(particles) - n1])
     print(f"backprojected {len(particles)} particles ({particles.box_px} px, {apix:g} Å/px) in "
           f"{time.perf_counter() - t0:.1f} s")
     print(f"  half-map resolution: {res.fsc.resolution(0.5):.2f} Å at FSC 0.5, "

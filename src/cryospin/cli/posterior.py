@@ -7,7 +7,8 @@ training noise variance and loss disc (or --loss-radius). Drawn on an equal-area
 map with, when the particle is in RUN_DIR/pose_track.npz, every encoder head's candidate at the
 last auto-encoding epoch and the particle's path through the auto-decoding epochs; the current
 (final) pose is marked. Writes OUT_DIR/posterior_<index>.png per particle and
-OUT_DIR/posterior.npz (nside, psi_steps, particles, directions, log_posterior, ...).
+OUT_DIR/posterior.npz (nside, psi_steps, particles, directions, log_posterior, ...);
+OUT_DIR must be new or empty (--force writes into one that holds files).
 
 Particles are 0-based indices in the run's particle order; pose_track.npz's `indices` lists
 the tracked ones.
@@ -38,7 +39,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="score on the disc |k| <= PX (cycles per box) only "
                              "(default: the training disc)")
     parser.add_argument("-o", "--output", type=Path, default=None, metavar="OUT_DIR",
-                        help="output folder (default RUN_DIR/posterior)")
+                        help="output folder, new or empty (default RUN_DIR/posterior)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a folder that already holds files (files of the same "
+                             "names are replaced, others kept)")
 
 
 def _parse_indices(text: str) -> list[int]:
@@ -58,10 +62,11 @@ def main(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cryospin.atomic import atomic_path
-    from cryospin.errors import InputError, OutputError
+    from cryospin.errors import InputError
     from cryospin.evaluate.posterior import healpix_vectors, run_posteriors
     from cryospin.io.particles import load_particles
     from cryospin.report import plot_pose_posterior
+    from cryospin.runlock import check_output_folder, claim_output_folder, describe_command
     from cryospin.train.config import load_config
 
     indices = _parse_indices(args.particles)
@@ -70,6 +75,8 @@ def main(args: argparse.Namespace) -> int:
     run_dir = args.run_dir
     if not run_dir.is_dir():
         raise InputError("run folder not found", run_dir)
+    out = args.output if args.output is not None else run_dir / "posterior"
+    check_output_folder(out, force=args.force)  # before any work; again when writing
     config = load_config(run_dir / "config.yaml")
     if config.input.particles is None:
         raise InputError("the run's config.yaml names no particles", run_dir / "config.yaml")
@@ -78,24 +85,21 @@ def main(args: argparse.Namespace) -> int:
                                no_ctf=config.data.no_ctf)
     results = run_posteriors(run_dir, particles, indices, nside=args.nside,
                              psi_steps=args.psi_steps, loss_radius_px=args.loss_radius)
-    out = args.output if args.output is not None else run_dir / "posterior"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create folder ({exc.strerror})", out) from None
-    for r in results:
-        plot_pose_posterior(r, args.nside, out / f"posterior_{r.particle}.png")
     nan_rot = np.full((3, 3), np.nan)
-    with atomic_path(out / "posterior.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(
-            fh, nside=np.int64(args.nside), psi_steps=np.int64(args.psi_steps),
-            particles=np.array([r.particle for r in results], np.int64),
-            directions=healpix_vectors(args.nside),
-            log_posterior=np.stack([r.log_posterior for r in results]),
-            final_rotations=np.stack([nan_rot if r.final_rotation is None
-                                      else r.final_rotation for r in results]),
-            shifts_px=np.stack([r.shift_px for r in results]),
-        )
+    with claim_output_folder(out, force=args.force,
+                             command=describe_command(getattr(args, "argv", None))):
+        for r in results:
+            plot_pose_posterior(r, args.nside, out / f"posterior_{r.particle}.png")
+        with atomic_path(out / "posterior.npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(
+                fh, nside=np.int64(args.nside), psi_steps=np.int64(args.psi_steps),
+                particles=np.array([r.particle for r in results], np.int64),
+                directions=healpix_vectors(args.nside),
+                log_posterior=np.stack([r.log_posterior for r in results]),
+                final_rotations=np.stack([nan_rot if r.final_rotation is None
+                                          else r.final_rotation for r in results]),
+                shifts_px=np.stack([r.shift_px for r in results]),
+            )
     for r in results:
         best = int(np.argmax(r.log_posterior))
         print(f"particle {r.particle}: max posterior {np.exp(r.log_posterior[best]):.3g} "

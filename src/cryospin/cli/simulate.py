@@ -2,8 +2,9 @@
 
 STRUCTURE is a PDB/mmCIF file (.gz ok), an MRC map, or bundled:6vyb (the SARS-CoV-2 spike
 shipped with cryospin). Writes OUTDIR/particles.mrcs, particles.star (RELION 3.1 with the true
-poses, shifts and CTF), gt.mrc, gt_poses.pkl (cryoDRGN) and simulation.json. The SNR is
-var(all pixels of the clean stack) / noise variance (docs/conventions.md, "Simulator SNR").
+poses, shifts and CTF), gt.mrc, gt_poses.pkl (cryoDRGN) and simulation.json; OUTDIR must be
+new or empty (--force writes into one that holds files). The SNR is var(all pixels of the
+clean stack) / noise variance (docs/conventions.md, "Simulator SNR").
 
 Examples::
 
@@ -24,7 +25,11 @@ from pathlib import Path
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Register the flags of ``cryospin simulate``."""
     parser.add_argument("structure", help="PDB/mmCIF/MRC file, or bundled:6vyb")
-    parser.add_argument("-o", "--outdir", type=Path, required=True, help="output folder")
+    parser.add_argument("-o", "--outdir", type=Path, required=True,
+                        help="output folder (new or empty; see --force)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a folder that already holds files (files of the same "
+                             "names are replaced, others kept)")
     parser.add_argument("--n-particles", type=int, required=True, help="number of images")
     parser.add_argument("--box", type=int, required=True, help="box size L, px")
     parser.add_argument("--pixel-size", type=float, required=True, help="pixel size, Å")
@@ -57,22 +62,26 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the simulation and print a summary."""
     from cryospin.errors import InputError
+    from cryospin.runlock import claim_output_folder, describe_command
     from cryospin.simulate import simulate_dataset
 
     if args.chunk < 1:
         raise InputError(f"--chunk must be >= 1, got {args.chunk}")
     t0 = time.perf_counter()
-    ds = simulate_dataset(
-        args.structure, args.outdir, n_particles=args.n_particles, box_px=args.box,
-        pixel_size_angstrom=args.pixel_size, snr=args.snr, seed=args.seed,
-        shift_std_px=args.shift_std_px, apply_ctf=not args.no_ctf,
-        defocus_min_um=args.defocus_min_um, defocus_max_um=args.defocus_max_um,
-        astigmatism_angstrom=args.astigmatism_angstrom, voltage_kv=args.voltage_kv,
-        cs_mm=args.cs_mm, amplitude_contrast=args.amplitude_contrast,
-        resolution_angstrom=args.resolution_angstrom, chunk_size=args.chunk,
-        write_clean=args.write_clean, select=args.select, symmetry=args.symmetry,
-        progress=not args.no_progress,
-    )
+    # a folder that holds files is refused unless --force; one process writes it at a time
+    with claim_output_folder(args.outdir, force=args.force,
+                             command=describe_command(getattr(args, "argv", None))):
+        ds = simulate_dataset(
+            args.structure, args.outdir, n_particles=args.n_particles, box_px=args.box,
+            pixel_size_angstrom=args.pixel_size, snr=args.snr, seed=args.seed,
+            shift_std_px=args.shift_std_px, apply_ctf=not args.no_ctf,
+            defocus_min_um=args.defocus_min_um, defocus_max_um=args.defocus_max_um,
+            astigmatism_angstrom=args.astigmatism_angstrom, voltage_kv=args.voltage_kv,
+            cs_mm=args.cs_mm, amplitude_contrast=args.amplitude_contrast,
+            resolution_angstrom=args.resolution_angstrom, chunk_size=args.chunk,
+            write_clean=args.write_clean, select=args.select, symmetry=args.symmetry,
+            progress=not args.no_progress,
+        )
     print(f"simulated {len(ds.particles)} particles of {ds.box_px} px at "
           f"{ds.pixel_size_angstrom:g} Å/px in {time.perf_counter() - t0:.1f} s")
     print(f"  SNR {ds.snr:g}: clean variance {ds.clean_variance:.6g}, "

@@ -34,6 +34,7 @@ __all__ = [
     "read_header",
     "read_map",
     "write_map",
+    "looks_like_3d_map",
     "ImageStack",
     "open_stack",
     "clear_stack_cache",
@@ -234,6 +235,31 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float]:
             f"using the x size", stacklevel=2,
         )
     return volume, vx
+
+
+def looks_like_3d_map(path: str | Path) -> bool:
+    """Whether the MRC file ``path`` holds a 3D map rather than a stack of particle images.
+
+    The header must say so -- a 3D crystallographic space group (``ISPG`` 1-230; stacks have
+    0) and a cubic grid (``nx = ny = nz``) -- and the data must agree: neighbouring sections
+    around the centre correlate (median Pearson r > 0.5), as slices of a density do and
+    independent particle images do not. The second test keeps a real stack that happens to
+    hold as many images as pixels per side, written with ``ISPG`` 1 as some programs do.
+    Reads the header and five central sections.
+    """
+    info = read_header(path)
+    nz, ny, nx = info.shape_file
+    if not (1 <= info.ispg <= 230 and nx == ny == nz and nz >= 3):
+        return False
+    raw = _raw_memmap(info)
+    mid = nz // 2
+    sections = np.asarray(raw[max(mid - 2, 0):min(mid + 3, nz)], dtype=np.float64)  # (s, Y, X)
+    flat = sections.reshape(sections.shape[0], -1)
+    flat = flat - flat.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(flat, axis=1)
+    r = [float(flat[i] @ flat[i + 1] / (norms[i] * norms[i + 1]))
+         for i in range(flat.shape[0] - 1) if norms[i] > 0 and norms[i + 1] > 0]
+    return bool(r) and float(np.median(r)) > 0.5
 
 
 def write_map(

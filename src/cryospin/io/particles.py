@@ -24,7 +24,7 @@ from torch import Tensor
 
 from cryospin.errors import InputError
 from cryospin.forward.ctf import CTFParams
-from cryospin.io.mrc import open_stack
+from cryospin.io.mrc import looks_like_3d_map, open_stack, read_header
 
 __all__ = [
     "ParticleSet",
@@ -432,6 +432,11 @@ def _read_plain_stacks(path: Path, *, datadir: str | Path | None) -> ParticleSet
                 raise InputError(f"line {k}: stack {p}: {problem}", path) from None
     else:
         stacks = [open_stack(path)]
+    for stack in stacks:  # a map read as a stack would train on its z-sections
+        if looks_like_3d_map(stack.path):
+            raise InputError(f"looks like a 3D map (space group {read_header(stack.path).ispg}, "
+                             f"{stack.box_px}³), not a particle stack; pass the particles' "
+                             ".mrcs/.star", stack.path)
     boxes = {s.box_px for s in stacks}
     if len(boxes) > 1:
         raise InputError(f"stacks have different boxes {sorted(boxes)} px", path)

@@ -24,7 +24,10 @@ Stage 1 may use frequency marching: the loss disc grows from
 After every epoch: ``map.NNN.mrc`` (real-space map, voxel size set), a line of ``metrics.jsonl``,
 ``pose_track.npz`` (:mod:`cryospin.train.track`) and ``checkpoint.pt`` (atomic; the previous
 one survives until the new one is complete). At the end: ``map.mrc``, ``poses.star``
-(RELION 3.1) and ``poses.pkl`` (cryoDRGN). ``config.yaml`` is written at the start.
+(RELION 3.1) and ``poses.pkl`` (cryoDRGN). ``config.yaml`` is written at the start, and
+``particle_set.json``, the particles' identity that ``--resume`` checks
+(:mod:`cryospin.io.identity`). One process at a time writes into a run folder: ``fit`` holds its
+lock, ``RUN_DIR/.cryospin.lock`` (:mod:`cryospin.runlock`; under torchrun rank 0 holds it).
 With ``run.final_map = "backprojection"`` (default) ``map.mrc`` is a CTF-corrected Wiener
 backprojection of the training images from the final poses
 (:func:`final_backprojection`) and the trained volume is kept as ``map_decoder.mrc``: at a fixed
@@ -42,6 +45,7 @@ checkpoint holds the full pose table (resumable with any number of processes).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import sys
@@ -59,6 +63,8 @@ from cryospin.atomic import remove_stale_temporaries
 from cryospin.cpus import available_cpus, default_cpu_threads
 from cryospin.encoder import InPlaneFlipEncoder, MultiHeadPoseEncoder
 from cryospin.errors import InputError, OutputError, Terminated
+from cryospin.io.identity import check_same_particles, particle_set_identity, save_identity
+from cryospin.runlock import describe_command, folder_lock
 from cryospin.train.autodecode import JUMP_THRESHOLD_DEG, RotationSearch, autodecode_epoch
 from cryospin.train.autoencode import (
     EpochStats,
@@ -133,6 +139,7 @@ class RunFiles:
         self.map_decoder = self.dir / "map_decoder.mrc"
         self.star = self.dir / "poses.star"
         self.pkl = self.dir / "poses.pkl"
+        self.particle_set = self.dir / "particle_set.json"  # cryospin.io.identity
 
     def epoch_map(self, epoch: int) -> Path:
         return self.dir / f"map.{epoch:03d}.mrc"
@@ -390,13 +397,36 @@ def fit(
         becomes NaN/Inf (the last good checkpoint is kept).
     OutputError
         When an output cannot be written (disk full, ...); the message names the file, the last
-        complete epoch and the ``--resume`` command (the last good checkpoint is kept).
+        complete epoch and the ``--resume`` command (the last good checkpoint is kept). When
+        another process holds ``run_dir`` (:func:`cryospin.runlock.folder_lock`).
+    InputError
+        On resume, when ``particles`` are not the ones the run started with
+        (:func:`cryospin.io.identity.check_same_particles`), before anything is written.
     TrainingInterrupted
         On Ctrl-C or SIGTERM (the last good checkpoint is kept).
     """
     # ------------------------------------------------------------------ setup
     files = prepare_run_dir(run_dir, resume=resume)
     world = world_from_env()  # torchrun / Slurm: see cryospin.train.distributed
+    with contextlib.ExitStack() as held:
+        if world.is_main:  # one process per run folder (rank 0 holds it for all ranks)
+            held.enter_context(folder_lock(files.dir, command=describe_command(argv)))
+            prepare_run_dir(files.dir, resume=resume)  # again, now that no one else writes here
+        return _fit_on_device(config, particles, files, world, resume=resume, argv=argv,
+                              stop_after=stop_after)
+
+
+def _fit_on_device(
+    config: Config,
+    particles: Any,
+    files: RunFiles,
+    world: WorldInfo,
+    *,
+    resume: bool,
+    argv: list[str] | None,
+    stop_after: int | None,
+) -> FitResult:
+    """:func:`fit` after the run folder is held: device, threads, distributed set-up."""
     device = device_for_rank(resolve_device(config.run.device), world)
     threads_before = torch.get_num_threads()
     if device.type == "cpu":  # num_threads None: the cores available to the process
@@ -431,6 +461,7 @@ def _fit(
     state = load_checkpoint(files.checkpoint) if resume and files.checkpoint.is_file() else None
     if state is not None:
         _check_resume_config(config, state, files.checkpoint)
+    identity = check_same_particles(files.particle_set, particles, files.dir) if resume else None
     if resume and main:
         for stale in remove_stale_temporaries(files.dir):  # left by a kill during a write
             logger.info("removed %s (left by an interrupted write)", stale.name)
@@ -439,8 +470,13 @@ def _fit(
             truncate_metrics(files.metrics, 0)
         first_argv, resumed = read_config_argv(files.config)
         save_config(files.config, config, first_argv, resumed=[*resumed, argv])
+        if identity is None:  # a run from before particle_set.json: record it from now on
+            logger.warning("%s records no particle set (an older run): cannot check that "
+                           "these are its particles", files.dir)
+            save_identity(files.particle_set, particle_set_identity(particles))
     elif main:
         save_config(files.config, config, argv)
+        save_identity(files.particle_set, particle_set_identity(particles))
 
     generator = _seed_everything(config.run.seed)
     logger.info("preprocessing %d particles (%d px) on %s", len(particles), particles.box_px,

@@ -45,6 +45,8 @@ from cryospin.cpus import available_cpus, default_cpu_threads
 from cryospin.errors import CryospinError, InputError, OutputError
 from cryospin.evaluate.align import AlignResult
 from cryospin.evaluate.gold_standard import GoldStandardFSC
+from cryospin.io.identity import check_same_particles, particle_set_identity, save_identity
+from cryospin.runlock import describe_command, folder_lock
 from cryospin.train.config import Config, ScheduleConfig, read_config_argv, save_config
 from cryospin.train.schedule import final_epoch
 
@@ -85,6 +87,7 @@ class HalvesFiles:
         self.fsc_png = self.dir / "fsc.png"
         self.star = self.dir / "poses.star"
         self.pkl = self.dir / "poses.pkl"
+        self.particle_set = self.dir / "particle_set.json"  # cryospin.io.identity
 
     def half_dir(self, which: int) -> Path:
         """Run folder of half set ``which`` (1 or 2)."""
@@ -178,6 +181,7 @@ def _start(
     half, source = split_halves(particles, config.run.seed)
     _save_npy(files.half_set, half)
     save_config(files.config, config, argv)
+    save_identity(files.particle_set, particle_set_identity(particles))
     marker = {
         "cryospin_version": __version__,
         "kind": "gold-standard halves",
@@ -197,6 +201,7 @@ def _resume(
 ) -> tuple[np.ndarray, str]:
     if not files.marker.is_file():
         raise InputError("not a --halves run (no halves.json here)", files.dir)
+    identity = check_same_particles(files.particle_set, particles, files.dir)
     half = _load_half_set(files, len(particles))
     try:
         source = str(json.loads(files.marker.read_text(encoding="utf-8"))["split_source"])
@@ -204,6 +209,10 @@ def _resume(
         raise InputError("halves.json is unreadable", files.marker) from None
     first_argv, resumed = read_config_argv(files.config)
     save_config(files.config, config, first_argv, resumed=[*resumed, argv])
+    if identity is None:  # a run from before particle_set.json: record it from now on
+        log.warning("%s records no particle set (an older run): cannot check that these are "
+                    "its particles", files.dir)
+        save_identity(files.particle_set, particle_set_identity(particles))
     return half, source
 
 
@@ -281,10 +290,36 @@ def fit_halves(
     ------
     TrainingInterrupted
         On Ctrl-C or SIGTERM, naming ``run_dir`` (continue with ``--resume run_dir``).
+    OutputError
+        When another process holds ``run_dir`` (:func:`cryospin.runlock.folder_lock`).
+    InputError
+        On resume, when ``particles`` are not the ones the run started with.
     """
+    files = HalvesFiles(run_dir)
+    if resume and not files.marker.is_file():
+        raise InputError("not a --halves run (no halves.json here)", files.dir)
+    try:
+        files.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder ({exc.strerror})",
+                          files.dir) from None
+    with folder_lock(files.dir, command=describe_command(argv)):  # each half holds its own too
+        return _fit_halves(files, config, particles, resume=resume, argv=argv,
+                           stop_after=stop_after)
+
+
+def _fit_halves(
+    files: HalvesFiles,
+    config: Config,
+    particles: Any,
+    *,
+    resume: bool,
+    argv: list[str] | None,
+    stop_after: int | None,
+) -> HalvesResult:
+    """:func:`fit_halves` with the run folder held."""
     from cryospin.train.fit import TrainingInterrupted, fit
 
-    files = HalvesFiles(run_dir)
     setup = _resume if resume else _start
     half, source = setup(files, config, particles, argv)
     sizes = (int((half == 1).sum()), int((half == 2).sum()))
