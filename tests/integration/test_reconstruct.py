@@ -22,9 +22,11 @@ from cryospin.errors import CryospinError
 from cryospin.forward.ctf import CTFParams, compute_ctf
 from cryospin.forward.hartley import hartley3, ihartley2
 from cryospin.forward.model import render
+from cryospin.io.cs import read_cryosparc
 from cryospin.io.mrc import read_map, write_map, write_stack
 from cryospin.io.particles import load_particles
 from cryospin.io.pkl import read_cryodrgn_poses, write_cryodrgn_ctf
+from cryospin.io.star import read_star_tables
 from cryospin.rotations import random_rotations
 from cryospin.train import fit as fit_module
 from cryospin.train.checkpoint import load_checkpoint
@@ -738,3 +740,107 @@ def test_resume_with_more_epochs_after_an_early_stop_adds_local_epochs(early_sto
     # a checkpoint beyond the shortened run's last epoch is refused, naming the stop
     with pytest.raises(CryospinError, match="the global search stopped after epoch 3"):
         fit(_early_stop_config(epochs=4), _particles(tiny), run, resume=True)
+
+
+def test_cli_reconstruct_star_writes_every_input_column_back(tiny, tmp_path):
+    """A RELION 3.1 star with the columns RELION needs to re-extract, polish or join (micrograph,
+    coordinates, groups, classes, CTF scale) and a --ind subset: poses.star holds the selected
+    rows with every input column in its order and text, the optics table as it was, the image
+    paths as the input wrote them (relative to the RELION project, not the run folder); only
+    the poses are new."""
+    ps = _particles(tiny)
+    n = len(ps)
+    stack_rel = "Extract/job007/particles.mrcs"
+    (tmp_path / stack_rel).parent.mkdir(parents=True)
+    write_stack(tmp_path / stack_rel, ps.images().numpy(), 4.0)
+    rng = np.random.default_rng(0)
+    cols = ["rlnCoordinateX", "rlnCoordinateY", "rlnImageName", "rlnMicrographName",
+            "rlnOpticsGroup", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnCtfBfactor",
+            "rlnCtfScalefactor", "rlnPhaseShift", "rlnGroupNumber", "rlnClassNumber",
+            "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
+    lines = ["# version 30001", "", "data_optics", "", "loop_",
+             "_rlnOpticsGroupName #1", "_rlnOpticsGroup #2", "_rlnVoltage #3",
+             "_rlnSphericalAberration #4", "_rlnAmplitudeContrast #5", "_rlnImagePixelSize #6",
+             "_rlnImageSize #7", "_rlnImageDimensionality #8",
+             "_rlnMicrographOriginalPixelSize #9",
+             "opticsGroup1 1 300.000000 2.700000 0.100000 4.000000 16 2 1.000000", "", "",
+             "# version 30001", "", "data_particles", "", "loop_"]
+    lines += [f"_{c} #{k}" for k, c in enumerate(cols, start=1)]
+    for i in range(n):
+        lines.append(" ".join([
+            f"{rng.uniform(0, 4000):.6f}", f"{rng.uniform(0, 4000):.6f}",
+            f"{i + 1:06d}@{stack_rel}", f"MotionCorr/job002/mic_{i % 4:03d}.mrc", "1",
+            f"{float(ps.ctf.defocus_u_angstrom[i]):.6f}",
+            f"{float(ps.ctf.defocus_v_angstrom[i]):.6f}",
+            f"{float(ps.ctf.defocus_angle_deg[i]):.6f}", "0.000000", "1.000000", "0.000000",
+            str(1 + i % 4), str(1 + i % 3), "0.000000", "0.000000", "0.000000", "0.000000",
+            "0.000000"]))
+    star = tmp_path / "Select" / "job009" / "particles.star"
+    star.parent.mkdir(parents=True)
+    star.write_text("\n".join(lines) + "\n")
+    ind = np.random.default_rng(1).permutation(n)[:48]
+    np.save(tmp_path / "ind.npy", ind)
+    run = tmp_path / "run"
+    common = ["--heads", "2", "--width", "0.125", "--no-bf16", "--batch-size", "32",
+              "--device", "cpu", "--threads", "1", "--no-progress", "--seed", "5"]
+    status = cli_main(["reconstruct", str(star), "--datadir", str(tmp_path), "--ind",
+                       str(tmp_path / "ind.npy"), "-o", str(run), "--epochs", "1",
+                       "--switch-epoch", "1", *common])
+    assert status == 0
+
+    inp_p, inp_o = read_star_tables(star, as_text=True)
+    out_p, out_o = read_star_tables(run / "poses.star", as_text=True)
+    assert list(out_p.columns) == cols
+    poses = {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"}
+    for col in cols:
+        if col not in poses:
+            assert out_p[col].tolist() == inp_p[col].iloc[ind].tolist(), col
+    assert out_p["rlnImageName"].iloc[0] == f"{ind[0] + 1:06d}@{stack_rel}"
+    assert out_o.to_dict("list") == inp_o.to_dict("list")
+    # the pose columns hold the run's final poses (those of poses.pkl)
+    back = load_particles(run / "poses.star", datadir=tmp_path, metadata_only=True)
+    rot_pkl, shift_pkl = read_cryodrgn_poses(run / "poses.pkl", 16)
+    torch.testing.assert_close(back.rotations, rot_pkl, atol=1e-6, rtol=0)
+    torch.testing.assert_close(back.shifts_px, shift_pkl, atol=1e-6, rtol=0)
+    assert not (run / "poses.cs").exists()  # only for .cs inputs
+
+
+def test_cli_reconstruct_cs_writes_poses_cs_and_relative_to(tiny, tmp_path):
+    """A cryoSPARC .cs input: poses.cs is its rows with the run's poses (for cryoSPARC's
+    import); --relative-to rebases poses.star's image paths onto the given folder."""
+    ps = _particles(tiny)
+    n = len(ps)
+    stack = tmp_path / "J5" / "extract" / "particles.mrcs"
+    stack.parent.mkdir(parents=True)
+    write_stack(stack, ps.images().numpy(), 4.0)
+    fields = [("uid", "<u8"), ("blob/path", "S40"), ("blob/idx", "<u4"),
+              ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4"), ("ctf/accel_kv", "<f4"),
+              ("ctf/cs_mm", "<f4"), ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"),
+              ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"), ("ctf/phase_shift_rad", "<f4")]
+    table = np.zeros(n, dtype=fields)
+    table["uid"] = np.arange(n) + 10**12
+    table["blob/path"] = "J5/extract/particles.mrcs"
+    table["blob/idx"] = np.arange(n)
+    table["blob/shape"] = 16
+    table["blob/psize_A"] = 4.0
+    table["ctf/accel_kv"], table["ctf/cs_mm"], table["ctf/amp_contrast"] = 300, 2.7, 0.1
+    table["ctf/df1_A"] = ps.ctf.defocus_u_angstrom.numpy()
+    table["ctf/df2_A"] = ps.ctf.defocus_v_angstrom.numpy()
+    cs = tmp_path / "P1_J6_particles.cs"
+    with open(cs, "wb") as fh:
+        np.save(fh, table)
+    run = tmp_path / "run"
+    common = ["--heads", "2", "--width", "0.125", "--no-bf16", "--batch-size", "32",
+              "--device", "cpu", "--threads", "1", "--no-progress", "--seed", "5"]
+    status = cli_main(["reconstruct", str(cs), "-o", str(run), "--relative-to", str(run),
+                       "--epochs", "1", "--switch-epoch", "1", *common])
+    assert status == 0
+    assert load_config(run / "config.yaml").input.relative_to == str(run.resolve())
+    names = read_star_tables(run / "poses.star", as_text=True)[0]["rlnImageName"].tolist()
+    assert names[:2] == ["000001@../J5/extract/particles.mrcs",
+                         "000002@../J5/extract/particles.mrcs"]
+    rot_pkl, shift_pkl = read_cryodrgn_poses(run / "poses.pkl", 16)
+    back = read_cryosparc(run / "poses.cs", metadata_only=True)  # paths: cryoSPARC project
+    torch.testing.assert_close(back.rotations, rot_pkl, atol=2e-6, rtol=0)
+    torch.testing.assert_close(back.shifts_px, shift_pkl, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(np.load(run / "poses.cs")["uid"], table["uid"])

@@ -202,3 +202,107 @@ def test_maps_axis_order_and_voxel_size(shared_data):
     vol2, vox2 = read_map(shared_data / "maps/EMD-3197.map")
     assert vol2.shape == (20, 20, 20)
     assert vox2 == pytest.approx(11.4)
+
+
+# ---------------------------------------------------------------------- metadata round trip
+_POSE_COLUMNS = {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
+                 "rlnOriginYAngst", "rlnOriginX", "rlnOriginY"}
+
+
+def _new_poses(n, seed=11):
+    from cryospin.rotations import random_rotations
+
+    g = torch.Generator().manual_seed(seed)
+    return (random_rotations(n, generator=g),
+            (torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5) * 8)
+
+
+@pytest.mark.parametrize(
+    ("rel", "kwargs"),
+    [
+        ("formats/relion30/FinalRefinement-OriginalParticles-PfCRT.star",
+         {"metadata_only": True, "box_px": 300, "defaults": {"rlnAmplitudeContrast": 0.1}}),
+        ("formats/relion30/sample_particles_relion30.star",
+         {"metadata_only": True, "box_px": 200}),
+        ("particles/aspire_sample17/sample_relion_data.star", {}),
+        ("particles/aspire_sample17/sample_particles_relion31.star", {}),
+        ("particles/empiar10076_7/empiar_10076_7.star", {}),
+        ("particles/relion31_5/relion31.star", {}),
+        ("formats/relion31/relion31.v2.star", {"metadata_only": True}),
+        ("formats/relion5/relion5.star", {"metadata_only": True}),
+    ],
+)
+def test_star_round_trip_keeps_every_column(shared_data, tmp_path, rel, kwargs):
+    """read -> new poses -> poses.star -> read: every input column back as the input's text
+    (3.0 pixel origins become Å ones), the optics table as it was, the new poses."""
+    from cryospin.io import write_particles_star
+
+    path = shared_data / rel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # relion31.mrcs lacks the MAP id (tested above)
+        ps = load_particles(path, check_finite=False, **kwargs)
+    R, t = _new_poses(len(ps))
+    out = tmp_path / "run" / "poses.star"
+    out.parent.mkdir()
+    write_particles_star(out, ps.with_poses(R, t))
+
+    inp_p, inp_o = read_star_tables(path, as_text=True)
+    out_p, out_o = read_star_tables(out, as_text=True)
+    kept = [c for c in inp_p.columns if c not in _POSE_COLUMNS]
+    assert [c for c in out_p.columns if c in kept] == kept
+    for col in kept:
+        assert out_p[col].tolist() == inp_p[col].tolist(), col
+    assert out_p["rlnImageName"].tolist() == inp_p["rlnImageName"].tolist()
+    if inp_o is not None:  # RELION 3.1/5: the input's optics table, columns added only if absent
+        assert list(out_o.columns[: len(inp_o.columns)]) == list(inp_o.columns)
+        assert set(out_o.columns[len(inp_o.columns):]) <= {"rlnImageSize",
+                                                           "rlnImageDimensionality"}
+        for col in inp_o.columns:
+            assert out_o[col].tolist() == inp_o[col].tolist(), col
+    back = load_particles(out, metadata_only=True)
+    assert back.pixel_size_angstrom == pytest.approx(ps.pixel_size_angstrom, rel=1e-9)
+    assert back.box_px == ps.box_px
+    assert float(torch.linalg.matrix_norm(back.rotations - R).max()) < 1e-9
+    torch.testing.assert_close(back.shifts_px, t, atol=1e-9, rtol=0)
+    _assert_ctf_equal(back.ctf, ps.ctf, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("rel", "kwargs"),
+    [
+        ("formats/cryosparc/cryosparc_P12_J24_001_particles.cs", {"metadata_only": True}),
+        ("formats/cryosparc/cryosparc_J2_particles_exported.cs", {"metadata_only": True}),
+        ("particles/empiar10076_7/empiar_10076_7.cs", {}),
+    ],
+)
+def test_cs_round_trip_star_and_cs(shared_data, tmp_path, rel, kwargs):
+    """A .cs gives a star RELION can read (idx@path, CTF, optics) and a .cs with the new poses
+    that reads back to float32 precision, every other field unchanged."""
+    from cryospin.io import read_cryosparc, write_cryosparc, write_particles_star
+
+    path = shared_data / rel
+    ps = load_particles(path, check_finite=False, **kwargs)
+    table = np.load(path)
+    R, t = _new_poses(len(ps))
+    new = ps.with_poses(R, t)
+    write_particles_star(tmp_path / "poses.star", new)
+    star_p, star_o = read_star_tables(tmp_path / "poses.star")
+    paths = [p.decode().lstrip(">") for p in table["blob/path"].tolist()]
+    assert star_p["rlnImageName"].tolist() == [
+        f"{i + 1:06d}@{p}" for i, p in zip(table["blob/idx"].tolist(), paths, strict=True)]
+    assert {"rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
+            "rlnImagePixelSize", "rlnImageSize"} <= set(star_o.columns)
+    back = load_particles(tmp_path / "poses.star", metadata_only=True)
+    assert back.pixel_size_angstrom == pytest.approx(ps.pixel_size_angstrom, rel=1e-6)
+    _assert_ctf_equal(back.ctf, ps.ctf, rtol=1e-6, atol=1e-9)
+    assert float(torch.linalg.matrix_norm(back.rotations - R).max()) < 1e-9
+
+    write_cryosparc(tmp_path / "poses.cs", new)
+    cs_back = read_cryosparc(tmp_path / "poses.cs", metadata_only=True)
+    assert float(torch.linalg.matrix_norm(cs_back.rotations - R).max()) < 2e-6
+    torch.testing.assert_close(cs_back.shifts_px, t, atol=1e-6, rtol=0)
+    out = np.load(tmp_path / "poses.cs")
+    for name in table.dtype.names:
+        if name not in ("alignments3D/pose", "alignments3D/shift", "alignments3D/psize_A",
+                        "alignments3D/split"):
+            np.testing.assert_array_equal(out[name], table[name], err_msg=name)

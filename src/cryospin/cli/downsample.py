@@ -2,8 +2,9 @@
 
 Reads PARTICLES (.star, .cs, .txt or .mrcs), crops every image's centred Fourier transform to
 --box pixels (pixel values kept: a constant image stays constant), writes OUT.mrcs and, with
---out-star, a RELION 3.1 star with pixel size × L_old/L_new. Shifts are kept in Å (their pixel
-values scale by L_new/L_old); CTF and poses are unchanged.
+--out-star, a RELION 3.1 star with pixel size × L_old/L_new, carrying every column of the input
+(image names point at OUT.mrcs, relative to the star's folder or --relative-to). Shifts are kept
+in Å (their pixel values scale by L_new/L_old); CTF and poses are unchanged.
 
 Example::
 
@@ -33,6 +34,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", type=Path, required=True, help="output .mrcs")
     parser.add_argument("--box", type=int, required=True, help="new box size, px")
     parser.add_argument("--out-star", type=Path, default=None, help="output RELION 3.1 star")
+    parser.add_argument("--relative-to", type=Path, default=None, metavar="DIR",
+                        help="image paths in --out-star relative to DIR (default: to the "
+                             "star's folder)")
     parser.add_argument("--chunk", type=int, default=1000, help="images per block (default 1000)")
     parser.add_argument("--datadir", type=Path, default=None, help="folder holding the stacks")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -103,6 +107,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"downsampled {len(new)} images {ps.box_px} -> {new.box_px} px, pixel size "
           f"{ps.pixel_size_angstrom:g} -> {new.pixel_size_angstrom:g} Å: {args.out}")
     if args.out_star is not None:
-        write_relion_star(args.out_star, dataclasses.replace(new, source=args.out_star.resolve()))
+        write_relion_star(args.out_star, dataclasses.replace(new, source=args.out_star.resolve()),
+                          relative_to=args.relative_to)
         print(f"  star: {args.out_star}")
     return 0

@@ -4,7 +4,8 @@ Stage 1 trains a multi-head encoder and the volume together (winner-take-all ove
 after --switch-epoch, each particle's best head seeds its pose, which is then refined per
 particle while the volume keeps learning (stage 2). Writes RUN_DIR/map.NNN.mrc after each epoch,
 metrics.jsonl, checkpoint.pt, and at the end map.mrc (a Wiener backprojection of the images from
-the final poses; the trained volume is map_decoder.mrc), poses.star (RELION 3.1), poses.pkl.
+the final poses; the trained volume is map_decoder.mrc), poses.star (RELION 3.1: the input's
+columns and image paths, new poses), poses.pkl, and poses.cs for a .cs input.
 
 examples:
   cryospin reconstruct particles.star -o run1 --preset paper-real
@@ -86,6 +87,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ctf", metavar="PKL", help="cryoDRGN ctf.pkl (for .mrcs/.txt inputs)")
     g.add_argument("--ind", metavar="PKL", help="index file selecting a subset of particles")
     g.add_argument("--datadir", metavar="DIR", help="folder to resolve image paths against")
+    g.add_argument("--relative-to", metavar="DIR",
+                   help="write poses.star's image paths relative to DIR (e.g. the RELION "
+                        "project folder; default: as the input has them)")
     g.add_argument("--no-ctf", action="store_true", default=None, help="ignore the CTF")
     g.add_argument("--invert-contrast", action="store_true", default=None,
                    help="multiply the images by -1")
@@ -233,6 +237,9 @@ def main(args: argparse.Namespace) -> int:
                 datadir=_abs(args.datadir) or config.input.datadir,
             )
             config = dataclasses.replace(config, input=moved)
+        if args.relative_to:  # only changes what the end writes
+            config = dataclasses.replace(config, input=dataclasses.replace(
+                config.input, relative_to=_abs(args.relative_to)))
     else:
         if not args.particles or not args.out:
             raise InputError("give PARTICLES and -o RUN_DIR (or --resume RUN_DIR)")
@@ -240,7 +247,8 @@ def main(args: argparse.Namespace) -> int:
         prepare_run_dir(run_dir, resume=False)  # unwritable or used folder: fail before reading
         overrides = _overrides(args)
         overrides["input"] = {"particles": _abs(args.particles), "ctf": _abs(args.ctf),
-                              "ind": _abs(args.ind), "datadir": _abs(args.datadir)}
+                              "ind": _abs(args.ind), "datadir": _abs(args.datadir),
+                              "relative_to": _abs(args.relative_to)}
         overrides.setdefault("data", {})["cache_dir"] = _abs(args.cache_dir)
         config = build_config(args.preset, overrides)
 

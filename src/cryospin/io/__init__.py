@@ -12,6 +12,7 @@ from cryospin.io.cs import (
     read_cs_table,
     rotation_from_cryosparc_pose,
     shift_px_from_cryosparc_shift,
+    write_cryosparc,
 )
 from cryospin.io.mrc import (
     ImageStack,
@@ -83,6 +84,7 @@ __all__ = [
     "cryosparc_pose_from_rotation",
     "shift_px_from_cryosparc_shift",
     "cryosparc_shift_from_shift_px",
+    "write_cryosparc",
     # cryoDRGN
     "read_cryodrgn_ctf",
     "read_cryodrgn_poses",

@@ -14,6 +14,13 @@ Conventions (proven against cryoDRGN's parses in the tests; see ``docs/conventio
   ``J24/...``; a leading ``>`` marks imported paths and is dropped).
 
 When ``alignments3D/*`` is absent the ab-initio fields ``alignments_class_0/*`` are used.
+
+For writing a RELION star the reader also gives the RELION view of each row
+(``ParticleSet.star_table``: ``rlnMicrographName`` from ``location/micrograph_path``,
+``rlnCoordinateX/Y = location/center_x_frac · width, center_y_frac · height`` with
+``location/micrograph_shape = (height, width)`` in pixels, ``rlnCtfScalefactor`` from
+``ctf/scale``, the CTF columns) and an optics table (one group per ``ctf/exp_group_id``);
+:func:`write_cryosparc` writes new poses back into the ``.cs`` rows.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
+from cryospin.atomic import atomic_path
 from cryospin.errors import InputError
 from cryospin.forward.ctf import CTFParams
 from cryospin.io._paths import resolve_stack_path
@@ -41,6 +50,7 @@ __all__ = [
     "cryosparc_shift_from_shift_px",
     "read_cs_table",
     "read_cryosparc",
+    "write_cryosparc",
 ]
 
 #: CTF fields a .cs must have (bfactor and phase shift default to 0 when absent).
@@ -284,6 +294,11 @@ def read_cryosparc(
                 shifts = torch.zeros(n, 2, dtype=torch.float64)
             break
 
+    optics_group = (
+        np.unique(np.asarray(table["ctf/exp_group_id"]), return_inverse=True)[1]
+        .reshape(-1).astype(np.int64) + 1
+        if "ctf/exp_group_id" in names else np.ones(n, np.int64)
+    )
     random_subset = None
     if rotations is not None and "alignments3D/split" in names:
         split = _field(table, "alignments3D/split", path, integer=True)
@@ -301,17 +316,117 @@ def read_cryosparc(
         ctf=ctf,
         rotations=rotations,
         shifts_px=shifts,
-        optics_group=(
-            np.unique(np.asarray(table["ctf/exp_group_id"]), return_inverse=True)[1]
-            .reshape(-1).astype(np.int64) + 1
-            if "ctf/exp_group_id" in names else np.ones(n, np.int64)
-        ),
-        optics=None,
+        optics_group=optics_group,
+        optics=_relion_optics(optics_group, ctf, float(pixel_size), int(box)),
         random_subset=random_subset,
         # RELION-style names, 1-based
         names=tuple(f"{i + 1:06d}@{p}"
                     for i, p in zip(image_index.tolist(), raw_paths, strict=True)),
+        star_table=_relion_columns(table, names, ctf),
+        cs_table=table,
     )
+
+
+def _text(values: Any) -> list[str]:
+    """Numbers from float32 fields as text with the digits float32 holds."""
+    return [f"{v:.7g}" for v in np.asarray(values, np.float64).tolist()]
+
+
+def _relion_columns(table: np.ndarray, names: set[str], ctf: CTFParams | None) -> pd.DataFrame:
+    """The RELION columns of each row that a :class:`ParticleSet` does not hold otherwise
+    (micrograph, coordinates, CTF scale factor) and the CTF columns, as text `(N rows)`."""
+    n = len(table)
+    cols: dict[str, list[str]] = {}
+    if "location/micrograph_path" in names:
+        mic = _decode_paths(table["location/micrograph_path"])
+        if any(mic):
+            cols["rlnMicrographName"] = mic
+    shape_field, x_field, y_field = ("location/micrograph_shape", "location/center_x_frac",
+                                     "location/center_y_frac")
+    if {shape_field, x_field, y_field} <= names:
+        shape = np.asarray(table[shape_field], np.float64)  # (N, 2): (height, width) px
+        if shape.shape == (n, 2) and (shape > 0).all():
+            x = np.asarray(table[x_field], np.float64) * shape[:, 1]
+            y = np.asarray(table[y_field], np.float64) * shape[:, 0]
+            cols["rlnCoordinateX"] = [f"{v:.2f}" for v in x.tolist()]
+            cols["rlnCoordinateY"] = [f"{v:.2f}" for v in y.tolist()]
+    if ctf is not None:
+        cols["rlnDefocusU"] = _text(ctf.defocus_u_angstrom)
+        cols["rlnDefocusV"] = _text(ctf.defocus_v_angstrom)
+        cols["rlnDefocusAngle"] = _text(ctf.defocus_angle_deg)
+        cols["rlnPhaseShift"] = _text(ctf.phase_shift_deg)
+        if "ctf/bfactor" in names:
+            cols["rlnCtfBfactor"] = _text(ctf.bfactor_a2)
+    if "ctf/scale" in names and np.asarray(table["ctf/scale"]).shape == (n,):
+        cols["rlnCtfScalefactor"] = _text(table["ctf/scale"])
+    return pd.DataFrame(cols, index=pd.RangeIndex(n))
+
+
+def _relion_optics(
+    group: np.ndarray, ctf: CTFParams | None, pixel_size: float, box: int
+) -> pd.DataFrame:
+    """A RELION optics table (text), one row per optics group `(N,)` (values of its first
+    particle; the star writer checks them against every particle)."""
+    rows = []
+    for g in np.unique(group).tolist():
+        first = int(np.flatnonzero(group == g)[0])
+        row = {"rlnOpticsGroupName": f"opticsGroup{g}", "rlnOpticsGroup": str(g)}
+        if ctf is not None:
+            row["rlnVoltage"] = _text([float(ctf.voltage_kv[first])])[0]
+            row["rlnSphericalAberration"] = _text([float(ctf.cs_mm[first])])[0]
+            row["rlnAmplitudeContrast"] = _text([float(ctf.amplitude_contrast[first])])[0]
+        row["rlnImagePixelSize"] = _text([pixel_size])[0]
+        row["rlnImageSize"] = str(box)
+        row["rlnImageDimensionality"] = "2"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_cryosparc(path: str | Path, particles: ParticleSet) -> None:
+    """Write the particles' poses into their input ``.cs`` rows, atomically (for cryoSPARC's
+    "Import Particle Stack", or any ``.cs`` reader).
+
+    Every field of ``particles.cs_table`` is kept, in its order; these are set (and added,
+    float32/uint32 as cryoSPARC stores them, when absent): ``alignments3D/pose`` (axis-angle,
+    radians, ``log(Rᵀ)``), ``alignments3D/shift`` (``−shift_px``, pixels),
+    ``alignments3D/psize_A`` (the image pixel size, so the shift is in image pixels) and, when
+    the half sets are known, ``alignments3D/split`` (``rlnRandomSubset − 1``). Reading the
+    file back with :func:`read_cryosparc` gives the poses to float32 precision.
+
+    Raises
+    ------
+    ValueError
+        The particles did not come from a ``.cs`` (no ``cs_table``), or have no poses.
+    """
+    ps = particles
+    if ps.cs_table is None:
+        raise ValueError("the particles were not read from a .cs file: no rows to write into")
+    if ps.rotations is None:
+        raise ValueError("the particle set has no poses to write")
+    n = len(ps)
+    R = ps.rotations.detach().cpu().double()
+    shifts_px = (torch.zeros(n, 2, dtype=torch.float64) if ps.shifts_px is None
+                 else ps.shifts_px.detach().cpu().double())
+    values: dict[str, tuple[np.ndarray, np.dtype]] = {
+        "alignments3D/pose": (cryosparc_pose_from_rotation(R).numpy(), np.dtype(("<f4", (3,)))),
+        "alignments3D/shift": (cryosparc_shift_from_shift_px(shifts_px).numpy(),
+                               np.dtype(("<f4", (2,)))),
+        "alignments3D/psize_A": (np.full(n, float(ps.pixel_size_angstrom)), np.dtype("<f4")),
+    }
+    rs = ps.random_subset
+    if rs is not None and np.isin(rs, (1, 2)).all():
+        values["alignments3D/split"] = (np.asarray(rs, np.int64) - 1, np.dtype("<u4"))
+    old = ps.cs_table
+    fields = [(name, old.dtype.fields[name][0]) for name in old.dtype.names or ()]
+    fields += [(name, dtype) for name, (_, dtype) in values.items()
+               if name not in (old.dtype.names or ())]
+    table = np.zeros(n, dtype=np.dtype(fields))
+    for name in old.dtype.names or ():
+        table[name] = old[name]
+    for name, (v, _) in values.items():
+        table[name] = v
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, table, allow_pickle=False)
 
 
 def _ctf_from_cs(table: np.ndarray, names: set[str], path: Path) -> CTFParams:

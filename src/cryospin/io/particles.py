@@ -82,11 +82,21 @@ class ParticleSet:
     optics_group : `(N,)` int64
         RELION optics group of each particle (1 when unknown).
     optics : pandas.DataFrame or None
-        The original RELION optics table, for writing back.
+        The RELION optics table for writing back, as text (every value as the input file
+        wrote it): the input star's ``data_optics``, or one group per cryoSPARC exposure group
+        of a ``.cs``; None for RELION 3.0 stars and plain stacks.
     random_subset : `(N,)` int or None
         Half-set 1/2 (``rlnRandomSubset``), when known.
     names : tuple[str, ...] or None
-        Original image names (``"idx@path"``), when known.
+        Original image names (``"idx@path"``, the path as the input wrote it), when known.
+    star_table : pandas.DataFrame or None
+        Per-particle RELION columns to carry into written star files, as text, one row per
+        particle (index ``0..N-1``): the input star's whole particle table in its column
+        order, or the columns a ``.cs`` adds (``rlnMicrographName``, ``rlnCoordinateX/Y``,
+        ``rlnCtfScalefactor``). :func:`cryospin.io.star.write_relion_star` writes them back.
+    cs_table : `(N,)` structured array or None
+        The input ``.cs`` rows (every field), for writing a ``.cs`` back
+        (:func:`cryospin.io.cs.write_cryosparc`).
     """
 
     source: Path
@@ -102,6 +112,8 @@ class ParticleSet:
     optics: pd.DataFrame | None = None
     random_subset: np.ndarray | None = None
     names: tuple[str, ...] | None = None
+    star_table: pd.DataFrame | None = None
+    cs_table: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = int(np.shape(self.stack_index)[0])
@@ -119,6 +131,10 @@ class ParticleSet:
             raise ValueError(f"random_subset shape {np.shape(self.random_subset)} != ({n},)")
         if self.names is not None and len(self.names) != n:
             raise ValueError(f"names has {len(self.names)} entries, expected {n}")
+        if self.star_table is not None and len(self.star_table) != n:
+            raise ValueError(f"star_table has {len(self.star_table)} rows, expected {n}")
+        if self.cs_table is not None and np.shape(self.cs_table) != (n,):
+            raise ValueError(f"cs_table shape {np.shape(self.cs_table)} != ({n},)")
         if n and (self.stack_index.min() < 0 or self.stack_index.max() >= len(self.stack_paths)):
             raise ValueError("stack_index refers to a stack outside stack_paths")
 
@@ -192,6 +208,9 @@ class ParticleSet:
             optics_group=self.optics_group[idx],
             random_subset=None if self.random_subset is None else self.random_subset[idx],
             names=None if self.names is None else tuple(self.names[i] for i in idx.tolist()),
+            star_table=(None if self.star_table is None
+                        else self.star_table.iloc[idx].reset_index(drop=True)),
+            cs_table=None if self.cs_table is None else self.cs_table[idx],
         )
 
     def with_poses(self, rotations: Tensor | None, shifts_px: Tensor | None) -> ParticleSet:
@@ -460,12 +479,13 @@ def _read_plain_stacks(path: Path, *, datadir: str | Path | None) -> ParticleSet
 
 
 # ---------------------------------------------------------------------------- writing
-def write_particles_star(path: str | Path, particles: ParticleSet) -> None:
-    """Write ``particles`` as a RELION 3.1 star file
-    (see :func:`cryospin.io.star.write_relion_star`)."""
+def write_particles_star(path: str | Path, particles: ParticleSet, *,
+                         relative_to: str | Path | None = None) -> None:
+    """Write ``particles`` as a RELION 3.1 star file, carrying the input's columns and image
+    paths (see :func:`cryospin.io.star.write_relion_star`)."""
     from cryospin.io.star import write_relion_star
 
-    write_relion_star(path, particles)
+    write_relion_star(path, particles, relative_to=relative_to)
 
 
 def write_cryodrgn_poses(

@@ -15,12 +15,17 @@ Conventions (proven against cryoDRGN's parses in the tests; see ``docs/conventio
   Å²).
 * ``rlnImageName = "idx@path"`` with a 1-based ``idx``; paths relative to the star's folder (or
   ``datadir``).
+* Round trip: the reader keeps the particle and optics tables as text
+  (``ParticleSet.star_table``, ``ParticleSet.optics``); the writer gives back every column in
+  the input's order and text, with the poses (and whatever else the particle set changed)
+  replaced.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +37,7 @@ import starfile
 import torch
 from torch import Tensor
 
-from cryospin.atomic import atomic_path
+from cryospin.atomic import atomic_write_text
 from cryospin.errors import InputError
 from cryospin.forward.ctf import CTFParams
 from cryospin.io._paths import resolve_stack_path
@@ -117,17 +122,50 @@ def relion_origin_from_shift_px(shift_px: Any) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- reading tables
-def read_star_tables(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def read_star_tables(
+    path: str | Path, *, as_text: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The particle table and the optics table (None for RELION 3.0) of a star file.
 
     The particle table is the block named ``particles`` (3.1+), else the first loop holding
     ``rlnImageName`` (3.0: ``data_images``, ``data_``, ...). Block order does not matter.
+    Columns that hold only numbers are read as numbers; with ``as_text`` every value is the
+    text the file holds (what a writer needs to give it back unchanged).
     """
-    path = Path(path)
+    particles, optics = _read_text_tables(Path(path))
+    if as_text:
+        return particles, optics
+    return _numeric_table(particles), None if optics is None else _numeric_table(optics)
+
+
+def _star_labels(path: Path) -> list[str]:
+    """Every loop label (``_rlnX ...`` line) of a star file."""
+    labels: set[str] = set()
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.startswith("_"):
+                labels.add(line.split()[0][1:])
+    return sorted(labels)
+
+
+def _numeric_table(df: pd.DataFrame) -> pd.DataFrame:
+    """A text table with each column of numbers parsed (as ``starfile`` parses them); other
+    columns stay text."""
+    out = df.copy()
+    for col in out.columns:
+        try:
+            out[col] = pd.to_numeric(out[col])
+        except (ValueError, TypeError):
+            pass
+    return out
+
+
+def _read_text_tables(path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The particle and optics tables of :func:`read_star_tables`, every value as text."""
     if not path.is_file():
         raise InputError("file not found" if not path.exists() else "not a file", path)
     try:
-        blocks = starfile.read(path, always_dict=True)
+        blocks = starfile.read(path, always_dict=True, parse_as_string=_star_labels(path))
     except Exception as exc:  # noqa: BLE001 - parser errors are bad input
         raise InputError(f"cannot parse STAR file ({type(exc).__name__}: "
                          f"{_one_line(str(exc))})", path) from None
@@ -307,7 +345,9 @@ def read_relion_star(
         (named), conflicting pixel sizes or boxes, non-square images.
     """
     path = Path(path)
-    particles, optics = read_star_tables(path)
+    particles_text, optics_text = read_star_tables(path, as_text=True)
+    particles = _numeric_table(particles_text)
+    optics = None if optics_text is None else _numeric_table(optics_text)
     df = merge_optics(particles, optics, path)
     for col, value in (defaults or {}).items():
         if col not in df.columns:
@@ -398,9 +438,10 @@ def read_relion_star(
         rotations=rotations,
         shifts_px=shifts,
         optics_group=optics_group,
-        optics=None if optics is None else optics.copy(),
+        optics=optics_text,
         random_subset=random_subset,
         names=tuple(df["rlnImageName"].astype(str).tolist()),
+        star_table=particles_text.reset_index(drop=True),
     )
 
 
@@ -484,7 +525,8 @@ def _optics_tables(ps: ParticleSet) -> tuple[pd.DataFrame, np.ndarray]:
     inverse = np.asarray(inverse).reshape(-1)
     orig = None
     if ps.optics is not None and "rlnOpticsGroup" in ps.optics.columns:
-        orig = ps.optics.set_index("rlnOpticsGroup")
+        ids = pd.to_numeric(ps.optics["rlnOpticsGroup"], errors="coerce")  # text or numbers
+        orig = ps.optics.drop(columns="rlnOpticsGroup").set_index(ids)
     rows = []
     split_count: dict[int, int] = {}
     for g, key in enumerate(uniq):
@@ -516,54 +558,277 @@ def _optics_tables(ps: ParticleSet) -> tuple[pd.DataFrame, np.ndarray]:
     return table, (inverse + 1).astype(np.int64)
 
 
-def write_relion_star(path: str | Path, particles: ParticleSet) -> None:
+def write_relion_star(
+    path: str | Path, particles: ParticleSet, *, relative_to: str | Path | None = None
+) -> None:
     """Write a RELION 3.1 star (``data_optics`` + ``data_particles``), atomically.
 
-    Particle columns: ``rlnImageName`` (1-based ``idx@path``, path relative to the star's
-    folder), ``rlnAngleRot/Tilt/Psi`` and ``rlnOriginXAngst/YAngst`` (``= −shift_px · pixel
-    size``) when poses are known, ``rlnDefocusU/V/Angle``, ``rlnPhaseShift``, ``rlnCtfBfactor``
-    (if any is nonzero), ``rlnOpticsGroup``, ``rlnRandomSubset`` when known. Optics columns:
-    ``rlnVoltage``, ``rlnSphericalAberration``, ``rlnAmplitudeContrast`` (one group per distinct
-    combination within each original group), ``rlnImagePixelSize``, ``rlnImageSize``,
-    ``rlnImageDimensionality``, plus the original optics table's other columns.
+    A round trip of the input: every column of ``particles.star_table`` (the input star's
+    particle table, or the columns a ``.cs`` gave) is written in the input's order and, where
+    the particle set holds the same value, as the input's text. Written from the particle set:
+
+    * ``rlnAngleRot/Tilt/Psi`` and ``rlnOriginXAngst/YAngst`` (``= −shift_px · pixel size``)
+      when poses are known; RELION 3.0 ``rlnOriginX/Y`` (pixels) are replaced by the Å ones.
+    * ``rlnImageName``: the input's names as they were (RELION resolves them from its project
+      folder); with ``relative_to``, their relative paths rebased onto that folder (absolute
+      ones kept). Without input names (plain stacks, ``downsample``): 1-based ``idx@path``
+      with the path relative to ``relative_to`` or the star's folder.
+    * ``rlnDefocusU/V/Angle``, ``rlnPhaseShift``, ``rlnCtfBfactor`` (when the input had it or
+      any is nonzero), ``rlnOpticsGroup``, ``rlnRandomSubset`` when known; input columns that
+      no longer hold (per-particle ``rlnVoltage``, ``rlnImagePixelSize``, ...) are updated,
+      RELION 3.0 ``rlnDetectorPixelSize``/``rlnMagnification`` dropped when they no longer
+      give the pixel size.
+
+    The optics table is the input's (``particles.optics``, text), its ``rlnImagePixelSize``,
+    ``rlnImageSize`` and per-group ``rlnVoltage``, ``rlnSphericalAberration``,
+    ``rlnAmplitudeContrast`` updated where the particle set differs; when there is none (RELION
+    3.0, plain stacks) or a group's particles no longer share those values, a new table with
+    one group per distinct (group, kV, Cs, w), carrying the input group's other columns.
     """
     path = Path(path)
     ps = particles
     n = len(ps)
     out_dir = path.parent if str(path.parent) else Path(".")
-    optics, group = _optics_tables(ps)
-    rel = [_star_image_path(p, out_dir) for p in ps.stack_paths]
-    data: dict[str, Any] = {
-        "rlnImageName": [f"{i + 1:06d}@{rel[s]}" for i, s in
-                         zip(ps.image_index.tolist(), ps.stack_index.tolist(), strict=True)],
-    }
+    carried = ps.star_table
+    optics, group = _output_optics(ps)
+    new: dict[str, list[str]] = {"rlnImageName": _image_names(ps, out_dir, relative_to)}
+    renamed: dict[str, str] = {}  # input column -> the column written in its place
+    dropped: set[str] = set()
     if ps.rotations is not None:
-        rot, tilt, psi = relion_euler_from_rotation(ps.rotations.detach().cpu().double())
-        data["rlnAngleRot"] = rot.numpy()
-        data["rlnAngleTilt"] = tilt.numpy()
-        data["rlnAnglePsi"] = psi.numpy()
+        R = ps.rotations.detach().cpu().double()
+        angles = relion_euler_from_rotation(R)
+        same = None  # keep the input's angles where they give the same rotation
+        if carried is not None and all(c in carried.columns for c in _ANGLE_COLUMNS):
+            old = [_numbers(carried[c]) for c in _ANGLE_COLUMNS]
+            diff = (rotation_from_relion_euler(*old) - R).abs().amax(dim=(1, 2)).numpy()
+            same = diff <= 1e-9  # NaN (unreadable input) -> False
+        for col, v in zip(_ANGLE_COLUMNS, angles, strict=True):
+            new[col] = _merged(carried, col, v.numpy(), same=same)
     if ps.shifts_px is not None:
         if ps.pixel_size_angstrom <= 0:
             raise ValueError("cannot write rlnOriginXAngst/YAngst without a pixel size")
-        origin_a = relion_origin_from_shift_px(ps.shifts_px.detach().cpu().double()) * float(
-            ps.pixel_size_angstrom)
-        data["rlnOriginXAngst"] = origin_a[:, 0].numpy()
-        data["rlnOriginYAngst"] = origin_a[:, 1].numpy()
+        # in Å of the pixel size the written optics table gives (what a reader divides by)
+        apix_written = torch.from_numpy(_written_pixel_sizes(optics, group, ps))
+        origin_a = (relion_origin_from_shift_px(ps.shifts_px.detach().cpu().double())
+                    * apix_written[:, None])  # (N, 2)
+        for k, col in enumerate(_ORIGIN_COLUMNS):
+            new[col] = _merged(carried, col, origin_a[:, k].numpy(), rtol=1e-9, atol=1e-9)
+        renamed = dict(zip(_ORIGIN_PX_COLUMNS, _ORIGIN_COLUMNS, strict=True))
     if ps.ctf is not None:
-        def col(f: str) -> np.ndarray:
+        def ctf_values(f: str) -> np.ndarray:
             return getattr(ps.ctf, f).detach().cpu().double().expand(n).numpy()
 
-        data["rlnDefocusU"] = col("defocus_u_angstrom")
-        data["rlnDefocusV"] = col("defocus_v_angstrom")
-        data["rlnDefocusAngle"] = col("defocus_angle_deg")
-        data["rlnPhaseShift"] = col("phase_shift_deg")
-        b = col("bfactor_a2")
-        if np.any(b != 0):
-            data["rlnCtfBfactor"] = b
-    data["rlnOpticsGroup"] = group
+        for col, f in _CTF_PARTICLE_COLUMNS.items():
+            v = ctf_values(f)
+            had = carried is not None and col in carried.columns
+            if col == "rlnCtfBfactor" and not had and not np.any(v != 0):
+                continue
+            new[col] = _merged(carried, col, v)
+        for col, f in _OPTICS_COLUMNS_FROM_CTF.items():  # per particle in RELION 3.0 stars
+            if carried is not None and col in carried.columns:
+                new[col] = _merged(carried, col, ctf_values(f))
+    new["rlnOpticsGroup"] = _merged(carried, "rlnOpticsGroup", group, integer=True)
     if ps.random_subset is not None:
-        data["rlnRandomSubset"] = np.asarray(ps.random_subset, dtype=np.int64)
-    table = pd.DataFrame(data)
-    with atomic_path(path) as tmp:
-        starfile.write({"optics": optics, "particles": table}, tmp, float_format="%.12g",
-                       sep=" ")
+        new["rlnRandomSubset"] = _merged(carried, "rlnRandomSubset",
+                                         np.asarray(ps.random_subset), integer=True)
+    if carried is not None:
+        apix, box = float(ps.pixel_size_angstrom), int(ps.box_px)
+        for col, value in (("rlnImagePixelSize", apix), ("rlnPixelSize", apix),
+                           ("rlnImageSize", box)):
+            if col in carried.columns:
+                new[col] = _merged(carried, col, np.full(n, value),
+                                   integer=col == "rlnImageSize", rtol=1e-4)
+        if "rlnDetectorPixelSize" in carried.columns and "rlnMagnification" in carried.columns:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                apix_30 = (_numbers(carried["rlnDetectorPixelSize"]) * 1e4
+                           / _numbers(carried["rlnMagnification"]))
+            if not np.allclose(apix_30, apix, rtol=1e-4, atol=0):
+                dropped |= {"rlnDetectorPixelSize", "rlnMagnification"}
+
+    columns: dict[str, list[Any]] = {}
+    for col in [] if carried is None else carried.columns:
+        target = renamed.get(col, col)
+        if col in dropped:
+            continue
+        if target in new:
+            columns[target] = new.pop(target)
+        elif target == col:  # carried as it is (a replaced column already placed is dropped)
+            columns[col] = carried[col].tolist()
+    columns.update(new)
+    text = ("# version 30001\n" + _loop_text("optics", {c: optics[c].tolist() for c in optics})
+            + "# version 30001\n" + _loop_text("particles", columns))
+    atomic_write_text(path, text)
+
+
+#: pose columns written from the particle set
+_ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+_ORIGIN_COLUMNS = ("rlnOriginXAngst", "rlnOriginYAngst")
+#: RELION 3.0 origins (pixels), replaced by the Å ones
+_ORIGIN_PX_COLUMNS = ("rlnOriginX", "rlnOriginY")
+#: per-particle CTF columns and their :class:`CTFParams` fields
+_CTF_PARTICLE_COLUMNS = {
+    "rlnDefocusU": "defocus_u_angstrom",
+    "rlnDefocusV": "defocus_v_angstrom",
+    "rlnDefocusAngle": "defocus_angle_deg",
+    "rlnPhaseShift": "phase_shift_deg",
+    "rlnCtfBfactor": "bfactor_a2",
+}
+#: values within this relative difference count as unchanged: float32 sources (.cs, ctf.pkl)
+#: keep the input's text
+_SAME_RTOL = 1e-6
+
+
+def _numbers(text: pd.Series) -> np.ndarray:
+    """A text (or number) column as float64 `(N,)` (a new, writable array); NaN where not a
+    number."""
+    return np.array(pd.to_numeric(text, errors="coerce"), dtype=np.float64, copy=True)
+
+
+def _written_pixel_sizes(optics: pd.DataFrame, group: np.ndarray, ps: ParticleSet) -> np.ndarray:
+    """Each particle's pixel size (Å) `(N,)` as the optics table to be written gives it (its
+    group's ``rlnImagePixelSize``), else the particle set's."""
+    apix = np.full(len(group), float(ps.pixel_size_angstrom))
+    if "rlnImagePixelSize" in optics.columns and "rlnOpticsGroup" in optics.columns:
+        table = pd.Series(_numbers(optics["rlnImagePixelSize"]),
+                          index=_numbers(optics["rlnOpticsGroup"]))
+        table = table[~table.index.duplicated()]
+        written = table.reindex(group.astype(np.float64)).to_numpy(np.float64)
+        ok = np.isfinite(written) & (written > 0)
+        apix[ok] = written[ok]
+    return apix
+
+
+def _format_number(value: Any, integer: bool = False) -> str:
+    return str(int(value)) if integer else f"{float(value):.12g}"
+
+
+def _merged(
+    carried: pd.DataFrame | None,
+    col: str,
+    values: np.ndarray,
+    *,
+    integer: bool = False,
+    same: np.ndarray | None = None,
+    rtol: float = _SAME_RTOL,
+    atol: float = 0.0,
+) -> list[str]:
+    """Column ``col`` as text `(N,)`: the input's text where it holds the same value (``same``,
+    or equal within ``rtol``/``atol``), else ``values`` formatted."""
+    new = [_format_number(v, integer) for v in np.asarray(values).tolist()]
+    if carried is None or col not in carried.columns:
+        return new
+    if same is None:
+        with np.errstate(invalid="ignore"):
+            same = np.isclose(_numbers(carried[col]), np.asarray(values, np.float64),
+                              rtol=rtol, atol=atol)
+    old = carried[col].tolist()
+    return [o if k else v for o, v, k in zip(old, new, same.tolist(), strict=True)]
+
+
+def _image_names(ps: ParticleSet, out_dir: Path, relative_to: str | Path | None) -> list[str]:
+    """``rlnImageName`` per particle (see :func:`write_relion_star`)."""
+    if ps.names is not None and relative_to is None:
+        return list(ps.names)
+    base = Path(relative_to) if relative_to is not None else out_dir
+    rel = [_star_image_path(p, base) for p in ps.stack_paths]
+    stacks = ps.stack_index.tolist()
+    if ps.names is None:
+        return [f"{i + 1:06d}@{rel[s]}" for i, s in
+                zip(ps.image_index.tolist(), stacks, strict=True)]
+    out = []
+    for name, s in zip(ps.names, stacks, strict=True):
+        num, sep, raw = name.partition("@")
+        if Path((raw if sep else num).strip()).is_absolute():
+            out.append(name)
+        else:
+            out.append(f"{num}@{rel[s]}" if sep else rel[s])
+    return out
+
+
+def _output_optics(ps: ParticleSet) -> tuple[pd.DataFrame, np.ndarray]:
+    """The optics table to write and each particle's group in it `(N,)`."""
+    kept = _kept_optics(ps)
+    if kept is not None:
+        return kept, ps.optics_group.astype(np.int64)
+    return _optics_tables(ps)
+
+
+def _kept_optics(ps: ParticleSet) -> pd.DataFrame | None:
+    """The input's optics table (all rows, its text) with the pixel size, box and per-group
+    kV/Cs/w of the particle set written where they differ; None when there is no input table
+    or it cannot describe the particles (a group whose particles differ in kV/Cs/w, a group
+    missing, a column missing while other groups' values are unknown)."""
+    if ps.optics is None or len(ps.optics) == 0 or "rlnOpticsGroup" not in ps.optics.columns:
+        return None
+    table = ps.optics.copy()
+    ids = _numbers(table["rlnOpticsGroup"])
+    used = np.unique(ps.optics_group).tolist()
+    row_of: dict[int, int] = {}
+    for g in used:
+        rows = np.flatnonzero(ids == g)
+        if rows.size != 1:
+            return None
+        row_of[g] = int(rows[0])
+    values: dict[str, dict[int, float]] = {
+        "rlnImagePixelSize": dict.fromkeys(used, float(ps.pixel_size_angstrom)),
+        "rlnImageSize": dict.fromkeys(used, float(ps.box_px)),
+    }
+    if ps.ctf is not None:
+        for col, f in _OPTICS_COLUMNS_FROM_CTF.items():
+            if ps.star_table is not None and col in ps.star_table.columns:
+                continue  # per particle (RELION 3.0 style): written there
+            v = getattr(ps.ctf, f).detach().cpu().double().expand(len(ps)).numpy()
+            per: dict[int, float] = {}
+            for g in used:
+                vals = v[ps.optics_group == g]
+                if not np.allclose(vals, vals[0], rtol=1e-9, atol=0):
+                    return None
+                per[g] = float(vals[0])
+            values[col] = per
+    for col, per in values.items():
+        integer = col == "rlnImageSize"
+        if col not in table.columns:
+            if len(used) != len(table):
+                return None
+            table[col] = [_format_number(per[int(g)], integer) for g in ids.tolist()]
+            continue
+        old = _numbers(table[col])
+        rtol = 1e-4 if col == "rlnImagePixelSize" else _SAME_RTOL
+        cells = table[col].tolist()
+        for g, r in row_of.items():
+            if not np.isclose(old[r], per[g], rtol=rtol, atol=0):
+                cells[r] = _format_number(per[g], integer)
+        table[col] = cells
+    if "rlnImageDimensionality" not in table.columns:
+        table["rlnImageDimensionality"] = "2"
+    return table
+
+
+def _star_cell(value: Any) -> str:
+    """One STAR value: text as it is (quoted when empty or holding whitespace), integers as
+    they are, other numbers ``%.12g``."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, (bool, np.bool_)):
+        text = str(int(value))
+    elif isinstance(value, (int, np.integer)):
+        text = str(int(value))
+    elif isinstance(value, (float, np.floating)):
+        text = f"{float(value):.12g}"
+    else:
+        text = str(value)
+    if not text or _WHITESPACE.search(text):
+        return '"' + text + '"'
+    return text
+
+
+_WHITESPACE = re.compile(r"\s")
+
+
+def _loop_text(name: str, columns: Mapping[str, list[Any]]) -> str:
+    """A STAR ``data_<name>`` loop block."""
+    lines = ["", f"data_{name}", "", "loop_"]
+    lines += [f"_{col} #{k}" for k, col in enumerate(columns, start=1)]
+    cells = [[_star_cell(v) for v in values] for values in columns.values()]
+    lines += [" ".join(row) for row in zip(*cells, strict=True)]
+    return "\n".join(lines) + "\n\n"

@@ -330,12 +330,16 @@ class InputConfig:
         cryoDRGN index ``.pkl`` selecting a subset.
     datadir : str or None
         Folder to resolve relative image paths against.
+    relative_to : str or None
+        Folder the image paths of the written ``poses.star`` are made relative to (e.g. the
+        RELION project folder); None: the paths as the input had them.
     """
 
     particles: str | None = None
     ctf: str | None = None
     ind: str | None = None
     datadir: str | None = None
+    relative_to: str | None = None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ Stage 1 may use frequency marching: the loss disc grows from
 After every epoch: ``map.NNN.mrc`` (real-space map, voxel size set), a line of ``metrics.jsonl``,
 ``pose_track.npz`` (:mod:`cryospin.train.track`) and ``checkpoint.pt`` (atomic; the previous
 one survives until the new one is complete). At the end: ``map.mrc``, ``poses.star``
-(RELION 3.1) and ``poses.pkl`` (cryoDRGN). ``config.yaml`` is written at the start, and
+(RELION 3.1, every input column carried), ``poses.pkl`` (cryoDRGN) and, for a ``.cs`` input,
+``poses.cs``. ``config.yaml`` is written at the start, and
 ``particle_set.json``, the particles' identity that ``--resume`` checks
 (:mod:`cryospin.io.identity`). One process at a time writes into a run folder: ``fit`` holds its
 lock, ``RUN_DIR/.cryospin.lock`` (:mod:`cryospin.runlock`; under torchrun rank 0 holds it).
@@ -139,6 +140,7 @@ class RunFiles:
         self.map_decoder = self.dir / "map_decoder.mrc"
         self.star = self.dir / "poses.star"
         self.pkl = self.dir / "poses.pkl"
+        self.cs = self.dir / "poses.cs"  # only for .cs inputs
         self.particle_set = self.dir / "particle_set.json"  # cryospin.io.identity
 
     def epoch_map(self, epoch: int) -> Path:
@@ -965,6 +967,7 @@ def _write_final(
     rotations: torch.Tensor,
     shifts_px: torch.Tensor | None,
 ) -> None:
+    from cryospin.io.cs import write_cryosparc
     from cryospin.io.mrc import write_map
     from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
 
@@ -978,8 +981,11 @@ def _write_final(
     shifts = shifts_px if shifts_px is not None else torch.zeros(rotations.shape[0], 2)
     # shifts in the ORIGINAL particles' pixels (training pixels are L/box_px times larger)
     shifts = shifts * (int(particles.box_px) / data.box_px)
-    write_particles_star(files.star, particles.with_poses(rotations, shifts))
+    final = particles.with_poses(rotations, shifts)
+    write_particles_star(files.star, final, relative_to=config.input.relative_to)
     write_cryodrgn_poses(files.pkl, rotations, shifts, int(particles.box_px))
+    if final.cs_table is not None:  # a .cs input: its rows with the new poses
+        write_cryosparc(files.cs, final)
     logger.info("wrote %s, %s and %s", files.map, files.star, files.pkl)
 
 

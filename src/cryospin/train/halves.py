@@ -23,7 +23,7 @@ Phases of :func:`fit_halves`:
 Outputs in ``RUN_DIR``: ``half_A.mrc``, ``half_B.mrc`` (aligned into A's frame), ``map.mrc``
 (FSC-weighted average), ``mask.mrc``, ``map_masked.mrc``, ``postprocess.star`` (RELION layout),
 ``fsc.json``, ``fsc.png``, ``poses.star`` (all particles, A's frame, ``rlnRandomSubset`` 1/2)
-and ``poses.pkl``.
+and ``poses.pkl`` (``poses.cs`` for a ``.cs`` input).
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ class HalvesFiles:
         self.fsc_png = self.dir / "fsc.png"
         self.star = self.dir / "poses.star"
         self.pkl = self.dir / "poses.pkl"
+        self.cs = self.dir / "poses.cs"  # only for .cs inputs
         self.particle_set = self.dir / "particle_set.json"  # cryospin.io.identity
 
     def half_dir(self, which: int) -> Path:
@@ -426,6 +427,7 @@ def _combine(
         write_postprocess_star,
     )
     from cryospin.evaluate.masks import auto_mask
+    from cryospin.io.cs import write_cryosparc
     from cryospin.io.mrc import read_map, write_map
     from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
     from cryospin.train.fit import RunFiles
@@ -491,8 +493,10 @@ def _combine(
         rotations[idx], shifts[idx] = R, s
     both = dataclasses.replace(particles.with_poses(rotations, shifts),
                                random_subset=half_set.astype(np.int64))
-    write_particles_star(files.star, both)
+    write_particles_star(files.star, both, relative_to=config.input.relative_to)
     write_cryodrgn_poses(files.pkl, rotations, shifts, particles.box_px)
+    if both.cs_table is not None:  # a .cs input: its rows with the new poses
+        write_cryosparc(files.cs, both)
     log.info("wrote %s, %s, %s", files.map, files.postprocess, files.star)
     return gold, align
 
