@@ -136,6 +136,7 @@ def accumulate_backprojection(
     batch_size: int = 256,
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> BackprojectionSums:
     """Stream over the particles in batches and accumulate ``N`` and ``D`` for each half set.
 
@@ -155,6 +156,10 @@ def accumulate_backprojection(
         Images per batch (memory is ``O(batch_size · L²)`` besides the four volumes).
     dtype : torch.dtype
         Computation and accumulation dtype.
+    progress : bool
+        A tqdm bar over the batches.
+    on_batch : callable, optional
+        Called after each batch with its number of images.
 
     Returns
     -------
@@ -203,6 +208,8 @@ def accumulate_backprojection(
                                              channels=True)  # (2, L, L, L)
                 sums[acc_num] += both[0]
                 sums[acc_den] += both[1]
+        if on_batch is not None:
+            on_batch(len(idx))
     return BackprojectionSums(*sums)
 
 
@@ -287,6 +294,7 @@ def backproject(
     batch_size: int = 256,
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> BackprojectionResult:
     """Reconstruct a map and two half maps from images with known poses.
 
@@ -314,6 +322,10 @@ def backproject(
         Images per batch.
     dtype : torch.dtype
         Computation dtype (float64 by default; float32 halves memory).
+    progress : bool
+        A tqdm bar over the batches.
+    on_batch : callable, optional
+        Called after each batch of the accumulation with its number of images.
 
     Returns
     -------
@@ -339,7 +351,7 @@ def backproject(
     sums = accumulate_backprojection(
         images, rotations, shifts, ctf, half_set=half_set, box_px=box_px,
         pixel_size_angstrom=pixel_size_angstrom, batch_size=batch_size, dtype=dtype,
-        progress=progress,
+        progress=progress, on_batch=on_batch,
     )
     volume, half_a, half_b, curve = reconstruct_from_sums(
         sums, reg=reg, wiener=wiener, pixel_size_angstrom=pixel_size_angstrom

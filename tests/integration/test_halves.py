@@ -119,6 +119,16 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
         assert (run / f).is_file(), f
     for name in ("half_A", "half_B"):
         assert [r["epoch"] for r in read_metrics(run / name / "metrics.jsonl")] == [1, 2]
+    # RUN/run.log: both invocations, both halves and the summary; each half has its own
+    log = (run / "run.log").read_text()
+    assert log.count(" INFO ==== started: ") == 1 and log.count(" INFO ==== resumed: ") == 1
+    assert "half_A: starting a run" in log and "half_B: resuming the run" in log
+    assert "epoch 2/2 autodecode: loss" in log and "FSC 0.143: " in log
+    for name in ("half_A", "half_B"):
+        half_log = (run / name / "run.log").read_text()
+        assert half_log.count(" INFO ==== started: ") == 1
+        assert half_log.count(" INFO ==== resumed: ") == 1
+        assert "epoch 2/2 autodecode: loss" in half_log and "FSC" not in half_log
 
     blocks = starfile.read(run / "postprocess.star", always_dict=True)
     general, table = blocks["general"], blocks["fsc"]

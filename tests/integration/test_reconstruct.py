@@ -688,30 +688,24 @@ def test_early_stop_with_stop_after_and_resume_equals_uninterrupted(
     early_stopped, tiny, tmp_path, monkeypatch, caplog
 ):
     """Stopped in stage 1, resumed through the stopping epoch (whose checkpoint carries the
-    stop), resumed again to the end: the same run. The progress bar follows the shorter run."""
+    stop), resumed again to the end: the same run. The progress display (its epoch count, the
+    ETA's plan) follows the shorter run."""
     run = tmp_path / "run"
     cfg = _early_stop_config()
     fit(cfg, _particles(tiny), run, stop_after=1)
-    bars = []
+    passes = []  # (epoch, shown last epoch, the ETA plan's last epoch, phase, images)
+    real_progress = fit_module._epoch_progress
 
-    class Bar:  # records the bar's total and progress
-        def __init__(self, *args, **kwargs):
-            self.total, self.done = args[1], 0
-            bars.append(self)
+    def spy(feedback, plan, totals, epoch, end, images, scale):
+        passes.append((epoch, end, plan.last_epoch, plan.phase(epoch), images))
+        return real_progress(feedback, plan, totals, epoch, end, images, scale)
 
-        def update(self, images):
-            self.done += images
-
-        def set_description(self, *args, **kwargs): ...
-        def set_postfix(self, *args, **kwargs): ...
-        def refresh(self): ...
-        def close(self): ...
-
-    monkeypatch.setattr(fit_module, "_progress_bar", Bar)
+    monkeypatch.setattr(fit_module, "_epoch_progress", spy)
     caplog.set_level("INFO", logger="cryospin.train.fit")
     done = fit(cfg, _particles(tiny), run, resume=True)  # epochs 2-4, the search stops at 3
     assert done.finished and done.epochs_completed == 4
-    assert bars[0].total == bars[0].done == 3 * 64  # planned epochs 2-5, then 2-4
+    assert passes == [(2, 5, 5, "search", 64), (3, 5, 5, "search", 64),
+                      (4, 4, 4, "local", 64)]  # planned epochs 2-5, then 2-4
     assert any(r.getMessage().startswith("global search done after epoch 3: ")
                and "1 local epochs follow" in r.getMessage() for r in caplog.records)
     _assert_same_run(early_stopped.run_dir, run)
@@ -721,7 +715,7 @@ def test_early_stop_with_stop_after_and_resume_equals_uninterrupted(
     assert load_checkpoint(run2 / "checkpoint.pt")["extra"]["search_stopped_after"] == 3
     done = fit(cfg, _particles(tiny), run2, resume=True)
     assert done.finished and done.epochs_completed == 4
-    assert bars[-1].total == bars[-1].done == 64
+    assert passes[-1] == (4, 4, 4, "local", 64)
     _assert_same_run(early_stopped.run_dir, run2)
 
 

@@ -7,6 +7,10 @@ metrics.jsonl, checkpoint.pt, and at the end map.mrc (a Wiener backprojection of
 the final poses; the trained volume is map_decoder.mrc), poses.star (RELION 3.1: the input's
 columns and image paths, new poses), poses.pkl, and poses.cs for a .cs input.
 
+Progress: a bar per epoch in a terminal; without one (nohup, a batch job) a line every
+--progress-interval seconds with the epoch's and the run's ETA. RUN_DIR/run.log keeps everything
+the console shows, with date and time (appended to on --resume).
+
 examples:
   cryospin reconstruct particles.star -o run1 --preset paper-real
   cryospin reconstruct stack.mrcs --ctf ctf.pkl -o run2 --epochs 10 --switch-epoch 4
@@ -18,14 +22,16 @@ examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from cryospin.errors import InputError
 from cryospin.train.config import PRESETS, build_config, load_config
+from cryospin.train.runlog import RUN_LOG, header_line, note, run_log
 
 __all__ = ["add_args", "main"]
 
@@ -70,8 +76,9 @@ _OVERRIDES = {
     "final_map": ("run", "final_map"),
     "precision": ("model", "precision"),
     "encoder_box": ("model", "encoder_box_px"),
+    "progress_interval": ("run", "progress_interval_s"),
 }
-_RESUMABLE = {"epochs", "device", "threads", "final_map", "precision"}
+_RESUMABLE = {"epochs", "device", "threads", "final_map", "precision", "progress_interval"}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -171,7 +178,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "it measures faster, else fp32; fp16 with loss scaling on GPUs "
                         "without bf16)")
     g.add_argument("--no-bf16", action="store_true", help="the same as --precision fp32")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (the --progress-interval lines are shown instead)")
+    g.add_argument("--progress-interval", type=float, metavar="S",
+                   help="without a bar (no terminal, or --no-progress): a progress line every S "
+                        "seconds of an epoch, with the epoch's and the run's ETA (default 30; "
+                        "0: none)")
     g.add_argument("--final-map", choices=["backprojection", "decoder"],
                    help="map.mrc = Wiener backprojection from the final poses (default; the "
                         "trained volume is kept as map_decoder.mrc) or the trained volume")
@@ -203,9 +215,8 @@ def _abs(path: str | None) -> str | None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``cryospin reconstruct``; returns the exit status (130 on Ctrl-C, 143 on SIGTERM)."""
-    from cryospin.io.particles import load_particles
     from cryospin.train.distributed import world_from_env
-    from cryospin.train.fit import TrainingInterrupted, fit, prepare_run_dir
+    from cryospin.train.fit import prepare_run_dir
     from cryospin.train.halves import is_halves_run
 
     halves = args.halves or bool(args.resume and is_halves_run(args.resume))
@@ -254,6 +265,26 @@ def main(args: argparse.Namespace) -> int:
 
     if config.input.particles is None:
         raise InputError("the run's config.yaml names no particles", run_dir / "config.yaml")
+    log = (run_log(run_dir / RUN_LOG, header=header_line(getattr(args, "argv", None),
+                                                          resumed=bool(args.resume)))
+           if world_from_env().is_main else contextlib.nullcontext())
+    with log:
+        return _train(config, run_dir, halves, args)
+
+
+def _say(text: str, *, file: TextIO | None = None) -> None:
+    """Print ``text`` (stdout, or ``file``) and add it to the run log."""
+    print(text, file=file)
+    note(text)
+
+
+def _train(config: Any, run_dir: Path, halves: bool, args: argparse.Namespace) -> int:
+    """Load the particles, train (``--halves``: both halves and their combination), say how it
+    ended."""
+    from cryospin.io.particles import load_particles
+    from cryospin.train.distributed import world_from_env
+    from cryospin.train.fit import TrainingInterrupted, fit
+
     particles = load_particles(
         config.input.particles, ctf_pkl=config.input.ctf, ind=config.input.ind,
         datadir=config.input.datadir, no_ctf=config.data.no_ctf,
@@ -268,16 +299,16 @@ def main(args: argparse.Namespace) -> int:
         result = fit(config, particles, run_dir, resume=bool(args.resume),
                      argv=getattr(args, "argv", None), stop_after=args.stop_after)
     except TrainingInterrupted as exc:
-        print(f"cryospin reconstruct: {exc}", file=sys.stderr)
+        _say(f"cryospin reconstruct: {exc}", file=sys.stderr)
         return exc.exit_status
     if not world.is_main:  # distributed: rank 0 reports and writes the report
         return 0
     if not result.finished:
-        print(f"stopped after epoch {result.epochs_completed}; continue with: "
-              f"cryospin reconstruct --resume {run_dir}")
+        _say(f"stopped after epoch {result.epochs_completed}; continue with: "
+             f"cryospin reconstruct --resume {run_dir}")
         return 0
-    print(f"done: {result.epochs_completed} epochs; map {result.map_path}, "
-          f"poses {result.star_path}")
+    _say(f"done: {result.epochs_completed} epochs; map {result.map_path}, "
+         f"poses {result.star_path}")
     _write_report(run_dir)
     return 0
 
@@ -311,7 +342,7 @@ def _write_report(run_dir: Path, *, halves: bool = False) -> None:
     except (CryospinError, OSError) as exc:
         log.warning("run report not written (%s); try: cryospin report %s", exc, run_dir)
         return
-    print(f"report {report.html_path}")
+    _say(f"report {report.html_path}")
 
 
 def _run_halves(config: Any, particles: Any, run_dir: Path, args: argparse.Namespace) -> int:
@@ -323,11 +354,11 @@ def _run_halves(config: Any, particles: Any, run_dir: Path, args: argparse.Names
         result = fit_halves(config, particles, run_dir, resume=bool(args.resume),
                             argv=getattr(args, "argv", None), stop_after=args.stop_after)
     except TrainingInterrupted as exc:
-        print(f"cryospin reconstruct: {exc}", file=sys.stderr)
+        _say(f"cryospin reconstruct: {exc}", file=sys.stderr)
         return exc.exit_status
-    print(format_summary(result))
+    _say(format_summary(result))
     if not result.finished:
-        print(f"continue with: cryospin reconstruct --resume {run_dir}")
+        _say(f"continue with: cryospin reconstruct --resume {run_dir}")
         return 0
     _write_report(run_dir, halves=True)
     return 0

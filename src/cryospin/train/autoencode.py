@@ -360,6 +360,7 @@ def infer_best_poses(
     loss_radius_px: float | None = None,
     lowpass_input: bool = False,
     indices: Tensor | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> BestPoses:
     """Pose of each particle's best head (least NLL), in particle order, without gradients.
 
@@ -367,6 +368,7 @@ def infer_best_poses(
     ``loss_radius_px`` and ``lowpass_input`` are those of the last stage-1 step (see
     :func:`predict_nll`); None uses the full training disc. ``indices`` `(n,)` restricts the
     pass to those particles (results in that order; a distributed rank's own particles).
+    ``progress`` is called after each batch with its number of images.
     """
     disc = None
     if loss_radius_px is not None:
@@ -399,4 +401,6 @@ def infer_best_poses(
             heads[start:stop] = best
             losses[start:stop] = best_loss
             start = stop
+            if progress is not None:
+                progress(len(idx))
     return BestPoses(rotations=rotations, shifts_px=shifts, best_head=heads, loss=losses)

@@ -294,7 +294,12 @@ class RunConfig:
     inference_batch_size : int
         Batch size of the inference pass at the switch.
     progress : bool
-        Show a progress bar (only when stderr is a terminal).
+        Show a progress bar per pass (an epoch, the switch's inference pass, the final
+        backprojection) when stderr is a terminal (:mod:`cryospin.train.feedback`).
+    progress_interval_s : float
+        Without a bar (no terminal, or ``progress`` false): a progress log line every this many
+        seconds of a pass (stage, epoch, images, images/s, ETA of the epoch and of the run);
+        0 turns the lines off.
     keep_epoch_maps : bool
         Write ``map.NNN.mrc`` after every epoch.
     final_map : str
@@ -311,6 +316,7 @@ class RunConfig:
     num_threads: int | None = None
     inference_batch_size: int = 256
     progress: bool = True
+    progress_interval_s: float = 30.0
     keep_epoch_maps: bool = True
     final_map: FinalMap = "backprojection"
     track_particles: int = 512
@@ -464,6 +470,8 @@ def _validate(c: Config) -> None:
         raise bad(f"run.num_threads must be >= 1, got {c.run.num_threads}")
     if c.run.inference_batch_size < 1:
         raise bad(f"run.inference_batch_size must be >= 1, got {c.run.inference_batch_size}")
+    if not c.run.progress_interval_s >= 0:
+        raise bad(f"run.progress_interval_s must be >= 0, got {c.run.progress_interval_s}")
     if c.run.track_particles < 0:
         raise bad(f"run.track_particles must be >= 0, got {c.run.track_particles}")
 

@@ -39,6 +39,12 @@ benchmark, benchmarks/RESULTS.md).
 Resuming restores every parameter, optimiser state, the pose table and all RNG states, so that
 a resumed run equals the uninterrupted one with the same seed.
 
+While it trains, a run shows its progress (:mod:`cryospin.train.feedback`): a bar per pass in
+a terminal, else a log line every ``run.progress_interval_s`` seconds with the ETA of the epoch
+and of the run (:mod:`cryospin.train.progress`); the switch's inference pass and the final
+backprojection report theirs too. Everything logged during :func:`fit` is also appended to
+``RUN_DIR/run.log`` (:mod:`cryospin.train.runlog`; rank 0).
+
 Under ``torchrun`` the same run is computed data-parallel (:mod:`cryospin.train.distributed`):
 each rank trains on its particles of every global batch, rank 0 writes every file, and the
 checkpoint holds the full pose table (resumable with any number of processes).
@@ -49,9 +55,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +105,8 @@ from cryospin.train.distributed import (
     world_from_env,
     wrap_encoder,
 )
-from cryospin.train.metrics import EpochMetrics, append_metrics, truncate_metrics
+from cryospin.train.feedback import Feedback, PassProgress
+from cryospin.train.metrics import EpochMetrics, append_metrics, read_metrics, truncate_metrics
 from cryospin.train.precision import (
     PrecisionChoice,
     StepTimes,
@@ -106,6 +114,15 @@ from cryospin.train.precision import (
     measure_encoder_step,
     resolve_precision,
 )
+from cryospin.train.progress import (
+    PHASE_LABELS,
+    PhaseTotals,
+    RunPlan,
+    add_sample,
+    phase_totals,
+    run_eta_s,
+)
+from cryospin.train.runlog import RUN_LOG, header_line, run_log, start_run_log
 from cryospin.train.schedule import decay_fraction, final_epoch, is_search_epoch, search_stops
 from cryospin.train.track import PoseTracker
 
@@ -141,6 +158,7 @@ class RunFiles:
         self.star = self.dir / "poses.star"
         self.pkl = self.dir / "poses.pkl"
         self.cs = self.dir / "poses.cs"  # only for .cs inputs
+        self.log = self.dir / RUN_LOG  # cryospin.train.runlog
         self.particle_set = self.dir / "particle_set.json"  # cryospin.io.identity
 
     def epoch_map(self, epoch: int) -> Path:
@@ -352,12 +370,18 @@ def _adam(params: Any, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr)
 
 
-def _progress_bar(config: Config, total: int, initial_desc: str, *, enabled: bool = True) -> Any:
-    from tqdm.auto import tqdm
+def _epoch_progress(feedback: Feedback, plan: RunPlan, totals: PhaseTotals, epoch: int,
+                    end: int, images: int, scale: float) -> PassProgress:
+    """The progress display of ``epoch`` (``images`` per epoch, the run's last epoch ``end``),
+    with the run's ETA from the images/s measured so far and this epoch's
+    (:func:`cryospin.train.progress.run_eta_s`)."""
+    phase = plan.phase(epoch)
 
-    enabled = enabled and config.run.progress and sys.stderr.isatty()
-    return tqdm(total=total, unit="img", desc=initial_desc, disable=not enabled,
-                dynamic_ncols=True, smoothing=0.1)
+    def run_eta(done: float, seconds: float) -> float | None:
+        return run_eta_s(plan, epoch, done, images, add_sample(totals, phase, done, seconds))
+
+    return feedback.start(f"epoch {epoch}/{end} ({PHASE_LABELS[phase]})", images,
+                          what="epoch", run_eta=run_eta, scale=scale)
 
 
 # --------------------------------------------------------------------------- fit
@@ -436,9 +460,14 @@ def _fit_on_device(
             default_cpu_threads(config.run.num_threads, threads_before, available_cpus()))
     created = init_distributed(world, device)
     ended_normally = False
+    feedback = Feedback.choose(main=world.is_main, bar=config.run.progress,
+                               interval_s=config.run.progress_interval_s)
+    log = (run_log(files.log, header=header_line(argv, resumed=resume)) if world.is_main
+           else nullcontext())
     try:
-        result = _fit(config, particles, files, device, resume=resume, argv=argv,
-                      stop_after=stop_after, world=world)
+        with log, feedback.console():
+            result = _fit(config, particles, files, device, resume=resume, argv=argv,
+                          stop_after=stop_after, world=world, feedback=feedback)
         ended_normally = True
         return result
     finally:
@@ -456,7 +485,9 @@ def _fit(
     argv: list[str] | None,
     stop_after: int | None,
     world: WorldInfo = WorldInfo(),  # noqa: B008 (frozen: one process, rank 0)
+    feedback: Feedback | None = None,
 ) -> FitResult:
+    feedback = Feedback() if feedback is None else feedback  # None: no progress display
     # distributed: this rank's particles and the collectives; rank 0 writes every file
     shard = Shard(world) if world.distributed else None
     main = world.is_main
@@ -464,6 +495,7 @@ def _fit(
     if state is not None:
         _check_resume_config(config, state, files.checkpoint)
     identity = check_same_particles(files.particle_set, particles, files.dir) if resume else None
+    start_run_log(files.log)  # the run is accepted: run.log is written from here on
     if resume and main:
         for stale in remove_stale_temporaries(files.dir):  # left by a kill during a write
             logger.info("removed %s (left by an interrupted write)", stale.name)
@@ -563,8 +595,13 @@ def _fit(
     n = len(data)
     end = final_epoch(config.schedule, search_stopped_after)  # E, less after an early stop
     last = end if stop_after is None else min(end, max(stop_after, epochs_done))
-    resumed_after = epochs_done
-    bar = _progress_bar(config, (last - epochs_done) * n, "cryospin", enabled=main)
+    # progress: the epochs' phases and the images/s measured so far (resume: earlier epochs)
+    plan = RunPlan.from_schedule(config.schedule, switch_epoch=K,
+                                 search_stopped_after=search_stopped_after, last_epoch=last)
+    totals = phase_totals(read_metrics(files.metrics), plan) if main else {}
+    # distributed: rank 0 reports its own images, the display counts every rank's
+    scale = 1.0 if shard is None else n / max(int(shard.owned(n).numel()), 1)
+    progress: PassProgress | None = None
     t_start = time.perf_counter()
     try:
         for epoch in range(epochs_done + 1, last + 1):
@@ -574,18 +611,15 @@ def _fit(
             search_stop: dict[str, Any] = {}
             # -------------------------------------------------------- the switch
             if stage == AUTOENCODE and epoch > K:
-                pose_table, switch_info = _switch(config, encoder, volume, data, shard)
+                pose_table, switch_info = _switch(config, encoder, volume, data, shard,
+                                                  feedback)
                 encoder = encoder_opt = train_encoder = scaler = None
                 decoder_opt = _adam(volume.parameters(), config.optim.decoder_lr_after_switch)
                 stage = AUTODECODE
                 return_free_memory()  # the encoder and its optimiser are gone
 
-            bar.set_description(f"epoch {epoch}/{end} {stage}")
-
-            def tick(images: int, loss: float) -> None:
-                bar.update(images)
-                bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-
+            progress = _epoch_progress(feedback, plan, totals, epoch, end, n, scale)
+            tick = progress.update
             t0 = time.perf_counter()
             # -------------------------------------------------------- stage 1 / stage 2
             if stage == AUTOENCODE:
@@ -619,10 +653,12 @@ def _fit(
                     search_stopped_after = epoch
                     end = final_epoch(config.schedule, search_stopped_after)
                     last = min(last, end)
-                    bar.total = (last - resumed_after) * n
-                    bar.refresh()
+                    plan = RunPlan.from_schedule(config.schedule, switch_epoch=K,
+                                                 search_stopped_after=epoch, last_epoch=last)
                     search_stop = _search_stop_record(config, epoch, stats, end)
             wall = time.perf_counter() - t0
+            progress.close()
+            totals = add_sample(totals, plan.phase(epoch), stats.num_images, wall)
             elapsed = elapsed_before + (time.perf_counter() - t_start)
             # the full pose table (distributed: every rank's rows, gathered to rank 0)
             full_table = _full_pose_table(pose_table, shard)
@@ -661,7 +697,8 @@ def _fit(
     except OutputError as exc:  # disk full, file-size limit, folder gone: keep the checkpoint
         raise OutputError(f"{exc}; {_resume_hint(files.dir, epochs_done)}") from None
     finally:
-        bar.close()
+        if progress is not None:
+            progress.close()
 
     if epochs_done < end:
         return FitResult(files.dir, epochs_done, stage, finished=False)
@@ -674,16 +711,18 @@ def _fit(
         rotations, shifts = pose_table.gather(torch.arange(n, device=device))
         shifts_out = shifts if config.model.predict_shifts else None
     else:
-        best = infer_best_poses(  # rank 0: every particle (sharded data read them lazily)
-            encoder, volume, data.unsharded(), batch_size=config.run.inference_batch_size,
-            loss_radius_px=_final_stage1_radius(config, data),
-            lowpass_input=config.model.encoder_lowpass,
-        )
+        with feedback.start("final poses: inference pass", n) as progress:
+            best = infer_best_poses(  # rank 0: every particle (sharded data read them lazily)
+                encoder, volume, data.unsharded(), batch_size=config.run.inference_batch_size,
+                loss_radius_px=_final_stage1_radius(config, data),
+                lowpass_input=config.model.encoder_lowpass, progress=progress.update,
+            )
         rotations, shifts_out = best.rotations, best.shifts_px
     rotations = rotations.detach().cpu()
     shifts_out = None if shifts_out is None else shifts_out.detach().cpu()
     try:
-        _write_final(files, config, particles, data, volume, rotations, shifts_out)
+        _write_final(files, config, particles, data, volume, rotations, shifts_out,
+                     feedback=feedback)
     except OutputError as exc:  # every epoch is checkpointed: --resume writes these again
         raise OutputError(f"{exc}; {_resume_hint(files.dir, epochs_done)}") from None
     return FitResult(
@@ -808,7 +847,8 @@ def _check_resume_config(config: Config, state: dict[str, Any], path: Path) -> N
     mine, theirs = config_to_dict(config), config_to_dict(saved)
     del mine["input"], theirs["input"]  # the data may have moved
     for section in ("run", "schedule", "model"):
-        for key in ("device", "num_threads", "progress", "epochs", "precision"):
+        for key in ("device", "num_threads", "progress", "progress_interval_s", "epochs",
+                    "precision"):
             mine[section].pop(key, None)
             theirs[section].pop(key, None)
     if mine != theirs:
@@ -840,19 +880,25 @@ def _restore_pose_table(config: Config, pose_state: dict[str, Any], device: torc
 
 
 def _switch(
-    config: Config, encoder: Any, volume: Any, data: TrainingData, shard: Shard | None = None
+    config: Config, encoder: Any, volume: Any, data: TrainingData, shard: Shard | None = None,
+    feedback: Feedback | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The switch: best head of every particle -> pose table (distributed: of this rank's
-    particles, into the rows it owns; head usage and loss over all ranks)."""
+    particles, into the rows it owns; head usage and loss over all ranks). ``feedback`` shows
+    the inference pass's progress."""
     from cryospin.losses import head_usage
 
     t0 = time.perf_counter()
-    best = infer_best_poses(
-        encoder, volume, data, batch_size=config.run.inference_batch_size,
-        loss_radius_px=_final_stage1_radius(config, data),
-        lowpass_input=config.model.encoder_lowpass,
-        indices=None if shard is None else shard.owned(len(data)),
-    )
+    owned = None if shard is None else shard.owned(len(data))
+    count = len(data) if owned is None else int(owned.numel())
+    with (feedback or Feedback()).start("switch: inference pass", len(data),
+                                        scale=len(data) / max(count, 1)) as progress:
+        best = infer_best_poses(
+            encoder, volume, data, batch_size=config.run.inference_batch_size,
+            loss_radius_px=_final_stage1_radius(config, data),
+            lowpass_input=config.model.encoder_lowpass, indices=owned,
+            progress=progress.update,
+        )
     rotations, shifts = best.rotations.float(), best.shifts_px
     usage_t = head_usage(best.best_head.cpu(), config.model.num_heads)
     mean_loss = float(best.loss.mean())
@@ -966,6 +1012,8 @@ def _write_final(
     volume: Any,
     rotations: torch.Tensor,
     shifts_px: torch.Tensor | None,
+    *,
+    feedback: Feedback | None = None,
 ) -> None:
     from cryospin.io.cs import write_cryosparc
     from cryospin.io.mrc import write_map
@@ -975,8 +1023,10 @@ def _write_final(
         real = volume.to_real_space().detach().cpu()
     if config.run.final_map == "backprojection":
         write_map(files.map_decoder, real.numpy(), data.pixel_size_angstrom)
-        real = final_backprojection(particles, data, rotations, shifts_px,
-                                    seed=config.run.seed)
+        with (feedback or Feedback()).start("final map: backprojection",
+                                            rotations.shape[0]) as progress:
+            real = final_backprojection(particles, data, rotations, shifts_px,
+                                        seed=config.run.seed, on_batch=progress.update)
     write_map(files.map, real.numpy(), data.pixel_size_angstrom)
     shifts = shifts_px if shifts_px is not None else torch.zeros(rotations.shape[0], 2)
     # shifts in the ORIGINAL particles' pixels (training pixels are L/box_px times larger)
@@ -1010,6 +1060,7 @@ def final_backprojection(
     shifts_px: torch.Tensor | None,
     *,
     seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """The final map: Wiener backprojection of the training images from the final poses.
 
@@ -1026,6 +1077,8 @@ def final_backprojection(
         Final shifts ``(tx, ty)`` in the training frame's pixels.
     seed : int
         Seed of the half-set split that estimates the Wiener filter's SNR.
+    on_batch : callable, optional
+        Called after each batch of the backprojection with its number of images.
 
     Returns
     -------
@@ -1045,6 +1098,7 @@ def final_backprojection(
         _TrainingImages(data), rotations.detach().cpu().double(),
         None if shifts_px is None else shifts_px.detach().cpu().double(), ctf,
         box_px=data.box_px, pixel_size_angstrom=data.pixel_size_angstrom, seed=seed,
+        on_batch=on_batch,
     )
     logger.info("final map: Wiener backprojection of %d images from the final poses",
                 rotations.shape[0])

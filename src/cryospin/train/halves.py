@@ -24,6 +24,8 @@ Outputs in ``RUN_DIR``: ``half_A.mrc``, ``half_B.mrc`` (aligned into A's frame),
 (FSC-weighted average), ``mask.mrc``, ``map_masked.mrc``, ``postprocess.star`` (RELION layout),
 ``fsc.json``, ``fsc.png``, ``poses.star`` (all particles, A's frame, ``rlnRandomSubset`` 1/2)
 and ``poses.pkl`` (``poses.cs`` for a ``.cs`` input).
+``run.log``: what the run logged, both halves included (each half's folder has its own,
+:mod:`cryospin.train.runlog`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.io.identity import check_same_particles, particle_set_identity, save_identity
 from cryospin.runlock import describe_command, folder_lock
 from cryospin.train.config import Config, ScheduleConfig, read_config_argv, save_config
+from cryospin.train.runlog import RUN_LOG, header_line, run_log, start_run_log
 from cryospin.train.schedule import final_epoch
 
 __all__ = [
@@ -87,6 +90,7 @@ class HalvesFiles:
         self.fsc_png = self.dir / "fsc.png"
         self.star = self.dir / "poses.star"
         self.pkl = self.dir / "poses.pkl"
+        self.log = self.dir / RUN_LOG  # cryospin.train.runlog
         self.cs = self.dir / "poses.cs"  # only for .cs inputs
         self.particle_set = self.dir / "particle_set.json"  # cryospin.io.identity
 
@@ -319,10 +323,28 @@ def _fit_halves(
     stop_after: int | None,
 ) -> HalvesResult:
     """:func:`fit_halves` with the run folder held."""
-    from cryospin.train.fit import TrainingInterrupted, fit
-
     setup = _resume if resume else _start
     half, source = setup(files, config, particles, argv)
+    with run_log(files.log, header=header_line(argv, resumed=resume)):
+        start_run_log(files.log)  # the split and the particles are checked
+        return _train_and_combine(files, config, particles, half, source, argv=argv,
+                                  stop_after=stop_after)
+
+
+def _train_and_combine(
+    files: HalvesFiles,
+    config: Config,
+    particles: Any,
+    half: np.ndarray,
+    source: str,
+    *,
+    argv: list[str] | None,
+    stop_after: int | None,
+) -> HalvesResult:
+    """Phases 2 and 3 of :func:`fit_halves` (logged to ``RUN_DIR/run.log``; each half's run
+    also to its own)."""
+    from cryospin.train.fit import TrainingInterrupted, fit
+
     sizes = (int((half == 1).sum()), int((half == 2).sum()))
     if min(sizes) < 2:
         raise InputError(f"each half needs at least 2 particles, got {sizes[0]} and {sizes[1]}",

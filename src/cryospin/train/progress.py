@@ -1,0 +1,218 @@
+"""Progress arithmetic of a training run: which kind of epoch comes when, how fast each kind
+goes, and the ETAs shown while a run trains (:mod:`cryospin.train.feedback` shows them).
+
+Pure functions of the schedule, the epoch and measured throughputs: no clock, no I/O.
+
+An epoch's **phase** is one of
+
+* ``"autoencode"`` — stage 1 (epochs ``1 .. switch_epoch``);
+* ``"search"`` — a stage-2 epoch whose batches start with the global rotation search
+  (``switch_epoch + 1 .. last_search_epoch``; fewer after an early stop of the search,
+  :func:`cryospin.train.schedule.last_search_epoch`);
+* ``"local"`` — a stage-2 epoch of local refinement only.
+
+Their speeds differ several-fold (:data:`RELATIVE_SPEED`), so the run's ETA adds up, phase by
+phase, the images still to train divided by that phase's images/s (:func:`run_eta_s`): the
+rate measured in this run for every phase that has run (``metrics.jsonl`` of earlier epochs,
+the current epoch so far), else the current phase's rate scaled by :data:`RELATIVE_SPEED`.
+The ETA counts training time only (the per-epoch map and checkpoint writes, the switch's
+inference pass and the final map add a little).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from cryospin.train.config import ScheduleConfig
+from cryospin.train.schedule import final_epoch, last_search_epoch
+
+__all__ = [
+    "AUTOENCODE",
+    "SEARCH",
+    "LOCAL",
+    "PHASES",
+    "PHASE_LABELS",
+    "RELATIVE_SPEED",
+    "RunPlan",
+    "PhaseTotals",
+    "phase_totals",
+    "add_sample",
+    "estimate_rates",
+    "eta_s",
+    "run_eta_s",
+    "format_duration",
+    "progress_line",
+]
+
+AUTOENCODE = "autoencode"
+SEARCH = "search"
+LOCAL = "local"
+PHASES = (AUTOENCODE, SEARCH, LOCAL)
+#: How the progress display names each phase.
+PHASE_LABELS: Mapping[str, str] = {AUTOENCODE: "stage 1", SEARCH: "stage 2, search",
+                                   LOCAL: "stage 2, local"}
+
+#: Images/s of each phase relative to stage 1, for a phase not yet measured in this run (from
+#: its first epoch on, the measured rate is used). Measured, default preset: 48 px, 384
+#: particles, 1 thread (this machine, 2026-12-03, shared with other jobs): stage 1 / search /
+#: local epochs 159 / 330–448 / 711–801 images/s (2.1–2.8× and 4.5–5.0× stage 1); the 64 px,
+#: 20,000-particle benchmark (benchmarks/RESULTS.md): stage 1 223 (bf16) / 140 (fp32) against
+#: stage 2 at best 530 / 471 images/s (2.4–3.4×), and before stage 1 got its 32 px encoder input
+#: a search epoch took 0.7–1.5× a stage-1 epoch. 1.5 and 3 keep the estimate on the long side.
+RELATIVE_SPEED: Mapping[str, float] = {AUTOENCODE: 1.0, SEARCH: 1.5, LOCAL: 3.0}
+
+#: ``phase -> (images, seconds)`` trained so far (summed over epochs).
+PhaseTotals = Mapping[str, tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The epochs of a run, as far as they are known now.
+
+    Attributes
+    ----------
+    switch_epoch : int
+        Last stage-1 epoch (0: the switch comes before epoch 1; ``epochs`` for the methods that
+        never switch).
+    last_search_epoch : int
+        Last epoch with the global search (``switch_epoch`` or less: none).
+    last_epoch : int
+        Last epoch this invocation trains (the run's last, or ``--stop-after``).
+    """
+
+    switch_epoch: int
+    last_search_epoch: int
+    last_epoch: int
+
+    @classmethod
+    def from_schedule(cls, schedule: ScheduleConfig, *, switch_epoch: int,
+                      search_stopped_after: int | None,
+                      last_epoch: int | None = None) -> RunPlan:
+        """The plan of ``schedule`` (``last_epoch`` None: the run's last,
+        :func:`~cryospin.train.schedule.final_epoch`, which an early stop shortens)."""
+        end = final_epoch(schedule, search_stopped_after) if last_epoch is None else last_epoch
+        return cls(switch_epoch, last_search_epoch(schedule, search_stopped_after), end)
+
+    def phase(self, epoch: int) -> str:
+        """Phase of ``epoch`` (module docstring)."""
+        if epoch <= self.switch_epoch:
+            return AUTOENCODE
+        if epoch <= self.last_search_epoch:
+            return SEARCH
+        return LOCAL
+
+    def remaining_images(self, epoch: int, images_done: float,
+                         images_per_epoch: float) -> dict[str, float]:
+        """Images still to train, by phase, from ``images_done`` into ``epoch`` to the end of
+        ``last_epoch`` (phases with none left are absent)."""
+        out: dict[str, float] = {}
+        for e in range(epoch, self.last_epoch + 1):
+            left = images_per_epoch - images_done if e == epoch else images_per_epoch
+            if left > 0:
+                out[self.phase(e)] = out.get(self.phase(e), 0.0) + left
+        return out
+
+
+def phase_totals(rows: Iterable[Mapping[str, object]],
+                 plan: RunPlan) -> dict[str, tuple[float, float]]:
+    """``phase -> (images, seconds)`` of the epochs in ``metrics.jsonl`` rows
+    (:func:`cryospin.train.metrics.read_metrics`); rows without a positive training time are
+    skipped."""
+    totals: dict[str, tuple[float, float]] = {}
+    for row in rows:
+        images, seconds = row.get("num_images"), row.get("wall_time_s")
+        if not isinstance(images, int | float) or not isinstance(seconds, int | float):
+            continue
+        if not (seconds > 0 and images > 0):
+            continue
+        epoch = row.get("epoch")
+        phase = (AUTOENCODE if row.get("stage") == "autoencode"
+                 else plan.phase(int(epoch)) if isinstance(epoch, int) else None)
+        if phase is None:
+            continue
+        totals = add_sample(totals, phase, float(images), float(seconds))
+    return totals
+
+
+def add_sample(totals: PhaseTotals, phase: str, images: float,
+               seconds: float) -> dict[str, tuple[float, float]]:
+    """``totals`` with ``images`` trained in ``seconds`` added to ``phase`` (a new mapping)."""
+    out = dict(totals)
+    done, spent = out.get(phase, (0.0, 0.0))
+    out[phase] = (done + images, spent + seconds)
+    return out
+
+
+def estimate_rates(totals: PhaseTotals, current_phase: str,
+                   relative_speed: Mapping[str, float] = RELATIVE_SPEED) -> dict[str, float]:
+    """Images/s of every phase: measured where ``totals`` has it; a phase never measured gets
+    the current phase's rate (else the first measured one's) times the ratio of their
+    ``relative_speed``. Empty when nothing has been measured yet."""
+    rates = {p: images / seconds for p, (images, seconds) in totals.items()
+             if seconds > 0 and images > 0}
+    if not rates:
+        return {}
+    ref = current_phase if current_phase in rates else next(p for p in PHASES if p in rates)
+    for p in PHASES:
+        if p not in rates:
+            rates[p] = rates[ref] * relative_speed[p] / relative_speed[ref]
+    return rates
+
+
+def eta_s(remaining: Mapping[str, float], rates: Mapping[str, float]) -> float | None:
+    """Seconds to train ``remaining`` images (by phase) at ``rates`` images/s (None when a
+    phase with images left has no rate)."""
+    total = 0.0
+    for phase, images in remaining.items():
+        if images <= 0:
+            continue
+        rate = rates.get(phase)
+        if rate is None or not rate > 0:
+            return None
+        total += images / rate
+    return total
+
+
+def run_eta_s(plan: RunPlan, epoch: int, images_done: float, images_per_epoch: float,
+              totals: PhaseTotals,
+              relative_speed: Mapping[str, float] = RELATIVE_SPEED) -> float | None:
+    """Seconds until the end of ``plan.last_epoch``, ``images_done`` into ``epoch``.
+
+    ``totals`` holds what this run has measured, the current epoch so far included
+    (:func:`add_sample`); None before anything was measured.
+    """
+    rates = estimate_rates(totals, plan.phase(epoch), relative_speed)
+    return eta_s(plan.remaining_images(epoch, images_done, images_per_epoch), rates)
+
+
+def format_duration(seconds: float | None) -> str:
+    """``"42 s"``, ``"7 min 05 s"``, ``"2 h 03 min"``; ``"?"`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = max(int(round(seconds)), 0)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def progress_line(label: str, done: float, total: float, elapsed_s: float, *,
+                  what: str = "pass", run_eta: float | None = None,
+                  with_run_eta: bool = False) -> str:
+    """One line of progress: ``"epoch 3/12 (stage 2, search): 1,280/5,000 images (26 %),
+    57.1 images/s, ETA epoch 1 min 05 s, run 12 min 30 s"``.
+
+    ``what`` names the pass in the ETA (``"epoch"``); ``with_run_eta`` adds the run's ETA
+    (``run_eta``, "?" when None).
+    """
+    rate = done / elapsed_s if elapsed_s > 0 else float("nan")
+    left = (total - done) / rate if done > 0 and rate > 0 else None
+    pct = 100.0 * done / total if total > 0 else 100.0
+    line = (f"{label}: {int(round(done)):,}/{int(round(total)):,} images ({pct:.0f} %), "
+            f"{rate:.1f} images/s, ETA {what} {format_duration(left)}")
+    if with_run_eta:
+        line += f", run {format_duration(run_eta)}"
+    return line

@@ -1,0 +1,197 @@
+"""Feedback during a run, end to end on tiny data (16 px, 32 particles): ``RUN_DIR/run.log``
+(what the console shows, with date and time; appended on ``--resume``; the command line's own
+end-of-run lines included) and the progress lines shown without a terminal: every epoch, the
+switch's inference pass and the final backprojection, with stage, epoch and ETAs. The clock of
+the progress display is replaced by one that advances 1 s per reading, so the lines and their
+numbers do not depend on the machine's speed."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from cryospin.cli.main import main as cli_main
+from cryospin.encoder import MultiHeadPoseEncoder
+from cryospin.forward.ctf import CTFParams, compute_ctf
+from cryospin.forward.hartley import hartley3, ihartley2
+from cryospin.forward.model import render
+from cryospin.io.mrc import write_stack
+from cryospin.io.particles import load_particles
+from cryospin.io.pkl import write_cryodrgn_ctf
+from cryospin.rotations import random_rotations
+from cryospin.train import feedback as feedback_module
+from cryospin.train import fit as fit_module
+from cryospin.train.autoencode import infer_best_poses
+from cryospin.train.config import build_config
+from cryospin.train.data import prepare_data
+from cryospin.train.fit import fit
+from cryospin.volume import HartleyVolume
+
+N, L = 32, 16
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """32 noisy 16 px images of a blob volume with CTF (particles.mrcs, ctf.pkl)."""
+    folder = tmp_path_factory.mktemp("feedback_data")
+    g = torch.Generator().manual_seed(3)
+    k = torch.arange(L, dtype=torch.float64) - L // 2
+    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
+    vol = torch.zeros(L, L, L, dtype=torch.float64)
+    for cx, cy, cz in ((torch.rand(5, 3, generator=g, dtype=torch.float64) - 0.5) * 7).tolist():
+        vol += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / 3.0)
+    f64 = {"dtype": torch.float64}
+    df = torch.empty(N, **f64).uniform_(8000.0, 15000.0, generator=g)
+    ctf = CTFParams(
+        defocus_u_angstrom=df, defocus_v_angstrom=df.clone(),
+        defocus_angle_deg=torch.zeros(N, **f64), voltage_kv=torch.full((N,), 300.0, **f64),
+        cs_mm=torch.full((N,), 2.7, **f64), amplitude_contrast=torch.full((N,), 0.1, **f64),
+        phase_shift_deg=torch.zeros(N, **f64), bfactor_a2=torch.zeros(N, **f64),
+    )
+    rot = random_rotations(N, generator=g)
+    clean = ihartley2(render(hartley3(vol), rot, None, compute_ctf(ctf, L, 4.0)))
+    images = clean + float(clean.std()) * torch.randn(clean.shape, generator=g, **f64)
+    write_stack(folder / "particles.mrcs", images, 4.0)
+    write_cryodrgn_ctf(folder / "ctf.pkl", ctf, L, 4.0)
+    return folder
+
+
+def _particles(folder: Path):
+    return load_particles(folder / "particles.mrcs", ctf_pkl=folder / "ctf.pkl")
+
+
+def _config(**run):
+    """3 epochs: 1 stage-1, 2 search epochs (the default preset's search is cut by epochs)."""
+    return build_config("default", {
+        "model": {"num_heads": 2, "width_multiplier": 0.125, "head_hidden": 16,
+                  "precision": "fp32", "encoder_box_px": None},
+        "optim": {"batch_size": 16, "search_rotations": 64, "search_radius_px": 3.0},
+        "schedule": {"epochs": 3, "switch_epoch": 1},
+        "run": {"device": "cpu", "num_threads": 1, "seed": 2, "track_particles": 0,
+                "keep_epoch_maps": False, **run},
+    })
+
+
+def _lines(path: Path) -> list[str]:
+    """The first line of every record of run.log, without its date and time; the records'
+    further lines (a table, a traceback) are left out."""
+    text = path.read_text(encoding="utf-8")
+    assert re.match(STAMP, text)
+    return [f"{m[1]} {m[2]}" for m in re.finditer(rf"^{STAMP} (\w+) (.*)$", text, re.M)]
+
+
+def _run_log_attached() -> bool:
+    return any(type(h).__name__ == "_RunLogHandler" for h in logging.getLogger().handlers)
+
+
+def test_run_log_of_a_run_and_its_resume(data, tmp_path):
+    run = tmp_path / "run"
+    argv = ["cryospin", "reconstruct", "particles.mrcs", "-o", str(run)]
+    partial = fit(_config(progress_interval_s=0.0), _particles(data), run, argv=argv,
+                  stop_after=1)
+    assert not partial.finished and not _run_log_attached()  # removed after the run
+    first = _lines(run / "run.log")
+    assert first[0] == f"INFO ==== started: cryospin reconstruct particles.mrcs -o {run} ===="
+    assert any(line.startswith("INFO preprocessing 32 particles") for line in first)
+    assert any(line.startswith("INFO epoch 1/3 autoencode: loss ") for line in first)
+
+    resumed = ["cryospin", "reconstruct", "--resume", str(run)]
+    done = fit(_config(progress_interval_s=0.0), _particles(data), run, resume=True,
+               argv=resumed)
+    assert done.finished and not _run_log_attached()
+    lines = _lines(run / "run.log")
+    assert lines[:len(first)] == first  # appended, never rewritten
+    rest = lines[len(first):]
+    assert rest[0] == f"INFO ==== resumed: cryospin reconstruct --resume {run} ===="
+    assert any(line.startswith(f"INFO resuming {run} after epoch 1") for line in rest)
+    assert any(line.startswith("INFO switch to auto-decoding") for line in rest)
+    assert any(line.startswith("INFO epoch 3/3 autodecode: loss ") for line in rest)
+    assert rest[-1].startswith(f"INFO wrote {run / 'map.mrc'}")
+    assert not any("images/s, ETA" in line for line in lines)  # progress_interval_s = 0
+
+
+def test_the_inference_pass_reports_every_batch(data):
+    """infer_best_poses (the switch's pass, the final poses of the amortized methods) calls
+    its progress callback once per batch with the batch's size: the sizes sum to N."""
+    config = _config()
+    particles = _particles(data)
+    training = prepare_data(particles, config.data, device=torch.device("cpu"))
+    encoder = MultiHeadPoseEncoder(L, 2, width_multiplier=0.125, head_hidden=16)
+    volume = HartleyVolume.ab_initio(L, training.radial_amplitude.cpu(),
+                                     generator=torch.Generator().manual_seed(0))
+    sizes: list[int] = []
+    best = infer_best_poses(encoder, volume, training, batch_size=10, progress=sizes.append)
+    assert sizes == [10, 10, 10, 2] and sum(sizes) == N == best.rotations.shape[0]
+    sizes.clear()
+    infer_best_poses(encoder, volume, training, batch_size=4, progress=sizes.append,
+                     indices=torch.arange(1, N, 3))  # a rank's own particles
+    assert sizes == [4, 4, 3]
+
+
+def test_progress_lines_without_a_terminal(data, tmp_path, monkeypatch):
+    """stderr not a terminal, a bar wanted (the default): lines every second of the fake
+    clock, i.e. after every batch, for the epochs, the switch's inference pass and the final
+    backprojection."""
+    clock = iter(range(1, 10**6))
+    monkeypatch.setattr(feedback_module, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(feedback_module, "stderr_is_terminal", lambda: False)
+    real_switch = fit_module._switch
+
+    def switch_by_inference(config, *args, **kwargs):  # whatever the preset's switch_poses
+        kwargs.pop("record", None)
+        return real_switch(config, *args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "_switch", switch_by_inference)
+    run = tmp_path / "run"
+    result = fit(_config(progress=True, progress_interval_s=1.0, inference_batch_size=10),
+                 _particles(data), run)
+    assert result.finished
+
+    lines = [line[5:] for line in _lines(run / "run.log") if line.startswith("INFO ")]
+    # epoch 1, first batch: 16 images 1 s after the start, 16 more at 16 images/s (1 s), then
+    # 2 * 32 of the search epochs, unmeasured: stage 1's rate times 1.5 (2.7 s); 4 s in all
+    assert ("epoch 1/3 (stage 1): 16/32 images (50 %), 16.0 images/s, ETA epoch 1 s, run 4 s"
+            in lines)
+    assert "epoch 1/3 (stage 1): 32/32 images (100 %), 16.0 images/s, ETA epoch 0 s, run " \
+           "3 s" in lines
+    assert [line for line in lines if line.startswith("switch: inference pass")] == [
+        f"switch: inference pass: {n}/32 images ({100 * n / 32:.0f} %), 10.0 images/s, "
+        f"ETA pass {(32 - n) / 10:.0f} s" for n in (10, 20, 30, 32)][:3] + [
+        "switch: inference pass: 32/32 images (100 %), 8.0 images/s, ETA pass 0 s"]
+    stage2 = [line for line in lines if line.startswith("epoch 2/3 (stage 2, search): ")]
+    assert len(stage2) == 2 and all(", ETA epoch " in x and ", run " in x for x in stage2)
+    assert any(line.startswith("epoch 3/3 (stage 2, search): 32/32 images (100 %)")
+               and line.endswith(", run 0 s") for line in lines)
+    assert any(line.startswith("final map: backprojection: 32/32 images (100 %)")
+               for line in lines)
+
+
+def test_cli_run_log_has_the_printed_lines_and_a_separator_per_invocation(data, tmp_path,
+                                                                          capsys):
+    run = tmp_path / "cli"
+    common = ["--heads", "2", "--width", "0.125", "--no-bf16", "--batch-size", "16",
+              "--device", "cpu", "--threads", "1", "--no-progress", "--seed", "5",
+              "--search-rotations", "64", "--search-radius", "3"]
+    first = ["reconstruct", str(data / "particles.mrcs"), "--ctf", str(data / "ctf.pkl"),
+             "-o", str(run), "--epochs", "1", "--switch-epoch", "1", *common]
+    assert cli_main(first) == 0
+    assert cli_main(["reconstruct", "--resume", str(run), "--epochs", "2",
+                     "--progress-interval", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "done: 2 epochs" in out
+    lines = _lines(run / "run.log")
+    headers = [i for i, line in enumerate(lines) if line.startswith("INFO ==== ")]
+    assert len(headers) == 2  # one per invocation (the CLI's; fit adds none inside it)
+    assert lines[headers[0]].startswith("INFO ==== started: cryospin reconstruct ")
+    assert lines[headers[1]] == (f"INFO ==== resumed: cryospin reconstruct --resume {run} "
+                                 "--epochs 2 --progress-interval 0 ====")
+    before, after = lines[:headers[1]], lines[headers[1]:]
+    assert any(line.startswith("INFO contrast check on ") for line in before)
+    assert any(line.startswith("INFO done: 1 epochs; map ") for line in before)
+    assert any(line.startswith("INFO done: 2 epochs; map ") for line in after)
+    assert not _run_log_attached()

@@ -1,0 +1,131 @@
+"""The ETA arithmetic of a run (cryospin.train.progress), checked against hand-computed cases:
+the phase of every epoch (also after an early stop of the global search), the images left by
+phase, rates measured or estimated from the relative speeds, and the formatting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cryospin.train.config import ScheduleConfig
+from cryospin.train.progress import (
+    AUTOENCODE,
+    LOCAL,
+    RELATIVE_SPEED,
+    SEARCH,
+    RunPlan,
+    add_sample,
+    estimate_rates,
+    eta_s,
+    format_duration,
+    phase_totals,
+    progress_line,
+    run_eta_s,
+)
+
+# the default preset's shape: 1 stage-1 epoch, up to 8 search epochs, 3 local epochs
+SCHEDULE = ScheduleConfig(epochs=12, switch_epoch=1, search_epochs=8, search_min_epochs=4,
+                          search_stop_fraction=0.02)
+
+
+def test_phases_of_the_default_schedule_and_after_an_early_stop():
+    plan = RunPlan.from_schedule(SCHEDULE, switch_epoch=1, search_stopped_after=None)
+    assert (plan.switch_epoch, plan.last_search_epoch, plan.last_epoch) == (1, 9, 12)
+    assert [plan.phase(e) for e in range(1, 13)] == (
+        [AUTOENCODE] + [SEARCH] * 8 + [LOCAL] * 3)
+    # the search stopped after epoch 5: the 3 local epochs follow at once, the run ends at 8
+    stopped = RunPlan.from_schedule(SCHEDULE, switch_epoch=1, search_stopped_after=5)
+    assert (stopped.last_search_epoch, stopped.last_epoch) == (5, 8)
+    assert [stopped.phase(e) for e in range(1, 9)] == (
+        [AUTOENCODE] + [SEARCH] * 4 + [LOCAL] * 3)
+    # --stop-after: this invocation ends earlier; a method that never switches: all stage 1
+    assert RunPlan.from_schedule(SCHEDULE, switch_epoch=1, search_stopped_after=None,
+                                 last_epoch=3).last_epoch == 3
+    never = RunPlan(switch_epoch=12, last_search_epoch=12, last_epoch=12)
+    assert {never.phase(e) for e in range(1, 13)} == {AUTOENCODE}
+
+
+def test_remaining_images_by_phase():
+    plan = RunPlan(switch_epoch=1, last_search_epoch=4, last_epoch=6)
+    assert plan.remaining_images(1, 25, 100) == {AUTOENCODE: 75, SEARCH: 300, LOCAL: 200}
+    assert plan.remaining_images(4, 100, 100) == {LOCAL: 200}  # epoch 4 just finished
+    assert plan.remaining_images(6, 40, 100) == {LOCAL: 60}
+    assert plan.remaining_images(6, 100, 100) == {}
+
+
+def test_eta_in_stage_1_estimates_the_later_stages_from_the_relative_speeds():
+    """Epoch 1 of 6 (1 stage-1, 3 search, 2 local), 25 of 100 images in 5 s: 5 images/s.
+    Unmeasured: search at 5 * 1.5 = 7.5, local at 5 * 3 = 15 images/s.
+    75/5 + 300/7.5 + 200/15 = 15 + 40 + 13.33 s."""
+    assert RELATIVE_SPEED == {AUTOENCODE: 1.0, SEARCH: 1.5, LOCAL: 3.0}
+    plan = RunPlan(switch_epoch=1, last_search_epoch=4, last_epoch=6)
+    totals = add_sample({}, AUTOENCODE, 25, 5.0)
+    assert estimate_rates(totals, AUTOENCODE) == {AUTOENCODE: 5.0, SEARCH: 7.5, LOCAL: 15.0}
+    assert run_eta_s(plan, 1, 25, 100, totals) == pytest.approx(15 + 40 + 200 / 15)
+    # other relative speeds (e.g. measured on a GPU) can be given
+    assert run_eta_s(plan, 1, 25, 100, totals, {AUTOENCODE: 1.0, SEARCH: 1.0, LOCAL: 1.0}) == \
+        pytest.approx(575 / 5)
+
+
+def test_eta_uses_the_measured_rate_of_every_phase_that_ran():
+    """Resumed in epoch 2 (search): metrics.jsonl has epoch 1 at 5 images/s; epoch 2 so far
+    50 images in 5 s (10 images/s); local, unmeasured, from the current phase: 10 * 3/1.5 =
+    20. (50 + 200)/10 + 200/20 = 25 + 10 s."""
+    plan = RunPlan(switch_epoch=1, last_search_epoch=4, last_epoch=6)
+    rows = [{"epoch": 1, "stage": "autoencode", "num_images": 100, "wall_time_s": 20.0}]
+    totals = phase_totals(rows, plan)
+    assert totals == {AUTOENCODE: (100.0, 20.0)}
+    live = add_sample(totals, SEARCH, 50, 5.0)
+    assert estimate_rates(live, SEARCH) == {AUTOENCODE: 5.0, SEARCH: 10.0, LOCAL: 20.0}
+    assert run_eta_s(plan, 2, 50, 100, live) == pytest.approx(25 + 10)
+    # several epochs of a phase: images and time add up (two search epochs at 10 and 20 /s)
+    rows += [{"epoch": 2, "stage": "autodecode", "num_images": 100, "wall_time_s": 10.0},
+             {"epoch": 3, "stage": "autodecode", "num_images": 100, "wall_time_s": 5.0},
+             {"epoch": 5, "stage": "autodecode", "num_images": 100, "wall_time_s": 2.0},
+             {"epoch": 6, "stage": "autodecode", "num_images": 100, "wall_time_s": None}]
+    assert phase_totals(rows, plan) == {AUTOENCODE: (100.0, 20.0), SEARCH: (200.0, 15.0),
+                                        LOCAL: (100.0, 2.0)}
+
+
+def test_eta_after_an_early_stop_of_the_search_counts_only_the_shortened_run():
+    """Default schedule, search stopped after epoch 5, in epoch 6 (local) with nothing done
+    yet: 3 local epochs * 100 images at 30 images/s (stage 1's 10 * 3) = 10 s. Without the
+    stop, epoch 6 would be a search epoch and 4 search epochs at the measured 10 images/s and 3
+    local ones at 10 * 3/1.5 = 20 images/s would remain: 40 + 15 s."""
+    rows = [{"epoch": 1, "stage": "autoencode", "num_images": 100, "wall_time_s": 10.0}] + [
+        {"epoch": e, "stage": "autodecode", "num_images": 100, "wall_time_s": 10.0}
+        for e in range(2, 6)]
+    stopped = RunPlan.from_schedule(SCHEDULE, switch_epoch=1, search_stopped_after=5)
+    totals = phase_totals(rows, stopped)
+    assert totals == {AUTOENCODE: (100.0, 10.0), SEARCH: (400.0, 40.0)}
+    # nothing local measured: from the first measured phase, 10 * 3/1 = 30 images/s
+    assert run_eta_s(stopped, 6, 0, 100, totals) == pytest.approx(300 / 30)
+    running = RunPlan.from_schedule(SCHEDULE, switch_epoch=1, search_stopped_after=None)
+    assert run_eta_s(running, 6, 0, 100, totals) == pytest.approx(400 / 10 + 300 / 20)
+
+
+def test_unknown_rates_give_no_eta():
+    plan = RunPlan(switch_epoch=1, last_search_epoch=4, last_epoch=6)
+    assert estimate_rates({}, AUTOENCODE) == {}
+    assert run_eta_s(plan, 1, 0, 100, {}) is None
+    assert eta_s({SEARCH: 10}, {AUTOENCODE: 1.0}) is None
+    assert eta_s({}, {}) == 0.0
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (0, 0.4, 59.4, 65, 600, 3725, 36000)] == [
+        "0 s", "0 s", "59 s", "1 min 05 s", "10 min 00 s", "1 h 02 min", "10 h 00 min"]
+    assert format_duration(None) == "?" and format_duration(math.nan) == "?"
+    assert format_duration(math.inf) == "?"
+
+
+def test_progress_line():
+    """1,280 of 5,000 images in 20 s: 64 images/s, 3,720 left = 58 s."""
+    line = progress_line("epoch 3/12 (stage 2, search)", 1280, 5000, 20.0, what="epoch",
+                         run_eta=750.0, with_run_eta=True)
+    assert line == ("epoch 3/12 (stage 2, search): 1,280/5,000 images (26 %), 64.0 images/s, "
+                    "ETA epoch 58 s, run 12 min 30 s")
+    assert progress_line("switch: inference pass", 0, 64, 1.0).endswith("ETA pass ?")
+    assert progress_line("epoch 1/3 (stage 1)", 32, 64, 2.0, what="epoch", run_eta=None,
+                         with_run_eta=True).endswith("ETA epoch 2 s, run ?")
