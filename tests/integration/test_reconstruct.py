@@ -276,6 +276,42 @@ def test_resume_may_change_the_precision(tiny, tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["resolved"]["precision"] == "bf16"
 
 
+def test_switch_from_the_last_stage1_epoch_needs_no_inference_pass(tiny, tmp_path, monkeypatch):
+    """``schedule.switch_poses = last_epoch``: the pose table starts from the winners as trained
+    on in the last stage-1 epoch (kept in that epoch's checkpoint for an exact resume), without
+    the inference pass; ``inference`` still runs it."""
+    calls = []
+    real = fit_module.infer_best_poses
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "infer_best_poses", counted)
+    cfg = _tiny_config(schedule={"switch_poses": "last_epoch", "epochs": 3, "switch_epoch": 2})
+    run = tmp_path / "last"
+    fit(cfg, _particles(tiny), run, stop_after=2)
+    record = load_checkpoint(run / "checkpoint.pt")["switch_record"]
+    assert record["rotations"].shape == (64, 3, 3)
+    assert bool(torch.isfinite(record["loss"]).all()) and int(record["best_head"].min()) >= 0
+    eye = torch.eye(3).expand(64, 3, 3)
+    torch.testing.assert_close(record["rotations"] @ record["rotations"].transpose(-1, -2), eye,
+                               rtol=0, atol=1e-5)
+    fit(cfg, _particles(tiny), run, resume=True)
+    assert calls == []
+    switch = read_metrics(run / "metrics.jsonl")[2]["extra"]["switch"]
+    assert switch["poses"] == "last_epoch"
+    track = np.load(run / "pose_track.npz")  # epoch 3 starts from the recorded winners
+    assert track["epochs"].tolist() == [1, 2, 3]
+
+    ref = fit(_tiny_config(schedule={"switch_poses": "inference", "epochs": 3,
+                                     "switch_epoch": 2}), _particles(tiny), tmp_path / "inf")
+    assert len(calls) == 1 and ref.finished
+    assert read_metrics(ref.run_dir / "metrics.jsonl")[2]["extra"]["switch"]["poses"] == \
+        "inference"
+    assert load_checkpoint(tmp_path / "inf" / "checkpoint.pt").get("switch_record") is None
+
+
 def test_resume_rejects_a_changed_configuration(uninterrupted, tiny):
     changed = _tiny_config(model={"num_heads": 4}, schedule={"epochs": 4})
     with pytest.raises(CryospinError, match="model.num_heads"):

@@ -59,8 +59,14 @@ def test_winner_nll_equals_min_of_all_heads_in_value_and_gradient(shifts, ctf, r
 
     (ref_nll, ref_best), ref_grads = run(
         lambda e, v: predict_nll(e, v, batch, data, disc)[0].min(dim=1))
-    (nll, best), grads = run(lambda e, v: winner_nll(e, v, batch, data, disc))
+    (nll, best, rot, shift), grads = run(lambda e, v: winner_nll(e, v, batch, data, disc))
     assert torch.equal(best, ref_best)
+    rows = torch.arange(B)
+    enc = _FixedPoses(torch.Generator().manual_seed(3), shifts)
+    torch.testing.assert_close(rot, enc.rotations[rows, best], rtol=0, atol=0)
+    assert (shift is None) == (not shifts)
+    if shifts:
+        torch.testing.assert_close(shift, enc.shifts_px[rows, best], rtol=0, atol=0)
     assert len(set(best.tolist())) > 1  # the test exercises several winning heads
     torch.testing.assert_close(nll, ref_nll, rtol=1e-12, atol=1e-12)
     for g_ref, g_new in zip(ref_grads, grads, strict=True):

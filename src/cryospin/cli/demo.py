@@ -16,7 +16,8 @@ import json
 import time
 from pathlib import Path
 
-# sized to finish in about 10 minutes on 2 CPU cores
+# sized to finish in about 3 minutes on 2 CPU cores (2.4 min native bf16, 2.6 min fp32 AVX2;
+# benchmarks/RESULTS.md "Portable speed")
 DEFAULTS = {
     "n_particles": 5000,
     "box": 48,

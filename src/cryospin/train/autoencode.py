@@ -99,6 +99,34 @@ class BestPoses:
     best_head: Tensor
     loss: Tensor
 
+    @staticmethod
+    def empty(num_particles: int, with_shifts: bool, device: torch.device) -> BestPoses:
+        """Buffers for ``num_particles`` rows to be filled (identity rotations, zero shifts,
+        head -1, loss NaN: the rows no batch wrote)."""
+        n = int(num_particles)
+        return BestPoses(
+            rotations=torch.eye(3, device=device).repeat(n, 1, 1),
+            shifts_px=torch.zeros(n, 2, device=device) if with_shifts else None,
+            best_head=torch.full((n,), -1, dtype=torch.int64, device=device),
+            loss=torch.full((n,), float("nan"), device=device),
+        )
+
+    def rows(self, indices: Tensor) -> BestPoses:
+        """The rows ``indices`` `(n,)`, in that order."""
+        idx = indices.to(self.loss.device)
+        return BestPoses(self.rotations[idx], None if self.shifts_px is None
+                         else self.shifts_px[idx], self.best_head[idx], self.loss[idx])
+
+    def write(self, indices: Tensor, rotations: Tensor, shifts_px: Tensor | None,
+              best_head: Tensor, loss: Tensor) -> None:
+        """Store the winners of a batch (rows ``indices`` `(B,)`; values detached)."""
+        idx = indices.to(self.loss.device)
+        self.rotations[idx] = rotations.detach().to(self.rotations)
+        if self.shifts_px is not None and shifts_px is not None:
+            self.shifts_px[idx] = shifts_px.detach().to(self.shifts_px)
+        self.best_head[idx] = best_head.to(self.best_head)
+        self.loss[idx] = loss.detach().to(self.loss)
+
 
 def stage1_loss_radius(
     step: int, total_steps: int, start_px: float | None, end_px: float
@@ -178,7 +206,7 @@ def winner_nll(
     disc: LossDisc | None = None,
     *,
     lowpass_input: bool = False,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """NLL of each image's best head, differentiable, rendering the others without gradients.
 
     The same value and gradient as ``predict_nll(...)[0].min(dim=1)`` (the gradient of a
@@ -198,6 +226,10 @@ def winner_nll(
         The winning head's NLL of every image (gradients to the encoder and the volume).
     best_head : `(B,)` int64
         Its index (ties: the lowest).
+    rotations : `(B, 3, 3)`
+        The winning head's rotation.
+    shifts_px : `(B, 2)` or None
+        Its shift.
     """
     out = encoder(_encoder_input(batch, disc, lowpass_input))
     freqs, neg = data.frequencies, data.negation_index
@@ -213,16 +245,18 @@ def winner_nll(
         best = gaussian_nll(pred, batch.hartley, data.noise_variance).argmin(dim=1)  # (B,)
         del pred
     rows = torch.arange(best.shape[0], device=best.device)
+    rot_best = out.rotations[rows, best]  # (B, 3, 3)
+    shift_best = None if shifts is None else shifts[rows, best]  # (B, 2)
     pred_best = render(
         volume_ht,
-        out.rotations[rows, best][:, None],  # (B, 1, 3, 3)
-        None if shifts is None else shifts[rows, best][:, None],  # (B, 1, 2)
+        rot_best[:, None],  # (B, 1, 3, 3)
+        None if shift_best is None else shift_best[:, None],  # (B, 1, 2)
         ctf,
         frequencies=freqs,
         negation_index=neg,
     )  # (B, 1, P)
     nll = gaussian_nll(pred_best, batch.hartley, data.noise_variance)[:, 0]  # (B,)
-    return nll, best
+    return nll, best, rot_best, shift_best
 
 
 def autoencode_epoch(
@@ -240,6 +274,7 @@ def autoencode_epoch(
     lowpass_input: bool = False,
     shard: Shard | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
+    record: BestPoses | None = None,
 ) -> EpochStats:
     """One pass over the particles in random order (drawn from ``generator``).
 
@@ -270,6 +305,9 @@ def autoencode_epoch(
         Loss scaling for an fp16 encoder trunk: the objective is scaled before ``backward``,
         the gradients unscaled before the optimisers step, and a step whose scaled gradients
         overflowed is skipped (the scaler's job, so no NonFiniteGradientError then).
+    record : BestPoses, optional
+        Rows (particle indices) into which each batch writes its images' winning head, pose
+        and NLL as trained on (the switch may start from them instead of an inference pass).
 
     Raises
     ------
@@ -294,9 +332,11 @@ def autoencode_epoch(
             if key not in discs:
                 discs[key] = sub_disc(data.frequencies, data.box_px, radius)
             disc = discs[key]
-        best_nll, best = winner_nll(
+        best_nll, best, best_rot, best_shift = winner_nll(
             encoder, volume(), batch, data, disc, lowpass_input=lowpass_input
-        )  # (B,), (B,): winner-take-all over the heads
+        )  # (B,), (B,), ...: winner-take-all over the heads
+        if record is not None:
+            record.write(idx, best_rot, best_shift, best, best_nll)
         if shard is None:
             loss = best_nll.mean()
             objective = loss

@@ -51,6 +51,7 @@ AMORTIZED_METHODS: tuple[str, ...] = ("amortized", "cryoai")
 Device = Literal["auto", "cpu", "cuda", "mps"]
 FinalMap = Literal["backprojection", "decoder"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+SwitchPoses = Literal["inference", "last_epoch"]
 
 _META_KEYS = ("cryospin_version", "argv", "resumed_argv", "resolved")
 
@@ -206,6 +207,12 @@ class ScheduleConfig:
         ``search_epochs`` in effect (e.g. ``--search-epochs 1`` with the default preset).
     search_stop_fraction : float
         Threshold in [0, 1] of that early stop (0: never stop early).
+    switch_poses : "inference" or "last_epoch"
+        Where each particle's starting pose at the switch comes from: ``inference``, a pass of
+        the final encoder over every particle (the paper); ``last_epoch``, the winning head's
+        pose as trained on in the last stage-1 epoch (no extra pass: it costs about half a
+        stage-1 epoch; kept in the checkpoint so that a run stopped at the switch resumes
+        exactly).
     """
 
     epochs: int = 20
@@ -216,6 +223,7 @@ class ScheduleConfig:
     search_epochs: int = 0
     search_min_epochs: int | None = None
     search_stop_fraction: float = 0.0
+    switch_poses: SwitchPoses = "inference"
 
 
 @dataclass(frozen=True)
@@ -437,6 +445,9 @@ def _validate(c: Config) -> None:
         raise bad(f"schedule.epochs must be >= 1, got {c.schedule.epochs}")
     if c.schedule.switch_epoch < 0:
         raise bad(f"schedule.switch_epoch must be >= 0, got {c.schedule.switch_epoch}")
+    if c.schedule.switch_poses not in ("inference", "last_epoch"):
+        raise bad(f"schedule.switch_poses must be inference or last_epoch, got "
+                  f"{c.schedule.switch_poses!r}")
     if c.schedule.method not in ("semi-amortized", *AMORTIZED_METHODS):
         raise bad(f"schedule.method {c.schedule.method!r} is not one of semi-amortized, "
                   "amortized, cryoai")

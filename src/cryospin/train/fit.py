@@ -75,6 +75,7 @@ from cryospin.io.identity import check_same_particles, particle_set_identity, sa
 from cryospin.runlock import describe_command, folder_lock
 from cryospin.train.autodecode import JUMP_THRESHOLD_DEG, RotationSearch, autodecode_epoch
 from cryospin.train.autoencode import (
+    BestPoses,
     EpochStats,
     autoencode_epoch,
     infer_best_poses,
@@ -562,6 +563,8 @@ def _fit(
     epochs_done = 0
     elapsed_before = 0.0
     search_stopped_after: int | None = None  # the global search's early stop (train/schedule)
+    # schedule.switch_poses = last_epoch: the winners as trained on in the last stage-1 epoch
+    record: BestPoses | None = None
 
     if state is not None:
         stage, epochs_done = state["stage"], int(state["epoch"])
@@ -580,6 +583,8 @@ def _fit(
         restore_rng_state(state["rng"], generator)
         elapsed_before = float(state.get("extra", {}).get("elapsed_s", 0.0))
         search_stopped_after = state.get("extra", {}).get("search_stopped_after")  # old: None
+        if state.get("switch_record") is not None:  # stopped at the switch: its poses
+            record = _record_from_state(state["switch_record"], device)
         if main:
             truncate_metrics(files.metrics, epochs_done)
         logger.info("resuming %s after epoch %d (%s)", files.dir, epochs_done, stage)
@@ -612,7 +617,8 @@ def _fit(
             # -------------------------------------------------------- the switch
             if stage == AUTOENCODE and epoch > K:
                 pose_table, switch_info = _switch(config, encoder, volume, data, shard,
-                                                  feedback)
+                                                  feedback, record=record)
+                record = None
                 encoder = encoder_opt = train_encoder = scaler = None
                 decoder_opt = _adam(volume.parameters(), config.optim.decoder_lr_after_switch)
                 stage = AUTODECODE
@@ -623,13 +629,15 @@ def _fit(
             t0 = time.perf_counter()
             # -------------------------------------------------------- stage 1 / stage 2
             if stage == AUTOENCODE:
+                if epoch == K < E and config.schedule.switch_poses == "last_epoch":
+                    record = BestPoses.empty(n, config.model.predict_shifts, data.device)
                 stats = autoencode_epoch(
                     encoder if train_encoder is None else train_encoder, volume, data,
                     encoder_opt, decoder_opt,
                     batch_size=config.optim.batch_size, generator=generator, epoch=epoch,
                     progress=tick, loss_radius=_radius_schedule(config, data, epoch),
                     lowpass_input=config.model.encoder_lowpass, shard=shard,
-                    grad_scaler=scaler,
+                    grad_scaler=scaler, record=record if epoch == K else None,
                 )
             else:
                 for group in decoder_opt.param_groups:
@@ -662,6 +670,7 @@ def _fit(
             elapsed = elapsed_before + (time.perf_counter() - t_start)
             # the full pose table (distributed: every rank's rows, gathered to rank 0)
             full_table = _full_pose_table(pose_table, shard)
+            full_record = _full_record(record, shard) if stage == AUTOENCODE else None
             if tracker is not None:  # before the checkpoint; draws no random numbers
                 radius = _radius_schedule(config, data, epoch) if pose_table is None else None
                 tracker.record(
@@ -679,6 +688,7 @@ def _fit(
                     epoch=epoch, stage=stage, stats=stats, wall_s=wall,
                     elapsed_s=elapsed, switch_info=switch_info,
                     search_stopped_after=search_stopped_after, search_stop=search_stop,
+                    switch_record=full_record,
                 )
             epochs_done = epoch
             logger.info(
@@ -881,24 +891,28 @@ def _restore_pose_table(config: Config, pose_state: dict[str, Any], device: torc
 
 def _switch(
     config: Config, encoder: Any, volume: Any, data: TrainingData, shard: Shard | None = None,
-    feedback: Feedback | None = None,
+    feedback: Feedback | None = None, *, record: BestPoses | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The switch: best head of every particle -> pose table (distributed: of this rank's
     particles, into the rows it owns; head usage and loss over all ranks). ``feedback`` shows
-    the inference pass's progress."""
+    the inference pass's progress. With ``record`` (the last stage-1 epoch's winners,
+    ``schedule.switch_poses = last_epoch``) there is no inference pass."""
     from cryospin.losses import head_usage
 
     t0 = time.perf_counter()
     owned = None if shard is None else shard.owned(len(data))
     count = len(data) if owned is None else int(owned.numel())
-    with (feedback or Feedback()).start("switch: inference pass", len(data),
-                                        scale=len(data) / max(count, 1)) as progress:
-        best = infer_best_poses(
-            encoder, volume, data, batch_size=config.run.inference_batch_size,
-            loss_radius_px=_final_stage1_radius(config, data),
-            lowpass_input=config.model.encoder_lowpass, indices=owned,
-            progress=progress.update,
-        )
+    if record is not None:
+        best = record if owned is None else record.rows(owned)
+    else:
+        with (feedback or Feedback()).start("switch: inference pass", len(data),
+                                            scale=len(data) / max(count, 1)) as progress:
+            best = infer_best_poses(
+                encoder, volume, data, batch_size=config.run.inference_batch_size,
+                loss_radius_px=_final_stage1_radius(config, data),
+                lowpass_input=config.model.encoder_lowpass, indices=owned,
+                progress=progress.update,
+            )
     rotations, shifts = best.rotations.float(), best.shifts_px
     usage_t = head_usage(best.best_head.cpu(), config.model.num_heads)
     mean_loss = float(best.loss.mean())
@@ -916,11 +930,38 @@ def _switch(
             "head_usage": usage,
             "mean_loss": mean_loss,
             "wall_time_s": time.perf_counter() - t0,
+            "poses": "last_epoch" if record is not None else "inference",
         }
     }
     logger.info("switch to auto-decoding: head usage %s",
                 " ".join(f"{u:.2f}" for u in usage))
     return table.to(data.device), info
+
+
+def _full_record(record: BestPoses | None, shard: Shard | None) -> BestPoses | None:
+    """The switch record with every particle's row: ``record`` itself for one process; when
+    distributed, gathered to rank 0 (None on the other ranks; a collective when ``record``)."""
+    if shard is None or record is None:
+        return record
+    parts = [shard.gather_rows(t) for t in
+             (record.rotations, record.shifts_px, record.best_head, record.loss) if t is not None]
+    if parts[0] is None:
+        return None
+    shifts = parts[1] if record.shifts_px is not None else None
+    return BestPoses(parts[0], shifts, parts[-2], parts[-1])
+
+
+def _record_to_state(record: BestPoses) -> dict[str, Any]:
+    return {"rotations": record.rotations.cpu(), "best_head": record.best_head.cpu(),
+            "loss": record.loss.cpu(),
+            "shifts_px": None if record.shifts_px is None else record.shifts_px.cpu()}
+
+
+def _record_from_state(state: dict[str, Any], device: torch.device) -> BestPoses:
+    shifts = state.get("shifts_px")
+    return BestPoses(state["rotations"].to(device),
+                     None if shifts is None else shifts.to(device),
+                     state["best_head"].to(device), state["loss"].to(device))
 
 
 def _full_pose_table(pose_table: Any, shard: Shard | None) -> Any:
@@ -951,8 +992,10 @@ def _end_of_epoch(
     switch_info: dict[str, Any],
     search_stopped_after: int | None = None,
     search_stop: dict[str, Any] | None = None,
+    switch_record: BestPoses | None = None,
 ) -> None:
-    """map.NNN.mrc, a metrics line, then the checkpoint (the commit point of the epoch)."""
+    """map.NNN.mrc, a metrics line, then the checkpoint (the commit point of the epoch).
+    ``switch_record``: the last stage-1 epoch's winners (``schedule.switch_poses``)."""
     from cryospin.io.mrc import write_map
 
     with torch.no_grad():
@@ -1000,6 +1043,7 @@ def _end_of_epoch(
             "rng": capture_rng_state(generator),
             "data": data.summary(),
             "extra": {"elapsed_s": elapsed_s, "search_stopped_after": search_stopped_after},
+            "switch_record": None if switch_record is None else _record_to_state(switch_record),
         },
     )
 
