@@ -397,3 +397,27 @@ def test_prepare_data_hands_back_the_pages_of_its_statistics_sample(dataset, mon
                         lambda self, idx: calls.append(np.asarray(idx)))
     check = sample_contrast(particles)
     assert sum(len(c) for c in calls) == check.num_images
+
+
+def test_the_prefetch_thread_runs_its_kernels_on_one_openmp_thread() -> None:
+    """The streaming loader's background thread adds one compute thread beside the training's
+    team, not a second team (OpenMP's per-thread limit); the main thread keeps its threads."""
+    import threading
+
+    from cryospin.train import stream
+
+    lib = stream._torch_openmp_runtime()
+    if lib is None:
+        pytest.skip("this torch build ships no OpenMP runtime")
+    before = int(lib.omp_get_max_threads())
+    seen: list[int] = []
+
+    def worker() -> None:
+        assert stream.limit_openmp_threads_of_this_thread(1)
+        seen.append(int(lib.omp_get_max_threads()))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == [1]
+    assert int(lib.omp_get_max_threads()) == before

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cryospin.encoder import EncoderOutput
 from cryospin.forward.model import render
 from cryospin.losses import gaussian_nll, head_usage
 from cryospin.train.data import (
@@ -150,6 +151,28 @@ def _encoder_input(batch: Batch, disc: LossDisc | None, lowpass: bool) -> Tensor
     return gaussian_lowpass(batch.images, disc.radius_px)
 
 
+@dataclass(frozen=True)
+class _Hypotheses:
+    """The encoder's output for a batch and what scoring it needs, on the loss (sub-)disc."""
+
+    out: EncoderOutput
+    batch: Batch  # restricted to the disc
+    frequencies: Tensor  # (P, 2)
+    negation_index: Tensor  # (P,)
+    ctf: Tensor | None  # (B, 1, P)
+
+
+def _hypotheses(encoder: nn.Module, batch: Batch, data: TrainingData, disc: LossDisc | None,
+                lowpass_input: bool) -> _Hypotheses:
+    out = encoder(_encoder_input(batch, disc, lowpass_input))
+    freqs, neg = data.frequencies, data.negation_index
+    if disc is not None:
+        batch = batch.restrict(disc)
+        freqs, neg = disc.frequencies, disc.negation_index
+    ctf = None if batch.ctf is None else batch.ctf[:, None, :]  # (B, 1, P)
+    return _Hypotheses(out, batch, freqs, neg, ctf)
+
+
 def predict_nll(
     encoder: nn.Module,
     volume_ht: Tensor,
@@ -180,22 +203,11 @@ def predict_nll(
     rotations : `(B, M, 3, 3)`
     shifts_px : `(B, M, 2)` or None
     """
-    out = encoder(_encoder_input(batch, disc, lowpass_input))
-    freqs, neg = data.frequencies, data.negation_index
-    if disc is not None:
-        batch = batch.restrict(disc)
-        freqs, neg = disc.frequencies, disc.negation_index
-    ctf = None if batch.ctf is None else batch.ctf[:, None, :]  # (B, 1, P)
-    pred = render(
-        volume_ht,
-        out.rotations,
-        out.shifts_px,
-        ctf,
-        frequencies=freqs,
-        negation_index=neg,
-    )  # (B, M, P)
-    nll = gaussian_nll(pred, batch.hartley, data.noise_variance)  # (B, M)
-    return nll, out.rotations, out.shifts_px
+    h = _hypotheses(encoder, batch, data, disc, lowpass_input)
+    pred = render(volume_ht, h.out.rotations, h.out.shifts_px, h.ctf,
+                  frequencies=h.frequencies, negation_index=h.negation_index)  # (B, M, P)
+    nll = gaussian_nll(pred, h.batch.hartley, data.noise_variance)  # (B, M)
+    return nll, h.out.rotations, h.out.shifts_px
 
 
 def winner_nll(
@@ -231,31 +243,26 @@ def winner_nll(
     shifts_px : `(B, 2)` or None
         Its shift.
     """
-    out = encoder(_encoder_input(batch, disc, lowpass_input))
-    freqs, neg = data.frequencies, data.negation_index
-    if disc is not None:
-        batch = batch.restrict(disc)
-        freqs, neg = disc.frequencies, disc.negation_index
-    ctf = None if batch.ctf is None else batch.ctf[:, None, :]  # (B, 1, P)
-    shifts = out.shifts_px
+    h = _hypotheses(encoder, batch, data, disc, lowpass_input)
+    rotations, shifts = h.out.rotations, h.out.shifts_px
     with torch.no_grad():
-        pred = render(volume_ht.detach(), out.rotations.detach(),
-                      None if shifts is None else shifts.detach(), ctf,
-                      frequencies=freqs, negation_index=neg)  # (B, M, P)
-        best = gaussian_nll(pred, batch.hartley, data.noise_variance).argmin(dim=1)  # (B,)
+        pred = render(volume_ht.detach(), rotations.detach(),
+                      None if shifts is None else shifts.detach(), h.ctf,
+                      frequencies=h.frequencies, negation_index=h.negation_index)  # (B, M, P)
+        best = gaussian_nll(pred, h.batch.hartley, data.noise_variance).argmin(dim=1)  # (B,)
         del pred
     rows = torch.arange(best.shape[0], device=best.device)
-    rot_best = out.rotations[rows, best]  # (B, 3, 3)
+    rot_best = rotations[rows, best]  # (B, 3, 3)
     shift_best = None if shifts is None else shifts[rows, best]  # (B, 2)
     pred_best = render(
         volume_ht,
         rot_best[:, None],  # (B, 1, 3, 3)
         None if shift_best is None else shift_best[:, None],  # (B, 1, 2)
-        ctf,
-        frequencies=freqs,
-        negation_index=neg,
+        h.ctf,
+        frequencies=h.frequencies,
+        negation_index=h.negation_index,
     )  # (B, 1, P)
-    nll = gaussian_nll(pred_best, batch.hartley, data.noise_variance)[:, 0]  # (B,)
+    nll = gaussian_nll(pred_best, h.batch.hartley, data.noise_variance)[:, 0]  # (B,)
     return nll, best, rot_best, shift_best
 
 

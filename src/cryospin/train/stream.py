@@ -20,8 +20,10 @@ ahead); torch releases the GIL in its kernels, so preprocessing overlaps trainin
 CPU each Python thread running torch kernels gets its own OpenMP team of
 ``torch.get_num_threads()`` threads (a new thread takes the process-wide value at its first
 parallel kernel), so while a chunk is preprocessed beside a training step up to twice that many
-compute threads are runnable. ``torch.set_num_threads`` is not per thread (it also changes the
-process-wide default), so this overlap is accepted rather than worked around here.
+compute threads would be runnable. ``torch.set_num_threads`` is not per thread (it changes the
+process-wide value), but OpenMP's own ``omp_set_num_threads`` is: the prefetch thread sets it to
+1 in the OpenMP runtime torch loaded (:func:`limit_openmp_threads_of_this_thread`), so the
+preprocessing adds one compute thread beside the training's, not a second team.
 
 Sharded data (distributed training, ``TrainingData.held``): the plan above is drawn exactly
 as by one process (the same chunks, windows and permutations, so every rank sees the same
@@ -46,6 +48,7 @@ contiguous rows of these files and skip the FFTs.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -434,6 +437,34 @@ def open_cache(data: Any, folder: str | Path, chunks_of: int = 256) -> Preproces
 # --------------------------------------------------------------------------- prefetch
 
 
+def _torch_openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime shipped in torch's ``lib`` folder (GNU ``libgomp``, LLVM ``libomp``
+    or Intel ``libiomp5``), or None (a build without one). The very file torch loaded: another
+    copy of the runtime would hold its own settings."""
+    folder = Path(torch.__file__).resolve().parent / "lib"
+    for pattern in ("libgomp*.so*", "libomp*.so*", "libiomp5*.so*", "libomp*.dylib",
+                    "libiomp5*.dylib"):
+        for path in sorted(folder.glob(pattern)):
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError:
+                continue
+            if hasattr(lib, "omp_set_num_threads"):
+                return lib
+    return None
+
+
+def limit_openmp_threads_of_this_thread(count: int = 1) -> bool:
+    """Cap the OpenMP team of the *calling* thread's parallel kernels at ``count`` threads
+    (OpenMP's per-thread ``nthreads-var``; other threads, and ``torch.get_num_threads()``, are
+    unchanged). Returns False where torch has no OpenMP runtime to ask (nothing changed)."""
+    lib = _torch_openmp_runtime()
+    if lib is None:
+        return False
+    lib.omp_set_num_threads(ctypes.c_int(max(int(count), 1)))
+    return True
+
+
 class _Prefetcher:
     """A daemon thread running ``load(item)`` for each item into a bounded queue."""
 
@@ -456,6 +487,7 @@ class _Prefetcher:
 
     def _run(self) -> None:
         try:
+            limit_openmp_threads_of_this_thread(1)  # one core for reading, not a second team
             for item in self._items:
                 if self._stop.is_set():
                     return
