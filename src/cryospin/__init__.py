@@ -4,6 +4,8 @@ Conventions (axes, FFT centring, Hartley sign, rotations, RELION Euler angles, s
 units) are documented in ``docs/conventions.md``.
 """
 
-__version__ = "0.1.0"
+#: The one version literal: pyproject.toml reads it (``dynamic = ["version"]``), so the built
+#: package, ``cryospin --version`` and the version recorded in runs agree.
+__version__ = "0.2.0"
 
 __all__ = ["__version__"]

@@ -267,7 +267,35 @@ def test_empty_file_and_directory_and_missing(tmp_path: Path) -> None:
 def test_text_file_named_mrc(tmp_path: Path) -> None:
     path = tmp_path / "notes.mrc"
     path.write_text("this is not a map\n" * 200)
-    expect_input_error(read_map, "notes.mrc", path=path)
+    expect_input_error(read_map, "notes.mrc", "not an MRC file", path=path)
+
+
+@pytest.mark.parametrize("rows", [3, 200])  # shorter and longer than an MRC header
+def test_star_file_given_as_a_map_or_stack(tmp_path: Path, rows: int) -> None:
+    """Not "unsupported MRC mode 544499813" ("a_da" of "data_" read as the mode)."""
+    path = tmp_path / "particles.star"
+    path.write_text("\ndata_particles\n\nloop_\n_rlnImageName #1\n_rlnDefocusU #2\n"
+                    + "".join(f"{i + 1:06d}@stack_0001.mrcs 15000.0\n" for i in range(rows)))
+    for reader in (read_map, _read_all):
+        msg = expect_input_error(reader, "particles.star: not an MRC file (no MRC header;",
+                                 "text", path=path)
+        assert "mode" not in msg
+
+
+def test_binary_file_without_map_word_or_sane_header(tmp_path: Path) -> None:
+    path = tmp_path / "blob.mrc"
+    path.write_bytes(bytes(range(256)) * 8)  # nx = 0x03020100, mode 0x0f0e0d0c, no "MAP "
+    expect_input_error(read_map, "blob.mrc: not an MRC file (no MRC header;", '"MAP "',
+                       path=path)
+
+
+def test_missing_map_word_alone_still_reads(tmp_path: Path) -> None:
+    """Old writers leave bytes 208-211 empty: a sane mode and dimensions are enough."""
+    path, data = _good_stack(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[208:212] = b"\0\0\0\0"
+    path.write_bytes(bytes(raw))
+    np.testing.assert_array_equal(read_map(path)[0], data)
 
 
 def test_index_out_of_range_in_read(tmp_path: Path) -> None:

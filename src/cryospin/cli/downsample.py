@@ -14,18 +14,17 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+from cryospin.errors import InputError, OutputError
 
-from cryospin.errors import InputError
-from cryospin.forward.resample import fourier_crop_2d
-from cryospin.io.mrc import StackWriter
-from cryospin.io.particles import ParticleSet, load_particles
-from cryospin.io.star import write_relion_star
+if TYPE_CHECKING:  # imported where used: `cryospin --help` does not load torch
+    from cryospin.io.particles import ParticleSet
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +54,12 @@ def downsample_particles(
     Images are cropped in float64 and written as float32; the new pixel size is
     ``pixel_size · L / new_box`` and ``shifts_px`` scale by ``new_box / L`` (same Å).
     """
+    import numpy as np
+    import torch
     from tqdm import tqdm
+
+    from cryospin.forward.resample import fourier_crop_2d
+    from cryospin.io.mrc import StackWriter
 
     L, n = particles.box_px, len(particles)
     with StackWriter(out_mrcs, n, new_box, particles.pixel_size_angstrom * L / new_box) as w, \
@@ -81,8 +85,37 @@ def downsample_particles(
     )
 
 
+@contextlib.contextmanager
+def _parent_folders(*paths: Path | None) -> Iterator[None]:
+    """Create the missing folders above ``paths``; remove those it created (when still empty)
+    if that or the body fails, so that a failed command leaves nothing behind."""
+    created: list[Path] = []
+    try:
+        for path in paths:
+            if path is None:
+                continue
+            folder = path.absolute().parent
+            created += [d for d in (folder, *folder.parents) if not d.exists()]
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                reason = "a file is in the way" if isinstance(exc, FileExistsError) else (
+                    exc.strerror or type(exc).__name__)
+                raise OutputError(f"cannot create the folder {path.parent} ({reason})",
+                                  path) from None
+        yield
+    except BaseException:
+        for folder in sorted(created, key=lambda d: len(d.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not there, or something else is in it
+                folder.rmdir()
+        raise
+
+
 def main(args: argparse.Namespace) -> int:
     """Downsample and print where the outputs are."""
+    from cryospin.io.particles import load_particles
+    from cryospin.io.star import write_relion_star
+
     if args.chunk < 1:
         raise InputError(f"--chunk must be >= 1, got {args.chunk}")
     has_metadata = args.particles.suffix.lower() in (".star", ".cs")
@@ -102,12 +135,15 @@ def main(args: argparse.Namespace) -> int:
     if ps.pixel_size_angstrom <= 0 and args.out_star is not None:
         raise InputError("no pixel size known (header and metadata): cannot write a star",
                          args.particles)
-    new = downsample_particles(ps, args.box, args.out, chunk=args.chunk,
-                               progress=not args.no_progress)
+    with _parent_folders(args.out, args.out_star):
+        new = downsample_particles(ps, args.box, args.out, chunk=args.chunk,
+                                   progress=not args.no_progress)
+        if args.out_star is not None:
+            write_relion_star(args.out_star,
+                              dataclasses.replace(new, source=args.out_star.resolve()),
+                              relative_to=args.relative_to)
     print(f"downsampled {len(new)} images {ps.box_px} -> {new.box_px} px, pixel size "
           f"{ps.pixel_size_angstrom:g} -> {new.pixel_size_angstrom:g} Å: {args.out}")
     if args.out_star is not None:
-        write_relion_star(args.out_star, dataclasses.replace(new, source=args.out_star.resolve()),
-                          relative_to=args.relative_to)
         print(f"  star: {args.out_star}")
     return 0

@@ -6,6 +6,8 @@ and I/O failures (``OSError``: disk full, permissions) print one line on stderr 
 status 2, without a traceback (``-v`` logs the traceback of an ``OSError``). Ctrl-C exits with
 status 130; SIGTERM (a batch scheduler's time limit, ``kill``) is handled the same way
 (:class:`cryospin.errors.Terminated`, a ``KeyboardInterrupt``) and exits with status 143.
+When stdout's reader goes away (``cryospin fsc A B | head -1``) it exits quietly with status
+141, as a tool ended by SIGPIPE does.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import importlib
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -29,6 +32,7 @@ SUBCOMMANDS: dict[str, str] = {
     "simulate": "simulate",
     "downsample": "downsample",
     "reconstruct": "reconstruct",
+    "presets": "presets",
     "backproject": "backproject",
     "fsc": "fsc",
     "pose-error": "pose_error",
@@ -37,6 +41,10 @@ SUBCOMMANDS: dict[str, str] = {
     "flip-hand": "flip_hand",
     "posterior": "posterior",
 }
+
+#: exit status after stdout's reader went away: 128 + SIGPIPE, what a shell reports for
+#: ``yes | head -1``'s ``yes``
+_BROKEN_PIPE_STATUS = 141
 
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
@@ -74,6 +82,33 @@ def _os_error_line(exc: OSError) -> str:
 
     reason = describe_os_error(exc)
     return f"{exc.filename}: {reason}" if exc.filename is not None else reason
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has exited (``cryospin fsc A B | head -1``).
+
+    Where ``poll`` cannot tell (no ``select.poll``, stdout without a file descriptor), assume
+    so: a BrokenPipeError in a command nearly always comes from printing.
+    """
+    try:
+        poller = select.poll()
+        poller.register(sys.__stdout__.fileno(), select.POLLOUT)  # type: ignore[union-attr]
+        events = poller.poll(0)
+    except (AttributeError, OSError, ValueError):
+        return True
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in events)
+
+
+def _quiet_after_closed_stdout() -> int:
+    """Exit status 141 (128 + SIGPIPE, as a shell reports a tool ended by a closed pipe),
+    without a message. stdout is pointed at /dev/null first, so that Python's flush of what
+    is still buffered at exit does not fail again ("Exception ignored ... BrokenPipeError")."""
+    if sys.stdout is sys.__stdout__:  # not when a test or a caller replaced sys.stdout
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+    return _BROKEN_PIPE_STATUS
 
 
 @contextlib.contextmanager
@@ -122,10 +157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with sigterm_raises_terminated():
         try:
             status = modules[args.command].main(args)  # type: ignore[attr-defined]
+            sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
         except CryospinError as exc:
             print(f"cryospin {args.command}: error: {exc}", file=sys.stderr)
             return 2
         except OSError as exc:  # an I/O failure no module wrapped (disk full, permissions, ...)
+            if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+                return _quiet_after_closed_stdout()  # `cryospin fsc A B | head -1`
             logging.getLogger(__name__).debug("I/O error", exc_info=True)
             print(f"cryospin {args.command}: error: {_os_error_line(exc)}", file=sys.stderr)
             return 2

@@ -53,6 +53,23 @@ _MODES: dict[int, np.dtype] = {
 }
 _HEADER_BYTES = 1024
 _STACK_CACHE_SIZE = 32
+_TEXT_HINT = "the file is text, e.g. a STAR file where a map or stack is expected"
+
+
+def _is_text(raw: bytes) -> bool:
+    """Whether ``raw`` (a file's first bytes) is non-empty printable text (ASCII or UTF-8).
+
+    No MRC header is: its first word, nx, is a binary integer.
+    """
+    if not raw:
+        return False
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a multi-byte character cut at the end is still text
+        if exc.start < len(raw) - 3:
+            return False
+        text = raw[: exc.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\n\r\f\v" for c in text)
 
 
 class MrcHeaderInfo:
@@ -95,9 +112,10 @@ def read_header(path: str | Path) -> MrcHeaderInfo:
     Raises
     ------
     InputError
-        Missing or unreadable file, file shorter than the 1024-byte header, bad dimensions or
-        axis order, unsupported mode, or a data block shorter than the header announces
-        (truncated file).
+        Missing or unreadable file, not an MRC file at all (text, or neither the ``"MAP "``
+        word at byte 208 nor a known mode and positive dimensions), file shorter than the
+        1024-byte header, bad dimensions or axis order, unsupported mode, or a data block
+        shorter than the header announces (truncated file).
 
     Warns (``UserWarning``) when the file is longer than the header announces (trailing
     bytes, or a corrupted size/mode field) and when the cell size gives a negative or
@@ -114,6 +132,8 @@ def read_header(path: str | Path) -> MrcHeaderInfo:
     except OSError as exc:
         raise InputError(f"cannot read MRC file ({exc.strerror})", path) from None
     if len(raw) < _HEADER_BYTES:
+        if _is_text(raw):
+            raise InputError(f"not an MRC file (no MRC header; {_TEXT_HINT})", path)
         raise InputError(
             f"truncated MRC: {len(raw)} bytes, shorter than the 1024-byte header", path
         )
@@ -139,6 +159,12 @@ def read_header(path: str | Path) -> MrcHeaderInfo:
             order, hdr = other, alt
     nx, ny, nz = int(hdr["nx"]), int(hdr["ny"]), int(hdr["nz"])
     mode = int(hdr["mode"])
+    if bytes(hdr["map"]) != b"MAP " and (mode not in _MODES or min(nx, ny, nz) <= 0):
+        # old writers may omit the MAP word, but then mode and dimensions must still make
+        # sense; a STAR file read as MRC gives a "mode" like 544499813 (four characters)
+        reason = _TEXT_HINT if _is_text(raw) else (
+            f'no "MAP " at byte 208, mode {mode}, dimensions {nx} x {ny} x {nz}')
+        raise InputError(f"not an MRC file (no MRC header; {reason})", path)
     if mode not in _MODES:
         raise InputError(
             f"unsupported MRC mode {mode} (supported: 0 int8, 1 int16, 2 float32, "

@@ -35,6 +35,7 @@ __all__ = [
     "PRESETS",
     "AMORTIZED_METHODS",
     "preset_names",
+    "preset_description",
     "load_preset",
     "build_config",
     "config_to_dict",
@@ -492,12 +493,24 @@ def preset_names() -> tuple[str, ...]:
     return PRESETS
 
 
-def load_preset(name: str) -> dict[str, dict[str, Any]]:
-    """The nested overrides of preset ``name`` (``{section: {field: value}}``), validated."""
+def _preset_text(name: str) -> str:
     if name not in PRESETS:
         raise InputError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     resource = importlib.resources.files("cryospin") / "presets" / f"{name}.yaml"
-    text = resource.read_text(encoding="utf-8")
+    return resource.read_text(encoding="utf-8")
+
+
+def preset_description(name: str) -> str:
+    """The one-line description of preset ``name``: its file's first line reads
+    ``# cryospin preset "NAME": DESCRIPTION.`` ("" when it does not)."""
+    first = (_preset_text(name).splitlines() or [""])[0]
+    head = f'# cryospin preset "{name}":'
+    return first[len(head):].strip().rstrip(".") if first.startswith(head) else ""
+
+
+def load_preset(name: str) -> dict[str, dict[str, Any]]:
+    """The nested overrides of preset ``name`` (``{section: {field: value}}``), validated."""
+    text = _preset_text(name)
     data = yaml.safe_load(text) or {}
     where = f"preset {name}"
     _check_nested(data, where)
