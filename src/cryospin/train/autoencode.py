@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +112,20 @@ class BestPoses:
             best_head=torch.full((n,), -1, dtype=torch.int64, device=device),
             loss=torch.full((n,), float("nan"), device=device),
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tensors on the CPU, for a checkpoint (:meth:`from_state_dict`)."""
+        return {"rotations": self.rotations.cpu(), "best_head": self.best_head.cpu(),
+                "loss": self.loss.cpu(),
+                "shifts_px": None if self.shifts_px is None else self.shifts_px.cpu()}
+
+    @staticmethod
+    def from_state_dict(state: dict[str, Any], device: torch.device) -> BestPoses:
+        """The inverse of :meth:`state_dict`, on ``device``."""
+        shifts = state.get("shifts_px")
+        return BestPoses(state["rotations"].to(device),
+                         None if shifts is None else shifts.to(device),
+                         state["best_head"].to(device), state["loss"].to(device))
 
     def rows(self, indices: Tensor) -> BestPoses:
         """The rows ``indices`` `(n,)`, in that order."""

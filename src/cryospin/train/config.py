@@ -102,6 +102,12 @@ class ModelConfig:
     max_shift_px: float = 8.0
     encoder_lowpass: bool = False
 
+    def encoder_input_box(self, box_px: int) -> int:
+        """The encoder trunk's box for training images of ``box_px``: ``encoder_box_px`` when
+        smaller, else ``box_px``."""
+        box = self.encoder_box_px
+        return int(box_px) if box is None or box >= box_px else int(box)
+
 
 @dataclass(frozen=True)
 class OptimConfig:

@@ -283,12 +283,6 @@ def _seed_everything(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def encoder_input_box(config: Config, box_px: int) -> int:
-    """The encoder trunk's box: ``model.encoder_box_px`` when smaller than ``box_px``."""
-    box = config.model.encoder_box_px
-    return box_px if box is None or box >= box_px else int(box)
-
-
 def _build_encoder(
     config: Config, box_px: int, device: torch.device, dtype: torch.dtype | None
 ) -> torch.nn.Module:
@@ -304,7 +298,7 @@ def _build_encoder(
         max_shift_px=m.max_shift_px,
         head_hidden=m.head_hidden,
         autocast_dtype=dtype,
-        input_box_px=encoder_input_box(config, box_px),
+        input_box_px=m.encoder_input_box(box_px),
     )
     if config.schedule.method == "cryoai":
         encoder = InPlaneFlipEncoder(encoder)
@@ -317,7 +311,7 @@ def _choose_precision(
     """Resolve ``model.precision`` (micro-benchmark of this run's encoder step on CPU); under
     torchrun every rank takes the same choice (a split vote falls back to fp32)."""
     m = config.model
-    shape = {"box_px": box_px, "encoder_box_px": encoder_input_box(config, box_px),
+    shape = {"box_px": box_px, "encoder_box_px": m.encoder_input_box(box_px),
              "width": m.width_multiplier, "heads": m.num_heads, "hidden": m.head_hidden,
              "shifts": m.predict_shifts}
 
@@ -338,9 +332,9 @@ def _choose_precision(
     return choice
 
 
-def describe_execution(device: torch.device, choice: PrecisionChoice) -> str:
-    """One line: device (CPU model and kernel capability, or GPU name), precision and why,
-    threads."""
+def describe_execution(device: torch.device, choice: PrecisionChoice | None) -> str:
+    """One line: device (CPU model and kernel capability, or GPU name), precision and why
+    (None: no encoder to run, a run resumed after the switch), threads."""
     if device.type == "cuda":
         where = f"cuda ({torch.cuda.get_device_name(device)})"
     elif device.type == "cpu":
@@ -348,8 +342,9 @@ def describe_execution(device: torch.device, choice: PrecisionChoice) -> str:
                  f"{torch.backends.cpu.get_cpu_capability()})")
     else:
         where = device.type
-    return (f"device {where}, precision {choice.name} ({choice.reason}), "
-            f"{torch.get_num_threads()} threads")
+    precision = ("precision: no encoder (after the switch)" if choice is None
+                 else f"precision {choice.name} ({choice.reason})")
+    return f"device {where}, {precision}, {torch.get_num_threads()} threads"
 
 
 def _build_pose_table(
@@ -543,16 +538,17 @@ def _fit(
     if state is not None:
         stage = state["stage"]
     encoder = encoder_opt = scaler = None
-    if stage == AUTOENCODE:
-        precision = _choose_precision(config, data.box_px, device, shard)
-        logger.info("%s", describe_execution(device, precision))
+    precision = (_choose_precision(config, data.box_px, device, shard) if stage == AUTOENCODE
+                 else None)
+    logger.info("%s", describe_execution(device, precision))
+    if precision is not None:
         if main:
             record_resolved(files.config, {
                 "precision": precision.name, "precision_reason": precision.reason,
                 "device": str(device), "threads": torch.get_num_threads(),
                 "cpu": cpu_model_name(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                "encoder_box_px": encoder_input_box(config, data.box_px),
+                "encoder_box_px": config.model.encoder_input_box(data.box_px),
             })
         encoder = _build_encoder(config, data.box_px, device, precision.dtype)
         encoder_opt = _adam(encoder.parameters(), config.optim.encoder_lr)
@@ -584,7 +580,7 @@ def _fit(
         elapsed_before = float(state.get("extra", {}).get("elapsed_s", 0.0))
         search_stopped_after = state.get("extra", {}).get("search_stopped_after")  # old: None
         if state.get("switch_record") is not None:  # stopped at the switch: its poses
-            record = _record_from_state(state["switch_record"], device)
+            record = BestPoses.from_state_dict(state["switch_record"], device)
         if main:
             truncate_metrics(files.metrics, epochs_done)
         logger.info("resuming %s after epoch %d (%s)", files.dir, epochs_done, stage)
@@ -940,28 +936,13 @@ def _switch(
 
 def _full_record(record: BestPoses | None, shard: Shard | None) -> BestPoses | None:
     """The switch record with every particle's row: ``record`` itself for one process; when
-    distributed, gathered to rank 0 (None on the other ranks; a collective when ``record``)."""
+    distributed, gathered to rank 0 (None on the other ranks; collectives on every rank)."""
     if shard is None or record is None:
         return record
-    parts = [shard.gather_rows(t) for t in
-             (record.rotations, record.shifts_px, record.best_head, record.loss) if t is not None]
-    if parts[0] is None:
-        return None
-    shifts = parts[1] if record.shifts_px is not None else None
-    return BestPoses(parts[0], shifts, parts[-2], parts[-1])
-
-
-def _record_to_state(record: BestPoses) -> dict[str, Any]:
-    return {"rotations": record.rotations.cpu(), "best_head": record.best_head.cpu(),
-            "loss": record.loss.cpu(),
-            "shifts_px": None if record.shifts_px is None else record.shifts_px.cpu()}
-
-
-def _record_from_state(state: dict[str, Any], device: torch.device) -> BestPoses:
-    shifts = state.get("shifts_px")
-    return BestPoses(state["rotations"].to(device),
-                     None if shifts is None else shifts.to(device),
-                     state["best_head"].to(device), state["loss"].to(device))
+    rot, head, loss = (shard.gather_rows(t)
+                       for t in (record.rotations, record.best_head, record.loss))
+    shifts = None if record.shifts_px is None else shard.gather_rows(record.shifts_px)
+    return None if rot is None else BestPoses(rot, shifts, head, loss)
 
 
 def _full_pose_table(pose_table: Any, shard: Shard | None) -> Any:
@@ -1043,7 +1024,7 @@ def _end_of_epoch(
             "rng": capture_rng_state(generator),
             "data": data.summary(),
             "extra": {"elapsed_s": elapsed_s, "search_stopped_after": search_stopped_after},
-            "switch_record": None if switch_record is None else _record_to_state(switch_record),
+            "switch_record": None if switch_record is None else switch_record.state_dict(),
         },
     )
 

@@ -158,8 +158,7 @@ def encoder_layer_sizes(box_px: int, width_multiplier: float) -> list[tuple[int,
 def _encoder_parameters(config: Any, box_px: int) -> int:
     m = config.model
     count, c_in = 0, 1
-    for c_out, _ in encoder_layer_sizes(min(box_px, m.encoder_box_px or box_px),
-                                        m.width_multiplier):
+    for c_out, _ in encoder_layer_sizes(m.encoder_input_box(box_px), m.width_multiplier):
         count += 9 * c_in * c_out + 3 * c_out  # conv weight, BN weight/bias (+ bias)
         c_in = c_out
     feature = c_in * 4  # (2, 2) average pool
@@ -247,7 +246,7 @@ def plan_memory(
     trains_encoder = s.switch_epoch > 0
     encoder = 16 * encoder_params if trains_encoder else 4 * encoder_params
 
-    layers = encoder_layer_sizes(min(L, m.encoder_box_px or L), m.width_multiplier)
+    layers = encoder_layer_sizes(m.encoder_input_box(L), m.width_multiplier)
     act_elems = sum(c * hw for c, hw in layers)
     # "auto" may resolve to fp32 (the larger activations): plan for it
     act_bytes = _ACT_BYTES if m.precision in ("bf16", "fp16") else _ACT_BYTES_F32
