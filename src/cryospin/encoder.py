@@ -24,12 +24,13 @@ and Gram–Schmidt always run in float32.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from cryospin.forward.resample import fourier_crop_2d
+from cryospin.preprocess import gaussian_pyramid, pyramid_variances_px2
 from cryospin.rotations import (
     geodesic_distance_rad,
     matrix_to_rotation_6d,
@@ -38,6 +39,10 @@ from cryospin.rotations import (
 )
 
 __all__ = [
+    "HeadType",
+    "EncoderInput",
+    "Pooling",
+    "num_pools",
     "EncoderOutput",
     "MultiHeadPoseEncoder",
     "InPlaneFlipEncoder",
@@ -51,6 +56,17 @@ VGG16_LAYOUT: tuple[int | str, ...] = (
 )
 
 _POOL_GRID = 2  # the trunk's output is average-pooled to a (2, 2) grid per channel
+_VGG16_POOLS = 5
+
+#: ``reference``: BatchNorm MLP heads as in the authors' public code (outputs spread over SO(3)
+#: across images at initialisation); ``spread``: cryospin <= 0.2 heads that start at fixed,
+#: well-separated rotations (practically the same rotation for every image).
+HeadType = Literal["reference", "spread"]
+#: ``image``: one channel; ``pyramid``: a 5-level Gaussian pyramid of the image.
+EncoderInput = Literal["image", "pyramid"]
+#: ``adaptive``: as many 2x2 max-pools as leave a map of at least 2x2 (at most VGG16's 5);
+#: ``vgg16``: always 5 (a 32 px input ends as a 1x1 map).
+Pooling = Literal["adaptive", "vgg16"]
 _MIN_CHANNELS = 8
 _HEAD_SEPARATION_CANDIDATES = 512
 
@@ -71,13 +87,30 @@ class EncoderOutput(NamedTuple):
     shifts_px: Tensor | None
 
 
-def _vgg_trunk(width_multiplier: float, batch_norm: bool) -> tuple[nn.Sequential, int]:
+def num_pools(input_box_px: int, pooling: Pooling) -> int:
+    """Number of 2x2 max-pools of the trunk for a ``input_box_px`` input: 5 for ``vgg16``; for
+    ``adaptive`` the largest ``n <= 5`` with ``input_box_px / 2**n >= 2`` (at least 1)."""
+    if pooling == "vgg16":
+        return _VGG16_POOLS
+    if pooling != "adaptive":
+        raise ValueError(f"pooling must be 'adaptive' or 'vgg16', got {pooling!r}")
+    n = int(math.floor(math.log2(max(int(input_box_px), 2) / _POOL_GRID)))
+    return min(_VGG16_POOLS, max(1, n))
+
+
+def _vgg_trunk(width_multiplier: float, batch_norm: bool, in_channels: int = 1,
+               pools: int = _VGG16_POOLS) -> tuple[nn.Sequential, int]:
+    """VGG16 convolutions; the max-pools after the first ``pools`` are identities (kept as
+    modules so that the parameters' names do not depend on the box)."""
     layers: list[nn.Module] = []
-    in_ch = 1
+    in_ch = in_channels
+    pools_left = int(pools)
     for item in VGG16_LAYOUT:
         if item == "M":
             # ceil_mode keeps odd and tiny feature maps valid (a 1x1 map stays 1x1)
-            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True) if pools_left > 0
+                          else nn.Identity())
+            pools_left -= 1
             continue
         out_ch = max(_MIN_CHANNELS, round(int(item) * width_multiplier))
         layers.append(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not batch_norm))
@@ -133,6 +166,55 @@ class _MultiHeadMLP(nn.Module):
         return torch.einsum("bmh,mhd->bmd", h, self.weight3) + self.bias3  # (B, M, D)
 
 
+def _batch_norm(norm: nn.BatchNorm1d, x: Tensor) -> Tensor:
+    """``norm(x)``, with the running statistics for a training batch of one image (batch
+    statistics of a single sample are undefined)."""
+    if norm.training and x.shape[0] < 2:
+        return nn.functional.batch_norm(x, norm.running_mean, norm.running_var, norm.weight,
+                                        norm.bias, False, 0.0, norm.eps)
+    return norm(x)
+
+
+class _ReferenceHeads(nn.Module):
+    """M heads ``Linear(F, 2H) → ReLU → BN → Linear(2H, H) → ReLU → BN → Linear(H, D)`` on a
+    shared input (the authors' public design with ``H = 256``), batched like
+    :class:`_MultiHeadMLP`.
+
+    Initialisation as there: hidden weights Kaiming-normal with fan_out (std ``√(2/fan_out)``
+    per head), hidden biases ``U(−1, 1)``, the last layer PyTorch's ``nn.Linear`` default.
+    Batch normalisation scales the small image-to-image differences of the trunk's features
+    to unit variance, so that each head's rotation differs from image to image from the start.
+    """
+
+    def __init__(self, in_features: int, num_heads: int, hidden: int, out_features: int) -> None:
+        super().__init__()
+        h1, h2 = 2 * hidden, hidden
+        self.num_heads, self.h1, self.h2, self.out_features = num_heads, h1, h2, out_features
+        self.layer1 = nn.Linear(in_features, num_heads * h1)
+        self.norm1 = nn.BatchNorm1d(num_heads * h1)
+        self.weight2 = nn.Parameter(torch.empty(num_heads, h1, h2))
+        self.bias2 = nn.Parameter(torch.empty(num_heads, h2))
+        self.norm2 = nn.BatchNorm1d(num_heads * h2)
+        self.weight3 = nn.Parameter(torch.empty(num_heads, h2, out_features))
+        self.bias3 = nn.Parameter(torch.empty(num_heads, out_features))
+        with torch.no_grad():
+            nn.init.normal_(self.layer1.weight, 0.0, math.sqrt(2.0 / h1))
+            nn.init.uniform_(self.layer1.bias, -1.0, 1.0)
+            nn.init.normal_(self.weight2, 0.0, math.sqrt(2.0 / h2))
+            nn.init.uniform_(self.bias2, -1.0, 1.0)
+            bound = 1.0 / math.sqrt(h2)  # nn.Linear's default, per head
+            nn.init.uniform_(self.weight3, -bound, bound)
+            nn.init.uniform_(self.bias3, -bound, bound)
+
+    def forward(self, feature: Tensor) -> Tensor:
+        """`(B, F)` -> `(B, M, D)`."""
+        b, m = feature.shape[0], self.num_heads
+        h = _batch_norm(self.norm1, torch.relu(self.layer1(feature)))  # (B, M·2H)
+        h = torch.einsum("bmh,mhk->bmk", h.reshape(b, m, self.h1), self.weight2) + self.bias2
+        h = _batch_norm(self.norm2, torch.relu(h).reshape(b, m * self.h2))  # (B, M·H)
+        return torch.einsum("bmh,mhd->bmd", h.reshape(b, m, self.h2), self.weight3) + self.bias3
+
+
 class MultiHeadPoseEncoder(nn.Module):
     """VGG16-style CNN trunk + ``num_heads`` MLP heads -> rotations (and shifts) per head.
 
@@ -159,13 +241,19 @@ class MultiHeadPoseEncoder(nn.Module):
         ``box_px`` feeds them at full size.
     batch_norm : bool
         Batch normalisation after each convolution.
-
-    Notes
-    -----
-    Heads are initialised so that, before training, head ``m`` outputs rotations close to
-    ``R_m``, where ``R_1..R_M`` are well separated (farthest-point sampling over random
-    rotations drawn from the global torch RNG): the last layer's bias is the 6D representation
-    of ``R_m`` and its weights are scaled down by ``_HEAD_OUT_GAIN``.
+    head : "reference" or "spread"
+        ``reference`` (:class:`_ReferenceHeads`): BatchNorm MLPs whose rotations differ from
+        image to image from the start. ``spread``: 3-layer MLPs initialised so that, before
+        training, head ``m`` outputs rotations close to ``R_m`` for every image, where
+        ``R_1..R_M`` are well separated (farthest-point sampling over random rotations drawn
+        from the global torch RNG): the last layer's bias is the 6D representation of ``R_m``
+        and its weights are scaled down by ``_HEAD_OUT_GAIN`` (cryospin <= 0.2).
+    input_channels : "image" or "pyramid"
+        ``pyramid``: the trunk sees 5 channels, the (cropped) image blurred with the reference
+        variances scaled to its box (:func:`cryospin.preprocess.pyramid_variances_px2`), each
+        standardised per image; ``image``: the standardised image alone.
+    pooling : "adaptive" or "vgg16"
+        Max-pools of the trunk (:func:`num_pools` of the input box).
     """
 
     _HEAD_OUT_GAIN = 0.1
@@ -182,6 +270,9 @@ class MultiHeadPoseEncoder(nn.Module):
         autocast_dtype: torch.dtype | None = None,
         input_box_px: int | None = None,
         batch_norm: bool = True,
+        head: HeadType = "spread",
+        input_channels: EncoderInput = "image",
+        pooling: Pooling = "vgg16",
     ) -> None:
         super().__init__()
         if box_px < 2 or num_heads < 1 or width_multiplier <= 0 or head_hidden < 1:
@@ -191,6 +282,11 @@ class MultiHeadPoseEncoder(nn.Module):
             )
         if predict_shifts and not max_shift_px > 0:
             raise ValueError("predict_shifts needs max_shift_px > 0")
+        if head not in ("reference", "spread"):
+            raise ValueError(f"head must be 'reference' or 'spread', got {head!r}")
+        if input_channels not in ("image", "pyramid"):
+            raise ValueError(f"input_channels must be 'image' or 'pyramid', got "
+                             f"{input_channels!r}")
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast_dtype must be None, bfloat16 or float16, "
                              f"got {autocast_dtype}")
@@ -203,15 +299,25 @@ class MultiHeadPoseEncoder(nn.Module):
         self.max_shift_px = float(max_shift_px)
         self.autocast_dtype = autocast_dtype
         self.input_box_px = input_box
+        self.head = head
+        self.input_channels = input_channels
+        self.pyramid_variances_px2 = (pyramid_variances_px2(input_box)
+                                      if input_channels == "pyramid" else ())
+        self.pools = num_pools(input_box, pooling)
 
-        self.trunk, feature_dim = _vgg_trunk(width_multiplier, batch_norm)
+        self.trunk, feature_dim = _vgg_trunk(
+            width_multiplier, batch_norm, max(1, len(self.pyramid_variances_px2)), self.pools)
         self.feature_dim = feature_dim
         out = 6 + (2 if predict_shifts else 0)
-        self.heads = _MultiHeadMLP(feature_dim, num_heads, head_hidden, out)
-        with torch.no_grad():
-            self.heads.weight3.mul_(self._HEAD_OUT_GAIN)
-            self.heads.bias3.zero_()
-            self.heads.bias3[:, :6] = matrix_to_rotation_6d(_spread_rotations(num_heads))
+        self.heads: nn.Module
+        if head == "reference":
+            self.heads = _ReferenceHeads(feature_dim, num_heads, head_hidden, out)
+        else:
+            self.heads = _MultiHeadMLP(feature_dim, num_heads, head_hidden, out)
+            with torch.no_grad():
+                self.heads.weight3.mul_(self._HEAD_OUT_GAIN)
+                self.heads.bias3.zero_()
+                self.heads.bias3[:, :6] = matrix_to_rotation_6d(_spread_rotations(num_heads))
         if self.autocast_dtype is not None:
             self.trunk.to(memory_format=torch.channels_last)
 
@@ -222,7 +328,8 @@ class MultiHeadPoseEncoder(nn.Module):
         ----------
         images : `(B, L, L)` float32
             Real-space particle images ``[y, x]``; each is Fourier-cropped to
-            ``input_box_px`` and standardised (zero mean, unit standard deviation) inside.
+            ``input_box_px``, expanded to the pyramid when asked, and each channel
+            standardised (zero mean, unit standard deviation) inside.
 
         Returns
         -------
@@ -236,9 +343,13 @@ class MultiHeadPoseEncoder(nn.Module):
         x = images.to(torch.float32)
         if self.input_box_px < self.box_px:
             x = fourier_crop_2d(x, self.input_box_px)  # (B, L', L')
+        if self.pyramid_variances_px2:
+            x = gaussian_pyramid(x, self.pyramid_variances_px2)  # (B, C, L', L')
+        else:
+            x = x.unsqueeze(1)  # (B, 1, L', L')
         mean = x.mean(dim=(-2, -1), keepdim=True)
         std = x.std(dim=(-2, -1), keepdim=True)
-        x = ((x - mean) / (std + 1e-6)).unsqueeze(1)  # (B, 1, L', L')
+        x = (x - mean) / (std + 1e-6)  # each channel standardised per image
         if self.autocast_dtype is not None:
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
@@ -254,7 +365,8 @@ class MultiHeadPoseEncoder(nn.Module):
         return (
             f"box_px={self.box_px}, num_heads={self.num_heads}, "
             f"predict_shifts={self.predict_shifts}, max_shift_px={self.max_shift_px}, "
-            f"input_box_px={self.input_box_px}, autocast_dtype={self.autocast_dtype}"
+            f"input_box_px={self.input_box_px}, autocast_dtype={self.autocast_dtype}, "
+            f"head={self.head}, input_channels={self.input_channels}, pools={self.pools}"
         )
 
 

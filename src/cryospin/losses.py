@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["gaussian_nll", "winner_take_all", "head_usage"]
+__all__ = ["gaussian_nll", "winner_take_all", "head_usage", "head_spread_deg"]
 
 
 def gaussian_nll(predicted: Tensor, observed: Tensor, noise_variance: float | Tensor) -> Tensor:
@@ -105,3 +105,28 @@ def head_usage(best_head: Tensor, num_heads: int) -> Tensor:
         raise ValueError(f"best_head has values >= num_heads = {num_heads}")
     total = max(int(best_head.numel()), 1)
     return counts.to(torch.float32) / total
+
+
+def head_spread_deg(rotations: Tensor) -> Tensor:
+    """How much each head's rotation varies from image to image (a stage-1 diagnostic).
+
+    Parameters
+    ----------
+    rotations : `(B, M, 3, 3)`
+        Every head's rotation for a batch of ``B >= 2`` images.
+
+    Returns
+    -------
+    `(M,)` float64
+        Per head, the median geodesic distance (degrees) between the rotations of images ``b``
+        and ``b + B//2`` (``b < B//2``): 0 when a head gives every image the same rotation;
+        ≈ 132° for rotations drawn uniformly at random. NaN when ``B < 2``.
+    """
+    b, m = int(rotations.shape[0]), int(rotations.shape[1])
+    half = b // 2
+    if half == 0:
+        return torch.full((m,), float("nan"), dtype=torch.float64)
+    r = rotations.detach().to(torch.float64)
+    rel = r[:half].transpose(-1, -2) @ r[half:2 * half]  # (half, M, 3, 3)
+    cos = ((rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.arccos(cos)).median(dim=0).values.cpu()  # (M,)

@@ -37,6 +37,11 @@ __all__ = [
     "check_contrast",
     "sample_contrast",
     "PreprocessedParticles",
+    "REFERENCE_PYRAMID_VARIANCES_PX2",
+    "REFERENCE_PYRAMID_BOX_PX",
+    "pyramid_variances_px2",
+    "gaussian_blur",
+    "gaussian_pyramid",
 ]
 
 Normalization = Literal["global", "background"]
@@ -88,6 +93,59 @@ def soft_circular_mask(
         return (r <= radius_px).to(dtype)
     t = ((r - float(radius_px)) / float(edge_width_px)).clamp(0.0, 1.0)  # (L, L) in [0, 1]
     return (0.5 * (1.0 + torch.cos(math.pi * t))).to(dtype)
+
+
+#: Blur variances (px²) of the reference design's 5-level Gaussian pyramid at a 128 px box.
+REFERENCE_PYRAMID_VARIANCES_PX2: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
+REFERENCE_PYRAMID_BOX_PX = 128
+
+
+def pyramid_variances_px2(box_px: int) -> tuple[float, ...]:
+    """The reference pyramid's blur variances (px²) scaled to a ``box_px`` image of the same
+    field of view: ``v · (box_px / 128)²`` (a blur of the same width in Å)."""
+    scale = (float(box_px) / REFERENCE_PYRAMID_BOX_PX) ** 2
+    return tuple(v * scale for v in REFERENCE_PYRAMID_VARIANCES_PX2)
+
+
+def _gaussian_kernel_1d(variance_px2: float, max_radius: int, dtype: torch.dtype,
+                        device: Any) -> Tensor:
+    """Sampled, normalised 1D Gaussian `(2R + 1,)`, ``R = min(ceil(4σ), max_radius)``, ≥ 1."""
+    sigma = math.sqrt(float(variance_px2))
+    radius = max(1, min(int(math.ceil(4.0 * sigma)), int(max_radius)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * x**2 / float(variance_px2))
+    return (k / k.sum()).to(dtype=dtype, device=device)
+
+
+def gaussian_blur(images: Tensor, variance_px2: float) -> Tensor:
+    """Separable Gaussian blur of images `(..., L, L)` with reflect padding.
+
+    The kernel is the sampled Gaussian ``exp(−x² / 2v)`` (``v = variance_px2`` > 0, px²),
+    normalised to sum 1, truncated at ``ceil(4σ)`` pixels (and at ``L − 1``, the most reflect
+    padding allows). Pure; keeps dtype, device and autograd.
+    """
+    if not variance_px2 > 0:
+        raise ValueError(f"variance_px2 must be > 0, got {variance_px2}")
+    L = int(images.shape[-1])
+    if images.ndim < 2 or images.shape[-2] != L or L < 2:
+        raise ValueError(f"expected images (..., L, L) with L >= 2, got {tuple(images.shape)}")
+    k = _gaussian_kernel_1d(variance_px2, L - 1, images.dtype, images.device)  # (K,)
+    r = (k.shape[0] - 1) // 2
+    x = images.reshape(-1, 1, L, L)  # (n, 1, L, L)
+    x = torch.nn.functional.pad(x, (r, r, r, r), mode="reflect")  # (n, 1, L+2r, L+2r)
+    x = torch.nn.functional.conv2d(x, k.view(1, 1, 1, -1))  # along x: (n, 1, L+2r, L)
+    x = torch.nn.functional.conv2d(x, k.view(1, 1, -1, 1))  # along y: (n, 1, L, L)
+    return x.reshape(images.shape)
+
+
+def gaussian_pyramid(images: Tensor, variances_px2: tuple[float, ...]) -> Tensor:
+    """Images `(B, L, L)` -> `(B, C, L, L)`: channel ``c`` is the image blurred with variance
+    ``variances_px2[c]`` (px², :func:`gaussian_blur`). Pure; keeps dtype, device, autograd."""
+    if images.ndim != 3:
+        raise ValueError(f"expected images (B, L, L), got {tuple(images.shape)}")
+    if not variances_px2:
+        raise ValueError("need at least one variance")
+    return torch.stack([gaussian_blur(images, v) for v in variances_px2], dim=1)
 
 
 def normalize_background(images: Tensor, radius_px: float) -> Tensor:

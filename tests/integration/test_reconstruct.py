@@ -874,3 +874,39 @@ def test_cli_reconstruct_cs_writes_poses_cs_and_relative_to(tiny, tmp_path):
     torch.testing.assert_close(back.rotations, rot_pkl, atol=2e-6, rtol=0)
     torch.testing.assert_close(back.shifts_px, shift_pkl, atol=1e-6, rtol=0)
     np.testing.assert_array_equal(np.load(run / "poses.cs")["uid"], table["uid"])
+
+
+def test_step_budget_switches_after_exactly_n_steps_and_resumes_mid_stage(tiny, tmp_path,
+                                                                          monkeypatch):
+    """``schedule.switch_steps = 5`` with 2 batches per epoch (64 particles, batch 32): stage 1
+    runs 2 + 2 + 1 batches (the third epoch cut after one), the ``epochs - switch_epoch = 2``
+    stage-2 epochs follow, and the switch starts the particles the cut epoch did not visit from
+    an inference pass. Stopped inside stage 1 and resumed, the run equals the uninterrupted
+    one."""
+    cfg = _tiny_config(schedule={"switch_steps": 5, "epochs": 3, "switch_epoch": 1,
+                                 "switch_poses": "last_epoch"})
+    filled = []
+    real = fit_module.infer_best_poses
+
+    def counted(*args, **kwargs):
+        filled.append(int(kwargs["indices"].numel()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "infer_best_poses", counted)
+    ref = fit(cfg, _particles(tiny), tmp_path / "ref")
+    assert ref.finished and ref.epochs_completed == 5
+    rows = read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    assert [r["stage"] for r in rows] == ["autoencode"] * 3 + ["autodecode"] * 2
+    assert [r["num_images"] for r in rows[:3]] == [64, 64, 32]
+    assert filled == [32]  # the 32 particles the cut epoch did not visit
+    assert all(len(r["head_spread_deg"]) == 3 for r in rows[:3])
+    assert rows[3]["head_spread_deg"] is None
+
+    run = tmp_path / "run"
+    fit(cfg, _particles(tiny), run, stop_after=2)
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["stage"] == "autoencode" and state["config"]["schedule"]["switch_steps"] == 5
+    steps = {int(s["step"]) for s in state["optimizers"]["encoder"]["state"].values()}
+    assert steps == {4}  # Adam steps of the encoder after two full epochs
+    fit(cfg, _particles(tiny), run, resume=True)
+    _assert_same_run(tmp_path / "ref", run)

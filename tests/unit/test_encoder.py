@@ -149,3 +149,92 @@ def test_rejects_bad_arguments_and_inputs() -> None:
         enc(torch.zeros(2, 1, 16, 16))
     with pytest.raises(ValueError, match="expected images"):
         enc(torch.zeros(2, 20, 20))
+
+
+# --------------------------------------------------------------- the reference design (issue 14)
+
+
+def _median_spread_deg(rotations: torch.Tensor) -> list[float]:
+    """Per head: the median distance between the rotations of two disjoint halves of the
+    batch `(B, M, 3, 3)` (0 when every image gets the same rotation)."""
+    half = rotations.shape[0] // 2
+    return [float(geodesic_distance_deg(rotations[:half, m], rotations[half:2 * half, m])
+                  .median()) for m in range(rotations.shape[1])]
+
+
+@pytest.mark.parametrize("input_channels", ["image", "pyramid"])
+def test_reference_heads_spread_over_so3_across_images_at_initialisation(
+    input_channels: str,
+) -> None:
+    """Reference heads (BatchNorm MLPs) give each image its own rotation from the start (random
+    rotation pairs are 132 deg apart in median); the spread heads give practically one."""
+    x = _images(128, 32, seed=3)
+    ref = _encoder(L=32, m=7, width_multiplier=0.25, head_hidden=64, head="reference",
+                   input_channels=input_channels, pooling="adaptive")
+    with torch.no_grad():
+        spread_ref = _median_spread_deg(ref(x).rotations)
+        spread_old = _median_spread_deg(_encoder(L=32, m=7, width_multiplier=0.25,
+                                                 head_hidden=64)(x).rotations)
+    assert min(spread_ref) > 60.0, spread_ref
+    assert max(spread_old) < 10.0, spread_old
+
+
+def test_reference_heads_train_on_a_single_image_and_take_gradients_everywhere() -> None:
+    enc = _encoder(L=32, m=3, head="reference", input_channels="pyramid", pooling="adaptive")
+    out = enc(_images(1, 32))  # batch statistics of one sample: running statistics instead
+    assert bool(torch.isfinite(out.rotations).all())
+    enc(_images(4, 32)).rotations.sum().backward()
+    for name, p in enc.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+
+
+def test_reference_heads_follow_the_stated_initialisation() -> None:
+    torch.manual_seed(0)
+    enc = MultiHeadPoseEncoder(32, 4, width_multiplier=0.25, head_hidden=128, head="reference")
+    heads = enc.heads
+    w1 = heads.layer1.weight.detach().reshape(4, 256, -1)  # per head Linear(F, 2H): fan_out 256
+    assert abs(float(w1.std()) - (2.0 / 256) ** 0.5) < 0.05 * (2.0 / 256) ** 0.5
+    w2 = heads.weight2.detach()
+    assert abs(float(w2.std()) - (2.0 / 128) ** 0.5) < 0.05 * (2.0 / 128) ** 0.5
+    for bias in (heads.layer1.bias, heads.bias2):
+        assert -1.0 <= float(bias.min()) < -0.9 and 0.9 < float(bias.max()) <= 1.0
+    bound = 1.0 / 128 ** 0.5  # the last layer: nn.Linear's default
+    assert float(heads.weight3.abs().max()) <= bound and float(heads.bias3.abs().max()) <= bound
+
+
+@pytest.mark.parametrize(("box", "pooling", "pools", "grid"),
+                         [(32, "adaptive", 4, 2), (64, "adaptive", 5, 2), (16, "adaptive", 3, 2),
+                          (128, "adaptive", 5, 4), (32, "vgg16", 5, 1), (6, "adaptive", 1, 3)])
+def test_pooling_adapts_to_the_input_box(box: int, pooling: str, pools: int, grid: int) -> None:
+    """Adaptive pooling leaves a map of at least 2x2 before the average pool (VGG16's five
+    pools leave 1x1 at 32 px); the parameter names do not depend on the box."""
+    enc = _encoder(L=box, m=1, pooling=pooling)
+    assert enc.pools == pools
+    assert sum(isinstance(mod, nn.MaxPool2d) for mod in enc.trunk) == pools
+    x = torch.zeros(1, 1, box, box)
+    for mod in enc.trunk:
+        if isinstance(mod, nn.AdaptiveAvgPool2d):
+            break
+        x = mod(x) if not isinstance(mod, nn.BatchNorm2d) else x
+    assert x.shape[-1] == grid
+    assert set(enc.state_dict()) == set(_encoder(L=box, m=1, pooling="vgg16").state_dict())
+
+
+def test_pyramid_input_has_five_standardised_channels() -> None:
+    from cryospin.preprocess import pyramid_variances_px2
+
+    enc = _encoder(L=64, m=2, input_box_px=32, input_channels="pyramid")
+    first = next(mod for mod in enc.trunk if isinstance(mod, nn.Conv2d))
+    assert first.in_channels == 5
+    assert enc.pyramid_variances_px2 == pyramid_variances_px2(32)
+    torch.testing.assert_close(torch.tensor(pyramid_variances_px2(32)),
+                               torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0]) / 16)
+
+
+def test_design_choices_are_checked() -> None:
+    with pytest.raises(ValueError, match="head"):
+        MultiHeadPoseEncoder(32, 2, head="mlp")
+    with pytest.raises(ValueError, match="input_channels"):
+        MultiHeadPoseEncoder(32, 2, input_channels="rgb")
+    with pytest.raises(ValueError, match="pooling"):
+        MultiHeadPoseEncoder(32, 2, pooling="max")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -101,3 +103,24 @@ def test_head_usage_fractions() -> None:
     assert head_usage(torch.zeros(0, dtype=torch.int64), 3).tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="num_heads"):
         head_usage(torch.tensor([0, 3]), 3)
+
+
+def test_head_spread_is_zero_for_constant_heads_and_about_132_deg_for_random_float64() -> None:
+    from cryospin.losses import head_spread_deg
+    from cryospin.rotations import quaternion_to_matrix
+
+    g = torch.Generator().manual_seed(0)
+    fixed = quaternion_to_matrix(torch.randn(3, 4, dtype=torch.float64, generator=g))  # (3,3,3)
+    const = fixed[None].expand(64, 3, 3, 3)  # every image: head m's rotation
+    torch.testing.assert_close(head_spread_deg(const), torch.zeros(3, dtype=torch.float64),
+                               rtol=0, atol=1e-5)
+    random = quaternion_to_matrix(torch.randn(4000, 2, 4, dtype=torch.float64, generator=g))
+    spread = head_spread_deg(random)
+    # the median angle of a uniformly random rotation: (θ − sin θ)/π = 1/2 at θ ≈ 132.3°
+    assert spread.shape == (2,) and bool(((spread - 132.3).abs() < 3.0).all()), spread
+    # a rotation of 30° about z between the two halves: exactly 30
+    c, s = math.cos(math.radians(30)), math.sin(math.radians(30))
+    rz = torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    pair = torch.stack([fixed[:1], rz @ fixed[:1]])  # (2, 1, 3, 3)
+    torch.testing.assert_close(head_spread_deg(pair), torch.tensor([30.0], dtype=torch.float64))
+    assert bool(head_spread_deg(const[:1]).isnan().all())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,3 +259,57 @@ def test_prepare_data_default_is_unchanged_by_the_preprocessing_options() -> Non
     assert base.image_scale == same.image_scale
     torch.testing.assert_close(base.images, same.images, atol=0, rtol=0)
     torch.testing.assert_close(base.images, (x.float() * base.image_scale).float())
+
+
+# --------------------------------------------------------------- Gaussian pyramid (issue 14)
+
+
+def _direct_gaussian_reflect(image: np.ndarray, variance: float) -> np.ndarray:
+    """The 2D convolution with the sampled, normalised, truncated Gaussian, written out pixel
+    by pixel over a reflect-padded image (float64 reference)."""
+    L = image.shape[0]
+    sigma = np.sqrt(variance)
+    r = max(1, min(int(np.ceil(4 * sigma)), L - 1))
+    x = np.arange(-r, r + 1)
+    k2 = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * variance))
+    k2 /= k2.sum()
+    padded = np.pad(image, r, mode="reflect")
+    out = np.empty_like(image)
+    for i in range(L):
+        for j in range(L):
+            out[i, j] = (padded[i:i + 2 * r + 1, j:j + 2 * r + 1] * k2).sum()
+    return out
+
+
+@pytest.mark.parametrize("box", [16, 33])
+def test_pyramid_channels_are_the_stated_gaussian_blurs_float64(box: int) -> None:
+    from cryospin.preprocess import gaussian_pyramid, pyramid_variances_px2
+
+    images = torch.randn(2, box, box, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(box))
+    variances = pyramid_variances_px2(4 * box)  # at 4x the box: 0.0x .. 100/64·box² px²
+    pyr = gaussian_pyramid(images, variances)
+    assert pyr.shape == (2, 5, box, box) and pyr.dtype == torch.float64
+    for c, v in enumerate(variances):
+        for b in range(2):
+            ref = _direct_gaussian_reflect(images[b].numpy(), v)
+            np.testing.assert_allclose(pyr[b, c].numpy(), ref, rtol=0, atol=1e-12)
+
+
+def test_gaussian_blur_properties_float64() -> None:
+    from cryospin.preprocess import gaussian_blur
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(3, 24, 24, dtype=torch.float64, generator=g)
+    const = torch.full((24, 24), 2.5, dtype=torch.float64)
+    torch.testing.assert_close(gaussian_blur(const, 3.0), const, rtol=0, atol=1e-12)  # sum 1
+    torch.testing.assert_close(gaussian_blur(img, 1e-4), img, rtol=0, atol=1e-12)  # ~identity
+    a, b = torch.randn(24, 24, dtype=torch.float64, generator=g), 0.7
+    torch.testing.assert_close(gaussian_blur(img[0] + b * a, 2.0),
+                               gaussian_blur(img[0], 2.0) + b * gaussian_blur(a, 2.0),
+                               rtol=0, atol=1e-12)  # linear
+    # wider blurs remove more of the image's variance
+    v = [float(gaussian_blur(img, s).var()) for s in (0.5, 2.0, 8.0)]
+    assert v[0] > v[1] > v[2]
+    with pytest.raises(ValueError, match="variance"):
+        gaussian_blur(img, 0.0)

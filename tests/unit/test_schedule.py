@@ -19,6 +19,8 @@ from cryospin.train.schedule import (
     is_search_epoch,
     last_search_epoch,
     search_stops,
+    stage1_batches,
+    with_step_budget,
 )
 
 # the default preset's shape: 1 stage-1 epoch, up to 8 search epochs, 3 local epochs
@@ -221,3 +223,23 @@ def test_metrics_readers_find_the_stop_and_old_files_read_as_not_stopped(tmp_pat
     assert _half_status(half, SCHEDULE) == ("finished", 9)  # not "partial": 9 < 12 epochs
     old = [{"epoch": 1, "stage": "autoencode"}, {"epoch": 2, "extra": {"switch": {}}}]
     assert search_stopped_after(old) is None
+
+
+# --------------------------------------------------------------- stage 1's step budget
+
+
+@pytest.mark.parametrize(("steps", "per_epoch", "stage1", "last"),
+                         [(10, 4, 3, 2), (8, 4, 2, None), (1, 4, 1, 1), (3, 10, 1, 3),
+                          (10_000, 625, 16, None), (10_000, 313, 32, 297)])
+def test_step_budget_becomes_whole_epochs_and_a_cut_last_one(
+    steps: int, per_epoch: int, stage1: int, last: int | None,
+) -> None:
+    given = ScheduleConfig(epochs=20, switch_epoch=7, switch_steps=steps)
+    s = with_step_budget(given, per_epoch)
+    assert s.switch_epoch == stage1 and s.epochs == stage1 + 13  # 13 stage-2 epochs kept
+    counts = [stage1_batches(s, e, per_epoch) for e in range(1, stage1 + 1)]
+    assert counts[:-1] == [None] * (stage1 - 1) and counts[-1] == last
+    total = sum(per_epoch if c is None else c for c in counts)
+    assert total == steps  # exactly the budget
+    assert with_step_budget(ScheduleConfig(), per_epoch) == ScheduleConfig()
+    assert stage1_batches(ScheduleConfig(), 1, per_epoch) is None

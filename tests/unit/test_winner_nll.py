@@ -59,11 +59,12 @@ def test_winner_nll_equals_min_of_all_heads_in_value_and_gradient(shifts, ctf, r
 
     (ref_nll, ref_best), ref_grads = run(
         lambda e, v: predict_nll(e, v, batch, data, disc)[0].min(dim=1))
-    (nll, best, rot, shift), grads = run(lambda e, v: winner_nll(e, v, batch, data, disc))
+    (nll, best, rot, shift, hyp), grads = run(lambda e, v: winner_nll(e, v, batch, data, disc))
     assert torch.equal(best, ref_best)
     rows = torch.arange(B)
     enc = _FixedPoses(torch.Generator().manual_seed(3), shifts)
     torch.testing.assert_close(rot, enc.rotations[rows, best], rtol=0, atol=0)
+    torch.testing.assert_close(hyp, enc.rotations.detach(), rtol=0, atol=0)
     assert (shift is None) == (not shifts)
     if shifts:
         torch.testing.assert_close(shift, enc.shifts_px[rows, best], rtol=0, atol=0)

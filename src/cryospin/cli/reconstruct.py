@@ -45,6 +45,10 @@ _OVERRIDES = {
     "max_shift_px": ("model", "max_shift_px"),
     "epochs": ("schedule", "epochs"),
     "switch_epoch": ("schedule", "switch_epoch"),
+    "switch_steps": ("schedule", "switch_steps"),
+    "head": ("model", "head"),
+    "encoder_input": ("model", "encoder_input"),
+    "pooling": ("model", "pooling"),
     "method": ("schedule", "method"),
     "batch_size": ("optim", "batch_size"),
     "encoder_lr": ("optim", "encoder_lr"),
@@ -128,6 +132,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, metavar="E", help="total epochs")
     g.add_argument("--switch-epoch", type=int, metavar="K",
                    help="last epoch of stage 1 (auto-encoding)")
+    g.add_argument("--switch-steps", type=int, metavar="T",
+                   help="stage 1 lasts exactly T optimizer steps (batches) instead of "
+                        "--switch-epoch epochs; the --epochs minus --switch-epoch stage-2 "
+                        "epochs follow")
+    g.add_argument("--head", choices=["reference", "spread"],
+                   help="pose heads: reference (BatchNorm MLPs, the authors' public design) "
+                        "or spread (cryospin <= 0.2: fixed, well-separated start rotations)")
+    g.add_argument("--encoder-input", choices=["image", "pyramid"],
+                   help="the encoder's input: the image, or a 5-level Gaussian pyramid of it")
+    g.add_argument("--pooling", choices=["adaptive", "vgg16"],
+                   help="max-pools of the encoder trunk: adaptive (a 2x2 map at least) or "
+                        "vgg16 (always 5)")
     g.add_argument("--method", choices=["semi-amortized", "amortized", "cryoai"],
                    help="semi-amortized (cryoSPIN, default); baselines that never switch: "
                         "amortized (multi-head winner-take-all throughout), cryoai (one head "

@@ -19,16 +19,17 @@ depends on the method: the expansion is done by the encoder, the choice by winne
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from cryospin.encoder import EncoderOutput
 from cryospin.forward.model import render
-from cryospin.losses import gaussian_nll, head_usage
+from cryospin.losses import gaussian_nll, head_spread_deg, head_usage
 from cryospin.train.data import (
     Batch,
     LossDisc,
@@ -46,6 +47,7 @@ __all__ = [
     "autoencode_epoch",
     "infer_best_poses",
     "predict_nll",
+    "Winners",
     "winner_nll",
     "stage1_loss_radius",
 ]
@@ -65,6 +67,9 @@ class EpochStats:
     num_images : int
     head_usage : list[float] or None
         Fraction of images won by each head (stage 1).
+    head_spread_deg : list[float] or None
+        Per head, the image-weighted mean over the epoch's batches of
+        :func:`cryospin.losses.head_spread_deg` (stage 1; 0: one rotation for every image).
     mean_pose_change_deg : float or None
         Mean geodesic change of a visited particle's rotation during the epoch (stage 2).
     mean_shift_change_px : float or None
@@ -78,6 +83,7 @@ class EpochStats:
     loss: float
     num_images: int
     head_usage: list[float] | None = None
+    head_spread_deg: list[float] | None = None
     mean_pose_change_deg: float | None = None
     mean_shift_change_px: float | None = None
     jump_fraction: float | None = None
@@ -225,6 +231,16 @@ def predict_nll(
     return nll, h.out.rotations, h.out.shifts_px
 
 
+class Winners(NamedTuple):
+    """:func:`winner_nll`'s result for a batch of ``B`` images and ``M`` hypotheses."""
+
+    nll: Tensor  # (B,) the winning head's NLL (differentiable)
+    best_head: Tensor  # (B,) int64
+    rotations: Tensor  # (B, 3, 3) the winning head's rotation
+    shifts_px: Tensor | None  # (B, 2)
+    hypotheses: Tensor  # (B, M, 3, 3) every head's rotation, detached
+
+
 def winner_nll(
     encoder: nn.Module,
     volume_ht: Tensor,
@@ -233,7 +249,7 @@ def winner_nll(
     disc: LossDisc | None = None,
     *,
     lowpass_input: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+) -> Winners:
     """NLL of each image's best head, differentiable, rendering the others without gradients.
 
     The same value and gradient as ``predict_nll(...)[0].min(dim=1)`` (the gradient of a
@@ -249,14 +265,11 @@ def winner_nll(
 
     Returns
     -------
-    nll : `(B,)`
-        The winning head's NLL of every image (gradients to the encoder and the volume).
-    best_head : `(B,)` int64
-        Its index (ties: the lowest).
-    rotations : `(B, 3, 3)`
-        The winning head's rotation.
-    shifts_px : `(B, 2)` or None
-        Its shift.
+    Winners
+        ``nll`` `(B,)`: the winning head's NLL of every image (gradients to the encoder and
+        the volume); ``best_head`` `(B,)` int64: its index (ties: the lowest);
+        ``rotations`` `(B, 3, 3)` and ``shifts_px`` `(B, 2)` or None: its pose;
+        ``hypotheses`` `(B, M, 3, 3)`: every head's rotation (detached; diagnostics).
     """
     h = _hypotheses(encoder, batch, data, disc, lowpass_input)
     rotations, shifts = h.out.rotations, h.out.shifts_px
@@ -278,7 +291,7 @@ def winner_nll(
         negation_index=h.negation_index,
     )  # (B, 1, P)
     nll = gaussian_nll(pred_best, h.batch.hartley, data.noise_variance)[:, 0]  # (B,)
-    return nll, best, rot_best, shift_best
+    return Winners(nll, best, rot_best, shift_best, rotations.detach())
 
 
 def autoencode_epoch(
@@ -297,8 +310,10 @@ def autoencode_epoch(
     shard: Shard | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
     record: BestPoses | None = None,
+    max_batches: int | None = None,
 ) -> EpochStats:
-    """One pass over the particles in random order (drawn from ``generator``).
+    """One pass over the particles in random order (drawn from ``generator``), or its first
+    ``max_batches`` batches.
 
     Parameters
     ----------
@@ -330,6 +345,9 @@ def autoencode_epoch(
     record : BestPoses, optional
         Rows (particle indices) into which each batch writes its images' winning head, pose
         and NLL as trained on (the switch may start from them instead of an inference pass).
+    max_batches : int, optional
+        Stop after this many batches (a stage-1 step budget ending inside the epoch; the
+        batch order is drawn for the whole epoch all the same).
 
     Raises
     ------
@@ -344,8 +362,13 @@ def autoencode_epoch(
     num_heads = int(getattr(encoder, "module", encoder).num_heads)  # DDP wraps the encoder
     running = RunningMean()
     wins = torch.zeros(num_heads, dtype=torch.float64)
+    spread = torch.zeros(num_heads, dtype=torch.float64)
+    spread_weight = 0.0
     batches = data.epoch_batches(batch_size, generator)
-    for b, (batch, total) in enumerate(local_batches(batches, shard), start=1):
+    steps = local_batches(batches, shard)
+    if max_batches is not None:
+        steps = itertools.islice(steps, max(int(max_batches), 0))
+    for b, (batch, total) in enumerate(steps, start=1):
         idx = batch.indices
         radius = None if loss_radius is None else loss_radius(b)
         disc = None
@@ -354,7 +377,7 @@ def autoencode_epoch(
             if key not in discs:
                 discs[key] = sub_disc(data.frequencies, data.box_px, radius)
             disc = discs[key]
-        best_nll, best, best_rot, best_shift = winner_nll(
+        best_nll, best, best_rot, best_shift, hypotheses = winner_nll(
             encoder, volume(), batch, data, disc, lowpass_input=lowpass_input
         )  # (B,), (B,), ...: winner-take-all over the heads
         if record is not None:
@@ -389,16 +412,22 @@ def autoencode_epoch(
         n = int(idx.numel())
         running.add(float(loss.detach()), n)
         wins += head_usage(best.detach().cpu(), num_heads).double() * n
+        if n >= 2:
+            spread += head_spread_deg(hypotheses) * n
+            spread_weight += n
         if progress is not None:
             progress(n, float(loss.detach()))
     if shard is not None:  # statistics of all ranks
-        sums = shard.all_sum(torch.cat([torch.tensor([running.total, running.weight]), wins]))
-        running.total, running.weight, wins = float(sums[0]), float(sums[1]), sums[2:]
+        sums = shard.all_sum(torch.cat([torch.tensor([running.total, running.weight,
+                                                      spread_weight]), wins, spread]))
+        running.total, running.weight, spread_weight = (float(x) for x in sums[:3])
+        wins, spread = sums[3:3 + num_heads], sums[3 + num_heads:]
     total = max(running.weight, 1.0)
     return EpochStats(
         loss=running.mean,
         num_images=int(running.weight),
         head_usage=(wins / total).tolist(),
+        head_spread_deg=(spread / spread_weight).tolist() if spread_weight > 0 else None,
     )
 
 

@@ -53,6 +53,9 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 FinalMap = Literal["backprojection", "decoder"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 SwitchPoses = Literal["inference", "last_epoch"]
+HeadType = Literal["reference", "spread"]  # cryospin.encoder.HeadType
+EncoderInput = Literal["image", "pyramid"]  # cryospin.encoder.EncoderInput
+Pooling = Literal["adaptive", "vgg16"]  # cryospin.encoder.Pooling
 
 _META_KEYS = ("cryospin_version", "argv", "resumed_argv", "resolved")
 
@@ -91,6 +94,19 @@ class ModelConfig:
     encoder_lowpass : bool
         With frequency marching (``schedule.loss_radius_start_px``), low-pass the encoder's
         input images with a Gaussian of ``σ`` = the current loss radius.
+    head : "reference" or "spread"
+        Pose heads (:class:`cryospin.encoder.MultiHeadPoseEncoder`): ``reference``, BatchNorm
+        MLPs as in the cryoSPIN authors' public code, whose rotations differ from image to
+        image from the start; ``spread``, cryospin <= 0.2's heads, which start at fixed,
+        well-separated rotations (practically one rotation per head for every image). The
+        built-in value is ``spread`` so that configurations written before 0.3 read back as
+        they ran; the presets choose.
+    encoder_input : "image" or "pyramid"
+        The trunk's input: the image, or a 5-channel Gaussian pyramid of it (the reference
+        design; blur widths scaled to the encoder's box).
+    pooling : "adaptive" or "vgg16"
+        ``adaptive``: as many 2x2 max-pools as leave at least a 2x2 map (a 32 px input gets 4);
+        ``vgg16``: always 5 (cryospin <= 0.2).
     """
 
     num_heads: int = 7
@@ -101,6 +117,9 @@ class ModelConfig:
     predict_shifts: bool = False
     max_shift_px: float = 8.0
     encoder_lowpass: bool = False
+    head: HeadType = "spread"
+    encoder_input: EncoderInput = "image"
+    pooling: Pooling = "vgg16"
 
     def encoder_input_box(self, box_px: int) -> int:
         """The encoder trunk's box for training images of ``box_px``: ``encoder_box_px`` when
@@ -183,6 +202,11 @@ class ScheduleConfig:
     switch_epoch : int
         Last epoch of stage 1; 0 starts directly with stage 2 (poses from the untrained
         encoder), ``>= epochs`` never switches (a fully amortized run).
+    switch_steps : int or None
+        Stage 1 lasts exactly this many optimizer steps (batches) instead of ``switch_epoch``
+        epochs: ``ceil(switch_steps / batches per epoch)`` epochs, the last one cut short; the
+        ``epochs - switch_epoch`` stage-2 epochs follow (:func:`cryospin.train.schedule.
+        with_step_budget`). None: ``switch_epoch`` decides.
     method : str
         ``"semi-amortized"`` (cryoSPIN); ``"amortized"`` (the paper's fully-amortized baseline:
         multi-head winner-take-all in every epoch, never switching); ``"cryoai"`` (the paper's
@@ -224,6 +248,7 @@ class ScheduleConfig:
 
     epochs: int = 20
     switch_epoch: int = 7
+    switch_steps: int | None = None
     method: Method = "semi-amortized"
     loss_radius_start_px: float | None = None
     loss_radius_end_px: float | None = None
@@ -452,6 +477,17 @@ def _validate(c: Config) -> None:
         raise bad(f"schedule.epochs must be >= 1, got {c.schedule.epochs}")
     if c.schedule.switch_epoch < 0:
         raise bad(f"schedule.switch_epoch must be >= 0, got {c.schedule.switch_epoch}")
+    if c.schedule.switch_steps is not None:
+        if c.schedule.switch_steps < 1:
+            raise bad(f"schedule.switch_steps must be >= 1, got {c.schedule.switch_steps}")
+        if c.schedule.method != "semi-amortized":
+            raise bad(f"schedule.switch_steps: method {c.schedule.method} never switches")
+    if c.model.head not in ("reference", "spread"):
+        raise bad(f"model.head must be reference or spread, got {c.model.head!r}")
+    if c.model.encoder_input not in ("image", "pyramid"):
+        raise bad(f"model.encoder_input must be image or pyramid, got {c.model.encoder_input!r}")
+    if c.model.pooling not in ("adaptive", "vgg16"):
+        raise bad(f"model.pooling must be adaptive or vgg16, got {c.model.pooling!r}")
     if c.schedule.switch_poses not in ("inference", "last_epoch"):
         raise bad(f"schedule.switch_poses must be inference or last_epoch, got "
                   f"{c.schedule.switch_poses!r}")

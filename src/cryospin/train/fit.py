@@ -53,6 +53,7 @@ checkpoint holds the full pose table (resumable with any number of processes).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import tempfile
@@ -90,6 +91,7 @@ from cryospin.train.checkpoint import (
 from cryospin.train.config import (
     AMORTIZED_METHODS,
     Config,
+    ScheduleConfig,
     config_from_dict,
     config_to_dict,
     read_config_argv,
@@ -124,7 +126,14 @@ from cryospin.train.progress import (
     run_eta_s,
 )
 from cryospin.train.runlog import RUN_LOG, header_line, run_log, start_run_log
-from cryospin.train.schedule import decay_fraction, final_epoch, is_search_epoch, search_stops
+from cryospin.train.schedule import (
+    decay_fraction,
+    final_epoch,
+    is_search_epoch,
+    search_stops,
+    stage1_batches,
+    with_step_budget,
+)
 from cryospin.train.track import PoseTracker
 
 __all__ = [
@@ -299,6 +308,9 @@ def _build_encoder(
         head_hidden=m.head_hidden,
         autocast_dtype=dtype,
         input_box_px=m.encoder_input_box(box_px),
+        head=m.head,
+        input_channels=m.encoder_input,
+        pooling=m.pooling,
     )
     if config.schedule.method == "cryoai":
         encoder = InPlaneFlipEncoder(encoder)
@@ -488,8 +500,13 @@ def _fit(
     shard = Shard(world) if world.distributed else None
     main = world.is_main
     state = load_checkpoint(files.checkpoint) if resume and files.checkpoint.is_file() else None
+    # the configuration as given (config.yaml, the checkpoint) and as run: a stage-1 step
+    # budget in epochs (train/schedule.py)
+    given = config
+    per_epoch = num_batches(len(particles), config.optim.batch_size)
+    config = dataclasses.replace(config, schedule=with_step_budget(config.schedule, per_epoch))
     if state is not None:
-        _check_resume_config(config, state, files.checkpoint)
+        _check_resume_config(given, state, files.checkpoint, schedule=config.schedule)
     identity = check_same_particles(files.particle_set, particles, files.dir) if resume else None
     start_run_log(files.log)  # the run is accepted: run.log is written from here on
     if resume and main:
@@ -499,13 +516,13 @@ def _fit(
             logger.warning("%s has no checkpoint yet: starting again from epoch 1", files.dir)
             truncate_metrics(files.metrics, 0)
         first_argv, resumed = read_config_argv(files.config)
-        save_config(files.config, config, first_argv, resumed=[*resumed, argv])
+        save_config(files.config, given, first_argv, resumed=[*resumed, argv])
         if identity is None:  # a run from before particle_set.json: record it from now on
             logger.warning("%s records no particle set (an older run): cannot check that "
                            "these are its particles", files.dir)
             save_identity(files.particle_set, particle_set_identity(particles))
     elif main:
-        save_config(files.config, config, argv)
+        save_config(files.config, given, argv)
         save_identity(files.particle_set, particle_set_identity(particles))
 
     generator = _seed_everything(config.run.seed)
@@ -620,7 +637,10 @@ def _fit(
                 stage = AUTODECODE
                 return_free_memory()  # the encoder and its optimiser are gone
 
-            progress = _epoch_progress(feedback, plan, totals, epoch, end, n, scale)
+            cut = (stage1_batches(config.schedule, epoch, per_epoch) if stage == AUTOENCODE
+                   else None)  # the step budget's last stage-1 epoch: its remainder
+            images = n if cut is None else min(n, cut * config.optim.batch_size)
+            progress = _epoch_progress(feedback, plan, totals, epoch, end, images, scale)
             tick = progress.update
             t0 = time.perf_counter()
             # -------------------------------------------------------- stage 1 / stage 2
@@ -634,6 +654,7 @@ def _fit(
                     progress=tick, loss_radius=_radius_schedule(config, data, epoch),
                     lowpass_input=config.model.encoder_lowpass, shard=shard,
                     grad_scaler=scaler, record=record if epoch == K else None,
+                    max_batches=cut,
                 )
             else:
                 for group in decoder_opt.param_groups:
@@ -684,7 +705,7 @@ def _fit(
                     epoch=epoch, stage=stage, stats=stats, wall_s=wall,
                     elapsed_s=elapsed, switch_info=switch_info,
                     search_stopped_after=search_stopped_after, search_stop=search_stop,
-                    switch_record=full_record,
+                    switch_record=full_record, saved_config=given,
                 )
             epochs_done = epoch
             logger.info(
@@ -757,7 +778,7 @@ def _radius_schedule(
     end = full if s.loss_radius_end_px is None else min(float(s.loss_radius_end_px), full)
     start = min(float(s.loss_radius_start_px), end)
     per_epoch = num_batches(len(data), config.optim.batch_size)
-    total = max(s.switch_epoch, 1) * per_epoch
+    total = s.switch_steps if s.switch_steps is not None else max(s.switch_epoch, 1) * per_epoch
 
     def radius(b: int) -> float | None:
         return stage1_loss_radius((epoch - 1) * per_epoch + b - 1, total, start, end)
@@ -840,15 +861,20 @@ def _rotation_search(config: Config, data: TrainingData, stage2_epoch: int) -> A
 
 def _final_stage1_radius(config: Config, data: TrainingData) -> float | None:
     """Loss radius of the last stage-1 step (used by the inference pass at the switch)."""
-    schedule = _radius_schedule(config, data, max(config.schedule.switch_epoch, 1))
+    s = config.schedule
+    schedule = _radius_schedule(config, data, max(s.switch_epoch, 1))
     if schedule is None:
         return None
-    return schedule(num_batches(len(data), config.optim.batch_size))
+    per_epoch = num_batches(len(data), config.optim.batch_size)
+    return schedule(stage1_batches(s, max(s.switch_epoch, 1), per_epoch) or per_epoch)
 
 
-def _check_resume_config(config: Config, state: dict[str, Any], path: Path) -> None:
+def _check_resume_config(config: Config, state: dict[str, Any], path: Path, *,
+                         schedule: ScheduleConfig | None = None) -> None:
     """All but the epochs, device, threads, precision, progress and input paths must match the
-    checkpoint (a run may move to another machine)."""
+    checkpoint (a run may move to another machine). ``schedule``: the schedule as run (a step
+    budget in epochs), default ``config.schedule``."""
+    schedule = config.schedule if schedule is None else schedule
     saved = config_from_dict(state["config"], where=str(path))
     mine, theirs = config_to_dict(config), config_to_dict(saved)
     del mine["input"], theirs["input"]  # the data may have moved
@@ -868,11 +894,11 @@ def _check_resume_config(config: Config, state: dict[str, Any], path: Path) -> N
             path,
         )
     stopped = state.get("extra", {}).get("search_stopped_after")
-    if int(state["epoch"]) > final_epoch(config.schedule, stopped):
+    if int(state["epoch"]) > final_epoch(schedule, stopped):
         raise InputError(
             f"the checkpoint is at epoch {state['epoch']}, beyond --epochs "
             f"{config.schedule.epochs}" + ("" if stopped is None else
-                                         f" (last epoch {final_epoch(config.schedule, stopped)}"
+                                         f" (last epoch {final_epoch(schedule, stopped)}"
                                          f": the global search stopped after epoch {stopped})"),
             path,
         )
@@ -900,6 +926,19 @@ def _switch(
     count = len(data) if owned is None else int(owned.numel())
     if record is not None:
         best = record if owned is None else record.rows(owned)
+        missing = torch.nonzero(best.best_head < 0).flatten()  # a step budget's cut epoch
+        if missing.numel():
+            rows = missing if owned is None else owned.to(missing.device)[missing]
+            with (feedback or Feedback()).start("switch: inference pass (particles not "
+                                                "seen in the last epoch)", int(rows.numel()),
+                                                ) as progress:
+                fill = infer_best_poses(
+                    encoder, volume, data, batch_size=config.run.inference_batch_size,
+                    loss_radius_px=_final_stage1_radius(config, data),
+                    lowpass_input=config.model.encoder_lowpass, indices=rows.cpu(),
+                    progress=progress.update,
+                )
+            best.write(missing, fill.rotations, fill.shifts_px, fill.best_head, fill.loss)
     else:
         with (feedback or Feedback()).start("switch: inference pass", len(data),
                                             scale=len(data) / max(count, 1)) as progress:
@@ -974,9 +1013,11 @@ def _end_of_epoch(
     search_stopped_after: int | None = None,
     search_stop: dict[str, Any] | None = None,
     switch_record: BestPoses | None = None,
+    saved_config: Config | None = None,
 ) -> None:
     """map.NNN.mrc, a metrics line, then the checkpoint (the commit point of the epoch).
-    ``switch_record``: the last stage-1 epoch's winners (``schedule.switch_poses``)."""
+    ``switch_record``: the last stage-1 epoch's winners (``schedule.switch_poses``);
+    ``saved_config``: the configuration as given, for the checkpoint (default ``config``)."""
     from cryospin.io.mrc import write_map
 
     with torch.no_grad():
@@ -996,6 +1037,7 @@ def _end_of_epoch(
             wall_time_s=wall_s,
             images_per_s=stats.num_images / wall_s if wall_s > 0 else float("nan"),
             head_usage=usage,
+            head_spread_deg=stats.head_spread_deg,
             mean_pose_change_deg=stats.mean_pose_change_deg,
             mean_shift_change_px=stats.mean_shift_change_px,
             decoder_lr=float(decoder_opt.param_groups[0]["lr"]),
@@ -1014,7 +1056,7 @@ def _end_of_epoch(
         files.checkpoint,
         {
             "cryospin_version": __version__,
-            "config": config_to_dict(config),
+            "config": config_to_dict(config if saved_config is None else saved_config),
             "stage": stage,
             "epoch": epoch,
             "volume": volume.state_dict(),

@@ -4,7 +4,10 @@ Fields of a line (all stages): ``epoch`` (from 1), ``stage`` (``"autoencode"`` |
 ``"autodecode"``), ``loss`` (mean per-image NLL of the epoch, winner head in stage 1),
 ``num_images``, ``wall_time_s`` (the epoch's training time), ``images_per_s``, ``head_usage``
 (fraction of images won by each head: stage 1 over the epoch; at the switch, over the inference
-pass; otherwise None), ``mean_pose_change_deg`` (stage 2: mean geodesic change of the pose of
+pass; otherwise None), ``head_spread_deg`` (stage 1: per head, how much its rotation varies
+from image to image, :func:`cryospin.losses.head_spread_deg` averaged over the epoch's batches;
+0 = one rotation for every image, ≈ 132 = uniformly random; absent from older files),
+``mean_pose_change_deg`` (stage 2: mean geodesic change of the pose of
 each visited particle during the epoch; None in stage 1), ``mean_shift_change_px`` (stage 2 with
 shifts), ``decoder_lr``, ``pose_lr`` (stage 2's rotation learning rate), ``elapsed_s``
 (since the start of the run, including resumed parts) and ``jump_fraction`` (stage 2: fraction
@@ -54,6 +57,7 @@ class EpochMetrics:
     wall_time_s: float
     images_per_s: float
     head_usage: list[float] | None = None
+    head_spread_deg: list[float] | None = None
     mean_pose_change_deg: float | None = None
     mean_shift_change_px: float | None = None
     decoder_lr: float | None = None

@@ -1,5 +1,12 @@
-"""Stage 2's epoch plan when the global search may stop early: pure functions of the schedule
-and the epoch after which the search stopped.
+"""The epoch plan: stage 1's step budget, and stage 2's when the global search may stop early;
+pure functions of the schedule, the batches per epoch and the epoch after which the search
+stopped.
+
+A step budget (``switch_steps = T``, ``P`` batches per epoch) is turned into epochs by
+:func:`with_step_budget`: stage 1 runs ``K' = ceil(T / P)`` epochs, the last one cut after
+``T − (K' − 1) P`` batches (:func:`stage1_batches`), and the ``epochs − switch_epoch`` stage-2
+epochs follow (``epochs' = K' + epochs − switch_epoch``). Everything below then works on that
+schedule.
 
 Epochs are counted from 1 (``cryospin.train.config``). With ``K = switch_epoch``,
 ``S = search_epochs`` and ``E = epochs``, stage 2 runs the search in epochs ``K+1 .. K+S`` and
@@ -17,17 +24,44 @@ plan as the uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from cryospin.train.config import ScheduleConfig
 
 __all__ = [
+    "with_step_budget",
+    "stage1_batches",
     "last_search_epoch",
     "final_epoch",
     "is_search_epoch",
     "search_stops",
     "decay_fraction",
 ]
+
+
+def with_step_budget(schedule: ScheduleConfig, batches_per_epoch: int) -> ScheduleConfig:
+    """The schedule in epochs: ``schedule`` itself without ``switch_steps``; with it,
+    ``switch_epoch = ceil(switch_steps / batches_per_epoch)`` and ``epochs`` = that plus the
+    ``epochs − switch_epoch`` stage-2 epochs of ``schedule`` (``switch_steps`` kept)."""
+    steps = schedule.switch_steps
+    if steps is None:
+        return schedule
+    per_epoch = max(int(batches_per_epoch), 1)
+    stage1 = math.ceil(int(steps) / per_epoch)
+    stage2 = max(schedule.epochs - schedule.switch_epoch, 0)
+    return dataclasses.replace(schedule, switch_epoch=stage1, epochs=stage1 + stage2)
+
+
+def stage1_batches(schedule: ScheduleConfig, epoch: int, batches_per_epoch: int) -> int | None:
+    """How many batches stage-1 epoch ``epoch`` runs: None (all of them) without a step budget
+    or before the last stage-1 epoch, else the budget's remainder (``1 .. batches_per_epoch``).
+    ``schedule`` as returned by :func:`with_step_budget`."""
+    steps = schedule.switch_steps
+    if steps is None or epoch < schedule.switch_epoch:
+        return None
+    left = int(steps) - (epoch - 1) * int(batches_per_epoch)
+    return None if left >= batches_per_epoch else max(left, 0)
 
 
 def last_search_epoch(schedule: ScheduleConfig, search_stopped_after: int | None) -> int:
