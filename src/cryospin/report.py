@@ -10,14 +10,16 @@ Figures (each function writes exactly one PNG; matplotlib is imported lazily, Ag
 * :func:`plot_training` — loss (and, with a ground truth, resolution; and the stage-2 mean pose
   change) against cumulative wall time, the switch marked;
 * :func:`plot_head_usage` — fraction of images won by each head, per stage-1 epoch and at the
-  switch (stacked bars);
+  switch (stacked bars), and below it, when ``metrics.jsonl`` has them, each head's output
+  spread across images per stage-1 epoch (:func:`head_spread_table`);
 * :func:`plot_orientations` — view directions on the sphere as an equal-area (Mollweide) heat map
   of equal-area bins;
 * :func:`plot_map_views` — central sections and projections (sums) along z, y and x;
 * :func:`plot_rotation_errors` — histogram of the rotation error against ground-truth poses;
 * :func:`plot_track_errors` — with ``pose_track.npz`` (:mod:`cryospin.train.track`) and
   ground-truth poses: median and mean rotation error of the tracked particles against the
-  epoch, the switch marked;
+  epoch, the median view-direction and in-plane errors and, in stage 1, the best-of-heads
+  median error, the switch marked;
 * :func:`plot_head_errors` — per encoder head, the rotation error of its prediction at the last
   auto-encoding epoch, at each particle's ground-truth view direction (equal-area map);
 * :func:`plot_pose_posterior` — one particle's view posterior (``cryospin posterior``);
@@ -60,6 +62,8 @@ __all__ = [
     "orientation_histogram",
     "pick_epochs",
     "head_usage_table",
+    "head_spread_table",
+    "RANDOM_SPREAD_DEG",
     "gt_in_run_frame",
     "plot_training",
     "plot_head_usage",
@@ -69,6 +73,7 @@ __all__ = [
     "TrackErrors",
     "track_errors",
     "head_errors",
+    "track_error_rows",
     "plot_track_errors",
     "plot_head_errors",
     "plot_pose_posterior",
@@ -98,6 +103,11 @@ HAND_NOTE = (
     "left-handed α-helices), run <code>cryospin flip-hand map.mrc -o map_flipped.mrc</code> "
     "(add <code>--poses poses.star --out-poses poses_flipped.star</code> to convert the poses)."
 )
+
+#: Median geodesic distance between two independent uniformly random rotations (degrees): the
+#: root of ``(θ − sin θ) / π = 1/2``. A head whose ``head_spread_deg`` reaches it gives
+#: practically unrelated rotations to different images; 0 = one rotation for every image.
+RANDOM_SPREAD_DEG = 132.346
 
 _EPOCH_MAP = re.compile(r"^map\.(\d+)\.mrc$")
 _STAGE1, _STAGE2 = "autoencode", "autodecode"
@@ -387,50 +397,116 @@ def plot_training(
     save_figure(fig, path)
 
 
-def head_usage_table(metrics: Sequence[dict[str, Any]]) -> tuple[list[str], np.ndarray]:
-    """Bar labels and head-usage fractions `(bars, M)`: stage-1 epochs, then the switch pass."""
+def _head_usage_rows(
+    metrics: Sequence[dict[str, Any]],
+) -> tuple[list[str], list[int], list[list[float]]]:
+    """Labels, x positions (the epoch of the line; the switch pass sits at the first
+    auto-decoding epoch, whose line records it) and per-head usage of each bar."""
     labels: list[str] = []
+    xs: list[int] = []
     rows: list[list[float]] = []
     for r in metrics:
         if r.get("stage") == _STAGE1 and r.get("head_usage"):
             labels.append(str(int(r["epoch"])))
+            xs.append(int(r["epoch"]))
             rows.append([float(u) for u in r["head_usage"]])
         switch = (r.get("extra") or {}).get("switch")
         if isinstance(switch, dict) and switch.get("head_usage"):
             labels.append("switch")
+            xs.append(int(r["epoch"]))
             rows.append([float(u) for u in switch["head_usage"]])
+    return labels, xs, rows
+
+
+def _padded(rows: Sequence[Sequence[float]], fill: float) -> np.ndarray:
+    """Ragged rows as a `(len(rows), longest)` float64 array, missing cells ``fill``."""
     if not rows:
-        return [], np.zeros((0, 0))
-    width = max(len(u) for u in rows)
-    table = np.zeros((len(rows), width))
+        return np.zeros((0, 0))
+    table = np.full((len(rows), max(len(u) for u in rows)), fill, dtype=np.float64)
     for i, u in enumerate(rows):
         table[i, : len(u)] = u
-    return labels, table
+    return table
+
+
+def head_usage_table(metrics: Sequence[dict[str, Any]]) -> tuple[list[str], np.ndarray]:
+    """Bar labels and head-usage fractions `(bars, M)`: stage-1 epochs, then the switch pass."""
+    labels, _, rows = _head_usage_rows(metrics)
+    return labels, _padded(rows, 0.0)
+
+
+def head_spread_table(metrics: Sequence[dict[str, Any]]) -> tuple[list[int], np.ndarray]:
+    """Stage-1 epochs whose metrics line has ``head_spread_deg`` and the spreads `(E, M)`.
+
+    A head's spread is the median geodesic distance (degrees) between the rotations it gives
+    different images (:func:`cryospin.losses.head_spread_deg`): 0 = one rotation for every
+    image, :data:`RANDOM_SPREAD_DEG` (≈ 132°) = uniformly random. Missing or null values
+    (older files, a batch of one image) are NaN; a run without any gives ``([], (0, 0))``.
+    """
+    epochs: list[int] = []
+    rows: list[list[float]] = []
+    for r in metrics:
+        spread = r.get("head_spread_deg")
+        if r.get("stage") == _STAGE1 and spread:
+            epochs.append(int(r["epoch"]))
+            rows.append([math.nan if v is None else float(v) for v in spread])
+    return epochs, _padded(rows, math.nan)
 
 
 def plot_head_usage(metrics: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Stacked bars: fraction of images won by each encoder head, per epoch and at the switch."""
-    labels, table = head_usage_table(metrics)
-    if not labels:
-        raise ValueError("no head usage in the metrics")
+    """The encoder heads in stage 1, against the epoch: stacked bars of the fraction of images
+    won by each head, per epoch and at the switch (top panel) and, when the metrics have
+    ``head_spread_deg`` (:func:`head_spread_table`), each head's output spread across images
+    (bottom panel, degrees, with the uniformly random level marked). Either panel alone when
+    the metrics hold only its numbers."""
+    labels, xs, rows = _head_usage_rows(metrics)
+    spread_epochs, spread = head_spread_table(metrics)
+    if not labels and not spread_epochs:
+        raise ValueError("no head usage or head spread in the metrics")
+    usage = _padded(rows, 0.0)
+    n_heads = max(usage.shape[1], spread.shape[1])
     plt = pyplot()
-    n_bars, n_heads = table.shape
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.25 * n_bars), 3.6), dpi=110)
+    n_panels = int(bool(labels)) + int(bool(spread_epochs))
+    n_x = len(set(xs) | set(spread_epochs))
+    fig, axes = plt.subplots(n_panels, 1, sharex=True, squeeze=False,
+                             figsize=(max(6.0, 2.5 + 0.25 * n_x), 1.2 + 2.4 * n_panels),
+                             dpi=110)
+    axes = list(axes[:, 0])
     cmap = plt.get_cmap("tab10" if n_heads <= 10 else "tab20")
-    x = np.arange(n_bars)
-    bottom = np.zeros(n_bars)
-    for h in range(n_heads):
-        ax.bar(x, table[:, h], bottom=bottom, width=0.8, color=cmap(h % cmap.N),
-               label=f"head {h + 1}", edgecolor="white", linewidth=0.3)
-        bottom += table[:, h]
-    step = max(1, n_bars // 25)
-    ticks = [i for i in range(n_bars) if i % step == 0 or labels[i] == "switch"]
-    ax.set_xticks(ticks, [labels[i] for i in ticks], fontsize=8)
-    ax.set_xlabel("stage-1 epoch")
-    ax.set_ylabel("fraction of images")
-    ax.set_ylim(0, 1)
-    ax.set_title("winning head per image", fontsize=10)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if labels:
+        ax = axes[0]
+        x = np.asarray(xs, dtype=np.float64)
+        bottom = np.zeros(len(labels))
+        for h in range(usage.shape[1]):
+            ax.bar(x, usage[:, h], bottom=bottom, width=0.8, color=cmap(h % cmap.N),
+                   label=f"head {h + 1}", edgecolor="white", linewidth=0.3)
+            bottom += usage[:, h]
+        ax.set_ylabel("fraction of images")
+        ax.set_ylim(0, 1)
+        ax.set_title("winning head per image", fontsize=10)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if spread_epochs:
+        ax = axes[-1]
+        ep = np.asarray(spread_epochs, dtype=np.float64)
+        for h in range(spread.shape[1]):
+            ax.plot(ep, spread[:, h], "o-", color=cmap(h % cmap.N), markersize=3,
+                    linewidth=1, label=f"head {h + 1}")
+        ax.axhline(RANDOM_SPREAD_DEG, color="0.4", linestyle=":", linewidth=1)
+        ax.text(1.0, RANDOM_SPREAD_DEG, f"random ≈ {RANDOM_SPREAD_DEG:.0f}° ",
+                transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=7,
+                color="0.3")
+        ax.set_ylim(0, 180)
+        ax.set_ylabel("spread across images (°)")
+        ax.set_title("spread of each head's rotation across images\n(median angle between "
+                     "images; 0 = one rotation for all)", fontsize=9)
+        ax.grid(alpha=0.3)
+        if not labels:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ticks = sorted({(x, lab) for x, lab in zip(xs, labels, strict=True)}
+                   | {(e, str(e)) for e in spread_epochs if e not in xs})
+    step = max(1, len(ticks) // 25)
+    shown = [t for i, t in enumerate(ticks) if i % step == 0 or t[1] == "switch"]
+    axes[-1].set_xticks([t[0] for t in shown], [t[1] for t in shown], fontsize=8)
+    axes[-1].set_xlabel("stage-1 epoch")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -545,11 +621,20 @@ class TrackErrors:
     ----------
     epochs : `(E,)` int64
     median_deg, mean_deg : `(E,)` float64
-        Median and mean rotation error over the tracked particles after alignment.
+        Median and mean rotation error over the tracked particles after alignment (stage 1:
+        the winning head's pose, the head of lowest loss).
     results : list of PoseErrorResult
         One per epoch (``alignment``, ``flipped``, per-particle errors).
     stage1 : `(E,)` bool
         Epochs with head predictions (auto-encoding).
+    view_median_deg, in_plane_median_deg : `(E,)` float64
+        Median view-direction error (angle between the projection directions) and median
+        in-plane error (the rotation about the view axis) of the same poses.
+    best_head_median_deg : `(E,)` float64
+        Stage 1: median over the particles of the best-of-heads error, the smallest geodesic
+        angle between any head's rotation and the ground truth brought into the run's frame
+        by that epoch's alignment (:func:`gt_in_run_frame`); a lower bound of the winner's
+        error under that alignment. NaN in stage-2 epochs.
     """
 
     epochs: np.ndarray
@@ -557,6 +642,27 @@ class TrackErrors:
     mean_deg: np.ndarray
     results: list[Any]
     stage1: np.ndarray
+    view_median_deg: np.ndarray
+    in_plane_median_deg: np.ndarray
+    best_head_median_deg: np.ndarray
+
+
+def _as_float64(rotations: Any) -> np.ndarray:
+    return np.asarray(rotations.detach().cpu() if hasattr(rotations, "detach") else rotations,
+                      dtype=np.float64)
+
+
+def _head_errors_at(track: Any, row: int, gt: np.ndarray, result: Any) -> np.ndarray:
+    """`(K, M)` geodesic angles (degrees) between every head's rotation in track row ``row``
+    and the tracked particles' ground truth ``gt`` `(K, 3, 3)` in the run's frame of
+    ``result`` (that epoch's PoseErrorResult)."""
+    import torch
+
+    from cryospin.rotations import geodesic_distance_deg
+
+    ref = gt_in_run_frame(gt, result)  # (K, 3, 3)
+    heads = torch.as_tensor(track.head_rotations[row], dtype=torch.float64)  # (K, M, 3, 3)
+    return geodesic_distance_deg(heads, ref[:, None]).numpy().copy()
 
 
 def track_errors(
@@ -570,8 +676,7 @@ def track_errors(
     """
     from cryospin.evaluate.pose_error import pose_error
 
-    gt = np.asarray(gt_rotations.detach().cpu() if hasattr(gt_rotations, "detach")
-                    else gt_rotations, dtype=np.float64)[track.indices]  # (K, 3, 3)
+    gt = _as_float64(gt_rotations)[track.indices]  # (K, 3, 3)
     stage1 = track.stage1_mask()
     epochs = np.asarray(track.epochs, dtype=np.int64)
     keep = [int(epochs[stage1][-1])] if stage1.any() else []
@@ -579,13 +684,36 @@ def track_errors(
     rows = [e for e in range(epochs.shape[0]) if int(epochs[e]) in chosen]
     results = [pose_error(track.rotations[e].astype(np.float64), gt, allow_flip=allow_flip)
                for e in rows]
+    best = np.full(len(rows), math.nan)
+    for i, (row, result) in enumerate(zip(rows, results, strict=True)):
+        if stage1[row]:  # min over heads, ignoring a NaN head
+            best[i] = np.median(np.fmin.reduce(_head_errors_at(track, row, gt, result), axis=1))
     return TrackErrors(
         epochs=epochs[rows],
         median_deg=np.array([np.median(r.rotation_error_deg) for r in results]),
         mean_deg=np.array([np.mean(r.rotation_error_deg) for r in results]),
         results=results,
         stage1=stage1[rows],
+        view_median_deg=np.array([np.median(r.view_direction_error_deg) for r in results]),
+        in_plane_median_deg=np.array([np.median(r.in_plane_error_deg) for r in results]),
+        best_head_median_deg=best,
     )
+
+
+def track_error_rows(errors: TrackErrors) -> list[dict[str, Any]]:
+    """The per-epoch rows of the summary's ``tracked_rotation_error``: ``epoch``,
+    ``median_deg``, ``mean_deg`` (as before), ``view_median_deg``, ``in_plane_median_deg``,
+    ``stage`` and ``best_head_median_deg`` (None outside stage 1)."""
+    return [
+        {"epoch": int(e), "median_deg": float(md), "mean_deg": float(mn),
+         "view_median_deg": float(v), "in_plane_median_deg": float(ip),
+         "stage": _STAGE1 if s1 else _STAGE2,
+         "best_head_median_deg": float(b) if s1 and math.isfinite(b) else None}
+        for e, md, mn, v, ip, s1, b in zip(
+            errors.epochs, errors.median_deg, errors.mean_deg, errors.view_median_deg,
+            errors.in_plane_median_deg, errors.stage1, errors.best_head_median_deg,
+            strict=True)
+    ]
 
 
 def head_errors(track: Any, gt_rotations: Any, errors: TrackErrors) -> tuple[int, np.ndarray]:
@@ -606,32 +734,35 @@ def head_errors(track: Any, gt_rotations: Any, errors: TrackErrors) -> tuple[int
     ValueError
         When the track holds no stage-1 epoch.
     """
-    import torch
-
-    from cryospin.rotations import geodesic_distance_deg
-
     if not errors.stage1.any():
         raise ValueError("the pose track holds no auto-encoding epoch")
     e = int(np.flatnonzero(errors.stage1)[-1])
-    gt = np.asarray(gt_rotations.detach().cpu() if hasattr(gt_rotations, "detach")
-                    else gt_rotations, dtype=np.float64)[track.indices]
+    gt = _as_float64(gt_rotations)[track.indices]
     epoch = int(errors.epochs[e])
     row = int(np.flatnonzero(track.epochs == epoch)[0])
-    ref = gt_in_run_frame(gt, errors.results[e])  # (K, 3, 3)
-    heads = torch.as_tensor(track.head_rotations[row], dtype=torch.float64)  # (K, M, 3, 3)
-    err = geodesic_distance_deg(heads, ref[:, None])  # (K, M)
-    return epoch, err.T.numpy().copy()
+    return epoch, _head_errors_at(track, row, gt, errors.results[e]).T.copy()
 
 
 def plot_track_errors(errors: TrackErrors, path: str | Path) -> None:
-    """Median and mean rotation error of the tracked particles against the epoch, the switch
-    (between the last auto-encoding and the first auto-decoding epoch) marked."""
+    """Median and mean rotation error of the tracked particles against the epoch (stage 1: the
+    winning head), their median view-direction and in-plane errors and, in stage 1, the
+    best-of-heads median error; the switch (between the last auto-encoding and the first
+    auto-decoding epoch) marked."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.5, 3.8), dpi=110)
     ep = errors.epochs
-    ax.plot(ep, errors.median_deg, "o-", color="tab:blue", label="median")
+    s1 = errors.stage1
+    ax.plot(ep, errors.median_deg, "o-", color="tab:blue",
+            label="median (stage 1: winning head)" if s1.any() else "median")
     ax.plot(ep, errors.mean_deg, "s--", color="tab:red", label="mean")
-    s1, s2 = errors.stage1, ~errors.stage1
+    ax.plot(ep, errors.view_median_deg, "^:", color="tab:green", markersize=4,
+            label="median view direction")
+    ax.plot(ep, errors.in_plane_median_deg, "v:", color="tab:purple", markersize=4,
+            label="median in-plane")
+    if s1.any():
+        ax.plot(ep[s1], errors.best_head_median_deg[s1], "D-", color="tab:orange",
+                markersize=4, label="median best of heads (stage 1)")
+    s2 = ~s1
     if s1.any() and s2.any():
         x = 0.5 * (ep[s1].max() + ep[s2].min())
         ax.axvline(x, color="k", linestyle="--", linewidth=1)
@@ -642,13 +773,15 @@ def plot_track_errors(errors: TrackErrors, path: str | Path) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("rotation error (°)")
-    top = float(np.nanmax(np.concatenate([errors.mean_deg, errors.median_deg]))) if ep.size else 1
+    lines = np.concatenate([errors.mean_deg, errors.median_deg, errors.view_median_deg,
+                            errors.in_plane_median_deg, errors.best_head_median_deg[s1]])
+    top = float(np.nanmax(lines)) if np.isfinite(lines).any() else 1.0
     ax.set_ylim(0, min(180.0, 1.25 * top + 1.0))
     k = int(errors.results[0].rotation_error_deg.shape[0]) if errors.results else 0
     ax.set_title(f"tracked particles ({k}) vs ground truth, each epoch aligned "
                  "(global rotation and hand)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -1219,6 +1352,9 @@ def write_report(
             final_stage=metrics[-1].get("stage"),
             wall_time_s=float(elapsed[-1]),
         )
+        stage1_heads = _stage1_head_rows(metrics)
+        if stage1_heads:
+            summary["stage1_heads"] = stage1_heads
     if rotations is not None and not summary.get("particles"):
         summary["particles"] = int(rotations.shape[0])
     summary.update(box_px=box, pixel_size_angstrom=apix)
@@ -1244,11 +1380,7 @@ def write_report(
         track = _read_track(run.run_dir, gt_R.shape[0])
     if track is not None:
         track_err = track_errors(track, gt_R, allow_flip=search_hand)
-        summary["tracked_rotation_error"] = [
-            {"epoch": int(e), "median_deg": float(md), "mean_deg": float(mn)}
-            for e, md, mn in zip(track_err.epochs, track_err.median_deg, track_err.mean_deg,
-                                  strict=True)
-        ]
+        summary["tracked_rotation_error"] = track_error_rows(track_err)
         if track_err.stage1.any():
             track_heads = head_errors(track, gt_R, track_err)
     if gt_R is not None:
@@ -1269,10 +1401,16 @@ def write_report(
                                    + "; the dashed line marks the switch from auto-encoding "
                                      "to auto-decoding."),
                       resolutions=resolutions)
-        if head_usage_table(metrics)[0]:
-            plot_head_usage(metrics, add("head_usage.png", "Encoder head usage",
-                                         "Fraction of images whose best pose came from each "
-                                         "head, per stage-1 epoch and at the switch."))
+        has_spread = bool(head_spread_table(metrics)[0])
+        if head_usage_table(metrics)[0] or has_spread:
+            plot_head_usage(metrics, add(
+                "head_usage.png", "Encoder heads (stage 1)",
+                "Fraction of images whose best pose came from each head, per stage-1 epoch "
+                "and at the switch"
+                + ("; below, each head's output spread across images: the median angle "
+                   "between the rotations the head gives different images (0° = the head "
+                   "gives one rotation for every image, ≈ 132° = rotations as different as "
+                   "uniformly random ones)." if has_spread else ".")))
     if rotations is not None:
         plot_orientations(rotations, add("orientations.png", "Orientation distribution",
                                          "View directions (third row of each R, the projection "
@@ -1290,9 +1428,13 @@ def write_report(
         plot_track_errors(track_err, add(
             "rotation_error_epochs.png", "Rotation error against epoch",
             f"Median and mean rotation error of the {track.indices.size} tracked particles "
-            "(pose_track.npz) at the end of each epoch (stage 1: best head; stage 2: pose "
-            "table), each epoch aligned to the ground truth on its own (global rotation and "
-            "hand); the dashed line marks the switch."))
+            "(pose_track.npz) at the end of each epoch (stage 1: the winning head, lowest "
+            "loss; stage 2: pose table), each epoch aligned to the ground truth on its own "
+            "(global rotation and hand); the medians of the view-direction error (angle "
+            "between projection directions) and of the in-plane error (rotation about the "
+            "view axis); in stage 1 the median best-of-heads error (per particle the head "
+            "closest to the ground truth, under the same alignment: what a perfect choice "
+            "of head would give). The dashed line marks the switch."))
     if track_heads is not None:
         head_epoch, head_err = track_heads
         gt_dirs = view_directions(np.asarray(gt_R.detach().cpu() if hasattr(gt_R, "detach")
@@ -1341,6 +1483,23 @@ def _epoch_table(
     return "Epochs", header, rows
 
 
+def _stage1_head_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Summary rows of the stage-1 epochs: ``epoch``, ``head_usage``, ``head_spread_deg`` (each
+    a per-head list, or None when the metrics line lacks it)."""
+    rows = []
+    for r in metrics:
+        if r.get("stage") == _STAGE1 and (r.get("head_usage") or r.get("head_spread_deg")):
+            spread = r.get("head_spread_deg")
+            rows.append({
+                "epoch": int(r["epoch"]),
+                "head_usage": [float(u) for u in r["head_usage"]] if r.get("head_usage")
+                else None,
+                "head_spread_deg": None if not spread else
+                [None if v is None else float(v) for v in spread],
+            })
+    return rows
+
+
 def _finite_or_none(x: Any) -> Any:
     return x if not isinstance(x, float) or math.isfinite(x) else None
 
@@ -1380,7 +1539,38 @@ def _summary_rows(s: dict[str, Any], run: RunData) -> list[tuple[str, str]]:
         loss = s.get("final_loss")
         rows.append(("final loss", "–" if loss is None else f"{loss:.6g} ({s.get('final_stage')})"))
         rows.append(("wall time", format_duration(s["wall_time_s"])))
+    rows += _stage1_summary_rows(s)
     rows += gt_summary_rows(s)
+    rows += _tracked_summary_rows(s)
     if not run.finished:
         rows.append(("status", "unfinished"))
     return rows
+
+
+def _stage1_summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The head spread of the last stage-1 epoch that has one."""
+    with_spread = [r for r in s.get("stage1_heads") or () if r.get("head_spread_deg")]
+    if not with_spread:
+        return []
+    last = with_spread[-1]
+    values = ", ".join("–" if v is None or not math.isfinite(v) else
+                       f"{v:.1f}°" if v < 9.95 else f"{v:.0f}°"
+                       for v in last["head_spread_deg"])
+    return [(f"head spread across images (epoch {last['epoch']})",
+             f"{values} (0° = one rotation for every image, ≈ {RANDOM_SPREAD_DEG:.0f}° = "
+             "random)")]
+
+
+def _tracked_summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The tracked particles' errors at the last stage-1 epoch (the switch's poses)."""
+    stage1 = [r for r in s.get("tracked_rotation_error") or ()
+              if r.get("stage") == _STAGE1]
+    if not stage1:
+        return []
+    r = stage1[-1]
+    best = r.get("best_head_median_deg")
+    return [(f"tracked particles, last auto-encoding epoch ({r['epoch']})",
+             f"median error: winning head {r['median_deg']:.1f}°, best of heads "
+             + ("–" if best is None else f"{best:.1f}°")
+             + f"; view direction {r['view_median_deg']:.1f}°, in-plane "
+               f"{r['in_plane_median_deg']:.1f}°")]

@@ -97,6 +97,12 @@ def test_report_html_and_figures(full_report: Path, tiny_run: dict[str, Path]) -
     assert [r["epoch"] for r in tracked] == [1, 2]
     assert all(0.0 <= r["median_deg"] <= 180.0 and 0.0 <= r["mean_deg"] <= 180.0
                for r in tracked)
+    assert all(0.0 <= r["view_median_deg"] <= 180.0 and 0.0 <= r["in_plane_median_deg"] <= 180.0
+               for r in tracked)
+    # stage 1: the winner is one of the heads, so the best of heads is never worse
+    assert [r["stage"] for r in tracked] == ["autoencode", "autodecode"]
+    assert tracked[0]["best_head_median_deg"] <= tracked[0]["median_deg"] + 1e-9
+    assert tracked[1]["best_head_median_deg"] is None
     for name in ("rotation_error_epochs.png", "head_errors.png"):
         _check_png(tiny_run["run"] / "report" / name)
     assert "Rotation error against epoch" in text and "Per-head rotation error" in text
