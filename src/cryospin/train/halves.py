@@ -16,9 +16,10 @@ Phases of :func:`fit_halves`:
    skipped, an interrupted one resumed from its checkpoint, a missing one started.
 3. **combination** (:func:`combine_halves`) — half B's ``map.mrc`` is aligned onto half A's
    (rotation, translation and hand, :func:`cryospin.evaluate.align.align_maps`); the FSC is
-   computed unmasked and within an automatic soft mask with the phase-randomisation
-   correction (:mod:`cryospin.evaluate.gold_standard`); the halves are averaged with the
-   FSC weighting; half B's poses are moved into A's frame.
+   computed unmasked and within a soft mask whose threshold comes from the halves' noise
+   (:func:`cryospin.evaluate.masks.half_map_mask`), with the phase-randomisation correction
+   (:func:`cryospin.evaluate.gold_standard.evaluate_half_maps`); the halves are averaged with
+   the FSC weighting; half B's poses are moved into A's frame.
 
 Outputs in ``RUN_DIR``: ``half_A.mrc``, ``half_B.mrc`` (aligned into A's frame), ``map.mrc``
 (FSC-weighted average), ``mask.mrc``, ``map_masked.mrc``, ``postprocess.star`` (RELION layout),
@@ -380,11 +381,6 @@ def _train_and_combine(
     return HalvesResult(files.dir, True, (done[0], done[1]), sizes, source, gold, align)
 
 
-def _auto_mask_widths(box_px: int) -> tuple[float, float]:
-    """Dilation and soft edge (pixels) of the automatic mask for a box: 1–3 and 2–6 px."""
-    return float(np.clip(box_px / 32, 1.0, 3.0)), float(np.clip(box_px / 8, 2.0, 6.0))
-
-
 def _read_half_poses(star: Path, box_px: int) -> tuple[torch.Tensor, torch.Tensor]:
     from cryospin.io.star import read_relion_star
 
@@ -418,7 +414,8 @@ def combine_halves(
     config : Config
         For the seed of the phase randomisation and the CPU threads.
     mask_dilate_px, mask_soft_edge_px : float, optional
-        Automatic mask parameters (default: scaled with the box, 1–3 and 2–6 px).
+        Mask dilation and edge (default :func:`cryospin.evaluate.masks.half_map_mask_widths`:
+        scaled with the box, 2–6 and 4–12 px).
 
     Returns
     -------
@@ -443,12 +440,11 @@ def _combine(
 ) -> tuple[GoldStandardFSC, AlignResult]:
     from cryospin.evaluate.align import align_maps
     from cryospin.evaluate.gold_standard import (
+        evaluate_half_maps,
         fsc_weighted_average,
-        gold_standard_fsc,
         poses_in_aligned_frame,
         write_postprocess_star,
     )
-    from cryospin.evaluate.masks import auto_mask
     from cryospin.io.cs import write_cryosparc
     from cryospin.io.mrc import read_map, write_map
     from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
@@ -469,12 +465,16 @@ def _combine(
     log.info("aligning half B onto half A (rotation, shift, hand)")
     align = align_maps(map_a, map_b, search_hand=True)
     b_aligned = align.aligned.double()
-    dilate, edge = _auto_mask_widths(L)
-    mask = auto_mask(0.5 * (map_a + b_aligned),
-                     dilate_px=dilate if mask_dilate_px is None else mask_dilate_px,
-                     soft_edge_px=edge if mask_soft_edge_px is None else mask_soft_edge_px)
-    gold = gold_standard_fsc(map_a, b_aligned, mask, pixel_size_angstrom=pixel_size,
-                             seed=config.run.seed)
+    gold, made = evaluate_half_maps(map_a, b_aligned, pixel_size_angstrom=pixel_size,
+                                    seed=config.run.seed, dilate_px=mask_dilate_px,
+                                    soft_edge_px=mask_soft_edge_px)
+    mask = made.mask
+    log.info("mask: (half A + half B)/2 above %.3g (%.3g noise sigmas, from half A - half B), "
+             "dilated %g px, soft edge %g px, %.0f %% of the box", made.threshold,
+             made.threshold / made.noise_sigma if made.noise_sigma > 0 else math.inf,
+             made.dilate_px, made.soft_edge_px, 100 * made.fraction)
+    if made.fallback is not None:
+        log.warning("mask: %s", made.fallback)
     combined = fsc_weighted_average(map_a, b_aligned, gold.corrected.fsc)
 
     write_map(files.half_maps[0], map_a.numpy(), apix)
@@ -495,6 +495,7 @@ def _combine(
         "correlation": float(align.correlation),
     }
     summary["half_sizes"] = [int((half_set == 1).sum()), int((half_set == 2).sum())]
+    summary["mask"] = made.to_dict()
     atomic_write_text(files.fsc_json, json.dumps(summary, indent=2) + "\n")
     _plot(files.fsc_png, gold)
 
