@@ -28,7 +28,8 @@ DEFAULTS = {
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Register the demo's flags."""
-    parser.add_argument("--out", type=Path, default=Path("demo_run"), help="output folder")
+    parser.add_argument("-o", "--out", type=Path, default=Path("demo_run"), metavar="OUT_DIR",
+                        help="output folder (default demo_run)")
     parser.add_argument("--n-particles", type=int, default=DEFAULTS["n_particles"])
     parser.add_argument("--box", type=int, default=DEFAULTS["box"], help="box size, px")
     parser.add_argument("--pixel-size", type=float, default=DEFAULTS["pixel_size"], help="Å/px")

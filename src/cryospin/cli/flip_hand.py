@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryospin.cli._args import add_out_argument
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Register the flags of ``cryospin flip-hand``."""
     parser.add_argument("map", type=Path, metavar="MAP", help="map to mirror (.mrc)")
-    parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
-                        help="mirrored map (.mrc)")
+    add_out_argument(parser, dest="output", aliases=("--output",), type=Path, required=True,
+                     metavar="OUT",
+                     help="mirrored map (.mrc)")
     parser.add_argument("--poses", type=Path, default=None, metavar="STAR",
                         help="particles with poses (.star, .cs) to convert as well")
     parser.add_argument("--out-poses", type=Path, default=None, metavar="STAR",

@@ -16,6 +16,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from cryospin.cli._args import add_out_argument
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask", type=Path, default=None, help="real-space mask (.mrc)")
     parser.add_argument("--apix", type=float, default=None,
                         help="voxel size, Å (default: from MAP_A's header)")
-    parser.add_argument("-o", "--output", type=Path, default=None, help="write the curve as JSON")
+    add_out_argument(parser, dest="output", aliases=("--output",), type=Path, default=None,
+                     metavar="JSON", help="write the curve as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of the curve")
     parser.add_argument("--write-aligned", type=Path, default=None,
                         help="with --align, write the aligned MAP_B (.mrc)")

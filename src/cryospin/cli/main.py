@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from cryospin import __version__
+from cryospin.cli._args import HelpFormatter
 from cryospin.errors import CryospinError, Terminated
 
 # subcommand name -> module under cryospin.cli
@@ -69,7 +70,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
             name,
             help=summary,
             description=doc,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.add_args(p)  # type: ignore[attr-defined]
         modules[name] = module

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryospin.cli._args import add_out_argument
+
 __all__ = ["add_args", "main"]
 
 
@@ -38,8 +40,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss-radius", type=float, default=None, metavar="PX",
                         help="score on the disc |k| <= PX (cycles per box) only "
                              "(default: the training disc)")
-    parser.add_argument("-o", "--output", type=Path, default=None, metavar="OUT_DIR",
-                        help="output folder, new or empty (default RUN_DIR/posterior)")
+    add_out_argument(parser, dest="output", aliases=("--output",), type=Path, default=None,
+                     metavar="OUT_DIR",
+                     help="output folder, new or empty (default RUN_DIR/posterior)")
     parser.add_argument("--force", action="store_true",
                         help="write into a folder that already holds files (files of the same "
                              "names are replaced, others kept)")

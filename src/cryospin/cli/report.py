@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cryospin.cli._args import add_out_argument
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Register the flags of ``cryospin report``."""
@@ -29,8 +31,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="ground-truth map (.mrc): FSC and resolution per epoch")
     parser.add_argument("--gt-poses", type=Path, default=None, metavar="POSES",
                         help="ground-truth poses (.star, .cs or cryoDRGN .pkl): pose error")
-    parser.add_argument("-o", "--output", type=Path, default=None, metavar="HTML",
-                        help="output page (default RUN_DIR/report.html)")
+    add_out_argument(parser, dest="output", aliases=("--output",), type=Path, default=None,
+                     metavar="HTML",
+                     help="output page (default RUN_DIR/report.html)")
     parser.add_argument("--epoch-fsc", type=int, default=10, metavar="N",
                         help="with --gt, compare at most N epochs' maps with it, the final "
                              "map included (default 10; 0 or 1 = final map only)")

@@ -21,12 +21,14 @@ import argparse
 import time
 from pathlib import Path
 
+from cryospin.cli._args import add_out_argument
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Register the flags of ``cryospin simulate``."""
     parser.add_argument("structure", help="PDB/mmCIF/MRC file, or bundled:6vyb")
-    parser.add_argument("-o", "--outdir", type=Path, required=True,
-                        help="output folder (new or empty; see --force)")
+    add_out_argument(parser, dest="outdir", aliases=("--outdir",), type=Path, required=True,
+                     metavar="OUT_DIR", help="output folder (new or empty; see --force)")
     parser.add_argument("--force", action="store_true",
                         help="write into a folder that already holds files (files of the same "
                              "names are replaced, others kept)")

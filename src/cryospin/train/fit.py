@@ -34,7 +34,9 @@ backprojection of the training images from the final poses
 (:func:`final_backprojection`) and the trained volume is kept as ``map_decoder.mrc``: at a fixed
 set of poses the closed-form reconstruction is the better estimate of the map than the volume
 after a finite number of stochastic steps (measured: 9.75 Å against 11.06 Å on the 64 px
-benchmark, benchmarks/RESULTS.md).
+benchmark, benchmarks/RESULTS.md). ``convergence_fsc.json`` then holds the FSC of ``map.mrc``
+and ``map_decoder.mrc``, logged at the end: a convergence check, not a resolution (same
+particles, same poses; :mod:`cryospin.evaluate.convergence`; ``--halves`` gives a resolution).
 
 Resuming restores every parameter, optimiser state, the pose table and all RNG states, so that
 a resumed run equals the uninterrupted one with the same seed.
@@ -170,6 +172,7 @@ class RunFiles:
         self.cs = self.dir / "poses.cs"  # only for .cs inputs
         self.log = self.dir / RUN_LOG  # cryospin.train.runlog
         self.particle_set = self.dir / "particle_set.json"  # cryospin.io.identity
+        self.convergence = self.dir / "convergence_fsc.json"  # cryospin.evaluate.convergence
 
     def epoch_map(self, epoch: int) -> Path:
         return self.dir / f"map.{epoch:03d}.mrc"
@@ -1082,6 +1085,7 @@ def _write_final(
     *,
     feedback: Feedback | None = None,
 ) -> None:
+    from cryospin.evaluate.convergence import record_convergence_check
     from cryospin.io.cs import write_cryosparc
     from cryospin.io.mrc import write_map
     from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
@@ -1090,10 +1094,15 @@ def _write_final(
         real = volume.to_real_space().detach().cpu()
     if config.run.final_map == "backprojection":
         write_map(files.map_decoder, real.numpy(), data.pixel_size_angstrom)
+        trained = real
         with (feedback or Feedback()).start("final map: backprojection",
                                             rotations.shape[0]) as progress:
             real = final_backprojection(particles, data, rotations, shifts_px,
                                         seed=config.run.seed, on_batch=progress.update)
+        # logged and written as a convergence check, never as a resolution (use --halves)
+        record_convergence_check(files.convergence, real, trained,
+                                 pixel_size_angstrom=data.pixel_size_angstrom,
+                                 final_name=files.map.name, trained_name=files.map_decoder.name)
     write_map(files.map, real.numpy(), data.pixel_size_angstrom)
     shifts = shifts_px if shifts_px is not None else torch.zeros(rotations.shape[0], 2)
     # shifts in the ORIGINAL particles' pixels (training pixels are L/box_px times larger)
