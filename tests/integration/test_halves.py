@@ -128,7 +128,9 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
         half_log = (run / name / "run.log").read_text()
         assert half_log.count(" INFO ==== started: ") == 1
         assert half_log.count(" INFO ==== resumed: ") == 1
-        assert "epoch 2/2 autodecode: loss" in half_log and "FSC" not in half_log
+        assert "epoch 2/2 autodecode: loss" in half_log and "FSC 0.143: " not in half_log
+        # each half, a plain run, logs its convergence check: labelled, never a resolution
+        assert "convergence check (NOT a resolution)" in half_log
 
     blocks = starfile.read(run / "postprocess.star", always_dict=True)
     general, table = blocks["general"], blocks["fsc"]
@@ -149,6 +151,13 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     assert np.isfinite(combined).all()
     mask, _ = read_map(run / "mask.mrc")
     assert mask.min() >= 0 and mask.max() <= 1 + 1e-6 and mask.max() > 0.99
+    # the mask from the halves' noise (never the whole box), the corrected FSC a correlation
+    assert summary["mask"]["fraction_of_box"] == pytest.approx(float(mask.mean()), rel=1e-4)
+    assert 0 < summary["mask"]["fraction_of_box"] <= 0.4
+    assert float(mask[0, 0, 0]) == 0.0
+    if summary["mask"]["fallback"] is None:
+        assert summary["mask"]["threshold_sigmas"] == pytest.approx(4.0)
+    assert np.all(np.abs(summary["fsc_corrected"]) <= 1.0)
 
     poses = read_relion_star(run / "poses.star", metadata_only=True)
     assert len(poses) == N

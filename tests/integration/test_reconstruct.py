@@ -175,6 +175,30 @@ def test_outputs_and_round_trips(uninterrupted, tiny):
     assert load_config(run / "config.yaml") == _tiny_config()
 
 
+def test_plain_run_records_a_convergence_check_not_a_resolution(uninterrupted):
+    """A run without --halves ends with the FSC of map.mrc (backprojection) and
+    map_decoder.mrc (trained volume), written and logged as a convergence check, pointing to
+    --halves for a resolution (issue 16)."""
+    import json
+
+    from cryospin.evaluate.fsc import fsc
+
+    run = uninterrupted.run_dir
+    data = json.loads((run / "convergence_fsc.json").read_text())
+    assert data["kind"] == "convergence check" and data["is_resolution"] is False
+    assert "NOT a resolution" in data["note"] and "--halves" in data["note"]
+    assert data["maps"] == ["map.mrc", "map_decoder.mrc"]
+    assert not [k for k in data if "resolution" in k and k != "is_resolution"]
+    final, apix = read_map(run / "map.mrc")
+    trained, _ = read_map(run / "map_decoder.mrc")
+    expected = fsc(np.array(final), np.array(trained), pixel_size_angstrom=apix)
+    np.testing.assert_allclose(data["fsc"], expected.fsc, atol=1e-6)
+    assert data["fsc_0.5_crossing_angstrom"] == pytest.approx(expected.resolution(0.5), rel=1e-6)
+    log = (run / "run.log").read_text()
+    (line,) = [x for x in log.splitlines() if "convergence check" in x]
+    assert "NOT a resolution" in line and "cryospin reconstruct --halves" in line
+
+
 def test_loss_decreases(uninterrupted):
     rows = read_metrics(uninterrupted.run_dir / "metrics.jsonl")
     assert rows[-1]["loss"] < rows[0]["loss"]
