@@ -38,6 +38,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "star's folder)")
     parser.add_argument("--chunk", type=int, default=1000, help="images per block (default 1000)")
     parser.add_argument("--datadir", type=Path, default=None, help="folder holding the stacks")
+    parser.add_argument("--optics-group", default=None, metavar="N|NAME",
+                        help="only this optics group of a .star (rlnOpticsGroup number or name)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -121,12 +123,12 @@ def main(args: argparse.Namespace) -> int:
     has_metadata = args.particles.suffix.lower() in (".star", ".cs")
     try:  # keep the CTF when the metadata has one
         ps = load_particles(args.particles, datadir=args.datadir, no_ctf=not has_metadata,
-                            check_finite=False)
+                            check_finite=False, optics_group=args.optics_group)
     except InputError as exc:
         if not has_metadata or "CTF" not in str(exc).upper():
             raise
         ps = load_particles(args.particles, datadir=args.datadir, no_ctf=True,
-                            check_finite=False)
+                            check_finite=False, optics_group=args.optics_group)
     if not 1 <= args.box <= ps.box_px:
         raise InputError(f"--box must be between 1 and the current box {ps.box_px} px, "
                          f"got {args.box}", args.particles)

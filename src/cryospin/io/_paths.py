@@ -56,5 +56,5 @@ def resolve_stack_path(
     if not must_exist:
         return cands[0]
     tried = ", ".join(str(c) for c in cands[:4]) + (", ..." if len(cands) > 4 else "")
-    hint = "" if datadir is not None else "; pass datadir= (--datadir) to say where they are"
+    hint = "" if datadir is not None else "; use --datadir DIR to say where the stacks are"
     raise InputError(f"image stack {raw!r} not found (tried {tried}){hint}", source)

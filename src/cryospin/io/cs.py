@@ -263,8 +263,8 @@ def read_cryosparc(
     if box is None:
         box = box_px
     if box is None:
-        raise InputError("box size unknown: no blob/shape and stacks not opened; pass box_px",
-                         path)
+        raise InputError("box size unknown: no blob/shape and the image stacks were not read "
+                         "(give the box, e.g. --box N)", path)
     if math.isnan(pixel_size):
         pixel_size = 0.0
 
@@ -273,8 +273,8 @@ def read_cryosparc(
         missing = [f for f in CS_CTF_FIELDS if f not in names]
         if missing:
             raise InputError(
-                f"missing CTF fields {', '.join(missing)} (pass no_ctf / --no-ctf to proceed "
-                f"without CTF)", path,
+                f"missing CTF fields {', '.join(missing)} (use --no-ctf to proceed without "
+                f"CTF)", path,
             )
         ctf = _ctf_from_cs(table, names, path)
 

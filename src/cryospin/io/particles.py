@@ -329,6 +329,7 @@ def load_particles(
     metadata_only: bool = False,
     box_px: int | None = None,
     defaults: Mapping[str, float] | None = None,
+    optics_group: int | str | None = None,
 ) -> ParticleSet:
     """Load particles from ``.star`` (RELION 3.0/3.1/5), ``.cs`` (cryoSPARC), ``.txt`` (a list
     of stacks, one per line, relative to the txt's folder) or ``.mrcs``/``.mrc`` (one stack).
@@ -350,6 +351,10 @@ def load_particles(
     box_px : box size to use when the metadata does not give it and stacks are not opened.
     defaults : values for missing columns, keyed by RELION column name (``.star`` only), e.g.
         ``{"rlnAmplitudeContrast": 0.1}``.
+    optics_group : ``.star`` only: keep the particles of this optics group (its
+        ``rlnOpticsGroup`` number or ``rlnOpticsGroupName``), e.g. one pixel size of a star
+        that mixes several. ``ctf_pkl`` and ``poses_pkl`` describe every row of the file (the
+        group's rows are taken from them); ``ind`` indexes the group's particles.
 
     Raises
     ------
@@ -362,12 +367,16 @@ def load_particles(
         raise InputError("file not found", path)
     suffix = path.suffix.lower()
     need_ctf = not no_ctf and ctf_pkl is None
+    rows: np.ndarray | None = None  # the file's rows read (an optics group), None: all
+    if optics_group is not None and suffix != ".star":
+        raise InputError("--optics-group selects from a RELION .star's optics groups; this "
+                         "file is not a .star", path)
     if suffix == ".star":
-        from cryospin.io.star import read_relion_star
+        from cryospin.io.star import read_relion_star_group
 
-        ps = read_relion_star(
+        ps, rows, n_rows = read_relion_star_group(
             path, datadir=datadir, no_ctf=not need_ctf, metadata_only=metadata_only,
-            box_px=box_px, defaults=defaults,
+            box_px=box_px, defaults=defaults, optics_group=optics_group,
         )
     elif suffix == ".cs":
         from cryospin.io.cs import read_cryosparc
@@ -379,7 +388,8 @@ def load_particles(
     elif suffix in (".txt", ".mrcs", ".mrc"):
         if need_ctf:
             raise InputError(
-                "a plain image stack has no CTF parameters: pass a ctf.pkl or no_ctf=True", path
+                "a plain image stack has no CTF parameters: give them with --ctf ctf.pkl, or "
+                "use --no-ctf", path
             )
         ps = _read_plain_stacks(path, datadir=datadir)
     else:
@@ -391,9 +401,12 @@ def load_particles(
         from cryospin.io.pkl import read_cryodrgn_ctf
 
         ctf, pkl_box, pkl_apix = read_cryodrgn_ctf(ctf_pkl)
-        if len(ctf) != len(ps):
-            raise InputError(f"CTF pickle has {len(ctf)} rows but {path} has {len(ps)} particles",
+        n_file = len(ps) if rows is None else n_rows
+        if len(ctf) != n_file:
+            raise InputError(f"CTF pickle has {len(ctf)} rows but {path} has {n_file} particles",
                              ctf_pkl)
+        if rows is not None:
+            ctf = ctf[torch.from_numpy(rows)]
         if pkl_box != ps.box_px and ps.box_px > 0:
             raise InputError(f"CTF pickle says box {pkl_box} px but the images are "
                              f"{ps.box_px} px", ctf_pkl)
@@ -410,9 +423,12 @@ def load_particles(
         from cryospin.io.pkl import read_cryodrgn_poses
 
         rot, shift = read_cryodrgn_poses(poses_pkl, ps.box_px)
-        if rot.shape[0] != len(ps):
-            raise InputError(f"pose pickle has {rot.shape[0]} rows but {path} has {len(ps)} "
+        n_file = len(ps) if rows is None else n_rows
+        if rot.shape[0] != n_file:
+            raise InputError(f"pose pickle has {rot.shape[0]} rows but {path} has {n_file} "
                              f"particles", poses_pkl)
+        if rows is not None:
+            rot, shift = rot[torch.from_numpy(rows)], shift[torch.from_numpy(rows)]
         ps = ps.with_poses(rot, shift)
     if ind is not None:
         ps = ps.subset(load_indices(ind, len(ps)))

@@ -55,6 +55,8 @@ __all__ = [
     "merge_optics",
     "pixel_sizes_angstrom",
     "read_relion_star",
+    "read_relion_star_group",
+    "select_optics_group",
     "write_relion_star",
 ]
 
@@ -314,8 +316,57 @@ def _unique_value(values: np.ndarray, what: str, path: Path, rel: float = 1e-4) 
         return math.nan
     if (vals.max() - vals.min()) > rel * abs(vals.max()):
         shown = ", ".join(f"{v:g}" for v in vals[:6])
-        raise InputError(f"conflicting {what} ({shown}); select one optics group", path)
+        raise InputError(f"conflicting {what} ({shown}); select one optics group with "
+                         f"--optics-group N or NAME", path)
     return float(vals[0])
+
+
+def select_optics_group(
+    particles: pd.DataFrame, optics: pd.DataFrame | None, group: int | str,
+    path: str | Path | None = None,
+) -> tuple[np.ndarray, int]:
+    """Rows of the particles in optics group ``group`` and that group's number.
+
+    Parameters
+    ----------
+    particles : the particle table (after :func:`merge_optics`: it has ``rlnOpticsGroup``).
+    optics : the optics table (numbers or text), None for RELION 3.0.
+    group : the group's number (``rlnOpticsGroup``; an int or a string of digits) or its
+        name (``rlnOpticsGroupName``).
+
+    Returns
+    -------
+    rows : `(n,)` int64, increasing
+        0-based rows of ``particles`` in the group.
+    number : int
+        The group's ``rlnOpticsGroup``.
+
+    Raises
+    ------
+    InputError
+        No optics table, an unknown group (the message lists the groups), an empty group.
+    """
+    if optics is None or len(optics) == 0 or "rlnOpticsGroup" not in optics.columns:
+        raise InputError("--optics-group: this star has no data_optics table (RELION 3.0 "
+                         "style: one optics group)", path)
+    numbers = pd.to_numeric(optics["rlnOpticsGroup"], errors="coerce").to_numpy(np.float64)
+    names = (optics["rlnOpticsGroupName"].astype(str).str.strip().tolist()
+             if "rlnOpticsGroupName" in optics.columns else [""] * len(optics))
+    key = str(group).strip()
+    if key.isdigit():
+        hit = [i for i, n in enumerate(numbers) if n == int(key)]
+    else:
+        hit = [i for i, n in enumerate(names) if n == key]
+    if not hit:
+        known = ", ".join(f"{int(n)}" + (f" ({nm})" if nm else "")
+                          for n, nm in zip(numbers, names, strict=True) if np.isfinite(n))
+        raise InputError(f"--optics-group {key}: no such optics group (the star has {known})",
+                         path)
+    number = int(numbers[hit[0]])
+    rows = np.flatnonzero(particles["rlnOpticsGroup"].to_numpy(np.float64) == number)
+    if rows.size == 0:
+        raise InputError(f"--optics-group {key}: no particle is in optics group {number}", path)
+    return rows.astype(np.int64), number
 
 
 def read_relion_star(
@@ -326,6 +377,7 @@ def read_relion_star(
     metadata_only: bool = False,
     box_px: int | None = None,
     defaults: Mapping[str, float] | None = None,
+    optics_group: int | str | None = None,
 ) -> ParticleSet:
     """Read a RELION 3.0/3.1/5 particle star file into a :class:`ParticleSet`.
 
@@ -337,18 +389,55 @@ def read_relion_star(
     metadata_only : do not open the stacks (box from ``rlnImageSize`` or ``box_px``).
     box_px : box size when neither the star nor (unopened) stacks give it.
     defaults : values for columns missing from the star, e.g. ``{"rlnAmplitudeContrast": 0.1}``.
+    optics_group : read only this optics group's particles (number or name; see
+        :func:`select_optics_group`); the optics table keeps only that group. None: all.
 
     Raises
     ------
     InputError
         Missing file or stacks, rows past the end of a stack, index ≤ 0, missing CTF columns
-        (named), conflicting pixel sizes or boxes, non-square images.
+        (named), conflicting pixel sizes or boxes, non-square images, an unknown optics group.
+    """
+    return read_relion_star_group(
+        path, datadir=datadir, no_ctf=no_ctf, metadata_only=metadata_only, box_px=box_px,
+        defaults=defaults, optics_group=optics_group,
+    )[0]
+
+
+def read_relion_star_group(
+    path: str | Path,
+    *,
+    datadir: str | Path | None = None,
+    no_ctf: bool = False,
+    metadata_only: bool = False,
+    box_px: int | None = None,
+    defaults: Mapping[str, float] | None = None,
+    optics_group: int | str | None = None,
+) -> tuple[ParticleSet, np.ndarray | None, int]:
+    """:func:`read_relion_star`, also returning which of the file's rows were read.
+
+    Returns
+    -------
+    particles : ParticleSet
+    rows : `(n,)` int64 or None
+        With ``optics_group``: the 0-based rows of the file's particle table that were read
+        (to align files that describe every row, such as a cryoDRGN ``ctf.pkl``); else None.
+    n_rows : int
+        Number of rows of the file's particle table.
     """
     path = Path(path)
     particles_text, optics_text = read_star_tables(path, as_text=True)
     particles = _numeric_table(particles_text)
     optics = None if optics_text is None else _numeric_table(optics_text)
     df = merge_optics(particles, optics, path)
+    n_rows = len(df)
+    selected = None
+    if optics_group is not None:
+        selected, number = select_optics_group(df, optics, optics_group, path)
+        df = df.iloc[selected].reset_index(drop=True)
+        particles_text = particles_text.iloc[selected].reset_index(drop=True)
+        keep = (pd.to_numeric(optics_text["rlnOpticsGroup"], errors="coerce") == number)
+        optics_text = optics_text[keep.to_numpy()].reset_index(drop=True)
     for col, value in (defaults or {}).items():
         if col not in df.columns:
             df[col] = value
@@ -411,8 +500,8 @@ def read_relion_star(
     if box is None:
         box = box_px
     if box is None:
-        raise InputError("box size unknown: no rlnImageSize and stacks not opened; "
-                         "pass box_px", path)
+        raise InputError("box size unknown: no rlnImageSize and the image stacks were not "
+                         "read (give the box, e.g. --box N)", path)
     if math.isnan(pixel_size):
         warnings.warn(f"{path}: no pixel size in the star file or stack headers; using 0",
                       stacklevel=2)
@@ -420,7 +509,7 @@ def read_relion_star(
 
     ctf = None if no_ctf else _ctf_from_table(df, path)
     rotations, shifts = _poses_from_table(df, apix_per, pixel_size, path)
-    optics_group = (
+    group_of_row = (
         df["rlnOpticsGroup"].to_numpy(np.int64) if "rlnOpticsGroup" in df.columns
         else np.ones(n, np.int64)
     )
@@ -437,12 +526,12 @@ def read_relion_star(
         ctf=ctf,
         rotations=rotations,
         shifts_px=shifts,
-        optics_group=optics_group,
+        optics_group=group_of_row,
         optics=optics_text,
         random_subset=random_subset,
         names=tuple(df["rlnImageName"].astype(str).tolist()),
         star_table=particles_text.reset_index(drop=True),
-    )
+    ), selected, n_rows
 
 
 def _column(df: pd.DataFrame, col: str, path: Path) -> Tensor:
@@ -460,8 +549,8 @@ def _ctf_from_table(df: pd.DataFrame, path: Path) -> CTFParams:
     missing = [c for c in CTF_COLUMNS if c not in df.columns]
     if missing:
         raise InputError(
-            f"missing CTF columns {', '.join(missing)} (supply them, or pass no_ctf / "
-            f"--no-ctf to proceed without CTF)", path,
+            f"missing CTF columns {', '.join(missing)} (supply them, or use --no-ctf to "
+            f"proceed without CTF)", path,
         )
     n = len(df)
 

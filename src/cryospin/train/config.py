@@ -379,6 +379,9 @@ class InputConfig:
     relative_to : str or None
         Folder the image paths of the written ``poses.star`` are made relative to (e.g. the
         RELION project folder); None: the paths as the input had them.
+    optics_group : str or None
+        The one optics group of a ``.star`` to read (its number or name, ``--optics-group``);
+        ``ind`` then indexes that group's particles. None: every particle.
     """
 
     particles: str | None = None
@@ -386,6 +389,7 @@ class InputConfig:
     ind: str | None = None
     datadir: str | None = None
     relative_to: str | None = None
+    optics_group: str | None = None
 
 
 @dataclass(frozen=True)
