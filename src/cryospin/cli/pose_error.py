@@ -20,6 +20,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from cryospin.cli._args import add_out_argument
+
 log = logging.getLogger(__name__)
 
 
@@ -31,18 +33,27 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="do not consider the mirrored hand")
     parser.add_argument("--box", type=int, default=None,
                         help="box size, px, for the shifts of .pkl files")
+    parser.add_argument("--datadir", type=Path, default=None, metavar="DIR",
+                        help="folder holding the image stacks of a .star/.cs, when the box "
+                             "must be read from them (relative image paths)")
+    parser.add_argument("--optics-group", default=None, metavar="N|NAME",
+                        help="compare only this optics group of the .star files "
+                             "(rlnOpticsGroup number or name)")
     parser.add_argument("--symmetry", default=None, metavar="GROUP",
                         help="point group of the particle (Cn or Dn, e.g. D7): errors against "
                              "the nearest symmetry-equivalent pose")
-    parser.add_argument("-o", "--output", type=Path, default=None, help="write JSON here")
+    add_out_argument(parser, dest="output", aliases=("--output",), type=Path, default=None,
+                     metavar="JSON", help="write JSON here")
 
 
-def _read_metadata(path: Path, box_px: int | None):
+def _read_metadata(path: Path, box_px: int | None, datadir: Path | None = None,
+                   optics_group: str | None = None):
     """(rotations, shifts_px, box_px) from a .star/.cs file."""
     from cryospin.errors import InputError
     from cryospin.io.particles import load_particles
 
-    common = {"no_ctf": True, "check_finite": False}
+    common = {"no_ctf": True, "check_finite": False, "datadir": datadir,
+              "optics_group": optics_group if path.suffix.lower() == ".star" else None}
     try:
         ps = load_particles(path, metadata_only=True, box_px=box_px, **common)
     except InputError:
@@ -52,7 +63,8 @@ def _read_metadata(path: Path, box_px: int | None):
     return ps.rotations, ps.shifts_px, ps.box_px
 
 
-def _read(path: Path, box_px: int | None):
+def _read(path: Path, box_px: int | None, datadir: Path | None = None,
+          optics_group: str | None = None):
     from cryospin.errors import InputError
 
     if not path.exists():
@@ -62,7 +74,7 @@ def _read(path: Path, box_px: int | None):
 
         rot, shifts = read_cryodrgn_poses(path, box_px or 1)
         return rot, (shifts if box_px else None), box_px
-    return _read_metadata(path, box_px)
+    return _read_metadata(path, box_px, datadir, optics_group)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -72,11 +84,14 @@ def main(args: argparse.Namespace) -> int:
 
     box = args.box
     paths = [args.pred, args.gt]
+    if args.optics_group is not None and not any(p.suffix.lower() == ".star" for p in paths):
+        raise InputError("--optics-group selects from a .star's optics groups; neither file "
+                         "is a .star")
     # read metadata files first so that a .pkl can take its box from them
     order = sorted(range(2), key=lambda i: paths[i].suffix.lower() == ".pkl")
     loaded: dict[int, tuple] = {}
     for i in order:
-        rot, shifts, file_box = _read(paths[i], box)
+        rot, shifts, file_box = _read(paths[i], box, args.datadir, args.optics_group)
         box = box or file_box
         loaded[i] = (rot, shifts)
     (pred_R, pred_t), (gt_R, gt_t) = loaded[0], loaded[1]

@@ -25,11 +25,13 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from cryospin.errors import InputError
+from cryospin.errors import CryospinError, InputError
 from cryospin.train.config import PRESETS, build_config, load_config
 from cryospin.train.runlog import RUN_LOG, header_line, note, run_log
 
@@ -83,6 +85,15 @@ _OVERRIDES = {
     "progress_interval": ("run", "progress_interval_s"),
 }
 _RESUMABLE = {"epochs", "device", "threads", "final_map", "precision", "progress_interval"}
+# flags in Å, converted with the particles' pixel size once they are read (_in_pixels):
+# flag dest -> (the flag in cycles per box / as a fraction it replaces, its config field)
+_ANGSTROM = {
+    "mask_diameter": ("mask_radius", ("data", "mask_radius_fraction")),
+    "search_resolution": ("search_radius", ("optim", "search_radius_px")),
+    "loss_resolution_start": ("loss_radius_start", ("schedule", "loss_radius_start_px")),
+}
+# the flag of each configuration field a flag sets ("optim.search_radius_px" -> "--search-radius")
+_FLAG_OF_FIELD = {f"{s}.{k}": "--" + d.replace("_", "-") for d, (s, k) in _OVERRIDES.items()}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +109,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ctf", metavar="PKL", help="cryoDRGN ctf.pkl (for .mrcs/.txt inputs)")
     g.add_argument("--ind", metavar="PKL", help="index file selecting a subset of particles")
     g.add_argument("--datadir", metavar="DIR", help="folder to resolve image paths against")
+    g.add_argument("--optics-group", metavar="N|NAME",
+                   help="read only this optics group of a .star (its rlnOpticsGroup number or "
+                        "rlnOpticsGroupName), e.g. one pixel size of a star that mixes several; "
+                        "--ind then indexes the group's particles")
     g.add_argument("--relative-to", metavar="DIR",
                    help="write poses.star's image paths relative to DIR (e.g. the RELION "
                         "project folder; default: as the input has them)")
@@ -115,9 +130,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--normalize", choices=["global", "background"],
                    help="image normalisation: one global std, or per particle from the "
                         "background outside the mask radius (default: global)")
+    g.add_argument("--mask-diameter", type=float, metavar="A",
+                   help="soft circular mask on the encoder input, diameter in Å (about the "
+                        "particle's largest extent; also the background region of --normalize "
+                        "background; default: no mask)")
     g.add_argument("--mask-radius", type=float, metavar="F",
-                   help="soft circular mask on the encoder input, radius as a fraction of "
-                        "half the box (default: no mask)")
+                   help="the same mask, radius as a fraction of half the box, in (0, 1]")
     g.add_argument("--mask-edge", type=float, metavar="PX",
                    help="width of the mask's soft edge, pixels (default: 3)")
     g = parser.add_argument_group("model and schedule (default: from the preset)")
@@ -174,13 +192,21 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "early")
     g.add_argument("--search-rotations", type=int, metavar="N",
                    help="rotations in the global search grid")
-    g.add_argument("--search-radius", type=float, metavar="PX",
-                   help="frequency radius (cycles/box) of the global search")
+    g.add_argument("--search-resolution", type=float, metavar="A",
+                   help="score the global search on frequencies up to this resolution, Å "
+                        "(the preset gives a radius in cycles per box)")
+    g.add_argument("--search-radius", type=float, metavar="K",
+                   help="the same as a frequency radius in cycles per box, not pixels "
+                        "(box size in Å / resolution in Å)")
     g.add_argument("--search-shift-step", type=float, metavar="PX",
                    help="with --shifts, the global search also tries a shift grid of this "
                         "spacing within --max-shift-px (default 2)")
-    g.add_argument("--loss-radius-start", type=float, metavar="PX",
-                   help="stage-1 frequency marching: loss radius at the first step")
+    g.add_argument("--loss-resolution-start", type=float, metavar="A",
+                   help="stage-1 frequency marching: fit only frequencies up to this "
+                        "resolution (Å) at the first step, growing to the full disc at the "
+                        "switch")
+    g.add_argument("--loss-radius-start", type=float, metavar="K",
+                   help="the same as a frequency radius in cycles per box, not pixels")
     g.add_argument("--encoder-lowpass", action="store_true", default=None,
                    help="with frequency marching, low-pass the encoder input too")
     g = parser.add_argument_group("execution")
@@ -213,6 +239,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    for dest, (plain, _) in _ANGSTROM.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        flag, other = "--" + dest.replace("_", "-"), "--" + plain.replace("_", "-")
+        if getattr(args, plain) is not None:
+            raise InputError(f"give {flag} or {other}, not both")
+        if not 0 < value < float("inf"):
+            raise InputError(f"{flag} must be a positive number of Å, got {value:g}")
     out: dict[str, dict[str, object]] = {}
     for dest, (section, key) in _OVERRIDES.items():
         out.setdefault(section, {})[key] = getattr(args, dest)
@@ -236,11 +271,13 @@ def main(args: argparse.Namespace) -> int:
     from cryospin.train.halves import is_halves_run
 
     halves = args.halves or bool(args.resume and is_halves_run(args.resume))
+    created = False  # whether this command made the run folder
     if args.resume:
         run_dir = Path(args.resume)
         if args.out and Path(args.out).resolve() != run_dir.resolve():
             raise InputError("--resume continues in its own folder; drop -o or make them equal")
-        given = {d for d in _OVERRIDES if getattr(args, d) is not None} - _RESUMABLE
+        given = {d for d in (*_OVERRIDES, *_ANGSTROM, "optics_group")
+                 if getattr(args, d) is not None} - _RESUMABLE
         if given:
             flags = ", ".join("--" + d.replace("_", "-") for d in sorted(given))
             raise InputError(f"with --resume only --epochs, --device, --threads and "
@@ -271,21 +308,90 @@ def main(args: argparse.Namespace) -> int:
         if not args.particles or not args.out:
             raise InputError("give PARTICLES and -o RUN_DIR (or --resume RUN_DIR)")
         run_dir = Path(args.out)
-        prepare_run_dir(run_dir, resume=False)  # unwritable or used folder: fail before reading
         overrides = _overrides(args)
         overrides["input"] = {"particles": _abs(args.particles), "ctf": _abs(args.ctf),
                               "ind": _abs(args.ind), "datadir": _abs(args.datadir),
-                              "relative_to": _abs(args.relative_to)}
+                              "relative_to": _abs(args.relative_to),
+                              "optics_group": args.optics_group}
         overrides.setdefault("data", {})["cache_dir"] = _abs(args.cache_dir)
-        config = build_config(args.preset, overrides)
+        with _errors_name_flags():
+            config = build_config(args.preset, overrides)
+        created = not run_dir.exists()
+        prepare_run_dir(run_dir, resume=False)  # unwritable or used folder: fail before reading
 
     if config.input.particles is None:
         raise InputError("the run's config.yaml names no particles", run_dir / "config.yaml")
     log = (run_log(run_dir / RUN_LOG, header=header_line(getattr(args, "argv", None),
                                                           resumed=bool(args.resume)))
            if world_from_env().is_main else contextlib.nullcontext())
-    with log:
-        return _train(config, run_dir, halves, args)
+    try:
+        with log:
+            return _train(config, run_dir, halves, args)
+    except CryospinError:
+        if created:  # failed before writing anything: leave no folder
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only when empty
+        raise
+
+
+@contextlib.contextmanager
+def _errors_name_flags() -> Iterator[None]:
+    """Re-raise a configuration error with the flags a user gives instead of the fields
+    (``invalid configuration: optim.search_radius_px ...`` -> ``--search-radius ...``)."""
+    try:
+        yield
+    except InputError as exc:
+        text = str(exc)
+        named = re.sub(r"\b(?:model|optim|schedule|data|run)\.\w+\b",
+                       lambda m: _FLAG_OF_FIELD.get(m.group(0), m.group(0)), text)
+        if named == text:
+            raise
+        for prefix in ("command line: ", "invalid configuration: "):
+            named = named.removeprefix(prefix)
+        raise InputError(named) from None
+
+
+def _in_pixels(config: Any, particles: Any, args: argparse.Namespace) -> Any:
+    """``config`` with the Å flags (``_ANGSTROM``) converted with the particles' box and pixel
+    size: a diameter ``D`` is the radius fraction ``D / (L·apix)``, a resolution ``A`` the
+    radius ``L·apix / A`` cycles per box (the same before and after ``--box``)."""
+    given = {d: getattr(args, d, None) for d in _ANGSTROM}
+    given = {d: v for d, v in given.items() if v is not None}
+    if not given:
+        return config
+    L, apix = int(particles.box_px), float(particles.pixel_size_angstrom)
+    if not apix > 0:
+        names = " and ".join("--" + d.replace("_", "-") for d in given)
+        raise InputError(f"{names} need the pixel size, which the particles do not give; use "
+                         f"the flags in cycles per box or fractions instead", particles.source)
+    extent = L * apix  # Å
+    train_box = config.data.box_px or L
+    k_max = train_box // 2 - 1  # the loss disc, cycles per box
+    sections: dict[str, dict[str, float]] = {}
+    for dest, value in given.items():
+        flag = "--" + dest.replace("_", "-")
+        section, key = _ANGSTROM[dest][1]
+        if dest == "mask_diameter":
+            converted = value / extent
+            if converted > 1:
+                raise InputError(f"{flag} {value:g} Å is wider than the box ({L} px × "
+                                 f"{apix:g} Å = {extent:.4g} Å)")
+            log.info("%s %g Å = mask radius %.3g of half the box", flag, value, converted)
+        else:
+            converted = extent / value
+            if converted < 1:
+                raise InputError(f"{flag} {value:g} Å is coarser than the box itself "
+                                 f"({extent:.4g} Å, 1 cycle per box)")
+            if converted > k_max:
+                raise InputError(f"{flag} {value:g} Å is finer than the training images resolve "
+                                 f"({extent / k_max:.3g} Å at {train_box} px of "
+                                 f"{extent / train_box:.3g} Å)")
+            log.info("%s %g Å = %.3g cycles per box", flag, value, converted)
+        sections.setdefault(section, {})[key] = converted
+    with _errors_name_flags():
+        return dataclasses.replace(config, **{
+            s: dataclasses.replace(getattr(config, s), **fields) for s, fields in sections.items()
+        })
 
 
 def _say(text: str, *, file: TextIO | None = None) -> None:
@@ -304,7 +410,9 @@ def _train(config: Any, run_dir: Path, halves: bool, args: argparse.Namespace) -
     particles = load_particles(
         config.input.particles, ctf_pkl=config.input.ctf, ind=config.input.ind,
         datadir=config.input.datadir, no_ctf=config.data.no_ctf,
+        optics_group=getattr(config.input, "optics_group", None),
     )
+    config = _in_pixels(config, particles, args)
     _warn_contrast(particles, config.data.invert_contrast)
     world = world_from_env()
     if halves:
