@@ -28,6 +28,7 @@ random split; the returned FSC is between the two returned half maps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,9 +39,9 @@ import torch
 from torch import Tensor
 
 from cryospin.errors import InputError
-from cryospin.evaluate.fsc import FSCResult, fsc
+from cryospin.evaluate.fsc import FSCResult
 from cryospin.forward.ctf import CTFParams, compute_ctf
-from cryospin.forward.hartley import hartley2, ihartley3
+from cryospin.forward.hartley import hartley2
 from cryospin.forward.shifts import shift_hartley_grid
 from cryospin.forward.slicing import insert_central_slices
 
@@ -214,25 +215,79 @@ def accumulate_backprojection(
 
 
 def _shells_centred(L: int, device: torch.device) -> Tensor:
-    """Shell index ``round(|k|)`` on the centred grid, `(L, L, L)` int64."""
-    k = torch.arange(L, dtype=torch.float64, device=device) - L // 2
-    r = torch.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)
-    return torch.round(r).long()
+    """Shell index ``round(|k|)`` on the centred grid, clamped at ``L//2 + 1`` (every voxel
+    beyond the ball ``|k| ≤ L//2`` gets that one value), `(L, L, L)` int32.
+
+    ``|k|²`` is an exact integer; ``round(sqrt(.))`` of it is exact in float32 too (no integer
+    lies within 5e-4 of a half-integer's square root for ``L ≤ 4096``)."""
+    k2 = (torch.arange(L, device=device, dtype=torch.int32) - L // 2) ** 2  # (L,)
+    r2 = k2[:, None, None] + k2[None, :, None] + k2[None, None, :]  # (L, L, L) int32
+    shells = r2.to(torch.float32).sqrt_().round_()
+    del r2
+    return shells.clamp_(max=L // 2 + 1).to(torch.int32)
 
 
-def _shell_mean(values: Tensor, shells: Tensor, n_shells: int) -> Tensor:
-    inside = shells < n_shells
-    total = torch.zeros(n_shells, dtype=values.dtype, device=values.device)
-    total.index_add_(0, shells[inside], values[inside])
-    count = torch.bincount(shells[inside], minlength=n_shells).to(values.dtype)
-    return total / count.clamp_min(1)
+def _shell_sums(values: Tensor, shells: Tensor, n_shells: int) -> Tensor:
+    """Per-shell sums of ``values`` `(L, L, L)` over shells ``0 … n_shells − 1``, returned as
+    float64 (summed in ``values``' dtype: no float64 copy of a float32 volume)."""
+    total = torch.zeros(n_shells + 1, dtype=values.dtype, device=values.device)
+    total.index_add_(0, shells.reshape(-1), values.reshape(-1))
+    return total[:n_shells].to(torch.float64)
 
 
-def _solve(num: Tensor, den: Tensor, lam: Tensor, shells: Tensor, L: int) -> Tensor:
-    """Real-space map from Hartley sums with Wiener term ``lam`` (scalar or per-voxel)."""
-    h = num / (den + lam)
-    h = torch.where(shells <= L // 2, h, torch.zeros_like(h))
-    return ihartley3(h)
+def _hartley_fsc(h_a: Tensor, h_b: Tensor, shells: Tensor, n_shells: int) -> Tensor:
+    """FSC per shell `(n_shells,)` float64 from the half maps' centred Hartley transforms.
+
+    For real maps, ``Re(F_a F_b*)`` at ``k`` and ``−k`` sum to ``H_a H_b`` at ``k`` and ``−k``
+    (and ``|F|²`` to ``H²``); shells are closed under ``k → −k``, so the shell sums of
+    ``H_a H_b``, ``H_a²``, ``H_b²`` are those of the Fourier FSC of the real-space maps
+    (:func:`cryospin.evaluate.fsc.fsc`, to rounding), with no transform and no complex volume.
+    """
+    cross = _shell_sums(h_a * h_b, shells, n_shells)
+    pa = _shell_sums(h_a * h_a, shells, n_shells)
+    pb = _shell_sums(h_b * h_b, shells, n_shells)
+    denom = torch.sqrt(pa * pb)
+    return torch.where(denom > 0, cross / torch.where(denom > 0, denom, 1), 0)
+
+
+def _wiener_hartley(num: Tensor, den: Tensor, lam: Tensor, shells: Tensor) -> Tensor:
+    """``num / (den + lam)``, zero beyond the ball, as one new volume; ``lam`` is a scalar or
+    one value per shell `(n_shells,)` (``shells`` as :func:`_shells_centred`)."""
+    n_shells = int(shells.shape[-1]) // 2 + 1
+    if lam.dim() == 0:
+        h = den + lam
+    else:
+        per_shell = torch.cat([lam, lam[-1:]]).to(den.dtype)  # beyond the ball: unused
+        h = per_shell[shells].add_(den)  # (L, L, L)
+    torch.div(num, h, out=h)
+    return h.masked_fill_(shells == n_shells, 0)
+
+
+def _to_real_space(h: Tensor) -> Tensor:
+    """:func:`~cryospin.forward.hartley.ihartley3` of ``h`` `(L, L, L)` by a real FFT.
+
+    ``rfftn`` gives ``F`` at ``kx ≥ 0`` (half a complex volume; ``fftn`` of a real volume
+    holds two complex volumes and is ~4x slower); ``H = Re F − Im F`` there, and at
+    ``kx < 0`` ``F(k) = conj F(−k)`` gives ``H(k) = Re F(−k) + Im F(−k)``. ``h`` is consumed
+    (its storage is released): do not use it afterwards.
+    """
+    L = int(h.shape[-1])
+    x = torch.fft.ifftshift(h)  # origin at index 0
+    h.set_()  # release h's storage now; the caller holds only a dead reference
+    R = torch.fft.rfftn(x)  # (L, L, L//2 + 1) complex: kx = 0 … L//2
+    del x
+    m = L // 2 + 1
+    out = torch.empty(L, L, L, dtype=R.real.dtype, device=R.device)
+    torch.sub(R.real, R.imag, out=out[..., :m])
+    # kx index c = m … L−1 is −(L − c) with L − c = L − m … 1: columns L − m … 1 of R, at −kz, −ky
+    part = R[..., 1:L - m + 1]
+    part = (part.real + part.imag).flip(-1)  # (L, L, L − m)
+    del R
+    part = torch.roll(part.flip(0, 1), shifts=(1, 1), dims=(0, 1))  # index a -> (−a) mod L
+    out[..., m:] = part
+    del part
+    out = torch.fft.fftshift(out)
+    return out.div_(out.numel())
 
 
 def reconstruct_from_sums(
@@ -242,40 +297,58 @@ def reconstruct_from_sums(
     wiener: bool = True,
     pixel_size_angstrom: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, FSCResult]:
-    """Maps from accumulated sums: ``(volume, half_a, half_b, fsc)`` (see the module docstring)."""
+    """Maps from accumulated sums: ``(volume, half_a, half_b, fsc)`` (see the module docstring).
+
+    Memory: besides ``sums`` (four volumes) at most about six volumes of their dtype at a time
+    (the three maps returned, one Hartley volume, a complex FFT) and an int32 shell index. The
+    Wiener terms are kept per shell and the FSCs are computed in Hartley space
+    (:func:`_hartley_fsc`), so neither needs a transform or a volume of its own.
+    """
     L = sums.box_px
     device = sums.numerator_a.device
-    shells = _shells_centred(L, device)
     n_shells = L // 2 + 1
-    ball = shells <= L // 2
-    den_full = sums.denominator_a + sums.denominator_b
-    num_full = sums.numerator_a + sums.numerator_b
+    shells = _shells_centred(L, device)  # (L, L, L) int32; n_shells = beyond the ball
+    counts = torch.bincount(shells.reshape(-1), minlength=n_shells + 1)[:n_shells]
 
-    def const_lam(den: Tensor) -> Tensor:
-        mean = den[ball].mean()
-        return reg * mean if float(mean) > 0 else torch.ones((), dtype=den.dtype, device=device)
+    def const_lam(*dens: Tensor) -> Tensor:
+        """``reg ·`` the mean over the ball of the sum of ``dens`` (a 0-d tensor)."""
+        total = sum(_shell_sums(d, shells, n_shells) for d in dens)
+        mean = total.sum() / counts.sum()
+        dtype = dens[0].dtype
+        return (reg * mean).to(dtype) if float(mean) > 0 else torch.ones((), dtype=dtype,
+                                                                           device=device)
 
-    lam_a, lam_b = const_lam(sums.denominator_a), const_lam(sums.denominator_b)
-    lam_full = const_lam(den_full)
-    half_a = _solve(sums.numerator_a, sums.denominator_a, lam_a, shells, L)
-    half_b = _solve(sums.numerator_b, sums.denominator_b, lam_b, shells, L)
-    if wiener:
-        curve = torch.as_tensor(fsc(half_a, half_b).fsc, dtype=den_full.dtype, device=device)
-        curve = curve.clamp(1e-6, 1 - 1e-6)
-        snr_half = curve / (1 - curve)  # (n_shells,)
-        clamped = shells.clamp(max=n_shells - 1)
+    den_a, den_b = sums.denominator_a, sums.denominator_b
+    lam_a, lam_b, lam_full = const_lam(den_a), const_lam(den_b), const_lam(den_a, den_b)
+    if wiener:  # half maps with the constant term, only for their FSC
+        h_a = _wiener_hartley(sums.numerator_a, den_a, lam_a, shells)
+        h_b = _wiener_hartley(sums.numerator_b, den_b, lam_b, shells)
+        curve = _hartley_fsc(h_a, h_b, shells, n_shells).clamp(1e-6, 1 - 1e-6)
+        del h_a, h_b
+        snr_half = curve / (1 - curve)  # (n_shells,) float64
 
-        def wiener_lam(den: Tensor, snr: Tensor, floor: Tensor) -> Tensor:
-            lam_shell = _shell_mean(den, shells, n_shells) / snr
-            return torch.maximum(lam_shell[clamped], floor)
+        def lam_of(snr: Tensor, floor: Tensor, *dens: Tensor) -> Tensor:
+            """``mean_shell(D) / SNR`` per shell `(n_shells,)`, never below ``floor``."""
+            mean = sum(_shell_sums(d, shells, n_shells) for d in dens) / counts.clamp_min(1)
+            return (mean / snr).clamp_min(float(floor))
 
-        half_a = _solve(sums.numerator_a, sums.denominator_a,
-                        wiener_lam(sums.denominator_a, snr_half, lam_a), shells, L)
-        half_b = _solve(sums.numerator_b, sums.denominator_b,
-                        wiener_lam(sums.denominator_b, snr_half, lam_b), shells, L)
-        lam_full = wiener_lam(den_full, 2 * snr_half, lam_full)
-    volume = _solve(num_full, den_full, lam_full, shells, L)
-    result = fsc(half_a, half_b, pixel_size_angstrom=pixel_size_angstrom)
+        lam_full = lam_of(2 * snr_half, lam_full, den_a, den_b)
+        lam_a = lam_of(snr_half, lam_a, den_a)
+        lam_b = lam_of(snr_half, lam_b, den_b)
+    h = _wiener_hartley(sums.numerator_a + sums.numerator_b, den_a + den_b, lam_full, shells)
+    volume = _to_real_space(h)
+    h_a = _wiener_hartley(sums.numerator_a, den_a, lam_a, shells)
+    h_b = _wiener_hartley(sums.numerator_b, den_b, lam_b, shells)
+    values = _hartley_fsc(h_a, h_b, shells, n_shells)
+    half_a = _to_real_space(h_a)
+    half_b = _to_real_space(h_b)
+    result = FSCResult(
+        shells=np.arange(n_shells, dtype=np.float64),
+        fsc=values.cpu().numpy(),
+        voxel_counts=counts.cpu().numpy(),
+        box_px=L,
+        pixel_size_angstrom=None if pixel_size_angstrom is None else float(pixel_size_angstrom),
+    )
     return volume, half_a, half_b, result
 
 
@@ -369,19 +442,36 @@ def backproject_particles(
     batch_size: int = 256,
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
+    box_px: int | None = None,
+    invert_contrast: bool = False,
 ) -> BackprojectionResult:
     """:func:`backproject` for a :class:`~cryospin.io.particles.ParticleSet` with poses.
 
     Uses its rotations, shifts, CTF parameters (unless ``use_ctf`` is false or it has none),
     pixel size and ``rlnRandomSubset`` half sets (when present; otherwise a seeded split).
+    ``box_px`` Fourier-crops the images to that box as they are read
+    (:class:`cryospin.preprocess.PreprocessedParticles`: the maps are ``box_px``³ at the
+    pixel size ``pixel_size · L / box_px``; shifts are scaled to the new pixels).
+    ``invert_contrast`` reconstructs ``−image``: backprojection is linear, so the maps are
+    negated (the FSC is unchanged).
     """
+    from cryospin.preprocess import PreprocessedParticles
+
     if particles.rotations is None:
         raise InputError("the particles have no poses (give them with --poses)", particles.source)
     half = half_set_assignment(len(particles), random_subset=particles.random_subset, seed=seed)
     ctf = particles.ctf if use_ctf else None
-    return backproject(
-        particles, particles.rotations, particles.shifts_px, ctf,
-        box_px=particles.box_px, pixel_size_angstrom=particles.pixel_size_angstrom, reg=reg,
+    source = PreprocessedParticles.wrap(particles, box_px=box_px)
+    shifts = particles.shifts_px
+    if shifts is not None and source is not particles:
+        shifts = shifts * (source.box_px / particles.box_px)  # in the cropped box's pixels
+    result = backproject(
+        source, particles.rotations, shifts, ctf,
+        box_px=source.box_px, pixel_size_angstrom=source.pixel_size_angstrom, reg=reg,
         wiener=wiener, half_set=half, seed=seed, batch_size=batch_size, dtype=dtype,
         progress=progress,
     )
+    if invert_contrast:
+        result = dataclasses.replace(result, volume=result.volume.neg_(),
+                                     half_a=result.half_a.neg_(), half_b=result.half_b.neg_())
+    return result

@@ -20,12 +20,14 @@ import argparse
 import time
 from pathlib import Path
 
+from cryospin.cli._args import add_out_argument
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Register the flags of ``cryospin backproject``."""
     parser.add_argument("particles", type=Path, help="particles (.star, .cs, .mrcs or .txt)")
-    parser.add_argument("-o", "--outdir", type=Path, required=True,
-                        help="output folder (new or empty; see --force)")
+    add_out_argument(parser, dest="outdir", aliases=("--outdir",), type=Path, required=True,
+                     metavar="OUT_DIR", help="output folder (new or empty; see --force)")
     parser.add_argument("--force", action="store_true",
                         help="write into a folder that already holds files (files of the same "
                              "names are replaced, others kept)")
@@ -34,7 +36,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctf", type=Path, default=None, help="cryoDRGN ctf.pkl")
     parser.add_argument("--no-ctf", action="store_true", help="no CTF correction")
     parser.add_argument("--datadir", type=Path, default=None, help="folder holding the stacks")
+    parser.add_argument("--optics-group", default=None, metavar="N|NAME",
+                        help="only this optics group of a .star (rlnOpticsGroup number or "
+                             "name); --poses and --ind then describe the group's particles")
     parser.add_argument("--ind", type=Path, default=None, help="particle indices to use (.pkl)")
+    parser.add_argument("--box", type=int, default=None, metavar="N",
+                        help="Fourier-crop the images to N px as they are read (even, <= the "
+                             "particles' box): an N³ map at the pixel size × L/N")
+    parser.add_argument("--invert-contrast", action="store_true",
+                        help="the images have dark particles (raw micrograph contrast): "
+                             "reconstruct -image")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads (default: the cores available to the process)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (256)")
     parser.add_argument("--reg", type=float, default=1e-3,
                         help="constant Wiener term relative to the mean weight (1e-3)")
@@ -67,6 +80,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from cryospin.backproject import backproject_particles
+    from cryospin.cpus import available_cpus, default_cpu_threads
     from cryospin.errors import InputError
     from cryospin.evaluate.fsc import write_fsc_json
     from cryospin.io.mrc import write_map
@@ -75,26 +89,38 @@ def main(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if args.box is not None and (args.box < 8 or args.box % 2):
+        raise InputError(f"--box must be even and >= 8, got {args.box}")
     check_output_folder(args.outdir, force=args.force)  # before any work; again when writing
     if args.poses is not None and not args.poses.exists():
         raise InputError("file not found", args.poses)
     pose_pkl = args.poses if args.poses is not None and args.poses.suffix == ".pkl" else None
     particles = load_particles(args.particles, ctf_pkl=args.ctf, poses_pkl=pose_pkl,
-                               datadir=args.datadir, no_ctf=args.no_ctf)
+                               datadir=args.datadir, no_ctf=args.no_ctf,
+                               optics_group=args.optics_group)
     if args.poses is not None and pose_pkl is None:
         particles = _with_star_poses(particles, args.poses)
     if args.ind is not None:
         from cryospin.io.particles import load_indices
 
         particles = particles.subset(load_indices(args.ind, len(particles)))
+    if args.box is not None and args.box > particles.box_px:
+        raise InputError(f"--box {args.box} is larger than the particles' box "
+                         f"{particles.box_px} px", args.particles)
+    torch.set_num_threads(default_cpu_threads(args.threads, torch.get_num_threads(),
+                                              available_cpus()))
     t0 = time.perf_counter()
     res = backproject_particles(
         particles, use_ctf=not args.no_ctf, reg=args.reg, wiener=not args.no_wiener,
         seed=args.seed, batch_size=args.batch_size,
         dtype=torch.float32 if args.float32 else torch.float64, progress=True,
+        box_px=args.box, invert_contrast=args.invert_contrast,
     )
     out: Path = args.outdir
-    apix = particles.pixel_size_angstrom
+    box = int(res.volume.shape[-1])
+    apix = particles.pixel_size_angstrom * particles.box_px / box
     with claim_output_folder(out, force=args.force,
                              command=describe_command(getattr(args, "argv", None))):
         for name, vol in (("map.mrc", res.volume), ("half_A.mrc", res.half_a),
@@ -103,8 +129,8 @@ def main(args: argparse.Namespace) -> int:
         n1 = int((res.half_set == 1).sum())
         write_fsc_json(res.fsc, out / "fsc.json", particles=str(args.particles),
                        n_particles=len(particles), half_sizes=[n1, len(particles) - n1])
-    print(f"backprojected {len(particles)} particles ({particles.box_px} px, {apix:g} Å/px) in "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(f"backprojected {len(particles)} particles ({box} px, {apix:g} Å/px) in "
+          f"{time.perf_counter() - t0:.1f} s with {torch.get_num_threads()} threads")
     print(f"  half-map resolution: {res.fsc.resolution(0.5):.2f} Å at FSC 0.5, "
           f"{res.fsc.resolution(0.143):.2f} Å at FSC 0.143")
     print(f"  wrote {out / 'map.mrc'}, half_A.mrc, half_B.mrc, fsc.json")

@@ -220,8 +220,9 @@ def insert_central_slices(
     batch_shape = torch.broadcast_shapes(values.shape[1:-1], rotations.shape[:-2])
     values = values.expand(C, *batch_shape, P).reshape(C, -1, P)  # (C, B, P)
     rot = rotations.to(values.dtype).expand(*batch_shape, 3, 3).reshape(-1, 3, 3)  # (B, 3, 3)
-    shape_only = torch.empty(1, C, L, L, L, dtype=values.dtype, device=values.device)
-    out = torch.zeros(1, C, L, L, L, dtype=values.dtype, device=values.device)
+    # only its shape is read (output_mask [True, False]): expanded from one element, no memory
+    shape_only = torch.empty(1, dtype=values.dtype, device=values.device).expand(1, C, L, L, L)
+    out: Tensor | None = None  # the first chunk's result, then the sum (no extra volume)
     per_chunk = max(1, _INSERT_CHUNK_SAMPLES // max(P, 1))
     with torch.no_grad():
         for start in range(0, rot.shape[0], per_chunk):
@@ -233,7 +234,9 @@ def insert_central_slices(
                 v.contiguous(), shape_only, grid.reshape(1, 1, 1, -1, 3).contiguous(),
                 0, 0, True, [True, False],  # bilinear, zeros padding, align_corners
             )
-            out += grad_input
+            out = grad_input if out is None else out.add_(grad_input)
+    if out is None:  # no poses
+        out = torch.zeros(1, C, L, L, L, dtype=values.dtype, device=values.device)
     return out[0] if channels else out[0, 0]
 
 
