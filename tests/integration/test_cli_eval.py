@@ -71,6 +71,66 @@ def test_backproject_with_pkl_poses(sim: Path, tmp_path: Path) -> None:
     assert np.isfinite(a).all()
 
 
+def test_backproject_warns_when_the_poses_make_dependent_halves(sim: Path, tmp_path: Path,
+                                                                  caplog) -> None:
+    """--poses (refined on all particles, as far as cryospin can tell) → one warning line and
+    ``independent_halves: false``; the particles' own poses of unknown origin → neither; the
+    poses.star of a --halves run whose split is used → no warning, a different split → one."""
+    import logging
+    import shutil
+
+    from cryospin.cli.backproject import DEPENDENT_HALVES_WARNING
+
+    def run(argv: list[str], out: Path) -> tuple[list[str], dict]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main([*argv, "-o", str(out)]) == 0
+        lines = [r.getMessage() for r in caplog.records
+                 if DEPENDENT_HALVES_WARNING in r.getMessage()]
+        return lines, json.loads((out / "fsc.json").read_text())
+
+    lines, data = run(["backproject", str(sim / "particles.star"), "--poses",
+                       str(sim / "gt_poses.pkl")], tmp_path / "a")
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "overestimates the resolution" in lines[0] and "--halves" in lines[0]
+    assert data["independent_halves"] is False and data["warning"] == DEPENDENT_HALVES_WARNING
+
+    lines, data = run(["backproject", str(sim / "particles.star")], tmp_path / "b")
+    assert lines == [] and data["independent_halves"] is True and "warning" not in data
+
+    # a --halves run folder: poses.star with rlnRandomSubset, half_set.npy, halves.json
+    halves = tmp_path / "halves_run"
+    halves.mkdir()
+    shutil.copy(sim / "particles.star", halves / "poses.star")
+    subset = load_particles_subset(sim / "particles.star")
+    np.save(halves / "half_set.npy", subset)
+    (halves / "halves.json").write_text("{}")
+    lines, data = run(["backproject", str(sim / "particles.star"), "--poses",
+                       str(halves / "poses.star")], tmp_path / "c")
+    assert lines == [] and data["independent_halves"] is True
+    np.save(halves / "half_set.npy", 3 - subset)  # not the split backprojected
+    lines, data = run(["backproject", str(sim / "particles.star"), "--poses",
+                       str(halves / "poses.star")], tmp_path / "d")
+    assert len(lines) == 1 and data["independent_halves"] is False
+    # a plain run's poses.star given as PARTICLES (config.yaml + metrics.jsonl beside it)
+    plain = tmp_path / "plain_run"
+    plain.mkdir()
+    shutil.copy(sim / "particles.star", plain / "poses.star")
+    (plain / "config.yaml").write_text("{}")
+    (plain / "metrics.jsonl").write_text("")
+    lines, _ = run(["backproject", str(plain / "poses.star"), "--datadir", str(sim)],
+                   tmp_path / "e")
+    assert len(lines) == 1
+
+
+def load_particles_subset(star: Path) -> np.ndarray:
+    from cryospin.io.particles import load_particles
+
+    subset = load_particles(star, metadata_only=True).random_subset
+    assert subset is not None and set(np.unique(subset).tolist()) == {1, 2}
+    return np.asarray(subset, dtype=np.int64)
+
+
 def test_fsc_align_recovers_rotated_mirrored_map(tmp_path: Path) -> None:
     from cryospin.evaluate.align import mirror_map, transform_map
 

@@ -8,6 +8,12 @@ particles, same order). CTF correction uses the particles' CTF or --ctf (cryoDRG
 the Wiener term is estimated from the half-map FSC (see cryospin.backproject). Half sets follow
 rlnRandomSubset when present, else a random split (--seed).
 
+The half maps are independent only when their poses were refined independently. Poses refined
+on all particles together (a plain `cryospin reconstruct` run, most --poses files) make the
+halves share the reference's noise and the half-map FSC overestimates the resolution: then a
+warning says so and fsc.json records "independent_halves": false. The poses.star of a
+`reconstruct --halves` run, whose rlnRandomSubset is the split used, gives independent halves.
+
 Example::
 
     cryospin backproject sim/particles.star -o bp/
@@ -75,8 +81,64 @@ def _with_star_poses(particles, star: Path):
     return out
 
 
+#: The one-line warning of :func:`_dependent_halves_warning`.
+DEPENDENT_HALVES_WARNING = (
+    "these poses were refined on all particles together, so the half maps are not independent "
+    "and their FSC overestimates the resolution; for a resolution run `cryospin reconstruct "
+    "--halves` (its poses.star, with rlnRandomSubset, backprojects into independent halves)"
+)
+
+
+def _pose_source(args: argparse.Namespace) -> Path | None:
+    """The file the poses come from when cryospin or the user refined them: ``--poses``, or
+    PARTICLES in a cryospin run folder (``config.yaml`` with ``metrics.jsonl`` or
+    ``halves.json``); None for poses of unknown origin (a simulation, an imported star)."""
+    if args.poses is not None:
+        return Path(args.poses)
+    folder = Path(args.particles).parent
+    if (folder / "config.yaml").is_file() and any(
+            (folder / name).is_file() for name in ("metrics.jsonl", "halves.json")):
+        return Path(args.particles)
+    return None
+
+
+def _dependent_halves_warning(pose_file: Path | None, random_subset, half_set) -> str | None:
+    """:data:`DEPENDENT_HALVES_WARNING`, unless the poses come from a ``--halves`` run folder
+    and the split used is its split: the particles' ``rlnRandomSubset`` (from that run's
+    poses.star or the input it shares) and, when it matches in length, its ``half_set.npy``.
+
+    Parameters
+    ----------
+    pose_file : Path or None
+        :func:`_pose_source`; None: no warning (poses of unknown origin).
+    random_subset : `(N,)` or None
+        The particles' ``rlnRandomSubset`` as backprojected.
+    half_set : `(N,)` ints in {1, 2}
+        The split the backprojection used.
+    """
+    import numpy as np
+
+    from cryospin.train.halves import HalvesFiles, is_halves_run
+
+    if pose_file is None:
+        return None
+    folder = pose_file.parent
+    if is_halves_run(folder) and random_subset is not None:
+        used = np.asarray(half_set)
+        if np.array_equal(np.asarray(random_subset).astype(np.int64), used):
+            try:
+                split = np.load(HalvesFiles(folder).half_set, allow_pickle=False)
+            except (OSError, ValueError):
+                split = None
+            if split is None or split.shape != used.shape or np.array_equal(split, used):
+                return None
+    return DEPENDENT_HALVES_WARNING
+
+
 def main(args: argparse.Namespace) -> int:
     """Load, backproject, write maps and FSC."""
+    import logging
+
     import torch
 
     from cryospin.backproject import backproject_particles
@@ -121,6 +183,8 @@ def main(args: argparse.Namespace) -> int:
     out: Path = args.outdir
     box = int(res.volume.shape[-1])
     apix = particles.pixel_size_angstrom * particles.box_px / box
+    dependent = _dependent_halves_warning(_pose_source(args), particles.random_subset,
+                                          res.half_set)
     with claim_output_folder(out, force=args.force,
                              command=describe_command(getattr(args, "argv", None))):
         for name, vol in (("map.mrc", res.volume), ("half_A.mrc", res.half_a),
@@ -128,10 +192,14 @@ def main(args: argparse.Namespace) -> int:
             write_map(out / name, vol.detach().cpu().float().numpy(), apix)
         n1 = int((res.half_set == 1).sum())
         write_fsc_json(res.fsc, out / "fsc.json", particles=str(args.particles),
-                       n_particles=len(particles), half_sizes=[n1, len(particles) - n1])
+                       n_particles=len(particles), half_sizes=[n1, len(particles) - n1],
+                       independent_halves=dependent is None,
+                       **({} if dependent is None else {"warning": dependent}))
     print(f"backprojected {len(particles)} particles ({box} px, {apix:g} Å/px) in "
           f"{time.perf_counter() - t0:.1f} s with {torch.get_num_threads()} threads")
     print(f"  half-map resolution: {res.fsc.resolution(0.5):.2f} Å at FSC 0.5, "
           f"{res.fsc.resolution(0.143):.2f} Å at FSC 0.143")
     print(f"  wrote {out / 'map.mrc'}, half_A.mrc, half_B.mrc, fsc.json")
+    if dependent is not None:
+        logging.getLogger(__name__).warning("%s", dependent)
     return 0
