@@ -45,6 +45,26 @@ def test_paper_presets_match_the_paper():
     real = build_config("paper-real")
     assert (real.model.num_heads, real.schedule.switch_epoch, real.schedule.epochs) == (15, 15, 30)
     assert real.model.predict_shifts
+    for cfg in (syn, real):  # semi-amortized as published: the authors' encoder, no search
+        assert (cfg.model.head, cfg.model.encoder_input, cfg.model.pooling) == (
+            "reference", "pyramid", "adaptive")
+        assert cfg.schedule.search_epochs == 0 and cfg.schedule.switch_poses == "inference"
+        assert (cfg.optim.decoder_lr, cfg.optim.decoder_lr_after_switch) == (0.05, 0.02)
+
+
+def test_configurations_from_before_the_design_choices_read_as_they_ran(tmp_path):
+    """A config.yaml without model.head / encoder_input / pooling (cryospin <= 0.2) is the
+    encoder it trained: spread heads, one channel, VGG16's five pools."""
+    path = tmp_path / "config.yaml"
+    path.write_text("model:\n  num_heads: 7\nschedule:\n  epochs: 3\n  switch_epoch: 1\n")
+    old = load_config(path)
+    assert (old.model.head, old.model.encoder_input, old.model.pooling) == (
+        "spread", "image", "vgg16")
+    assert old.schedule.switch_steps is None
+    with pytest.raises(InputError, match="switch_steps"):
+        build_config("default", {"schedule": {"switch_steps": 0}})
+    with pytest.raises(InputError, match="model.head"):
+        build_config("default", {"model": {"head": "mlp"}})
 
 
 def test_precedence_cli_over_preset_over_defaults():

@@ -329,6 +329,10 @@ def _choose_precision(
     shape = {"box_px": box_px, "encoder_box_px": m.encoder_input_box(box_px),
              "width": m.width_multiplier, "heads": m.num_heads, "hidden": m.head_hidden,
              "shifts": m.predict_shifts}
+    if (m.head, m.encoder_input, m.pooling) != ("spread", "image", "vgg16"):
+        # another trunk or head: another measurement (bf16 with 2x2 deep maps measured 8x
+        # slower than fp32 on an AVX512-BF16 CPU, with 1x1 maps 1.5x faster)
+        shape.update(head=m.head, input=m.encoder_input, pooling=m.pooling)
 
     def measure() -> StepTimes:
         logger.info("timing the encoder step in fp32 and bf16 (once per machine)")
