@@ -83,8 +83,8 @@ def test_gradient_reaches_trunk_and_only_winning_heads() -> None:
     loss_bm = (out.rotations - target).square().sum((-2, -1))  # (B, M)
     loss, best = winner_take_all(loss_bm)
     loss.backward()
-    first_conv = next(m for m in enc.trunk if isinstance(m, nn.Conv2d))
-    assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
+    for name, p in enc.trunk.named_parameters():  # every trunk parameter, not only the first
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
     winners = set(best.tolist())
     for m in range(4):
         g = enc.heads.weight3.grad[m]
@@ -113,6 +113,7 @@ def test_autocast_training_step_gives_float32_gradients_to_every_parameter(
     for name, p in enc.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32, name
         assert bool(torch.isfinite(p.grad).all()), name
+        assert float(p.grad.abs().sum()) > 0, name  # the gradient reaches every parameter
 
 
 def test_input_box_feeds_the_trunk_the_fourier_cropped_image() -> None:
