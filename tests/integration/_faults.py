@@ -22,18 +22,25 @@ a wrapper that counts the calls whose arguments match, and acts at the ``call``-
 
 Always installed: the run report (matplotlib, seconds per run) is skipped, since the tests
 here are about the training run's files. Nothing of this touches the production code.
+
+Every replacement goes through ``_replace``, which refuses (exits with a message) a stand-in
+whose parameters -- names, kinds, defaults -- differ from the real function's: a stand-in that
+drifted from the code it replaces would otherwise fail (or pass) for the wrong reason.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import importlib
+import inspect
 import json
 import os
 import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -48,6 +55,31 @@ def _resolve(dotted: str) -> tuple[object, str]:
             owner = getattr(owner, name)
         return owner, parts[-1]
     raise SystemExit(f"_faults.py: cannot resolve {dotted!r}")
+
+
+def _parameters(func: Callable[..., object]) -> list[tuple[str, object, object]] | None:
+    """``func``'s parameters as (name, kind, default), or None where Python cannot tell them
+    (some builtins)."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+    return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+
+
+def _replace(owner: object, name: str, stand_in: Callable[..., object]) -> None:
+    """Set ``owner.name`` to ``stand_in`` after checking that it takes the same parameters as
+    the real function; ``SystemExit`` with both signatures where it does not."""
+    real = getattr(owner, name)
+    expected = _parameters(real)
+    if expected is not None and _parameters(stand_in) != expected:
+        raise SystemExit(f"_faults.py: the stand-in for {name} takes {_parameters(stand_in)}, "
+                         f"the real function {expected}")
+    setattr(owner, name, stand_in)
+
+
+def _no_report(run_dir: Path, *, halves: bool = False) -> None:
+    """Stand-in for ``cryospin.cli.reconstruct._write_report``: no report."""
 
 
 def _arg_text(arg: object) -> str:
@@ -65,6 +97,7 @@ def _install(fault: dict) -> None:
     state = {"count": 0}
     match = fault.get("match")
 
+    @functools.wraps(real)  # the wrapper passes every argument on: it shows the real signature
     def wrapper(*args, **kwargs):
         if match is None or any(match in _arg_text(a) for a in args):
             state["count"] += 1
@@ -89,7 +122,7 @@ def _install(fault: dict) -> None:
                     raise SystemExit(f"_faults.py: unknown action {action!r}")
         return real(*args, **kwargs)
 
-    setattr(owner, name, wrapper)
+    _replace(owner, name, wrapper)
 
 
 def main() -> int:
@@ -97,7 +130,7 @@ def main() -> int:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     import cryospin.cli.reconstruct as reconstruct
 
-    reconstruct._write_report = lambda run_dir: None
+    _replace(reconstruct, "_write_report", _no_report)
     for fault in faults:
         _install(fault)
     from cryospin.cli.main import main as cli_main
