@@ -185,33 +185,57 @@ def accumulate_backprojection(
         starts = tqdm(starts, desc="backproject", unit="batch")
     for start in starts:
         idx = np.arange(start, min(n, start + batch_size))
-        imgs = get(idx).to(device=device, dtype=dtype)  # (b, L, L)
-        if imgs.shape[-2:] != (L, L):
-            raise InputError(f"images are {tuple(imgs.shape[-2:])} px, expected ({L}, {L})")
-        h = hartley2(imgs)  # (b, L, L)
-        if shifts_px is not None:
-            h = shift_hartley_grid(h, -shifts_px[idx].to(device=device, dtype=dtype))
-        if ctf is None:
-            c = None
-        elif isinstance(ctf, CTFParams):
-            sel = torch.from_numpy(idx)
-            params = ctf[sel].to(device=device, dtype=dtype)
-            c = compute_ctf(params, L, float(pixel_size_angstrom))  # (b, L, L)
-        else:
-            c = ctf[torch.from_numpy(idx).to(ctf.device)].to(device=device, dtype=dtype)
-        num = h if c is None else c * h
-        den = torch.ones_like(h) if c is None else c * c
-        R = rotations[idx].to(dtype)
         for which, (acc_num, acc_den) in ((1, (0, 1)), (2, (2, 3))):
-            m = torch.from_numpy(half_set[idx] == which).to(device)
-            if bool(m.any()):
-                both = insert_central_slices(torch.stack([num[m], den[m]]), R[m], L,
-                                             channels=True)  # (2, L, L, L)
-                sums[acc_num] += both[0]
-                sums[acc_den] += both[1]
+            sel = idx[half_set[idx] == which]
+            if sel.size == 0:
+                continue
+            # (CTF · image, CTF²) of the half's images, filled _PREP_CHUNK images at a time so
+            # that the transforms' and the CTF's temporaries stay small whatever batch_size
+            values = torch.empty(2, sel.size, L, L, dtype=dtype, device=device)
+            for j in range(0, sel.size, _PREP_CHUNK):
+                part = sel[j : j + _PREP_CHUNK]
+                _weighted_slices(get(part), part, shifts_px, ctf, L, pixel_size_angstrom,
+                                 out=values[:, j : j + part.size])
+            both = insert_central_slices(values, rotations[sel].to(dtype), L,
+                                         channels=True)  # (2, L, L, L)
+            del values
+            sums[acc_num] += both[0]
+            sums[acc_den] += both[1]
+            del both
         if on_batch is not None:
             on_batch(len(idx))
     return BackprojectionSums(*sums)
+
+
+#: images whose transforms and CTF are computed together inside a batch
+_PREP_CHUNK = 32
+
+
+def _weighted_slices(
+    imgs: Tensor, idx: np.ndarray, shifts_px: Tensor | None, ctf: Tensor | CTFParams | None,
+    L: int, pixel_size_angstrom: float | None, *, out: Tensor,
+) -> None:
+    """Write ``CTF · shift_{−t}(hartley2(image))`` and ``CTF²`` of the images at rows ``idx``
+    into ``out`` `(2, b, L, L)` (``CTF ≡ 1`` without a CTF)."""
+    dtype, device = out.dtype, out.device
+    imgs = imgs.to(device=device, dtype=dtype)  # (b, L, L)
+    if imgs.shape[-2:] != (L, L):
+        raise InputError(f"images are {tuple(imgs.shape[-2:])} px, expected ({L}, {L})")
+    h = hartley2(imgs)  # (b, L, L)
+    del imgs
+    if shifts_px is not None:
+        h = shift_hartley_grid(h, -shifts_px[idx].to(device=device, dtype=dtype))
+    if ctf is None:
+        out[0] = h
+        out[1] = 1
+        return
+    if isinstance(ctf, CTFParams):
+        params = ctf[torch.from_numpy(idx)].to(device=device, dtype=dtype)
+        c = compute_ctf(params, L, float(pixel_size_angstrom))  # (b, L, L)
+    else:
+        c = ctf[torch.from_numpy(idx).to(ctf.device)].to(device=device, dtype=dtype)
+    torch.mul(c, h, out=out[0])
+    torch.mul(c, c, out=out[1])
 
 
 def _shells_centred(L: int, device: torch.device) -> Tensor:

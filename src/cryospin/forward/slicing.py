@@ -223,12 +223,14 @@ def insert_central_slices(
     # only its shape is read (output_mask [True, False]): expanded from one element, no memory
     shape_only = torch.empty(1, dtype=values.dtype, device=values.device).expand(1, C, L, L, L)
     out: Tensor | None = None  # the first chunk's result, then the sum (no extra volume)
-    per_chunk = max(1, _INSERT_CHUNK_SAMPLES // max(P, 1))
+    # each kernel call zeroes and returns a (C, L, L, L) volume: chunks of at least L³/2 samples
+    # (their grid, 3 values each, is 1.5 volumes) keep that cost small beside the scatter's
+    per_chunk = max(1, max(_INSERT_CHUNK_SAMPLES, L**3 // 2) // max(P, 1))
     with torch.no_grad():
         for start in range(0, rot.shape[0], per_chunk):
             r = rot[start : start + per_chunk]
-            q = _slice_points(r, freqs)  # (b, P, 3)
-            grid = (q + (L // 2)) * (2.0 / (L - 1)) - 1.0  # same mapping as extraction
+            grid = _slice_points(r, freqs)  # (b, P, 3)
+            grid.add_(L // 2).mul_(2.0 / (L - 1)).sub_(1.0)  # same mapping as extraction
             v = values[:, start : start + per_chunk].reshape(1, C, 1, 1, -1)  # (1, C, 1, 1, b*P)
             grad_input, _ = torch.ops.aten.grid_sampler_3d_backward(
                 v.contiguous(), shape_only, grid.reshape(1, 1, 1, -1, 3).contiguous(),
