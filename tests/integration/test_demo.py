@@ -21,5 +21,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys) -> None:
     fsc = json.loads((out / "fsc_vs_gt.json").read_text())
     err = json.loads((out / "pose_error.json").read_text())
     assert fsc["resolution_0.5_angstrom"] > 0
-    assert 0 <= err["median_rotation_error_deg"] <= 180
-    assert "median rotation error" in printed and str(run / "map.mrc") in printed
+    # 96 particles of 16 px in 3 epochs do not recover the poses (median 113 deg measured, the
+    # level of random poses), so no bound on it here: the test checks the files and printout
+    assert err["n_particles"] == 96
+    assert f"median rotation error: {err['median_rotation_error_deg']:.2f}" in printed
+    assert str(run / "map.mrc") in printed
