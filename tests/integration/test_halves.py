@@ -24,29 +24,17 @@ from _html import (  # tests/integration/_html.py
     link_targets,
     render_in_chromium,
 )
+from tests._synthetic import make_dataset
 
 from cryospin.cli.main import main as cli_main
-from cryospin.forward.ctf import CTFParams, compute_ctf
-from cryospin.forward.hartley import hartley3, ihartley2
-from cryospin.forward.model import render
-from cryospin.io.mrc import read_map, write_map, write_stack
+from cryospin.io.mrc import read_map
 from cryospin.io.particles import load_particles, write_particles_star
-from cryospin.io.pkl import write_cryodrgn_ctf, write_cryodrgn_poses
+from cryospin.io.pkl import write_cryodrgn_poses
 from cryospin.io.star import read_relion_star
-from cryospin.rotations import random_rotations
 from cryospin.train.config import load_config
 from cryospin.train.metrics import read_metrics
 
 L, N, APIX = 16, 200, 4.0
-
-
-def _blobs(L: int, g: torch.Generator) -> torch.Tensor:
-    k = torch.arange(L, dtype=torch.float64) - L // 2
-    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
-    vol = torch.zeros(L, L, L, dtype=torch.float64)
-    for cx, cy, cz in ((torch.rand(5, 3, generator=g, dtype=torch.float64) - 0.5) * L * 0.45):
-        vol += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * (L / 12) ** 2))
-    return vol
 
 
 @pytest.fixture(scope="module")
@@ -54,27 +42,14 @@ def star_with_subsets(tmp_path_factory) -> tuple[Path, np.ndarray]:
     """``particles.star`` (RELION 3.1) with an ``rlnRandomSubset`` column; returns it and the
     subsets."""
     folder = tmp_path_factory.mktemp("halves_data")
-    g = torch.Generator().manual_seed(2)
-    vol = _blobs(L, g)
-    rot = random_rotations(N, generator=g)
-    f64 = {"dtype": torch.float64}
-    defocus = torch.empty(N, **f64).uniform_(8000.0, 15000.0, generator=g)
-    ctf = CTFParams(
-        defocus_u_angstrom=defocus, defocus_v_angstrom=defocus.clone(),
-        defocus_angle_deg=torch.zeros(N, **f64), voltage_kv=torch.full((N,), 300.0, **f64),
-        cs_mm=torch.full((N,), 2.7, **f64), amplitude_contrast=torch.full((N,), 0.1, **f64),
-        phase_shift_deg=torch.zeros(N, **f64), bfactor_a2=torch.zeros(N, **f64),
-    )
-    clean = ihartley2(render(hartley3(vol), rot, None, compute_ctf(ctf, L, APIX)))
-    images = clean + 0.5 * float(clean.std()) * torch.randn(clean.shape, generator=g, **f64)
-    write_stack(folder / "particles.mrcs", images, APIX)
-    write_cryodrgn_ctf(folder / "ctf.pkl", ctf, L, APIX)
+    truth = make_dataset(folder, box_px=L, n=N, seed=2, snr=4.0, pixel_size_angstrom=APIX,
+                         draw_order=("rotations", "defocus"), n_blobs=5)
     ps = load_particles(folder / "particles.mrcs", ctf_pkl=folder / "ctf.pkl")
     subsets = np.random.default_rng(0).permutation(np.repeat([1, 2], N // 2)).astype(np.int64)
     write_particles_star(folder / "particles.star", dataclasses.replace(ps,
                                                                         random_subset=subsets))
-    write_map(folder / "gt.mrc", vol.numpy(), APIX)
-    write_cryodrgn_poses(folder / "gt_poses.pkl", rot, torch.zeros(N, 2, **f64), L)
+    write_cryodrgn_poses(folder / "gt_poses.pkl", truth.rotations,
+                         torch.zeros(N, 2, dtype=torch.float64), L)
     return folder / "particles.star", subsets
 
 

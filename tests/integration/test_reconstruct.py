@@ -16,16 +16,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from tests._synthetic import SyntheticDataset, make_dataset
 
 from cryospin.cli.main import main as cli_main
 from cryospin.errors import CryospinError
-from cryospin.forward.ctf import CTFParams, compute_ctf
-from cryospin.forward.hartley import hartley3, ihartley2
+from cryospin.forward.ctf import compute_ctf
+from cryospin.forward.hartley import hartley3
 from cryospin.forward.model import render
 from cryospin.io.cs import read_cryosparc
-from cryospin.io.mrc import read_map, write_map, write_stack
+from cryospin.io.mrc import read_map, write_stack
 from cryospin.io.particles import load_particles
-from cryospin.io.pkl import read_cryodrgn_poses, write_cryodrgn_ctf
+from cryospin.io.pkl import read_cryodrgn_poses
 from cryospin.io.star import read_star_tables
 from cryospin.rotations import random_rotations
 from cryospin.train import fit as fit_module
@@ -37,47 +38,8 @@ from cryospin.train.metrics import NonFiniteLossError, read_metrics
 # ----------------------------------------------------------------------------- data
 
 
-def _blob_volume(L: int, generator: torch.Generator) -> torch.Tensor:
-    """An asymmetric density `(L, L, L)`: six Gaussian blobs of width L/12 near the centre."""
-    k = torch.arange(L, dtype=torch.float64) - L // 2
-    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
-    vol = torch.zeros(L, L, L, dtype=torch.float64)
-    centres = (torch.rand(6, 3, generator=generator, dtype=torch.float64) - 0.5) * L * 0.45
-    for cx, cy, cz in centres.tolist():
-        vol += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * (L / 12) ** 2))
-    return vol
-
-
-def _make_dataset(
-    folder: Path, *, box_px: int, n: int, seed: int, snr: float = 1.0,
-    max_shift_px: float = 0.0, pixel_size_angstrom: float = 4.0,
-) -> dict:
-    """Write ``particles.mrcs``, ``ctf.pkl`` and ``gt.mrc`` to ``folder``; return the truth."""
-    g = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    vol = _blob_volume(box_px, g)
-    rot = random_rotations(n, generator=g)
-    shifts = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1) * max_shift_px
-    f64 = {"dtype": torch.float64}
-    defocus = torch.empty(n, **f64).uniform_(8000.0, 15000.0, generator=g)
-    ctf = CTFParams(
-        defocus_u_angstrom=defocus, defocus_v_angstrom=defocus.clone(),
-        defocus_angle_deg=torch.zeros(n, **f64), voltage_kv=torch.full((n,), 300.0, **f64),
-        cs_mm=torch.full((n,), 2.7, **f64), amplitude_contrast=torch.full((n,), 0.1, **f64),
-        phase_shift_deg=torch.zeros(n, **f64), bfactor_a2=torch.zeros(n, **f64),
-    )
-    c = compute_ctf(ctf, box_px, pixel_size_angstrom)  # (n, L, L)
-    clean = ihartley2(render(hartley3(vol), rot, shifts, c))  # (n, L, L)
-    sigma = float(clean.std()) / math.sqrt(snr)
-    images = clean + sigma * torch.randn(clean.shape, generator=g, **f64)
-    write_stack(folder / "particles.mrcs", images, pixel_size_angstrom)
-    write_cryodrgn_ctf(folder / "ctf.pkl", ctf, box_px, pixel_size_angstrom)
-    write_map(folder / "gt.mrc", vol, pixel_size_angstrom)
-    return {"volume": vol, "rotations": rot, "shifts_px": shifts, "folder": folder}
-
-
-def _particles(data: dict):
-    folder = data["folder"]
+def _particles(data: SyntheticDataset):
+    folder = data.folder
     return load_particles(folder / "particles.mrcs", ctf_pkl=folder / "ctf.pkl")
 
 
@@ -97,9 +59,9 @@ def _tiny_config(**changes):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    return _make_dataset(tmp_path_factory.mktemp("tiny"), box_px=16, n=64, seed=1,
-                         max_shift_px=1.0)
+def tiny(tmp_path_factory) -> SyntheticDataset:
+    return make_dataset(tmp_path_factory.mktemp("tiny"), box_px=16, n=64, seed=1,
+                        max_shift_px=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +123,7 @@ def test_outputs_and_round_trips(uninterrupted, tiny):
     state = load_checkpoint(run / "checkpoint.pt")
     table_rot = state["pose_table"]["rotations"].double()
     table_shift = state["pose_table"]["shifts_px"].double()
-    back = load_particles(run / "poses.star", datadir=tiny["folder"])
+    back = load_particles(run / "poses.star", datadir=tiny.folder)
     assert len(back) == 64 and back.box_px == 16
     torch.testing.assert_close(back.rotations, table_rot, atol=2e-5, rtol=0)
     torch.testing.assert_close(back.shifts_px, table_shift, atol=1e-4, rtol=0)
@@ -371,7 +333,7 @@ def test_used_output_folder_is_refused_before_training(uninterrupted, tiny):
 
 
 def test_cli_reconstruct_and_resume(tiny, tmp_path, capsys):
-    folder = tiny["folder"]
+    folder = tiny.folder
     run = tmp_path / "cli_run"
     common = ["--heads", "2", "--width", "0.125", "--no-bf16", "--batch-size", "32",
               "--device", "cpu", "--threads", "1", "--no-progress", "--seed", "5"]
@@ -435,7 +397,8 @@ def _best_lowres_correlation(
 
 @pytest.mark.slow
 def test_reconstruction_improves_over_epochs(tmp_path):
-    truth = _make_dataset(tmp_path / "data", box_px=24, n=320, seed=2, snr=1.0)
+    truth = make_dataset(tmp_path / "data", box_px=24, n=320, seed=2, snr=1.0,
+                         max_shift_px=0.0)
     cfg = _tiny_config(
         model={"num_heads": 5, "width_multiplier": 0.25, "head_hidden": 64,
                "predict_shifts": False},
@@ -444,7 +407,7 @@ def test_reconstruction_improves_over_epochs(tmp_path):
     )
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, num_threads=2))
     result = fit(cfg, _particles(truth), tmp_path / "run")
-    ref = truth["volume"]
+    ref = truth.volume
     corr = [
         _best_lowres_correlation(torch.from_numpy(read_map(tmp_path / "run" /
                                                            f"map.{e:03d}.mrc")[0].copy()), ref)
@@ -460,7 +423,7 @@ def test_cli_ctrl_c_exits_130_with_resume_hint(tiny, tmp_path, capsys, monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fit_module, "autodecode_epoch", interrupted)
-    folder = tiny["folder"]
+    folder = tiny.folder
     run = tmp_path / "run"
     status = cli_main(["reconstruct", str(folder / "particles.mrcs"), "--ctf",
                        str(folder / "ctf.pkl"), "-o", str(run), "--epochs", "2",
@@ -613,7 +576,7 @@ def test_search_rotations_finds_the_true_grid_rotation(tiny):
     particles = _particles(tiny)
     data = prepare_data(particles, DataConfig())
     search = RotationSearch.build(data, 256, 5.0)
-    volume_ht = hartley3(tiny["volume"]).float()
+    volume_ht = hartley3(tiny.volume).float()
     pick = torch.tensor([3, 100, 17, 250])
     idx = torch.arange(4)
     batch = data.batch(idx)
@@ -637,7 +600,7 @@ def test_joint_search_finds_grid_rotation_and_grid_shift(tiny):
     grid_t = shift_grid(3.0, 1.5)  # (25, 2): -3 .. 3 px in steps of 1.5
     assert grid_t.shape == (25, 2) and bool((grid_t == 0).all(dim=1).any())
     search = RotationSearch.build(data, 256, 5.0, shifts_px=grid_t)
-    volume_ht = hartley3(tiny["volume"]).float()
+    volume_ht = hartley3(tiny.volume).float()
     pick_r, pick_t = torch.tensor([3, 100, 17, 250]), torch.tensor([0, 7, 12, 24])
     batch = data.batch(torch.arange(4))
     clean = render(volume_ht, search.rotations[pick_r], grid_t[pick_t], batch.ctf,

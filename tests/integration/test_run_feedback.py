@@ -13,16 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests._synthetic import make_dataset
 
 from cryospin.cli.main import main as cli_main
 from cryospin.encoder import MultiHeadPoseEncoder
-from cryospin.forward.ctf import CTFParams, compute_ctf
-from cryospin.forward.hartley import hartley3, ihartley2
-from cryospin.forward.model import render
-from cryospin.io.mrc import write_stack
 from cryospin.io.particles import load_particles
-from cryospin.io.pkl import write_cryodrgn_ctf
-from cryospin.rotations import random_rotations
 from cryospin.train import feedback as feedback_module
 from cryospin.train import fit as fit_module
 from cryospin.train.autoencode import infer_best_poses
@@ -39,25 +34,8 @@ STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 def data(tmp_path_factory) -> Path:
     """32 noisy 16 px images of a blob volume with CTF (particles.mrcs, ctf.pkl)."""
     folder = tmp_path_factory.mktemp("feedback_data")
-    g = torch.Generator().manual_seed(3)
-    k = torch.arange(L, dtype=torch.float64) - L // 2
-    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
-    vol = torch.zeros(L, L, L, dtype=torch.float64)
-    for cx, cy, cz in ((torch.rand(5, 3, generator=g, dtype=torch.float64) - 0.5) * 7).tolist():
-        vol += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / 3.0)
-    f64 = {"dtype": torch.float64}
-    df = torch.empty(N, **f64).uniform_(8000.0, 15000.0, generator=g)
-    ctf = CTFParams(
-        defocus_u_angstrom=df, defocus_v_angstrom=df.clone(),
-        defocus_angle_deg=torch.zeros(N, **f64), voltage_kv=torch.full((N,), 300.0, **f64),
-        cs_mm=torch.full((N,), 2.7, **f64), amplitude_contrast=torch.full((N,), 0.1, **f64),
-        phase_shift_deg=torch.zeros(N, **f64), bfactor_a2=torch.zeros(N, **f64),
-    )
-    rot = random_rotations(N, generator=g)
-    clean = ihartley2(render(hartley3(vol), rot, None, compute_ctf(ctf, L, 4.0)))
-    images = clean + float(clean.std()) * torch.randn(clean.shape, generator=g, **f64)
-    write_stack(folder / "particles.mrcs", images, 4.0)
-    write_cryodrgn_ctf(folder / "ctf.pkl", ctf, L, 4.0)
+    make_dataset(folder, box_px=L, n=N, seed=3, draw_order=("defocus", "rotations"), n_blobs=5,
+                 spread_px=7.0, variance_px2=1.5)
     return folder
 
 

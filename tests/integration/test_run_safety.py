@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests._synthetic import ctf_params
 
 from cryospin.cli.main import main
 from cryospin.forward.ctf import CTFParams
@@ -41,14 +42,7 @@ TRAIN = ["--epochs", "2", "--switch-epoch", "1", "--search-epochs", "1", "--head
 
 
 def _ctf(n: int) -> CTFParams:
-    f64 = {"dtype": torch.float64}
-    defocus = torch.linspace(8000.0, 15000.0, n, **f64)
-    return CTFParams(
-        defocus_u_angstrom=defocus, defocus_v_angstrom=defocus.clone(),
-        defocus_angle_deg=torch.zeros(n, **f64), voltage_kv=torch.full((n,), 300.0, **f64),
-        cs_mm=torch.full((n,), 2.7, **f64), amplitude_contrast=torch.full((n,), 0.1, **f64),
-        phase_shift_deg=torch.zeros(n, **f64), bfactor_a2=torch.zeros(n, **f64),
-    )
+    return ctf_params(torch.linspace(8000.0, 15000.0, n, dtype=torch.float64))
 
 
 def _dataset(folder: Path, *, n: int = N, box: int = BOX, seed: int = 0,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests._synthetic import make_dataset
 
 from cryospin.cli.main import main as cli_main
 from cryospin.encoder import InPlaneFlipEncoder, MultiHeadPoseEncoder, in_plane_flip_hypotheses
@@ -24,8 +25,6 @@ from cryospin.forward.ctf import CTFParams, compute_ctf
 from cryospin.forward.hartley import hartley2, hartley3, ihartley2
 from cryospin.forward.lattice import disc_frequencies, disc_indices
 from cryospin.forward.model import render
-from cryospin.io.mrc import write_map, write_stack
-from cryospin.io.pkl import write_cryodrgn_ctf
 from cryospin.losses import gaussian_nll, winner_take_all
 from cryospin.rotations import random_rotations
 from cryospin.train.checkpoint import load_checkpoint
@@ -192,25 +191,8 @@ def test_a_cryoai_config_file_with_several_heads_is_invalid():
 def tiny_dataset(tmp_path_factory) -> Path:
     """96 particles of 16 px of an asymmetric blob density (cryospin's forward model)."""
     folder = tmp_path_factory.mktemp("methods_data")
-    L, n, g = 16, 96, torch.Generator().manual_seed(11)
-    k = torch.arange(L, **F64) - L // 2
-    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
-    density = torch.zeros(L, L, L, **F64)
-    for cx, cy, cz in ((torch.rand(5, 3, generator=g, **F64) - 0.5) * L * 0.45).tolist():
-        density += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * 1.5**2))
-    rot = random_rotations(n, generator=g, dtype=torch.float64)
-    df = torch.empty(n, **F64).uniform_(8000.0, 15000.0, generator=g)
-    params = CTFParams(
-        defocus_u_angstrom=df, defocus_v_angstrom=df.clone(),
-        defocus_angle_deg=torch.zeros(n, **F64), voltage_kv=torch.full((n,), 300.0, **F64),
-        cs_mm=torch.full((n,), 2.7, **F64), amplitude_contrast=torch.full((n,), 0.1, **F64),
-        phase_shift_deg=torch.zeros(n, **F64), bfactor_a2=torch.zeros(n, **F64),
-    )
-    clean = ihartley2(render(hartley3(density), rot, None, compute_ctf(params, L, 4.0)))
-    images = clean + float(clean.std()) * torch.randn(clean.shape, generator=g, **F64)
-    write_stack(folder / "particles.mrcs", images, 4.0)
-    write_cryodrgn_ctf(folder / "ctf.pkl", params, L, 4.0)
-    write_map(folder / "gt.mrc", density, 4.0)
+    make_dataset(folder, box_px=16, n=96, seed=11, draw_order=("rotations", "defocus"),
+                 n_blobs=5, variance_px2=1.5**2)
     return folder
 
 

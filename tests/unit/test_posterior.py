@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tests._synthetic import blob_volume
 
 from cryospin.evaluate.posterior import (
     healpix_ang2pix,
@@ -98,14 +99,7 @@ def test_bad_nside():
 
 
 def _blob_hartley_volume(L: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    k = torch.arange(L, dtype=torch.float64) - L // 2
-    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
-    vol = torch.zeros(L, L, L, dtype=torch.float64)
-    centres = (torch.rand(6, 3, generator=g, dtype=torch.float64) - 0.5) * (L * 0.45)
-    for cx, cy, cz in centres.tolist():
-        vol += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / 3.0)
-    return hartley3(vol)
+    return hartley3(blob_volume(L, torch.Generator().manual_seed(0), variance_px2=1.5))
 
 
 def _ctf(L: int) -> torch.Tensor:

@@ -13,16 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests._synthetic import ctf_params, make_dataset
 
 from cryospin.errors import InputError
-from cryospin.forward.ctf import CTFParams, compute_ctf
-from cryospin.forward.hartley import hartley3, ihartley2
-from cryospin.forward.model import render
+from cryospin.forward.ctf import CTFParams
 from cryospin.io import mrc
 from cryospin.io.mrc import write_stack
 from cryospin.io.particles import load_particles
 from cryospin.io.pkl import write_cryodrgn_ctf
-from cryospin.rotations import random_rotations
 from cryospin.train.config import DataConfig, build_config
 from cryospin.train.data import TrainingData, num_batches, prepare_data
 from cryospin.train.stream import StreamOptions, batch_sizes, open_cache, storage_layout
@@ -34,14 +32,7 @@ OPTS = StreamOptions(chunk_images=16, window_chunks=2, prefetch_chunks=1)
 
 
 def _ctf(n: int) -> CTFParams:
-    f64 = {"dtype": torch.float64}
-    d = torch.linspace(8000.0, 15000.0, n, **f64)
-    return CTFParams(
-        defocus_u_angstrom=d, defocus_v_angstrom=d.clone(),
-        defocus_angle_deg=torch.zeros(n, **f64), voltage_kv=torch.full((n,), 300.0, **f64),
-        cs_mm=torch.full((n,), 2.7, **f64), amplitude_contrast=torch.full((n,), 0.1, **f64),
-        phase_shift_deg=torch.zeros(n, **f64), bfactor_a2=torch.zeros(n, **f64),
-    )
+    return ctf_params(torch.linspace(8000.0, 15000.0, n, dtype=torch.float64))
 
 
 @pytest.fixture(scope="module")
@@ -301,21 +292,8 @@ def test_cache_of_a_source_without_stacks_is_skipped(lazy, tmp_path):
 
 def _simulated(folder: Path, n: int = 128) -> Path:
     """Blob volume, random poses, CTF and noise (SNR 1) in ``particles.mrcs`` + ``ctf.pkl``."""
-    g = torch.Generator().manual_seed(11)
-    k = torch.arange(L, dtype=torch.float64) - L // 2
-    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
-    vol = torch.zeros(L, L, L, dtype=torch.float64)
-    for cx, cy, cz in ((torch.rand(5, 3, generator=g, dtype=torch.float64) - 0.5) * L * 0.45
-                       ).tolist():
-        vol += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * (L / 12) ** 2))
-    rot = random_rotations(n, generator=g)
-    ctf = _ctf(n)
-    clean = ihartley2(render(hartley3(vol), rot, None, compute_ctf(ctf, L, 4.0)))
-    images = clean + float(clean.std()) * torch.randn(clean.shape, generator=g,
-                                                      dtype=torch.float64)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_stack(folder / "particles.mrcs", images, 4.0)
-    write_cryodrgn_ctf(folder / "ctf.pkl", ctf, L, 4.0)
+    make_dataset(folder, box_px=L, n=n, seed=11, defocus="linspace", draw_order=("rotations",),
+                 n_blobs=5)
     return folder
 
 
