@@ -162,8 +162,12 @@ def test_plain_run_records_a_convergence_check_not_a_resolution(uninterrupted):
 
 
 def test_loss_decreases(uninterrupted):
+    """Over the stage-2 epochs (one objective: the NLL of each particle's own pose; stage 1's
+    winner-take-all loss over the heads is another). Measured: 139.8, then 129.8."""
     rows = read_metrics(uninterrupted.run_dir / "metrics.jsonl")
-    assert rows[-1]["loss"] < rows[0]["loss"]
+    stage2 = [r["loss"] for r in rows if r["stage"] == "autodecode"]
+    assert len(stage2) == 2 and [r["stage"] for r in rows][0] == "autoencode"
+    assert stage2[-1] < stage2[0], stage2
 
 
 # ----------------------------------------------------------------------------- resume
