@@ -24,6 +24,13 @@ zero beyond ``|k| > L//2``. The Wiener term ``λ``:
 
 Half sets come from ``rlnRandomSubset`` (values 1/2) when available, otherwise from a seeded
 random split; the returned FSC is between the two returned half maps.
+
+Memory does not grow with the number of particles: the four sums (``L³`` each, in ``dtype``);
+while accumulating, one ``(2, b, L, L)`` buffer per half set of a batch (``b ≤ batch_size``),
+the transforms of 32 images at a time, and inside ``insert_central_slices`` a grid of 1.5 and
+an output of 2 volumes; while solving, about six more volumes (three maps, one Hartley volume,
+a half-size complex FFT). At 256 px in float64 (134 MB a volume) the peak resident memory
+measured 1.8 GB for 5 particles and 2.2 GB for 512 (default batch size); float32 1.5 GB.
 """
 
 from __future__ import annotations
