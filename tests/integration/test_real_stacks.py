@@ -38,7 +38,10 @@ def test_reconstruct_real_stack(
 ) -> None:
     import cryospin.cli.reconstruct as reconstruct
 
-    monkeypatch.setattr(reconstruct, "_write_report", lambda run_dir: None)  # not tested here
+    def no_report(run_dir: Path, *, halves: bool = False) -> None:  # not tested here
+        return None
+
+    monkeypatch.setattr(reconstruct, "_write_report", no_report)
     path = shared_data / "particles" / STACKS[name]
     particles = load_particles(path)
     out = tmp_path / "run"
