@@ -197,10 +197,11 @@ def test_reference_heads_follow_the_stated_initialisation() -> None:
     assert abs(float(w1.std()) - (2.0 / 256) ** 0.5) < 0.05 * (2.0 / 256) ** 0.5
     w2 = heads.weight2.detach()
     assert abs(float(w2.std()) - (2.0 / 128) ** 0.5) < 0.05 * (2.0 / 128) ** 0.5
-    for bias in (heads.layer1.bias, heads.bias2):
+    for bias in (heads.layer1.bias.detach(), heads.bias2.detach()):
         assert -1.0 <= float(bias.min()) < -0.9 and 0.9 < float(bias.max()) <= 1.0
     bound = 1.0 / 128 ** 0.5  # the last layer: nn.Linear's default
-    assert float(heads.weight3.abs().max()) <= bound and float(heads.bias3.abs().max()) <= bound
+    w3, b3 = heads.weight3.detach(), heads.bias3.detach()
+    assert float(w3.abs().max()) <= bound and float(b3.abs().max()) <= bound
 
 
 @pytest.mark.parametrize(("box", "pooling", "pools", "grid"),

@@ -77,7 +77,7 @@ def test_cli_rejects_a_nan_learning_rate_with_one_line(tmp_path, capsys):
                        "--pose-lr", "nan"])
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "optim.pose_lr must be a finite number" in err[0]
+    assert len(err) == 1 and "--pose-lr must be a finite number" in err[0]
 
 
 # ----------------------------------------------------------------------------- gradients
