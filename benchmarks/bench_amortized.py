@@ -48,7 +48,7 @@ from cryospin.encoder import MultiHeadPoseEncoder  # noqa: E402
 from cryospin.evaluate.pose_error import pose_error  # noqa: E402
 from cryospin.forward.model import render  # noqa: E402
 from cryospin.io.particles import load_particles  # noqa: E402
-from cryospin.losses import gaussian_nll  # noqa: E402
+from cryospin.losses import gaussian_nll, head_spread_deg  # noqa: E402
 from cryospin.report import read_poses  # noqa: E402
 from cryospin.rotations import geodesic_distance_deg  # noqa: E402
 from cryospin.train.autoencode import winner_nll  # noqa: E402
@@ -125,10 +125,7 @@ def _evaluate(encoder, volume_ht, data, eval_idx, gt_eval, *, aligned: bool,
     if symmetry:
         sym = pose_error(winner, gt, symmetry=symmetry, allow_flip=aligned)
         out[f"winner_median_mod_{symmetry}_deg"] = float(np.median(sym.rotation_error_deg))
-    half = n // 2
-    spread = [float(geodesic_distance_deg(rot[:half, j], rot[half:2 * half, j]).median())
-              for j in range(m)]
-    out["head_spread_median_deg"] = float(np.median(spread))
+    out["head_spread_median_deg"] = float(head_spread_deg(rot).median())
     usage = torch.bincount(nll.argmin(dim=1), minlength=m).double() / n
     out["head_usage_max"] = float(usage.max())
     return out

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cryospin.rotations import geodesic_distance_deg
+
 __all__ = ["gaussian_nll", "winner_take_all", "head_usage", "head_spread_deg"]
 
 
@@ -127,6 +129,5 @@ def head_spread_deg(rotations: Tensor) -> Tensor:
     if half == 0:
         return torch.full((m,), float("nan"), dtype=torch.float64)
     r = rotations.detach().to(torch.float64)
-    rel = r[:half].transpose(-1, -2) @ r[half:2 * half]  # (half, M, 3, 3)
-    cos = ((rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0).clamp(-1.0, 1.0)
-    return torch.rad2deg(torch.arccos(cos)).median(dim=0).values.cpu()  # (M,)
+    angles = geodesic_distance_deg(r[:half], r[half:2 * half])  # (half, M)
+    return angles.median(dim=0).values.cpu()  # (M,)
