@@ -159,3 +159,23 @@ def test_cli_modules_touched_here_import_no_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)
     assert proc.stdout.strip() == "False"
+
+
+def test_help_imports_no_torch() -> None:
+    """`cryospin --help` and `cryospin COMMAND --help` for every command load neither torch
+    nor numpy (start-up stays fast); each help exits with status 0."""
+    code = (
+        "import sys\n"
+        "from cryospin.cli.main import SUBCOMMANDS, main\n"
+        "for argv in [['--help'], *[[name, '--help'] for name in SUBCOMMANDS]]:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, (argv, exc.code)\n"
+        "    else:\n"
+        "        raise AssertionError(f'{argv} did not exit')\n"
+        "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
