@@ -317,7 +317,9 @@ class MultiHeadPoseEncoder(nn.Module):
             with torch.no_grad():
                 self.heads.weight3.mul_(self._HEAD_OUT_GAIN)
                 self.heads.bias3.zero_()
-                self.heads.bias3[:, :6] = matrix_to_rotation_6d(_spread_rotations(num_heads))
+                if not self.heads.bias3.is_meta:  # meta device: shapes only (memory planner)
+                    self.heads.bias3[:, :6] = matrix_to_rotation_6d(
+                        _spread_rotations(num_heads))
         if self.autocast_dtype is not None:
             self.trunk.to(memory_format=torch.channels_last)
 

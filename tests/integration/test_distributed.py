@@ -249,6 +249,7 @@ def test_each_rank_holds_and_preprocesses_only_its_particles(particles, tmp_path
         import os
         import torch, torch.distributed as dist
         import cryospin.train.data as D
+        import cryospin.train.rows as R
         from cryospin.io.particles import load_particles
         from cryospin.train.config import build_config
         from cryospin.train.distributed import Shard, world_from_env
@@ -260,11 +261,11 @@ def test_each_rank_holds_and_preprocesses_only_its_particles(particles, tmp_path
         N = {N_PARTICLES}
         owned = list(range(world.rank, N, world.world_size))
         seen = []
-        real = D._preprocess
+        real = R.preprocess_rows
         def counting(particles, idx, *args, **kwargs):
             seen.extend(int(i) for i in idx)
             return real(particles, idx, *args, **kwargs)
-        D._preprocess = counting
+        R.preprocess_rows = counting
         particles = load_particles({str(particles)!r})
         for preload_gb, preloaded in ((10.0, True), (1e-9, False)):
             cfg = build_config("default", {{"data": {{"max_preload_gb": preload_gb}}}})

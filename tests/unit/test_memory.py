@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cryospin.encoder import InPlaneFlipEncoder, MultiHeadPoseEncoder
 from cryospin.errors import InputError
 from cryospin.forward.lattice import disc_frequencies
 from cryospin.train.config import build_config
@@ -20,6 +21,7 @@ from cryospin.train.memory import (
     RUNTIME_BYTES,
     choose_loader,
     encoder_layer_sizes,
+    encoder_parameter_count,
     format_plans,
     plan_memory,
 )
@@ -81,6 +83,33 @@ def test_encoder_layers_follow_the_vgg_layout():
     sizes = encoder_layer_sizes(64, 0.5)
     assert len(sizes) == 13 and sizes[0] == (32, 64 * 64) and sizes[-1] == (256, 4 * 4)
     assert encoder_layer_sizes(33, 0.125)[2] == (16, 17 * 17)  # ceil pooling, min 8 channels
+
+
+@pytest.mark.parametrize("model", [
+    {},
+    {"num_heads": 7, "width_multiplier": 0.5, "head_hidden": 256},
+    {"predict_shifts": True, "max_shift_px": 4.0, "head": "reference"},
+    {"encoder_input": "pyramid", "pooling": "adaptive"},
+    {"encoder_box_px": 32, "num_heads": 1, "width_multiplier": 1.0},
+])
+def test_planner_counts_the_encoders_own_parameters(model):
+    """The plan's encoder term is 16 bytes (value, gradient, two Adam moments) per parameter of
+    the encoder the trainer builds (here on the CPU, with its random initialisation)."""
+    cfg = _config(model=model)
+    m, L = cfg.model, 64
+    real = MultiHeadPoseEncoder(
+        L, m.num_heads, width_multiplier=m.width_multiplier, predict_shifts=m.predict_shifts,
+        max_shift_px=m.max_shift_px, head_hidden=m.head_hidden,
+        input_box_px=m.encoder_input_box(L), head=m.head, input_channels=m.encoder_input,
+        pooling=m.pooling,
+    )
+    count = sum(p.numel() for p in real.parameters())
+    assert encoder_parameter_count(m, L) == count
+    assert sum(p.numel() for p in InPlaneFlipEncoder(real).parameters()) == count  # cryoai
+    assert dict(_plan(cfg, 100, L, "in-memory").rows)["encoder + Adam"] == 16 * count
+    rng = torch.random.get_rng_state()
+    encoder_parameter_count(m, L)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # counting draws no random numbers
 
 
 def test_choose_loader_follows_the_budget():

@@ -9,20 +9,22 @@ preprocessed by the same function as in a single process.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-import cryospin.train.data as data_module
 from cryospin.forward.ctf import CTFParams
 from cryospin.io.mrc import write_stack
 from cryospin.io.particles import load_particles
 from cryospin.io.pkl import write_cryodrgn_ctf
+from cryospin.train import rows as rows_module
+from cryospin.train.cache import open_cache
 from cryospin.train.config import DataConfig
 from cryospin.train.data import Batch, TrainingData, num_batches, prepare_data
 from cryospin.train.distributed import Shard, WorldInfo
-from cryospin.train.stream import StreamOptions, open_cache
+from cryospin.train.stream import StreamOptions
 
 L = 16
 SIZES = (70, 47)  # two stacks
@@ -75,13 +77,13 @@ def eager(lazy) -> TrainingData:
 def preprocessed(monkeypatch) -> list[int]:
     """Every particle index handed to the preprocessing function, in order."""
     seen: list[int] = []
-    real = data_module._preprocess
+    real = rows_module.preprocess_rows
 
     def counting(particles, idx, *args, **kwargs):
         seen.extend(int(i) for i in idx)
         return real(particles, idx, *args, **kwargs)
 
-    monkeypatch.setattr(data_module, "_preprocess", counting)
+    monkeypatch.setattr(rows_module, "preprocess_rows", counting)
     return seen
 
 
@@ -185,8 +187,8 @@ def test_streamed_sharded_epochs_preprocess_only_owned_rows(lazy, preprocessed, 
 
 def test_streamed_sharded_epochs_from_the_cache_read_owned_rows(lazy, preprocessed,
                                                                  tmp_path, monkeypatch):
-    cache = open_cache(lazy, tmp_path)  # built by one process (all rows)
-    whole = TrainingData(**{**lazy.__dict__, "cache": cache})
+    cache = open_cache(lazy.reader, lazy.config, tmp_path)  # built by one process (all rows)
+    whole = dataclasses.replace(lazy, cache=cache)
     read_rows: list[int] = []
     real_read = type(cache).read
 

@@ -21,9 +21,13 @@ from cryospin.io import mrc
 from cryospin.io.mrc import write_stack
 from cryospin.io.particles import load_particles
 from cryospin.io.pkl import write_cryodrgn_ctf
+from cryospin.sources import storage_layout
+from cryospin.train.batches import batch_sizes
+from cryospin.train.cache import open_cache
 from cryospin.train.config import DataConfig, build_config
 from cryospin.train.data import TrainingData, num_batches, prepare_data
-from cryospin.train.stream import StreamOptions, batch_sizes, open_cache, storage_layout
+from cryospin.train.rows import RowReader
+from cryospin.train.stream import StreamOptions
 
 L = 16
 SIZES = (100, 60)  # two stacks
@@ -196,7 +200,7 @@ def test_thread_stops_when_the_consumer_raises(lazy):
 
 def test_loader_errors_reach_the_consumer_and_stop_the_thread(lazy, monkeypatch):
     calls = {"n": 0}
-    real = TrainingData.load_rows
+    real = RowReader.read
 
     def failing(self, indices):
         calls["n"] += 1
@@ -204,7 +208,7 @@ def test_loader_errors_reach_the_consumer_and_stop_the_thread(lazy, monkeypatch)
             raise InputError("particle images near index 3 contain NaN or Inf", "x.mrcs")
         return real(self, indices)
 
-    monkeypatch.setattr(TrainingData, "load_rows", failing)
+    monkeypatch.setattr(RowReader, "read", failing)
     with pytest.raises(InputError, match="NaN or Inf"):
         list(lazy.epoch_batches(8, torch.Generator().manual_seed(0), OPTS))
     assert _wait_no_threads()
@@ -283,8 +287,8 @@ def test_cache_of_a_source_without_stacks_is_skipped(lazy, tmp_path):
     class Plain:
         pass
 
-    data = dataclasses.replace(lazy, source=Plain())
-    assert open_cache(data, tmp_path) is None
+    reader = dataclasses.replace(lazy.reader, stored=Plain())
+    assert open_cache(reader, lazy.config, tmp_path) is None
 
 
 # ----------------------------------------------------------------------------- training
@@ -354,13 +358,13 @@ def test_prepare_data_hands_back_the_pages_of_its_statistics_sample(dataset, mon
     """The spread-out statistics sample is read in small groups whose pages are released (a
     fault on a memory-mapped stack can map a whole page-cache folio; measured: 2,000 sample
     images of a 2.3 GB stack made all of it resident), and so is the contrast check's."""
-    import cryospin.train.stream as stream
+    import cryospin.train.data as data_module
     from cryospin.preprocess import sample_contrast
     from cryospin.train.data import _SAMPLE_CHUNK, _stats_indices
 
     released: list[np.ndarray] = []
-    original = stream.release_pages
-    monkeypatch.setattr(stream, "release_pages",
+    original = data_module.release_pages
+    monkeypatch.setattr(data_module, "release_pages",
                         lambda source, idx: (released.append(np.asarray(idx)),
                                              original(source, idx))[1])
     particles = _particles(dataset)

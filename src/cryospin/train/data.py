@@ -25,9 +25,21 @@ import torch
 from torch import Tensor
 
 from cryospin.errors import InputError
-from cryospin.forward.hartley import hartley2
 from cryospin.forward.lattice import disc_frequencies, negation_permutation
+from cryospin.preprocess import PreprocessedParticles
+from cryospin.sources import ImageSource, release_pages
+from cryospin.train.batches import (
+    Batch,
+    LossDisc,
+    batch_indices,
+    gaussian_lowpass,
+    num_batches,
+    sub_disc,
+)
+from cryospin.train.cache import PreprocessedCache, open_cache
 from cryospin.train.config import DataConfig
+from cryospin.train.rows import InMemoryRows, RowReader, Rows, preprocess_rows
+from cryospin.train.stream import StreamOptions, stream_epoch
 
 __all__ = [
     "TrainingData",
@@ -49,99 +61,15 @@ _STATS_IMAGES = 2000
 
 
 @dataclass(frozen=True)
-class Batch:
-    """One batch of training data (all on the training device).
-
-    Attributes
-    ----------
-    indices : `(B,)` int64
-        Particle indices (rows of the pose table).
-    images : `(B, L, L)` float32
-        Normalised real-space images (encoder input).
-    hartley : `(B, P)` float32
-        Hartley values of the images on the loss disc.
-    ctf : `(B, P)` float32 or None
-        CTF on the loss disc (None when CTF is ignored).
-    global_size : int or None
-        Distributed (sharded data): the size of the global batch this batch is this rank's
-        part of (the rows it holds, possibly none); None: the batch is whole.
-    """
-
-    indices: Tensor
-    images: Tensor
-    hartley: Tensor
-    ctf: Tensor | None
-    global_size: int | None = None
-
-    def restrict(self, disc: LossDisc) -> Batch:
-        """The same batch with ``hartley`` and ``ctf`` on the sub-disc ``disc`` only."""
-        cols = disc.columns
-        return Batch(
-            indices=self.indices,
-            images=self.images,
-            hartley=self.hartley[:, cols],
-            ctf=None if self.ctf is None else self.ctf[:, cols],
-            global_size=self.global_size,
-        )
-
-
-@dataclass(frozen=True)
-class LossDisc:
-    """A smaller loss disc ``|k| ≤ radius_px`` inside the training disc.
-
-    Attributes
-    ----------
-    radius_px : float
-        Radius in cycles per box.
-    columns : `(P',)` int64
-        Positions of its frequencies among the training disc's ``P`` (row-major order kept).
-    frequencies : `(P', 2)` float32
-        ``(kx, ky)`` in cycles per box.
-    negation_index : `(P',)` int64
-        ``frequencies[negation_index] == −frequencies``.
-    """
-
-    radius_px: float
-    columns: Tensor
-    frequencies: Tensor
-    negation_index: Tensor
-
-
-def sub_disc(frequencies: Tensor, box_px: int, radius_px: float) -> LossDisc:
-    """The frequencies of ``frequencies`` `(P, 2)` with ``|k| ≤ radius_px``, as a :class:`LossDisc`.
-
-    The sub-disc is closed under ``k → −k`` whenever the full disc is.
-    """
-    k2 = frequencies.double().square().sum(-1)  # (P,)
-    columns = torch.nonzero(k2 <= float(radius_px) ** 2, as_tuple=False).squeeze(-1)
-    freqs = frequencies[columns]  # (P', 2)
-    return LossDisc(
-        radius_px=float(radius_px),
-        columns=columns,
-        frequencies=freqs,
-        negation_index=negation_permutation(freqs.cpu(), box_px).to(freqs.device),
-    )
-
-
-def gaussian_lowpass(images: Tensor, sigma_px: float) -> Tensor:
-    """Images `(B, L, L)` filtered by ``exp(−|k|² / (2 σ²))`` (``k`` in cycles per box).
-
-    A new tensor of the same dtype; the DC term (image mean) is unchanged.
-    """
-    L = images.shape[-1]
-    k = torch.fft.fftfreq(L, d=1.0 / L, device=images.device, dtype=torch.float64)  # (L,)
-    k2 = k[:, None] ** 2 + k[None, :] ** 2  # (L, L), uncentred FFT order
-    filt = torch.exp(-k2 / (2.0 * float(sigma_px) ** 2)).to(images.dtype)  # (L, L)
-    return torch.fft.ifft2(torch.fft.fft2(images) * filt).real.to(images.dtype)
-
-
-@dataclass(frozen=True)
 class TrainingData:
     """Preprocessed particles (see the module docstring).
 
-    When the dataset fits in ``DataConfig.max_preload_gb``, ``images``, ``hartley`` and ``ctf``
-    hold every particle (computed once). Otherwise they are None and :meth:`batch` reads and
-    preprocesses each batch from ``source`` (memory-mapped stacks) with the same function.
+    Two sources of training rows behind one :meth:`batch` / :meth:`epoch_batches` interface:
+    **in memory** (``memory``, an :class:`~cryospin.train.rows.InMemoryRows`: every particle
+    preprocessed once) or **streamed** (``memory`` None: :meth:`batch` reads and preprocesses
+    each batch with ``reader`` from its image source, and :meth:`epoch_batches` is the chunked
+    loader of :mod:`cryospin.train.stream`, reading the float16 ``cache`` when one is attached).
+    Both preprocess with the same function (:func:`cryospin.train.rows.preprocess_rows`).
 
     **Sharded** (distributed training, :meth:`holding`): the data hold only the particles
     ``held`` (a rank's shard, ``i mod W == rank``). In memory, the arrays have one row per held
@@ -168,15 +96,15 @@ class TrainingData:
     image_scale : float
         Factor applied to the raw images.
     use_ctf : bool
-    images : `(N, L, L)` float32 or None
-        Sharded: `(n_held, L, L)`, row ``k`` is particle ``held[k]`` (also ``hartley``, ``ctf``).
-    hartley : `(N, P)` float32 or None
-    ctf : `(N, P)` float32 or None
-    source : ParticleSet or None
-        Where batches are read from when not preloaded.
+    reader : RowReader or None
+        Reads and preprocesses any particle's row from the image source (None: in memory
+        only, other particles cannot be read).
+    memory : InMemoryRows or None
+        The held particles' rows in memory: `(N, L, L)`, `(N, P)`, `(N, P)`; sharded
+        `(n_held, ...)`, row ``k`` is particle ``held[k]``. None: streamed.
     config : DataConfig or None
         The preprocessing configuration (keys the on-disk cache).
-    cache : cryospin.train.stream.PreprocessedCache or None
+    cache : PreprocessedCache or None
         Float16 preprocessed images read by the streaming loader (``config.cache_dir``).
     held : `(n_held,)` int64 or None
         Sharded: the global indices of the particles these data hold, increasing (CPU);
@@ -192,12 +120,10 @@ class TrainingData:
     radial_amplitude: Tensor
     image_scale: float
     use_ctf: bool
-    images: Tensor | None = None
-    hartley: Tensor | None = None
-    ctf: Tensor | None = None
-    source: Any = None
+    reader: RowReader | None = None
+    memory: InMemoryRows | None = None
     config: DataConfig | None = None
-    cache: Any = None
+    cache: PreprocessedCache | None = None
     held: Tensor | None = None
 
     def __len__(self) -> int:
@@ -209,7 +135,28 @@ class TrainingData:
 
     @property
     def preloaded(self) -> bool:
-        return self.images is not None
+        return self.memory is not None
+
+    @property
+    def images(self) -> Tensor | None:
+        """In memory: the images `(n, L, L)` float32 (one row per held particle); else None."""
+        return None if self.memory is None else self.memory.images
+
+    @property
+    def hartley(self) -> Tensor | None:
+        """In memory: the Hartley values `(n, P)` float32; else None."""
+        return None if self.memory is None else self.memory.hartley
+
+    @property
+    def ctf(self) -> Tensor | None:
+        """In memory: the CTF `(n, P)` float32 (None when the CTF is ignored); else None."""
+        return None if self.memory is None else self.memory.ctf
+
+    @property
+    def source(self) -> ImageSource | None:
+        """The image source the rows are read from (cropped and normalised as trained on,
+        before the contrast scale ``image_scale``); None without a reader."""
+        return None if self.reader is None else self.reader.view
 
     @property
     def sharded(self) -> bool:
@@ -262,14 +209,9 @@ class TrainingData:
         :attr:`device`). Sharded: raises ValueError for particles not held."""
         idx = indices.to(self.device)
         rows = self.local_rows(indices)  # (B,) CPU; checks that the particles are held
-        if self.images is not None and self.hartley is not None:
-            rows = rows.to(self.images.device)
-            return Batch(
-                indices=idx,
-                images=self.images[rows],
-                hartley=self.hartley[rows],
-                ctf=None if self.ctf is None else self.ctf[rows],
-            )
+        if self.memory is not None:
+            images, hart, ctf = self.memory.take(rows)
+            return Batch(indices=idx, images=images, hartley=hart, ctf=ctf)
         images, hart, ctf = self.load_rows(indices)
         dev = self.device
         return Batch(
@@ -279,27 +221,19 @@ class TrainingData:
             ctf=None if ctf is None else ctf.to(dev),
         )
 
-    def load_rows(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Read and preprocess particles ``indices`` `(c,)` from ``source`` (CPU, float32).
+    def load_rows(self, indices: Tensor) -> Rows:
+        """Read and preprocess particles ``indices`` `(c,)` from the image source (CPU,
+        float32; :meth:`RowReader.read`): ``images`` `(c, L, L)`, ``hartley`` `(c, P)`, ``ctf``
+        `(c, P)` or None. Reads any particle (held or not); ``c = 0`` reads nothing."""
+        return self._reader().read(indices)
 
-        Returns ``images`` `(c, L, L)`, ``hartley`` `(c, P)`, ``ctf`` `(c, P)` or None. The
-        resident pages of the stacks read are handed back (see :mod:`cryospin.train.stream`).
-        Reads any particle (held or not); ``c = 0`` reads nothing.
-        """
-        from cryospin.train.stream import release_pages
-
-        idx = indices.cpu()
-        if idx.numel() == 0:
-            L, P = self.box_px, int(self.frequencies.shape[0])
-            empty = torch.empty(0, P, dtype=torch.float32)
-            return (torch.empty(0, L, L, dtype=torch.float32), empty,
-                    empty.clone() if self.use_ctf else None)
-        out = _preprocess(self.source, idx, self.image_scale, self.frequencies.cpu(), self.use_ctf)
-        release_pages(self.source, idx)
-        return out
+    def _reader(self) -> RowReader:
+        if self.reader is None:
+            raise ValueError("training data without an image source cannot read particles")
+        return self.reader
 
     def epoch_batches(
-        self, batch_size: int, generator: torch.Generator, options: Any = None
+        self, batch_size: int, generator: torch.Generator, options: StreamOptions | None = None
     ) -> Iterator[Batch]:
         """The batches of one epoch in random order (drawn from ``generator`` now).
 
@@ -316,9 +250,8 @@ class TrainingData:
             if self.held is None:
                 return (self.batch(idx) for idx in order)
             return (self._held_part(idx) for idx in order)
-        from cryospin.train.stream import stream_epoch
-
-        return stream_epoch(self, batch_size, generator, options)
+        return stream_epoch(self._reader(), batch_size, generator, options, cache=self.cache,
+                            held=self.held, device=self.device)
 
     def _held_part(self, indices: Tensor) -> Batch:
         part = self.batch(indices[self.holds(indices)])
@@ -339,13 +272,10 @@ class TrainingData:
         held = torch.unique(torch.as_tensor(indices, dtype=torch.int64).cpu())  # sorted
         if held.numel() and (int(held[0]) < 0 or int(held[-1]) >= self.num_particles):
             raise ValueError(f"particle indices outside 0..{self.num_particles - 1}")
-        if self.images is None or self.hartley is None:
+        if self.memory is None:
             return dataclasses.replace(self, held=held)
-        rows = self.local_rows(held).to(self.images.device)
         return dataclasses.replace(
-            self, images=self.images[rows], hartley=self.hartley[rows],
-            ctf=None if self.ctf is None else self.ctf[rows], held=held,
-        )
+            self, memory=InMemoryRows(*self.memory.take(self.local_rows(held))), held=held)
 
     def unsharded(self) -> TrainingData:
         """Every particle: these data themselves when they hold all; else a lazy view that
@@ -353,10 +283,10 @@ class TrainingData:
         diagnostics and final outputs, not for training)."""
         if self.held is None:
             return self
-        if self.source is None:
+        if self.reader is None:
             raise ValueError("sharded training data without a source cannot read other "
                              "particles")
-        return dataclasses.replace(self, images=None, hartley=None, ctf=None, held=None)
+        return dataclasses.replace(self, memory=None, held=None)
 
     def in_memory(self) -> TrainingData:
         """A copy with every particle held (sharded: the :attr:`held` ones only) preprocessed
@@ -364,33 +294,18 @@ class TrainingData:
         if self.preloaded:
             return self
         ids = torch.arange(self.num_particles) if self.held is None else self.held
-        n, L, P = int(ids.numel()), self.box_px, int(self.frequencies.shape[0])
-        images = torch.empty(n, L, L, dtype=torch.float32)
-        hart = torch.empty(n, P, dtype=torch.float32)
-        ctf = torch.empty(n, P, dtype=torch.float32) if self.use_ctf else None
-        for start in range(0, n, _CHUNK):
-            idx = ids[start:start + _CHUNK]
-            stop = start + int(idx.numel())
-            x, h, c = self.load_rows(idx)
-            images[start:stop], hart[start:stop] = x, h
-            if ctf is not None and c is not None:
-                ctf[start:stop] = c
-        dev = self.device
-        return dataclasses.replace(
-            self, images=images.to(dev), hartley=hart.to(dev),
-            ctf=None if ctf is None else ctf.to(dev), cache=None,
-        )
+        memory = InMemoryRows.read_all(self._reader(), ids, self.device, _CHUNK)
+        return dataclasses.replace(self, memory=memory, cache=None)
 
     def streaming(self) -> TrainingData:
         """This lazy data, with the preprocessed-image cache of ``config.cache_dir`` attached
         (built on first use) when one is configured. Sharded: its streamed epochs read and
         preprocess (or read from the cache) the :attr:`held` particles only."""
-        cache_dir = getattr(self.config, "cache_dir", None)
+        cache_dir = None if self.config is None else self.config.cache_dir
         if self.preloaded or cache_dir is None or self.cache is not None:
             return self
-        from cryospin.train.stream import open_cache
-
-        return dataclasses.replace(self, cache=open_cache(self, cache_dir))
+        return dataclasses.replace(
+            self, cache=open_cache(self._reader(), self.config, cache_dir))
 
     def summary(self) -> dict[str, Any]:
         """Small JSON-ready description (sizes, noise, scale)."""
@@ -404,28 +319,6 @@ class TrainingData:
             "ctf": self.use_ctf,
             "preloaded": self.preloaded,
         }
-
-
-def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """A random permutation of ``range(n)`` cut into batches `(≤ batch_size,)` (last is partial).
-
-    The permutation is drawn from ``generator`` (a CPU generator) when this is called, so the
-    generator's state after the call determines the next epoch's order. A last batch of a
-    single image is merged into the previous one (batch normalisation needs two images).
-    """
-    perm = torch.randperm(n, generator=generator)
-    batches = list(perm.split(batch_size))
-    if len(batches) > 1 and batches[-1].numel() == 1:
-        batches[-2:] = [torch.cat(batches[-2:])]
-    return iter(batches)
-
-
-def num_batches(n: int, batch_size: int) -> int:
-    """Number of batches :func:`batch_indices` yields for ``n`` items."""
-    count = -(-n // batch_size)
-    if count > 1 and n % batch_size == 1:
-        count -= 1
-    return count
 
 
 def radial_profile(values_sq: Tensor, frequencies: Tensor, num_shells: int) -> Tensor:
@@ -454,18 +347,17 @@ def _corner_mask(L: int) -> Tensor:
     return rr > (L / 2)
 
 
-def _read_sample(particles: Any, indices: Tensor) -> Tensor:
-    """Images `(m, L, L)` of the spread-out ``indices``, read in small groups whose memory-mapped
-    pages are handed back after each group. A page fault on a memory-mapped stack can map a whole
-    large page-cache folio (measured: reading 2,000 images 70 apart mapped the whole 2.3 GB
-    stack), so without the hand-back this sample alone would make the stack resident."""
-    from cryospin.train.stream import release_pages
-
+def _read_sample(view: ImageSource, stored: ImageSource, indices: Tensor) -> Tensor:
+    """Images `(m, L, L)` of the spread-out ``indices`` read from ``view``, in small groups
+    whose memory-mapped pages (of ``stored``, the particle set under ``view``) are handed back
+    after each group. A page fault on a memory-mapped stack can map a whole large page-cache
+    folio (measured: reading 2,000 images 70 apart mapped the whole 2.3 GB stack), so without
+    the hand-back this sample alone would make the stack resident."""
     parts = []
     for i in range(0, len(indices), _SAMPLE_CHUNK):
         part_idx = indices[i : i + _SAMPLE_CHUNK]
-        parts.append(particles.images(part_idx))
-        release_pages(particles, part_idx)
+        parts.append(view.images(part_idx))
+        release_pages(stored, part_idx)
     return torch.cat(parts)
 
 
@@ -475,45 +367,8 @@ def _stats_indices(n: int) -> Tensor:
     return torch.linspace(0, n - 1, m).round().long().unique()
 
 
-def _preprocess(
-    particles: Any, idx: Tensor, scale: float, frequencies: Tensor, use_ctf: bool
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Read particles ``idx`` `(c,)` and preprocess them (CPU, float32).
-
-    Returns
-    -------
-    images : `(c, L, L)` scaled real-space images.
-    hartley : `(c, P)` their Hartley values on the disc ``frequencies`` `(P, 2)`.
-    ctf : `(c, P)` or None.
-    """
-    from cryospin.forward.ctf import compute_ctf
-
-    L = int(particles.box_px)
-    where = getattr(particles, "source", None)
-    raw = particles.images(idx)
-    if tuple(raw.shape) != (len(idx), L, L):
-        raise InputError(f"images have shape {tuple(raw.shape[1:])}, expected ({L}, {L})", where)
-    x = raw.to(torch.float64) * scale  # (c, L, L)
-    if not torch.isfinite(x).all():
-        first = int(idx[0]) if len(idx) else 0
-        raise InputError(f"particle images near index {first} contain NaN or Inf", where)
-    k = torch.round(frequencies).long()  # (P, 2) integer (kx, ky)
-    flat = (k[:, 1] + L // 2) * L + (k[:, 0] + L // 2)  # (P,) row-major [y, x]
-    hart = hartley2(x).reshape(len(idx), L * L)[:, flat]  # (c, P)
-    mask = getattr(particles, "encoder_mask", None)  # (L, L) soft mask of the encoder input
-    if mask is not None:
-        x = x * mask.to(x.dtype)  # the loss (hart) stays unmasked
-    ctf = None
-    if use_ctf:
-        ctf = compute_ctf(
-            particles.ctf[idx], L, float(particles.pixel_size_angstrom),
-            frequencies=frequencies.to(torch.float64),
-        ).to(torch.float32)  # (c, P)
-    return x.to(torch.float32), hart.to(torch.float32), ctf
-
-
 def prepare_data(
-    particles: Any,
+    particles: ImageSource,
     config: DataConfig,
     *,
     device: torch.device | str = "cpu",
@@ -529,9 +384,9 @@ def prepare_data(
 
     Parameters
     ----------
-    particles : cryospin.io.particles.ParticleSet
-        Needs ``box_px``, ``pixel_size_angstrom``, ``ctf`` (or ``config.no_ctf``), ``len()`` and
-        ``images(indices) -> (n, L, L)``.
+    particles : ImageSource
+        A :class:`cryospin.io.particles.ParticleSet` or any image source; its ``ctf`` is
+        needed unless ``config.no_ctf``.
     config : DataConfig
     device : torch device
         Where the tensors live during training.
@@ -540,9 +395,7 @@ def prepare_data(
     -------
     TrainingData
     """
-    from cryospin.preprocess import PreprocessedParticles
-    from cryospin.train.stream import release_pages
-
+    stored = particles
     # Fourier crop / background normalisation / encoder mask on the fly, chunk by chunk
     # (the view is the `source` of lazy batches too, so both paths preprocess identically)
     particles = PreprocessedParticles.wrap(
@@ -551,7 +404,7 @@ def prepare_data(
     )
     n = len(particles)
     L = int(particles.box_px)
-    where = getattr(particles, "source", None)
+    where = particles.source
     if n == 0:
         raise InputError("no particles to train on", where)
     if L < 8:
@@ -572,7 +425,7 @@ def prepare_data(
 
     # --- normalisation and noise from a deterministic sample of images
     stats_idx = _stats_indices(n)
-    sample = _read_sample(particles, stats_idx).to(torch.float64)  # (m, L, L)
+    sample = _read_sample(particles, stored, stats_idx).to(torch.float64)  # (m, L, L)
     if not torch.isfinite(sample).all():
         raise InputError("particle images contain NaN or Inf", where)
     std = float(sample.std())
@@ -594,8 +447,8 @@ def prepare_data(
     parts = []  # in chunks: the transient memory of the FFTs stays bounded
     for i in range(0, len(stats_idx), _SAMPLE_CHUNK):
         part_idx = stats_idx[i : i + _SAMPLE_CHUNK]
-        _, h_part, c_part = _preprocess(particles, part_idx, scale, freqs, use_ctf)
-        release_pages(particles, part_idx)
+        _, h_part, c_part = preprocess_rows(particles, part_idx, scale, freqs, use_ctf)
+        release_pages(stored, part_idx)
         parts.append((h_part, c_part))
     stats_h = torch.cat([h for h, _ in parts])  # (m, P)
     stats_ctf = None if parts[0][1] is None else torch.cat([c for _, c in parts])  # (m, P)
@@ -620,7 +473,10 @@ def prepare_data(
         "image_scale": float(scale),
         "use_ctf": use_ctf,
     }
-    lazy = TrainingData(**common, source=particles, config=config)
+    mask = particles.encoder_mask if isinstance(particles, PreprocessedParticles) else None
+    reader = RowReader(view=particles, stored=stored, image_scale=float(scale),
+                       frequencies=freqs, use_ctf=use_ctf, encoder_mask=mask)
+    lazy = TrainingData(**common, reader=reader, config=config)
     if preload is False:  # the caller attaches the cache (``streaming()``) or preloads later
         return lazy
     if preload is None:

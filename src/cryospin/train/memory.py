@@ -23,13 +23,19 @@ Every rank computes the same plan from ``N`` and ``W``, hence picks the same loa
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
+import torch
+
+from cryospin.encoder import VGG16_LAYOUT, MultiHeadPoseEncoder
 from cryospin.errors import InputError
+from cryospin.train.config import Config, ModelConfig
+from cryospin.train.data import TrainingData
+from cryospin.train.distributed import Shard
+from cryospin.train.release import return_free_memory
+from cryospin.train.stream import StreamOptions
 
 __all__ = [
     "RUNTIME_BYTES",
@@ -40,6 +46,7 @@ __all__ = [
     "format_plans",
     "plan_and_load",
     "encoder_layer_sizes",
+    "encoder_parameter_count",
     "return_free_memory",
 ]
 
@@ -49,38 +56,6 @@ logger = logging.getLogger(__name__)
 #: (≈ 290 MB) plus what the first forward/backward passes add for good (kernel code pages,
 #: oneDNN primitives, allocator pools; ≈ 160 MB) (measured, torch 2.13 CPU, Linux x86-64).
 RUNTIME_BYTES = 450 * 2**20
-
-
-def return_free_memory() -> None:
-    """Hand the C heap's free memory back to the operating system (glibc ``malloc_trim(0)``,
-    every arena); a no-op where there is no glibc.
-
-    glibc keeps freed blocks of its heaps (one per thread that allocated) for reuse, so a
-    process that allocates and frees large temporaries batch after batch, and a prefetch
-    thread that builds chunks in its own arena, keep resident memory that nothing uses. Called
-    after each streamed chunk and at the phase boundaries of a run, it keeps the resident set
-    near what :func:`plan_memory` predicts. Its cost did not show in an A/B of streamed
-    epochs with and without it (40,000 particles, 64 px; benchmarks/RESULTS.md "Scale").
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim`` (looked up once), or None without glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        fn = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
-    if fn is not None:
-        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
 
 
 # calibrated constants (bytes per element of the named quantity)
@@ -143,8 +118,6 @@ class LoaderChoice:
 
 def encoder_layer_sizes(box_px: int, width_multiplier: float) -> list[tuple[int, int]]:
     """``(channels, pixels per channel)`` of every convolution output of the encoder trunk."""
-    from cryospin.encoder import VGG16_LAYOUT
-
     side, sizes = int(box_px), []
     for item in VGG16_LAYOUT:
         if item == "M":
@@ -155,17 +128,20 @@ def encoder_layer_sizes(box_px: int, width_multiplier: float) -> list[tuple[int,
     return sizes
 
 
-def _encoder_parameters(config: Any, box_px: int) -> int:
-    m = config.model
-    count, c_in = 0, 1
-    for c_out, _ in encoder_layer_sizes(m.encoder_input_box(box_px), m.width_multiplier):
-        count += 9 * c_in * c_out + 3 * c_out  # conv weight, BN weight/bias (+ bias)
-        c_in = c_out
-    feature = c_in * 4  # (2, 2) average pool
-    out = 6 + (2 if m.predict_shifts else 0)
-    H, M = m.head_hidden, m.num_heads
-    count += feature * M * H + M * H + M * H * H + M * H + M * H * out + M * out
-    return count
+def encoder_parameter_count(model: ModelConfig, box_px: int) -> int:
+    """Number of learnable values of the stage-1 encoder of ``model`` for ``box_px`` images.
+
+    Counted on the encoder itself, built on the meta device (shapes only: nothing allocated,
+    no random numbers drawn). The cryoAI in-plane-flip wrapper adds no parameters.
+    """
+    with torch.device("meta"):
+        encoder = MultiHeadPoseEncoder(
+            box_px, model.num_heads, width_multiplier=model.width_multiplier,
+            predict_shifts=model.predict_shifts, max_shift_px=model.max_shift_px,
+            head_hidden=model.head_hidden, input_box_px=model.encoder_input_box(box_px),
+            head=model.head, input_channels=model.encoder_input, pooling=model.pooling,
+        )
+    return sum(p.numel() for p in encoder.parameters())
 
 
 def _disc_size(radius_px: float) -> int:
@@ -175,14 +151,14 @@ def _disc_size(radius_px: float) -> int:
 
 
 def plan_memory(
-    config: Any,
+    config: Config,
     *,
     num_particles: int,
     box_px: int,
     num_frequencies: int,
     use_ctf: bool,
     loader: str,
-    stream_options: Any = None,
+    stream_options: StreamOptions | None = None,
     world_size: int = 1,
 ) -> MemoryPlan:
     """Predict the peak resident memory of a run (of one rank when distributed).
@@ -218,8 +194,6 @@ def plan_memory(
         poses ``104 N``), stage 2 (pose table, ``B P · 160``, search grid products), final
         (``96 L³`` + ``700 N`` + pose table).
     """
-    from cryospin.train.stream import StreamOptions
-
     if loader not in ("in-memory", "streaming"):
         raise ValueError(f"loader must be 'in-memory' or 'streaming', got {loader!r}")
     if world_size < 1:
@@ -242,7 +216,7 @@ def plan_memory(
         data += chunk * L * L * _PREPROCESS_BYTES_PER_PIXEL
         setup_chunk = preprocess_chunk
     volume = _VOLUME_COPIES * 4 * L**3
-    encoder_params = _encoder_parameters(config, L)
+    encoder_params = encoder_parameter_count(m, L)
     trains_encoder = s.switch_epoch > 0
     encoder = 16 * encoder_params if trains_encoder else 4 * encoder_params
 
@@ -304,8 +278,8 @@ def format_plans(plans: list[MemoryPlan], chosen: str | None = None) -> str:
 
 
 def choose_loader(
-    config: Any, *, num_particles: int, box_px: int, num_frequencies: int, use_ctf: bool,
-    stream_options: Any = None, world_size: int = 1,
+    config: Config, *, num_particles: int, box_px: int, num_frequencies: int, use_ctf: bool,
+    stream_options: StreamOptions | None = None, world_size: int = 1,
 ) -> LoaderChoice:
     """In memory or streaming, following ``config.data.max_memory_gb`` (see module docstring).
 
@@ -347,8 +321,9 @@ def choose_loader(
 
 
 def plan_and_load(
-    config: Any, data: Any, stream_options: Any = None, shard: Any = None
-) -> Any:
+    config: Config, data: TrainingData, stream_options: StreamOptions | None = None,
+    shard: Shard | None = None,
+) -> TrainingData:
     """Log the memory plan, choose the loader and finish ``data`` accordingly.
 
     Parameters

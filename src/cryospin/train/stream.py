@@ -10,11 +10,11 @@ read is one contiguous slice of a memory-mapped stack (stacks come from
    ``window_chunks`` consecutive chunks of that permutation;
 2. draws a random permutation of the particles of each window;
 3. the concatenation of the windows is the epoch's particle order, cut into batches exactly as
-   :func:`cryospin.train.data.batch_indices` cuts a permutation (same count, the same merge of a
+   :func:`cryospin.train.batches.batch_indices` cuts a permutation (same count, the same merge of a
    last batch of one image).
 
 All random numbers are drawn from the training generator when the epoch is created (as
-:func:`~cryospin.train.data.batch_indices` does), so resumed runs are exact. A background thread
+:func:`~cryospin.train.batches.batch_indices` does), so resumed runs are exact. A background thread
 reads and preprocesses the chunks in visiting order into a bounded queue (``prefetch_chunks``
 ahead); torch releases the GIL in its kernels, so preprocessing overlaps training. Threads: on
 CPU each Python thread running torch kernels gets its own OpenMP team of
@@ -25,7 +25,7 @@ process-wide value), but OpenMP's own ``omp_set_num_threads`` is: the prefetch t
 1 in the OpenMP runtime torch loaded (:func:`limit_openmp_threads_of_this_thread`), so the
 preprocessing adds one compute thread beside the training's, not a second team.
 
-Sharded data (distributed training, ``TrainingData.held``): the plan above is drawn exactly
+Sharded data (distributed training, ``held``): the plan above is drawn exactly
 as by one process (the same chunks, windows and permutations, so every rank sees the same
 global batches), but from each chunk only the particles the rank holds are read (the held
 images of the chunk's contiguous range of one stack, or the held rows of the cache) and
@@ -38,21 +38,13 @@ so after each chunk the pages it covered are handed back (``madvise(MADV_DONTNEE
 stay in the OS page cache). Without that an epoch would grow the resident set by the whole
 stack.
 
-The optional cache (``DataConfig.cache_dir``) stores, once, the preprocessed images
-`(N, L, L)`, the Hartley values on the loss disc `(N, P)` (divided by ``L``) and the CTF `(N, P)`
-as float16 ``.npy`` files in storage order, under a folder named by a hash of everything they
-depend on (stack files with sizes and modification times, particle selection, preprocessing
-configuration, normalisation, disc): a change of any input rebuilds it. Later epochs then read
-contiguous rows of these files and skip the FFTs.
+With the optional cache (:mod:`cryospin.train.cache`, ``DataConfig.cache_dir``) the chunks
+are contiguous rows of its float16 files, read without the FFTs.
 """
 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
-import hashlib
-import json
-import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -64,31 +56,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryospin.atomic import atomic_path, atomic_write_text
-from cryospin.errors import InputError, OutputError
-from cryospin.io.mrc import release_memmap_rows
-from cryospin.train.memory import return_free_memory
+from cryospin.sources import storage_layout
+from cryospin.train.batches import Batch, batch_sizes
+from cryospin.train.cache import PreprocessedCache
+from cryospin.train.release import return_free_memory
+from cryospin.train.rows import RowReader, Rows
 
 __all__ = [
     "StreamOptions",
     "EpochPlan",
-    "PreprocessedCache",
-    "storage_layout",
     "plan_epoch",
     "stream_epoch",
-    "open_cache",
-    "cache_key",
-    "release_pages",
-    "batch_sizes",
+    "limit_openmp_threads_of_this_thread",
 ]
 
-logger = logging.getLogger(__name__)
-
-_CACHE_VERSION = 1
 _THREAD_NAME = "cryospin-prefetch"
 _POLL_S = 0.05
-
-Rows = tuple[Tensor, Tensor, "Tensor | None"]
 
 
 @dataclass(frozen=True)
@@ -125,68 +108,7 @@ class StreamOptions:
         return 2 * window + (self.prefetch_chunks + 1) * self.chunk_images + batch_size
 
 
-# --------------------------------------------------------------------------- layout and plan
-
-
-def _stack_owner(source: Any) -> Any:
-    """The ParticleSet under ``source`` (views such as PreprocessedParticles keep it in
-    ``.particles``, in the same particle order), or ``source`` itself."""
-    seen = 0
-    while getattr(source, "stack_index", None) is None and seen < 8:
-        inner = getattr(source, "particles", None)
-        if inner is None:
-            break
-        source, seen = inner, seen + 1
-    return source
-
-
-def storage_layout(
-    source: Any, n: int, chunk_images: int
-) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Storage order of the particles and its cut into chunks.
-
-    Parameters
-    ----------
-    source : ParticleSet or None
-        With ``stack_index`` and ``image_index`` `(N,)`: particles are sorted by stack, then by
-        image. Without them (any other source) the storage order is ``0 .. N−1``.
-    n : int
-        Number of particles.
-    chunk_images : int
-        Largest chunk.
-
-    Returns
-    -------
-    order : `(N,)` int64
-        ``order[r]`` is the particle stored at rank ``r``.
-    chunks : list of ``(start, stop)``
-        Rank ranges ``[start, stop)``; none crosses a stack boundary.
-    """
-    owner = _stack_owner(source)
-    stack_index = getattr(owner, "stack_index", None)
-    image_index = getattr(owner, "image_index", None)
-    if stack_index is not None and image_index is not None and len(stack_index) == n:
-        order = np.lexsort((np.asarray(image_index), np.asarray(stack_index))).astype(np.int64)
-        stacks = np.asarray(stack_index)[order]
-        cuts = (np.flatnonzero(np.diff(stacks) != 0) + 1).tolist()
-    else:
-        order = np.arange(n, dtype=np.int64)
-        cuts = []
-    chunks: list[tuple[int, int]] = []
-    for a, b in zip([0, *cuts], [*cuts, n], strict=True):
-        for s in range(a, b, chunk_images):
-            chunks.append((s, min(s + chunk_images, b)))
-    return order, chunks
-
-
-def batch_sizes(n: int, batch_size: int) -> list[int]:
-    """Sizes of the batches :func:`cryospin.train.data.batch_indices` cuts ``n`` items into."""
-    sizes = [batch_size] * (n // batch_size)
-    if n % batch_size:
-        sizes.append(n % batch_size)
-    if len(sizes) > 1 and sizes[-1] == 1:
-        sizes[-2:] = [sizes[-2] + 1]
-    return sizes
+# --------------------------------------------------------------------------- the plan
 
 
 @dataclass(frozen=True)
@@ -236,202 +158,6 @@ def plan_epoch(
         parts.append(ranks[rows[p]])
     full = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
     return EpochPlan(visit, windows, full, batch_sizes(int(full.numel()), batch_size))
-
-
-# --------------------------------------------------------------------------- resident pages
-
-
-def release_pages(source: Any, indices: Any) -> None:
-    """Hand back the resident pages of the stacks that hold particles ``indices``
-    (:meth:`cryospin.io.particles.ParticleSet.release_pages`); a no-op for other sources."""
-    owner = _stack_owner(source)
-    release = getattr(owner, "release_pages", None)
-    if release is None:
-        return
-    idx = np.asarray(indices.cpu() if isinstance(indices, Tensor) else indices, dtype=np.int64)
-    release(idx)
-
-
-# --------------------------------------------------------------------------- the cache
-
-
-def cache_key(data: Any) -> str | None:
-    """Hash of everything the preprocessed values depend on; None when not cacheable.
-
-    ``data`` is a :class:`~cryospin.train.data.TrainingData` whose ``source`` is a ParticleSet
-    (stack files are identified by resolved path, size and modification time).
-    """
-    src = _stack_owner(data.source)
-    paths = getattr(src, "stack_paths", None)
-    if paths is None or getattr(src, "stack_index", None) is None:
-        return None
-    h = hashlib.sha256()
-    stacks = []
-    for p in paths:
-        try:
-            st = Path(p).stat()
-        except OSError:
-            return None
-        stacks.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
-    cfg = {}
-    if data.config is not None:
-        cfg = dataclasses.asdict(data.config)
-        for k in ("cache_dir", "max_memory_gb", "max_preload_gb"):  # do not change the values
-            cfg.pop(k, None)
-    meta = {
-        "version": _CACHE_VERSION,
-        "stacks": stacks,
-        "box_px": data.box_px,
-        "num_particles": data.num_particles,
-        "image_scale": repr(float(data.image_scale)),
-        "use_ctf": bool(data.use_ctf),
-        "config": repr(sorted(cfg.items())),
-    }
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    for arr in (src.stack_index, src.image_index):
-        h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
-    h.update(data.frequencies.detach().cpu().to(torch.float32).numpy().tobytes())
-    ctf = getattr(src, "ctf", None)
-    if data.use_ctf and ctf is not None:
-        for f in dataclasses.fields(ctf):
-            value = getattr(ctf, f.name)
-            if isinstance(value, Tensor):
-                h.update(f.name.encode())
-                h.update(value.detach().cpu().to(torch.float64).numpy().tobytes())
-    return h.hexdigest()[:20]
-
-
-class PreprocessedCache:
-    """Float16 ``.npy`` files of preprocessed particles, in storage order (see module doc).
-
-    Attributes
-    ----------
-    folder : Path
-    order : `(N,)` int64
-        Particle at each row.
-    images : `(N, L, L)` float16 memory map
-    hartley : `(N, P)` memory map (float16, or float32 when float16 would overflow), ``÷ L``
-    ctf : `(N, P)` float16 memory map or None
-    """
-
-    def __init__(self, folder: Path, order: np.ndarray, box_px: int) -> None:
-        self.folder = folder
-        self.order = order
-        self.box_px = int(box_px)
-        self.images = np.load(folder / "images.npy", mmap_mode="r")
-        self.hartley = np.load(folder / "hartley.npy", mmap_mode="r")
-        ctf_path = folder / "ctf.npy"
-        self.ctf = np.load(ctf_path, mmap_mode="r") if ctf_path.exists() else None
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def read(self, start: int, stop: int, keep: np.ndarray | None = None) -> Rows:
-        """Rows ``[start, stop)`` as float32 tensors ``(images, hartley, ctf)`` (one read each).
-
-        ``keep`` `(stop − start,)` bool: only those rows are read (a rank's held particles).
-        """
-        out = []
-        for arr, scale in ((self.images, 1.0), (self.hartley, float(self.box_px)),
-                           (self.ctf, 1.0)):
-            if arr is None:
-                out.append(None)
-                continue
-            rows = arr[start:stop]  # a view of the memory map: nothing read yet
-            block = np.array(rows if keep is None else rows[keep], dtype=np.float32)
-            if scale != 1.0:
-                block *= scale
-            release_memmap_rows(arr, start, stop)
-            out.append(torch.from_numpy(block))
-        return out[0], out[1], out[2]
-
-
-def _npy_header(fh: Any, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-    np.lib.format.write_array_header_2_0(
-        fh, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-             "shape": shape},
-    )
-
-
-class _Float16Overflow(Exception):
-    pass
-
-
-def _write_cache(
-    folder: Path, data: Any, order: np.ndarray, chunks: Sequence[tuple[int, int]],
-    hartley_dtype: np.dtype,
-) -> None:
-    """Preprocess every chunk once and append it to the ``.npy`` files (sequential writes)."""
-    n, L, P = data.num_particles, data.box_px, int(data.frequencies.shape[0])
-    names = ["images", "hartley"] + (["ctf"] if data.use_ctf else [])
-    shapes = {"images": (n, L, L), "hartley": (n, P), "ctf": (n, P)}
-    dtypes = {"images": np.dtype("<f2"), "hartley": hartley_dtype, "ctf": np.dtype("<f2")}
-    limit = float(np.finfo(np.float16).max)
-    import contextlib
-
-    with contextlib.ExitStack() as stack:
-        handles = {}
-        for name in names:
-            tmp = stack.enter_context(atomic_path(folder / f"{name}.npy"))
-            fh = stack.enter_context(open(tmp, "wb"))
-            _npy_header(fh, dtypes[name], shapes[name])
-            handles[name] = fh
-        for a, b in chunks:
-            x, h, c = data.load_rows(torch.from_numpy(order[a:b]))
-            values = {"images": x, "hartley": h / float(L), "ctf": c}
-            for name in names:
-                v = values[name].numpy()
-                if dtypes[name] == np.float16 and float(np.abs(v).max(initial=0.0)) > limit:
-                    raise _Float16Overflow(name)
-                handles[name].write(np.ascontiguousarray(v, dtype=dtypes[name]).tobytes())
-        for fh in handles.values():
-            fh.flush()
-
-
-def open_cache(data: Any, folder: str | Path, chunks_of: int = 256) -> PreprocessedCache | None:
-    """Open the cache of ``data`` under ``folder``, building it first when absent or stale.
-
-    Returns None (with a log line) when ``data``'s source cannot be cached. The cache lives
-    in ``folder/cryospin-cache-<key>``; ``meta.json`` is written last, so an interrupted build
-    is rebuilt next time.
-    """
-    key = cache_key(data)
-    if key is None:
-        logger.info("preprocessed-image cache disabled: the particle source has no stack files")
-        return None
-    root = Path(folder).expanduser()
-    target = root / f"cryospin-cache-{key}"
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the cache folder ({exc.strerror})", target) from None
-    order, chunks = storage_layout(data.source, data.num_particles, chunks_of)
-    meta_path = target / "meta.json"
-    meta = None
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            meta = None
-    expected = {"key": key, "num_particles": data.num_particles, "box_px": data.box_px,
-                "num_frequencies": int(data.frequencies.shape[0])}
-    if meta is None or any(meta.get(k) != v for k, v in expected.items()):
-        logger.info("writing the preprocessed-image cache %s (%d particles, float16)", target,
-                    data.num_particles)
-        try:
-            _write_cache(target, data, order, chunks, np.dtype("<f2"))
-            expected["hartley_dtype"] = "float16"
-        except _Float16Overflow:
-            logger.info("Hartley values exceed float16; caching them as float32")
-            _write_cache(target, data, order, chunks, np.dtype("<f4"))
-            expected["hartley_dtype"] = "float32"
-        atomic_write_text(meta_path, json.dumps(expected, indent=1))
-    else:
-        logger.info("reading preprocessed images from the cache %s", target)
-    cache = PreprocessedCache(target, order, data.box_px)
-    if len(cache) != data.num_particles:
-        raise InputError(f"cache holds {len(cache)} rows, expected {data.num_particles}", target)
-    return cache
 
 
 # --------------------------------------------------------------------------- prefetch
@@ -530,11 +256,15 @@ class _Prefetcher:
 
 
 def stream_epoch(
-    data: Any,
+    reader: RowReader,
     batch_size: int,
     generator: torch.Generator,
     options: StreamOptions | None = None,
-) -> Iterator[Any]:
+    *,
+    cache: PreprocessedCache | None = None,
+    held: Tensor | None = None,
+    device: torch.device | None = None,
+) -> Iterator[Batch]:
     """Batches of one epoch read in chunks (see the module docstring).
 
     The order is drawn from ``generator`` now; reading starts at the first ``next()``. Closing
@@ -542,58 +272,62 @@ def stream_epoch(
 
     Parameters
     ----------
-    data : TrainingData
-        Not preloaded; ``data.cache`` (a :class:`PreprocessedCache`) is used when set.
+    reader : RowReader
+        Reads and preprocesses the rows of a chunk (when there is no cache).
     batch_size : int
     generator : torch.Generator
         The CPU generator of the batch order.
     options : StreamOptions, optional
+    cache : PreprocessedCache, optional
+        Read the chunks' rows from this cache instead.
+    held : `(n_held,)` int64, optional
+        Sharded data: the particles this rank holds (increasing); each global batch yields
+        its held part, with ``Batch.global_size`` set.
+    device : torch.device, optional
+        Where the batches go (default CPU).
 
     Yields
     ------
     Batch
-        On ``data.device``; ``indices`` `(B,)` follow the epoch's order.
+        On ``device``; ``indices`` `(B,)` follow the epoch's order.
     """
     opts = options or StreamOptions()
-    cache = getattr(data, "cache", None)
+    n = reader.num_particles
+    order, chunks = storage_layout(reader.stored, n, opts.chunk_images)
     if cache is not None:
         order = cache.order
-        _, chunks = storage_layout(data.source, data.num_particles, opts.chunk_images)
-    else:
-        order, chunks = storage_layout(data.source, data.num_particles, opts.chunk_images)
     plan = plan_epoch(order, chunks, batch_size, opts.window_chunks, generator)
-    held = getattr(data, "held", None)
     owned = None  # (N,) bool by particle: held by this rank (sharded data only)
     stored_owned = None  # (N,) bool in storage order
     if held is not None:
-        owned = torch.zeros(data.num_particles, dtype=torch.bool)
+        owned = torch.zeros(n, dtype=torch.bool)
         owned[held] = True
         stored_owned = owned.numpy()[np.asarray(order, dtype=np.int64)]
 
-    if cache is not None:
-        def load(rng: tuple[int, int]) -> Rows:
-            keep = None if stored_owned is None else stored_owned[rng[0] : rng[1]]
+    def load(rng: tuple[int, int]) -> Rows:
+        keep = None if stored_owned is None else stored_owned[rng[0] : rng[1]]
+        if cache is not None:
             return cache.read(*rng, keep=keep)
-    else:
-        def load(rng: tuple[int, int]) -> Rows:
-            ids = order[rng[0] : rng[1]]
-            if stored_owned is not None:
-                ids = ids[stored_owned[rng[0] : rng[1]]]  # this rank's particles only
-            return data.load_rows(torch.from_numpy(np.ascontiguousarray(ids)))
+        ids = order[rng[0] : rng[1]]
+        if keep is not None:
+            ids = ids[keep]  # this rank's particles only
+        return reader.read(torch.from_numpy(np.ascontiguousarray(ids)))
 
-    return _iterate(data, plan, load, opts, owned=owned, stored_owned=stored_owned)
+    dev = torch.device("cpu") if device is None else device
+    return _iterate(dev, plan, load, opts, owned=owned, stored_owned=stored_owned)
 
 
 def _cat(parts: list[Rows]) -> Rows:
     if len(parts) == 1:
         return parts[0]
-    ctf = None if parts[0][2] is None else torch.cat([p[2] for p in parts])  # type: ignore[misc]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), ctf
+    ctfs = [p.ctf for p in parts if p.ctf is not None]
+    ctf = torch.cat(ctfs) if len(ctfs) == len(parts) else None
+    return Rows(torch.cat([p.images for p in parts]), torch.cat([p.hartley for p in parts]), ctf)
 
 
 def _clone_rows(rows: Rows) -> Rows:
     x, h, c = rows
-    return x.clone(), h.clone(), None if c is None else c.clone()
+    return Rows(x.clone(), h.clone(), None if c is None else c.clone())
 
 
 def _held_permutation(perm: Tensor, keep: Tensor) -> Tensor:
@@ -609,17 +343,14 @@ def _held_permutation(perm: Tensor, keep: Tensor) -> Tensor:
 
 
 def _iterate(
-    data: Any, plan: EpochPlan, load: Callable[[tuple[int, int]], Rows], opts: StreamOptions,
-    owned: Tensor | None = None, stored_owned: np.ndarray | None = None,
-) -> Iterator[Any]:
+    dev: torch.device, plan: EpochPlan, load: Callable[[tuple[int, int]], Rows],
+    opts: StreamOptions, owned: Tensor | None = None, stored_owned: np.ndarray | None = None,
+) -> Iterator[Batch]:
     """The batches of ``plan``; with ``owned`` `(N,)` bool (by particle) and ``stored_owned``
     `(N,)` bool (storage order), ``load`` returns the held rows of a chunk only and each
-    global batch yields its held part."""
-    from cryospin.train.data import Batch
-
+    global batch yields its held part; the batches go to ``dev``."""
     if not plan.sizes:
         return
-    dev = data.device
     batches = plan.order.split(plan.sizes)
     prefetch = _Prefetcher(load, plan.chunks, opts.prefetch_chunks)
     try:
@@ -646,7 +377,7 @@ def _iterate(
                     perm = _held_permutation(perm, keep)
                 x, h, c = block
                 del block
-                block = (x[perm], h[perm], None if c is None else c[perm])  # (m, ...)
+                block = Rows(x[perm], h[perm], None if c is None else c[perm])  # (m, ...)
                 del x, h, c
                 pending = block if pending is None else _cat([pending, block])
                 del block
@@ -659,6 +390,6 @@ def _iterate(
                 ctf=None if c is None else c[:need].to(dev),
                 global_size=None if owned is None else global_size,
             )
-            pending = (x[need:], h[need:], None if c is None else c[need:])
+            pending = Rows(x[need:], h[need:], None if c is None else c[need:])
     finally:
         prefetch.close()
