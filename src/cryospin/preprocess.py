@@ -24,6 +24,7 @@ from torch import Tensor
 
 from cryospin.errors import InputError
 from cryospin.forward.resample import fourier_crop_2d
+from cryospin.sources import ImageSource, release_pages
 
 __all__ = [
     "Normalization",
@@ -268,23 +269,18 @@ def check_contrast(
     return _verdict(stat, z_threshold)
 
 
-def sample_contrast(particles: Any, *, max_images: int = 256) -> ContrastCheck:
-    """:func:`check_contrast` on up to ``max_images`` evenly spaced particles of a particle set.
-
-    ``particles`` needs ``len()``, ``box_px`` and ``images(indices) -> (n, L, L)``; images are
-    read in chunks of 64 (bounded memory).
-    """
+def sample_contrast(particles: ImageSource, *, max_images: int = 256) -> ContrastCheck:
+    """:func:`check_contrast` on up to ``max_images`` evenly spaced particles of an image
+    source, read in chunks of 64 (bounded memory)."""
     n = len(particles)
     if n == 0:
         return ContrastCheck(0, float("nan"), float("nan"), "unclear")
     idx = torch.linspace(0, n - 1, min(n, int(max_images))).round().long().unique()
     half = int(particles.box_px) / 2.0
     stats = []
-    release = getattr(particles, "release_pages", None)  # memory-mapped stacks
     for chunk in idx.split(_CONTRAST_CHUNK):
         x = particles.images(chunk).to(torch.float64)  # (c, L, L)
-        if release is not None:  # spread-out reads can map whole page-cache folios
-            release(chunk.numpy())
+        release_pages(particles, chunk)  # spread-out reads can map whole page-cache folios
         stats.append(contrast_statistic(
             x, _CONTRAST_INNER_FRACTION * half, DEFAULT_BACKGROUND_RADIUS_FRACTION * half
         ))
@@ -304,8 +300,7 @@ class PreprocessedParticles:
 
     Parameters
     ----------
-    particles : ParticleSet-like
-        Needs ``len()``, ``box_px``, ``pixel_size_angstrom``, ``ctf`` and ``images(indices)``.
+    particles : ImageSource
     box_px : int or None
         New box ``L'`` (even, ``≤ L``); None keeps ``L``.
     normalize : "global" or "background"
@@ -319,14 +314,14 @@ class PreprocessedParticles:
 
     def __init__(
         self,
-        particles: Any,
+        particles: ImageSource,
         *,
         box_px: int | None = None,
         normalize: Normalization = "global",
         mask_radius_fraction: float | None = None,
         mask_edge_px: float = 3.0,
     ) -> None:
-        where = getattr(particles, "source", None)
+        where = particles.source
         L = int(particles.box_px)
         new = L if box_px is None else int(box_px)
         if new > L or new < 8 or new % 2:
@@ -350,7 +345,7 @@ class PreprocessedParticles:
                                                    float(mask_edge_px))
 
     @classmethod
-    def wrap(cls, particles: Any, **kwargs: Any) -> Any:
+    def wrap(cls, particles: ImageSource, **kwargs: Any) -> ImageSource:
         """A view when any option differs from the identity, else ``particles`` itself."""
         identity = (kwargs.get("box_px") in (None, int(particles.box_px))
                     and kwargs.get("normalize", "global") == "global"

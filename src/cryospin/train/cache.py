@@ -113,21 +113,16 @@ class PreprocessedCache:
 
         ``keep`` `(stop − start,)` bool: only those rows are read (a rank's held particles).
         """
-        out = []
-        for arr, scale in ((self.images, 1.0), (self.hartley, float(self.box_px)),
-                           (self.ctf, 1.0)):
-            if arr is None:
-                out.append(None)
-                continue
-            rows = arr[start:stop]  # a view of the memory map: nothing read yet
-            block = np.array(rows if keep is None else rows[keep], dtype=np.float32)
+        def rows(arr: np.ndarray, scale: float = 1.0) -> Tensor:
+            view = arr[start:stop]  # a view of the memory map: nothing read yet
+            block = np.array(view if keep is None else view[keep], dtype=np.float32)
             if scale != 1.0:
                 block *= scale
             release_memmap_rows(arr, start, stop)
-            out.append(torch.from_numpy(block))
-        images, hartley = out[0], out[1]
-        assert images is not None and hartley is not None
-        return Rows(images, hartley, out[2])
+            return torch.from_numpy(block)
+
+        return Rows(rows(self.images), rows(self.hartley, float(self.box_px)),
+                    None if self.ctf is None else rows(self.ctf))
 
 
 def _npy_header(fh: BinaryIO, dtype: np.dtype, shape: tuple[int, ...]) -> None:

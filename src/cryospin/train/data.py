@@ -444,15 +444,15 @@ def prepare_data(
 
     # --- radial amplitude of the signal, for the volume initialisation
     shells = L // 2 + 1
-    parts = []  # in chunks: the transient memory of the FFTs stays bounded
+    parts: list[Rows] = []  # in chunks: the transient memory of the FFTs stays bounded
     for i in range(0, len(stats_idx), _SAMPLE_CHUNK):
         part_idx = stats_idx[i : i + _SAMPLE_CHUNK]
-        _, h_part, c_part = preprocess_rows(particles, part_idx, scale, freqs, use_ctf)
+        parts.append(preprocess_rows(particles, part_idx, scale, freqs, use_ctf))
         release_pages(stored, part_idx)
-        parts.append((h_part, c_part))
-    stats_h = torch.cat([h for h, _ in parts])  # (m, P)
-    stats_ctf = None if parts[0][1] is None else torch.cat([c for _, c in parts])  # (m, P)
-    del parts
+    stats_h = torch.cat([p.hartley for p in parts])  # (m, P)
+    ctfs = [p.ctf for p in parts if p.ctf is not None]
+    stats_ctf = torch.cat(ctfs) if use_ctf else None  # (m, P)
+    del parts, ctfs
     power = radial_profile(stats_h.double().square(), freqs, shells) - noise_var_hartley
     if stats_ctf is not None:
         ctf_power = radial_profile(stats_ctf.double().square(), freqs, shells)
@@ -462,21 +462,15 @@ def prepare_data(
     amplitude = (power.clamp_min(floor) / ctf_power.clamp_min(0.05)).sqrt().to(torch.float32)
 
     dev = torch.device(device)
-    common = {
-        "box_px": L,
-        "pixel_size_angstrom": float(particles.pixel_size_angstrom),
-        "num_particles": n,
-        "frequencies": freqs.to(dev),
-        "negation_index": neg.to(dev),
-        "noise_variance": float(noise_var_hartley),
-        "radial_amplitude": amplitude,
-        "image_scale": float(scale),
-        "use_ctf": use_ctf,
-    }
     mask = particles.encoder_mask if isinstance(particles, PreprocessedParticles) else None
     reader = RowReader(view=particles, stored=stored, image_scale=float(scale),
                        frequencies=freqs, use_ctf=use_ctf, encoder_mask=mask)
-    lazy = TrainingData(**common, reader=reader, config=config)
+    lazy = TrainingData(
+        box_px=L, pixel_size_angstrom=float(particles.pixel_size_angstrom), num_particles=n,
+        frequencies=freqs.to(dev), negation_index=neg.to(dev),
+        noise_variance=float(noise_var_hartley), radial_amplitude=amplitude,
+        image_scale=float(scale), use_ctf=use_ctf, reader=reader, config=config,
+    )
     if preload is False:  # the caller attaches the cache (``streaming()``) or preloads later
         return lazy
     if preload is None:

@@ -291,11 +291,11 @@ def choose_loader(
     InputError
         When ``max_memory_gb`` is set and even the streaming plan exceeds it.
     """
-    kw = {"num_particles": num_particles, "box_px": box_px,
-          "num_frequencies": num_frequencies, "use_ctf": use_ctf,
-          "stream_options": stream_options, "world_size": world_size}
-    mem = plan_memory(config, loader="in-memory", **kw)
-    stream = plan_memory(config, loader="streaming", **kw)
+    mem, stream = (
+        plan_memory(config, num_particles=num_particles, box_px=box_px,
+                    num_frequencies=num_frequencies, use_ctf=use_ctf, loader=loader,
+                    stream_options=stream_options, world_size=world_size)
+        for loader in ("in-memory", "streaming"))
     budget = config.data.max_memory_gb
     if budget is None:
         n_rank = -(-int(num_particles) // int(world_size))

@@ -50,7 +50,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -191,18 +190,23 @@ def limit_openmp_threads_of_this_thread(count: int = 1) -> bool:
     return True
 
 
-class _Prefetcher:
-    """A daemon thread running ``load(item)`` for each item into a bounded queue."""
+Chunk = tuple[int, int]  # a rank range [start, stop) of the storage order
+_Message = tuple[str, "Rows | BaseException | None"]  # ("ok" | "error" | "end", payload)
 
-    def __init__(self, load: Callable[[Any], Any], items: Sequence[Any], depth: int) -> None:
+
+class _Prefetcher:
+    """A daemon thread running ``load(chunk)`` for each chunk into a bounded queue."""
+
+    def __init__(self, load: Callable[[Chunk], Rows], items: Sequence[Chunk], depth: int
+                 ) -> None:
         self._load = load
         self._items = list(items)
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue[_Message] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=_THREAD_NAME, daemon=True)
         self._thread.start()
 
-    def _put(self, item: tuple[str, Any]) -> bool:
+    def _put(self, item: _Message) -> bool:
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=_POLL_S)
@@ -225,8 +229,8 @@ class _Prefetcher:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
             self._put(("error", exc))
 
-    def get(self) -> Any:
-        """The next loaded item (re-raises the loader's exception)."""
+    def get(self) -> Rows:
+        """The next loaded chunk (re-raises the loader's exception)."""
         while True:
             try:
                 kind, value = self._queue.get(timeout=_POLL_S)
@@ -234,9 +238,9 @@ class _Prefetcher:
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
                     raise RuntimeError("the prefetch thread ended early") from None
-        if kind == "error":
+        if isinstance(value, BaseException):
             raise value
-        if kind == "end":
+        if kind == "end" or value is None:
             raise RuntimeError("the prefetch thread has no more chunks")
         return value
 
