@@ -38,8 +38,8 @@ from cryospin.atomic import atomic_path
 from cryospin.errors import InputError
 from cryospin.forward.ctf import CTFParams
 from cryospin.io._paths import resolve_stack_path
-from cryospin.io.mrc import open_stack
-from cryospin.io.particles import ParticleSet
+from cryospin.io.particle_set import ParticleSet
+from cryospin.io.stack_check import check_stacks
 from cryospin.rotations import so3_exp, so3_log
 
 __all__ = [
@@ -244,27 +244,12 @@ def read_cryosparc(
         if boxes.size > 1:
             raise InputError(f"different boxes in blob/shape {boxes.tolist()} px", path)
         box = int(boxes[0])
-    if not metadata_only:
-        for s, sp in enumerate(stack_paths):
-            stack = open_stack(sp)
-            if box is None:
-                box = stack.box_px
-            elif stack.box_px != box:
-                raise InputError(f"images are {stack.box_px} px but blob/shape says {box} px", sp)
-            rows = np.flatnonzero(stack_index == s)
-            worst = rows[np.argmax(image_index[rows])]
-            if image_index[worst] >= len(stack):
-                raise InputError(
-                    f"row {worst} (blob/idx {image_index[worst]}) points past the end of "
-                    f"{sp.name}, which has {len(stack)} images", path,
-                )
-            if math.isnan(pixel_size) and stack.pixel_size_angstrom > 0:
-                pixel_size = stack.pixel_size_angstrom
-    if box is None:
-        box = box_px
-    if box is None:
-        raise InputError("box size unknown: no blob/shape and the image stacks were not read "
-                         "(give the box, e.g. --box N)", path)
+    box, pixel_size = check_stacks(
+        stack_paths, stack_index, image_index, source=path, box_field="blob/shape",
+        metadata_box_px=box, metadata_pixel_size_angstrom=pixel_size, fallback_box_px=box_px,
+        open_stacks=not metadata_only,
+        row_name=lambda row: f"{row} (blob/idx {image_index[row]})",
+    )
     if math.isnan(pixel_size):
         pixel_size = 0.0
 

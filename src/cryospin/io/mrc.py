@@ -273,7 +273,11 @@ def looks_like_3d_map(path: str | Path) -> bool:
     hold as many images as pixels per side, written with ``ISPG`` 1 as some programs do.
     Reads the header and five central sections.
     """
-    info = read_header(path)
+    return _looks_like_3d_map(read_header(path))
+
+
+def _looks_like_3d_map(info: MrcHeaderInfo) -> bool:
+    """:func:`looks_like_3d_map` for the file whose header is ``info``."""
     nz, ny, nx = info.shape_file
     if not (1 <= info.ispg <= 230 and nx == ny == nz and nz >= 3):
         return False
@@ -332,6 +336,8 @@ class ImageStack:
         Image side ``L`` (pixels).
     pixel_size_angstrom : float
         From the header (``cella.x / mx``); 0 when the header says 0.
+    space_group : int
+        The header's ``ISPG`` (0 for a stack).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -352,8 +358,14 @@ class ImageStack:
         self._info = info
         self.box_px = nx
         self.pixel_size_angstrom = float(info.voxel_size_xyz_angstrom[0])
+        self.space_group = int(info.ispg)
         self._n = nz
         self._data: np.memmap | None = None
+
+    def looks_like_3d_map(self) -> bool:
+        """Whether the file holds a 3D map rather than particle images
+        (:func:`looks_like_3d_map`, from the header read at opening)."""
+        return _looks_like_3d_map(self._info)
 
     def __len__(self) -> int:
         return self._n

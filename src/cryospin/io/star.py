@@ -41,8 +41,8 @@ from cryospin.atomic import atomic_write_text
 from cryospin.errors import InputError
 from cryospin.forward.ctf import CTFParams
 from cryospin.io._paths import resolve_stack_path
-from cryospin.io.mrc import open_stack
-from cryospin.io.particles import ParticleSet
+from cryospin.io.particle_set import ParticleSet
+from cryospin.io.stack_check import check_stacks
 from cryospin.rotations import relion_euler_from_matrix, relion_matrix_from_euler
 
 __all__ = [
@@ -473,35 +473,13 @@ def read_relion_star_group(
     star_box = math.nan
     if "rlnImageSize" in df.columns:
         star_box = _unique_value(df["rlnImageSize"].to_numpy(np.float64), "boxes (px)", path, 0)
-    box = int(star_box) if not math.isnan(star_box) else None
-    if not metadata_only:
-        header_sizes = set()
-        for s, sp in enumerate(stack_paths):
-            stack = open_stack(sp)
-            if box is None:
-                box = stack.box_px
-            elif stack.box_px != box:
-                raise InputError(
-                    f"images are {stack.box_px} px but "
-                    f"{'rlnImageSize says' if not math.isnan(star_box) else 'other stacks are'} "
-                    f"{box} px", sp,
-                )
-            rows = np.flatnonzero(stack_index == s)
-            worst = rows[np.argmax(image_index[rows])]
-            if image_index[worst] >= len(stack):
-                raise InputError(
-                    f"row {worst + 1} ({df['rlnImageName'].iloc[worst]}) points past the end of "
-                    f"{sp.name}, which has {len(stack)} images", path,
-                )
-            if stack.pixel_size_angstrom > 0:
-                header_sizes.add(round(stack.pixel_size_angstrom, 4))
-        if math.isnan(pixel_size) and len(header_sizes) == 1:
-            pixel_size = float(header_sizes.pop())
-    if box is None:
-        box = box_px
-    if box is None:
-        raise InputError("box size unknown: no rlnImageSize and the image stacks were not "
-                         "read (give the box, e.g. --box N)", path)
+    image_names = df["rlnImageName"]
+    box, pixel_size = check_stacks(
+        stack_paths, stack_index, image_index, source=path, box_field="rlnImageSize",
+        metadata_box_px=None if math.isnan(star_box) else int(star_box),
+        metadata_pixel_size_angstrom=pixel_size, fallback_box_px=box_px,
+        open_stacks=not metadata_only, row_name=lambda row: f"{row + 1} ({image_names.iloc[row]})",
+    )
     if math.isnan(pixel_size):
         warnings.warn(f"{path}: no pixel size in the star file or stack headers; using 0",
                       stacklevel=2)
