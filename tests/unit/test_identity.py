@@ -89,6 +89,20 @@ def test_a_map_is_not_a_stack(tmp_path: Path) -> None:
         load_particles(tmp_path / "list.txt", no_ctf=True)
 
 
+def test_a_map_named_by_a_star_or_cs_is_not_a_stack(tmp_path: Path) -> None:
+    """The one stack check covers the stacks a .star or .cs names, as it does a .txt's."""
+    write_map(tmp_path / "map.mrcs", _blob(16), 2.0)  # ISPG 1, 16³
+    (tmp_path / "p.star").write_text("data_particles\nloop_\n_rlnImageName\n1@map.mrcs\n")
+    table = np.zeros(1, dtype=[("blob/path", "S16"), ("blob/idx", "<u4")])
+    table["blob/path"] = b"map.mrcs"
+    with open(tmp_path / "p.cs", "wb") as fh:
+        np.save(fh, table)
+    for name in ("p.star", "p.cs"):
+        with pytest.raises(InputError, match=r"map\.mrcs: looks like a 3D map \(space group 1, "
+                                             r"16³\), not a particle stack"):
+            load_particles(tmp_path / name, no_ctf=True)
+
+
 def test_stacks_with_as_many_images_as_pixels_still_load(tmp_path: Path) -> None:
     write_stack(tmp_path / "ispg0.mrcs", _noise(16, 16, 2), 2.0)  # cryospin's stacks: ISPG 0
     with mrcfile.new(tmp_path / "ispg1.mrcs") as m:  # some programs write stacks with ISPG 1
