@@ -54,7 +54,7 @@ from cryospin.rotations import geodesic_distance_deg  # noqa: E402
 from cryospin.train.autoencode import winner_nll  # noqa: E402
 from cryospin.train.config import build_config  # noqa: E402
 from cryospin.train.data import prepare_data, sub_disc  # noqa: E402
-from cryospin.train.fit import final_backprojection  # noqa: E402
+from cryospin.train.outputs import final_backprojection  # noqa: E402
 from cryospin.train.precision import autocast_dtype  # noqa: E402
 from cryospin.volume import HartleyVolume  # noqa: E402
 

@@ -33,8 +33,8 @@ from cryospin.losses import gaussian_nll  # noqa: E402
 from cryospin.train.autoencode import predict_nll, winner_nll  # noqa: E402
 from cryospin.train.config import build_config  # noqa: E402
 from cryospin.train.data import prepare_data  # noqa: E402
-from cryospin.train.fit import _build_encoder  # noqa: E402
 from cryospin.train.precision import autocast_dtype  # noqa: E402
+from cryospin.train.state import build_encoder  # noqa: E402
 from cryospin.volume import HartleyVolume  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def main() -> None:
             cfg = dataclasses.replace(config, model=dataclasses.replace(
                 config.model, encoder_box_px=box))
             torch.manual_seed(0)
-            enc = _build_encoder(cfg, data.box_px, torch.device("cpu"), autocast_dtype(name))
+            enc = build_encoder(cfg, data.box_px, torch.device("cpu"), autocast_dtype(name))
             opt = torch.optim.Adam([*enc.parameters(), *volume.parameters()], lr=1e-6)
             rot = enc(batch.images).rotations.detach()  # (B, M, 3, 3)
             ctf = batch.ctf[:, None] if batch.ctf is not None else None

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from cryospin.io.particles import load_particles
+from cryospin.rundir import load_checkpoint
 from cryospin.train.autoencode import infer_best_poses
-from cryospin.train.checkpoint import load_checkpoint
 from cryospin.train.config import load_config
 from cryospin.train.data import prepare_data
-from cryospin.train.fit import _build_encoder
 from cryospin.train.precision import resolve_precision
+from cryospin.train.state import build_encoder
 from cryospin.volume import HartleyVolume
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     volume = HartleyVolume.ab_initio(data.box_px, data.radial_amplitude.cpu())
     volume.load_state_dict(state["volume"])
     choice = resolve_precision(config.model.precision, torch.device("cpu"))
-    encoder = _build_encoder(config, data.box_px, torch.device("cpu"), choice.dtype)
+    encoder = build_encoder(config, data.box_px, torch.device("cpu"), choice.dtype)
     encoder.load_state_dict(state["encoder"])
     full = float(data.frequencies.norm(dim=-1).max())
     rows = []

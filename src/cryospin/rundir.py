@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -41,7 +42,7 @@ import yaml
 
 from cryospin import __version__
 from cryospin.atomic import atomic_path, atomic_write_text
-from cryospin.errors import InputError
+from cryospin.errors import InputError, OutputError
 
 __all__ = [
     "CONFIG",
@@ -67,6 +68,7 @@ __all__ = [
     "HALF_INDICES",
     "RunFiles",
     "HalvesFiles",
+    "prepare_run_dir",
     "Stage",
     "CHECKPOINT_FORMAT",
     "Checkpoint",
@@ -190,6 +192,41 @@ class HalvesFiles:
         return self.dir / HALF_NAMES[which - 1]
 
 
+def prepare_run_dir(run_dir: str | Path, *, resume: bool) -> RunFiles:
+    """Create/check the run folder before any work is done.
+
+    Raises
+    ------
+    OutputError
+        When the folder cannot be created or written, or (without ``resume``) already holds a
+        run.
+    InputError
+        When ``resume`` and there is neither a checkpoint nor a ``config.yaml`` (a run killed
+        before its first checkpoint, with ``config.yaml`` written, resumes from epoch 1).
+    """
+    files = RunFiles(run_dir)
+    if resume:
+        if not files.checkpoint.is_file() and not files.config.is_file():
+            raise InputError(f"no {CHECKPOINT} here to resume from", files.dir)
+    else:
+        if files.checkpoint.exists() or files.metrics.exists():
+            raise OutputError(
+                "already holds a run (use --resume to continue it, or choose another -o)",
+                files.dir,
+            )
+        try:
+            files.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the output folder ({exc.strerror})",
+                              files.dir) from None
+    try:
+        with tempfile.TemporaryFile(dir=files.dir):
+            pass
+    except OSError as exc:
+        raise OutputError(f"output folder is not writable ({exc.strerror})", files.dir) from None
+    return files
+
+
 # ----------------------------------------------------------------------------- stages
 class Stage(StrEnum):
     """The training stages; the values are what ``metrics.jsonl`` and checkpoints hold."""
@@ -258,8 +295,7 @@ class Checkpoint:
 
     def to_dict(self) -> dict[str, Any]:
         """The on-disk dict (format :data:`CHECKPOINT_FORMAT`; plain ``str`` stage)."""
-        return {
-            "format": CHECKPOINT_FORMAT,
+        return {  # the key order of cryospin <= 0.2's writer
             "cryospin_version": self.cryospin_version,
             "config": self.config,
             "stage": str(self.stage.value),
@@ -273,6 +309,7 @@ class Checkpoint:
             "extra": {"elapsed_s": self.elapsed_s,
                       "search_stopped_after": self.search_stopped_after},
             "switch_record": self.switch_record,
+            "format": CHECKPOINT_FORMAT,
         }
 
     @classmethod

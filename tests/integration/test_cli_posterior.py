@@ -12,7 +12,7 @@ import torch
 from tests._synthetic import make_dataset
 
 from cryospin.cli.main import main as cli_main
-from cryospin.train.checkpoint import load_checkpoint
+from cryospin.rundir import load_checkpoint
 from cryospin.train.track import load_pose_track
 
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,

@@ -33,7 +33,7 @@ from cryospin.cli.main import main as cli_main
 from cryospin.errors import OutputError
 from cryospin.io.mrc import read_map
 from cryospin.io.pkl import read_cryodrgn_poses
-from cryospin.train.checkpoint import load_checkpoint, save_checkpoint
+from cryospin.rundir import load_checkpoint, save_checkpoint
 from cryospin.train.metrics import read_metrics
 
 FAULTS = Path(__file__).with_name("_faults.py")
@@ -173,7 +173,7 @@ def test_checkpoint_under_a_real_file_size_limit(tmp_path):
     code = (
         "import resource, signal, sys, torch\n"
         "from cryospin.errors import OutputError\n"
-        "from cryospin.train.checkpoint import save_checkpoint\n"
+        "from cryospin.rundir import save_checkpoint\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE,"
         " (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"

@@ -32,7 +32,7 @@ import pytest
 from cryospin.io.mrc import read_map
 from cryospin.io.pkl import read_cryodrgn_poses
 from cryospin.rotations import geodesic_distance_deg
-from cryospin.train.checkpoint import load_checkpoint
+from cryospin.rundir import load_checkpoint
 from cryospin.train.metrics import read_metrics
 
 BOX_PX, N_PARTICLES = 16, 200

@@ -36,7 +36,7 @@ import pytest
 
 from cryospin.io.mrc import read_map
 from cryospin.io.pkl import read_cryodrgn_poses
-from cryospin.train.checkpoint import load_checkpoint
+from cryospin.rundir import load_checkpoint
 from cryospin.train.metrics import read_metrics
 
 FAULTS = Path(__file__).with_name("_faults.py")
@@ -248,7 +248,7 @@ def test_chain_of_kills_at_every_kind_of_point(particles, reference, tmp_path):
         ("epoch 1, batch 2 (stage 1; no checkpoint yet)",
          {"target": "cryospin.train.autoencode.winner_nll", "call": 2, "action": "kill"}, 0),
         ("the switch (inference pass, before the pose table exists)",
-         {"target": "cryospin.train.fit._switch", "call": 1, "action": "kill"}, 1),
+         {"target": "cryospin.train.fit.switch_poses", "call": 1, "action": "kill"}, 1),
         ("epoch 2, stage-2 pose step 7",
          {"target": "cryospin.train.autodecode.pose_nll", "call": 7, "action": "kill"}, 1),
         ("after epoch 3's metrics line, before its checkpoint",
@@ -258,7 +258,7 @@ def test_chain_of_kills_at_every_kind_of_point(particles, reference, tmp_path):
          {"target": "os.fsync", "match": ".checkpoint.pt.tmp", "call": 1, "action": "kill"},
          2),
         ("writing the final outputs (all epochs checkpointed)",
-         {"target": "cryospin.train.fit._write_final", "call": 1, "action": "kill"}, 3),
+         {"target": "cryospin.train.fit.write_final", "call": 1, "action": "kill"}, 3),
     ]
     for i, (where, fault, expected_epoch) in enumerate(chain):
         if i == 0:

@@ -29,8 +29,9 @@ from cryospin.io.particles import load_particles
 from cryospin.io.pkl import read_cryodrgn_poses
 from cryospin.io.star import read_star_tables
 from cryospin.rotations import random_rotations
+from cryospin.rundir import load_checkpoint
 from cryospin.train import fit as fit_module
-from cryospin.train.checkpoint import load_checkpoint
+from cryospin.train import switch as switch_module
 from cryospin.train.config import build_config, load_config
 from cryospin.train.fit import TrainingInterrupted, fit
 from cryospin.train.metrics import NonFiniteLossError, read_metrics
@@ -100,7 +101,7 @@ def test_outputs_and_round_trips(uninterrupted, tiny):
     assert np.isfinite(final).all() and final.shape == (16, 16, 16)
     np.testing.assert_array_equal(decoder, read_map(run / "map.003.mrc")[0])
     from cryospin.train.data import prepare_data
-    from cryospin.train.fit import final_backprojection
+    from cryospin.train.outputs import final_backprojection
 
     config = _tiny_config()
     again = final_backprojection(
@@ -271,13 +272,13 @@ def test_switch_from_the_last_stage1_epoch_needs_no_inference_pass(tiny, tmp_pat
     on in the last stage-1 epoch (kept in that epoch's checkpoint for an exact resume), without
     the inference pass; ``inference`` still runs it."""
     calls = []
-    real = fit_module.infer_best_poses
+    real = switch_module.infer_best_poses
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fit_module, "infer_best_poses", counted)
+    monkeypatch.setattr(switch_module, "infer_best_poses", counted)
     cfg = _tiny_config(schedule={"switch_poses": "last_epoch", "epochs": 3, "switch_epoch": 2})
     run = tmp_path / "last"
     fit(cfg, _particles(tiny), run, stop_after=2)
@@ -530,7 +531,7 @@ def test_num_batches_matches_batch_indices():
 
 
 def test_stage1_loss_radius_grows_linearly_to_the_end_radius():
-    from cryospin.train.autoencode import stage1_loss_radius
+    from cryospin.train.schedule import stage1_loss_radius
 
     assert stage1_loss_radius(5, 10, None, 7.0) is None
     radii = [stage1_loss_radius(s, 5, 3.0, 7.0) for s in range(5)]
@@ -631,7 +632,7 @@ def test_switch_epoch_zero_with_global_search(tiny, tmp_path):
 
 
 def test_stage2_decoder_lr_is_constant_through_search_then_decays_to_final():
-    from cryospin.train.fit import stage2_decoder_lr
+    from cryospin.train.schedule import stage2_decoder_lr
 
     cfg = _tiny_config(schedule={"epochs": 10, "switch_epoch": 2, "search_epochs": 4},
                        optim={"decoder_lr_after_switch": 0.02, "decoder_lr_final": 0.002})
@@ -646,7 +647,7 @@ def test_stage2_decoder_lr_is_constant_through_search_then_decays_to_final():
 
 
 def test_stage2_pose_lrs_decay_like_the_volume_with_shift_lr_by_the_same_factor():
-    from cryospin.train.fit import stage2_pose_lrs
+    from cryospin.train.schedule import stage2_pose_lrs
 
     cfg = _tiny_config(schedule={"epochs": 10, "switch_epoch": 2, "search_epochs": 4},
                        optim={"pose_lr": 0.05, "shift_lr": 0.1, "pose_lr_final": 0.005})
@@ -877,13 +878,13 @@ def test_step_budget_switches_after_exactly_n_steps_and_resumes_mid_stage(tiny, 
     cfg = _tiny_config(schedule={"switch_steps": 5, "epochs": 3, "switch_epoch": 1,
                                  "switch_poses": "last_epoch"})
     filled = []
-    real = fit_module.infer_best_poses
+    real = switch_module.infer_best_poses
 
     def counted(*args, **kwargs):
         filled.append(int(kwargs["indices"].numel()))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fit_module, "infer_best_poses", counted)
+    monkeypatch.setattr(switch_module, "infer_best_poses", counted)
     ref = fit(cfg, _particles(tiny), tmp_path / "ref")
     assert ref.finished and ref.epochs_completed == 5
     rows = read_metrics(tmp_path / "ref" / "metrics.jsonl")

@@ -118,13 +118,13 @@ def test_progress_lines_without_a_terminal(data, tmp_path, monkeypatch):
     clock = iter(range(1, 10**6))
     monkeypatch.setattr(feedback_module, "monotonic", lambda: float(next(clock)))
     monkeypatch.setattr(feedback_module, "stderr_is_terminal", lambda: False)
-    real_switch = fit_module._switch
+    real_switch = fit_module.switch_poses
 
     def switch_by_inference(config, *args, **kwargs):  # whatever the preset's switch_poses
         kwargs.pop("record", None)
         return real_switch(config, *args, **kwargs)
 
-    monkeypatch.setattr(fit_module, "_switch", switch_by_inference)
+    monkeypatch.setattr(fit_module, "switch_poses", switch_by_inference)
     run = tmp_path / "run"
     result = fit(_config(progress=True, progress_interval_s=1.0, inference_batch_size=10),
                  _particles(data), run)

@@ -8,14 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from cryospin import rundir as ckpt
 from cryospin.errors import InputError
-from cryospin.train import checkpoint as ckpt
-from cryospin.train.checkpoint import (
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from cryospin.rundir import load_checkpoint, save_checkpoint
+from cryospin.train.state import capture_rng_state, restore_rng_state
 
 
 def _draws(gen: torch.Generator) -> tuple:

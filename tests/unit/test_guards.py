@@ -12,8 +12,8 @@ import torch
 from cryospin.cli.main import main as cli_main
 from cryospin.errors import InputError
 from cryospin.io.particles import load_particles
+from cryospin.rundir import load_checkpoint
 from cryospin.train import autodecode, autoencode
-from cryospin.train.checkpoint import load_checkpoint
 from cryospin.train.config import build_config, config_from_dict, config_to_dict
 from cryospin.train.fit import fit
 from cryospin.train.metrics import (

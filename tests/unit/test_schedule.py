@@ -12,7 +12,6 @@ import torch
 
 from cryospin.errors import InputError
 from cryospin.train.config import ScheduleConfig, build_config
-from cryospin.train.fit import stage2_decoder_lr, stage2_pose_lrs
 from cryospin.train.schedule import (
     decay_fraction,
     final_epoch,
@@ -20,6 +19,8 @@ from cryospin.train.schedule import (
     last_search_epoch,
     search_stops,
     stage1_batches,
+    stage2_decoder_lr,
+    stage2_pose_lrs,
     with_step_budget,
 )
 

@@ -69,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
     from cryospin.evaluate.posterior import healpix_vectors, run_posteriors
     from cryospin.io.particles import load_particles
     from cryospin.report import plot_pose_posterior
+    from cryospin.rundir import RunFiles
     from cryospin.runlock import check_output_folder, claim_output_folder, describe_command
     from cryospin.train.config import load_config
 
@@ -80,9 +81,10 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("run folder not found", run_dir)
     out = args.output if args.output is not None else run_dir / "posterior"
     check_output_folder(out, force=args.force)  # before any work; again when writing
-    config = load_config(run_dir / "config.yaml")
+    config_path = RunFiles(run_dir).config
+    config = load_config(config_path)
     if config.input.particles is None:
-        raise InputError("the run's config.yaml names no particles", run_dir / "config.yaml")
+        raise InputError("the run's config.yaml names no particles", config_path)
     particles = load_particles(config.input.particles, ctf_pkl=config.input.ctf,
                                ind=config.input.ind, datadir=config.input.datadir,
                                no_ctf=config.data.no_ctf)

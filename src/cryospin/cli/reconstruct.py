@@ -84,7 +84,6 @@ _OVERRIDES = {
     "encoder_box": ("model", "encoder_box_px"),
     "progress_interval": ("run", "progress_interval_s"),
 }
-_RESUMABLE = {"epochs", "device", "threads", "final_map", "precision", "progress_interval"}
 # flags in Å, converted with the particles' pixel size once they are read (_in_pixels):
 # flag dest -> (the flag in cycles per box / as a fraction it replaces, its config field)
 _ANGSTROM = {
@@ -264,10 +263,21 @@ def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
+def refused_on_resume(args: argparse.Namespace) -> list[str]:
+    """The flags given in ``args`` that ``--resume`` refuses: those whose configuration field
+    is not in :data:`cryospin.rundir.RESUMABLE_OPTIONS` (the trainer's list too), the Å flags
+    and ``--optics-group`` (they select other particles or set other fields)."""
+    from cryospin.rundir import RESUMABLE_OPTIONS  # here: --help must not import torch
+
+    given = [d for d in (*_OVERRIDES, *_ANGSTROM, "optics_group") if getattr(args, d) is not None]
+    return sorted("--" + d.replace("_", "-") for d in given
+                  if ".".join(_OVERRIDES.get(d, ("input", d))) not in RESUMABLE_OPTIONS)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``cryospin reconstruct``; returns the exit status (130 on Ctrl-C, 143 on SIGTERM)."""
+    from cryospin.rundir import RunFiles, prepare_run_dir
     from cryospin.train.distributed import world_from_env
-    from cryospin.train.fit import prepare_run_dir
     from cryospin.train.halves import is_halves_run
 
     halves = args.halves or bool(args.resume and is_halves_run(args.resume))
@@ -276,15 +286,14 @@ def main(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if args.out and Path(args.out).resolve() != run_dir.resolve():
             raise InputError("--resume continues in its own folder; drop -o or make them equal")
-        given = {d for d in (*_OVERRIDES, *_ANGSTROM, "optics_group")
-                 if getattr(args, d) is not None} - _RESUMABLE
-        if given:
-            flags = ", ".join("--" + d.replace("_", "-") for d in sorted(given))
-            raise InputError(f"with --resume only --epochs, --device, --threads and "
-                             f"--precision may change (got {flags})")
+        refused = refused_on_resume(args)
+        if refused:
+            raise InputError(f"with --resume only --epochs, --device, --threads, --precision, "
+                             f"--final-map and the progress display may change (got "
+                             f"{', '.join(refused)})")
         if not halves:
             prepare_run_dir(run_dir, resume=True)
-        config = load_config(run_dir / "config.yaml")
+        config = load_config(RunFiles(run_dir).config)
         run = {k: v for k, v in _overrides(args)["run"].items() if v is not None}
         precision = _overrides(args)["model"]["precision"] or config.model.precision
         epochs = args.epochs or config.schedule.epochs
@@ -320,7 +329,7 @@ def main(args: argparse.Namespace) -> int:
         prepare_run_dir(run_dir, resume=False)  # unwritable or used folder: fail before reading
 
     if config.input.particles is None:
-        raise InputError("the run's config.yaml names no particles", run_dir / "config.yaml")
+        raise InputError("the run's config.yaml names no particles", RunFiles(run_dir).config)
     log = (run_log(run_dir / RUN_LOG, header=header_line(getattr(args, "argv", None),
                                                           resumed=bool(args.resume)))
            if world_from_env().is_main else contextlib.nullcontext())

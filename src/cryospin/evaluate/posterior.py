@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from cryospin.errors import InputError
+from cryospin.rundir import Checkpoint, RunFiles
 
 __all__ = [
     "healpix_npix",
@@ -261,10 +262,10 @@ class ParticlePosterior:
     path_epochs: np.ndarray | None = None
 
 
-def _read_track(run_dir: Path) -> Any:
-    from cryospin.train.track import TRACK_FILE, load_pose_track
+def _read_track(files: RunFiles) -> Any:
+    from cryospin.train.track import load_pose_track
 
-    return load_pose_track(run_dir) if (run_dir / TRACK_FILE).is_file() else None
+    return load_pose_track(files.track) if files.track.is_file() else None
 
 
 def run_posteriors(
@@ -299,12 +300,11 @@ def run_posteriors(
     import dataclasses
 
     from cryospin.forward.lattice import negation_permutation
-    from cryospin.train.checkpoint import load_checkpoint
     from cryospin.train.config import load_config
     from cryospin.train.data import prepare_data, sub_disc
     from cryospin.volume import HartleyVolume
 
-    run_dir = Path(run_dir)
+    files = RunFiles(run_dir)
     _check_nside(nside)
     if psi_steps < 1:
         raise InputError(f"--psi-steps must be >= 1, got {psi_steps}")
@@ -312,12 +312,11 @@ def run_posteriors(
     bad = [i for i in indices if not 0 <= i < n]
     if bad:
         raise InputError(f"particle index {bad[0]} is outside 0..{n - 1}", particles.source)
-    config = load_config(run_dir / "config.yaml")
-    ckpt = run_dir / "checkpoint.pt"
-    if not ckpt.is_file():
-        raise InputError("no checkpoint.pt in the run folder", run_dir)
-    state = load_checkpoint(ckpt)
-    summary = state.get("data") or {}
+    config = load_config(files.config)
+    if not files.checkpoint.is_file():
+        raise InputError(f"no {files.checkpoint.name} in the run folder", files.dir)
+    ckpt = Checkpoint.load(files.checkpoint)
+    summary = ckpt.data
     # the images as trained on (Fourier crop, normalisation: config.data), few, preloaded
     sub = particles.subset(np.asarray(indices, dtype=np.int64))
     data = prepare_data(sub, dataclasses.replace(config.data, max_preload_gb=1e9))
@@ -325,10 +324,10 @@ def run_posteriors(
         raise InputError("could not preload the chosen particles", particles.source)
     volume = HartleyVolume(data.box_px, init_scale=0.0)
     try:
-        volume.load_state_dict(state["volume"])
+        volume.load_state_dict(ckpt.volume)
     except RuntimeError:
         raise InputError(f"the checkpoint's volume does not match the training box of "
-                         f"{data.box_px} px", ckpt) from None
+                         f"{data.box_px} px", files.checkpoint) from None
     scale = float(summary.get("image_scale", data.image_scale)) / data.image_scale
     noise = float(summary.get("noise_variance_hartley", data.noise_variance))
     hart, ctf, freqs = data.hartley * scale, data.ctf, data.frequencies
@@ -342,13 +341,13 @@ def run_posteriors(
         ctf = None if ctf is None else ctf[:, disc.columns]
     neg = negation_permutation(freqs, data.box_px)
 
-    table = state.get("pose_table")
-    track = _read_track(run_dir)
+    table = ckpt.pose_table
+    track = _read_track(files)
     star_rot = star_shift = None
-    if table is None and track is None and (run_dir / "poses.star").is_file():
+    if table is None and track is None and files.star.is_file():
         from cryospin.io.particles import load_particles
 
-        final = load_particles(run_dir / "poses.star", metadata_only=True, no_ctf=True,
+        final = load_particles(files.star, metadata_only=True, no_ctf=True,
                                check_finite=False, box_px=particles.box_px)
         star_rot, star_shift = final.rotations, final.shifts_px
         if star_shift is not None:  # poses.star keeps the original pixels

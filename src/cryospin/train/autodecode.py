@@ -28,6 +28,7 @@ from cryospin.forward.slicing import extract_central_slices
 from cryospin.losses import gaussian_nll
 from cryospin.pose import PoseTable
 from cryospin.rotations import geodesic_distance_deg, quaternion_to_matrix, so3_exp, so3_log
+from cryospin.rundir import Stage
 from cryospin.train.autoencode import EpochStats
 from cryospin.train.data import Batch, LossDisc, TrainingData, sub_disc
 from cryospin.train.distributed import Shard, local_batches
@@ -44,8 +45,6 @@ __all__ = [
     "shift_grid",
     "remove_common_rotation",
 ]
-
-STAGE = "autodecode"
 
 #: A rotation that moves by more than this in one epoch jumped to another basin (a global-search
 #: replacement or a hop between pseudo-symmetric copies) rather than being refined locally: the
@@ -286,14 +285,15 @@ def refine_poses(
         rot, shift = pose_table.compose(idx, omega, dt if refine_shifts else None)
         nll = pose_nll(volume_ht, rot, shift if refine_shifts else None, batch, data)  # (B,)
         total = nll.sum()
-        check_finite_loss(total, STAGE, epoch, batch_number)
+        check_finite_loss(total, Stage.AUTODECODE, epoch, batch_number)
         if refine_shifts:
             g_omega, g_dt = torch.autograd.grad(total, (omega, dt))
-            check_finite_gradients({"poses": (g_omega, g_dt)}, STAGE, epoch, batch_number)
+            check_finite_gradients({"poses": (g_omega, g_dt)}, Stage.AUTODECODE, epoch,
+                                   batch_number)
             pose_table.apply_gradients(idx, g_omega, g_dt)
         else:
             (g_omega,) = torch.autograd.grad(total, (omega,))
-            check_finite_gradients({"poses": (g_omega,)}, STAGE, epoch, batch_number)
+            check_finite_gradients({"poses": (g_omega,)}, Stage.AUTODECODE, epoch, batch_number)
             pose_table.apply_gradients(idx, g_omega, None)
 
 
@@ -378,13 +378,13 @@ def autodecode_epoch(
         nll = pose_nll(volume(), rot, shift if refine_shifts else None, batch, data)  # (B,)
         loss = nll.mean()
         objective = loss if shard is None else shard.objective(nll, total)
-        check_finite_loss(objective, STAGE, epoch, b)
+        check_finite_loss(objective, Stage.AUTODECODE, epoch, b)
         decoder_optimizer.zero_grad(set_to_none=True)
         objective.backward()
         if shard is not None:
             shard.average_gradients(volume.parameters())
         check_finite_gradients({"volume": (p.grad for p in volume.parameters())},
-                               STAGE, epoch, b)
+                               Stage.AUTODECODE, epoch, b)
         decoder_optimizer.step()
         n = int(idx.numel())
         if n == 0:  # distributed: none of this batch's particles is on this rank

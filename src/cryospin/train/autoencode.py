@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from cryospin.encoder import EncoderOutput
 from cryospin.forward.model import render
 from cryospin.losses import gaussian_nll, head_spread_deg, head_usage
+from cryospin.rundir import Stage
 from cryospin.train.data import (
     Batch,
     LossDisc,
@@ -49,10 +50,7 @@ __all__ = [
     "predict_nll",
     "Winners",
     "winner_nll",
-    "stage1_loss_radius",
 ]
-
-STAGE = "autoencode"
 
 
 @dataclass(frozen=True)
@@ -148,21 +146,6 @@ class BestPoses:
             self.shifts_px[idx] = shifts_px.detach().to(self.shifts_px)
         self.best_head[idx] = best_head.to(self.best_head)
         self.loss[idx] = loss.detach().to(self.loss)
-
-
-def stage1_loss_radius(
-    step: int, total_steps: int, start_px: float | None, end_px: float
-) -> float | None:
-    """Loss radius of stage-1 step ``step`` (0-based) under frequency marching.
-
-    The radius grows linearly from ``start_px`` at step 0 to ``end_px`` at the last step
-    ``total_steps − 1`` (the switch); ``None`` when ``start_px`` is None (no marching).
-    Pure: the same step always gives the same radius (resume is exact).
-    """
-    if start_px is None:
-        return None
-    frac = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
-    return float(start_px) + frac * (float(end_px) - float(start_px))
 
 
 def _encoder_input(batch: Batch, disc: LossDisc | None, lowpass: bool) -> Tensor:
@@ -388,7 +371,7 @@ def autoencode_epoch(
         else:  # this rank's share of the global batch mean
             objective = shard.objective(best_nll, total)
             loss = best_nll.detach().mean() if best_nll.numel() else objective.detach()
-        check_finite_loss(objective, STAGE, epoch, b)
+        check_finite_loss(objective, Stage.AUTOENCODE, epoch, b)
         encoder_optimizer.zero_grad(set_to_none=True)
         decoder_optimizer.zero_grad(set_to_none=True)
         if grad_scaler is None:
@@ -401,7 +384,7 @@ def autoencode_epoch(
             check_finite_gradients(
                 {"encoder": (p.grad for p in encoder.parameters()),
                  "volume": (p.grad for p in volume.parameters())},
-                STAGE, epoch, b,
+                Stage.AUTOENCODE, epoch, b,
             )
             encoder_optimizer.step()
             decoder_optimizer.step()

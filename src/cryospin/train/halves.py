@@ -49,9 +49,21 @@ from cryospin.errors import CryospinError, InputError, OutputError
 from cryospin.evaluate.align import AlignResult
 from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.io.identity import check_same_particles, particle_set_identity, save_identity
+from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from here
+    CHECKPOINT,
+    HALF_INDICES,
+    HALF_NAMES,
+    HALVES_MARKER,
+    METRICS,
+    HalvesFiles,
+    RunFiles,
+    read_metrics,
+    search_stopped_after,
+)
 from cryospin.runlock import describe_command, folder_lock
 from cryospin.train.config import Config, ScheduleConfig, read_config_argv, save_config
-from cryospin.train.runlog import RUN_LOG, header_line, run_log, start_run_log
+from cryospin.train.fit import TrainingInterrupted, fit
+from cryospin.train.runlog import header_line, run_log, start_run_log
 from cryospin.train.schedule import final_epoch
 
 __all__ = [
@@ -68,36 +80,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Folder names of the two half runs (half set 1 and 2).
-HALF_NAMES = ("half_A", "half_B")
 #: Half B's seed is ``run.seed`` plus this (independent initialisation of the two halves).
 HALF_B_SEED_OFFSET = 1000
-
-
-class HalvesFiles:
-    """Names of the files in a halves run folder."""
-
-    def __init__(self, run_dir: str | Path) -> None:
-        self.dir = Path(run_dir)
-        self.marker = self.dir / "halves.json"
-        self.config = self.dir / "config.yaml"
-        self.half_set = self.dir / "half_set.npy"
-        self.half_maps = (self.dir / "half_A.mrc", self.dir / "half_B.mrc")
-        self.map = self.dir / "map.mrc"
-        self.mask = self.dir / "mask.mrc"
-        self.masked_map = self.dir / "map_masked.mrc"
-        self.postprocess = self.dir / "postprocess.star"
-        self.fsc_json = self.dir / "fsc.json"
-        self.fsc_png = self.dir / "fsc.png"
-        self.star = self.dir / "poses.star"
-        self.pkl = self.dir / "poses.pkl"
-        self.log = self.dir / RUN_LOG  # cryospin.train.runlog
-        self.cs = self.dir / "poses.cs"  # only for .cs inputs
-        self.particle_set = self.dir / "particle_set.json"  # cryospin.io.identity
-
-    def half_dir(self, which: int) -> Path:
-        """Run folder of half set ``which`` (1 or 2)."""
-        return self.dir / HALF_NAMES[which - 1]
 
 
 @dataclass(frozen=True)
@@ -179,7 +163,7 @@ def _start(
     """New halves run: check the folder, split, write the marker, split and config."""
     if files.marker.exists() or any(
         (files.half_dir(w) / name).exists() for w in (1, 2)
-        for name in ("checkpoint.pt", "metrics.jsonl")
+        for name in (CHECKPOINT, METRICS)
     ):
         raise OutputError("already holds a run (use --resume to continue it, or choose "
                           "another -o)", files.dir)
@@ -206,13 +190,13 @@ def _resume(
     files: HalvesFiles, config: Config, particles: Any, argv: list[str] | None
 ) -> tuple[np.ndarray, str]:
     if not files.marker.is_file():
-        raise InputError("not a --halves run (no halves.json here)", files.dir)
+        raise InputError(f"not a --halves run (no {HALVES_MARKER} here)", files.dir)
     identity = check_same_particles(files.particle_set, particles, files.dir)
     half = _load_half_set(files, len(particles))
     try:
         source = str(json.loads(files.marker.read_text(encoding="utf-8"))["split_source"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise InputError("halves.json is unreadable", files.marker) from None
+        raise InputError(f"{HALVES_MARKER} is unreadable", files.marker) from None
     first_argv, resumed = read_config_argv(files.config)
     save_config(files.config, config, first_argv, resumed=[*resumed, argv])
     if identity is None:  # a run from before particle_set.json: record it from now on
@@ -244,9 +228,6 @@ def _original_indices(config: Config, local: np.ndarray) -> np.ndarray:
 def _half_status(half_dir: Path, schedule: ScheduleConfig) -> tuple[str, int]:
     """``("new" | "partial" | "finished", epochs done)`` of a half's run folder (finished at
     ``schedule.epochs``, or earlier when its global search stopped early)."""
-    from cryospin.train.fit import RunFiles
-    from cryospin.train.metrics import read_metrics, search_stopped_after
-
     f = RunFiles(half_dir)
     if not f.checkpoint.is_file():
         return "new", 0
@@ -303,7 +284,7 @@ def fit_halves(
     """
     files = HalvesFiles(run_dir)
     if resume and not files.marker.is_file():
-        raise InputError("not a --halves run (no halves.json here)", files.dir)
+        raise InputError(f"not a --halves run (no {HALVES_MARKER} here)", files.dir)
     try:
         files.dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -344,8 +325,6 @@ def _train_and_combine(
 ) -> HalvesResult:
     """Phases 2 and 3 of :func:`fit_halves` (logged to ``RUN_DIR/run.log``; each half's run
     also to its own)."""
-    from cryospin.train.fit import TrainingInterrupted, fit
-
     sizes = (int((half == 1).sum()), int((half == 2).sum()))
     if min(sizes) < 2:
         raise InputError(f"each half needs at least 2 particles, got {sizes[0]} and {sizes[1]}",
@@ -361,9 +340,9 @@ def _train_and_combine(
             done.append(epochs_done)
             continue
         half_dir.mkdir(parents=True, exist_ok=True)
-        ind_path = half_dir / "particles.ind.npy"
+        ind_path = half_dir / HALF_INDICES
         if status == "new":
-            (half_dir / "metrics.jsonl").unlink(missing_ok=True)  # crashed before a checkpoint
+            RunFiles(half_dir).metrics.unlink(missing_ok=True)  # crashed before a checkpoint
             _save_npy(ind_path, _original_indices(config, local))
         log.info("%s: %s run on %d particles", half_dir.name,
                  "resuming the" if status == "partial" else "starting a", local.size)
@@ -448,8 +427,6 @@ def _combine(
     from cryospin.io.cs import write_cryosparc
     from cryospin.io.mrc import read_map, write_map
     from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
-    from cryospin.train.fit import RunFiles
-
     half_files = [RunFiles(files.half_dir(w)) for w in (1, 2)]
     maps = [torch.tensor(read_map(f.map)[0], dtype=torch.float64) for f in half_files]
     map_a, map_b = maps

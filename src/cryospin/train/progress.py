@@ -25,6 +25,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from cryospin.rundir import Stage
 from cryospin.train.config import ScheduleConfig
 from cryospin.train.schedule import final_epoch, last_search_epoch
 
@@ -46,7 +47,8 @@ __all__ = [
     "progress_line",
 ]
 
-AUTOENCODE = "autoencode"
+#: Stage 1's phase: the stage's own name (:class:`cryospin.rundir.Stage`).
+AUTOENCODE: str = Stage.AUTOENCODE
 SEARCH = "search"
 LOCAL = "local"
 PHASES = (AUTOENCODE, SEARCH, LOCAL)
@@ -128,7 +130,7 @@ def phase_totals(rows: Iterable[Mapping[str, object]],
         if not (seconds > 0 and images > 0):
             continue
         epoch = row.get("epoch")
-        phase = (AUTOENCODE if row.get("stage") == "autoencode"
+        phase = (AUTOENCODE if row.get("stage") == Stage.AUTOENCODE
                  else plan.phase(int(epoch)) if isinstance(epoch, int) else None)
         if phase is None:
             continue

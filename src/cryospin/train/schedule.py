@@ -17,6 +17,11 @@ learning-rate decay runs from ``s`` to that new last epoch (:func:`decay_fractio
 ``search_stopped_after = None`` (the search did not stop early) gives the plan without early
 stop, for any ``search_min_epochs``.
 
+The learning rates and radii follow the same plan: stage 1's loss radius under frequency
+marching (:func:`stage1_loss_radius`, :func:`loss_radius_schedule`), stage 2's decaying volume
+and pose learning rates (:func:`stage2_decoder_lr`, :func:`stage2_pose_lrs`) and the global
+search's disc radius (:func:`search_radius_px`).
+
 Everything here depends on the configuration, the epoch and ``search_stopped_after`` only, so
 a resumed run (which restores ``search_stopped_after`` from the checkpoint) follows the same
 plan as the uninterrupted one.
@@ -26,8 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
-from cryospin.train.config import ScheduleConfig
+from cryospin.train.config import Config, ScheduleConfig
 
 __all__ = [
     "with_step_budget",
@@ -37,6 +43,12 @@ __all__ = [
     "is_search_epoch",
     "search_stops",
     "decay_fraction",
+    "stage1_loss_radius",
+    "loss_radius_schedule",
+    "final_stage1_radius",
+    "stage2_decoder_lr",
+    "stage2_pose_lrs",
+    "search_radius_px",
 ]
 
 
@@ -112,3 +124,100 @@ def decay_fraction(schedule: ScheduleConfig, epoch: int,
     if span <= 0 or epoch <= first:
         return 0.0
     return min((epoch - first) / span, 1.0)
+
+
+def stage1_loss_radius(
+    step: int, total_steps: int, start_px: float | None, end_px: float
+) -> float | None:
+    """Loss radius of stage-1 step ``step`` (0-based) under frequency marching.
+
+    The radius grows linearly from ``start_px`` at step 0 to ``end_px`` at the last step
+    ``total_steps − 1`` (the switch); ``None`` when ``start_px`` is None (no marching).
+    Pure: the same step always gives the same radius (resume is exact).
+    """
+    if start_px is None:
+        return None
+    frac = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+    return float(start_px) + frac * (float(end_px) - float(start_px))
+
+
+def loss_radius_schedule(config: Config, box_px: int, batches_per_epoch: int,
+                         epoch: int) -> Callable[[int], float | None] | None:
+    """``b -> loss radius`` (px) of batch ``b`` (from 1) of stage-1 epoch ``epoch`` (None: no
+    marching); ``box_px`` the training box, ``config.schedule`` as run
+    (:func:`with_step_budget`)."""
+    s = config.schedule
+    if s.loss_radius_start_px is None:
+        return None
+    full = float(box_px // 2 - 1 if config.data.loss_radius_px is None
+                 else config.data.loss_radius_px)
+    end = full if s.loss_radius_end_px is None else min(float(s.loss_radius_end_px), full)
+    start = min(float(s.loss_radius_start_px), end)
+    per_epoch = batches_per_epoch
+    total = s.switch_steps if s.switch_steps is not None else max(s.switch_epoch, 1) * per_epoch
+
+    def radius(b: int) -> float | None:
+        return stage1_loss_radius((epoch - 1) * per_epoch + b - 1, total, start, end)
+
+    return radius
+
+
+def final_stage1_radius(config: Config, box_px: int, batches_per_epoch: int) -> float | None:
+    """Loss radius (px) of the last stage-1 step (the inference pass at the switch uses it);
+    None without marching."""
+    s = config.schedule
+    schedule = loss_radius_schedule(config, box_px, batches_per_epoch, max(s.switch_epoch, 1))
+    if schedule is None:
+        return None
+    return schedule(stage1_batches(s, max(s.switch_epoch, 1), batches_per_epoch)
+                    or batches_per_epoch)
+
+
+def _stage2_decay(config: Config, epoch: int, start: float, final: float | None,
+                  search_stopped_after: int | None) -> float:
+    """``start`` up to the last search epoch, then geometric decay to ``final`` (None: constant)
+    reached at the last epoch (both earlier after an early stop of the search:
+    :func:`decay_fraction`)."""
+    if final is None:
+        return start
+    frac = decay_fraction(config.schedule, epoch, search_stopped_after)
+    if frac == 0.0:
+        return start
+    return start * (final / start) ** frac
+
+
+def stage2_decoder_lr(config: Config, epoch: int,
+                      search_stopped_after: int | None = None) -> float:
+    """Volume learning rate of stage-2 epoch ``epoch`` (pure; see ``optim.decoder_lr_final``).
+
+    Constant ``decoder_lr_after_switch`` up to the last search epoch, then geometric decay
+    reaching ``decoder_lr_final`` at the last epoch; ``search_stopped_after``: the epoch after
+    which the global search stopped early (None: it did not), which moves both earlier.
+    """
+    o = config.optim
+    return _stage2_decay(config, epoch, o.decoder_lr_after_switch, o.decoder_lr_final,
+                         search_stopped_after)
+
+
+def stage2_pose_lrs(config: Config, epoch: int,
+                    search_stopped_after: int | None = None) -> tuple[float, float]:
+    """(rotation, shift) learning rates of stage-2 epoch ``epoch`` (pure; see
+    ``optim.pose_lr_final``): the rotation rate decays like the volume's (also after an early
+    stop of the search), the shift rate by the same factor."""
+    o = config.optim
+    rot = _stage2_decay(config, epoch, o.pose_lr, o.pose_lr_final, search_stopped_after)
+    return rot, o.shift_lr * (rot / o.pose_lr)
+
+
+def search_radius_px(config: Config, stage2_epoch: int, largest_px: float) -> float | None:
+    """The global search's disc radius (px) in stage-2 epoch ``stage2_epoch`` (from 1): from
+    ``optim.search_radius_px`` to ``optim.search_radius_end_px`` over the search epochs, at
+    most ``largest_px`` (the training disc's); None after the search epochs."""
+    count = config.schedule.search_epochs
+    if stage2_epoch > count:
+        return None
+    o = config.optim
+    start = o.search_radius_px
+    end = start if o.search_radius_end_px is None else o.search_radius_end_px
+    radius = start + (end - start) * (stage2_epoch - 1) / max(count - 1, 1)
+    return min(radius, largest_px)

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from cryospin.atomic import atomic_path
 from cryospin.errors import InputError
+from cryospin.rundir import POSE_TRACK
 
 __all__ = [
     "TRACK_FILE",
@@ -53,8 +54,8 @@ __all__ = [
     "PoseTracker",
 ]
 
-#: Name of the track file inside a run folder.
-TRACK_FILE = "pose_track.npz"
+#: Name of the track file inside a run folder (:data:`cryospin.rundir.POSE_TRACK`).
+TRACK_FILE = POSE_TRACK
 
 _KEYS = ("indices", "epochs", "rotations", "shifts_px", "head_rotations", "head_losses")
 

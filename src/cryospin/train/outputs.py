@@ -1,0 +1,189 @@
+"""What a training run writes into its run folder (names: :mod:`cryospin.rundir`).
+
+After every epoch (:func:`write_epoch`): ``map.NNN.mrc`` (real-space map, voxel size set;
+unless ``run.keep_epoch_maps`` is off), a line of ``metrics.jsonl`` (:func:`epoch_metrics`),
+then ``checkpoint.pt``, the epoch's commit point (atomic; the previous one survives until the
+new one is complete). ``pose_track.npz`` is written before it by
+:class:`cryospin.train.track.PoseTracker`.
+
+At the end (:func:`write_final`): ``map.mrc`` — with ``run.final_map = "backprojection"``
+(default) the CTF-corrected Wiener backprojection of the training images from the final poses
+(:func:`final_backprojection`), the trained volume kept as ``map_decoder.mrc`` and their FSC
+as the convergence check ``convergence_fsc.json`` (:mod:`cryospin.evaluate.convergence`; not a
+resolution) — ``poses.star`` (RELION 3.1, every input column carried), ``poses.pkl``
+(cryoDRGN) and, for a ``.cs`` input, ``poses.cs``. Shifts are written in the original
+particles' pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from cryospin.backproject import backproject
+from cryospin.evaluate.convergence import record_convergence_check
+from cryospin.io.cs import write_cryosparc
+from cryospin.io.mrc import write_map
+from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
+from cryospin.rundir import Checkpoint, EpochMetrics, RunFiles, Stage, append_metrics
+from cryospin.train.autoencode import EpochStats
+from cryospin.train.config import Config
+from cryospin.train.data import TrainingData
+from cryospin.train.feedback import Feedback
+from cryospin.volume import HartleyVolume
+
+__all__ = ["epoch_metrics", "write_epoch", "write_final", "final_backprojection"]
+
+logger = logging.getLogger(__name__)
+
+
+def epoch_metrics(
+    stats: EpochStats,
+    *,
+    epoch: int,
+    stage: Stage,
+    wall_s: float,
+    elapsed_s: float,
+    decoder_lr: float,
+    pose_lr: float | None,
+    extra: dict[str, Any],
+) -> EpochMetrics:
+    """The ``metrics.jsonl`` line of ``epoch``; ``extra`` holds the switch's record (its
+    ``head_usage`` stands for the epoch's when ``stats`` has none) and the search's stop."""
+    usage = stats.head_usage
+    if usage is None and "switch" in extra:
+        usage = extra["switch"]["head_usage"]
+    return EpochMetrics(
+        epoch=epoch,
+        stage=stage,
+        loss=stats.loss,
+        num_images=stats.num_images,
+        wall_time_s=wall_s,
+        images_per_s=stats.num_images / wall_s if wall_s > 0 else float("nan"),
+        head_usage=usage,
+        head_spread_deg=stats.head_spread_deg,
+        mean_pose_change_deg=stats.mean_pose_change_deg,
+        mean_shift_change_px=stats.mean_shift_change_px,
+        decoder_lr=decoder_lr,
+        pose_lr=pose_lr,
+        elapsed_s=elapsed_s,
+        jump_fraction=stats.jump_fraction,
+        extra=extra,
+    )
+
+
+def write_epoch(files: RunFiles, volume: HartleyVolume, *, pixel_size_angstrom: float,
+                keep_map: bool, metrics: EpochMetrics, checkpoint: Checkpoint) -> None:
+    """``map.NNN.mrc`` (when ``keep_map``), the metrics line, then the checkpoint (the commit
+    point of the epoch ``metrics.epoch``)."""
+    if keep_map:
+        with torch.no_grad():
+            real = volume.to_real_space().detach().cpu()
+        write_map(files.epoch_map(metrics.epoch), real.numpy(), pixel_size_angstrom)
+    append_metrics(files.metrics, metrics)
+    checkpoint.save(files.checkpoint)
+
+
+def write_final(
+    files: RunFiles,
+    config: Config,
+    particles: Any,
+    data: TrainingData,
+    volume: HartleyVolume,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor | None,
+    *,
+    feedback: Feedback | None = None,
+) -> None:
+    """The final outputs (module docstring) from the final poses, `(N, 3, 3)` and `(N, 2)`
+    in training pixels (None: no shifts), of ``particles`` (a ``ParticleSet``)."""
+    with torch.no_grad():
+        real = volume.to_real_space().detach().cpu()
+    if config.run.final_map == "backprojection":
+        write_map(files.map_decoder, real.numpy(), data.pixel_size_angstrom)
+        trained = real
+        with (feedback or Feedback()).start("final map: backprojection",
+                                            rotations.shape[0]) as progress:
+            real = final_backprojection(particles, data, rotations, shifts_px,
+                                        seed=config.run.seed, on_batch=progress.update)
+        # logged and written as a convergence check, never as a resolution (use --halves)
+        record_convergence_check(files.convergence, real, trained,
+                                 pixel_size_angstrom=data.pixel_size_angstrom,
+                                 final_name=files.map.name, trained_name=files.map_decoder.name)
+    write_map(files.map, real.numpy(), data.pixel_size_angstrom)
+    shifts = shifts_px if shifts_px is not None else torch.zeros(rotations.shape[0], 2)
+    # shifts in the ORIGINAL particles' pixels (training pixels are L/box_px times larger)
+    shifts = shifts * (int(particles.box_px) / data.box_px)
+    final = particles.with_poses(rotations, shifts)
+    write_particles_star(files.star, final, relative_to=config.input.relative_to)
+    write_cryodrgn_poses(files.pkl, rotations, shifts, int(particles.box_px))
+    if final.cs_table is not None:  # a .cs input: its rows with the new poses
+        write_cryosparc(files.cs, final)
+    logger.info("wrote %s, %s and %s", files.map, files.star, files.pkl)
+
+
+class _TrainingImages:
+    """The images as trained on (cropped, normalised, contrast-corrected; not the encoder's
+    input mask) as an ``.images(idx)`` source, read from ``data.source``."""
+
+    def __init__(self, data: TrainingData) -> None:
+        self.source = data.source
+        self.scale = float(data.image_scale)
+        self.box_px = data.box_px
+
+    def images(self, indices: Any) -> torch.Tensor:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return self.source.images(idx).to(torch.float64) * self.scale
+
+
+def final_backprojection(
+    particles: Any,
+    data: TrainingData,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor | None,
+    *,
+    seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """The final map: Wiener backprojection of the training images from the final poses.
+
+    Parameters
+    ----------
+    particles : ParticleSet
+        The particles (CTF parameters when ``data.source`` has none).
+    data : TrainingData
+        The images exactly as trained on (``data.source``: cropped, normalised,
+        contrast-corrected by ``data.image_scale``).
+    rotations : `(N, 3, 3)`
+        Final poses (cryospin convention).
+    shifts_px : `(N, 2)` or None
+        Final shifts ``(tx, ty)`` in the training frame's pixels.
+    seed : int
+        Seed of the half-set split that estimates the Wiener filter's SNR.
+    on_batch : callable, optional
+        Called after each batch of the backprojection with its number of images.
+
+    Returns
+    -------
+    `(L, L, L)` float32 real-space map (same arbitrary scale as the training images).
+
+    Notes
+    -----
+    The Wiener term comes from the FSC between two half sets of this one backprojection;
+    the poses were refined against a common reference, so that FSC is not a gold-standard
+    resolution estimate (use ``--halves`` for one) and is not reported.
+    """
+    source = data.source if data.source is not None else particles
+    ctf = source.ctf if (data.use_ctf and source.ctf is not None) else None
+    result = backproject(
+        _TrainingImages(data), rotations.detach().cpu().double(),
+        None if shifts_px is None else shifts_px.detach().cpu().double(), ctf,
+        box_px=data.box_px, pixel_size_angstrom=data.pixel_size_angstrom, seed=seed,
+        on_batch=on_batch,
+    )
+    logger.info("final map: Wiener backprojection of %d images from the final poses",
+                rotations.shape[0])
+    return result.volume.float()

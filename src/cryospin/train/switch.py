@@ -1,0 +1,108 @@
+"""The switch from stage 1 to stage 2: every particle's best head seeds the pose table.
+
+One inference pass of the trained encoder picks each particle's best head
+(:func:`~cryospin.train.autoencode.infer_best_poses`); with ``schedule.switch_poses =
+last_epoch`` the winners recorded while training the last stage-1 epoch are used instead, and
+only the particles that epoch did not visit (a step budget's cut epoch) are inferred. Under
+``torchrun`` each rank infers its own particles into the rows it owns; the head usage and the
+mean loss are summed over the ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from cryospin.losses import head_usage
+from cryospin.pose import PoseTable
+from cryospin.train.autoencode import BestPoses, infer_best_poses
+from cryospin.train.config import Config
+from cryospin.train.data import TrainingData
+from cryospin.train.distributed import Shard
+from cryospin.train.feedback import Feedback
+from cryospin.train.state import build_pose_table
+from cryospin.volume import HartleyVolume
+
+__all__ = ["switch_poses", "full_record", "full_pose_table"]
+
+logger = logging.getLogger(__name__)
+
+
+def switch_poses(
+    config: Config, encoder: nn.Module, volume: HartleyVolume, data: TrainingData,
+    shard: Shard | None = None, feedback: Feedback | None = None, *,
+    record: BestPoses | None = None, loss_radius_px: float | None = None,
+) -> tuple[PoseTable, dict[str, Any]]:
+    """The switch: best head of every particle -> pose table (distributed: of this rank's
+    particles, into the rows it owns; head usage and loss over all ranks), and its
+    ``metrics.jsonl`` record (``{"switch": ...}``). ``feedback`` shows the inference pass's
+    progress; ``loss_radius_px``: the last stage-1 step's loss radius (None: the full disc).
+    With ``record`` (the last stage-1 epoch's winners, ``schedule.switch_poses =
+    last_epoch``) there is no inference pass."""
+    t0 = time.perf_counter()
+    owned = None if shard is None else shard.owned(len(data))
+    count = len(data) if owned is None else int(owned.numel())
+    infer = {"batch_size": config.run.inference_batch_size, "loss_radius_px": loss_radius_px,
+             "lowpass_input": config.model.encoder_lowpass}
+    if record is not None:
+        best = record if owned is None else record.rows(owned)
+        missing = torch.nonzero(best.best_head < 0).flatten()  # a step budget's cut epoch
+        if missing.numel():
+            rows = missing if owned is None else owned.to(missing.device)[missing]
+            with (feedback or Feedback()).start("switch: inference pass (particles not "
+                                                "seen in the last epoch)", int(rows.numel()),
+                                                ) as progress:
+                fill = infer_best_poses(encoder, volume, data, indices=rows.cpu(),
+                                        progress=progress.update, **infer)
+            best.write(missing, fill.rotations, fill.shifts_px, fill.best_head, fill.loss)
+    else:
+        with (feedback or Feedback()).start("switch: inference pass", len(data),
+                                            scale=len(data) / max(count, 1)) as progress:
+            best = infer_best_poses(encoder, volume, data, indices=owned,
+                                    progress=progress.update, **infer)
+    rotations, shifts = best.rotations.float(), best.shifts_px
+    usage_t = head_usage(best.best_head.cpu(), config.model.num_heads)
+    mean_loss = float(best.loss.mean())
+    if shard is not None:  # rows of the other ranks' particles: identity, never touched here
+        n, m = len(data), float(best.loss.numel())
+        rotations = shard.expand_rows(rotations, n, torch.eye(3))
+        shifts = None if shifts is None else shard.expand_rows(shifts, n, torch.zeros(2))
+        sums = shard.all_sum(torch.cat([usage_t.double() * m,
+                                        best.loss.double().sum().reshape(1).cpu()]))
+        usage_t, mean_loss = sums[:-1] / n, float(sums[-1]) / n
+    table = build_pose_table(config, rotations, shifts)
+    usage = usage_t.tolist()
+    info = {
+        "switch": {
+            "head_usage": usage,
+            "mean_loss": mean_loss,
+            "wall_time_s": time.perf_counter() - t0,
+            "poses": "last_epoch" if record is not None else "inference",
+        }
+    }
+    logger.info("switch to auto-decoding: head usage %s",
+                " ".join(f"{u:.2f}" for u in usage))
+    return table.to(data.device), info
+
+
+def full_record(record: BestPoses | None, shard: Shard | None) -> BestPoses | None:
+    """The switch record with every particle's row: ``record`` itself for one process; when
+    distributed, gathered to rank 0 (None on the other ranks; collectives on every rank)."""
+    if shard is None or record is None:
+        return record
+    rot, head, loss = (shard.gather_rows(t)
+                       for t in (record.rotations, record.best_head, record.loss))
+    shifts = None if record.shifts_px is None else shard.gather_rows(record.shifts_px)
+    return None if rot is None else BestPoses(rot, shifts, head, loss)
+
+
+def full_pose_table(pose_table: PoseTable | None, shard: Shard | None) -> PoseTable | None:
+    """The pose table with every particle's row: ``pose_table`` itself for one process; when
+    distributed, gathered to rank 0 (None on the other ranks; a collective)."""
+    if shard is None or pose_table is None:
+        return pose_table
+    return shard.gather_pose_table(pose_table)
