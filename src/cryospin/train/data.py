@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -404,62 +405,18 @@ def prepare_data(
     )
     n = len(particles)
     L = int(particles.box_px)
-    where = particles.source
-    if n == 0:
-        raise InputError("no particles to train on", where)
-    if L < 8:
-        raise InputError(f"box size {L} px is too small (need >= 8)", where)
-    radius = config.loss_radius_px
-    if radius is not None and radius > L // 2 - 1:
-        raise InputError(
-            f"loss radius {radius} px exceeds the largest disc of a {L} px box ({L // 2 - 1})"
-        )
+    _check_inputs(particles, config)
     use_ctf = not config.no_ctf
-    if use_ctf and particles.ctf is None:
-        raise InputError(
-            "particles have no CTF parameters (give --ctf, or --no-ctf to ignore the CTF)", where
-        )
-    freqs = disc_frequencies(L, radius)  # (P, 2) float32
+    freqs = disc_frequencies(L, config.loss_radius_px)  # (P, 2) float32
     neg = negation_permutation(freqs, L)  # (P,)
     P = int(freqs.shape[0])
 
     # --- normalisation and noise from a deterministic sample of images
     stats_idx = _stats_indices(n)
     sample = _read_sample(particles, stored, stats_idx).to(torch.float64)  # (m, L, L)
-    if not torch.isfinite(sample).all():
-        raise InputError("particle images contain NaN or Inf", where)
-    std = float(sample.std())
-    if not std > 0:
-        raise InputError("particle images are constant", where)
-    # "background": images are already normalised per particle; only the sign is applied
-    scale = (-1.0 if config.invert_contrast else 1.0) / (
-        1.0 if config.normalize == "background" else std)
-    if config.noise_variance is not None:
-        noise_var_real = float(config.noise_variance)
-    else:
-        corners = (sample * scale)[:, _corner_mask(L)]  # (m, C)
-        noise_var_real = float(corners.var(dim=1).mean()) if corners.numel() else 1.0
-        noise_var_real = max(noise_var_real, 1e-6)
-    noise_var_hartley = noise_var_real * L * L
-
-    # --- radial amplitude of the signal, for the volume initialisation
-    shells = L // 2 + 1
-    parts: list[Rows] = []  # in chunks: the transient memory of the FFTs stays bounded
-    for i in range(0, len(stats_idx), _SAMPLE_CHUNK):
-        part_idx = stats_idx[i : i + _SAMPLE_CHUNK]
-        parts.append(preprocess_rows(particles, part_idx, scale, freqs, use_ctf))
-        release_pages(stored, part_idx)
-    stats_h = torch.cat([p.hartley for p in parts])  # (m, P)
-    ctfs = [p.ctf for p in parts if p.ctf is not None]
-    stats_ctf = torch.cat(ctfs) if use_ctf else None  # (m, P)
-    del parts, ctfs
-    power = radial_profile(stats_h.double().square(), freqs, shells) - noise_var_hartley
-    if stats_ctf is not None:
-        ctf_power = radial_profile(stats_ctf.double().square(), freqs, shells)
-    else:
-        ctf_power = torch.ones(shells, dtype=torch.float64)
-    floor = 1e-3 * float(power.abs().max())
-    amplitude = (power.clamp_min(floor) / ctf_power.clamp_min(0.05)).sqrt().to(torch.float32)
+    scale, noise_var_hartley = _scale_and_noise(sample, config, particles.source)
+    amplitude = _radial_amplitude(particles, stored, stats_idx, scale, freqs, use_ctf,
+                                  noise_var_hartley)
 
     dev = torch.device(device)
     mask = particles.encoder_mask if isinstance(particles, PreprocessedParticles) else None
@@ -477,3 +434,69 @@ def prepare_data(
         preload = 4 * n * (L * L + P * (2 if use_ctf else 1)) <= config.max_preload_gb * 1e9
     # in memory: everything once, in chunks; else batches read from the stacks (or the cache)
     return lazy.in_memory() if preload else lazy.streaming()
+
+
+def _check_inputs(particles: ImageSource, config: DataConfig) -> None:
+    """Raise :class:`InputError` for particles (after cropping) that cannot be trained on."""
+    n, L, where = len(particles), int(particles.box_px), particles.source
+    if n == 0:
+        raise InputError("no particles to train on", where)
+    if L < 8:
+        raise InputError(f"box size {L} px is too small (need >= 8)", where)
+    radius = config.loss_radius_px
+    if radius is not None and radius > L // 2 - 1:
+        raise InputError(
+            f"loss radius {radius} px exceeds the largest disc of a {L} px box ({L // 2 - 1})"
+        )
+    if not config.no_ctf and particles.ctf is None:
+        raise InputError(
+            "particles have no CTF parameters (give --ctf, or --no-ctf to ignore the CTF)", where
+        )
+
+
+def _scale_and_noise(sample: Tensor, config: DataConfig, where: Path | None
+                     ) -> tuple[float, float]:
+    """The image scale and the noise variance of one Hartley coefficient, from the sample
+    images `(m, L, L)` float64 (see the module docstring)."""
+    L = int(sample.shape[-1])
+    if not torch.isfinite(sample).all():
+        raise InputError("particle images contain NaN or Inf", where)
+    std = float(sample.std())
+    if not std > 0:
+        raise InputError("particle images are constant", where)
+    # "background": images are already normalised per particle; only the sign is applied
+    scale = (-1.0 if config.invert_contrast else 1.0) / (
+        1.0 if config.normalize == "background" else std)
+    if config.noise_variance is not None:
+        noise_var_real = float(config.noise_variance)
+    else:
+        corners = (sample * scale)[:, _corner_mask(L)]  # (m, C)
+        noise_var_real = float(corners.var(dim=1).mean()) if corners.numel() else 1.0
+        noise_var_real = max(noise_var_real, 1e-6)
+    return scale, noise_var_real * L * L
+
+
+def _radial_amplitude(
+    particles: ImageSource, stored: ImageSource, stats_idx: Tensor, scale: float,
+    freqs: Tensor, use_ctf: bool, noise_var_hartley: float,
+) -> Tensor:
+    """RMS Hartley amplitude `(L//2 + 1,)` float32 of the signal per shell, corrected for the
+    mean CTF power, from the particles ``stats_idx`` (read in chunks whose pages are handed
+    back)."""
+    shells = int(particles.box_px) // 2 + 1
+    parts: list[Rows] = []  # in chunks: the transient memory of the FFTs stays bounded
+    for i in range(0, len(stats_idx), _SAMPLE_CHUNK):
+        part_idx = stats_idx[i : i + _SAMPLE_CHUNK]
+        parts.append(preprocess_rows(particles, part_idx, scale, freqs, use_ctf))
+        release_pages(stored, part_idx)
+    stats_h = torch.cat([p.hartley for p in parts])  # (m, P)
+    ctfs = [p.ctf for p in parts if p.ctf is not None]
+    stats_ctf = torch.cat(ctfs) if use_ctf else None  # (m, P)
+    del parts, ctfs
+    power = radial_profile(stats_h.double().square(), freqs, shells) - noise_var_hartley
+    if stats_ctf is not None:
+        ctf_power = radial_profile(stats_ctf.double().square(), freqs, shells)
+    else:
+        ctf_power = torch.ones(shells, dtype=torch.float64)
+    floor = 1e-3 * float(power.abs().max())
+    return (power.clamp_min(floor) / ctf_power.clamp_min(0.05)).sqrt().to(torch.float32)
