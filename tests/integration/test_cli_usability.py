@@ -153,8 +153,8 @@ def test_presets_show_unknown_name(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_cli_modules_touched_here_import_no_torch() -> None:
-    """`cryospin --help` imports every CLI module: these must not load torch to do so."""
-    code = ("import sys, cryospin.cli.presets, cryospin.cli.downsample; "
+    """`cryospin --help` imports every command's flag module: these must not load torch."""
+    code = ("import sys, cryospin.cli.flags.presets, cryospin.cli.flags.downsample; "
             "print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)

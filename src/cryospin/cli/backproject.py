@@ -1,72 +1,28 @@
-"""Reconstruct a map from particles with known poses (Hartley-space backprojection).
-
-Writes OUT_DIR/map.mrc, half_A.mrc, half_B.mrc (voxel size set) and fsc.json (FSC between the
-half maps), and prints the half-map resolution. OUT_DIR must be new or empty (--force writes
-into one that holds files). Poses come from PARTICLES itself (.star/.cs),
-or from --poses: a cryoDRGN pose .pkl, or a .star whose rotations and shifts are used (same
-particles, same order). CTF correction uses the particles' CTF or --ctf (cryoDRGN ctf.pkl);
-the Wiener term is estimated from the half-map FSC (see cryospin.backproject). Half sets follow
-rlnRandomSubset when present, else a random split (--seed).
-
-The half maps are independent only when their poses were refined independently. Poses refined
-on all particles together (a plain `cryospin reconstruct` run, most --poses files) make the
-halves share the reference's noise and the half-map FSC overestimates the resolution: then a
-warning says so and fsc.json records "independent_halves": false. The poses.star of a
-`reconstruct --halves` run, whose rlnRandomSubset is the split used, gives independent halves.
-
-Example::
-
-    cryospin backproject sim/particles.star -o bp/
-    cryospin backproject particles.mrcs --poses pose.pkl --ctf ctf.pkl -o bp/
-"""
+"""``cryospin backproject``: :func:`main` runs it; its help and flags are in
+:mod:`cryospin.cli.flags.backproject`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import time
 from pathlib import Path
 
-from cryospin.cli._args import add_out_argument
+import numpy as np
+import torch
 
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """Register the flags of ``cryospin backproject``."""
-    parser.add_argument("particles", type=Path, help="particles (.star, .cs, .mrcs or .txt)")
-    add_out_argument(parser, dest="outdir", aliases=("--outdir",), type=Path, required=True,
-                     metavar="OUT_DIR", help="output folder (new or empty; see --force)")
-    parser.add_argument("--force", action="store_true",
-                        help="write into a folder that already holds files (files of the same "
-                             "names are replaced, others kept)")
-    parser.add_argument("--poses", type=Path, default=None,
-                        help="poses: cryoDRGN pose .pkl or a .star with poses")
-    parser.add_argument("--ctf", type=Path, default=None, help="cryoDRGN ctf.pkl")
-    parser.add_argument("--no-ctf", action="store_true", help="no CTF correction")
-    parser.add_argument("--datadir", type=Path, default=None, help="folder holding the stacks")
-    parser.add_argument("--optics-group", default=None, metavar="N|NAME",
-                        help="only this optics group of a .star (rlnOpticsGroup number or "
-                             "name); --poses and --ind then describe the group's particles")
-    parser.add_argument("--ind", type=Path, default=None, help="particle indices to use (.pkl)")
-    parser.add_argument("--box", type=int, default=None, metavar="N",
-                        help="Fourier-crop the images to N px as they are read (even, <= the "
-                             "particles' box): an N³ map at the pixel size × L/N")
-    parser.add_argument("--invert-contrast", action="store_true",
-                        help="the images have dark particles (raw micrograph contrast): "
-                             "reconstruct -image")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads (default: the cores available to the process)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (256)")
-    parser.add_argument("--reg", type=float, default=1e-3,
-                        help="constant Wiener term relative to the mean weight (1e-3)")
-    parser.add_argument("--no-wiener", action="store_true",
-                        help="only the constant --reg term, no FSC-based Wiener filter")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the half-set split (0)")
-    parser.add_argument("--float32", action="store_true", help="compute in float32")
+from cryospin.backproject import backproject_particles
+from cryospin.cpus import available_cpus, default_cpu_threads
+from cryospin.errors import InputError
+from cryospin.evaluate.fsc import write_fsc_json
+from cryospin.io.mrc import write_map
+from cryospin.io.particles import load_indices, load_particles
+from cryospin.runlock import check_output_folder, claim_output_folder, describe_command
+from cryospin.train.halves import HalvesFiles, is_halves_run
 
 
 def _with_star_poses(particles, star: Path):
-    from cryospin.errors import InputError
-    from cryospin.io.particles import load_particles
-
     src = load_particles(star, no_ctf=True, check_finite=False, metadata_only=True,
                          box_px=particles.box_px)
     if src.rotations is None:
@@ -75,8 +31,6 @@ def _with_star_poses(particles, star: Path):
         raise InputError(f"{len(src)} poses for {len(particles)} particles", star)
     out = particles.with_poses(src.rotations, src.shifts_px)
     if particles.random_subset is None and src.random_subset is not None:
-        import dataclasses
-
         out = dataclasses.replace(out, random_subset=src.random_subset)
     return out
 
@@ -116,10 +70,6 @@ def _dependent_halves_warning(pose_file: Path | None, random_subset, half_set) -
     half_set : `(N,)` ints in {1, 2}
         The split the backprojection used.
     """
-    import numpy as np
-
-    from cryospin.train.halves import HalvesFiles, is_halves_run
-
     if pose_file is None:
         return None
     folder = pose_file.parent
@@ -137,18 +87,6 @@ def _dependent_halves_warning(pose_file: Path | None, random_subset, half_set) -
 
 def main(args: argparse.Namespace) -> int:
     """Load, backproject, write maps and FSC."""
-    import logging
-
-    import torch
-
-    from cryospin.backproject import backproject_particles
-    from cryospin.cpus import available_cpus, default_cpu_threads
-    from cryospin.errors import InputError
-    from cryospin.evaluate.fsc import write_fsc_json
-    from cryospin.io.mrc import write_map
-    from cryospin.io.particles import load_particles
-    from cryospin.runlock import check_output_folder, claim_output_folder, describe_command
-
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threads is not None and args.threads < 1:
@@ -165,8 +103,6 @@ def main(args: argparse.Namespace) -> int:
     if args.poses is not None and pose_pkl is None:
         particles = _with_star_poses(particles, args.poses)
     if args.ind is not None:
-        from cryospin.io.particles import load_indices
-
         particles = particles.subset(load_indices(args.ind, len(particles)))
     if args.box is not None and args.box > particles.box_px:
         raise InputError(f"--box {args.box} is larger than the particles' box "

@@ -1,15 +1,5 @@
-"""Fourier-crop a particle stack to a smaller box (coarser pixels), streamed in chunks.
-
-Reads PARTICLES (.star, .cs, .txt or .mrcs), crops every image's centred Fourier transform to
---box pixels (pixel values kept: a constant image stays constant), writes OUT.mrcs and, with
---out-star, a RELION 3.1 star with pixel size × L_old/L_new, carrying every column of the input
-(image names point at OUT.mrcs, relative to the star's folder or --relative-to). Shifts are kept
-in Å (their pixel values scale by L_new/L_old); CTF and poses are unchanged.
-
-Example::
-
-    cryospin downsample particles.star -o particles.64.mrcs --box 64 --out-star particles.64.star
-"""
+"""``cryospin downsample``: :func:`main` runs it; its help and flags are in
+:mod:`cryospin.cli.flags.downsample`."""
 
 from __future__ import annotations
 
@@ -19,28 +9,16 @@ import dataclasses
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm import tqdm
 
 from cryospin.errors import InputError, OutputError
-
-if TYPE_CHECKING:  # imported where used: `cryospin --help` does not load torch
-    from cryospin.io.particles import ParticleSet
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """Register the flags of ``cryospin downsample``."""
-    parser.add_argument("particles", type=Path, help=".star, .cs, .txt or .mrcs")
-    parser.add_argument("-o", "--out", type=Path, required=True, help="output .mrcs")
-    parser.add_argument("--box", type=int, required=True, help="new box size, px")
-    parser.add_argument("--out-star", type=Path, default=None, help="output RELION 3.1 star")
-    parser.add_argument("--relative-to", type=Path, default=None, metavar="DIR",
-                        help="image paths in --out-star relative to DIR (default: to the "
-                             "star's folder)")
-    parser.add_argument("--chunk", type=int, default=1000, help="images per block (default 1000)")
-    parser.add_argument("--datadir", type=Path, default=None, help="folder holding the stacks")
-    parser.add_argument("--optics-group", default=None, metavar="N|NAME",
-                        help="only this optics group of a .star (rlnOpticsGroup number or name)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+from cryospin.forward.resample import fourier_crop_2d
+from cryospin.io.mrc import StackWriter
+from cryospin.io.particles import ParticleSet, load_particles
+from cryospin.io.star import write_relion_star
 
 
 def downsample_particles(
@@ -56,13 +34,6 @@ def downsample_particles(
     Images are cropped in float64 and written as float32; the new pixel size is
     ``pixel_size · L / new_box`` and ``shifts_px`` scale by ``new_box / L`` (same Å).
     """
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    from cryospin.forward.resample import fourier_crop_2d
-    from cryospin.io.mrc import StackWriter
-
     L, n = particles.box_px, len(particles)
     with StackWriter(out_mrcs, n, new_box, particles.pixel_size_angstrom * L / new_box) as w, \
             tqdm(total=n, unit="img", desc="downsampling", disable=not progress,
@@ -115,9 +86,6 @@ def _parent_folders(*paths: Path | None) -> Iterator[None]:
 
 def main(args: argparse.Namespace) -> int:
     """Downsample and print where the outputs are."""
-    from cryospin.io.particles import load_particles
-    from cryospin.io.star import write_relion_star
-
     if args.chunk < 1:
         raise InputError(f"--chunk must be >= 1, got {args.chunk}")
     has_metadata = args.particles.suffix.lower() in (".star", ".cs")

@@ -1,42 +1,25 @@
-"""Mirror a map (and optionally its poses) to the other hand.
-
-Ab initio reconstruction cannot tell a map from its mirror image. This writes the mirror
-``V(D r)``, ``D = diag(1, 1, −1)``: the map reversed along z about the centre voxel ``L//2``
-(docs/conventions.md, "Evaluation"), with the same voxel size. With --poses, the poses are
-converted by ``R -> D R D`` (shifts unchanged), so the flipped map and flipped poses give the
-same projections as the originals.
-
-Example::
-
-    cryospin flip-hand run/map.mrc -o run/map_flipped.mrc \\
-        --poses run/poses.star --out-poses run/poses_flipped.star
-"""
+"""``cryospin flip-hand``: :func:`main` runs it; its help and flags are in
+:mod:`cryospin.cli.flags.flip_hand`."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from cryospin.cli._args import add_out_argument
+import torch
 
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """Register the flags of ``cryospin flip-hand``."""
-    parser.add_argument("map", type=Path, metavar="MAP", help="map to mirror (.mrc)")
-    add_out_argument(parser, dest="output", aliases=("--output",), type=Path, required=True,
-                     metavar="OUT",
-                     help="mirrored map (.mrc)")
-    parser.add_argument("--poses", type=Path, default=None, metavar="STAR",
-                        help="particles with poses (.star, .cs) to convert as well")
-    parser.add_argument("--out-poses", type=Path, default=None, metavar="STAR",
-                        help="converted poses, written as a RELION 3.1 .star")
+from cryospin.errors import InputError
+from cryospin.evaluate.align import mirror_map
+from cryospin.evaluate.pose_error import flip_hand
+from cryospin.io.mrc import read_map, write_map
+from cryospin.io.particles import load_particles, write_particles_star
+from cryospin.io.star import CTF_COLUMNS, merge_optics, read_star_tables
 
 
 def _has_ctf(path: Path) -> bool:
     """Whether a .star file has every CTF column (others formats: assume yes)."""
     if path.suffix.lower() != ".star":
         return True
-    from cryospin.io.star import CTF_COLUMNS, merge_optics, read_star_tables
 
     particles, optics = read_star_tables(path)
     columns = set(merge_optics(particles, optics, path).columns)
@@ -45,14 +28,6 @@ def _has_ctf(path: Path) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     """Mirror the map (and poses); print what was written."""
-    import torch
-
-    from cryospin.errors import InputError
-    from cryospin.evaluate.align import mirror_map
-    from cryospin.evaluate.pose_error import flip_hand
-    from cryospin.io.mrc import read_map, write_map
-    from cryospin.io.particles import load_particles, write_particles_star
-
     if (args.poses is None) != (args.out_poses is None):
         raise InputError("--poses and --out-poses go together")
     volume, apix = read_map(args.map)

@@ -1,14 +1,5 @@
-"""Fourier shell correlation between two maps, with optional alignment (rotation, shift, hand).
-
-Prints the resolution at FSC = 0.5 and 0.143 (Å) and writes the curve as JSON and, with
---plot, a PNG. With --align, MAP_B is first rigidly aligned onto MAP_A (global search over
-rotations for both hands, then local refinement; see cryospin.evaluate.align), as needed to
-compare an ab initio map with the ground truth.
-
-Example::
-
-    cryospin fsc gt.mrc run/map.mrc --align -o fsc.json --plot fsc.png
-"""
+"""``cryospin fsc``: :func:`main` runs it; its help and flags are in
+:mod:`cryospin.cli.flags.fsc`."""
 
 from __future__ import annotations
 
@@ -16,35 +7,18 @@ import argparse
 import logging
 from pathlib import Path
 
-from cryospin.cli._args import add_out_argument
+import torch
+
+from cryospin.errors import InputError
+from cryospin.evaluate.align import align_maps
+from cryospin.evaluate.fsc import fsc, write_fsc_json
+from cryospin.io.mrc import read_map, write_map
+from cryospin.plotting import plot_fsc
 
 log = logging.getLogger(__name__)
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """Register the flags of ``cryospin fsc``."""
-    parser.add_argument("map_a", type=Path, help="first map (.mrc); the reference for --align")
-    parser.add_argument("map_b", type=Path, help="second map (.mrc)")
-    parser.add_argument("--align", action="store_true",
-                        help="align MAP_B onto MAP_A first (rotation, translation and hand)")
-    parser.add_argument("--no-flip", action="store_true",
-                        help="with --align, do not try the mirrored hand")
-    parser.add_argument("--mask", type=Path, default=None, help="real-space mask (.mrc)")
-    parser.add_argument("--apix", type=float, default=None,
-                        help="voxel size, Å (default: from MAP_A's header)")
-    add_out_argument(parser, dest="output", aliases=("--output",), type=Path, default=None,
-                     metavar="JSON", help="write the curve as JSON")
-    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of the curve")
-    parser.add_argument("--write-aligned", type=Path, default=None,
-                        help="with --align, write the aligned MAP_B (.mrc)")
-
-
 def _load(path: Path):
-    import torch
-
-    from cryospin.errors import InputError
-    from cryospin.io.mrc import read_map
-
     volume, apix = read_map(path)
     if volume.ndim != 3 or len(set(volume.shape)) != 1:
         raise InputError(f"expected a cubic map, got shape {volume.shape}", path)
@@ -53,9 +27,6 @@ def _load(path: Path):
 
 def main(args: argparse.Namespace) -> int:
     """Compute (and align, plot, write) the FSC; print the resolutions."""
-    from cryospin.errors import InputError
-    from cryospin.evaluate.fsc import fsc, write_fsc_json
-
     a, apix_a = _load(args.map_a)
     b, apix_b = _load(args.map_b)
     if a.shape != b.shape:
@@ -77,8 +48,6 @@ def main(args: argparse.Namespace) -> int:
     extra: dict = {"map_a": str(args.map_a), "map_b": str(args.map_b),
                    "mask": None if args.mask is None else str(args.mask)}
     if args.align:
-        from cryospin.evaluate.align import align_maps
-
         res = align_maps(a, b, search_hand=not args.no_flip)
         b = res.aligned
         extra["alignment"] = {
@@ -88,8 +57,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"aligned {args.map_b.name} onto {args.map_a.name}: "
               f"{'mirrored hand, ' if res.flipped else ''}correlation {res.correlation:.3f}")
         if args.write_aligned is not None:
-            from cryospin.io.mrc import write_map
-
             write_map(args.write_aligned, b.float().numpy(), apix or 1.0)
     result = fsc(a, b, mask=mask, pixel_size_angstrom=apix)
     unit = "Å" if apix else "px"
@@ -99,7 +66,5 @@ def main(args: argparse.Namespace) -> int:
     if args.output is not None:
         write_fsc_json(result, args.output, **extra)
     if args.plot is not None:
-        from cryospin.plotting import plot_fsc
-
         plot_fsc([(f"{args.map_a.name} vs {args.map_b.name}", result)], args.plot)
     return 0

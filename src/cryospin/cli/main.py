@@ -1,13 +1,17 @@
 """Entry point of the ``cryospin`` command: dispatches to one module per subcommand.
 
-Each subcommand module in :mod:`cryospin.cli` defines ``add_args(parser)`` and ``main(args)``;
-its docstring is the subcommand's ``--help``. User errors (:class:`cryospin.errors.CryospinError`)
-and I/O failures (``OSError``: disk full, permissions) print one line on stderr and exit with
-status 2, without a traceback (``-v`` logs the traceback of an ``OSError``). Ctrl-C exits with
-status 130; SIGTERM (a batch scheduler's time limit, ``kill``) is handled the same way
-(:class:`cryospin.errors.Terminated`, a ``KeyboardInterrupt``) and exits with status 143.
-When stdout's reader goes away (``cryospin fsc A B | head -1``) it exits quietly with status
-141, as a tool ended by SIGPIPE does.
+Each subcommand has two modules: :mod:`cryospin.cli.flags.<command>`, whose docstring is its
+``--help`` and whose ``add_args(parser)`` registers its flags, and :mod:`cryospin.cli.<command>`,
+whose ``main(args)`` runs it. The parser is built from the flag modules alone (no torch:
+``cryospin --help`` stays fast); only the chosen command's run module is imported.
+
+User errors (:class:`cryospin.errors.CryospinError`) and I/O failures (``OSError``: disk full,
+permissions) print one line on stderr and exit with status 2, without a traceback (``-v`` logs
+the traceback of an ``OSError``). Ctrl-C exits with status 130; SIGTERM (a batch scheduler's
+time limit, ``kill``) is handled the same way (:class:`cryospin.errors.Terminated`, a
+``KeyboardInterrupt``) and exits with status 143. When stdout's reader goes away
+(``cryospin fsc A B | head -1``) it exits quietly with status 141, as a tool ended by SIGPIPE
+does.
 """
 
 from __future__ import annotations
@@ -22,25 +26,40 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from types import FrameType
 
 from cryospin import __version__
+from cryospin.atomic import describe_os_error
 from cryospin.cli._args import HelpFormatter
 from cryospin.errors import CryospinError, Terminated
 
-# subcommand name -> module under cryospin.cli
-SUBCOMMANDS: dict[str, str] = {
-    "simulate": "simulate",
-    "downsample": "downsample",
-    "reconstruct": "reconstruct",
-    "presets": "presets",
-    "backproject": "backproject",
-    "fsc": "fsc",
-    "pose-error": "pose_error",
-    "demo": "demo",
-    "report": "report",
-    "flip-hand": "flip_hand",
-    "posterior": "posterior",
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: the module (under :mod:`cryospin.cli`) with its help and flags, imported
+    to build the parser, and the module that runs it, imported only when it runs."""
+
+    flags_module: str
+    run_module: str
+
+    def main(self, args: argparse.Namespace) -> int | None:
+        """Import the run module and run the command."""
+        return importlib.import_module(f"cryospin.cli.{self.run_module}").main(args)
+
+
+SUBCOMMANDS: dict[str, Command] = {
+    "simulate": Command("flags.simulate", "simulate"),
+    "downsample": Command("flags.downsample", "downsample"),
+    "reconstruct": Command("reconstruct", "reconstruct"),
+    "presets": Command("flags.presets", "presets"),
+    "backproject": Command("flags.backproject", "backproject"),
+    "fsc": Command("flags.fsc", "fsc"),
+    "pose-error": Command("flags.pose_error", "pose_error"),
+    "demo": Command("flags.demo", "demo"),
+    "report": Command("flags.report", "report"),
+    "flip-hand": Command("flags.flip_hand", "flip_hand"),
+    "posterior": Command("posterior", "posterior"),
 }
 
 #: exit status after stdout's reader went away: 128 + SIGPIPE, what a shell reports for
@@ -48,7 +67,7 @@ SUBCOMMANDS: dict[str, str] = {
 _BROKEN_PIPE_STATUS = 141
 
 
-def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     parser = argparse.ArgumentParser(
         prog="cryospin",
         description="Ab initio cryo-EM reconstruction with semi-amortized pose inference.",
@@ -56,14 +75,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     parser.add_argument("--version", action="version", version=f"cryospin {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules: dict[str, object] = {}
-    for name, module_name in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(f"cryospin.cli.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"cryospin.cli.{module_name}":
-                continue  # subcommand not built yet
-            raise
+    for name, command in SUBCOMMANDS.items():
+        module = importlib.import_module(f"cryospin.cli.{command.flags_module}")
         doc = (module.__doc__ or "").strip()
         summary = doc.splitlines()[0] if doc else name
         p = sub.add_parser(
@@ -72,15 +85,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
             description=doc,
             formatter_class=HelpFormatter,
         )
-        module.add_args(p)  # type: ignore[attr-defined]
-        modules[name] = module
-    return parser, modules
+        module.add_args(p)
+    return parser, SUBCOMMANDS
 
 
 def _os_error_line(exc: OSError) -> str:
     """``FILE: reason`` for an OSError (the file when known; see ``describe_os_error``)."""
-    from cryospin.atomic import describe_os_error
-
     reason = describe_os_error(exc)
     return f"{exc.filename}: {reason}" if exc.filename is not None else reason
 
@@ -141,7 +151,7 @@ def sigterm_raises_terminated() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cryospin`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    parser, modules = _build_parser()
+    parser, commands = _build_parser()
     args = parser.parse_args(argv)
     rank = os.environ.get("RANK", "0")  # under torchrun only rank 0 logs progress
     logging.basicConfig(
@@ -157,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = ["cryospin", *(sys.argv[1:] if argv is None else list(argv))]
     with sigterm_raises_terminated():
         try:
-            status = modules[args.command].main(args)  # type: ignore[attr-defined]
+            status = commands[args.command].main(args)
             sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
         except CryospinError as exc:
             print(f"cryospin {args.command}: error: {exc}", file=sys.stderr)
