@@ -49,7 +49,7 @@ from cryospin.evaluate.pose_error import pose_error  # noqa: E402
 from cryospin.forward.model import render  # noqa: E402
 from cryospin.io.particles import load_particles  # noqa: E402
 from cryospin.losses import gaussian_nll, head_spread_deg  # noqa: E402
-from cryospin.report import read_poses  # noqa: E402
+from cryospin.report.inputs import read_poses  # noqa: E402
 from cryospin.rotations import geodesic_distance_deg  # noqa: E402
 from cryospin.train.autoencode import winner_nll  # noqa: E402
 from cryospin.train.config import build_config  # noqa: E402

@@ -1,29 +1,59 @@
-"""Small matplotlib figures (FSC curves). matplotlib is optional (``pip install cryospin[report]``)
-and imported only when a function here is called, with the non-interactive Agg backend."""
+"""Shared matplotlib figures and helpers: FSC curves and a particle's view posterior.
+
+These plots are drawn by the layers below the report (the ``--halves`` workflow's gold-standard
+FSC, ``cryospin fsc``, ``cryospin posterior``), so they live here rather than in
+:mod:`cryospin.report.figures`, which holds the run report's own figures and imports these
+helpers. matplotlib is optional (``pip install cryospin[report]``) and imported only when a
+figure is drawn (:func:`pyplot`), with the non-interactive Agg backend; every figure is written
+as one PNG, atomically.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from cryospin.atomic import atomic_path
 from cryospin.errors import CryospinError
 from cryospin.evaluate.fsc import FSCResult
+from cryospin.evaluate.posterior import ParticlePosterior, healpix_ang2pix
 
-__all__ = ["plot_fsc"]
+__all__ = ["pyplot", "save_figure", "mollweide_lon_lat", "plot_fsc", "plot_pose_posterior"]
 
 
-def pyplot():
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` with the Agg backend (CryospinError when matplotlib is missing)."""
     try:
-        import matplotlib
+        import matplotlib  # optional dependency: imported only when a figure is drawn
     except ImportError:
         raise CryospinError(
             "plotting needs matplotlib: pip install 'cryospin[report]'"
         ) from None
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional dependency, as above
 
     return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """Write ``fig`` as a PNG at ``path`` atomically, then close it."""
+    plt = pyplot()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def mollweide_lon_lat(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Longitude ``atan2(y, x)`` and latitude ``asin z`` (radians) of unit vectors `(n, 3)`."""
+    v = np.asarray(directions, dtype=np.float64).reshape(-1, 3)
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return np.arctan2(v[:, 1], v[:, 0]), np.arcsin(np.clip(v[:, 2], -1.0, 1.0))
 
 
 def plot_fsc(
@@ -62,8 +92,79 @@ def plot_fsc(
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
+
+
+def _break_wraps(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Insert NaNs where a path crosses the ±180° meridian (no line across the map)."""
+    if lon.size < 2:
+        return lon, lat
+    jumps = np.flatnonzero(np.abs(np.diff(lon)) > math.pi) + 1
+    return np.insert(lon, jumps, np.nan), np.insert(lat, jumps, np.nan)
+
+
+def _overlay_heads(ax: Any, result: ParticlePosterior) -> None:
+    """Each head's candidate view (numbered) and the best head by loss (ringed)."""
+    lon, lat = mollweide_lon_lat(np.asarray(result.head_rotations)[:, 2, :])
+    best = int(np.nanargmin(result.head_losses)) if result.head_losses is not None else -1
+    ax.scatter(lon, lat, s=40, marker="o", facecolors="none", edgecolors="cyan",
+               linewidths=1.5, label=f"heads (epoch {result.head_epoch})", zorder=3)
+    for h, (x, y) in enumerate(zip(lon, lat, strict=True)):
+        ax.annotate(str(h + 1), (x, y), xytext=(5, 3), textcoords="offset points",
+                    color="cyan", fontsize=9, fontweight="bold")
+    if best >= 0:
+        ax.scatter(lon[best], lat[best], s=110, marker="o", facecolors="none",
+                   edgecolors="cyan", linewidths=1.6, label="best head", zorder=3)
+
+
+def _overlay_path(ax: Any, result: ParticlePosterior) -> None:
+    """The particle's view through the auto-decoding epochs, as a line with markers."""
+    lon, lat = mollweide_lon_lat(np.asarray(result.path_rotations)[:, 2, :])
+    px, py = _break_wraps(lon, lat)
+    ax.plot(px, py, "-", color="lime", linewidth=1.6, zorder=3)
+    epochs = result.path_epochs
+    label = "auto-decoding path" + (f" (epochs {int(epochs[0])}–{int(epochs[-1])})"
+                                    if epochs is not None and len(epochs) else "")
+    ax.scatter(lon, lat, s=16, color="lime", edgecolors="black", linewidths=0.4,
+               zorder=3, label=label)
+
+
+def plot_pose_posterior(
+    result: ParticlePosterior, nside: int, path: str | Path, *, range_nats: float = 30.0
+) -> None:
+    """A particle's view posterior (:class:`~cryospin.evaluate.posterior.ParticlePosterior`)
+    on an equal-area (Mollweide) map, HEALPix pixels drawn exactly.
+
+    Colour: ``log p − max log p`` (nats), clipped at ``−range_nats``. Overlays: each head's
+    candidate at the last auto-encoding epoch (numbered; the best head, by loss, ringed), the
+    particle's path through the auto-decoding epochs, and its final pose (star).
+    """
+    plt = pyplot()
+    logp = np.asarray(result.log_posterior, dtype=np.float64)
+    rel = np.maximum(logp - logp.max(), -float(range_nats))
+    lon_edges = np.linspace(-math.pi, math.pi, 481)  # 0.75° cells: HEALPix shapes drawn
+    lat_edges = np.linspace(-math.pi / 2, math.pi / 2, 241)
+    lon_c = 0.5 * (lon_edges[1:] + lon_edges[:-1])
+    lat_c = 0.5 * (lat_edges[1:] + lat_edges[:-1])
+    pix = healpix_ang2pix(nside, (math.pi / 2 - lat_c)[:, None], lon_c[None, :])  # (240, 480)
+    fig = plt.figure(figsize=(8.0, 4.8), dpi=110)
+    ax = fig.add_subplot(111, projection="mollweide")
+    mesh = ax.pcolormesh(lon_edges, lat_edges, rel[pix], cmap="magma", shading="flat",
+                         vmin=-float(range_nats), vmax=0.0, rasterized=True)
+    fig.colorbar(mesh, ax=ax, orientation="horizontal", fraction=0.05, pad=0.08,
+                 label="log posterior − max (nats), in-plane angle marginalised")
+    if result.head_rotations is not None:
+        _overlay_heads(ax, result)
+    if result.path_rotations is not None and len(result.path_rotations):
+        _overlay_path(ax, result)
+    if result.final_rotation is not None:
+        lon, lat = mollweide_lon_lat(np.asarray(result.final_rotation)[2, :][None])
+        ax.scatter(lon, lat, s=160, marker="*", color="white", edgecolors="black",
+                   linewidths=0.8, zorder=4, label="final pose")
+    ax.grid(alpha=0.3, color="0.7")
+    ax.tick_params(labelsize=7, colors="0.3")
+    ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.05, -0.05), framealpha=0.8)
+    ax.set_title(f"particle {result.particle}: posterior over view directions R[2, :] "
+                 f"(HEALPix nside {nside}, {logp.size} pixels)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)

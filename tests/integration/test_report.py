@@ -22,18 +22,18 @@ from _html import image_sources as _image_sources
 from cryospin.cli.main import main as cli_main
 from cryospin.errors import InputError
 from cryospin.io.mrc import write_map
-from cryospin.report import (
-    build_html,
-    gt_in_run_frame,
+from cryospin.report import write_report
+from cryospin.report.analysis import (
     head_usage_table,
-    load_run,
     orientation_histogram,
     pick_epochs,
     switch_epoch,
     view_directions,
-    write_report,
 )
+from cryospin.report.ground_truth import gt_in_run_frame
+from cryospin.report.html import build_html
 from cryospin.rotations import random_rotations
+from cryospin.rundir import load_run
 from cryospin.train.metrics import EpochMetrics, append_metrics
 
 needs_matplotlib = pytest.mark.skipif(

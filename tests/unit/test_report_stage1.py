@@ -20,16 +20,10 @@ import torch
 from cryospin.evaluate.pose_error import flip_hand, pose_error
 from cryospin.io.mrc import write_map
 from cryospin.io.star import relion_euler_from_rotation
-from cryospin.report import (
-    RANDOM_SPREAD_DEG,
-    head_spread_table,
-    head_usage_table,
-    plot_head_usage,
-    plot_track_errors,
-    track_error_rows,
-    track_errors,
-    write_report,
-)
+from cryospin.report import write_report
+from cryospin.report.analysis import RANDOM_SPREAD_DEG, head_spread_table, head_usage_table
+from cryospin.report.figures import plot_head_usage, plot_track_errors
+from cryospin.report.ground_truth import track_error_rows, track_errors
 from cryospin.rotations import random_rotations
 from cryospin.train.track import TRACK_FILE, PoseTrack, save_pose_track
 

@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     from cryospin.errors import InputError
     from cryospin.evaluate.posterior import healpix_vectors, run_posteriors
     from cryospin.io.particles import load_particles
-    from cryospin.report import plot_pose_posterior
+    from cryospin.plotting import plot_pose_posterior
     from cryospin.rundir import RunFiles
     from cryospin.runlock import check_output_folder, claim_output_folder, describe_command
     from cryospin.train.config import load_config

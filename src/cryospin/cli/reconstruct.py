@@ -467,8 +467,7 @@ def _write_report(run_dir: Path, *, halves: bool = False) -> None:
     """The run report (``halves``: of a ``--halves`` run), written at the end; a failure here
     never fails the finished run."""
     from cryospin.errors import CryospinError
-    from cryospin.report import write_report
-    from cryospin.report_halves import write_halves_report
+    from cryospin.report import write_halves_report, write_report
 
     try:
         report = (write_halves_report if halves else write_report)(run_dir)

@@ -1,0 +1,272 @@
+"""The report's numbers from a run's metrics and poses: the switch, wall time, encoder-head
+tables, view-direction histograms and the summary written as ``summary.json``.
+
+Pure functions of ``metrics.jsonl`` lines (:mod:`cryospin.train.metrics`) and arrays; nothing
+here draws or writes. Comparisons with a ground truth are in
+:mod:`cryospin.report.ground_truth`.
+
+Conventions (``docs/conventions.md``): a rotation ``R`` left-multiplies xyz column vectors and
+its third row ``R[2, :]`` is the projection direction in the map frame,
+``(sin θ cos φ, sin θ sin φ, cos θ)`` with RELION's ``φ = rot``, ``θ = tilt``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from cryospin.evaluate.gold_standard import GoldStandardFSC
+from cryospin.rundir import RunData, Stage, search_stopped_after
+
+__all__ = [
+    "RANDOM_SPREAD_DEG",
+    "switch_epoch",
+    "elapsed_seconds",
+    "pick_epochs",
+    "view_directions",
+    "orientation_histogram",
+    "head_usage_bars",
+    "head_usage_table",
+    "head_spread_table",
+    "padded_rows",
+    "stage1_head_rows",
+    "run_summary",
+    "halves_summary",
+    "json_ready",
+]
+
+#: Median geodesic distance between two independent uniformly random rotations (degrees): the
+#: root of ``(θ − sin θ) / π = 1/2``. A head whose ``head_spread_deg`` reaches it gives
+#: practically unrelated rotations to different images; 0 = one rotation for every image.
+RANDOM_SPREAD_DEG = 132.346
+
+# ---------------------------------------------------------------------------- epochs and time
+def switch_epoch(metrics: Sequence[dict[str, Any]]) -> int | None:
+    """The first auto-decoding (stage 2) epoch, or None if the run never switched."""
+    for row in metrics:
+        if row.get("stage") == Stage.AUTODECODE:
+            return int(row["epoch"])
+    return None
+
+
+def elapsed_seconds(metrics: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Cumulative wall time at the end of each epoch, `(E,)` seconds.
+
+    ``elapsed_s`` when every line has it (includes the switch pass and resumed parts), else the
+    running sum of ``wall_time_s``.
+    """
+    if metrics and all(r.get("elapsed_s") is not None for r in metrics):
+        return np.array([float(r["elapsed_s"]) for r in metrics], dtype=np.float64)
+    wall = [float(r.get("wall_time_s") or 0.0) for r in metrics]
+    return np.cumsum(np.array(wall, dtype=np.float64))
+
+
+def pick_epochs(epochs: Sequence[int], max_count: int, *, keep: Sequence[int] = ()) -> list[int]:
+    """At most ``max_count`` of ``epochs``, evenly spread, always with the last and ``keep``.
+
+    Returns a sorted list (empty when ``max_count <= 0``).
+    """
+    epochs = sorted(set(int(e) for e in epochs))
+    if max_count <= 0 or not epochs:
+        return []
+    if len(epochs) <= max_count:
+        return epochs
+    must = {epochs[-1]} | {int(k) for k in keep if int(k) in epochs}
+    rest = [e for e in epochs if e not in must]
+    spare = min(max(max_count - len(must), 0), len(rest))
+    spread = (np.linspace(0, len(rest) - 1, spare).round().astype(int) if spare
+              else np.zeros(0, dtype=int))
+    return sorted(must | {rest[i] for i in spread})
+
+
+# ---------------------------------------------------------------------------- orientations
+def view_directions(rotations: Tensor | np.ndarray) -> np.ndarray:
+    """Projection directions in the map frame, `(N, 3)` float64: the third rows ``R[:, 2, :]``.
+
+    Parameters
+    ----------
+    rotations : `(N, 3, 3)` array or tensor
+        cryospin rotations (``docs/conventions.md``).
+    """
+    R = np.asarray(rotations.detach().cpu() if isinstance(rotations, Tensor) else rotations,
+                   dtype=np.float64)
+    if R.ndim != 3 or R.shape[1:] != (3, 3):
+        raise ValueError(f"expected (N, 3, 3) rotations, got shape {R.shape}")
+    return R[:, 2, :].copy()
+
+
+def orientation_histogram(
+    directions: np.ndarray, *, n_lon: int = 72, n_z: int = 36
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Histogram of unit vectors over equal-area bins of the sphere.
+
+    Bins are equal steps in longitude ``φ = atan2(y, x) ∈ [−π, π]`` and in ``z = sin(latitude)
+    ∈ [−1, 1]``; by Archimedes' hat-box theorem every bin has the same area ``4π/(n_lon·n_z)``.
+
+    Parameters
+    ----------
+    directions : `(N, 3)`
+        Vectors ``(x, y, z)`` (normalised here; zero vectors are dropped).
+    n_lon, n_z : int
+        Bins in longitude and in ``z``.
+
+    Returns
+    -------
+    counts : `(n_z, n_lon)` int64
+        Row ``i`` is the latitude band ``lat_edges_rad[i] .. lat_edges_rad[i + 1]``.
+    lon_edges_rad : `(n_lon + 1,)` float64
+    lat_edges_rad : `(n_z + 1,)` float64
+        ``arcsin`` of equally spaced ``z`` edges.
+    """
+    v = np.asarray(directions, dtype=np.float64).reshape(-1, 3)
+    norm = np.linalg.norm(v, axis=1)
+    v = v[norm > 0] / norm[norm > 0, None]
+    lon = np.arctan2(v[:, 1], v[:, 0])
+    z = np.clip(v[:, 2], -1.0, 1.0)
+    lon_edges = np.linspace(-math.pi, math.pi, n_lon + 1)
+    z_edges = np.linspace(-1.0, 1.0, n_z + 1)
+    counts, _, _ = np.histogram2d(z, lon, bins=(z_edges, lon_edges))
+    return counts.astype(np.int64), lon_edges, np.arcsin(z_edges)
+
+
+# ---------------------------------------------------------------------------- encoder heads
+def head_usage_bars(
+    metrics: Sequence[dict[str, Any]],
+) -> tuple[list[str], list[int], list[list[float]]]:
+    """Labels, x positions (the epoch of the line; the switch pass sits at the first
+    auto-decoding epoch, whose line records it) and per-head usage of each bar."""
+    labels: list[str] = []
+    xs: list[int] = []
+    rows: list[list[float]] = []
+    for r in metrics:
+        if r.get("stage") == Stage.AUTOENCODE and r.get("head_usage"):
+            labels.append(str(int(r["epoch"])))
+            xs.append(int(r["epoch"]))
+            rows.append([float(u) for u in r["head_usage"]])
+        switch = (r.get("extra") or {}).get("switch")
+        if isinstance(switch, dict) and switch.get("head_usage"):
+            labels.append("switch")
+            xs.append(int(r["epoch"]))
+            rows.append([float(u) for u in switch["head_usage"]])
+    return labels, xs, rows
+
+
+def padded_rows(rows: Sequence[Sequence[float]], fill: float) -> np.ndarray:
+    """Ragged rows as a `(len(rows), longest)` float64 array, missing cells ``fill``."""
+    if not rows:
+        return np.zeros((0, 0))
+    table = np.full((len(rows), max(len(u) for u in rows)), fill, dtype=np.float64)
+    for i, u in enumerate(rows):
+        table[i, : len(u)] = u
+    return table
+
+
+def head_usage_table(metrics: Sequence[dict[str, Any]]) -> tuple[list[str], np.ndarray]:
+    """Bar labels and head-usage fractions `(bars, M)`: stage-1 epochs, then the switch pass."""
+    labels, _, rows = head_usage_bars(metrics)
+    return labels, padded_rows(rows, 0.0)
+
+
+def head_spread_table(metrics: Sequence[dict[str, Any]]) -> tuple[list[int], np.ndarray]:
+    """Stage-1 epochs whose metrics line has ``head_spread_deg`` and the spreads `(E, M)`.
+
+    A head's spread is the median geodesic distance (degrees) between the rotations it gives
+    different images (:func:`cryospin.losses.head_spread_deg`): 0 = one rotation for every
+    image, :data:`RANDOM_SPREAD_DEG` (≈ 132°) = uniformly random. Missing or null values
+    (older files, a batch of one image) are NaN; a run without any gives ``([], (0, 0))``.
+    """
+    epochs: list[int] = []
+    rows: list[list[float]] = []
+    for r in metrics:
+        spread = r.get("head_spread_deg")
+        if r.get("stage") == Stage.AUTOENCODE and spread:
+            epochs.append(int(r["epoch"]))
+            rows.append([math.nan if v is None else float(v) for v in spread])
+    return epochs, padded_rows(rows, math.nan)
+
+
+def stage1_head_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Summary rows of the stage-1 epochs: ``epoch``, ``head_usage``, ``head_spread_deg`` (each
+    a per-head list, or None when the metrics line lacks it)."""
+    rows = []
+    for r in metrics:
+        if r.get("stage") == Stage.AUTOENCODE and (r.get("head_usage") or r.get("head_spread_deg")):
+            spread = r.get("head_spread_deg")
+            rows.append({
+                "epoch": int(r["epoch"]),
+                "head_usage": [float(u) for u in r["head_usage"]] if r.get("head_usage")
+                else None,
+                "head_spread_deg": None if not spread else
+                [None if v is None else float(v) for v in spread],
+            })
+    return rows
+
+
+# ---------------------------------------------------------------------------- summaries
+def run_summary(run: RunData, *, num_poses: int | None, box_px: int | None,
+                pixel_size_angstrom: float | None) -> dict[str, Any]:
+    """The summary of one run without a ground truth: ``run_dir``, ``finished``, from the
+    metrics ``particles``, ``epochs_completed``, ``search_stopped_after``, ``switch_epoch``,
+    ``final_loss``, ``final_stage``, ``wall_time_s`` (seconds) and ``stage1_heads``, then
+    ``box_px`` and ``pixel_size_angstrom`` (Å). ``num_poses`` (the final poses' count) gives
+    ``particles`` when the metrics do not."""
+    metrics = run.metrics
+    summary: dict[str, Any] = {"run_dir": str(run.run_dir), "finished": run.finished}
+    if metrics:
+        summary.update(
+            particles=int(metrics[0].get("num_images") or 0) or None,
+            epochs_completed=int(metrics[-1]["epoch"]),
+            search_stopped_after=search_stopped_after(metrics),
+            switch_epoch=switch_epoch(metrics),
+            final_loss=metrics[-1].get("loss"),
+            final_stage=metrics[-1].get("stage"),
+            wall_time_s=float(elapsed_seconds(metrics)[-1]),
+        )
+        stage1_heads = stage1_head_rows(metrics)
+        if stage1_heads:
+            summary["stage1_heads"] = stage1_heads
+    if num_poses is not None and not summary.get("particles"):
+        summary["particles"] = int(num_poses)
+    summary.update(box_px=box_px, pixel_size_angstrom=pixel_size_angstrom)
+    return summary
+
+
+def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFSC,
+                   fsc_summary: dict[str, Any], marker: dict[str, Any], *, box_px: int,
+                   pixel_size_angstrom: float) -> dict[str, Any]:
+    """The summary of a ``--halves`` run: particles and half sizes, the split, each half's
+    epochs and wall time (seconds), the alignment of half B onto half A and the gold-standard
+    resolutions (Å) from ``fsc.json`` (``fsc_summary``, parsed as ``gold``) and ``halves.json``
+    (``marker``)."""
+    sizes = fsc_summary.get("half_sizes") or marker.get("half_sizes") or [None, None]
+    walls = [float(elapsed_seconds(h.metrics)[-1]) if h.metrics else 0.0 for h in halves]
+    align = fsc_summary.get("alignment") or {}
+    return {
+        "run_dir": run_dir,
+        "particles": int(sum(s for s in sizes if s is not None)) or None,
+        "half_sizes": sizes,
+        "split_source": marker.get("split_source"),
+        "box_px": box_px,
+        "pixel_size_angstrom": pixel_size_angstrom,
+        "epochs_completed": [int(h.metrics[-1]["epoch"]) if h.metrics else 0 for h in halves],
+        "wall_time_s": walls,
+        "half_b_mirrored": align.get("flipped"),
+        "half_alignment_correlation": align.get("correlation"),
+        "resolution_0143_corrected": gold.final_resolution,
+        "resolution_0143_unmasked": gold.unmasked.resolution(0.143),
+        "resolution_0143_masked": gold.masked.resolution(0.143),
+        "randomise_from": gold.randomise_from_resolution,
+    }
+
+
+def json_ready(x: Any) -> Any:
+    """``x`` (nested dicts and lists) with non-finite floats replaced by None, for JSON."""
+    if isinstance(x, dict):
+        return {k: json_ready(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_ready(v) for v in x]
+    return x if not isinstance(x, float) or math.isfinite(x) else None

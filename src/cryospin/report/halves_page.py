@@ -1,0 +1,229 @@
+"""The report of a gold-standard (``cryospin reconstruct --halves``) run folder.
+
+A halves run folder (:mod:`cryospin.train.halves`) holds two ordinary run folders, ``half_A/`` and
+``half_B/``, and the combined outputs: ``fsc.json`` (the four gold-standard FSC curves, the
+alignment of half B onto half A, the half sizes), ``map.mrc`` (FSC-weighted average),
+``map_masked.mrc``, ``mask.mrc`` and ``poses.star`` (half B's poses in half A's frame).
+
+:func:`write_halves_report` writes each half's own report (``half_A/report.html``,
+``half_B/report.html``, :func:`cryospin.report.write_report`) and a page for the whole run:
+the gold-standard FSC curves with the 0.143 line, both halves' loss against wall time with
+their switches, the orientation distribution of the combined poses, central sections and
+projections of the combined map and, with a ground truth, the combined map's FSC against it and
+the combined poses' rotation error. The figures go to the folder named after the HTML file
+(default ``RUN_DIR/report/``), as for a single run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from cryospin.errors import InputError
+from cryospin.evaluate.fsc import FSCResult
+from cryospin.evaluate.gold_standard import GoldStandardFSC
+from cryospin.evaluate.pose_error import PoseErrorResult
+from cryospin.plotting import plot_fsc
+from cryospin.report.analysis import halves_summary
+from cryospin.report.figures import (
+    FigureSet,
+    add_gt_figures,
+    plot_halves_training,
+    plot_map_views,
+    plot_orientations,
+)
+from cryospin.report.ground_truth import compare_map_with_gt, compare_poses_with_gt
+from cryospin.report.html import (
+    HAND_NOTE,
+    MIRROR_NOTE,
+    ReportResult,
+    build_html,
+    format_resolution,
+    gold_standard_table,
+    halves_summary_rows,
+    write_page,
+)
+from cryospin.report.inputs import ground_truth_on_grid, read_gt_poses, read_poses, read_volume
+from cryospin.report.run_page import write_report
+from cryospin.rundir import HALF_NAMES, HalvesFiles, RunData, load_run
+from cryospin.train.halves import is_halves_run
+
+__all__ = ["write_halves_report"]
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Everything the halves page reads, checked before anything is written."""
+
+    files: HalvesFiles
+    gold: GoldStandardFSC
+    fsc_summary: dict[str, Any]  # fsc.json as written
+    marker: dict[str, Any]  # halves.json
+    halves: list[RunData]
+    volume: np.ndarray  # (L, L, L) [z, y, x], the combined map
+    apix: float  # Å
+    gt: np.ndarray | None  # ground-truth map on the run's grid
+    rotations: Tensor | None  # (N, 3, 3), the combined poses
+    shifts: Tensor | None  # (N, 2) px
+    gt_R: Tensor | None
+    gt_t: Tensor | None
+
+
+def _read_fsc_json(path: Path) -> tuple[GoldStandardFSC, dict[str, Any]]:
+    """The gold-standard curves and the raw summary of a halves run's ``fsc.json``."""
+    if not path.is_file():
+        raise InputError("the halves run has not finished (no fsc.json); each half's own "
+                         "report: cryospin report RUN_DIR/half_A", path.parent)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        return GoldStandardFSC.from_dict(d), d
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"not a gold-standard FSC summary ({exc.__class__.__name__}: {exc})",
+                         path) from None
+
+
+def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
+                 gt_poses: str | Path | None) -> _Inputs:
+    files = HalvesFiles(run_dir)
+    if not is_halves_run(files.dir):
+        raise InputError("not a --halves run folder (no halves.json)", files.dir)
+    gold, fsc_summary = _read_fsc_json(files.fsc_json)
+    if not files.map.is_file():
+        raise InputError("the halves run has no combined map.mrc (not finished)", files.dir)
+    volume, apix = read_volume(files.map)
+    box = int(volume.shape[0])
+    halves = [load_run(files.half_dir(w)) for w in (1, 2)]
+    try:
+        marker = json.loads(files.marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise InputError("halves.json is unreadable", files.marker) from None
+    gt = None if gt_map is None else ground_truth_on_grid(Path(gt_map), box, apix)
+    rotations = shifts = gt_R = gt_t = None
+    if files.star.is_file():
+        rotations, shifts = read_poses(files.star, box)
+    if gt_poses is not None:
+        gt_R, gt_t = read_gt_poses(gt_poses, rotations, box, files.dir)
+    return _Inputs(files, gold, fsc_summary, marker, halves, volume, apix, gt, rotations,
+                   shifts, gt_R, gt_t)
+
+
+def _gold_figure(figs: FigureSet, gold: GoldStandardFSC) -> None:
+    """The four gold-standard FSC curves with the 0.143 line."""
+    if gold.randomise_from_shell > gold.unmasked.box_px // 2:
+        randomised = "(none: the unmasked FSC never fell below the threshold)"
+    elif gold.randomise_from_shell <= 0:
+        randomised = "at every shell"
+    else:
+        randomised = f"beyond {format_resolution(gold.randomise_from_resolution)}"
+    plot_fsc([("unmasked", gold.unmasked), ("masked", gold.masked),
+              ("phase-randomised masked", gold.phase_randomised),
+              ("corrected", gold.corrected)],
+             figs.add("fsc_gold.png", "Gold-standard FSC",
+                      "FSC of half A and half B (aligned onto A) without and with the automatic "
+                      f"mask, of the masked halves with phases randomised {randomised}, and the "
+                      "corrected FSC whose 0.143 crossing is the resolution (the numbers are in "
+                      "fsc.json and postprocess.star)."),
+             thresholds=(0.143,), title="gold-standard FSC (half A vs aligned half B)")
+
+
+def _figures(figs: FigureSet, inp: _Inputs, gt_map: str | Path | None,
+             final_fsc: FSCResult | None, pose_result: PoseErrorResult | None) -> None:
+    """Every figure of the page, in page order."""
+    _gold_figure(figs, inp.gold)
+    if any(h.metrics for h in inp.halves):
+        plot_halves_training([(n.replace("_", " "), h.metrics)
+                              for n, h in zip(HALF_NAMES, inp.halves, strict=True)],
+                             figs.add("training.png", "Training of the two halves",
+                                      "Loss against each half's own wall time (the halves run "
+                                      "one after the other, from independent initialisations); "
+                                      "dashed lines mark each half's switch to auto-decoding."))
+    if inp.rotations is not None:
+        plot_orientations(inp.rotations, figs.add(
+            "orientations.png", "Orientation distribution",
+            "View directions of the combined poses (half B's brought into half A's frame), "
+            "binned in equal-area cells on a Mollweide projection."))
+    plot_map_views(inp.volume, figs.add("map_views.png", "Combined map",
+                                        "Central sections and projections of map.mrc, the "
+                                        "FSC-weighted average of the two aligned half maps "
+                                        "(unmasked, unsharpened)."),
+                   pixel_size_angstrom=inp.apix)
+    add_gt_figures(figs, map_path=inp.files.map, gt_map=gt_map, final_fsc=final_fsc,
+                   gt_rotations=inp.gt_R, pose_result=pose_result)
+
+
+def _half_links(figs: FigureSet, half_pages: Sequence[Path]) -> str:
+    """The note linking each half's own report."""
+    links = ", ".join(f'<a href="{figs.link(p)}">{n.replace("_", " ")}</a>'
+                      for n, p in zip(HALF_NAMES, half_pages, strict=True))
+    return f"Each half's own report (training, head usage, map, orientations): {links}."
+
+
+def write_halves_report(
+    run_dir: str | Path,
+    *,
+    gt_map: str | Path | None = None,
+    gt_poses: str | Path | None = None,
+    output: str | Path | None = None,
+    max_epoch_fsc: int = 10,
+    search_hand: bool = True,
+) -> ReportResult:
+    """Write both halves' reports and ``report.html`` for a ``--halves`` run folder.
+
+    Parameters
+    ----------
+    run_dir : halves run folder (``halves.json`` marker).
+    gt_map : ground-truth map (``.mrc``): the combined map's FSC against it (aligned, both
+        hands) on this page; each half's report also compares its epoch maps with it (at most
+        ``max_epoch_fsc``, as :func:`cryospin.report.write_report`).
+    gt_poses : ground-truth poses of all particles (``.star``/``.cs``/``.pkl``, the order of
+        the particles given to ``reconstruct``): rotation error of the combined poses.
+    output : the HTML file (default ``RUN_DIR/report.html``); figures go to the folder named
+        after its stem.
+    max_epoch_fsc, search_hand : as :func:`cryospin.report.write_report`.
+
+    Returns
+    -------
+    ReportResult
+        The page's figures and summary (also ``<figures>/summary.json``).
+
+    Raises
+    ------
+    InputError
+        Not a halves run, not finished, or a ground truth that does not fit.
+    """
+    inp = _read_inputs(run_dir, gt_map, gt_poses)  # every input checked before writing
+    files = inp.files
+    html_path = Path(output) if output is not None else files.report
+    # each half's own report (its training, head usage, map, orientations)
+    half_pages = [write_report(h.run_dir, gt_map=gt_map, max_epoch_fsc=max_epoch_fsc,
+                               search_hand=search_hand).html_path for h in inp.halves]
+    summary = halves_summary(str(files.dir), inp.halves, inp.gold, inp.fsc_summary, inp.marker,
+                             box_px=int(inp.volume.shape[0]), pixel_size_angstrom=inp.apix)
+    final_fsc = pose_result = None
+    notes: list[str] = []
+    if inp.gt is not None:
+        final_fsc, aligned, fields = compare_map_with_gt(inp.gt, inp.volume, inp.apix,
+                                                         search_hand=search_hand)
+        summary.update(fields)
+        if aligned.flipped:
+            notes.append(MIRROR_NOTE)
+    if inp.gt_R is not None and inp.rotations is not None:  # gt_R implies rotations (read_gt_poses)
+        pose_result, fields = compare_poses_with_gt(inp.rotations, inp.shifts, inp.gt_R,
+                                                    inp.gt_t, search_hand=search_hand)
+        summary.update(fields)
+    figs = FigureSet(html_path)
+    figs.create()
+    _figures(figs, inp, gt_map, final_fsc, pose_result)
+    notes += [_half_links(figs, half_pages), HAND_NOTE]
+    config_text = files.config.read_text(encoding="utf-8") if files.config.is_file() else None
+    page = build_html(title=f"cryospin gold-standard report: {files.dir.resolve().name}",
+                      summary=halves_summary_rows(files.dir, summary), figures=figs.figures,
+                      notes=notes, tables=[gold_standard_table(inp.gold)],
+                      config_text=config_text)
+    return write_page(figs, summary, page)

@@ -1,0 +1,332 @@
+"""The report's page: a self-contained HTML file (inline CSS, no scripts, no network) with a
+summary table, notes, the figures (PNGs next to it, by relative path), further tables and the
+run's ``config.yaml``; and the text of its summary rows and tables, from the numbers of
+:mod:`cryospin.report.analysis` and :mod:`cryospin.report.ground_truth`.
+
+:func:`write_page` writes the page and its ``summary.json`` and returns a :class:`ReportResult`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryospin.atomic import atomic_write_text
+from cryospin.evaluate.gold_standard import GoldStandardFSC
+from cryospin.report.analysis import RANDOM_SPREAD_DEG, json_ready
+from cryospin.report.figures import FigureSet
+from cryospin.report.ground_truth import EpochResolution
+from cryospin.rundir import RunData, Stage
+
+__all__ = [
+    "HAND_NOTE",
+    "MIRROR_NOTE",
+    "ReportResult",
+    "build_html",
+    "write_page",
+    "format_resolution",
+    "format_duration",
+    "run_summary_rows",
+    "gt_summary_rows",
+    "epoch_table",
+    "halves_summary_rows",
+    "gold_standard_table",
+]
+
+#: The handedness paragraph of every report.
+HAND_NOTE = (
+    "Ab initio reconstruction cannot distinguish a map from its mirror image: the mirrored map "
+    "with mirrored poses explains the images equally well. If the hand is wrong (e.g. "
+    "left-handed α-helices), run <code>cryospin flip-hand map.mrc -o map_flipped.mrc</code> "
+    "(add <code>--poses poses.star --out-poses poses_flipped.star</code> to convert the poses)."
+)
+
+#: Note on a page whose map matched the ground truth's mirror image.
+MIRROR_NOTE = ("The map matches the <b>mirror image</b> of the ground truth: the hand is "
+               "inverted. Use <code>cryospin flip-hand</code> as described below.")
+
+#: A further table of the page: (title, header, rows), plain-text cells.
+Table = tuple[str, Sequence[str], Sequence[Sequence[str]]]
+
+_CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto;
+       max-width: 1000px; padding: 0 1em; color: #222; line-height: 1.4; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.6em;
+     border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; } td, th { padding: 0.25em 0.8em; text-align: left;
+        border-bottom: 1px solid #eee; vertical-align: top; }
+th { font-weight: 600; color: #444; }
+figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: 0.9em; color: #555; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.6em 1em; }
+"""
+
+
+# ---------------------------------------------------------------------------- page
+def build_html(
+    *,
+    title: str,
+    summary: Sequence[tuple[str, str]],
+    figures: Sequence[tuple[str, str, str]],
+    notes: Sequence[str] = (),
+    tables: Sequence[Table] = (),
+    config_text: str | None = None,
+) -> str:
+    """A self-contained HTML page (inline CSS, no scripts, no network).
+
+    Parameters
+    ----------
+    title : str
+        Plain text (escaped).
+    summary : sequence of (name, value)
+        Rows of the summary table; plain text (escaped).
+    figures : sequence of (title, src, caption)
+        ``src`` is a relative URL of a PNG (already URL-quoted); title and caption plain text.
+    notes : sequence of str
+        Paragraphs of trusted HTML (e.g. :data:`HAND_NOTE`).
+    tables : sequence of (title, header, rows)
+        Further tables after the figures; plain text cells (escaped).
+    config_text : str, optional
+        ``config.yaml`` shown verbatim.
+    """
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        '<link rel="icon" href="data:,">',
+        f"<title>{esc(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{esc(title)}</h1>",
+        "<h2>Summary</h2>",
+        "<table>",
+    ]
+    parts += [f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in summary]
+    parts.append("</table>")
+    for note in notes:
+        parts.append(f'<p class="note">{note}</p>')
+    for fig_title, src, caption in figures:
+        parts += [
+            f"<h2>{esc(fig_title)}</h2>",
+            "<figure>",
+            f'<img src="{esc(src, quote=True)}" alt="{esc(fig_title, quote=True)}">',
+            f"<figcaption>{esc(caption)}</figcaption>",
+            "</figure>",
+        ]
+    for table_title, header, rows in tables:
+        parts += [f"<h2>{esc(table_title)}</h2>", "<table>",
+                  "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    if config_text is not None:
+        parts += ["<h2>Configuration (config.yaml)</h2>", f"<pre>{esc(config_text)}</pre>"]
+    parts += ["</body>", "</html>", ""]
+    return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """Outcome of a report page (:func:`~cryospin.report.write_report`,
+    :func:`~cryospin.report.write_halves_report`).
+
+    Attributes
+    ----------
+    html_path : Path
+    figure_paths : list of Path
+        PNGs written (in page order).
+    summary : dict
+        Numbers of the summary table (JSON-ready), also written as ``<figures>/summary.json``.
+    """
+
+    html_path: Path
+    figure_paths: list[Path]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def write_page(figs: FigureSet, summary: dict[str, Any], page: str) -> ReportResult:
+    """Write ``summary`` as ``<figures>/summary.json`` (non-finite numbers as null), then the
+    page at ``figs.html_path``."""
+    atomic_write_text(figs.dir / "summary.json",
+                      json.dumps(json_ready(summary), indent=2) + "\n")
+    atomic_write_text(figs.html_path, page)
+    return ReportResult(html_path=figs.html_path, figure_paths=figs.paths, summary=summary)
+
+
+# ---------------------------------------------------------------------------- text
+def format_resolution(r: float) -> str:
+    """``"12.34 Å"``, or ``"–"`` for an infinite (never crossed) resolution."""
+    return f"{r:.2f} Å" if math.isfinite(r) else "–"
+
+
+def format_duration(s: float) -> str:
+    """Seconds as ``"12.3 s"``, ``"4.5 min"`` or ``"1.25 h"``."""
+    if s >= 3600:
+        return f"{s / 3600:.2f} h"
+    if s >= 120:
+        return f"{s / 60:.1f} min"
+    return f"{s:.1f} s"
+
+
+def _epoch_rows(s: dict[str, Any], run: RunData) -> list[tuple[str, str]]:
+    """Epochs (of those planned, or the early stop), the switch, the final loss, wall time."""
+    rows: list[tuple[str, str]] = []
+    planned = (run.config.get("schedule") or {}).get("epochs")
+    stopped = s.get("search_stopped_after")
+    if stopped is not None:  # a shorter run by design, not an unfinished one
+        rows.append(("epochs", f"{s['epochs_completed']} (of up to {planned}: the global "
+                               f"search stopped early after epoch {stopped})"))
+    else:
+        rows.append(("epochs", f"{s['epochs_completed']}" + (
+            f" of {planned}" if planned and planned != s["epochs_completed"] else "")))
+    k = s.get("switch_epoch")
+    rows.append(("switch", "never (auto-encoding only)" if k is None else
+                 f"after epoch {k - 1}; first auto-decoding epoch {k}"))
+    loss = s.get("final_loss")
+    rows.append(("final loss", "–" if loss is None else f"{loss:.6g} ({s.get('final_stage')})"))
+    rows.append(("wall time", format_duration(s["wall_time_s"])))
+    return rows
+
+
+def run_summary_rows(s: dict[str, Any], run: RunData) -> list[tuple[str, str]]:
+    """The summary table of one run, from its summary ``s``
+    (:func:`~cryospin.report.analysis.run_summary` and the ground-truth fields)."""
+    rows: list[tuple[str, str]] = [("run folder", str(run.run_dir))]
+    version = run.config.get("cryospin_version")
+    if version:
+        rows.append(("cryospin version", str(version)))
+    if s.get("particles"):
+        rows.append(("particles", f"{s['particles']:,}"))
+    if s.get("box_px"):
+        rows.append(("box", f"{s['box_px']} px"))
+    if s.get("pixel_size_angstrom"):
+        rows.append(("pixel size", f"{s['pixel_size_angstrom']:.4g} Å"))
+    if "epochs_completed" in s:
+        rows += _epoch_rows(s, run)
+    rows += _stage1_summary_rows(s)
+    rows += gt_summary_rows(s)
+    rows += _tracked_summary_rows(s)
+    if not run.finished:
+        rows.append(("status", "unfinished"))
+    return rows
+
+
+def _stage1_summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The head spread of the last stage-1 epoch that has one."""
+    with_spread = [r for r in s.get("stage1_heads") or () if r.get("head_spread_deg")]
+    if not with_spread:
+        return []
+    last = with_spread[-1]
+    values = ", ".join("–" if v is None or not math.isfinite(v) else
+                       f"{v:.1f}°" if v < 9.95 else f"{v:.0f}°"
+                       for v in last["head_spread_deg"])
+    return [(f"head spread across images (epoch {last['epoch']})",
+             f"{values} (0° = one rotation for every image, ≈ {RANDOM_SPREAD_DEG:.0f}° = "
+             "random)")]
+
+
+def _tracked_summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The tracked particles' errors at the last stage-1 epoch (the switch's poses)."""
+    stage1 = [r for r in s.get("tracked_rotation_error") or ()
+              if r.get("stage") == Stage.AUTOENCODE]
+    if not stage1:
+        return []
+    r = stage1[-1]
+    best = r.get("best_head_median_deg")
+    return [(f"tracked particles, last auto-encoding epoch ({r['epoch']})",
+             f"median error: winning head {r['median_deg']:.1f}°, best of heads "
+             + ("–" if best is None else f"{best:.1f}°")
+             + f"; view direction {r['view_median_deg']:.1f}°, in-plane "
+               f"{r['in_plane_median_deg']:.1f}°")]
+
+
+def gt_summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """Summary-table rows of the ground-truth comparisons present in ``s``."""
+    rows: list[tuple[str, str]] = []
+    if "resolution_05_angstrom" in s:
+        rows.append(("resolution vs ground truth",
+                     f"{format_resolution(s['resolution_05_angstrom'])} (FSC 0.5), "
+                     f"{format_resolution(s['resolution_0143_angstrom'])} (FSC 0.143)"))
+        rows.append(("hand vs ground truth",
+                     "mirrored" if s["hand_flipped_vs_gt"] else "same"))
+    if "median_rotation_error_deg" in s:
+        rows.append(("rotation error vs ground truth",
+                     f"median {s['median_rotation_error_deg']:.2f}°, mean "
+                     f"{s['mean_rotation_error_deg']:.2f}°, "
+                     f"{100 * s['fraction_rotation_error_below_10_deg']:.1f} % below 10°"))
+    return rows
+
+
+def epoch_table(
+    metrics: Sequence[dict[str, Any]], elapsed: np.ndarray,
+    resolutions: Sequence[EpochResolution],
+) -> Table:
+    """The per-epoch table: epoch, stage, loss, times, throughput, pose change, resolution."""
+    res = {r.epoch: r for r in resolutions}
+
+    def num(x: Any, fmt: str) -> str:
+        return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt % x
+
+    header = ["epoch", "stage", "loss", "epoch time", "elapsed", "images/s",
+              "mean pose change", "resolution vs GT (0.5 / 0.143)"]
+    rows = []
+    for r, t in zip(metrics, elapsed, strict=True):
+        e = int(r["epoch"])
+        rr = res.get(e)
+        rows.append([
+            str(e), str(r.get("stage", "")), num(r.get("loss"), "%.6g"),
+            format_duration(float(r.get("wall_time_s") or 0.0)), format_duration(float(t)),
+            num(r.get("images_per_s"), "%.1f"), num(r.get("mean_pose_change_deg"), "%.2f°"),
+            "–" if rr is None else f"{format_resolution(rr.resolution_05_angstrom)} / "
+                                   f"{format_resolution(rr.resolution_0143_angstrom)}",
+        ])
+    return "Epochs", header, rows
+
+
+# ---------------------------------------------------------------------------- halves
+def halves_summary_rows(run_dir: Path, s: dict[str, Any]) -> list[tuple[str, str]]:
+    """The summary table of a ``--halves`` run, from
+    :func:`~cryospin.report.analysis.halves_summary` and the ground-truth fields."""
+    a, b = s["half_sizes"]
+    rows: list[tuple[str, str]] = [("run folder", str(run_dir))]
+    if s["particles"]:
+        rows.append(("particles", f"{s['particles']:,} (half A {a:,}, half B {b:,}; split by "
+                                  f"{s['split_source']})"))
+    rows.append(("box", f"{s['box_px']} px"))
+    if s["pixel_size_angstrom"]:
+        rows.append(("pixel size", f"{s['pixel_size_angstrom']:.4g} Å"))
+    ea, eb = s["epochs_completed"]
+    wa, wb = s["wall_time_s"]
+    rows.append(("epochs", f"half A {ea}, half B {eb}"))
+    rows.append(("wall time", f"{format_duration(wa + wb)} (half A {format_duration(wa)}, half B "
+                              f"{format_duration(wb)})"))
+    if s["half_alignment_correlation"] is not None:
+        rows.append(("half B onto half A", ("mirrored, " if s["half_b_mirrored"] else "")
+                     + f"correlation {s['half_alignment_correlation']:.3f}"))
+    rows.append(("resolution (gold standard)",
+                 f"{format_resolution(s['resolution_0143_corrected'])} (corrected FSC 0.143; "
+                 f"unmasked "
+                 f"{format_resolution(s['resolution_0143_unmasked'])}, masked "
+                 f"{format_resolution(s['resolution_0143_masked'])})"))
+    rows += gt_summary_rows(s)
+    return rows
+
+
+def gold_standard_table(gold: GoldStandardFSC) -> Table:
+    """The resolutions (FSC 0.5 and 0.143) of the four gold-standard curves."""
+    curves = (("unmasked", gold.unmasked), ("masked", gold.masked),
+              ("phase-randomised masked", gold.phase_randomised), ("corrected", gold.corrected))
+    return ("Gold-standard FSC resolutions", ["curve", "FSC 0.5", "FSC 0.143"],
+            [[name, format_resolution(c.resolution(0.5)), format_resolution(c.resolution(0.143))]
+             for name, c in curves])

@@ -1,0 +1,273 @@
+"""The report of one run folder (``cryospin reconstruct -o RUN_DIR``): ``report.html`` and its
+figures, a composition of :mod:`~cryospin.report.inputs` (read and check everything first),
+:mod:`~cryospin.report.analysis` and :mod:`~cryospin.report.ground_truth` (the numbers),
+:mod:`~cryospin.report.figures` (one PNG each) and :mod:`~cryospin.report.html` (the page).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from cryospin.errors import InputError
+from cryospin.evaluate.fsc import FSCResult
+from cryospin.evaluate.pose_error import PoseErrorResult
+from cryospin.report.analysis import (
+    elapsed_seconds,
+    head_spread_table,
+    head_usage_table,
+    run_summary,
+    view_directions,
+)
+from cryospin.report.figures import (
+    FigureSet,
+    add_gt_figures,
+    plot_head_errors,
+    plot_head_usage,
+    plot_map_views,
+    plot_orientations,
+    plot_track_errors,
+    plot_training,
+)
+from cryospin.report.ground_truth import (
+    EpochResolution,
+    TrackErrors,
+    compare_map_with_gt,
+    compare_poses_with_gt,
+    epoch_resolutions,
+    head_errors,
+    track_error_rows,
+    track_errors,
+)
+from cryospin.report.html import (
+    HAND_NOTE,
+    MIRROR_NOTE,
+    ReportResult,
+    build_html,
+    epoch_table,
+    run_summary_rows,
+    write_page,
+)
+from cryospin.report.inputs import (
+    ground_truth_on_grid,
+    read_gt_poses,
+    read_poses,
+    read_track,
+    read_volume,
+)
+from cryospin.rundir import RunData, load_run
+from cryospin.train.track import PoseTrack
+
+__all__ = ["write_report"]
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Everything a run's page reads, checked before anything is written."""
+
+    run: RunData
+    volume: np.ndarray | None  # (L, L, L) [z, y, x]
+    apix: float | None  # Å
+    gt: np.ndarray | None  # ground-truth map on the run's grid
+    rotations: Tensor | None  # (N, 3, 3)
+    shifts: Tensor | None  # (N, 2) px
+    gt_R: Tensor | None
+    gt_t: Tensor | None
+
+
+@dataclass(frozen=True)
+class _Numbers:
+    """The page's numbers: the summary and what the figures and tables draw."""
+
+    summary: dict[str, Any]
+    elapsed: np.ndarray  # (E,) s
+    notes: list[str]
+    resolutions: list[EpochResolution]
+    final_fsc: FSCResult | None
+    pose_result: PoseErrorResult | None
+    track: PoseTrack | None
+    track_err: TrackErrors | None
+    track_heads: tuple[int, np.ndarray] | None
+
+
+def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
+                 gt_poses: str | Path | None) -> _Inputs:
+    run = load_run(run_dir)
+    volume = apix = None
+    if run.map_path is not None:
+        volume, apix = read_volume(run.map_path)
+    box = None if volume is None else int(volume.shape[0])
+    gt = None
+    if gt_map is not None:
+        if volume is None:
+            raise InputError("the run has no map to compare with the ground truth", run.run_dir)
+        gt = ground_truth_on_grid(Path(gt_map), int(volume.shape[0]), apix or 0.0)
+    rotations = shifts = None
+    if run.poses_path is not None and box is not None:
+        rotations, shifts = read_poses(run.poses_path, box)
+    gt_R = gt_t = None
+    if gt_poses is not None:
+        gt_R, gt_t = read_gt_poses(gt_poses, rotations, box, run.run_dir)
+    return _Inputs(run, volume, apix, gt, rotations, shifts, gt_R, gt_t)
+
+
+def _analyse(inp: _Inputs, *, max_epoch_fsc: int, search_hand: bool) -> _Numbers:
+    run = inp.run
+    elapsed = elapsed_seconds(run.metrics) if run.metrics else np.zeros(0)
+    summary = run_summary(
+        run, num_poses=None if inp.rotations is None else int(inp.rotations.shape[0]),
+        box_px=None if inp.volume is None else int(inp.volume.shape[0]),
+        pixel_size_angstrom=inp.apix)
+    notes: list[str] = []
+    resolutions: list[EpochResolution] = []
+    final_fsc = None
+    # FSC of the final map (full search), then of a few epoch maps (gt implies volume)
+    if inp.gt is not None and inp.volume is not None:
+        final_fsc, aligned, fields = compare_map_with_gt(inp.gt, inp.volume, inp.apix,
+                                                         search_hand=search_hand)
+        summary.update(fields)
+        resolutions = epoch_resolutions(run, inp.gt, final_fsc, aligned, elapsed,
+                                        max_epoch_fsc=max_epoch_fsc, search_hand=search_hand)
+        summary["epoch_resolutions"] = [
+            {"epoch": r.epoch, "elapsed_s": r.elapsed_s,
+             "resolution_05_angstrom": r.resolution_05_angstrom,
+             "resolution_0143_angstrom": r.resolution_0143_angstrom}
+            for r in resolutions
+        ]
+        if aligned.flipped:
+            notes.append(MIRROR_NOTE)
+    pose_result = track_err = track_heads = track = None
+    if inp.gt_R is not None and inp.rotations is not None:  # gt_R implies rotations (read_gt_poses)
+        track = read_track(run.run_dir, inp.gt_R.shape[0])
+        if track is not None:
+            track_err = track_errors(track, inp.gt_R, allow_flip=search_hand)
+            summary["tracked_rotation_error"] = track_error_rows(track_err)
+            if track_err.stage1.any():
+                track_heads = head_errors(track, inp.gt_R, track_err)
+        pose_result, fields = compare_poses_with_gt(inp.rotations, inp.shifts, inp.gt_R,
+                                                    inp.gt_t, search_hand=search_hand)
+        summary.update(fields)
+    return _Numbers(summary, elapsed, notes, resolutions, final_fsc, pose_result, track,
+                    track_err, track_heads)
+
+
+def _training_figures(figs: FigureSet, metrics: list[dict[str, Any]], num: _Numbers) -> None:
+    """Loss (and resolution) against time; the encoder heads' usage and spread."""
+    plot_training(metrics, figs.add("training.png", "Training",
+                                    "Loss against cumulative wall time"
+                                    + (", resolution against the ground truth (each epoch map "
+                                       "aligned to it)" if num.resolutions else "")
+                                    + "; the dashed line marks the switch from auto-encoding "
+                                      "to auto-decoding."),
+                  resolutions=num.resolutions)
+    has_spread = bool(head_spread_table(metrics)[0])
+    if head_usage_table(metrics)[0] or has_spread:
+        plot_head_usage(metrics, figs.add(
+            "head_usage.png", "Encoder heads (stage 1)",
+            "Fraction of images whose best pose came from each head, per stage-1 epoch "
+            "and at the switch"
+            + ("; below, each head's output spread across images: the median angle "
+               "between the rotations the head gives different images (0° = the head "
+               "gives one rotation for every image, ≈ 132° = rotations as different as "
+               "uniformly random ones)." if has_spread else ".")))
+
+
+def _track_figures(figs: FigureSet, inp: _Inputs, num: _Numbers) -> None:
+    """The tracked particles' error per epoch and, at the last stage-1 epoch, per head."""
+    if num.track is None or inp.gt_R is None:
+        return
+    if num.track_err is not None:
+        plot_track_errors(num.track_err, figs.add(
+            "rotation_error_epochs.png", "Rotation error against epoch",
+            f"Median and mean rotation error of the {num.track.indices.size} tracked particles "
+            "(pose_track.npz) at the end of each epoch (stage 1: the winning head, lowest "
+            "loss; stage 2: pose table), each epoch aligned to the ground truth on its own "
+            "(global rotation and hand); the medians of the view-direction error (angle "
+            "between projection directions) and of the in-plane error (rotation about the "
+            "view axis); in stage 1 the median best-of-heads error (per particle the head "
+            "closest to the ground truth, under the same alignment: what a perfect choice "
+            "of head would give). The dashed line marks the switch."))
+    if num.track_heads is not None:
+        head_epoch, head_err = num.track_heads
+        gt_dirs = view_directions(np.asarray(inp.gt_R.detach().cpu())[num.track.indices])
+        plot_head_errors(gt_dirs, head_err, figs.add(
+            "head_errors.png", "Per-head rotation error over the sphere",
+            f"For the last auto-encoding epoch ({head_epoch}), each head's rotation error "
+            "(after that epoch's alignment) plotted at the ground-truth view direction of "
+            "each tracked particle, on equal-area (Mollweide) maps."), epoch=head_epoch)
+
+
+def _figures(figs: FigureSet, inp: _Inputs, num: _Numbers, gt_map: str | Path | None) -> None:
+    """Every figure of the page, in page order."""
+    run = inp.run
+    if run.metrics:
+        _training_figures(figs, run.metrics, num)
+    if inp.rotations is not None:
+        plot_orientations(inp.rotations, figs.add(
+            "orientations.png", "Orientation distribution",
+            "View directions (third row of each R, the projection direction in the map "
+            "frame) of the final poses, binned in equal-area cells on a Mollweide "
+            "projection."))
+    if inp.volume is not None and run.map_path is not None:
+        plot_map_views(inp.volume, figs.add("map_views.png", "Map",
+                                            f"Central sections and projections of "
+                                            f"{run.map_path.name}."),
+                       pixel_size_angstrom=inp.apix)
+    if run.map_path is not None:
+        add_gt_figures(figs, map_path=run.map_path, gt_map=gt_map, final_fsc=num.final_fsc,
+                       gt_rotations=inp.gt_R, pose_result=num.pose_result)
+    _track_figures(figs, inp, num)
+
+
+def write_report(
+    run_dir: str | Path,
+    *,
+    gt_map: str | Path | None = None,
+    gt_poses: str | Path | None = None,
+    output: str | Path | None = None,
+    max_epoch_fsc: int = 10,
+    search_hand: bool = True,
+) -> ReportResult:
+    """Write ``report.html`` and its figures for a run folder.
+
+    Parameters
+    ----------
+    run_dir : run folder of ``cryospin reconstruct``.
+    gt_map : ground-truth map (``.mrc``); adds the FSC curve, the resolution per epoch (for at
+        most ``max_epoch_fsc`` epoch maps, each aligned to it with a coarser search) and the
+        resolution in the summary.
+    gt_poses : ground-truth poses (``.star``/``.cs``, or cryoDRGN ``.pkl``); adds the
+        rotation-error histogram of the final poses and, when the run has a
+        ``pose_track.npz``, the error of the tracked particles per epoch and per head.
+    output : the HTML file (default ``RUN_DIR/report.html``); figures go to the folder named
+        after its stem next to it (default ``RUN_DIR/report/``).
+    max_epoch_fsc : int
+        Epochs whose maps are compared with ``gt_map``, counting the final map (always
+        compared, with the full search); the others are evenly spread and include the last
+        stage-1 epoch. 0 or 1 = final map only.
+    search_hand : bool
+        Let the alignments to the ground truth (map and poses) try the mirrored hand.
+
+    Returns
+    -------
+    ReportResult
+    """
+    inp = _read_inputs(run_dir, gt_map, gt_poses)  # every input checked before writing
+    run = inp.run
+    html_path = Path(output) if output is not None else run.files.report
+    num = _analyse(inp, max_epoch_fsc=max_epoch_fsc, search_hand=search_hand)
+    figs = FigureSet(html_path)
+    figs.create()
+    _figures(figs, inp, num, gt_map)
+    notes = [*num.notes, HAND_NOTE]
+    if not run.finished:
+        notes.insert(0, "This run has not finished: the report shows the last completed epoch.")
+    page = build_html(title=f"cryospin run report: {run.run_dir.resolve().name}",
+                      summary=run_summary_rows(num.summary, run), figures=figs.figures,
+                      notes=notes, tables=[epoch_table(run.metrics, num.elapsed, num.resolutions)],
+                      config_text=run.config_text)
+    return write_page(figs, num.summary, page)
