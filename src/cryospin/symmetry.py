@@ -1,30 +1,77 @@
-"""Point-group symmetry: the rotations of the cyclic (Cn) and dihedral (Dn) groups.
+"""Point-group symmetry: the rotations of the groups Cn, Dn, T, O and I in RELION's orientation.
 
-Convention (``docs/conventions.md``, "Symmetry"): the symmetry axis is ``z``; for Dn the
-two-fold axes lie in the ``xy`` plane, one of them along ``x`` (RELION's convention for Dn).
-A map is symmetric when ``V(g r) = V(r)`` for every ``g`` of the group; poses ``R`` and
-``R g`` then give identical images (``P(x, y) = ∫ V(Rᵀ r) dz`` and ``V((R g)ᵀ r) = V(gᵀ Rᵀ r)
-= V(Rᵀ r)`` since ``gᵀ = g⁻¹`` is in the group), so pose errors of a symmetric particle are
-taken as the minimum over the group.
+Convention (``docs/conventions.md``, "Symmetry"): ``Cn`` about ``z``; ``Dn`` adds a two-fold
+along ``x``; ``T`` has a three-fold along ``z`` and a two-fold along ``(0, √(2/3), √(1/3))``;
+``O`` has its four-folds along ``x``, ``y``, ``z``; ``I1``…``I4`` are RELION's icosahedral
+settings, and ``I`` is ``I2`` (two-folds along ``x``, ``y``, ``z``, the five-fold
+``(1, 0, φ)/|·|`` in the ``xz`` plane), as in RELION. A map is symmetric when
+``V(g r) = V(r)`` for every ``g`` of the group; poses ``R`` and ``R g`` then give identical
+images (``P(x, y) = ∫ V(Rᵀ r) dz`` and ``V((R g)ᵀ r) = V(gᵀ Rᵀ r) = V(Rᵀ r)`` since
+``gᵀ = g⁻¹`` is in the group), so pose errors of a symmetric particle are taken as the minimum
+over the group, and a symmetric backprojection inserts each image at every ``R g``.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from cryospin.errors import InputError
 
-__all__ = ["parse_point_group", "point_group_rotations"]
+__all__ = ["PointGroup", "parse_point_group", "point_group_rotations"]
 
-_SYMBOL = re.compile(r"^\s*([CcDd])\s*(\d+)\s*$")
+_SYMBOL = re.compile(r"^\s*(?:([CcDd])\s*(\d+)|([TtOo])|([Ii])\s*([1-4])?)\s*$")
+
+#: the golden ratio φ = (1 + √5) / 2
+_PHI = (1.0 + math.sqrt(5.0)) / 2.0
+
+#: RELION's icosahedral settings: (two-fold axis, five-fold axis), each a direction (unnormalised)
+_ICOSAHEDRAL_AXES: dict[int, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    1: ((1.0, 0.0, 0.0), (_PHI, 0.0, -1.0)),  # 2-folds on x, y, z; front 5-folds in yz
+    2: ((0.0, 0.0, 1.0), (1.0, 0.0, _PHI)),  # 2-folds on x, y, z; front 5-folds in xz
+    3: ((-1.0, 0.0, _PHI), (0.0, 0.0, 1.0)),  # 5-fold on z, 2-fold on y
+    4: ((1.0, 0.0, _PHI), (2.0, 0.0, 1.0)),  # 5-fold on z, the I3 setting turned 180° about z
+}
 
 
-def parse_point_group(symbol: str) -> tuple[str, int]:
-    """``"D7"`` -> ``("D", 7)``; accepts C1, Cn (n >= 1) and Dn (n >= 2), any case.
+@dataclass(frozen=True)
+class PointGroup:
+    """A point group parsed from its symbol (:func:`parse_point_group`).
+
+    Attributes
+    ----------
+    kind : str
+        ``"C"``, ``"D"``, ``"T"``, ``"O"`` or ``"I"``.
+    n : int
+        Order of the principal axis: ``n`` of Cn and Dn; 3 for T, 4 for O, 5 for I.
+    setting : int
+        RELION's icosahedral setting 1–4 (``I`` is 2); 0 for the other groups.
+    """
+
+    kind: str
+    n: int
+    setting: int = 0
+
+    @property
+    def symbol(self) -> str:
+        """The canonical symbol: ``"C4"``, ``"D7"``, ``"T"``, ``"O"``, ``"I2"``."""
+        if self.kind in "CD":
+            return f"{self.kind}{self.n}"
+        return f"I{self.setting}" if self.kind == "I" else self.kind
+
+    @property
+    def order(self) -> int:
+        """Number of rotations ``|G|``: n, 2n, 12, 24 or 60."""
+        return {"C": self.n, "D": 2 * self.n, "T": 12, "O": 24, "I": 60}[self.kind]
+
+
+def parse_point_group(symbol: str) -> PointGroup:
+    """``"D7"`` -> ``PointGroup("D", 7)``; accepts Cn (n >= 1), Dn (n >= 2), T, O, I and
+    I1–I4 (RELION's icosahedral settings; ``I`` = ``I2``), any case.
 
     Raises
     ------
@@ -33,11 +80,17 @@ def parse_point_group(symbol: str) -> tuple[str, int]:
     """
     m = _SYMBOL.match(str(symbol))
     if m is None:
-        raise InputError(f"unknown symmetry {symbol!r}: expected Cn or Dn, e.g. C1, C4, D7")
+        raise InputError(f"unknown symmetry {symbol!r}: expected Cn, Dn, T, O, I or I1..I4, "
+                         "e.g. C1, C4, D7, O, I")
+    if m.group(3):
+        kind = m.group(3).upper()
+        return PointGroup(kind, 3 if kind == "T" else 4)
+    if m.group(4):
+        return PointGroup("I", 5, int(m.group(5) or 2))
     kind, n = m.group(1).upper(), int(m.group(2))
     if n < 1 or (kind == "D" and n < 2):
         raise InputError(f"unknown symmetry {symbol!r}: expected C1..Cn or D2..Dn")
-    return kind, n
+    return PointGroup(kind, n)
 
 
 def _rot_z(angle_rad: float) -> Tensor:
@@ -45,16 +98,67 @@ def _rot_z(angle_rad: float) -> Tensor:
     return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
 
 
+def _axis_rotation(axis: tuple[float, float, float], fold: int) -> Tensor:
+    """The right-handed rotation by ``2π / fold`` about ``axis`` (Rodrigues), `(3, 3)` float64."""
+    a = torch.tensor(axis, dtype=torch.float64)
+    a = a / a.norm()
+    angle = 2.0 * math.pi / fold
+    cross = torch.tensor([[0.0, -a[2], a[1]], [a[2], 0.0, -a[0]], [-a[1], a[0], 0.0]],
+                         dtype=torch.float64)
+    return (math.cos(angle) * torch.eye(3, dtype=torch.float64) + math.sin(angle) * cross
+            + (1.0 - math.cos(angle)) * torch.outer(a, a))
+
+
+def _closure(generators: list[Tensor], order: int) -> Tensor:
+    """The group generated by ``generators``: identity first, then each new product of an
+    element found so far with a generator, in the order found (deterministic), `(order, 3, 3)`.
+    Products closer than 1e-9 (max-abs) to an element are that element."""
+    elements = [torch.eye(3, dtype=torch.float64)]
+    frontier = list(elements)
+    while frontier:
+        new = []
+        for a in frontier:
+            for g in generators:
+                p = a @ g
+                if all(float((p - e).abs().max()) > 1e-9 for e in elements):
+                    elements.append(p)
+                    new.append(p)
+        frontier = new
+        if len(elements) > order:
+            raise AssertionError(f"generators make more than {order} rotations")
+    if len(elements) != order:
+        raise AssertionError(f"generators make {len(elements)} rotations, expected {order}")
+    return torch.stack(elements)
+
+
 def point_group_rotations(symbol: str) -> Tensor:
     """The group's rotation matrices, `(G, 3, 3)` float64, identity first.
 
     ``Cn``: rotations by ``2πk/n`` about ``z`` (``G = n``). ``Dn``: those and the same composed
-    with the two-fold ``diag(1, −1, −1)`` about ``x`` (``G = 2n``).
+    with the two-fold ``diag(1, −1, −1)`` about ``x`` (``G = 2n``). ``T`` (12), ``O`` (24),
+    ``I1``–``I4`` (60): the closure of the generators of ``docs/conventions.md``,
+    "Symmetry" (T: three-fold about ``z`` and two-fold about ``(0, √(2/3), √(1/3))``; O:
+    four-fold about ``z`` and three-fold about ``(1, 1, 1)/√3``; I: RELION's two-fold and
+    five-fold axes of the setting).
     """
-    kind, n = parse_point_group(symbol)
-    cyclic = [_rot_z(2.0 * math.pi * k / n) for k in range(n)]
-    out = list(cyclic)
-    if kind == "D":
-        flip_x = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))
-        out += [c @ flip_x for c in cyclic]
-    return torch.stack(out)
+    group = parse_point_group(symbol)
+    if group.kind in "CD":
+        n = group.n
+        cyclic = [_rot_z(2.0 * math.pi * k / n) for k in range(n)]
+        out = list(cyclic)
+        if group.kind == "D":
+            flip_x = torch.diag(torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))
+            out += [c @ flip_x for c in cyclic]
+        return torch.stack(out)
+    if group.kind == "T":
+        gens = [_axis_rotation((0.0, 0.0, 1.0), 3),
+                _axis_rotation((0.0, math.sqrt(2.0 / 3.0), math.sqrt(1.0 / 3.0)), 2)]
+    elif group.kind == "O":
+        gens = [_axis_rotation((0.0, 0.0, 1.0), 4), _axis_rotation((1.0, 1.0, 1.0), 3)]
+        # entries are 0, ±1: round away the Rodrigues formula's 1e-16s, so that the group
+        # maps the voxel grid exactly onto itself
+        gens = [g.round() for g in gens]
+    else:
+        two, five = _ICOSAHEDRAL_AXES[group.setting]
+        gens = [_axis_rotation(two, 2), _axis_rotation(five, 5)]
+    return _closure(gens, group.order)

@@ -271,17 +271,20 @@ def pose_error(
     A, err = align_rotations(pred, gt, symmetry=G)
     flipped = False
     if allow_flip:
-        A_f, err_f = align_rotations(pred, flip_hand(gt), symmetry=G)
+        # the mirrored map V(D r) has the mirrored group D G D (T, I3 and I4 are not closed
+        # under g -> D g D: T goes to T turned 180° about z, I3 to I4)
+        G_f = None if G is None else flip_hand(G)
+        A_f, err_f = align_rotations(pred, flip_hand(gt), symmetry=G_f)
         # the hand whose alignment reaches the smaller value of the objective both minimise
         # (the sum of the errors); not the median, which cannot decide when a minority of the
         # particles is right and the rest sits in pseudo-symmetric copies (seen on 6VYB: 42 %
         # within 10° of the right hand's alignment, median 116°, against 0.3 % and 104° for
         # the mirror's)
         if float(err_f.sum()) < float(err.sum()):
-            A, err, flipped = A_f, err_f, True
+            A, err, flipped, G = A_f, err_f, True, G_f
 
     # angles are the same in the mirrored frame: compare there, against the nearest
-    # equivalent pose H(R_gt) g (the group is closed under g -> D g D)
+    # equivalent pose H(R_gt) g, g in the group of that hand's map
     ref = flip_hand(gt) if flipped else gt
     if G is not None:
         cand_g = G.transpose(-1, -2)[:, None] @ (ref.transpose(-1, -2) @ pred)[None]

@@ -333,7 +333,10 @@ def symmetric_assembly(model: AtomicModel, symmetry: str,
     """
     from cryospin.symmetry import parse_point_group, point_group_rotations
 
-    kind, n = parse_point_group(symmetry)
+    group = parse_point_group(symmetry)
+    if group.kind not in ("C", "D"):
+        raise InputError(f"a symmetric assembly is built for Cn and Dn only, not {symmetry!r}")
+    kind, n = group.kind, group.n
     G = point_group_rotations(symmetry)  # (G, 3, 3)
     xyz = model.coords_angstrom - model.centre_of_mass_angstrom()  # (A, 3)
     w = model.weights

@@ -39,7 +39,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="compare only this optics group of the .star files "
                              "(rlnOpticsGroup number or name)")
     parser.add_argument("--symmetry", default=None, metavar="GROUP",
-                        help="point group of the particle (Cn or Dn, e.g. D7): errors against "
-                             "the nearest symmetry-equivalent pose")
+                        help="point group of the particle (Cn, Dn, T, O, I or I1..I4 in "
+                             "RELION's axes, e.g. D7): errors against the nearest "
+                             "symmetry-equivalent pose")
     add_out_argument(parser, dest="output", aliases=("--output",), type=Path, default=None,
                      metavar="JSON", help="write JSON here")
