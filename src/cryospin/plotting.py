@@ -3,9 +3,12 @@
 These plots are drawn by the layers below the report (the ``--halves`` workflow's gold-standard
 FSC, ``cryospin fsc``, ``cryospin posterior``), so they live here rather than in
 :mod:`cryospin.report.figures`, which holds the run report's own figures and imports these
-helpers. matplotlib is optional (``pip install cryospin[report]``) and imported only when a
-figure is drawn (:func:`pyplot`), with the non-interactive Agg backend; every figure is written
-as one PNG, atomically.
+helpers. This module sits below the workflows: it imports the FSC result and the HEALPix grid
+only, and takes the posterior it draws through the :class:`ViewPosterior` protocol.
+
+matplotlib is optional (``pip install cryospin[report]``) and imported only when a figure is
+drawn (:func:`pyplot`), with the non-interactive Agg backend; every figure is written as one
+PNG, atomically.
 """
 
 from __future__ import annotations
@@ -13,16 +16,45 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from cryospin.atomic import atomic_path
 from cryospin.errors import CryospinError
 from cryospin.evaluate.fsc import FSCResult
-from cryospin.evaluate.posterior import ParticlePosterior, healpix_ang2pix
+from cryospin.healpix import healpix_ang2pix
 
-__all__ = ["pyplot", "save_figure", "mollweide_lon_lat", "plot_fsc", "plot_pose_posterior"]
+__all__ = [
+    "pyplot",
+    "save_figure",
+    "mollweide_lon_lat",
+    "plot_fsc",
+    "ViewPosterior",
+    "plot_pose_posterior",
+]
+
+
+class ViewPosterior(Protocol):
+    """What :func:`plot_pose_posterior` draws (met by
+    :class:`cryospin.evaluate.posterior.ParticlePosterior`, which documents the fields)."""
+
+    @property
+    def particle(self) -> int: ...
+    @property
+    def log_posterior(self) -> np.ndarray: ...  # (12 nside²,) HEALPix RING order
+    @property
+    def final_rotation(self) -> np.ndarray | None: ...  # (3, 3)
+    @property
+    def head_rotations(self) -> np.ndarray | None: ...  # (M, 3, 3)
+    @property
+    def head_losses(self) -> np.ndarray | None: ...  # (M,)
+    @property
+    def head_epoch(self) -> int | None: ...
+    @property
+    def path_rotations(self) -> np.ndarray | None: ...  # (E2, 3, 3)
+    @property
+    def path_epochs(self) -> np.ndarray | None: ...  # (E2,)
 
 
 def pyplot() -> Any:
@@ -103,7 +135,7 @@ def _break_wraps(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.insert(lon, jumps, np.nan), np.insert(lat, jumps, np.nan)
 
 
-def _overlay_heads(ax: Any, result: ParticlePosterior) -> None:
+def _overlay_heads(ax: Any, result: ViewPosterior) -> None:
     """Each head's candidate view (numbered) and the best head by loss (ringed)."""
     lon, lat = mollweide_lon_lat(np.asarray(result.head_rotations)[:, 2, :])
     best = int(np.nanargmin(result.head_losses)) if result.head_losses is not None else -1
@@ -117,7 +149,7 @@ def _overlay_heads(ax: Any, result: ParticlePosterior) -> None:
                    edgecolors="cyan", linewidths=1.6, label="best head", zorder=3)
 
 
-def _overlay_path(ax: Any, result: ParticlePosterior) -> None:
+def _overlay_path(ax: Any, result: ViewPosterior) -> None:
     """The particle's view through the auto-decoding epochs, as a line with markers."""
     lon, lat = mollweide_lon_lat(np.asarray(result.path_rotations)[:, 2, :])
     px, py = _break_wraps(lon, lat)
@@ -130,7 +162,7 @@ def _overlay_path(ax: Any, result: ParticlePosterior) -> None:
 
 
 def plot_pose_posterior(
-    result: ParticlePosterior, nside: int, path: str | Path, *, range_nats: float = 30.0
+    result: ViewPosterior, nside: int, path: str | Path, *, range_nats: float = 30.0
 ) -> None:
     """A particle's view posterior (:class:`~cryospin.evaluate.posterior.ParticlePosterior`)
     on an equal-area (Mollweide) map, HEALPix pixels drawn exactly.
