@@ -1,18 +1,16 @@
 """The run folder's contract: file names, stage names, the checkpoint, ``metrics.jsonl``.
 
 The one home of what a run folder holds; every other module asks this one instead of spelling
-a name. A low layer: it imports torch, :mod:`cryospin.errors` and :mod:`cryospin.atomic` only
-(never train, evaluate, report or cli).
+a name. A low layer: it imports :mod:`cryospin.errors` and :mod:`cryospin.atomic` only (never
+train, evaluate, report or cli), and torch only to save or load a checkpoint, so that the CLI
+can ask it for names at start-up without importing torch.
 
 Public names (kept stable):
 
-* file names — :data:`CONFIG`, :data:`CHECKPOINT`, :data:`METRICS`, :data:`POSE_TRACK`,
-  :data:`RUN_LOG`, :data:`PARTICLE_SET`, :data:`MAP`, :data:`MAP_DECODER`,
-  :data:`CONVERGENCE`, :data:`POSES_STAR`, :data:`POSES_PKL`, :data:`POSES_CS`,
-  :data:`REPORT_HTML`, the epoch maps ``map.NNN.mrc`` (:func:`epoch_map_name`,
-  :data:`EPOCH_MAP_PATTERN`), and a halves run's (:data:`HALVES_MARKER`, :data:`HALF_SET`,
-  :data:`HALF_NAMES`, :data:`HALF_MAPS`, :data:`FSC_JSON`, ...); :class:`RunFiles` and
-  :class:`HalvesFiles` are the paths of one folder;
+* file names (``CONFIG``, ``CHECKPOINT``, ``METRICS``, ``MAP``, ..., a halves run's
+  ``HALVES_MARKER``, ``HALF_SET``, ``HALF_NAMES``, ...), the epoch maps ``map.NNN.mrc``
+  (:func:`epoch_map_name`, :data:`EPOCH_MAP_PATTERN`); :class:`RunFiles` and
+  :class:`HalvesFiles`, the paths of one folder; :func:`prepare_run_dir`;
 * :class:`Stage` — the training stages, a ``str`` enum whose values (``"autoencode"``,
   ``"autodecode"``) are what ``metrics.jsonl`` and checkpoints hold;
 * :class:`Checkpoint` — the typed checkpoint (``to_dict`` / ``from_dict`` give the on-disk
@@ -20,8 +18,7 @@ Public names (kept stable):
   :func:`save_checkpoint` / :func:`load_checkpoint` for the raw dict;
 * :data:`RESUMABLE_OPTIONS` and :func:`resume_conflicts` — the one allow-list of the
   configuration fields that may change on ``--resume``, used by the CLI and the trainer;
-* :class:`EpochMetrics`, :func:`append_metrics`, :func:`read_metrics`,
-  :func:`truncate_metrics`, :func:`search_stopped_after` — ``metrics.jsonl``;
+* :class:`EpochMetrics` and its readers and writers — ``metrics.jsonl``;
 * :class:`RunData` and :func:`load_run` — what a report or the posterior reads from a run.
 """
 
@@ -35,55 +32,25 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from cryospin import __version__
 from cryospin.atomic import atomic_path, atomic_write_text
 from cryospin.errors import InputError, OutputError
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
-    "CONFIG",
-    "CHECKPOINT",
-    "METRICS",
-    "POSE_TRACK",
-    "RUN_LOG",
-    "PARTICLE_SET",
-    "MAP",
-    "MAP_DECODER",
-    "CONVERGENCE",
-    "POSES_STAR",
-    "POSES_PKL",
-    "POSES_CS",
-    "REPORT_HTML",
-    "FSC_JSON",
-    "EPOCH_MAP_PATTERN",
-    "epoch_map_name",
-    "HALVES_MARKER",
-    "HALF_SET",
-    "HALF_NAMES",
-    "HALF_MAPS",
-    "HALF_INDICES",
-    "RunFiles",
-    "HalvesFiles",
-    "prepare_run_dir",
-    "Stage",
-    "CHECKPOINT_FORMAT",
-    "Checkpoint",
-    "save_checkpoint",
-    "load_checkpoint",
-    "RESUMABLE_OPTIONS",
-    "RELOCATABLE_SECTION",
-    "resume_conflicts",
-    "EpochMetrics",
-    "append_metrics",
-    "read_metrics",
-    "truncate_metrics",
-    "search_stopped_after",
-    "RunData",
-    "load_run",
+    "CONFIG", "CHECKPOINT", "METRICS", "POSE_TRACK", "RUN_LOG", "PARTICLE_SET", "MAP",
+    "MAP_DECODER", "CONVERGENCE", "POSES_STAR", "POSES_PKL", "POSES_CS", "REPORT_HTML", "FSC_JSON",
+    "EPOCH_MAP_PATTERN", "epoch_map_name", "HALVES_MARKER", "HALF_SET", "HALF_NAMES", "HALF_MAPS",
+    "HALF_INDICES", "RunFiles", "HalvesFiles", "prepare_run_dir", "Stage", "CHECKPOINT_FORMAT",
+    "Checkpoint", "save_checkpoint", "load_checkpoint", "RESUMABLE_OPTIONS", "RELOCATABLE_SECTION",
+    "resume_conflicts", "EpochMetrics", "append_metrics", "read_metrics", "truncate_metrics",
+    "search_stopped_after", "RunData", "load_run",
 ]
 
 # ----------------------------------------------------------------------------- file names
@@ -360,6 +327,8 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     file-size limit is reached; the temporary file is removed and the previous checkpoint is
     left as it was.
     """
+    import torch  # here: the CLI imports this module at start-up, without torch
+
     state = dict(state)
     state.setdefault("format", CHECKPOINT_FORMAT)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -378,6 +347,8 @@ def load_checkpoint(
     InputError
         When the file is missing, unreadable, not a checkpoint, or of an unknown format.
     """
+    import torch  # here: the CLI imports this module at start-up, without torch
+
     path = Path(path)
     if not path.is_file():
         raise InputError("checkpoint not found (nothing to resume)", path)
@@ -405,13 +376,8 @@ def load_checkpoint(
 #: chooses what the end writes as ``map.mrc``. Used by ``cryospin reconstruct --resume`` (its
 #: flags) and by the trainer (:func:`resume_conflicts`), so both accept the same changes.
 RESUMABLE_OPTIONS: frozenset[str] = frozenset({
-    "schedule.epochs",
-    "run.device",
-    "run.num_threads",
-    "run.progress",
-    "run.progress_interval_s",
-    "run.final_map",
-    "model.precision",
+    "schedule.epochs", "run.device", "run.num_threads", "run.progress",
+    "run.progress_interval_s", "run.final_map", "model.precision",
 })
 #: The configuration section that names where the data lives: it may change on resume (the
 #: data may have moved); the particles' identity is checked instead (:data:`PARTICLE_SET`).
@@ -480,8 +446,6 @@ class EpochMetrics:
 
 
 def _finite(x: Any) -> Any:
-    if isinstance(x, StrEnum):
-        return str(x.value)
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):

@@ -76,7 +76,7 @@ def test_previous_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
         real_save({"partial": torch.zeros(1000)}, f)  # half-written garbage in the temp file
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt.torch, "save", broken_save)
+    monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(Exception, match="No space left"):
         save_checkpoint(path, {"epoch": 2, "w": torch.arange(8)})
     monkeypatch.undo()
@@ -93,7 +93,7 @@ def test_previous_checkpoint_survives_keyboard_interrupt(tmp_path, monkeypatch):
     def interrupted(obj, f, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt.torch, "save", interrupted)
+    monkeypatch.setattr(torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"epoch": 2})
     monkeypatch.undo()

@@ -381,6 +381,7 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
     (None after the switch)."""
     extra: dict[str, Any] = {}
     if state.stage == Stage.AUTOENCODE and epoch > run.switch_epoch:
+        assert state.encoder is not None  # stage 1 has one
         pose_table, extra = switch_poses(run.config, state.encoder, state.volume, run.data,
                                          run.shard, run.feedback, record=state.switch_record,
                                          loss_radius_px=run.final_stage1_radius())
@@ -423,6 +424,7 @@ def _stage1_epoch(run: _Run, state: TrainState, epoch: int, cut: int | None,
     """A stage-1 epoch (``cut``: its batches under a step budget, None: all); the last one
     records its winners for the switch when ``schedule.switch_poses = last_epoch``."""
     config, K = run.config, run.switch_epoch
+    assert state.encoder is not None and state.encoder_opt is not None  # stage 1 has them
     if epoch == K < config.schedule.epochs and config.schedule.switch_poses == "last_epoch":
         state.switch_record = BestPoses.empty(len(run.data), config.model.predict_shifts,
                                               run.data.device)
@@ -441,6 +443,7 @@ def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress) -
     """A stage-2 epoch at the schedule's learning rates, with the global search in a search
     epoch."""
     config, stopped = run.config, state.search_stopped_after
+    assert state.pose_table is not None  # stage 2 has one
     for group in state.decoder_opt.param_groups:
         group["lr"] = stage2_decoder_lr(config, epoch, stopped)
     state.pose_table.lr_rot, state.pose_table.lr_shift = stage2_pose_lrs(config, epoch, stopped)
@@ -518,6 +521,7 @@ def _finish(run: _Run, state: TrainState, particles: Any) -> FitResult:
         rotations, shifts = pose_table.gather(torch.arange(n, device=run.device))
         shifts_out = shifts if run.config.model.predict_shifts else None
     else:
+        assert state.encoder is not None  # the run never switched: it has one
         with run.feedback.start("final poses: inference pass", n) as progress:
             best = infer_best_poses(  # rank 0: every particle (sharded data read them lazily)
                 state.encoder, state.volume, run.data.unsharded(),

@@ -130,6 +130,8 @@ class _TrainingImages:
     input mask) as an ``.images(idx)`` source, read from ``data.source``."""
 
     def __init__(self, data: TrainingData) -> None:
+        if data.source is None:  # prepare_data always gives one
+            raise ValueError("the training data have no image source")
         self.source = data.source
         self.scale = float(data.image_scale)
         self.box_px = data.box_px

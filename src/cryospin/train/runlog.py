@@ -32,12 +32,11 @@ from pathlib import Path
 
 from cryospin.atomic import describe_os_error
 from cryospin.errors import CryospinError, OutputError
+from cryospin.rundir import RUN_LOG  # the file name of the log in a run folder
 
 __all__ = ["RUN_LOG", "RECORD_FORMAT", "DATE_FORMAT", "run_log", "start_run_log", "note",
            "header_line"]
 
-#: File name of the log in a run folder.
-RUN_LOG = "run.log"
 RECORD_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 _PACKAGE = "cryospin"

@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from cryospin.encoder import InPlaneFlipEncoder, MultiHeadPoseEncoder
+from cryospin.errors import InputError
 from cryospin.pose import PoseTable
 from cryospin.rundir import Checkpoint, Stage
 from cryospin.train.autoencode import BestPoses
@@ -64,7 +65,8 @@ def seed_everything(seed: int) -> torch.Generator:
 def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
     """States of the torch (CPU and CUDA), NumPy and Python generators, and of ``generator``
     (the checkpoint's ``rng``; tensors, numbers and lists only)."""
-    np_state = np.random.get_state()  # noqa: NPY002 (the global state is what is restored)
+    # (the legacy tuple: kind, keys, pos, has_gauss, cached_gaussian)
+    np_state = cast(tuple[Any, ...], np.random.get_state())  # noqa: NPY002 (the global state)
     py_state = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -115,7 +117,7 @@ def build_encoder(
     ``method = cryoai`` each head's pose comes with its 180° in-plane partner, so the trainer
     sees ``2 · num_heads`` hypotheses."""
     m = config.model
-    encoder: nn.Module = MultiHeadPoseEncoder(
+    base = MultiHeadPoseEncoder(
         box_px,
         m.num_heads,
         width_multiplier=m.width_multiplier,
@@ -128,8 +130,8 @@ def build_encoder(
         input_channels=m.encoder_input,
         pooling=m.pooling,
     )
-    if config.schedule.method == "cryoai":
-        encoder = InPlaneFlipEncoder(encoder)
+    encoder: nn.Module = (InPlaneFlipEncoder(base) if config.schedule.method == "cryoai"
+                          else base)
     return encoder.to(device)
 
 
@@ -157,7 +159,7 @@ def choose_precision(
     """Resolve ``model.precision`` (micro-benchmark of this run's encoder step on CPU); under
     torchrun every rank takes the same choice (a split vote falls back to fp32)."""
     m = config.model
-    shape = {"box_px": box_px, "encoder_box_px": m.encoder_input_box(box_px),
+    shape: dict[str, object] = {"box_px": box_px, "encoder_box_px": m.encoder_input_box(box_px),
              "width": m.width_multiplier, "heads": m.num_heads, "hidden": m.head_hidden,
              "shifts": m.predict_shifts}
     if (m.head, m.encoder_input, m.pooling) != ("spread", "image", "vgg16"):
@@ -257,12 +259,15 @@ class TrainState:
         self.stage, self.epoch = ckpt.stage, ckpt.epoch
         self.volume.load_state_dict(ckpt.volume)
         if self.stage == Stage.AUTOENCODE:
-            assert self.encoder is not None and self.encoder_opt is not None
+            if self.encoder is None or self.encoder_opt is None or ckpt.encoder is None:
+                raise InputError("a stage-1 checkpoint without an encoder")
             self.encoder.load_state_dict(ckpt.encoder)
             self.encoder_opt.load_state_dict(ckpt.optimizers["encoder"])
             if self.grad_scaler is not None and "grad_scaler" in ckpt.optimizers:
                 self.grad_scaler.load_state_dict(ckpt.optimizers["grad_scaler"])
         else:
+            if ckpt.pose_table is None:
+                raise InputError("a stage-2 checkpoint without a pose table")
             self.encoder = self.encoder_opt = self.grad_scaler = None
             self.pose_table = PoseTable.from_state_dict(ckpt.pose_table).to(device)
             self.decoder_opt = _adam(self.volume.parameters(),

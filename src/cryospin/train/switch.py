@@ -46,8 +46,6 @@ def switch_poses(
     t0 = time.perf_counter()
     owned = None if shard is None else shard.owned(len(data))
     count = len(data) if owned is None else int(owned.numel())
-    infer = {"batch_size": config.run.inference_batch_size, "loss_radius_px": loss_radius_px,
-             "lowpass_input": config.model.encoder_lowpass}
     if record is not None:
         best = record if owned is None else record.rows(owned)
         missing = torch.nonzero(best.best_head < 0).flatten()  # a step budget's cut epoch
@@ -56,14 +54,20 @@ def switch_poses(
             with (feedback or Feedback()).start("switch: inference pass (particles not "
                                                 "seen in the last epoch)", int(rows.numel()),
                                                 ) as progress:
-                fill = infer_best_poses(encoder, volume, data, indices=rows.cpu(),
-                                        progress=progress.update, **infer)
+                fill = infer_best_poses(
+                    encoder, volume, data, batch_size=config.run.inference_batch_size,
+                    loss_radius_px=loss_radius_px, lowpass_input=config.model.encoder_lowpass,
+                    indices=rows.cpu(), progress=progress.update,
+                )
             best.write(missing, fill.rotations, fill.shifts_px, fill.best_head, fill.loss)
     else:
         with (feedback or Feedback()).start("switch: inference pass", len(data),
                                             scale=len(data) / max(count, 1)) as progress:
-            best = infer_best_poses(encoder, volume, data, indices=owned,
-                                    progress=progress.update, **infer)
+            best = infer_best_poses(
+                encoder, volume, data, batch_size=config.run.inference_batch_size,
+                loss_radius_px=loss_radius_px, lowpass_input=config.model.encoder_lowpass,
+                indices=owned, progress=progress.update,
+            )
     rotations, shifts = best.rotations.float(), best.shifts_px
     usage_t = head_usage(best.best_head.cpu(), config.model.num_heads)
     mean_loss = float(best.loss.mean())
@@ -97,7 +101,9 @@ def full_record(record: BestPoses | None, shard: Shard | None) -> BestPoses | No
     rot, head, loss = (shard.gather_rows(t)
                        for t in (record.rotations, record.best_head, record.loss))
     shifts = None if record.shifts_px is None else shard.gather_rows(record.shifts_px)
-    return None if rot is None else BestPoses(rot, shifts, head, loss)
+    if rot is None or head is None or loss is None:  # not rank 0
+        return None
+    return BestPoses(rot, shifts, head, loss)
 
 
 def full_pose_table(pose_table: PoseTable | None, shard: Shard | None) -> PoseTable | None:
