@@ -29,7 +29,7 @@ from cryospin.io.particles import load_particles
 from cryospin.io.pkl import read_cryodrgn_poses
 from cryospin.io.star import read_star_tables
 from cryospin.rotations import random_rotations
-from cryospin.rundir import load_checkpoint
+from cryospin.rundir import load_checkpoint, save_checkpoint
 from cryospin.train import fit as fit_module
 from cryospin.train import switch as switch_module
 from cryospin.train.config import build_config, load_config
@@ -194,6 +194,24 @@ def test_resume_after_stage_one_equals_uninterrupted(uninterrupted, tiny, tmp_pa
     assert not partial.finished and partial.epochs_completed == 1
     assert not (run / "map.mrc").exists()
     assert load_checkpoint(run / "checkpoint.pt")["stage"] == "autoencode"
+    done = fit(_tiny_config(), _particles(tiny), run, resume=True)
+    assert done.finished and done.epochs_completed == 3
+    _assert_same_run(uninterrupted.run_dir, run)
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_old_format_checkpoint_resumes_equal_to_uninterrupted(uninterrupted, tiny, tmp_path,
+                                                              stop_after):
+    """A checkpoint as cryospin 0.1 wrote it (no ``data``, ``switch_record`` or
+    ``extra.search_stopped_after``; the same format number) still resumes, in either stage,
+    to the uninterrupted run (the typed ``rundir.Checkpoint`` reads it with defaults)."""
+    run = tmp_path / "run"
+    fit(_tiny_config(), _particles(tiny), run, stop_after=stop_after)
+    state = load_checkpoint(run / "checkpoint.pt")
+    for key in ("data", "switch_record"):
+        del state[key]
+    state["extra"] = {"elapsed_s": state["extra"]["elapsed_s"]}
+    save_checkpoint(run / "checkpoint.pt", state)
     done = fit(_tiny_config(), _particles(tiny), run, resume=True)
     assert done.finished and done.epochs_completed == 3
     _assert_same_run(uninterrupted.run_dir, run)
