@@ -17,15 +17,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from torch import Tensor
 
-if TYPE_CHECKING:  # a type only: CTFParams lives in forward/ until it moves to the core layer
-    from cryospin.forward.ctf import CTFParams
+__all__ = ["CTFTable", "ImageSource", "StackedImageSource", "release_pages", "storage_layout"]
 
-__all__ = ["ImageSource", "StackedImageSource", "release_pages", "storage_layout"]
+
+class CTFTable(Protocol):
+    """Per-particle CTF parameters indexable by particle: :class:`cryospin.forward.ctf.CTFParams`
+    (fields `(N,)` in physical units; ``docs/conventions.md``, "CTF"). Structural, so that this
+    core module need not import ``forward``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: object) -> CTFTable: ...
 
 
 @runtime_checkable
@@ -38,8 +45,9 @@ class ImageSource(Protocol):
         Image side ``L`` (pixels).
     pixel_size_angstrom : float
         Pixel size (Å).
-    ctf : CTFParams or None
-        Per-particle CTF parameters `(N,)` (physical units), None when the source has none.
+    ctf : CTFTable or None
+        Per-particle CTF parameters `(N,)` (a :class:`cryospin.forward.ctf.CTFParams`), None
+        when the source has none.
     source : Path or None
         The file the particles come from (named in error messages).
     """
@@ -51,7 +59,7 @@ class ImageSource(Protocol):
     def pixel_size_angstrom(self) -> float: ...
 
     @property
-    def ctf(self) -> CTFParams | None: ...
+    def ctf(self) -> CTFTable | None: ...
 
     @property
     def source(self) -> Path | None: ...

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from cryospin.atomic import atomic_path, atomic_write_text
 from cryospin.errors import InputError, OutputError
+from cryospin.forward.ctf import CTFParams
 from cryospin.io.mrc import release_memmap_rows
 from cryospin.sources import StackedImageSource, storage_layout
 from cryospin.train.config import DataConfig
@@ -74,7 +75,7 @@ def cache_key(reader: RowReader, config: DataConfig | None) -> str | None:
         h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
     h.update(reader.frequencies.detach().cpu().to(torch.float32).numpy().tobytes())
     ctf = src.ctf
-    if reader.use_ctf and ctf is not None:
+    if reader.use_ctf and isinstance(ctf, CTFParams):
         for f in dataclasses.fields(ctf):
             value = getattr(ctf, f.name)
             if isinstance(value, Tensor):

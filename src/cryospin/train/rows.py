@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from cryospin.errors import InputError
-from cryospin.forward.ctf import compute_ctf
+from cryospin.forward.ctf import CTFParams, compute_ctf
 from cryospin.forward.hartley import hartley2
 from cryospin.sources import ImageSource, release_pages
 
@@ -68,7 +68,7 @@ def preprocess_rows(
     ctf = None
     if use_ctf:
         params = particles.ctf
-        if params is None:
+        if not isinstance(params, CTFParams):
             raise InputError("particles have no CTF parameters", where)
         ctf = compute_ctf(
             params[idx], L, float(particles.pixel_size_angstrom),
