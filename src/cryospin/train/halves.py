@@ -49,6 +49,7 @@ from cryospin.errors import CryospinError, InputError, OutputError
 from cryospin.evaluate.align import AlignResult
 from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.io.identity import check_same_particles, particle_set_identity, save_identity
+from cryospin.plotting import plot_fsc
 from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from here
     CHECKPOINT,
     HALF_INDICES,
@@ -502,8 +503,6 @@ def _combine(
 
 
 def _plot(path: Path, gold: GoldStandardFSC) -> None:
-    from cryospin.plotting import plot_fsc
-
     try:
         plot_fsc(
             [("unmasked", gold.unmasked), ("masked", gold.masked),
