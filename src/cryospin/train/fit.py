@@ -62,6 +62,7 @@ import torch
 
 from cryospin.cpus import available_cpus, default_cpu_threads
 from cryospin.errors import OutputError, Terminated
+from cryospin.io.particle_set import ParticleSet
 from cryospin.rundir import RunFiles, Stage, prepare_run_dir, read_metrics
 from cryospin.runlock import describe_command, folder_lock
 from cryospin.train.autodecode import (
@@ -110,11 +111,7 @@ from cryospin.train.state import TrainState, seed_everything
 from cryospin.train.switch import full_pose_table, full_record, switch_poses
 from cryospin.train.track import PoseTracker
 
-__all__ = [
-    "FitResult",
-    "TrainingInterrupted",
-    "fit",
-]
+__all__ = ["FitResult", "TrainingInterrupted", "fit"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +170,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def fit(
     config: Config,
-    particles: Any,
+    particles: ParticleSet,
     run_dir: str | Path,
     *,
     resume: bool = False,
@@ -185,7 +182,7 @@ def fit(
     Parameters
     ----------
     config : Config
-    particles : cryospin.io.particles.ParticleSet
+    particles : ParticleSet
     run_dir : path
         Output folder (created). Without ``resume`` it must not already hold a run.
     resume : bool
@@ -228,7 +225,7 @@ def fit(
 
 def _fit_on_device(
     config: Config,
-    particles: Any,
+    particles: ParticleSet,
     files: RunFiles,
     world: WorldInfo,
     *,
@@ -304,7 +301,7 @@ class _Clock:
 
 def _fit(
     config: Config,
-    particles: Any,
+    particles: ParticleSet,
     files: RunFiles,
     device: torch.device,
     *,
@@ -509,7 +506,7 @@ def _commit(run: _Run, state: TrainState, epoch: int, stats: EpochStats, *, wall
                 keep_map=config.run.keep_epoch_maps, metrics=metrics, checkpoint=checkpoint)
 
 
-def _finish(run: _Run, state: TrainState, particles: Any) -> FitResult:
+def _finish(run: _Run, state: TrainState, particles: ParticleSet) -> FitResult:
     """The final poses (the pose table, or the encoder's best heads if the run never
     switched) and outputs (rank 0)."""
     files = run.files

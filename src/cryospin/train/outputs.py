@@ -27,6 +27,7 @@ from cryospin.backproject import backproject
 from cryospin.evaluate.convergence import record_convergence_check
 from cryospin.io.cs import write_cryosparc
 from cryospin.io.mrc import write_map
+from cryospin.io.particle_set import ParticleSet
 from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
 from cryospin.rundir import Checkpoint, EpochMetrics, RunFiles, Stage, append_metrics
 from cryospin.train.autoencode import EpochStats
@@ -90,7 +91,7 @@ def write_epoch(files: RunFiles, volume: HartleyVolume, *, pixel_size_angstrom: 
 def write_final(
     files: RunFiles,
     config: Config,
-    particles: Any,
+    particles: ParticleSet,
     data: TrainingData,
     volume: HartleyVolume,
     rotations: torch.Tensor,
@@ -142,7 +143,7 @@ class _TrainingImages:
 
 
 def final_backprojection(
-    particles: Any,
+    particles: ParticleSet,
     data: TrainingData,
     rotations: torch.Tensor,
     shifts_px: torch.Tensor | None,

@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from cryospin.atomic import remove_stale_temporaries
 from cryospin.errors import InputError
 from cryospin.io.identity import check_same_particles, particle_set_identity, save_identity
+from cryospin.io.particle_set import ParticleSet
 from cryospin.rundir import (
     RESUMABLE_OPTIONS,
     Checkpoint,
@@ -82,7 +82,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def open_run(config: Config, particles: Any, files: RunFiles, *, resume: bool,
+def open_run(config: Config, particles: ParticleSet, files: RunFiles, *, resume: bool,
               argv: list[str] | None, main: bool) -> tuple[Config, Config, Checkpoint | None]:
     """Accept the run (on resume: the checkpoint, the configuration and the particles are
     checked before anything is written) and record it: ``config.yaml`` and
@@ -114,8 +114,8 @@ def open_run(config: Config, particles: Any, files: RunFiles, *, resume: bool,
     return config, as_run, ckpt
 
 
-def load_training_data(config: Config, particles: Any, device: torch.device, shard: Shard | None,
-               world: WorldInfo) -> TrainingData:
+def load_training_data(config: Config, particles: ParticleSet, device: torch.device,
+                       shard: Shard | None, world: WorldInfo) -> TrainingData:
     """The training images, preprocessed (distributed: each rank reads, preprocesses and holds
     only its particles)."""
     logger.info("preprocessing %d particles (%d px) on %s", len(particles), particles.box_px,

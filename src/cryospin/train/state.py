@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -149,7 +150,7 @@ def build_pose_table(
     )
 
 
-def _adam(params: Any, lr: float) -> torch.optim.Optimizer:
+def _adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr)
 
 
