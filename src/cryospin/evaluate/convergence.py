@@ -28,6 +28,7 @@ from torch import Tensor
 
 from cryospin.atomic import atomic_write_text
 from cryospin.evaluate.fsc import FSCResult, fsc
+from cryospin.rundir import MAP, MAP_DECODER
 
 __all__ = [
     "CONVERGENCE_NOTE",
@@ -136,8 +137,8 @@ def record_convergence_check(
     trained_map: Tensor | np.ndarray,
     *,
     pixel_size_angstrom: float | None = None,
-    final_name: str = "map.mrc",
-    trained_name: str = "map_decoder.mrc",
+    final_name: str = MAP,
+    trained_name: str = MAP_DECODER,
 ) -> ConvergenceCheck:
     """:func:`convergence_check`, written to ``path`` and logged in one line (INFO)."""
     check = convergence_check(final_map, trained_map, pixel_size_angstrom=pixel_size_angstrom)
