@@ -152,10 +152,11 @@ def test_search_and_schedule_flags_reach_the_config() -> None:
     import argparse
 
     from cryospin.cli import reconstruct as cli
+    from cryospin.cli.flags import reconstruct as flags
     from cryospin.train.config import build_config
 
     parser = argparse.ArgumentParser()
-    cli.add_args(parser)
+    flags.add_args(parser)
     args = parser.parse_args([
         "p.star", "-o", "run", "--search-epochs", "2", "--search-rotations", "512",
         "--search-radius", "5", "--decoder-lr-final", "0.001", "--loss-radius-start", "4",

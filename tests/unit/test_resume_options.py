@@ -9,6 +9,7 @@ import argparse
 import pytest
 
 from cryospin.cli import reconstruct as cli
+from cryospin.cli.flags import reconstruct as cli_flags
 from cryospin.errors import InputError
 from cryospin.rundir import RESUMABLE_OPTIONS, Checkpoint, Stage
 from cryospin.train.config import build_config, config_to_dict
@@ -22,7 +23,7 @@ REFUSED = [["--seed", "3"], ["--batch-size", "16"], ["--heads", "3"], ["--decode
 
 def _args(flags: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cli.add_args(parser)
+    cli_flags.add_args(parser)
     return parser.parse_args(["--resume", "RUN", *flags])
 
 

@@ -136,9 +136,10 @@ def test_presets_and_the_preset_minimum_above_a_shorter_search():
 
 def test_early_stop_flags_reach_the_config():
     from cryospin.cli import reconstruct as cli
+    from cryospin.cli.flags import reconstruct as flags
 
     parser = argparse.ArgumentParser()
-    cli.add_args(parser)
+    flags.add_args(parser)
     args = parser.parse_args(["p.star", "-o", "run", "--search-min-epochs", "2",
                               "--search-stop-fraction", "0.05"])
     s = build_config("default", cli._overrides(args)).schedule

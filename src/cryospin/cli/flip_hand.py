@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
             raise InputError("no poses (rlnAngleRot/Tilt/Psi) in the file", args.poses)
     write_map(args.output, mirror_map(torch.tensor(volume)).numpy(), apix)
     print(f"wrote {args.output} (mirrored along z about voxel {volume.shape[0] // 2})")
-    if particles is not None:
+    if particles is not None and particles.rotations is not None:
         flipped = particles.with_poses(flip_hand(particles.rotations), particles.shifts_px)
         write_particles_star(args.out_poses, flipped)
         print(f"wrote {args.out_poses} ({len(flipped)} poses, R -> D R D)")

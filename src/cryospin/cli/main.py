@@ -51,15 +51,16 @@ class Command:
 SUBCOMMANDS: dict[str, Command] = {
     "simulate": Command("flags.simulate", "simulate"),
     "downsample": Command("flags.downsample", "downsample"),
-    "reconstruct": Command("reconstruct", "reconstruct"),
+    "reconstruct": Command("flags.reconstruct", "reconstruct"),
     "presets": Command("flags.presets", "presets"),
     "backproject": Command("flags.backproject", "backproject"),
     "fsc": Command("flags.fsc", "fsc"),
     "pose-error": Command("flags.pose_error", "pose_error"),
+    "symmetry-expand": Command("flags.symmetry_expand", "symmetry_expand"),
     "demo": Command("flags.demo", "demo"),
     "report": Command("flags.report", "report"),
     "flip-hand": Command("flags.flip_hand", "flip_hand"),
-    "posterior": Command("posterior", "posterior"),
+    "posterior": Command("flags.posterior", "posterior"),
 }
 
 #: exit status after stdout's reader went away: 128 + SIGPIPE, what a shell reports for
@@ -114,7 +115,7 @@ def _quiet_after_closed_stdout() -> int:
     """Exit status 141 (128 + SIGPIPE, as a shell reports a tool ended by a closed pipe),
     without a message. stdout is pointed at /dev/null first, so that Python's flush of what
     is still buffered at exit does not fail again ("Exception ignored ... BrokenPipeError")."""
-    if sys.stdout is sys.__stdout__:  # not when a test or a caller replaced sys.stdout
+    if sys.__stdout__ is not None and sys.stdout is sys.__stdout__:  # not when replaced
         with contextlib.suppress(OSError, ValueError):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())

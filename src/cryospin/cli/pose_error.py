@@ -19,12 +19,13 @@ log = logging.getLogger(__name__)
 def _read_metadata(path: Path, box_px: int | None, datadir: Path | None = None,
                    optics_group: str | None = None):
     """(rotations, shifts_px, box_px) from a .star/.cs file."""
-    common = {"no_ctf": True, "check_finite": False, "datadir": datadir,
-              "optics_group": optics_group if path.suffix.lower() == ".star" else None}
+    group = optics_group if path.suffix.lower() == ".star" else None
     try:
-        ps = load_particles(path, metadata_only=True, box_px=box_px, **common)
-    except InputError:
-        ps = load_particles(path, **common)  # the stacks give the box
+        ps = load_particles(path, metadata_only=True, box_px=box_px, no_ctf=True,
+                            check_finite=False, datadir=datadir, optics_group=group)
+    except InputError:  # the stacks give the box
+        ps = load_particles(path, no_ctf=True, check_finite=False, datadir=datadir,
+                            optics_group=group)
     if ps.rotations is None:
         raise InputError("no poses in this file", path)
     return ps.rotations, ps.shifts_px, ps.box_px

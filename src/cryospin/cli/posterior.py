@@ -1,56 +1,25 @@
-"""Plot the approximate pose posterior of chosen particles over view directions.
-
-For each particle: log p(view direction | image) on a HEALPix grid of 12·nside² equal-area
-pixels, marginalised over the in-plane angle (--psi-steps angles), under the training's image
-model: the run's trained volume (checkpoint.pt), the particle's CTF and current shift, the
-training noise variance and loss disc (or --loss-radius). Drawn on an equal-area (Mollweide)
-map with, when the particle is in RUN_DIR/pose_track.npz, every encoder head's candidate at the
-last auto-encoding epoch and the particle's path through the auto-decoding epochs; the current
-(final) pose is marked. Writes OUT_DIR/posterior_<index>.png per particle and
-OUT_DIR/posterior.npz (nside, psi_steps, particles, directions, log_posterior, ...);
-OUT_DIR must be new or empty (--force writes into one that holds files).
-
-Particles are 0-based indices in the run's particle order; pose_track.npz's `indices` lists
-the tracked ones.
-
-Example::
-
-    cryospin posterior run/ --particles 0,5,17 -o run/posterior
-"""
+"""``cryospin posterior``: :func:`main` runs it; its help and flags are in
+:mod:`cryospin.cli.flags.posterior`."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from cryospin.cli._args import add_out_argument
+import numpy as np
 
-__all__ = ["add_args", "main"]
+from cryospin.atomic import atomic_path
+from cryospin.errors import InputError
+from cryospin.evaluate.posterior import healpix_vectors, run_posteriors
+from cryospin.io.particles import load_particles
+from cryospin.plotting import plot_pose_posterior
+from cryospin.rundir import RunFiles
+from cryospin.runlock import check_output_folder, claim_output_folder, describe_command
+from cryospin.train.config import load_config
 
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """Register the flags of ``cryospin posterior``."""
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run folder")
-    parser.add_argument("--particles", required=True, metavar="I,J,...",
-                        help="comma-separated 0-based particle indices")
-    parser.add_argument("--nside", type=int, default=8,
-                        help="HEALPix resolution: 12·nside² view directions (default 8)")
-    parser.add_argument("--psi-steps", type=int, default=36, metavar="S",
-                        help="in-plane angles marginalised over (default 36, i.e. 10°)")
-    parser.add_argument("--loss-radius", type=float, default=None, metavar="PX",
-                        help="score on the disc |k| <= PX (cycles per box) only "
-                             "(default: the training disc)")
-    add_out_argument(parser, dest="output", aliases=("--output",), type=Path, default=None,
-                     metavar="OUT_DIR",
-                     help="output folder, new or empty (default RUN_DIR/posterior)")
-    parser.add_argument("--force", action="store_true",
-                        help="write into a folder that already holds files (files of the same "
-                             "names are replaced, others kept)")
+__all__ = ["main"]
 
 
 def _parse_indices(text: str) -> list[int]:
-    from cryospin.errors import InputError
-
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -62,17 +31,6 @@ def _parse_indices(text: str) -> list[int]:
 
 def main(args: argparse.Namespace) -> int:
     """Compute, plot and save the posteriors; print where they are."""
-    import numpy as np
-
-    from cryospin.atomic import atomic_path
-    from cryospin.errors import InputError
-    from cryospin.evaluate.posterior import healpix_vectors, run_posteriors
-    from cryospin.io.particles import load_particles
-    from cryospin.plotting import plot_pose_posterior
-    from cryospin.rundir import RunFiles
-    from cryospin.runlock import check_output_folder, claim_output_folder, describe_command
-    from cryospin.train.config import load_config
-
     indices = _parse_indices(args.particles)
     if args.nside < 1:
         raise InputError(f"--nside must be >= 1, got {args.nside}")
