@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -24,6 +25,10 @@ from cryospin.atomic import atomic_path
 from cryospin.errors import CryospinError
 from cryospin.evaluate.fsc import FSCResult
 from cryospin.healpix import healpix_ang2pix
+
+if TYPE_CHECKING:  # matplotlib is optional: its types only for the annotations
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = [
     "pyplot",
@@ -57,7 +62,7 @@ class ViewPosterior(Protocol):
     def path_epochs(self) -> np.ndarray | None: ...  # (E2,)
 
 
-def pyplot() -> Any:
+def pyplot() -> ModuleType:
     """``matplotlib.pyplot`` with the Agg backend (CryospinError when matplotlib is missing)."""
     try:
         import matplotlib  # optional dependency: imported only when a figure is drawn
@@ -71,7 +76,7 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: str | Path) -> None:
+def save_figure(fig: Figure, path: str | Path) -> None:
     """Write ``fig`` as a PNG at ``path`` atomically, then close it."""
     plt = pyplot()
     try:
@@ -135,7 +140,7 @@ def _break_wraps(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return np.insert(lon, jumps, np.nan), np.insert(lat, jumps, np.nan)
 
 
-def _overlay_heads(ax: Any, result: ViewPosterior) -> None:
+def _overlay_heads(ax: Axes, result: ViewPosterior) -> None:
     """Each head's candidate view (numbered) and the best head by loss (ringed)."""
     lon, lat = mollweide_lon_lat(np.asarray(result.head_rotations)[:, 2, :])
     best = int(np.nanargmin(result.head_losses)) if result.head_losses is not None else -1
@@ -149,7 +154,7 @@ def _overlay_heads(ax: Any, result: ViewPosterior) -> None:
                    edgecolors="cyan", linewidths=1.6, label="best head", zorder=3)
 
 
-def _overlay_path(ax: Any, result: ViewPosterior) -> None:
+def _overlay_path(ax: Axes, result: ViewPosterior) -> None:
     """The particle's view through the auto-decoding epochs, as a line with markers."""
     lon, lat = mollweide_lon_lat(np.asarray(result.path_rotations)[:, 2, :])
     px, py = _break_wraps(lon, lat)

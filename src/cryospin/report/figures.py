@@ -19,24 +19,21 @@ backend, imported only when a figure is drawn: :func:`cryospin.plotting.pyplot`)
   auto-encoding epoch, at each particle's ground-truth view direction (equal-area map);
 * the FSC curves (:func:`cryospin.plotting.plot_fsc`, through :func:`add_gt_figures`).
 
-:class:`FigureSet` names and collects a page's figures. Conventions (``docs/conventions.md``):
-volumes are `(L, L, L)` indexed ``[z, y, x]``; the view direction of a rotation ``R`` is its
-third row ``R[2, :]``.
+Each is registered with the page through :class:`cryospin.report.html.FigureSet`. Conventions
+(``docs/conventions.md``): volumes are `(L, L, L)` indexed ``[z, y, x]``; the view direction of
+a rotation ``R`` is its third row ``R[2, :]``.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor
 
-from cryospin.errors import OutputError
 from cryospin.evaluate.fsc import FSCResult, write_fsc_json
 from cryospin.evaluate.pose_error import PoseErrorResult
 from cryospin.plotting import mollweide_lon_lat, plot_fsc, pyplot, save_figure
@@ -51,10 +48,14 @@ from cryospin.report.analysis import (
     view_directions,
 )
 from cryospin.report.ground_truth import EpochResolution, TrackErrors, gt_in_run_frame
+from cryospin.report.html import FigureSet
 from cryospin.rundir import FSC_JSON, Stage
 
+if TYPE_CHECKING:  # matplotlib is optional: its types only for the annotations
+    from matplotlib.axes import Axes
+    from matplotlib.colors import Colormap
+
 __all__ = [
-    "FigureSet",
     "time_axis_unit",
     "plot_training",
     "plot_halves_training",
@@ -68,45 +69,6 @@ __all__ = [
 ]
 
 _HALF_COLOURS = ("tab:blue", "tab:orange")
-
-
-class FigureSet:
-    """The figures of one page: PNGs in the folder named after the HTML file, in page order.
-
-    Attributes
-    ----------
-    dir : Path
-        ``<html folder>/<html stem>/``.
-    figures : list of (title, src, caption)
-        For :func:`cryospin.report.html.build_html`; ``src`` relative to the page, URL-quoted.
-    paths : list of Path
-        The PNGs, in page order.
-    """
-
-    def __init__(self, html_path: Path) -> None:
-        self.html_path = html_path
-        self.dir = html_path.parent / html_path.stem
-        self.figures: list[tuple[str, str, str]] = []
-        self.paths: list[Path] = []
-
-    def create(self) -> None:
-        """Create :attr:`dir` (OutputError naming it when that fails)."""
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create folder ({exc.strerror})", self.dir) from None
-
-    def link(self, target: Path) -> str:
-        """URL-quoted path of ``target`` relative to the page."""
-        return urllib.parse.quote(
-            Path(os.path.relpath(target, self.html_path.parent)).as_posix())
-
-    def add(self, name: str, title: str, caption: str) -> Path:
-        """Register figure ``name`` (a file in :attr:`dir`); returns the path to write."""
-        p = self.dir / name
-        self.paths.append(p)
-        self.figures.append((title, self.link(p), caption))
-        return p
 
 
 def time_axis_unit(last_s: float) -> tuple[float, str]:
@@ -237,7 +199,7 @@ def plot_halves_training(
 
 
 # ---------------------------------------------------------------------------- encoder heads
-def _draw_usage(ax: Any, xs: Sequence[int], usage: np.ndarray, cmap: Any) -> None:
+def _draw_usage(ax: Axes, xs: Sequence[int], usage: np.ndarray, cmap: Colormap) -> None:
     """Stacked bars of each head's fraction of images at positions ``xs``."""
     x = np.asarray(xs, dtype=np.float64)
     bottom = np.zeros(len(xs))
@@ -251,7 +213,7 @@ def _draw_usage(ax: Any, xs: Sequence[int], usage: np.ndarray, cmap: Any) -> Non
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
-def _draw_spread(ax: Any, epochs: Sequence[int], spread: np.ndarray, cmap: Any, *,
+def _draw_spread(ax: Axes, epochs: Sequence[int], spread: np.ndarray, cmap: Colormap, *,
                  legend: bool) -> None:
     """Each head's spread across images (degrees) per epoch, the uniformly random level
     marked."""

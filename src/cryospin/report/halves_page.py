@@ -32,7 +32,6 @@ from cryospin.evaluate.pose_error import PoseErrorResult
 from cryospin.plotting import plot_fsc
 from cryospin.report.analysis import halves_summary
 from cryospin.report.figures import (
-    FigureSet,
     add_gt_figures,
     plot_halves_training,
     plot_map_views,
@@ -42,6 +41,7 @@ from cryospin.report.ground_truth import compare_map_with_gt, compare_poses_with
 from cryospin.report.html import (
     HAND_NOTE,
     MIRROR_NOTE,
+    FigureSet,
     ReportResult,
     build_html,
     format_resolution,

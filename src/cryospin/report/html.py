@@ -3,7 +3,8 @@ summary table, notes, the figures (PNGs next to it, by relative path), further t
 run's ``config.yaml``; and the text of its summary rows and tables, from the numbers of
 :mod:`cryospin.report.analysis` and :mod:`cryospin.report.ground_truth`.
 
-:func:`write_page` writes the page and its ``summary.json`` and returns a :class:`ReportResult`.
+:class:`FigureSet` names and collects a page's figures; :func:`write_page` writes the page and
+its ``summary.json`` and returns a :class:`ReportResult`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from cryospin.atomic import atomic_write_text
+from cryospin.errors import OutputError
 from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.report.analysis import RANDOM_SPREAD_DEG, json_ready
-from cryospin.report.figures import FigureSet
 from cryospin.report.ground_truth import EpochResolution
 from cryospin.rundir import RunData, Stage
 
@@ -29,6 +32,7 @@ __all__ = [
     "HAND_NOTE",
     "MIRROR_NOTE",
     "ReportResult",
+    "FigureSet",
     "build_html",
     "write_page",
     "format_resolution",
@@ -134,6 +138,45 @@ def build_html(
         parts += ["<h2>Configuration (config.yaml)</h2>", f"<pre>{esc(config_text)}</pre>"]
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
+
+
+class FigureSet:
+    """The figures of one page: PNGs in the folder named after the HTML file, in page order.
+
+    Attributes
+    ----------
+    dir : Path
+        ``<html folder>/<html stem>/``.
+    figures : list of (title, src, caption)
+        For :func:`build_html`; ``src`` relative to the page, URL-quoted.
+    paths : list of Path
+        The PNGs, in page order.
+    """
+
+    def __init__(self, html_path: Path) -> None:
+        self.html_path = html_path
+        self.dir = html_path.parent / html_path.stem
+        self.figures: list[tuple[str, str, str]] = []
+        self.paths: list[Path] = []
+
+    def create(self) -> None:
+        """Create :attr:`dir` (OutputError naming it when that fails)."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create folder ({exc.strerror})", self.dir) from None
+
+    def link(self, target: Path) -> str:
+        """URL-quoted path of ``target`` relative to the page."""
+        return urllib.parse.quote(
+            Path(os.path.relpath(target, self.html_path.parent)).as_posix())
+
+    def add(self, name: str, title: str, caption: str) -> Path:
+        """Register figure ``name`` (a file in :attr:`dir`); returns the path to write."""
+        p = self.dir / name
+        self.paths.append(p)
+        self.figures.append((title, self.link(p), caption))
+        return p
 
 
 @dataclass(frozen=True)

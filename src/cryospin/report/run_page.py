@@ -24,7 +24,6 @@ from cryospin.report.analysis import (
     view_directions,
 )
 from cryospin.report.figures import (
-    FigureSet,
     add_gt_figures,
     plot_head_errors,
     plot_head_usage,
@@ -46,6 +45,7 @@ from cryospin.report.ground_truth import (
 from cryospin.report.html import (
     HAND_NOTE,
     MIRROR_NOTE,
+    FigureSet,
     ReportResult,
     build_html,
     epoch_table,
