@@ -26,8 +26,7 @@ def _candidates(raw: str, base_dir: Path, datadir: Path | None) -> list[Path]:
         # "Extract/job012/x.mrcs" relative to its project: drop leading folders one by one
         for k in range(1, len(parts)):
             out.append(root / Path(*parts[k:]))
-    seen: set[Path] = set()
-    return [c for c in out if not (c in seen or seen.add(c))]
+    return list(dict.fromkeys(out))  # first occurrence of each, in order
 
 
 def resolve_stack_path(

@@ -402,7 +402,7 @@ def write_cryosparc(path: str | Path, particles: ParticleSet) -> None:
     if rs is not None and np.isin(rs, (1, 2)).all():
         values["alignments3D/split"] = (np.asarray(rs, np.int64) - 1, np.dtype("<u4"))
     old = ps.cs_table
-    fields = [(name, old.dtype.fields[name][0]) for name in old.dtype.names or ()]
+    fields = [(name, old.dtype[name]) for name in old.dtype.names or ()]
     fields += [(name, dtype) for name, (_, dtype) in values.items()
                if name not in (old.dtype.names or ())]
     table = np.zeros(n, dtype=np.dtype(fields))

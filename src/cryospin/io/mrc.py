@@ -18,9 +18,10 @@ import mmap
 import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import mrcfile
 import numpy as np
@@ -72,15 +73,14 @@ def _is_text(raw: bytes) -> bool:
     return all(c.isprintable() or c in "\t\n\r\f\v" for c in text)
 
 
+@dataclass(frozen=True, slots=True)
 class MrcHeaderInfo:
     """The validated facts of an MRC header that cryospin uses.
 
     Attributes
     ----------
-    path : Path
     shape_file : tuple[int, int, int]
         ``(nz, ny, nx)`` = (sections, rows, columns) as stored.
-    mode : int
     dtype : numpy.dtype
         Data type with the file's byte order.
     axis_order : tuple[int, int, int]
@@ -89,21 +89,23 @@ class MrcHeaderInfo:
         ``cella / (mx, my, mz)`` (0 where the header says 0).
     nstart_xyz : tuple[int, int, int]
         ``(nxstart, nystart, nzstart)`` (in column/row/section order, as stored).
-    origin_xyz_angstrom : tuple[float, float, float]
     has_map_id : bool
         Whether the bytes 208-211 hold ``"MAP "``.
     data_offset : int
         Byte offset of the first voxel (1024 + extended header).
     """
 
-    __slots__ = (
-        "path", "shape_file", "mode", "dtype", "axis_order", "voxel_size_xyz_angstrom",
-        "nstart_xyz", "origin_xyz_angstrom", "has_map_id", "data_offset", "ispg",
-    )
-
-    def __init__(self, **kw: Any) -> None:
-        for k, v in kw.items():
-            setattr(self, k, v)
+    path: Path
+    shape_file: tuple[int, int, int]
+    mode: int  # the MRC data mode
+    dtype: np.dtype
+    axis_order: tuple[int, int, int]
+    voxel_size_xyz_angstrom: tuple[float, float, float]
+    nstart_xyz: tuple[int, int, int]
+    origin_xyz_angstrom: tuple[float, float, float]
+    has_map_id: bool
+    data_offset: int
+    ispg: int  # space group: 0 for an image stack, 1-230 for a volume
 
 
 def read_header(path: str | Path) -> MrcHeaderInfo:
@@ -141,6 +143,7 @@ def read_header(path: str | Path) -> MrcHeaderInfo:
     # byte order: machine stamp 0x44 0x41 = little endian, 0x11 0x11 = big endian; when the
     # stamp is missing, pick the order under which the mode is a known small number
     stamp = bytes(hdr["machst"])
+    order: Literal["<", ">"]
     if stamp[:1] == b"\x11":
         order = ">"
     elif stamp[:1] in (b"\x44", b"\x41"):
@@ -152,7 +155,7 @@ def read_header(path: str | Path) -> MrcHeaderInfo:
     if int(hdr["mode"]) not in _MODES:
         # a wrong machine stamp: trust the other order when it gives a known mode and
         # positive dimensions
-        other = "<" if order == ">" else ">"
+        other: Literal["<", ">"] = "<" if order == ">" else ">"
         alt = np.frombuffer(raw, dtype=HEADER_DTYPE.newbyteorder(other), count=1)[0]
         if int(alt["mode"]) in _MODES and min(int(alt["nx"]), int(alt["ny"]),
                                                int(alt["nz"])) > 0:
@@ -211,7 +214,7 @@ def read_header(path: str | Path) -> MrcHeaderInfo:
         mode=mode,
         dtype=dtype,
         axis_order=axis,
-        voxel_size_xyz_angstrom=tuple(float(v) for v in vox),
+        voxel_size_xyz_angstrom=(float(vox[0]), float(vox[1]), float(vox[2])),
         nstart_xyz=(int(hdr["nxstart"]), int(hdr["nystart"]), int(hdr["nzstart"])),
         origin_xyz_angstrom=(
             float(hdr["origin"]["x"]), float(hdr["origin"]["y"]), float(hdr["origin"]["z"])

@@ -216,14 +216,14 @@ def _read_plain_stacks(path: Path, *, datadir: str | Path | None) -> ParticleSet
         stacks = [open_stack(path)]
     counts = [len(s) for s in stacks]
     n = sum(counts)
-    stack_paths = tuple(s.path for s in stacks)
+    opened = tuple(s.path for s in stacks)
     stack_index = np.repeat(np.arange(len(stacks), dtype=np.int64), counts)
     image_index = np.concatenate([np.arange(c, dtype=np.int64) for c in counts])
-    box, pixel_size = check_stacks(stack_paths, stack_index, image_index, source=path,
+    box, pixel_size = check_stacks(opened, stack_index, image_index, source=path,
                                    box_field="box", metadata_box_px=None)
     return ParticleSet(
         source=path,
-        stack_paths=stack_paths,
+        stack_paths=opened,
         stack_index=stack_index,
         image_index=image_index,
         box_px=box,

@@ -436,6 +436,7 @@ def read_relion_star_group(
         selected, number = select_optics_group(df, optics, optics_group, path)
         df = df.iloc[selected].reset_index(drop=True)
         particles_text = particles_text.iloc[selected].reset_index(drop=True)
+        assert optics_text is not None  # select_optics_group refuses a star without optics
         keep = (pd.to_numeric(optics_text["rlnOpticsGroup"], errors="coerce") == number)
         optics_text = optics_text[keep.to_numpy()].reset_index(drop=True)
     for col, value in (defaults or {}).items():
@@ -686,11 +687,11 @@ def write_relion_star(
             return getattr(ps.ctf, f).detach().cpu().double().expand(n).numpy()
 
         for col, f in _CTF_PARTICLE_COLUMNS.items():
-            v = ctf_values(f)
+            per_particle = ctf_values(f)
             had = carried is not None and col in carried.columns
-            if col == "rlnCtfBfactor" and not had and not np.any(v != 0):
+            if col == "rlnCtfBfactor" and not had and not np.any(per_particle != 0):
                 continue
-            new[col] = _merged(carried, col, v)
+            new[col] = _merged(carried, col, per_particle)
         for col, f in _OPTICS_COLUMNS_FROM_CTF.items():  # per particle in RELION 3.0 stars
             if carried is not None and col in carried.columns:
                 new[col] = _merged(carried, col, ctf_values(f))
@@ -713,14 +714,15 @@ def write_relion_star(
                 dropped |= {"rlnDetectorPixelSize", "rlnMagnification"}
 
     columns: dict[str, list[Any]] = {}
-    for col in [] if carried is None else carried.columns:
+    kept = pd.DataFrame() if carried is None else carried
+    for col in kept.columns:
         target = renamed.get(col, col)
         if col in dropped:
             continue
         if target in new:
             columns[target] = new.pop(target)
         elif target == col:  # carried as it is (a replaced column already placed is dropped)
-            columns[col] = carried[col].tolist()
+            columns[col] = kept[col].tolist()
     columns.update(new)
     text = ("# version 30001\n" + _loop_text("optics", {c: optics[c].tolist() for c in optics})
             + "# version 30001\n" + _loop_text("particles", columns))
