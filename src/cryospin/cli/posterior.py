@@ -9,7 +9,8 @@ import numpy as np
 
 from cryospin.atomic import atomic_path
 from cryospin.errors import InputError
-from cryospin.evaluate.posterior import healpix_vectors, run_posteriors
+from cryospin.evaluate.posterior import run_posteriors
+from cryospin.healpix import healpix_vectors
 from cryospin.io.particles import load_particles
 from cryospin.plotting import plot_pose_posterior
 from cryospin.rundir import RunFiles
