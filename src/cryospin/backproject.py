@@ -12,7 +12,17 @@ trilinear slice extraction; without CTF, ``CTF ≡ 1``), and
 
     H_est(k) = N(k) / (D(k) + λ(k)),     V_est = ihartley3(H_est),
 
-zero beyond ``|k| > L//2``. The Wiener term ``λ``:
+zero beyond ``|k| > L//2``. With a point group ``G`` (``symmetry``, :mod:`cryospin.symmetry`)
+each image is inserted at every symmetry-related pose ``R_i g``, ``g ∈ G`` (poses ``R`` and
+``R g`` give the same image of a map with ``V(g r) = V(r)``):
+
+    N = Σ_i Σ_g insert(CTF_i · shift_{−t_i}(hartley2(image_i)), R_i g),  D likewise,
+
+the transforms and the CTF of an image computed once for its ``|G|`` insertions. This equals
+backprojecting the symmetry-expanded particle set (each image ``|G|`` times, poses ``R_i g``)
+to rounding; averaging the C1 sums over ``G`` instead would be the same only for rotations that
+map the voxel grid onto itself (trilinear insertion at ``gᵀ q`` is not the grid resampled by
+``g``). The Wiener term ``λ``:
 
 * constant: ``λ = reg · mean(D)`` over the ball ``|k| ≤ L//2`` (scale-free version of cryoDRGN's
   ``--reg``; ``reg`` = 1e-3 by default);
@@ -51,6 +61,7 @@ from cryospin.forward.ctf import CTFParams, compute_ctf
 from cryospin.forward.hartley import hartley2
 from cryospin.forward.shifts import shift_hartley_grid
 from cryospin.forward.slicing import insert_central_slices
+from cryospin.symmetry import point_group_rotations
 
 __all__ = [
     "BackprojectionResult",
@@ -145,6 +156,7 @@ def accumulate_backprojection(
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    symmetry: Tensor | None = None,
 ) -> BackprojectionSums:
     """Stream over the particles in batches and accumulate ``N`` and ``D`` for each half set.
 
@@ -168,6 +180,9 @@ def accumulate_backprojection(
         A tqdm bar over the batches.
     on_batch : callable, optional
         Called after each batch with its number of images.
+    symmetry : `(G, 3, 3)`, optional
+        Rotations of the particle's point group (:func:`cryospin.symmetry.point_group_rotations`):
+        each image is inserted at ``R g`` for every ``g`` (None: once, at ``R``).
 
     Returns
     -------
@@ -183,6 +198,7 @@ def accumulate_backprojection(
         raise ValueError("CTF parameters need pixel_size_angstrom")
     get = _image_getter(images)
     device = rotations.device
+    group = None if symmetry is None else symmetry.to(device=device, dtype=dtype)  # (G, 3, 3)
     sums = [torch.zeros(L, L, L, dtype=dtype, device=device) for _ in range(4)]
     half_set = np.asarray(half_set)
     starts = range(0, n, batch_size)
@@ -203,12 +219,14 @@ def accumulate_backprojection(
                 part = sel[j : j + _PREP_CHUNK]
                 _weighted_slices(get(part), part, shifts_px, ctf, L, pixel_size_angstrom,
                                  out=values[:, j : j + part.size])
-            both = insert_central_slices(values, rotations[sel].to(dtype), L,
-                                         channels=True)  # (2, L, L, L)
+            rot = rotations[sel].to(dtype)  # (b, 3, 3)
+            for g in [None] if group is None else group:  # each image at R g, g in G
+                both = insert_central_slices(values, rot if g is None else rot @ g, L,
+                                             channels=True)  # (2, L, L, L)
+                sums[acc_num] += both[0]
+                sums[acc_den] += both[1]
+                del both
             del values
-            sums[acc_num] += both[0]
-            sums[acc_den] += both[1]
-            del both
         if on_batch is not None:
             on_batch(len(idx))
     return BackprojectionSums(*sums)
@@ -399,6 +417,7 @@ def backproject(
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    symmetry: Tensor | None = None,
 ) -> BackprojectionResult:
     """Reconstruct a map and two half maps from images with known poses.
 
@@ -430,6 +449,8 @@ def backproject(
         A tqdm bar over the batches.
     on_batch : callable, optional
         Called after each batch of the accumulation with its number of images.
+    symmetry : `(G, 3, 3)`, optional
+        Point-group rotations: the symmetrised backprojection (module docstring).
 
     Returns
     -------
@@ -455,7 +476,7 @@ def backproject(
     sums = accumulate_backprojection(
         images, rotations, shifts, ctf, half_set=half_set, box_px=box_px,
         pixel_size_angstrom=pixel_size_angstrom, batch_size=batch_size, dtype=dtype,
-        progress=progress, on_batch=on_batch,
+        progress=progress, on_batch=on_batch, symmetry=symmetry,
     )
     volume, half_a, half_b, curve = reconstruct_from_sums(
         sums, reg=reg, wiener=wiener, pixel_size_angstrom=pixel_size_angstrom
@@ -475,6 +496,7 @@ def backproject_particles(
     progress: bool = False,
     box_px: int | None = None,
     invert_contrast: bool = False,
+    symmetry: str = "C1",
 ) -> BackprojectionResult:
     """:func:`backproject` for a :class:`~cryospin.io.particles.ParticleSet` with poses.
 
@@ -484,7 +506,8 @@ def backproject_particles(
     (:class:`cryospin.preprocess.PreprocessedParticles`: the maps are ``box_px``³ at the
     pixel size ``pixel_size · L / box_px``; shifts are scaled to the new pixels).
     ``invert_contrast`` reconstructs ``−image``: backprojection is linear, so the maps are
-    negated (the FSC is unchanged).
+    negated (the FSC is unchanged). ``symmetry`` (a point-group symbol, :mod:`cryospin.symmetry`)
+    inserts each image at its ``|G|`` symmetry-related poses; ``"C1"`` inserts it once.
     """
     from cryospin.preprocess import PreprocessedParticles
 
@@ -493,6 +516,7 @@ def backproject_particles(
     half = half_set_assignment(len(particles), random_subset=particles.random_subset, seed=seed)
     ctf = particles.ctf if use_ctf else None
     source = PreprocessedParticles.wrap(particles, box_px=box_px)
+    group = point_group_rotations(symmetry)  # (G, 3, 3)
     shifts = particles.shifts_px
     if shifts is not None and source is not particles:
         shifts = shifts * (source.box_px / particles.box_px)  # in the cropped box's pixels
@@ -500,7 +524,7 @@ def backproject_particles(
         source, particles.rotations, shifts, ctf,
         box_px=source.box_px, pixel_size_angstrom=source.pixel_size_angstrom, reg=reg,
         wiener=wiener, half_set=half, seed=seed, batch_size=batch_size, dtype=dtype,
-        progress=progress,
+        progress=progress, symmetry=group if group.shape[0] > 1 else None,
     )
     if invert_contrast:
         result = dataclasses.replace(result, volume=result.volume.neg_(),

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from cryospin.errors import InputError
 
-__all__ = ["PointGroup", "parse_point_group", "point_group_rotations"]
+__all__ = ["PointGroup", "expand_rotations", "parse_point_group", "point_group_rotations"]
 
 _SYMBOL = re.compile(r"^\s*(?:([CcDd])\s*(\d+)|([TtOo])|([Ii])\s*([1-4])?)\s*$")
 
@@ -162,3 +162,17 @@ def point_group_rotations(symbol: str) -> Tensor:
         two, five = _ICOSAHEDRAL_AXES[group.setting]
         gens = [_axis_rotation(two, 2), _axis_rotation(five, 5)]
     return _closure(gens, group.order)
+
+
+def expand_rotations(rotations: Tensor, group: Tensor) -> Tensor:
+    """The symmetry-equivalent poses ``R g`` of every pose, `(N, G, 3, 3)`.
+
+    Parameters
+    ----------
+    rotations : `(N, 3, 3)`
+        Poses ``R`` (cryospin convention; RELION's Euler matrix ``A``).
+    group : `(G, 3, 3)`
+        The point group's rotations (:func:`point_group_rotations`), cast to ``rotations``'
+        dtype and device.
+    """
+    return rotations[:, None] @ group.to(rotations)[None]

@@ -96,6 +96,7 @@ WRITERS = {
     "fsc": (["a.mrc", "b.mrc"], "--output", "output"),
     "pose-error": (["a.star", "b.star"], "--output", "output"),
     "flip-hand": (["a.mrc"], "--output", "output"),
+    "symmetry-expand": (["p.star", "--symmetry", "C2"], None, "output"),
     "posterior": (["run", "--particles", "0"], "--output", "output"),
     "report": (["run"], "--output", "output"),
     "demo": ([], None, "out"),

@@ -19,6 +19,7 @@ from cryospin.evaluate.fsc import write_fsc_json
 from cryospin.io.mrc import write_map
 from cryospin.io.particles import load_indices, load_particles
 from cryospin.runlock import check_output_folder, claim_output_folder, describe_command
+from cryospin.symmetry import parse_point_group
 from cryospin.train.halves import HalvesFiles, is_halves_run
 
 
@@ -93,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
     if args.box is not None and (args.box < 8 or args.box % 2):
         raise InputError(f"--box must be even and >= 8, got {args.box}")
+    group = parse_point_group(args.symmetry)  # --symmetry: a clear error before any work
     check_output_folder(args.outdir, force=args.force)  # before any work; again when writing
     if args.poses is not None and not args.poses.exists():
         raise InputError("file not found", args.poses)
@@ -114,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
         particles, use_ctf=not args.no_ctf, reg=args.reg, wiener=not args.no_wiener,
         seed=args.seed, batch_size=args.batch_size,
         dtype=torch.float32 if args.float32 else torch.float64, progress=True,
-        box_px=args.box, invert_contrast=args.invert_contrast,
+        box_px=args.box, invert_contrast=args.invert_contrast, symmetry=group.symbol,
     )
     out: Path = args.outdir
     box = int(res.volume.shape[-1])
@@ -130,8 +132,10 @@ def main(args: argparse.Namespace) -> int:
         write_fsc_json(res.fsc, out / "fsc.json", particles=str(args.particles),
                        n_particles=len(particles), half_sizes=[n1, len(particles) - n1],
                        independent_halves=dependent is None,
-                       **({} if dependent is None else {"warning": dependent}))
-    print(f"backprojected {len(particles)} particles ({box} px, {apix:g} Å/px) in "
+                       **({} if dependent is None else {"warning": dependent}),
+                       **({} if group.order == 1 else {"symmetry": group.symbol}))
+    sym = "" if group.order == 1 else f", symmetry {group.symbol} ({group.order} poses each)"
+    print(f"backprojected {len(particles)} particles ({box} px, {apix:g} Å/px{sym}) in "
           f"{time.perf_counter() - t0:.1f} s with {torch.get_num_threads()} threads")
     print(f"  half-map resolution: {res.fsc.resolution(0.5):.2f} Å at FSC 0.5, "
           f"{res.fsc.resolution(0.143):.2f} Å at FSC 0.143")

@@ -8,6 +8,10 @@ particles, same order). CTF correction uses the particles' CTF or --ctf (cryoDRG
 the Wiener term is estimated from the half-map FSC (see cryospin.backproject). Half sets follow
 rlnRandomSubset when present, else a random split (--seed).
 
+--symmetry G (Cn, Dn, T, O, I or I1..I4, in RELION's axes: docs/conventions.md, "Symmetry")
+inserts each image at its |G| symmetry-related poses R g: the map is symmetric, and the same
+as backprojecting `cryospin symmetry-expand` output without --symmetry.
+
 The half maps are independent only when their poses were refined independently. Poses refined
 on all particles together (a plain `cryospin reconstruct` run, most --poses files) make the
 halves share the reference's noise and the half-map FSC overestimates the resolution: then a
@@ -61,4 +65,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-wiener", action="store_true",
                         help="only the constant --reg term, no FSC-based Wiener filter")
     parser.add_argument("--seed", type=int, default=0, help="seed of the half-set split (0)")
+    parser.add_argument("--symmetry", default="C1", metavar="GROUP",
+                        help="point group of the particle (C1 = none; Cn, Dn, T, O, I or "
+                             "I1..I4): each image inserted at all |G| equivalent poses")
     parser.add_argument("--float32", action="store_true", help="compute in float32")

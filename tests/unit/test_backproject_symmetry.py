@@ -1,0 +1,151 @@
+"""Symmetrised backprojection (float64): each image inserted at its |G| poses ``R g``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cryospin.backproject import accumulate_backprojection, backproject
+from cryospin.evaluate.align import transform_map
+from cryospin.forward.ctf import CTFParams
+from cryospin.forward.hartley import hartley3
+from cryospin.forward.resample import fourier_pad_3d
+from cryospin.rotations import random_rotations
+from cryospin.simulate import atoms_to_volume, project_map, upsample_map_for_projection
+from cryospin.symmetry import expand_rotations, point_group_rotations
+
+APIX = 3.0
+
+
+def _ctf(n: int, g: torch.Generator) -> CTFParams:
+    full = lambda v: torch.full((n,), v, dtype=torch.float64)  # noqa: E731
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    return CTFParams(
+        defocus_u_angstrom=8000 + 8000 * u, defocus_v_angstrom=7500 + 8000 * u,
+        defocus_angle_deg=360 * torch.rand(n, generator=g, dtype=torch.float64),
+        voltage_kv=full(300.0), cs_mm=full(2.7), amplitude_contrast=full(0.1),
+        phase_shift_deg=full(0.0), bfactor_a2=full(0.0),
+    )
+
+
+@pytest.mark.parametrize("symbol, L", [("C4", 12), ("D2", 14), ("T", 16), ("C3", 13)])
+def test_symmetrised_sums_equal_the_explicit_g_fold_insertion(symbol: str, L: int) -> None:
+    """Sums with ``symmetry=G`` equal, to rounding, the C1 sums of the expanded set: every
+    image |G| times with poses ``R g``, the same shift, CTF and half set."""
+    g = torch.Generator().manual_seed(0)
+    n = 9
+    images = torch.randn(n, L, L, generator=g, dtype=torch.float64)
+    R = random_rotations(n, generator=g).double()
+    shifts = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    ctf = _ctf(n, g)
+    half = np.array([1, 2, 1, 1, 2, 2, 1, 2, 1])
+    G = point_group_rotations(symbol)
+    k = G.shape[0]
+    sym = accumulate_backprojection(images, R, shifts, ctf, half_set=half, box_px=L,
+                                    pixel_size_angstrom=APIX, batch_size=4, symmetry=G)
+    rows = torch.arange(n).repeat_interleave(k)  # (n·G,) particle-major
+    explicit = accumulate_backprojection(
+        images[rows], expand_rotations(R, G).reshape(-1, 3, 3), shifts[rows], ctf[rows],
+        half_set=half[rows.numpy()], box_px=L, pixel_size_angstrom=APIX, batch_size=7)
+    for name in ("numerator_a", "denominator_a", "numerator_b", "denominator_b"):
+        a, b = getattr(sym, name), getattr(explicit, name)
+        scale = float(b.abs().max())
+        assert scale > 0
+        assert float((a - b).abs().max()) < 1e-12 * scale, name
+
+
+def test_c1_is_the_unsymmetrised_path_bit_for_bit() -> None:
+    g = torch.Generator().manual_seed(1)
+    n, L = 8, 12
+    images = torch.randn(n, L, L, generator=g, dtype=torch.float64)
+    R = random_rotations(n, generator=g).double()
+    plain = backproject(images, R, pixel_size_angstrom=APIX)
+    identity = backproject(images, R, pixel_size_angstrom=APIX,
+                           symmetry=point_group_rotations("C1"))
+    for a, b in ((plain.volume, identity.volume), (plain.half_a, identity.half_a),
+                 (plain.half_b, identity.half_b)):
+        assert torch.equal(a, b)
+    assert np.array_equal(plain.fsc.fsc, identity.fsc.fsc)
+
+
+def _symmetric_particle(symbol: str, L: int) -> torch.Tensor:
+    """A map `(L, L, L)` of Gaussian blobs at ``g p`` for every ``g`` of the group and three
+    points ``p`` (no other symmetry)."""
+    G = point_group_rotations(symbol)
+    p = torch.tensor([[3.1, 1.2, 0.7], [-1.0, 2.2, 1.9], [0.4, -0.8, -2.6]], dtype=torch.float64)
+    pos = (G[:, None] @ p[None, :, :, None])[..., 0].reshape(-1, 3)  # (G·3, 3): g p
+    w = torch.tensor([1.0, 0.7, 0.4], dtype=torch.float64).repeat(G.shape[0])
+    return atoms_to_volume(pos, w, L, 1.0)
+
+
+def _noisy_projections(volume: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    L = int(volume.shape[-1])
+    R = random_rotations(n, generator=g).double()
+    clean = project_map(upsample_map_for_projection(volume, 2), R, L)
+    noise = torch.randn(clean.shape, generator=g, dtype=torch.float64) * float(clean.std())
+    return clean + noise, R
+
+
+def test_octahedral_map_is_exactly_symmetric_on_the_fourier_grid() -> None:
+    """O's rotations permute the voxel grid: the Hartley transform of the map backprojected
+    with ``symmetry=O`` satisfies ``H(g k) = H(k)`` at every voxel inside the box (|k_i| <
+    L/2; the −L/2 planes have no mirror), though the images are noisy; without symmetry not."""
+    L = 16
+    volume = _symmetric_particle("O", L)
+    images, R = _noisy_projections(volume, 60, seed=2)
+    G = point_group_rotations("O")
+    for symmetry, expect_symmetric in ((G, True), (None, False)):
+        res = backproject(images, R, pixel_size_angstrom=APIX, symmetry=symmetry)
+        h = hartley3(res.volume)[1:, 1:, 1:]  # (L−1)³: k = −L/2+1 … L/2−1 on each axis
+        worst = 0.0
+        for g in G:
+            # H(g k) as an array over k: voxel k reads index g k; on [z, y, x] arrays the
+            # signed permutation g acts by permuting and flipping the axes
+            moved = _permute_grid(h, g)
+            worst = max(worst, float((moved - h).abs().max()))
+        if expect_symmetric:
+            assert worst < 1e-10 * float(h.abs().max())
+        else:
+            assert worst > 1e-2 * float(h.abs().max())
+
+
+def _permute_grid(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``out[k] = h[g k]`` for a signed permutation ``g`` on an odd centred grid ``[z, y, x]``
+    (index ``i = k + (M − 1)/2``)."""
+    M = int(h.shape[-1])
+    c = torch.arange(M) - (M - 1) // 2
+    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+    k = torch.stack([x, y, z], -1).to(torch.float64)  # (M, M, M, 3) xyz
+    gk = (k @ g.T).round().long() + (M - 1) // 2  # (M, M, M, 3): g k as indices
+    return h[gk[..., 2], gk[..., 1], gk[..., 0]]
+
+
+@pytest.mark.parametrize("symbol", ["T", "C3"])
+def test_symmetrised_map_is_symmetric_after_resampling(symbol: str) -> None:
+    """For rotations that do not map the grid to itself: ``V(g r) ≈ V(r)`` after resampling
+    (2× Fourier upsampling, then trilinear), far closer than the map backprojected without
+    symmetry. (Not exactly: trilinear insertion at ``gᵀ q`` spreads onto other neighbours than
+    insertion at ``q``, so the gridded sums are G-invariant only up to that; measured 7–9 %
+    against 23–25 % without symmetry, with noise of the signal's variance.)"""
+    L = 16
+    volume = _symmetric_particle(symbol, L)
+    images, R = _noisy_projections(volume, 40, seed=3)
+    G = point_group_rotations(symbol)
+
+    def asymmetry(v: torch.Tensor) -> float:
+        """Worst relative difference between ``V(g r)`` and ``V(r)``, both resampled alike."""
+        up = fourier_pad_3d(v, 2 * L)
+
+        def turned(Q: torch.Tensor) -> torch.Tensor:
+            return transform_map(up, Q, input_scale=2, output_box_px=L)
+
+        same = turned(torch.eye(3, dtype=v.dtype))
+        return max(float((turned(g.T) - same).norm() / same.norm()) for g in G[1:])
+
+    sym = backproject(images, R, pixel_size_angstrom=APIX, symmetry=G).volume
+    plain = backproject(images, R, pixel_size_angstrom=APIX).volume
+    assert asymmetry(volume) < 0.03  # the resampling itself
+    assert asymmetry(sym) < 0.1
+    assert asymmetry(sym) < 0.4 * asymmetry(plain), (asymmetry(sym), asymmetry(plain))
