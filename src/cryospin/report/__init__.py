@@ -6,6 +6,7 @@ package sits just below the CLI and may import every layer beneath it:
 
 * :mod:`~cryospin.report.inputs` — read and check maps, poses, the pose track and a ground
   truth (the run folder itself: :func:`cryospin.rundir.load_run`);
+* :mod:`~cryospin.report.summary` — the summary's schema (``summary.json``, typed dicts);
 * :mod:`~cryospin.report.analysis` — numbers from the metrics and poses (the summary);
 * :mod:`~cryospin.report.ground_truth` — numbers against a ground truth (FSC, pose errors,
   the tracked particles' errors per epoch and per head);

@@ -20,6 +20,7 @@ import numpy as np
 from torch import Tensor
 
 from cryospin.evaluate.gold_standard import GoldStandardFSC
+from cryospin.report.summary import HalvesSummary, RunSummary, Stage1Heads
 from cryospin.rundir import RunData, Stage, search_stopped_after
 
 __all__ = [
@@ -189,10 +190,10 @@ def head_spread_table(metrics: Sequence[dict[str, Any]]) -> tuple[list[int], np.
     return epochs, padded_rows(rows, math.nan)
 
 
-def stage1_head_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def stage1_head_rows(metrics: Sequence[dict[str, Any]]) -> list[Stage1Heads]:
     """Summary rows of the stage-1 epochs: ``epoch``, ``head_usage``, ``head_spread_deg`` (each
     a per-head list, or None when the metrics line lacks it)."""
-    rows = []
+    rows: list[Stage1Heads] = []
     for r in metrics:
         if r.get("stage") == Stage.AUTOENCODE and (r.get("head_usage") or r.get("head_spread_deg")):
             spread = r.get("head_spread_deg")
@@ -208,36 +209,35 @@ def stage1_head_rows(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------- summaries
 def run_summary(run: RunData, *, num_poses: int | None, box_px: int | None,
-                pixel_size_angstrom: float | None) -> dict[str, Any]:
+                pixel_size_angstrom: float | None) -> RunSummary:
     """The summary of one run without a ground truth: ``run_dir``, ``finished``, from the
     metrics ``particles``, ``epochs_completed``, ``search_stopped_after``, ``switch_epoch``,
     ``final_loss``, ``final_stage``, ``wall_time_s`` (seconds) and ``stage1_heads``, then
     ``box_px`` and ``pixel_size_angstrom`` (Å). ``num_poses`` (the final poses' count) gives
     ``particles`` when the metrics do not."""
     metrics = run.metrics
-    summary: dict[str, Any] = {"run_dir": str(run.run_dir), "finished": run.finished}
-    if metrics:
-        summary.update(
-            particles=int(metrics[0].get("num_images") or 0) or None,
-            epochs_completed=int(metrics[-1]["epoch"]),
-            search_stopped_after=search_stopped_after(metrics),
-            switch_epoch=switch_epoch(metrics),
-            final_loss=metrics[-1].get("loss"),
-            final_stage=metrics[-1].get("stage"),
-            wall_time_s=float(elapsed_seconds(metrics)[-1]),
-        )
+    summary: RunSummary = {"run_dir": str(run.run_dir), "finished": run.finished}
+    if metrics:  # in this order in summary.json
+        summary["particles"] = int(metrics[0].get("num_images") or 0) or None
+        summary["epochs_completed"] = int(metrics[-1]["epoch"])
+        summary["search_stopped_after"] = search_stopped_after(metrics)
+        summary["switch_epoch"] = switch_epoch(metrics)
+        summary["final_loss"] = metrics[-1].get("loss")
+        summary["final_stage"] = metrics[-1].get("stage")
+        summary["wall_time_s"] = float(elapsed_seconds(metrics)[-1])
         stage1_heads = stage1_head_rows(metrics)
         if stage1_heads:
             summary["stage1_heads"] = stage1_heads
     if num_poses is not None and not summary.get("particles"):
         summary["particles"] = int(num_poses)
-    summary.update(box_px=box_px, pixel_size_angstrom=pixel_size_angstrom)
+    summary["box_px"] = box_px
+    summary["pixel_size_angstrom"] = pixel_size_angstrom
     return summary
 
 
 def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFSC,
                    fsc_summary: dict[str, Any], marker: dict[str, Any], *, box_px: int,
-                   pixel_size_angstrom: float) -> dict[str, Any]:
+                   pixel_size_angstrom: float) -> HalvesSummary:
     """The summary of a ``--halves`` run: particles and half sizes, the split, each half's
     epochs and wall time (seconds), the alignment of half B onto half A and the gold-standard
     resolutions (Å) from ``fsc.json`` (``fsc_summary``, parsed as ``gold``) and ``halves.json``
@@ -263,7 +263,7 @@ def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFS
     }
 
 
-def json_ready(x: Any) -> Any:
+def json_ready(x: object) -> object:
     """``x`` (nested dicts and lists) with non-finite floats replaced by None, for JSON."""
     if isinstance(x, dict):
         return {k: json_ready(v) for k, v in x.items()}

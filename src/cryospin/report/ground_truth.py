@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from cryospin.evaluate.fsc import FSCResult, fsc
 from cryospin.evaluate.pose_error import PoseErrorResult, flip_hand, pose_error
 from cryospin.report.analysis import pick_epochs, switch_epoch
 from cryospin.report.inputs import read_volume
+from cryospin.report.summary import MapVsGT, PosesVsGT, TrackedEpoch
 from cryospin.rotations import geodesic_distance_deg
 from cryospin.rundir import RunData, Stage
 from cryospin.train.track import PoseTrack
@@ -78,7 +78,7 @@ def _align_resolution(gt: np.ndarray, volume: np.ndarray, apix: float | None, *,
 
 
 def compare_map_with_gt(gt: np.ndarray, volume: np.ndarray, apix: float | None, *,
-                        search_hand: bool) -> tuple[FSCResult, AlignResult, dict[str, Any]]:
+                        search_hand: bool) -> tuple[FSCResult, AlignResult, MapVsGT]:
     """The map aligned to the ground truth with the full search: (FSCResult, AlignResult,
     summary fields ``resolution_05_angstrom``, ``resolution_0143_angstrom``,
     ``gt_correlation``, ``hand_flipped_vs_gt``)."""
@@ -136,7 +136,7 @@ def epoch_resolutions(
 # ---------------------------------------------------------------------------- final poses
 def compare_poses_with_gt(rotations: Tensor, shifts: Tensor | None, gt_R: Tensor,
                           gt_t: Tensor | None, *,
-                          search_hand: bool) -> tuple[PoseErrorResult, dict[str, Any]]:
+                          search_hand: bool) -> tuple[PoseErrorResult, PosesVsGT]:
     """Pose error of the run's poses against the ground truth: (PoseErrorResult, summary
     fields ``median_rotation_error_deg``, ``mean_rotation_error_deg``,
     ``fraction_rotation_error_below_10_deg``, ``poses_flipped_vs_gt``)."""
@@ -255,7 +255,7 @@ def track_errors(
     )
 
 
-def track_error_rows(errors: TrackErrors) -> list[dict[str, Any]]:
+def track_error_rows(errors: TrackErrors) -> list[TrackedEpoch]:
     """The per-epoch rows of the summary's ``tracked_rotation_error``: ``epoch``,
     ``median_deg``, ``mean_deg`` (as before), ``view_median_deg``, ``in_plane_median_deg``,
     ``stage`` and ``best_head_median_deg`` (None outside stage 1)."""

@@ -214,9 +214,9 @@ def write_halves_report(
         if aligned.flipped:
             notes.append(MIRROR_NOTE)
     if inp.gt_R is not None and inp.rotations is not None:  # gt_R implies rotations (read_gt_poses)
-        pose_result, fields = compare_poses_with_gt(inp.rotations, inp.shifts, inp.gt_R,
-                                                    inp.gt_t, search_hand=search_hand)
-        summary.update(fields)
+        pose_result, pose_fields = compare_poses_with_gt(inp.rotations, inp.shifts, inp.gt_R,
+                                                         inp.gt_t, search_hand=search_hand)
+        summary.update(pose_fields)
     figs = FigureSet(html_path)
     figs.create()
     _figures(figs, inp, gt_map, final_fsc, pose_result)

@@ -15,7 +15,7 @@ import math
 import os
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from cryospin.errors import OutputError
 from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.report.analysis import RANDOM_SPREAD_DEG, json_ready
 from cryospin.report.ground_truth import EpochResolution
+from cryospin.report.summary import HalvesSummary, RunSummary
 from cryospin.rundir import RunData, Stage
 
 __all__ = [
@@ -189,16 +190,16 @@ class ReportResult:
     html_path : Path
     figure_paths : list of Path
         PNGs written (in page order).
-    summary : dict
-        Numbers of the summary table (JSON-ready), also written as ``<figures>/summary.json``.
+    summary : RunSummary or HalvesSummary
+        Numbers of the summary table, also written as ``<figures>/summary.json``.
     """
 
     html_path: Path
     figure_paths: list[Path]
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: RunSummary | HalvesSummary
 
 
-def write_page(figs: FigureSet, summary: dict[str, Any], page: str) -> ReportResult:
+def write_page(figs: FigureSet, summary: RunSummary | HalvesSummary, page: str) -> ReportResult:
     """Write ``summary`` as ``<figures>/summary.json`` (non-finite numbers as null), then the
     page at ``figs.html_path``."""
     atomic_write_text(figs.dir / "summary.json",
@@ -222,7 +223,7 @@ def format_duration(s: float) -> str:
     return f"{s:.1f} s"
 
 
-def _epoch_rows(s: dict[str, Any], run: RunData) -> list[tuple[str, str]]:
+def _epoch_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
     """Epochs (of those planned, or the early stop), the switch, the final loss, wall time."""
     rows: list[tuple[str, str]] = []
     planned = (run.config.get("schedule") or {}).get("epochs")
@@ -242,7 +243,7 @@ def _epoch_rows(s: dict[str, Any], run: RunData) -> list[tuple[str, str]]:
     return rows
 
 
-def run_summary_rows(s: dict[str, Any], run: RunData) -> list[tuple[str, str]]:
+def run_summary_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
     """The summary table of one run, from its summary ``s``
     (:func:`~cryospin.report.analysis.run_summary` and the ground-truth fields)."""
     rows: list[tuple[str, str]] = [("run folder", str(run.run_dir))]
@@ -265,7 +266,7 @@ def run_summary_rows(s: dict[str, Any], run: RunData) -> list[tuple[str, str]]:
     return rows
 
 
-def _stage1_summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+def _stage1_summary_rows(s: RunSummary) -> list[tuple[str, str]]:
     """The head spread of the last stage-1 epoch that has one."""
     with_spread = [r for r in s.get("stage1_heads") or () if r.get("head_spread_deg")]
     if not with_spread:
@@ -273,13 +274,13 @@ def _stage1_summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     last = with_spread[-1]
     values = ", ".join("–" if v is None or not math.isfinite(v) else
                        f"{v:.1f}°" if v < 9.95 else f"{v:.0f}°"
-                       for v in last["head_spread_deg"])
+                       for v in last["head_spread_deg"] or ())
     return [(f"head spread across images (epoch {last['epoch']})",
              f"{values} (0° = one rotation for every image, ≈ {RANDOM_SPREAD_DEG:.0f}° = "
              "random)")]
 
 
-def _tracked_summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+def _tracked_summary_rows(s: RunSummary) -> list[tuple[str, str]]:
     """The tracked particles' errors at the last stage-1 epoch (the switch's poses)."""
     stage1 = [r for r in s.get("tracked_rotation_error") or ()
               if r.get("stage") == Stage.AUTOENCODE]
@@ -294,7 +295,7 @@ def _tracked_summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
                f"{r['in_plane_median_deg']:.1f}°")]
 
 
-def gt_summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+def gt_summary_rows(s: RunSummary | HalvesSummary) -> list[tuple[str, str]]:
     """Summary-table rows of the ground-truth comparisons present in ``s``."""
     rows: list[tuple[str, str]] = []
     if "resolution_05_angstrom" in s:
@@ -318,7 +319,7 @@ def epoch_table(
     """The per-epoch table: epoch, stage, loss, times, throughput, pose change, resolution."""
     res = {r.epoch: r for r in resolutions}
 
-    def num(x: Any, fmt: str) -> str:
+    def num(x: object, fmt: str) -> str:
         return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt % x
 
     header = ["epoch", "stage", "loss", "epoch time", "elapsed", "images/s",
@@ -338,7 +339,7 @@ def epoch_table(
 
 
 # ---------------------------------------------------------------------------- halves
-def halves_summary_rows(run_dir: Path, s: dict[str, Any]) -> list[tuple[str, str]]:
+def halves_summary_rows(run_dir: Path, s: HalvesSummary) -> list[tuple[str, str]]:
     """The summary table of a ``--halves`` run, from
     :func:`~cryospin.report.analysis.halves_summary` and the ground-truth fields."""
     a, b = s["half_sizes"]

@@ -59,6 +59,7 @@ from cryospin.report.inputs import (
     read_track,
     read_volume,
 )
+from cryospin.report.summary import RunSummary
 from cryospin.rundir import RunData, load_run
 from cryospin.train.track import PoseTrack
 
@@ -83,7 +84,7 @@ class _Inputs:
 class _Numbers:
     """The page's numbers: the summary and what the figures and tables draw."""
 
-    summary: dict[str, Any]
+    summary: RunSummary
     elapsed: np.ndarray  # (E,) s
     notes: list[str]
     resolutions: list[EpochResolution]
@@ -148,9 +149,9 @@ def _analyse(inp: _Inputs, *, max_epoch_fsc: int, search_hand: bool) -> _Numbers
             summary["tracked_rotation_error"] = track_error_rows(track_err)
             if track_err.stage1.any():
                 track_heads = head_errors(track, inp.gt_R, track_err)
-        pose_result, fields = compare_poses_with_gt(inp.rotations, inp.shifts, inp.gt_R,
-                                                    inp.gt_t, search_hand=search_hand)
-        summary.update(fields)
+        pose_result, pose_fields = compare_poses_with_gt(inp.rotations, inp.shifts, inp.gt_R,
+                                                         inp.gt_t, search_hand=search_hand)
+        summary.update(pose_fields)
     return _Numbers(summary, elapsed, notes, resolutions, final_fsc, pose_result, track,
                     track_err, track_heads)
 

@@ -1,0 +1,124 @@
+"""The schema of a report's summary (``summary.json`` and :attr:`ReportResult.summary`).
+
+Typed dicts: at run time plain dicts, written as JSON in insertion order (non-finite numbers as
+null). Units are in the key names: seconds (``_s``), Å (``_angstrom``), degrees (``_deg``),
+pixels (``_px``).
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+__all__ = [
+    "Stage1Heads",
+    "EpochResolutionRow",
+    "TrackedEpoch",
+    "MapVsGT",
+    "PosesVsGT",
+    "RunSummary",
+    "HalvesSummary",
+]
+
+
+class Stage1Heads(TypedDict):
+    """One stage-1 epoch's encoder heads: each head's share of images and output spread."""
+
+    epoch: int
+    head_usage: list[float] | None
+    head_spread_deg: list[float | None] | None
+
+
+class EpochResolutionRow(TypedDict):
+    """One epoch map's resolution against the ground truth (FSC 0.5 and 0.143)."""
+
+    epoch: int
+    elapsed_s: float
+    resolution_05_angstrom: float
+    resolution_0143_angstrom: float
+
+
+class TrackedEpoch(TypedDict):
+    """The tracked particles' rotation errors at one epoch (``pose_track.npz``)."""
+
+    epoch: int
+    median_deg: float
+    mean_deg: float
+    view_median_deg: float
+    in_plane_median_deg: float
+    stage: str
+    best_head_median_deg: float | None
+
+
+class MapVsGT(TypedDict):
+    """The final map against the ground-truth map (aligned, full search)."""
+
+    resolution_05_angstrom: float
+    resolution_0143_angstrom: float
+    gt_correlation: float
+    hand_flipped_vs_gt: bool
+
+
+class PosesVsGT(TypedDict):
+    """The final poses against the ground-truth poses (global rotation and hand aligned)."""
+
+    median_rotation_error_deg: float
+    mean_rotation_error_deg: float
+    fraction_rotation_error_below_10_deg: float
+    poses_flipped_vs_gt: bool
+
+
+class _GroundTruthFields(TypedDict, total=False):
+    """:class:`MapVsGT` and :class:`PosesVsGT`, present when a ground truth was given."""
+
+    resolution_05_angstrom: float
+    resolution_0143_angstrom: float
+    gt_correlation: float
+    hand_flipped_vs_gt: bool
+    median_rotation_error_deg: float
+    mean_rotation_error_deg: float
+    fraction_rotation_error_below_10_deg: float
+    poses_flipped_vs_gt: bool
+
+
+class _RunRequired(TypedDict):
+    run_dir: str
+    finished: bool
+
+
+class RunSummary(_RunRequired, _GroundTruthFields, total=False):
+    """The summary of one run; the metrics' fields only when ``metrics.jsonl`` has lines."""
+
+    particles: int | None
+    epochs_completed: int
+    search_stopped_after: int | None
+    switch_epoch: int | None
+    final_loss: float | None
+    final_stage: str | None
+    wall_time_s: float
+    stage1_heads: list[Stage1Heads]
+    box_px: int | None
+    pixel_size_angstrom: float | None
+    epoch_resolutions: list[EpochResolutionRow]
+    tracked_rotation_error: list[TrackedEpoch]
+
+
+class _HalvesRequired(TypedDict):
+    run_dir: str
+    particles: int | None
+    half_sizes: list[int | None]
+    split_source: str | None
+    box_px: int
+    pixel_size_angstrom: float
+    epochs_completed: list[int]
+    wall_time_s: list[float]
+    half_b_mirrored: bool | None
+    half_alignment_correlation: float | None
+    resolution_0143_corrected: float
+    resolution_0143_unmasked: float
+    resolution_0143_masked: float
+    randomise_from: float
+
+
+class HalvesSummary(_HalvesRequired, _GroundTruthFields):
+    """The summary of a ``--halves`` run: per-half lists of epochs and wall times, the
+    alignment of half B onto half A and the gold-standard resolutions."""
