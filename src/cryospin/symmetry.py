@@ -22,7 +22,13 @@ from torch import Tensor
 
 from cryospin.errors import InputError
 
-__all__ = ["PointGroup", "expand_rotations", "parse_point_group", "point_group_rotations"]
+__all__ = [
+    "PointGroup",
+    "expand_rotations",
+    "grid_cosets",
+    "parse_point_group",
+    "point_group_rotations",
+]
 
 _SYMBOL = re.compile(r"^\s*(?:([CcDd])\s*(\d+)|([TtOo])|([Ii])\s*([1-4])?)\s*$")
 
@@ -176,3 +182,39 @@ def expand_rotations(rotations: Tensor, group: Tensor) -> Tensor:
         dtype and device.
     """
     return rotations[:, None] @ group.to(rotations)[None]
+
+
+def grid_cosets(group: Tensor) -> tuple[Tensor, Tensor]:
+    """Split ``G = {h p : h ∈ H, p ∈ P}``, ``P`` the elements that map the voxel grid onto itself.
+
+    ``P`` are the signed permutation matrices of ``G`` (entries 0, ±1 to 1e-12; a subgroup),
+    returned exactly rounded; ``H`` holds one element of each coset ``h P``, in the group's
+    order (so the identity first). A trilinear insertion at ``R h p`` is the insertion at
+    ``R h`` read at ``p m`` (``cryospin.backproject``): ``|H| = |G| / |P|`` insertions and
+    ``|P|`` grid permutations replace ``|G|`` insertions.
+
+    Parameters
+    ----------
+    group : `(G, 3, 3)`
+        A point group's rotations (:func:`point_group_rotations`).
+
+    Returns
+    -------
+    H : `(G / |P|, 3, 3)`
+    P : `(|P|, 3, 3)`, identity first
+    """
+    rounded = group.round()
+    on_grid = ((group - rounded).abs() < 1e-12).all(dim=-1).all(dim=-1)  # (G,)
+    P = rounded[on_grid]
+    covered = torch.zeros(group.shape[0], dtype=torch.bool)
+    reps = []
+    for i in range(group.shape[0]):
+        if covered[i]:
+            continue
+        reps.append(i)
+        coset = group[i] @ P  # (|P|, 3, 3): h p
+        dist = (coset[:, None] - group[None]).abs().amax(dim=(-1, -2))  # (|P|, G)
+        covered |= (dist < 1e-9).any(dim=0)
+    if len(reps) * P.shape[0] != group.shape[0]:
+        raise AssertionError("the grid-preserving elements do not split the group into cosets")
+    return group[reps], P

@@ -29,10 +29,14 @@ def _ctf(n: int, g: torch.Generator) -> CTFParams:
     )
 
 
-@pytest.mark.parametrize("symbol, L", [("C4", 12), ("D2", 14), ("T", 16), ("C3", 13)])
+@pytest.mark.parametrize("symbol, L", [
+    ("C4", 12), ("D2", 14), ("T", 16), ("C3", 13), ("O", 12), ("I", 12), ("I3", 12),
+    ("D7", 13), ("D4", 13), ("C2", 16),
+])
 def test_symmetrised_sums_equal_the_explicit_g_fold_insertion(symbol: str, L: int) -> None:
-    """Sums with ``symmetry=G`` equal, to rounding, the C1 sums of the expanded set: every
-    image |G| times with poses ``R g``, the same shift, CTF and half set."""
+    """Sums with ``symmetry=G`` (|G|/|P| insertions, then the fold over the grid-preserving
+    elements P) equal, to rounding, the C1 sums of the expanded set: every image |G| times
+    with poses ``R g``, the same shift, CTF and half set. Even and odd boxes."""
     g = torch.Generator().manual_seed(0)
     n = 9
     images = torch.randn(n, L, L, generator=g, dtype=torch.float64)

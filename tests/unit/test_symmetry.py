@@ -10,7 +10,7 @@ from cryospin.errors import InputError
 from cryospin.evaluate.pose_error import pose_error
 from cryospin.rotations import random_rotations
 from cryospin.simulate.density import AtomicModel, parse_selection, symmetric_assembly
-from cryospin.symmetry import parse_point_group, point_group_rotations
+from cryospin.symmetry import grid_cosets, parse_point_group, point_group_rotations
 
 GROUPS = [("C1", 1), ("c4", 4), ("C7", 7), ("D2", 4), ("D7", 14), ("T", 12), ("o", 24),
           ("I", 60), ("I1", 60), ("I2", 60), ("i3", 60), ("I4", 60)]
@@ -246,3 +246,21 @@ def test_assembly_refuses_polyhedral_groups():
                        "x")
     with pytest.raises(InputError, match="Cn and Dn"):
         symmetric_assembly(unit, "O")
+
+
+@pytest.mark.parametrize("symbol, n_cosets, n_grid", [
+    ("C1", 1, 1), ("C4", 1, 4), ("C7", 7, 1), ("D2", 1, 4), ("D7", 7, 2), ("T", 12, 1),
+    ("O", 1, 24), ("I", 5, 12), ("I3", 30, 2),
+])
+def test_grid_cosets_split_the_group(symbol, n_cosets, n_grid):
+    """G = {h p}: P the signed permutations of G (a subgroup, exact 0/±1), each element of G
+    once among the products h p."""
+    G = point_group_rotations(symbol)
+    H, P = grid_cosets(G)
+    assert (H.shape[0], P.shape[0]) == (n_cosets, n_grid)
+    assert bool(((P == 0) | (P.abs() == 1)).all())
+    torch.testing.assert_close(P[0], torch.eye(3, dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(H[0], G[0], rtol=0, atol=0)
+    prods = (H[:, None] @ P[None]).reshape(-1, 9)  # (|G|, 9)
+    dist = (prods[:, None] - G.reshape(1, -1, 9)).abs().amax(-1)  # (|G|, |G|)
+    assert bool(((dist < 1e-9).sum(0) == 1).all()) and bool(((dist < 1e-9).sum(1) == 1).all())
