@@ -47,6 +47,8 @@ the transforms of 32 images at a time, and inside ``insert_central_slices`` a gr
 an output of 2 volumes; while solving, about six more volumes (three maps, one Hartley volume,
 a half-size complex FFT). At 256 px in float64 (134 MB a volume) the peak resident memory
 measured 1.8 GB for 5 particles and 2.2 GB for 512 (default batch size); float32 1.5 GB.
+With a symmetry whose grid-preserving part is more than the identity, the sums are
+``(L+1)³`` until the fold, which adds one ``L³`` volume at a time.
 """
 
 from __future__ import annotations
