@@ -70,7 +70,7 @@ PARTICLE_SET = "particle_set.json"
 MAP = "map.mrc"
 #: The trained volume when ``map.mrc`` is the backprojection.
 MAP_DECODER = "map_decoder.mrc"
-#: FSC of ``map.mrc`` and ``map_decoder.mrc`` (:mod:`cryospin.evaluate.convergence`).
+#: FSC of ``map.mrc`` and ``map_decoder.mrc`` (:mod:`cryospin.train.convergence`).
 CONVERGENCE = "convergence_fsc.json"
 #: Final poses: RELION 3.1, cryoDRGN, cryoSPARC (only for a ``.cs`` input).
 POSES_STAR = "poses.star"

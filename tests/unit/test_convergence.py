@@ -1,4 +1,4 @@
-"""The convergence check of a plain run (``cryospin.evaluate.convergence``): the FSC of the
+"""The convergence check of a plain run (``cryospin.train.convergence``): the FSC of the
 final map and the trained volume, recorded and logged as a convergence check, never as a
 resolution."""
 
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from cryospin.evaluate.convergence import (
+from cryospin.evaluate.fsc import fsc
+from cryospin.train.convergence import (
     CONVERGENCE_NOTE,
     convergence_check,
     record_convergence_check,
 )
-from cryospin.evaluate.fsc import fsc
 
 F64 = torch.float64
 
@@ -45,7 +45,7 @@ def test_curve_is_the_fsc_of_the_two_maps_and_labelled_not_a_resolution(tmp_path
 
 def test_logged_line_says_it_is_not_a_resolution(tmp_path, caplog) -> None:
     v = torch.randn(8, 8, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
-    with caplog.at_level(logging.INFO, logger="cryospin.evaluate.convergence"):
+    with caplog.at_level(logging.INFO, logger="cryospin.train.convergence"):
         record_convergence_check(tmp_path / "c.json", v, v)  # identical: agree to Nyquist
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith("convergence check (NOT a resolution)")

@@ -9,7 +9,7 @@ new one is complete). ``pose_track.npz`` is written before it by
 At the end (:func:`write_final`): ``map.mrc`` — with ``run.final_map = "backprojection"``
 (default) the CTF-corrected Wiener backprojection of the training images from the final poses
 (:func:`final_backprojection`), the trained volume kept as ``map_decoder.mrc`` and their FSC
-as the convergence check ``convergence_fsc.json`` (:mod:`cryospin.evaluate.convergence`; not a
+as the convergence check ``convergence_fsc.json`` (:mod:`cryospin.train.convergence`; not a
 resolution) — ``poses.star`` (RELION 3.1, every input column carried), ``poses.pkl``
 (cryoDRGN) and, for a ``.cs`` input, ``poses.cs``. Shifts are written in the original
 particles' pixels.
@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from cryospin.backproject import backproject
-from cryospin.evaluate.convergence import record_convergence_check
 from cryospin.io.cs import write_cryosparc
 from cryospin.io.mrc import write_map
 from cryospin.io.particle_set import ParticleSet
@@ -32,6 +31,7 @@ from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
 from cryospin.rundir import Checkpoint, EpochMetrics, RunFiles, Stage, append_metrics
 from cryospin.train.autoencode import EpochStats
 from cryospin.train.config import Config
+from cryospin.train.convergence import record_convergence_check
 from cryospin.train.data import TrainingData
 from cryospin.train.feedback import Feedback
 from cryospin.volume import HartleyVolume
