@@ -44,11 +44,26 @@ import torch
 
 from cryospin import __version__
 from cryospin.atomic import atomic_path, atomic_write_text
+from cryospin.backproject import half_set_assignment
 from cryospin.cpus import available_cpus, default_cpu_threads
 from cryospin.errors import CryospinError, InputError, OutputError
-from cryospin.evaluate.align import AlignResult
-from cryospin.evaluate.gold_standard import GoldStandardFSC
+from cryospin.evaluate.align import AlignResult, align_maps
+from cryospin.evaluate.gold_standard import (
+    GoldStandardFSC,
+    evaluate_half_maps,
+    fsc_weighted_average,
+    poses_in_aligned_frame,
+    write_postprocess_star,
+)
+from cryospin.io.cs import write_cryosparc
 from cryospin.io.identity import check_same_particles, particle_set_identity, save_identity
+from cryospin.io.mrc import read_map, write_map
+from cryospin.io.particles import (
+    load_indices,
+    write_cryodrgn_poses,
+    write_particles_star,
+)
+from cryospin.io.star import read_relion_star
 from cryospin.plotting import plot_fsc
 from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from here
     CHECKPOINT,
@@ -128,8 +143,6 @@ def split_halves(particles: Any, seed: int) -> tuple[np.ndarray, str]:
     ``ceil(N/2)`` and ``floor(N/2)`` particles
     (:func:`cryospin.backproject.half_set_assignment`).
     """
-    from cryospin.backproject import half_set_assignment
-
     n = len(particles)
     rs = getattr(particles, "random_subset", None)
     usable = rs is not None and set(np.unique(np.asarray(rs)).tolist()) == {1, 2}
@@ -221,8 +234,6 @@ def _original_indices(config: Config, local: np.ndarray) -> np.ndarray:
     """Indices of the half's particles in the original file (composing the user's ``--ind``)."""
     if config.input.ind is None:
         return local
-    from cryospin.io.particles import load_indices
-
     return load_indices(config.input.ind)[local]
 
 
@@ -362,8 +373,6 @@ def _train_and_combine(
 
 
 def _read_half_poses(star: Path, box_px: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from cryospin.io.star import read_relion_star
-
     ps = read_relion_star(star, no_ctf=True, metadata_only=True, box_px=box_px)
     if ps.rotations is None:
         raise InputError("no poses in the half's star file", star)
@@ -418,16 +427,6 @@ def _combine(
     mask_dilate_px: float | None,
     mask_soft_edge_px: float | None,
 ) -> tuple[GoldStandardFSC, AlignResult]:
-    from cryospin.evaluate.align import align_maps
-    from cryospin.evaluate.gold_standard import (
-        evaluate_half_maps,
-        fsc_weighted_average,
-        poses_in_aligned_frame,
-        write_postprocess_star,
-    )
-    from cryospin.io.cs import write_cryosparc
-    from cryospin.io.mrc import read_map, write_map
-    from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
     half_files = [RunFiles(files.half_dir(w)) for w in (1, 2)]
     maps = [torch.tensor(read_map(f.map)[0], dtype=torch.float64) for f in half_files]
     map_a, map_b = maps

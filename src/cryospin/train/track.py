@@ -42,6 +42,8 @@ from torch import Tensor, nn
 from cryospin.atomic import atomic_path
 from cryospin.errors import InputError
 from cryospin.rundir import POSE_TRACK
+from cryospin.train.autoencode import eval_mode, predict_nll
+from cryospin.train.data import sub_disc
 
 __all__ = [
     "TRACK_FILE",
@@ -161,9 +163,6 @@ def head_predictions(
     rotations : `(K, M, 3, 3)` float32
     shifts_px : `(K, M, 2)` float32 or None
     """
-    from cryospin.train.autoencode import eval_mode, predict_nll
-    from cryospin.train.data import sub_disc
-
     disc = None
     if loss_radius_px is not None:
         disc = sub_disc(data.frequencies, data.box_px, loss_radius_px)
