@@ -27,7 +27,7 @@ from cryospin.io.cs import read_cryosparc
 from cryospin.io.mrc import read_map, write_stack
 from cryospin.io.particles import load_particles
 from cryospin.io.pkl import read_cryodrgn_poses
-from cryospin.io.star import read_star_tables
+from cryospin.io.star_tables import read_star_tables
 from cryospin.rotations import random_rotations
 from cryospin.rundir import load_checkpoint, save_checkpoint
 from cryospin.train import fit as fit_module

@@ -22,7 +22,8 @@ from cryospin.io.cs import read_cryosparc, write_cryosparc
 from cryospin.io.mrc import write_stack
 from cryospin.io.particles import load_particles, write_particles_star
 from cryospin.io.pkl import write_cryodrgn_ctf
-from cryospin.io.star import read_star_tables, write_relion_star
+from cryospin.io.star_tables import read_star_tables
+from cryospin.io.star_write import write_relion_star
 from cryospin.rotations import geodesic_distance_rad, random_rotations
 
 L = 16

@@ -21,8 +21,8 @@ from cryospin.io.star import (
     relion_origin_from_shift_px,
     rotation_from_relion_euler,
     shift_px_from_relion_origin,
-    write_relion_star,
 )
+from cryospin.io.star_write import write_relion_star
 from cryospin.rotations import random_rotations, so3_exp
 
 L = 16

@@ -18,7 +18,7 @@ from cryospin.errors import InputError, OutputError
 from cryospin.forward.resample import fourier_crop_2d
 from cryospin.io.mrc import StackWriter
 from cryospin.io.particles import ParticleSet, load_particles
-from cryospin.io.star import write_relion_star
+from cryospin.io.star_write import write_relion_star
 
 
 def downsample_particles(

@@ -13,7 +13,8 @@ from cryospin.evaluate.align import mirror_map
 from cryospin.evaluate.pose_error import flip_hand
 from cryospin.io.mrc import read_map, write_map
 from cryospin.io.particles import load_particles, write_particles_star
-from cryospin.io.star import CTF_COLUMNS, merge_optics, read_star_tables
+from cryospin.io.star import CTF_COLUMNS
+from cryospin.io.star_tables import merge_optics, read_star_tables
 
 
 def _has_ctf(path: Path) -> bool:

@@ -39,16 +39,14 @@ from cryospin.io.pkl import (
     shift_px_from_cryodrgn_trans,
 )
 from cryospin.io.star import (
-    merge_optics,
-    pixel_sizes_angstrom,
     read_relion_star,
-    read_star_tables,
     relion_euler_from_rotation,
     relion_origin_from_shift_px,
     rotation_from_relion_euler,
     shift_px_from_relion_origin,
-    write_relion_star,
 )
+from cryospin.io.star_tables import merge_optics, pixel_sizes_angstrom, read_star_tables
+from cryospin.io.star_write import write_relion_star
 
 __all__ = [
     # container

@@ -87,7 +87,7 @@ class ParticleSet:
         Per-particle RELION columns to carry into written star files, as text, one row per
         particle (index ``0..N-1``): the input star's whole particle table in its column
         order, or the columns a ``.cs`` adds (``rlnMicrographName``, ``rlnCoordinateX/Y``,
-        ``rlnCtfScalefactor``). :func:`cryospin.io.star.write_relion_star` writes them back.
+        ``rlnCtfScalefactor``). :func:`cryospin.io.star_write.write_relion_star` writes them back.
     cs_table : `(N,)` structured array or None
         The input ``.cs`` rows (every field), for writing a ``.cs`` back
         (:func:`cryospin.io.cs.write_cryosparc`).

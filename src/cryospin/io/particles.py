@@ -24,7 +24,8 @@ from cryospin.io.cs import read_cryosparc
 from cryospin.io.mrc import open_stack
 from cryospin.io.particle_set import ParticleSet
 from cryospin.io.stack_check import check_stacks
-from cryospin.io.star import read_relion_star_group, write_relion_star
+from cryospin.io.star import read_relion_star_group
+from cryospin.io.star_write import write_relion_star
 
 __all__ = [
     "ParticleSet",
@@ -239,7 +240,7 @@ def _read_plain_stacks(path: Path, *, datadir: str | Path | None) -> ParticleSet
 def write_particles_star(path: str | Path, particles: ParticleSet, *,
                          relative_to: str | Path | None = None) -> None:
     """Write ``particles`` as a RELION 3.1 star file, carrying the input's columns and image
-    paths (see :func:`cryospin.io.star.write_relion_star`)."""
+    paths (see :func:`cryospin.io.star_write.write_relion_star`)."""
     write_relion_star(path, particles, relative_to=relative_to)
 
 

@@ -41,7 +41,7 @@ from cryospin.forward.shifts import phase_shift_fourier
 from cryospin.io.mrc import StackWriter, read_map, write_map
 from cryospin.io.particles import ParticleSet
 from cryospin.io.pkl import write_cryodrgn_poses
-from cryospin.io.star import write_relion_star
+from cryospin.io.star_write import write_relion_star
 from cryospin.rotations import random_rotations
 from cryospin.simulate.density import (
     DEFAULT_ATOM_SIGMA_ANGSTROM,
