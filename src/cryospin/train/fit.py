@@ -352,10 +352,10 @@ def _train_epochs(run: _Run, state: TrainState, stop_after: int | None) -> int:
     totals = phase_totals(read_metrics(run.files.metrics), plan) if run.main else {}
     n = len(run.data)
     scale = 1.0 if run.shard is None else n / max(int(run.shard.owned(n).numel()), 1)
-    clock = _Clock(end, last, plan, totals, scale, time.perf_counter())
     # the encoder as trained: in DDP when distributed (checkpoints save `encoder` itself)
     trained = (None if state.encoder is None or run.shard is None
                else wrap_encoder(state.encoder, run.device))
+    clock = _Clock(end, last, plan, totals, scale, time.perf_counter())
     try:
         for epoch in range(state.epoch + 1, last + 1):
             if epoch > clock.last:  # the global search stopped early: the run ends sooner
