@@ -51,7 +51,7 @@ import numpy as np
 from cryospin.io.particles import load_particles
 from cryospin.train.config import build_config
 from cryospin.train.fit import fit
-from cryospin.train.metrics import read_metrics
+from cryospin.rundir import read_metrics
 star, n, overrides, out = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
 ps = load_particles(star)
 if n < len(ps):

@@ -33,8 +33,7 @@ from cryospin.cli.main import main as cli_main
 from cryospin.errors import OutputError
 from cryospin.io.mrc import read_map
 from cryospin.io.pkl import read_cryodrgn_poses
-from cryospin.rundir import load_checkpoint, save_checkpoint
-from cryospin.train.metrics import read_metrics
+from cryospin.rundir import load_checkpoint, read_metrics, save_checkpoint
 
 FAULTS = Path(__file__).with_name("_faults.py")
 BOX_PX, N_PARTICLES, EPOCHS = 16, 150, 3

@@ -32,8 +32,7 @@ import pytest
 from cryospin.io.mrc import read_map
 from cryospin.io.pkl import read_cryodrgn_poses
 from cryospin.rotations import geodesic_distance_deg
-from cryospin.rundir import load_checkpoint
-from cryospin.train.metrics import read_metrics
+from cryospin.rundir import load_checkpoint, read_metrics
 
 BOX_PX, N_PARTICLES = 16, 200
 # 1 auto-encoding epoch, the switch, 1 search epoch, 1 local epoch

@@ -31,8 +31,8 @@ from cryospin.io.mrc import read_map
 from cryospin.io.particles import load_particles, write_particles_star
 from cryospin.io.pkl import write_cryodrgn_poses
 from cryospin.io.star import read_relion_star
+from cryospin.rundir import read_metrics
 from cryospin.train.config import load_config
-from cryospin.train.metrics import read_metrics
 
 L, N, APIX = 16, 200, 4.0
 

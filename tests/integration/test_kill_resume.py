@@ -36,8 +36,7 @@ import pytest
 
 from cryospin.io.mrc import read_map
 from cryospin.io.pkl import read_cryodrgn_poses
-from cryospin.rundir import load_checkpoint
-from cryospin.train.metrics import read_metrics
+from cryospin.rundir import load_checkpoint, read_metrics
 
 FAULTS = Path(__file__).with_name("_faults.py")
 BOX_PX, N_PARTICLES = 16, 200
@@ -326,7 +325,7 @@ def test_kills_at_random_times(particles, reference, tmp_path):
 
 def test_resume_drops_later_and_half_written_metrics_lines(tmp_path):
     from cryospin.errors import InputError
-    from cryospin.train.metrics import truncate_metrics
+    from cryospin.rundir import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"epoch": e, "loss": 1.0 / e}) for e in (1, 2, 3)]

@@ -29,12 +29,12 @@ from cryospin.io.particles import load_particles
 from cryospin.io.pkl import read_cryodrgn_poses
 from cryospin.io.star_tables import read_star_tables
 from cryospin.rotations import random_rotations
-from cryospin.rundir import load_checkpoint, save_checkpoint
+from cryospin.rundir import load_checkpoint, read_metrics, save_checkpoint
 from cryospin.train import fit as fit_module
 from cryospin.train import switch as switch_module
 from cryospin.train.config import build_config, load_config
 from cryospin.train.fit import TrainingInterrupted, fit
-from cryospin.train.metrics import NonFiniteLossError, read_metrics
+from cryospin.train.metrics import NonFiniteLossError
 
 # ----------------------------------------------------------------------------- data
 

@@ -33,8 +33,7 @@ from cryospin.report.analysis import (
 from cryospin.report.ground_truth import gt_in_run_frame
 from cryospin.report.html import build_html
 from cryospin.rotations import random_rotations
-from cryospin.rundir import load_run
-from cryospin.train.metrics import EpochMetrics, append_metrics
+from cryospin.rundir import EpochMetrics, append_metrics, load_run
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None,

@@ -12,7 +12,7 @@ import torch
 from cryospin.cli.main import main as cli_main
 from cryospin.errors import InputError
 from cryospin.io.particles import load_particles
-from cryospin.rundir import load_checkpoint
+from cryospin.rundir import load_checkpoint, read_metrics
 from cryospin.train import autodecode, autoencode
 from cryospin.train.config import build_config, config_from_dict, config_to_dict
 from cryospin.train.fit import fit
@@ -20,7 +20,6 @@ from cryospin.train.metrics import (
     NonFiniteGradientError,
     NonFiniteLossError,
     check_finite_gradients,
-    read_metrics,
 )
 
 LEARNING_RATES = ["encoder_lr", "decoder_lr", "decoder_lr_after_switch", "decoder_lr_final",

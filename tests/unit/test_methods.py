@@ -27,9 +27,8 @@ from cryospin.forward.lattice import disc_frequencies, disc_indices
 from cryospin.forward.model import render
 from cryospin.losses import gaussian_nll, winner_take_all
 from cryospin.rotations import random_rotations
-from cryospin.rundir import load_checkpoint
+from cryospin.rundir import load_checkpoint, read_metrics
 from cryospin.train.config import build_config, config_from_dict, load_config
-from cryospin.train.metrics import read_metrics
 
 F64 = {"dtype": torch.float64}
 

@@ -201,13 +201,8 @@ def test_jump_fraction_counts_the_rows_moved_beyond_the_threshold(data, monkeypa
 
 
 def test_metrics_readers_find_the_stop_and_old_files_read_as_not_stopped(tmp_path):
+    from cryospin.rundir import EpochMetrics, append_metrics, read_metrics, search_stopped_after
     from cryospin.train.halves import _half_status
-    from cryospin.train.metrics import (
-        EpochMetrics,
-        append_metrics,
-        read_metrics,
-        search_stopped_after,
-    )
 
     def line(epoch: int, **extra) -> EpochMetrics:
         return EpochMetrics(epoch=epoch, stage="autodecode", loss=1.0, num_images=4,

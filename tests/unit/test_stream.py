@@ -318,8 +318,8 @@ def test_streaming_training_run_matches_the_in_memory_run(tmp_path, caplog):
     """Same data, same seed: the streamed run visits particles in another order, so it is
     not bitwise equal; it must finish and reach a per-epoch loss within 5 % of the in-memory
     run's (the NLL per image, which measures how well map and poses explain the data)."""
+    from cryospin.rundir import read_metrics
     from cryospin.train.fit import fit
-    from cryospin.train.metrics import read_metrics
 
     folder = _simulated(tmp_path / "data")
     particles = load_particles(folder / "particles.mrcs", ctf_pkl=folder / "ctf.pkl")

@@ -14,10 +14,9 @@ from tests._synthetic import make_dataset
 
 from cryospin.errors import InputError
 from cryospin.io.particles import load_particles
-from cryospin.rundir import load_checkpoint
+from cryospin.rundir import load_checkpoint, read_metrics
 from cryospin.train.config import build_config
 from cryospin.train.fit import fit
-from cryospin.train.metrics import read_metrics
 from cryospin.train.track import (
     TRACK_FILE,
     PoseTrack,

@@ -1,8 +1,7 @@
 """Training metrics: a running mean and the guards against a non-finite loss or gradient.
 
-The run's ``metrics.jsonl`` (:class:`EpochMetrics` and its readers and writers) belongs to the
-run folder's contract, :mod:`cryospin.rundir`; its names are re-exported here for the modules
-that still import them from this one.
+The run's ``metrics.jsonl`` (:class:`cryospin.rundir.EpochMetrics`, its readers and writers)
+belongs to the run folder's contract, :mod:`cryospin.rundir`.
 """
 
 from __future__ import annotations
@@ -13,25 +12,13 @@ import torch
 from torch import Tensor
 
 from cryospin.errors import CryospinError
-from cryospin.rundir import (
-    EpochMetrics,
-    append_metrics,
-    read_metrics,
-    search_stopped_after,
-    truncate_metrics,
-)
 
 __all__ = [
-    "EpochMetrics",
     "RunningMean",
     "NonFiniteLossError",
     "NonFiniteGradientError",
     "check_finite_loss",
     "check_finite_gradients",
-    "append_metrics",
-    "read_metrics",
-    "truncate_metrics",
-    "search_stopped_after",
 ]
 
 

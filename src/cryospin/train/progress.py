@@ -120,7 +120,7 @@ class RunPlan:
 def phase_totals(rows: Iterable[Mapping[str, object]],
                  plan: RunPlan) -> dict[str, tuple[float, float]]:
     """``phase -> (images, seconds)`` of the epochs in ``metrics.jsonl`` rows
-    (:func:`cryospin.train.metrics.read_metrics`); rows without a positive training time are
+    (:func:`cryospin.rundir.read_metrics`); rows without a positive training time are
     skipped."""
     totals: dict[str, tuple[float, float]] = {}
     for row in rows:
