@@ -25,7 +25,8 @@ from cryospin.report.analysis import RANDOM_SPREAD_DEG, head_spread_table, head_
 from cryospin.report.figures import plot_head_usage, plot_track_errors
 from cryospin.report.ground_truth import track_error_rows, track_errors
 from cryospin.rotations import random_rotations
-from cryospin.train.track import TRACK_FILE, PoseTrack, save_pose_track
+from cryospin.rundir import POSE_TRACK
+from cryospin.train.track import PoseTrack, save_pose_track
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None,
@@ -216,7 +217,7 @@ def test_write_report_stage1_diagnostics(tmp_path: Path) -> None:
     write_map(run / "map.mrc", torch.rand(8, 8, 8, generator=g).numpy(), 3.0)
     _write_star(run / "poses.star", truth)  # the final poses: the truth in the run's frame
     _write_star(tmp_path / "gt.star", gt)
-    save_pose_track(run / TRACK_FILE, track)
+    save_pose_track(run / POSE_TRACK, track)
 
     result = write_report(run, gt_poses=tmp_path / "gt.star")
     names = {p.name for p in result.figure_paths}

@@ -14,11 +14,10 @@ from tests._synthetic import make_dataset
 
 from cryospin.errors import InputError
 from cryospin.io.particles import load_particles
-from cryospin.rundir import load_checkpoint, read_metrics
+from cryospin.rundir import POSE_TRACK, load_checkpoint, read_metrics
 from cryospin.train.config import build_config
 from cryospin.train.fit import fit
 from cryospin.train.track import (
-    TRACK_FILE,
     PoseTrack,
     load_pose_track,
     save_pose_track,
@@ -128,7 +127,7 @@ def test_resume_drops_entries_after_the_checkpoint(full_run, data, tmp_path):
 def test_disabled_with_zero_and_training_unchanged(full_run, data, tmp_path):
     run = tmp_path / "run"
     fit(_config(track_particles=0), _particles(data), run)
-    assert not (run / TRACK_FILE).exists()
+    assert not (run / POSE_TRACK).exists()
     # the track draws no random number: the same run without it is bitwise identical
     a = load_checkpoint(run / "checkpoint.pt")
     b = load_checkpoint(full_run["run"] / "checkpoint.pt")
@@ -160,7 +159,7 @@ def test_config_rejects_negative_track():
 
 def test_round_trip_and_bad_file(tmp_path):
     t = PoseTrack.empty(np.array([2, 5]), 4)
-    save_pose_track(tmp_path / TRACK_FILE, t)
+    save_pose_track(tmp_path / POSE_TRACK, t)
     back = load_pose_track(tmp_path)
     assert back.head_losses.shape == (0, 2, 4) and back.indices.tolist() == [2, 5]
     np.savez(tmp_path / "bad.npz", indices=np.arange(3), epochs=np.arange(1),

@@ -46,7 +46,6 @@ from cryospin.train.autoencode import eval_mode, predict_nll
 from cryospin.train.data import sub_disc
 
 __all__ = [
-    "TRACK_FILE",
     "PoseTrack",
     "select_track_indices",
     "head_predictions",
@@ -56,8 +55,6 @@ __all__ = [
     "PoseTracker",
 ]
 
-#: Name of the track file inside a run folder (:data:`cryospin.rundir.POSE_TRACK`).
-TRACK_FILE = POSE_TRACK
 
 _KEYS = ("indices", "epochs", "rotations", "shifts_px", "head_rotations", "head_losses")
 
@@ -198,7 +195,7 @@ def load_pose_track(run_dir: str | Path) -> PoseTrack:
     """
     path = Path(run_dir)
     if path.is_dir():
-        path = path / TRACK_FILE
+        path = path / POSE_TRACK
     if not path.is_file():
         raise InputError("no pose track (pose_track.npz) here", path)
     try:
@@ -228,7 +225,7 @@ def load_pose_track(run_dir: str | Path) -> PoseTrack:
 
 def truncate_pose_track(run_dir: str | Path, last_epoch: int) -> None:
     """Keep only the entries of epochs ``<= last_epoch`` (used on resume; no file: nothing)."""
-    path = Path(run_dir) / TRACK_FILE
+    path = Path(run_dir) / POSE_TRACK
     if not path.is_file():
         return
     save_pose_track(path, load_pose_track(path).up_to(last_epoch))
@@ -263,7 +260,7 @@ class PoseTracker:
         """
         if count == 0:
             return None
-        path = Path(run_dir) / TRACK_FILE
+        path = Path(run_dir) / POSE_TRACK
         indices = select_track_indices(num_particles, count, seed)
         track = PoseTrack.empty(indices, num_heads)
         if last_epoch > 0 and path.is_file():
