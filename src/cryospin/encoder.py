@@ -321,7 +321,8 @@ class MultiHeadPoseEncoder(nn.Module):
                     self.heads.bias3[:, :6] = matrix_to_rotation_6d(
                         _spread_rotations(num_heads))
         if self.autocast_dtype is not None:
-            self.trunk.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format at run time; torch's stubs leave it out
+            self.trunk.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def forward(self, images: Tensor) -> EncoderOutput:
         """Pose hypotheses of every head for a batch of images.

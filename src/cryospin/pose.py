@@ -86,9 +86,9 @@ class PoseTable(nn.Module):
         if not rotations.is_floating_point():
             raise ValueError(f"rotations must be floating point, got {rotations.dtype}")
         n = rotations.shape[0]
-        like = {"dtype": rotations.dtype, "device": rotations.device}
+        dtype, device = rotations.dtype, rotations.device
         if shifts_px is None:
-            shifts_px = torch.zeros(n, 2, **like)
+            shifts_px = torch.zeros(n, 2, dtype=dtype, device=device)
         if shifts_px.shape != (n, 2):
             raise ValueError(f"shifts_px must be ({n}, 2), got {tuple(shifts_px.shape)}")
         if max_shift_px is not None and max_shift_px < 0:
@@ -99,15 +99,15 @@ class PoseTable(nn.Module):
         self.eps = float(eps)
         self.max_shift_px = None if max_shift_px is None else float(max_shift_px)
 
-        shifts = shifts_px.detach().to(**like).clone()
+        shifts = shifts_px.detach().to(dtype=dtype, device=device).clone()
         if self.max_shift_px is not None:
             shifts = shifts.clamp(-self.max_shift_px, self.max_shift_px)
         self.register_buffer("rotations", rotations.detach().clone())
         self.register_buffer("shifts_px", shifts)
-        self.register_buffer("exp_avg_rot", torch.zeros(n, 3, **like))
-        self.register_buffer("exp_avg_sq_rot", torch.zeros(n, 3, **like))
-        self.register_buffer("exp_avg_shift", torch.zeros(n, 2, **like))
-        self.register_buffer("exp_avg_sq_shift", torch.zeros(n, 2, **like))
+        self.register_buffer("exp_avg_rot", torch.zeros(n, 3, dtype=dtype, device=device))
+        self.register_buffer("exp_avg_sq_rot", torch.zeros(n, 3, dtype=dtype, device=device))
+        self.register_buffer("exp_avg_shift", torch.zeros(n, 2, dtype=dtype, device=device))
+        self.register_buffer("exp_avg_sq_shift", torch.zeros(n, 2, dtype=dtype, device=device))
         self.register_buffer("step", torch.zeros(n, dtype=torch.int64, device=rotations.device))
         self.register_buffer(
             "step_shift", torch.zeros(n, dtype=torch.int64, device=rotations.device)
@@ -126,9 +126,9 @@ class PoseTable(nn.Module):
     def perturbation(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Zero perturbations requiring grad: ``(ω (B, 3) radians, δt (B, 2) pixels)``."""
         b = int(indices.shape[0])
-        like = {"dtype": self.rotations.dtype, "device": self.rotations.device}
-        omega = torch.zeros(b, 3, **like, requires_grad=True)
-        dt = torch.zeros(b, 2, **like, requires_grad=True)
+        dtype, device = self.rotations.dtype, self.rotations.device
+        omega = torch.zeros(b, 3, dtype=dtype, device=device, requires_grad=True)
+        dt = torch.zeros(b, 2, dtype=dtype, device=device, requires_grad=True)
         return omega, dt
 
     def compose(self, indices: Tensor, omega: Tensor, dt: Tensor | None) -> tuple[Tensor, Tensor]:

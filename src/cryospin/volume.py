@@ -14,6 +14,9 @@ Hartley transform is that of the centred FFT, DC at index ``L//2``; frequency in
 
 from __future__ import annotations
 
+import operator
+from functools import reduce
+
 import torch
 from torch import Tensor, nn
 
@@ -35,7 +38,7 @@ def radial_shells(
     """
     k = torch.arange(box_px, device=device, dtype=torch.float64) - box_px // 2  # (L,)
     grids = torch.meshgrid(*([k] * ndim), indexing="ij")
-    radius = torch.sqrt(sum(g * g for g in grids))  # (L,)*ndim
+    radius = torch.sqrt(reduce(operator.add, (g * g for g in grids)))  # (L,)*ndim
     return radius.round().long().clamp_max(box_px // 2)
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,7 @@ def shell_index(box_px: int, *, ndim: int = 3, device: torch.device | str | None
     """
     k = torch.fft.fftfreq(box_px, d=1.0 / box_px, dtype=torch.float64, device=device)  # (L,)
     grids = torch.meshgrid(*([k] * ndim), indexing="ij")
-    radius = torch.sqrt(sum(g * g for g in grids))
+    radius = torch.sqrt(reduce(operator.add, (g * g for g in grids)))
     return torch.round(radius).to(torch.int64)
 
 

@@ -10,7 +10,9 @@ outside, and 0 beyond.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
+from functools import reduce
 
 import torch
 from torch import Tensor
@@ -41,7 +43,7 @@ def radius_grid(
     """Distance in pixels of every voxel from the box centre ``L//2``, `(L,)*ndim`."""
     c = torch.arange(box_px, dtype=dtype, device=device) - box_px // 2
     grids = torch.meshgrid(*([c] * ndim), indexing="ij")
-    return torch.sqrt(sum(g * g for g in grids))
+    return torch.sqrt(reduce(operator.add, (g * g for g in grids)))
 
 
 def cosine_edge(distance_px: Tensor, width_px: float) -> Tensor:
@@ -88,7 +90,7 @@ def _ball_kernel_fft(
     """rFFT of a ball of ``radius_px`` centred at the origin of the periodic grid."""
     k = torch.fft.fftfreq(box_px, d=1.0 / box_px, dtype=dtype, device=device)
     grids = torch.meshgrid(k, k, k, indexing="ij")
-    ball = (torch.sqrt(sum(g * g for g in grids)) <= radius_px + 1e-9).to(dtype)
+    ball = (torch.sqrt(reduce(operator.add, (g * g for g in grids))) <= radius_px + 1e-9).to(dtype)
     return torch.fft.rfftn(ball)
 
 

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor
 
 from cryospin.atomic import atomic_path
@@ -65,10 +65,9 @@ CS_CTF_FIELDS = (
 _ALIGNMENT_PREFIXES = ("alignments3D", "alignments_class_0")
 
 
-def rotation_from_cryosparc_pose(pose: Any) -> Tensor:
+def rotation_from_cryosparc_pose(pose: Tensor | ArrayLike) -> Tensor:
     """cryoSPARC axis-angle ``pose`` `(N, 3)` (radians) -> cryospin rotations ``exp([ω]×)ᵀ``."""
-    w = pose if isinstance(pose, Tensor) else torch.as_tensor(np.asarray(pose, np.float64))
-    return so3_exp(w).transpose(-1, -2)
+    return so3_exp(_tensor(pose)).transpose(-1, -2)
 
 
 def cryosparc_pose_from_rotation(R: Tensor) -> Tensor:
@@ -76,23 +75,27 @@ def cryosparc_pose_from_rotation(R: Tensor) -> Tensor:
     return so3_log(R.transpose(-1, -2))
 
 
-def shift_px_from_cryosparc_shift(shift: Any, scale: Any = 1.0) -> Tensor:
+def shift_px_from_cryosparc_shift(
+    shift: Tensor | ArrayLike, scale: Tensor | ArrayLike = 1.0
+) -> Tensor:
     """cryoSPARC ``alignments3D/shift`` `(N, 2)` -> ``shift_px = −shift · scale``.
 
     ``scale = alignments psize_A / blob psize_A`` converts alignment pixels into image pixels.
     """
-    s = shift if isinstance(shift, Tensor) else torch.as_tensor(np.asarray(shift, np.float64))
-    sc = scale if isinstance(scale, Tensor) else torch.as_tensor(np.asarray(scale, np.float64))
+    s, sc = _tensor(shift), _tensor(scale)
     if sc.ndim == 1:
         sc = sc[:, None]
     return -s * sc
 
 
-def cryosparc_shift_from_shift_px(shift_px: Any) -> Tensor:
+def cryosparc_shift_from_shift_px(shift_px: Tensor | ArrayLike) -> Tensor:
     """cryospin ``shift_px`` `(N, 2)` -> cryoSPARC shift (image pixels) ``= −shift_px``."""
-    s = shift_px if isinstance(shift_px, Tensor) else torch.as_tensor(
-        np.asarray(shift_px, np.float64))
-    return -s
+    return -_tensor(shift_px)
+
+
+def _tensor(x: Tensor | ArrayLike) -> Tensor:
+    """``x`` itself when a tensor, else as a float64 tensor."""
+    return x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x, np.float64))
 
 
 def read_cs_table(path: str | Path) -> np.ndarray:
@@ -194,22 +197,7 @@ def read_cryosparc(
     path = Path(path)
     table = read_cs_table(path)
     names = set(table.dtype.names or ())
-    n = len(table)
-    if n == 0:
-        raise InputError("the .cs file has no particles", path)
-    if "blob/path" not in names or "blob/idx" not in names:
-        raise InputError("no blob/path and blob/idx fields (not a particle .cs)", path)
-    if np.asarray(table["blob/path"]).dtype.kind not in "SU" or table["blob/path"].ndim != 1:
-        raise InputError(f"blob/path is not a text field (dtype {table.dtype['blob/path']})",
-                         path)
-    raw_paths = _decode_paths(table["blob/path"])
-    idx_f = _field(table, "blob/idx", path, integer=True)
-    if idx_f.min() < 0:
-        raise InputError(f"negative blob/idx {int(idx_f.min())}", path)
-    if idx_f.max() >= 2.0**62:
-        raise InputError(f"blob/idx {np.asarray(table['blob/idx']).max()} is too large", path)
-    image_index = (np.asarray(table["blob/idx"]).astype(np.int64) if
-                   np.asarray(table["blob/idx"]).dtype.kind in "iu" else idx_f.astype(np.int64))
+    raw_paths, image_index = _image_locations(table, names, path)
     uniq, codes = np.unique(np.asarray(raw_paths, dtype=object), return_inverse=True)
     stack_index = np.asarray(codes, dtype=np.int64).reshape(-1)
     ddir = None if datadir is None else Path(datadir)
@@ -218,36 +206,12 @@ def read_cryosparc(
                            source=path)
         for u in uniq.tolist()
     )
-
-    # pixel size and box
-    pixel_size = math.nan
-    if "blob/psize_A" in names:
-        psize = _field(table, "blob/psize_A", path)
-        if psize.min() < 0:
-            raise InputError(f"negative pixel size in blob/psize_A ({psize.min():g} Å)", path)
-        ps = np.unique(np.round(psize, 4))
-        if ps.size > 1:
-            raise InputError(f"conflicting pixel sizes in blob/psize_A ({ps[:6].tolist()} Å)",
-                             path)
-        if psize[0] > 0:  # 0 = unknown
-            pixel_size = float(psize[0])
-    box = None
-    if "blob/shape" in names:
-        shapes = _field(table, "blob/shape", path, (2,), integer=True).astype(np.int64)
-        if (shapes <= 0).any():
-            bad = shapes[np.flatnonzero((shapes <= 0).any(1))[0]]
-            raise InputError(f"invalid image shape in blob/shape {bad.tolist()}", path)
-        if (shapes[:, 0] != shapes[:, 1]).any():
-            bad = shapes[np.flatnonzero(shapes[:, 0] != shapes[:, 1])[0]]
-            raise InputError(f"images are not square (blob/shape {bad.tolist()})", path)
-        boxes = np.unique(shapes[:, 0])
-        if boxes.size > 1:
-            raise InputError(f"different boxes in blob/shape {boxes.tolist()} px", path)
-        box = int(boxes[0])
+    blob_pixel_size = _blob_pixel_size(table, names, path)
+    blob_box = _blob_box_px(table, names, path)
     box, pixel_size = check_stacks(
         stack_paths, stack_index, image_index, source=path, box_field="blob/shape",
-        metadata_box_px=box, metadata_pixel_size_angstrom=pixel_size, fallback_box_px=box_px,
-        open_stacks=not metadata_only,
+        metadata_box_px=blob_box, metadata_pixel_size_angstrom=blob_pixel_size,
+        fallback_box_px=box_px, open_stacks=not metadata_only,
         row_name=lambda row: f"{row} (blob/idx {image_index[row]})",
     )
     if math.isnan(pixel_size):
@@ -262,35 +226,12 @@ def read_cryosparc(
                 f"CTF)", path,
             )
         ctf = _ctf_from_cs(table, names, path)
-
-    rotations = shifts = None
-    for prefix in _ALIGNMENT_PREFIXES:
-        if f"{prefix}/pose" in names:
-            pose = _field(table, f"{prefix}/pose", path, (3,))
-            rotations = rotation_from_cryosparc_pose(pose)
-            if f"{prefix}/shift" in names:
-                scale: Any = 1.0
-                if f"{prefix}/psize_A" in names and pixel_size > 0:
-                    align_psize = _field(table, f"{prefix}/psize_A", path)
-                    scale = np.where(align_psize > 0, align_psize / pixel_size, 1.0)
-                shifts = shift_px_from_cryosparc_shift(
-                    _field(table, f"{prefix}/shift", path, (2,)), scale)
-            else:
-                shifts = torch.zeros(n, 2, dtype=torch.float64)
-            break
-
+    rotations, shifts = _poses_from_cs(table, names, float(pixel_size), path)
     optics_group = (
         np.unique(np.asarray(table["ctf/exp_group_id"]), return_inverse=True)[1]
         .reshape(-1).astype(np.int64) + 1
-        if "ctf/exp_group_id" in names else np.ones(n, np.int64)
+        if "ctf/exp_group_id" in names else np.ones(len(table), np.int64)
     )
-    random_subset = None
-    if rotations is not None and "alignments3D/split" in names:
-        split = _field(table, "alignments3D/split", path, integer=True)
-        if not np.isin(split, (0, 1)).all():
-            bad = split[~np.isin(split, (0, 1))][0]
-            raise InputError(f"alignments3D/split holds {bad:g}; expected 0 or 1", path)
-        random_subset = split.astype(np.int64) + 1
     return ParticleSet(
         source=path,
         stack_paths=stack_paths,
@@ -303,7 +244,7 @@ def read_cryosparc(
         shifts_px=shifts,
         optics_group=optics_group,
         optics=_relion_optics(optics_group, ctf, float(pixel_size), int(box)),
-        random_subset=random_subset,
+        random_subset=None if rotations is None else _random_subset(table, names, path),
         # RELION-style names, 1-based
         names=tuple(f"{i + 1:06d}@{p}"
                     for i, p in zip(image_index.tolist(), raw_paths, strict=True)),
@@ -312,7 +253,90 @@ def read_cryosparc(
     )
 
 
-def _text(values: Any) -> list[str]:
+def _image_locations(table: np.ndarray, names: set[str], path: Path
+                     ) -> tuple[list[str], np.ndarray]:
+    """Each particle's stack path as written (``blob/path``) and 0-based image index
+    (``blob/idx``) `(N,)` int64, checked."""
+    if len(table) == 0:
+        raise InputError("the .cs file has no particles", path)
+    if "blob/path" not in names or "blob/idx" not in names:
+        raise InputError("no blob/path and blob/idx fields (not a particle .cs)", path)
+    if np.asarray(table["blob/path"]).dtype.kind not in "SU" or table["blob/path"].ndim != 1:
+        raise InputError(f"blob/path is not a text field (dtype {table.dtype['blob/path']})",
+                         path)
+    raw_paths = _decode_paths(table["blob/path"])
+    idx_f = _field(table, "blob/idx", path, integer=True)
+    if idx_f.min() < 0:
+        raise InputError(f"negative blob/idx {int(idx_f.min())}", path)
+    if idx_f.max() >= 2.0**62:
+        raise InputError(f"blob/idx {np.asarray(table['blob/idx']).max()} is too large", path)
+    image_index = (np.asarray(table["blob/idx"]).astype(np.int64) if
+                   np.asarray(table["blob/idx"]).dtype.kind in "iu" else idx_f.astype(np.int64))
+    return raw_paths, image_index
+
+
+def _blob_pixel_size(table: np.ndarray, names: set[str], path: Path) -> float:
+    """The one pixel size (Å) of ``blob/psize_A``; NaN when absent or 0 (unknown)."""
+    if "blob/psize_A" not in names:
+        return math.nan
+    psize = _field(table, "blob/psize_A", path)
+    if psize.min() < 0:
+        raise InputError(f"negative pixel size in blob/psize_A ({psize.min():g} Å)", path)
+    ps = np.unique(np.round(psize, 4))
+    if ps.size > 1:
+        raise InputError(f"conflicting pixel sizes in blob/psize_A ({ps[:6].tolist()} Å)",
+                         path)
+    return float(psize[0]) if psize[0] > 0 else math.nan  # 0 = unknown
+
+
+def _blob_box_px(table: np.ndarray, names: set[str], path: Path) -> int | None:
+    """The one square box (px) of ``blob/shape``; None when absent."""
+    if "blob/shape" not in names:
+        return None
+    shapes = _field(table, "blob/shape", path, (2,), integer=True).astype(np.int64)
+    if (shapes <= 0).any():
+        bad = shapes[np.flatnonzero((shapes <= 0).any(1))[0]]
+        raise InputError(f"invalid image shape in blob/shape {bad.tolist()}", path)
+    if (shapes[:, 0] != shapes[:, 1]).any():
+        bad = shapes[np.flatnonzero(shapes[:, 0] != shapes[:, 1])[0]]
+        raise InputError(f"images are not square (blob/shape {bad.tolist()})", path)
+    boxes = np.unique(shapes[:, 0])
+    if boxes.size > 1:
+        raise InputError(f"different boxes in blob/shape {boxes.tolist()} px", path)
+    return int(boxes[0])
+
+
+def _poses_from_cs(table: np.ndarray, names: set[str], pixel_size: float, path: Path
+                   ) -> tuple[Tensor | None, Tensor | None]:
+    """Rotations `(N, 3, 3)` and shifts (px) `(N, 2)` of the first alignment group present
+    (``alignments3D``, then ``alignments_class_0``); ``(None, None)`` without one."""
+    for prefix in _ALIGNMENT_PREFIXES:
+        if f"{prefix}/pose" not in names:
+            continue
+        rotations = rotation_from_cryosparc_pose(_field(table, f"{prefix}/pose", path, (3,)))
+        if f"{prefix}/shift" not in names:
+            return rotations, torch.zeros(len(table), 2, dtype=torch.float64)
+        scale: float | np.ndarray = 1.0
+        if f"{prefix}/psize_A" in names and pixel_size > 0:
+            align_psize = _field(table, f"{prefix}/psize_A", path)
+            scale = np.where(align_psize > 0, align_psize / pixel_size, 1.0)
+        return rotations, shift_px_from_cryosparc_shift(
+            _field(table, f"{prefix}/shift", path, (2,)), scale)
+    return None, None
+
+
+def _random_subset(table: np.ndarray, names: set[str], path: Path) -> np.ndarray | None:
+    """RELION's half set (1 or 2) `(N,)` from ``alignments3D/split`` (0 or 1); None without."""
+    if "alignments3D/split" not in names:
+        return None
+    split = _field(table, "alignments3D/split", path, integer=True)
+    if not np.isin(split, (0, 1)).all():
+        bad = split[~np.isin(split, (0, 1))][0]
+        raise InputError(f"alignments3D/split holds {bad:g}; expected 0 or 1", path)
+    return split.astype(np.int64) + 1
+
+
+def _text(values: Tensor | ArrayLike) -> list[str]:
     """Numbers from float32 fields as text with the digits float32 holds."""
     return [f"{v:.7g}" for v in np.asarray(values, np.float64).tolist()]
 

@@ -219,9 +219,8 @@ def read_relion_star_group(
     """
     path = Path(path)
     particles_text, optics_text = read_star_tables(path, as_text=True)
-    particles = numeric_table(particles_text)
     optics = None if optics_text is None else numeric_table(optics_text)
-    df = merge_optics(particles, optics, path)
+    df = merge_optics(numeric_table(particles_text), optics, path)
     n_rows = len(df)
     selected = None
     if optics_group is not None:
@@ -234,35 +233,66 @@ def read_relion_star_group(
     for col, value in (defaults or {}).items():
         if col not in df.columns:
             df[col] = value
-    n = len(df)
-    if n == 0:
+    _check_particle_columns(df, path)
+    image_index, raw_paths = _parse_image_names(df["rlnImageName"], path)
+    codes, uniques = pd.factorize(pd.Series(raw_paths))
+    ddir = None if datadir is None else Path(datadir)
+    stack_paths = tuple(
+        resolve_stack_path(u, base_dir=path.parent, datadir=ddir, must_exist=not metadata_only,
+                           source=path)
+        for u in uniques.tolist()
+    )
+    stack_index = codes.astype(np.int64)
+    apix_per = pixel_sizes_angstrom(df)
+    box, pixel_size = _box_and_pixel_size(df, apix_per, stack_paths, stack_index, image_index,
+                                          path, box_px=box_px, metadata_only=metadata_only)
+    ctf = None if no_ctf else _ctf_from_table(df, path)
+    rotations, shifts = _poses_from_table(df, apix_per, pixel_size, path)
+    return ParticleSet(
+        source=path,
+        stack_paths=stack_paths,
+        stack_index=stack_index,
+        image_index=image_index,
+        box_px=box,
+        pixel_size_angstrom=pixel_size,
+        ctf=ctf,
+        rotations=rotations,
+        shifts_px=shifts,
+        optics_group=(df["rlnOpticsGroup"].to_numpy(np.int64) if "rlnOpticsGroup" in df.columns
+                      else np.ones(len(df), np.int64)),
+        optics=optics_text,
+        random_subset=(df["rlnRandomSubset"].to_numpy(np.int64)
+                       if "rlnRandomSubset" in df.columns else None),
+        names=tuple(df["rlnImageName"].astype(str).tolist()),
+        star_table=particles_text.reset_index(drop=True),
+    ), selected, n_rows
+
+
+def _check_particle_columns(df: pd.DataFrame, path: Path) -> None:
+    """In place on ``df``: a non-empty table with ``rlnImageName``, the numeric columns of
+    ``_CHECKED_COLUMNS`` parsed to finite numbers, pixel sizes not negative."""
+    if len(df) == 0:
         raise InputError("the particle table is empty", path)
     if "rlnImageName" not in df.columns:
         raise InputError("no rlnImageName column", path)
     for col, (integer, positive) in _CHECKED_COLUMNS.items():
         if col in df.columns:
             df[col] = finite_column(df, col, path, "particle", integer=integer,
-                                     positive=positive)
+                                    positive=positive)
     for col in ("rlnImagePixelSize", "rlnPixelSize", "rlnDetectorPixelSize", "rlnMagnification"):
         if col in df.columns and (df[col] < 0).any():
             k = int(np.flatnonzero(df[col].to_numpy() < 0)[0])
             raise InputError(f"{col} in particle row {k + 1} is negative", path)
-    image_index, raw_paths = _parse_image_names(df["rlnImageName"], path)
-    codes, uniques = pd.factorize(pd.Series(raw_paths))
-    base = path.parent
-    ddir = None if datadir is None else Path(datadir)
-    stack_paths = tuple(
-        resolve_stack_path(u, base_dir=base, datadir=ddir, must_exist=not metadata_only,
-                           source=path)
-        for u in uniques.tolist()
-    )
-    stack_index = codes.astype(np.int64)
 
-    # pixel size
-    apix_per = pixel_sizes_angstrom(df)
+
+def _box_and_pixel_size(
+    df: pd.DataFrame, apix_per: np.ndarray, stack_paths: tuple[Path, ...],
+    stack_index: np.ndarray, image_index: np.ndarray, path: Path, *, box_px: int | None,
+    metadata_only: bool,
+) -> tuple[int, float]:
+    """The box (px) and pixel size (Å) the star and the stacks agree on (the stacks checked
+    unless ``metadata_only``); pixel size 0 with a warning when neither gives one."""
     pixel_size = _unique_value(apix_per, "pixel sizes (Å)", path)
-
-    # box
     star_box = math.nan
     if "rlnImageSize" in df.columns:
         star_box = _unique_value(df["rlnImageSize"].to_numpy(np.float64), "boxes (px)", path, 0)
@@ -275,34 +305,9 @@ def read_relion_star_group(
     )
     if math.isnan(pixel_size):
         warnings.warn(f"{path}: no pixel size in the star file or stack headers; using 0",
-                      stacklevel=2)
+                      stacklevel=3)
         pixel_size = 0.0
-
-    ctf = None if no_ctf else _ctf_from_table(df, path)
-    rotations, shifts = _poses_from_table(df, apix_per, pixel_size, path)
-    group_of_row = (
-        df["rlnOpticsGroup"].to_numpy(np.int64) if "rlnOpticsGroup" in df.columns
-        else np.ones(n, np.int64)
-    )
-    random_subset = (
-        df["rlnRandomSubset"].to_numpy(np.int64) if "rlnRandomSubset" in df.columns else None
-    )
-    return ParticleSet(
-        source=path,
-        stack_paths=stack_paths,
-        stack_index=stack_index,
-        image_index=image_index,
-        box_px=int(box),
-        pixel_size_angstrom=float(pixel_size),
-        ctf=ctf,
-        rotations=rotations,
-        shifts_px=shifts,
-        optics_group=group_of_row,
-        optics=optics_text,
-        random_subset=random_subset,
-        names=tuple(df["rlnImageName"].astype(str).tolist()),
-        star_table=particles_text.reset_index(drop=True),
-    ), selected, n_rows
+    return int(box), float(pixel_size)
 
 
 def _column(df: pd.DataFrame, col: str, path: Path) -> Tensor:

@@ -8,6 +8,7 @@ cryoSPARC"); the loops are written by :func:`cryospin.io.star_tables.loop_text`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def _optics_tables(ps: ParticleSet) -> tuple[pd.DataFrame, np.ndarray]:
     # groups split into several get distinct names
     names_seen: dict[str, int] = {}
     for row in rows:
-        nm = row["rlnOpticsGroupName"]
+        nm = str(row["rlnOpticsGroupName"])
         names_seen[nm] = names_seen.get(nm, 0) + 1
         if names_seen[nm] > 1:
             row["rlnOpticsGroupName"] = f"{nm}_{names_seen[nm]}"
@@ -173,7 +174,7 @@ def write_relion_star(
             if not np.allclose(apix_30, apix, rtol=1e-4, atol=0):
                 dropped |= {"rlnDetectorPixelSize", "rlnMagnification"}
 
-    columns: dict[str, list[object]] = {}
+    columns: dict[str, Sequence[object]] = {}
     kept = pd.DataFrame() if carried is None else carried
     for col in kept.columns:
         target = renamed.get(col, col)

@@ -347,13 +347,13 @@ def simulate_dataset(
                 StackWriter(paths["clean_mrcs"], n, L, pixel_size_angstrom))
                 if write_clean else None)
             for s, e in chunks:
-                block = torch.from_numpy(np.array(clean[s:e]))  # (b, L, L) float32
+                images = torch.from_numpy(np.array(clean[s:e]))  # (b, L, L) float32
                 if clean_w is not None:
-                    clean_w.write(block)
+                    clean_w.write(images)
                 if sigma > 0:
-                    noise = torch.randn(block.shape, generator=gn, dtype=torch.float32)
-                    block = block + sigma * noise
-                noisy_w.write(block)
+                    noise = torch.randn(images.shape, generator=gn, dtype=torch.float32)
+                    images = images + sigma * noise
+                noisy_w.write(images)
         del clean
 
     volume = projector.volume.to(torch.float32)

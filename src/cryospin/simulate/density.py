@@ -145,7 +145,8 @@ def read_atomic_model(path: str | Path, select: str | None = None) -> AtomicMode
         if chain_sel is not None and chain.name != chain_sel:
             continue
         for residue in chain:
-            if lo is not None and not lo <= residue.seqid.num <= hi:
+            num = residue.seqid.num  # None: no residue number, so outside any range
+            if lo is not None and hi is not None and (num is None or not lo <= num <= hi):
                 continue
             for atom in residue:
                 xyz.append((atom.pos.x, atom.pos.y, atom.pos.z))
@@ -208,7 +209,7 @@ def gaussian_profiles(positions_px: Tensor, box_px: int, sigma_px: float) -> Ten
     # below exp(-40) ~ 4e-18 of the peak are set to exactly 0: subnormal floats (and products
     # of tiny values in the matmuls downstream) are ~100x slower on x86 CPUs.
     g = d.square_().mul_(-0.5 / sigma_px**2).clamp_(min=-80.0).exp_()
-    g = torch.nn.functional.threshold_(g, _EXP_CUTOFF, 0.0)
+    g = torch.threshold_(g, _EXP_CUTOFF, 0.0)
     return g.mul_(1.0 / (math.sqrt(2 * math.pi) * sigma_px))
 
 

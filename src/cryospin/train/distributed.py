@@ -244,10 +244,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if self.affine:
             out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         out = out.to(x_in.dtype)
-        if self.track_running_stats and self.running_mean is not None:
+        tracked = self.num_batches_tracked  # None exactly when running_mean is
+        if self.track_running_stats and self.running_mean is not None and tracked is not None:
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-                m = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                tracked.add_(1)
+                m = (1.0 / float(tracked) if self.momentum is None
                      else self.momentum)
                 unbiased = var.detach() * (total / (total - 1))
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
