@@ -572,8 +572,10 @@ def build_config(
 
     ``schedule.method`` ``amortized`` or ``cryoai`` replaces the preset's ``switch_epoch`` by
     ``epochs`` and its ``search_epochs`` by 0 (they never switch), and ``cryoai`` its
-    ``num_heads`` by 1; an override that contradicts this raises :class:`InputError`.
-    A preset's ``search_min_epochs`` above the resulting ``search_epochs`` becomes None.
+    ``num_heads`` by 1 (and drops a preset's ``switch_steps``); an override that contradicts
+    this raises :class:`InputError`. A ``switch_epoch`` override without a ``switch_steps``
+    one drops the preset's ``switch_steps``. A preset's ``search_min_epochs`` above the
+    resulting ``search_epochs`` becomes None.
     """
     merged: dict[str, dict[str, Any]] = {}
     if preset is not None:
@@ -583,9 +585,20 @@ def build_config(
         for key, value in values.items():
             if value is not None:
                 merged.setdefault(section, {})[key] = value
+    _epoch_switch_replaces_step_budget(merged, overrides or {})
     _apply_method(merged, overrides or {})
     _drop_unreachable_search_minimum(merged, overrides or {})
     return config_from_dict(merged, where="command line")
+
+
+def _epoch_switch_replaces_step_budget(merged: dict[str, dict[str, Any]],
+                                       overrides: dict[str, Any]) -> None:
+    """In place on ``merged``: a ``switch_epoch`` in ``overrides`` without a ``switch_steps``
+    there drops the preset's step budget (``--switch-epoch 7`` with the ``paper-synthetic``
+    preset switches after epoch 7, not after the preset's 10,000 steps)."""
+    given = overrides.get("schedule") or {}
+    if given.get("switch_epoch") is not None and given.get("switch_steps") is None:
+        merged.setdefault("schedule", {})["switch_steps"] = None
 
 
 def _drop_unreachable_search_minimum(merged: dict[str, dict[str, Any]],
@@ -620,6 +633,8 @@ def _apply_method(merged: dict[str, dict[str, Any]], overrides: dict[str, Any]) 
                          f"search epochs; drop search_epochs {search}")
     schedule["switch_epoch"] = epochs
     schedule["search_epochs"] = 0
+    if given.get("switch_steps") is None:  # a preset's step budget: there is no switch
+        schedule["switch_steps"] = None
     if method == "cryoai" and (overrides.get("model") or {}).get("num_heads") is None:
         merged.setdefault("model", {})["num_heads"] = 1
 
