@@ -57,6 +57,7 @@ SUBCOMMANDS: dict[str, Command] = {
     "fsc": Command("flags.fsc", "fsc"),
     "pose-error": Command("flags.pose_error", "pose_error"),
     "symmetry-expand": Command("flags.symmetry_expand", "symmetry_expand"),
+    "symmetry": Command("flags.symmetry", "symmetry"),
     "demo": Command("flags.demo", "demo"),
     "report": Command("flags.report", "report"),
     "flip-hand": Command("flags.flip_hand", "flip_hand"),
