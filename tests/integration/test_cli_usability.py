@@ -16,7 +16,8 @@ import yaml
 from cryospin import __version__
 from cryospin.cli.main import main
 from cryospin.io.mrc import write_map, write_stack
-from cryospin.train.config import PRESETS, build_config, config_to_dict
+from cryospin.train.config import build_config, config_to_dict
+from cryospin.train.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]
 

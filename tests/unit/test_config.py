@@ -10,7 +10,6 @@ import yaml
 from cryospin import __version__
 from cryospin.errors import InputError
 from cryospin.train.config import (
-    PRESETS,
     Config,
     ModelConfig,
     build_config,
@@ -20,6 +19,7 @@ from cryospin.train.config import (
     load_preset,
     save_config,
 )
+from cryospin.train.presets import PRESETS
 
 
 def test_defaults_are_the_paper_optimiser_settings():

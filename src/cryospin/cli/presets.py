@@ -8,12 +8,8 @@ import argparse
 import yaml
 
 from cryospin import __version__
-from cryospin.train.config import (
-    PRESETS,
-    build_config,
-    config_to_dict,
-    preset_description,
-)
+from cryospin.train.config import build_config, config_to_dict
+from cryospin.train.presets import PRESETS, preset_description
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,5 +1,8 @@
 """Run configuration: frozen typed dataclasses, YAML presets, and the run's ``config.yaml``.
 
+The checks a :class:`Config` runs when it is made are :mod:`cryospin.train.config_checks`; the
+presets' files and names are :mod:`cryospin.train.presets`.
+
 One source of truth: a :class:`Config` is built once (defaults < preset < command line), saved
 as ``RUN_DIR/config.yaml`` together with the cryospin version and the command line, and read
 back into the identical dataclass on ``--resume``.
@@ -11,9 +14,8 @@ Epoch numbering: epochs are counted from 1. Stage 1 (auto-encoding) runs epochs
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
-import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +25,8 @@ import yaml
 from cryospin import __version__
 from cryospin.atomic import atomic_write_text
 from cryospin.errors import InputError
+from cryospin.train.config_checks import check_sections, coerce, migrate_renamed, validate
+from cryospin.train.presets import preset_text
 
 __all__ = [
     "ModelConfig",
@@ -32,10 +36,7 @@ __all__ = [
     "RunConfig",
     "InputConfig",
     "Config",
-    "PRESETS",
     "AMORTIZED_METHODS",
-    "preset_names",
-    "preset_description",
     "load_preset",
     "build_config",
     "config_to_dict",
@@ -58,9 +59,6 @@ EncoderInput = Literal["image", "pyramid"]  # cryospin.encoder.EncoderInput
 Pooling = Literal["adaptive", "vgg16"]  # cryospin.encoder.Pooling
 
 _META_KEYS = ("cryospin_version", "argv", "resumed_argv", "resolved")
-
-#: Preset names shipped as ``cryospin/presets/<name>.yaml``.
-PRESETS: tuple[str, ...] = ("default", "paper-synthetic", "paper-real")
 
 
 @dataclass(frozen=True)
@@ -404,7 +402,7 @@ class Config:
     input: InputConfig = field(default_factory=InputConfig)
 
     def __post_init__(self) -> None:
-        _validate(self)
+        validate(self)
 
 
 _SECTIONS: dict[str, type] = {
@@ -417,156 +415,18 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def _validate(c: Config) -> None:
-    def bad(msg: str) -> InputError:
-        return InputError(f"invalid configuration: {msg}")
-
-    # every float must be finite (NaN/inf learning rates, radii, ... are rejected here); memory
-    # budgets (*_gb) may be inf ("no limit")
-    for section in dataclasses.fields(c):
-        values = getattr(c, section.name)
-        for f in dataclasses.fields(values):
-            value = getattr(values, f.name)
-            if (isinstance(value, float) and not f.name.endswith("_gb")
-                    and not -float("inf") < value < float("inf")):
-                raise bad(f"{section.name}.{f.name} must be a finite number, got {value}")
-    for name in ("batch_size",):
-        value = getattr(c.optim, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad(f"optim.{name} must be an integer, got {value!r}")
-    if c.model.num_heads < 1:
-        raise bad(f"model.num_heads must be >= 1, got {c.model.num_heads}")
-    if c.model.width_multiplier <= 0:
-        raise bad(f"model.width_multiplier must be > 0, got {c.model.width_multiplier}")
-    if c.model.head_hidden < 1:
-        raise bad(f"model.head_hidden must be >= 1, got {c.model.head_hidden}")
-    if c.model.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise bad(f"model.precision must be auto, fp32, bf16 or fp16, got {c.model.precision!r}")
-    box = c.model.encoder_box_px
-    if box is not None and (box < 8 or box % 2):
-        raise bad(f"model.encoder_box_px must be even and >= 8, got {box}")
-    if c.model.max_shift_px < 0:
-        raise bad(f"model.max_shift_px must be >= 0, got {c.model.max_shift_px}")
-    if c.optim.batch_size < 1:
-        raise bad(f"optim.batch_size must be >= 1, got {c.optim.batch_size}")
-    for name in ("encoder_lr", "decoder_lr", "decoder_lr_after_switch", "pose_lr", "shift_lr"):
-        if not getattr(c.optim, name) > 0:
-            raise bad(f"optim.{name} must be > 0, got {getattr(c.optim, name)}")
-    for name in ("decoder_lr_final", "pose_lr_final"):
-        value = getattr(c.optim, name)
-        if value is not None and not value > 0:
-            raise bad(f"optim.{name} must be > 0, got {value}")
-    if c.optim.search_rotations < 1:
-        raise bad(f"optim.search_rotations must be >= 1, got {c.optim.search_rotations}")
-    if not c.optim.search_radius_px >= 1:
-        raise bad(f"optim.search_radius_px must be >= 1, got {c.optim.search_radius_px}")
-    end = c.optim.search_radius_end_px
-    if end is not None and not end >= 1:
-        raise bad(f"optim.search_radius_end_px must be >= 1, got {end}")
-    step = c.optim.search_shift_step_px
-    if step is not None and not step > 0:
-        raise bad(f"optim.search_shift_step_px must be > 0, got {step}")
-    if c.schedule.search_epochs < 0:
-        raise bad(f"schedule.search_epochs must be >= 0, got {c.schedule.search_epochs}")
-    low = c.schedule.search_min_epochs
-    if low is not None and not 1 <= low <= c.schedule.search_epochs:
-        raise bad(f"schedule.search_min_epochs must be between 1 and schedule.search_epochs "
-                  f"({c.schedule.search_epochs}), got {low}")
-    if not 0.0 <= c.schedule.search_stop_fraction <= 1.0:
-        raise bad("schedule.search_stop_fraction must be in [0, 1], got "
-                  f"{c.schedule.search_stop_fraction}")
-    if c.optim.pose_steps_per_batch < 0:
-        raise bad(f"optim.pose_steps_per_batch must be >= 0, got {c.optim.pose_steps_per_batch}")
-    if c.schedule.epochs < 1:
-        raise bad(f"schedule.epochs must be >= 1, got {c.schedule.epochs}")
-    if c.schedule.switch_epoch < 0:
-        raise bad(f"schedule.switch_epoch must be >= 0, got {c.schedule.switch_epoch}")
-    if c.schedule.switch_steps is not None:
-        if c.schedule.switch_steps < 1:
-            raise bad(f"schedule.switch_steps must be >= 1, got {c.schedule.switch_steps}")
-        if c.schedule.method != "semi-amortized":
-            raise bad(f"schedule.switch_steps: method {c.schedule.method} never switches")
-    if c.model.head not in ("reference", "spread"):
-        raise bad(f"model.head must be reference or spread, got {c.model.head!r}")
-    if c.model.encoder_input not in ("image", "pyramid"):
-        raise bad(f"model.encoder_input must be image or pyramid, got {c.model.encoder_input!r}")
-    if c.model.pooling not in ("adaptive", "vgg16"):
-        raise bad(f"model.pooling must be adaptive or vgg16, got {c.model.pooling!r}")
-    if c.schedule.switch_poses not in ("inference", "last_epoch"):
-        raise bad(f"schedule.switch_poses must be inference or last_epoch, got "
-                  f"{c.schedule.switch_poses!r}")
-    if c.schedule.method not in ("semi-amortized", *AMORTIZED_METHODS):
-        raise bad(f"schedule.method {c.schedule.method!r} is not one of semi-amortized, "
-                  "amortized, cryoai")
-    if c.schedule.method == "cryoai" and c.model.num_heads != 1:
-        raise bad(f"schedule.method cryoai uses one pose head (model.num_heads = 1), "
-                  f"got {c.model.num_heads}")
-    for name in ("loss_radius_start_px", "loss_radius_end_px"):
-        value = getattr(c.schedule, name)
-        if value is not None and not value >= 1:
-            raise bad(f"schedule.{name} must be >= 1, got {value}")
-    if c.data.loss_radius_px is not None and c.data.loss_radius_px < 1:
-        raise bad(f"data.loss_radius_px must be >= 1, got {c.data.loss_radius_px}")
-    if c.data.noise_variance is not None and not c.data.noise_variance > 0:
-        raise bad(f"data.noise_variance must be > 0, got {c.data.noise_variance}")
-    if c.data.max_preload_gb < 0:
-        raise bad(f"data.max_preload_gb must be >= 0, got {c.data.max_preload_gb}")
-    if c.data.max_memory_gb is not None and not c.data.max_memory_gb > 0:
-        raise bad(f"data.max_memory_gb must be > 0, got {c.data.max_memory_gb}")
-    if c.data.box_px is not None and (c.data.box_px < 8 or c.data.box_px % 2):
-        raise bad(f"data.box_px must be even and >= 8, got {c.data.box_px}")
-    if c.data.normalize not in ("global", "background"):
-        raise bad(f"data.normalize must be global or background, got {c.data.normalize!r}")
-    frac = c.data.mask_radius_fraction
-    if frac is not None and not 0 < frac <= 1:
-        raise bad(f"data.mask_radius_fraction must be in (0, 1], got {frac}")
-    if not c.data.mask_edge_px >= 0:
-        raise bad(f"data.mask_edge_px must be >= 0, got {c.data.mask_edge_px}")
-    if c.run.device not in ("auto", "cpu", "cuda", "mps"):
-        raise bad(f"run.device must be auto, cpu, cuda or mps, got {c.run.device!r}")
-    if c.run.num_threads is not None and c.run.num_threads < 1:
-        raise bad(f"run.num_threads must be >= 1, got {c.run.num_threads}")
-    if c.run.inference_batch_size < 1:
-        raise bad(f"run.inference_batch_size must be >= 1, got {c.run.inference_batch_size}")
-    if not c.run.progress_interval_s >= 0:
-        raise bad(f"run.progress_interval_s must be >= 0, got {c.run.progress_interval_s}")
-    if c.run.track_particles < 0:
-        raise bad(f"run.track_particles must be >= 0, got {c.run.track_particles}")
-
-
-def preset_names() -> tuple[str, ...]:
-    """Names accepted by :func:`load_preset`."""
-    return PRESETS
-
-
-def _preset_text(name: str) -> str:
-    if name not in PRESETS:
-        raise InputError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
-    resource = importlib.resources.files("cryospin") / "presets" / f"{name}.yaml"
-    return resource.read_text(encoding="utf-8")
-
-
-def preset_description(name: str) -> str:
-    """The one-line description of preset ``name``: its file's first line reads
-    ``# cryospin preset "NAME": DESCRIPTION.`` ("" when it does not)."""
-    first = (_preset_text(name).splitlines() or [""])[0]
-    head = f'# cryospin preset "{name}":'
-    return first[len(head):].strip().rstrip(".") if first.startswith(head) else ""
-
-
-def load_preset(name: str) -> dict[str, dict[str, Any]]:
+def load_preset(name: str) -> dict[str, dict[str, object]]:
     """The nested overrides of preset ``name`` (``{section: {field: value}}``), validated."""
-    text = _preset_text(name)
-    data = yaml.safe_load(text) or {}
+    text = preset_text(name)
     where = f"preset {name}"
-    _check_nested(data, where)
+    data = check_sections(yaml.safe_load(text) or {}, _SECTIONS, where)
     config_from_dict(data, where=where)  # type check now, not at first use
     return data
 
 
 def build_config(
     preset: str | None = "default",
-    overrides: dict[str, dict[str, Any]] | None = None,
+    overrides: Mapping[str, Mapping[str, object]] | None = None,
 ) -> Config:
     """Defaults < preset < ``overrides`` (e.g. from the command line; ``None`` values ignored).
 
@@ -577,12 +437,12 @@ def build_config(
     one drops the preset's ``switch_steps``. A preset's ``search_min_epochs`` above the
     resulting ``search_epochs`` becomes None.
     """
-    merged: dict[str, dict[str, Any]] = {}
+    merged: dict[str, dict[str, object]] = {}
     if preset is not None:
         for section, values in load_preset(preset).items():
             merged.setdefault(section, {}).update(values)
-    for section, values in (overrides or {}).items():
-        for key, value in values.items():
+    for section, given in (overrides or {}).items():
+        for key, value in given.items():
             if value is not None:
                 merged.setdefault(section, {})[key] = value
     _epoch_switch_replaces_step_budget(merged, overrides or {})
@@ -591,8 +451,8 @@ def build_config(
     return config_from_dict(merged, where="command line")
 
 
-def _epoch_switch_replaces_step_budget(merged: dict[str, dict[str, Any]],
-                                       overrides: dict[str, Any]) -> None:
+def _epoch_switch_replaces_step_budget(merged: dict[str, dict[str, object]],
+                                       overrides: Mapping[str, Mapping[str, object]]) -> None:
     """In place on ``merged``: a ``switch_epoch`` in ``overrides`` without a ``switch_steps``
     there drops the preset's step budget (``--switch-epoch 7`` with the ``paper-synthetic``
     preset switches after epoch 7, not after the preset's 10,000 steps)."""
@@ -601,8 +461,8 @@ def _epoch_switch_replaces_step_budget(merged: dict[str, dict[str, Any]],
         merged.setdefault("schedule", {})["switch_steps"] = None
 
 
-def _drop_unreachable_search_minimum(merged: dict[str, dict[str, Any]],
-                                     overrides: dict[str, Any]) -> None:
+def _drop_unreachable_search_minimum(merged: dict[str, dict[str, object]],
+                                     overrides: Mapping[str, Mapping[str, object]]) -> None:
     """In place on ``merged``: a preset's ``search_min_epochs`` above the ``search_epochs`` in
     effect (``--search-epochs 1`` with the default preset's 4; an amortized method's 0) becomes
     None, since no early stop can happen before the search ends anyway; one given in
@@ -616,7 +476,8 @@ def _drop_unreachable_search_minimum(merged: dict[str, dict[str, Any]],
         schedule["search_min_epochs"] = None
 
 
-def _apply_method(merged: dict[str, dict[str, Any]], overrides: dict[str, Any]) -> None:
+def _apply_method(merged: dict[str, dict[str, object]],
+                  overrides: Mapping[str, Mapping[str, object]]) -> None:
     """In place on ``merged``: the schedule (and head count) implied by an amortized method."""
     schedule = merged.setdefault("schedule", {})
     method = schedule.get("method", ScheduleConfig.method)
@@ -639,89 +500,21 @@ def _apply_method(merged: dict[str, dict[str, Any]], overrides: dict[str, Any]) 
         merged.setdefault("model", {})["num_heads"] = 1
 
 
-def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
+def config_to_dict(config: Config) -> dict[str, dict[str, object]]:
     """Plain nested dict (YAML-ready) of ``config``."""
     return {name: dataclasses.asdict(getattr(config, name)) for name in _SECTIONS}
 
 
-def _check_nested(data: object, where: str) -> None:
-    if not isinstance(data, dict):
-        raise InputError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
-    for section, values in data.items():
-        if section not in _SECTIONS:
-            raise InputError(
-                f"{where}: unknown section {section!r} (expected one of {', '.join(_SECTIONS)})"
-            )
-        if not isinstance(values, dict):
-            raise InputError(f"{where}: section {section!r} must be a mapping")
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check ``value`` against a (simple) annotation; ints are accepted for floats."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except InputError as exc:
-                errors.append(str(exc))
-        raise InputError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(annotation):
-            choices = ", ".join(map(str, typing.get_args(annotation)))
-            raise InputError(f"{where}: {value!r} is not one of {choices}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise InputError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InputError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise InputError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {annotation!r}")  # programming error
-
-
-def _migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Fields renamed since a ``config.yaml`` or checkpoint was written: ``model.use_bf16``
-    (cryospin <= 0.1.0) is ``model.precision`` bf16 / fp32 (None: not given)."""
-    model = data.get("model")
-    if not isinstance(model, dict) or "use_bf16" not in model:
-        return data
-    model = dict(model)
-    use_bf16 = model.pop("use_bf16")
-    if use_bf16 is not None and "precision" not in model:
-        if not isinstance(use_bf16, bool):
-            raise InputError(f"{where}: model.use_bf16: expected true/false, got {use_bf16!r}")
-        model["precision"] = "bf16" if use_bf16 else "fp32"
-    return {**data, "model": model}
-
-
-def config_from_dict(data: dict[str, Any], *, where: str = "configuration") -> Config:
+def config_from_dict(data: Mapping[str, object], *, where: str = "configuration") -> Config:
     """Build a :class:`Config` from a nested dict; missing fields take their defaults.
 
     Unknown sections or fields and wrongly typed values raise :class:`InputError` naming
     ``where`` (a file name or "command line").
     """
-    _check_nested(data, where)
-    data = _migrate(data, where)
+    nested = migrate_renamed(check_sections(data, _SECTIONS, where), where)
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
-        values = data.get(name, {}) or {}
+        values = nested.get(name, {}) or {}
         hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
@@ -731,7 +524,7 @@ def config_from_dict(data: dict[str, Any], *, where: str = "configuration") -> C
                     f"{where}: unknown field {name}.{key} "
                     f"(expected one of {', '.join(sorted(known))})"
                 )
-            kwargs[key] = _coerce(value, hints[key], f"{where}: {name}.{key}")
+            kwargs[key] = coerce(value, hints[key], f"{where}: {name}.{key}")
         sections[name] = cls(**kwargs)
     try:
         return Config(**sections)
@@ -780,7 +573,7 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(data, where=str(path))
 
 
-def record_resolved(path: str | Path, resolved: dict[str, Any]) -> None:
+def record_resolved(path: str | Path, resolved: Mapping[str, object]) -> None:
     """Add (replace) the ``resolved`` section of a ``config.yaml``: what ``auto`` settings became
     on this machine (precision and why, device, threads, CPU). Metadata: ignored by
     :func:`load_config`. Atomic; an unreadable file is left alone."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-from cryospin.train.config import PRESETS
+from cryospin.train.presets import PRESETS
 
 __all__ = ["add_args"]
 
