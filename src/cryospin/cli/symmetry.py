@@ -74,8 +74,11 @@ def main(args: argparse.Namespace) -> int:
             shifts = particles.shifts_px
             if shifts is None:
                 shifts = torch.zeros(len(particles), 2, dtype=particles.rotations.dtype)
+            # c in the particles' pixels (the map may have another voxel size)
+            ps = particles.pixel_size_angstrom
+            scale = apix / ps if ps > 0 else 1.0
             rot, sh = poses_in_group_frame(particles.rotations, shifts, fit.frame,
-                                           result.centre_px)
+                                           result.centre_px * scale)
             write_particles_star(args.poses_out, particles.with_poses(rot, sh))
             print(f"wrote {args.poses_out} ({len(particles)} poses, R -> R M, t -> t + (R c)_xy)")
     return 0

@@ -11,22 +11,26 @@ orientation (:func:`cryospin.symmetry.point_group_rotations`), i.e. ``V`` is sym
 
 Method (:func:`detect_symmetry`):
 
-1. The map is Fourier-cropped to a small search box (default 32 px) and low-passed with a
-   raised cosine from 0.2 to 0.25 cycles per search-box pixel: above ¼ cycle/px trilinear
-   resampling loses more than a few per cent of a wave's amplitude, so that a symmetric map
-   would no longer correlate ≈ 1 with its resampled rotated copy. Its centre ``c`` is the
-   centre of mass of the positive density of this map (for an exactly symmetric map it lies on
-   every symmetry axis); the map is moved there (Fourier phase shift) and masked by a soft
-   sphere.
+1. The map is Fourier-cropped to a small search box (default 32 px). Its centre ``c`` is the
+   centre of mass of the positive part of that map low-passed to 0.25 cycles/px (for an
+   exactly symmetric map it lies on every symmetry axis); the map is moved there (Fourier
+   phase shift) and *whitened*: each Fourier shell divided by its RMS amplitude, with a
+   raised-cosine roll-off from 0.4 to 0.5 cycles/px, so that the details, not the overall
+   shape (which correlates highly with itself under any rotation), decide the scores.
+   Rotated copies are read by trilinear interpolation of the 2× Fourier-padded copy (accurate
+   up to the search box's Nyquist frequency), over the voxels within ``0.45 b`` of the centre
+   with a soft spherical weight.
 2. Axis search: for each direction ``u`` of a near-uniform hemisphere grid, the map is sampled
    on cylinders about ``u`` and Fourier-transformed in the azimuth; ``S_n(u)``, the share of
    the power at azimuthal frequencies ``m ≠ 0`` that lies at multiples of ``n``, is 1 for an
-   exact ``n``-fold axis (one resampling scores every ``n``). The best distinct directions of
-   each ``n`` are refined by a pattern search on the sphere.
-3. Groups: ``Cn`` about the best ``n``-fold axis; ``Dn``, ``T``, ``O``, ``I`` (= ``I2``) from
-   their principal axis (``n``, 3, 4, 5-fold) by a scan of the angle about it; every frame is
-   refined by a pattern search over small rotations. The score of a group is the mean, over its
-   elements ``h ≠ 1``, of the (masked, Pearson) correlation of the map with its copy
+   exact ``n``-fold axis (one resampling scores every ``n``). The best two directions of
+   each ``n`` at least 15° apart are the candidate axes.
+3. Groups: each of ``Cn``, ``Dn``, ``T``, ``O``, ``I`` (= ``I2``) is placed with its principal
+   axis (``n``, ``n``, 3, 4, 5-fold) on each candidate axis and the angle about it scanned in
+   3° steps (scored by up to four elements off that axis); the best frame, when it scores at
+   least ``threshold − 0.2``, is refined by a pattern search over small rotations (2°, 0.5°).
+   The score of a group is the mean, over its
+   elements ``h ≠ 1``, of the (weighted Pearson) correlation of the map with its copy
    ``V(hᵀ r)``; ``C1`` scores 1.
 4. Choice (:func:`rank_groups`): the largest group whose score is at least ``threshold``
    (ties of order: the higher score); the table lists the accepted groups by order, then the
