@@ -20,12 +20,12 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from cryospin.atomic import atomic_write_text
 from cryospin.errors import InputError
+from cryospin.io.particle_set import ParticleSet
 
 __all__ = [
     "ParticleSetIdentity",
@@ -58,7 +58,7 @@ class ParticleSetIdentity:
     source: str = ""
 
 
-def _names_hash(particles: Any) -> str:
+def _names_hash(particles: ParticleSet) -> str:
     """sha256 of the particles' ``INDEX@STACK_FILE_NAME`` sequence, computed on arrays: the
     stacks in order of first use, each particle's stack (renumbered so) and 0-based index."""
     stack_index = np.asarray(particles.stack_index, dtype=np.int64)
@@ -75,7 +75,7 @@ def _names_hash(particles: Any) -> str:
     return h.hexdigest()
 
 
-def particle_set_identity(particles: Any) -> ParticleSetIdentity:
+def particle_set_identity(particles: ParticleSet) -> ParticleSetIdentity:
     """The identity of ``particles`` (a :class:`~cryospin.io.particles.ParticleSet`); reads the
     first and the last image."""
     n = len(particles)
@@ -136,7 +136,7 @@ def load_identity(path: str | Path) -> ParticleSetIdentity | None:
         raise InputError("unreadable record of the run's particles", path) from None
 
 
-def check_same_particles(path: str | Path, particles: Any,
+def check_same_particles(path: str | Path, particles: ParticleSet,
                          run_dir: str | Path) -> ParticleSetIdentity | None:
     """Refuse to resume the run in ``run_dir`` with particles other than those recorded at
     ``path``.

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import mrcfile
 import numpy as np
@@ -29,6 +29,9 @@ from mrcfile.dtypes import HEADER_DTYPE
 
 from cryospin.atomic import atomic_path
 from cryospin.errors import InputError, OutputError
+
+if TYPE_CHECKING:  # annotations only: reading and writing MRC needs no torch
+    from torch import Tensor
 
 __all__ = [
     "MrcHeaderInfo",
@@ -125,41 +128,8 @@ def read_header(path: str | Path) -> MrcHeaderInfo:
     mode is overridden by the byte order under which the mode and dimensions make sense.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError("file not found" if not path.exists() else "not a regular file", path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            raw = fh.read(_HEADER_BYTES)
-    except OSError as exc:
-        raise InputError(f"cannot read MRC file ({exc.strerror})", path) from None
-    if len(raw) < _HEADER_BYTES:
-        if _is_text(raw):
-            raise InputError(f"not an MRC file (no MRC header; {_TEXT_HINT})", path)
-        raise InputError(
-            f"truncated MRC: {len(raw)} bytes, shorter than the 1024-byte header", path
-        )
-    hdr = np.frombuffer(raw, dtype=HEADER_DTYPE, count=1)[0]
-    # byte order: machine stamp 0x44 0x41 = little endian, 0x11 0x11 = big endian; when the
-    # stamp is missing, pick the order under which the mode is a known small number
-    stamp = bytes(hdr["machst"])
-    order: Literal["<", ">"]
-    if stamp[:1] == b"\x11":
-        order = ">"
-    elif stamp[:1] in (b"\x44", b"\x41"):
-        order = "<"
-    else:
-        order = "<" if int(hdr["mode"]) in _MODES else ">"
-    if order == ">":
-        hdr = np.frombuffer(raw, dtype=HEADER_DTYPE.newbyteorder(">"), count=1)[0]
-    if int(hdr["mode"]) not in _MODES:
-        # a wrong machine stamp: trust the other order when it gives a known mode and
-        # positive dimensions
-        other: Literal["<", ">"] = "<" if order == ">" else ">"
-        alt = np.frombuffer(raw, dtype=HEADER_DTYPE.newbyteorder(other), count=1)[0]
-        if int(alt["mode"]) in _MODES and min(int(alt["nx"]), int(alt["ny"]),
-                                               int(alt["nz"])) > 0:
-            order, hdr = other, alt
+    raw, size = _header_bytes(path)
+    hdr, order = _decode_header(raw)
     nx, ny, nz = int(hdr["nx"]), int(hdr["ny"]), int(hdr["nz"])
     mode = int(hdr["mode"])
     if bytes(hdr["map"]) != b"MAP " and (mode not in _MODES or min(nx, ny, nz) <= 0):
@@ -186,35 +156,15 @@ def read_header(path: str | Path) -> MrcHeaderInfo:
         raise InputError(f"invalid MRC extended header size {nsymbt}", path)
     dtype = _MODES[mode].newbyteorder(order)
     data_offset = _HEADER_BYTES + nsymbt
-    expected = data_offset + nx * ny * nz * dtype.itemsize
-    if size < expected:
-        raise InputError(
-            f"truncated MRC: header announces {nx}x{ny}x{nz} mode {mode} "
-            f"({expected} bytes) but the file has {size} bytes", path,
-        )
-    if size > expected:  # readable, but a corrupted size/mode field would look like this
-        warnings.warn(
-            f"{path}: MRC file has {size - expected} bytes more than its header announces "
-            f"({nx}x{ny}x{nz} mode {mode}); reading the announced data", stacklevel=2,
-        )
-    mxyz = np.array([hdr["mx"], hdr["my"], hdr["mz"]], dtype=np.float64)
-    cella = np.array([hdr["cella"]["x"], hdr["cella"]["y"], hdr["cella"]["z"]], np.float64)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        vox = np.where(mxyz > 0, cella / np.where(mxyz > 0, mxyz, 1), 0.0)
-    bad_vox = ~np.isfinite(vox) | (vox < 0)
-    if bad_vox.any():  # a corrupted cell size: the voxel size is unknown, never negative/NaN
-        warnings.warn(
-            f"{path}: invalid voxel size in the MRC header (cella {cella.tolist()}, "
-            f"mx/my/mz {mxyz.tolist()}); treated as unknown (0)", stacklevel=2,
-        )
-        vox = np.where(bad_vox, 0.0, vox)
+    _check_data_size(path, size, data_offset + nx * ny * nz * dtype.itemsize,
+                     f"{nx}x{ny}x{nz} mode {mode}")
     return MrcHeaderInfo(
         path=path,
         shape_file=(nz, ny, nx),
         mode=mode,
         dtype=dtype,
         axis_order=axis,
-        voxel_size_xyz_angstrom=(float(vox[0]), float(vox[1]), float(vox[2])),
+        voxel_size_xyz_angstrom=_voxel_size_angstrom(hdr, path),
         nstart_xyz=(int(hdr["nxstart"]), int(hdr["nystart"]), int(hdr["nzstart"])),
         origin_xyz_angstrom=(
             float(hdr["origin"]["x"]), float(hdr["origin"]["y"]), float(hdr["origin"]["z"])
@@ -223,6 +173,87 @@ def read_header(path: str | Path) -> MrcHeaderInfo:
         data_offset=data_offset,
         ispg=int(hdr["ispg"]),
     )
+
+
+def _header_bytes(path: Path) -> tuple[bytes, int]:
+    """The first 1024 bytes of the file and its size in bytes; InputError when it is
+    missing, unreadable, or shorter than a header (text named as such)."""
+    if not path.is_file():
+        raise InputError("file not found" if not path.exists() else "not a regular file", path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(_HEADER_BYTES)
+    except OSError as exc:
+        raise InputError(f"cannot read MRC file ({exc.strerror})", path) from None
+    if len(raw) < _HEADER_BYTES:
+        if _is_text(raw):
+            raise InputError(f"not an MRC file (no MRC header; {_TEXT_HINT})", path)
+        raise InputError(
+            f"truncated MRC: {len(raw)} bytes, shorter than the 1024-byte header", path
+        )
+    return raw, size
+
+
+def _decode_header(raw: bytes) -> tuple[np.void, Literal["<", ">"]]:
+    """The header record of ``raw`` (1024 bytes) and its byte order.
+
+    Machine stamp 0x44 0x41 = little endian, 0x11 0x11 = big endian; when the stamp is
+    missing, the order under which the mode is a known small number; when the stamp gives an
+    unknown mode, the other order if it gives a known mode and positive dimensions.
+    """
+    hdr = np.frombuffer(raw, dtype=HEADER_DTYPE, count=1)[0]
+    stamp = bytes(hdr["machst"])
+    order: Literal["<", ">"]
+    if stamp[:1] == b"\x11":
+        order = ">"
+    elif stamp[:1] in (b"\x44", b"\x41"):
+        order = "<"
+    else:
+        order = "<" if int(hdr["mode"]) in _MODES else ">"
+    if order == ">":
+        hdr = np.frombuffer(raw, dtype=HEADER_DTYPE.newbyteorder(">"), count=1)[0]
+    if int(hdr["mode"]) not in _MODES:
+        # a wrong machine stamp: trust the other order when it gives a known mode and
+        # positive dimensions
+        other: Literal["<", ">"] = "<" if order == ">" else ">"
+        alt = np.frombuffer(raw, dtype=HEADER_DTYPE.newbyteorder(other), count=1)[0]
+        if int(alt["mode"]) in _MODES and min(int(alt["nx"]), int(alt["ny"]),
+                                               int(alt["nz"])) > 0:
+            order, hdr = other, alt
+    return hdr, order
+
+
+def _check_data_size(path: Path, size: int, expected: int, announced: str) -> None:
+    """InputError when the file is shorter than the header announces (``expected`` bytes);
+    a warning (for the caller of :func:`read_header`) when it is longer."""
+    if size < expected:
+        raise InputError(
+            f"truncated MRC: header announces {announced} "
+            f"({expected} bytes) but the file has {size} bytes", path,
+        )
+    if size > expected:  # readable, but a corrupted size/mode field would look like this
+        warnings.warn(
+            f"{path}: MRC file has {size - expected} bytes more than its header announces "
+            f"({announced}); reading the announced data", stacklevel=3,
+        )
+
+
+def _voxel_size_angstrom(hdr: np.void, path: Path) -> tuple[float, float, float]:
+    """``cella / (mx, my, mz)`` (Å); 0 where the header says 0 or gives a negative or
+    non-finite size (with a warning for the caller of :func:`read_header`)."""
+    mxyz = np.array([hdr["mx"], hdr["my"], hdr["mz"]], dtype=np.float64)
+    cella = np.array([hdr["cella"]["x"], hdr["cella"]["y"], hdr["cella"]["z"]], np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        vox = np.where(mxyz > 0, cella / np.where(mxyz > 0, mxyz, 1), 0.0)
+    bad_vox = ~np.isfinite(vox) | (vox < 0)
+    if bad_vox.any():  # a corrupted cell size: the voxel size is unknown, never negative/NaN
+        warnings.warn(
+            f"{path}: invalid voxel size in the MRC header (cella {cella.tolist()}, "
+            f"mx/my/mz {mxyz.tolist()}); treated as unknown (0)", stacklevel=3,
+        )
+        vox = np.where(bad_vox, 0.0, vox)
+    return float(vox[0]), float(vox[1]), float(vox[2])
 
 
 def _raw_memmap(info: MrcHeaderInfo) -> np.memmap:
@@ -297,7 +328,7 @@ def _looks_like_3d_map(info: MrcHeaderInfo) -> bool:
 
 def write_map(
     path: str | Path,
-    volume: Any,
+    volume: Tensor | np.ndarray,
     voxel_size_angstrom: float,
     origin_angstrom: Sequence[float] | None = None,
 ) -> None:
@@ -319,8 +350,9 @@ def write_map(
             mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z = ox, oy, oz
 
 
-def _as_numpy_float32(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor
+def _as_numpy_float32(x: Tensor | np.ndarray) -> np.ndarray:
+    """``x`` as a C-contiguous float32 array (a tensor detached and copied to the CPU)."""
+    if hasattr(x, "detach"):  # a tensor (torch not imported here: see above)
         x = x.detach().cpu().numpy()
     return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
 
@@ -393,7 +425,7 @@ class ImageStack:
         """Drop the memory map (reopened on the next read)."""
         self._data = None
 
-    def read(self, indices: Any = None) -> np.ndarray:
+    def read(self, indices: int | Sequence[int] | np.ndarray | slice | None = None) -> np.ndarray:
         """Images at 0-based ``indices`` (int, sequence, array or slice; None = all).
 
         Returns
@@ -479,7 +511,8 @@ def clear_stack_cache() -> None:
         _stack_cache.clear()
 
 
-def write_stack(path: str | Path, images: Any, pixel_size_angstrom: float) -> None:
+def write_stack(path: str | Path, images: Tensor | np.ndarray, pixel_size_angstrom: float
+                ) -> None:
     """Write `(N, L, L)` images (``[y, x]``; array or tensor) as a float32 ``.mrcs``, atomically."""
     arr = _as_numpy_float32(images)
     if arr.ndim != 3 or arr.shape[1] != arr.shape[2]:
@@ -530,7 +563,7 @@ class StackWriter:
         self._mrc.set_image_stack()
         return self
 
-    def write(self, images: Any) -> None:
+    def write(self, images: Tensor | np.ndarray) -> None:
         """Append `(b, L, L)` (or one `(L, L)`) images."""
         arr = _as_numpy_float32(images)
         if arr.ndim == 2:
@@ -568,7 +601,7 @@ class StackWriter:
             finally:
                 mrc.close()
 
-    def _finish_header(self, mrc: Any) -> None:
+    def _finish_header(self, mrc: mrcfile.mrcmemmap.MrcMemmap) -> None:
         if self.n_written != self.n:
             raise ValueError(f"{self.path}: StackWriter got {self.n_written} of {self.n} images")
         count = self.n * self.box_px * self.box_px
@@ -580,10 +613,12 @@ class StackWriter:
         mrc.flush()
 
 
-def release_memmap_rows(arr: Any, start: int, stop: int) -> None:
+def release_memmap_rows(arr: np.ndarray, start: int, stop: int) -> None:
     """``madvise(MADV_DONTNEED)`` the resident pages of rows ``[start, stop)`` of a numpy memory
     map (read-only data: the pages are re-read from the file if touched again). Keeps a pass
     over a stack larger than RAM from growing the resident memory; a no-op where unsupported."""
+    if not isinstance(arr, np.memmap):  # an array in memory: nothing to hand back
+        return
     mm = getattr(arr, "_mmap", None)
     advice = getattr(mmap, "MADV_DONTNEED", None)
     if mm is None or advice is None or not hasattr(mm, "madvise") or stop <= start:

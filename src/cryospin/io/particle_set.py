@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,10 +27,14 @@ from cryospin.errors import InputError
 from cryospin.forward.ctf import CTFParams
 from cryospin.io.mrc import open_stack
 
-__all__ = ["ParticleSet"]
+__all__ = ["ParticleSet", "ParticleIndices"]
+
+#: 0-based particle indices: an int, a sequence, array or tensor of ints, a slice, or a boolean
+#: mask over all the particles.
+ParticleIndices = int | Sequence[int] | np.ndarray | Tensor | slice
 
 
-def _as_index_array(indices: Any, n: int) -> np.ndarray:
+def _as_index_array(indices: ParticleIndices, n: int) -> np.ndarray:
     """0-based particle indices `(m,)` int64 from int/sequence/array/tensor/slice/bool mask."""
     if isinstance(indices, slice):
         return np.arange(n, dtype=np.int64)[indices]
@@ -144,7 +148,7 @@ class ParticleSet:
         )
 
     # ------------------------------------------------------------------ images
-    def images_numpy(self, indices: Any = None) -> np.ndarray:
+    def images_numpy(self, indices: ParticleIndices | None = None) -> np.ndarray:
         """Like :meth:`images` but returns a float32 numpy array `(n, L, L)`."""
         idx = _as_index_array(slice(None) if indices is None else indices, len(self))
         L = self.box_px
@@ -163,7 +167,7 @@ class ParticleSet:
             out[rows] = stack.read(self.image_index[idx[rows]])  # sorted + coalesced inside
         return out
 
-    def release_pages(self, indices: Any) -> None:
+    def release_pages(self, indices: ParticleIndices) -> None:
         """Hand back the resident memory-mapped pages of the stacks holding ``indices``
         (:meth:`cryospin.io.mrc.ImageStack.release`): a pass over more images than fit in RAM
         keeps its resident memory bounded."""
@@ -175,7 +179,7 @@ class ParticleSet:
             rows = images[stacks == s]
             open_stack(self.stack_paths[s]).release(int(rows.min()), int(rows.max()) + 1)
 
-    def images(self, indices: Any = None) -> Tensor:
+    def images(self, indices: ParticleIndices | None = None) -> Tensor:
         """Images of the particles at 0-based ``indices`` (None = all), in the requested order.
 
         Reads are grouped by stack and sorted within each stack for contiguous memory-mapped
@@ -188,7 +192,7 @@ class ParticleSet:
         return torch.from_numpy(self.images_numpy(indices))
 
     # ------------------------------------------------------------------ derived sets
-    def subset(self, indices: Any) -> ParticleSet:
+    def subset(self, indices: ParticleIndices) -> ParticleSet:
         """The particles at ``indices`` (int array/tensor/list/slice/bool mask), in that order."""
         idx = _as_index_array(indices, len(self))
         tidx = torch.from_numpy(idx)

@@ -10,7 +10,7 @@ cryoDRGN CTF and pose pickles and an index selection, and scans the images. ``Pa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- loading
-def load_indices(ind: Any, n: int | None = None) -> np.ndarray:
+def load_indices(ind: str | Path | Sequence[int] | np.ndarray | Tensor, n: int | None = None
+                 ) -> np.ndarray:
     """0-based particle indices from a ``.pkl``/``.npy``/``.txt`` file or an int array `(m,)`."""
     if isinstance(ind, (str, Path)):
         p = Path(ind)
@@ -56,7 +57,7 @@ def load_indices(ind: Any, n: int | None = None) -> np.ndarray:
         except Exception as exc:  # noqa: BLE001 - any parse failure is bad input
             msg = " ".join(str(exc).split())[:300]
             raise InputError(f"cannot read particle indices ({msg})", p) from None
-        where: Any = p
+        where: Path | None = p
     else:
         arr = ind.detach().cpu().numpy() if isinstance(ind, Tensor) else np.asarray(ind)
         where = None
@@ -78,7 +79,7 @@ def load_particles(
     *,
     ctf_pkl: str | Path | None = None,
     poses_pkl: str | Path | None = None,
-    ind: Any = None,
+    ind: str | Path | Sequence[int] | np.ndarray | Tensor | None = None,
     datadir: str | Path | None = None,
     no_ctf: bool = False,
     check_finite: bool = True,

@@ -18,10 +18,11 @@ import codecs
 import io
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor
 
 from cryospin.atomic import atomic_write_bytes
@@ -41,13 +42,13 @@ __all__ = [
 ]
 
 
-def _allowed_globals() -> dict[tuple[str, str], Any]:
+def _allowed_globals() -> dict[tuple[str, str], object]:
     """The only callables a cryoDRGN pickle may name: numpy's array/scalar rebuilders, under
     both the numpy 1.x (``numpy.core``) and 2.x (``numpy._core``) module names."""
     reconstruct = np.zeros(1).__reduce__()[0]  # ndarray rebuilder, protocols <= 4
     frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5
     scalar = np.float64(1.0).__reduce__()[0]  # numpy scalars
-    out: dict[tuple[str, str], Any] = {
+    out: dict[tuple[str, str], object] = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles
@@ -63,11 +64,11 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler that rebuilds only numpy arrays/scalars and builtin containers: any other
     global (``os.system``, ``builtins.eval``, a class...) is refused before it is called."""
 
-    def __init__(self, fh: Any) -> None:
+    def __init__(self, fh: BinaryIO) -> None:
         super().__init__(fh)
         self._allowed = _allowed_globals()
 
-    def find_class(self, module: str, name: str) -> Any:
+    def find_class(self, module: str, name: str) -> object:
         try:
             return self._allowed[(module, name)]
         except KeyError:
@@ -77,7 +78,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             ) from None
 
 
-def safe_load_pickle(path: str | Path) -> Any:
+def safe_load_pickle(path: str | Path) -> object:
     """Unpickle ``path`` allowing only numpy arrays/scalars, tuples, lists, dicts, numbers and
     strings -- never arbitrary code (a pickle naming any other callable is refused).
 
@@ -100,7 +101,7 @@ def safe_load_pickle(path: str | Path) -> Any:
 _load_pickle = safe_load_pickle
 
 
-def _float_array(obj: Any, what: str, path: str | Path) -> np.ndarray:
+def _float_array(obj: object, what: str, path: str | Path) -> np.ndarray:
     """``obj`` as a float64 array, or InputError saying what it was."""
     if isinstance(obj, (dict, str, bytes)) or obj is None:
         raise InputError(f"{what} is a {type(obj).__name__}, not a numeric array", path)
@@ -114,7 +115,7 @@ def _float_array(obj: Any, what: str, path: str | Path) -> np.ndarray:
         raise InputError(f"{what} is not a numeric array ({msg})", path) from None
 
 
-def _dump_pickle(path: str | Path, obj: Any) -> None:
+def _dump_pickle(path: str | Path, obj: object) -> None:
     buf = io.BytesIO()
     pickle.dump(obj, buf, protocol=4)
     atomic_write_bytes(path, buf.getvalue())
@@ -193,12 +194,12 @@ def write_cryodrgn_ctf(
     _dump_pickle(path, cryodrgn_array_from_ctf_params(ctf, box_px, pixel_size_angstrom))
 
 
-def shift_px_from_cryodrgn_trans(trans: Any, box_px: int) -> Tensor:
+def shift_px_from_cryodrgn_trans(trans: Tensor | ArrayLike, box_px: int) -> Tensor:
     """cryoDRGN ``trans`` `(N, 2)` (fraction of box) -> cryospin ``shift_px = −trans·D``."""
     return -torch.as_tensor(np.asarray(trans, dtype=np.float64)) * float(box_px)
 
 
-def cryodrgn_trans_from_shift_px(shift_px: Any, box_px: int) -> np.ndarray:
+def cryodrgn_trans_from_shift_px(shift_px: Tensor | ArrayLike, box_px: int) -> np.ndarray:
     """cryospin ``shift_px`` `(N, 2)` -> cryoDRGN ``trans = −shift_px / D`` (float64)."""
     t = torch.as_tensor(shift_px).detach().cpu().double().numpy()
     return -t / float(box_px)
@@ -247,7 +248,7 @@ def read_cryodrgn_poses(path: str | Path, box_px: int) -> tuple[Tensor, Tensor]:
 
 
 def write_cryodrgn_poses(
-    path: str | Path, rotations: Any, shifts_px: Any, box_px: int
+    path: str | Path, rotations: Tensor | ArrayLike, shifts_px: Tensor | ArrayLike, box_px: int
 ) -> None:
     """Write ``(rot, trans)`` as a cryoDRGN ``pose.pkl`` (float64), atomically.
 
