@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from cryospin.errors import InputError
 from cryospin.evaluate.fsc import FSCResult
@@ -70,6 +71,7 @@ from cryospin.forward.hartley import hartley2
 from cryospin.forward.lattice import frequency_grid_2d
 from cryospin.forward.shifts import shift_hartley_grid
 from cryospin.forward.slicing import insert_central_slices
+from cryospin.preprocess import PreprocessedParticles
 from cryospin.symmetry import grid_cosets, point_group_rotations
 
 __all__ = [
@@ -219,8 +221,6 @@ def accumulate_backprojection(
     half_set = np.asarray(half_set)
     starts = range(0, n, batch_size)
     if progress:
-        from tqdm import tqdm
-
         starts = tqdm(starts, desc="backproject", unit="batch")
     for start in starts:
         idx = np.arange(start, min(n, start + batch_size))
@@ -551,8 +551,6 @@ def backproject_particles(
     negated (the FSC is unchanged). ``symmetry`` (a point-group symbol, :mod:`cryospin.symmetry`)
     inserts each image at its ``|G|`` symmetry-related poses; ``"C1"`` inserts it once.
     """
-    from cryospin.preprocess import PreprocessedParticles
-
     if particles.rotations is None:
         raise InputError("the particles have no poses (give them with --poses)", particles.source)
     half = half_set_assignment(len(particles), random_subset=particles.random_subset, seed=seed)

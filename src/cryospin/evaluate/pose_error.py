@@ -37,6 +37,7 @@ from torch import Tensor
 
 from cryospin.atomic import atomic_write_text
 from cryospin.rotations import matrix_to_quaternion, so3_exp, so3_log
+from cryospin.symmetry import point_group_rotations
 
 __all__ = [
     "HAND_FLIP",
@@ -265,8 +266,6 @@ def pose_error(
 
     G = None
     if symmetry is not None:
-        from cryospin.symmetry import point_group_rotations
-
         G = point_group_rotations(symmetry).to(pred.device)
     A, err = align_rotations(pred, gt, symmetry=G)
     flipped = False

@@ -17,18 +17,28 @@ The HEALPix grid is :mod:`cryospin.healpix`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from cryospin.errors import InputError
+from cryospin.forward.lattice import negation_permutation
+from cryospin.forward.model import render
 from cryospin.healpix import check_nside, healpix_vectors
+from cryospin.io.particle_set import ParticleSet
+from cryospin.io.particles import load_particles
+from cryospin.losses import gaussian_nll
+from cryospin.rotations import relion_matrix_from_euler
 from cryospin.rundir import Checkpoint, RunFiles
+from cryospin.train.config import load_config
+from cryospin.train.data import prepare_data, sub_disc
+from cryospin.train.track import PoseTrack, load_pose_track
+from cryospin.volume import HartleyVolume
 
 __all__ = [
     "view_rotations",
@@ -46,8 +56,6 @@ def view_rotations(directions: Tensor, psi_rad: Tensor) -> Tensor:
     the colatitude and longitude of each direction `(D, 3)` (unit vectors); ``psi_rad`` `(S,)`.
     Dtype and device of ``directions``.
     """
-    from cryospin.rotations import relion_matrix_from_euler
-
     v = directions / directions.norm(dim=-1, keepdim=True)
     theta = torch.acos(v[:, 2].clamp(-1.0, 1.0))  # (D,)
     phi = torch.atan2(v[:, 1], v[:, 0])  # (D,)
@@ -103,9 +111,6 @@ def log_posterior_views(
     `(D,)` float64: ``log p(v | y)`` with ``logsumexp = 0`` (the images are rendered and
     scored in the dtype of ``volume_ht``, e.g. float32 as in training).
     """
-    from cryospin.forward.model import render
-    from cryospin.losses import gaussian_nll
-
     if psi_steps < 1:
         raise ValueError(f"psi_steps must be >= 1, got {psi_steps}")
     dtype, device = volume_ht.dtype, volume_ht.device
@@ -163,15 +168,13 @@ class ParticlePosterior:
     path_epochs: np.ndarray | None = None
 
 
-def _read_track(files: RunFiles) -> Any:
-    from cryospin.train.track import load_pose_track
-
+def _read_track(files: RunFiles) -> PoseTrack | None:
     return load_pose_track(files.track) if files.track.is_file() else None
 
 
 def run_posteriors(
     run_dir: str | Path,
-    particles: Any,
+    particles: ParticleSet,
     indices: list[int],
     *,
     nside: int = 8,
@@ -198,13 +201,6 @@ def run_posteriors(
     InputError
         Missing run files, indices out of range, or a loss radius outside the training disc.
     """
-    import dataclasses
-
-    from cryospin.forward.lattice import negation_permutation
-    from cryospin.train.config import load_config
-    from cryospin.train.data import prepare_data, sub_disc
-    from cryospin.volume import HartleyVolume
-
     files = RunFiles(run_dir)
     check_nside(nside)
     if psi_steps < 1:
@@ -246,8 +242,6 @@ def run_posteriors(
     track = _read_track(files)
     star_rot = star_shift = None
     if table is None and track is None and files.star.is_file():
-        from cryospin.io.particles import load_particles
-
         final = load_particles(files.star, metadata_only=True, no_ctf=True,
                                check_finite=False, box_px=particles.box_px)
         star_rot, star_shift = final.rotations, final.shifts_px
@@ -267,13 +261,13 @@ def run_posteriors(
         if table is not None:
             final_R = table["rotations"][i].double().numpy()
             shift = table["shifts_px"][i].double().numpy()
-        elif pos is not None and track.epochs.size:
+        elif track is not None and pos is not None and track.epochs.size:
             final_R = track.rotations[-1, pos].astype(np.float64)
             shift = track.shifts_px[-1, pos].astype(np.float64)
         elif star_rot is not None:
             final_R = star_rot[i].double().numpy()
             shift = np.zeros(2) if star_shift is None else star_shift[i].double().numpy()
-        if pos is not None:
+        if track is not None and pos is not None:
             stage1 = track.stage1_mask()
             if stage1.any():
                 e = int(np.flatnonzero(stage1)[-1])

@@ -29,12 +29,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import gemmi
 import numpy as np
 import torch
 from torch import Tensor
 
 from cryospin.errors import InputError
 from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
+from cryospin.symmetry import parse_point_group, point_group_rotations
 
 __all__ = [
     "AtomicModel",
@@ -126,8 +128,6 @@ def read_atomic_model(path: str | Path, select: str | None = None) -> AtomicMode
         Missing or unreadable file, or no atoms (or none selected).
     """
     chain_sel, lo, hi = parse_selection(select) if select is not None else (None, None, None)
-    import gemmi
-
     path = Path(path)
     if not path.is_file():
         raise InputError("structure file not found", path)
@@ -332,8 +332,6 @@ def symmetric_assembly(model: AtomicModel, symmetry: str,
     symmetric about the origin: ``V(g r) = V(r)`` (it is re-centred on its centre of mass, which
     lies on the axis, by :func:`atom_positions_px`).
     """
-    from cryospin.symmetry import parse_point_group, point_group_rotations
-
     group = parse_point_group(symmetry)
     if group.kind not in ("C", "D"):
         raise InputError(f"a symmetric assembly is built for Cn and Dn only, not {symmetry!r}")

@@ -41,9 +41,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from cryospin.errors import InputError
+from cryospin.pose import PoseTable
 
 __all__ = [
     "WorldInfo",
@@ -152,8 +155,6 @@ def init_distributed(world: WorldInfo, device: torch.device) -> bool:
 
     Does nothing (False) for a single process or when a group already exists.
     """
-    import torch.distributed as dist
-
     if not world.distributed or (dist.is_available() and dist.is_initialized()):
         return False
     if not dist.is_available():
@@ -180,8 +181,6 @@ def teardown_distributed(created: bool, *, synchronise: bool) -> None:
     after the others are done; a rank leaving early was seen to abort with "terminate called
     without an active exception"). False after an error, where the other ranks may never arrive.
     """
-    import torch.distributed as dist
-
     if created and dist.is_initialized():
         if synchronise:
             dist.barrier()
@@ -196,16 +195,12 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, tensor: Tensor) -> Tensor:  # noqa: ARG004
-        import torch.distributed as dist
-
         out = tensor.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:  # noqa: ARG004
-        import torch.distributed as dist
-
         out = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out)
         return out
@@ -222,8 +217,6 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        import torch.distributed as dist
-
         if not (self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size() > 1):
             return super().forward(x)
@@ -280,8 +273,6 @@ def wrap_encoder(encoder: nn.Module, device: torch.device) -> nn.Module:
 
     The returned wrapper shares ``encoder``'s parameters; save ``encoder.state_dict()``.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     convert_batch_norm(encoder)
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(encoder, device_ids=ids)
@@ -347,8 +338,6 @@ class Shard:
 
     def average_gradients(self, params: Iterable[Tensor]) -> None:
         """All-reduce the ``.grad`` of ``params`` (in place) to their mean over the ranks."""
-        import torch.distributed as dist
-
         params = list(params)
         for p in params:  # every rank must send the same layout
             if p.grad is None and p.requires_grad:
@@ -366,9 +355,7 @@ class Shard:
 
     def all_sum(self, values: Tensor) -> Tensor:
         """Sum of ``values`` over the ranks (a new tensor; float64 on CPU for statistics)."""
-        import torch.distributed as dist
-
-        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         out = values.detach().to(device=device, dtype=torch.float64).clone()
         dist.all_reduce(out)
         return out.cpu()
@@ -378,8 +365,6 @@ class Shard:
 
         Each rank sends its rows ``r, r + W, ...`` of its copy of ``full`` (the rows it owns).
         """
-        import torch.distributed as dist
-
         n, W = int(full.shape[0]), self.world_size
         per = -(-n // W)
         mine = full[self.rank::W]
@@ -395,11 +380,9 @@ class Shard:
             out[r::W] = part[:rows]
         return out
 
-    def gather_pose_table(self, table: Any) -> Any:
+    def gather_pose_table(self, table: PoseTable) -> PoseTable | None:
         """Rank 0: the full :class:`~cryospin.pose.PoseTable` (every rank's rows and Adam
         state); other ranks: None. A collective: every rank must call it."""
-        from cryospin.pose import PoseTable
-
         n = len(table)
         state = table.state_dict()
         full: dict[str, Any] = {}
@@ -419,8 +402,6 @@ class Shard:
         return out
 
     def barrier(self) -> None:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
