@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from cryospin.atomic import atomic_write_text
 from cryospin.errors import InputError
@@ -278,8 +279,6 @@ def simulate_dataset(
     -------
     SimulatedDataset
     """
-    from tqdm import tqdm
-
     n, L = int(n_particles), int(box_px)
     if n < 1:
         raise InputError(f"--n-particles must be >= 1, got {n}")
