@@ -139,6 +139,35 @@ def test_poses_in_group_frame_give_the_same_images() -> None:
     assert torch.allclose(image_v, image_w, atol=1e-12)
 
 
+def _project(volume: Tensor, R: Tensor, shift_px: Tensor) -> Tensor:
+    """``image(r) = P(r − t)``, ``P(x, y) = Σ_z V(Rᵀ r)``: real-space projection (trilinear)
+    and a Fourier phase shift, `(L, L)`."""
+    P = transform_map(volume, R).sum(0)  # (L, L) [y, x]
+    L = P.shape[-1]
+    k = torch.fft.fftfreq(L, d=1.0 / L, dtype=P.dtype)
+    ky, kx = torch.meshgrid(k, k, indexing="ij")
+    phase = torch.exp(-2j * math.pi * (kx * shift_px[0] + ky * shift_px[1]) / L)
+    X = torch.fft.fft2(torch.fft.ifftshift(P))
+    return torch.fft.fftshift(torch.fft.ifft2(X * phase)).real
+
+
+def test_aligned_map_with_converted_poses_gives_the_same_images() -> None:
+    """Projecting W = V(M r + c) (resampled) with (R M, t + (R c)_xy) gives the images of V
+    with (R, t), float64, 32 px."""
+    g = torch.Generator().manual_seed(5)
+    v = blob_map(torch.randn(5, 3, generator=g, dtype=torch.float64) * 3, 32, 2.0)
+    M = random_rotations(1, generator=g)[0]
+    c = torch.tensor([1.5, -1.0, 0.5], dtype=torch.float64)
+    w = map_in_group_frame(v, M, c)
+    R = random_rotations(3, generator=g)
+    t = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    R2, t2 = poses_in_group_frame(R, t, M, c)
+    for i in range(3):
+        a, b = _project(v, R[i], t[i]), _project(w, R2[i], t2[i])
+        assert float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]) > 0.999
+        assert float((a - b).abs().max()) < 0.03 * float(a.max())
+
+
 def test_map_in_group_frame_matches_the_analytic_map() -> None:
     """W(r) = V(M r + c) resampled equals the blobs placed at Mᵀ (p − c) (float64)."""
     g = torch.Generator().manual_seed(4)
