@@ -28,9 +28,12 @@ test-avx2: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
+# ruff, then the import contracts of pyproject.toml ([tool.importlinter]: the layers
+# core < forward < io < model < train | evaluate < workflows < report < cli)
 lint: $(STAMP)
-	$(PY) -m pip install --quiet 'ruff==0.17.6'
+	$(PY) -m pip install --quiet 'ruff==0.17.6' 'import-linter==2.16'
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) demo_run
