@@ -26,6 +26,7 @@ import logging
 import math
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -280,19 +281,8 @@ def simulate_dataset(
     SimulatedDataset
     """
     n, L = int(n_particles), int(box_px)
-    if n < 1:
-        raise InputError(f"--n-particles must be >= 1, got {n}")
-    if L < 4:
-        raise InputError(f"--box must be >= 4 px, got {L}")
-    if not pixel_size_angstrom > 0:
-        raise InputError(f"--pixel-size must be > 0 Å, got {pixel_size_angstrom}")
-    if not snr > 0:
-        raise InputError(f"--snr must be > 0 (inf for no noise), got {snr}")
-    if shift_std_px < 0:
-        raise InputError(f"--shift-std-px must be >= 0, got {shift_std_px}")
     resolution = 2.0 * pixel_size_angstrom if resolution_angstrom is None else resolution_angstrom
-    if not resolution > 0:
-        raise InputError(f"--resolution-angstrom must be > 0, got {resolution}")
+    _check_settings(n, L, pixel_size_angstrom, snr, shift_std_px, resolution)
     path = resolve_structure(structure)
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -302,10 +292,121 @@ def simulate_dataset(
     g = torch.Generator().manual_seed(int(seed))
     rotations = random_rotations(n, generator=g)  # (N, 3, 3) float64
     shifts = torch.randn(n, 2, generator=g, dtype=torch.float64) * float(shift_std_px)
-    ctf = draw_ctf_params(n, g, defocus_min_um=defocus_min_um, defocus_max_um=defocus_max_um,
-                          astigmatism_angstrom=astigmatism_angstrom, voltage_kv=voltage_kv,
-                          cs_mm=cs_mm, amplitude_contrast=amplitude_contrast)
+    ctf_settings = {
+        "defocus_min_um": defocus_min_um, "defocus_max_um": defocus_max_um,
+        "astigmatism_angstrom": astigmatism_angstrom, "voltage_kv": voltage_kv,
+        "cs_mm": cs_mm, "amplitude_contrast": amplitude_contrast,
+    }
+    ctf = draw_ctf_params(n, g, **ctf_settings)
 
+    paths = _output_paths(out, write_clean)
+    chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+
+    with tempfile.TemporaryFile(dir=out, prefix=".clean.") as fh:
+        clean = np.memmap(fh, dtype=np.float32, mode="w+", shape=(n, L, L))
+        with tqdm(total=n, unit="img", desc="projecting", disable=not progress,
+                  file=sys.stderr) as bar:
+            clean_var = _project_clean(
+                clean, chunks, lambda s, e: projector(rotations[s:e]),
+                ctf=ctf if apply_ctf else None, shifts_px=shifts if shift_std_px > 0 else None,
+                pixel_size_angstrom=pixel_size_angstrom, dtype=dtype, done=bar.update)
+        sigma = 0.0 if math.isinf(snr) else math.sqrt(clean_var / snr)
+        _write_noisy(clean, chunks, paths, sigma, torch.Generator().manual_seed(_noise_seed(seed)),
+                     pixel_size_angstrom)
+        del clean
+
+    volume = projector.volume.to(torch.float32)
+    write_map(paths["gt_map"], volume, pixel_size_angstrom)
+    particles = _ground_truth(paths, L, float(pixel_size_angstrom), ctf if apply_ctf else None,
+                              rotations, shifts)
+    write_relion_star(paths["particles_star"], particles)
+    write_cryodrgn_poses(paths["gt_poses_pkl"], rotations, shifts, L)
+    summary = _summary(
+        structure, path, projector, select=select, symmetry=symmetry, n=n, box_px=L,
+        pixel_size_angstrom=float(pixel_size_angstrom), resolution_angstrom=float(resolution),
+        snr=snr, clean_var=clean_var, sigma=sigma, seed=seed, shift_std_px=shift_std_px,
+        ctf_settings=ctf_settings if apply_ctf else None, paths=paths)
+    atomic_write_text(paths["summary_json"], json.dumps(summary, indent=2) + "\n")
+    return SimulatedDataset(
+        particles=particles, volume=volume, box_px=L,
+        pixel_size_angstrom=float(pixel_size_angstrom), snr=float(snr),
+        clean_variance=clean_var, noise_sigma=sigma, seed=int(seed), paths=paths,
+    )
+
+
+def _check_settings(n: int, box_px: int, pixel_size_angstrom: float, snr: float,
+                    shift_std_px: float, resolution_angstrom: float) -> None:
+    """InputError (naming the ``cryospin simulate`` flag) for a setting out of range."""
+    if n < 1:
+        raise InputError(f"--n-particles must be >= 1, got {n}")
+    if box_px < 4:
+        raise InputError(f"--box must be >= 4 px, got {box_px}")
+    if not pixel_size_angstrom > 0:
+        raise InputError(f"--pixel-size must be > 0 Å, got {pixel_size_angstrom}")
+    if not snr > 0:
+        raise InputError(f"--snr must be > 0 (inf for no noise), got {snr}")
+    if shift_std_px < 0:
+        raise InputError(f"--shift-std-px must be >= 0, got {shift_std_px}")
+    if not resolution_angstrom > 0:
+        raise InputError(f"--resolution-angstrom must be > 0, got {resolution_angstrom}")
+
+
+def _project_clean(
+    clean: np.ndarray,
+    chunks: list[tuple[int, int]],
+    project: Callable[[int, int], Tensor],
+    *,
+    ctf: CTFParams | None,
+    shifts_px: Tensor | None,
+    pixel_size_angstrom: float,
+    dtype: torch.dtype,
+    done: Callable[[int], object],
+) -> float:
+    """Fill ``clean`` `(N, L, L)` float32 with the clean images, block by block: the
+    projections ``project(s, e)`` `(b, L, L)` (rows ``s:e``), times the CTF, shifted; returns
+    the variance of all their pixels. ``done(b)`` after each block."""
+    L = clean.shape[-1]
+    total, total_sq = 0.0, 0.0
+    for s, e in chunks:
+        F = fft2_centered(project(s, e))  # (b, L, L) complex
+        if ctf is not None:
+            F = F * compute_ctf(ctf[s:e].to(dtype), L, pixel_size_angstrom)
+        if shifts_px is not None:
+            F = phase_shift_fourier(F, shifts_px[s:e].to(dtype))
+        block = ifft2_centered(F).real.to(torch.float32).numpy()  # (b, L, L)
+        clean[s:e] = block
+        b64 = block.astype(np.float64)
+        total += float(b64.sum())
+        total_sq += float((b64 * b64).sum())
+        done(e - s)
+    count = clean.size
+    return max(total_sq / count - (total / count) ** 2, 0.0)
+
+
+def _write_noisy(clean: np.ndarray, chunks: list[tuple[int, int]], paths: dict[str, Path],
+                 sigma: float, generator: torch.Generator, pixel_size_angstrom: float) -> None:
+    """Write the clean images plus Gaussian noise of std ``sigma`` (drawn block by block from
+    ``generator``) to ``paths["particles_mrcs"]``, and the clean ones to
+    ``paths["clean_mrcs"]`` when that is given."""
+    n, L = clean.shape[0], clean.shape[-1]
+    with contextlib.ExitStack() as writers:
+        noisy_w = writers.enter_context(
+            StackWriter(paths["particles_mrcs"], n, L, pixel_size_angstrom))
+        clean_w = (writers.enter_context(
+            StackWriter(paths["clean_mrcs"], n, L, pixel_size_angstrom))
+            if "clean_mrcs" in paths else None)
+        for s, e in chunks:
+            images = torch.from_numpy(np.array(clean[s:e]))  # (b, L, L) float32
+            if clean_w is not None:
+                clean_w.write(images)
+            if sigma > 0:
+                noise = torch.randn(images.shape, generator=generator, dtype=torch.float32)
+                images = images + sigma * noise
+            noisy_w.write(images)
+
+
+def _output_paths(out: Path, write_clean: bool) -> dict[str, Path]:
+    """The files :func:`simulate_dataset` writes in ``out`` (see there), by role."""
     paths = {
         "gt_map": out / "gt.mrc",
         "particles_mrcs": out / "particles.mrcs",
@@ -315,73 +416,46 @@ def simulate_dataset(
     }
     if write_clean:
         paths["clean_mrcs"] = out / "particles_clean.mrcs"
-    chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+    return paths
 
-    with tempfile.TemporaryFile(dir=out, prefix=".clean.") as fh:
-        clean = np.memmap(fh, dtype=np.float32, mode="w+", shape=(n, L, L))
-        total, total_sq = 0.0, 0.0
-        with tqdm(total=n, unit="img", desc="projecting", disable=not progress,
-                  file=sys.stderr) as bar:
-            for s, e in chunks:
-                F = fft2_centered(projector(rotations[s:e]))  # (b, L, L) complex
-                if apply_ctf:
-                    F = F * compute_ctf(ctf[s:e].to(dtype), L, pixel_size_angstrom)
-                if shift_std_px > 0:
-                    F = phase_shift_fourier(F, shifts[s:e].to(dtype))
-                block = ifft2_centered(F).real.to(torch.float32).numpy()  # (b, L, L)
-                clean[s:e] = block
-                b64 = block.astype(np.float64)
-                total += float(b64.sum())
-                total_sq += float((b64 * b64).sum())
-                bar.update(e - s)
-        count = n * L * L
-        clean_var = max(total_sq / count - (total / count) ** 2, 0.0)
-        sigma = 0.0 if math.isinf(snr) else math.sqrt(clean_var / snr)
 
-        gn = torch.Generator().manual_seed(_noise_seed(seed))
-        with contextlib.ExitStack() as writers:
-            noisy_w = writers.enter_context(
-                StackWriter(paths["particles_mrcs"], n, L, pixel_size_angstrom))
-            clean_w = (writers.enter_context(
-                StackWriter(paths["clean_mrcs"], n, L, pixel_size_angstrom))
-                if write_clean else None)
-            for s, e in chunks:
-                images = torch.from_numpy(np.array(clean[s:e]))  # (b, L, L) float32
-                if clean_w is not None:
-                    clean_w.write(images)
-                if sigma > 0:
-                    noise = torch.randn(images.shape, generator=gn, dtype=torch.float32)
-                    images = images + sigma * noise
-                noisy_w.write(images)
-        del clean
-
-    volume = projector.volume.to(torch.float32)
-    write_map(paths["gt_map"], volume, pixel_size_angstrom)
-    particles = ParticleSet(
+def _ground_truth(paths: dict[str, Path], box_px: int, pixel_size_angstrom: float,
+                  ctf: CTFParams | None, rotations: Tensor, shifts_px: Tensor) -> ParticleSet:
+    """The simulated particles with their true poses and CTF: one stack, one optics group,
+    half sets 1, 2, 1, 2, ..."""
+    n = int(rotations.shape[0])
+    return ParticleSet(
         source=paths["particles_star"].resolve(),
         stack_paths=(paths["particles_mrcs"].resolve(),),
         stack_index=np.zeros(n, dtype=np.int64),
         image_index=np.arange(n, dtype=np.int64),
-        box_px=L,
-        pixel_size_angstrom=float(pixel_size_angstrom),
-        ctf=ctf if apply_ctf else None,
+        box_px=box_px,
+        pixel_size_angstrom=pixel_size_angstrom,
+        ctf=ctf,
         rotations=rotations,
-        shifts_px=shifts,
+        shifts_px=shifts_px,
         optics_group=np.ones(n, dtype=np.int64),
         random_subset=(np.arange(n, dtype=np.int64) % 2) + 1,
     )
-    write_relion_star(paths["particles_star"], particles)
-    write_cryodrgn_poses(paths["gt_poses_pkl"], rotations, shifts, L)
-    summary = {
+
+
+def _summary(
+    structure: str | Path, path: Path, projector: _Projector, *, select: str | None,
+    symmetry: str | None, n: int, box_px: int, pixel_size_angstrom: float,
+    resolution_angstrom: float, snr: float, clean_var: float, sigma: float, seed: int,
+    shift_std_px: float, ctf_settings: dict[str, float] | None, paths: dict[str, Path],
+) -> dict[str, object]:
+    """The ``simulation.json`` record: what was simulated, with which settings and noise."""
+    return {
         "structure": str(structure),
         "structure_path": str(path),
         "density": projector.description,
         "select": select,
         "symmetry": None if symmetry is None else str(symmetry).upper(),
         "n_particles": n,
-        "box_px": L,
-        "pixel_size_angstrom": float(pixel_size_angstrom),
-        "resolution_angstrom": None if projector.is_map else float(resolution),
+        "box_px": box_px,
+        "pixel_size_angstrom": pixel_size_angstrom,
+        "resolution_angstrom": None if projector.is_map else resolution_angstrom,
         "atom_sigma_angstrom": None if projector.is_map else DEFAULT_ATOM_SIGMA_ANGSTROM,
         "snr": None if math.isinf(snr) else float(snr),
         "snr_definition": "var(all pixels of the clean stack) / noise_sigma^2",
@@ -389,16 +463,6 @@ def simulate_dataset(
         "noise_sigma": sigma,
         "seed": int(seed),
         "shift_std_px": float(shift_std_px),
-        "ctf": None if not apply_ctf else {
-            "defocus_min_um": defocus_min_um, "defocus_max_um": defocus_max_um,
-            "astigmatism_angstrom": astigmatism_angstrom, "voltage_kv": voltage_kv,
-            "cs_mm": cs_mm, "amplitude_contrast": amplitude_contrast,
-        },
+        "ctf": ctf_settings,
         "files": {k: v.name for k, v in paths.items()},
     }
-    atomic_write_text(paths["summary_json"], json.dumps(summary, indent=2) + "\n")
-    return SimulatedDataset(
-        particles=particles, volume=volume, box_px=L,
-        pixel_size_angstrom=float(pixel_size_angstrom), snr=float(snr),
-        clean_variance=clean_var, noise_sigma=sigma, seed=int(seed), paths=paths,
-    )
