@@ -29,7 +29,7 @@ __all__ = ["add_args"]
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``cryospin reconstruct``."""
+    """Flags of ``cryospin reconstruct``, in the order ``--help`` lists them."""
     parser.add_argument("particles", nargs="?", metavar="PARTICLES",
                         help=".star, .cs, .txt (list of stacks) or .mrcs (with --ctf)")
     parser.add_argument("-o", "--out", metavar="RUN_DIR", help="output folder (created)")
@@ -37,6 +37,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in RUN_DIR from its last complete epoch")
     parser.add_argument("--preset", choices=PRESETS, default="default",
                         help="settings to start from (default: %(default)s)")
+    _add_input_flags(parser)
+    _add_model_flags(parser)
+    _add_optimisation_flags(parser)
+    _add_execution_flags(parser)
+
+
+def _add_input_flags(parser: argparse.ArgumentParser) -> None:
+    """The particles, their CTF and selection, image preprocessing."""
     g = parser.add_argument_group("input")
     g.add_argument("--ctf", metavar="PKL", help="cryoDRGN ctf.pkl (for .mrcs/.txt inputs)")
     g.add_argument("--ind", metavar="PKL", help="index file selecting a subset of particles")
@@ -70,6 +78,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="the same mask, radius as a fraction of half the box, in (0, 1]")
     g.add_argument("--mask-edge", type=float, metavar="PX",
                    help="width of the mask's soft edge, pixels (default: 3)")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The encoder, the stages and the method."""
     g = parser.add_argument_group("model and schedule (default: from the preset)")
     g.add_argument("--heads", type=int, metavar="M", help="number of encoder heads")
     g.add_argument("--width", type=float, metavar="W", help="encoder channel multiplier")
@@ -98,6 +110,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="semi-amortized (cryoSPIN, default); baselines that never switch: "
                         "amortized (multi-head winner-take-all throughout), cryoai (one head "
                         "+ its 180° in-plane partner; sets --heads 1)")
+
+
+def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
+    """Batch, learning rates, the global search, frequency marching."""
     g = parser.add_argument_group("optimisation (default: from the preset)")
     g.add_argument("--batch-size", type=int, metavar="B")
     g.add_argument("--encoder-lr", type=float, metavar="LR")
@@ -141,6 +157,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="the same as a frequency radius in cycles per box, not pixels")
     g.add_argument("--encoder-lowpass", action="store_true", default=None,
                    help="with frequency marching, low-pass the encoder input too")
+
+
+def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
+    """Device, threads, precision, progress, the final map, stopping, half sets."""
     g = parser.add_argument_group("execution")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default: auto")
     g.add_argument("--seed", type=int)
