@@ -23,14 +23,25 @@ for one row. Deduplicate the batch (or split it) before calling.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
 
 from cryospin.rotations import matrix_to_rotation_6d, rotation_6d_to_matrix, so3_exp
 
-__all__ = ["PoseTable"]
+__all__ = ["PoseTable", "PoseTableSettings"]
+
+
+class PoseTableSettings(TypedDict):
+    """A :class:`PoseTable`'s hyper-parameters, saved in its ``state_dict()`` (extra state)."""
+
+    lr_rot: float
+    lr_shift: float
+    betas: tuple[float, float]
+    eps: float
+    max_shift_px: float | None
 
 
 class PoseTable(nn.Module):
@@ -245,7 +256,7 @@ class PoseTable(nn.Module):
 
     # ------------------------------------------------------------------ state
 
-    def get_extra_state(self) -> dict[str, Any]:
+    def get_extra_state(self) -> PoseTableSettings:
         """Hyper-parameters, saved in ``state_dict()`` next to the buffers."""
         return {
             "lr_rot": self.lr_rot,
@@ -255,7 +266,7 @@ class PoseTable(nn.Module):
             "max_shift_px": self.max_shift_px,
         }
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+    def set_extra_state(self, state: PoseTableSettings) -> None:
         """Restore the hyper-parameters saved by :meth:`get_extra_state`."""
         self.lr_rot = float(state["lr_rot"])
         self.lr_shift = float(state["lr_shift"])
@@ -265,9 +276,12 @@ class PoseTable(nn.Module):
         self.max_shift_px = None if ms is None else float(ms)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> PoseTable:
+    def from_state_dict(cls, state: Mapping[str, object]) -> PoseTable:
         """A table rebuilt from ``state_dict()`` alone (sizes, dtype and device from it)."""
-        table = cls(state["rotations"], state["shifts_px"])
+        rotations, shifts_px = state["rotations"], state["shifts_px"]
+        if not isinstance(rotations, Tensor) or not isinstance(shifts_px, Tensor):
+            raise TypeError("a PoseTable state needs the rotations and shifts_px tensors")
+        table = cls(rotations, shifts_px)
         table.load_state_dict(state)
         return table
 

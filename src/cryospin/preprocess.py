@@ -58,7 +58,7 @@ _CROP_CHUNK = 256
 
 
 def radius_grid_px(
-    box_px: int, *, dtype: torch.dtype = torch.float64, device: Any = None
+    box_px: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
 ) -> Tensor:
     """Distance `(L, L)` of every pixel ``[y, x]`` from the box centre ``[L//2, L//2]``, pixels."""
     L = int(box_px)
@@ -66,7 +66,8 @@ def radius_grid_px(
     return (c[:, None] ** 2 + c[None, :] ** 2).sqrt()  # (L, L)
 
 
-def background_mask(box_px: int, radius_px: float, *, device: Any = None) -> Tensor:
+def background_mask(box_px: int, radius_px: float, *, device: torch.device | str | None = None
+                    ) -> Tensor:
     """Boolean `(L, L)`: True for the background pixels ``r > radius_px``."""
     return radius_grid_px(box_px, device=device) > float(radius_px)
 
@@ -77,7 +78,7 @@ def soft_circular_mask(
     edge_width_px: float,
     *,
     dtype: torch.dtype = torch.float64,
-    device: Any = None,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """Soft circular mask `(L, L)` with a raised-cosine edge.
 
@@ -109,7 +110,7 @@ def pyramid_variances_px2(box_px: int) -> tuple[float, ...]:
 
 
 def _gaussian_kernel_1d(variance_px2: float, max_radius: int, dtype: torch.dtype,
-                        device: Any) -> Tensor:
+                        device: torch.device | str | None) -> Tensor:
     """Sampled, normalised 1D Gaussian `(2R + 1,)`, ``R = min(ceil(4σ), max_radius)``, ≥ 1."""
     sigma = math.sqrt(float(variance_px2))
     radius = max(1, min(int(math.ceil(4.0 * sigma)), int(max_radius)))
@@ -345,12 +346,21 @@ class PreprocessedParticles:
                                                    float(mask_edge_px))
 
     @classmethod
-    def wrap(cls, particles: ImageSource, **kwargs: Any) -> ImageSource:
+    def wrap(
+        cls,
+        particles: ImageSource,
+        *,
+        box_px: int | None = None,
+        normalize: Normalization = "global",
+        mask_radius_fraction: float | None = None,
+        mask_edge_px: float = 3.0,
+    ) -> ImageSource:
         """A view when any option differs from the identity, else ``particles`` itself."""
-        identity = (kwargs.get("box_px") in (None, int(particles.box_px))
-                    and kwargs.get("normalize", "global") == "global"
-                    and kwargs.get("mask_radius_fraction") is None)
-        return particles if identity else cls(particles, **kwargs)
+        identity = (box_px in (None, int(particles.box_px)) and normalize == "global"
+                    and mask_radius_fraction is None)
+        return particles if identity else cls(
+            particles, box_px=box_px, normalize=normalize,
+            mask_radius_fraction=mask_radius_fraction, mask_edge_px=mask_edge_px)
 
     def __len__(self) -> int:
         return len(self.particles)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Any
+from collections.abc import Callable
 
 __all__ = ["HelpFormatter", "add_out_argument"]
 
@@ -17,11 +17,20 @@ _HIDDEN = "cryospin_hidden_option_strings"
 
 
 def add_out_argument(
-    parser: argparse.ArgumentParser | Any, *, dest: str, aliases: tuple[str, ...] = (),
-    **kwargs: Any,
+    parser: argparse._ActionsContainer,  # a parser or an argument group (argparse's base class)
+    *,
+    dest: str,
+    aliases: tuple[str, ...] = (),
+    type: Callable[[str], object] = str,  # argparse's name
+    required: bool = False,
+    default: object = None,
+    metavar: str | None = None,
+    help: str | None = None,  # argparse's name
 ) -> argparse.Action:
-    """Add ``-o/--out`` (stored in ``dest``), with ``aliases`` accepted but hidden."""
-    action = parser.add_argument("-o", "--out", *aliases, dest=dest, **kwargs)
+    """Add ``-o/--out`` (stored in ``dest``), with ``aliases`` accepted but hidden; the other
+    keywords as :meth:`argparse.ArgumentParser.add_argument` takes them."""
+    action = parser.add_argument("-o", "--out", *aliases, dest=dest, type=type,
+                                 required=required, default=default, metavar=metavar, help=help)
     setattr(action, _HIDDEN, tuple(aliases))
     return action
 

@@ -20,7 +20,6 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -308,7 +307,7 @@ class TrainingData:
         return dataclasses.replace(
             self, cache=open_cache(self._reader(), self.config, cache_dir))
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, object]:
         """Small JSON-ready description (sizes, noise, scale)."""
         return {
             "num_particles": len(self),

@@ -43,10 +43,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 from torch.nn.parallel import DistributedDataParallel
 
 from cryospin.errors import InputError
 from cryospin.pose import PoseTable
+from cryospin.train.batches import Batch
 
 __all__ = [
     "WorldInfo",
@@ -194,13 +196,13 @@ class _AllReduceSum(torch.autograd.Function):
     """Sum over the ranks; its adjoint is again the sum over the ranks (of the gradients)."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: Tensor) -> Tensor:  # noqa: ARG004
+    def forward(ctx: FunctionCtx, tensor: Tensor) -> Tensor:  # noqa: ARG004
         out = tensor.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # noqa: ARG004
+    def backward(ctx: FunctionCtx, grad: Tensor) -> Tensor:  # noqa: ARG004
         out = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out)
         return out
@@ -306,7 +308,7 @@ class Shard:
         """This rank's particle indices `(n_r,)` int64, increasing."""
         return torch.arange(self.rank, num_particles, self.world_size, dtype=torch.int64)
 
-    def local_batches(self, batches: Iterable[Any]) -> Iterator[tuple[Any, int]]:
+    def local_batches(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, int]]:
         """``(this rank's part of the batch, global batch size)`` for each global batch.
 
         ``batches`` yields :class:`~cryospin.train.data.Batch` objects; the part keeps the
@@ -319,7 +321,7 @@ class Shard:
             When a part of a sharded batch holds particles this rank does not own.
         """
         for batch in batches:
-            if getattr(batch, "global_size", None) is not None:
+            if batch.global_size is not None:
                 if not bool(self.owns(batch.indices).all()):
                     raise ValueError(f"rank {self.rank} of {self.world_size} was given "
                                      "particles of another rank (data sharded differently)")
@@ -405,7 +407,7 @@ class Shard:
         dist.barrier()
 
 
-def local_batches(batches: Iterable[Any], shard: Shard | None) -> Iterator[tuple[Any, int]]:
+def local_batches(batches: Iterable[Batch], shard: Shard | None) -> Iterator[tuple[Batch, int]]:
     """``(batch, its size)`` for each batch, or, with a ``shard``, this rank's part of each
     global batch and the global size (:meth:`Shard.local_batches`)."""
     if shard is not None:
