@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cryospin.errors import CryospinError, InputError
+from cryospin.io.particle_set import ParticleSet
 from cryospin.io.particles import load_particles
 from cryospin.preprocess import sample_contrast
 from cryospin.report import write_halves_report, write_report
 from cryospin.rundir import RESUMABLE_OPTIONS, RunFiles, prepare_run_dir
-from cryospin.train.config import build_config, load_config
+from cryospin.sources import ImageSource
+from cryospin.train.config import Config, build_config, load_config
 from cryospin.train.distributed import world_from_env
 from cryospin.train.fit import TrainingInterrupted, fit
 from cryospin.train.halves import fit_halves, format_summary, is_halves_run
@@ -135,8 +137,9 @@ def main(args: argparse.Namespace) -> int:
         if not halves:
             prepare_run_dir(run_dir, resume=True)
         config = load_config(RunFiles(run_dir).config)
-        run = {k: v for k, v in _overrides(args)["run"].items() if v is not None}
-        precision = _overrides(args)["model"]["precision"] or config.model.precision
+        # the flags' values (argparse: untyped; Config checks them)
+        run: dict[str, Any] = {k: v for k, v in _overrides(args)["run"].items() if v is not None}
+        precision: Any = _overrides(args)["model"]["precision"] or config.model.precision
         epochs = args.epochs or config.schedule.epochs
         config = dataclasses.replace(
             config,
@@ -201,12 +204,11 @@ def _errors_name_flags() -> Iterator[None]:
         raise InputError(named) from None
 
 
-def _in_pixels(config: Any, particles: Any, args: argparse.Namespace) -> Any:
+def _in_pixels(config: Config, particles: ParticleSet, args: argparse.Namespace) -> Config:
     """``config`` with the Å flags (``_ANGSTROM``) converted with the particles' box and pixel
     size: a diameter ``D`` is the radius fraction ``D / (L·apix)``, a resolution ``A`` the
     radius ``L·apix / A`` cycles per box (the same before and after ``--box``)."""
-    given = {d: getattr(args, d, None) for d in _ANGSTROM}
-    given = {d: v for d, v in given.items() if v is not None}
+    given: dict[str, float] = {d: v for d in _ANGSTROM if (v := getattr(args, d, None)) is not None}
     if not given:
         return config
     L, apix = int(particles.box_px), float(particles.pixel_size_angstrom)
@@ -250,9 +252,10 @@ def _say(text: str, *, file: TextIO | None = None) -> None:
     note(text)
 
 
-def _train(config: Any, run_dir: Path, halves: bool, args: argparse.Namespace) -> int:
+def _train(config: Config, run_dir: Path, halves: bool, args: argparse.Namespace) -> int:
     """Load the particles, train (``--halves``: both halves and their combination), say how it
     ended."""
+    assert config.input.particles is not None  # main() refused a config without them
     particles = load_particles(
         config.input.particles, ctf_pkl=config.input.ctf, ind=config.input.ind,
         datadir=config.input.datadir, no_ctf=config.data.no_ctf,
@@ -283,7 +286,7 @@ def _train(config: Any, run_dir: Path, halves: bool, args: argparse.Namespace) -
     return 0
 
 
-def _warn_contrast(particles: object, invert_contrast: bool) -> None:
+def _warn_contrast(particles: ImageSource, invert_contrast: bool) -> None:
     """Log a WARNING when the particles' contrast disagrees with ``--invert-contrast``."""
     check = sample_contrast(particles)
     log.info("contrast check on %d particles: %s (t = %.3g)", check.num_images,
@@ -309,7 +312,8 @@ def _write_report(run_dir: Path, *, halves: bool = False) -> None:
     _say(f"report {report.html_path}")
 
 
-def _run_halves(config: Any, particles: Any, run_dir: Path, args: argparse.Namespace) -> int:
+def _run_halves(config: Config, particles: ParticleSet, run_dir: Path,
+                args: argparse.Namespace) -> int:
     """``--halves``: both half runs, then the gold-standard combination and its summary."""
     try:
         result = fit_halves(config, particles, run_dir, resume=bool(args.resume),

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from cryospin.backproject import backproject
+from cryospin.forward.ctf import CTFParams
 from cryospin.io.cs import write_cryosparc
 from cryospin.io.mrc import write_map
 from cryospin.io.particle_set import ParticleSet
@@ -180,7 +181,8 @@ def final_backprojection(
     resolution estimate (use ``--halves`` for one) and is not reported.
     """
     source = data.source if data.source is not None else particles
-    ctf = source.ctf if (data.use_ctf and source.ctf is not None) else None
+    # a training source's CTF table is the particles' CTFParams (ParticleSet and its views)
+    ctf = cast("CTFParams | None", source.ctf if data.use_ctf else None)
     result = backproject(
         _TrainingImages(data), rotations.detach().cpu().double(),
         None if shifts_px is None else shifts_px.detach().cpu().double(), ctf,
