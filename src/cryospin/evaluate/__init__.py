@@ -1,8 +1,9 @@
-"""Evaluation: FSC, masks, map alignment (rotation, shift, hand) and pose error.
+"""Evaluation: FSC, masks, map alignment (rotation, shift, hand), pose error and point-group
+detection.
 
 Conventions: ``docs/conventions.md``. Modules: :mod:`~cryospin.evaluate.fsc`,
 :mod:`~cryospin.evaluate.masks`, :mod:`~cryospin.evaluate.align`,
-:mod:`~cryospin.evaluate.pose_error`.
+:mod:`~cryospin.evaluate.pose_error`, :mod:`~cryospin.evaluate.symmetry_search`.
 """
 
 from cryospin.evaluate.align import AlignResult, align_maps, mirror_map, transform_map

@@ -53,6 +53,7 @@ from cryospin.symmetry import parse_point_group, point_group_rotations
 
 __all__ = [
     "GroupFit",
+    "SearchMap",
     "SymmetrySearch",
     "axis_rotation",
     "cyclic_power_scores",
