@@ -24,6 +24,8 @@ from cryospin.report.summary import HalvesSummary, RunSummary, Stage1Heads
 from cryospin.rundir import RunData, Stage, search_stopped_after
 
 __all__ = [
+    "MetricsLine",
+    "JSONObject",
     "RANDOM_SPREAD_DEG",
     "switch_epoch",
     "elapsed_seconds",
@@ -40,13 +42,19 @@ __all__ = [
     "json_ready",
 ]
 
+#: One ``metrics.jsonl`` line as :func:`cryospin.rundir.read_metrics` gives it: the fields of
+#: :class:`cryospin.rundir.EpochMetrics` by name, as JSON values (older files lack some).
+MetricsLine = dict[str, Any]
+#: A JSON object as read from a run's file (``fsc.json``, ``halves.json``).
+JSONObject = dict[str, Any]
+
 #: Median geodesic distance between two independent uniformly random rotations (degrees): the
 #: root of ``(θ − sin θ) / π = 1/2``. A head whose ``head_spread_deg`` reaches it gives
 #: practically unrelated rotations to different images; 0 = one rotation for every image.
 RANDOM_SPREAD_DEG = 132.346
 
 # ---------------------------------------------------------------------------- epochs and time
-def switch_epoch(metrics: Sequence[dict[str, Any]]) -> int | None:
+def switch_epoch(metrics: Sequence[MetricsLine]) -> int | None:
     """The first auto-decoding (stage 2) epoch, or None if the run never switched."""
     for row in metrics:
         if row.get("stage") == Stage.AUTODECODE:
@@ -54,7 +62,7 @@ def switch_epoch(metrics: Sequence[dict[str, Any]]) -> int | None:
     return None
 
 
-def elapsed_seconds(metrics: Sequence[dict[str, Any]]) -> np.ndarray:
+def elapsed_seconds(metrics: Sequence[MetricsLine]) -> np.ndarray:
     """Cumulative wall time at the end of each epoch, `(E,)` seconds.
 
     ``elapsed_s`` when every line has it (includes the switch pass and resumed parts), else the
@@ -136,7 +144,7 @@ def orientation_histogram(
 
 # ---------------------------------------------------------------------------- encoder heads
 def head_usage_bars(
-    metrics: Sequence[dict[str, Any]],
+    metrics: Sequence[MetricsLine],
 ) -> tuple[list[str], list[int], list[list[float]]]:
     """Labels, x positions (the epoch of the line; the switch pass sits at the first
     auto-decoding epoch, whose line records it) and per-head usage of each bar."""
@@ -166,13 +174,13 @@ def padded_rows(rows: Sequence[Sequence[float]], fill: float) -> np.ndarray:
     return table
 
 
-def head_usage_table(metrics: Sequence[dict[str, Any]]) -> tuple[list[str], np.ndarray]:
+def head_usage_table(metrics: Sequence[MetricsLine]) -> tuple[list[str], np.ndarray]:
     """Bar labels and head-usage fractions `(bars, M)`: stage-1 epochs, then the switch pass."""
     labels, _, rows = head_usage_bars(metrics)
     return labels, padded_rows(rows, 0.0)
 
 
-def head_spread_table(metrics: Sequence[dict[str, Any]]) -> tuple[list[int], np.ndarray]:
+def head_spread_table(metrics: Sequence[MetricsLine]) -> tuple[list[int], np.ndarray]:
     """Stage-1 epochs whose metrics line has ``head_spread_deg`` and the spreads `(E, M)`.
 
     A head's spread is the median geodesic distance (degrees) between the rotations it gives
@@ -190,7 +198,7 @@ def head_spread_table(metrics: Sequence[dict[str, Any]]) -> tuple[list[int], np.
     return epochs, padded_rows(rows, math.nan)
 
 
-def stage1_head_rows(metrics: Sequence[dict[str, Any]]) -> list[Stage1Heads]:
+def stage1_head_rows(metrics: Sequence[MetricsLine]) -> list[Stage1Heads]:
     """Summary rows of the stage-1 epochs: ``epoch``, ``head_usage``, ``head_spread_deg`` (each
     a per-head list, or None when the metrics line lacks it)."""
     rows: list[Stage1Heads] = []
@@ -236,7 +244,7 @@ def run_summary(run: RunData, *, num_poses: int | None, box_px: int | None,
 
 
 def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFSC,
-                   fsc_summary: dict[str, Any], marker: dict[str, Any], *, box_px: int,
+                   fsc_summary: JSONObject, marker: JSONObject, *, box_px: int,
                    pixel_size_angstrom: float) -> HalvesSummary:
     """The summary of a ``--halves`` run: particles and half sizes, the split, each half's
     epochs and wall time (seconds), the alignment of half B onto half A and the gold-standard

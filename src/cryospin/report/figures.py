@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor
@@ -39,6 +39,7 @@ from cryospin.evaluate.pose_error import PoseErrorResult
 from cryospin.plotting import mollweide_lon_lat, plot_fsc, pyplot, save_figure
 from cryospin.report.analysis import (
     RANDOM_SPREAD_DEG,
+    MetricsLine,
     elapsed_seconds,
     head_spread_table,
     head_usage_bars,
@@ -80,14 +81,14 @@ def time_axis_unit(last_s: float) -> tuple[float, str]:
     return 1.0, "wall time (s)"
 
 
-def _column(metrics: Sequence[dict[str, Any]], key: str) -> np.ndarray:
+def _column(metrics: Sequence[MetricsLine], key: str) -> np.ndarray:
     """``key`` of every metrics line as float64, NaN where missing or null."""
     return np.array([np.nan if r.get(key) is None else float(r[key]) for r in metrics])
 
 
 # ---------------------------------------------------------------------------- training
 def plot_training(
-    metrics: Sequence[dict[str, Any]],
+    metrics: Sequence[MetricsLine],
     path: str | Path,
     *,
     resolutions: Sequence[EpochResolution] = (),
@@ -155,7 +156,7 @@ def plot_training(
 
 
 def plot_halves_training(
-    metrics_by_half: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str | Path
+    metrics_by_half: Sequence[tuple[str, Sequence[MetricsLine]]], path: str | Path
 ) -> None:
     """Both halves' loss against each half's own wall time, one PNG.
 
@@ -234,7 +235,7 @@ def _draw_spread(ax: Axes, epochs: Sequence[int], spread: np.ndarray, cmap: Colo
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
-def plot_head_usage(metrics: Sequence[dict[str, Any]], path: str | Path) -> None:
+def plot_head_usage(metrics: Sequence[MetricsLine], path: str | Path) -> None:
     """The encoder heads in stage 1, against the epoch: stacked bars of the fraction of images
     won by each head, per epoch and at the switch (top panel) and, when the metrics have
     ``head_spread_deg`` (:func:`~cryospin.report.analysis.head_spread_table`), each head's

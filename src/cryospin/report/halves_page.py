@@ -20,7 +20,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from torch import Tensor
@@ -30,7 +29,7 @@ from cryospin.evaluate.fsc import FSCResult
 from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.evaluate.pose_error import PoseErrorResult
 from cryospin.plotting import plot_fsc
-from cryospin.report.analysis import halves_summary
+from cryospin.report.analysis import JSONObject, halves_summary
 from cryospin.report.figures import (
     add_gt_figures,
     plot_halves_training,
@@ -63,8 +62,8 @@ class _Inputs:
 
     files: HalvesFiles
     gold: GoldStandardFSC
-    fsc_summary: dict[str, Any]  # fsc.json as written
-    marker: dict[str, Any]  # halves.json
+    fsc_summary: JSONObject  # fsc.json as written
+    marker: JSONObject  # halves.json
     halves: list[RunData]
     volume: np.ndarray  # (L, L, L) [z, y, x], the combined map
     apix: float  # Å
@@ -75,7 +74,7 @@ class _Inputs:
     gt_t: Tensor | None
 
 
-def _read_fsc_json(path: Path) -> tuple[GoldStandardFSC, dict[str, Any]]:
+def _read_fsc_json(path: Path) -> tuple[GoldStandardFSC, JSONObject]:
     """The gold-standard curves and the raw summary of a halves run's ``fsc.json``."""
     if not path.is_file():
         raise InputError("the halves run has not finished (no fsc.json); each half's own "

@@ -17,14 +17,13 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from cryospin.atomic import atomic_write_text
 from cryospin.errors import OutputError
 from cryospin.evaluate.gold_standard import GoldStandardFSC
-from cryospin.report.analysis import RANDOM_SPREAD_DEG, json_ready
+from cryospin.report.analysis import RANDOM_SPREAD_DEG, MetricsLine, json_ready
 from cryospin.report.ground_truth import EpochResolution
 from cryospin.report.summary import HalvesSummary, RunSummary
 from cryospin.rundir import RunData, Stage
@@ -313,7 +312,7 @@ def gt_summary_rows(s: RunSummary | HalvesSummary) -> list[tuple[str, str]]:
 
 
 def epoch_table(
-    metrics: Sequence[dict[str, Any]], elapsed: np.ndarray,
+    metrics: Sequence[MetricsLine], elapsed: np.ndarray,
     resolutions: Sequence[EpochResolution],
 ) -> Table:
     """The per-epoch table: epoch, stage, loss, times, throughput, pose change, resolution."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from torch import Tensor
@@ -17,6 +16,7 @@ from cryospin.errors import InputError
 from cryospin.evaluate.fsc import FSCResult
 from cryospin.evaluate.pose_error import PoseErrorResult
 from cryospin.report.analysis import (
+    MetricsLine,
     elapsed_seconds,
     head_spread_table,
     head_usage_table,
@@ -156,7 +156,7 @@ def _analyse(inp: _Inputs, *, max_epoch_fsc: int, search_hand: bool) -> _Numbers
                     track_err, track_heads)
 
 
-def _training_figures(figs: FigureSet, metrics: list[dict[str, Any]], num: _Numbers) -> None:
+def _training_figures(figs: FigureSet, metrics: list[MetricsLine], num: _Numbers) -> None:
     """Loss (and resolution) against time; the encoder heads' usage and spread."""
     plot_training(metrics, figs.add("training.png", "Training",
                                     "Loss against cumulative wall time"
