@@ -242,22 +242,18 @@ def run_posteriors(
     track = _read_track(files)
     star_rot = star_shift = None
     if table is None and track is None and files.star.is_file():
-        final = load_particles(files.star, metadata_only=True, no_ctf=True,
-                               check_finite=False, box_px=particles.box_px)
-        star_rot, star_shift = final.rotations, final.shifts_px
-        if star_shift is not None:  # poses.star keeps the original pixels
-            star_shift = star_shift * (data.box_px / particles.box_px)
+        star_rot, star_shift = _star_poses(files, particles, data.box_px)
     directions = torch.from_numpy(healpix_vectors(nside))
     with torch.no_grad():
         volume_ht = volume()  # float32, as in training
     results = []
     for row, i in enumerate(indices):
-        final_R, shift = None, np.zeros(2)
-        heads = losses = head_epoch = path = path_epochs = None
         pos = None
         if track is not None:
             hits = np.flatnonzero(track.indices == i)
             pos = int(hits[0]) if hits.size else None
+        final_R: np.ndarray | None = None
+        shift = np.zeros(2)
         if table is not None:
             final_R = table["rotations"][i].double().numpy()
             shift = table["shifts_px"][i].double().numpy()
@@ -267,24 +263,41 @@ def run_posteriors(
         elif star_rot is not None:
             final_R = star_rot[i].double().numpy()
             shift = np.zeros(2) if star_shift is None else star_shift[i].double().numpy()
-        if track is not None and pos is not None:
-            stage1 = track.stage1_mask()
-            if stage1.any():
-                e = int(np.flatnonzero(stage1)[-1])
-                heads = track.head_rotations[e, pos].astype(np.float64)
-                losses = track.head_losses[e, pos].astype(np.float64)
-                head_epoch = int(track.epochs[e])
-            if (~stage1).any():
-                path = track.rotations[~stage1, pos].astype(np.float64)
-                path_epochs = track.epochs[~stage1].copy()
         log_post = log_posterior_views(
             volume_ht, hart[row], noise, freqs, directions, psi_steps=psi_steps,
             ctf=None if ctf is None else ctf[row],
             shift_px=torch.from_numpy(np.asarray(shift, np.float64)), negation_index=neg,
         )
-        results.append(ParticlePosterior(
-            particle=int(i), log_posterior=log_post.numpy(), final_rotation=final_R,
-            shift_px=np.asarray(shift, np.float64), head_rotations=heads, head_losses=losses,
-            head_epoch=head_epoch, path_rotations=path, path_epochs=path_epochs,
-        ))
+        post = ParticlePosterior(particle=int(i), log_posterior=log_post.numpy(),
+                                 final_rotation=final_R, shift_px=np.asarray(shift, np.float64))
+        results.append(post if track is None or pos is None else _with_track(post, track, pos))
     return results
+
+
+def _star_poses(files: RunFiles, particles: ParticleSet,
+                box_px: int) -> tuple[Tensor | None, Tensor | None]:
+    """The rotations `(N, 3, 3)` and shifts `(N, 2)` (in the training box's pixels, ``box_px``)
+    of the run's ``poses.star``, for a run with neither a pose table nor a pose track."""
+    final = load_particles(files.star, metadata_only=True, no_ctf=True,
+                           check_finite=False, box_px=particles.box_px)
+    shifts = final.shifts_px
+    if shifts is not None:  # poses.star keeps the original pixels
+        shifts = shifts * (box_px / particles.box_px)
+    return final.rotations, shifts
+
+
+def _with_track(post: ParticlePosterior, track: PoseTrack, pos: int) -> ParticlePosterior:
+    """``post`` with what the track holds of its particle (column ``pos``): every head's
+    prediction at the last tracked stage-1 epoch and the pose after each stage-2 epoch."""
+    stage1 = track.stage1_mask()
+    if stage1.any():
+        e = int(np.flatnonzero(stage1)[-1])
+        post = dataclasses.replace(
+            post, head_rotations=track.head_rotations[e, pos].astype(np.float64),
+            head_losses=track.head_losses[e, pos].astype(np.float64),
+            head_epoch=int(track.epochs[e]))
+    if (~stage1).any():
+        post = dataclasses.replace(
+            post, path_rotations=track.rotations[~stage1, pos].astype(np.float64),
+            path_epochs=track.epochs[~stage1].copy())
+    return post
