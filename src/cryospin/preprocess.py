@@ -368,6 +368,10 @@ class PreprocessedParticles:
     def images(self, indices: Any = None) -> Tensor:
         """Preprocessed images `(n, L', L')` float64 (see the class docstring).
 
+        ``indices``: at full size, whatever the wrapped source's ``images`` takes, passed on
+        unchanged (a tensor for any :class:`ImageSource`; a :class:`cryospin.io.ParticleSet`
+        also takes None, slices and masks); when cropping, None, a slice or integer indices.
+
         Read and cropped in chunks of 256 images, so the full-size transient memory stays
         bounded whatever ``n``.
         """
