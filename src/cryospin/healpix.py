@@ -1,7 +1,7 @@
 """HEALPix pixelisation of the sphere (RING scheme): pixel centres and the pixel of a direction.
 
 Equal-area pixels, ``12 · nside²`` of them; used to grid view directions (the pose posterior of
-:mod:`cryospin.evaluate.posterior`) and to draw such grids (:mod:`cryospin.plotting`). A core
+:mod:`cryospin.posterior`) and to draw such grids (:mod:`cryospin.plotting`). A core
 module: NumPy only. Directions are unit vectors ``(x, y, z)`` or colatitude ``θ`` and longitude
 ``φ`` in radians, ``(sin θ cos φ, sin θ sin φ, cos θ)``.
 

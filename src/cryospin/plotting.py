@@ -42,7 +42,7 @@ __all__ = [
 
 class ViewPosterior(Protocol):
     """What :func:`plot_pose_posterior` draws (met by
-    :class:`cryospin.evaluate.posterior.ParticlePosterior`, which documents the fields)."""
+    :class:`cryospin.posterior.ParticlePosterior`, which documents the fields)."""
 
     @property
     def particle(self) -> int: ...
@@ -169,7 +169,7 @@ def _overlay_path(ax: Axes, result: ViewPosterior) -> None:
 def plot_pose_posterior(
     result: ViewPosterior, nside: int, path: str | Path, *, range_nats: float = 30.0
 ) -> None:
-    """A particle's view posterior (:class:`~cryospin.evaluate.posterior.ParticlePosterior`)
+    """A particle's view posterior (:class:`~cryospin.posterior.ParticlePosterior`)
     on an equal-area (Mollweide) map, HEALPix pixels drawn exactly.
 
     Colour: ``log p − max log p`` (nats), clipped at ``−range_nats``. Overlays: each head's

@@ -14,12 +14,12 @@ import pytest
 import torch
 from tests._synthetic import blob_volume
 
-from cryospin.evaluate.posterior import log_posterior_views, view_rotations
 from cryospin.forward.ctf import CTFParams, compute_ctf
 from cryospin.forward.hartley import hartley3
 from cryospin.forward.lattice import disc_frequencies, negation_permutation
 from cryospin.forward.model import render
 from cryospin.healpix import healpix_ang2pix, healpix_npix, healpix_pixel_centres, healpix_vectors
+from cryospin.posterior import log_posterior_views, view_rotations
 from cryospin.rotations import random_rotations
 
 # ----------------------------------------------------------------------------- HEALPix

@@ -9,10 +9,10 @@ import numpy as np
 
 from cryospin.atomic import atomic_path
 from cryospin.errors import InputError
-from cryospin.evaluate.posterior import run_posteriors
 from cryospin.healpix import healpix_vectors
 from cryospin.io.particles import load_particles
 from cryospin.plotting import plot_pose_posterior
+from cryospin.posterior import run_posteriors
 from cryospin.rundir import RunFiles
 from cryospin.runlock import check_output_folder, claim_output_folder, describe_command
 from cryospin.train.config import load_config
