@@ -37,7 +37,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +57,7 @@ from cryospin.evaluate.gold_standard import (
 from cryospin.io.cs import write_cryosparc
 from cryospin.io.identity import check_same_particles, particle_set_identity, save_identity
 from cryospin.io.mrc import read_map, write_map
+from cryospin.io.particle_set import ParticleSet
 from cryospin.io.particles import (
     load_indices,
     write_cryodrgn_poses,
@@ -135,7 +135,7 @@ def is_halves_run(run_dir: str | Path) -> bool:
     return HalvesFiles(run_dir).marker.is_file()
 
 
-def split_halves(particles: Any, seed: int) -> tuple[np.ndarray, str]:
+def split_halves(particles: ParticleSet, seed: int) -> tuple[np.ndarray, str]:
     """Half set (1 or 2) of every particle, `(N,)` int64, and where it came from.
 
     ``particles.random_subset`` (``rlnRandomSubset``) is honoured when it is a 1/2 split with
@@ -172,7 +172,7 @@ def _load_half_set(files: HalvesFiles, n: int) -> np.ndarray:
 
 
 def _start(
-    files: HalvesFiles, config: Config, particles: Any, argv: list[str] | None
+    files: HalvesFiles, config: Config, particles: ParticleSet, argv: list[str] | None
 ) -> tuple[np.ndarray, str]:
     """New halves run: check the folder, split, write the marker, split and config."""
     if files.marker.exists() or any(
@@ -201,7 +201,7 @@ def _start(
 
 
 def _resume(
-    files: HalvesFiles, config: Config, particles: Any, argv: list[str] | None
+    files: HalvesFiles, config: Config, particles: ParticleSet, argv: list[str] | None
 ) -> tuple[np.ndarray, str]:
     if not files.marker.is_file():
         raise InputError(f"not a --halves run (no {HALVES_MARKER} here)", files.dir)
@@ -257,7 +257,7 @@ def _half_status(half_dir: Path, schedule: ScheduleConfig) -> tuple[str, int]:
 
 def fit_halves(
     config: Config,
-    particles: Any,
+    particles: ParticleSet,
     run_dir: str | Path,
     *,
     resume: bool = False,
@@ -310,7 +310,7 @@ def fit_halves(
 def _fit_halves(
     files: HalvesFiles,
     config: Config,
-    particles: Any,
+    particles: ParticleSet,
     *,
     resume: bool,
     argv: list[str] | None,
@@ -328,7 +328,7 @@ def _fit_halves(
 def _train_and_combine(
     files: HalvesFiles,
     config: Config,
-    particles: Any,
+    particles: ParticleSet,
     half: np.ndarray,
     source: str,
     *,
@@ -383,7 +383,7 @@ def _read_half_poses(star: Path, box_px: int) -> tuple[torch.Tensor, torch.Tenso
 
 def combine_halves(
     run_dir: str | Path,
-    particles: Any,
+    particles: ParticleSet,
     half_set: np.ndarray,
     *,
     config: Config,
@@ -421,7 +421,7 @@ def combine_halves(
 
 def _combine(
     files: HalvesFiles,
-    particles: Any,
+    particles: ParticleSet,
     half_set: np.ndarray,
     config: Config,
     mask_dilate_px: float | None,

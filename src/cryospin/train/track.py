@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,9 +40,10 @@ from torch import Tensor, nn
 
 from cryospin.atomic import atomic_path
 from cryospin.errors import InputError
+from cryospin.pose import PoseTable
 from cryospin.rundir import POSE_TRACK
 from cryospin.train.autoencode import eval_mode, predict_nll
-from cryospin.train.data import sub_disc
+from cryospin.train.data import TrainingData, sub_disc
 
 __all__ = [
     "PoseTrack",
@@ -132,7 +132,7 @@ def select_track_indices(num_particles: int, count: int, seed: int) -> np.ndarra
 def head_predictions(
     encoder: nn.Module,
     volume: nn.Module,
-    data: Any,
+    data: TrainingData,
     indices: Tensor,
     *,
     batch_size: int = 256,
@@ -285,8 +285,8 @@ class PoseTracker:
         *,
         encoder: nn.Module | None,
         volume: nn.Module,
-        data: Any,
-        pose_table: Any,
+        data: TrainingData,
+        pose_table: PoseTable | None,
         batch_size: int = 256,
         loss_radius_px: float | None = None,
         lowpass_input: bool = False,
@@ -302,9 +302,9 @@ class PoseTracker:
         heads_rot = np.full((k, m, 3, 3), np.nan, np.float32)
         heads_loss = np.full((k, m), np.nan, np.float32)
         if pose_table is not None:
-            rot, sh = pose_table.gather(idx.to(pose_table.rotations.device))
-            rotations = rot.detach().float().cpu().numpy()
-            shifts = sh.detach().float().cpu().numpy()
+            table_rot, table_sh = pose_table.gather(idx.to(pose_table.rotations.device))
+            rotations = table_rot.detach().float().cpu().numpy()
+            shifts = table_sh.detach().float().cpu().numpy()
         else:
             if encoder is None:
                 raise ValueError("record needs the encoder (stage 1) or the pose table")
