@@ -56,7 +56,6 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -84,6 +83,7 @@ from cryospin.train.distributed import (
     wrap_encoder,
 )
 from cryospin.train.feedback import Feedback, PassProgress
+from cryospin.train.metrics import EpochExtra, SearchStopRecord
 from cryospin.train.outputs import epoch_metrics, write_epoch, write_final
 from cryospin.train.progress import (
     PHASE_LABELS,
@@ -376,7 +376,7 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
            trained: torch.nn.Module | None) -> torch.nn.Module | None:
     """One epoch (the switch first when it is due), committed; returns the encoder as trained
     (None after the switch)."""
-    extra: dict[str, Any] = {}
+    extra: EpochExtra = {}
     if state.stage == Stage.AUTOENCODE and epoch > run.switch_epoch:
         assert state.encoder is not None  # stage 1 has one
         pose_table, extra = switch_poses(run.config, state.encoder, state.volume, run.data,
@@ -457,7 +457,7 @@ def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress) -
 
 
 def _stop_search_if_done(run: _Run, state: TrainState, clock: _Clock, epoch: int,
-                         stats: EpochStats) -> dict[str, Any]:
+                         stats: EpochStats) -> EpochExtra:
     """After a search epoch in which few particles jumped (the same on every rank): the
     search stops, the run ends sooner; returns the ``metrics.jsonl`` record (empty: no
     stop)."""
@@ -475,7 +475,7 @@ def _stop_search_if_done(run: _Run, state: TrainState, clock: _Clock, epoch: int
 
 
 def _commit(run: _Run, state: TrainState, epoch: int, stats: EpochStats, *, wall: float,
-            elapsed_s: float, extra: dict[str, Any]) -> None:
+            elapsed_s: float, extra: EpochExtra) -> None:
     """The epoch's outputs: the pose track, then (rank 0) the map, the metrics line and the
     checkpoint, the epoch's commit point (distributed: every rank's rows gathered first)."""
     table = full_pose_table(state.pose_table, run.shard)
@@ -579,7 +579,7 @@ def _resume_hint(run_dir: Path, epochs_done: int) -> str:
 
 
 def _search_stop_record(config: Config, epoch: int, stats: EpochStats,
-                        end: int) -> dict[str, Any]:
+                        end: int) -> EpochExtra:
     """The ``metrics.jsonl`` record (``extra``) of the global search's early stop after
     ``epoch``, the run now ending at ``end``."""
     return {"search_stop": {"after_epoch": epoch,
@@ -589,7 +589,7 @@ def _search_stop_record(config: Config, epoch: int, stats: EpochStats,
                             "local_epochs": end - epoch}}
 
 
-def _log_search_stop(record: dict[str, Any]) -> None:
+def _log_search_stop(record: SearchStopRecord) -> None:
     """One INFO line for a :func:`_search_stop_record`."""
     logger.info("global search done after epoch %d: %.1f %% of particles jumped > %g deg "
                 "(< %g %%); %d local epochs follow", record["after_epoch"],

@@ -7,6 +7,7 @@ belongs to the run folder's contract, :mod:`cryospin.rundir`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -14,12 +15,44 @@ from torch import Tensor
 from cryospin.errors import CryospinError
 
 __all__ = [
+    "SwitchRecord",
+    "SearchStopRecord",
+    "EpochExtra",
     "RunningMean",
     "NonFiniteLossError",
     "NonFiniteGradientError",
     "check_finite_loss",
     "check_finite_gradients",
 ]
+
+
+class SwitchRecord(TypedDict):
+    """``extra["switch"]`` of the switch's epoch: the best heads' usage (fraction per head),
+    their mean loss, the switch's wall time and where the poses came from (``"inference"`` or
+    ``"last_epoch"``)."""
+
+    head_usage: list[float]
+    mean_loss: float
+    wall_time_s: float
+    poses: str
+
+
+class SearchStopRecord(TypedDict):
+    """``extra["search_stop"]``: the epoch after which the global search stopped early, the
+    fraction of particles that jumped, the thresholds and the local epochs that follow."""
+
+    after_epoch: int
+    jump_fraction: float
+    threshold_deg: float
+    stop_fraction: float
+    local_epochs: int
+
+
+class EpochExtra(TypedDict, total=False):
+    """:attr:`cryospin.rundir.EpochMetrics.extra` as training writes it."""
+
+    switch: SwitchRecord
+    search_stop: SearchStopRecord
 
 
 class RunningMean:

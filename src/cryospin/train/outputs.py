@@ -35,6 +35,7 @@ from cryospin.train.config import Config
 from cryospin.train.convergence import record_convergence_check
 from cryospin.train.data import TrainingData
 from cryospin.train.feedback import Feedback
+from cryospin.train.metrics import EpochExtra
 from cryospin.volume import HartleyVolume
 
 __all__ = ["epoch_metrics", "write_epoch", "write_final", "final_backprojection"]
@@ -51,7 +52,7 @@ def epoch_metrics(
     elapsed_s: float,
     decoder_lr: float,
     pose_lr: float | None,
-    extra: dict[str, Any],
+    extra: EpochExtra,
 ) -> EpochMetrics:
     """The ``metrics.jsonl`` line of ``epoch``; ``extra`` holds the switch's record (its
     ``head_usage`` stands for the epoch's when ``stats`` has none) and the search's stop."""
@@ -73,7 +74,7 @@ def epoch_metrics(
         pose_lr=pose_lr,
         elapsed_s=elapsed_s,
         jump_fraction=stats.jump_fraction,
-        extra=extra,
+        extra=dict(extra),
     )
 
 

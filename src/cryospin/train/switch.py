@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +23,7 @@ from cryospin.train.config import Config
 from cryospin.train.data import TrainingData
 from cryospin.train.distributed import Shard
 from cryospin.train.feedback import Feedback
+from cryospin.train.metrics import EpochExtra
 from cryospin.train.state import build_pose_table
 from cryospin.volume import HartleyVolume
 
@@ -36,7 +36,7 @@ def switch_poses(
     config: Config, encoder: nn.Module, volume: HartleyVolume, data: TrainingData,
     shard: Shard | None = None, feedback: Feedback | None = None, *,
     record: BestPoses | None = None, loss_radius_px: float | None = None,
-) -> tuple[PoseTable, dict[str, Any]]:
+) -> tuple[PoseTable, EpochExtra]:
     """The switch: best head of every particle -> pose table (distributed: of this rank's
     particles, into the rows it owns; head usage and loss over all ranks), and its
     ``metrics.jsonl`` record (``{"switch": ...}``). ``feedback`` shows the inference pass's
@@ -80,7 +80,7 @@ def switch_poses(
         usage_t, mean_loss = sums[:-1] / n, float(sums[-1]) / n
     table = build_pose_table(config, rotations, shifts)
     usage = usage_t.tolist()
-    info = {
+    info: EpochExtra = {
         "switch": {
             "head_usage": usage,
             "mean_loss": mean_loss,
