@@ -22,12 +22,12 @@ import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 
-from cryospin.encoder import EncoderOutput
+from cryospin.encoder import EncoderOutput, MultiHeadPoseEncoder
 from cryospin.forward.model import render
 from cryospin.losses import gaussian_nll, head_spread_deg, head_usage
 from cryospin.rundir import Stage
@@ -342,7 +342,8 @@ def autoencode_epoch(
     """
     encoder.train()
     discs: dict[int, LossDisc] = {}
-    num_heads = int(getattr(encoder, "module", encoder).num_heads)  # DDP wraps the encoder
+    unwrapped = cast(MultiHeadPoseEncoder, getattr(encoder, "module", encoder))  # DDP wraps it
+    num_heads = int(unwrapped.num_heads)
     running = RunningMean()
     wins = torch.zeros(num_heads, dtype=torch.float64)
     spread = torch.zeros(num_heads, dtype=torch.float64)
@@ -351,7 +352,7 @@ def autoencode_epoch(
     steps = local_batches(batches, shard)
     if max_batches is not None:
         steps = itertools.islice(steps, max(int(max_batches), 0))
-    for b, (batch, total) in enumerate(steps, start=1):
+    for b, (batch, global_size) in enumerate(steps, start=1):
         idx = batch.indices
         radius = None if loss_radius is None else loss_radius(b)
         disc = None
@@ -369,29 +370,11 @@ def autoencode_epoch(
             loss = best_nll.mean()
             objective = loss
         else:  # this rank's share of the global batch mean
-            objective = shard.objective(best_nll, total)
+            objective = shard.objective(best_nll, global_size)
             loss = best_nll.detach().mean() if best_nll.numel() else objective.detach()
         check_finite_loss(objective, Stage.AUTOENCODE, epoch, b)
-        encoder_optimizer.zero_grad(set_to_none=True)
-        decoder_optimizer.zero_grad(set_to_none=True)
-        if grad_scaler is None:
-            objective.backward()
-        else:
-            grad_scaler.scale(objective).backward()
-        if shard is not None:  # the encoder's gradients are averaged by DDP
-            shard.average_gradients(volume.parameters())
-        if grad_scaler is None:
-            check_finite_gradients(
-                {"encoder": (p.grad for p in encoder.parameters()),
-                 "volume": (p.grad for p in volume.parameters())},
-                Stage.AUTOENCODE, epoch, b,
-            )
-            encoder_optimizer.step()
-            decoder_optimizer.step()
-        else:  # a step with overflowed (scaled) gradients is skipped and the scale lowered
-            grad_scaler.step(encoder_optimizer)
-            grad_scaler.step(decoder_optimizer)
-            grad_scaler.update()
+        _step(objective, encoder, volume, encoder_optimizer, decoder_optimizer,
+              shard=shard, grad_scaler=grad_scaler, epoch=epoch, batch=b)
         n = int(idx.numel())
         running.add(float(loss.detach()), n)
         wins += head_usage(best.detach().cpu(), num_heads).double() * n
@@ -412,6 +395,44 @@ def autoencode_epoch(
         head_usage=(wins / total).tolist(),
         head_spread_deg=(spread / spread_weight).tolist() if spread_weight > 0 else None,
     )
+
+
+def _step(
+    objective: Tensor,
+    encoder: nn.Module,
+    volume: nn.Module,
+    encoder_optimizer: torch.optim.Optimizer,
+    decoder_optimizer: torch.optim.Optimizer,
+    *,
+    shard: Shard | None,
+    grad_scaler: torch.amp.GradScaler | None,
+    epoch: int,
+    batch: int,
+) -> None:
+    """Backpropagate ``objective`` and step both optimisers: the volume's gradients averaged
+    over the ranks (the encoder's are, by DDP); without ``grad_scaler``, a non-finite gradient
+    raises before any parameter moves; with it, a step with overflowed gradients is skipped
+    and the scale lowered."""
+    encoder_optimizer.zero_grad(set_to_none=True)
+    decoder_optimizer.zero_grad(set_to_none=True)
+    if grad_scaler is None:
+        objective.backward()
+    else:
+        grad_scaler.scale(objective).backward()
+    if shard is not None:  # the encoder's gradients are averaged by DDP
+        shard.average_gradients(volume.parameters())
+    if grad_scaler is None:
+        check_finite_gradients(
+            {"encoder": (p.grad for p in encoder.parameters()),
+             "volume": (p.grad for p in volume.parameters())},
+            Stage.AUTOENCODE, epoch, batch,
+        )
+        encoder_optimizer.step()
+        decoder_optimizer.step()
+    else:
+        grad_scaler.step(encoder_optimizer)
+        grad_scaler.step(decoder_optimizer)
+        grad_scaler.update()
 
 
 @contextlib.contextmanager
