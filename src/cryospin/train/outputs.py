@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
+import numpy as np
 import torch
 
 from cryospin.backproject import backproject
@@ -139,7 +140,7 @@ class _TrainingImages:
         self.scale = float(data.image_scale)
         self.box_px = data.box_px
 
-    def images(self, indices: Any) -> torch.Tensor:
+    def images(self, indices: np.ndarray | torch.Tensor) -> torch.Tensor:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         return self.source.images(idx).to(torch.float64) * self.scale
 
