@@ -54,7 +54,9 @@ With a symmetry whose grid-preserving part is more than the identity, the sums a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -297,6 +299,7 @@ def _weighted_slices(
         out[1] = 1
         return
     if isinstance(ctf, CTFParams):
+        assert pixel_size_angstrom is not None  # accumulate_backprojection checked it
         params = ctf[torch.from_numpy(idx)].to(device=device, dtype=dtype)
         c = compute_ctf(params, L, float(pixel_size_angstrom))  # (b, L, L)
     else:
@@ -364,7 +367,9 @@ def _to_real_space(h: Tensor) -> Tensor:
     """
     L = int(h.shape[-1])
     x = torch.fft.ifftshift(h)  # origin at index 0
-    h.set_()  # release h's storage now; the caller holds only a dead reference
+    # release h's storage now; the caller holds only a dead reference (set_() without a source
+    # is not in torch's stubs)
+    h.set_()  # type: ignore[call-overload]
     R = torch.fft.rfftn(x)  # (L, L, L//2 + 1) complex: kx = 0 … L//2
     del x
     m = L // 2 + 1
@@ -403,7 +408,7 @@ def reconstruct_from_sums(
 
     def const_lam(*dens: Tensor) -> Tensor:
         """``reg ·`` the mean over the ball of the sum of ``dens`` (a 0-d tensor)."""
-        total = sum(_shell_sums(d, shells, n_shells) for d in dens)
+        total = functools.reduce(operator.add, [_shell_sums(d, shells, n_shells) for d in dens])
         mean = total.sum() / counts.sum()
         dtype = dens[0].dtype
         return (reg * mean).to(dtype) if float(mean) > 0 else torch.ones((), dtype=dtype,
