@@ -28,12 +28,14 @@ test-avx2: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
-# ruff, then the import contracts of pyproject.toml ([tool.importlinter]: the layers
-# core < forward < io < model < train | evaluate < workflows < report < cli)
+# ruff, the import contracts of pyproject.toml ([tool.importlinter]: the layers
+# core < forward < io < model < train | evaluate < workflows < report < cli), then mypy on src
+# ([tool.mypy]; the versions pinned as in the dev extra)
 lint: $(STAMP)
-	$(PY) -m pip install --quiet 'ruff==0.17.6' 'import-linter==2.16'
+	$(PY) -m pip install --quiet 'ruff==0.17.6' 'import-linter==2.16' 'mypy==2.4.1'
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) demo_run
