@@ -15,11 +15,11 @@ from cryospin.io.mrc import (
     StackWriter,
     clear_stack_cache,
     open_stack,
-    read_header,
     read_map,
     write_map,
     write_stack,
 )
+from cryospin.io.mrc_header import read_header
 
 
 def _stack(n: int = 7, L: int = 16, seed: int = 0) -> np.ndarray:

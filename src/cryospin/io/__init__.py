@@ -19,11 +19,11 @@ from cryospin.io.mrc import (
     StackWriter,
     clear_stack_cache,
     open_stack,
-    read_header,
     read_map,
     write_map,
     write_stack,
 )
+from cryospin.io.mrc_header import read_header
 from cryospin.io.particles import (
     ParticleSet,
     load_indices,
