@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -117,19 +117,24 @@ class BestPoses:
             loss=torch.full((n,), float("nan"), device=device),
         )
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Tensor | None]:
         """The tensors on the CPU, for a checkpoint (:meth:`from_state_dict`)."""
         return {"rotations": self.rotations.cpu(), "best_head": self.best_head.cpu(),
                 "loss": self.loss.cpu(),
                 "shifts_px": None if self.shifts_px is None else self.shifts_px.cpu()}
 
     @staticmethod
-    def from_state_dict(state: dict[str, Any], device: torch.device) -> BestPoses:
+    def from_state_dict(state: Mapping[str, Tensor | None], device: torch.device) -> BestPoses:
         """The inverse of :meth:`state_dict`, on ``device``."""
+        def tensor(key: str) -> Tensor:
+            value = state[key]
+            if value is None:
+                raise ValueError(f"a BestPoses state needs {key}")
+            return value.to(device)
+
         shifts = state.get("shifts_px")
-        return BestPoses(state["rotations"].to(device),
-                         None if shifts is None else shifts.to(device),
-                         state["best_head"].to(device), state["loss"].to(device))
+        return BestPoses(tensor("rotations"), None if shifts is None else shifts.to(device),
+                         tensor("best_head"), tensor("loss"))
 
     def rows(self, indices: Tensor) -> BestPoses:
         """The rows ``indices`` `(n,)`, in that order."""
