@@ -97,6 +97,7 @@ WRITERS = {
     "pose-error": (["a.star", "b.star"], "--output", "output"),
     "flip-hand": (["a.mrc"], "--output", "output"),
     "symmetry-expand": (["p.star", "--symmetry", "C2"], None, "output"),
+    "symmetry": (["map.mrc"], None, "output"),
     "posterior": (["run", "--particles", "0"], "--output", "output"),
     "report": (["run"], "--output", "output"),
     "demo": ([], None, "out"),
