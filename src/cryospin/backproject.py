@@ -59,7 +59,7 @@ import logging
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -76,9 +76,14 @@ from cryospin.forward.slicing import insert_central_slices
 from cryospin.preprocess import PreprocessedParticles
 from cryospin.symmetry import grid_cosets, point_group_rotations
 
+if TYPE_CHECKING:  # annotations only: importing cryospin.io loads every reader
+    from cryospin.io.particle_set import ParticleSet
+
 __all__ = [
     "BackprojectionResult",
     "BackprojectionSums",
+    "ImageReader",
+    "Images",
     "accumulate_backprojection",
     "reconstruct_from_sums",
     "half_set_assignment",
@@ -126,7 +131,7 @@ class BackprojectionResult:
 
 
 def half_set_assignment(
-    n: int, *, random_subset: Any = None, seed: int = 0
+    n: int, *, random_subset: np.ndarray | None = None, seed: int = 0
 ) -> np.ndarray:
     """Half set (1 or 2) of each of ``n`` particles, `(n,)` int64.
 
@@ -146,18 +151,32 @@ def half_set_assignment(
     return out
 
 
-def _image_getter(images: Any) -> Callable[[np.ndarray], Tensor]:
+class ImageReader(Protocol):
+    """Images read by index: any :class:`cryospin.sources.ImageSource` (a
+    :class:`~cryospin.io.particle_set.ParticleSet`, a
+    :class:`~cryospin.preprocess.PreprocessedParticles` view) or a lighter stand-in."""
+
+    def images(self, indices: Tensor) -> Tensor:
+        """Images `(n, L, L)` of the particles ``indices`` `(n,)` int64, ``[y, x]``."""
+        ...
+
+
+#: What the backprojection reads images from: `(N, L, L)` tensor or array, or a reader.
+Images = Tensor | np.ndarray | ImageReader
+
+
+def _image_getter(images: Images) -> Callable[[np.ndarray], Tensor]:
     if isinstance(images, Tensor):
         return lambda idx: images[torch.from_numpy(idx).to(images.device)]
     if isinstance(images, np.ndarray):
         return lambda idx: torch.from_numpy(np.asarray(images[idx]))
     if hasattr(images, "images"):
-        return lambda idx: images.images(idx)
+        return lambda idx: images.images(torch.from_numpy(idx))
     raise TypeError(f"images must be a tensor, an array or have .images(), got {type(images)}")
 
 
 def accumulate_backprojection(
-    images: Any,
+    images: Images,
     rotations: Tensor,
     shifts_px: Tensor | None = None,
     ctf: Tensor | CTFParams | None = None,
@@ -449,7 +468,7 @@ def reconstruct_from_sums(
 
 
 def backproject(
-    images: Any,
+    images: Images,
     rotations: Tensor,
     shifts_px: Tensor | None = None,
     ctf: Tensor | CTFParams | None = None,
@@ -532,7 +551,7 @@ def backproject(
 
 
 def backproject_particles(
-    particles: Any,
+    particles: ParticleSet,
     *,
     use_ctf: bool = True,
     reg: float = 1e-3,

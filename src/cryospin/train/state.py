@@ -18,7 +18,7 @@ import logging
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NotRequired, TypedDict, cast
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from cryospin.volume import HartleyVolume
 
 __all__ = [
     "TrainState",
+    "RngState",
     "capture_rng_state",
     "restore_rng_state",
     "seed_everything",
@@ -63,13 +64,42 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+class NumpyRngState(TypedDict):
+    """NumPy's global (legacy) generator: the fields of ``np.random.get_state()``."""
+
+    kind: str
+    keys: torch.Tensor  # (624,) int64 (uint32 values)
+    pos: int
+    has_gauss: int
+    cached_gaussian: float
+
+
+class PythonRngState(TypedDict):
+    """Python's ``random`` generator: the fields of ``random.getstate()``."""
+
+    version: int
+    state: list[int]
+    gauss_next: float | None
+
+
+class RngState(TypedDict):
+    """The checkpoint's ``rng``: every generator's state (:func:`capture_rng_state`).
+    ``generator`` and ``cuda`` may be absent from an old checkpoint."""
+
+    torch: torch.Tensor  # uint8 byte state
+    numpy: NumpyRngState
+    python: PythonRngState
+    generator: NotRequired[torch.Tensor | None]
+    cuda: NotRequired[list[torch.Tensor] | None]
+
+
+def capture_rng_state(generator: torch.Generator | None = None) -> RngState:
     """States of the torch (CPU and CUDA), NumPy and Python generators, and of ``generator``
     (the checkpoint's ``rng``; tensors, numbers and lists only)."""
     # (the legacy tuple: kind, keys, pos, has_gauss, cached_gaussian)
     np_state = cast(tuple[Any, ...], np.random.get_state())  # noqa: NPY002 (the global state)
     py_state = random.getstate()
-    state: dict[str, Any] = {
+    state: RngState = {
         "torch": torch.get_rng_state(),
         "numpy": {
             "kind": str(np_state[0]),
@@ -89,7 +119,7 @@ def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any
     return state
 
 
-def restore_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+def restore_rng_state(state: RngState, generator: torch.Generator | None = None) -> None:
     """Inverse of :func:`capture_rng_state` (sets the global generators and ``generator``)."""
     torch.set_rng_state(state["torch"].cpu())
     npst = state["numpy"]
@@ -104,10 +134,12 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator | None =
     )
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    if generator is not None and state.get("generator") is not None:
-        generator.set_state(state["generator"].cpu())
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    saved_generator = state.get("generator")
+    if generator is not None and saved_generator is not None:
+        generator.set_state(saved_generator.cpu())
+    saved_cuda = state.get("cuda")
+    if saved_cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in saved_cuda])
 
 
 # ----------------------------------------------------------------------------- builders
@@ -274,14 +306,14 @@ class TrainState:
             self.decoder_opt = _adam(self.volume.parameters(),
                                      config.optim.decoder_lr_after_switch)
         self.decoder_opt.load_state_dict(ckpt.optimizers["decoder"])
-        restore_rng_state(ckpt.rng, generator)
+        restore_rng_state(cast(RngState, ckpt.rng), generator)  # stored as a plain dict
         self.elapsed_before_s = ckpt.elapsed_s
         self.search_stopped_after = ckpt.search_stopped_after
         if ckpt.switch_record is not None:  # stopped at the switch: its poses
             self.switch_record = BestPoses.from_state_dict(ckpt.switch_record, device)
 
-    def to_checkpoint(self, *, epoch: int, config: dict[str, Any], data: dict[str, Any],
-                      generator: torch.Generator, elapsed_s: float,
+    def to_checkpoint(self, *, epoch: int, config: dict[str, dict[str, object]],
+                      data: dict[str, object], generator: torch.Generator, elapsed_s: float,
                       pose_table: PoseTable | None,
                       switch_record: BestPoses | None) -> Checkpoint:
         """The checkpoint of the state after ``epoch`` (committed, it becomes :attr:`epoch`;
@@ -299,7 +331,7 @@ class TrainState:
             volume=self.volume.state_dict(),
             encoder=None if self.encoder is None else self.encoder.state_dict(),
             pose_table=None if pose_table is None else pose_table.state_dict(),
-            optimizers=optimizers, rng=capture_rng_state(generator), data=data,
+            optimizers=optimizers, rng=dict(capture_rng_state(generator)), data=data,
             elapsed_s=elapsed_s, search_stopped_after=self.search_stopped_after,
             switch_record=None if switch_record is None else switch_record.state_dict(),
         )
