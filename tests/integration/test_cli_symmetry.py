@@ -13,6 +13,7 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
+from tests._cli import refused
 
 from cryospin.cli.main import main
 from cryospin.io.mrc import write_stack
@@ -107,27 +108,17 @@ def test_default_c1_writes_what_it_wrote_before(tmp_path: Path) -> None:
     assert fsc == json.loads((tmp_path / "plain" / "fsc.json").read_text())
 
 
-def _refused(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> None:
-    """``cryospin ARGV`` exits 2 with one line on stderr holding every needle."""
-    status = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert status == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-
-
 def test_bad_input_is_refused_and_nothing_written(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     star = _star(tmp_path / "data")
     out = tmp_path / "out.star"
-    _refused(["symmetry-expand", str(star), "--symmetry", "X5", "-o", str(out)], capsys,
+    refused(["symmetry-expand", str(star), "--symmetry", "X5", "-o", str(out)], capsys,
              "symmetry", "X5")
-    _refused(["symmetry-expand", str(tmp_path / "nope.star"), "--symmetry", "C2", "-o",
+    refused(["symmetry-expand", str(tmp_path / "nope.star"), "--symmetry", "C2", "-o",
               str(out)], capsys, "nope.star", "not found")
-    _refused(["symmetry-expand", str(star), "--symmetry", "C2", "-o", str(tmp_path / "o.cs")],
+    refused(["symmetry-expand", str(star), "--symmetry", "C2", "-o", str(tmp_path / "o.cs")],
              capsys, ".star")
-    _refused(["symmetry-expand", str(star), "--symmetry", "C2", "-o", str(star)], capsys,
+    refused(["symmetry-expand", str(star), "--symmetry", "C2", "-o", str(star)], capsys,
              "replace the input")
     assert not out.exists() and not (tmp_path / "o.cs").exists()
     no_poses = tmp_path / "data" / "no_poses.star"
@@ -135,9 +126,9 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path: Path,
     for col in ("_rlnAngleRot\n", "_rlnAngleTilt\n", "_rlnAnglePsi\n"):
         text = text.replace(col, "_rlnUnused" + col[4:])
     no_poses.write_text(text)
-    _refused(["symmetry-expand", str(no_poses), "--symmetry", "C2", "-o", str(out)], capsys,
+    refused(["symmetry-expand", str(no_poses), "--symmetry", "C2", "-o", str(out)], capsys,
              "no poses")
     assert not out.exists()
-    _refused(["backproject", str(star), "--symmetry", "D1", "-o", str(tmp_path / "bp")], capsys,
+    refused(["backproject", str(star), "--symmetry", "D1", "-o", str(tmp_path / "bp")], capsys,
              "symmetry", "D1")
     assert not (tmp_path / "bp").exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests._cli import refused
 
 from cryospin.cli.main import main
 from cryospin.evaluate.align import transform_map
@@ -82,13 +83,6 @@ def test_ranking_aligned_map_and_poses(tmp_path: Path, capsys: pytest.CaptureFix
     assert torch.allclose((before.rotations.double() @ c)[:, :2], dt.double(), atol=0.02)
 
 
-def _refused(argv: list[str], capsys: pytest.CaptureFixture, needle: str) -> None:
-    status = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert status == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert needle in err, err
-
-
 def test_bad_input_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     text = tmp_path / "notes.mrc"
     text.write_text("not a map\n")
@@ -96,11 +90,11 @@ def test_bad_input_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     write_stack(stack, np.zeros((5, BOX, BOX), dtype=np.float32), 2.0)
     mrc = _c4_map(tmp_path / "map.mrc")
     before = sorted(p.name for p in tmp_path.iterdir())
-    _refused(["symmetry", str(text), "--json", str(tmp_path / "a.json")], capsys, "notes.mrc")
-    _refused(["symmetry", str(stack), "-o", str(tmp_path / "a.mrc")], capsys, "not a 3D map")
-    _refused(["symmetry", str(mrc), "-o", str(tmp_path / "a.txt")], capsys, ".mrc")
-    _refused(["symmetry", str(mrc), "--poses", str(mrc)], capsys, "--poses-out")
-    _refused(["symmetry", str(mrc), "--max-order", "1"], capsys, "--max-order")
+    refused(["symmetry", str(text), "--json", str(tmp_path / "a.json")], capsys, "notes.mrc")
+    refused(["symmetry", str(stack), "-o", str(tmp_path / "a.mrc")], capsys, "not a 3D map")
+    refused(["symmetry", str(mrc), "-o", str(tmp_path / "a.txt")], capsys, ".mrc")
+    refused(["symmetry", str(mrc), "--poses", str(mrc)], capsys, "--poses-out")
+    refused(["symmetry", str(mrc), "--max-order", "1"], capsys, "--max-order")
     with pytest.raises(SystemExit) as exc:
         main(["symmetry", str(mrc), "--sym-order", "3"])
     assert exc.value.code == 2

@@ -16,6 +16,7 @@ import mrcfile
 import numpy as np
 import pytest
 import yaml
+from tests._cli import refused
 
 from cryospin.cli.main import _build_parser, main
 from cryospin.io.mrc import write_stack
@@ -32,17 +33,6 @@ TRAIN = ["--epochs", "2", "--switch-epoch", "1", "--search-epochs", "1", "--head
 
 def _files(folder: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*")}
-
-
-def _refused(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> str:
-    """``cryospin ARGV`` exits 2 with one line on stderr holding every needle."""
-    status = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert status == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def _star(folder: Path, *, pixel_sizes: tuple[float, ...] = (2.0, 3.0), n: int = N,
@@ -165,7 +155,7 @@ def test_bad_unit_flags_are_refused_before_anything_is_written(
         needles: list[str]) -> None:
     star = _star(tmp_path / "data", pixel_sizes=(2.0,))
     before = _files(tmp_path)
-    err = _refused(["reconstruct", str(star), "-o", str(tmp_path / "run"), *TRAIN, *flags],
+    err = refused(["reconstruct", str(star), "-o", str(tmp_path / "run"), *TRAIN, *flags],
                    capsys, *needles)
     assert "optim." not in err and "data." not in err and "schedule." not in err
     assert _files(tmp_path) == before  # no run folder either
@@ -184,13 +174,13 @@ def test_messages_name_flags_not_python_arguments(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
     star = _star(tmp_path / "data", pixel_sizes=(2.0,))
     stack = tmp_path / "data" / "stack.mrcs"
-    err = _refused(["backproject", str(stack), "-o", str(tmp_path / "bp")], capsys,
+    err = refused(["backproject", str(stack), "-o", str(tmp_path / "bp")], capsys,
                    "--ctf", "--no-ctf")
     assert "no_ctf=" not in err
     moved = tmp_path / "elsewhere" / "particles.star"
     moved.parent.mkdir()
     moved.write_text(star.read_text())
-    err = _refused(["backproject", str(moved), "-o", str(tmp_path / "bp")], capsys,
+    err = refused(["backproject", str(moved), "-o", str(tmp_path / "bp")], capsys,
                    "image stack 'stack.mrcs' not found", "--datadir DIR")
     assert "datadir=" not in err
     assert not (tmp_path / "bp").exists()
@@ -203,7 +193,7 @@ def test_mixed_pixel_sizes_point_to_optics_group(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     star = _star(tmp_path / "data")
     before = _files(tmp_path)
-    _refused(["reconstruct", str(star), "-o", str(tmp_path / "run"), *TRAIN], capsys,
+    refused(["reconstruct", str(star), "-o", str(tmp_path / "run"), *TRAIN], capsys,
              "conflicting pixel sizes (Å) (2, 3)", "--optics-group")
     assert _files(tmp_path) == before
 
@@ -254,7 +244,7 @@ def test_unknown_optics_group(tmp_path: Path, capsys: pytest.CaptureFixture, com
             "pose-error": ["pose-error", str(star), str(star), "-o", str(out / "e.json")],
             }[command]
     before = _files(tmp_path)
-    _refused([*argv, "--optics-group", group], capsys, str(star), *needles)
+    refused([*argv, "--optics-group", group], capsys, str(star), *needles)
     assert _files(tmp_path) == before
 
 
@@ -262,7 +252,7 @@ def test_optics_group_of_a_plain_stack_is_refused(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
     _star(tmp_path / "data")
     before = _files(tmp_path)
-    _refused(["backproject", str(tmp_path / "data" / "stack.mrcs"), "-o", str(tmp_path / "bp"),
+    refused(["backproject", str(tmp_path / "data" / "stack.mrcs"), "-o", str(tmp_path / "bp"),
               "--no-ctf", "--optics-group", "1"], capsys, "--optics-group", "not a .star")
     assert _files(tmp_path) == before
 
@@ -294,7 +284,7 @@ def test_pose_error_datadir(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     write_cryodrgn_poses(tmp_path / "pose.pkl", ps.rotations, ps.shifts_px, BOX)
     argv = ["pose-error", str(moved), str(tmp_path / "pose.pkl"), "-o",
             str(tmp_path / "err.json")]
-    _refused(argv, capsys, "--datadir")
+    refused(argv, capsys, "--datadir")
     assert not (tmp_path / "err.json").exists()
     assert main([*argv, "--datadir", str(tmp_path / "stacks")]) == 0
     result = json.loads((tmp_path / "err.json").read_text())
@@ -330,5 +320,5 @@ def test_backproject_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture,
                                flags: list[str], needle: str) -> None:
     star = _star(tmp_path / "data", pixel_sizes=(2.0,))
     before = _files(tmp_path)
-    _refused(["backproject", str(star), "-o", str(tmp_path / "bp"), *flags], capsys, needle)
+    refused(["backproject", str(star), "-o", str(tmp_path / "bp"), *flags], capsys, needle)
     assert _files(tmp_path) == before
