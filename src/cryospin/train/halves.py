@@ -77,10 +77,11 @@ from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from 
     search_stopped_after,
 )
 from cryospin.runlock import describe_command, folder_lock
-from cryospin.train.config import Config, ScheduleConfig, read_config_argv, save_config
+from cryospin.train.config import Config, ScheduleConfig, save_config
 from cryospin.train.fit import TrainingInterrupted, fit
 from cryospin.train.runlog import header_line, run_log, start_run_log
 from cryospin.train.schedule import final_epoch
+from cryospin.train.setup import record_resume
 
 __all__ = [
     "HALF_NAMES",
@@ -211,12 +212,7 @@ def _resume(
         source = str(json.loads(files.marker.read_text(encoding="utf-8"))["split_source"])
     except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"{HALVES_MARKER} is unreadable", files.marker) from None
-    first_argv, resumed = read_config_argv(files.config)
-    save_config(files.config, config, first_argv, resumed=[*resumed, argv])
-    if identity is None:  # a run from before particle_set.json: record it from now on
-        log.warning("%s records no particle set (an older run): cannot check that these are "
-                    "its particles", files.dir)
-        save_identity(files.particle_set, particle_set_identity(particles))
+    record_resume(files, config, particles, argv, identity)
     return half, source
 
 

@@ -23,11 +23,17 @@ import torch
 
 from cryospin.atomic import remove_stale_temporaries
 from cryospin.errors import InputError
-from cryospin.io.identity import check_same_particles, particle_set_identity, save_identity
+from cryospin.io.identity import (
+    ParticleSetIdentity,
+    check_same_particles,
+    particle_set_identity,
+    save_identity,
+)
 from cryospin.io.particle_set import ParticleSet
 from cryospin.rundir import (
     RESUMABLE_OPTIONS,
     Checkpoint,
+    HalvesFiles,
     RunFiles,
     Stage,
     resume_conflicts,
@@ -55,6 +61,7 @@ from cryospin.volume import HartleyVolume
 __all__ = [
     "resolve_device",
     "open_run",
+    "record_resume",
     "check_resume_config",
     "load_training_data",
     "initial_state",
@@ -82,6 +89,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def record_resume(files: RunFiles | HalvesFiles, config: Config, particles: ParticleSet,
+                  argv: list[str] | None, identity: ParticleSetIdentity | None) -> None:
+    """On resume: append ``argv`` to ``config.yaml``'s resumptions, and record the particle
+    set of a folder from before ``particle_set.json`` (``identity`` None: nothing recorded)."""
+    first_argv, resumed = read_config_argv(files.config)
+    save_config(files.config, config, first_argv, resumed=[*resumed, argv])
+    if identity is None:  # a run from before particle_set.json: record it from now on
+        logger.warning("%s records no particle set (an older run): cannot check that "
+                       "these are its particles", files.dir)
+        save_identity(files.particle_set, particle_set_identity(particles))
+
+
 def open_run(config: Config, particles: ParticleSet, files: RunFiles, *, resume: bool,
               argv: list[str] | None, main: bool) -> tuple[Config, Config, Checkpoint | None]:
     """Accept the run (on resume: the checkpoint, the configuration and the particles are
@@ -102,12 +121,7 @@ def open_run(config: Config, particles: ParticleSet, files: RunFiles, *, resume:
         if ckpt is None:  # killed before the first checkpoint: start again at epoch 1
             logger.warning("%s has no checkpoint yet: starting again from epoch 1", files.dir)
             truncate_metrics(files.metrics, 0)
-        first_argv, resumed = read_config_argv(files.config)
-        save_config(files.config, config, first_argv, resumed=[*resumed, argv])
-        if identity is None:  # a run from before particle_set.json: record it from now on
-            logger.warning("%s records no particle set (an older run): cannot check that "
-                           "these are its particles", files.dir)
-            save_identity(files.particle_set, particle_set_identity(particles))
+        record_resume(files, config, particles, argv, identity)
     elif main:
         save_config(files.config, config, argv)
         save_identity(files.particle_set, particle_set_identity(particles))
