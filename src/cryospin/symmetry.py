@@ -14,23 +14,17 @@ over the group, and a symmetric backprojection inserts each image at every ``R g
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from cryospin.errors import InputError
+from cryospin.point_group import parse_point_group
 
 __all__ = [
-    "PointGroup",
     "expand_rotations",
     "grid_cosets",
-    "parse_point_group",
     "point_group_rotations",
 ]
-
-_SYMBOL = re.compile(r"^\s*(?:([CcDd])\s*(\d+)|([TtOo])|([Ii])\s*([1-4])?)\s*$")
 
 #: the golden ratio φ = (1 + √5) / 2
 _PHI = (1.0 + math.sqrt(5.0)) / 2.0
@@ -42,61 +36,6 @@ _ICOSAHEDRAL_AXES: dict[int, tuple[tuple[float, float, float], tuple[float, floa
     3: ((-1.0, 0.0, _PHI), (0.0, 0.0, 1.0)),  # 5-fold on z, 2-fold on y
     4: ((1.0, 0.0, _PHI), (2.0, 0.0, 1.0)),  # 5-fold on z, the I3 setting turned 180° about z
 }
-
-
-@dataclass(frozen=True)
-class PointGroup:
-    """A point group parsed from its symbol (:func:`parse_point_group`).
-
-    Attributes
-    ----------
-    kind : str
-        ``"C"``, ``"D"``, ``"T"``, ``"O"`` or ``"I"``.
-    n : int
-        Order of the principal axis: ``n`` of Cn and Dn; 3 for T, 4 for O, 5 for I.
-    setting : int
-        RELION's icosahedral setting 1–4 (``I`` is 2); 0 for the other groups.
-    """
-
-    kind: str
-    n: int
-    setting: int = 0
-
-    @property
-    def symbol(self) -> str:
-        """The canonical symbol: ``"C4"``, ``"D7"``, ``"T"``, ``"O"``, ``"I2"``."""
-        if self.kind in "CD":
-            return f"{self.kind}{self.n}"
-        return f"I{self.setting}" if self.kind == "I" else self.kind
-
-    @property
-    def order(self) -> int:
-        """Number of rotations ``|G|``: n, 2n, 12, 24 or 60."""
-        return {"C": self.n, "D": 2 * self.n, "T": 12, "O": 24, "I": 60}[self.kind]
-
-
-def parse_point_group(symbol: str) -> PointGroup:
-    """``"D7"`` -> ``PointGroup("D", 7)``; accepts Cn (n >= 1), Dn (n >= 2), T, O, I and
-    I1–I4 (RELION's icosahedral settings; ``I`` = ``I2``), any case.
-
-    Raises
-    ------
-    InputError
-        For anything else (the message names the accepted forms).
-    """
-    m = _SYMBOL.match(str(symbol))
-    if m is None:
-        raise InputError(f"unknown symmetry {symbol!r}: expected Cn, Dn, T, O, I or I1..I4, "
-                         "e.g. C1, C4, D7, O, I")
-    if m.group(3):
-        kind = m.group(3).upper()
-        return PointGroup(kind, 3 if kind == "T" else 4)
-    if m.group(4):
-        return PointGroup("I", 5, int(m.group(5) or 2))
-    kind, n = m.group(1).upper(), int(m.group(2))
-    if n < 1 or (kind == "D" and n < 2):
-        raise InputError(f"unknown symmetry {symbol!r}: expected C1..Cn or D2..Dn")
-    return PointGroup(kind, n)
 
 
 def _rot_z(angle_rad: float) -> Tensor:

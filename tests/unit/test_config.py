@@ -125,6 +125,8 @@ def test_config_is_frozen():
         ({"model": {"use_bf16": "yes"}}, "true/false"),
         ({"model": {"precision": "fp64"}}, "precision"),
         ({"model": {"encoder_box_px": 31}}, "encoder_box_px"),
+        ({"model": {"symmetry": "D1"}}, "model.symmetry"),
+        ({"model": {"symmetry": "C7x"}}, "model.symmetry"),
         ({"run": {"device": "tpu"}}, "device"),
         ({"schedule": {"method": "fully-amortized"}}, "method"),
         ({"optim": {"decoder_lr": -1}}, "decoder_lr"),

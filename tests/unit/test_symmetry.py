@@ -8,9 +8,10 @@ import torch
 
 from cryospin.errors import InputError
 from cryospin.evaluate.pose_error import pose_error
+from cryospin.point_group import parse_point_group
 from cryospin.rotations import random_rotations
 from cryospin.simulate.density import AtomicModel, parse_selection, symmetric_assembly
-from cryospin.symmetry import grid_cosets, parse_point_group, point_group_rotations
+from cryospin.symmetry import grid_cosets, point_group_rotations
 
 GROUPS = [("C1", 1), ("c4", 4), ("C7", 7), ("D2", 4), ("D7", 14), ("T", 12), ("o", 24),
           ("I", 60), ("I1", 60), ("I2", 60), ("i3", 60), ("I4", 60)]

@@ -18,8 +18,8 @@ from cryospin.errors import InputError
 from cryospin.evaluate.fsc import write_fsc_json
 from cryospin.io.mrc import write_map
 from cryospin.io.particles import load_indices, load_particles
+from cryospin.point_group import parse_point_group
 from cryospin.runlock import check_output_folder, claim_output_folder, describe_command
-from cryospin.symmetry import parse_point_group
 from cryospin.train.halves import HalvesFiles, is_halves_run
 
 

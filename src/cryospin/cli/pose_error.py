@@ -11,7 +11,7 @@ from cryospin.errors import InputError
 from cryospin.evaluate.pose_error import pose_error, write_pose_error_json
 from cryospin.io.particles import load_particles
 from cryospin.io.pkl import read_cryodrgn_poses
-from cryospin.symmetry import parse_point_group
+from cryospin.point_group import parse_point_group
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ import numpy as np
 from cryospin.backproject import half_set_assignment
 from cryospin.errors import InputError
 from cryospin.io.particles import load_particles, write_particles_star
-from cryospin.symmetry import expand_rotations, parse_point_group, point_group_rotations
+from cryospin.point_group import parse_point_group
+from cryospin.symmetry import expand_rotations, point_group_rotations
 
 
 def main(args: argparse.Namespace) -> int:

@@ -48,8 +48,9 @@ from torch import Tensor
 
 from cryospin.evaluate.align import transform_map
 from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
+from cryospin.point_group import parse_point_group
 from cryospin.rotations import so3_exp
-from cryospin.symmetry import parse_point_group, point_group_rotations
+from cryospin.symmetry import point_group_rotations
 
 __all__ = [
     "GroupFit",

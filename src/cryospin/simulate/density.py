@@ -36,7 +36,8 @@ from torch import Tensor
 
 from cryospin.errors import InputError
 from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
-from cryospin.symmetry import parse_point_group, point_group_rotations
+from cryospin.point_group import parse_point_group
+from cryospin.symmetry import point_group_rotations
 
 __all__ = [
     "AtomicModel",

@@ -105,6 +105,8 @@ class ModelConfig:
     pooling : "adaptive" or "vgg16"
         ``adaptive``: as many 2x2 max-pools as leave at least a 2x2 map (a 32 px input gets 4);
         ``vgg16``: always 5 (cryospin <= 0.2).
+    symmetry : str
+        Point group (``C1``: none; Cn, Dn, T, O, I in RELION's axes, :mod:`cryospin.symmetry`).
     """
 
     num_heads: int = 7
@@ -118,6 +120,7 @@ class ModelConfig:
     head: HeadType = "spread"
     encoder_input: EncoderInput = "image"
     pooling: Pooling = "vgg16"
+    symmetry: str = "C1"
 
     def encoder_input_box(self, box_px: int) -> int:
         """The encoder trunk's box for training images of ``box_px``: ``encoder_box_px`` when
@@ -453,9 +456,8 @@ def build_config(
 
 def _epoch_switch_replaces_step_budget(merged: dict[str, dict[str, object]],
                                        overrides: Mapping[str, Mapping[str, object]]) -> None:
-    """In place on ``merged``: a ``switch_epoch`` in ``overrides`` without a ``switch_steps``
-    there drops the preset's step budget (``--switch-epoch 7`` with the ``paper-synthetic``
-    preset switches after epoch 7, not after the preset's 10,000 steps)."""
+    """In place on ``merged``: a ``switch_epoch`` override without a ``switch_steps`` one drops
+    the preset's step budget (``--switch-epoch 7`` with ``paper-synthetic`` switches at 7)."""
     given = overrides.get("schedule") or {}
     if given.get("switch_epoch") is not None and given.get("switch_steps") is None:
         merged.setdefault("schedule", {})["switch_steps"] = None
@@ -465,8 +467,7 @@ def _drop_unreachable_search_minimum(merged: dict[str, dict[str, object]],
                                      overrides: Mapping[str, Mapping[str, object]]) -> None:
     """In place on ``merged``: a preset's ``search_min_epochs`` above the ``search_epochs`` in
     effect (``--search-epochs 1`` with the default preset's 4; an amortized method's 0) becomes
-    None, since no early stop can happen before the search ends anyway; one given in
-    ``overrides`` is left for the validation to reject."""
+    None (no early stop before the search ends); an override is left to the validation."""
     schedule = merged.setdefault("schedule", {})
     low = schedule.get("search_min_epochs")
     if (overrides.get("schedule") or {}).get("search_min_epochs") is not None:

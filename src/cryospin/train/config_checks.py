@@ -16,6 +16,7 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Literal
 
 from cryospin.errors import InputError
+from cryospin.point_group import parse_point_group
 
 if TYPE_CHECKING:
     from cryospin.train.config import Config
@@ -129,6 +130,10 @@ def _check_choices(c: Config) -> None:
     values their ``Literal`` types name."""
     for field in ("head", "encoder_input", "pooling"):
         _check_choice("model", c.model, field)
+    try:
+        parse_point_group(c.model.symmetry)
+    except InputError as err:
+        raise _bad(f"model.symmetry: {err}") from None
     _check_choice("schedule", c.schedule, "switch_poses")
     methods = _choices(c.schedule, "method")
     if c.schedule.method not in methods:
