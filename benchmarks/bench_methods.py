@@ -43,6 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cryospin_argv, markdown_table, read_jsonl, run  # noqa: E402
+from _curves import error_curve, fsc_points  # noqa: E402
 
 METHODS = ("semi-amortized", "amortized", "cryoai")
 
@@ -178,70 +179,6 @@ def _encoder_parameters(run_dir: Path, box_px: int) -> int:
     return sum(p.numel() for p in enc.parameters())
 
 
-def _epoch_subset(epochs: list[int], count: int) -> list[int]:
-    if count <= 0 or not epochs:
-        return []
-    if count >= len(epochs):
-        return list(epochs)
-    picks = {epochs[round(i * (len(epochs) - 1) / (count - 1))] for i in range(count)} \
-        if count > 1 else {epochs[-1]}
-    return sorted(picks)
-
-
-def _fig3_points(run_dir: Path, gt_path: Path, count: int) -> list[dict[str, float]]:
-    """FSC = 0.5 resolution (aligned, both hands) of a subset of per-epoch maps; cached."""
-    import torch
-
-    from cryospin.evaluate.align import align_maps
-    from cryospin.evaluate.fsc import fsc
-    from cryospin.io.mrc import read_map
-
-    cache = run_dir / "bench_fig3.json"
-    if cache.exists():
-        cached = json.loads(cache.read_text())
-        if cached.get("count") == count:
-            return cached["points"]
-    metrics = {m["epoch"]: m for m in read_jsonl(run_dir / "metrics.jsonl")}
-    gt, pixel = read_map(gt_path)
-    gt_t = torch.from_numpy(gt.copy())
-    points = []
-    for epoch in _epoch_subset(sorted(metrics), count):
-        path = run_dir / f"map.{epoch:03d}.mrc"
-        if not path.exists():
-            continue
-        vol, _ = read_map(path)
-        aligned = align_maps(gt_t, torch.from_numpy(vol.copy())).aligned
-        res = fsc(gt_t, aligned, pixel_size_angstrom=pixel).resolution(0.5)
-        points.append({"epoch": epoch, "elapsed_s": metrics[epoch]["elapsed_s"],
-                       "resolution_angstrom": res, "stage": metrics[epoch]["stage"]})
-    cache.write_text(json.dumps({"count": count, "points": points}))
-    return points
-
-
-def _fig4_curve(run_dir: Path, data: Path, box_px: int,
-                symmetry: str | None) -> list[tuple[int, float]] | None:
-    """(epoch, median rotation error °) of the tracked particles; None without a track."""
-    try:
-        from cryospin.train.track import load_pose_track
-    except ImportError:
-        print("note: cryospin.train.track is not available; Fig. 4 skipped", file=sys.stderr)
-        return None
-    if not (run_dir / "pose_track.npz").exists():
-        print(f"note: no pose_track.npz in {run_dir}; left out of Fig. 4", file=sys.stderr)
-        return None
-    from cryospin.evaluate.pose_error import pose_error
-    from cryospin.io.pkl import read_cryodrgn_poses
-
-    track = load_pose_track(run_dir)
-    gt_rot, _ = read_cryodrgn_poses(data / "gt_poses.pkl", box_px)
-    gt = gt_rot[track.indices]
-    curve = []
-    for e, epoch in enumerate(track.epochs.tolist()):
-        res = pose_error(track.rotations[e].astype("float64"), gt, symmetry=symmetry)
-        curve.append((int(epoch), float(res.to_dict()["median_rotation_error_deg"])))
-    return curve
-
-
 def _switch_epoch(run_dir: Path) -> int | None:
     """First auto-decoding epoch, or None."""
     for m in read_jsonl(run_dir / "metrics.jsonl"):
@@ -368,8 +305,8 @@ def main() -> None:
             r["s_per_epoch"] = {k: sum(v) / len(v) for k, v in per_stage.items()}
             r["epochs"] = len(metrics)
             r["encoder_parameters"] = _encoder_parameters(run_dir, box)
-            r["fig3"] = _fig3_points(run_dir, data / "gt.mrc", args.fig3_epochs)
-            r["fig4"] = _fig4_curve(run_dir, data, box, symmetry)
+            r["fig3"] = fsc_points(run_dir, data / "gt.mrc", args.fig3_epochs)
+            r["fig4"] = error_curve(run_dir, data, box, symmetry)
             r["switch_epoch"] = _switch_epoch(run_dir)
             res["methods"][method] = r
         name = item["name"]
