@@ -24,6 +24,7 @@ __all__ = [
     "expand_rotations",
     "grid_cosets",
     "point_group_rotations",
+    "symmetry_axes",
 ]
 
 #: the golden ratio φ = (1 + √5) / 2
@@ -157,3 +158,54 @@ def grid_cosets(group: Tensor) -> tuple[Tensor, Tensor]:
     if len(reps) * P.shape[0] != group.shape[0]:
         raise AssertionError("the grid-preserving elements do not split the group into cosets")
     return group[reps], P
+
+
+def symmetry_axes(group: Tensor, *, tol: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """The distinct rotation axes of a point group and their orders.
+
+    Each element ``g ≠ 1`` turns by ``θ = arccos((tr g − 1) / 2)`` about its axis, the
+    eigenvector of eigenvalue 1 (that of the largest eigenvalue of ``(g + gᵀ) / 2``); ``±u``
+    are one axis, and its order ``n = round(2π / θ_min)`` comes from the smallest angle of the
+    elements about it (the highest order of the axis). Computed in float64.
+
+    Parameters
+    ----------
+    group : `(G, 3, 3)`
+        The rotations (:func:`point_group_rotations`, or a conjugate ``M g Mᵀ``).
+    tol : float
+        Elements within ``tol`` of the identity are skipped; axes with ``|u·v| > 1 − tol``
+        are one.
+
+    Returns
+    -------
+    axes : `(K, 3)`, dtype of ``group``
+        Unit xyz directions, sign chosen so that the first of ``z, y, x`` larger than ``tol``
+        in magnitude is positive; ordered by decreasing order, then decreasing ``z, y, x``.
+    orders : `(K,)` int64
+        E.g. C7: one axis ``(0, 0, 1)`` of order 7; D7: that and seven 2-folds in ``xy``;
+        T: 4 three-folds, 3 two-folds; O: 3 four-folds, 4 three-folds, 6 two-folds; I: 6
+        five-folds, 10 three-folds, 15 two-folds.
+    """
+    g = group.detach().to("cpu", torch.float64)
+    cos = ((g.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0).clamp(-1.0, 1.0)
+    angle = torch.acos(cos)  # (G,) in [0, π]
+    _, vecs = torch.linalg.eigh((g + g.transpose(-1, -2)) / 2.0)
+    found: list[tuple[Tensor, float]] = []  # (axis, smallest angle about it)
+    for u, theta in zip(vecs[..., -1], angle.tolist(), strict=True):  # largest eigenvalue
+        if theta < tol:
+            continue
+        for i, (v, t) in enumerate(found):
+            if abs(float(u @ v)) > 1.0 - tol:
+                found[i] = (v, min(t, theta))
+                break
+        else:
+            found.append((u, theta))
+    axes, orders = [], []
+    for u, theta in found:
+        lead = next(c for c in (2, 1, 0) if abs(float(u[c])) > tol)
+        axes.append(u if float(u[lead]) > 0 else -u)
+        orders.append(round(2.0 * math.pi / theta))
+    keys = sorted(range(len(axes)), key=lambda i: (-orders[i], *(-float(axes[i][c])
+                                                                  for c in (2, 1, 0))))
+    out = torch.stack([axes[i] for i in keys]) if axes else torch.zeros(0, 3, dtype=g.dtype)
+    return out.to(group.dtype), torch.tensor([orders[i] for i in keys], dtype=torch.int64)
