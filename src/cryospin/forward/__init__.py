@@ -3,6 +3,7 @@
 Submodules: :mod:`~cryospin.forward.lattice` (frequency grids, loss disc),
 :mod:`~cryospin.forward.hartley` (centred FFT and Hartley transforms),
 :mod:`~cryospin.forward.slicing` (central slices and their adjoint),
+:mod:`~cryospin.forward.symmetrize` (the group average of a volume grid),
 :mod:`~cryospin.forward.ctf`, :mod:`~cryospin.forward.shifts` and
 :mod:`~cryospin.forward.model` (``render``). Conventions: ``docs/conventions.md``.
 """
@@ -32,6 +33,7 @@ from cryospin.forward.lattice import (
 from cryospin.forward.model import render, render_real
 from cryospin.forward.shifts import phase_shift_fourier, shift_hartley, shift_hartley_grid
 from cryospin.forward.slicing import extract_central_slices, insert_central_slices
+from cryospin.forward.symmetrize import symmetrize_volume
 
 __all__ = [
     "CTFParams",
@@ -57,6 +59,7 @@ __all__ = [
     "negation_permutation",
     "extract_central_slices",
     "insert_central_slices",
+    "symmetrize_volume",
     "shift_hartley",
     "shift_hartley_grid",
     "phase_shift_fourier",
