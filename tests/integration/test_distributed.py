@@ -272,7 +272,7 @@ def test_each_rank_holds_and_preprocesses_only_its_particles(particles, tmp_path
             seen.clear()
             data = plan_and_load(cfg, lazy, shard=shard)
             assert data.preloaded == preloaded and len(data) == N
-            assert data.held.tolist() == owned
+            assert data.rows.held.ids().tolist() == owned
             if preloaded:
                 assert sorted(seen) == owned, "in memory: owned rows preprocessed once"
                 assert data.images.shape[0] == data.hartley.shape[0] == len(owned)

@@ -257,10 +257,10 @@ def test_plan_and_load_holds_only_the_rank_particles(tmp_path, caplog):
             with caplog.at_level(logging.INFO, logger="cryospin.train.memory"):
                 data = plan_and_load(cfg, lazy, shard=Shard(WorldInfo(rank, rank, 3)))
             assert data.preloaded == preloaded  # the same loader on every rank
-            assert data.held.tolist() == list(range(rank, n, 3)) and len(data) == n
+            assert data.rows.held.ids().tolist() == list(range(rank, n, 3)) and len(data) == n
             if preloaded:
                 assert data.images.shape == (len(range(rank, n, 3)), 16, 16)
             logged = " ".join(r.getMessage() for r in caplog.records)
             assert ("on each of the 3 ranks" in logged) == (rank == 0)  # rank 0 logs
-            held.append(data.num_held)
+            held.append(data.rows.held.num_held)
         assert sum(held) == n and max(held) == -(-n // 3)

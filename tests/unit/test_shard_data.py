@@ -24,6 +24,7 @@ from cryospin.train.cache import open_cache
 from cryospin.train.config import DataConfig
 from cryospin.train.data import Batch, TrainingData, num_batches, prepare_data
 from cryospin.train.distributed import Shard, WorldInfo
+from cryospin.train.row_source import StreamedRows
 from cryospin.train.stream import StreamOptions
 
 L = 16
@@ -100,12 +101,13 @@ def test_row_map_of_a_shard_maps_global_indices_to_held_rows_and_refuses_others(
     shard = _shard(1, 3)
     owned = shard.owned(N)  # 1, 4, 7, ...
     data = eager.holding(owned)  # from the whole preloaded data: keep the owned rows
-    assert data.sharded and data.num_held == owned.numel() == len(range(1, N, 3))
+    assert data.rows.held.sharded and data.rows.held.num_held == owned.numel() \
+        == len(range(1, N, 3))
     assert len(data) == N  # global indices throughout
     assert data.images.shape == (owned.numel(), L, L)
-    assert torch.equal(data.local_rows(torch.tensor([1, 4, 7, 13, 4])),
+    assert torch.equal(data.rows.held.local_rows(torch.tensor([1, 4, 7, 13, 4])),
                        torch.tensor([0, 1, 2, 4, 1]))
-    assert torch.equal(data.holds(torch.tensor([0, 1, 2, 3, 4])),
+    assert torch.equal(data.rows.held.holds(torch.tensor([0, 1, 2, 3, 4])),
                        torch.tensor([False, True, False, False, True]))
     idx = torch.tensor([owned[-1], 1, 10])
     _assert_same_rows(data.batch(idx), eager.batch(idx))
@@ -113,7 +115,7 @@ def test_row_map_of_a_shard_maps_global_indices_to_held_rows_and_refuses_others(
         data.batch(torch.tensor([3, 4, 5]))
     with pytest.raises(ValueError, match="not held"):
         lazy.holding(owned).batch(torch.tensor([0]))  # lazy sharded data refuse too
-    assert data.unsharded().held is None and not data.unsharded().preloaded
+    assert not data.unsharded().rows.held.sharded and not data.unsharded().preloaded
     _assert_same_rows(data.unsharded().batch(torch.tensor([0, 2])),
                       eager.batch(torch.tensor([0, 2])))  # reads any particle lazily
     assert eager.unsharded() is eager and eager.holding(None) is eager
@@ -188,7 +190,8 @@ def test_streamed_sharded_epochs_preprocess_only_owned_rows(lazy, preprocessed, 
 def test_streamed_sharded_epochs_from_the_cache_read_owned_rows(lazy, preprocessed,
                                                                  tmp_path, monkeypatch):
     cache = open_cache(lazy.reader, lazy.config, tmp_path)  # built by one process (all rows)
-    whole = dataclasses.replace(lazy, cache=cache)
+    assert isinstance(lazy.rows, StreamedRows)
+    whole = dataclasses.replace(lazy, rows=dataclasses.replace(lazy.rows, cache=cache))
     read_rows: list[int] = []
     real_read = type(cache).read
 

@@ -23,9 +23,10 @@ from cryospin.io.particles import load_particles
 from cryospin.io.pkl import write_cryodrgn_ctf
 from cryospin.sources import storage_layout
 from cryospin.train.batches import batch_sizes
-from cryospin.train.cache import open_cache
+from cryospin.train.cache import PreprocessedCache, open_cache
 from cryospin.train.config import DataConfig, build_config
 from cryospin.train.data import TrainingData, num_batches, prepare_data
+from cryospin.train.row_source import StreamedRows
 from cryospin.train.rows import RowReader
 from cryospin.train.stream import StreamOptions
 
@@ -223,6 +224,12 @@ def test_full_epoch_leaves_no_thread(lazy):
 # ----------------------------------------------------------------------------- cache
 
 
+def _cache(data: TrainingData) -> PreprocessedCache:
+    """The float16 cache the streamed rows of ``data`` read (asserts there is one)."""
+    assert isinstance(data.rows, StreamedRows) and data.rows.cache is not None
+    return data.rows.cache
+
+
 def _assert_f16_close(got: torch.Tensor, want: torch.Tensor) -> None:
     scale = float(want.abs().max())
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * scale)
@@ -231,9 +238,9 @@ def _assert_f16_close(got: torch.Tensor, want: torch.Tensor) -> None:
 def test_cache_round_trip_in_float16_and_reuse(dataset, eager, tmp_path):
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
     data = prepare_data(_particles(dataset), cfg, preload=False).streaming()
-    assert data.cache is not None
-    folder = data.cache.folder
-    assert data.cache.images.dtype == np.float16 and data.cache.hartley.dtype == np.float16
+    cache = _cache(data)
+    folder = cache.folder
+    assert cache.images.dtype == np.float16 and cache.hartley.dtype == np.float16
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     seen = []
     for batch in data.epoch_batches(32, torch.Generator().manual_seed(0), OPTS):
@@ -244,7 +251,7 @@ def test_cache_round_trip_in_float16_and_reuse(dataset, eager, tmp_path):
     assert sorted(torch.cat(seen).tolist()) == list(range(N))
     # same inputs: the cache is reused, not rewritten
     again = prepare_data(_particles(dataset), cfg, preload=False).streaming()
-    assert again.cache.folder == folder
+    assert _cache(again).folder == folder
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
     # the streamed order does not depend on the cache
     plain = [b.indices for b in eager.epoch_batches(32, torch.Generator().manual_seed(0))]
@@ -254,21 +261,21 @@ def test_cache_round_trip_in_float16_and_reuse(dataset, eager, tmp_path):
 def test_cache_is_invalidated_when_inputs_or_config_change(dataset, tmp_path):
     root = tmp_path / "cache"
     base = prepare_data(_particles(dataset), DataConfig(cache_dir=str(root)), preload=False)
-    first = base.streaming().cache.folder
+    first = _cache(base.streaming()).folder
     # preprocessing configuration changed: another cache
     inverted = prepare_data(_particles(dataset),
                             DataConfig(cache_dir=str(root), invert_contrast=True), preload=False)
-    cache_inv = inverted.streaming().cache
+    cache_inv = _cache(inverted.streaming())
     assert cache_inv.folder != first
     assert float(cache_inv.images[0, 0, 0]) == pytest.approx(
         -float(np.load(first / "images.npy")[0, 0, 0]), rel=1e-3)
     # a settings change that does not change the values keeps the cache
     same = prepare_data(_particles(dataset),
                         DataConfig(cache_dir=str(root), max_preload_gb=1.0), preload=False)
-    assert same.streaming().cache.folder == first
+    assert _cache(same.streaming()).folder == first
     # an interrupted build (no meta.json) is rebuilt
     (first / "meta.json").unlink()
-    rebuilt = base.streaming().cache
+    rebuilt = _cache(base.streaming())
     assert (first / "meta.json").is_file() and len(rebuilt) == N
     # the stack file rewritten: another key
     copy = tmp_path / "moved"
@@ -278,7 +285,7 @@ def test_cache_is_invalidated_when_inputs_or_config_change(dataset, tmp_path):
     g = torch.Generator().manual_seed(5)
     write_stack(copy / "s1.mrcs", torch.randn(SIZES[1], L, L, generator=g), 4.0)
     other = prepare_data(_particles(copy), DataConfig(cache_dir=str(root)), preload=False)
-    assert other.streaming().cache.folder != first
+    assert _cache(other.streaming()).folder != first
 
 
 def test_cache_of_a_source_without_stacks_is_skipped(lazy, tmp_path):

@@ -36,10 +36,10 @@ from cryospin.train.batches import (
     num_batches,
     sub_disc,
 )
-from cryospin.train.cache import PreprocessedCache, open_cache
 from cryospin.train.config import DataConfig
-from cryospin.train.rows import InMemoryRows, RowReader, Rows, preprocess_rows
-from cryospin.train.stream import StreamOptions, stream_epoch
+from cryospin.train.row_source import RowSource, StreamedRows
+from cryospin.train.rows import HeldParticles, RowReader, Rows, preprocess_rows
+from cryospin.train.stream import StreamOptions
 
 __all__ = [
     "TrainingData",
@@ -62,22 +62,20 @@ _STATS_IMAGES = 2000
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Preprocessed particles (see the module docstring).
+    """Preprocessed particles (see the module docstring): the metadata every row source shares
+    and one :class:`~cryospin.train.row_source.RowSource`, ``rows``, that :meth:`batch` and
+    :meth:`epoch_batches` delegate to.
 
-    Two sources of training rows behind one :meth:`batch` / :meth:`epoch_batches` interface:
-    **in memory** (``memory``, an :class:`~cryospin.train.rows.InMemoryRows`: every particle
-    preprocessed once) or **streamed** (``memory`` None: :meth:`batch` reads and preprocesses
-    each batch with ``reader`` from its image source, and :meth:`epoch_batches` is the chunked
-    loader of :mod:`cryospin.train.stream`, reading the float16 ``cache`` when one is attached).
-    Both preprocess with the same function (:func:`cryospin.train.rows.preprocess_rows`).
+    The rows are **in memory** (:class:`~cryospin.train.row_source.InMemoryRows`: every held
+    particle preprocessed once) or **streamed** (:class:`~cryospin.train.row_source.StreamedRows`:
+    each batch read and preprocessed with ``reader``, epochs by the chunked loader of
+    :mod:`cryospin.train.stream`, from the float16 cache when one is attached).
+    :func:`prepare_data` returns streamed rows without a cache ("lazy" data), which
+    :meth:`in_memory` or :meth:`streaming` finish.
 
-    **Sharded** (distributed training, :meth:`holding`): the data hold only the particles
-    ``held`` (a rank's shard, ``i mod W == rank``). In memory, the arrays have one row per held
-    particle (``images[k]`` is particle ``held[k]``) and everything stays indexed by *global*
-    particle index: :meth:`batch` maps global indices to rows (:meth:`local_rows`) and raises
-    for particles not held; :meth:`epoch_batches` draws the same global batches as one process
-    and yields the held part of each (:attr:`Batch.global_size` set), reading and preprocessing
-    held particles only. ``num_particles`` stays the global ``N``.
+    **Sharded** (distributed training, :meth:`holding`): the rows hold only the particles of
+    ``rows.held`` (a rank's shard, :class:`~cryospin.train.rows.HeldParticles`); everything
+    stays indexed by *global* particle index and ``num_particles`` stays the global ``N``.
 
     Attributes
     ----------
@@ -96,19 +94,13 @@ class TrainingData:
     image_scale : float
         Factor applied to the raw images.
     use_ctf : bool
+    rows : RowSource
+        Where the batches come from (in memory or streamed; possibly sharded).
     reader : RowReader or None
-        Reads and preprocesses any particle's row from the image source (None: in memory
-        only, other particles cannot be read).
-    memory : InMemoryRows or None
-        The held particles' rows in memory: `(N, L, L)`, `(N, P)`, `(N, P)`; sharded
-        `(n_held, ...)`, row ``k`` is particle ``held[k]``. None: streamed.
+        Reads and preprocesses any particle's row from the image source (None: other
+        particles than those in memory cannot be read).
     config : DataConfig or None
         The preprocessing configuration (keys the on-disk cache).
-    cache : PreprocessedCache or None
-        Float16 preprocessed images read by the streaming loader (``config.cache_dir``).
-    held : `(n_held,)` int64 or None
-        Sharded: the global indices of the particles these data hold, increasing (CPU);
-        None: every particle.
     """
 
     box_px: int
@@ -120,11 +112,9 @@ class TrainingData:
     radial_amplitude: Tensor
     image_scale: float
     use_ctf: bool
+    rows: RowSource
     reader: RowReader | None = None
-    memory: InMemoryRows | None = None
     config: DataConfig | None = None
-    cache: PreprocessedCache | None = None
-    held: Tensor | None = None
 
     def __len__(self) -> int:
         return self.num_particles
@@ -135,22 +125,25 @@ class TrainingData:
 
     @property
     def preloaded(self) -> bool:
-        return self.memory is not None
+        return self.rows.resident is not None
 
     @property
     def images(self) -> Tensor | None:
         """In memory: the images `(n, L, L)` float32 (one row per held particle); else None."""
-        return None if self.memory is None else self.memory.images
+        resident = self.rows.resident
+        return None if resident is None else resident.images
 
     @property
     def hartley(self) -> Tensor | None:
         """In memory: the Hartley values `(n, P)` float32; else None."""
-        return None if self.memory is None else self.memory.hartley
+        resident = self.rows.resident
+        return None if resident is None else resident.hartley
 
     @property
     def ctf(self) -> Tensor | None:
         """In memory: the CTF `(n, P)` float32 (None when the CTF is ignored); else None."""
-        return None if self.memory is None else self.memory.ctf
+        resident = self.rows.resident
+        return None if resident is None else resident.ctf
 
     @property
     def source(self) -> ImageSource | None:
@@ -158,104 +151,25 @@ class TrainingData:
         before the contrast scale ``image_scale``); None without a reader."""
         return None if self.reader is None else self.reader.view
 
-    @property
-    def sharded(self) -> bool:
-        """Whether these data hold only some particles (:attr:`held`)."""
-        return self.held is not None
-
-    @property
-    def num_held(self) -> int:
-        """Number of particles held: ``len(held)``, or ``N`` when not sharded."""
-        return self.num_particles if self.held is None else int(self.held.numel())
-
-    def holds(self, indices: Tensor) -> Tensor:
-        """Boolean mask `(B,)` (CPU): which global particle ``indices`` `(B,)` are held."""
-        idx = indices.detach().cpu().to(torch.int64)
-        if self.held is None:
-            return (idx >= 0) & (idx < self.num_particles)
-        held = self.held
-        if held.numel() == 0:
-            return torch.zeros(idx.shape, dtype=torch.bool)
-        pos = torch.searchsorted(held, idx).clamp_max(held.numel() - 1)
-        return held[pos] == idx
-
-    def local_rows(self, indices: Tensor) -> Tensor:
-        """Rows `(B,)` int64 (CPU) of the held arrays for global particle ``indices`` `(B,)`.
-
-        The identity when not sharded; else the position of each index in :attr:`held`.
-
-        Raises
-        ------
-        ValueError
-            When some of ``indices`` are not held (another rank owns them).
-        """
-        idx = indices.detach().cpu().to(torch.int64)
-        if self.held is None:
-            return idx
-        ok = self.holds(idx)
-        if not bool(ok.all()):
-            missing = idx[~ok]
-            shown = ", ".join(str(int(i)) for i in missing[:5])
-            raise ValueError(
-                f"particles {shown}{', ...' if missing.numel() > 5 else ''} "
-                f"({missing.numel()} of {idx.numel()} requested) are not held by this process, "
-                f"which holds {self.num_held} of {self.num_particles} particles (its shard); "
-                "use TrainingData.unsharded() to read any particle from the stacks"
-            )
-        return torch.searchsorted(self.held, idx)
-
     def batch(self, indices: Tensor) -> Batch:
         """Rows ``indices`` `(B,)` (global particle indices) as a :class:`Batch` (on
         :attr:`device`). Sharded: raises ValueError for particles not held."""
-        idx = indices.to(self.device)
-        rows = self.local_rows(indices)  # (B,) CPU; checks that the particles are held
-        if self.memory is not None:
-            images, hart, ctf = self.memory.take(rows)
-            return Batch(indices=idx, images=images, hartley=hart, ctf=ctf)
-        images, hart, ctf = self.load_rows(indices)
-        dev = self.device
-        return Batch(
-            indices=idx,
-            images=images.to(dev),
-            hartley=hart.to(dev),
-            ctf=None if ctf is None else ctf.to(dev),
-        )
-
-    def load_rows(self, indices: Tensor) -> Rows:
-        """Read and preprocess particles ``indices`` `(c,)` from the image source (CPU,
-        float32; :meth:`RowReader.read`): ``images`` `(c, L, L)`, ``hartley`` `(c, P)`, ``ctf``
-        `(c, P)` or None. Reads any particle (held or not); ``c = 0`` reads nothing."""
-        return self._reader().read(indices)
-
-    def _reader(self) -> RowReader:
-        if self.reader is None:
-            raise ValueError("training data without an image source cannot read particles")
-        return self.reader
+        return self.rows.batch(indices)
 
     def epoch_batches(
         self, batch_size: int, generator: torch.Generator, options: StreamOptions | None = None
     ) -> Iterator[Batch]:
         """The batches of one epoch in random order (drawn from ``generator`` now).
 
-        Preloaded: the permutation of :func:`batch_indices` (seeded runs unchanged). Otherwise
-        the chunked streaming loader (:func:`cryospin.train.stream.stream_epoch`, ``options``
-        a :class:`~cryospin.train.stream.StreamOptions`): chunk order and windows shuffled,
+        In memory: the permutation of :func:`batch_indices` (seeded runs unchanged). Streamed:
+        the chunked loader (:func:`cryospin.train.stream.stream_epoch`, ``options`` a
+        :class:`~cryospin.train.stream.StreamOptions`): chunk order and windows shuffled,
         background prefetch. Both yield :func:`num_batches` batches.
 
         Sharded: the same global batches (the same draws from ``generator``), each reduced to
         the particles held (in the batch's order, possibly none), with ``global_size`` set.
         """
-        if self.preloaded:
-            order = batch_indices(self.num_particles, batch_size, generator)
-            if self.held is None:
-                return (self.batch(idx) for idx in order)
-            return (self._held_part(idx) for idx in order)
-        return stream_epoch(self._reader(), batch_size, generator, options, cache=self.cache,
-                            held=self.held, device=self.device)
-
-    def _held_part(self, indices: Tensor) -> Batch:
-        part = self.batch(indices[self.holds(indices)])
-        return dataclasses.replace(part, global_size=int(indices.numel()))
+        return self.rows.epoch_batches(batch_size, generator, options)
 
     def holding(self, indices: Tensor | None) -> TrainingData:
         """These data restricted to the particles ``indices`` `(n,)` (global, any order;
@@ -266,46 +180,32 @@ class TrainingData:
         ``indices``, which must be held.
         """
         if indices is None:
-            if self.held is None:
-                return self
             return self.unsharded()
-        held = torch.unique(torch.as_tensor(indices, dtype=torch.int64).cpu())  # sorted
-        if held.numel() and (int(held[0]) < 0 or int(held[-1]) >= self.num_particles):
-            raise ValueError(f"particle indices outside 0..{self.num_particles - 1}")
-        if self.memory is None:
-            return dataclasses.replace(self, held=held)
-        return dataclasses.replace(
-            self, memory=InMemoryRows(*self.memory.take(self.local_rows(held))), held=held)
+        held = HeldParticles.of(indices, self.num_particles)
+        return dataclasses.replace(self, rows=self.rows.holding(held))
 
     def unsharded(self) -> TrainingData:
         """Every particle: these data themselves when they hold all; else a lazy view that
         reads and preprocesses any particle from ``source`` on demand (for rank 0's
         diagnostics and final outputs, not for training)."""
-        if self.held is None:
+        if not self.rows.held.sharded:
             return self
         if self.reader is None:
             raise ValueError("sharded training data without a source cannot read other "
                              "particles")
-        return dataclasses.replace(self, memory=None, held=None)
+        every = HeldParticles(self.num_particles)
+        return dataclasses.replace(self, rows=StreamedRows(self.reader, every, self.device))
 
     def in_memory(self) -> TrainingData:
-        """A copy with every particle held (sharded: the :attr:`held` ones only) preprocessed
-        once and kept in memory (on :attr:`device`)."""
-        if self.preloaded:
-            return self
-        ids = torch.arange(self.num_particles) if self.held is None else self.held
-        memory = InMemoryRows.read_all(self._reader(), ids, self.device, _CHUNK)
-        return dataclasses.replace(self, memory=memory, cache=None)
+        """A copy with every particle held (sharded: the held ones only) preprocessed once and
+        kept in memory (on :attr:`device`)."""
+        return dataclasses.replace(self, rows=self.rows.in_memory(_CHUNK))
 
     def streaming(self) -> TrainingData:
         """This lazy data, with the preprocessed-image cache of ``config.cache_dir`` attached
         (built on first use) when one is configured. Sharded: its streamed epochs read and
-        preprocess (or read from the cache) the :attr:`held` particles only."""
-        cache_dir = None if self.config is None else self.config.cache_dir
-        if self.preloaded or cache_dir is None or self.cache is not None:
-            return self
-        return dataclasses.replace(
-            self, cache=open_cache(self._reader(), self.config, cache_dir))
+        preprocess (or read from the cache) the held particles only."""
+        return dataclasses.replace(self, rows=self.rows.with_cache(self.config))
 
     def summary(self) -> dict[str, object]:
         """Small JSON-ready description (sizes, noise, scale)."""
@@ -425,7 +325,8 @@ def prepare_data(
         box_px=L, pixel_size_angstrom=float(particles.pixel_size_angstrom), num_particles=n,
         frequencies=freqs.to(dev), negation_index=neg.to(dev),
         noise_variance=float(noise_var_hartley), radial_amplitude=amplitude,
-        image_scale=float(scale), use_ctf=use_ctf, reader=reader, config=config,
+        image_scale=float(scale), use_ctf=use_ctf,
+        rows=StreamedRows(reader, HeldParticles(n), dev), reader=reader, config=config,
     )
     if preload is False:  # the caller attaches the cache (``streaming()``) or preloads later
         return lazy

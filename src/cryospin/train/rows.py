@@ -1,5 +1,7 @@
 """Training rows: a particle's preprocessed image, its Hartley values on the loss disc and its
-CTF there, made by :class:`RowReader` from an image source or held by :class:`InMemoryRows`.
+CTF there, made by :class:`RowReader` from an image source; :class:`HeldParticles`, the map from
+global particle indices to the rows a (possibly sharded) row source holds. The row sources
+themselves are in :mod:`cryospin.train.row_source`.
 
 Conventions (``docs/conventions.md``): images `(n, L, L)` indexed ``[y, x]``; Hartley values
 of the centred transform (unnormalised forward); frequencies ``(kx, ky)`` in cycles per box on
@@ -20,7 +22,7 @@ from cryospin.forward.ctf import CTFParams, compute_ctf
 from cryospin.forward.hartley import hartley2
 from cryospin.sources import ImageSource, release_pages
 
-__all__ = ["Rows", "RowReader", "InMemoryRows", "preprocess_rows"]
+__all__ = ["Rows", "RowReader", "HeldParticles", "preprocess_rows"]
 
 
 class Rows(NamedTuple):
@@ -130,40 +132,80 @@ class RowReader:
 
 
 @dataclass(frozen=True)
-class InMemoryRows:
-    """Training rows held in memory (one row per held particle, on the training device).
+class HeldParticles:
+    """Which of ``num_particles`` particles a row source holds, and where their rows are.
+
+    Distributed training shards the data: a rank holds the particles ``i mod W == rank``
+    (:meth:`cryospin.train.distributed.Shard.owned`). Everything stays indexed by *global*
+    particle index; a source with one row per held particle finds particle ``indices[k]`` in
+    its row ``k`` (:meth:`local_rows`).
 
     Attributes
     ----------
-    images : `(n, L, L)` float32
-    hartley : `(n, P)` float32
-    ctf : `(n, P)` float32 or None
+    num_particles : int
+        The global ``N``.
+    indices : `(n_held,)` int64 or None
+        The global indices of the particles held, increasing (CPU); None: every particle.
     """
 
-    images: Tensor
-    hartley: Tensor
-    ctf: Tensor | None
-
-    def take(self, rows: Tensor) -> Rows:
-        """The rows ``rows`` `(B,)` int64 (positions in these arrays)."""
-        rows = rows.to(self.images.device)
-        return Rows(self.images[rows], self.hartley[rows],
-                    None if self.ctf is None else self.ctf[rows])
+    num_particles: int
+    indices: Tensor | None = None
 
     @classmethod
-    def read_all(cls, reader: RowReader, ids: Tensor, device: torch.device,
-                 chunk: int) -> InMemoryRows:
-        """Rows of the particles ``ids`` `(n,)` read by ``reader`` in chunks of ``chunk``
-        particles (bounded transient memory), then moved to ``device``."""
-        n, L, P = int(ids.numel()), reader.box_px, int(reader.frequencies.shape[0])
-        images = torch.empty(n, L, L, dtype=torch.float32)
-        hart = torch.empty(n, P, dtype=torch.float32)
-        ctf = torch.empty(n, P, dtype=torch.float32) if reader.use_ctf else None
-        for start in range(0, n, chunk):
-            idx = ids[start:start + chunk]
-            stop = start + int(idx.numel())
-            x, h, c = reader.read(idx)
-            images[start:stop], hart[start:stop] = x, h
-            if ctf is not None and c is not None:
-                ctf[start:stop] = c
-        return cls(images.to(device), hart.to(device), None if ctf is None else ctf.to(device))
+    def of(cls, indices: Tensor, num_particles: int) -> HeldParticles:
+        """The particles ``indices`` `(n,)` (global, any order, repeats allowed) of
+        ``num_particles``; raises ValueError for indices outside ``0..N-1``."""
+        held = torch.unique(torch.as_tensor(indices, dtype=torch.int64).cpu())  # sorted
+        if held.numel() and (int(held[0]) < 0 or int(held[-1]) >= num_particles):
+            raise ValueError(f"particle indices outside 0..{num_particles - 1}")
+        return cls(num_particles, held)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether only some particles are held (:attr:`indices` set)."""
+        return self.indices is not None
+
+    @property
+    def num_held(self) -> int:
+        """Number of particles held: ``len(indices)``, or ``N`` when not sharded."""
+        return self.num_particles if self.indices is None else int(self.indices.numel())
+
+    def ids(self) -> Tensor:
+        """The global indices `(n_held,)` int64 (CPU) of the particles held, increasing."""
+        return torch.arange(self.num_particles) if self.indices is None else self.indices
+
+    def holds(self, indices: Tensor) -> Tensor:
+        """Boolean mask `(B,)` (CPU): which global particle ``indices`` `(B,)` are held."""
+        idx = indices.detach().cpu().to(torch.int64)
+        if self.indices is None:
+            return (idx >= 0) & (idx < self.num_particles)
+        held = self.indices
+        if held.numel() == 0:
+            return torch.zeros(idx.shape, dtype=torch.bool)
+        pos = torch.searchsorted(held, idx).clamp_max(held.numel() - 1)
+        return held[pos] == idx
+
+    def local_rows(self, indices: Tensor) -> Tensor:
+        """Rows `(B,)` int64 (CPU) of the held rows for global particle ``indices`` `(B,)`.
+
+        The identity when not sharded; else the position of each index in :attr:`indices`.
+
+        Raises
+        ------
+        ValueError
+            When some of ``indices`` are not held (another rank owns them).
+        """
+        idx = indices.detach().cpu().to(torch.int64)
+        if self.indices is None:
+            return idx
+        ok = self.holds(idx)
+        if not bool(ok.all()):
+            missing = idx[~ok]
+            shown = ", ".join(str(int(i)) for i in missing[:5])
+            raise ValueError(
+                f"particles {shown}{', ...' if missing.numel() > 5 else ''} "
+                f"({missing.numel()} of {idx.numel()} requested) are not held by this process, "
+                f"which holds {self.num_held} of {self.num_particles} particles (its shard); "
+                "use TrainingData.unsharded() to read any particle from the stacks"
+            )
+        return torch.searchsorted(self.indices, idx)
