@@ -10,7 +10,8 @@ backend, imported only when a figure is drawn: :func:`cryospin.plotting.pyplot`)
   (:func:`~cryospin.report.analysis.head_spread_table`);
 * :func:`plot_orientations` — view directions on the sphere as an equal-area (Mollweide) heat map
   of equal-area bins;
-* :func:`plot_map_views` — central sections and projections (sums) along z, y and x;
+* :func:`plot_map_views` — central sections and projections (sums) along z, y and x, and on
+  the sections the symmetry axes (:mod:`~cryospin.report.map_figure`);
 * :func:`plot_rotation_errors` — histogram of the rotation error against ground-truth poses;
 * :func:`plot_track_errors` — with ``pose_track.npz`` and ground-truth poses: median and mean
   rotation error of the tracked particles against the epoch, the median view-direction and
@@ -50,6 +51,7 @@ from cryospin.report.analysis import (
 )
 from cryospin.report.ground_truth import EpochResolution, TrackErrors, gt_in_run_frame
 from cryospin.report.html import FigureSet
+from cryospin.report.map_figure import plot_map_views
 from cryospin.rundir import FSC_JSON, Stage
 
 if TYPE_CHECKING:  # matplotlib is optional: its types only for the annotations
@@ -300,46 +302,6 @@ def plot_orientations(rotations: Tensor | np.ndarray, path: str | Path, *,
     ax.set_title(title or f"view directions R[2, :] of {n} particles "
                  f"(longitude atan2(y, x), latitude asin z; equal-area)", fontsize=9)
     fig.tight_layout()
-    save_figure(fig, path)
-
-
-def plot_map_views(
-    volume: Tensor | np.ndarray, path: str | Path, *, pixel_size_angstrom: float | None = None
-) -> None:
-    """Central sections (top) and projections (sums, bottom) of a map along z, y and x.
-
-    Parameters
-    ----------
-    volume : `(L, L, L)` indexed ``[z, y, x]``
-        Sections are the planes through voxel ``L//2``; images are drawn with the first
-        in-plane axis up (``origin="lower"``).
-    """
-    vol = np.asarray(volume.detach().cpu() if isinstance(volume, Tensor) else volume,
-                     dtype=np.float64)
-    if vol.ndim != 3:
-        raise ValueError(f"expected a (Z, Y, X) map, got shape {vol.shape}")
-    plt = pyplot()
-    cz, cy, cx = (s // 2 for s in vol.shape)
-    # (image indexed [row, col], row axis name, column axis name)
-    sections = [(vol[cz], "y", "x"), (vol[:, cy, :], "z", "x"), (vol[:, :, cx], "z", "y")]
-    projections = [(vol.sum(0), "y", "x"), (vol.sum(1), "z", "x"), (vol.sum(2), "z", "y")]
-    fig, axes = plt.subplots(2, 3, figsize=(9, 6.6), dpi=110)
-    for col, normal in enumerate(("z", "y", "x")):
-        for row, (images, kind) in enumerate(((sections, "section"), (projections, "projection"))):
-            img, vert, horiz = images[col]
-            ax = axes[row, col]
-            ax.imshow(img, origin="lower", cmap="gray", interpolation="nearest")
-            ax.set_title(f"{kind} along {normal}" + (f" ({normal} = 0)" if row == 0 else ""),
-                         fontsize=9)
-            ax.set_xlabel(f"{horiz} →", fontsize=8)
-            ax.set_ylabel(f"{vert} →", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    size = f"{vol.shape[-1]} px"
-    if pixel_size_angstrom:
-        size += f" at {pixel_size_angstrom:g} Å/px"
-    fig.suptitle(f"map {'×'.join(str(s) for s in vol.shape[::-1])} ({size})", fontsize=10)
-    fig.tight_layout(h_pad=1.5)
     save_figure(fig, path)
 
 

@@ -27,6 +27,7 @@ from cryospin.report.inputs import read_volume
 from cryospin.report.summary import MapVsGT, PosesVsGT, TrackedEpoch
 from cryospin.rotations import geodesic_distance_deg
 from cryospin.rundir import RunData, Stage
+from cryospin.symmetry import point_group_rotations
 from cryospin.train.track import PoseTrack
 
 __all__ = [
@@ -135,12 +136,14 @@ def epoch_resolutions(
 
 # ---------------------------------------------------------------------------- final poses
 def compare_poses_with_gt(rotations: Tensor, shifts: Tensor | None, gt_R: Tensor,
-                          gt_t: Tensor | None, *,
-                          search_hand: bool) -> tuple[PoseErrorResult, PosesVsGT]:
+                          gt_t: Tensor | None, *, search_hand: bool,
+                          symmetry: str | None = None) -> tuple[PoseErrorResult, PosesVsGT]:
     """Pose error of the run's poses against the ground truth: (PoseErrorResult, summary
     fields ``median_rotation_error_deg``, ``mean_rotation_error_deg``,
-    ``fraction_rotation_error_below_10_deg``, ``poses_flipped_vs_gt``)."""
-    result = pose_error(rotations, gt_R, shifts, gt_t, allow_flip=search_hand)
+    ``fraction_rotation_error_below_10_deg``, ``poses_flipped_vs_gt``); modulo the point
+    group ``symmetry`` (each particle against its nearest equivalent pose) unless None."""
+    result = pose_error(rotations, gt_R, shifts, gt_t, allow_flip=search_hand,
+                        symmetry=symmetry)
     err = result.rotation_error_deg
     return result, {
         "median_rotation_error_deg": float(np.median(err)),
@@ -208,28 +211,38 @@ class TrackErrors:
     view_median_deg: np.ndarray
     in_plane_median_deg: np.ndarray
     best_head_median_deg: np.ndarray
+    symmetry: str | None = None
 
 
 def _head_errors_at(track: PoseTrack, row: int, gt: np.ndarray,
-                    result: PoseErrorResult) -> np.ndarray:
+                    result: PoseErrorResult, symmetry: str | None) -> np.ndarray:
     """`(K, M)` geodesic angles (degrees) between every head's rotation in track row ``row``
     and the tracked particles' ground truth ``gt`` `(K, 3, 3)` in the run's frame of
-    ``result`` (that epoch's PoseErrorResult)."""
-    ref = gt_in_run_frame(gt, result)  # (K, 3, 3)
+    ``result`` (that epoch's PoseErrorResult); with a point group ``symmetry``, to the
+    nearest equivalent ``H(R_gt) g A`` (``g`` in the group of that hand's map)."""
+    ref = gt_in_run_frame(gt, result)  # (K, 3, 3): H(R_gt) A
     heads = torch.as_tensor(track.head_rotations[row], dtype=torch.float64)  # (K, M, 3, 3)
-    return geodesic_distance_deg(heads, ref[:, None]).numpy().copy()
+    if symmetry is None:
+        return geodesic_distance_deg(heads, ref[:, None]).numpy().copy()
+    G = point_group_rotations(symmetry)
+    G = flip_hand(G) if result.flipped else G
+    A = torch.as_tensor(np.asarray(result.alignment), dtype=torch.float64)
+    equiv = ref[:, None] @ (A.T @ G @ A)[None]  # (K, G, 3, 3): H(R_gt) g A
+    err = geodesic_distance_deg(heads[:, :, None], equiv[:, None])  # (K, M, G)
+    return err.amin(-1).numpy().copy()
 
 
 def track_errors(
     track: PoseTrack, gt_rotations: Tensor | np.ndarray, *, allow_flip: bool = True,
-    max_epochs: int = 60,
+    max_epochs: int = 60, symmetry: str | None = None,
 ) -> TrackErrors:
     """Per-epoch rotation errors of a :class:`~cryospin.train.track.PoseTrack` against the
     ground-truth rotations of all `(N, 3, 3)` particles (rows ``track.indices`` are used).
 
     At most ``max_epochs`` epochs are evaluated (evenly spread, always with the last one and
     the last auto-encoding epoch; :func:`~cryospin.report.analysis.pick_epochs`): each
-    alignment costs up to ~0.3 s.
+    alignment costs up to ~0.3 s. With a point group ``symmetry``, every error is to the
+    nearest symmetry-equivalent pose (:func:`~cryospin.evaluate.pose_error.pose_error`).
     """
     gt = _as_float64(gt_rotations)[track.indices]  # (K, 3, 3)
     stage1 = track.stage1_mask()
@@ -237,12 +250,13 @@ def track_errors(
     keep = [int(epochs[stage1][-1])] if stage1.any() else []
     chosen = set(pick_epochs(epochs.tolist(), max_epochs, keep=keep))
     rows = [e for e in range(epochs.shape[0]) if int(epochs[e]) in chosen]
-    results = [pose_error(track.rotations[e].astype(np.float64), gt, allow_flip=allow_flip)
-               for e in rows]
+    results = [pose_error(track.rotations[e].astype(np.float64), gt, allow_flip=allow_flip,
+                          symmetry=symmetry) for e in rows]
     best = np.full(len(rows), math.nan)
     for i, (row, result) in enumerate(zip(rows, results, strict=True)):
         if stage1[row]:  # min over heads, ignoring a NaN head
-            best[i] = np.median(np.fmin.reduce(_head_errors_at(track, row, gt, result), axis=1))
+            heads = _head_errors_at(track, row, gt, result, symmetry)  # (K, M)
+            best[i] = np.median(np.fmin.reduce(heads, axis=1))
     return TrackErrors(
         epochs=epochs[rows],
         median_deg=np.array([np.median(r.rotation_error_deg) for r in results]),
@@ -252,6 +266,7 @@ def track_errors(
         view_median_deg=np.array([np.median(r.view_direction_error_deg) for r in results]),
         in_plane_median_deg=np.array([np.median(r.in_plane_error_deg) for r in results]),
         best_head_median_deg=best,
+        symmetry=symmetry,
     )
 
 
@@ -296,4 +311,4 @@ def head_errors(track: PoseTrack, gt_rotations: Tensor | np.ndarray,
     gt = _as_float64(gt_rotations)[track.indices]
     epoch = int(errors.epochs[e])
     row = int(np.flatnonzero(track.epochs == epoch)[0])
-    return epoch, _head_errors_at(track, row, gt, errors.results[e]).T.copy()
+    return epoch, _head_errors_at(track, row, gt, errors.results[e], errors.symmetry).T.copy()

@@ -46,10 +46,19 @@ from cryospin.report.html import (
     format_resolution,
     gold_standard_table,
     halves_summary_rows,
+    symmetry_section,
     write_page,
 )
 from cryospin.report.inputs import ground_truth_on_grid, read_gt_poses, read_poses, read_volume
 from cryospin.report.run_page import write_report
+from cryospin.report.symmetry_check import (
+    DrawnAxes,
+    axes_to_draw,
+    check_symmetry,
+    imposed_symmetry,
+    section_marks,
+    symmetry_summary,
+)
 from cryospin.rundir import HALF_NAMES, HalvesFiles, RunData, load_run
 from cryospin.train.halves import is_halves_run
 
@@ -132,7 +141,8 @@ def _gold_figure(figs: FigureSet, gold: GoldStandardFSC) -> None:
 
 
 def _figures(figs: FigureSet, inp: _Inputs, gt_map: str | Path | None,
-             final_fsc: FSCResult | None, pose_result: PoseErrorResult | None) -> None:
+             final_fsc: FSCResult | None, pose_result: PoseErrorResult | None,
+             drawn: DrawnAxes | None) -> None:
     """Every figure of the page, in page order."""
     _gold_figure(figs, inp.gold)
     if any(h.metrics for h in inp.halves):
@@ -150,8 +160,17 @@ def _figures(figs: FigureSet, inp: _Inputs, gt_map: str | Path | None,
     plot_map_views(inp.volume, figs.add("map_views.png", "Combined map",
                                         "Central sections and projections of map.mrc, the "
                                         "FSC-weighted average of the two aligned half maps "
-                                        "(unmasked, unsharpened)."),
-                   pixel_size_angstrom=inp.apix)
+                                        "(unmasked, unsharpened)" + (
+                                            "." if drawn is None else
+                                            f"; on the sections the {drawn.source} "
+                                            f"{drawn.group} symmetry axes (lines: axes in the "
+                                            "plane, circles: axes piercing it), labelled with "
+                                            "their order.")),
+                   pixel_size_angstrom=inp.apix,
+                   axis_marks=() if drawn is None else section_marks(
+                       drawn, int(inp.volume.shape[-1])),
+                   axes_title="" if drawn is None else
+                   f"{drawn.source} symmetry {drawn.group}: axes labelled by order")
     add_gt_figures(figs, map_path=inp.files.map, gt_map=gt_map, final_fsc=final_fsc,
                    gt_rotations=inp.gt_R, pose_result=pose_result)
 
@@ -206,6 +225,8 @@ def write_halves_report(
                              box_px=int(inp.volume.shape[0]), pixel_size_angstrom=inp.apix)
     final_fsc = pose_result = None
     notes: list[str] = []
+    imposed = imposed_symmetry(inp.halves[0].config)
+    modulo = None if imposed == "C1" else imposed
     if inp.gt is not None:
         final_fsc, aligned, fields = compare_map_with_gt(inp.gt, inp.volume, inp.apix,
                                                          search_hand=search_hand)
@@ -214,15 +235,22 @@ def write_halves_report(
             notes.append(MIRROR_NOTE)
     if inp.gt_R is not None and inp.rotations is not None:  # gt_R implies rotations (read_gt_poses)
         pose_result, pose_fields = compare_poses_with_gt(inp.rotations, inp.shifts, inp.gt_R,
-                                                         inp.gt_t, search_hand=search_hand)
+                                                         inp.gt_t, search_hand=search_hand,
+                                                         symmetry=modulo)
         summary.update(pose_fields)
+    check = check_symmetry(inp.volume, imposed)
+    drawn = axes_to_draw(check)
+    summary["symmetry"] = symmetry_summary(
+        check, pose_errors_modulo=imposed if pose_result is not None else None)
     figs = FigureSet(html_path)
     figs.create()
-    _figures(figs, inp, gt_map, final_fsc, pose_result)
+    _figures(figs, inp, gt_map, final_fsc, pose_result, drawn)
     notes += [_half_links(figs, half_pages), HAND_NOTE]
     config_text = files.config.read_text(encoding="utf-8") if files.config.is_file() else None
     page = build_html(title=f"cryospin gold-standard report: {files.dir.resolve().name}",
                       summary=halves_summary_rows(files.dir, summary), figures=figs.figures,
                       notes=notes, tables=[gold_standard_table(inp.gold)],
-                      config_text=config_text)
+                      config_text=config_text, sections=[symmetry_section(
+                          check, drawn, map_name=files.map.name,
+                          pose_errors_modulo=imposed if pose_result is not None else None)])
     return write_page(figs, summary, page)

@@ -26,12 +26,14 @@ from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.report.analysis import RANDOM_SPREAD_DEG, MetricsLine, json_ready
 from cryospin.report.ground_truth import EpochResolution
 from cryospin.report.summary import HalvesSummary, RunSummary
+from cryospin.report.symmetry_check import DrawnAxes, SymmetryCheck, symmetry_advice
 from cryospin.rundir import RunData, Stage
 
 __all__ = [
     "HAND_NOTE",
     "MIRROR_NOTE",
     "ReportResult",
+    "Section",
     "FigureSet",
     "build_html",
     "write_page",
@@ -42,6 +44,7 @@ __all__ = [
     "epoch_table",
     "halves_summary_rows",
     "gold_standard_table",
+    "symmetry_section",
 ]
 
 #: The handedness paragraph of every report.
@@ -58,6 +61,17 @@ MIRROR_NOTE = ("The map matches the <b>mirror image</b> of the ground truth: the
 
 #: A further table of the page: (title, header, rows), plain-text cells.
 Table = tuple[str, Sequence[str], Sequence[Sequence[str]]]
+
+
+@dataclass(frozen=True)
+class Section:
+    """A section of the page between the notes and the figures: a title, paragraphs of
+    trusted HTML and a table of plain-text cells (none when ``rows`` is empty)."""
+
+    title: str
+    paragraphs: Sequence[str]
+    header: Sequence[str] = ()
+    rows: Sequence[Sequence[str]] = ()
 
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto;
@@ -83,6 +97,7 @@ def build_html(
     notes: Sequence[str] = (),
     tables: Sequence[Table] = (),
     config_text: str | None = None,
+    sections: Sequence[Section] = (),
 ) -> str:
     """A self-contained HTML page (inline CSS, no scripts, no network).
 
@@ -100,6 +115,8 @@ def build_html(
         Further tables after the figures; plain text cells (escaped).
     config_text : str, optional
         ``config.yaml`` shown verbatim.
+    sections : sequence of Section
+        After the notes, before the figures.
     """
     esc = html.escape
     parts = [
@@ -121,6 +138,15 @@ def build_html(
     parts.append("</table>")
     for note in notes:
         parts.append(f'<p class="note">{note}</p>')
+    for sec in sections:
+        parts.append(f"<h2>{esc(sec.title)}</h2>")
+        parts += [f"<p>{p}</p>" for p in sec.paragraphs]
+        if sec.rows:
+            parts += ["<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in sec.header)
+                      + "</tr>"]
+            parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
+                      for row in sec.rows]
+            parts.append("</table>")
     for fig_title, src, caption in figures:
         parts += [
             f"<h2>{esc(fig_title)}</h2>",
@@ -373,3 +399,54 @@ def gold_standard_table(gold: GoldStandardFSC) -> Table:
     return ("Gold-standard FSC resolutions", ["curve", "FSC 0.5", "FSC 0.143"],
             [[name, format_resolution(c.resolution(0.5)), format_resolution(c.resolution(0.143))]
              for name, c in curves])
+
+
+def _axes_sentence(drawn: DrawnAxes | None) -> str:
+    """What the map figure draws of the symmetry axes."""
+    if drawn is None:
+        return "The map figure draws no symmetry axes (C1 imposed, none detected)."
+    counts: dict[int, int] = {}
+    for n in drawn.orders.tolist():
+        counts[n] = counts.get(n, 0) + 1
+    kinds = ", ".join(f"{k} × {n}-fold" for n, k in counts.items())
+    where = ("in RELION's orientation through the box centre" if drawn.source == "imposed"
+             else "in the orientation and about the centre the detection found")
+    return (f"The central sections of the map figure show the axes of the {drawn.source} "
+            f"group {drawn.group} ({kinds}) {where}: a line where an axis lies within 10° of "
+            "the section's plane, a circle where it pierces it, each labelled with its order.")
+
+
+def symmetry_section(check: SymmetryCheck, drawn: DrawnAxes | None, *, map_name: str,
+                     pose_errors_modulo: str | None, max_rows: int = 8) -> Section:
+    """The page's "Symmetry" section: the imposed group, the detected ranking of the map
+    ``map_name`` (the best ``max_rows`` candidates), the advice when they differ, the axes
+    drawn and the group the pose errors were taken modulo."""
+    esc = html.escape
+    paragraphs = [f"Imposed by the run (config.yaml, model.symmetry): <b>{esc(check.imposed)}"
+                  "</b>" + (" (none)." if check.imposed == "C1" else ".")]
+    rows: list[list[str]] = []
+    if check.search is None:
+        paragraphs.append(f"Detected on {esc(map_name)}: – ({esc(check.problem or '')}).")
+    else:
+        sr = check.search
+        paragraphs.append(
+            f"Detected on {esc(map_name)}: <b>{esc(sr.chosen.group)}</b> (score "
+            f"{sr.chosen.score:.3f}; a group needs {sr.threshold:g}; gap to the best rejected "
+            f"group {sr.gap:.3f}; {check.seconds:.1f} s on a whitened 32 px copy, as "
+            "<code>cryospin symmetry</code>). Score: mean correlation of the map with its "
+            "copies turned by the group's rotations (1 = exact symmetry).")
+        rows = [[f.group, str(f.order), f"{f.score:.3f}",
+                 "chosen" if f is sr.chosen else ("accepted" if f.score >= sr.threshold
+                                                  else "")]
+                for f in sr.fits[:max_rows]]
+    advice = symmetry_advice(check)
+    if advice is not None:
+        paragraphs.append(f"<b>{esc(advice)}</b>")
+    paragraphs.append(esc(_axes_sentence(drawn)))
+    if pose_errors_modulo is not None:
+        paragraphs.append(
+            f"Pose errors against the ground truth are taken modulo {esc(pose_errors_modulo)}"
+            " (the run's group): each particle's error is to its nearest symmetry-equivalent "
+            "ground-truth pose." if pose_errors_modulo != "C1" else
+            "Pose errors against the ground truth: no symmetry reduction (C1 imposed).")
+    return Section("Symmetry", paragraphs, ("group", "order", "score", ""), rows)

@@ -47,9 +47,11 @@ from cryospin.report.html import (
     MIRROR_NOTE,
     FigureSet,
     ReportResult,
+    Section,
     build_html,
     epoch_table,
     run_summary_rows,
+    symmetry_section,
     write_page,
 )
 from cryospin.report.inputs import (
@@ -60,6 +62,15 @@ from cryospin.report.inputs import (
     read_volume,
 )
 from cryospin.report.summary import RunSummary
+from cryospin.report.symmetry_check import (
+    DrawnAxes,
+    SymmetryCheck,
+    axes_to_draw,
+    check_symmetry,
+    imposed_symmetry,
+    section_marks,
+    symmetry_summary,
+)
 from cryospin.rundir import RunData, load_run
 from cryospin.train.track import PoseTrack
 
@@ -78,6 +89,7 @@ class _Inputs:
     shifts: Tensor | None  # (N, 2) px
     gt_R: Tensor | None
     gt_t: Tensor | None
+    symmetry: str  # the imposed point group, "C1" = none
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,8 @@ class _Numbers:
     track: PoseTrack | None
     track_err: TrackErrors | None
     track_heads: tuple[int, np.ndarray] | None
+    symmetry: SymmetryCheck | None  # of the final map
+    drawn: DrawnAxes | None  # the axes drawn on its sections
 
 
 def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
@@ -113,7 +127,8 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
     gt_R = gt_t = None
     if gt_poses is not None:
         gt_R, gt_t = read_gt_poses(gt_poses, rotations, box, run.run_dir)
-    return _Inputs(run, volume, apix, gt, rotations, shifts, gt_R, gt_t)
+    return _Inputs(run, volume, apix, gt, rotations, shifts, gt_R, gt_t,
+                   imposed_symmetry(run.config))
 
 
 def _analyse(inp: _Inputs, *, max_epoch_fsc: int, search_hand: bool) -> _Numbers:
@@ -142,18 +157,26 @@ def _analyse(inp: _Inputs, *, max_epoch_fsc: int, search_hand: bool) -> _Numbers
         if aligned.flipped:
             notes.append(MIRROR_NOTE)
     pose_result = track_err = track_heads = track = None
+    modulo = None if inp.symmetry == "C1" else inp.symmetry  # pose errors modulo the group
     if inp.gt_R is not None and inp.rotations is not None:  # gt_R implies rotations (read_gt_poses)
         track = read_track(run.run_dir, inp.gt_R.shape[0])
         if track is not None:
-            track_err = track_errors(track, inp.gt_R, allow_flip=search_hand)
+            track_err = track_errors(track, inp.gt_R, allow_flip=search_hand, symmetry=modulo)
             summary["tracked_rotation_error"] = track_error_rows(track_err)
             if track_err.stage1.any():
                 track_heads = head_errors(track, inp.gt_R, track_err)
         pose_result, pose_fields = compare_poses_with_gt(inp.rotations, inp.shifts, inp.gt_R,
-                                                         inp.gt_t, search_hand=search_hand)
+                                                         inp.gt_t, search_hand=search_hand,
+                                                         symmetry=modulo)
         summary.update(pose_fields)
+    check = drawn = None
+    if inp.volume is not None:
+        check = check_symmetry(inp.volume, inp.symmetry)
+        drawn = axes_to_draw(check)
+        summary["symmetry"] = symmetry_summary(
+            check, pose_errors_modulo=inp.symmetry if pose_result is not None else None)
     return _Numbers(summary, elapsed, notes, resolutions, final_fsc, pose_result, track,
-                    track_err, track_heads)
+                    track_err, track_heads, check, drawn)
 
 
 def _training_figures(figs: FigureSet, metrics: list[MetricsLine], num: _Numbers) -> None:
@@ -214,10 +237,20 @@ def _figures(figs: FigureSet, inp: _Inputs, num: _Numbers, gt_map: str | Path | 
             "frame) of the final poses, binned in equal-area cells on a Mollweide "
             "projection."))
     if inp.volume is not None and run.map_path is not None:
+        drawn = num.drawn
         plot_map_views(inp.volume, figs.add("map_views.png", "Map",
                                             f"Central sections and projections of "
-                                            f"{run.map_path.name}."),
-                       pixel_size_angstrom=inp.apix)
+                                            f"{run.map_path.name}" + (
+                                                "." if drawn is None else
+                                                f"; on the sections the {drawn.source} "
+                                                f"{drawn.group} symmetry axes (lines: axes in "
+                                                "the plane, circles: axes piercing it), "
+                                                "labelled with their order.")),
+                       pixel_size_angstrom=inp.apix,
+                       axis_marks=() if drawn is None else section_marks(
+                           drawn, int(inp.volume.shape[-1])),
+                       axes_title="" if drawn is None else
+                       f"{drawn.source} symmetry {drawn.group}: axes labelled by order")
     if run.map_path is not None:
         add_gt_figures(figs, map_path=run.map_path, gt_map=gt_map, final_fsc=num.final_fsc,
                        gt_rotations=inp.gt_R, pose_result=num.pose_result)
@@ -265,10 +298,15 @@ def write_report(
     figs.create()
     _figures(figs, inp, num, gt_map)
     notes = [*num.notes, HAND_NOTE]
+    sections: list[Section] = []
+    if num.symmetry is not None and run.map_path is not None:
+        sections.append(symmetry_section(
+            num.symmetry, num.drawn, map_name=run.map_path.name,
+            pose_errors_modulo=inp.symmetry if num.pose_result is not None else None))
     if not run.finished:
         notes.insert(0, "This run has not finished: the report shows the last completed epoch.")
     page = build_html(title=f"cryospin run report: {run.run_dir.resolve().name}",
                       summary=run_summary_rows(num.summary, run), figures=figs.figures,
                       notes=notes, tables=[epoch_table(run.metrics, num.elapsed, num.resolutions)],
-                      config_text=run.config_text)
+                      config_text=run.config_text, sections=sections)
     return write_page(figs, num.summary, page)

@@ -15,6 +15,8 @@ __all__ = [
     "TrackedEpoch",
     "MapVsGT",
     "PosesVsGT",
+    "GroupScore",
+    "SymmetrySummary",
     "RunSummary",
     "HalvesSummary",
 ]
@@ -67,6 +69,27 @@ class PosesVsGT(TypedDict):
     poses_flipped_vs_gt: bool
 
 
+class GroupScore(TypedDict):
+    """One candidate group of the symmetry detection and its score."""
+
+    group: str
+    order: int
+    score: float
+
+
+class SymmetrySummary(TypedDict):
+    """The imposed group, the detected ranking of the final map (best first; empty when the
+    detection failed or was skipped, ``problem`` then says why), its wall time, and the group
+    the pose errors against a ground truth were taken modulo (None: no pose comparison)."""
+
+    imposed: str
+    detected: str | None
+    scores: list[GroupScore]
+    detection_s: float
+    problem: str | None
+    pose_errors_modulo: str | None
+
+
 class _GroundTruthFields(TypedDict, total=False):
     """:class:`MapVsGT` and :class:`PosesVsGT`, present when a ground truth was given."""
 
@@ -80,12 +103,18 @@ class _GroundTruthFields(TypedDict, total=False):
     poses_flipped_vs_gt: bool
 
 
+class _SymmetryFields(TypedDict, total=False):
+    """The :class:`SymmetrySummary` of the page's map (pages with a map)."""
+
+    symmetry: SymmetrySummary
+
+
 class _RunRequired(TypedDict):
     run_dir: str
     finished: bool
 
 
-class RunSummary(_RunRequired, _GroundTruthFields, total=False):
+class RunSummary(_RunRequired, _GroundTruthFields, _SymmetryFields, total=False):
     """The summary of one run; the metrics' fields only when ``metrics.jsonl`` has lines."""
 
     particles: int | None
@@ -119,6 +148,6 @@ class _HalvesRequired(TypedDict):
     randomise_from: float
 
 
-class HalvesSummary(_HalvesRequired, _GroundTruthFields):
+class HalvesSummary(_HalvesRequired, _GroundTruthFields, _SymmetryFields):
     """The summary of a ``--halves`` run: per-half lists of epochs and wall times, the
     alignment of half B onto half A and the gold-standard resolutions."""
