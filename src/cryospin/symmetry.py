@@ -21,6 +21,7 @@ from torch import Tensor
 from cryospin.point_group import parse_point_group
 
 __all__ = [
+    "asymmetric_unit",
     "expand_rotations",
     "grid_cosets",
     "point_group_rotations",
@@ -209,3 +210,43 @@ def symmetry_axes(group: Tensor, *, tol: float = 1e-6) -> tuple[Tensor, Tensor]:
                                                                   for c in (2, 1, 0))))
     out = torch.stack([axes[i] for i in keys]) if axes else torch.zeros(0, 3, dtype=g.dtype)
     return out.to(group.dtype), torch.tensor([orders[i] for i in keys], dtype=torch.int64)
+
+
+def asymmetric_unit(rotations: Tensor, group: Tensor, *, tol: float = 1e-9) -> Tensor:
+    """The rotations that lie in the Dirichlet domain of ``G`` about the identity, in order.
+
+    Poses ``R`` and ``R g`` are the same pose of a symmetric particle; the domain holds, of
+    each coset ``R G``, the element nearest the identity: ``R`` is kept when
+    ``angle(R) ≤ angle(R g)`` for every ``g``, i.e. ``tr R ≥ tr(R g)``. A tie (within ``tol``,
+    on the domain's boundary) goes to the coset element whose flattened matrix is
+    lexicographically the largest, so that of a set closed under ``G`` exactly one element of
+    each coset is kept. Of a near-uniform grid of ``N`` rotations about ``N / |G|`` are kept,
+    a grid of the same density over the asymmetric unit.
+
+    Parameters
+    ----------
+    rotations : `(N, 3, 3)`
+        Rotations (cryospin convention).
+    group : `(G, 3, 3)`
+        The point group (:func:`point_group_rotations`), identity first.
+
+    Returns
+    -------
+    `(K, 3, 3)`
+        The kept rotations, in ``rotations``' dtype and order.
+    """
+    R = rotations.to(torch.float64)
+    g = group.to(R)
+    traces = torch.einsum("nij,gji->ng", R, g)  # (N, G): tr(R g)
+    own = traces[:, :1]  # (N, 1): g = identity first
+    keep = ~(traces > own + tol).any(dim=1)  # (N,)
+    tie = ((traces - own).abs() <= tol)
+    tie[:, 0] = False
+    rows = torch.nonzero(keep & tie.any(dim=1)).flatten()  # rare: the domain's boundary
+    if rows.numel():
+        flat = R[rows].reshape(-1, 1, 9)  # (T, 1, 9)
+        diff = (R[rows, None] @ g[None]).reshape(rows.numel(), -1, 9) - flat  # (T, G, 9)
+        first = (diff.abs() > tol).to(torch.int8).argmax(dim=-1, keepdim=True)  # (T, G, 1)
+        loses = (diff.gather(-1, first)[..., 0] > 0) & tie[rows]  # R g is larger: (T, G)
+        keep[rows[loses.any(dim=1)]] = False
+    return rotations[keep]

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 from cryospin.forward.hartley import hartley3, ihartley3
 from cryospin.forward.slicing import extract_central_slices
+from cryospin.forward.symmetrize import symmetrize_volume
+from cryospin.symmetry import grid_cosets, point_group_rotations
 
 __all__ = ["HartleyVolume", "radial_shells", "radial_rms", "radial_amplitude_from_images"]
 
@@ -140,10 +142,17 @@ class HartleyVolume(nn.Module):
         Without ``init``: mantissa ~ ``init_scale · N(0, 1)`` and exponent 0 (float32).
     generator : torch.Generator, optional
         Source of the random mantissa.
+    symmetry : str
+        Point group (``C1``: none; Cn, Dn, T, O, I in RELION's axes, :mod:`cryospin.symmetry`):
+        the volume is the group average of ``mantissa · exp(exponent)``
+        (:func:`~cryospin.forward.symmetrize.symmetrize_volume`), symmetric by construction.
+        Kept in non-persistent buffers: the state dict is the same for every group.
 
     Attributes
     ----------
     mantissa, exponent : nn.Parameter `(L, L, L)`
+    point_group : str
+        ``symmetry`` as given.
     """
 
     def __init__(
@@ -153,11 +162,19 @@ class HartleyVolume(nn.Module):
         init: Tensor | None = None,
         init_scale: float = 1e-2,
         generator: torch.Generator | None = None,
+        symmetry: str = "C1",
     ) -> None:
         super().__init__()
         if box_px < 2:
             raise ValueError(f"box_px must be >= 2, got {box_px}")
         self.box_px = int(box_px)
+        self.point_group = symmetry
+        group = point_group_rotations(symmetry)  # (G, 3, 3) float64
+        cosets, perms = grid_cosets(group) if group.shape[0] > 1 else (None, None)
+        self.symmetry_cosets: Tensor | None
+        self.symmetry_permutations: Tensor | None
+        self.register_buffer("symmetry_cosets", cosets, persistent=False)
+        self.register_buffer("symmetry_permutations", perms, persistent=False)
         if init is not None:
             if init.shape != (box_px,) * 3:
                 raise ValueError(f"init must be {(box_px,) * 3}, got {tuple(init.shape)}")
@@ -174,15 +191,16 @@ class HartleyVolume(nn.Module):
     # ------------------------------------------------------------------ constructors
 
     @classmethod
-    def from_real_space(cls, map_real: Tensor) -> HartleyVolume:
-        """Volume representing ``hartley3(map_real)`` exactly (to rounding).
+    def from_real_space(cls, map_real: Tensor, *, symmetry: str = "C1") -> HartleyVolume:
+        """Volume representing ``hartley3(map_real)`` exactly (to rounding; with a
+        ``symmetry``, its group average).
 
         The exponent is the log of the radially averaged (RMS) amplitude of each shell and the
         mantissa is ``value / exp(exponent)``. Dtype and device follow ``map_real`` `(L, L, L)`.
         """
         if map_real.ndim != 3 or len(set(map_real.shape)) != 1:
             raise ValueError(f"map_real must be a cube (L, L, L), got {tuple(map_real.shape)}")
-        return cls(map_real.shape[-1], init=hartley3(map_real.detach()))
+        return cls(map_real.shape[-1], init=hartley3(map_real.detach()), symmetry=symmetry)
 
     @classmethod
     def ab_initio(
@@ -192,6 +210,7 @@ class HartleyVolume(nn.Module):
         generator: torch.Generator | None = None,
         *,
         mantissa_scale: float = 1.0,
+        symmetry: str = "C1",
     ) -> HartleyVolume:
         """Random volume with the expected power spectrum, for ab initio reconstruction.
 
@@ -210,6 +229,8 @@ class HartleyVolume(nn.Module):
         generator : torch.Generator, optional
         mantissa_scale : float
             Standard deviation of the random mantissa.
+        symmetry : str
+            Point group of the volume (:class:`HartleyVolume`).
         """
         if radial_amplitude.ndim != 1 or radial_amplitude.numel() == 0:
             raise ValueError(
@@ -217,7 +238,7 @@ class HartleyVolume(nn.Module):
             )
         if not bool(torch.isfinite(radial_amplitude).all() and (radial_amplitude > 0).all()):
             raise ValueError("radial_amplitude must be finite and positive")
-        vol = cls(box_px, init_scale=0.0)
+        vol = cls(box_px, init_scale=0.0, symmetry=symmetry)
         exponent = _log_amplitude_field(radial_amplitude.detach(), box_px)
         noise = torch.randn(
             box_px, box_px, box_px, generator=generator, dtype=exponent.dtype,
@@ -231,8 +252,12 @@ class HartleyVolume(nn.Module):
     # ------------------------------------------------------------------ evaluation
 
     def forward(self) -> Tensor:
-        """Hartley coefficients ``mantissa · exp(exponent)``, `(L, L, L)`."""
-        return self.mantissa * self.exponent.exp()
+        """Hartley coefficients ``mantissa · exp(exponent)``, `(L, L, L)`; with a point group,
+        their group average ``(1/|G|) Σ_g V(g k)``."""
+        values = self.mantissa * self.exponent.exp()
+        if self.symmetry_cosets is None or self.symmetry_permutations is None:
+            return values
+        return symmetrize_volume(values, self.symmetry_cosets, self.symmetry_permutations)
 
     def slices(self, rotations: Tensor, frequencies: Tensor | None = None) -> Tensor:
         """Central slices of the volume (one interpolation call for the whole batch).
@@ -257,4 +282,5 @@ class HartleyVolume(nn.Module):
         return ihartley3(self())
 
     def extra_repr(self) -> str:
-        return f"box_px={self.box_px}"
+        sym = "" if self.symmetry_cosets is None else f", symmetry={self.point_group}"
+        return f"box_px={self.box_px}{sym}"

@@ -18,7 +18,8 @@ from cryospin.train.setup import check_resume_config
 ACCEPTED = [["--final-map", "decoder"], ["--epochs", "30"], ["--device", "cpu"],
             ["--threads", "2"], ["--precision", "fp32"], ["--progress-interval", "5"]]
 REFUSED = [["--seed", "3"], ["--batch-size", "16"], ["--heads", "3"], ["--decoder-lr", "0.01"],
-           ["--switch-epoch", "3"], ["--max-memory", "4"], ["--box", "32"]]
+           ["--switch-epoch", "3"], ["--max-memory", "4"], ["--box", "32"],
+           ["--symmetry", "D7"]]
 
 
 def _args(flags: list[str]) -> argparse.Namespace:
@@ -58,3 +59,13 @@ def test_final_map_may_change_on_resume(tmp_path):
 def test_every_refused_flag_is_named():
     refused = cli.refused_on_resume(_args(["--seed", "3", "--epochs", "9", "--heads", "2"]))
     assert refused == ["--heads", "--seed"]
+
+
+def test_symmetry_may_not_change_on_resume(tmp_path):
+    """The volume's group, the search's grid and the final map's symmetry come from
+    ``model.symmetry``: a resume with another group is refused by both checks."""
+    assert "model.symmetry" not in RESUMABLE_OPTIONS
+    assert cli.refused_on_resume(_args(["--symmetry", "C4"])) == ["--symmetry"]
+    assert not _trainer_accepts(["--symmetry", "C4"], tmp_path)
+    assert build_config("default", cli._overrides(_args(["--symmetry", "D7"]))).model.symmetry \
+        == "D7"

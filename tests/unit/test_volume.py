@@ -8,7 +8,9 @@ import torch
 from cryospin.forward.hartley import hartley3
 from cryospin.forward.lattice import disc_frequencies
 from cryospin.forward.slicing import extract_central_slices
+from cryospin.forward.symmetrize import symmetrize_volume
 from cryospin.rotations import random_rotations
+from cryospin.symmetry import grid_cosets, point_group_rotations
 from cryospin.volume import (
     HartleyVolume,
     radial_amplitude_from_images,
@@ -171,3 +173,22 @@ def test_fitting_slices_of_a_known_volume_decreases_the_loss() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], losses[::10]
+
+
+def test_symmetry_averages_the_volume_and_keeps_the_state_dict() -> None:
+    """With a point group the volume is the group average of ``mantissa · exp(exponent)``
+    (exactly G-invariant for a permutation group); its buffers are not in the state dict, so
+    a checkpoint loads into a volume of any group."""
+    gen = torch.Generator().manual_seed(0)
+    plain = HartleyVolume(7, generator=gen)
+    sym = HartleyVolume(7, symmetry="D2")
+    sym.load_state_dict(plain.state_dict())
+    assert set(sym.state_dict()) == set(plain.state_dict()) == {"mantissa", "exponent"}
+    out = sym()
+    torch.testing.assert_close(out, symmetrize_volume(plain(), *grid_cosets(
+        point_group_rotations("D2"))))
+    torch.testing.assert_close(out, out.flip(1, 2), rtol=0, atol=1e-7)  # the 2-fold about z
+    assert HartleyVolume(7, symmetry="C1").symmetry_cosets is None
+    assert "symmetry=D2" in repr(sym)
+    out.sum().backward()
+    assert sym.mantissa.grad is not None

@@ -42,6 +42,7 @@ _OVERRIDES = {
     "head": ("model", "head"),
     "encoder_input": ("model", "encoder_input"),
     "pooling": ("model", "pooling"),
+    "symmetry": ("model", "symmetry"),
     "method": ("schedule", "method"),
     "batch_size": ("optim", "batch_size"),
     "encoder_lr": ("optim", "encoder_lr"),

@@ -29,6 +29,7 @@ from cryospin.losses import gaussian_nll
 from cryospin.pose import PoseTable
 from cryospin.rotations import geodesic_distance_deg, quaternion_to_matrix, so3_exp, so3_log
 from cryospin.rundir import Stage
+from cryospin.symmetry import asymmetric_unit, point_group_rotations
 from cryospin.train.autoencode import EpochStats
 from cryospin.train.data import Batch, LossDisc, TrainingData, sub_disc
 from cryospin.train.distributed import Shard, local_batches
@@ -106,9 +107,16 @@ class RotationSearch:
 
     @classmethod
     def build(cls, data: TrainingData, num_rotations: int, radius_px: float,
-              shifts_px: Tensor | None = None) -> RotationSearch:
-        """Super-Fibonacci grid of ``num_rotations`` on the disc ``|k| ≤ radius_px``."""
-        grid = super_fibonacci_rotations(num_rotations).to(data.frequencies.device)
+              shifts_px: Tensor | None = None, symmetry: str = "C1") -> RotationSearch:
+        """Super-Fibonacci grid of ``num_rotations`` on the disc ``|k| ≤ radius_px``; with a
+        point group, only its points in one asymmetric unit
+        (:func:`cryospin.symmetry.asymmetric_unit`: the density stays that of
+        ``num_rotations`` over SO(3), about ``num_rotations / |G|`` rotations are searched)."""
+        grid = super_fibonacci_rotations(num_rotations)
+        group = point_group_rotations(symmetry)
+        if group.shape[0] > 1:
+            grid = asymmetric_unit(grid, group)
+        grid = grid.to(data.frequencies.device)
         shifts = None if shifts_px is None else shifts_px.to(data.frequencies)
         return cls(grid, sub_disc(data.frequencies, data.box_px, radius_px), shifts)
 

@@ -164,7 +164,7 @@ class OptimConfig:
     pose_steps_per_batch : int
         Pose steps per batch before the one volume step (stage 2).
     search_rotations : int
-        Size of the rotation grid of the global search (``schedule.search_epochs``).
+        Rotations of the global search's grid over SO(3) (``schedule.search_epochs``).
     search_radius_px : float
         Radius (cycles per box) of the low-frequency disc the global search is scored on
         (in the first search epoch).

@@ -550,7 +550,8 @@ def _rotation_search(config: Config, data: TrainingData,
     shifts = None
     if config.model.predict_shifts and o.search_shift_step_px is not None:
         shifts = shift_grid(config.model.max_shift_px, o.search_shift_step_px)
-    return RotationSearch.build(data, o.search_rotations, radius, shifts_px=shifts)
+    return RotationSearch.build(data, o.search_rotations, radius, shifts_px=shifts,
+                                symmetry=config.model.symmetry)
 
 
 # --------------------------------------------------------------------------- helpers

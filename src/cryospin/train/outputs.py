@@ -8,7 +8,8 @@ new one is complete). ``pose_track.npz`` is written before it by
 
 At the end (:func:`write_final`): ``map.mrc`` — with ``run.final_map = "backprojection"``
 (default) the CTF-corrected Wiener backprojection of the training images from the final poses
-(:func:`final_backprojection`), the trained volume kept as ``map_decoder.mrc`` and their FSC
+(:func:`final_backprojection`; with ``model.symmetry`` each image inserted at its ``|G|``
+symmetry-related poses), the trained volume kept as ``map_decoder.mrc`` and their FSC
 as the convergence check ``convergence_fsc.json`` (:mod:`cryospin.train.convergence`; not a
 resolution) — ``poses.star`` (RELION 3.1, every input column carried), ``poses.pkl``
 (cryoDRGN) and, for a ``.cs`` input, ``poses.cs``. Shifts are written in the original
@@ -31,6 +32,7 @@ from cryospin.io.mrc import write_map
 from cryospin.io.particle_set import ParticleSet
 from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
 from cryospin.rundir import Checkpoint, EpochMetrics, RunFiles, Stage, append_metrics
+from cryospin.symmetry import point_group_rotations
 from cryospin.train.autoencode import EpochStats
 from cryospin.train.config import Config
 from cryospin.train.convergence import record_convergence_check
@@ -112,7 +114,8 @@ def write_final(
         with (feedback or Feedback()).start("final map: backprojection",
                                             rotations.shape[0]) as progress:
             real = final_backprojection(particles, data, rotations, shifts_px,
-                                        seed=config.run.seed, on_batch=progress.update)
+                                        seed=config.run.seed, on_batch=progress.update,
+                                        symmetry=config.model.symmetry)
         # logged and written as a convergence check, never as a resolution (use --halves)
         record_convergence_check(files.convergence, real, trained,
                                  pixel_size_angstrom=data.pixel_size_angstrom,
@@ -153,6 +156,7 @@ def final_backprojection(
     *,
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    symmetry: str = "C1",
 ) -> torch.Tensor:
     """The final map: Wiener backprojection of the training images from the final poses.
 
@@ -171,6 +175,9 @@ def final_backprojection(
         Seed of the half-set split that estimates the Wiener filter's SNR.
     on_batch : callable, optional
         Called after each batch of the backprojection with its number of images.
+    symmetry : str
+        Point group (:mod:`cryospin.symmetry`): each image is inserted at its ``|G|``
+        symmetry-related poses ``R g`` (``"C1"``: once).
 
     Returns
     -------
@@ -185,12 +192,13 @@ def final_backprojection(
     source = data.source if data.source is not None else particles
     # a training source's CTF table is the particles' CTFParams (ParticleSet and its views)
     ctf = cast("CTFParams | None", source.ctf if data.use_ctf else None)
+    group = point_group_rotations(symmetry)  # (G, 3, 3)
     result = backproject(
         _TrainingImages(data), rotations.detach().cpu().double(),
         None if shifts_px is None else shifts_px.detach().cpu().double(), ctf,
         box_px=data.box_px, pixel_size_angstrom=data.pixel_size_angstrom, seed=seed,
-        on_batch=on_batch,
+        on_batch=on_batch, symmetry=group if group.shape[0] > 1 else None,
     )
-    logger.info("final map: Wiener backprojection of %d images from the final poses",
-                rotations.shape[0])
+    logger.info("final map: Wiener backprojection of %d images from the final poses%s",
+                rotations.shape[0], "" if group.shape[0] == 1 else f", symmetry {symmetry}")
     return result.volume.float()

@@ -8,7 +8,8 @@ restore the training state.
 * :func:`resolve_device` — the device named by ``run.device``;
 * :func:`load_training_data` — preprocessing and the memory plan (:mod:`cryospin.train.data`,
   :mod:`cryospin.train.memory`);
-* :func:`initial_state` — the volume initialised from the data's radial amplitude, the encoder
+* :func:`initial_state` — the volume initialised from the data's radial amplitude (averaged
+  over ``model.symmetry`` at every evaluation), the encoder
   in the chosen arithmetic and the optimisers (:class:`cryospin.train.state.TrainState`), or
   that state restored from the checkpoint.
 """
@@ -150,7 +151,8 @@ def initial_state(config: Config, files: RunFiles, data: TrainingData, device: t
     With K = 0 the switch happens before epoch 1: poses from the untrained encoder."""
     init_gen = torch.Generator(device="cpu").manual_seed(config.run.seed + 1)
     volume = HartleyVolume.ab_initio(
-        data.box_px, data.radial_amplitude.cpu(), generator=init_gen
+        data.box_px, data.radial_amplitude.cpu(), generator=init_gen,
+        symmetry=config.model.symmetry,
     ).to(device)
     stage = Stage.AUTOENCODE if ckpt is None else ckpt.stage
     precision = (choose_precision(config, data.box_px, device, shard)

@@ -17,6 +17,7 @@ examples:
   cryospin reconstruct --resume run1                 # continue after Ctrl-C, SIGTERM, a crash
   cryospin reconstruct --resume run1 --epochs 40     # train longer
   cryospin reconstruct particles.star -o run3 --halves   # gold-standard half maps and FSC
+  cryospin reconstruct particles.star -o run4 --symmetry D7   # a D7-symmetric particle
 """
 
 from __future__ import annotations
@@ -106,6 +107,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pooling", choices=["adaptive", "vgg16"],
                    help="max-pools of the encoder trunk: adaptive (a 2x2 map at least) or "
                         "vgg16 (always 5)")
+    g.add_argument("--symmetry", metavar="GROUP",
+                   help="point group of the particle, in RELION's axes (Cn, Dn, T, O, I or "
+                        "I1..I4; docs/conventions.md, \"Symmetry\"; default C1: none): the "
+                        "volume is averaged over the group at every step, the global search "
+                        "covers one asymmetric unit (--search-rotations stays the density "
+                        "over all rotations) and the final map is a symmetric backprojection")
     g.add_argument("--method", choices=["semi-amortized", "amortized", "cryoai"],
                    help="semi-amortized (cryoSPIN, default); baselines that never switch: "
                         "amortized (multi-head winner-take-all throughout), cryoai (one head "
