@@ -1,7 +1,7 @@
 """The report's "Symmetry" section and the symmetry axes on the map figure, on small synthetic
 run folders (no training): a D7 blob map with D7 imposed, the same map turned with C1 imposed
 (the detected D7 drawn in its found orientation), an asymmetric map (C1, nothing drawn), and
-pose errors modulo the imposed group."""
+pose errors (final and tracked) modulo the imposed group."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from cryospin.evaluate.pose_error import flip_hand
 from cryospin.io.mrc import write_map
 from cryospin.io.star import relion_euler_from_rotation
 from cryospin.report import write_report
+from cryospin.report.ground_truth import head_errors, track_errors
 from cryospin.report.map_figure import plot_map_views
 from cryospin.report.symmetry_check import (
     AxisMark,
@@ -30,6 +32,7 @@ from cryospin.report.symmetry_check import (
 )
 from cryospin.rotations import random_rotations
 from cryospin.symmetry import point_group_rotations, symmetry_axes
+from cryospin.train.track import PoseTrack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_symmetry_search import blob_centres, blob_map  # noqa: E402  (the detection's maps)
@@ -189,3 +192,25 @@ def test_pose_errors_are_modulo_the_imposed_group(tmp_path: Path) -> None:
     assert result.summary["symmetry"]["pose_errors_modulo"] == "D7"
     text = result.html_path.read_text(encoding="utf-8")
     assert "Pose errors against the ground truth are taken modulo D7" in text
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_tracked_errors_are_modulo_the_group(flipped: bool) -> None:
+    n, g = 30, torch.Generator().manual_seed(7)
+    gt = random_rotations(n, generator=g)
+    A = random_rotations(1, generator=g)[0]
+    mates = gt @ point_group_rotations("D7")[torch.randint(1, 14, (n,), generator=g)]
+    pred = ((flip_hand(mates) if flipped else mates) @ A).numpy()  # symmetry mates, run frame
+    heads = np.stack([random_rotations(n, generator=g).numpy(), pred], axis=1)  # (N, 2, 3, 3)
+    track = PoseTrack(
+        indices=np.arange(n, dtype=np.int64), epochs=np.array([1], dtype=np.int64),
+        rotations=pred[None].astype(np.float32), shifts_px=np.zeros((1, n, 2), np.float32),
+        head_rotations=heads[None].astype(np.float32),
+        head_losses=np.zeros((1, n, 2), np.float32))
+    modulo = track_errors(track, gt, symmetry="D7")
+    assert modulo.median_deg[0] < 1e-3 and modulo.best_head_median_deg[0] < 1e-3
+    assert bool(modulo.results[0].flipped) == flipped
+    _, per_head = head_errors(track, gt, modulo)  # (M, K)
+    assert float(per_head[1].max()) < 1e-3 and float(np.median(per_head[0])) > 10
+    plain = track_errors(track, gt)
+    assert plain.median_deg[0] > 10
