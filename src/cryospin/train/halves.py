@@ -15,7 +15,9 @@ Phases of :func:`fit_halves`:
    particle file, named as ``input.ind`` in its ``config.yaml``. On resume, a finished half is
    skipped, an interrupted one resumed from its checkpoint, a missing one started.
 3. **combination** (:func:`combine_halves`) — half B's ``map.mrc`` is aligned onto half A's
-   (rotation, translation and hand, :func:`cryospin.evaluate.align.align_maps`); the FSC is
+   (rotation, translation and hand, :func:`cryospin.evaluate.align.align_maps`; with
+   ``model.symmetry`` the aligned half B is averaged over the group again, the half maps being
+   symmetric backprojections, :mod:`cryospin.train.outputs`); the FSC is
    computed unmasked and within a soft mask whose threshold comes from the halves' noise
    (:func:`cryospin.evaluate.masks.half_map_mask`), with the phase-randomisation correction
    (:func:`cryospin.evaluate.gold_standard.evaluate_half_maps`); the halves are averaged with
@@ -54,6 +56,7 @@ from cryospin.evaluate.gold_standard import (
     poses_in_aligned_frame,
     write_postprocess_star,
 )
+from cryospin.forward.symmetrize import symmetrize_volume
 from cryospin.io.cs import write_cryosparc
 from cryospin.io.identity import check_same_particles, particle_set_identity, save_identity
 from cryospin.io.mrc import read_map, write_map
@@ -65,6 +68,7 @@ from cryospin.io.particles import (
 )
 from cryospin.io.star import read_relion_star
 from cryospin.plotting import plot_fsc
+from cryospin.point_group import parse_point_group
 from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from here
     CHECKPOINT,
     HALF_INDICES,
@@ -77,6 +81,7 @@ from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from 
     search_stopped_after,
 )
 from cryospin.runlock import describe_command, folder_lock
+from cryospin.symmetry import grid_cosets, point_group_rotations
 from cryospin.train.config import Config, ScheduleConfig, save_config
 from cryospin.train.fit import TrainingInterrupted, fit
 from cryospin.train.runlog import header_line, run_log, start_run_log
@@ -438,6 +443,11 @@ def _combine(
     log.info("aligning half B onto half A (rotation, shift, hand)")
     align = align_maps(map_a, map_b, search_hand=True)
     b_aligned = align.aligned.double()
+    if parse_point_group(config.model.symmetry).order > 1:
+        # both halves are symmetric about the same axes; the alignment's resampling is not
+        # exactly: average it over the group again (exact for signed permutations)
+        b_aligned = symmetrize_volume(b_aligned,
+                                      *grid_cosets(point_group_rotations(config.model.symmetry)))
     gold, made = evaluate_half_maps(map_a, b_aligned, pixel_size_angstrom=pixel_size,
                                     seed=config.run.seed, dilate_px=mask_dilate_px,
                                     soft_edge_px=mask_soft_edge_px)
