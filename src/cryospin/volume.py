@@ -146,7 +146,8 @@ class HartleyVolume(nn.Module):
         Point group (``C1``: none; Cn, Dn, T, O, I in RELION's axes, :mod:`cryospin.symmetry`):
         the volume is the group average of ``mantissa · exp(exponent)``
         (:func:`~cryospin.forward.symmetrize.symmetrize_volume`), symmetric by construction.
-        Kept in non-persistent buffers: the state dict is the same for every group.
+        Kept out of the state dict (a non-persistent buffer and a CPU attribute): the state
+        dict is the same for every group.
 
     Attributes
     ----------
@@ -172,9 +173,9 @@ class HartleyVolume(nn.Module):
         group = point_group_rotations(symmetry)  # (G, 3, 3) float64
         cosets, perms = grid_cosets(group) if group.shape[0] > 1 else (None, None)
         self.symmetry_cosets: Tensor | None
-        self.symmetry_permutations: Tensor | None
-        self.register_buffer("symmetry_cosets", cosets, persistent=False)
-        self.register_buffer("symmetry_permutations", perms, persistent=False)
+        self.register_buffer("symmetry_cosets", cosets, persistent=False)  # on the device
+        # read as integers on every call: kept on the CPU (no device sync), not a buffer
+        self.symmetry_permutations = perms
         if init is not None:
             if init.shape != (box_px,) * 3:
                 raise ValueError(f"init must be {(box_px,) * 3}, got {tuple(init.shape)}")
