@@ -146,8 +146,8 @@ class HartleyVolume(nn.Module):
         Point group (``C1``: none; Cn, Dn, T, O, I in RELION's axes, :mod:`cryospin.symmetry`):
         the volume is the group average of ``mantissa · exp(exponent)``
         (:func:`~cryospin.forward.symmetrize.symmetrize_volume`), symmetric by construction.
-        Kept out of the state dict (a non-persistent buffer and a CPU attribute): the state
-        dict is the same for every group.
+        Kept out of the state dict (CPU attributes, not buffers): the state dict is the same
+        for every group.
 
     Attributes
     ----------
@@ -172,9 +172,9 @@ class HartleyVolume(nn.Module):
         self.point_group = symmetry
         group = point_group_rotations(symmetry)  # (G, 3, 3) float64
         cosets, perms = grid_cosets(group) if group.shape[0] > 1 else (None, None)
-        self.symmetry_cosets: Tensor | None
-        self.register_buffer("symmetry_cosets", cosets, persistent=False)  # on the device
-        # read as integers on every call: kept on the CPU (no device sync), not a buffer
+        # read as numbers on every call: CPU attributes (no device sync), not buffers, so
+        # the state dict is that of C1
+        self.symmetry_cosets = cosets
         self.symmetry_permutations = perms
         if init is not None:
             if init.shape != (box_px,) * 3:

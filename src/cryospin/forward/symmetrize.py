@@ -13,10 +13,12 @@ The group is given split as ``G = {h p : h ∈ H, p ∈ P}`` (``cryospin.symmetr
     V_sym(k) = (1/|G|) Σ_p U(p k),
 
 since ``V(h p k) = U_h(p k)``: ``|H| − 1`` trilinear resamplings and ``|P|`` exact flips and
-transposes instead of ``|G|`` resamplings (O: none; D7: 6; I: 4). ``U`` is computed on the grid
-extended by ``+L/2`` for even ``L`` (``V`` reads 0 there, ``V(h m)`` need not), so the result
-is the definition at every grid point. The operator is linear, and autograd gives its adjoint
-(``grid_sample``'s backward).
+transposes instead of ``|G|`` resamplings (O: none; D7: 6; I: 4); a rotation about ``z``
+(those of Cn and Dn) keeps the planes ``z``: one bilinear resampling shared by the planes.
+``U`` is computed on the grid extended by ``+L/2`` for even ``L`` (``V`` reads 0 there,
+``V(h m)`` need not), so the result is the definition at every grid point. The operator is
+linear, and autograd gives its adjoint (``grid_sample``'s backward).
+
 For a permutation group the result is exactly invariant, ``V_sym(p k) = V_sym(k)`` wherever
 ``p k`` lies on the grid (for even ``L`` a sign flip sends the ``−L/2`` faces off it), and
 idempotent on the points whose whole orbit lies on the grid (every point for odd ``L``).
@@ -37,22 +39,36 @@ def _extended_size(L: int) -> int:
     return L + 1 if L % 2 == 0 else L
 
 
-def _centred_points(L: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """xyz coordinates ``k`` of every point of the extended grid `(M, M, M, 3)`, indexed
-    ``[z, y, x]``."""
-    k = torch.arange(_extended_size(L), dtype=dtype, device=device) - L // 2  # (M,)
-    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
-    return torch.stack([x, y, z], dim=-1)  # (M, M, M, 3)
+def _coordinates(L: int, M: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``k = −L//2 … M − 1 − L//2`` `(M,)`."""
+    return torch.arange(M, dtype=dtype, device=device) - L // 2
 
 
-def _resampled(volume: Tensor, rotation: Tensor, points: Tensor) -> Tensor:
-    """``V(h m)`` at the points ``m`` `(..., 3)` (trilinear, zero outside), `(...)`."""
+def _resampled(volume: Tensor, rotation: list[list[float]], M: int) -> Tensor:
+    """``V(h m)`` (trilinear, zero outside) at the points ``m`` of the ``M³`` grid ``k = −L//2
+    … M − 1 − L//2`` per axis, `(M, M, M)` ``[z, y, x]``.
+
+    A rotation about ``z`` keeps each plane ``z``: one bilinear resampling shared by the
+    planes (the trilinear one's weights, the ``z`` coordinate being exact), planes beyond the
+    volume zero. Otherwise one trilinear ``grid_sample`` of the ``M³`` points."""
     L = volume.shape[-1]
-    q = points @ rotation.T  # (..., 3): h m as row vectors
-    grid = (q + (L // 2)) * (2.0 / (L - 1)) - 1.0  # align_corners=True, as in slicing
-    out = F.grid_sample(volume[None, None], grid.reshape(1, 1, 1, -1, 3), mode="bilinear",
-                        padding_mode="zeros", align_corners=True)  # (1, 1, 1, 1, S)
-    return out.reshape(points.shape[:-1])
+    k = _coordinates(L, M, volume.dtype, volume.device)
+    scale = 2.0 / (L - 1)  # align_corners=True, as in slicing: index i -> −1 + 2 i / (L − 1)
+    (a, b, c), (d, e, f), (g, h, i) = rotation
+    if abs(c) + abs(f) + abs(g) + abs(h) == 0 and i == 1:  # about z
+        y, x = k[:, None], k[None, :]
+        grid = torch.stack([a * x + b * y, d * x + e * y], dim=-1)  # (M, M, 2): (x, y) of h m
+        grid = (grid + L // 2) * scale - 1.0
+        planes = F.grid_sample(volume[None], grid[None], mode="bilinear",
+                               padding_mode="zeros", align_corners=True)[0]  # (L, M, M)
+        return F.pad(planes, (0, 0, 0, 0, 0, M - L))  # (M, M, M)
+    z, y, x = k[:, None, None], k[None, :, None], k[None, None, :]
+    grid = torch.stack([a * x + b * y + c * z, d * x + e * y + f * z, g * x + h * y + i * z],
+                       dim=-1)  # (M, M, M, 3): h m, xyz
+    grid = (grid + L // 2) * scale - 1.0
+    out = F.grid_sample(volume[None, None], grid[None], mode="bilinear", padding_mode="zeros",
+                        align_corners=True)  # (1, 1, M, M, M)
+    return out[0, 0]
 
 
 def _permuted(summed: Tensor, perm: list[list[int]]) -> Tensor:
@@ -83,10 +99,11 @@ def symmetrize_volume(volume: Tensor, cosets: Tensor, permutations: Tensor) -> T
         Real volume on the centred grid, indexed ``[z, y, x]`` (e.g. a Hartley volume).
     cosets : `(H, 3, 3)`
         One element ``h`` of each coset ``h P``, the identity first (its resampling is
-        skipped); rotations left-multiplying xyz column vectors.
+        skipped); rotations left-multiplying xyz column vectors. Read as numbers (on the CPU:
+        keep it there to avoid a device sync).
     permutations : `(P, 3, 3)`
         The group's signed permutation matrices (entries exactly 0, ±1; a subgroup), so that
-        ``G = {h p}`` has ``H · P`` elements.
+        ``G = {h p}`` has ``H · P`` elements. Read as numbers, like ``cosets``.
 
     Returns
     -------
@@ -102,15 +119,12 @@ def symmetrize_volume(volume: Tensor, cosets: Tensor, permutations: Tensor) -> T
         raise ValueError("permutations must be (P, 3, 3) signed permutation matrices")
     L = int(volume.shape[-1])
     order = cosets.shape[0] * perms.shape[0]
-    if perms.shape[0] == 1:  # U on the L³ grid is enough
-        points = _centred_points(L, volume.dtype, volume.device)[:L, :L, :L]
-        summed = volume
-    else:  # U on the extended grid (+L/2 of an even L: V reads 0 there, V(h m) need not)
-        points = _centred_points(L, volume.dtype, volume.device)
-        pad = _extended_size(L) - L
-        summed = F.pad(volume, (0, pad, 0, pad, 0, pad))  # (M, M, M)
-    for h in cosets.to(volume)[1:]:
-        summed = summed + _resampled(volume, h, points)
+    # U on the L³ grid, or with permutations on the extended grid (+L/2 of an even L: V
+    # reads 0 there, V(h m) need not)
+    M = L if perms.shape[0] == 1 else _extended_size(L)
+    summed = F.pad(volume, (0, M - L, 0, M - L, 0, M - L))  # (M, M, M)
+    for h in cosets.detach().cpu().to(torch.float64).tolist()[1:]:
+        summed = summed + _resampled(volume, h, M)
     if perms.shape[0] == 1:
         return summed / order
     rows = perms.to(torch.int64).tolist()
