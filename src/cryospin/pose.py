@@ -215,6 +215,20 @@ class PoseTable(nn.Module):
             self.shifts_px[idx] = t
 
     @torch.no_grad()
+    def replace_poses(self, rotations: Tensor, shifts_px: Tensor) -> None:
+        """Every row's pose replaced (`(N, 3, 3)`, `(N, 2)` px; clamped to ``max_shift_px``)
+        and its Adam moments and step counts zeroed: the poses of another frame."""
+        if rotations.shape != self.rotations.shape or shifts_px.shape != self.shifts_px.shape:
+            raise ValueError(f"poses {tuple(rotations.shape)}, {tuple(shifts_px.shape)} for a "
+                             f"table of {len(self)} rows")
+        shifts = shifts_px.to(self.shifts_px)
+        if self.max_shift_px is not None:
+            shifts = shifts.clamp(-self.max_shift_px, self.max_shift_px)
+        self.rotations.copy_(rotations.to(self.rotations))
+        self.shifts_px.copy_(shifts)
+        self.reset_optimizer_state()
+
+    @torch.no_grad()
     def reset_optimizer_state(self) -> None:
         """Zero every row's Adam moments and step counts (poses are kept)."""
         for buf in (self.exp_avg_rot, self.exp_avg_sq_rot, self.exp_avg_shift,

@@ -219,7 +219,8 @@ def run_posteriors(
     data = prepare_data(sub, dataclasses.replace(config.data, max_preload_gb=1e9))
     if data.hartley is None:
         raise InputError("could not preload the chosen particles", particles.source)
-    volume = HartleyVolume(data.box_px, init_scale=0.0, symmetry=config.model.symmetry)
+    volume = HartleyVolume(data.box_px, init_scale=0.0,  # older checkpoints: model.symmetry
+                           symmetry=ckpt.volume_symmetry or config.model.symmetry)
     try:
         volume.load_state_dict(ckpt.volume)
     except RuntimeError:

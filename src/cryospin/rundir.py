@@ -215,9 +215,9 @@ class Checkpoint:
 
     Saved as a dict (:meth:`to_dict`, keys ``format``, ``cryospin_version``, ``config``,
     ``stage``, ``epoch``, ``volume``, ``encoder``, ``pose_table``, ``optimizers``, ``rng``,
-    ``data``, ``extra`` = ``{"elapsed_s", "search_stopped_after"}``, ``switch_record``) with
-    :func:`torch.save` through :func:`cryospin.atomic.atomic_path`; only tensors, numbers,
-    strings, lists, tuples and dicts, so it loads with ``weights_only=True``.
+    ``data``, ``extra`` = ``{"elapsed_s", "search_stopped_after", "volume_symmetry"}``,
+    ``switch_record``) with :func:`torch.save` through :func:`cryospin.atomic.atomic_path`;
+    only tensors, numbers, strings, lists, tuples and dicts (``weights_only=True`` loads it).
 
     Attributes
     ----------
@@ -244,6 +244,8 @@ class Checkpoint:
     switch_record : dict or None
         The last stage-1 epoch's winners when stopped at the switch
         (``schedule.switch_poses = last_epoch``).
+    volume_symmetry : str or None
+        The volume's group (C1 before :mod:`cryospin.train.impose`); None: model.symmetry.
     """
 
     config: dict[str, Any]
@@ -258,6 +260,7 @@ class Checkpoint:
     elapsed_s: float = 0.0
     search_stopped_after: int | None = None
     switch_record: dict[str, Any] | None = None
+    volume_symmetry: str | None = None
     cryospin_version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -274,7 +277,8 @@ class Checkpoint:
             "rng": self.rng,
             "data": self.data,
             "extra": {"elapsed_s": self.elapsed_s,
-                      "search_stopped_after": self.search_stopped_after},
+                      "search_stopped_after": self.search_stopped_after}
+                     | ({"volume_symmetry": self.volume_symmetry} if self.volume_symmetry else {}),
             "switch_record": self.switch_record,
             "format": CHECKPOINT_FORMAT,
         }
@@ -300,6 +304,7 @@ class Checkpoint:
                 elapsed_s=float(extra.get("elapsed_s", 0.0)),
                 search_stopped_after=None if stopped is None else int(stopped),
                 switch_record=state.get("switch_record"),
+                volume_symmetry=extra.get("volume_symmetry"),
                 cryospin_version=str(state.get("cryospin_version", "")),
             )
         except KeyError as exc:
@@ -419,9 +424,9 @@ class EpochMetrics:
     start of the run, including resumed parts) and ``jump_fraction`` (stage 2: fraction of the
     visited particles whose rotation moved by more than
     ``cryospin.train.autodecode.JUMP_THRESHOLD_DEG`` during the epoch; absent from files
-    written before it existed). ``extra`` holds ``"switch"`` (the switch's epoch) and
-    ``"search_stop"`` (the epoch after which the global search stopped early;
-    :func:`search_stopped_after`).
+    written before it existed). ``extra`` holds ``"switch"`` (the switch's epoch),
+    ``"search_stop"`` (the global search's early stop; :func:`search_stopped_after`) and
+    ``"symmetry"`` (the impose-symmetry step, :mod:`cryospin.train.impose`).
     """
 
     epoch: int

@@ -132,7 +132,8 @@ def load_particles_subset(star: Path) -> np.ndarray:
 
 
 def test_fsc_align_recovers_rotated_mirrored_map(tmp_path: Path) -> None:
-    from cryospin.evaluate.align import mirror_map, transform_map
+    from cryospin.evaluate.align import mirror_map
+    from cryospin.forward.rigid import transform_map
 
     vol = _blob_map(L)
     Q = random_rotations(1, generator=torch.Generator().manual_seed(3))[0]

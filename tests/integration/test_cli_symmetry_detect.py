@@ -13,7 +13,7 @@ import torch
 from tests._cli import refused
 
 from cryospin.cli.main import main
-from cryospin.evaluate.align import transform_map
+from cryospin.forward.rigid import transform_map
 from cryospin.io.mrc import read_map, write_map, write_stack
 from cryospin.io.particles import load_particles
 from cryospin.rotations import random_rotations

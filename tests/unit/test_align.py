@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cryospin.evaluate.align import (
-    align_maps,
-    mirror_map,
-    super_fibonacci_rotations,
-    transform_map,
-)
+from cryospin.evaluate.align import align_maps, mirror_map, super_fibonacci_rotations
 from cryospin.evaluate.pose_error import HAND_FLIP
 from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
+from cryospin.forward.rigid import transform_map
 from cryospin.rotations import geodesic_distance_deg, random_rotations
 
 

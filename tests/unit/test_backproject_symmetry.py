@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from cryospin.backproject import accumulate_backprojection, backproject
-from cryospin.evaluate.align import transform_map
 from cryospin.forward.ctf import CTFParams
 from cryospin.forward.hartley import hartley3
 from cryospin.forward.resample import fourier_pad_3d
+from cryospin.forward.rigid import transform_map
 from cryospin.rotations import random_rotations
 from cryospin.simulate import atoms_to_volume, project_map, upsample_map_for_projection
 from cryospin.symmetry import expand_rotations, point_group_rotations

@@ -1,4 +1,4 @@
-"""Point-group detection (cryospin.evaluate.symmetry_search): float64 properties of the pure
+"""Point-group detection (cryospin.symmetry_search): float64 properties of the pure
 functions, and the right group ranked first on synthetic blob maps of known symmetry, turned
 by a random rotation and shifted by a few voxels."""
 
@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from cryospin.evaluate.align import transform_map
-from cryospin.evaluate.symmetry_search import (
+from cryospin.forward.rigid import transform_map
+from cryospin.rotations import random_rotations
+from cryospin.symmetry import point_group_rotations
+from cryospin.symmetry_search import (
     GroupFit,
     axis_rotation,
     cyclic_power_scores,
@@ -24,8 +26,6 @@ from cryospin.evaluate.symmetry_search import (
     rank_groups,
     symmetry_correlations,
 )
-from cryospin.rotations import random_rotations
-from cryospin.symmetry import point_group_rotations
 
 
 def blob_centres(symbol: str, *, n_blobs: int = 3, box_px: int = 32, seed: int = 0) -> Tensor:

@@ -11,13 +11,16 @@ import torch
 
 from cryospin.atomic import atomic_write_text
 from cryospin.errors import InputError
-from cryospin.evaluate.symmetry_search import (
-    detect_symmetry,
-    map_in_group_frame,
-    poses_in_group_frame,
-)
 from cryospin.io.mrc import looks_like_3d_map, read_map, write_map
 from cryospin.io.particles import load_particles, write_particles_star
+from cryospin.point_group import parse_point_group
+from cryospin.symmetry_search import (
+    SymmetrySearch,
+    detect_symmetry,
+    map_in_group_frame,
+    place_group,
+    poses_in_group_frame,
+)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -30,6 +33,8 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--max-order must be at least 2, got {args.max_order}")
     if not 0.0 < args.threshold <= 1.0:
         raise InputError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if args.group is not None:
+        parse_point_group(args.group)  # a clear error before any work
     if args.box < 8:
         raise InputError(f"--box must be at least 8 px, got {args.box}")
     if args.output is not None and args.output.suffix.lower() not in (".mrc", ".map"):
@@ -50,17 +55,12 @@ def main(args: argparse.Namespace) -> int:
             raise InputError("no poses (rlnAngleRot/Tilt/Psi) in the file", args.poses)
     volume = torch.from_numpy(array.copy())
     start = time.perf_counter()
-    result = detect_symmetry(volume, max_order=args.max_order, box_px=args.box,
-                             threshold=args.threshold)
-    seconds = time.perf_counter() - start
-    print(f"{'group':>6} {'order':>5} {'score':>7}")
-    for fit in result.fits:
-        mark = "  <- chosen" if fit is result.chosen else ""
-        print(f"{fit.group:>6} {fit.order:>5} {fit.score:7.3f}{mark}")
-    c = result.centre_px.tolist()
-    print(f"chosen {result.chosen.group} (score {result.chosen.score:.3f}, threshold "
-          f"{result.threshold}, gap to the best rejected {result.gap:.3f}); centre of mass "
-          f"({c[0]:.2f}, {c[1]:.2f}, {c[2]:.2f}) px from the box centre; {seconds:.1f} s")
+    if args.group is not None:
+        result = place_group(volume, args.group, box_px=args.box, threshold=args.threshold)
+    else:
+        result = detect_symmetry(volume, max_order=args.max_order, box_px=args.box,
+                                 threshold=args.threshold)
+    _print_result(result, time.perf_counter() - start, given=args.group is not None)
     if args.json is not None:
         rows = [{"group": f.group, "score": round(f.score, 6)} for f in result.fits]
         atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
@@ -82,3 +82,22 @@ def main(args: argparse.Namespace) -> int:
             write_particles_star(args.poses_out, particles.with_poses(rot, sh))
             print(f"wrote {args.poses_out} ({len(particles)} poses, R -> R M, t -> t + (R c)_xy)")
     return 0
+
+
+def _print_result(result: SymmetrySearch, seconds: float, *, given: bool) -> None:
+    """The ranking (detected) or the one placed group (``given``), the centre, the time."""
+    c = result.centre_px.tolist()
+    where = (f"centre of mass ({c[0]:.2f}, {c[1]:.2f}, {c[2]:.2f}) px from the box centre; "
+             f"{seconds:.1f} s")
+    fit = result.chosen
+    if given:
+        verdict = "at least" if fit.score >= result.threshold else "below"
+        print(f"group {fit.group} placed: score {fit.score:.3f} ({verdict} the threshold "
+              f"{result.threshold}); {where}")
+        return
+    print(f"{'group':>6} {'order':>5} {'score':>7}")
+    for f in result.fits:
+        mark = "  <- chosen" if f is fit else ""
+        print(f"{f.group:>6} {f.order:>5} {f.score:7.3f}{mark}")
+    print(f"chosen {fit.group} (score {fit.score:.3f}, threshold {result.threshold}, gap to "
+          f"the best rejected {result.gap:.3f}); {where}")

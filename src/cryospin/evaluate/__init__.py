@@ -1,12 +1,13 @@
-"""Evaluation: FSC, masks, map alignment (rotation, shift, hand), pose error and point-group
-detection.
+"""Evaluation: FSC, masks, map alignment (rotation, shift, hand) and pose error.
 
 Conventions: ``docs/conventions.md``. Modules: :mod:`~cryospin.evaluate.fsc`,
 :mod:`~cryospin.evaluate.masks`, :mod:`~cryospin.evaluate.align`,
-:mod:`~cryospin.evaluate.pose_error`, :mod:`~cryospin.evaluate.symmetry_search`.
+:mod:`~cryospin.evaluate.pose_error`. Point-group detection is a model-layer module
+(:mod:`cryospin.symmetry_search`, training imposes the group it finds); the map resampling
+``transform_map`` is :mod:`cryospin.forward.rigid`.
 """
 
-from cryospin.evaluate.align import AlignResult, align_maps, mirror_map, transform_map
+from cryospin.evaluate.align import AlignResult, align_maps, mirror_map
 from cryospin.evaluate.fsc import FSCResult, fsc, resolution_at, write_fsc_json
 from cryospin.evaluate.masks import auto_mask, spherical_mask
 from cryospin.evaluate.pose_error import (
@@ -22,7 +23,6 @@ __all__ = [
     "AlignResult",
     "align_maps",
     "mirror_map",
-    "transform_map",
     "FSCResult",
     "fsc",
     "resolution_at",

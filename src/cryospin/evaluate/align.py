@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
+from cryospin.forward.rigid import centred_coords, transform_map
 from cryospin.rotations import quaternion_to_matrix, so3_exp
 
 _MAX_OVERSAMPLED_BOX = 256
@@ -38,7 +39,6 @@ __all__ = [
     "AlignResult",
     "align_maps",
     "mirror_map",
-    "transform_map",
     "super_fibonacci_rotations",
 ]
 
@@ -99,62 +99,6 @@ def mirror_map(volume: Tensor) -> Tensor:
     L = volume.shape[-3]
     flipped = torch.flip(volume, dims=[-3])  # index L − 1 − i
     return torch.roll(flipped, shifts=1, dims=-3) if L % 2 == 0 else flipped
-
-
-def _centred_coords(L: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Coordinates ``(x, y, z)`` of every voxel, `(L, L, L, 3)`."""
-    c = torch.arange(L, dtype=dtype, device=device) - L // 2
-    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    return torch.stack([x, y, z], -1)
-
-
-def transform_map(
-    volume: Tensor,
-    rotation: Tensor,
-    translation_px: Tensor | None = None,
-    *,
-    output_box_px: int | None = None,
-    input_scale: float = 1.0,
-) -> Tensor:
-    """Resample ``out(r) = V(Qᵀ (r − t))`` by trilinear interpolation (zero outside the box).
-
-    Parameters
-    ----------
-    volume : `(L_in, L_in, L_in)`
-        Input map.
-    rotation : `(3, 3)` or `(B, 3, 3)`
-        ``Q``, cast to ``volume.dtype``.
-    translation_px : `(3,)` or `(B, 3)`, optional
-        ``t`` in output pixels, ``(x, y, z)``.
-    output_box_px : int, optional
-        Output box (default ``L_in / input_scale``).
-    input_scale : float
-        Input voxels per output pixel (2 for a 2× Fourier-upsampled input).
-
-    Returns
-    -------
-    `(L, L, L)` or `(B, L, L, L)`
-        Differentiable with respect to ``volume``, ``rotation`` and ``translation_px``.
-    """
-    batched = rotation.ndim == 3
-    Q = rotation.to(volume.dtype).reshape(-1, 3, 3)  # (B, 3, 3)
-    B = Q.shape[0]
-    L_in = volume.shape[-1]
-    L = output_box_px or int(round(L_in / input_scale))
-    r = _centred_coords(L, volume.dtype, volume.device).reshape(1, -1, 3)  # (1, P, 3)
-    if translation_px is not None:
-        r = r - translation_px.to(volume.dtype).reshape(-1, 1, 3)
-    p = r @ Q  # (B, P, 3): row form of Qᵀ (r − t)
-    idx = p * input_scale + (L_in // 2)
-    grid = idx * (2.0 / (L_in - 1)) - 1.0  # align_corners=True; last dim (x, y, z) = (W, H, D)
-    out = F.grid_sample(
-        volume[None, None].expand(B, 1, L_in, L_in, L_in).contiguous(),  # faster than a view
-        grid.reshape(B, L, L, L, 3),
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=True,
-    )[:, 0]  # (B, L, L, L)
-    return out if batched else out[0]
 
 
 def _fft3c(x: Tensor) -> Tensor:
@@ -219,7 +163,7 @@ def _centre_of_mass(volume: Tensor) -> Tensor:
     total = w.sum()
     if float(total) <= 0:
         return torch.zeros(3, dtype=volume.dtype, device=volume.device)
-    r = _centred_coords(volume.shape[-1], volume.dtype, volume.device)  # (L, L, L, 3)
+    r = centred_coords(volume.shape[-1], volume.dtype, volume.device)  # (L, L, L, 3)
     return (w[..., None] * r).sum(dim=(0, 1, 2)) / total
 
 
@@ -237,7 +181,7 @@ def _coarse_search(
     mov_centred = _phase_shift(moving, -c_mov)
     # score on the voxels of the inscribed ball only (rotation-invariant support)
     L = ref.shape[-1]
-    pts = _centred_coords(L, ref.dtype, ref.device).reshape(-1, 3)
+    pts = centred_coords(L, ref.dtype, ref.device).reshape(-1, 3)
     pts = pts[pts.norm(dim=-1) <= L // 2]  # (P, 3)
     f = _sample4(ref_centred[None], pts)[:, 0]
     f = f - f.mean()
@@ -319,7 +263,7 @@ def _refine(
     dtype = ref.dtype
     L = ref.shape[-1]
     f = ref.reshape(-1)
-    x = _centred_coords(L, dtype, ref.device).reshape(-1, 3)  # (P, 3)
+    x = centred_coords(L, dtype, ref.device).reshape(-1, 3)  # (P, 3)
     stack = _with_gradient(moving.to(dtype))  # (4, L, L, L)
     Q, t = Q0.to(dtype), t0.to(dtype)
 

@@ -4,6 +4,7 @@ Submodules: :mod:`~cryospin.forward.lattice` (frequency grids, loss disc),
 :mod:`~cryospin.forward.hartley` (centred FFT and Hartley transforms),
 :mod:`~cryospin.forward.slicing` (central slices and their adjoint),
 :mod:`~cryospin.forward.symmetrize` (the group average of a volume grid),
+:mod:`~cryospin.forward.rigid` (rigid-body resampling of a map),
 :mod:`~cryospin.forward.ctf`, :mod:`~cryospin.forward.shifts` and
 :mod:`~cryospin.forward.model` (``render``). Conventions: ``docs/conventions.md``.
 """

@@ -225,7 +225,7 @@ def write_halves_report(
                              box_px=int(inp.volume.shape[0]), pixel_size_angstrom=inp.apix)
     final_fsc = pose_result = None
     notes: list[str] = []
-    imposed = imposed_symmetry(inp.halves[0].config)
+    imposed = imposed_symmetry(inp.halves[0].config, inp.halves[0].metrics)
     modulo = None if imposed == "C1" else imposed
     if inp.gt is not None:
         final_fsc, aligned, fields = compare_map_with_gt(inp.gt, inp.volume, inp.apix,

@@ -128,7 +128,7 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
     if gt_poses is not None:
         gt_R, gt_t = read_gt_poses(gt_poses, rotations, box, run.run_dir)
     return _Inputs(run, volume, apix, gt, rotations, shifts, gt_R, gt_t,
-                   imposed_symmetry(run.config))
+                   imposed_symmetry(run.config, run.metrics))
 
 
 def _analyse(inp: _Inputs, *, max_epoch_fsc: int, search_hand: bool) -> _Numbers:

@@ -1,6 +1,6 @@
 """The report's symmetry numbers: the point group a run imposed (``config.model.symmetry``),
 the groups detected on its map (ranked and scored by
-:func:`cryospin.evaluate.symmetry_search.detect_symmetry`), the advice when they differ, and
+:func:`cryospin.symmetry_search.detect_symmetry`), the advice when they differ, and
 where the symmetry axes meet the map's central sections.
 
 Numbers only (nothing is drawn or written). Detection never stops a report: a failure, or a
@@ -16,17 +16,17 @@ under ``M g Mᵀ`` about ``c``).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cryospin.evaluate.symmetry_search import SymmetrySearch, detect_symmetry
 from cryospin.point_group import parse_point_group
 from cryospin.report.summary import SymmetrySummary
 from cryospin.symmetry import point_group_rotations, symmetry_axes
+from cryospin.symmetry_search import SymmetrySearch, detect_symmetry
 
 __all__ = [
     "DEFAULT_MAX_BOX_PX",
@@ -125,12 +125,20 @@ class AxisMark:
     points: tuple[tuple[float, float], ...]
 
 
-def imposed_symmetry(config: Mapping[str, object]) -> str:
-    """The canonical symbol of ``config.model.symmetry`` (``"C1"`` when absent, as in runs
-    from before the field existed)."""
+def imposed_symmetry(config: Mapping[str, object],
+                     metrics: Sequence[Mapping[str, object]] = ()) -> str:
+    """The canonical symbol of the group the run imposed: the last impose-symmetry step's
+    (``extra["symmetry"]`` of ``metrics.jsonl``, :mod:`cryospin.train.impose`), else
+    ``config.model.symmetry`` (``"C1"`` when absent, as in runs from before the field existed,
+    and for ``auto`` before its step)."""
+    for row in reversed(metrics):
+        extra = row.get("extra")
+        step = extra.get("symmetry") if isinstance(extra, Mapping) else None
+        if isinstance(step, Mapping):
+            return parse_point_group(str(step.get("group", "C1"))).symbol
     model = config.get("model")
-    symbol = model.get("symmetry") if isinstance(model, Mapping) else None
-    return parse_point_group(str(symbol or "C1")).symbol
+    symbol = str((model.get("symmetry") if isinstance(model, Mapping) else None) or "C1")
+    return "C1" if symbol.lower() == "auto" else parse_point_group(symbol).symbol
 
 
 def check_symmetry(volume: np.ndarray, imposed: str, *, max_box_px: int = DEFAULT_MAX_BOX_PX,

@@ -31,12 +31,15 @@ from cryospin.rotations import geodesic_distance_deg, quaternion_to_matrix, so3_
 from cryospin.rundir import Stage
 from cryospin.symmetry import asymmetric_unit, point_group_rotations
 from cryospin.train.autoencode import EpochStats
+from cryospin.train.config import Config
 from cryospin.train.data import Batch, LossDisc, TrainingData, sub_disc
 from cryospin.train.distributed import Shard, local_batches
 from cryospin.train.metrics import RunningMean, check_finite_gradients, check_finite_loss
+from cryospin.train.schedule import search_radius_px
 
 __all__ = [
     "autodecode_epoch",
+    "epoch_search",
     "JUMP_THRESHOLD_DEG",
     "pose_nll",
     "refine_poses",
@@ -419,3 +422,18 @@ def autodecode_epoch(
         mean_shift_change_px=shift_change.mean if refine_shifts else None,
         jump_fraction=jumps / running.weight if running.weight > 0 else None,
     )
+
+
+def epoch_search(config: Config, data: TrainingData, stage2_epoch: int,
+                 symmetry: str) -> RotationSearch | None:
+    """The global search of stage-2 epoch ``stage2_epoch`` (1-based) over an asymmetric unit
+    of the volume's group ``symmetry``, or None."""
+    radius = search_radius_px(config, stage2_epoch, float(data.frequencies.norm(dim=-1).max()))
+    if radius is None:
+        return None
+    o = config.optim
+    shifts = None
+    if config.model.predict_shifts and o.search_shift_step_px is not None:
+        shifts = shift_grid(config.model.max_shift_px, o.search_shift_step_px)
+    return RotationSearch.build(data, o.search_rotations, radius, shifts_px=shifts,
+                                symmetry=symmetry)

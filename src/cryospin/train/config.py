@@ -26,6 +26,7 @@ from cryospin import __version__
 from cryospin.atomic import atomic_write_text
 from cryospin.errors import InputError
 from cryospin.train.config_checks import check_sections, coerce, migrate_renamed, validate
+from cryospin.train.config_rules import AMORTIZED_METHODS, apply_merge_rules
 from cryospin.train.presets import preset_text
 
 __all__ = [
@@ -48,12 +49,11 @@ __all__ = [
 ]
 
 Method = Literal["semi-amortized", "amortized", "cryoai"]
-#: Methods that never switch to the pose table (the encoder gives the poses to the end).
-AMORTIZED_METHODS: tuple[str, ...] = ("amortized", "cryoai")
 Device = Literal["auto", "cpu", "cuda", "mps"]
 FinalMap = Literal["backprojection", "decoder"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 SwitchPoses = Literal["inference", "last_epoch"]
+ImposeSymmetry = Literal["after_search", "start"]
 HeadType = Literal["reference", "spread"]  # cryospin.encoder.HeadType
 EncoderInput = Literal["image", "pyramid"]  # cryospin.encoder.EncoderInput
 Pooling = Literal["adaptive", "vgg16"]  # cryospin.encoder.Pooling
@@ -245,6 +245,13 @@ class ScheduleConfig:
         pose as trained on in the last stage-1 epoch (no extra pass: it costs about half a
         stage-1 epoch; kept in the checkpoint so that a run stopped at the switch resumes
         exactly).
+    impose_symmetry : "after_search" or "start"
+        When ``model.symmetry`` (a group, or ``auto``) is imposed: ``after_search``, the run
+        is C1 up to the end of the global search (at the switch without one), then the
+        group's axes are found in the map and the volume and poses move to its frame
+        (:mod:`cryospin.train.impose`); ``start``, the volume is averaged over the group
+        from epoch 1 (not with ``auto``). The methods that never switch impose it from the
+        start.
     """
 
     epochs: int = 20
@@ -257,6 +264,7 @@ class ScheduleConfig:
     search_min_epochs: int | None = None
     search_stop_fraction: float = 0.0
     switch_poses: SwitchPoses = "inference"
+    impose_symmetry: ImposeSymmetry = "after_search"
 
 
 @dataclass(frozen=True)
@@ -448,57 +456,8 @@ def build_config(
         for key, value in given.items():
             if value is not None:
                 merged.setdefault(section, {})[key] = value
-    _epoch_switch_replaces_step_budget(merged, overrides or {})
-    _apply_method(merged, overrides or {})
-    _drop_unreachable_search_minimum(merged, overrides or {})
+    apply_merge_rules(merged, overrides or {}, dataclasses.asdict(ScheduleConfig()))
     return config_from_dict(merged, where="command line")
-
-
-def _epoch_switch_replaces_step_budget(merged: dict[str, dict[str, object]],
-                                       overrides: Mapping[str, Mapping[str, object]]) -> None:
-    """In place on ``merged``: a ``switch_epoch`` override without a ``switch_steps`` one drops
-    the preset's step budget (``--switch-epoch 7`` with ``paper-synthetic`` switches at 7)."""
-    given = overrides.get("schedule") or {}
-    if given.get("switch_epoch") is not None and given.get("switch_steps") is None:
-        merged.setdefault("schedule", {})["switch_steps"] = None
-
-
-def _drop_unreachable_search_minimum(merged: dict[str, dict[str, object]],
-                                     overrides: Mapping[str, Mapping[str, object]]) -> None:
-    """In place on ``merged``: a preset's ``search_min_epochs`` above the ``search_epochs`` in
-    effect (``--search-epochs 1`` with the default preset's 4; an amortized method's 0) becomes
-    None (no early stop before the search ends); an override is left to the validation."""
-    schedule = merged.setdefault("schedule", {})
-    low = schedule.get("search_min_epochs")
-    if (overrides.get("schedule") or {}).get("search_min_epochs") is not None:
-        return
-    search = schedule.get("search_epochs", ScheduleConfig.search_epochs)
-    if isinstance(low, int) and isinstance(search, int) and low > search:
-        schedule["search_min_epochs"] = None
-
-
-def _apply_method(merged: dict[str, dict[str, object]],
-                  overrides: Mapping[str, Mapping[str, object]]) -> None:
-    """In place on ``merged``: the schedule (and head count) implied by an amortized method."""
-    schedule = merged.setdefault("schedule", {})
-    method = schedule.get("method", ScheduleConfig.method)
-    if method not in AMORTIZED_METHODS:
-        return
-    epochs = schedule.get("epochs", ScheduleConfig.epochs)
-    given = overrides.get("schedule") or {}
-    switch, search = given.get("switch_epoch"), given.get("search_epochs")
-    if isinstance(switch, int) and isinstance(epochs, int) and switch < epochs:
-        raise InputError(f"command line: method {method} never switches to per-particle "
-                         f"poses; drop switch_epoch {switch}")
-    if search:
-        raise InputError(f"command line: method {method} never switches, so it has no "
-                         f"search epochs; drop search_epochs {search}")
-    schedule["switch_epoch"] = epochs
-    schedule["search_epochs"] = 0
-    if given.get("switch_steps") is None:  # a preset's step budget: there is no switch
-        schedule["switch_steps"] = None
-    if method == "cryoai" and (overrides.get("model") or {}).get("num_heads") is None:
-        merged.setdefault("model", {})["num_heads"] = 1
 
 
 def config_to_dict(config: Config) -> dict[str, dict[str, object]]:

@@ -125,15 +125,30 @@ def _check_schedule(c: Config) -> None:
             raise _bad(f"schedule.switch_steps: method {s.method} never switches")
 
 
+def _check_symmetry(c: Config) -> None:
+    """``model.symmetry``: a point group or ``auto`` (detected after the global search, so
+    not with ``schedule.impose_symmetry = start`` nor a method that never switches)."""
+    _check_choice("schedule", c.schedule, "impose_symmetry")
+    if c.model.symmetry.lower() == "auto":
+        if c.schedule.impose_symmetry == "start":
+            raise _bad("model.symmetry auto is detected after the global search; it cannot "
+                       "be imposed from the start (schedule.impose_symmetry start)")
+        if c.schedule.method != "semi-amortized":
+            raise _bad(f"model.symmetry auto: method {c.schedule.method} never switches, so "
+                       "there is no point to detect it at; give the group")
+        return
+    try:
+        parse_point_group(c.model.symmetry)
+    except InputError as err:
+        raise _bad(f"model.symmetry: {err}") from None
+
+
 def _check_choices(c: Config) -> None:
     """The encoder's head, input and pooling, the switch's poses and the method: one of the
     values their ``Literal`` types name."""
     for field in ("head", "encoder_input", "pooling"):
         _check_choice("model", c.model, field)
-    try:
-        parse_point_group(c.model.symmetry)
-    except InputError as err:
-        raise _bad(f"model.symmetry: {err}") from None
+    _check_symmetry(c)
     _check_choice("schedule", c.schedule, "switch_poses")
     methods = _choices(c.schedule, "method")
     if c.schedule.method not in methods:

@@ -64,12 +64,7 @@ from cryospin.errors import OutputError, Terminated
 from cryospin.io.particle_set import ParticleSet
 from cryospin.rundir import RunFiles, Stage, prepare_run_dir, read_metrics
 from cryospin.runlock import describe_command, folder_lock
-from cryospin.train.autodecode import (
-    JUMP_THRESHOLD_DEG,
-    RotationSearch,
-    autodecode_epoch,
-    shift_grid,
-)
+from cryospin.train.autodecode import JUMP_THRESHOLD_DEG, autodecode_epoch, epoch_search
 from cryospin.train.autoencode import BestPoses, EpochStats, autoencode_epoch, infer_best_poses
 from cryospin.train.config import AMORTIZED_METHODS, Config, config_to_dict
 from cryospin.train.data import TrainingData, num_batches
@@ -83,6 +78,7 @@ from cryospin.train.distributed import (
     wrap_encoder,
 )
 from cryospin.train.feedback import Feedback, PassProgress
+from cryospin.train.impose import impose_on_state, step_due
 from cryospin.train.metrics import EpochExtra, SearchStopRecord
 from cryospin.train.outputs import epoch_metrics, write_epoch, write_final
 from cryospin.train.progress import (
@@ -100,7 +96,6 @@ from cryospin.train.schedule import (
     final_stage1_radius,
     is_search_epoch,
     loss_radius_schedule,
-    search_radius_px,
     search_stops,
     stage1_batches,
     stage2_decoder_lr,
@@ -385,6 +380,8 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
         state.switch(run.config, pose_table)
         trained = None
         return_free_memory()  # the encoder and its optimiser are gone
+    if step_due(run.config, epoch, state):  # C1 up to here: the group's frame from now on
+        extra["symmetry"] = impose_on_state(run.config, state)
     cut = (stage1_batches(run.config.schedule, epoch, run.per_epoch)
            if state.stage == Stage.AUTOENCODE else None)  # the step budget's cut epoch
     n = len(run.data)
@@ -444,7 +441,8 @@ def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress) -
     for group in state.decoder_opt.param_groups:
         group["lr"] = stage2_decoder_lr(config, epoch, stopped)
     state.pose_table.lr_rot, state.pose_table.lr_shift = stage2_pose_lrs(config, epoch, stopped)
-    search = (_rotation_search(config, run.data, epoch - run.switch_epoch)
+    search = (epoch_search(config, run.data, epoch - run.switch_epoch,
+                           state.volume.point_group)
               if is_search_epoch(config.schedule, epoch, stopped) else None)
     return autodecode_epoch(
         state.volume, state.pose_table, run.data, state.decoder_opt,
@@ -510,6 +508,8 @@ def _finish(run: _Run, state: TrainState, particles: ParticleSet) -> FitResult:
     """The final poses (the pose table, or the encoder's best heads if the run never
     switched) and outputs (rank 0)."""
     files = run.files
+    if step_due(run.config, state.epoch + 1, state):  # the search ran to the last epoch
+        impose_on_state(run.config, state)
     pose_table = full_pose_table(state.pose_table, run.shard)  # rank 0 writes the outputs
     if not run.main:
         return FitResult(files.dir, state.epoch, state.stage, finished=True)
@@ -538,20 +538,6 @@ def _finish(run: _Run, state: TrainState, particles: ParticleSet) -> FitResult:
         files.dir, state.epoch, state.stage, finished=True, rotations=rotations,
         shifts_px=shifts_out, map_path=files.map, star_path=files.star, pkl_path=files.pkl,
     )
-
-
-def _rotation_search(config: Config, data: TrainingData,
-                     stage2_epoch: int) -> RotationSearch | None:
-    """The global search of stage-2 epoch ``stage2_epoch`` (1-based), or None."""
-    radius = search_radius_px(config, stage2_epoch, float(data.frequencies.norm(dim=-1).max()))
-    if radius is None:
-        return None
-    o = config.optim
-    shifts = None
-    if config.model.predict_shifts and o.search_shift_step_px is not None:
-        shifts = shift_grid(config.model.max_shift_px, o.search_shift_step_px)
-    return RotationSearch.build(data, o.search_rotations, radius, shifts_px=shifts,
-                                symmetry=config.model.symmetry)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -17,7 +17,10 @@ Phases of :func:`fit_halves`:
 3. **combination** (:func:`combine_halves`) — half B's ``map.mrc`` is aligned onto half A's
    (rotation, translation and hand, :func:`cryospin.evaluate.align.align_maps`; with
    ``model.symmetry`` the aligned half B is averaged over the group again, the half maps being
-   symmetric backprojections, :mod:`cryospin.train.outputs`); the FSC is
+   symmetric backprojections, :mod:`cryospin.train.outputs`; each half imposes the group in
+   its own run, :mod:`cryospin.train.impose`, so each half map lies in the group's
+   conventional frame and the alignment moves B by a symmetry of that frame; ``auto`` is
+   refused); the FSC is
    computed unmasked and within a soft mask whose threshold comes from the halves' noise
    (:func:`cryospin.evaluate.masks.half_map_mask`), with the phase-randomisation correction
    (:func:`cryospin.evaluate.gold_standard.evaluate_half_maps`); the halves are averaged with
@@ -295,6 +298,10 @@ def fit_halves(
     InputError
         On resume, when ``particles`` are not the ones the run started with.
     """
+    if config.model.symmetry.lower() == "auto":  # the halves would not share one group
+        raise InputError("--symmetry auto cannot be used with --halves (each half could find "
+                         "another group): give the group, e.g. the one `cryospin symmetry "
+                         "MAP` finds in a plain run's map")
     files = HalvesFiles(run_dir)
     if resume and not files.marker.is_file():
         raise InputError(f"not a --halves run (no {HALVES_MARKER} here)", files.dir)

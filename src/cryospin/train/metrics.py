@@ -17,6 +17,7 @@ from cryospin.errors import CryospinError
 __all__ = [
     "SwitchRecord",
     "SearchStopRecord",
+    "SymmetryRecord",
     "EpochExtra",
     "RunningMean",
     "NonFiniteLossError",
@@ -48,11 +49,23 @@ class SearchStopRecord(TypedDict):
     local_epochs: int
 
 
+class SymmetryRecord(TypedDict):
+    """``extra["symmetry"]`` of the epoch that began with the impose-symmetry step
+    (:mod:`cryospin.train.impose`): the group imposed (``C1``: none found), its score, the
+    frame ``M`` (row-major `(3, 3)`) and the centre ``c`` (xyz px of the training box)."""
+
+    group: str
+    score: float
+    rotation: list[list[float]]
+    centre_px: list[float]
+
+
 class EpochExtra(TypedDict, total=False):
     """:attr:`cryospin.rundir.EpochMetrics.extra` as training writes it."""
 
     switch: SwitchRecord
     search_stop: SearchStopRecord
+    symmetry: SymmetryRecord
 
 
 class RunningMean:

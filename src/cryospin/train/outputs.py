@@ -115,7 +115,7 @@ def write_final(
                                             rotations.shape[0]) as progress:
             real = final_backprojection(particles, data, rotations, shifts_px,
                                         seed=config.run.seed, on_batch=progress.update,
-                                        symmetry=config.model.symmetry)
+                                        symmetry=volume.point_group)
         # logged and written as a convergence check, never as a resolution (use --halves)
         record_convergence_check(files.convergence, real, trained,
                                  pixel_size_angstrom=data.pixel_size_angstrom,

@@ -9,7 +9,8 @@ restore the training state.
 * :func:`load_training_data` — preprocessing and the memory plan (:mod:`cryospin.train.data`,
   :mod:`cryospin.train.memory`);
 * :func:`initial_state` — the volume initialised from the data's radial amplitude (averaged
-  over ``model.symmetry`` at every evaluation), the encoder
+  at every evaluation over ``model.symmetry`` when imposed from the start, else C1 until the
+  impose-symmetry step, :func:`cryospin.train.impose.initial_group`), the encoder
   in the chosen arithmetic and the optimisers (:class:`cryospin.train.state.TrainState`), or
   that state restored from the checkpoint.
 """
@@ -51,6 +52,7 @@ from cryospin.train.config import (
 )
 from cryospin.train.data import TrainingData, num_batches, prepare_data
 from cryospin.train.distributed import Shard, WorldInfo
+from cryospin.train.impose import initial_group
 from cryospin.train.memory import plan_and_load
 from cryospin.train.precision import cpu_model_name
 from cryospin.train.release import return_free_memory
@@ -152,7 +154,8 @@ def initial_state(config: Config, files: RunFiles, data: TrainingData, device: t
     init_gen = torch.Generator(device="cpu").manual_seed(config.run.seed + 1)
     volume = HartleyVolume.ab_initio(
         data.box_px, data.radial_amplitude.cpu(), generator=init_gen,
-        symmetry=config.model.symmetry,
+        symmetry=initial_group(config, None if ckpt is None  # older checkpoints: the group
+                               else ckpt.volume_symmetry or config.model.symmetry),
     ).to(device)
     stage = Stage.AUTOENCODE if ckpt is None else ckpt.stage
     precision = (choose_precision(config, data.box_px, device, shard)

@@ -334,7 +334,14 @@ class TrainState:
             optimizers=optimizers, rng=dict(capture_rng_state(generator)), data=data,
             elapsed_s=elapsed_s, search_stopped_after=self.search_stopped_after,
             switch_record=None if switch_record is None else switch_record.state_dict(),
+            volume_symmetry=self.volume.point_group,
         )
+
+    def replace_volume(self, config: Config, volume: HartleyVolume) -> None:
+        """Stage 2 goes on with ``volume`` (the impose-symmetry step,
+        :mod:`cryospin.train.impose`) and a new optimiser for it (no moments of the old one)."""
+        self.volume = volume
+        self.decoder_opt = _adam(volume.parameters(), config.optim.decoder_lr_after_switch)
 
     def switch(self, config: Config, pose_table: PoseTable) -> None:
         """To stage 2: ``pose_table`` replaces the encoder (dropped with its optimiser) and a

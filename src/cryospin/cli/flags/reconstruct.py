@@ -109,10 +109,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "vgg16 (always 5)")
     g.add_argument("--symmetry", metavar="GROUP",
                    help="point group of the particle, in RELION's axes (Cn, Dn, T, O, I or "
-                        "I1..I4; docs/conventions.md, \"Symmetry\"; default C1: none): the "
-                        "volume is averaged over the group at every step, the global search "
-                        "covers one asymmetric unit (--search-rotations stays the density "
-                        "over all rotations) and the final map is a symmetric backprojection")
+                        "I1..I4; docs/conventions.md, \"Symmetry\"; default C1: none), or "
+                        "auto (the largest group the map shows): the run is C1 until the "
+                        "global search ends, then the group's axes are found in the map, the "
+                        "volume and poses move to its frame, and from then on the volume is "
+                        "averaged over the group, and the final map is a symmetric "
+                        "backprojection (schedule.impose_symmetry start: from epoch 1)")
     g.add_argument("--method", choices=["semi-amortized", "amortized", "cryoai"],
                    help="semi-amortized (cryoSPIN, default); baselines that never switch: "
                         "amortized (multi-head winner-take-all throughout), cryoai (one head "

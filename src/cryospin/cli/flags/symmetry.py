@@ -10,6 +10,9 @@ The chosen group is the largest whose score is at least --threshold (0.7); the t
 accepted groups by order, then the rejected ones by score, and the gap is the chosen score
 minus the best rejected score (docs/conventions.md, "Symmetry detection").
 
+With --group G, G is not detected but placed on the map (the same axis search and angle
+scan for G alone, refined whatever its score), and its score printed.
+
 With -o, the map rotated and recentred into the chosen group's conventional frame
 (RELION's: Cn about z, Dn with a two-fold on x, T, O, I = I2 as docs/conventions.md,
 "Symmetry"): W(r) = V(M r + c). With --poses and --poses-out, the poses of the map converted
@@ -40,6 +43,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="score a group needs to be chosen (default 0.7)")
     parser.add_argument("--box", type=int, default=32, metavar="PX",
                         help="box of the search, px (default 32; the map is Fourier-cropped)")
+    parser.add_argument("--group", default=None, metavar="G",
+                        help="place this group (Cn, Dn, T, O, I) instead of detecting one; its "
+                             "score is printed, -o and --poses use its frame")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT",
                         help='write the ranking: [{"group": ..., "score": ...}, ...], best first')
     add_out_argument(parser, dest="output", type=Path, default=None, metavar="ALIGNED.mrc",

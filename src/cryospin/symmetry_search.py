@@ -1,4 +1,5 @@
-"""Point-group detection of a map: which group, about which axes, how well.
+"""Point-group detection of a map: which group, about which axes, how well; or where a given
+group's axes lie (:func:`place_group`).
 
 Conventions (``docs/conventions.md``, "Symmetry" and "Symmetry detection"): volumes `(L, L, L)`
 indexed ``[z, y, x]``, voxel ``[z, y, x]`` at ``r = (x, y, z) − L//2`` pixels; rotations
@@ -46,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cryospin.evaluate.align import transform_map
+from cryospin.errors import InputError
 from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
+from cryospin.forward.rigid import centred_coords, transform_map
 from cryospin.point_group import parse_point_group
 from cryospin.rotations import so3_exp
 from cryospin.symmetry import point_group_rotations
@@ -62,6 +64,7 @@ __all__ = [
     "group_score",
     "hemisphere_directions",
     "map_in_group_frame",
+    "place_group",
     "poses_in_group_frame",
     "prepare_search_map",
     "rank_groups",
@@ -161,13 +164,6 @@ def _rotation_taking(a: Tensor, b: Tensor) -> Tensor:
     return axis_rotation(v, math.atan2(s, c))
 
 
-def _centred_coords(L: int, dtype: torch.dtype) -> Tensor:
-    """``(x, y, z)`` of every voxel from ``L//2``, `(L, L, L, 3)`."""
-    c = torch.arange(L, dtype=dtype) - L // 2
-    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    return torch.stack([x, y, z], -1)
-
-
 # ----------------------------------------------------------------------------- the search map
 
 
@@ -258,7 +254,7 @@ def prepare_search_map(volume: Tensor, box_px: int = 32) -> SearchMap:
     small = fourier_crop_3d(volume, b) if b < L else volume.clone()
     smooth = _lowpass(small, 0.2, 0.25)
     weight = smooth.clamp_min(0)
-    r = _centred_coords(b, small.dtype)
+    r = centred_coords(b, small.dtype)
     total = weight.sum()
     centre_small = ((weight[..., None] * r).sum(dim=(0, 1, 2)) / total
                     if float(total) > 0 else torch.zeros(3, dtype=small.dtype))
@@ -462,6 +458,40 @@ def rank_groups(fits: list[GroupFit], threshold: float) -> tuple[tuple[GroupFit,
     return ranked, gap
 
 
+def _candidate_axes(search: SearchMap, orders: list[int], directions: int,
+                    axes_per_order: int) -> dict[int, list[Tensor]]:
+    """The ``axes_per_order`` best distinct (15° apart) axes of each order `(3,)`, from
+    :func:`cyclic_power_scores` on ``directions`` hemisphere directions."""
+    dirs = hemisphere_directions(directions, dtype=search.small.dtype)
+    power = cyclic_power_scores(search, dirs, orders, azimuths=max(64, 4 * max(orders) + 4))
+    return {n: _distinct_maxima(power[:, j], dirs, axes_per_order, 15.0)
+            for j, n in enumerate(orders)}
+
+
+def place_group(volume: Tensor, group: str, *, box_px: int = 32, threshold: float = 0.7,
+                directions: int = 1000, axes_per_order: int = 2) -> SymmetrySearch:
+    """Place the given ``group`` on ``volume``: its frame ``M``, centre ``c`` and score.
+
+    The steps of :func:`detect_symmetry` for one group: the candidate axes of its principal
+    order only, the scan about each and the refinement (whatever the score). Returns a
+    :class:`SymmetrySearch` with that one fit (``chosen``) and its ``centre_px``; ``gap`` is
+    its score minus ``threshold`` (negative: the map does not look ``group``-symmetric).
+    ``C1``: the identity about the centre of mass, score 1. Raises
+    :class:`~cryospin.errors.InputError` for an unknown symbol and for I1, I3, I4.
+    """
+    search = prepare_search_map(volume, box_px)
+    g = parse_point_group(group)
+    if g.order == 1:
+        fit = GroupFit(g.symbol, 1, 1.0, torch.eye(3, dtype=torch.float64))
+    else:
+        if g.kind == "I" and g.setting != 2:
+            raise InputError(f"{g.symbol}: only I (= I2) can be placed on a map")
+        axes = _candidate_axes(search, [g.n], directions, axes_per_order)[g.n]
+        fit = _fit_group(search, g.symbol, axes, scan_step_deg=3.0, refine_above=-1.0)
+    return SymmetrySearch(fits=(fit,), centre_px=search.centre_px, threshold=threshold,
+                          gap=fit.score - threshold)
+
+
 def detect_symmetry(volume: Tensor, *, max_order: int = 12, box_px: int = 32,
                     threshold: float = 0.7, directions: int = 1000,
                     axes_per_order: int = 2) -> SymmetrySearch:
@@ -483,11 +513,8 @@ def detect_symmetry(volume: Tensor, *, max_order: int = 12, box_px: int = 32,
         Distinct best axes of each order tried as principal axes.
     """
     search = prepare_search_map(volume, box_px)
-    dirs = hemisphere_directions(directions, dtype=search.small.dtype)
     orders = list(range(2, max_order + 1))
-    power = cyclic_power_scores(search, dirs, orders, azimuths=max(64, 4 * max_order + 4))
-    axes = {n: _distinct_maxima(power[:, j], dirs, axes_per_order, 15.0)
-            for j, n in enumerate(orders)}
+    axes = _candidate_axes(search, orders, directions, axes_per_order)
     fits = [GroupFit("C1", 1, 1.0, torch.eye(3, dtype=torch.float64))]
     symbols = [(f"{k}{n}", n) for n in orders for k in "CD"]
     symbols += [(s, n) for s, n in (("T", 3), ("O", 4), ("I", 5)) if n in axes]
