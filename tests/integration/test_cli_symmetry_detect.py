@@ -1,6 +1,7 @@
 """``cryospin symmetry MAP``: the ranking printed and written with --json, the map aligned to
-the chosen group's frame (-o) and the poses converted for it (--poses/--poses-out); bad input
-refused with one line, exit status 2, nothing written."""
+the chosen group's frame (-o) and the poses converted for it (--poses/--poses-out); a given
+group placed (--group) with its score; bad input refused with one line, exit status 2, nothing
+written."""
 
 from __future__ import annotations
 
@@ -83,6 +84,21 @@ def test_ranking_aligned_map_and_poses(tmp_path: Path, capsys: pytest.CaptureFix
     assert torch.allclose((before.rotations.double() @ c)[:, :2], dt.double(), atol=0.02)
 
 
+def test_given_group_is_placed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    mrc, star = _c4_map(tmp_path / "map.mrc"), _star(tmp_path)
+    out_map, out_star = tmp_path / "c4.mrc", tmp_path / "c4.star"
+    assert main(["symmetry", str(mrc), "--group", "c4", "-o", str(out_map), "--poses",
+                 str(star), "--poses-out", str(out_star)]) == 0
+    out = capsys.readouterr().out
+    assert "group C4 placed: score" in out and "at least the threshold" in out
+    w = torch.tensor(read_map(out_map)[0], dtype=torch.float64)
+    sym = transform_map(w, point_group_rotations("C4")).mean(0)  # symmetrised about z
+    assert float(torch.corrcoef(torch.stack([w.flatten(), sym.flatten()]))[0, 1]) >= 0.98
+    assert len(load_particles(out_star, metadata_only=True)) == N
+    assert main(["symmetry", str(mrc), "--group", "D3"]) == 0  # placed, but a poor score
+    assert "below the threshold" in capsys.readouterr().out
+
+
 def test_bad_input_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     text = tmp_path / "notes.mrc"
     text.write_text("not a map\n")
@@ -95,6 +111,8 @@ def test_bad_input_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     refused(["symmetry", str(mrc), "-o", str(tmp_path / "a.txt")], capsys, ".mrc")
     refused(["symmetry", str(mrc), "--poses", str(mrc)], capsys, "--poses-out")
     refused(["symmetry", str(mrc), "--max-order", "1"], capsys, "--max-order")
+    refused(["symmetry", str(mrc), "--group", "X3", "-o", str(tmp_path / "b.mrc")], capsys,
+            "X3")
     with pytest.raises(SystemExit) as exc:
         main(["symmetry", str(mrc), "--sym-order", "3"])
     assert exc.value.code == 2
