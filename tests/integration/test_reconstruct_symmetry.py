@@ -135,6 +135,20 @@ def test_halves_with_symmetry(d2_star: Path, tmp_path: Path) -> None:
         _assert_symmetric(run / name)
     poses = load_particles(run / "poses.star", metadata_only=True, check_finite=False)
     assert len(poses) == N
+    for half in ("half_A", "half_B"):  # each half imposes D2 in its own run, after its search
+        steps = _symmetry_steps(run / half)
+        assert [(e, s["group"]) for e, s in steps] == [(3, "D2")], half
+
+
+def test_impose_from_the_start(d2_star: Path, tmp_path: Path) -> None:
+    """``--impose-symmetry start``: the volume is D2 from epoch 1, no step."""
+    run = tmp_path / "start"
+    assert main(["reconstruct", str(d2_star), "-o", str(run), *FLAGS, "--epochs", "2",
+                 "--impose-symmetry", "start"]) == 0
+    assert _symmetry_steps(run) == []
+    assert Checkpoint.load(run / "checkpoint.pt").volume_symmetry == "D2"
+    for name in ("map.001.mrc", "map.mrc"):
+        _assert_symmetric(run / name)
 
 
 def test_bad_symmetry_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
