@@ -27,6 +27,7 @@ from cryospin.report.symmetry_check import (
     SymmetryCheck,
     axes_to_draw,
     check_symmetry,
+    imposed_symmetry,
     section_marks,
     symmetry_advice,
 )
@@ -214,3 +215,12 @@ def test_tracked_errors_are_modulo_the_group(flipped: bool) -> None:
     assert float(per_head[1].max()) < 1e-3 and float(np.median(per_head[0])) > 10
     plain = track_errors(track, gt)
     assert plain.median_deg[0] > 10
+
+
+def test_imposed_symmetry_reads_the_step() -> None:
+    """The group imposed: the impose-symmetry step's (metrics.jsonl), else model.symmetry."""
+    step = [{"epoch": 3, "extra": {"symmetry": {"group": "D2", "score": 0.9}}}]
+    assert imposed_symmetry({"model": {"symmetry": "auto"}}, step) == "D2"
+    assert imposed_symmetry({"model": {"symmetry": "auto"}}, [{"epoch": 1}]) == "C1"
+    assert imposed_symmetry({"model": {"symmetry": "d7"}}) == "D7"
+    assert imposed_symmetry({}) == "C1"

@@ -422,7 +422,8 @@ def symmetry_section(check: SymmetryCheck, drawn: DrawnAxes | None, *, map_name:
     ``map_name`` (the best ``max_rows`` candidates), the advice when they differ, the axes
     drawn and the group the pose errors were taken modulo."""
     esc = html.escape
-    paragraphs = [f"Imposed by the run (config.yaml, model.symmetry): <b>{esc(check.imposed)}"
+    paragraphs = [f"Imposed by the run (model.symmetry; auto: the group found after the global "
+                  f"search, metrics.jsonl): <b>{esc(check.imposed)}"
                   "</b>" + (" (none)." if check.imposed == "C1" else ".")]
     rows: list[list[str]] = []
     if check.search is None:
