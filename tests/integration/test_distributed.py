@@ -323,6 +323,21 @@ def test_amortized_two_ranks_equal_one_process(particles, tmp_path):
     assert_same_poses(ref / "poses.pkl", run / "poses.pkl")
 
 
+def test_symmetry_step_two_ranks_equal_one_process(particles, tmp_path):
+    """``--symmetry C2``: C1 until the search ends, then the impose-symmetry step at epoch 3;
+    every rank takes rank 0's frame and converts its own rows (cryospin.train.impose)."""
+    argv = [*TRAIN, "--symmetry", "C2"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert_ok(run_cryospin([str(particles), "-o", str(ref), *argv]))
+    assert_ok(run_cryospin([str(particles), "-o", str(run), *argv], nproc=2))
+    steps = [(row["epoch"], row["extra"]["symmetry"]) for row in read_metrics(run / "metrics.jsonl")
+             if "symmetry" in (row.get("extra") or {})]
+    assert [(e, s["group"]) for e, s in steps] == [(3, "C2")]
+    for name in ("map.003.mrc", "map.mrc"):
+        assert_same_map(ref / name, run / name)
+    assert_same_poses(ref / "poses.pkl", run / "poses.pkl")
+
+
 def test_world_from_env_reads_torchrun_then_slurm_variables():
     from cryospin.errors import InputError
     from cryospin.train.distributed import WorldInfo, world_from_env

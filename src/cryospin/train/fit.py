@@ -381,7 +381,7 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
         trained = None
         return_free_memory()  # the encoder and its optimiser are gone
     if step_due(run.config, epoch, state):  # C1 up to here: the group's frame from now on
-        extra["symmetry"] = impose_on_state(run.config, state)
+        extra["symmetry"] = impose_on_state(run.config, state, run.shard)
     cut = (stage1_batches(run.config.schedule, epoch, run.per_epoch)
            if state.stage == Stage.AUTOENCODE else None)  # the step budget's cut epoch
     n = len(run.data)
@@ -509,7 +509,7 @@ def _finish(run: _Run, state: TrainState, particles: ParticleSet) -> FitResult:
     switched) and outputs (rank 0)."""
     files = run.files
     if step_due(run.config, state.epoch + 1, state):  # the search ran to the last epoch
-        impose_on_state(run.config, state)
+        impose_on_state(run.config, state, run.shard)
     pose_table = full_pose_table(state.pose_table, run.shard)  # rank 0 writes the outputs
     if not run.main:
         return FitResult(files.dir, state.epoch, state.stage, finished=True)

@@ -18,11 +18,14 @@ search ends, and then, once:
    resampling), the pose table's Adam moments zeroed.
 
 When the group found is ``C1`` (``auto`` found nothing), nothing changes. Under torchrun each
-rank runs the same search on the same (synchronised) volume and converts its own rows.
+rank searches the same (synchronised) volume, all take rank 0's frame and centre, and each
+converts its own rows (with ``auto`` each rank chooses the group itself: the same unless a
+score lies within rounding of the threshold).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -40,13 +43,14 @@ from cryospin.symmetry_search import (
     poses_in_group_frame,
 )
 from cryospin.train.config import AMORTIZED_METHODS, Config
+from cryospin.train.distributed import Shard
 from cryospin.train.metrics import SymmetryRecord
 from cryospin.train.schedule import last_search_epoch
 from cryospin.train.state import TrainState
 from cryospin.volume import HartleyVolume
 
-__all__ = ["SymmetryStep", "impose_on_state", "impose_symmetry", "initial_group", "record_of",
-           "step_due"]
+__all__ = ["SymmetryStep", "apply_frame", "find_frame", "impose_on_state", "impose_symmetry",
+           "initial_group", "record_of", "step_due"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +106,29 @@ def step_due(config: Config, epoch: int, state: TrainState) -> bool:
             and epoch == last_search_epoch(config.schedule, state.search_stopped_after) + 1)
 
 
-def impose_on_state(config: Config, state: TrainState) -> SymmetryRecord:
+def impose_on_state(config: Config, state: TrainState, shard: Shard | None) -> SymmetryRecord:
     """:func:`impose_symmetry` on the state's volume and pose table (stage 2); the new volume
-    gets a new optimiser (:meth:`TrainState.replace_volume`). Returns the metrics record."""
+    gets a new optimiser (:meth:`TrainState.replace_volume`). Distributed (``shard``): every
+    rank searches, and all take rank 0's frame and centre (one frame whatever the rounding of
+    each rank's search). Returns the metrics record."""
     assert state.pose_table is not None  # stage 2
-    volume, step = impose_symmetry(state.volume, state.pose_table, config.model.symmetry)
+    step = find_frame(state.volume, config.model.symmetry)
+    if shard is not None:
+        step = _rank0_frame(step, shard)
+    volume = apply_frame(state.volume, state.pose_table, step)
     if volume is not state.volume:
         state.replace_volume(config, volume)
+    _log(step)
     return record_of(step)
+
+
+def _rank0_frame(step: SymmetryStep, shard: Shard) -> SymmetryStep:
+    """``step`` with rank 0's score, frame and centre (a sum over ranks of rank 0's numbers)."""
+    numbers = torch.cat([step.rotation.flatten(), step.centre_px,
+                         torch.tensor([step.score], dtype=torch.float64)])
+    agreed = shard.all_sum(numbers if shard.rank == 0 else torch.zeros_like(numbers))
+    return dataclasses.replace(step, rotation=agreed[:9].reshape(3, 3),
+                               centre_px=agreed[9:12], score=float(agreed[12]))
 
 
 def _search(map_real: Tensor, symmetry: str) -> SymmetrySearch:
@@ -119,30 +138,45 @@ def _search(map_real: Tensor, symmetry: str) -> SymmetrySearch:
     return place_group(map_real, symmetry)
 
 
+def find_frame(volume: HartleyVolume, symmetry: str) -> SymmetryStep:
+    """Step 1 (module docstring) on the real-space map of the C1 ``volume``: the group
+    (``symmetry``, or the detected one for ``"auto"``), its frame ``M`` and centre ``c``."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        real = volume.to_real_space().detach().cpu()
+    search = _search(real, symmetry)
+    fit = search.chosen
+    return SymmetryStep(fit.group, fit.score, fit.frame.double().cpu(),
+                        search.centre_px.double().cpu(), time.perf_counter() - t0)
+
+
+def apply_frame(volume: HartleyVolume, pose_table: PoseTable,
+                step: SymmetryStep) -> HartleyVolume:
+    """Steps 2 and 3: the volume rebuilt from ``W(r) = V(M r + c)`` with ``step.group``
+    (device and dtype of ``volume``) and ``pose_table`` converted in place (Adam moments
+    zeroed); ``volume`` itself, nothing changed, when the group is C1."""
+    if step.group.upper() == "C1":
+        return volume
+    with torch.no_grad():
+        real = volume.to_real_space().detach()
+    aligned = map_in_group_frame(real.cpu(), step.rotation, step.centre_px)
+    new = HartleyVolume.from_real_space(aligned.to(real.dtype),
+                                        symmetry=step.group).to(real.device)
+    device = pose_table.rotations.device
+    rotations, shifts = poses_in_group_frame(pose_table.rotations, pose_table.shifts_px,
+                                             step.rotation.to(device), step.centre_px.to(device))
+    pose_table.replace_poses(rotations, shifts)
+    return new
+
+
 def impose_symmetry(volume: HartleyVolume, pose_table: PoseTable,
                     symmetry: str) -> tuple[HartleyVolume, SymmetryStep]:
     """The step (module docstring) on a C1 ``volume`` and ``pose_table`` (changed in place:
     its poses in the new frame, Adam moments zeroed). ``symmetry``: a group symbol or
     ``"auto"``. Returns the new volume (device and dtype of ``volume``; ``volume`` itself when
     the group is C1) and the :class:`SymmetryStep`."""
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        real = volume.to_real_space().detach()
-    search = _search(real.cpu(), symmetry)
-    fit = search.chosen
-    if fit.order > 1:
-        aligned = map_in_group_frame(real.cpu(), fit.frame, search.centre_px)
-        volume = HartleyVolume.from_real_space(aligned.to(real.dtype),
-                                               symmetry=fit.group).to(real.device)
-        rotations, shifts = poses_in_group_frame(
-            pose_table.rotations, pose_table.shifts_px,
-            fit.frame.to(pose_table.rotations.device),
-            search.centre_px.to(pose_table.rotations.device))
-        pose_table.replace_poses(rotations, shifts)
-    step = SymmetryStep(fit.group, fit.score, fit.frame.double().cpu(),
-                        search.centre_px.double().cpu(), time.perf_counter() - t0)
-    _log(step)
-    return volume, step
+    step = find_frame(volume, symmetry)
+    return apply_frame(volume, pose_table, step), step
 
 
 def record_of(step: SymmetryStep) -> SymmetryRecord:
