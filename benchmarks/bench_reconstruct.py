@@ -22,7 +22,11 @@ A symmetric particle (issue 3: multi-head vs single-head encoder), sharing one d
         -- --heads 1
 
 Pose errors of a symmetric particle are taken modulo its point group (``pose-error
---symmetry``).
+--symmetry``). ``--impose G`` runs ``reconstruct --symmetry G`` and the oracle backprojection
+with ``--symmetry G`` (the symmetric oracle)::
+
+    python benchmarks/bench_reconstruct.py --workdir bench_out/d7_sym --data bench_out/d7_64 \
+        --select A:330-530 --symmetry D7 --impose D7
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ def main() -> None:
     p.add_argument("--select", default=None, help="simulate: atom selection, e.g. A:330-530")
     p.add_argument("--symmetry", default=None,
                    help="simulate a Cn/Dn assembly; pose errors modulo the group")
+    p.add_argument("--impose", default=None, metavar="GROUP",
+                   help="reconstruct and the oracle backprojection with --symmetry GROUP")
     p.add_argument("--data", type=Path, default=None,
                    help="dataset folder (default WORKDIR/data; simulated if missing)")
     p.add_argument("--halves", action="store_true",
@@ -70,6 +76,7 @@ def main() -> None:
     sim_extra = (["--select", args.select] if args.select else []) + (
         ["--symmetry", args.symmetry] if args.symmetry else [])
     err_extra = ["--symmetry", args.symmetry] if args.symmetry else []
+    impose = ["--symmetry", args.impose] if args.impose else []
     rows: dict[str, tuple[float, float]] = {}
     if not (data / "particles.star").exists():
         rows["simulate"] = run(exe + [
@@ -82,10 +89,10 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     rows["reconstruct"] = run(exe + [
         "reconstruct", str(data / "particles.star"), "-o", str(run_dir), "--preset", args.preset,
-        "--seed", str(args.seed), "--no-progress", *args.reconstruct_args,
+        "--seed", str(args.seed), "--no-progress", *impose, *args.reconstruct_args,
     ], log)
     rows["oracle backproject"] = run(exe + [
-        "backproject", str(data / "particles.star"), "-o", str(oracle), "--force"], log)
+        "backproject", str(data / "particles.star"), "-o", str(oracle), "--force", *impose], log)
     run(exe + ["fsc", str(data / "gt.mrc"), str(run_dir / "map.mrc"), "--align",
                 "-o", str(work / "fsc_run.json"), "--plot", str(work / "fsc_run.png")], log)
     run(exe + ["fsc", str(data / "gt.mrc"), str(oracle / "map.mrc"),
@@ -100,7 +107,7 @@ def main() -> None:
         rows["reconstruct --halves"] = run(exe + [
             "reconstruct", str(data / "particles.star"), "-o", str(halves), "--halves",
             "--preset", args.preset, "--seed", str(args.seed), "--no-progress",
-            *args.reconstruct_args,
+            *impose, *args.reconstruct_args,
         ], log)
 
     fsc_run = json.loads((work / "fsc_run.json").read_text())
@@ -125,7 +132,7 @@ def main() -> None:
     if args.shift_std_px > 0 and err.get("median_shift_error_px") is not None:
         print(f"| median shift error | {err['median_shift_error_px']:.2f} px "
               f"({err['median_shift_error_centered_px']:.2f} px after removing a global offset) |")
-    print(f"| reconstruct flags | `{' '.join(args.reconstruct_args) or '(preset)'}` |")
+    print(f"| reconstruct flags | `{' '.join(impose + args.reconstruct_args) or '(preset)'}` |")
     usage = [m["head_usage"] for m in metrics if m.get("head_usage")]
     if usage:
         print(f"| head usage at the switch | {' '.join(f'{u:.2f}' for u in usage[-1])} |")
