@@ -15,6 +15,7 @@ from cryospin.train.config import ScheduleConfig, build_config
 from cryospin.train.schedule import (
     decay_fraction,
     final_epoch,
+    impose_epoch,
     is_search_epoch,
     last_search_epoch,
     search_stops,
@@ -59,6 +60,19 @@ def test_an_early_stop_skips_the_remaining_search_epochs_and_keeps_the_local_one
     # epochs short of the search: no local epochs, the run ends with the stop
     short = dataclasses.replace(SCHEDULE, epochs=7)
     assert final_epoch(short, None) == 7 and final_epoch(short, 5) == 5
+
+
+def test_the_symmetry_step_follows_the_search_or_its_minimum_epochs():
+    after = dataclasses.replace(SCHEDULE, impose_symmetry="after_search")
+    during = dataclasses.replace(SCHEDULE, impose_symmetry="during_search")
+    # after the 8 search epochs (2..9), or after an early stop at 6
+    assert (impose_epoch(after, None), impose_epoch(after, 6)) == (10, 7)
+    # after the minimum 4 (2..5): the search epochs 6..9 run on the symmetric map
+    assert (impose_epoch(during, None), impose_epoch(during, 5)) == (6, 6)
+    # no minimum: the whole search; no search at all: right after the switch
+    assert impose_epoch(dataclasses.replace(during, search_min_epochs=None), None) == 10
+    assert impose_epoch(dataclasses.replace(during, search_epochs=0,
+                                            search_min_epochs=None), None) == 2
 
 
 def test_the_search_never_stops_before_its_minimum_nor_at_its_last_epoch():

@@ -53,7 +53,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 FinalMap = Literal["backprojection", "decoder"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 SwitchPoses = Literal["inference", "last_epoch"]
-ImposeSymmetry = Literal["after_search", "start"]
+ImposeSymmetry = Literal["after_search", "during_search", "start"]
 HeadType = Literal["reference", "spread"]  # cryospin.encoder.HeadType
 EncoderInput = Literal["image", "pyramid"]  # cryospin.encoder.EncoderInput
 Pooling = Literal["adaptive", "vgg16"]  # cryospin.encoder.Pooling
@@ -245,12 +245,14 @@ class ScheduleConfig:
         pose as trained on in the last stage-1 epoch (no extra pass: it costs about half a
         stage-1 epoch; kept in the checkpoint so that a run stopped at the switch resumes
         exactly).
-    impose_symmetry : "after_search" or "start"
+    impose_symmetry : "after_search", "during_search" or "start"
         When ``model.symmetry`` (a group, or ``auto``) is imposed: ``after_search``, the run
         is C1 up to the end of the global search (at the switch without one), then the
         group's axes are found in the map and the volume and poses move to its frame
-        (:mod:`cryospin.train.impose`); ``start``, the volume is averaged over the group
-        from epoch 1 (not with ``auto``). The methods that never switch impose it from the
+        (:mod:`cryospin.train.impose`); ``during_search``, the same after the first
+        ``search_min_epochs`` search epochs (the rest search one asymmetric unit of the
+        symmetric map); ``start``, the volume is averaged over the group from epoch 1 (not
+        with ``auto``). The methods that never switch impose it from the
         start.
     """
 

@@ -45,7 +45,7 @@ from cryospin.symmetry_search import (
 from cryospin.train.config import AMORTIZED_METHODS, Config
 from cryospin.train.distributed import Shard
 from cryospin.train.metrics import SymmetryRecord
-from cryospin.train.schedule import last_search_epoch
+from cryospin.train.schedule import impose_epoch
 from cryospin.train.state import TrainState
 from cryospin.volume import HartleyVolume
 
@@ -96,14 +96,14 @@ def initial_group(config: Config, saved: str | None) -> str:
 
 
 def step_due(config: Config, epoch: int, state: TrainState) -> bool:
-    """Whether epoch ``epoch`` starts with the step: the first epoch after the global search
-    (the first stage-2 epoch without one; :func:`cryospin.train.schedule.last_search_epoch`,
-    early stop included), in stage 2, with a group (or ``auto``) still to impose on a C1
-    volume."""
+    """Whether epoch ``epoch`` starts with the step: :func:`cryospin.train.schedule.
+    impose_epoch` (after the global search, early stop included, or after its minimum epochs;
+    the first stage-2 epoch without one), in stage 2, with a group (or ``auto``) still to
+    impose on a C1 volume."""
     return (config.model.symmetry.upper() != "C1" and state.pose_table is not None
             and state.volume.point_group.upper() == "C1"
             and initial_group(config, None).upper() == "C1"
-            and epoch == last_search_epoch(config.schedule, state.search_stopped_after) + 1)
+            and epoch == impose_epoch(config.schedule, state.search_stopped_after))
 
 
 def impose_on_state(config: Config, state: TrainState, shard: Shard | None) -> SymmetryRecord:

@@ -42,6 +42,7 @@ __all__ = [
     "final_epoch",
     "is_search_epoch",
     "search_stops",
+    "impose_epoch",
     "decay_fraction",
     "stage1_loss_radius",
     "loss_radius_schedule",
@@ -81,6 +82,17 @@ def last_search_epoch(schedule: ScheduleConfig, search_stopped_after: int | None
     if search_stopped_after is not None:
         return search_stopped_after
     return schedule.switch_epoch + schedule.search_epochs
+
+
+def impose_epoch(schedule: ScheduleConfig, search_stopped_after: int | None) -> int:
+    """The epoch that starts with the impose-symmetry step (:mod:`cryospin.train.impose`):
+    the first after the global search, or with ``impose_symmetry = during_search`` the first
+    after its ``search_min_epochs`` (all of it without a minimum)."""
+    last = last_search_epoch(schedule, search_stopped_after)
+    low = schedule.search_min_epochs
+    if schedule.impose_symmetry == "during_search" and low is not None:
+        last = min(last, schedule.switch_epoch + low)
+    return last + 1
 
 
 def final_epoch(schedule: ScheduleConfig, search_stopped_after: int | None) -> int:

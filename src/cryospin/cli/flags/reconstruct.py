@@ -115,10 +115,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "volume and poses move to its frame, and from then on the volume is "
                         "averaged over the group, and the final map is a symmetric "
                         "backprojection")
-    g.add_argument("--impose-symmetry", choices=["after_search", "start"],
+    g.add_argument("--impose-symmetry", choices=["after_search", "during_search", "start"],
                    help="when --symmetry is imposed: after_search (default: C1 until the "
-                        "global search ends, then the group's frame) or start (the volume "
-                        "averaged over the group from epoch 1, which stalled on a D7 test)")
+                        "global search ends, then the group's frame), during_search (after "
+                        "the search's minimum epochs; the rest search one asymmetric unit) "
+                        "or start (the volume averaged over the group from epoch 1, which "
+                        "stalled on a D7 test)")
     g.add_argument("--method", choices=["semi-amortized", "amortized", "cryoai"],
                    help="semi-amortized (cryoSPIN, default); baselines that never switch: "
                         "amortized (multi-head winner-take-all throughout), cryoai (one head "
