@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from cryospin.rotations import random_rotations
+from cryospin.rotations import random_rotations, so3_exp
 from cryospin.symmetry import asymmetric_unit, point_group_rotations
-from cryospin.train.autodecode import super_fibonacci_rotations
+from cryospin.train.autodecode import pose_change_deg, super_fibonacci_rotations
 
 
 def _angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -69,3 +69,17 @@ def test_grid_covers_so3_modulo_the_group(symbol, n):
 def test_trivial_group_keeps_everything():
     grid = super_fibonacci_rotations(100)
     torch.testing.assert_close(asymmetric_unit(grid, point_group_rotations("C1")), grid)
+
+
+def test_pose_changes_are_measured_modulo_the_group():
+    """A pose replaced by a symmetry copy ``R g`` did not move (no jump for the early stop);
+    a real change is measured whatever copy it lands in."""
+    group = point_group_rotations("D7")  # (14, 3, 3) float64
+    before = random_rotations(14, generator=torch.Generator().manual_seed(0))
+    copies = before @ group  # row i: R_i g_i
+    assert float(pose_change_deg(before, copies, group).max()) < 1e-6
+    assert float(pose_change_deg(before, copies)[1:].min()) > 20.0  # C1: copies are jumps
+    turn = so3_exp(torch.tensor([0.0, 0.0, math.radians(5.0)], dtype=torch.float64))
+    moved = before @ turn @ group  # a 5 deg change, then a copy
+    torch.testing.assert_close(pose_change_deg(before, moved, group),
+                               torch.full((14,), 5.0, dtype=torch.float64))

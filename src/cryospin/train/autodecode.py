@@ -41,6 +41,7 @@ __all__ = [
     "autodecode_epoch",
     "epoch_search",
     "JUMP_THRESHOLD_DEG",
+    "pose_change_deg",
     "pose_nll",
     "refine_poses",
     "RotationSearch",
@@ -308,6 +309,17 @@ def refine_poses(
             pose_table.apply_gradients(idx, g_omega, None)
 
 
+def pose_change_deg(before: Tensor, after: Tensor, symmetry: Tensor | None = None) -> Tensor:
+    """How far each pose moved, `(B,)` degrees, from ``before`` to ``after`` `(B, 3, 3)`:
+    the angle of ``beforeᵀ after``, or with a point group ``symmetry`` `(G, 3, 3)` the
+    smallest over ``g`` of the angle of ``beforeᵀ after g`` (poses ``R`` and ``R g`` give the
+    same images of a symmetric map)."""
+    if symmetry is None:
+        return geodesic_distance_deg(before, after)
+    moved = after[:, None] @ symmetry.to(after)[None]  # (B, G, 3, 3)
+    return geodesic_distance_deg(before[:, None], moved).amin(dim=1)
+
+
 def autodecode_epoch(
     volume: nn.Module,
     pose_table: PoseTable,
@@ -323,6 +335,7 @@ def autodecode_epoch(
     search: RotationSearch | None = None,
     shard: Shard | None = None,
     anchor_frame: bool = False,
+    symmetry: Tensor | None = None,
 ) -> EpochStats:
     """One pass over the particles in random order (drawn from ``generator``).
 
@@ -352,6 +365,9 @@ def autodecode_epoch(
     anchor_frame : bool
         After the pose steps of each batch, take out the batch's common rotation
         (:func:`remove_common_rotation`; not in search epochs, whose grid jumps are no drift).
+    symmetry : `(G, 3, 3)`, optional
+        The volume's point group: pose changes (and jumps) are measured modulo it
+        (:func:`pose_change_deg`), since ``R`` and ``R g`` are the same pose.
 
     Returns
     -------
@@ -401,7 +417,7 @@ def autodecode_epoch(
         if n == 0:  # distributed: none of this batch's particles is on this rank
             continue
         running.add(float(loss.detach()), n)
-        change_deg = geodesic_distance_deg(rot0, rot)  # (B,)
+        change_deg = pose_change_deg(rot0, rot, symmetry)  # (B,)
         rot_change.add(float(change_deg.mean()), n)
         jumps += int((change_deg > JUMP_THRESHOLD_DEG).sum())
         if refine_shifts:

@@ -64,6 +64,7 @@ from cryospin.errors import OutputError, Terminated
 from cryospin.io.particle_set import ParticleSet
 from cryospin.rundir import RunFiles, Stage, prepare_run_dir, read_metrics
 from cryospin.runlock import describe_command, folder_lock
+from cryospin.symmetry import point_group_rotations
 from cryospin.train.autodecode import JUMP_THRESHOLD_DEG, autodecode_epoch, epoch_search
 from cryospin.train.autoencode import BestPoses, EpochStats, autoencode_epoch, infer_best_poses
 from cryospin.train.config import AMORTIZED_METHODS, Config, config_to_dict
@@ -451,7 +452,14 @@ def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress) -
         refine_shifts=config.model.predict_shifts,
         generator=run.generator, epoch=epoch, progress=bar.update, search=search,
         shard=run.shard, anchor_frame=config.optim.anchor_pose_frame,
+        symmetry=_group_or_none(state.volume.point_group),
     )
+
+
+def _group_or_none(symbol: str) -> torch.Tensor | None:
+    """The rotations `(G, 3, 3)` of point group ``symbol``; None for C1."""
+    group = point_group_rotations(symbol)
+    return None if group.shape[0] == 1 else group
 
 
 def _stop_search_if_done(run: _Run, state: TrainState, clock: _Clock, epoch: int,
