@@ -75,8 +75,9 @@ def test_reconstruct_with_symmetry(d2_run: Path, capsys: pytest.CaptureFixture) 
     run = d2_run
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["symmetry"] == "D2"
-    assert config["schedule"]["impose_symmetry"] == "after_search"
-    # C1 up to the end of the search (epoch 2), D2 from epoch 3 on
+    assert config["schedule"]["impose_symmetry"] == "during_search"
+    # one search epoch, below the preset's minimum: C1 up to the end of the search (epoch 2),
+    # D2 from epoch 3 on
     steps = _symmetry_steps(run)
     assert [e for e, _ in steps] == [3] and steps[0][1]["group"] == "D2"
     assert len(steps[0][1]["rotation"]) == 3 and len(steps[0][1]["centre_px"]) == 3

@@ -246,13 +246,13 @@ class ScheduleConfig:
         stage-1 epoch; kept in the checkpoint so that a run stopped at the switch resumes
         exactly).
     impose_symmetry : "after_search", "during_search" or "start"
-        When ``model.symmetry`` (a group, or ``auto``) is imposed: ``after_search``, the run
-        is C1 up to the end of the global search (at the switch without one), then the
-        group's axes are found in the map and the volume and poses move to its frame
-        (:mod:`cryospin.train.impose`); ``during_search``, the same after the first
-        ``search_min_epochs`` search epochs (the rest search one asymmetric unit of the
-        symmetric map); ``start``, the volume is averaged over the group from epoch 1 (not
-        with ``auto``). The methods that never switch impose it from the
+        When ``model.symmetry`` (a group, or ``auto``) is imposed: ``during_search`` (the
+        default), the run is C1 for the first ``search_min_epochs`` search epochs (all of them
+        without a minimum; up to the switch without a search), then the group's axes are
+        found in the map, the volume and poses move to its frame (:mod:`cryospin.train.
+        impose`) and the remaining search epochs search one asymmetric unit of the symmetric
+        map; ``after_search``, the same after the whole search; ``start``, the volume is
+        averaged over the group from epoch 1 (not with ``auto``). The methods that never switch impose it from the
         start.
     """
 
@@ -266,7 +266,7 @@ class ScheduleConfig:
     search_min_epochs: int | None = None
     search_stop_fraction: float = 0.0
     switch_poses: SwitchPoses = "inference"
-    impose_symmetry: ImposeSymmetry = "after_search"
+    impose_symmetry: ImposeSymmetry = "during_search"
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 Imposing a group ``G`` from a random start makes the symmetric model build its map about fixed
 axes from nothing; measured, it stalls in a local minimum (``docs/conventions.md``,
-"Symmetry"). So, as RELION and cryoSPARC do, a run with ``model.symmetry`` (and
-``schedule.impose_symmetry = after_search``, the default) trains in C1 until its global
-search ends, and then, once:
+"Symmetry"). So, as RELION and cryoSPARC do, a run with ``model.symmetry`` trains in C1
+for the first ``search_min_epochs`` epochs of its global search
+(``schedule.impose_symmetry = during_search``, the default; ``after_search``: all of them;
+:func:`cryospin.train.schedule.impose_epoch`), and then, once:
 
 1. the volume's real-space map ``V`` is searched for ``G``'s axes
    (:func:`cryospin.symmetry_search.place_group`; with ``auto``,

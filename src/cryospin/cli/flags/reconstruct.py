@@ -110,17 +110,18 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--symmetry", metavar="GROUP",
                    help="point group of the particle, in RELION's axes (Cn, Dn, T, O, I or "
                         "I1..I4; docs/conventions.md, \"Symmetry\"; default C1: none), or "
-                        "auto (the largest group the map shows): the run is C1 until the "
-                        "global search ends, then the group's axes are found in the map, the "
-                        "volume and poses move to its frame, and from then on the volume is "
-                        "averaged over the group, and the final map is a symmetric "
+                        "auto (the largest group the map shows): the run is C1 for the first "
+                        "epochs of the global search (--impose-symmetry), then the group's "
+                        "axes are found in the map, the volume and poses move to its frame, "
+                        "and from then on the volume is averaged over the group, the search "
+                        "covers one asymmetric unit, and the final map is a symmetric "
                         "backprojection")
     g.add_argument("--impose-symmetry", choices=["after_search", "during_search", "start"],
-                   help="when --symmetry is imposed: after_search (default: C1 until the "
-                        "global search ends, then the group's frame), during_search (after "
-                        "the search's minimum epochs; the rest search one asymmetric unit) "
-                        "or start (the volume averaged over the group from epoch 1, which "
-                        "stalled on a D7 test)")
+                   help="when --symmetry is imposed: during_search (default: C1 for the "
+                        "search's minimum epochs, then the group's frame, and the remaining "
+                        "search epochs search one asymmetric unit), after_search (C1 until "
+                        "the search ends) or start (the volume averaged over the group from "
+                        "epoch 1, which stalled on a D7 test)")
     g.add_argument("--method", choices=["semi-amortized", "amortized", "cryoai"],
                    help="semi-amortized (cryoSPIN, default); baselines that never switch: "
                         "amortized (multi-head winner-take-all throughout), cryoai (one head "
