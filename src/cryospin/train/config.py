@@ -252,8 +252,8 @@ class ScheduleConfig:
         found in the map, the volume and poses move to its frame (:mod:`cryospin.train.
         impose`) and the remaining search epochs search one asymmetric unit of the symmetric
         map; ``after_search``, the same after the whole search; ``start``, the volume is
-        averaged over the group from epoch 1 (not with ``auto``). The methods that never switch impose it from the
-        start.
+        averaged over the group from epoch 1 (not with ``auto``). The methods that never
+        switch impose it from the start.
     """
 
     epochs: int = 20
