@@ -33,7 +33,6 @@ from cryospin.report.analysis import JSONObject, halves_summary
 from cryospin.report.figures import (
     add_gt_figures,
     plot_halves_training,
-    plot_map_views,
     plot_orientations,
 )
 from cryospin.report.ground_truth import compare_map_with_gt, compare_poses_with_gt
@@ -50,13 +49,13 @@ from cryospin.report.html import (
     write_page,
 )
 from cryospin.report.inputs import ground_truth_on_grid, read_gt_poses, read_poses, read_volume
+from cryospin.report.map_figure import add_map_views
 from cryospin.report.run_page import write_report
 from cryospin.report.symmetry_check import (
     DrawnAxes,
     axes_to_draw,
     check_symmetry,
     imposed_symmetry,
-    section_marks,
     symmetry_summary,
 )
 from cryospin.rundir import HALF_NAMES, HalvesFiles, RunData, load_run
@@ -157,20 +156,10 @@ def _figures(figs: FigureSet, inp: _Inputs, gt_map: str | Path | None,
             "orientations.png", "Orientation distribution",
             "View directions of the combined poses (half B's brought into half A's frame), "
             "binned in equal-area cells on a Mollweide projection."))
-    plot_map_views(inp.volume, figs.add("map_views.png", "Combined map",
-                                        "Central sections and projections of map.mrc, the "
-                                        "FSC-weighted average of the two aligned half maps "
-                                        "(unmasked, unsharpened)" + (
-                                            "." if drawn is None else
-                                            f"; on the sections the {drawn.source} "
-                                            f"{drawn.group} symmetry axes (lines: axes in the "
-                                            "plane, circles: axes piercing it), labelled with "
-                                            "their order.")),
-                   pixel_size_angstrom=inp.apix,
-                   axis_marks=() if drawn is None else section_marks(
-                       drawn, int(inp.volume.shape[-1])),
-                   axes_title="" if drawn is None else
-                   f"{drawn.source} symmetry {drawn.group}: axes labelled by order")
+    add_map_views(figs, inp.volume, title="Combined map",
+                  what="map.mrc, the FSC-weighted average of the two aligned half maps "
+                       "(unmasked, unsharpened)",
+                  pixel_size_angstrom=inp.apix, drawn=drawn)
     add_gt_figures(figs, map_path=inp.files.map, gt_map=gt_map, final_fsc=final_fsc,
                    gt_rotations=inp.gt_R, pose_result=pose_result)
 

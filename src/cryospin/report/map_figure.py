@@ -16,7 +16,8 @@ import numpy as np
 from torch import Tensor
 
 from cryospin.plotting import pyplot, save_figure
-from cryospin.report.symmetry_check import AxisMark
+from cryospin.report.html import FigureSet
+from cryospin.report.symmetry_check import AxisMark, DrawnAxes, section_marks
 
 if TYPE_CHECKING:  # matplotlib is optional: its types only for the annotations
     from matplotlib.axes import Axes
@@ -103,3 +104,20 @@ def plot_map_views(
     fig.tight_layout(h_pad=1.5)
     save_figure(fig, path)
     return drawn
+
+
+def add_map_views(figs: FigureSet, volume: Tensor | np.ndarray, *, title: str, what: str,
+                  pixel_size_angstrom: float | None, drawn: DrawnAxes | None) -> None:
+    """A page's map figure (``map_views.png``): :func:`plot_map_views` of ``volume``
+    `(L, L, L)`, captioned "Central sections and projections of ``what``", with ``drawn``'s
+    symmetry axes on the sections (none when None)."""
+    caption = f"Central sections and projections of {what}" + (
+        "." if drawn is None else
+        f"; on the sections the {drawn.source} {drawn.group} symmetry axes (lines: axes in "
+        "the plane, circles: axes piercing it), labelled with their order.")
+    plot_map_views(volume, figs.add("map_views.png", title, caption),
+                   pixel_size_angstrom=pixel_size_angstrom,
+                   axis_marks=() if drawn is None else section_marks(
+                       drawn, int(volume.shape[-1])),
+                   axes_title="" if drawn is None else
+                   f"{drawn.source} symmetry {drawn.group}: axes labelled by order")

@@ -27,7 +27,6 @@ from cryospin.report.figures import (
     add_gt_figures,
     plot_head_errors,
     plot_head_usage,
-    plot_map_views,
     plot_orientations,
     plot_track_errors,
     plot_training,
@@ -61,6 +60,7 @@ from cryospin.report.inputs import (
     read_track,
     read_volume,
 )
+from cryospin.report.map_figure import add_map_views
 from cryospin.report.summary import RunSummary
 from cryospin.report.symmetry_check import (
     DrawnAxes,
@@ -68,7 +68,6 @@ from cryospin.report.symmetry_check import (
     axes_to_draw,
     check_symmetry,
     imposed_symmetry,
-    section_marks,
     symmetry_summary,
 )
 from cryospin.rundir import RunData, load_run
@@ -238,19 +237,8 @@ def _figures(figs: FigureSet, inp: _Inputs, num: _Numbers, gt_map: str | Path | 
             "projection."))
     if inp.volume is not None and run.map_path is not None:
         drawn = num.drawn
-        plot_map_views(inp.volume, figs.add("map_views.png", "Map",
-                                            f"Central sections and projections of "
-                                            f"{run.map_path.name}" + (
-                                                "." if drawn is None else
-                                                f"; on the sections the {drawn.source} "
-                                                f"{drawn.group} symmetry axes (lines: axes in "
-                                                "the plane, circles: axes piercing it), "
-                                                "labelled with their order.")),
-                       pixel_size_angstrom=inp.apix,
-                       axis_marks=() if drawn is None else section_marks(
-                           drawn, int(inp.volume.shape[-1])),
-                       axes_title="" if drawn is None else
-                       f"{drawn.source} symmetry {drawn.group}: axes labelled by order")
+        add_map_views(figs, inp.volume, title="Map", what=run.map_path.name,
+                      pixel_size_angstrom=inp.apix, drawn=drawn)
     if run.map_path is not None:
         add_gt_figures(figs, map_path=run.map_path, gt_map=gt_map, final_fsc=num.final_fsc,
                        gt_rotations=inp.gt_R, pose_result=num.pose_result)
