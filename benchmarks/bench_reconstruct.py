@@ -23,7 +23,7 @@ A symmetric particle (issue 3: multi-head vs single-head encoder), sharing one d
 
 Pose errors of a symmetric particle are taken modulo its point group (``pose-error
 --symmetry``). ``--impose G`` runs ``reconstruct --symmetry G`` and the oracle backprojection
-with ``--symmetry G`` (the symmetric oracle)::
+with ``--symmetry G`` (the symmetric oracle; with ``--impose auto``, the simulated group)::
 
     python benchmarks/bench_reconstruct.py --workdir bench_out/d7_sym --data bench_out/d7_64 \
         --select A:330-530 --symmetry D7 --impose D7
@@ -77,6 +77,9 @@ def main() -> None:
         ["--symmetry", args.symmetry] if args.symmetry else [])
     err_extra = ["--symmetry", args.symmetry] if args.symmetry else []
     impose = ["--symmetry", args.impose] if args.impose else []
+    # the symmetric oracle: with --impose auto, the simulated group (backproject has no auto)
+    oracle_group = args.symmetry if args.impose and args.impose.lower() == "auto" else args.impose
+    oracle_sym = ["--symmetry", oracle_group] if oracle_group else []
     rows: dict[str, tuple[float, float]] = {}
     if not (data / "particles.star").exists():
         rows["simulate"] = run(exe + [
@@ -92,7 +95,8 @@ def main() -> None:
         "--seed", str(args.seed), "--no-progress", *impose, *args.reconstruct_args,
     ], log)
     rows["oracle backproject"] = run(exe + [
-        "backproject", str(data / "particles.star"), "-o", str(oracle), "--force", *impose], log)
+        "backproject", str(data / "particles.star"), "-o", str(oracle), "--force",
+        *oracle_sym], log)
     run(exe + ["fsc", str(data / "gt.mrc"), str(run_dir / "map.mrc"), "--align",
                 "-o", str(work / "fsc_run.json"), "--plot", str(work / "fsc_run.png")], log)
     run(exe + ["fsc", str(data / "gt.mrc"), str(oracle / "map.mrc"),
