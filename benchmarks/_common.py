@@ -33,7 +33,16 @@ def machine_line() -> str:
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "unset")
     return (f"CPU {cpu_model_name()}, capability {torch.backends.cpu.get_cpu_capability()}, "
             f"ONEDNN_MAX_CPU_ISA {isa}, native bf16: {'yes' if native else 'no'} ({why}), "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads{_gpu()}")
+
+
+def _gpu() -> str:
+    """``, GPU <name> (CUDA <version>)`` where torch sees a CUDA device, else empty."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    return f", GPU {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
 
 
 def cryospin_argv() -> list[str]:
