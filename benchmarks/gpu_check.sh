@@ -23,7 +23,7 @@ torch.cuda.get_device_name(0), "bf16:", torch.cuda.is_bf16_supported())'
 cat "$out/machine.txt"
 
 CRYOSPIN_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-200}" "$py" -m pytest -q -p no:cacheprovider \
-  tests/integration/test_device.py tests/unit/test_precision.py > "$out/tests_cuda.log" 2>&1
+  tests/integration/test_device.py ${EXTRA_TESTS:-tests/unit/test_precision.py} > "$out/tests_cuda.log" 2>&1
 echo "device tests: exit $?"; tail -n 15 "$out/tests_cuda.log"
 
 work=${BENCH_WORKDIR:-/tmp/cryospin_bench64}

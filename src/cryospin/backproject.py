@@ -88,6 +88,7 @@ __all__ = [
     "reconstruct_from_sums",
     "half_set_assignment",
     "backproject",
+    "backprojection_dtype",
     "backproject_particles",
 ]
 
@@ -550,9 +551,15 @@ def backproject(
     return BackprojectionResult(volume, half_a, half_b, curve, half_set)
 
 
+def backprojection_dtype(device: torch.device) -> torch.dtype:
+    """float64, the accumulation dtype of backprojection, except on MPS (no float64 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def backproject_particles(
     particles: ParticleSet,
     *,
+    device: torch.device | str = "cpu",
     use_ctf: bool = True,
     reg: float = 1e-3,
     wiener: bool = True,
@@ -574,6 +581,8 @@ def backproject_particles(
     ``invert_contrast`` reconstructs ``−image``: backprojection is linear, so the maps are
     negated (the FSC is unchanged). ``symmetry`` (a point-group symbol, :mod:`cryospin.symmetry`)
     inserts each image at its ``|G|`` symmetry-related poses; ``"C1"`` inserts it once.
+    The sums are computed on ``device`` (the images are read on the CPU and moved there);
+    the maps are returned on the CPU.
     """
     if particles.rotations is None:
         raise InputError("the particles have no poses (give them with --poses)", particles.source)
@@ -584,13 +593,13 @@ def backproject_particles(
     shifts = particles.shifts_px
     if shifts is not None and source is not particles:
         shifts = shifts * (source.box_px / particles.box_px)  # in the cropped box's pixels
+    dev = torch.device(device)
     result = backproject(
-        source, particles.rotations, shifts, ctf,
+        source, particles.rotations.to(dev), None if shifts is None else shifts.to(dev), ctf,
         box_px=source.box_px, pixel_size_angstrom=source.pixel_size_angstrom, reg=reg,
         wiener=wiener, half_set=half, seed=seed, batch_size=batch_size, dtype=dtype,
         progress=progress, symmetry=group if group.shape[0] > 1 else None,
     )
-    if invert_contrast:
-        result = dataclasses.replace(result, volume=result.volume.neg_(),
-                                     half_a=result.half_a.neg_(), half_b=result.half_b.neg_())
-    return result
+    sign = -1.0 if invert_contrast else 1.0
+    return dataclasses.replace(result, volume=sign * result.volume.cpu(),
+                               half_a=sign * result.half_a.cpu(), half_b=sign * result.half_b.cpu())

@@ -29,7 +29,7 @@ from cryospin.forward.hartley import hartley3
 from cryospin.forward.model import render
 from cryospin.forward.slicing import extract_central_slices, insert_central_slices
 from cryospin.io.mrc import read_map
-from cryospin.io.pkl import read_cryodrgn_poses
+from cryospin.io.pkl import read_cryodrgn_poses, write_cryodrgn_poses
 from cryospin.rotations import random_rotations
 from cryospin.rundir import HALF_NAMES, Checkpoint, read_metrics
 from cryospin.train.config import load_config
@@ -195,3 +195,17 @@ def test_halves(particles, tmp_path: Path) -> None:
     for half in HALF_NAMES:
         _finite_map(run / half / "map.mrc")
     _finite_map(run / "map.mrc")
+
+
+def test_backproject_command_matches_the_cpu(particles, tmp_path: Path) -> None:
+    poses = tmp_path / "poses.pkl"
+    write_cryodrgn_poses(poses, particles.rotations, torch.zeros(300, 2, dtype=F64), L)
+    maps = {}
+    for device in ("cpu", DEVICE.type):
+        out = tmp_path / f"bp_{device}"
+        assert main(["backproject", *_inputs(particles), "--poses", str(poses), "-o", str(out),
+                     "--device", device, "--threads", "1", "--force"]) == 0
+        maps[device] = _finite_map(out / "map.mrc")
+    # float64 sums on both, written as float32: equal to float32 rounding
+    np.testing.assert_allclose(maps[DEVICE.type], maps["cpu"],
+                               atol=1e-5 * float(np.abs(maps["cpu"]).max()))

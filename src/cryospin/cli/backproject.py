@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryospin.backproject import backproject_particles
+from cryospin.backproject import backproject_particles, backprojection_dtype
 from cryospin.cpus import available_cpus, default_cpu_threads
 from cryospin.errors import InputError
 from cryospin.evaluate.fsc import write_fsc_json
@@ -21,6 +21,7 @@ from cryospin.io.particles import load_indices, load_particles
 from cryospin.point_group import parse_point_group
 from cryospin.runlock import check_output_folder, claim_output_folder, describe_command
 from cryospin.train.halves import HalvesFiles, is_halves_run
+from cryospin.train.setup import resolve_device
 
 
 def _with_star_poses(particles, star: Path):
@@ -111,11 +112,13 @@ def main(args: argparse.Namespace) -> int:
                          f"{particles.box_px} px", args.particles)
     torch.set_num_threads(default_cpu_threads(args.threads, torch.get_num_threads(),
                                               available_cpus()))
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
     res = backproject_particles(
         particles, use_ctf=not args.no_ctf, reg=args.reg, wiener=not args.no_wiener,
         seed=args.seed, batch_size=args.batch_size,
-        dtype=torch.float32 if args.float32 else torch.float64, progress=True,
+        dtype=torch.float32 if args.float32 else backprojection_dtype(device), progress=True,
+        device=device,
         box_px=args.box, invert_contrast=args.invert_contrast, symmetry=group.symbol,
     )
     out: Path = args.outdir
@@ -135,8 +138,10 @@ def main(args: argparse.Namespace) -> int:
                        **({} if dependent is None else {"warning": dependent}),
                        **({} if group.order == 1 else {"symmetry": group.symbol}))
     sym = "" if group.order == 1 else f", symmetry {group.symbol} ({group.order} poses each)"
+    where = (f"{torch.get_num_threads()} threads" if device.type == "cpu"
+             else f"{device.type} (+ {torch.get_num_threads()} CPU threads)")
     print(f"backprojected {len(particles)} particles ({box} px, {apix:g} Å/px{sym}) in "
-          f"{time.perf_counter() - t0:.1f} s with {torch.get_num_threads()} threads")
+          f"{time.perf_counter() - t0:.1f} s on {where}")
     print(f"  half-map resolution: {res.fsc.resolution(0.5):.2f} Å at FSC 0.5, "
           f"{res.fsc.resolution(0.143):.2f} Å at FSC 0.143")
     print(f"  wrote {out / 'map.mrc'}, half_A.mrc, half_B.mrc, fsc.json")

@@ -25,7 +25,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from cryospin.backproject import backproject
+from cryospin.backproject import backproject, backprojection_dtype
 from cryospin.forward.ctf import CTFParams
 from cryospin.io.cs import write_cryosparc
 from cryospin.io.mrc import write_map
@@ -181,7 +181,8 @@ def final_backprojection(
 
     Returns
     -------
-    `(L, L, L)` float32 real-space map (same arbitrary scale as the training images).
+    `(L, L, L)` float32 real-space map on the CPU (same arbitrary scale as the training
+    images), computed on ``data.device`` in float64 (float32 on MPS, which has no float64).
 
     Notes
     -----
@@ -193,12 +194,14 @@ def final_backprojection(
     # a training source's CTF table is the particles' CTFParams (ParticleSet and its views)
     ctf = cast("CTFParams | None", source.ctf if data.use_ctf else None)
     group = point_group_rotations(symmetry)  # (G, 3, 3)
+    device = data.device  # the training device: a GPU run backprojects on its GPU
+    dtype = backprojection_dtype(device)
     result = backproject(
-        _TrainingImages(data), rotations.detach().cpu().double(),
-        None if shifts_px is None else shifts_px.detach().cpu().double(), ctf,
+        _TrainingImages(data), rotations.detach().to(device, dtype),
+        None if shifts_px is None else shifts_px.detach().to(device, dtype), ctf, dtype=dtype,
         box_px=data.box_px, pixel_size_angstrom=data.pixel_size_angstrom, seed=seed,
         on_batch=on_batch, symmetry=group if group.shape[0] > 1 else None,
     )
     logger.info("final map: Wiener backprojection of %d images from the final poses%s",
                 rotations.shape[0], "" if group.shape[0] == 1 else f", symmetry {symmetry}")
-    return result.volume.float()
+    return result.volume.float().cpu()

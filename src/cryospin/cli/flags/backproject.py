@@ -59,6 +59,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "reconstruct -image")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads (default: the cores available to the process)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                        help="where the sums are computed (auto: a CUDA or MPS GPU if there is "
+                             "one, else the CPU)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (256)")
     parser.add_argument("--reg", type=float, default=1e-3,
                         help="constant Wiener term relative to the mean weight (1e-3)")
