@@ -16,7 +16,13 @@ from cryospin.rotations import random_rotations
 from cryospin.rundir import Checkpoint, Stage
 from cryospin.symmetry import point_group_rotations
 from cryospin.train.config import build_config
-from cryospin.train.impose import impose_symmetry, initial_group, record_of
+from cryospin.train.impose import (
+    SymmetryStep,
+    _rank0_frame,
+    impose_symmetry,
+    initial_group,
+    record_of,
+)
 from cryospin.volume import HartleyVolume
 
 L = 24
@@ -103,3 +109,39 @@ def test_checkpoint_keeps_the_volume_group() -> None:
     old = ckpt.to_dict()
     del old["extra"]["volume_symmetry"]  # written before the field: None (model.symmetry)
     assert Checkpoint.from_dict(old).volume_symmetry is None
+
+
+class _TwoRanks:
+    """The sum over two ranks of ``all_sum``: this rank's tensor plus the other's, as a
+    stand-in for a :class:`~cryospin.train.distributed.Shard` (``rank`` and ``all_sum``)."""
+
+    def __init__(self, rank: int, other: torch.Tensor | None = None) -> None:
+        self.rank, self.other = rank, other
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (torch.zeros_like(x) if self.other is None else self.other)
+
+
+def test_every_rank_takes_rank_0s_group_and_frame() -> None:
+    """With ``auto`` the ranks may detect different groups (a score at the threshold); all
+    impose rank 0's group, frame, centre and score."""
+    g = torch.Generator().manual_seed(0)
+    mine = SymmetryStep("C6", 0.81, random_rotations(1, generator=g)[0],
+                        torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), 1.0)
+    theirs = SymmetryStep("D12", 0.79, random_rotations(1, generator=g)[0],
+                          torch.tensor([0.0, 0.25, 0.0], dtype=torch.float64), 1.2)
+    # rank 0 sends its numbers; rank 1 sends zeros: the sum is rank 0's numbers on both
+    sent = {}
+
+    class _Recorder(_TwoRanks):
+        def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+            sent[self.rank] = x.clone()
+            return super().all_sum(x)
+
+    got0 = _rank0_frame(mine, _Recorder(0))
+    got1 = _rank0_frame(theirs, _TwoRanks(1, other=sent[0]))
+    for got in (got0, got1):
+        assert got.group == "C6" and got.score == pytest.approx(0.81)
+        assert torch.equal(got.rotation, mine.rotation)
+        assert torch.equal(got.centre_px, mine.centre_px)
+    assert got1.seconds == theirs.seconds  # each rank keeps its own timing

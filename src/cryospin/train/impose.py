@@ -20,8 +20,8 @@ for the first ``search_min_epochs`` epochs of its global search
 
 When the group found is ``C1`` (``auto`` found nothing), nothing changes. Under torchrun each
 rank searches the same (synchronised) volume, all take rank 0's frame and centre, and each
-converts its own rows (with ``auto`` each rank chooses the group itself: the same unless a
-score lies within rounding of the threshold).
+converts its own rows; with ``auto`` all take rank 0's group too (each rank's own choice could
+differ where a score lies within rounding of the threshold).
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def step_due(config: Config, epoch: int, state: TrainState) -> bool:
 def impose_on_state(config: Config, state: TrainState, shard: Shard | None) -> SymmetryRecord:
     """:func:`impose_symmetry` on the state's volume and pose table (stage 2); the new volume
     gets a new optimiser (:meth:`TrainState.replace_volume`). Distributed (``shard``): every
-    rank searches, and all take rank 0's frame and centre (one frame whatever the rounding of
-    each rank's search). Returns the metrics record."""
+    rank searches, and all take rank 0's group, frame and centre (one frame whatever the
+    rounding of each rank's search). Returns the metrics record."""
     assert state.pose_table is not None  # stage 2
     step = find_frame(state.volume, config.model.symmetry)
     if shard is not None:
@@ -123,12 +123,19 @@ def impose_on_state(config: Config, state: TrainState, shard: Shard | None) -> S
     return record_of(step)
 
 
+_SYMBOL_CHARS = 8  # a point-group symbol's characters sent between ranks ("C1", "D12", "I4")
+
+
 def _rank0_frame(step: SymmetryStep, shard: Shard) -> SymmetryStep:
-    """``step`` with rank 0's score, frame and centre (a sum over ranks of rank 0's numbers)."""
+    """``step`` with rank 0's group, score, frame and centre (a sum over ranks of rank 0's
+    numbers; the group symbol travels as its character codes, so that with ``auto`` every
+    rank imposes the group rank 0 detected)."""
+    codes = [float(ord(c)) for c in step.group.ljust(_SYMBOL_CHARS)[:_SYMBOL_CHARS]]
     numbers = torch.cat([step.rotation.flatten(), step.centre_px,
-                         torch.tensor([step.score], dtype=torch.float64)])
+                         torch.tensor([step.score, *codes], dtype=torch.float64)])
     agreed = shard.all_sum(numbers if shard.rank == 0 else torch.zeros_like(numbers))
-    return dataclasses.replace(step, rotation=agreed[:9].reshape(3, 3),
+    group = "".join(chr(round(float(v))) for v in agreed[13:]).strip()
+    return dataclasses.replace(step, group=group, rotation=agreed[:9].reshape(3, 3),
                                centre_px=agreed[9:12], score=float(agreed[12]))
 
 
