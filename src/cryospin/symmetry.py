@@ -21,6 +21,7 @@ from torch import Tensor
 from cryospin.point_group import parse_point_group
 
 __all__ = [
+    "icosahedral_five_fold",
     "asymmetric_unit",
     "expand_rotations",
     "grid_cosets",
@@ -38,6 +39,13 @@ _ICOSAHEDRAL_AXES: dict[int, tuple[tuple[float, float, float], tuple[float, floa
     3: ((-1.0, 0.0, _PHI), (0.0, 0.0, 1.0)),  # 5-fold on z, 2-fold on y
     4: ((1.0, 0.0, _PHI), (2.0, 0.0, 1.0)),  # 5-fold on z, the I3 setting turned 180° about z
 }
+
+
+def icosahedral_five_fold(setting: int) -> Tensor:
+    """The five-fold axis that RELION's icosahedral ``setting`` (1–4) is generated with, a
+    unit vector `(3,)` float64 (xyz)."""
+    five = torch.tensor(_ICOSAHEDRAL_AXES[setting][1], dtype=torch.float64)
+    return five / five.norm()
 
 
 def _rot_z(angle_rad: float) -> Tensor:

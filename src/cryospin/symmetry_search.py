@@ -47,12 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cryospin.errors import InputError
 from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
 from cryospin.forward.rigid import centred_coords, transform_map
 from cryospin.point_group import parse_point_group
 from cryospin.rotations import so3_exp
-from cryospin.symmetry import point_group_rotations
+from cryospin.symmetry import icosahedral_five_fold, point_group_rotations
 
 __all__ = [
     "GroupFit",
@@ -71,8 +70,6 @@ __all__ = [
     "symmetry_correlations",
 ]
 
-#: the golden ratio φ
-_PHI = (1.0 + math.sqrt(5.0)) / 2.0
 #: largest box resampled after 2× Fourier padding by :func:`map_in_group_frame`
 _MAX_OVERSAMPLED_BOX = 256
 
@@ -418,8 +415,7 @@ def _principal(symbol: str) -> tuple[Tensor, float]:
         return z, 2 * math.pi / 3
     if g.kind == "O":
         return z, math.pi / 2
-    five = torch.tensor([1.0, 0.0, _PHI], dtype=torch.float64)
-    return five / five.norm(), 2 * math.pi / 5
+    return icosahedral_five_fold(g.setting), 2 * math.pi / 5
 
 
 def _fit_group(search: SearchMap, symbol: str, axes: list[Tensor], *, scan_step_deg: float,
@@ -476,16 +472,15 @@ def place_group(volume: Tensor, group: str, *, box_px: int = 32, threshold: floa
     order only, the scan about each and the refinement (whatever the score). Returns a
     :class:`SymmetrySearch` with that one fit (``chosen``) and its ``centre_px``; ``gap`` is
     its score minus ``threshold`` (negative: the map does not look ``group``-symmetric).
-    ``C1``: the identity about the centre of mass, score 1. Raises
-    :class:`~cryospin.errors.InputError` for an unknown symbol and for I1, I3, I4.
+    ``C1``: the identity about the centre of mass, score 1. Every icosahedral setting
+    (I1–I4) is placed about its own five-fold. Raises :class:`~cryospin.errors.InputError`
+    for an unknown symbol.
     """
     search = prepare_search_map(volume, box_px)
     g = parse_point_group(group)
     if g.order == 1:
         fit = GroupFit(g.symbol, 1, 1.0, torch.eye(3, dtype=torch.float64))
     else:
-        if g.kind == "I" and g.setting != 2:
-            raise InputError(f"{g.symbol}: only I (= I2) can be placed on a map")
         axes = _candidate_axes(search, [g.n], directions, axes_per_order)[g.n]
         fit = _fit_group(search, g.symbol, axes, scan_step_deg=3.0, refine_above=-1.0)
     return SymmetrySearch(fits=(fit,), centre_px=search.centre_px, threshold=threshold,

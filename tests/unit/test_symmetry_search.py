@@ -21,6 +21,7 @@ from cryospin.symmetry_search import (
     group_score,
     hemisphere_directions,
     map_in_group_frame,
+    place_group,
     poses_in_group_frame,
     prepare_search_map,
     rank_groups,
@@ -205,3 +206,15 @@ def test_detects_the_group_and_aligns_the_map(symbol: str, box_px: int) -> None:
     sym = _symmetrised(aligned, result.chosen.group)
     r = float(torch.corrcoef(torch.stack([aligned.flatten(), sym.flatten()]))[0, 1])
     assert r >= 0.98
+
+
+@pytest.mark.parametrize("symbol", ["I1", "I3", "I4"])
+def test_places_every_icosahedral_setting(symbol: str) -> None:
+    """``place_group`` with RELION's other icosahedral settings: the map of an I1/I3/I4
+    object, turned and shifted, aligned into that setting's own frame is symmetric under it."""
+    v, _, _ = placed(symbol, box_px=32, n_blobs=1)
+    fit = place_group(v, symbol, directions=600)
+    assert fit.chosen.group == symbol and fit.gap > 0.2
+    aligned = map_in_group_frame(v.double(), fit.chosen.frame, fit.centre_px)
+    sym = _symmetrised(aligned, symbol)
+    assert float(torch.corrcoef(torch.stack([aligned.flatten(), sym.flatten()]))[0, 1]) >= 0.98

@@ -11,10 +11,12 @@ accepted groups by order, then the rejected ones by score, and the gap is the ch
 minus the best rejected score (docs/conventions.md, "Symmetry detection").
 
 With --group G, G is not detected but placed on the map (the same axis search and angle
-scan for G alone, refined whatever its score), and its score printed.
+scan for G alone, refined whatever its score), and its score printed; any of RELION's
+icosahedral settings I1..I4 can be placed (detection reports I = I2).
 
 With -o, the map rotated and recentred into the chosen group's conventional frame
-(RELION's: Cn about z, Dn with a two-fold on x, T, O, I = I2 as docs/conventions.md,
+(RELION's: Cn about z, Dn with a two-fold on x, T, O, I = I2 or the --group setting, as
+docs/conventions.md,
 "Symmetry"): W(r) = V(M r + c). With --poses and --poses-out, the poses of the map converted
 for W: R -> R M, shift t -> t + (R c)_xy.
 
