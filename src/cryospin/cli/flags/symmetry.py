@@ -16,9 +16,8 @@ icosahedral settings I1..I4 can be placed (detection reports I = I2).
 
 With -o, the map rotated and recentred into the chosen group's conventional frame
 (RELION's: Cn about z, Dn with a two-fold on x, T, O, I = I2 or the --group setting, as
-docs/conventions.md,
-"Symmetry"): W(r) = V(M r + c). With --poses and --poses-out, the poses of the map converted
-for W: R -> R M, shift t -> t + (R c)_xy.
+docs/conventions.md, "Symmetry"): W(r) = V(M r + c). With --poses and --poses-out, the poses
+of the map converted for W: R -> R M, shift t -> t + (R c)_xy.
 
 Example::
 
