@@ -200,3 +200,22 @@ def test_resolved_section_of_config_yaml_is_metadata(tmp_path):
     doc["resolved"] = {"precision": "fp32", "threads": 2}
     path.write_text(yaml.safe_dump(doc))
     assert load_config(path) == Config()
+
+
+@pytest.mark.parametrize(("flag", "preset", "expected"), [
+    ([], "default", True), ([], "paper-synthetic", False),
+    (["--no-anchor-pose-frame"], "default", False),
+    (["--anchor-pose-frame"], "paper-synthetic", True),
+])
+def test_anchor_pose_frame_flag(flag: list[str], preset: str, expected: bool) -> None:
+    """``--[no-]anchor-pose-frame`` overrides the preset's ``optim.anchor_pose_frame``."""
+    import argparse
+
+    from cryospin.cli import reconstruct as cli
+    from cryospin.cli.flags import reconstruct as flags
+    from cryospin.train.config import build_config
+
+    parser = argparse.ArgumentParser()
+    flags.add_args(parser)
+    args = parser.parse_args(["p.star", "-o", "run", *flag])
+    assert build_config(preset, cli._overrides(args)).optim.anchor_pose_frame is expected

@@ -53,6 +53,7 @@ _OVERRIDES = {
     "shift_lr": ("optim", "shift_lr"),
     "decoder_lr_final": ("optim", "decoder_lr_final"),
     "pose_lr_final": ("optim", "pose_lr_final"),
+    "anchor_pose_frame": ("optim", "anchor_pose_frame"),
     "search_epochs": ("schedule", "search_epochs"),
     "search_min_epochs": ("schedule", "search_min_epochs"),
     "search_stop_fraction": ("schedule", "search_stop_fraction"),

@@ -143,6 +143,9 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pose-lr-final", type=float, metavar="LR",
                    help="rotation lr reached by the last epoch (decays like the volume's; the "
                         "shift lr by the same factor)")
+    g.add_argument("--anchor-pose-frame", action=argparse.BooleanOptionalAction, default=None,
+                   help="take each batch's common rotation out of the local pose updates "
+                        "(the map and the poses then cannot drift together; default preset: on)")
     g.add_argument("--search-epochs", type=int, metavar="E",
                    help="stage-2 epochs that start each batch with a global rotation search "
                         "(at most, with --search-min-epochs)")
