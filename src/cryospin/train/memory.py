@@ -31,7 +31,8 @@ import torch
 
 from cryospin.encoder import VGG16_LAYOUT, MultiHeadPoseEncoder
 from cryospin.errors import InputError
-from cryospin.train.config import Config, ModelConfig
+from cryospin.symmetry import grid_cosets, point_group_rotations
+from cryospin.train.config import AMORTIZED_METHODS, Config, ModelConfig
 from cryospin.train.data import TrainingData
 from cryospin.train.distributed import Shard
 from cryospin.train.release import return_free_memory
@@ -48,6 +49,7 @@ __all__ = [
     "encoder_layer_sizes",
     "encoder_parameter_count",
     "return_free_memory",
+    "symmetry_volume_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,33 @@ _OUTPUT_BYTES = 700  # per particle at the end: final poses, float64 copies, pos
 _POSE_TABLE_BYTES = 4 * (9 + 2 + 3 + 3 + 2 + 2) + 8 * 2  # rotation, shift, Adam, step counts
 _BEST_POSES_BYTES = 2 * 4 * (9 + 2 + 1 + 1)  # BestPoses and the switch's float copies of it
 _SEARCH_CHUNK = 4096  # rotations per matrix product in the global search
+# the group average of a symmetric volume (forward + backward), in float32 L³ arrays: a base,
+# then per resampling about z (bilinear, shared by the planes), per trilinear resampling (its
+# M³ × 3 grid kept for backward) and per grid permutation. Measured (peak RSS above a C1
+# volume step, torch 2.13 CPU, L = 96-160, repeated: the allocator makes it vary): C7 9-23,
+# D7 10-15, T 56-62, O 11-14, I 25-39; these constants give C7 28, D7 29, T 66, O 33, I 43
+# (a plan must not fall short: never below the largest measured).
+_SYM_BASE, _SYM_BILINEAR, _SYM_TRILINEAR, _SYM_PERMUTATION = 9.0, 3.0, 5.5, 1.0
+#: the group planned for ``symmetry: auto`` (detection may choose any): T, the costliest
+_AUTO_PLANNED_GROUP = "T"
+
+
+def symmetry_volume_bytes(symbol: str, box_px: int) -> int:
+    """Memory of one forward and backward pass of the group average of an ``L³`` volume
+    (:func:`cryospin.forward.symmetrize.symmetrize_volume`), bytes; 0 for C1. ``"auto"`` is
+    planned as the costliest group it may choose (T)."""
+    group = _AUTO_PLANNED_GROUP if symbol.lower() == "auto" else symbol
+    rotations = point_group_rotations(group)  # (G, 3, 3)
+    if rotations.shape[0] == 1:
+        return 0
+    cosets, perms = grid_cosets(rotations)  # (H, 3, 3), (P, 3, 3); identity first
+    about_z = [bool((h[2, 2] == 1) & (h[:2, 2].abs().sum() + h[2, :2].abs().sum() == 0))
+               for h in cosets[1:].double()]
+    n_bilinear = sum(about_z)
+    n_trilinear = len(about_z) - n_bilinear
+    units = (_SYM_BASE + _SYM_BILINEAR * n_bilinear + _SYM_TRILINEAR * n_trilinear
+             + _SYM_PERMUTATION * perms.shape[0])
+    return int(units * 4 * box_px**3)
 
 
 @dataclass(frozen=True)
@@ -191,8 +220,9 @@ def plan_memory(
         Adam: 16 bytes each); and the largest phase: setup (statistics sample ``2000 L² · 12`` and
         one 512-image preprocessing chunk), stage 1 (activations ``B Σ_layers C·H·W · 10`` +
         rendering ``B M P · 96``), switch (inference activations + pose table ``100 N`` + best
-        poses ``104 N``), stage 2 (pose table, ``B P · 160``, search grid products), final
-        (``96 L³`` + ``700 N`` + pose table).
+        poses ``104 N``), stage 2 (pose table, ``B P · 160``, search grid products, and with a
+        point group the group average's temporaries, :func:`symmetry_volume_bytes`; in stage 1
+        too when it is imposed from the start), final (``96 L³`` + ``700 N`` + pose table).
     """
     if loader not in ("in-memory", "streaming"):
         raise ValueError(f"loader must be 'in-memory' or 'streaming', got {loader!r}")
@@ -242,6 +272,11 @@ def plan_memory(
     search = (grid * 9 * 4 + chunk_r * p_search * 4 * 8 + B * chunk_r * 4 * 4
               if s.search_epochs > 0 else 0)
     phases["stage 2"] = N * _POSE_TABLE_BYTES + B * P * 4 * _STAGE2_FLOATS + search
+    symmetric = symmetry_volume_bytes(m.symmetry, L)  # once the group is imposed
+    phases["stage 2"] += symmetric
+    from_start = s.impose_symmetry == "start" or s.method in AMORTIZED_METHODS
+    if phases["stage 1"] and from_start and m.symmetry.lower() != "auto":
+        phases["stage 1"] += symmetric
     phases["final"] = (_FINAL_VOLUME_BYTES * L**3 + N * (_OUTPUT_BYTES + _POSE_TABLE_BYTES)
                        + (min(256, N) * per_image * 4
                           if getattr(config.run, "final_map", "decoder") == "backprojection"
