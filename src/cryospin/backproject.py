@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +72,7 @@ from cryospin.forward.hartley import hartley2
 from cryospin.forward.lattice import frequency_grid_2d
 from cryospin.forward.shifts import shift_hartley_grid
 from cryospin.forward.slicing import insert_central_slices
+from cryospin.half_sets import half_set_assignment
 from cryospin.preprocess import PreprocessedParticles
 from cryospin.symmetry import grid_cosets, point_group_rotations
 
@@ -86,13 +86,11 @@ __all__ = [
     "Images",
     "accumulate_backprojection",
     "reconstruct_from_sums",
-    "half_set_assignment",
     "backproject",
     "backprojection_dtype",
     "backproject_particles",
 ]
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,27 +127,6 @@ class BackprojectionResult:
     half_b: Tensor
     fsc: FSCResult
     half_set: np.ndarray
-
-
-def half_set_assignment(
-    n: int, *, random_subset: np.ndarray | None = None, seed: int = 0
-) -> np.ndarray:
-    """Half set (1 or 2) of each of ``n`` particles, `(n,)` int64.
-
-    ``random_subset`` (e.g. ``rlnRandomSubset``) is used when given and it holds only 1s and
-    2s with both present; otherwise a seeded random split into halves of sizes ``ceil(n/2)``
-    and ``floor(n/2)``.
-    """
-    if random_subset is not None:
-        rs = np.asarray(random_subset).astype(np.int64).reshape(-1)
-        if rs.shape == (n,) and set(np.unique(rs).tolist()) == {1, 2}:
-            return rs
-        log.warning("random subsets are not a 1/2 split; using a random split (seed %d)", seed)
-    perm = np.random.default_rng(seed).permutation(n)
-    out = np.empty(n, dtype=np.int64)
-    out[perm[: (n + 1) // 2]] = 1
-    out[perm[(n + 1) // 2 :]] = 2
-    return out
 
 
 class ImageReader(Protocol):

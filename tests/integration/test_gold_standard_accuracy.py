@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from cryospin.backproject import backproject, half_set_assignment
+from cryospin.backproject import backproject
 from cryospin.evaluate.fsc import fsc
 from cryospin.evaluate.gold_standard import evaluate_half_maps
+from cryospin.half_sets import half_set_assignment
 from cryospin.io.mrc import read_map
 from cryospin.io.particles import load_particles
 from cryospin.rotations import so3_exp

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from cryospin.backproject import backproject, half_set_assignment
+from cryospin.backproject import backproject
 from cryospin.evaluate.fsc import fsc
 from cryospin.forward.ctf import CTFParams, compute_ctf
 from cryospin.forward.hartley import fft2_centered, hartley2, ifft2_centered, ihartley2
 from cryospin.forward.shifts import shift_hartley_grid
+from cryospin.half_sets import half_set_assignment
 from cryospin.rotations import random_rotations
 from cryospin.simulate import atoms_to_volume, project_map, upsample_map_for_projection
 

@@ -8,8 +8,8 @@ import dataclasses
 
 import numpy as np
 
-from cryospin.backproject import half_set_assignment
 from cryospin.errors import InputError
+from cryospin.half_sets import half_set_assignment
 from cryospin.io.particles import load_particles, write_particles_star
 from cryospin.point_group import parse_point_group
 from cryospin.symmetry import expand_rotations, point_group_rotations

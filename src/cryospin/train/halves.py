@@ -48,7 +48,6 @@ import torch
 
 from cryospin import __version__
 from cryospin.atomic import atomic_path, atomic_write_text
-from cryospin.backproject import half_set_assignment
 from cryospin.cpus import available_cpus, default_cpu_threads
 from cryospin.errors import CryospinError, InputError, OutputError
 from cryospin.evaluate.align import AlignResult, align_maps
@@ -60,6 +59,7 @@ from cryospin.evaluate.gold_standard import (
     write_postprocess_star,
 )
 from cryospin.forward.symmetrize import symmetrize_volume
+from cryospin.half_sets import half_set_assignment
 from cryospin.io.cs import write_cryosparc
 from cryospin.io.identity import check_same_particles, particle_set_identity, save_identity
 from cryospin.io.mrc import read_map, write_map
@@ -150,7 +150,7 @@ def split_halves(particles: ParticleSet, seed: int) -> tuple[np.ndarray, str]:
     ``particles.random_subset`` (``rlnRandomSubset``) is honoured when it is a 1/2 split with
     both halves present; otherwise a random split seeded by ``seed`` into halves of
     ``ceil(N/2)`` and ``floor(N/2)`` particles
-    (:func:`cryospin.backproject.half_set_assignment`).
+    (:func:`cryospin.half_sets.half_set_assignment`).
     """
     n = len(particles)
     rs = getattr(particles, "random_subset", None)
