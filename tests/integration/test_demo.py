@@ -1,4 +1,4 @@
-"""`cryospin demo` (what `make demo` runs) end to end at a tiny size."""
+"""`cryospin demo` (what `make demo` runs) end to end at a small size that converges."""
 
 from __future__ import annotations
 
@@ -7,11 +7,22 @@ from pathlib import Path
 
 from cryospin.cli.main import main
 
+# The spike's poses, modulo the trimer's pseudo-C3 (pose_error_c3.json), at this size: median
+# rotation error 4.73 / 5.60 / 6.92 / 5.90 deg for seeds 0 / 1 / 2 / 3, measured with
+#   taskset -c 1 env OMP_NUM_THREADS=1 cryospin demo --out D --n-particles 1000 --box 32 \
+#       --pixel-size 6.75 --snr 1 --seed S
+# (50-53 s wall each on one core of an AMD EPYC Zen 4, torch 2.13.0, capability AVX512). Random
+# poses give ~80 deg modulo C3; the bound leaves ~1.7x the worst seed. Smaller runs do not
+# converge: 96 particles of 16 px at 13 A/px, SNR 0.1, 3 epochs (the old test) is 6 optimizer
+# steps in all, 113-118 deg; 1,000 particles at SNR 0.1 110 deg; SNR 1 is what brings 1,000
+# particles to a map the global search can align to.
+MEDIAN_MOD_C3_BOUND_DEG = 12.0
 
-def test_demo_runs_end_to_end(tmp_path: Path, capsys) -> None:
+
+def test_demo_recovers_poses(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
-    status = main(["demo", "--out", str(out), "--n-particles", "96", "--box", "16",
-                   "--pixel-size", "13", "--epochs", "3"])
+    status = main(["demo", "--out", str(out), "--n-particles", "1000", "--box", "32",
+                   "--pixel-size", "6.75", "--snr", "1", "--seed", "0"])
     printed = capsys.readouterr().out
     assert status == 0
     run = out / "run"
@@ -20,9 +31,13 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys) -> None:
         assert (run / name).is_file(), name
     fsc = json.loads((out / "fsc_vs_gt.json").read_text())
     err = json.loads((out / "pose_error.json").read_text())
+    err_c3 = json.loads((out / "pose_error_c3.json").read_text())
     assert fsc["resolution_0.5_angstrom"] > 0
-    # 96 particles of 16 px in 3 epochs do not recover the poses (median 113 deg measured, the
-    # level of random poses), so no bound on it here: the test checks the files and printout
-    assert err["n_particles"] == 96
+    assert err["n_particles"] == err_c3["n_particles"] == 1000
+    # the unreduced error is not bounded here: seeds 1, 2, 3 leave the particles spread over the
+    # three protomer-related poses (116.7 / 116.7 / 117.8 deg; seed 0 11.9 deg); a wider search
+    # disc (--search-radius 10 or 14 on seed 1: 108 / 105 deg) did not help
+    assert err_c3["median_rotation_error_deg"] <= MEDIAN_MOD_C3_BOUND_DEG
     assert f"median rotation error: {err['median_rotation_error_deg']:.2f}" in printed
+    assert f"({err_c3['median_rotation_error_deg']:.2f}° modulo" in printed
     assert str(run / "map.mrc") in printed

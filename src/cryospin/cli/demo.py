@@ -11,6 +11,11 @@ from pathlib import Path
 from cryospin.cli.main import main as cryospin_main
 from cryospin.errors import CryospinError
 
+#: The bundled spike is a trimer whose three protomers differ little at the demo's resolutions
+#: (one receptor-binding domain up): its poses are often learned only modulo this 3-fold about
+#: z (benchmarks/RESULTS.md, "mod C3"), so the demo reports the error modulo it as well.
+SPIKE_PSEUDO_SYMMETRY = "C3"
+
 
 def _run(argv: list[str]) -> None:
     status = cryospin_main(argv)
@@ -33,10 +38,13 @@ def main(args: argparse.Namespace) -> int:
           "-o", str(out / "fsc_vs_gt.json"), "--plot", str(out / "fsc_vs_gt.png")])
     _run(["pose-error", str(run / "poses.star"), str(data / "particles.star"),
           "-o", str(out / "pose_error.json")])
+    _run(["pose-error", str(run / "poses.star"), str(data / "particles.star"),
+          "--symmetry", SPIKE_PSEUDO_SYMMETRY, "-o", str(out / "pose_error_c3.json")])
     _run(["report", str(run), "--gt", str(data / "gt.mrc"),
           "--gt-poses", str(data / "particles.star")])
     fsc = json.loads((out / "fsc_vs_gt.json").read_text())
     err = json.loads((out / "pose_error.json").read_text())
+    err_c3 = json.loads((out / "pose_error_c3.json").read_text())
     minutes = (time.perf_counter() - t0) / 60
     print()
     print(f"cryospin demo finished in {minutes:.1f} min")
@@ -46,5 +54,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"  report:   {run / 'report.html'}")
     print(f"  resolution vs ground truth (FSC=0.5): {fsc['resolution_0.5_angstrom']:.1f} Å "
           f"(Nyquist {2 * args.pixel_size:.1f} Å)")
-    print(f"  median rotation error: {err['median_rotation_error_deg']:.2f}°")
+    print(f"  median rotation error: {err['median_rotation_error_deg']:.2f}° "
+          f"({err_c3['median_rotation_error_deg']:.2f}° modulo the trimer's pseudo-"
+          f"{SPIKE_PSEUDO_SYMMETRY})")
     return 0

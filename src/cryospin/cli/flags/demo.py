@@ -2,7 +2,8 @@
 
 Simulates a small dataset from the structure bundled with cryospin (PDB 6VYB, SARS-CoV-2 spike),
 reconstructs it ab initio, computes the resolution against the ground truth and the rotation
-error, writes the run report, and prints where the map, poses and metrics are.
+error (also modulo the trimer's pseudo-C3, OUT_DIR/pose_error_c3.json), writes the run report, and
+prints where the map, poses and metrics are.
 
 Example::
 
