@@ -138,10 +138,10 @@ def main(args: argparse.Namespace) -> int:
                        **({} if dependent is None else {"warning": dependent}),
                        **({} if group.order == 1 else {"symmetry": group.symbol}))
     sym = "" if group.order == 1 else f", symmetry {group.symbol} ({group.order} poses each)"
-    where = (f"{torch.get_num_threads()} threads" if device.type == "cpu"
-             else f"{device.type} (+ {torch.get_num_threads()} CPU threads)")
+    where = (f"with {torch.get_num_threads()} threads" if device.type == "cpu"
+             else f"on {device.type} (+ {torch.get_num_threads()} CPU threads)")
     print(f"backprojected {len(particles)} particles ({box} px, {apix:g} Å/px{sym}) in "
-          f"{time.perf_counter() - t0:.1f} s on {where}")
+          f"{time.perf_counter() - t0:.1f} s {where}")
     print(f"  half-map resolution: {res.fsc.resolution(0.5):.2f} Å at FSC 0.5, "
           f"{res.fsc.resolution(0.143):.2f} Å at FSC 0.143")
     print(f"  wrote {out / 'map.mrc'}, half_A.mrc, half_B.mrc, fsc.json")
