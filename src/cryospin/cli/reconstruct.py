@@ -59,6 +59,7 @@ _OVERRIDES = {
     "search_stop_fraction": ("schedule", "search_stop_fraction"),
     "search_rotations": ("optim", "search_rotations"),
     "search_radius": ("optim", "search_radius_px"),
+    "search_radius_symmetric": ("optim", "search_radius_symmetric_px"),
     "search_shift_step": ("optim", "search_shift_step_px"),
     "loss_radius_start": ("schedule", "loss_radius_start_px"),
     "encoder_lowpass": ("model", "encoder_lowpass"),

@@ -443,11 +443,16 @@ def autodecode_epoch(
 def epoch_search(config: Config, data: TrainingData, stage2_epoch: int,
                  symmetry: str) -> RotationSearch | None:
     """The global search of stage-2 epoch ``stage2_epoch`` (1-based) over an asymmetric unit
-    of the volume's group ``symmetry``, or None."""
-    radius = search_radius_px(config, stage2_epoch, float(data.frequencies.norm(dim=-1).max()))
+    of the volume's group ``symmetry``, or None. With a group other than C1, on a disc of
+    radius ``optim.search_radius_symmetric_px`` when that is given (at most the training
+    disc's)."""
+    largest = float(data.frequencies.norm(dim=-1).max())
+    radius = search_radius_px(config, stage2_epoch, largest)
     if radius is None:
         return None
     o = config.optim
+    if o.search_radius_symmetric_px is not None and symmetry.upper() != "C1":
+        radius = min(o.search_radius_symmetric_px, largest)
     shifts = None
     if config.model.predict_shifts and o.search_shift_step_px is not None:
         shifts = shift_grid(config.model.max_shift_px, o.search_shift_step_px)

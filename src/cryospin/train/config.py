@@ -170,6 +170,11 @@ class OptimConfig:
         (in the first search epoch).
     search_radius_end_px : float or None
         Radius in the last search epoch (linear in between); ``None`` = ``search_radius_px``.
+    search_radius_symmetric_px : float or None
+        Radius of the search epochs that search one asymmetric unit of a symmetric volume
+        (``model.symmetry`` imposed), in place of the radius above; ``None``: the same.
+        At 6 cycles/box the search cannot place a C7 ring (benchmarks/RESULTS.md,
+        "Point-group symmetry").
     search_shift_step_px : float or None
         With shifts on (``model.predict_shifts``), the global search also tries every shift of a
         square grid with this spacing (pixels) within ``model.max_shift_px`` per axis, jointly
@@ -189,6 +194,7 @@ class OptimConfig:
     search_rotations: int = 8192
     search_radius_px: float = 6.0
     search_radius_end_px: float | None = None
+    search_radius_symmetric_px: float | None = None
     search_shift_step_px: float | None = 2.0
 
 

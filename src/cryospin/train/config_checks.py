@@ -88,9 +88,10 @@ def _check_optim(c: Config) -> None:
         raise _bad(f"optim.search_rotations must be >= 1, got {o.search_rotations}")
     if not o.search_radius_px >= 1:
         raise _bad(f"optim.search_radius_px must be >= 1, got {o.search_radius_px}")
-    end = o.search_radius_end_px
-    if end is not None and not end >= 1:
-        raise _bad(f"optim.search_radius_end_px must be >= 1, got {end}")
+    for name in ("search_radius_end_px", "search_radius_symmetric_px"):
+        value = getattr(o, name)
+        if value is not None and not value >= 1:
+            raise _bad(f"optim.{name} must be >= 1, got {value}")
     step = o.search_shift_step_px
     if step is not None and not step > 0:
         raise _bad(f"optim.search_shift_step_px must be > 0, got {step}")

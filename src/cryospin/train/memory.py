@@ -264,7 +264,8 @@ def plan_memory(
     largest = max((c * hw for c, hw in layers), default=0)
     phases["switch"] = (ib * largest * 4 * 3 + ib * M * P * 4 * 8
                         + N * (_POSE_TABLE_BYTES + _BEST_POSES_BYTES))
-    r_search = max(o.search_radius_px, o.search_radius_end_px or 0.0)
+    r_search = max(o.search_radius_px, o.search_radius_end_px or 0.0,
+                   o.search_radius_symmetric_px or 0.0)
     r_search = min(r_search, L // 2 - 1)
     p_search = _disc_size(r_search)
     grid = int(o.search_rotations)

@@ -165,6 +165,9 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--search-radius", type=float, metavar="K",
                    help="the same as a frequency radius in cycles per box, not pixels "
                         "(box size in Å / resolution in Å)")
+    g.add_argument("--search-radius-symmetric", type=float, metavar="K",
+                   help="with --symmetry: the global search's radius (cycles per box) once the "
+                        "group is imposed, over one asymmetric unit of the symmetric map")
     g.add_argument("--search-shift-step", type=float, metavar="PX",
                    help="with --shifts, the global search also tries a shift grid of this "
                         "spacing within --max-shift-px (default 2)")
