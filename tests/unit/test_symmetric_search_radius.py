@@ -20,9 +20,11 @@ def data(tmp_path_factory):
     return prepare_data(particles, DataConfig())
 
 
-def _config(symmetric_px):
-    return build_config("default", {"optim": {"search_rotations": 512, "search_radius_px": 3.0,
-                                              "search_radius_symmetric_px": symmetric_px}})
+def _config(symmetric_px, preset: str | None = "default"):
+    """``symmetric_px`` None: the preset's (the built-in default's, None, with no preset)."""
+    return build_config(preset, {"optim": {"search_rotations": 512, "search_radius_px": 3.0,
+                                           "search_radius_symmetric_px": symmetric_px},
+                                 "schedule": {"search_epochs": 2}})
 
 
 def _radius(search) -> float:
@@ -43,7 +45,9 @@ def test_symmetric_radius_replaces_the_radius_over_an_asymmetric_unit(data):
 
 
 def test_unset_symmetric_radius_keeps_the_schedule_and_is_capped_by_the_disc(data):
-    assert _radius(epoch_search(_config(None), data, 1, "D7")) <= 3.0
+    unset = _config(None, preset=None)
+    assert unset.optim.search_radius_symmetric_px is None
+    assert 2.0 < _radius(epoch_search(unset, data, 1, "D7")) <= 3.0
     largest = float(data.frequencies.norm(dim=-1).max())
     assert _radius(epoch_search(_config(100.0), data, 1, "C3")) == pytest.approx(largest)
     assert epoch_search(_config(5.0), data, 99, "C7") is None  # after the search epochs
