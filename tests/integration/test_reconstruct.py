@@ -290,13 +290,14 @@ def test_switch_from_the_last_stage1_epoch_needs_no_inference_pass(tiny, tmp_pat
     on in the last stage-1 epoch (kept in that epoch's checkpoint for an exact resume), without
     the inference pass; ``inference`` still runs it."""
     calls = []
-    real = switch_module.infer_best_poses
+    for name in ("infer_best_poses", "infer_head_poses"):  # the two inference passes
+        real = getattr(switch_module, name)
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+        def counted(*args, _real=real, **kwargs):
+            calls.append(1)
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(switch_module, "infer_best_poses", counted)
+        monkeypatch.setattr(switch_module, name, counted)
     cfg = _tiny_config(schedule={"switch_poses": "last_epoch", "epochs": 3, "switch_epoch": 2})
     run = tmp_path / "last"
     fit(cfg, _particles(tiny), run, stop_after=2)

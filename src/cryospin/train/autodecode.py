@@ -261,16 +261,18 @@ def remove_common_rotation(
 
 def pose_nll(
     volume_ht: Tensor, rotations: Tensor, shifts_px: Tensor | None, batch: Batch,
-    data: TrainingData,
+    data: TrainingData, disc: LossDisc | None = None,
 ) -> Tensor:
-    """Per-image NLL `(B,)` of poses ``rotations`` `(B, 3, 3)`, ``shifts_px`` `(B, 2)` or None."""
+    """Per-image NLL `(B,)` of poses ``rotations`` `(B, 3, 3)`, ``shifts_px`` `(B, 2)` or None;
+    on the training disc, or on ``disc`` when ``batch`` is restricted to it
+    (:meth:`Batch.restrict`)."""
     pred = render(
         volume_ht,
         rotations,
         shifts_px,
         batch.ctf,
-        frequencies=data.frequencies,
-        negation_index=data.negation_index,
+        frequencies=data.frequencies if disc is None else disc.frequencies,
+        negation_index=data.negation_index if disc is None else disc.negation_index,
     )  # (B, P)
     return gaussian_nll(pred[:, None, :], batch.hartley, data.noise_variance)[:, 0]  # (B,)
 
@@ -285,17 +287,20 @@ def refine_poses(
     refine_shifts: bool,
     epoch: int = 0,
     batch_number: int = 0,
+    disc: LossDisc | None = None,
 ) -> None:
     """``steps`` per-row Adam steps on the poses of ``batch.indices`` against a fixed volume.
 
-    The loss of each row is that image's NLL (summed over the batch, so rows do not interact).
+    The loss of each row is that image's NLL (summed over the batch, so rows do not interact);
+    on ``disc`` when given (``batch`` restricted to it), else on the training disc.
     """
     idx = batch.indices
     volume_ht = volume_ht.detach()
     for _ in range(steps):
         omega, dt = pose_table.perturbation(idx)
         rot, shift = pose_table.compose(idx, omega, dt if refine_shifts else None)
-        nll = pose_nll(volume_ht, rot, shift if refine_shifts else None, batch, data)  # (B,)
+        nll = pose_nll(volume_ht, rot, shift if refine_shifts else None, batch, data,
+                       disc)  # (B,)
         total = nll.sum()
         check_finite_loss(total, Stage.AUTODECODE, epoch, batch_number)
         if refine_shifts:

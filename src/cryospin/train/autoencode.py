@@ -46,7 +46,9 @@ __all__ = [
     "EpochStats",
     "BestPoses",
     "autoencode_epoch",
+    "HeadPoses",
     "infer_best_poses",
+    "infer_head_poses",
     "predict_nll",
     "Winners",
     "winner_nll",
@@ -451,6 +453,32 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+@dataclass(frozen=True)
+class HeadPoses:
+    """The ``K`` lowest-NLL heads of each particle (:func:`infer_head_poses`), best first.
+
+    Attributes
+    ----------
+    rotations : `(N, K, 3, 3)` float32
+    shifts_px : `(N, K, 2)` float32 or None
+    heads : `(N, K)` int64
+        Head numbers, in order of increasing NLL.
+    loss : `(N, K)` float32
+        Their NLL.
+    """
+
+    rotations: Tensor
+    shifts_px: Tensor | None
+    heads: Tensor
+    loss: Tensor
+
+    def best(self) -> BestPoses:
+        """Each particle's best head (column 0)."""
+        return BestPoses(rotations=self.rotations[:, 0], best_head=self.heads[:, 0],
+                         shifts_px=None if self.shifts_px is None else self.shifts_px[:, 0],
+                         loss=self.loss[:, 0])
+
+
 def infer_best_poses(
     encoder: nn.Module,
     volume: nn.Module,
@@ -462,7 +490,26 @@ def infer_best_poses(
     indices: Tensor | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> BestPoses:
-    """Pose of each particle's best head (least NLL), in particle order, without gradients.
+    """Pose of each particle's best head (least NLL), in particle order, without gradients:
+    :func:`infer_head_poses` with ``keep = 1``."""
+    return infer_head_poses(encoder, volume, data, keep=1, batch_size=batch_size,
+                            loss_radius_px=loss_radius_px, lowpass_input=lowpass_input,
+                            indices=indices, progress=progress).best()
+
+
+def infer_head_poses(
+    encoder: nn.Module,
+    volume: nn.Module,
+    data: TrainingData,
+    *,
+    keep: int,
+    batch_size: int = 256,
+    loss_radius_px: float | None = None,
+    lowpass_input: bool = False,
+    indices: Tensor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> HeadPoses:
+    """Poses of each particle's ``keep`` lowest-NLL heads, in particle order, without gradients.
 
     The encoder runs in eval mode (batch-norm running statistics); its mode is restored after.
     ``loss_radius_px`` and ``lowpass_input`` are those of the last stage-1 step (see
@@ -477,11 +524,11 @@ def infer_best_poses(
     # Results go into tensors allocated once: per-batch small tensors kept in lists, interleaved
     # with the batch's large temporaries, fragmented glibc's heap and the resident memory grew
     # with every batch (+685 MB over 140,000 streamed particles; benchmarks/RESULTS.md "Scale").
-    n, dev = len(order), data.device
-    rotations = torch.empty(n, 3, 3, device=dev)
+    n, dev, k = len(order), data.device, int(keep)
+    rotations = torch.empty(n, k, 3, 3, device=dev)
     shifts: Tensor | None = None
-    heads = torch.empty(n, dtype=torch.int64, device=dev)
-    losses = torch.empty(n, device=dev)
+    heads = torch.empty(n, k, dtype=torch.int64, device=dev)
+    losses = torch.empty(n, k, device=dev)
     with eval_mode(encoder), torch.inference_mode():
         volume_ht = volume()
         start = 0
@@ -490,17 +537,17 @@ def infer_best_poses(
             nll, rot, sh = predict_nll(
                 encoder, volume_ht, batch, data, disc, lowpass_input=lowpass_input
             )  # (B, M), ...
-            best_loss, best = nll.min(dim=1)  # (B,)
-            rows = torch.arange(best.shape[0], device=best.device)
+            best_loss, best = nll.topk(k, dim=1, largest=False)  # (B, K), ascending
+            rows = torch.arange(best.shape[0], device=best.device)[:, None]  # (B, 1)
             stop = start + len(idx)
-            rotations[start:stop] = rot[rows, best]  # (B, 3, 3)
+            rotations[start:stop] = rot[rows, best]  # (B, K, 3, 3)
             if sh is not None:
                 if shifts is None:
-                    shifts = torch.empty(n, 2, device=dev)
-                shifts[start:stop] = sh[rows, best]  # (B, 2)
+                    shifts = torch.empty(n, k, 2, device=dev)
+                shifts[start:stop] = sh[rows, best]  # (B, K, 2)
             heads[start:stop] = best
             losses[start:stop] = best_loss
             start = stop
             if progress is not None:
                 progress(len(idx))
-    return BestPoses(rotations=rotations, shifts_px=shifts, best_head=heads, loss=losses)
+    return HeadPoses(rotations=rotations, shifts_px=shifts, heads=heads, loss=losses)

@@ -179,6 +179,16 @@ class OptimConfig:
         With shifts on (``model.predict_shifts``), the global search also tries every shift of a
         square grid with this spacing (pixels) within ``model.max_shift_px`` per axis, jointly
         with the rotations; ``None`` keeps each particle's current shift.
+    switch_hypotheses : int
+        At the switch, keep each particle's this many lowest-NLL heads, refine each locally
+        against the switch's volume and start the particle from the best after refinement
+        (:mod:`cryospin.train.hypotheses`; needs ``schedule.switch_poses = inference``);
+        1: the winning head, as in the paper.
+    switch_refine_steps : int
+        Per-row Adam steps on each of those hypotheses (at ``pose_lr``).
+    switch_refine_radius_px : float or None
+        Disc (cycles per box) the hypotheses are refined and compared on; ``None``: the
+        training disc.
     """
 
     batch_size: int = 64
@@ -196,6 +206,9 @@ class OptimConfig:
     search_radius_end_px: float | None = None
     search_radius_symmetric_px: float | None = None
     search_shift_step_px: float | None = 2.0
+    switch_hypotheses: int = 1
+    switch_refine_steps: int = 20
+    switch_refine_radius_px: float | None = None
 
 
 @dataclass(frozen=True)

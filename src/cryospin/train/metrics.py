@@ -7,7 +7,7 @@ belongs to the run folder's contract, :mod:`cryospin.rundir`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ __all__ = [
     "SearchStopRecord",
     "SymmetryRecord",
     "EpochExtra",
+    "HypothesesRecord",
     "RunningMean",
     "NonFiniteLossError",
     "NonFiniteGradientError",
@@ -27,15 +28,30 @@ __all__ = [
 ]
 
 
+class HypothesesRecord(TypedDict):
+    """``extra["switch"]["hypotheses"]`` (:mod:`cryospin.train.hypotheses`): hypotheses per
+    particle, Adam steps on each, their disc (cycles per box; None: the training disc), the
+    fraction of particles that kept another hypothesis than the encoder's winner, and the
+    refinement's wall time."""
+
+    count: int
+    steps: int
+    radius_px: float | None
+    other_than_winner_fraction: float
+    wall_time_s: float
+
+
 class SwitchRecord(TypedDict):
-    """``extra["switch"]`` of the switch's epoch: the best heads' usage (fraction per head),
-    their mean loss, the switch's wall time and where the poses came from (``"inference"`` or
-    ``"last_epoch"``)."""
+    """``extra["switch"]`` of the switch's epoch: the best heads' usage (fraction per head;
+    with hypotheses, of the heads kept), their mean loss, the switch's wall time and where the
+    poses came from (``"inference"`` or ``"last_epoch"``); ``hypotheses`` when the switch
+    refined several per particle."""
 
     head_usage: list[float]
     mean_loss: float
     wall_time_s: float
     poses: str
+    hypotheses: NotRequired[HypothesesRecord]
 
 
 class SearchStopRecord(TypedDict):

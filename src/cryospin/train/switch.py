@@ -3,7 +3,9 @@
 One inference pass of the trained encoder picks each particle's best head
 (:func:`~cryospin.train.autoencode.infer_best_poses`); with ``schedule.switch_poses =
 last_epoch`` the winners recorded while training the last stage-1 epoch are used instead, and
-only the particles that epoch did not visit (a step budget's cut epoch) are inferred. Under
+only the particles that epoch did not visit (a step budget's cut epoch) are inferred. With
+``optim.switch_hypotheses = K > 1`` the inference pass keeps each particle's ``K`` best heads,
+refined locally before the best is kept (:mod:`cryospin.train.hypotheses`). Under
 ``torchrun`` each rank infers its own particles into the rows it owns; the head usage and the
 mean loss are summed over the ranks.
 """
@@ -18,12 +20,13 @@ from torch import nn
 
 from cryospin.losses import head_usage
 from cryospin.pose import PoseTable
-from cryospin.train.autoencode import BestPoses, infer_best_poses
+from cryospin.train.autoencode import BestPoses, HeadPoses, infer_best_poses, infer_head_poses
 from cryospin.train.config import Config
 from cryospin.train.data import TrainingData
 from cryospin.train.distributed import Shard
 from cryospin.train.feedback import Feedback
-from cryospin.train.metrics import EpochExtra
+from cryospin.train.hypotheses import HypothesisSettings, refine_hypotheses
+from cryospin.train.metrics import EpochExtra, HypothesesRecord
 from cryospin.train.state import build_pose_table
 from cryospin.volume import HartleyVolume
 
@@ -44,6 +47,7 @@ def switch_poses(
     With ``record`` (the last stage-1 epoch's winners, ``schedule.switch_poses =
     last_epoch``) there is no inference pass."""
     t0 = time.perf_counter()
+    hypotheses: HypothesesRecord | None = None
     owned = None if shard is None else shard.owned(len(data))
     count = len(data) if owned is None else int(owned.numel())
     if record is not None:
@@ -63,11 +67,15 @@ def switch_poses(
     else:
         with (feedback or Feedback()).start("switch: inference pass", len(data),
                                             scale=len(data) / max(count, 1)) as progress:
-            best = infer_best_poses(
-                encoder, volume, data, batch_size=config.run.inference_batch_size,
-                loss_radius_px=loss_radius_px, lowpass_input=config.model.encoder_lowpass,
-                indices=owned, progress=progress.update,
+            heads = infer_head_poses(
+                encoder, volume, data, keep=config.optim.switch_hypotheses,
+                batch_size=config.run.inference_batch_size, loss_radius_px=loss_radius_px,
+                lowpass_input=config.model.encoder_lowpass, indices=owned,
+                progress=progress.update,
             )
+        best = heads.best()
+        if config.optim.switch_hypotheses > 1:
+            best, hypotheses = _refine(config, volume, data, heads, owned, shard, feedback)
     rotations, shifts = best.rotations.float(), best.shifts_px
     usage_t = head_usage(best.best_head.cpu(), config.model.num_heads)
     mean_loss = float(best.loss.mean())
@@ -88,9 +96,49 @@ def switch_poses(
             "poses": "last_epoch" if record is not None else "inference",
         }
     }
+    if hypotheses is not None:
+        info["switch"]["hypotheses"] = hypotheses
     logger.info("switch to auto-decoding: head usage %s",
                 " ".join(f"{u:.2f}" for u in usage))
     return table.to(data.device), info
+
+
+def _refine(
+    config: Config, volume: HartleyVolume, data: TrainingData, heads: HeadPoses,
+    owned: torch.Tensor | None, shard: Shard | None, feedback: Feedback | None,
+) -> tuple[BestPoses, HypothesesRecord]:
+    """Each particle's ``optim.switch_hypotheses`` heads refined, the best kept
+    (:func:`~cryospin.train.hypotheses.refine_hypotheses`), and the record of it (over all
+    ranks)."""
+    t0 = time.perf_counter()
+    o, m = config.optim, config.model
+    settings = HypothesisSettings(
+        steps=o.switch_refine_steps, radius_px=o.switch_refine_radius_px, lr_rot=o.pose_lr,
+        lr_shift=o.shift_lr, max_shift_px=m.max_shift_px if m.predict_shifts else None,
+        batch_size=o.batch_size,
+    )
+    n = int(heads.heads.shape[0])
+    indices = torch.arange(n) if owned is None else owned.cpu()
+    label = f"switch: refining {o.switch_hypotheses} hypotheses per particle"
+    scale = len(data) / max(n, 1)
+    with (feedback or Feedback()).start(label, len(data), scale=scale) as progress:
+        with torch.no_grad():
+            volume_ht = volume()
+        best = refine_hypotheses(volume_ht, heads, data, indices, settings, progress.update)
+    other = torch.tensor([float((best.best_head != heads.heads[:, 0]).sum()), float(n)])
+    if shard is not None:
+        other = shard.all_sum(other)
+    record: HypothesesRecord = {
+        "count": o.switch_hypotheses, "steps": o.switch_refine_steps,
+        "radius_px": o.switch_refine_radius_px,
+        "other_than_winner_fraction": float(other[0] / max(float(other[1]), 1.0)),
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    logger.info("switch: %.1f %% of the particles kept another hypothesis than the winner "
+                "(%d per particle, %d steps each, %.0f s)",
+                100 * record["other_than_winner_fraction"], o.switch_hypotheses,
+                o.switch_refine_steps, record["wall_time_s"])
+    return best, record
 
 
 def full_record(record: BestPoses | None, shard: Shard | None) -> BestPoses | None:

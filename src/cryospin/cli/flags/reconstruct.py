@@ -146,6 +146,14 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--anchor-pose-frame", action=argparse.BooleanOptionalAction, default=None,
                    help="take each batch's common rotation out of the local pose updates "
                         "(the map and the poses then cannot drift together; default preset: on)")
+    g.add_argument("--switch-hypotheses", type=int, metavar="K",
+                   help="at the switch, refine each particle's K best heads locally and keep "
+                        "the best after refinement (needs the inference pass; 1: the winner)")
+    g.add_argument("--switch-refine-steps", type=int, metavar="N",
+                   help="Adam steps on each of those hypotheses (default 20)")
+    g.add_argument("--switch-refine-radius", type=float, metavar="K",
+                   help="disc (cycles per box) the hypotheses are refined and compared on "
+                        "(default: the full training disc)")
     g.add_argument("--search-epochs", type=int, metavar="E",
                    help="stage-2 epochs that start each batch with a global rotation search "
                         "(at most, with --search-min-epochs)")
