@@ -352,3 +352,22 @@ def test_world_from_env_reads_torchrun_then_slurm_variables():
     for bad in ({"WORLD_SIZE": "two"}, {"WORLD_SIZE": "2", "RANK": "2"}):
         with pytest.raises(InputError):
             world_from_env(bad)
+
+
+def test_switch_hypotheses_two_ranks_equal_one_process(particles, tmp_path):
+    """``--switch-hypotheses 2``: each rank infers its own particles' two best heads, refines
+    them and keeps the best into the rows it owns; the share that kept another than the winner
+    is summed over the ranks."""
+    argv = [*TRAIN, "--switch-poses", "inference", "--switch-hypotheses", "2",
+            "--switch-refine-steps", "3"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert_ok(run_cryospin([str(particles), "-o", str(ref), *argv]))
+    assert_ok(run_cryospin([str(particles), "-o", str(run), *argv], nproc=2))
+    records = [read_metrics(r / "metrics.jsonl")[1]["extra"]["switch"]["hypotheses"]
+               for r in (ref, run)]
+    assert records[0]["count"] == records[1]["count"] == 2
+    assert records[0]["other_than_winner_fraction"] == pytest.approx(
+        records[1]["other_than_winner_fraction"], abs=1.0 / N_PARTICLES)
+    for name in ("map.003.mrc", "map.mrc"):
+        assert_same_map(ref / name, run / name)
+    assert_same_poses(ref / "poses.pkl", run / "poses.pkl")

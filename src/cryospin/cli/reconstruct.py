@@ -55,6 +55,7 @@ _OVERRIDES = {
     "pose_lr_final": ("optim", "pose_lr_final"),
     "anchor_pose_frame": ("optim", "anchor_pose_frame"),
     "search_epochs": ("schedule", "search_epochs"),
+    "switch_poses": ("schedule", "switch_poses"),
     "switch_hypotheses": ("optim", "switch_hypotheses"),
     "switch_refine_steps": ("optim", "switch_refine_steps"),
     "switch_refine_radius": ("optim", "switch_refine_radius_px"),

@@ -146,6 +146,10 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--anchor-pose-frame", action=argparse.BooleanOptionalAction, default=None,
                    help="take each batch's common rotation out of the local pose updates "
                         "(the map and the poses then cannot drift together; default preset: on)")
+    g.add_argument("--switch-poses", choices=["inference", "last_epoch"],
+                   help="the switch starts each particle from an inference pass of the trained "
+                        "encoder, or from its winner as trained on in the last stage-1 epoch "
+                        "(no pass; default preset)")
     g.add_argument("--switch-hypotheses", type=int, metavar="K",
                    help="at the switch, refine each particle's K best heads locally and keep "
                         "the best after refinement (needs the inference pass; 1: the winner)")
