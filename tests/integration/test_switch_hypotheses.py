@@ -22,8 +22,10 @@ from cryospin.encoder import MultiHeadPoseEncoder
 from cryospin.errors import InputError
 from cryospin.forward.hartley import hartley3
 from cryospin.io.particles import load_particles
+from cryospin.report.analysis import run_summary
+from cryospin.report.html import run_summary_rows
 from cryospin.rotations import geodesic_distance_deg, so3_exp
-from cryospin.rundir import read_metrics
+from cryospin.rundir import load_run, read_metrics
 from cryospin.train.autodecode import pose_nll
 from cryospin.train.autoencode import HeadPoses, infer_best_poses, infer_head_poses
 from cryospin.train.config import build_config
@@ -114,6 +116,12 @@ def test_a_run_with_hypotheses_records_the_switch(tmp_path: Path):
     assert record["count"] == 3 and record["steps"] == 4 and record["radius_px"] is None
     assert 0.0 <= record["other_than_winner_fraction"] <= 1.0
     assert record["wall_time_s"] > 0
+    run = load_run(tmp_path / "run")  # the report's summary table says what the switch did
+    summary = run_summary(run, num_poses=64, box_px=16, pixel_size_angstrom=4.0)
+    rows = dict(run_summary_rows(summary, run))
+    share = f"{100 * record['other_than_winner_fraction']:.1f} %"
+    assert rows["switch hypotheses"].startswith("3 best heads per particle, 4 local steps each")
+    assert share in rows["switch hypotheses"]
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

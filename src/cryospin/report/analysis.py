@@ -28,6 +28,7 @@ __all__ = [
     "JSONObject",
     "RANDOM_SPREAD_DEG",
     "switch_epoch",
+    "switch_hypotheses",
     "elapsed_seconds",
     "pick_epochs",
     "view_directions",
@@ -59,6 +60,17 @@ def switch_epoch(metrics: Sequence[MetricsLine]) -> int | None:
     for row in metrics:
         if row.get("stage") == Stage.AUTODECODE:
             return int(row["epoch"])
+    return None
+
+
+def switch_hypotheses(metrics: Sequence[MetricsLine]) -> dict[str, object] | None:
+    """The switch's multi-hypothesis record (``extra.switch.hypotheses``: ``count``,
+    ``steps``, ``radius_px``, ``other_than_winner_fraction``, ``wall_time_s``), or None when
+    the switch kept the winners."""
+    for row in metrics:
+        switch = (row.get("extra") or {}).get("switch")
+        if isinstance(switch, dict) and isinstance(switch.get("hypotheses"), dict):
+            return dict(switch["hypotheses"])
     return None
 
 

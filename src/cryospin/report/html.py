@@ -23,7 +23,12 @@ import numpy as np
 from cryospin.atomic import atomic_write_text
 from cryospin.errors import OutputError
 from cryospin.evaluate.gold_standard import GoldStandardFSC
-from cryospin.report.analysis import RANDOM_SPREAD_DEG, MetricsLine, json_ready
+from cryospin.report.analysis import (
+    RANDOM_SPREAD_DEG,
+    MetricsLine,
+    json_ready,
+    switch_hypotheses,
+)
 from cryospin.report.ground_truth import EpochResolution
 from cryospin.report.summary import HalvesSummary, RunSummary
 from cryospin.report.symmetry_check import DrawnAxes, SymmetryCheck, symmetry_advice
@@ -262,6 +267,14 @@ def _epoch_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
     k = s.get("switch_epoch")
     rows.append(("switch", "never (auto-encoding only)" if k is None else
                  f"after epoch {k - 1}; first auto-decoding epoch {k}"))
+    hyp = switch_hypotheses(run.metrics)
+    if hyp is not None:
+        radius = hyp.get("radius_px")
+        disc = "the full disc" if radius is None else f"a {radius:g} cycles/box disc"
+        rows.append(("switch hypotheses", (
+            f"{hyp['count']} best heads per particle, {hyp['steps']} local steps each on "
+            f"{disc}; {100 * float(hyp['other_than_winner_fraction']):.1f} % of the particles "
+            f"kept another than the winning head ({format_duration(float(hyp['wall_time_s']))})")))
     loss = s.get("final_loss")
     rows.append(("final loss", "–" if loss is None else f"{loss:.6g} ({s.get('final_stage')})"))
     rows.append(("wall time", format_duration(s["wall_time_s"])))
