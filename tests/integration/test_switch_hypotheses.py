@@ -32,6 +32,7 @@ from cryospin.train.config import build_config
 from cryospin.train.data import prepare_data, sub_disc
 from cryospin.train.fit import fit
 from cryospin.train.hypotheses import HypothesisSettings, refine_hypotheses
+from cryospin.train.switch import hypothesis_count
 from cryospin.volume import HartleyVolume
 
 BOX_PX, N = 24, 96
@@ -99,6 +100,15 @@ def test_top_k_inference_is_ordered_and_starts_with_the_winner(dataset):
     torch.testing.assert_close(best.rotations, heads.rotations[:, 0])
 
 
+def test_hypotheses_are_at_most_the_heads_and_one_needs_no_inference_pass():
+    """The preset's 7 hypotheses with ``--heads 3``: 3; with one head, the ``last_epoch``
+    switch (no inference pass) is allowed."""
+    assert hypothesis_count(build_config("paper-synthetic", {"model": {"num_heads": 3}})) == 3
+    one = build_config("paper-synthetic", {"model": {"num_heads": 1},
+                                           "schedule": {"switch_poses": "last_epoch"}})
+    assert hypothesis_count(one) == 1
+
+
 def test_a_run_with_hypotheses_records_the_switch(tmp_path: Path):
     truth = make_dataset(tmp_path / "data", box_px=16, n=64, seed=1)
     particles = load_particles(truth.folder / "particles.mrcs", ctf_pkl=truth.folder / "ctf.pkl")
@@ -113,20 +123,20 @@ def test_a_run_with_hypotheses_records_the_switch(tmp_path: Path):
     assert result.finished
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     record = rows[1]["extra"]["switch"]["hypotheses"]
-    assert record["count"] == 3 and record["steps"] == 4 and record["radius_px"] is None
+    assert record["count"] == 3 and record["steps"] == 4 and record["radius_px"] == 12.0
     assert 0.0 <= record["other_than_winner_fraction"] <= 1.0
     assert record["wall_time_s"] > 0
     run = load_run(tmp_path / "run")  # the report's summary table says what the switch did
     summary = run_summary(run, num_poses=64, box_px=16, pixel_size_angstrom=4.0)
     rows = dict(run_summary_rows(summary, run))
     share = f"{100 * record['other_than_winner_fraction']:.1f} %"
-    assert rows["switch hypotheses"].startswith("3 best heads per particle, 4 local steps each")
+    assert rows["switch hypotheses"].startswith(
+        "3 best heads per particle, 4 local steps each on a 12 cycles/box disc")
     assert share in rows["switch hypotheses"]
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"optim": {"switch_hypotheses": 8}}, "optim.switch_hypotheses must be between 1"),
-    ({"optim": {"switch_hypotheses": 0}}, "optim.switch_hypotheses must be between 1"),
+    ({"optim": {"switch_hypotheses": 0}}, "optim.switch_hypotheses must be >= 1"),
     ({"optim": {"switch_refine_steps": 0}}, "optim.switch_refine_steps must be >= 1"),
     ({"optim": {"switch_refine_radius_px": 0.5}}, "optim.switch_refine_radius_px must be >= 1"),
     ({"optim": {"switch_hypotheses": 3}, "schedule": {"switch_poses": "last_epoch"}},

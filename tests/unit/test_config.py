@@ -54,6 +54,10 @@ def test_paper_presets_match_the_paper():
     assert (syn.optim.decoder_lr, syn.optim.decoder_lr_after_switch) == (0.005, 0.002)
     assert (real.optim.batch_size, real.schedule.switch_steps) == (64, None)
     assert (real.optim.decoder_lr, real.optim.decoder_lr_after_switch) == (0.05, 0.02)
+    # search-free multi-hypothesis switch (synthetic only; the paper's: --switch-hypotheses 1)
+    o = syn.optim
+    assert (o.switch_hypotheses, o.switch_refine_steps, o.switch_refine_radius_px) == (7, 40, 12.0)
+    assert real.optim.switch_hypotheses == 1
     # the text's schedule back: a --switch-epoch on the command line replaces the step budget
     text = build_config("paper-synthetic", {"schedule": {"switch_epoch": 7}})
     assert (text.schedule.switch_epoch, text.schedule.switch_steps) == (7, None)

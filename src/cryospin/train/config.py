@@ -180,7 +180,8 @@ class OptimConfig:
         square grid with this spacing (pixels) within ``model.max_shift_px`` per axis, jointly
         with the rotations; ``None`` keeps each particle's current shift.
     switch_hypotheses : int
-        At the switch, keep each particle's this many lowest-NLL heads, refine each locally
+        At the switch, keep each particle's this many lowest-NLL heads (at most
+        ``model.num_heads``: all of them when larger), refine each locally
         against the switch's volume and start the particle from the best after refinement
         (:mod:`cryospin.train.hypotheses`; needs ``schedule.switch_poses = inference``);
         1: the winning head, as in the paper.

@@ -117,15 +117,14 @@ def _check_search(c: Config) -> None:
 def _check_hypotheses(c: Config) -> None:
     """The switch's multi-hypothesis refinement (:mod:`cryospin.train.hypotheses`)."""
     o = c.optim
-    if not 1 <= o.switch_hypotheses <= c.model.num_heads:
-        raise _bad(f"optim.switch_hypotheses must be between 1 and model.num_heads "
-                   f"({c.model.num_heads}), got {o.switch_hypotheses}")
+    if o.switch_hypotheses < 1:
+        raise _bad(f"optim.switch_hypotheses must be >= 1, got {o.switch_hypotheses}")
     if o.switch_refine_steps < 1:
         raise _bad(f"optim.switch_refine_steps must be >= 1, got {o.switch_refine_steps}")
     radius = o.switch_refine_radius_px
     if radius is not None and not radius >= 1:
         raise _bad(f"optim.switch_refine_radius_px must be >= 1, got {radius}")
-    if o.switch_hypotheses > 1 and c.schedule.switch_poses != "inference":
+    if min(o.switch_hypotheses, c.model.num_heads) > 1 and c.schedule.switch_poses != "inference":
         raise _bad("optim.switch_hypotheses > 1 needs the switch's inference pass "
                    f"(schedule.switch_poses inference), got {c.schedule.switch_poses}")
 

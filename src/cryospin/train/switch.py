@@ -30,7 +30,7 @@ from cryospin.train.metrics import EpochExtra, HypothesesRecord
 from cryospin.train.state import build_pose_table
 from cryospin.volume import HartleyVolume
 
-__all__ = ["switch_poses", "full_record", "full_pose_table"]
+__all__ = ["switch_poses", "full_record", "full_pose_table", "hypothesis_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +68,13 @@ def switch_poses(
         with (feedback or Feedback()).start("switch: inference pass", len(data),
                                             scale=len(data) / max(count, 1)) as progress:
             heads = infer_head_poses(
-                encoder, volume, data, keep=config.optim.switch_hypotheses,
+                encoder, volume, data, keep=hypothesis_count(config),
                 batch_size=config.run.inference_batch_size, loss_radius_px=loss_radius_px,
                 lowpass_input=config.model.encoder_lowpass, indices=owned,
                 progress=progress.update,
             )
         best = heads.best()
-        if config.optim.switch_hypotheses > 1:
+        if hypothesis_count(config) > 1:
             best, hypotheses = _refine(config, volume, data, heads, owned, shard, feedback)
     rotations, shifts = best.rotations.float(), best.shifts_px
     usage_t = head_usage(best.best_head.cpu(), config.model.num_heads)
@@ -103,6 +103,12 @@ def switch_poses(
     return table.to(data.device), info
 
 
+def hypothesis_count(config: Config) -> int:
+    """Hypotheses per particle at the switch: ``optim.switch_hypotheses``, at most the number
+    of heads."""
+    return min(config.optim.switch_hypotheses, config.model.num_heads)
+
+
 def _refine(
     config: Config, volume: HartleyVolume, data: TrainingData, heads: HeadPoses,
     owned: torch.Tensor | None, shard: Shard | None, feedback: Feedback | None,
@@ -119,7 +125,8 @@ def _refine(
     )
     n = int(heads.heads.shape[0])
     indices = torch.arange(n) if owned is None else owned.cpu()
-    label = f"switch: refining {o.switch_hypotheses} hypotheses per particle"
+    count = hypothesis_count(config)
+    label = f"switch: refining {count} hypotheses per particle"
     scale = len(data) / max(n, 1)
     with (feedback or Feedback()).start(label, len(data), scale=scale) as progress:
         with torch.no_grad():
@@ -129,14 +136,14 @@ def _refine(
     if shard is not None:
         other = shard.all_sum(other)
     record: HypothesesRecord = {
-        "count": o.switch_hypotheses, "steps": o.switch_refine_steps,
+        "count": count, "steps": o.switch_refine_steps,
         "radius_px": o.switch_refine_radius_px,
         "other_than_winner_fraction": float(other[0] / max(float(other[1]), 1.0)),
         "wall_time_s": time.perf_counter() - t0,
     }
     logger.info("switch: %.1f %% of the particles kept another hypothesis than the winner "
                 "(%d per particle, %d steps each, %.0f s)",
-                100 * record["other_than_winner_fraction"], o.switch_hypotheses,
+                100 * record["other_than_winner_fraction"], count,
                 o.switch_refine_steps, record["wall_time_s"])
     return best, record
 
