@@ -63,14 +63,14 @@ def switch_epoch(metrics: Sequence[MetricsLine]) -> int | None:
     return None
 
 
-def switch_hypotheses(metrics: Sequence[MetricsLine]) -> dict[str, object] | None:
+def switch_hypotheses(metrics: Sequence[MetricsLine]) -> dict[str, float | None] | None:
     """The switch's multi-hypothesis record (``extra.switch.hypotheses``: ``count``,
-    ``steps``, ``radius_px``, ``other_than_winner_fraction``, ``wall_time_s``), or None when
-    the switch kept the winners."""
+    ``steps``, ``radius_px`` (None: the full disc), ``other_than_winner_fraction``,
+    ``wall_time_s``) as numbers, or None when the switch kept the winners."""
     for row in metrics:
         switch = (row.get("extra") or {}).get("switch")
         if isinstance(switch, dict) and isinstance(switch.get("hypotheses"), dict):
-            return dict(switch["hypotheses"])
+            return {k: None if v is None else float(v) for k, v in switch["hypotheses"].items()}
     return None
 
 

@@ -271,10 +271,11 @@ def _epoch_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
     if hyp is not None:
         radius = hyp.get("radius_px")
         disc = "the full disc" if radius is None else f"a {radius:g} cycles/box disc"
+        share, wall = hyp.get("other_than_winner_fraction") or 0.0, hyp.get("wall_time_s") or 0.0
         rows.append(("switch hypotheses", (
-            f"{hyp['count']} best heads per particle, {hyp['steps']} local steps each on "
-            f"{disc}; {100 * float(hyp['other_than_winner_fraction']):.1f} % of the particles "
-            f"kept another than the winning head ({format_duration(float(hyp['wall_time_s']))})")))
+            f"{hyp['count']:.0f} best heads per particle, {hyp['steps']:.0f} local steps each on "
+            f"{disc}; {100 * share:.1f} % of the particles kept another than the winning head "
+            f"({format_duration(wall)})")))
     loss = s.get("final_loss")
     rows.append(("final loss", "–" if loss is None else f"{loss:.6g} ({s.get('final_stage')})"))
     rows.append(("wall time", format_duration(s["wall_time_s"])))
