@@ -221,8 +221,10 @@ class ScheduleConfig:
     epochs : int
         Total number of epochs (passes over the particles).
     switch_epoch : int
-        Last epoch of stage 1; 0 starts directly with stage 2 (poses from the untrained
-        encoder), ``>= epochs`` never switches (a fully amortized run).
+        Last epoch of stage 1; 0 starts directly with stage 2, ``>= epochs`` never switches (a
+        fully amortized run). With 0 and ``search_epochs > 0`` (:attr:`search_only`) no encoder
+        is built: every particle starts from a random rotation that the first search epoch
+        replaces; with 0 and no search, from the untrained encoder's poses.
     switch_steps : int or None
         Stage 1 lasts exactly this many optimizer steps (batches) instead of ``switch_epoch``
         epochs: ``ceil(switch_steps / batches per epoch)`` epochs, the last one cut short; the
@@ -287,6 +289,14 @@ class ScheduleConfig:
     search_stop_fraction: float = 0.0
     switch_poses: SwitchPoses = "inference"
     impose_symmetry: ImposeSymmetry = "during_search"
+
+    @property
+    def search_only(self) -> bool:
+        """No stage 1 and a global search first (the semi-amortized method with
+        ``switch_epoch = 0``, no step budget, ``search_epochs > 0``): the run needs no
+        encoder."""
+        return (self.method == "semi-amortized" and self.switch_epoch == 0
+                and self.switch_steps is None and self.search_epochs > 0)
 
 
 @dataclass(frozen=True)

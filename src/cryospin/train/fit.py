@@ -374,7 +374,6 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
     (None after the switch)."""
     extra: EpochExtra = {}
     if state.stage == Stage.AUTOENCODE and epoch > run.switch_epoch:
-        assert state.encoder is not None  # stage 1 has one
         pose_table, extra = switch_poses(run.config, state.encoder, state.volume, run.data,
                                          run.shard, run.feedback, record=state.switch_record,
                                          loss_radius_px=run.final_stage1_radius())

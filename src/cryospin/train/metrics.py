@@ -44,11 +44,12 @@ class HypothesesRecord(TypedDict):
 class SwitchRecord(TypedDict):
     """``extra["switch"]`` of the switch's epoch: the best heads' usage (fraction per head;
     with hypotheses, of the heads kept), their mean loss, the switch's wall time and where the
-    poses came from (``"inference"`` or ``"last_epoch"``); ``hypotheses`` when the switch
-    refined several per particle."""
+    poses came from (``"inference"``, ``"last_epoch"``, or ``"random"`` for a search-only run
+    with no encoder: no usage, loss None); ``hypotheses`` when the switch refined several per
+    particle."""
 
     head_usage: list[float]
-    mean_loss: float
+    mean_loss: float | None
     wall_time_s: float
     poses: str
     hypotheses: NotRequired[HypothesesRecord]

@@ -150,7 +150,8 @@ def initial_state(config: Config, files: RunFiles, data: TrainingData, device: t
                    shard: Shard | None, ckpt: Checkpoint | None, generator: torch.Generator,
                    *, main: bool) -> TrainState:
     """A new training state, or the checkpoint's (``metrics.jsonl`` cut back to its epoch).
-    With K = 0 the switch happens before epoch 1: poses from the untrained encoder."""
+    With K = 0 the switch happens before epoch 1: poses from the untrained encoder, or, when a
+    global search follows (``schedule.search_only``), random rotations and no encoder at all."""
     init_gen = torch.Generator(device="cpu").manual_seed(config.run.seed + 1)
     volume = HartleyVolume.ab_initio(
         data.box_px, data.radial_amplitude.cpu(), generator=init_gen,
@@ -158,16 +159,18 @@ def initial_state(config: Config, files: RunFiles, data: TrainingData, device: t
                                else ckpt.volume_symmetry or config.model.symmetry),
     ).to(device)
     stage = Stage.AUTOENCODE if ckpt is None else ckpt.stage
+    search_only = config.schedule.search_only
     precision = (choose_precision(config, data.box_px, device, shard)
-                 if stage == Stage.AUTOENCODE else None)
+                 if stage == Stage.AUTOENCODE and not search_only else None)
     logger.info("%s", describe_execution(device, precision))
-    if precision is not None and main:
+    if main and (precision is not None or (search_only and ckpt is None)):
         record_resolved(files.config, {
-            "precision": precision.name, "precision_reason": precision.reason,
             "device": str(device), "threads": torch.get_num_threads(),
             "cpu": cpu_model_name(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "encoder_box_px": config.model.encoder_input_box(data.box_px),
+            **({} if precision is None else {
+                "precision": precision.name, "precision_reason": precision.reason,
+                "encoder_box_px": config.model.encoder_input_box(data.box_px)}),
         })
     state = TrainState.start(config, volume, stage, device, precision, data.box_px)
     if ckpt is not None:

@@ -227,7 +227,7 @@ def describe_execution(device: torch.device, choice: PrecisionChoice | None) -> 
                  f"{torch.backends.cpu.get_cpu_capability()})")
     else:
         where = device.type
-    precision = ("precision: no encoder (after the switch)" if choice is None
+    precision = ("precision: no encoder (after the switch, or search only)" if choice is None
                  else f"precision {choice.name} ({choice.reason})")
     return f"device {where}, {precision}, {torch.get_num_threads()} threads"
 

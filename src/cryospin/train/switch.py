@@ -5,7 +5,9 @@ One inference pass of the trained encoder picks each particle's best head
 last_epoch`` the winners recorded while training the last stage-1 epoch are used instead, and
 only the particles that epoch did not visit (a step budget's cut epoch) are inferred. With
 ``optim.switch_hypotheses = K > 1`` the inference pass keeps each particle's ``K`` best heads,
-refined locally before the best is kept (:mod:`cryospin.train.hypotheses`). Under
+refined locally before the best is kept (:mod:`cryospin.train.hypotheses`). A search-only run
+(``schedule.search_only``) has no encoder: every particle starts from a random rotation (the
+run's seed), which the first global-search epoch replaces. Under
 ``torchrun`` each rank infers its own particles into the rows it owns; the head usage and the
 mean loss are summed over the ranks.
 """
@@ -20,13 +22,14 @@ from torch import nn
 
 from cryospin.losses import head_usage
 from cryospin.pose import PoseTable
+from cryospin.rotations import random_rotations
 from cryospin.train.autoencode import BestPoses, HeadPoses, infer_best_poses, infer_head_poses
 from cryospin.train.config import Config
 from cryospin.train.data import TrainingData
 from cryospin.train.distributed import Shard
 from cryospin.train.feedback import Feedback
 from cryospin.train.hypotheses import HypothesisSettings, refine_hypotheses
-from cryospin.train.metrics import EpochExtra, HypothesesRecord
+from cryospin.train.metrics import EpochExtra, HypothesesRecord, SwitchRecord
 from cryospin.train.state import build_pose_table
 from cryospin.volume import HartleyVolume
 
@@ -36,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 def switch_poses(
-    config: Config, encoder: nn.Module, volume: HartleyVolume, data: TrainingData,
+    config: Config, encoder: nn.Module | None, volume: HartleyVolume, data: TrainingData,
     shard: Shard | None = None, feedback: Feedback | None = None, *,
     record: BestPoses | None = None, loss_radius_px: float | None = None,
 ) -> tuple[PoseTable, EpochExtra]:
@@ -45,8 +48,13 @@ def switch_poses(
     ``metrics.jsonl`` record (``{"switch": ...}``). ``feedback`` shows the inference pass's
     progress; ``loss_radius_px``: the last stage-1 step's loss radius (None: the full disc).
     With ``record`` (the last stage-1 epoch's winners, ``schedule.switch_poses =
-    last_epoch``) there is no inference pass."""
+    last_epoch``) there is no inference pass; without an encoder (a search-only run), random
+    rotations."""
     t0 = time.perf_counter()
+    if encoder is None:
+        if not config.schedule.search_only:
+            raise ValueError("only a search-only run switches without an encoder")
+        return _random_start(config, data, t0)
     hypotheses: HypothesesRecord | None = None
     owned = None if shard is None else shard.owned(len(data))
     count = len(data) if owned is None else int(owned.numel())
@@ -101,6 +109,20 @@ def switch_poses(
     logger.info("switch to auto-decoding: head usage %s",
                 " ".join(f"{u:.2f}" for u in usage))
     return table.to(data.device), info
+
+
+def _random_start(config: Config, data: TrainingData,
+                  t0: float) -> tuple[PoseTable, EpochExtra]:
+    """Uniformly random rotations for every particle, `(N, 3, 3)` (the same on every rank:
+    a generator seeded by the run's seed; shifts 0 px), for the global search to replace."""
+    n = len(data)
+    gen = torch.Generator(device="cpu").manual_seed(config.run.seed + 2)
+    rotations = random_rotations(n, generator=gen, dtype=torch.float32)
+    table = build_pose_table(config, rotations, torch.zeros(n, 2))
+    record: SwitchRecord = {"head_usage": [], "mean_loss": None,
+                            "wall_time_s": time.perf_counter() - t0, "poses": "random"}
+    logger.info("search only: %d particles start from random rotations", n)
+    return table.to(data.device), {"switch": record}
 
 
 def hypothesis_count(config: Config) -> int:
