@@ -94,7 +94,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-shift-px", type=float, metavar="PX", help="shift bound, pixels")
     g.add_argument("--epochs", type=int, metavar="E", help="total epochs")
     g.add_argument("--switch-epoch", type=int, metavar="K",
-                   help="last epoch of stage 1 (auto-encoding)")
+                   help="last epoch of stage 1 (auto-encoding); 0 with search epochs: search "
+                        "only, no encoder (every particle starts from a random rotation)")
     g.add_argument("--switch-steps", type=int, metavar="T",
                    help="stage 1 lasts exactly T optimizer steps (batches) instead of "
                         "--switch-epoch epochs; the --epochs minus --switch-epoch stage-2 "
