@@ -84,8 +84,8 @@ def main() -> None:
                            " / ".join(_ratio(speed.get(k), base.get(k)) for k in STAGES)])
             print(markdown_table(header, rows[-1:]), file=sys.stderr, flush=True)
     table = markdown_table(header, rows)
-    flags = " ".join(threads + args.reconstruct_args)
-    text = f"{table}\n\nmachine: {machine_line()}\nreconstruct flags: {flags}\n"
+    extra = " ".join(threads + args.reconstruct_args)
+    text = f"{table}\n\nmachine: {machine_line()}\nreconstruct flags: {extra}\n"
     (args.workdir / "results.md").write_text(text)
     print(text)
 
