@@ -43,6 +43,7 @@ _OVERRIDES = {
     "encoder_input": ("model", "encoder_input"),
     "pooling": ("model", "pooling"),
     "symmetry": ("model", "symmetry"),
+    "relax_symmetry": ("model", "relax_symmetry"),
     "impose_symmetry": ("schedule", "impose_symmetry"),
     "method": ("schedule", "method"),
     "batch_size": ("optim", "batch_size"),

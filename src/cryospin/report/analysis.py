@@ -29,6 +29,7 @@ __all__ = [
     "RANDOM_SPREAD_DEG",
     "switch_epoch",
     "switch_hypotheses",
+    "relaxations",
     "elapsed_seconds",
     "pick_epochs",
     "view_directions",
@@ -72,6 +73,19 @@ def switch_hypotheses(metrics: Sequence[MetricsLine]) -> dict[str, float | None]
         if isinstance(switch, dict) and isinstance(switch.get("hypotheses"), dict):
             return {k: None if v is None else float(v) for k, v in switch["hypotheses"].items()}
     return None
+
+
+def relaxations(metrics: Sequence[MetricsLine]) -> list[tuple[int, str, float, float]]:
+    """The pseudo-symmetry relaxation of each stage-2 epoch that had one (``extra.relax``,
+    :mod:`cryospin.train.relax`): ``(epoch, group, score in its map, fraction of the
+    particles moved to another copy)``, in epoch order."""
+    rows = []
+    for row in metrics:
+        relax = (row.get("extra") or {}).get("relax")
+        if isinstance(relax, dict):
+            rows.append((int(row["epoch"]), str(relax["group"]), float(relax["score"]),
+                         float(relax["moved_fraction"])))
+    return rows
 
 
 def elapsed_seconds(metrics: Sequence[MetricsLine]) -> np.ndarray:

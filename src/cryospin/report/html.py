@@ -27,6 +27,7 @@ from cryospin.report.analysis import (
     RANDOM_SPREAD_DEG,
     MetricsLine,
     json_ready,
+    relaxations,
     switch_hypotheses,
 )
 from cryospin.report.ground_truth import EpochResolution
@@ -276,6 +277,13 @@ def _epoch_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
             f"{hyp['count']:.0f} best heads per particle, {hyp['steps']:.0f} local steps each on "
             f"{disc}; {100 * share:.1f} % of the particles kept another than the winning head "
             f"({format_duration(wall)})")))
+    relaxed = relaxations(run.metrics)
+    if relaxed:
+        moved = ", ".join(f"{100 * f:.1f}" for _, _, _, f in relaxed)
+        rows.append(("pseudo-symmetry relaxed", (
+            f"{relaxed[0][1]} (scored copies of each pose in epochs {relaxed[0][0]}–"
+            f"{relaxed[-1][0]}); % of the particles moved to another copy: {moved}; the "
+            f"group's score in the last epoch's starting map {relaxed[-1][2]:.3f}")))
     loss = s.get("final_loss")
     rows.append(("final loss", "–" if loss is None else f"{loss:.6g} ({s.get('final_stage')})"))
     rows.append(("wall time", format_duration(s["wall_time_s"])))

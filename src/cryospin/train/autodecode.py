@@ -11,6 +11,11 @@ of SO(3) (and, with shifts, every shift of a grid) is evaluated on a small low-f
 better than its current one.
 This rescues the particles whose stage-1 pose sits in a wrong basin, which local refinement
 cannot leave.
+
+Optionally (:class:`SymmetryCopies`, a pseudo-symmetry placed in the map by
+:mod:`cryospin.train.relax`), each batch then scores every particle's pose at its ``|G|``
+symmetry-related copies and keeps the best: the jump between the protomer copies of a
+pseudo-symmetric particle that local refinement cannot make.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from cryospin.train.schedule import search_radius_px
 
 __all__ = [
     "autodecode_epoch",
+    "SymmetryCopies",
     "epoch_search",
     "JUMP_THRESHOLD_DEG",
     "pose_change_deg",
@@ -222,17 +228,79 @@ def _apply_search(
                   negation_index=search.disc.negation_index)  # (B, P')
     current = gaussian_nll(pred[:, None, :], sub.hartley, data.noise_variance)[:, 0]  # (B,)
     better = grid_nll < current  # (B,)
-    if bool(better.any()):
-        rows = idx[better]
-        pose_table.rotations[rows] = grid_rot[better].to(pose_table.rotations.dtype)
-        for buf in (pose_table.exp_avg_rot, pose_table.exp_avg_sq_rot):
+    _jump_rows(pose_table, idx[better], grid_rot[better],
+               None if grid_shift is None else grid_shift[better])
+    return int(better.sum())
+
+
+@torch.no_grad()
+def _jump_rows(pose_table: PoseTable, rows: Tensor, rotations: Tensor,
+               shifts_px: Tensor | None) -> None:
+    """Rows ``rows`` `(n,)` of ``pose_table`` jump to ``rotations`` `(n, 3, 3)` (and
+    ``shifts_px`` `(n, 2)`, when given); their Adam moments and step counts are zeroed."""
+    if rows.numel() == 0:
+        return
+    pose_table.rotations[rows] = rotations.to(pose_table.rotations.dtype)
+    for buf in (pose_table.exp_avg_rot, pose_table.exp_avg_sq_rot):
+        buf[rows] = 0
+    pose_table.step[rows] = 0
+    if shifts_px is not None:
+        pose_table.shifts_px[rows] = shifts_px.to(pose_table.shifts_px.dtype)
+        for buf in (pose_table.exp_avg_shift, pose_table.exp_avg_sq_shift):
             buf[rows] = 0
-        pose_table.step[rows] = 0
-        if grid_shift is not None:
-            pose_table.shifts_px[rows] = grid_shift[better].to(pose_table.shifts_px.dtype)
-            for buf in (pose_table.exp_avg_shift, pose_table.exp_avg_sq_shift):
-                buf[rows] = 0
-            pose_table.step_shift[rows] = 0
+        pose_table.step_shift[rows] = 0
+
+
+@dataclass(frozen=True)
+class SymmetryCopies:
+    """A (pseudo-)symmetry placed in the map: the map ``V`` is (nearly) symmetric about the
+    centre ``c`` under each rotation ``g``, ``V(g(r − c) + c) ≈ V(r)``.
+
+    Attributes
+    ----------
+    rotations : `(G − 1, 3, 3)`
+        The group's elements other than the identity, in the map's frame (``M g₀ Mᵀ`` of the
+        conventional elements ``g₀``); the pose itself is the identity's copy.
+    centre_px : `(3,)`
+        ``c``, xyz pixels from ``L//2``.
+    """
+
+    rotations: Tensor
+    centre_px: Tensor
+
+    def poses(self, rotations: Tensor, shifts_px: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Each pose's copies: ``R g`` `(B, G − 1, 3, 3)` and ``t + (R (1 − g) c)_xy``
+        `(B, G − 1, 2)` (None without shifts), which give the images that ``(R, t)`` gives of
+        an exactly symmetric map (``docs/conventions.md``, "Symmetry")."""
+        g = self.rotations.to(rotations)
+        copies = rotations[:, None] @ g[None]
+        if shifts_px is None:
+            return copies, None
+        d = (torch.eye(3, dtype=g.dtype, device=g.device) - g) @ self.centre_px.to(g)  # (G, 3)
+        moved = (rotations[:, None] @ d[None, :, :, None])[..., :2, 0]  # (B, G, 2)
+        return copies, shifts_px[:, None].to(moved) + moved
+
+
+def _apply_relax(
+    pose_table: PoseTable, volume_ht: Tensor, copies: SymmetryCopies, batch: Batch,
+    data: TrainingData, refine_shifts: bool,
+) -> int:
+    """Each row of ``batch`` keeps the copy of its pose (:meth:`SymmetryCopies.poses`) with
+    the lowest NLL on the training disc, when it fits better than the pose; returns how
+    many rows moved."""
+    rot, shift = pose_table.gather(batch.indices)
+    cand_rot, cand_shift = copies.poses(rot, shift if refine_shifts else None)
+    nll = torch.stack([
+        pose_nll(volume_ht, cand_rot[:, k], None if cand_shift is None else cand_shift[:, k],
+                 batch, data)
+        for k in range(cand_rot.shape[1])
+    ], dim=1)  # (B, G − 1)
+    current = pose_nll(volume_ht, rot, shift if refine_shifts else None, batch, data)  # (B,)
+    best_nll, best = nll.min(dim=1)
+    better = best_nll < current
+    pick = torch.arange(len(best), device=best.device)
+    _jump_rows(pose_table, batch.indices[better], cand_rot[pick, best][better],
+               None if cand_shift is None else cand_shift[pick, best][better])
     return int(better.sum())
 
 
@@ -341,6 +409,7 @@ def autodecode_epoch(
     shard: Shard | None = None,
     anchor_frame: bool = False,
     symmetry: Tensor | None = None,
+    relax: SymmetryCopies | None = None,
 ) -> EpochStats:
     """One pass over the particles in random order (drawn from ``generator``).
 
@@ -373,12 +442,16 @@ def autodecode_epoch(
     symmetry : `(G, 3, 3)`, optional
         The volume's point group: pose changes (and jumps) are measured modulo it
         (:func:`pose_change_deg`), since ``R`` and ``R g`` are the same pose.
+    relax : SymmetryCopies, optional
+        A pseudo-symmetry of the C1 map: each batch's poses first move to their best copy
+        (after the search, before the pose steps).
 
     Returns
     -------
     EpochStats
         With ``jump_fraction``: the fraction of visited particles whose rotation moved by more
-        than :data:`JUMP_THRESHOLD_DEG` from the start of their batch to its end.
+        than :data:`JUMP_THRESHOLD_DEG` from the start of their batch to its end; with
+        ``relax``, ``relaxed_fraction``: the fraction that moved to another copy.
 
     Raises
     ------
@@ -391,6 +464,7 @@ def autodecode_epoch(
     rot_change = RunningMean()
     shift_change = RunningMean()
     jumps = 0  # visited particles whose rotation moved > JUMP_THRESHOLD_DEG
+    relaxed = 0  # visited particles moved to another copy (relax)
     batches = data.epoch_batches(batch_size, generator)
     for b, (batch, total) in enumerate(local_batches(batches, shard), start=1):
         idx = batch.indices
@@ -399,6 +473,9 @@ def autodecode_epoch(
             volume_fixed = volume()
             if search is not None:
                 _apply_search(pose_table, volume_fixed, search, batch, data, refine_shifts)
+            if relax is not None:
+                relaxed += _apply_relax(pose_table, volume_fixed, relax, batch, data,
+                                        refine_shifts)
         refine_poses(
             pose_table, volume_fixed, batch, data, steps=pose_steps,
             refine_shifts=refine_shifts, epoch=epoch, batch_number=b,
@@ -431,17 +508,19 @@ def autodecode_epoch(
             progress(n, float(loss.detach()))
     if shard is not None:  # statistics of all ranks
         sums = shard.all_sum(torch.tensor([running.total, running.weight, rot_change.total,
-                                           shift_change.total, float(jumps)]))
+                                           shift_change.total, float(jumps), float(relaxed)]))
         running.total, running.weight = float(sums[0]), float(sums[1])
         rot_change.total, rot_change.weight = float(sums[2]), float(sums[1])
         shift_change.total, shift_change.weight = float(sums[3]), float(sums[1])
-        jumps = round(float(sums[4]))
+        jumps, relaxed = round(float(sums[4])), round(float(sums[5]))
     return EpochStats(
         loss=running.mean,
         num_images=int(running.weight),
         mean_pose_change_deg=rot_change.mean,
         mean_shift_change_px=shift_change.mean if refine_shifts else None,
         jump_fraction=jumps / running.weight if running.weight > 0 else None,
+        relaxed_fraction=(relaxed / running.weight if relax is not None and running.weight > 0
+                          else None),
     )
 
 

@@ -78,6 +78,9 @@ class EpochStats:
         Fraction of the visited particles whose rotation moved by more than
         :data:`cryospin.train.autodecode.JUMP_THRESHOLD_DEG` during the epoch: basin jumps,
         not local refinement (stage 2).
+    relaxed_fraction : float or None
+        Fraction of the visited particles moved to another copy of their pose under a relaxed
+        pseudo-symmetry (stage 2 with ``model.relax_symmetry``).
     """
 
     loss: float
@@ -87,6 +90,7 @@ class EpochStats:
     mean_pose_change_deg: float | None = None
     mean_shift_change_px: float | None = None
     jump_fraction: float | None = None
+    relaxed_fraction: float | None = None
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,10 @@ class ModelConfig:
         ``vgg16``: always 5 (cryospin <= 0.2).
     symmetry : str
         Point group (``C1``: none; Cn, Dn, T, O, I in RELION's axes, :mod:`cryospin.symmetry`).
+    relax_symmetry : str
+        A pseudo-symmetry of a C1 particle (``C1``: none): in every stage-2 epoch its copies of
+        each pose are scored and the best kept (:mod:`cryospin.train.relax`; RELION's
+        ``--relax_sym``).
     """
 
     num_heads: int = 7
@@ -121,6 +125,7 @@ class ModelConfig:
     encoder_input: EncoderInput = "image"
     pooling: Pooling = "vgg16"
     symmetry: str = "C1"
+    relax_symmetry: str = "C1"
 
     def encoder_input_box(self, box_px: int) -> int:
         """The encoder trunk's box for training images of ``box_px``: ``encoder_box_px`` when

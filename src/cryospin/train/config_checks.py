@@ -153,11 +153,28 @@ def _check_symmetry(c: Config) -> None:
         if c.schedule.method != "semi-amortized":
             raise _bad(f"model.symmetry auto: method {c.schedule.method} never switches, so "
                        "there is no point to detect it at; give the group")
-        return
+    else:
+        try:
+            parse_point_group(c.model.symmetry)
+        except InputError as err:
+            raise _bad(f"model.symmetry: {err}") from None
+    _check_relax(c)
+
+
+def _check_relax(c: Config) -> None:
+    """``model.relax_symmetry``: a point group, relaxed in stage 2 of a C1 run only."""
     try:
-        parse_point_group(c.model.symmetry)
+        relax = parse_point_group(c.model.relax_symmetry)
     except InputError as err:
-        raise _bad(f"model.symmetry: {err}") from None
+        raise _bad(f"model.relax_symmetry: {err}") from None
+    if relax.order == 1:
+        return
+    if c.model.symmetry.upper() != "C1":
+        raise _bad(f"model.relax_symmetry {c.model.relax_symmetry} relaxes a pseudo-symmetry "
+                   f"of a C1 run; model.symmetry is {c.model.symmetry}: give one of them")
+    if c.schedule.method != "semi-amortized":
+        raise _bad(f"model.relax_symmetry: method {c.schedule.method} never switches, and the "
+                   "copies are chosen in stage 2")
 
 
 def _check_choices(c: Config) -> None:

@@ -90,6 +90,7 @@ from cryospin.train.progress import (
     phase_totals,
     run_eta_s,
 )
+from cryospin.train.relax import place_copies, relax_record
 from cryospin.train.release import return_free_memory
 from cryospin.train.runlog import header_line, run_log
 from cryospin.train.schedule import (
@@ -392,7 +393,7 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
     if state.stage == Stage.AUTOENCODE:
         stats = _stage1_epoch(run, state, epoch, cut, trained, clock.bar)
     else:
-        stats = _stage2_epoch(run, state, epoch, clock.bar)
+        stats = _stage2_epoch(run, state, epoch, clock.bar, extra)
         extra.update(_stop_search_if_done(run, state, clock, epoch, stats))
     wall = time.perf_counter() - t0
     clock.bar.close()
@@ -433,10 +434,13 @@ def _stage1_epoch(run: _Run, state: TrainState, epoch: int, cut: int | None,
     )
 
 
-def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress) -> EpochStats:
+def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress,
+                  extra: EpochExtra) -> EpochStats:
     """A stage-2 epoch at the schedule's learning rates, with the global search in a search
-    epoch."""
+    epoch and the relaxed pseudo-symmetry's copies (its record into ``extra``)."""
     config, stopped = run.config, state.search_stopped_after
+    relax = (place_copies(state.volume, config.model.relax_symmetry, run.shard)
+             if config.model.relax_symmetry.upper() != "C1" else None)
     assert state.pose_table is not None  # stage 2 has one
     for group in state.decoder_opt.param_groups:
         group["lr"] = stage2_decoder_lr(config, epoch, stopped)
@@ -444,7 +448,7 @@ def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress) -
     search = (epoch_search(config, run.data, epoch - run.switch_epoch,
                            state.volume.point_group)
               if is_search_epoch(config.schedule, epoch, stopped) else None)
-    return autodecode_epoch(
+    stats = autodecode_epoch(
         state.volume, state.pose_table, run.data, state.decoder_opt,
         batch_size=config.optim.batch_size,
         pose_steps=config.optim.pose_steps_per_batch,
@@ -452,7 +456,11 @@ def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress) -
         generator=run.generator, epoch=epoch, progress=bar.update, search=search,
         shard=run.shard, anchor_frame=config.optim.anchor_pose_frame,
         symmetry=_group_or_none(state.volume.point_group),
+        relax=None if relax is None else relax.copies,
     )
+    if relax is not None:
+        extra["relax"] = relax_record(relax, stats.relaxed_fraction)
+    return stats
 
 
 def _group_or_none(symbol: str) -> torch.Tensor | None:

@@ -18,6 +18,7 @@ __all__ = [
     "SwitchRecord",
     "SearchStopRecord",
     "SymmetryRecord",
+    "RelaxRecord",
     "EpochExtra",
     "HypothesesRecord",
     "RunningMean",
@@ -77,12 +78,24 @@ class SymmetryRecord(TypedDict):
     centre_px: list[float]
 
 
+class RelaxRecord(TypedDict):
+    """``extra["relax"]`` of a stage-2 epoch with ``model.relax_symmetry``
+    (:mod:`cryospin.train.relax`): the group, its score in the epoch's starting map, the
+    fraction of particles moved to another copy and the centre ``c`` (xyz px)."""
+
+    group: str
+    score: float
+    moved_fraction: float
+    centre_px: list[float]
+
+
 class EpochExtra(TypedDict, total=False):
     """:attr:`cryospin.rundir.EpochMetrics.extra` as training writes it."""
 
     switch: SwitchRecord
     search_stop: SearchStopRecord
     symmetry: SymmetryRecord
+    relax: RelaxRecord
 
 
 class RunningMean:

@@ -117,6 +117,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "and from then on the volume is averaged over the group, the search "
                         "covers one asymmetric unit, and the final map is a symmetric "
                         "backprojection")
+    g.add_argument("--relax-symmetry", metavar="GROUP",
+                   help="a pseudo-symmetry of a C1 particle (e.g. C3 for a trimer whose "
+                        "protomers differ): in every stage-2 epoch the group's axes are "
+                        "placed in the current map and each particle keeps the best of its "
+                        "|G| symmetry-related copies of its pose before its pose steps "
+                        "(RELION's --relax_sym); the map stays C1. Default C1: none")
     g.add_argument("--impose-symmetry", choices=["after_search", "during_search", "start"],
                    help="when --symmetry is imposed: during_search (default: C1 for the "
                         "search's minimum epochs, then the group's frame, and the remaining "
