@@ -218,6 +218,28 @@ def test_two_ranks_then_resumed_on_one_equal_one_process(particles, reference, t
     assert_same_poses(reference / "poses.pkl", run / "poses.pkl")
 
 
+def test_a_relaxed_run_on_two_ranks_equals_one_process(particles, tmp_path):
+    """``--relax-symmetry C3`` (:mod:`cryospin.train.relax`): every rank places the group on
+    the same volume and takes rank 0's frame, each moves its own rows to their best copy, and
+    the fraction moved is summed over the ranks: maps, poses and records are the 1-process
+    run's."""
+    relax = [*TRAIN, "--search-epochs", "0", "--relax-symmetry", "C3"]  # the copies decide
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cryospin([str(particles), "-o", str(one), *relax]))
+    assert_ok(run_cryospin([str(particles), "-o", str(two), *relax], nproc=2))
+    a, b = (read_metrics(run / "metrics.jsonl") for run in (one, two))
+    assert [r["epoch"] for r in b] == [1, 2, 3] and "relax" not in b[0]["extra"]
+    moved = [r["extra"]["relax"]["moved_fraction"] for r in a[1:]]
+    assert moved[0] > 0  # the bundled trimer at 16 px: some particles change copy
+    assert [r["extra"]["relax"]["moved_fraction"] for r in b[1:]] == pytest.approx(moved,
+                                                                                   abs=0.01)
+    for x, y in zip(a[1:], b[1:], strict=True):
+        assert y["extra"]["relax"]["score"] == pytest.approx(x["extra"]["relax"]["score"],
+                                                             abs=1e-4)
+    assert_same_map(one / "map.mrc", two / "map.mrc")
+    assert_same_poses(one / "poses.pkl", two / "poses.pkl")
+
+
 @pytest.mark.slow
 def test_one_rank_then_resumed_on_two_equal_one_process(particles, reference, tmp_path):
     """Stage 1 by one process, then the switch, both auto-decoding epochs and the final
