@@ -91,32 +91,44 @@ def data(tmp_path_factory):
     return prepare_data(load_particles(folder / "particles.star"), DataConfig())
 
 
-def test_each_row_moves_to_the_copy_that_explains_its_image(data):
+@pytest.mark.parametrize("with_shifts", [False, True])
+def test_each_row_moves_to_the_copy_that_explains_its_image(data, with_shifts):
     """Noise-free images of an asymmetric map at the true poses; the table holds each pose
-    moved by a random element of a C3 in a random frame (the identity for some): the choice
-    brings every row back to its true pose, moves only the rows that were off, and zeroes
-    their Adam moments only."""
+    moved to a copy under a C3 in a random frame (the identity for some; with shifts, a C3
+    about an off-origin centre, so each copy's shift differs): the choice brings every row
+    back to its true pose, moves only the rows that were off, and zeroes their Adam moments
+    only."""
     gen = torch.Generator().manual_seed(2)
     n = len(data)
     ht = HartleyVolume.from_real_space(blob_volume(data.box_px, gen).float())().detach()
     truth = random_rotations(n, generator=gen, dtype=torch.float32)
-    copies, _ = _copies(gen, "C3", dtype=torch.float32)
-    which = torch.randint(0, 3, (n,), generator=gen)  # 0: the identity, 1, 2: the copies
-    elements = torch.cat([torch.eye(3)[None], copies.rotations])
-    start = truth @ elements[which]
-    table = PoseTable(start.clone(), None, lr_rot=0.05, lr_shift=0.05)
+    shifts = (torch.rand(n, 2, generator=gen) - 0.5) * 2 if with_shifts else None
+    centre = torch.tensor([1.5, -1.0, 0.5]) if with_shifts else None
+    copies, _ = _copies(gen, "C3", centre_px=centre, dtype=torch.float32)
+    which = torch.randint(0, 3, (n,), generator=gen)  # 0: the pose itself, 1, 2: its copies
+    cand_rot, cand_shift = copies.poses(truth, shifts)
+    pick, copy = torch.arange(n), (which - 1).clamp(min=0)
+    start = torch.where((which == 0)[:, None, None], truth, cand_rot[pick, copy])
+    start_shift = None
+    if shifts is not None and cand_shift is not None:
+        start_shift = torch.where((which == 0)[:, None], shifts, cand_shift[pick, copy])
+        assert float((start_shift - shifts).abs().max()) > 0.5  # the copies' shifts differ
+    table = PoseTable(start.clone(), None if start_shift is None else start_shift.clone(),
+                      lr_rot=0.05, lr_shift=0.05)
     table.exp_avg_rot.fill_(1.0)
     batch = data.batch(torch.arange(n))
-    batch = dataclasses.replace(batch, hartley=render(ht, truth, None, batch.ctf,
+    batch = dataclasses.replace(batch, hartley=render(ht, truth, shifts, batch.ctf,
                                                       frequencies=data.frequencies,
                                                       negation_index=data.negation_index))
-    moved = _apply_relax(table, ht, copies, batch, data, refine_shifts=False)
+    moved = _apply_relax(table, ht, copies, batch, data, refine_shifts=with_shifts)
     off = which != 0
     assert moved == int(off.sum()) > 0
     assert float(geodesic_distance_deg(table.rotations, truth).max()) < 1e-3
+    if shifts is not None:
+        assert float((table.shifts_px - shifts).abs().max()) < 1e-4
     assert bool((table.exp_avg_rot[off] == 0).all())
     assert bool((table.exp_avg_rot[~off] == 1).all())
-    again = _apply_relax(table, ht, copies, batch, data, refine_shifts=False)
+    again = _apply_relax(table, ht, copies, batch, data, refine_shifts=with_shifts)
     assert again == 0  # the true pose beats its copies
 
 
