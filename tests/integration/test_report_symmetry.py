@@ -28,6 +28,7 @@ from cryospin.report.symmetry_check import (
     axes_to_draw,
     check_symmetry,
     imposed_symmetry,
+    relaxed_symmetry,
     section_marks,
     symmetry_advice,
 )
@@ -101,9 +102,19 @@ def test_section_marks_of_d7_in_relion_orientation() -> None:
 def test_advice_when_the_map_looks_more_symmetric_than_imposed() -> None:
     check = check_symmetry(_d7_map(), "C1")
     assert check.detected == "D7" and check.problem is None
-    assert symmetry_advice(check) == ("The map looks D7 but the run imposed C1: consider "
-                                      "--symmetry D7.")
+    advice = symmetry_advice(check)
+    assert advice is not None and advice.startswith(
+        "The map looks D7 but the run imposed C1: consider --symmetry D7 if its subunits are "
+        "identical")
+    assert "--relax-symmetry D7" in advice  # or a pseudo-symmetric particle
     assert symmetry_advice(check_symmetry(_d7_map(), "D7")) is None
+    assert symmetry_advice(check_symmetry(_d7_map(), "C2")) == (
+        "The map looks D7 but the run imposed C2: consider --symmetry D7.")
+    relaxed = symmetry_advice(check_symmetry(_d7_map(), "C1", relaxed="D7"))
+    assert relaxed == ("The map looks D7, the pseudo-symmetry the run relaxed "
+                       "(--relax-symmetry D7; the map is kept C1).")
+    assert relaxed_symmetry({"model": {"relax_symmetry": "c3"}}) == "C3"
+    assert relaxed_symmetry({"model": {}}) == relaxed_symmetry({}) == "C1"  # older runs
     big = check_symmetry(_d7_map(), "C1", max_box_px=16)
     assert big.search is None and "skipped" in (big.problem or "")
     assert axes_to_draw(big) is None
@@ -151,7 +162,7 @@ def test_report_of_a_c1_run_whose_map_looks_d7(tmp_path: Path) -> None:
     text = result.html_path.read_text(encoding="utf-8")
     sym = result.summary["symmetry"]
     assert sym["imposed"] == "C1" and sym["detected"] == "D7"
-    assert "The map looks D7 but the run imposed C1: consider --symmetry D7." in text
+    assert "The map looks D7 but the run imposed C1: consider --symmetry D7 if its" in text
     assert "detected group D7" in text
     check = check_symmetry(_d7_map(turn), "C1")
     drawn = axes_to_draw(check)

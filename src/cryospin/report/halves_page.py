@@ -56,6 +56,7 @@ from cryospin.report.symmetry_check import (
     axes_to_draw,
     check_symmetry,
     imposed_symmetry,
+    relaxed_symmetry,
     symmetry_summary,
 )
 from cryospin.rundir import HALF_NAMES, HalvesFiles, RunData, load_run
@@ -227,7 +228,8 @@ def write_halves_report(
                                                          inp.gt_t, search_hand=search_hand,
                                                          symmetry=modulo)
         summary.update(pose_fields)
-    check = check_symmetry(inp.volume, imposed)
+    check = check_symmetry(inp.volume, imposed,
+                           relaxed=relaxed_symmetry(inp.halves[0].config))
     drawn = axes_to_draw(check)
     summary["symmetry"] = symmetry_summary(
         check, pose_errors_modulo=imposed if pose_result is not None else None)

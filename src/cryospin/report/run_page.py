@@ -68,6 +68,7 @@ from cryospin.report.symmetry_check import (
     axes_to_draw,
     check_symmetry,
     imposed_symmetry,
+    relaxed_symmetry,
     symmetry_summary,
 )
 from cryospin.rundir import RunData, load_run
@@ -170,7 +171,8 @@ def _analyse(inp: _Inputs, *, max_epoch_fsc: int, search_hand: bool) -> _Numbers
         summary.update(pose_fields)
     check = drawn = None
     if inp.volume is not None:
-        check = check_symmetry(inp.volume, inp.symmetry)
+        check = check_symmetry(inp.volume, inp.symmetry,
+                               relaxed=relaxed_symmetry(inp.run.config))
         drawn = axes_to_draw(check)
         summary["symmetry"] = symmetry_summary(
             check, pose_errors_modulo=inp.symmetry if pose_result is not None else None)
