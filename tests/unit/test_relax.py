@@ -8,16 +8,18 @@ import dataclasses
 
 import pytest
 import torch
-from tests._synthetic import blob_volume
+from tests._synthetic import blob_volume, make_dataset
 
 from cryospin.errors import InputError
 from cryospin.forward.model import render
+from cryospin.io.particles import load_particles
 from cryospin.pose import PoseTable
 from cryospin.rotations import geodesic_distance_deg, random_rotations
 from cryospin.symmetry import point_group_rotations
 from cryospin.symmetry_search import poses_in_group_frame
 from cryospin.train.autodecode import SymmetryCopies, _apply_relax, autodecode_epoch
-from cryospin.train.config import build_config
+from cryospin.train.config import DataConfig, build_config
+from cryospin.train.data import TrainingData, prepare_data
 from cryospin.train.relax import place_copies
 from cryospin.volume import HartleyVolume
 
@@ -78,17 +80,12 @@ def test_an_exactly_symmetric_map_renders_every_copy_alike():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """32 simulated particles, 16 px, prepared for training (their images are replaced below)."""
-    from cryospin.io.particles import load_particles
-    from cryospin.simulate import simulate_dataset
-    from cryospin.train.config import DataConfig
-    from cryospin.train.data import prepare_data
-
-    folder = tmp_path_factory.mktemp("sim")
-    simulate_dataset("bundled:6vyb", folder, n_particles=32, box_px=16,
-                     pixel_size_angstrom=16.0, snr=1.0, seed=3)
-    return prepare_data(load_particles(folder / "particles.star"), DataConfig())
+def data(tmp_path_factory) -> TrainingData:
+    """32 synthetic particles of 16 px with their CTFs, prepared for training (the tests render
+    their own images where they need known poses)."""
+    truth = make_dataset(tmp_path_factory.mktemp("relax"), box_px=16, n=32, seed=3)
+    particles = load_particles(truth.folder / "particles.mrcs", ctf_pkl=truth.folder / "ctf.pkl")
+    return prepare_data(particles, DataConfig())
 
 
 @pytest.mark.parametrize("with_shifts", [False, True])
