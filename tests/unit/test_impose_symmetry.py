@@ -18,9 +18,9 @@ from cryospin.symmetry import point_group_rotations
 from cryospin.train.config import build_config
 from cryospin.train.impose import (
     SymmetryStep,
-    _rank0_frame,
     impose_symmetry,
     initial_group,
+    rank0_frame,
     record_of,
 )
 from cryospin.volume import HartleyVolume
@@ -138,8 +138,8 @@ def test_every_rank_takes_rank_0s_group_and_frame() -> None:
             sent[self.rank] = x.clone()
             return super().all_sum(x)
 
-    got0 = _rank0_frame(mine, _Recorder(0))
-    got1 = _rank0_frame(theirs, _TwoRanks(1, other=sent[0]))
+    got0 = rank0_frame(mine, _Recorder(0))
+    got1 = rank0_frame(theirs, _TwoRanks(1, other=sent[0]))
     for got in (got0, got1):
         assert got.group == "C6" and got.score == pytest.approx(0.81)
         assert torch.equal(got.rotation, mine.rotation)

@@ -166,7 +166,7 @@ def test_the_group_is_placed_in_the_map_frame():
             cx, cy, cz = (q @ g @ p).tolist()
             vol += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * 2.0 ** 2))
     frame = place_copies(HartleyVolume.from_real_space(vol.float()), "C3")
-    assert frame.group == "C3" and frame.score > 0.9
+    assert frame.step.group == "C3" and frame.step.score > 0.9
     want = q @ g0[1:] @ q.T  # element 0 is the identity
     got = frame.copies.rotations.to(F64)
     assert got.shape == (2, 3, 3)

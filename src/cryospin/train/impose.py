@@ -51,7 +51,7 @@ from cryospin.train.state import TrainState
 from cryospin.volume import HartleyVolume
 
 __all__ = ["SymmetryStep", "apply_frame", "find_frame", "impose_on_state", "impose_symmetry",
-           "initial_group", "record_of", "step_due"]
+           "initial_group", "rank0_frame", "record_of", "step_due"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def impose_on_state(config: Config, state: TrainState, shard: Shard | None) -> S
     assert state.pose_table is not None  # stage 2
     step = find_frame(state.volume, config.model.symmetry)
     if shard is not None:
-        step = _rank0_frame(step, shard)
+        step = rank0_frame(step, shard)
     volume = apply_frame(state.volume, state.pose_table, step)
     if volume is not state.volume:
         state.replace_volume(config, volume)
@@ -126,7 +126,7 @@ def impose_on_state(config: Config, state: TrainState, shard: Shard | None) -> S
 _SYMBOL_CHARS = 8  # a point-group symbol's characters sent between ranks ("C1", "D12", "I4")
 
 
-def _rank0_frame(step: SymmetryStep, shard: Shard) -> SymmetryStep:
+def rank0_frame(step: SymmetryStep, shard: Shard) -> SymmetryStep:
     """``step`` with rank 0's group, score, frame and centre (a sum over ranks of rank 0's
     numbers; the group symbol travels as its character codes, so that with ``auto`` every
     rank imposes the group rank 0 detected)."""

@@ -6,8 +6,9 @@ pose only within its basin, so a particle that starts on the wrong copy (the enc
 cannot tell the copies apart against a near-symmetric map; benchmarks/RESULTS.md, "The spike's
 supervised bound") stays there, and a map built from particles on random copies is the
 ``G``-average of the particle. With ``model.relax_symmetry = G`` (RELION's ``--relax_sym``),
-each stage-2 epoch of a C1 run starts by placing ``G`` in the current map
-(:func:`cryospin.symmetry_search.place_group`: its frame ``M`` and centre ``c``), and every
+each stage-2 epoch of a C1 run starts by placing ``G`` in the current map as the
+impose-symmetry step does (:func:`cryospin.train.impose.find_frame`: its frame ``M`` and
+centre ``c``), and every
 batch, before its pose steps, moves each particle to the best of its ``|G|`` copies
 (:class:`cryospin.train.autodecode.SymmetryCopies`; ``R M g₀ Mᵀ`` with the shift that keeps
 the centre, ``docs/conventions.md``, "Symmetry"), when that copy fits better. The map is never
@@ -21,15 +22,12 @@ No global search: ``|G|`` candidates per particle, each a copy of its own pose. 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
-import torch
-
 from cryospin.symmetry import point_group_rotations
-from cryospin.symmetry_search import place_group
 from cryospin.train.autodecode import SymmetryCopies
 from cryospin.train.distributed import Shard
+from cryospin.train.impose import SymmetryStep, find_frame, rank0_frame
 from cryospin.train.metrics import RelaxRecord
 from cryospin.volume import HartleyVolume
 
@@ -44,50 +42,36 @@ class RelaxFrame:
 
     Attributes
     ----------
-    group : str
-        Its symbol (``model.relax_symmetry``).
-    score : float
-        Its score on the map (:func:`cryospin.symmetry_search.group_score`; 1: exact).
+    step : SymmetryStep
+        The placement (:func:`cryospin.train.impose.find_frame`): the group, its score on the
+        map (1: exact), the frame ``M``, the centre ``c`` and the wall time.
     copies : SymmetryCopies
-        Its rotations in the map's frame and its centre (float32, the volume's device).
-    seconds : float
-        Wall time of the placement.
+        The group's elements other than the identity in the map's frame, ``M g₀ Mᵀ``, and the
+        centre (float32, the volume's device).
     """
 
-    group: str
-    score: float
+    step: SymmetryStep
     copies: SymmetryCopies
-    seconds: float
 
 
 def place_copies(volume: HartleyVolume, group: str, shard: Shard | None = None) -> RelaxFrame:
-    """``group`` placed in the real-space map of ``volume``: ``M g₀ Mᵀ`` `(G − 1, 3, 3)` for
-    the conventional elements ``g₀`` other than the identity, and the centre ``c``
-    (distributed: rank 0's, on every rank)."""
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        real = volume.to_real_space().detach().cpu()
-    search = place_group(real, group)
-    fit = search.chosen
-    frame, centre = fit.frame.double().cpu(), search.centre_px.double().cpu()
-    score = float(fit.score)
+    """``group`` placed in the real-space map of ``volume`` (distributed: rank 0's frame and
+    centre on every rank) and its copies ``M g₀ Mᵀ`` `(G − 1, 3, 3)`."""
+    step = find_frame(volume, group)
     if shard is not None:  # one frame whatever the rounding of each rank's search
-        numbers = torch.cat([frame.flatten(), centre, torch.tensor([score], dtype=torch.float64)])
-        agreed = shard.all_sum(numbers if shard.rank == 0 else torch.zeros_like(numbers))
-        frame, centre, score = agreed[:9].reshape(3, 3), agreed[9:12], float(agreed[12])
-    g0 = point_group_rotations(fit.group).double()
-    g0 = g0[g0.diagonal(dim1=-2, dim2=-1).sum(-1) < 3 - 1e-9]  # all but the identity
-    rotations = frame @ g0 @ frame.T  # (G − 1, 3, 3)
+        step = rank0_frame(step, shard)
+    g0 = point_group_rotations(step.group).double()[1:]  # identity first: left out
+    rotations = step.rotation @ g0 @ step.rotation.T  # (G − 1, 3, 3)
     device = volume.mantissa.device
-    copies = SymmetryCopies(rotations.float().to(device), centre.float().to(device))
-    return RelaxFrame(fit.group, score, copies, time.perf_counter() - t0)
+    return RelaxFrame(step, SymmetryCopies(rotations.float().to(device),
+                                           step.centre_px.float().to(device)))
 
 
 def relax_record(frame: RelaxFrame, moved_fraction: float | None) -> RelaxRecord:
     """The ``metrics.jsonl`` record (``extra["relax"]``) of one epoch, and its log line."""
-    moved = float(moved_fraction or 0.0)
+    moved, step = float(moved_fraction or 0.0), frame.step
     logger.info("relaxed %s (score %.3f in the map, placed in %.1f s): %.1f %% of the "
-                "particles moved to another copy", frame.group, frame.score, frame.seconds,
+                "particles moved to another copy", step.group, step.score, step.seconds,
                 100 * moved)
-    return {"group": frame.group, "score": frame.score, "moved_fraction": moved,
-            "centre_px": [float(v) for v in frame.copies.centre_px.tolist()]}
+    return {"group": step.group, "score": float(step.score), "moved_fraction": moved,
+            "centre_px": [float(v) for v in step.centre_px.tolist()]}
