@@ -26,6 +26,8 @@ from cryospin.forward.ctf import CTFParams, compute_ctf
 from cryospin.forward.hartley import hartley3, ihartley2
 from cryospin.forward.model import render
 from cryospin.io.mrc import write_map, write_stack
+from cryospin.io.particle_set import ParticleSet
+from cryospin.io.particles import load_particles
 from cryospin.io.pkl import write_cryodrgn_ctf
 from cryospin.rotations import random_rotations
 
@@ -140,3 +142,10 @@ def make_dataset(
     write_map(folder / "gt.mrc", vol, pixel_size_angstrom)
     return SyntheticDataset(folder=folder, volume=vol, rotations=rotations, shifts_px=shifts,
                             ctf=ctf)
+
+
+def synthetic_particles(folder: Path, **kwargs: object) -> ParticleSet:
+    """``make_dataset(folder, **kwargs)`` loaded as the trainer reads it (the stack with its
+    cryoDRGN ``ctf.pkl``)."""
+    truth = make_dataset(folder, **kwargs)  # type: ignore[arg-type]
+    return load_particles(truth.folder / "particles.mrcs", ctf_pkl=truth.folder / "ctf.pkl")

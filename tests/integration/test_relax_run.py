@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 from tests._cli import refused
-from tests._synthetic import make_dataset
+from tests._synthetic import make_dataset, synthetic_particles
 
-from cryospin.io.particles import load_particles
 from cryospin.report.analysis import run_summary
 from cryospin.report.html import run_summary_rows
 from cryospin.rotations import geodesic_distance_deg
@@ -26,8 +25,7 @@ SMALL = {"run": {"device": "cpu", "num_threads": 1, "seed": 6, "progress": False
 
 @pytest.fixture(scope="module")
 def particles(tmp_path_factory):
-    truth = make_dataset(tmp_path_factory.mktemp("relax"), box_px=16, n=64, seed=3)
-    return load_particles(truth.folder / "particles.mrcs", ctf_pkl=truth.folder / "ctf.pkl")
+    return synthetic_particles(tmp_path_factory.mktemp("relax"), box_px=16, n=64, seed=3)
 
 
 def test_every_stage2_epoch_records_its_relaxation(particles, tmp_path: Path):

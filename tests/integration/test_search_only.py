@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tests._synthetic import make_dataset
+from tests._synthetic import synthetic_particles
 
-from cryospin.io.particles import load_particles
 from cryospin.rotations import geodesic_distance_deg
 from cryospin.rundir import read_metrics
 from cryospin.train.config import build_config
@@ -25,8 +24,7 @@ SMALL = {"run": {"device": "cpu", "num_threads": 1, "seed": 4, "progress": False
 
 @pytest.fixture(scope="module")
 def particles(tmp_path_factory):
-    truth = make_dataset(tmp_path_factory.mktemp("search_only"), box_px=16, n=64, seed=2)
-    return load_particles(truth.folder / "particles.mrcs", ctf_pkl=truth.folder / "ctf.pkl")
+    return synthetic_particles(tmp_path_factory.mktemp("search_only"), box_px=16, n=64, seed=2)
 
 
 def test_search_only_is_switch_epoch_0_with_a_search_and_nothing_else():

@@ -8,11 +8,10 @@ import dataclasses
 
 import pytest
 import torch
-from tests._synthetic import blob_volume, make_dataset
+from tests._synthetic import blob_volume, synthetic_particles
 
 from cryospin.errors import InputError
 from cryospin.forward.model import render
-from cryospin.io.particles import load_particles
 from cryospin.pose import PoseTable
 from cryospin.rotations import geodesic_distance_deg, random_rotations
 from cryospin.symmetry import point_group_rotations
@@ -83,8 +82,7 @@ def test_an_exactly_symmetric_map_renders_every_copy_alike():
 def data(tmp_path_factory) -> TrainingData:
     """32 synthetic particles of 16 px with their CTFs, prepared for training (the tests render
     their own images where they need known poses)."""
-    truth = make_dataset(tmp_path_factory.mktemp("relax"), box_px=16, n=32, seed=3)
-    particles = load_particles(truth.folder / "particles.mrcs", ctf_pkl=truth.folder / "ctf.pkl")
+    particles = synthetic_particles(tmp_path_factory.mktemp("relax"), box_px=16, n=32, seed=3)
     return prepare_data(particles, DataConfig())
 
 
