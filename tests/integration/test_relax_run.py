@@ -68,3 +68,22 @@ def test_the_cli_refuses_a_relaxed_group_with_an_imposed_one(tmp_path: Path, cap
     refused(["reconstruct", str(truth.folder / "particles.mrcs"), "--ctf",
              str(truth.folder / "ctf.pkl"), "-o", str(tmp_path / "run2"),
              "--relax-symmetry", "X5"], capsys, "--relax-symmetry", "X5")
+
+
+def test_auto_that_finds_no_group_changes_nothing(particles, tmp_path: Path):
+    """``relax_symmetry: auto`` on particles of an asymmetric map: every stage-2 epoch
+    records its detection (``C1``, nothing moved), and the run's poses are those of the same
+    run without relaxation; the report has no relaxation row."""
+    auto = {**SMALL, "model": {"relax_symmetry": "auto"}}
+    result = fit(build_config("default", auto), particles, tmp_path / "auto")
+    plain = fit(build_config("default", {**SMALL, "model": {}}), particles, tmp_path / "plain")
+    rows = read_metrics(tmp_path / "auto" / "metrics.jsonl")
+    assert [r["extra"]["relax"]["group"] for r in rows[1:]] == ["C1"] * 3
+    assert all(r["extra"]["relax"]["moved_fraction"] == 0.0 for r in rows[1:])
+    assert (tmp_path / "auto" / "run.log").read_text().count("nothing relaxed") == 3
+    assert result.rotations is not None and plain.rotations is not None
+    assert float(geodesic_distance_deg(result.rotations.double(),
+                                       plain.rotations.double()).max()) < 1e-3
+    run = load_run(tmp_path / "auto")
+    summary = run_summary(run, num_poses=64, box_px=16, pixel_size_angstrom=4.0)
+    assert "pseudo-symmetry relaxed" not in dict(run_summary_rows(summary, run))

@@ -115,6 +115,10 @@ def test_advice_when_the_map_looks_more_symmetric_than_imposed() -> None:
                        "(--relax-symmetry D7; the map is kept C1).")
     assert relaxed_symmetry({"model": {"relax_symmetry": "c3"}}) == "C3"
     assert relaxed_symmetry({"model": {}}) == relaxed_symmetry({}) == "C1"  # older runs
+    auto = {"model": {"relax_symmetry": "auto"}}  # the group each epoch's map showed
+    found = [{"extra": {"relax": {"group": g}}} for g in ("C1", "C3", "C1")]
+    assert relaxed_symmetry(auto, found) == "C3"
+    assert relaxed_symmetry(auto, found[:1]) == relaxed_symmetry(auto) == "C1"
     big = check_symmetry(_d7_map(), "C1", max_box_px=16)
     assert big.search is None and "skipped" in (big.problem or "")
     assert axes_to_draw(big) is None

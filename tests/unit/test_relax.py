@@ -19,7 +19,7 @@ from cryospin.symmetry_search import poses_in_group_frame
 from cryospin.train.autodecode import SymmetryCopies, _apply_relax, autodecode_epoch
 from cryospin.train.config import DataConfig, build_config
 from cryospin.train.data import TrainingData, prepare_data
-from cryospin.train.relax import place_copies
+from cryospin.train.relax import place_copies, relax_record, relaxed_group
 from cryospin.volume import HartleyVolume
 
 F64 = torch.float64
@@ -147,12 +147,9 @@ def test_an_epoch_reports_the_fraction_relaxed(data):
             assert stats.relaxed_fraction is not None and 0 < stats.relaxed_fraction < 1
 
 
-def test_the_group_is_placed_in_the_map_frame():
-    """A map built exactly C3-symmetric about an axis in a known frame ``Q`` (blob centres
-    ``Q g p``): the placed copies are ``Q g Qᵀ``, each within 3 deg, with a high score, and
-    the centre lies on the axis."""
-    gen = torch.Generator().manual_seed(3)
-    L = 32
+def _c3_map(gen: torch.Generator, L: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A map built exactly C3-symmetric about an axis in a random frame ``Q`` (blob centres
+    ``Q g p``), float64 `(L, L, L)`, and ``Q``."""
     q = random_rotations(1, generator=gen, dtype=F64)[0]
     g0 = point_group_rotations("C3").to(F64)
     k = torch.arange(L, dtype=F64) - L // 2
@@ -163,8 +160,20 @@ def test_the_group_is_placed_in_the_map_frame():
         for g in g0:
             cx, cy, cz = (q @ g @ p).tolist()
             vol += torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * 2.0 ** 2))
-    frame = place_copies(HartleyVolume.from_real_space(vol.float()), "C3")
+    return vol, q
+
+
+@pytest.mark.parametrize("group", ["C3", "auto"])
+def test_the_group_is_placed_in_the_map_frame(group):
+    """On the C3 map of :func:`_c3_map` (given C3, or detected by ``auto``): the placed
+    copies are ``Q g Qᵀ``, each within 3 deg, with a high score, and the centre lies on the
+    axis."""
+    gen = torch.Generator().manual_seed(3)
+    vol, q = _c3_map(gen)
+    g0 = point_group_rotations("C3").to(F64)
+    frame = place_copies(HartleyVolume.from_real_space(vol.float()), group)
     assert frame.step.group == "C3" and frame.step.score > 0.9
+    assert frame.copies is not None
     want = q @ g0[1:] @ q.T  # element 0 is the identity
     got = frame.copies.rotations.to(F64)
     assert got.shape == (2, 3, 3)
@@ -173,6 +182,30 @@ def test_the_group_is_placed_in_the_map_frame():
     axis = q[:, 2]  # the C3 axis, through the origin
     centre = frame.copies.centre_px.to(F64)
     assert float((centre - (centre @ axis) * axis).norm()) < 0.5  # the centre is on it
+
+
+def test_auto_relaxes_nothing_on_a_map_without_symmetry():
+    """Random blobs: ``auto`` finds no group (``C1``) and gives no copies; the epoch's record
+    says so, with nothing moved."""
+    gen = torch.Generator().manual_seed(5)
+    vol = blob_volume(32, gen, n_blobs=7)
+    frame = place_copies(HartleyVolume.from_real_space(vol.float()), "auto")
+    assert frame.step.group == "C1" and frame.copies is None
+    record = relax_record(frame, None)
+    assert record["group"] == "C1" and record["moved_fraction"] == 0.0
+
+
+def test_auto_applies_only_to_a_c1_run_that_switches():
+    """``relaxed_group``: the configured group; ``auto`` in a C1 semi-amortized run; nothing
+    for ``C1``, for ``auto`` with an imposed group or with a method that never switches (no
+    error: a preset can carry ``auto``)."""
+    cases = [({}, None), ({"model": {"relax_symmetry": "C3"}}, "C3"),
+             ({"model": {"relax_symmetry": "auto"}}, "auto"),
+             ({"model": {"relax_symmetry": "AUTO"}}, "auto"),
+             ({"model": {"relax_symmetry": "auto", "symmetry": "D7"}}, None),
+             ({"model": {"relax_symmetry": "auto"}, "schedule": {"method": "amortized"}}, None)]
+    for overrides, want in cases:
+        assert relaxed_group(build_config("default", overrides)) == want, overrides
 
 
 def test_relax_symmetry_is_checked_with_clear_messages():

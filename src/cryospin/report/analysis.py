@@ -77,12 +77,13 @@ def switch_hypotheses(metrics: Sequence[MetricsLine]) -> dict[str, float | None]
 
 def relaxations(metrics: Sequence[MetricsLine]) -> list[tuple[int, str, float, float]]:
     """The pseudo-symmetry relaxation of each stage-2 epoch that had one (``extra.relax``,
-    :mod:`cryospin.train.relax`): ``(epoch, group, score in its map, fraction of the
-    particles moved to another copy)``, in epoch order."""
+    :mod:`cryospin.train.relax`; not the epochs in which ``auto`` found no group):
+    ``(epoch, group, score in its map, fraction of the particles moved to another copy)``, in
+    epoch order."""
     rows = []
     for row in metrics:
         relax = (row.get("extra") or {}).get("relax")
-        if isinstance(relax, dict):
+        if isinstance(relax, dict) and str(relax["group"]).upper() != "C1":
             rows.append((int(row["epoch"]), str(relax["group"]), float(relax["score"]),
                          float(relax["moved_fraction"])))
     return rows

@@ -229,7 +229,8 @@ def write_halves_report(
                                                          symmetry=modulo)
         summary.update(pose_fields)
     check = check_symmetry(inp.volume, imposed,
-                           relaxed=relaxed_symmetry(inp.halves[0].config))
+                           relaxed=relaxed_symmetry(inp.halves[0].config,
+                                                    inp.halves[0].metrics))
     drawn = axes_to_draw(check)
     summary["symmetry"] = symmetry_summary(
         check, pose_errors_modulo=imposed if pose_result is not None else None)

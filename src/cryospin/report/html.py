@@ -280,8 +280,9 @@ def _epoch_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
     relaxed = relaxations(run.metrics)
     if relaxed:
         moved = ", ".join(f"{100 * f:.1f}" for _, _, _, f in relaxed)
+        groups = "/".join(dict.fromkeys(g for _, g, _, _ in relaxed))
         rows.append(("pseudo-symmetry relaxed", (
-            f"{relaxed[0][1]} (scored copies of each pose in epochs {relaxed[0][0]}–"
+            f"{groups} (scored copies of each pose in epochs {relaxed[0][0]}–"
             f"{relaxed[-1][0]}); % of the particles moved to another copy: {moved}; the "
             f"group's score in the last epoch's starting map {relaxed[-1][2]:.3f}")))
     loss = s.get("final_loss")

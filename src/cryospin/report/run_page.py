@@ -172,7 +172,7 @@ def _analyse(inp: _Inputs, *, max_epoch_fsc: int, search_hand: bool) -> _Numbers
     check = drawn = None
     if inp.volume is not None:
         check = check_symmetry(inp.volume, inp.symmetry,
-                               relaxed=relaxed_symmetry(inp.run.config))
+                               relaxed=relaxed_symmetry(inp.run.config, inp.run.metrics))
         drawn = axes_to_draw(check)
         summary["symmetry"] = symmetry_summary(
             check, pose_errors_modulo=inp.symmetry if pose_result is not None else None)

@@ -146,13 +146,21 @@ def imposed_symmetry(config: Mapping[str, object],
     return "C1" if symbol.lower() == "auto" else parse_point_group(symbol).symbol
 
 
-def relaxed_symmetry(config: Mapping[str, object]) -> str:
-    """The canonical symbol of the pseudo-symmetry the run relaxed
-    (``config.model.relax_symmetry``; ``"C1"`` when absent, as in runs from before it
-    existed)."""
+def relaxed_symmetry(config: Mapping[str, object],
+                     metrics: Sequence[Mapping[str, object]] = ()) -> str:
+    """The canonical symbol of the pseudo-symmetry the run relaxed: the last stage-2 epoch's
+    that relaxed one (``extra["relax"]`` of ``metrics.jsonl``, :mod:`cryospin.train.relax`;
+    with ``auto`` the group each epoch's map showed), else ``config.model.relax_symmetry``
+    (``"C1"`` when absent, as in runs from before it existed, and for ``auto`` without a
+    group found)."""
+    for row in reversed(metrics):
+        extra = row.get("extra")
+        relax = extra.get("relax") if isinstance(extra, Mapping) else None
+        if isinstance(relax, Mapping) and str(relax.get("group", "C1")).upper() != "C1":
+            return parse_point_group(str(relax["group"])).symbol
     model = config.get("model")
     symbol = str((model.get("relax_symmetry") if isinstance(model, Mapping) else None) or "C1")
-    return parse_point_group(symbol).symbol
+    return "C1" if symbol.lower() == "auto" else parse_point_group(symbol).symbol
 
 
 def check_symmetry(volume: np.ndarray, imposed: str, *, relaxed: str = "C1",

@@ -162,7 +162,10 @@ def _check_symmetry(c: Config) -> None:
 
 
 def _check_relax(c: Config) -> None:
-    """``model.relax_symmetry``: a point group, relaxed in stage 2 of a C1 run only."""
+    """``model.relax_symmetry``: a point group, relaxed in stage 2 of a C1 run only, or
+    ``auto`` (whatever the run: it relaxes only where it applies, :mod:`cryospin.train.relax`)."""
+    if c.model.relax_symmetry.lower() == "auto":
+        return
     try:
         relax = parse_point_group(c.model.relax_symmetry)
     except InputError as err:

@@ -90,7 +90,7 @@ from cryospin.train.progress import (
     phase_totals,
     run_eta_s,
 )
-from cryospin.train.relax import place_copies, relax_record
+from cryospin.train.relax import place_copies, relax_record, relaxed_group
 from cryospin.train.release import return_free_memory
 from cryospin.train.runlog import header_line, run_log
 from cryospin.train.schedule import (
@@ -439,8 +439,8 @@ def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress,
     """A stage-2 epoch at the schedule's learning rates, with the global search in a search
     epoch and the relaxed pseudo-symmetry's copies (its record into ``extra``)."""
     config, stopped = run.config, state.search_stopped_after
-    relax = (place_copies(state.volume, config.model.relax_symmetry, run.shard)
-             if config.model.relax_symmetry.upper() != "C1" else None)
+    relaxing = relaxed_group(config)
+    relax = None if relaxing is None else place_copies(state.volume, relaxing, run.shard)
     assert state.pose_table is not None  # stage 2 has one
     for group in state.decoder_opt.param_groups:
         group["lr"] = stage2_decoder_lr(config, epoch, stopped)

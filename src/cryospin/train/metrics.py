@@ -80,8 +80,9 @@ class SymmetryRecord(TypedDict):
 
 class RelaxRecord(TypedDict):
     """``extra["relax"]`` of a stage-2 epoch with ``model.relax_symmetry``
-    (:mod:`cryospin.train.relax`): the group, its score in the epoch's starting map, the
-    fraction of particles moved to another copy and the centre ``c`` (xyz px)."""
+    (:mod:`cryospin.train.relax`): the group (``C1``: ``auto`` found none, nothing relaxed),
+    its score in the epoch's starting map, the fraction of particles moved to another copy and
+    the centre ``c`` (xyz px)."""
 
     group: str
     score: float

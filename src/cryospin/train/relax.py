@@ -14,9 +14,15 @@ batch, before its pose steps, moves each particle to the best of its ``|G|`` cop
 the centre, ``docs/conventions.md``, "Symmetry"), when that copy fits better. The map is never
 averaged over ``G``: whatever asymmetry it has decides, and each decision sharpens it.
 
+With ``relax_symmetry = auto`` the group is the one the epoch's starting map shows
+(:func:`cryospin.symmetry_search.detect_symmetry`, as ``model.symmetry = auto`` chooses it),
+found again in every stage-2 epoch; an epoch whose map shows none (``C1``) relaxes nothing.
+``auto`` relaxes only where it can apply: in a C1 run (``model.symmetry`` C1) that switches
+(method ``semi-amortized``); elsewhere it does nothing, so that a preset can carry it.
+
 No global search: ``|G|`` candidates per particle, each a copy of its own pose. Under
 ``torchrun`` every rank places the group on the same (synchronised) volume and all take rank
-0's frame and centre.
+0's group, frame and centre.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from dataclasses import dataclass
 
 from cryospin.symmetry import point_group_rotations
 from cryospin.train.autodecode import SymmetryCopies
+from cryospin.train.config import Config
 from cryospin.train.distributed import Shard
 from cryospin.train.impose import SymmetryStep, find_frame, rank0_frame
 from cryospin.train.metrics import RelaxRecord
 from cryospin.volume import HartleyVolume
 
-__all__ = ["RelaxFrame", "place_copies", "relax_record"]
+__all__ = ["RelaxFrame", "place_copies", "relax_record", "relaxed_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,22 +52,39 @@ class RelaxFrame:
     step : SymmetryStep
         The placement (:func:`cryospin.train.impose.find_frame`): the group, its score on the
         map (1: exact), the frame ``M``, the centre ``c`` and the wall time.
-    copies : SymmetryCopies
+    copies : SymmetryCopies or None
         The group's elements other than the identity in the map's frame, ``M g₀ Mᵀ``, and the
-        centre (float32, the volume's device).
+        centre (float32, the volume's device); None when the group is ``C1`` (``auto`` found
+        none: nothing to relax in this epoch).
     """
 
     step: SymmetryStep
-    copies: SymmetryCopies
+    copies: SymmetryCopies | None
+
+
+def relaxed_group(config: Config) -> str | None:
+    """What stage 2 relaxes: ``model.relax_symmetry`` (a group, or ``"auto"`` in a C1
+    semi-amortized run), None when nothing (``C1``, or ``auto`` where it does not apply)."""
+    relax = config.model.relax_symmetry
+    if relax.upper() == "C1":
+        return None
+    if relax.lower() == "auto":
+        applies = (config.model.symmetry.upper() == "C1"
+                   and config.schedule.method == "semi-amortized")
+        return "auto" if applies else None
+    return relax
 
 
 def place_copies(volume: HartleyVolume, group: str, shard: Shard | None = None) -> RelaxFrame:
-    """``group`` placed in the real-space map of ``volume`` (distributed: rank 0's frame and
-    centre on every rank) and its copies ``M g₀ Mᵀ`` `(G − 1, 3, 3)`."""
+    """``group`` (or, for ``"auto"``, the group the map shows) placed in the real-space map of
+    ``volume`` (distributed: rank 0's group, frame and centre on every rank) and its copies
+    ``M g₀ Mᵀ`` `(G − 1, 3, 3)`; no copies when the group is ``C1``."""
     step = find_frame(volume, group)
     if shard is not None:  # one frame whatever the rounding of each rank's search
         step = rank0_frame(step, shard)
     g0 = point_group_rotations(step.group).double()[1:]  # identity first: left out
+    if g0.shape[0] == 0:
+        return RelaxFrame(step, None)
     rotations = step.rotation @ g0 @ step.rotation.T  # (G − 1, 3, 3)
     device = volume.mantissa.device
     return RelaxFrame(step, SymmetryCopies(rotations.float().to(device),
@@ -70,8 +94,12 @@ def place_copies(volume: HartleyVolume, group: str, shard: Shard | None = None) 
 def relax_record(frame: RelaxFrame, moved_fraction: float | None) -> RelaxRecord:
     """The ``metrics.jsonl`` record (``extra["relax"]``) of one epoch, and its log line."""
     moved, step = float(moved_fraction or 0.0), frame.step
-    logger.info("relaxed %s (score %.3f in the map, placed in %.1f s): %.1f %% of the "
-                "particles moved to another copy", step.group, step.score, step.seconds,
-                100 * moved)
+    if frame.copies is None:
+        logger.info("relax: the map shows no symmetry (score of the best group below the "
+                    "threshold), nothing relaxed; %.1f s", step.seconds)
+    else:
+        logger.info("relaxed %s (score %.3f in the map, placed in %.1f s): %.1f %% of the "
+                    "particles moved to another copy", step.group, step.score, step.seconds,
+                    100 * moved)
     return {"group": step.group, "score": float(step.score), "moved_fraction": moved,
             "centre_px": [float(v) for v in step.centre_px.tolist()]}
