@@ -112,7 +112,7 @@ def test_advice_when_the_map_looks_more_symmetric_than_imposed() -> None:
         "The map looks D7 but the run imposed C2: consider --symmetry D7.")
     relaxed = symmetry_advice(check_symmetry(_d7_map(), "C1", relaxed="D7"))
     assert relaxed == ("The map looks D7, the pseudo-symmetry the run relaxed "
-                       "(--relax-symmetry D7; the map is kept C1).")
+                       "(each pose's D7 copies scored in stage 2; the map is kept C1).")
     assert relaxed_symmetry({"model": {"relax_symmetry": "c3"}}) == "C3"
     assert relaxed_symmetry({"model": {}}) == relaxed_symmetry({}) == "C1"  # older runs
     auto = {"model": {"relax_symmetry": "auto"}}  # the group each epoch's map showed

@@ -147,11 +147,12 @@ def test_an_epoch_reports_the_fraction_relaxed(data):
             assert stats.relaxed_fraction is not None and 0 < stats.relaxed_fraction < 1
 
 
-def _c3_map(gen: torch.Generator, L: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """A map built exactly C3-symmetric about an axis in a random frame ``Q`` (blob centres
+def _group_map(gen: torch.Generator, symbol: str = "C3",
+               L: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A map built exactly ``symbol``-symmetric in a random frame ``Q`` (blob centres
     ``Q g p``), float64 `(L, L, L)`, and ``Q``."""
     q = random_rotations(1, generator=gen, dtype=F64)[0]
-    g0 = point_group_rotations("C3").to(F64)
+    g0 = point_group_rotations(symbol).to(F64)
     k = torch.arange(L, dtype=F64) - L // 2
     z, y, x = torch.meshgrid(k, k, k, indexing="ij")
     points = (torch.rand(4, 3, generator=gen, dtype=F64) - 0.5) * L * 0.4
@@ -165,11 +166,11 @@ def _c3_map(gen: torch.Generator, L: int = 32) -> tuple[torch.Tensor, torch.Tens
 
 @pytest.mark.parametrize("group", ["C3", "auto"])
 def test_the_group_is_placed_in_the_map_frame(group):
-    """On the C3 map of :func:`_c3_map` (given C3, or detected by ``auto``): the placed
+    """On a C3 map of :func:`_group_map` (given C3, or detected by ``auto``): the placed
     copies are ``Q g Qᵀ``, each within 3 deg, with a high score, and the centre lies on the
     axis."""
     gen = torch.Generator().manual_seed(3)
-    vol, q = _c3_map(gen)
+    vol, q = _group_map(gen)
     g0 = point_group_rotations("C3").to(F64)
     frame = place_copies(HartleyVolume.from_real_space(vol.float()), group)
     assert frame.step.group == "C3" and frame.step.score > 0.9
@@ -192,7 +193,22 @@ def test_auto_relaxes_nothing_on_a_map_without_symmetry():
     frame = place_copies(HartleyVolume.from_real_space(vol.float()), "auto")
     assert frame.step.group == "C1" and frame.copies is None
     record = relax_record(frame, None)
-    assert record["group"] == "C1" and record["moved_fraction"] == 0.0
+    assert record["group"] == record["detected"] == "C1" and record["moved_fraction"] == 0.0
+
+
+def test_auto_relaxes_nothing_on_a_map_with_a_dihedral_group():
+    """An exactly D3-symmetric map: ``auto`` detects D3 but relaxes nothing (a non-cyclic group
+    is taken for an exact symmetry, whose copies are the same image); the record keeps what was
+    detected. Given explicitly, D3 is relaxed."""
+    vol, _ = _group_map(torch.Generator().manual_seed(4), "D3")
+    volume = HartleyVolume.from_real_space(vol.float())
+    frame = place_copies(volume, "auto")
+    assert frame.step.group == "D3" and frame.copies is None
+    record = relax_record(frame, None)
+    assert (record["group"], record["detected"], record["moved_fraction"]) == ("C1", "D3", 0.0)
+    given = place_copies(volume, "D3")
+    assert given.copies is not None and given.copies.rotations.shape == (5, 3, 3)
+    assert relax_record(given, 0.25)["group"] == "D3"
 
 
 def test_auto_applies_only_to_a_c1_run_that_switches():

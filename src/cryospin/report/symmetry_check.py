@@ -198,7 +198,7 @@ def symmetry_advice(check: SymmetryCheck) -> str | None:
             check.imposed).order:
         if check.imposed == "C1" and check.relaxed == detected:
             return (f"The map looks {detected}, the pseudo-symmetry the run relaxed "
-                    f"(--relax-symmetry {detected}; the map is kept C1).")
+                    f"(each pose's {detected} copies scored in stage 2; the map is kept C1).")
         if check.imposed == "C1":
             return (f"The map looks {detected} but the run imposed C1: consider --symmetry "
                     f"{detected} if its subunits are identical; if they differ (a "

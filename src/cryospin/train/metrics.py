@@ -80,11 +80,13 @@ class SymmetryRecord(TypedDict):
 
 class RelaxRecord(TypedDict):
     """``extra["relax"]`` of a stage-2 epoch with ``model.relax_symmetry``
-    (:mod:`cryospin.train.relax`): the group (``C1``: ``auto`` found none, nothing relaxed),
-    its score in the epoch's starting map, the fraction of particles moved to another copy and
-    the centre ``c`` (xyz px)."""
+    (:mod:`cryospin.train.relax`): the group relaxed (``C1``: none, as when ``auto`` found no
+    group or a non-cyclic one), the group placed in (or detected on) the epoch's starting map
+    and its score there, the fraction of particles moved to another copy and the centre ``c``
+    (xyz px)."""
 
     group: str
+    detected: str
     score: float
     moved_fraction: float
     centre_px: list[float]

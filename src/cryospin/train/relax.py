@@ -16,9 +16,17 @@ averaged over ``G``: whatever asymmetry it has decides, and each decision sharpe
 
 With ``relax_symmetry = auto`` the group is the one the epoch's starting map shows
 (:func:`cryospin.symmetry_search.detect_symmetry`, as ``model.symmetry = auto`` chooses it),
-found again in every stage-2 epoch; an epoch whose map shows none (``C1``) relaxes nothing.
-``auto`` relaxes only where it can apply: in a C1 run (``model.symmetry`` C1) that switches
-(method ``semi-amortized``); elsewhere it does nothing, so that a preset can carry it.
+found again in every stage-2 epoch, if it is cyclic (``Cn``): pseudo-symmetric particles are
+rings of near-identical subunits (pseudo-C2 heterodimers, the C3 spike, pseudo-C5 channels),
+while a map that shows a dihedral or higher group is far more often an exactly symmetric
+assembly, whose copies are the same image: relaxing them moves particles between equal poses
+at random, and the map follows the noise (measured on the D7 ring, benchmarks/RESULTS.md,
+"Symmetry relaxation chosen by the map": the D7 score fell from 0.91 to 0.78, the error modulo
+D7 rose from 1.78 to 1.86 deg, the local epochs took 1.9x as long). An epoch whose map shows no
+group, or a non-cyclic one, relaxes nothing (``--symmetry G`` is the remedy for the latter;
+the report advises it). ``auto`` relaxes only where it can apply: in a C1 run
+(``model.symmetry`` C1) that switches (method ``semi-amortized``); elsewhere it does nothing,
+so that a preset can carry it.
 
 No global search: ``|G|`` candidates per particle, each a copy of its own pose. Under
 ``torchrun`` every rank places the group on the same (synchronised) volume and all take rank
@@ -30,6 +38,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from cryospin.point_group import parse_point_group
 from cryospin.symmetry import point_group_rotations
 from cryospin.train.autodecode import SymmetryCopies
 from cryospin.train.config import Config
@@ -54,8 +63,8 @@ class RelaxFrame:
         map (1: exact), the frame ``M``, the centre ``c`` and the wall time.
     copies : SymmetryCopies or None
         The group's elements other than the identity in the map's frame, ``M g₀ Mᵀ``, and the
-        centre (float32, the volume's device); None when the group is ``C1`` (``auto`` found
-        none: nothing to relax in this epoch).
+        centre (float32, the volume's device); None when nothing is relaxed in this epoch
+        (``auto`` found no group, or one that is not cyclic).
     """
 
     step: SymmetryStep
@@ -78,12 +87,14 @@ def relaxed_group(config: Config) -> str | None:
 def place_copies(volume: HartleyVolume, group: str, shard: Shard | None = None) -> RelaxFrame:
     """``group`` (or, for ``"auto"``, the group the map shows) placed in the real-space map of
     ``volume`` (distributed: rank 0's group, frame and centre on every rank) and its copies
-    ``M g₀ Mᵀ`` `(G − 1, 3, 3)`; no copies when the group is ``C1``."""
+    ``M g₀ Mᵀ`` `(G − 1, 3, 3)`; no copies when the group is ``C1``, or ``auto`` found a
+    group that is not cyclic (module docstring)."""
     step = find_frame(volume, group)
     if shard is not None:  # one frame whatever the rounding of each rank's search
         step = rank0_frame(step, shard)
     g0 = point_group_rotations(step.group).double()[1:]  # identity first: left out
-    if g0.shape[0] == 0:
+    exact = group.lower() == "auto" and parse_point_group(step.group).kind != "C"
+    if g0.shape[0] == 0 or exact:
         return RelaxFrame(step, None)
     rotations = step.rotation @ g0 @ step.rotation.T  # (G − 1, 3, 3)
     device = volume.mantissa.device
@@ -94,12 +105,18 @@ def place_copies(volume: HartleyVolume, group: str, shard: Shard | None = None) 
 def relax_record(frame: RelaxFrame, moved_fraction: float | None) -> RelaxRecord:
     """The ``metrics.jsonl`` record (``extra["relax"]``) of one epoch, and its log line."""
     moved, step = float(moved_fraction or 0.0), frame.step
-    if frame.copies is None:
+    if frame.copies is None and step.group == "C1":
         logger.info("relax: the map shows no symmetry (score of the best group below the "
                     "threshold), nothing relaxed; %.1f s", step.seconds)
+    elif frame.copies is None:
+        logger.info("relax: the map shows %s (score %.3f), not cyclic: more likely an exactly "
+                    "symmetric particle (--symmetry %s) than a pseudo-symmetric one "
+                    "(--relax-symmetry %s relaxes it); nothing relaxed; %.1f s", step.group,
+                    step.score, step.group, step.group, step.seconds)
     else:
         logger.info("relaxed %s (score %.3f in the map, placed in %.1f s): %.1f %% of the "
                     "particles moved to another copy", step.group, step.score, step.seconds,
                     100 * moved)
-    return {"group": step.group, "score": float(step.score), "moved_fraction": moved,
+    return {"group": step.group if frame.copies is not None else "C1", "detected": step.group,
+            "score": float(step.score), "moved_fraction": moved,
             "centre_px": [float(v) for v in step.centre_px.tolist()]}
