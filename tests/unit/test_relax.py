@@ -222,6 +222,9 @@ def test_auto_applies_only_to_a_c1_run_that_switches():
              ({"model": {"relax_symmetry": "auto"}, "schedule": {"method": "amortized"}}, None)]
     for overrides, want in cases:
         assert relaxed_group(build_config("default", overrides)) == want, overrides
+    assert relaxed_group(build_config("paper-synthetic")) == "auto"  # the preset carries it
+    assert relaxed_group(build_config("paper-synthetic",
+                                      {"schedule": {"method": "amortized"}})) is None
 
 
 def test_relax_symmetry_is_checked_with_clear_messages():
