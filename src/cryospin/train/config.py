@@ -110,8 +110,8 @@ class ModelConfig:
     relax_symmetry : str
         A pseudo-symmetry of a C1 particle (``C1``: none): in every stage-2 epoch its copies of
         each pose are scored and the best kept (:mod:`cryospin.train.relax`; RELION's
-        ``--relax_sym``); ``auto``: the group each stage-2 epoch's map shows, in a C1
-        semi-amortized run (elsewhere nothing).
+        ``--relax_sym``); ``auto``: the cyclic group each stage-2 epoch's map shows, in a
+        C1 semi-amortized run (elsewhere nothing).
     """
 
     num_heads: int = 7

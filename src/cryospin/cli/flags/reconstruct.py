@@ -122,10 +122,11 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "protomers differ): in every stage-2 epoch the group's axes are "
                         "placed in the current map and each particle keeps the best of its "
                         "|G| symmetry-related copies of its pose before its pose steps "
-                        "(RELION's --relax_sym); the map stays C1. auto: the group the "
-                        "map shows, found again in each stage-2 epoch (none found: nothing "
-                        "relaxed; nothing with --symmetry or a method that never switches). "
-                        "Default C1: none")
+                        "(RELION's --relax_sym); the map stays C1. auto (the paper-synthetic "
+                        "preset's): the cyclic group Cn the map shows, found again in each "
+                        "stage-2 epoch (none, or a dihedral or higher group, which is more "
+                        "likely exact: nothing relaxed; nothing with --symmetry or a method "
+                        "that never switches). Default C1: none")
     g.add_argument("--impose-symmetry", choices=["after_search", "during_search", "start"],
                    help="when --symmetry is imposed: during_search (default: C1 for the "
                         "search's minimum epochs, then the group's frame, and the remaining "
