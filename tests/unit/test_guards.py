@@ -98,6 +98,25 @@ def test_check_finite_gradients_names_the_first_bad_group():
                                "autodecode", 1, 1)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_check_finite_gradients_finds_one_bad_element_among_many(bad, dtype):
+    # Opposite infinities cancel to NaN in a sum, never to a finite value.
+    grad = torch.randn(1000, 33, generator=torch.Generator().manual_seed(0)).to(dtype)
+    grad[517, 3] = bad
+    grad[2, 30] = -bad if math.isinf(bad) else 1.0
+    with pytest.raises(NonFiniteGradientError, match="encoder"):
+        check_finite_gradients({"volume": [torch.ones(4)], "encoder": [torch.ones(2), grad]},
+                               "autoencode", 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_check_finite_gradients_accepts_finite_elements_whose_sum_overflows(dtype):
+    huge = torch.full((64,), torch.finfo(dtype).max / 4, dtype=dtype)
+    assert not torch.isfinite(huge.sum())  # the fast check alone would refuse it
+    check_finite_gradients({"encoder": [huge], "poses": [torch.zeros(3)]}, "autoencode", 1, 1)
+
+
 def _nan_gradient(t: torch.Tensor) -> torch.Tensor:
     """0 in value, NaN in gradient: d sqrt(u)/du at u = 0 is inf, times du/dt = 0."""
     return torch.sqrt(t.sum() * 0.0)

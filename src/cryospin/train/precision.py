@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from cryospin.atomic import atomic_write_text
+from cryospin.train.optimizer import adam
 
 __all__ = [
     "PrecisionChoice",
@@ -217,7 +218,7 @@ def measure_encoder_step(
     def make_step(dtype: torch.dtype | None) -> Callable[[], float]:
         torch.manual_seed(0)
         encoder = build(dtype)
-        opt = torch.optim.Adam(encoder.parameters(), lr=1e-4)
+        opt = adam(encoder.parameters(), lr=1e-4)
 
         def step() -> float:
             t0 = time.perf_counter()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict, cast
 
@@ -31,6 +30,7 @@ from cryospin.rundir import Checkpoint, Stage
 from cryospin.train.autoencode import BestPoses
 from cryospin.train.config import Config
 from cryospin.train.distributed import Shard
+from cryospin.train.optimizer import adam
 from cryospin.train.precision import (
     PrecisionChoice,
     StepTimes,
@@ -182,10 +182,6 @@ def build_pose_table(
     )
 
 
-def _adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=lr)
-
-
 def choose_precision(
     config: Config, box_px: int, device: torch.device, shard: Shard | None
 ) -> PrecisionChoice:
@@ -277,10 +273,10 @@ class TrainState:
         """A state at epoch 0 of ``stage``: ``volume`` with its optimiser and, with a
         ``precision`` (stage 1), a new encoder for ``box_px`` images, its optimiser and grad
         scaler."""
-        state = cls(stage, 0, volume, _adam(volume.parameters(), config.optim.decoder_lr))
+        state = cls(stage, 0, volume, adam(volume.parameters(), config.optim.decoder_lr))
         if precision is not None:
             state.encoder = build_encoder(config, box_px, device, precision.dtype)
-            state.encoder_opt = _adam(state.encoder.parameters(), config.optim.encoder_lr)
+            state.encoder_opt = adam(state.encoder.parameters(), config.optim.encoder_lr)
             if precision.needs_grad_scaler:
                 state.grad_scaler = torch.amp.GradScaler(device.type)
         return state
@@ -303,7 +299,7 @@ class TrainState:
                 raise InputError("a stage-2 checkpoint without a pose table")
             self.encoder = self.encoder_opt = self.grad_scaler = None
             self.pose_table = PoseTable.from_state_dict(ckpt.pose_table).to(device)
-            self.decoder_opt = _adam(self.volume.parameters(),
+            self.decoder_opt = adam(self.volume.parameters(),
                                      config.optim.decoder_lr_after_switch)
         self.decoder_opt.load_state_dict(ckpt.optimizers["decoder"])
         restore_rng_state(cast(RngState, ckpt.rng), generator)  # stored as a plain dict
@@ -341,7 +337,7 @@ class TrainState:
         """Stage 2 goes on with ``volume`` (the impose-symmetry step,
         :mod:`cryospin.train.impose`) and a new optimiser for it (no moments of the old one)."""
         self.volume = volume
-        self.decoder_opt = _adam(volume.parameters(), config.optim.decoder_lr_after_switch)
+        self.decoder_opt = adam(volume.parameters(), config.optim.decoder_lr_after_switch)
 
     def switch(self, config: Config, pose_table: PoseTable) -> None:
         """To stage 2: ``pose_table`` replaces the encoder (dropped with its optimiser) and a
@@ -349,5 +345,5 @@ class TrainState:
         self.pose_table = pose_table
         self.switch_record = None
         self.encoder = self.encoder_opt = self.grad_scaler = None
-        self.decoder_opt = _adam(self.volume.parameters(), config.optim.decoder_lr_after_switch)
+        self.decoder_opt = adam(self.volume.parameters(), config.optim.decoder_lr_after_switch)
         self.stage = Stage.AUTODECODE
