@@ -91,6 +91,24 @@ def test_a_corrupt_cache_is_measured_again(native_bf16, tmp_path) -> None:
     assert len(json.loads(cache.read_text())) == 1
 
 
+def test_a_measurement_of_an_older_timed_step_is_measured_again(native_bf16, tmp_path) -> None:
+    # An entry written before the timed step changed (its Adam became the fused one) does not
+    # decide a run: the same machine and shape under the previous step version is ignored.
+    cache = tmp_path / "precision.json"
+    old_key = json.loads(prec.machine_key({"box_px": 64}))
+    old_key["step"] = prec._STEP_VERSION - 1
+    cache.write_text(json.dumps({json.dumps(old_key, sort_keys=True):
+                                 {"fp32_s": 0.01, "bf16_s": 0.05}}))
+    calls = []
+
+    def measure() -> StepTimes:
+        calls.append(1)
+        return StepTimes(0.02, 0.01)
+
+    choice = resolve_precision("auto", CPU, measure=measure, shape={"box_px": 64}, cache=cache)
+    assert (choice.name, len(calls)) == ("bf16", 1) and "measured" in choice.reason
+
+
 def test_explicit_precisions_are_taken_as_asked(monkeypatch, tmp_path, caplog) -> None:
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)

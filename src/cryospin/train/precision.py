@@ -145,10 +145,16 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+# The timed step's version, part of the cache key: 2 since its Adam is the fused one
+# (train/optimizer.adam), which changes both precisions' times; older entries are re-measured.
+_STEP_VERSION = 2
+
+
 def machine_key(shape: dict[str, object]) -> str:
-    """Cache key of a measurement: the CPU, the kernels' ISA settings, torch, threads and the
-    encoder ``shape`` (box, width, heads, ...)."""
+    """Cache key of a measurement: the CPU, the kernels' ISA settings, torch, threads, the timed
+    step's version and the encoder ``shape`` (box, width, heads, ...)."""
     parts = {
+        "step": _STEP_VERSION,
         "cpu": cpu_model_name(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
