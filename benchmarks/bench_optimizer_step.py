@@ -76,7 +76,7 @@ def main() -> None:
         "Adam step, now": new_opt.step,
     }
     best = {name: float("inf") for name in rows}
-    for name, fn in rows.items():
+    for fn in rows.values():
         fn()  # warm-up: allocations, moments
     for _ in range(args.repeats):
         for name, fn in rows.items():
