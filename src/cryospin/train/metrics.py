@@ -166,7 +166,7 @@ def check_finite_gradients(
     -----
     One host synchronisation per call. Each tensor is first reduced to its sum: a NaN or Inf
     element makes the sum NaN or Inf, so finite sums prove finite tensors (one pass over the
-    memory; ``isfinite().all()`` on every tensor took ~20x longer on the encoder's 8.3 M
+    memory; ``isfinite().all()`` on every tensor took ~17x longer on the encoder's 8.3 M
     gradients). A non-finite sum can also come from finite elements that overflow when added,
     so only then are that name's tensors checked element by element.
     """
