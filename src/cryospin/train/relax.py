@@ -92,9 +92,10 @@ def place_copies(volume: HartleyVolume, group: str, shard: Shard | None = None) 
     step = find_frame(volume, group)
     if shard is not None:  # one frame whatever the rounding of each rank's search
         step = rank0_frame(step, shard)
+    if group.lower() == "auto" and parse_point_group(step.group).kind != "C":
+        return RelaxFrame(step, None)  # taken for an exact symmetry: nothing to relax
     g0 = point_group_rotations(step.group).double()[1:]  # identity first: left out
-    exact = group.lower() == "auto" and parse_point_group(step.group).kind != "C"
-    if g0.shape[0] == 0 or exact:
+    if g0.shape[0] == 0:
         return RelaxFrame(step, None)
     rotations = step.rotation @ g0 @ step.rotation.T  # (G − 1, 3, 3)
     device = volume.mantissa.device

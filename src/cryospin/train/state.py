@@ -300,7 +300,7 @@ class TrainState:
             self.encoder = self.encoder_opt = self.grad_scaler = None
             self.pose_table = PoseTable.from_state_dict(ckpt.pose_table).to(device)
             self.decoder_opt = adam(self.volume.parameters(),
-                                     config.optim.decoder_lr_after_switch)
+                                    config.optim.decoder_lr_after_switch)
         self.decoder_opt.load_state_dict(ckpt.optimizers["decoder"])
         restore_rng_state(cast(RngState, ckpt.rng), generator)  # stored as a plain dict
         self.elapsed_before_s = ckpt.elapsed_s
