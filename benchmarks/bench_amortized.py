@@ -25,6 +25,12 @@ are in the truth's frame (no alignment: the volume fixes it); ``joint`` errors a
 best global alignment (and hand), as ``cryospin pose-error``. A markdown table on stdout and
 the curves as JSON (``--json``).
 
+``--ema D [D ...]`` also scores moving averages of the encoder's weights and BatchNorm
+statistics (Polyak averaging, decay ``min(D, (1 + t) / (10 + t))`` after step ``t``, so every D
+above ~0.99 follows the same warm-up memory of ~t/9 steps until ``(1 + t) / (10 + t)`` reaches
+it) on the same trajectory: does the switch gain from reading an average instead of the last
+step's weights? (benchmarks/RESULTS.md: it does not.)
+
     python benchmarks/bench_amortized.py --data DATA --mode fixed-wta --steps 3000 \\
         --variants spread reference reference+pyramid --json out.json
 """
@@ -32,6 +38,7 @@ the curves as JSON (``--json``).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -54,6 +61,7 @@ from cryospin.rotations import geodesic_distance_deg  # noqa: E402
 from cryospin.train.autoencode import winner_nll  # noqa: E402
 from cryospin.train.config import build_config  # noqa: E402
 from cryospin.train.data import prepare_data, sub_disc  # noqa: E402
+from cryospin.train.optimizer import adam  # noqa: E402
 from cryospin.train.outputs import final_backprojection  # noqa: E402
 from cryospin.train.precision import autocast_dtype  # noqa: E402
 from cryospin.volume import HartleyVolume  # noqa: E402
@@ -131,6 +139,32 @@ def _evaluate(encoder, volume_ht, data, eval_idx, gt_eval, *, aligned: bool,
     return out
 
 
+def _update_emas(emas: dict, encoder, step: int) -> None:
+    """Move each average towards ``encoder``'s weights and float buffers: decay
+    ``min(d, (1 + step) / (10 + step))`` (short memory at first, as TensorFlow's
+    ExponentialMovingAverage); integer buffers (BatchNorm's batch count) are copied."""
+    if not emas:
+        return
+    src = list(encoder.parameters()) + [b for b in encoder.buffers() if b.is_floating_point()]
+    with torch.no_grad():
+        for d, ema in emas.items():
+            dst = list(ema.parameters()) + [b for b in ema.buffers() if b.is_floating_point()]
+            torch._foreach_lerp_(dst, src, 1.0 - min(d, (1 + step) / (10 + step)))
+            for b_dst, b_src in zip(ema.buffers(), encoder.buffers(), strict=True):
+                if not b_dst.is_floating_point():
+                    b_dst.copy_(b_src)
+
+
+def _print_row(label: str, step: int, t_train: float, r: dict, symmetry: str | None) -> None:
+    print(f"  {label} step {step}: winner {r['winner_median_deg']:.1f} deg "
+          f"(best head {r['best_head_median_deg']:.1f}, view {r['view_median_deg']:.1f}"
+          f", in-plane {r['inplane_median_deg']:.1f}, within 20: "
+          f"{100 * r['winner_within_20']:.0f} %"
+          + (f", mod {symmetry} {r[f'winner_median_mod_{symmetry}_deg']:.1f}" if symmetry else "")
+          + f"), spread {r['head_spread_median_deg']:.0f} deg, max usage "
+          f"{r['head_usage_max']:.2f}; {t_train:.0f} s", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", type=Path, required=True,
@@ -153,6 +187,10 @@ def main() -> None:
     p.add_argument("--symmetry", default=None, help="also score modulo this group (e.g. C3)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", type=float, nargs="*", default=[],
+                   help="also evaluate exponential moving averages of the encoder's weights "
+                        "(and BatchNorm statistics) with these decays per step, e.g. 0.999: "
+                        "each is reported as variant+emaDECAY (the same trajectory, paired)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -182,35 +220,29 @@ def main() -> None:
             data.box_px, args.heads, width_multiplier=args.width, head_hidden=256,
             input_box_px=min(args.encoder_box, data.box_px),
             autocast_dtype=autocast_dtype(args.precision), **kwargs)
-        enc_opt = torch.optim.Adam(enc.parameters(), lr=args.encoder_lr)
+        enc_opt = adam(enc.parameters(), args.encoder_lr)
+        emas = {d: copy.deepcopy(enc) for d in args.ema}
         if args.mode == "joint":
             gen = torch.Generator().manual_seed(args.seed + 1)
             volume = HartleyVolume.ab_initio(data.box_px, data.radial_amplitude.cpu(),
                                              generator=gen)
-            vol_opt = torch.optim.Adam(volume.parameters(), lr=lr)
+            vol_opt = adam(volume.parameters(), lr)
         else:
             volume, vol_opt = oracle, None
         order = torch.Generator().manual_seed(args.seed + 2)
-        rows: list[dict] = []
         t_train = 0.0
         step = 0
 
-        def record(step: int, t_train: float, enc=enc, volume=volume, rows=rows,
-                   name=name) -> None:
+        def record(step: int, t_train: float, enc=enc, volume=volume, name=name,
+                   emas=emas) -> None:
             with torch.no_grad():
                 vol_ht = volume()
-            r = _evaluate(enc, vol_ht, data, eval_idx, gt_all[eval_idx],
-                          aligned=args.mode == "joint", symmetry=args.symmetry, disc=disc)
-            r.update(step=step, train_s=round(t_train, 1))
-            rows.append(r)
-            print(f"  {name} step {step}: winner {r['winner_median_deg']:.1f} deg "
-                  f"(best head {r['best_head_median_deg']:.1f}, view {r['view_median_deg']:.1f}"
-                  f", in-plane {r['inplane_median_deg']:.1f}, within 20: "
-                  f"{100 * r['winner_within_20']:.0f} %"
-                  + (f", mod {args.symmetry} {r[f'winner_median_mod_{args.symmetry}_deg']:.1f}"
-                     if args.symmetry else "")
-                  + f"), spread {r['head_spread_median_deg']:.0f} deg, max usage "
-                  f"{r['head_usage_max']:.2f}; {t_train:.0f} s", flush=True)
+            for label, model in [(name, enc)] + [(f"{name}+ema{d:g}", e) for d, e in emas.items()]:
+                r = _evaluate(model, vol_ht, data, eval_idx, gt_all[eval_idx],
+                              aligned=args.mode == "joint", symmetry=args.symmetry, disc=disc)
+                r.update(step=step, train_s=round(t_train, 1))
+                curves.setdefault(label, []).append(r)
+                _print_row(label, step, t_train, r, args.symmetry)
 
         record(0, 0.0)
         while step < args.steps:
@@ -236,9 +268,9 @@ def main() -> None:
                     vol_opt.step()
                 step += 1
                 t_train += time.perf_counter() - t0
+                _update_emas(emas, enc, step)
                 if step % args.eval_every == 0 or step == args.steps:
                     record(step, t_train)
-        curves[name] = rows
         if args.json is not None:
             args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                              "machine": machine_line(), "curves": curves},
