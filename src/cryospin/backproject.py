@@ -43,10 +43,11 @@ random split; the returned FSC is between the two returned half maps.
 
 Memory does not grow with the number of particles: the four sums (``L³`` each, in ``dtype``);
 while accumulating, one ``(2, b, L, L)`` buffer per half set of a batch (``b ≤ batch_size``),
-the transforms of 32 images at a time, and inside ``insert_central_slices`` a grid of 1.5 and
-an output of 2 volumes; while solving, about six more volumes (three maps, one Hartley volume,
-a half-size complex FFT). At 256 px in float64 (134 MB a volume) the peak resident memory
-measured 1.8 GB for 5 particles and 2.2 GB for 512 (default batch size); float32 1.5 GB.
+the transforms of 32 images at a time, and inside ``insert_central_slices`` an output of 2
+volumes and a grid of 1.5 (its kernel; the float64 scatter on the CPU: a few MB); while
+solving, about six more volumes (three maps, one Hartley volume, a half-size complex FFT). At
+256 px in float64 (134 MB a volume) the peak resident memory measured 1.7 GB for 5 particles
+and 1.9 GB for 512 (default batch size; the images in memory); float32 1.4 GB.
 With a symmetry whose grid-preserving part is more than the identity, the sums are
 ``(L+1)³`` until the fold, which adds one ``L³`` volume at a time.
 """

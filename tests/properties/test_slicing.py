@@ -17,6 +17,8 @@ from cryospin.forward.lattice import (
 )
 from cryospin.forward.slicing import (
     _extract_central_slices_gather,
+    _insert_by_index_add,
+    _insert_by_kernel,
     _insert_central_slices_scatter,
     extract_central_slices,
     insert_central_slices,
@@ -214,17 +216,50 @@ def test_shape_errors() -> None:
 
 
 @pytest.mark.parametrize("L", [7, 8])
-def test_fused_insert_matches_explicit_scatter_and_channels(L: int) -> None:
+@pytest.mark.parametrize("use_freqs", [False, True])
+def test_kernel_and_explicit_scatter_insert_the_same(L: int, use_freqs: bool) -> None:
+    """The two insertions (ATen's grid_sample-backward kernel; the trilinear ``index_add_``
+    with channels sharing a stencil) agree in float64, on the grid and off it (points outside
+    the box included)."""
+    R = random_rotations(9, generator=_gen(11), dtype=F64)
+    freqs = (disc_frequencies(L, dtype=F64) * 1.3 if use_freqs
+             else frequency_grid_2d(L, dtype=F64).reshape(L * L, 2))
+    values = torch.randn(2, 9, freqs.shape[0], dtype=F64, generator=_gen(12))
+    kernel = _insert_by_kernel(values, R, freqs, L)
+    scatter = _insert_by_index_add(values, R, freqs, L)
+    assert kernel.shape == scatter.shape == (2, L, L, L)
+    torch.testing.assert_close(scatter, kernel, rtol=0, atol=1e-12)
+    for c in range(2):  # one channel at a time == the channels together
+        torch.testing.assert_close(_insert_by_index_add(values[c:c + 1], R, freqs, L)[0],
+                                   scatter[c], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("L", [7, 8])
+def test_insert_channels_and_dtypes(L: int) -> None:
+    """``channels=True`` equals inserting each channel alone; float32 (the kernel) agrees with
+    float64 (the scatter, on the CPU) to float32 rounding; the reference equals the public
+    function."""
     R = random_rotations(9, generator=_gen(11), dtype=F64).reshape(3, 3, 3, 3)
     S = torch.randn(2, 3, 3, L, L, dtype=F64, generator=_gen(12))
     fused = insert_central_slices(S, R, L, channels=True)
     assert fused.shape == (2, L, L, L)
     for c in range(2):
+        torch.testing.assert_close(fused[c], insert_central_slices(S[c], R, L), rtol=0, atol=0)
         torch.testing.assert_close(fused[c], _insert_central_slices_scatter(S[c], R, L),
                                    rtol=0, atol=1e-12)
-        torch.testing.assert_close(fused[c], insert_central_slices(S[c], R, L), rtol=0, atol=0)
-    freqs = disc_frequencies(L, dtype=F64) * 1.3
-    Sf = torch.randn(3, 3, freqs.shape[0], dtype=F64, generator=_gen(13))
-    torch.testing.assert_close(
-        insert_central_slices(Sf, R, L, frequencies=freqs),
-        _insert_central_slices_scatter(Sf, R, L, frequencies=freqs), rtol=0, atol=1e-12)
+    single = insert_central_slices(S.float(), R.float(), L, channels=True)
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single.double(), fused, rtol=0, atol=1e-4 * float(fused.abs().max()))
+
+
+def test_explicit_scatter_is_differentiable() -> None:
+    """Its gradient with respect to the values is the extraction (the adjoint's adjoint)."""
+    L = 6
+    R = random_rotations(3, generator=_gen(14), dtype=F64)
+    freqs = frequency_grid_2d(L, dtype=F64).reshape(L * L, 2)
+    values = torch.randn(1, 3, L * L, dtype=F64, generator=_gen(15), requires_grad=True)
+    vol = torch.randn(L, L, L, dtype=F64, generator=_gen(16))
+    (_insert_by_index_add(values, R, freqs, L)[0] * vol).sum().backward()
+    assert values.grad is not None
+    torch.testing.assert_close(values.grad[0], extract_central_slices(vol, R).reshape(3, L * L),
+                               rtol=0, atol=1e-12)

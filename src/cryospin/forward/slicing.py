@@ -18,8 +18,10 @@ from cryospin.forward.lattice import frequency_grid_2d
 
 __all__ = ["extract_central_slices", "insert_central_slices"]
 
-# samples per chunk of the scatter in insert_central_slices (8 corners each, int64 + value)
+# samples per call of the insertion kernel in insert_central_slices
 _INSERT_CHUNK_SAMPLES = 1 << 18
+# samples per chunk of the explicit scatter (8 corners each: int64 index + C values)
+_SCATTER_CHUNK_SAMPLES = 1 << 14
 
 
 def _check_volume(volume: Tensor) -> int:
@@ -178,7 +180,9 @@ def insert_central_slices(
     extraction (corners outside the grid are dropped), so that
     ``<extract(V, R), S> = <V, insert(S, R)>``. Computed by ATen's fused
     ``grid_sampler_3d_backward`` kernel (the exact adjoint of the ``grid_sample`` used by
-    :func:`extract_central_slices`), chunked over poses to bound memory. With ``channels=True``
+    :func:`extract_central_slices`), except in float64 on the CPU, where that kernel is ~50×
+    slower than in float32 and an explicit trilinear scatter (``index_add_``) is faster; both
+    chunked over poses to bound memory, equal to 1e-12 (tests). With ``channels=True``
     several value channels share one weight computation (e.g. ``CTF·image`` and ``CTF²`` in
     backprojection). Inserting ``torch.ones`` gives the sampling weights. Not differentiable
     (use :func:`_insert_central_slices_scatter` when gradients are needed).
@@ -220,26 +224,61 @@ def insert_central_slices(
     batch_shape = torch.broadcast_shapes(values.shape[1:-1], rotations.shape[:-2])
     values = values.expand(C, *batch_shape, P).reshape(C, -1, P)  # (C, B, P)
     rot = rotations.to(values.dtype).expand(*batch_shape, 3, 3).reshape(-1, 3, 3)  # (B, 3, 3)
+    with torch.no_grad():
+        # ATen's CPU kernel is ~50x slower in float64 than in float32 (benchmarks/RESULTS.md,
+        # "Backprojection in float64"); the explicit scatter is then the faster of the two
+        if values.dtype == torch.float64 and values.device.type == "cpu":
+            out = _insert_by_index_add(values, rot, freqs, L)  # (C, L, L, L)
+        else:
+            out = _insert_by_kernel(values, rot, freqs, L)
+    return out if channels else out[0]
+
+
+def _insert_by_kernel(values: Tensor, rot: Tensor, freqs: Tensor, L: int) -> Tensor:
+    """`(C, B, P)` values at the points ``freqs @ R`` of `(B, 3, 3)` rotations, inserted into a
+    `(C, L, L, L)` volume by ATen's ``grid_sampler_3d_backward`` kernel (the exact adjoint of
+    the ``grid_sample`` of :func:`extract_central_slices`), chunked over poses. No autograd."""
+    C, P = values.shape[0], freqs.shape[0]
     # only its shape is read (output_mask [True, False]): expanded from one element, no memory
     shape_only = torch.empty(1, dtype=values.dtype, device=values.device).expand(1, C, L, L, L)
     out: Tensor | None = None  # the first chunk's result, then the sum (no extra volume)
     # each kernel call zeroes and returns a (C, L, L, L) volume: chunks of at least L³/2 samples
     # (their grid, 3 values each, is 1.5 volumes) keep that cost small beside the scatter's
     per_chunk = max(1, max(_INSERT_CHUNK_SAMPLES, L**3 // 2) // max(P, 1))
-    with torch.no_grad():
-        for start in range(0, rot.shape[0], per_chunk):
-            r = rot[start : start + per_chunk]
-            grid = _slice_points(r, freqs)  # (b, P, 3)
-            grid.add_(L // 2).mul_(2.0 / (L - 1)).sub_(1.0)  # same mapping as extraction
-            v = values[:, start : start + per_chunk].reshape(1, C, 1, 1, -1)  # (1, C, 1, 1, b*P)
-            grad_input, _ = torch.ops.aten.grid_sampler_3d_backward(
-                v.contiguous(), shape_only, grid.reshape(1, 1, 1, -1, 3).contiguous(),
-                0, 0, True, [True, False],  # bilinear, zeros padding, align_corners
-            )
-            out = grad_input if out is None else out.add_(grad_input)
+    for start in range(0, rot.shape[0], per_chunk):
+        r = rot[start : start + per_chunk]
+        grid = _slice_points(r, freqs)  # (b, P, 3)
+        grid.add_(L // 2).mul_(2.0 / (L - 1)).sub_(1.0)  # same mapping as extraction
+        v = values[:, start : start + per_chunk].reshape(1, C, 1, 1, -1)  # (1, C, 1, 1, b*P)
+        grad_input, _ = torch.ops.aten.grid_sampler_3d_backward(
+            v.contiguous(), shape_only, grid.reshape(1, 1, 1, -1, 3).contiguous(),
+            0, 0, True, [True, False],  # bilinear, zeros padding, align_corners
+        )
+        out = grad_input if out is None else out.add_(grad_input)
     if out is None:  # no poses
-        out = torch.zeros(1, C, L, L, L, dtype=values.dtype, device=values.device)
-    return out[0] if channels else out[0, 0]
+        return torch.zeros(C, L, L, L, dtype=values.dtype, device=values.device)
+    return out[0]
+
+
+def _insert_by_index_add(values: Tensor, rot: Tensor, freqs: Tensor, L: int) -> Tensor:
+    """The same insertion as :func:`_insert_by_kernel`, `(C, B, P)` -> `(C, L, L, L)`, by an
+    explicit trilinear scatter (``index_add_`` into a zero-padded ``(L + 2)³`` grid; corners
+    outside the grid fall in the padding), the ``C`` channels sharing each stencil; chunked over
+    poses. Differentiable with respect to ``values`` and ``rot``."""
+    C, P = values.shape[0], freqs.shape[0]
+    Lp = L + 2
+    offsets = _corner_offsets(L, values.device)  # (8,)
+    out = torch.zeros(C, Lp * Lp * Lp, dtype=values.dtype, device=values.device)
+    per_chunk = max(1, _SCATTER_CHUNK_SAMPLES // max(P, 1))
+    for start in range(0, rot.shape[0], per_chunk):
+        v = values[:, start : start + per_chunk].reshape(C, -1)  # (C, S)
+        q = _slice_points(rot[start : start + per_chunk], freqs).reshape(-1, 3)  # (S, 3)
+        base, wx, wy, wz, valid = _trilinear_setup(q + (L // 2), L)
+        wz = wz * valid[:, None]
+        w = (wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]).reshape(-1, 8)
+        src = (v[:, :, None] * w).reshape(C, -1)  # (C, S·8)
+        out.index_add_(1, (base[:, None] + offsets).reshape(-1), src)
+    return out.reshape(C, Lp, Lp, Lp)[:, 1:-1, 1:-1, 1:-1].contiguous()
 
 
 def _insert_central_slices_scatter(
@@ -288,18 +327,6 @@ def _insert_central_slices_scatter(
             raise ValueError(f"slices must have shape (..., {P}), got {tuple(slices.shape)}")
         values = slices
     batch_shape = torch.broadcast_shapes(values.shape[:-1], rotations.shape[:-2])
-    values = values.expand(*batch_shape, P).reshape(-1, P)  # (B, P)
+    values = values.expand(*batch_shape, P).reshape(1, -1, P)  # (1, B, P)
     rot = rotations.to(slices.dtype).expand(*batch_shape, 3, 3).reshape(-1, 3, 3)  # (B, 3, 3)
-    Lp = L + 2
-    offsets = _corner_offsets(L, slices.device)
-    out = torch.zeros(Lp * Lp * Lp, dtype=slices.dtype, device=slices.device)
-    per_chunk = max(1, _INSERT_CHUNK_SAMPLES // max(P, 1))
-    for start in range(0, rot.shape[0], per_chunk):
-        r = rot[start : start + per_chunk]
-        v = values[start : start + per_chunk].reshape(-1)  # (b*P,)
-        q = _slice_points(r, freqs).reshape(-1, 3)  # (b*P, 3)
-        base, wx, wy, wz, valid = _trilinear_setup(q + (L // 2), L)
-        wz = wz * (v * valid)[:, None]  # fold the value into the z weights
-        w = wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]  # (S, 2, 2, 2)
-        out.index_add_(0, (base[:, None] + offsets).reshape(-1), w.reshape(-1))
-    return out.reshape(Lp, Lp, Lp)[1:-1, 1:-1, 1:-1].contiguous()
+    return _insert_by_index_add(values, rot, freqs, L)[0]
