@@ -1,7 +1,7 @@
 """The final map's Wiener backprojection: float64 insertion by ATen's kernel against the scatter.
 
 ``cryospin.backproject`` accumulates in float64 on the CPU. ATen's ``grid_sampler_3d_backward``
-kernel, which inserts the slices, is ~50× slower in float64 than in float32 on the CPU, so
+kernel, which inserts the slices, is 25–36× slower in float64 than in float32 on the CPU, so
 ``insert_central_slices`` uses an explicit trilinear scatter there. This script times
 :func:`cryospin.backproject.backproject` on a simulated data set's images with their true poses
 (CTF-corrected, float64, one process), once with each insertion — the baseline is the kernel

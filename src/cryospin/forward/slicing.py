@@ -180,9 +180,9 @@ def insert_central_slices(
     extraction (corners outside the grid are dropped), so that
     ``<extract(V, R), S> = <V, insert(S, R)>``. Computed by ATen's fused
     ``grid_sampler_3d_backward`` kernel (the exact adjoint of the ``grid_sample`` used by
-    :func:`extract_central_slices`), except in float64 on the CPU, where that kernel is ~50×
-    slower than in float32 and an explicit trilinear scatter (``index_add_``) is faster; both
-    chunked over poses to bound memory, equal to 1e-12 (tests). With ``channels=True``
+    :func:`extract_central_slices`), except in float64 on the CPU, where that kernel is 25–36×
+    slower than in float32 and an explicit trilinear scatter (``index_add_``) is 15–20× faster
+    than it; both chunked over poses to bound memory, equal to 1e-12 (tests). With ``channels=True``
     several value channels share one weight computation (e.g. ``CTF·image`` and ``CTF²`` in
     backprojection). Inserting ``torch.ones`` gives the sampling weights. Not differentiable
     (use :func:`_insert_central_slices_scatter` when gradients are needed).
@@ -225,8 +225,8 @@ def insert_central_slices(
     values = values.expand(C, *batch_shape, P).reshape(C, -1, P)  # (C, B, P)
     rot = rotations.to(values.dtype).expand(*batch_shape, 3, 3).reshape(-1, 3, 3)  # (B, 3, 3)
     with torch.no_grad():
-        # ATen's CPU kernel is ~50x slower in float64 than in float32 (benchmarks/RESULTS.md,
-        # "Backprojection in float64"); the explicit scatter is then the faster of the two
+        # ATen's CPU kernel is 25-36x slower in float64 than in float32 (benchmarks/RESULTS.md,
+        # "Backprojection in float64"); the explicit scatter is then 15-20x faster than it
         if values.dtype == torch.float64 and values.device.type == "cpu":
             out = _insert_by_index_add(values, rot, freqs, L)  # (C, L, L, L)
         else:
@@ -284,15 +284,13 @@ def _insert_by_index_add(values: Tensor, rot: Tensor, freqs: Tensor, L: int) -> 
 def _insert_central_slices_scatter(
     slices: Tensor, rotations: Tensor, box_px: int, *, frequencies: Tensor | None = None
 ) -> Tensor:
-    """Reference implementation of :func:`insert_central_slices` by explicit scatter-add.
-
-    Used by the tests as a second method. Adjoint of :func:`extract_central_slices`.
+    """:func:`insert_central_slices` (one channel) by the explicit scatter in every dtype and on
+    every device: differentiable with respect to ``slices`` and ``rotations``.
 
     Each slice value is scatter-added into the 8 surrounding voxels with the trilinear weights
     of the extraction (corners outside the grid are dropped), so that
-    ``<extract(V, R), S> = <V, insert(S, R)>``. Work is chunked over poses to bound memory
-    (about 2^18 samples at a time). Inserting ``torch.ones`` gives the sampling weights.
-    Differentiable with respect to ``slices`` and ``rotations``.
+    ``<extract(V, R), S> = <V, insert(S, R)>`` (:func:`_insert_by_index_add`, chunked over
+    poses, 2^14 samples at a time). Inserting ``torch.ones`` gives the sampling weights.
 
     Parameters
     ----------
