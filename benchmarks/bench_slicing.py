@@ -22,6 +22,7 @@ import torch
 from cryospin.forward.lattice import disc_frequencies, frequency_grid_2d
 from cryospin.forward.slicing import (
     _extract_central_slices_gather,
+    _insert_by_kernel,
     extract_central_slices,
     insert_central_slices,
 )
@@ -60,15 +61,10 @@ def _fwd_bwd(
 def _insert_via_grid_sample_backward(
     slices: torch.Tensor, rot: torch.Tensor, L: int
 ) -> torch.Tensor:
-    """The same adjoint through ATen's fused grid_sample backward kernel (for comparison only)."""
+    """The same adjoint through ATen's fused grid_sample backward kernel in every dtype (the
+    path ``insert_central_slices`` leaves for float64 on the CPU), for comparison."""
     freqs = frequency_grid_2d(L, dtype=slices.dtype).reshape(L * L, 2)
-    q = freqs @ rot[:, :2, :]  # (B, L*L, 3)
-    grid = ((q + L // 2) * (2.0 / (L - 1)) - 1).reshape(1, 1, 1, -1, 3)
-    zeros = torch.zeros(1, 1, L, L, L, dtype=slices.dtype)
-    grad_in, _ = torch.ops.aten.grid_sampler_3d_backward(
-        slices.reshape(1, 1, 1, 1, -1), zeros, grid, 0, 0, True, [True, False]
-    )
-    return grad_in[0, 0]
+    return _insert_by_kernel(slices.reshape(1, -1, L * L), rot, freqs, L)[0]
 
 
 def main() -> None:

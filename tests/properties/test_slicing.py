@@ -19,7 +19,6 @@ from cryospin.forward.slicing import (
     _extract_central_slices_gather,
     _insert_by_index_add,
     _insert_by_kernel,
-    _insert_central_slices_scatter,
     extract_central_slices,
     insert_central_slices,
 )
@@ -236,17 +235,18 @@ def test_kernel_and_explicit_scatter_insert_the_same(L: int, use_freqs: bool) ->
 
 @pytest.mark.parametrize("L", [7, 8])
 def test_insert_channels_and_dtypes(L: int) -> None:
-    """``channels=True`` equals inserting each channel alone; float32 (the kernel) agrees with
-    float64 (the scatter, on the CPU) to float32 rounding; the reference equals the public
-    function."""
+    """``channels=True`` equals inserting each channel alone; the public function (batch dims
+    broadcast, float64: the scatter on the CPU) equals the kernel on the flattened poses;
+    float32 (the kernel) agrees with float64 to float32 rounding."""
     R = random_rotations(9, generator=_gen(11), dtype=F64).reshape(3, 3, 3, 3)
     S = torch.randn(2, 3, 3, L, L, dtype=F64, generator=_gen(12))
     fused = insert_central_slices(S, R, L, channels=True)
     assert fused.shape == (2, L, L, L)
+    grid = frequency_grid_2d(L, dtype=F64).reshape(L * L, 2)
+    kernel = _insert_by_kernel(S.reshape(2, 9, L * L), R.reshape(9, 3, 3), grid, L)
+    torch.testing.assert_close(fused, kernel, rtol=0, atol=1e-12)
     for c in range(2):
         torch.testing.assert_close(fused[c], insert_central_slices(S[c], R, L), rtol=0, atol=0)
-        torch.testing.assert_close(fused[c], _insert_central_slices_scatter(S[c], R, L),
-                                   rtol=0, atol=1e-12)
     single = insert_central_slices(S.float(), R.float(), L, channels=True)
     assert single.dtype == torch.float32
     torch.testing.assert_close(single.double(), fused, rtol=0, atol=1e-4 * float(fused.abs().max()))

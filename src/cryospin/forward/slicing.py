@@ -185,7 +185,7 @@ def insert_central_slices(
     than it; both chunked over poses to bound memory, equal to 1e-12 (tests). With ``channels=True``
     several value channels share one weight computation (e.g. ``CTF·image`` and ``CTF²`` in
     backprojection). Inserting ``torch.ones`` gives the sampling weights. Not differentiable
-    (use :func:`_insert_central_slices_scatter` when gradients are needed).
+    (:func:`_insert_by_index_add` is, for `(C, B, P)` values at given frequencies).
 
     Parameters
     ----------
@@ -279,52 +279,3 @@ def _insert_by_index_add(values: Tensor, rot: Tensor, freqs: Tensor, L: int) -> 
         src = (v[:, :, None] * w).reshape(C, -1)  # (C, S·8)
         out.index_add_(1, (base[:, None] + offsets).reshape(-1), src)
     return out.reshape(C, Lp, Lp, Lp)[:, 1:-1, 1:-1, 1:-1].contiguous()
-
-
-def _insert_central_slices_scatter(
-    slices: Tensor, rotations: Tensor, box_px: int, *, frequencies: Tensor | None = None
-) -> Tensor:
-    """:func:`insert_central_slices` (one channel) by the explicit scatter in every dtype and on
-    every device: differentiable with respect to ``slices`` and ``rotations``.
-
-    Each slice value is scatter-added into the 8 surrounding voxels with the trilinear weights
-    of the extraction (corners outside the grid are dropped), so that
-    ``<extract(V, R), S> = <V, insert(S, R)>`` (:func:`_insert_by_index_add`, chunked over
-    poses, 2^14 samples at a time). Inserting ``torch.ones`` gives the sampling weights.
-
-    Parameters
-    ----------
-    slices : `(..., L, L)` or `(..., P)`
-        Values on the centred 2D grid (or at ``frequencies``); leading dims broadcast against
-        those of ``rotations``.
-    rotations : `(..., 3, 3)`
-        Rotation matrices (left-multiply xyz column vectors); cast to ``slices.dtype``.
-    box_px : int
-        Box size ``L`` of the output volume.
-    frequencies : `(P, 2)`, optional
-        2D frequencies ``(kx, ky)`` in cycles per box of the slice values; default the full
-        ``L × L`` grid.
-
-    Returns
-    -------
-    `(L, L, L)`
-        Volume indexed ``[z, y, x]``, in ``slices.dtype``.
-    """
-    L = int(box_px)
-    if L < 2:
-        raise ValueError(f"box_px must be at least 2, got {box_px}")
-    _check_rotations(rotations)
-    freqs = _frequencies(frequencies, L, slices.dtype, slices.device)  # (P, 2)
-    P = freqs.shape[0]
-    if frequencies is None:
-        if slices.ndim < 2 or slices.shape[-2:] != (L, L):
-            raise ValueError(f"slices must have shape (..., {L}, {L}), got {tuple(slices.shape)}")
-        values = slices.reshape(*slices.shape[:-2], P)  # (..., P)
-    else:
-        if slices.ndim < 1 or slices.shape[-1] != P:
-            raise ValueError(f"slices must have shape (..., {P}), got {tuple(slices.shape)}")
-        values = slices
-    batch_shape = torch.broadcast_shapes(values.shape[:-1], rotations.shape[:-2])
-    values = values.expand(*batch_shape, P).reshape(1, -1, P)  # (1, B, P)
-    rot = rotations.to(slices.dtype).expand(*batch_shape, 3, 3).reshape(-1, 3, 3)  # (B, 3, 3)
-    return _insert_by_index_add(values, rot, freqs, L)[0]
