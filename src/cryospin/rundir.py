@@ -215,7 +215,8 @@ class Checkpoint:
 
     Saved as a dict (:meth:`to_dict`, keys ``format``, ``cryospin_version``, ``config``,
     ``stage``, ``epoch``, ``volume``, ``encoder``, ``pose_table``, ``optimizers``, ``rng``,
-    ``data``, ``extra`` = ``{"elapsed_s", "search_stopped_after", "volume_symmetry"}``,
+    ``data``, ``extra`` = ``{"elapsed_s", "search_stopped_after", "last_jump_fraction",
+    "volume_symmetry"}``,
     ``switch_record``) with :func:`torch.save` through :func:`cryospin.atomic.atomic_path`;
     only tensors, numbers, strings, lists, tuples and dicts (``weights_only=True`` loads it).
 
@@ -241,6 +242,9 @@ class Checkpoint:
         Training time since the run started, resumed parts included.
     search_stopped_after : int or None
         The epoch after which the global search stopped early (:mod:`cryospin.train.schedule`).
+    last_jump_fraction : float or None
+        The last search epoch's ``jump_fraction`` (the plateau rule of the early stop compares
+        the next with it); None before any search epoch and in older checkpoints.
     switch_record : dict or None
         The last stage-1 epoch's winners when stopped at the switch
         (``schedule.switch_poses = last_epoch``).
@@ -259,6 +263,7 @@ class Checkpoint:
     data: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
     search_stopped_after: int | None = None
+    last_jump_fraction: float | None = None
     switch_record: dict[str, Any] | None = None
     volume_symmetry: str | None = None
     cryospin_version: str = __version__
@@ -278,6 +283,8 @@ class Checkpoint:
             "data": self.data,
             "extra": {"elapsed_s": self.elapsed_s,
                       "search_stopped_after": self.search_stopped_after}
+                     | ({"last_jump_fraction": self.last_jump_fraction}
+                        if self.last_jump_fraction is not None else {})
                      | ({"volume_symmetry": self.volume_symmetry} if self.volume_symmetry else {}),
             "switch_record": self.switch_record,
             "format": CHECKPOINT_FORMAT,
@@ -295,6 +302,7 @@ class Checkpoint:
             stage = Stage(state["stage"])
             extra = state.get("extra") or {}
             stopped = extra.get("search_stopped_after")
+            jumps = extra.get("last_jump_fraction")
             return cls(
                 config=state["config"], stage=stage, epoch=int(state["epoch"]),
                 volume=state["volume"], encoder=state.get("encoder"),
@@ -303,6 +311,7 @@ class Checkpoint:
                 data=state.get("data") or {},
                 elapsed_s=float(extra.get("elapsed_s", 0.0)),
                 search_stopped_after=None if stopped is None else int(stopped),
+                last_jump_fraction=None if jumps is None else float(jumps),
                 switch_record=state.get("switch_record"),
                 volume_symmetry=extra.get("volume_symmetry"),
                 cryospin_version=str(state.get("cryospin_version", "")),

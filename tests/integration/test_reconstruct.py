@@ -722,7 +722,8 @@ def test_search_stops_early_and_the_run_ends_sooner(early_stopped):
     assert rows[2]["jump_fraction"] < 1.0
     assert rows[2]["extra"]["search_stop"] == {
         "after_epoch": 3, "jump_fraction": rows[2]["jump_fraction"],
-        "threshold_deg": JUMP_THRESHOLD_DEG, "stop_fraction": 1.0, "local_epochs": 1}
+        "threshold_deg": JUMP_THRESHOLD_DEG, "stop_fraction": 1.0, "local_epochs": 1,
+        "rule": "few", "previous_jump_fraction": rows[1]["jump_fraction"]}
     assert ["search_stop" in r["extra"] for r in rows] == [False, False, True, False]
     # the decay starts after epoch 3 and reaches its end at epoch 4, the last
     assert [r["decoder_lr"] for r in rows[1:]] == pytest.approx([0.02, 0.02, 0.005])
@@ -764,6 +765,58 @@ def test_early_stop_with_stop_after_and_resume_equals_uninterrupted(
     assert done.finished and done.epochs_completed == 4
     assert passes[-1] == (4, 4, 4, "local", 64)
     _assert_same_run(early_stopped.run_dir, run2)
+
+
+def test_the_plateau_rule_compares_with_the_previous_search_epoch_also_after_a_resume(
+    early_stopped, tiny, tmp_path, monkeypatch
+):
+    """The early stop is asked after every search epoch with the search epoch before's jump
+    fraction (none before the first), which a checkpoint between them carries."""
+    run = tmp_path / "run"
+    cfg = _early_stop_config(search_plateau_fraction=0.5)
+    fit(cfg, _particles(tiny), run, stop_after=2)  # the first search epoch done
+    first = read_metrics(run / "metrics.jsonl")[1]["jump_fraction"]
+    assert load_checkpoint(run / "checkpoint.pt")["extra"]["last_jump_fraction"] == first
+    calls = []
+    real = fit_module.search_stops
+
+    def spy(schedule, epoch, jump_fraction, previous_fraction=None):
+        calls.append((epoch, jump_fraction, previous_fraction))
+        return real(schedule, epoch, jump_fraction, previous_fraction)
+
+    monkeypatch.setattr(fit_module, "search_stops", spy)
+    done = fit(cfg, _particles(tiny), run, resume=True)
+    rows = read_metrics(run / "metrics.jsonl")
+    assert done.finished and calls == [(3, rows[2]["jump_fraction"], first)]
+    assert rows[2]["extra"]["search_stop"]["previous_jump_fraction"] == first
+    calls.clear()
+    fit(cfg, _particles(tiny), tmp_path / "new")  # uninterrupted: the same questions
+    assert calls == [(2, first, None), (3, rows[2]["jump_fraction"], first)]
+    # a stage-1 checkpoint has no search epoch to remember
+    fit(cfg, _particles(tiny), tmp_path / "s1", stop_after=1)
+    assert "last_jump_fraction" not in load_checkpoint(tmp_path / "s1" / "checkpoint.pt")["extra"]
+
+
+def test_search_stop_records_and_logs_say_which_rule_stopped_the_search(caplog):
+    from cryospin.train.autoencode import EpochStats
+
+    config = build_config("default")  # the 2 % rule and the 5 % plateau
+    caplog.set_level("INFO", logger="cryospin.train.fit")
+    plateau = fit_module._search_stop_record(
+        config, 5, EpochStats(1.0, 10, jump_fraction=0.028), 0.0296, 9)["search_stop"]
+    assert (plateau["rule"], plateau["previous_jump_fraction"], plateau["local_epochs"]) == (
+        "plateau", 0.0296, 4)
+    fit_module._log_search_stop(plateau)
+    few = fit_module._search_stop_record(
+        config, 5, EpochStats(1.0, 10, jump_fraction=0.01), None, 8)["search_stop"]
+    assert few["rule"] == "few" and "previous_jump_fraction" not in few
+    fit_module._log_search_stop(few)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "global search done after epoch 5: 2.8 % of particles jumped > 20 deg (no longer "
+        "falling: 3.0 % in the search epoch before); 4 local epochs follow",
+        "global search done after epoch 5: 1.0 % of particles jumped > 20 deg (< 2 %); 3 "
+        "local epochs follow"]
 
 
 def test_resume_with_more_epochs_after_an_early_stop_adds_local_epochs(early_stopped, tiny,

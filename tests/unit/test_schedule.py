@@ -86,6 +86,63 @@ def test_the_search_never_stops_before_its_minimum_nor_at_its_last_epoch():
     assert not any(search_stops(never, e, 0.0) for e in range(1, 13))
 
 
+def test_the_plateau_rule_stops_a_search_whose_jumps_no_longer_fall():
+    plateau = dataclasses.replace(SCHEDULE, search_plateau_fraction=0.05)
+    # the 60,000-particle spike's search epochs 3-8 (2.9 .. 2.7 %), above the 2 % rule
+    assert not search_stops(SCHEDULE, 5, 0.0281, 0.0295)  # the rule off (0): as before
+    assert search_stops(plateau, 5, 0.0281, 0.0295)
+    assert search_stops(plateau, 5, 0.04, 0.03)  # rising counts as not falling
+    # falling by a quarter or more, or at or above the plateau fraction: the search goes on
+    assert not search_stops(plateau, 5, 3 / 128, 1 / 32)  # exactly 25 % less (dyadic)
+    assert search_stops(plateau, 5, 3 / 128 + 1e-9, 1 / 32)
+    assert not search_stops(plateau, 5, 0.05, 0.05) and search_stops(plateau, 5, 0.0499, 0.05)
+    # the same minimum and last epoch as the 2 % rule; no previous fraction, no plateau
+    assert [e for e in range(2, 10) if search_stops(plateau, e, 0.03, 0.03)] == [5, 6, 7, 8]
+    assert not search_stops(plateau, 5, 0.03, None)
+    assert not search_stops(plateau, 5, 0.03, math.nan)
+    assert not search_stops(plateau, 5, None, 0.03)
+    assert not search_stops(dataclasses.replace(plateau, search_min_epochs=None), 5, 0.03, 0.03)
+    # the 2 % rule needs no previous fraction
+    assert search_stops(plateau, 5, 0.01, None)
+
+
+def _first_stop(schedule: ScheduleConfig, jumps: list[float]) -> int | None:
+    """The epoch after which the search stops, given each search epoch's jump fraction."""
+    previous = None
+    for s, fraction in enumerate(jumps, start=1):
+        epoch = schedule.switch_epoch + s
+        if search_stops(schedule, epoch, fraction, previous):
+            return epoch
+        previous = fraction
+    return None
+
+
+# jump fractions per search epoch of measured runs (metrics.jsonl; benchmarks/RESULTS.md, "The
+# search's plateau rule"): the `default` preset on the demo's spike (1,000 particles, 32 px,
+# seeds 0-2) and on the 48 px spike (5,000, seeds 0-1); search only on 6VYB at 60,000
+MEASURED_DEFAULT = {
+    "demo seed 0": [0.955, 0.367, 0.248, 0.12, 0.093, 0.081, 0.1, 0.076],
+    "demo seed 1": [0.974, 0.439, 0.207, 0.15, 0.101, 0.09, 0.028, 0.018],
+    "demo seed 2": [0.944, 0.287, 0.14, 0.083, 0.065, 0.114, 0.109, 0.053],
+    "48 px seed 0": [0.9824, 0.6668, 0.5122, 0.2054, 0.0304, 0.0136],
+    "48 px seed 1": [0.9846, 0.4264, 0.1678, 0.1752, 0.3154, 0.0672, 0.0194],
+}
+SPIKE_60000_SEARCH_ONLY = [0.9975, 0.1787, 0.0295, 0.0281, 0.027, 0.0279, 0.0268, 0.0275]
+
+
+def test_the_plateau_rule_on_measured_runs_stops_only_the_flipping_search():
+    default = build_config("default").schedule
+    before = dataclasses.replace(default, search_plateau_fraction=0.0)  # the 2 % rule alone
+    for name, jumps in MEASURED_DEFAULT.items():
+        assert _first_stop(default, jumps) == _first_stop(before, jumps), name
+    assert [_first_stop(default, j) for j in MEASURED_DEFAULT.values()] == [
+        None, None, None, 7, 8]
+    search_only = dataclasses.replace(default, switch_epoch=0)
+    assert _first_stop(dataclasses.replace(search_only, search_plateau_fraction=0.0),
+                       SPIKE_60000_SEARCH_ONLY) is None  # all 8 search epochs ran
+    assert _first_stop(search_only, SPIKE_60000_SEARCH_ONLY) == 4  # 2.81 % after 2.95 %
+
+
 def test_without_an_early_stop_the_learning_rates_are_bit_identical_to_the_old_decay():
     o = _config().optim
     for schedule in (SCHEDULE, dataclasses.replace(SCHEDULE, search_min_epochs=None),
@@ -127,14 +184,16 @@ def test_early_stop_settings_are_validated_with_clear_messages():
     for bad in (-0.1, 1.5):
         with pytest.raises(InputError, match=r"search_stop_fraction must be in \[0, 1\]"):
             build_config("default", {"schedule": {"search_stop_fraction": bad}})
+        with pytest.raises(InputError, match=r"search_plateau_fraction must be in \[0, 1\]"):
+            build_config("default", {"schedule": {"search_plateau_fraction": bad}})
     assert build_config("default", {"schedule": {"search_stop_fraction": 1}}).schedule \
         .search_stop_fraction == 1.0
 
 
 def test_presets_and_the_preset_minimum_above_a_shorter_search():
     default = build_config("default").schedule
-    assert (default.search_epochs, default.search_min_epochs,
-            default.search_stop_fraction) == (8, 4, 0.02)
+    assert (default.search_epochs, default.search_min_epochs, default.search_stop_fraction,
+            default.search_plateau_fraction) == (8, 4, 0.02, 0.05)
     # a command line's shorter search drops the preset's minimum (no early stop possible)
     assert build_config("default", {"schedule": {"search_epochs": 2}}).schedule \
         .search_min_epochs is None
@@ -146,6 +205,7 @@ def test_presets_and_the_preset_minimum_above_a_shorter_search():
         s = build_config(name).schedule
         assert (s.search_epochs, s.search_min_epochs) == (0, None)
     assert ScheduleConfig().search_min_epochs is None  # built-in default: no early stop
+    assert ScheduleConfig().search_plateau_fraction == 0.0
 
 
 def test_early_stop_flags_reach_the_config():
@@ -155,9 +215,11 @@ def test_early_stop_flags_reach_the_config():
     parser = argparse.ArgumentParser()
     flags.add_args(parser)
     args = parser.parse_args(["p.star", "-o", "run", "--search-min-epochs", "2",
-                              "--search-stop-fraction", "0.05"])
+                              "--search-stop-fraction", "0.05",
+                              "--search-plateau-fraction", "0.1"])
     s = build_config("default", cli._overrides(args)).schedule
-    assert (s.search_epochs, s.search_min_epochs, s.search_stop_fraction) == (8, 2, 0.05)
+    assert (s.search_epochs, s.search_min_epochs, s.search_stop_fraction,
+            s.search_plateau_fraction) == (8, 2, 0.05, 0.1)
 
 
 # ----------------------------------------------------------------------------- jump fraction

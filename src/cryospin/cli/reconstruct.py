@@ -62,6 +62,7 @@ _OVERRIDES = {
     "switch_refine_radius": ("optim", "switch_refine_radius_px"),
     "search_min_epochs": ("schedule", "search_min_epochs"),
     "search_stop_fraction": ("schedule", "search_stop_fraction"),
+    "search_plateau_fraction": ("schedule", "search_plateau_fraction"),
     "search_rotations": ("optim", "search_rotations"),
     "search_radius": ("optim", "search_radius_px"),
     "search_radius_symmetric": ("optim", "search_radius_symmetric_px"),

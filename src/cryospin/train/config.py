@@ -267,6 +267,12 @@ class ScheduleConfig:
         ``search_epochs`` in effect (e.g. ``--search-epochs 1`` with the default preset).
     search_stop_fraction : float
         Threshold in [0, 1] of that early stop (0: never stop early).
+    search_plateau_fraction : float
+        A second early stop, under the same ``search_min_epochs``: after a search epoch whose
+        ``jump_fraction`` is below this (in [0, 1]) but fell by less than a quarter
+        (``cryospin.train.schedule.PLATEAU_MIN_DROP``) from the previous search epoch's, the
+        search no longer settles the particles still jumping (flips between the near-identical
+        copies of a pseudo-symmetric particle) and stops (0: never).
     switch_poses : "inference" or "last_epoch"
         Where each particle's starting pose at the switch comes from: ``inference``, a pass of
         the final encoder over every particle (the paper); ``last_epoch``, the winning head's
@@ -293,6 +299,7 @@ class ScheduleConfig:
     search_epochs: int = 0
     search_min_epochs: int | None = None
     search_stop_fraction: float = 0.0
+    search_plateau_fraction: float = 0.0
     switch_poses: SwitchPoses = "inference"
     impose_symmetry: ImposeSymmetry = "during_search"
 

@@ -106,9 +106,10 @@ def _check_search(c: Config) -> None:
     if low is not None and not 1 <= low <= s.search_epochs:
         raise _bad(f"schedule.search_min_epochs must be between 1 and schedule.search_epochs "
                    f"({s.search_epochs}), got {low}")
-    if not 0.0 <= s.search_stop_fraction <= 1.0:
-        raise _bad("schedule.search_stop_fraction must be in [0, 1], got "
-                   f"{s.search_stop_fraction}")
+    for name in ("search_stop_fraction", "search_plateau_fraction"):
+        value = getattr(s, name)
+        if not 0.0 <= value <= 1.0:
+            raise _bad(f"schedule.{name} must be in [0, 1], got {value}")
     if c.optim.pose_steps_per_batch < 0:
         raise _bad(f"optim.pose_steps_per_batch must be >= 0, got {c.optim.pose_steps_per_batch}")
     _check_hypotheses(c)

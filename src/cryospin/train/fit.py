@@ -14,7 +14,8 @@
    (:class:`~cryospin.train.autodecode.RotationSearch`) on a low-frequency disc whose radius
    grows from ``optim.search_radius_px`` to ``optim.search_radius_end_px``. With
    ``schedule.search_min_epochs`` the search stops early, after a search epoch in which fewer
-   than ``schedule.search_stop_fraction`` of the particles jumped; the local epochs then follow
+   than ``schedule.search_stop_fraction`` of the particles jumped, or whose jumps stopped
+   falling (``schedule.search_plateau_fraction``); the local epochs then follow
    at once and the run ends sooner (:mod:`cryospin.train.schedule`; the stop is kept in the
    checkpoint for ``--resume`` and logged in ``metrics.jsonl``).
 
@@ -471,20 +472,22 @@ def _group_or_none(symbol: str) -> torch.Tensor | None:
 
 def _stop_search_if_done(run: _Run, state: TrainState, clock: _Clock, epoch: int,
                          stats: EpochStats) -> EpochExtra:
-    """After a search epoch in which few particles jumped (the same on every rank): the
-    search stops, the run ends sooner; returns the ``metrics.jsonl`` record (empty: no
-    stop)."""
+    """After a search epoch in which few particles jumped, or no fewer than in the one before
+    (the same on every rank): the search stops, the run ends sooner; returns the
+    ``metrics.jsonl`` record (empty: no stop)."""
     s = run.config.schedule
     if (not is_search_epoch(s, epoch, state.search_stopped_after)
-            or state.search_stopped_after is not None
-            or not search_stops(s, epoch, stats.jump_fraction)):
+            or state.search_stopped_after is not None):
+        return {}
+    previous, state.last_jump_fraction = state.last_jump_fraction, stats.jump_fraction
+    if not search_stops(s, epoch, stats.jump_fraction, previous):
         return {}
     state.search_stopped_after = epoch
     clock.end = final_epoch(s, epoch)
     clock.last = min(clock.last, clock.end)
     clock.plan = RunPlan.from_schedule(s, switch_epoch=run.switch_epoch,
                                        search_stopped_after=epoch, last_epoch=clock.last)
-    return _search_stop_record(run.config, epoch, stats, clock.end)
+    return _search_stop_record(run.config, epoch, stats, previous, clock.end)
 
 
 def _commit(run: _Run, state: TrainState, epoch: int, stats: EpochStats, *, wall: float,
@@ -581,19 +584,28 @@ def _resume_hint(run_dir: Path, epochs_done: int) -> str:
 
 
 def _search_stop_record(config: Config, epoch: int, stats: EpochStats,
-                        end: int) -> EpochExtra:
+                        previous: float | None, end: int) -> EpochExtra:
     """The ``metrics.jsonl`` record (``extra``) of the global search's early stop after
-    ``epoch``, the run now ending at ``end``."""
-    return {"search_stop": {"after_epoch": epoch,
-                            "jump_fraction": float(stats.jump_fraction or 0.0),
-                            "threshold_deg": JUMP_THRESHOLD_DEG,
-                            "stop_fraction": config.schedule.search_stop_fraction,
-                            "local_epochs": end - epoch}}
+    ``epoch`` (``previous``: the search epoch before's jump fraction), the run now ending at
+    ``end``."""
+    s, jumped = config.schedule, float(stats.jump_fraction or 0.0)
+    record: SearchStopRecord = {
+        "after_epoch": epoch, "jump_fraction": jumped, "threshold_deg": JUMP_THRESHOLD_DEG,
+        "stop_fraction": s.search_stop_fraction, "local_epochs": end - epoch,
+        "rule": "few" if jumped < s.search_stop_fraction else "plateau"}
+    if previous is not None:
+        record["previous_jump_fraction"] = float(previous)
+    return {"search_stop": record}
 
 
 def _log_search_stop(record: SearchStopRecord) -> None:
     """One INFO line for a :func:`_search_stop_record`."""
+    if record.get("rule") == "plateau":
+        why = (f"no longer falling: {100 * record.get('previous_jump_fraction', 0.0):.1f} % "
+               "in the search epoch before")
+    else:
+        why = f"< {100 * record['stop_fraction']:g} %"
     logger.info("global search done after epoch %d: %.1f %% of particles jumped > %g deg "
-                "(< %g %%); %d local epochs follow", record["after_epoch"],
-                100 * record["jump_fraction"], record["threshold_deg"],
-                100 * record["stop_fraction"], record["local_epochs"])
+                "(%s); %d local epochs follow", record["after_epoch"],
+                100 * record["jump_fraction"], record["threshold_deg"], why,
+                record["local_epochs"])

@@ -7,7 +7,7 @@ belongs to the run folder's contract, :mod:`cryospin.rundir`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import NotRequired, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 import torch
 from torch import Tensor
@@ -58,13 +58,17 @@ class SwitchRecord(TypedDict):
 
 class SearchStopRecord(TypedDict):
     """``extra["search_stop"]``: the epoch after which the global search stopped early, the
-    fraction of particles that jumped, the thresholds and the local epochs that follow."""
+    fraction of particles that jumped (and in the search epoch before), the thresholds, the
+    local epochs that follow and the rule that stopped it (``few``: below ``stop_fraction``;
+    ``plateau``: ``schedule.search_plateau_fraction``; absent in cryospin <= 0.2's records)."""
 
     after_epoch: int
     jump_fraction: float
     threshold_deg: float
     stop_fraction: float
     local_epochs: int
+    rule: NotRequired[Literal["few", "plateau"]]
+    previous_jump_fraction: NotRequired[float]
 
 
 class SymmetryRecord(TypedDict):

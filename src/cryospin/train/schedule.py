@@ -41,6 +41,7 @@ __all__ = [
     "last_search_epoch",
     "final_epoch",
     "is_search_epoch",
+    "PLATEAU_MIN_DROP",
     "search_stops",
     "impose_epoch",
     "decay_fraction",
@@ -111,20 +112,42 @@ def is_search_epoch(schedule: ScheduleConfig, epoch: int,
     return schedule.switch_epoch < epoch <= last_search_epoch(schedule, search_stopped_after)
 
 
-def search_stops(schedule: ScheduleConfig, epoch: int, jump_fraction: float | None) -> bool:
-    """Whether the global search ends early after search epoch ``epoch`` in which a fraction
-    ``jump_fraction`` of the particles jumped (``EpochStats.jump_fraction``).
+#: The plateau rule (``schedule.search_plateau_fraction``): a search epoch's jump fraction that
+#: fell by less than this share of the previous search epoch's has stopped falling.
+PLATEAU_MIN_DROP = 0.25
 
-    True only for a search epoch ``switch_epoch + s`` with
-    ``search_min_epochs <= s < search_epochs`` (the last one ends the search anyway) and
-    ``jump_fraction < search_stop_fraction``; never with ``search_min_epochs = None`` or
-    without a measured fraction.
+
+def search_stops(schedule: ScheduleConfig, epoch: int, jump_fraction: float | None,
+                 previous_fraction: float | None = None) -> bool:
+    """Whether the global search ends early after search epoch ``epoch`` in which a fraction
+    ``jump_fraction`` of the particles jumped (``EpochStats.jump_fraction``; the search epoch
+    before it: ``previous_fraction``).
+
+    Only after a search epoch ``switch_epoch + s`` with ``search_min_epochs <= s <
+    search_epochs`` (the last one ends the search anyway), and then when either
+
+    * few particles jumped: ``jump_fraction < search_stop_fraction``; or
+    * the jumps no longer fall (the plateau rule): ``jump_fraction <
+      search_plateau_fraction`` and ``jump_fraction > (1 - PLATEAU_MIN_DROP) *
+      previous_fraction``. On a pseudo-symmetric particle a few per cent of the particles flip
+      between near-identical copies in every search epoch, and more search epochs do not
+      settle them (6VYB, 60,000 particles: 2.9, 2.8, 2.7, 2.8, 2.7, 2.7 % in search epochs
+      3-8; benchmarks/RESULTS.md).
+
+    Never with ``search_min_epochs = None`` or without a measured fraction; the plateau rule
+    never without ``previous_fraction``.
     """
     low = schedule.search_min_epochs
     s = epoch - schedule.switch_epoch
-    if low is None or jump_fraction is None or math.isnan(jump_fraction):
+    if (low is None or jump_fraction is None or math.isnan(jump_fraction)
+            or not low <= s < schedule.search_epochs):
         return False
-    return low <= s < schedule.search_epochs and jump_fraction < schedule.search_stop_fraction
+    if jump_fraction < schedule.search_stop_fraction:
+        return True
+    if previous_fraction is None or math.isnan(previous_fraction):
+        return False
+    return (jump_fraction < schedule.search_plateau_fraction
+            and jump_fraction > (1.0 - PLATEAU_MIN_DROP) * previous_fraction)
 
 
 def decay_fraction(schedule: ScheduleConfig, epoch: int,

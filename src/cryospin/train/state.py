@@ -253,6 +253,8 @@ class TrainState:
         Training time of the earlier sessions of a resumed run (0 for a new run).
     search_stopped_after : int or None
         The epoch after which the global search stopped early (:mod:`cryospin.train.schedule`).
+    last_jump_fraction : float or None
+        The last search epoch's ``jump_fraction`` (the early stop's plateau rule).
     """
 
     stage: Stage
@@ -266,6 +268,7 @@ class TrainState:
     switch_record: BestPoses | None = None
     elapsed_before_s: float = 0.0
     search_stopped_after: int | None = None
+    last_jump_fraction: float | None = None
 
     @classmethod
     def start(cls, config: Config, volume: HartleyVolume, stage: Stage, device: torch.device,
@@ -305,6 +308,7 @@ class TrainState:
         restore_rng_state(cast(RngState, ckpt.rng), generator)  # stored as a plain dict
         self.elapsed_before_s = ckpt.elapsed_s
         self.search_stopped_after = ckpt.search_stopped_after
+        self.last_jump_fraction = ckpt.last_jump_fraction
         if ckpt.switch_record is not None:  # stopped at the switch: its poses
             self.switch_record = BestPoses.from_state_dict(ckpt.switch_record, device)
 
@@ -329,6 +333,7 @@ class TrainState:
             pose_table=None if pose_table is None else pose_table.state_dict(),
             optimizers=optimizers, rng=dict(capture_rng_state(generator)), data=data,
             elapsed_s=elapsed_s, search_stopped_after=self.search_stopped_after,
+            last_jump_fraction=self.last_jump_fraction,
             switch_record=None if switch_record is None else switch_record.state_dict(),
             volume_symmetry=self.volume.point_group,
         )

@@ -180,6 +180,11 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
                    help="early stop when fewer than this fraction (0-1) of the particles' "
                         "rotations moved by more than 20 deg in a search epoch; 0 never stops "
                         "early")
+    g.add_argument("--search-plateau-fraction", type=float, metavar="F",
+                   help="also stop early when fewer than this fraction (0-1) jumped and that "
+                        "fraction fell by less than a quarter since the previous search epoch "
+                        "(particles flipping between a pseudo-symmetric particle's copies); 0 "
+                        "never")
     g.add_argument("--search-rotations", type=int, metavar="N",
                    help="rotations in the global search grid")
     g.add_argument("--search-resolution", type=float, metavar="A",
