@@ -797,28 +797,6 @@ def test_the_plateau_rule_compares_with_the_previous_search_epoch_also_after_a_r
     assert "last_jump_fraction" not in load_checkpoint(tmp_path / "s1" / "checkpoint.pt")["extra"]
 
 
-def test_search_stop_records_and_logs_say_which_rule_stopped_the_search(caplog):
-    from cryospin.train.autoencode import EpochStats
-
-    config = build_config("default")  # the 2 % rule and the 5 % plateau
-    caplog.set_level("INFO", logger="cryospin.train.fit")
-    plateau = fit_module._search_stop_record(
-        config, 5, EpochStats(1.0, 10, jump_fraction=0.028), 0.0296, 9)["search_stop"]
-    assert (plateau["rule"], plateau["previous_jump_fraction"], plateau["local_epochs"]) == (
-        "plateau", 0.0296, 4)
-    fit_module._log_search_stop(plateau)
-    few = fit_module._search_stop_record(
-        config, 5, EpochStats(1.0, 10, jump_fraction=0.01), None, 8)["search_stop"]
-    assert few["rule"] == "few" and "previous_jump_fraction" not in few
-    fit_module._log_search_stop(few)
-    lines = [r.getMessage() for r in caplog.records]
-    assert lines == [
-        "global search done after epoch 5: 2.8 % of particles jumped > 20 deg (no longer "
-        "falling: 3.0 % in the search epoch before); 4 local epochs follow",
-        "global search done after epoch 5: 1.0 % of particles jumped > 20 deg (< 2 %); 3 "
-        "local epochs follow"]
-
-
 def test_resume_with_more_epochs_after_an_early_stop_adds_local_epochs(early_stopped, tiny,
                                                                       tmp_path):
     import shutil

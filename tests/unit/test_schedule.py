@@ -316,3 +316,22 @@ def test_step_budget_becomes_whole_epochs_and_a_cut_last_one(
     assert total == steps  # exactly the budget
     assert with_step_budget(ScheduleConfig(), per_epoch) == ScheduleConfig()
     assert stage1_batches(ScheduleConfig(), 1, per_epoch) is None
+
+
+def test_search_stop_records_and_messages_say_which_rule_stopped_the_search():
+    from cryospin.train.metrics import search_stop_message, search_stop_record
+
+    plateau = search_stop_record(5, 0.028, 0.0296, threshold_deg=20.0, stop_fraction=0.02,
+                                 local_epochs=4)
+    assert (plateau["rule"], plateau["previous_jump_fraction"]) == ("plateau", 0.0296)
+    few = search_stop_record(5, 0.01, None, threshold_deg=20.0, stop_fraction=0.02,
+                             local_epochs=3)
+    assert few["rule"] == "few" and "previous_jump_fraction" not in few
+    assert [search_stop_message(r) for r in (plateau, few)] == [
+        "global search done after epoch 5: 2.8 % of particles jumped > 20 deg (no longer "
+        "falling: 3.0 % in the search epoch before); 4 local epochs follow",
+        "global search done after epoch 5: 1.0 % of particles jumped > 20 deg (< 2 %); 3 "
+        "local epochs follow"]
+    # a record of cryospin <= 0.2 (no rule): the 2 % wording
+    old = {k: v for k, v in few.items() if k != "rule"}
+    assert search_stop_message(old) == search_stop_message(few)  # type: ignore[arg-type]

@@ -81,7 +81,7 @@ from cryospin.train.distributed import (
 )
 from cryospin.train.feedback import Feedback, PassProgress
 from cryospin.train.impose import impose_on_state, step_due
-from cryospin.train.metrics import EpochExtra, SearchStopRecord
+from cryospin.train.metrics import EpochExtra, search_stop_message, search_stop_record
 from cryospin.train.outputs import epoch_metrics, write_epoch, write_final
 from cryospin.train.progress import (
     PHASE_LABELS,
@@ -411,7 +411,7 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
         if stats.jump_fraction is not None else "",
     )
     if "search_stop" in extra:
-        _log_search_stop(extra["search_stop"])
+        logger.info(search_stop_message(extra["search_stop"]))
     return trained
 
 
@@ -487,7 +487,9 @@ def _stop_search_if_done(run: _Run, state: TrainState, clock: _Clock, epoch: int
     clock.last = min(clock.last, clock.end)
     clock.plan = RunPlan.from_schedule(s, switch_epoch=run.switch_epoch,
                                        search_stopped_after=epoch, last_epoch=clock.last)
-    return _search_stop_record(run.config, epoch, stats, previous, clock.end)
+    return {"search_stop": search_stop_record(
+        epoch, float(stats.jump_fraction or 0.0), previous, threshold_deg=JUMP_THRESHOLD_DEG,
+        stop_fraction=s.search_stop_fraction, local_epochs=clock.end - epoch)}
 
 
 def _commit(run: _Run, state: TrainState, epoch: int, stats: EpochStats, *, wall: float,
@@ -581,31 +583,3 @@ def _resume_hint(run_dir: Path, epochs_done: int) -> str:
         return f"no epoch completed; fix this and run: cryospin reconstruct --resume {run_dir}"
     return (f"the last complete epoch is {epochs_done}; fix this and continue with: "
             f"cryospin reconstruct --resume {run_dir}")
-
-
-def _search_stop_record(config: Config, epoch: int, stats: EpochStats,
-                        previous: float | None, end: int) -> EpochExtra:
-    """The ``metrics.jsonl`` record (``extra``) of the global search's early stop after
-    ``epoch`` (``previous``: the search epoch before's jump fraction), the run now ending at
-    ``end``."""
-    s, jumped = config.schedule, float(stats.jump_fraction or 0.0)
-    record: SearchStopRecord = {
-        "after_epoch": epoch, "jump_fraction": jumped, "threshold_deg": JUMP_THRESHOLD_DEG,
-        "stop_fraction": s.search_stop_fraction, "local_epochs": end - epoch,
-        "rule": "few" if jumped < s.search_stop_fraction else "plateau"}
-    if previous is not None:
-        record["previous_jump_fraction"] = float(previous)
-    return {"search_stop": record}
-
-
-def _log_search_stop(record: SearchStopRecord) -> None:
-    """One INFO line for a :func:`_search_stop_record`."""
-    if record.get("rule") == "plateau":
-        why = (f"no longer falling: {100 * record.get('previous_jump_fraction', 0.0):.1f} % "
-               "in the search epoch before")
-    else:
-        why = f"< {100 * record['stop_fraction']:g} %"
-    logger.info("global search done after epoch %d: %.1f %% of particles jumped > %g deg "
-                "(%s); %d local epochs follow", record["after_epoch"],
-                100 * record["jump_fraction"], record["threshold_deg"], why,
-                record["local_epochs"])

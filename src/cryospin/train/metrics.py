@@ -17,6 +17,8 @@ from cryospin.errors import CryospinError
 __all__ = [
     "SwitchRecord",
     "SearchStopRecord",
+    "search_stop_record",
+    "search_stop_message",
     "SymmetryRecord",
     "RelaxRecord",
     "EpochExtra",
@@ -69,6 +71,35 @@ class SearchStopRecord(TypedDict):
     local_epochs: int
     rule: NotRequired[Literal["few", "plateau"]]
     previous_jump_fraction: NotRequired[float]
+
+
+def search_stop_record(epoch: int, jump_fraction: float, previous: float | None, *,
+                       threshold_deg: float, stop_fraction: float,
+                       local_epochs: int) -> SearchStopRecord:
+    """The record of the global search's early stop after ``epoch``, in which a fraction
+    ``jump_fraction`` of the particles moved by more than ``threshold_deg`` (``previous``: the
+    search epoch before's; None: none); the rule is ``few`` below ``stop_fraction``, else
+    ``plateau``."""
+    record: SearchStopRecord = {
+        "after_epoch": epoch, "jump_fraction": jump_fraction, "threshold_deg": threshold_deg,
+        "stop_fraction": stop_fraction, "local_epochs": local_epochs,
+        "rule": "few" if jump_fraction < stop_fraction else "plateau"}
+    if previous is not None:
+        record["previous_jump_fraction"] = float(previous)
+    return record
+
+
+def search_stop_message(record: SearchStopRecord) -> str:
+    """One log line for a :func:`search_stop_record`."""
+    if record.get("rule") == "plateau":
+        why = (f"no longer falling: {100 * record.get('previous_jump_fraction', 0.0):.1f} % "
+               "in the search epoch before")
+    else:
+        why = f"< {100 * record['stop_fraction']:g} %"
+    return (f"global search done after epoch {record['after_epoch']}: "
+            f"{100 * record['jump_fraction']:.1f} % of particles jumped > "
+            f"{record['threshold_deg']:g} deg ({why}); {record['local_epochs']} local epochs "
+            "follow")
 
 
 class SymmetryRecord(TypedDict):
