@@ -25,6 +25,10 @@ are in the truth's frame (no alignment: the volume fixes it); ``joint`` errors a
 best global alignment (and hand), as ``cryospin pose-error``. A markdown table on stdout and
 the curves as JSON (``--json``).
 
+``--encoder-lr-final F`` decays the encoder's learning rate linearly to ``F`` over the steps
+after ``--encoder-lr-decay-start`` (a fraction of ``--steps``): does a stage 1 that anneals
+at its end give a better switch?
+
 ``--ema D [D ...]`` also scores moving averages of the encoder's weights and BatchNorm
 statistics (Polyak averaging, decay ``min(D, (1 + t) / (10 + t))`` after step ``t``, so every D
 above ~0.99 follows the same warm-up memory of ~t/9 steps until ``(1 + t) / (10 + t)`` reaches
@@ -155,6 +159,16 @@ def _update_emas(emas: dict, encoder, step: int) -> None:
                     b_dst.copy_(b_src)
 
 
+def _encoder_lr(args: argparse.Namespace, step: int) -> float:
+    """The encoder's learning rate at ``step`` (0-based): constant, or decaying linearly from
+    ``--encoder-lr-decay-start`` of the steps to ``--encoder-lr-final`` at the last."""
+    if args.encoder_lr_final is None:
+        return args.encoder_lr
+    start = args.encoder_lr_decay_start * args.steps
+    frac = min(max((step - start) / max(args.steps - 1 - start, 1.0), 0.0), 1.0)
+    return args.encoder_lr + frac * (args.encoder_lr_final - args.encoder_lr)
+
+
 def _print_row(label: str, step: int, t_train: float, r: dict, symmetry: str | None) -> None:
     print(f"  {label} step {step}: winner {r['winner_median_deg']:.1f} deg "
           f"(best head {r['best_head_median_deg']:.1f}, view {r['view_median_deg']:.1f}"
@@ -179,6 +193,11 @@ def main() -> None:
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--encoder-box", type=int, default=32)
     p.add_argument("--encoder-lr", type=float, default=1e-4)
+    p.add_argument("--encoder-lr-final", type=float, default=None,
+                   help="decay the encoder's learning rate linearly to this by the last step, "
+                        "from step --encoder-lr-decay-start x --steps on (default: constant)")
+    p.add_argument("--encoder-lr-decay-start", type=float, default=0.5,
+                   help="fraction of --steps after which that decay starts")
     p.add_argument("--decoder-lr", type=float, default=0.05)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--loss-radius", type=float, default=None,
@@ -251,6 +270,8 @@ def main() -> None:
                 if step >= args.steps:
                     break
                 t0 = time.perf_counter()
+                for group in enc_opt.param_groups:
+                    group["lr"] = _encoder_lr(args, step)
                 batch = data.batch(idx)
                 if args.mode == "fixed-supervised":
                     rot = enc(batch.images).rotations  # (B, M, 3, 3)

@@ -918,6 +918,29 @@ def test_cli_reconstruct_cs_writes_poses_cs_and_relative_to(tiny, tmp_path):
     np.testing.assert_array_equal(np.load(run / "poses.cs")["uid"], table["uid"])
 
 
+def test_the_encoder_lr_decays_to_its_final_value_at_the_switch_and_resumes(tiny, tmp_path):
+    """``optim.encoder_lr_final``: the encoder's lr as set for each stage-1 step (the
+    checkpoint's optimiser keeps the last), the same after a stop inside stage 1 and a
+    resume."""
+    from cryospin.train.schedule import stage1_encoder_lr
+
+    cfg = _tiny_config(schedule={"switch_steps": 5, "epochs": 3, "switch_epoch": 1,
+                                 "switch_poses": "last_epoch"},
+                       optim={"encoder_lr": 1e-3, "encoder_lr_final": 1e-4,
+                              "encoder_lr_decay_start": 0.2})
+    ref = tmp_path / "ref"
+    fit(cfg, _particles(tiny), ref)
+    run = tmp_path / "run"
+    for epoch, last_step in ((2, 3), (3, 4)):  # 2 batches an epoch, the third cut after one
+        fit(cfg, _particles(tiny), run, stop_after=epoch, resume=epoch > 2)
+        state = load_checkpoint(run / "checkpoint.pt")
+        lr = state["optimizers"]["encoder"]["param_groups"][0]["lr"]
+        assert lr == pytest.approx(stage1_encoder_lr(last_step, 5, 1e-3, 1e-4, 0.2), rel=1e-12)
+    assert lr == pytest.approx(1e-4, rel=1e-12)  # the last stage-1 step: the final lr
+    fit(cfg, _particles(tiny), run, resume=True)
+    _assert_same_run(ref, run)
+
+
 def test_step_budget_switches_after_exactly_n_steps_and_resumes_mid_stage(tiny, tmp_path,
                                                                           monkeypatch):
     """``schedule.switch_steps = 5`` with 2 batches per epoch (64 particles, batch 32): stage 1

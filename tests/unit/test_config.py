@@ -58,6 +58,9 @@ def test_paper_presets_match_the_paper():
     o = syn.optim
     assert (o.switch_hypotheses, o.switch_refine_steps, o.switch_refine_radius_px) == (7, 40, 12.0)
     assert real.optim.switch_hypotheses == 1
+    # the encoder anneals over stage 1's second half (synthetic only; the paper: constant)
+    assert (o.encoder_lr, o.encoder_lr_final, o.encoder_lr_decay_start) == (1e-4, 1e-5, 0.5)
+    assert real.optim.encoder_lr_final is None
     # the text's schedule back: a --switch-epoch on the command line replaces the step budget
     text = build_config("paper-synthetic", {"schedule": {"switch_epoch": 7}})
     assert (text.schedule.switch_epoch, text.schedule.switch_steps) == (7, None)

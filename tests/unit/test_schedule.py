@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -335,3 +336,46 @@ def test_search_stop_records_and_messages_say_which_rule_stopped_the_search():
     # a record of cryospin <= 0.2 (no rule): the 2 % wording
     old = {k: v for k, v in few.items() if k != "rule"}
     assert search_stop_message(old) == search_stop_message(few)  # type: ignore[arg-type]
+
+
+def test_the_encoder_lr_is_constant_then_linear_to_its_final_value_at_the_last_step():
+    from cryospin.train.schedule import encoder_lr_schedule, stage1_encoder_lr
+
+    lrs = [stage1_encoder_lr(s, 101, 1e-4, 1e-5, 0.5) for s in range(103)]
+    assert lrs[:51] == [1e-4] * 51  # steps 0 .. 50.5 (= 0.5 x 101)
+    assert lrs[100] == pytest.approx(1e-5, rel=1e-12) and lrs[101:] == [1e-5] * 2
+    assert all(a > b for a, b in zip(lrs[50:101], lrs[51:101], strict=False))
+    steps = np.diff(lrs[51:101])
+    np.testing.assert_allclose(steps, steps[0], rtol=1e-9)  # linear
+    assert stage1_encoder_lr(0, 10, 1e-4, 1e-5, 0.0) == 1e-4  # decays from the first step
+    assert stage1_encoder_lr(9, 10, 1e-4, 1e-5, 0.0) == pytest.approx(1e-5, rel=1e-12)
+    assert stage1_encoder_lr(0, 1, 1e-4, 1e-5, 0.5) == 1e-4  # one step: nothing to decay
+    # per batch of an epoch, over a step budget or whole epochs
+    config = build_config("default", {"optim": {"encoder_lr_final": 1e-5,
+                                                "encoder_lr_decay_start": 0.5}})
+    budget = dataclasses.replace(config, schedule=with_step_budget(
+        dataclasses.replace(config.schedule, switch_steps=25), 10))  # epochs 1-3, 10+10+5
+    got = [encoder_lr_schedule(budget, 10, e)(b) for e in (1, 2, 3) for b in range(1, 11)]
+    assert got[:25] == [stage1_encoder_lr(s, 25, 1e-4, 1e-5, 0.5) for s in range(25)]
+    epochs = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule,
+                                                                      switch_epoch=2))
+    assert encoder_lr_schedule(epochs, 10, 2)(10) == pytest.approx(1e-5, rel=1e-12)
+    assert encoder_lr_schedule(build_config("default"), 10, 1) is None  # constant
+
+
+def test_encoder_lr_decay_settings_are_validated_and_reach_the_config():
+    from cryospin.cli import reconstruct as cli
+    from cryospin.cli.flags import reconstruct as flags
+
+    for key, bad, match in (("encoder_lr_final", 0.0, "encoder_lr_final must be > 0"),
+                            ("encoder_lr_decay_start", 1.0,
+                             r"encoder_lr_decay_start must be in \[0, 1\)"),
+                            ("encoder_lr_decay_start", -0.1, "encoder_lr_decay_start")):
+        with pytest.raises(InputError, match=match):
+            build_config("default", {"optim": {key: bad}})
+    parser = argparse.ArgumentParser()
+    flags.add_args(parser)
+    args = parser.parse_args(["p.star", "-o", "run", "--encoder-lr-final", "2e-5",
+                              "--encoder-lr-decay-start", "0.25"])
+    o = build_config("default", cli._overrides(args)).optim
+    assert (o.encoder_lr_final, o.encoder_lr_decay_start) == (2e-5, 0.25)

@@ -48,6 +48,8 @@ _OVERRIDES = {
     "method": ("schedule", "method"),
     "batch_size": ("optim", "batch_size"),
     "encoder_lr": ("optim", "encoder_lr"),
+    "encoder_lr_final": ("optim", "encoder_lr_final"),
+    "encoder_lr_decay_start": ("optim", "encoder_lr_decay_start"),
     "decoder_lr": ("optim", "decoder_lr"),
     "decoder_lr_after_switch": ("optim", "decoder_lr_after_switch"),
     "pose_lr": ("optim", "pose_lr"),

@@ -305,6 +305,7 @@ def autoencode_epoch(
     grad_scaler: torch.amp.GradScaler | None = None,
     record: BestPoses | None = None,
     max_batches: int | None = None,
+    encoder_lr: Callable[[int], float] | None = None,
 ) -> EpochStats:
     """One pass over the particles in random order (drawn from ``generator``), or its first
     ``max_batches`` batches.
@@ -342,6 +343,9 @@ def autoencode_epoch(
     max_batches : int, optional
         Stop after this many batches (a stage-1 step budget ending inside the epoch; the
         batch order is drawn for the whole epoch all the same).
+    encoder_lr : callable, optional
+        ``encoder_lr(b)`` is the encoder's learning rate for batch ``b`` (1-based) of the epoch
+        (set on ``encoder_optimizer`` before its step); None: left as it is.
 
     Raises
     ------
@@ -384,6 +388,9 @@ def autoencode_epoch(
             objective = shard.objective(best_nll, global_size)
             loss = best_nll.detach().mean() if best_nll.numel() else objective.detach()
         check_finite_loss(objective, Stage.AUTOENCODE, epoch, b)
+        if encoder_lr is not None:
+            for group in encoder_optimizer.param_groups:
+                group["lr"] = encoder_lr(b)
         _step(objective, encoder, volume, encoder_optimizer, decoder_optimizer,
               shard=shard, grad_scaler=grad_scaler, epoch=epoch, batch=b)
         n = int(idx.numel())

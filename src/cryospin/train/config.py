@@ -145,6 +145,13 @@ class OptimConfig:
         Images per batch in both stages.
     encoder_lr : float
         Encoder learning rate (stage 1).
+    encoder_lr_final : float or None
+        If given, the encoder learning rate stays at ``encoder_lr`` for the first
+        ``encoder_lr_decay_start`` of the stage-1 steps, then decays linearly, step by step,
+        to this value at the last stage-1 step (the encoder anneals before the switch reads
+        it). ``None``: constant.
+    encoder_lr_decay_start : float
+        Fraction in [0, 1) of the stage-1 steps after which that decay starts.
     decoder_lr : float
         Volume learning rate in stage 1.
     decoder_lr_after_switch : float
@@ -200,6 +207,8 @@ class OptimConfig:
 
     batch_size: int = 64
     encoder_lr: float = 1e-4
+    encoder_lr_final: float | None = None
+    encoder_lr_decay_start: float = 0.5
     decoder_lr: float = 0.05
     decoder_lr_after_switch: float = 0.02
     decoder_lr_final: float | None = None

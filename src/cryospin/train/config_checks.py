@@ -80,7 +80,10 @@ def _check_optim(c: Config) -> None:
     for name in ("encoder_lr", "decoder_lr", "decoder_lr_after_switch", "pose_lr", "shift_lr"):
         if not getattr(o, name) > 0:
             raise _bad(f"optim.{name} must be > 0, got {getattr(o, name)}")
-    for name in ("decoder_lr_final", "pose_lr_final"):
+    if not 0.0 <= o.encoder_lr_decay_start < 1.0:
+        raise _bad(f"optim.encoder_lr_decay_start must be in [0, 1), got "
+                   f"{o.encoder_lr_decay_start}")
+    for name in ("encoder_lr_final", "decoder_lr_final", "pose_lr_final"):
         value = getattr(o, name)
         if value is not None and not value > 0:
             raise _bad(f"optim.{name} must be > 0, got {value}")

@@ -95,6 +95,7 @@ from cryospin.train.relax import place_copies, relax_record, relaxed_group
 from cryospin.train.release import return_free_memory
 from cryospin.train.runlog import header_line, run_log
 from cryospin.train.schedule import (
+    encoder_lr_schedule,
     final_epoch,
     final_stage1_radius,
     is_search_epoch,
@@ -431,7 +432,7 @@ def _stage1_epoch(run: _Run, state: TrainState, epoch: int, cut: int | None,
         progress=bar.update, loss_radius=run.loss_radius(epoch),
         lowpass_input=config.model.encoder_lowpass, shard=run.shard,
         grad_scaler=state.grad_scaler, record=state.switch_record if epoch == K else None,
-        max_batches=cut,
+        max_batches=cut, encoder_lr=encoder_lr_schedule(config, run.per_epoch, epoch),
     )
 
 

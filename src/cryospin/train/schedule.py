@@ -46,6 +46,8 @@ __all__ = [
     "impose_epoch",
     "decay_fraction",
     "stage1_loss_radius",
+    "stage1_encoder_lr",
+    "encoder_lr_schedule",
     "loss_radius_schedule",
     "final_stage1_radius",
     "stage2_decoder_lr",
@@ -195,6 +197,38 @@ def loss_radius_schedule(config: Config, box_px: int, batches_per_epoch: int,
         return stage1_loss_radius((epoch - 1) * per_epoch + b - 1, total, start, end)
 
     return radius
+
+
+def stage1_encoder_lr(step: int, total_steps: int, start_lr: float, final_lr: float,
+                      decay_start: float) -> float:
+    """Encoder learning rate of stage-1 step ``step`` (0-based) of ``total_steps``: ``start_lr``
+    up to step ``decay_start * total_steps``, then linear to ``final_lr`` at the last step
+    (``total_steps - 1``), ``final_lr`` after it."""
+    first, last = decay_start * total_steps, total_steps - 1
+    if step <= first:
+        return start_lr
+    if step >= last:
+        return final_lr
+    return start_lr + (step - first) / (last - first) * (final_lr - start_lr)
+
+
+def encoder_lr_schedule(config: Config, batches_per_epoch: int,
+                        epoch: int) -> Callable[[int], float] | None:
+    """``b -> encoder learning rate`` of batch ``b`` (from 1) of stage-1 epoch ``epoch`` (None:
+    constant, ``optim.encoder_lr_final`` unset); ``config.schedule`` as run
+    (:func:`with_step_budget`)."""
+    o, s = config.optim, config.schedule
+    if o.encoder_lr_final is None:
+        return None
+    start, final, decay_start = o.encoder_lr, o.encoder_lr_final, o.encoder_lr_decay_start
+    per_epoch = batches_per_epoch
+    total = s.switch_steps if s.switch_steps is not None else max(s.switch_epoch, 1) * per_epoch
+
+    def lr(b: int) -> float:
+        return stage1_encoder_lr((epoch - 1) * per_epoch + b - 1, total, start, final,
+                                 decay_start)
+
+    return lr
 
 
 def final_stage1_radius(config: Config, box_px: int, batches_per_epoch: int) -> float | None:

@@ -144,6 +144,11 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimisation (default: from the preset)")
     g.add_argument("--batch-size", type=int, metavar="B")
     g.add_argument("--encoder-lr", type=float, metavar="LR")
+    g.add_argument("--encoder-lr-final", type=float, metavar="LR",
+                   help="decay the encoder lr linearly to this by the switch (from "
+                        "--encoder-lr-decay-start of the stage-1 steps on)")
+    g.add_argument("--encoder-lr-decay-start", type=float, metavar="F",
+                   help="fraction (0-1) of the stage-1 steps after which that decay starts")
     g.add_argument("--decoder-lr", type=float, metavar="LR", help="volume lr in stage 1")
     g.add_argument("--decoder-lr-after-switch", type=float, metavar="LR",
                    help="volume lr in stage 2")
