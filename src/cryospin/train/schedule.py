@@ -18,7 +18,8 @@ learning-rate decay runs from ``s`` to that new last epoch (:func:`decay_fractio
 stop, for any ``search_min_epochs``.
 
 The learning rates and radii follow the same plan: stage 1's loss radius under frequency
-marching (:func:`stage1_loss_radius`, :func:`loss_radius_schedule`), stage 2's decaying volume
+marching (:func:`stage1_loss_radius`, :func:`loss_radius_schedule`) and its annealed encoder
+learning rate (:func:`stage1_encoder_lr`, :func:`encoder_lr_schedule`), stage 2's decaying volume
 and pose learning rates (:func:`stage2_decoder_lr`, :func:`stage2_pose_lrs`) and the global
 search's disc radius (:func:`search_radius_px`).
 
@@ -178,6 +179,14 @@ def stage1_loss_radius(
     return float(start_px) + frac * (float(end_px) - float(start_px))
 
 
+def _stage1_steps(schedule: ScheduleConfig, batches_per_epoch: int) -> int:
+    """Stage 1's optimizer steps: the step budget, or its epochs' batches (at least one
+    epoch's: a run that never trains stage 1 still has a schedule)."""
+    if schedule.switch_steps is not None:
+        return int(schedule.switch_steps)
+    return max(schedule.switch_epoch, 1) * batches_per_epoch
+
+
 def loss_radius_schedule(config: Config, box_px: int, batches_per_epoch: int,
                          epoch: int) -> Callable[[int], float | None] | None:
     """``b -> loss radius`` (px) of batch ``b`` (from 1) of stage-1 epoch ``epoch`` (None: no
@@ -191,7 +200,7 @@ def loss_radius_schedule(config: Config, box_px: int, batches_per_epoch: int,
     end = full if s.loss_radius_end_px is None else min(float(s.loss_radius_end_px), full)
     start = min(float(s.loss_radius_start_px), end)
     per_epoch = batches_per_epoch
-    total = s.switch_steps if s.switch_steps is not None else max(s.switch_epoch, 1) * per_epoch
+    total = _stage1_steps(s, per_epoch)
 
     def radius(b: int) -> float | None:
         return stage1_loss_radius((epoch - 1) * per_epoch + b - 1, total, start, end)
@@ -222,7 +231,7 @@ def encoder_lr_schedule(config: Config, batches_per_epoch: int,
         return None
     start, final, decay_start = o.encoder_lr, o.encoder_lr_final, o.encoder_lr_decay_start
     per_epoch = batches_per_epoch
-    total = s.switch_steps if s.switch_steps is not None else max(s.switch_epoch, 1) * per_epoch
+    total = _stage1_steps(s, per_epoch)
 
     def lr(b: int) -> float:
         return stage1_encoder_lr((epoch - 1) * per_epoch + b - 1, total, start, final,
