@@ -433,7 +433,8 @@ class EpochMetrics:
     start of the run, including resumed parts) and ``jump_fraction`` (stage 2: fraction of the
     visited particles whose rotation moved by more than
     ``cryospin.train.autodecode.JUMP_THRESHOLD_DEG`` during the epoch; absent from files
-    written before it existed). ``extra`` holds ``"switch"`` (the switch's epoch),
+    written before it existed), ``encoder_lr`` (stage 1: the encoder's learning rate at the
+    epoch's last step; absent from older files). ``extra`` holds ``"switch"`` (the switch's epoch),
     ``"search_stop"`` (the global search's early stop; :func:`search_stopped_after`) and
     ``"symmetry"`` (the impose-symmetry step, :mod:`cryospin.train.impose`).
     """
@@ -452,6 +453,7 @@ class EpochMetrics:
     pose_lr: float | None = None
     elapsed_s: float | None = None
     jump_fraction: float | None = None
+    encoder_lr: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:

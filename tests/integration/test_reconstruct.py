@@ -930,6 +930,10 @@ def test_the_encoder_lr_decays_to_its_final_value_at_the_switch_and_resumes(tiny
                               "encoder_lr_decay_start": 0.2})
     ref = tmp_path / "ref"
     fit(cfg, _particles(tiny), ref)
+    rows = read_metrics(ref / "metrics.jsonl")  # the lr of each epoch's last step
+    assert [r["encoder_lr"] for r in rows[:3]] == pytest.approx(
+        [stage1_encoder_lr(s, 5, 1e-3, 1e-4, 0.2) for s in (1, 3, 4)], rel=1e-12)
+    assert [r["encoder_lr"] for r in rows[3:]] == [None, None]  # stage 2: no encoder
     run = tmp_path / "run"
     for epoch, last_step in ((2, 3), (3, 4)):  # 2 batches an epoch, the third cut after one
         fit(cfg, _particles(tiny), run, stop_after=epoch, resume=epoch > 2)

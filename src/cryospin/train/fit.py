@@ -515,6 +515,8 @@ def _commit(run: _Run, state: TrainState, epoch: int, stats: EpochStats, *, wall
         stats, epoch=epoch, stage=state.stage, wall_s=wall, elapsed_s=elapsed_s,
         decoder_lr=float(state.decoder_opt.param_groups[0]["lr"]),
         pose_lr=None if table is None else float(table.lr_rot), extra=extra,
+        encoder_lr=(None if state.encoder_opt is None
+                    else float(state.encoder_opt.param_groups[0]["lr"])),
     )
     checkpoint = state.to_checkpoint(
         epoch=epoch, config=config_to_dict(run.given), data=run.data.summary(),

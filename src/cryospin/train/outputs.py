@@ -56,6 +56,7 @@ def epoch_metrics(
     decoder_lr: float,
     pose_lr: float | None,
     extra: EpochExtra,
+    encoder_lr: float | None = None,
 ) -> EpochMetrics:
     """The ``metrics.jsonl`` line of ``epoch``; ``extra`` holds the switch's record (its
     ``head_usage`` stands for the epoch's when ``stats`` has none) and the search's stop."""
@@ -77,6 +78,7 @@ def epoch_metrics(
         pose_lr=pose_lr,
         elapsed_s=elapsed_s,
         jump_fraction=stats.jump_fraction,
+        encoder_lr=encoder_lr,
         extra=dict(extra),
     )
 
