@@ -68,6 +68,7 @@ from cryospin.train.data import prepare_data, sub_disc  # noqa: E402
 from cryospin.train.optimizer import adam  # noqa: E402
 from cryospin.train.outputs import final_backprojection  # noqa: E402
 from cryospin.train.precision import autocast_dtype  # noqa: E402
+from cryospin.train.schedule import stage1_encoder_lr  # noqa: E402
 from cryospin.volume import HartleyVolume  # noqa: E402
 
 VARIANTS = {
@@ -157,16 +158,6 @@ def _update_emas(emas: dict, encoder, step: int) -> None:
             for b_dst, b_src in zip(ema.buffers(), encoder.buffers(), strict=True):
                 if not b_dst.is_floating_point():
                     b_dst.copy_(b_src)
-
-
-def _encoder_lr(args: argparse.Namespace, step: int) -> float:
-    """The encoder's learning rate at ``step`` (0-based): constant, or decaying linearly from
-    ``--encoder-lr-decay-start`` of the steps to ``--encoder-lr-final`` at the last."""
-    if args.encoder_lr_final is None:
-        return args.encoder_lr
-    start = args.encoder_lr_decay_start * args.steps
-    frac = min(max((step - start) / max(args.steps - 1 - start, 1.0), 0.0), 1.0)
-    return args.encoder_lr + frac * (args.encoder_lr_final - args.encoder_lr)
 
 
 def _print_row(label: str, step: int, t_train: float, r: dict, symmetry: str | None) -> None:
@@ -270,8 +261,11 @@ def main() -> None:
                 if step >= args.steps:
                     break
                 t0 = time.perf_counter()
-                for group in enc_opt.param_groups:
-                    group["lr"] = _encoder_lr(args, step)
+                if args.encoder_lr_final is not None:
+                    for group in enc_opt.param_groups:
+                        group["lr"] = stage1_encoder_lr(step, args.steps, args.encoder_lr,
+                                                        args.encoder_lr_final,
+                                                        args.encoder_lr_decay_start)
                 batch = data.batch(idx)
                 if args.mode == "fixed-supervised":
                     rot = enc(batch.images).rotations  # (B, M, 3, 3)
