@@ -63,7 +63,11 @@ def _plot(curves: dict[str, list[dict[str, object]]], path: Path, title: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    with_fsc = any(isinstance(p["fsc_angstrom"], float) and math.isfinite(p["fsc_angstrom"])
+                   for curve in curves.values() for p in curve)
+    fig, axes = plt.subplots(1, 2 if with_fsc else 1, figsize=(10 if with_fsc else 5.5, 4),
+                             squeeze=False)
+    a = axes[0][0]
     for label, curve in curves.items():
         pts = [(p["elapsed_min"], p["median_deg"]) for p in curve
                if isinstance(p["median_deg"], float)]
@@ -72,13 +76,14 @@ def _plot(curves: dict[str, list[dict[str, object]]], path: Path, title: str) ->
         pts = [(p["elapsed_min"], p["fsc_angstrom"]) for p in curve
                if isinstance(p["fsc_angstrom"], float) and math.isfinite(p["fsc_angstrom"])]
         if pts:
-            b.plot(*zip(*pts, strict=True), "o-", ms=3, label=label)
+            axes[0][1].plot(*zip(*pts, strict=True), "o-", ms=3, label=label)
     for limit in (3.0, 2.0):
         a.axhline(limit, color="grey", ls=":", lw=0.8)
     a.set_yscale("log")
     a.set_ylabel("median rotation error of the tracked particles (°)")
-    b.set_ylabel("FSC = 0.5 vs ground truth (Å)")
-    for ax in (a, b):
+    if with_fsc:  # no FSC panel when no epoch map was scored (--fsc-epochs 0)
+        axes[0][1].set_ylabel("FSC = 0.5 vs ground truth (Å)")
+    for ax in axes[0]:
         ax.set_xlabel("training wall time (min)")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
