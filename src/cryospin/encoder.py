@@ -184,6 +184,11 @@ class _ReferenceHeads(nn.Module):
     per head), hidden biases ``U(−1, 1)``, the last layer PyTorch's ``nn.Linear`` default.
     Batch normalisation scales the small image-to-image differences of the trunk's features
     to unit variance, so that each head's rotation differs from image to image from the start.
+    The encoder zeroes the last layer's shift outputs (weights and biases): initialised like the
+    rotations they gave every image a random shift (std 5.5 px at ``max_shift_px`` 12), which
+    blurred the volume the rotations learn against (ADK, 64 px: 92° after 3,125 steps with
+    them on centred images, 37° without shift heads; benchmarks/RESULTS.md, "paper-real on
+    off-centre particles").
     """
 
     def __init__(self, in_features: int, num_heads: int, hidden: int, out_features: int) -> None:
@@ -312,6 +317,10 @@ class MultiHeadPoseEncoder(nn.Module):
         self.heads: nn.Module
         if head == "reference":
             self.heads = _ReferenceHeads(feature_dim, num_heads, head_hidden, out)
+            if predict_shifts:  # every image starts centred (see _ReferenceHeads)
+                with torch.no_grad():
+                    self.heads.weight3[..., 6:].zero_()
+                    self.heads.bias3[..., 6:].zero_()
         else:
             self.heads = _MultiHeadMLP(feature_dim, num_heads, head_hidden, out)
             with torch.no_grad():

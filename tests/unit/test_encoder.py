@@ -204,6 +204,24 @@ def test_reference_heads_follow_the_stated_initialisation() -> None:
     assert float(w3.abs().max()) <= bound and float(b3.abs().max()) <= bound
 
 
+def test_reference_heads_start_every_image_centred_and_learn_shifts() -> None:
+    """With shifts, the reference heads' shift outputs start at 0 for every image (initialised
+    like the rotations they gave random shifts of ~5 px std, which blurred the volume), while
+    the rotations still spread; the zeroed weights still take gradients."""
+    x = _images(128, 32, seed=4)
+    enc = _encoder(L=32, m=5, width_multiplier=0.25, head_hidden=64, head="reference",
+                   input_channels="pyramid", pooling="adaptive", predict_shifts=True,
+                   max_shift_px=12.0)
+    out = enc(x)
+    assert out.shifts_px is not None
+    assert float(out.shifts_px.abs().max()) == 0.0
+    assert min(_median_spread_deg(out.rotations.detach())) > 60.0
+    (out.shifts_px - 3.0).pow(2).sum().backward()  # a loss that wants a shift
+    for p in (enc.heads.weight3, enc.heads.bias3):
+        assert isinstance(p, nn.Parameter) and p.grad is not None
+        assert float(p.grad[..., 6:].abs().sum()) > 0
+
+
 @pytest.mark.parametrize(("box", "pooling", "pools", "grid"),
                          [(32, "adaptive", 4, 2), (64, "adaptive", 5, 2), (16, "adaptive", 3, 2),
                           (128, "adaptive", 5, 4), (32, "vgg16", 5, 1), (6, "adaptive", 1, 3)])
