@@ -38,13 +38,19 @@ from cryospin.volume import HartleyVolume
 BOX_PX, N = 24, 96
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    truth = make_dataset(tmp_path_factory.mktemp("hyp"), box_px=BOX_PX, n=N, seed=5, snr=100.0)
+def _simulated(folder: Path, seed: int, max_shift_px: float | None = None):
+    """`N` particles of `BOX_PX` px at SNR 100: the truth, the particles, the training data."""
+    truth = make_dataset(folder, box_px=BOX_PX, n=N, seed=seed, snr=100.0,
+                         max_shift_px=max_shift_px)
     particles = load_particles(truth.folder / "particles.mrcs", ctf_pkl=truth.folder / "ctf.pkl")
     config = build_config("default")
     data = prepare_data(particles, dataclasses.replace(config.data, max_preload_gb=1e9))
     return truth, particles, data
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return _simulated(tmp_path_factory.mktemp("hyp"), seed=5)
 
 
 def _turned(rotations: torch.Tensor, angle_deg: float, gen: torch.Generator) -> torch.Tensor:
@@ -52,6 +58,14 @@ def _turned(rotations: torch.Tensor, angle_deg: float, gen: torch.Generator) -> 
     axis = torch.randn(rotations.shape[0], 3, generator=gen, dtype=torch.float64)
     axis = axis / axis.norm(dim=-1, keepdim=True)
     return so3_exp(axis * math.radians(angle_deg)) @ rotations
+
+
+def _shuffled_hypotheses(gt: torch.Tensor, gen: torch.Generator):
+    """Each row's true rotation turned by 8°, 60° and 90°, in a random order per row: the
+    rotations `(N, 3, 3, 3)` float32 and ``order`` `(N, 3)`, where head 0 is the 8° one."""
+    candidates = torch.stack([_turned(gt, a, gen) for a in (8.0, 60.0, 90.0)], dim=1)
+    order = torch.argsort(torch.rand(N, 3, generator=gen), dim=1)  # (N, 3) a shuffle per row
+    return candidates[torch.arange(N)[:, None], order].float(), order
 
 
 def _settings(radius_px: float | None) -> HypothesisSettings:
@@ -64,11 +78,8 @@ def test_refinement_keeps_the_hypothesis_in_the_basin_and_refines_it(dataset, ra
     truth, _, data = dataset
     gen = torch.Generator().manual_seed(0)
     gt = truth.rotations  # (N, 3, 3) float64
-    candidates = torch.stack([_turned(gt, a, gen) for a in (8.0, 60.0, 90.0)], dim=1)
-    order = torch.argsort(torch.rand(N, 3, generator=gen), dim=1)  # (N, 3) a shuffle per row
-    rows = torch.arange(N)[:, None]
-    hyp = HeadPoses(rotations=candidates[rows, order].float(), shifts_px=None,
-                    heads=order, loss=torch.zeros(N, 3))
+    rotations, order = _shuffled_hypotheses(gt, gen)
+    hyp = HeadPoses(rotations=rotations, shifts_px=None, heads=order, loss=torch.zeros(N, 3))
     volume_ht = hartley3(truth.volume).float()
 
     best = refine_hypotheses(volume_ht, hyp, data, torch.arange(N), _settings(radius_px))
@@ -90,18 +101,12 @@ def test_refinement_with_shifts_moves_the_shift_with_the_rotation(tmp_path_facto
     its true shift off by (1, -1) px; the 8° one must be kept, and its shift refined towards the
     truth with its rotation (measured here: 4.9° and 0.16 px after 30 steps; with 1.5 px off,
     91 % kept the 8° one and its rotation had hardly moved, 8.0°, while the shift came in)."""
-    truth = make_dataset(tmp_path_factory.mktemp("hyp_shift"), box_px=BOX_PX, n=N, seed=6,
-                         snr=100.0, max_shift_px=3.0)
-    particles = load_particles(truth.folder / "particles.mrcs", ctf_pkl=truth.folder / "ctf.pkl")
-    data = prepare_data(particles, dataclasses.replace(build_config("default").data,
-                                                       max_preload_gb=1e9))
+    truth, _, data = _simulated(tmp_path_factory.mktemp("hyp_shift"), seed=6, max_shift_px=3.0)
     gen = torch.Generator().manual_seed(1)
     assert truth.shifts_px is not None
-    candidates = torch.stack([_turned(truth.rotations, a, gen) for a in (8.0, 60.0, 90.0)], 1)
-    order = torch.argsort(torch.rand(N, 3, generator=gen), dim=1)
-    rows = torch.arange(N)[:, None]
+    rotations, order = _shuffled_hypotheses(truth.rotations, gen)
     start_shift = truth.shifts_px + torch.tensor([1.0, -1.0], dtype=torch.float64)
-    hyp = HeadPoses(rotations=candidates[rows, order].float(),
+    hyp = HeadPoses(rotations=rotations,
                     shifts_px=start_shift[:, None, :].expand(N, 3, 2).float().contiguous(),
                     heads=order, loss=torch.zeros(N, 3))
     settings = dataclasses.replace(_settings(None), max_shift_px=6.0)
