@@ -79,7 +79,8 @@ def test_the_symmetry_step_follows_the_search_or_its_minimum_epochs():
 def test_the_search_never_stops_before_its_minimum_nor_at_its_last_epoch():
     # search epoch s is epoch 1 + s; min 4: the first possible stop is after epoch 5
     assert [e for e in range(2, 10) if search_stops(SCHEDULE, e, 0.0)] == [5, 6, 7, 8]
-    assert search_stops(SCHEDULE, 5, 0.0199) and not search_stops(SCHEDULE, 5, 0.02)  # strict
+    assert search_stops(SCHEDULE, 5, 0.0199) == "few"
+    assert search_stops(SCHEDULE, 5, 0.02) is None  # strict
     assert not search_stops(SCHEDULE, 5, None) and not search_stops(SCHEDULE, 5, math.nan)
     off = dataclasses.replace(SCHEDULE, search_min_epochs=None)
     assert not any(search_stops(off, e, 0.0) for e in range(1, 13))
@@ -91,8 +92,8 @@ def test_the_plateau_rule_stops_a_search_whose_jumps_no_longer_fall():
     plateau = dataclasses.replace(SCHEDULE, search_plateau_fraction=0.05)
     # the 60,000-particle spike's search epochs 3-8 (2.9 .. 2.7 %), above the 2 % rule
     assert not search_stops(SCHEDULE, 5, 0.0281, 0.0295)  # the rule off (0): as before
-    assert search_stops(plateau, 5, 0.0281, 0.0295)
-    assert search_stops(plateau, 5, 0.04, 0.03)  # rising counts as not falling
+    assert search_stops(plateau, 5, 0.0281, 0.0295) == "plateau"
+    assert search_stops(plateau, 5, 0.04, 0.03) == "plateau"  # rising counts as not falling
     # falling by a quarter or more, or at or above the plateau fraction: the search goes on
     assert not search_stops(plateau, 5, 3 / 128, 1 / 32)  # exactly 25 % less (dyadic)
     assert search_stops(plateau, 5, 3 / 128 + 1e-9, 1 / 32)
@@ -103,8 +104,9 @@ def test_the_plateau_rule_stops_a_search_whose_jumps_no_longer_fall():
     assert not search_stops(plateau, 5, 0.03, math.nan)
     assert not search_stops(plateau, 5, None, 0.03)
     assert not search_stops(dataclasses.replace(plateau, search_min_epochs=None), 5, 0.03, 0.03)
-    # the 2 % rule needs no previous fraction
-    assert search_stops(plateau, 5, 0.01, None)
+    # the 2 % rule needs no previous fraction, and is the one named when both hold
+    assert search_stops(plateau, 5, 0.01, None) == "few"
+    assert search_stops(plateau, 5, 0.019, 0.019) == "few"
 
 
 def _first_stop(schedule: ScheduleConfig, jumps: list[float]) -> int | None:
@@ -322,11 +324,12 @@ def test_step_budget_becomes_whole_epochs_and_a_cut_last_one(
 def test_search_stop_records_and_messages_say_which_rule_stopped_the_search():
     from cryospin.train.metrics import search_stop_message, search_stop_record
 
-    plateau = search_stop_record(5, 0.028, 0.0296, threshold_deg=20.0, stop_fraction=0.02,
-                                 local_epochs=4)
+    rules = dataclasses.replace(SCHEDULE, search_plateau_fraction=0.05)
+    plateau = search_stop_record(5, 0.028, 0.0296, rule=search_stops(rules, 5, 0.028, 0.0296),
+                                 threshold_deg=20.0, stop_fraction=0.02, local_epochs=4)
     assert (plateau["rule"], plateau["previous_jump_fraction"]) == ("plateau", 0.0296)
-    few = search_stop_record(5, 0.01, None, threshold_deg=20.0, stop_fraction=0.02,
-                             local_epochs=3)
+    few = search_stop_record(5, 0.01, None, rule=search_stops(rules, 5, 0.01, None),
+                             threshold_deg=20.0, stop_fraction=0.02, local_epochs=3)
     assert few["rule"] == "few" and "previous_jump_fraction" not in few
     assert [search_stop_message(r) for r in (plateau, few)] == [
         "global search done after epoch 5: 2.8 % of particles jumped > 20 deg (no longer "

@@ -481,7 +481,8 @@ def _stop_search_if_done(run: _Run, state: TrainState, clock: _Clock, epoch: int
             or state.search_stopped_after is not None):
         return {}
     previous, state.last_jump_fraction = state.last_jump_fraction, stats.jump_fraction
-    if not search_stops(s, epoch, stats.jump_fraction, previous):
+    rule = search_stops(s, epoch, stats.jump_fraction, previous)
+    if rule is None:
         return {}
     state.search_stopped_after = epoch
     clock.end = final_epoch(s, epoch)
@@ -489,7 +490,8 @@ def _stop_search_if_done(run: _Run, state: TrainState, clock: _Clock, epoch: int
     clock.plan = RunPlan.from_schedule(s, switch_epoch=run.switch_epoch,
                                        search_stopped_after=epoch, last_epoch=clock.last)
     return {"search_stop": search_stop_record(
-        epoch, float(stats.jump_fraction or 0.0), previous, threshold_deg=JUMP_THRESHOLD_DEG,
+        epoch, float(stats.jump_fraction or 0.0), previous, rule=rule,
+        threshold_deg=JUMP_THRESHOLD_DEG,
         stop_fraction=s.search_stop_fraction, local_epochs=clock.end - epoch)}
 
 

@@ -74,16 +74,15 @@ class SearchStopRecord(TypedDict):
 
 
 def search_stop_record(epoch: int, jump_fraction: float, previous: float | None, *,
-                       threshold_deg: float, stop_fraction: float,
-                       local_epochs: int) -> SearchStopRecord:
-    """The record of the global search's early stop after ``epoch``, in which a fraction
+                       rule: Literal["few", "plateau"], threshold_deg: float,
+                       stop_fraction: float, local_epochs: int) -> SearchStopRecord:
+    """The record of the global search's early stop by ``rule``
+    (:func:`cryospin.train.schedule.search_stops`) after ``epoch``, in which a fraction
     ``jump_fraction`` of the particles moved by more than ``threshold_deg`` (``previous``: the
-    search epoch before's; None: none); the rule is ``few`` below ``stop_fraction``, else
-    ``plateau``."""
+    search epoch before's; None: none)."""
     record: SearchStopRecord = {
         "after_epoch": epoch, "jump_fraction": jump_fraction, "threshold_deg": threshold_deg,
-        "stop_fraction": stop_fraction, "local_epochs": local_epochs,
-        "rule": "few" if jump_fraction < stop_fraction else "plateau"}
+        "stop_fraction": stop_fraction, "local_epochs": local_epochs, "rule": rule}
     if previous is not None:
         record["previous_jump_fraction"] = float(previous)
     return record

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Literal
 
 from cryospin.train.config import Config, ScheduleConfig
 
@@ -43,6 +44,7 @@ __all__ = [
     "final_epoch",
     "is_search_epoch",
     "PLATEAU_MIN_DROP",
+    "SearchStopRule",
     "search_stops",
     "impose_epoch",
     "decay_fraction",
@@ -119,18 +121,21 @@ def is_search_epoch(schedule: ScheduleConfig, epoch: int,
 #: fell by less than this share of the previous search epoch's has stopped falling.
 PLATEAU_MIN_DROP = 0.25
 
+#: which rule ended the global search early (:func:`search_stops`)
+SearchStopRule = Literal["few", "plateau"]
+
 
 def search_stops(schedule: ScheduleConfig, epoch: int, jump_fraction: float | None,
-                 previous_fraction: float | None = None) -> bool:
+                 previous_fraction: float | None = None) -> SearchStopRule | None:
     """Whether the global search ends early after search epoch ``epoch`` in which a fraction
     ``jump_fraction`` of the particles jumped (``EpochStats.jump_fraction``; the search epoch
-    before it: ``previous_fraction``).
+    before it: ``previous_fraction``): the rule that stops it, or None (it goes on).
 
     Only after a search epoch ``switch_epoch + s`` with ``search_min_epochs <= s <
     search_epochs`` (the last one ends the search anyway), and then when either
 
-    * few particles jumped: ``jump_fraction < search_stop_fraction``; or
-    * the jumps no longer fall (the plateau rule): ``jump_fraction <
+    * ``"few"``: few particles jumped, ``jump_fraction < search_stop_fraction``; or
+    * ``"plateau"``: the jumps no longer fall, ``jump_fraction <
       search_plateau_fraction`` and ``jump_fraction > (1 - PLATEAU_MIN_DROP) *
       previous_fraction``. On a pseudo-symmetric particle a few per cent of the particles flip
       between near-identical copies in every search epoch, and more search epochs do not
@@ -144,13 +149,14 @@ def search_stops(schedule: ScheduleConfig, epoch: int, jump_fraction: float | No
     s = epoch - schedule.switch_epoch
     if (low is None or jump_fraction is None or math.isnan(jump_fraction)
             or not low <= s < schedule.search_epochs):
-        return False
+        return None
     if jump_fraction < schedule.search_stop_fraction:
-        return True
+        return "few"
     if previous_fraction is None or math.isnan(previous_fraction):
-        return False
-    return (jump_fraction < schedule.search_plateau_fraction
-            and jump_fraction > (1.0 - PLATEAU_MIN_DROP) * previous_fraction)
+        return None
+    plateau = (jump_fraction < schedule.search_plateau_fraction
+               and jump_fraction > (1.0 - PLATEAU_MIN_DROP) * previous_fraction)
+    return "plateau" if plateau else None
 
 
 def decay_fraction(schedule: ScheduleConfig, epoch: int,
