@@ -574,28 +574,6 @@ def test_resume_with_marching_search_and_lr_decay_equals_uninterrupted(tiny, tmp
     _assert_same_run(tmp_path / "ref", run)
 
 
-def test_the_stage1_shift_search_runs_resumes_as_uninterrupted_and_checks_its_bound(
-    tiny, tmp_path
-):
-    """``model.shift_search``: a run whose stage 1 searches each head's shift finishes, a
-    resume inside stage 1 and at the switch gives the same run, and a bound of half the box
-    or more is refused before training."""
-    cfg = _tiny_config(model={"shift_search": True}, schedule={"epochs": 3, "switch_epoch": 2})
-    ref = fit(cfg, _particles(tiny), tmp_path / "ref")
-    assert ref.finished
-    run = tmp_path / "run"
-    fit(cfg, _particles(tiny), run, stop_after=1)
-    fit(cfg, _particles(tiny), run, resume=True, stop_after=2)
-    assert fit(cfg, _particles(tiny), run, resume=True).finished
-    _assert_same_run(tmp_path / "ref", run)
-    particles, _ = read_star_tables(run / "poses.star")
-    shifts = particles[["rlnOriginXAngst", "rlnOriginYAngst"]].astype(float).to_numpy()
-    assert np.isfinite(shifts).all() and np.abs(shifts).max() > 0
-    wide = _tiny_config(model={"shift_search": True, "max_shift_px": 8.0})
-    with pytest.raises(CryospinError, match="max-shift-px 8 must be below half"):
-        fit(wide, _particles(tiny), tmp_path / "wide")
-
-
 # ----------------------------------------------------------------------------- global search
 
 

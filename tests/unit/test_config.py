@@ -182,7 +182,7 @@ def test_search_and_schedule_flags_reach_the_config() -> None:
     args = parser.parse_args([
         "p.star", "-o", "run", "--search-epochs", "2", "--search-rotations", "512",
         "--search-radius", "5", "--decoder-lr-final", "0.001", "--loss-radius-start", "4",
-        "--encoder-lowpass", "--shift-search",
+        "--encoder-lowpass",
     ])
     cfg = build_config("default", cli._overrides(args))
     assert cfg.schedule.search_epochs == 2
@@ -191,7 +191,6 @@ def test_search_and_schedule_flags_reach_the_config() -> None:
     assert cfg.optim.decoder_lr_final == 0.001
     assert cfg.schedule.loss_radius_start_px == 4.0
     assert cfg.model.encoder_lowpass is True
-    assert cfg.model.shift_search is True
 
 
 @pytest.mark.parametrize(("use_bf16", "precision"), [(True, "bf16"), (False, "fp32")])

@@ -11,11 +11,9 @@ from torch import nn
 
 from cryospin.encoder import EncoderOutput
 from cryospin.forward.lattice import disc_frequencies, negation_permutation
-from cryospin.forward.model import render
 from cryospin.rotations import random_rotations
 from cryospin.train.autoencode import predict_nll, winner_nll
 from cryospin.train.data import Batch, sub_disc
-from cryospin.train.scoring import HeadScoring
 
 L, B, M = 12, 5, 4
 
@@ -75,55 +73,3 @@ def test_winner_nll_equals_min_of_all_heads_in_value_and_gradient(shifts, ctf, r
     for g_ref, g_new in zip(ref_grads, grads, strict=True):
         assert g_new.abs().sum() > 0
         torch.testing.assert_close(g_new, g_ref, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("radius", [None, 3.5])
-def test_the_shift_search_gives_each_head_its_least_squares_shift(radius) -> None:
-    """``HeadScoring(shift_search_px=s)``: each head's shift is the least-squares shift of its
-    rotation's prediction (the integer optimum over ``|t| ≤ s``, found here by brute force,
-    within the half-pixel sub-pixel step; the true shift of a noiseless image exactly), the
-    encoder's shifts are ignored and get no gradient, and ``winner_nll`` still equals the
-    minimum of ``predict_nll`` in value and gradient."""
-    g = torch.Generator().manual_seed(11)
-    f64 = {"dtype": torch.float64}
-    freqs = disc_frequencies(L, L // 2 - 1).to(torch.float64)
-    neg = negation_permutation(freqs, L)
-    data = SimpleNamespace(frequencies=freqs, negation_index=neg, noise_variance=0.7, box_px=L)
-    volume = torch.randn(L, L, L, generator=g, **f64)
-    ctf = torch.rand(B, freqs.shape[0], generator=g, **f64) + 0.5
-    true = torch.randint(-3, 4, (B, 2), generator=g).to(torch.float64)
-    enc = _FixedPoses(torch.Generator().manual_seed(3), shifts=True)
-    # noiseless images of head 0's rotations, moved by the true shifts
-    hartley = render(volume, enc.rotations.detach()[:, 0], true, ctf, frequencies=freqs,
-                     negation_index=neg)  # (B, P)
-    batch = Batch(indices=torch.arange(B), images=torch.randn(B, L, L, generator=g, **f64),
-                  hartley=hartley, ctf=ctf)
-    disc = None if radius is None else sub_disc(freqs, L, radius)
-    scoring = HeadScoring(shift_search_px=3.0)
-    vol = volume.clone().requires_grad_(True)
-    nll, rotations, shifts = predict_nll(enc, vol, batch, data, disc, scoring=scoring)
-    assert shifts is not None and shifts.shape == (B, M, 2)
-    torch.testing.assert_close(shifts[:, 0], true, rtol=0, atol=1e-9)
-    # every head: the brute-force integer optimum on the scoring disc
-    sub = batch if disc is None else batch.restrict(disc)
-    f, n = (freqs, neg) if disc is None else (disc.frequencies, disc.negation_index)
-    grid = torch.stack(torch.meshgrid(torch.arange(-3.0, 4.0, **f64),
-                                      torch.arange(-3.0, 4.0, **f64), indexing="xy"), -1
-                       ).reshape(-1, 2)  # (49, 2) (tx, ty)
-    with torch.no_grad():
-        pred = render(volume, rotations[:, :, None], grid, sub.ctf[:, None, None],
-                      frequencies=f, negation_index=n)  # (B, M, 49, P)
-        err = (pred - sub.hartley[:, None, None]).square().sum(-1)  # (B, M, 49)
-    assert (shifts - grid[err.argmin(-1)]).abs().max() <= 0.5
-    assert shifts.abs().max() <= 3.0
-    nll.min(dim=1).values.sum().backward()
-    assert enc.shifts_px.grad is None  # the encoder's shifts are not used
-    ref_grad = vol.grad.clone()
-    vol.grad = None
-    winners = winner_nll(enc, vol, batch, data, disc, scoring=scoring)
-    winners.nll.sum().backward()
-    torch.testing.assert_close(winners.nll, nll.min(dim=1).values, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(winners.shifts_px, shifts[torch.arange(B), winners.best_head],
-                               rtol=0, atol=0)
-    torch.testing.assert_close(vol.grad, ref_grad, rtol=1e-10, atol=1e-12)
-    assert enc.shifts_px.grad is None

@@ -36,7 +36,6 @@ _OVERRIDES = {
     "width": ("model", "width_multiplier"),
     "shifts": ("model", "predict_shifts"),
     "max_shift_px": ("model", "max_shift_px"),
-    "shift_search": ("model", "shift_search"),
     "epochs": ("schedule", "epochs"),
     "switch_epoch": ("schedule", "switch_epoch"),
     "switch_steps": ("schedule", "switch_steps"),

@@ -40,7 +40,6 @@ from cryospin.train.data import (
 )
 from cryospin.train.distributed import Shard, local_batches
 from cryospin.train.metrics import RunningMean, check_finite_gradients, check_finite_loss
-from cryospin.train.scoring import DEFAULT_SCORING, HeadScoring, searched_shifts
 
 __all__ = [
     "eval_mode",
@@ -178,18 +177,14 @@ class _Hypotheses:
     ctf: Tensor | None  # (B, 1, P)
 
 
-def _hypotheses(encoder: nn.Module, volume_ht: Tensor, batch: Batch, data: TrainingData,
-                disc: LossDisc | None, scoring: HeadScoring) -> _Hypotheses:
-    out = encoder(_encoder_input(batch, disc, scoring.lowpass_input))
+def _hypotheses(encoder: nn.Module, batch: Batch, data: TrainingData, disc: LossDisc | None,
+                lowpass_input: bool) -> _Hypotheses:
+    out = encoder(_encoder_input(batch, disc, lowpass_input))
     freqs, neg = data.frequencies, data.negation_index
     if disc is not None:
         batch = batch.restrict(disc)
         freqs, neg = disc.frequencies, disc.negation_index
     ctf = None if batch.ctf is None else batch.ctf[:, None, :]  # (B, 1, P)
-    if scoring.shift_search_px is not None:
-        out = out._replace(shifts_px=searched_shifts(
-            volume_ht, out.rotations, batch.hartley, ctf, freqs, data.box_px,
-            scoring.shift_search_px, scoring.shift_search_radius_px))
     return _Hypotheses(out, batch, freqs, neg, ctf)
 
 
@@ -200,7 +195,7 @@ def predict_nll(
     data: TrainingData,
     disc: LossDisc | None = None,
     *,
-    scoring: HeadScoring = DEFAULT_SCORING,
+    lowpass_input: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """NLL of every head for a batch.
 
@@ -214,8 +209,8 @@ def predict_nll(
     data : TrainingData
     disc : LossDisc, optional
         Evaluate the NLL on this sub-disc only (frequency marching).
-    scoring : HeadScoring
-        The encoder's input low-pass and where the heads' shifts come from.
+    lowpass_input : bool
+        Low-pass the encoder's input with a Gaussian of ``σ = disc.radius_px``.
 
     Returns
     -------
@@ -223,7 +218,7 @@ def predict_nll(
     rotations : `(B, M, 3, 3)`
     shifts_px : `(B, M, 2)` or None
     """
-    h = _hypotheses(encoder, volume_ht, batch, data, disc, scoring)
+    h = _hypotheses(encoder, batch, data, disc, lowpass_input)
     pred = render(volume_ht, h.out.rotations, h.out.shifts_px, h.ctf,
                   frequencies=h.frequencies, negation_index=h.negation_index)  # (B, M, P)
     nll = gaussian_nll(pred, h.batch.hartley, data.noise_variance)  # (B, M)
@@ -247,7 +242,7 @@ def winner_nll(
     data: TrainingData,
     disc: LossDisc | None = None,
     *,
-    scoring: HeadScoring = DEFAULT_SCORING,
+    lowpass_input: bool = False,
 ) -> Winners:
     """NLL of each image's best head, differentiable, rendering the others without gradients.
 
@@ -259,7 +254,7 @@ def winner_nll(
 
     Parameters
     ----------
-    encoder, volume_ht, batch, data, disc, scoring
+    encoder, volume_ht, batch, data, disc, lowpass_input
         As in :func:`predict_nll`.
 
     Returns
@@ -270,7 +265,7 @@ def winner_nll(
         ``rotations`` `(B, 3, 3)` and ``shifts_px`` `(B, 2)` or None: its pose;
         ``hypotheses`` `(B, M, 3, 3)`: every head's rotation (detached; diagnostics).
     """
-    h = _hypotheses(encoder, volume_ht, batch, data, disc, scoring)
+    h = _hypotheses(encoder, batch, data, disc, lowpass_input)
     rotations, shifts = h.out.rotations, h.out.shifts_px
     with torch.no_grad():
         pred = render(volume_ht.detach(), rotations.detach(),
@@ -305,7 +300,7 @@ def autoencode_epoch(
     epoch: int,
     progress: Callable[[int, float], None] | None = None,
     loss_radius: Callable[[int], float | None] | None = None,
-    scoring: HeadScoring = DEFAULT_SCORING,
+    lowpass_input: bool = False,
     shard: Shard | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
     record: BestPoses | None = None,
@@ -332,8 +327,8 @@ def autoencode_epoch(
     loss_radius : callable, optional
         ``loss_radius(b)`` is the loss radius (cycles per box) of batch ``b`` (1-based) of the
         epoch, or None for the full training disc (frequency marching).
-    scoring : HeadScoring
-        See :func:`predict_nll`.
+    lowpass_input : bool
+        Low-pass the encoder's input at the loss radius (see :func:`predict_nll`).
     shard : cryospin.train.distributed.Shard, optional
         Distributed run: this rank trains on its particles of each global batch, ``encoder``
         is the DDP-wrapped encoder, the volume gradients are averaged over the ranks and the
@@ -382,7 +377,7 @@ def autoencode_epoch(
                 discs[key] = sub_disc(data.frequencies, data.box_px, radius)
             disc = discs[key]
         best_nll, best, best_rot, best_shift, hypotheses = winner_nll(
-            encoder, volume(), batch, data, disc, scoring=scoring
+            encoder, volume(), batch, data, disc, lowpass_input=lowpass_input
         )  # (B,), (B,), ...: winner-take-all over the heads
         if record is not None:
             record.write(idx, best_rot, best_shift, best, best_nll)
@@ -502,14 +497,14 @@ def infer_best_poses(
     *,
     batch_size: int = 256,
     loss_radius_px: float | None = None,
-    scoring: HeadScoring = DEFAULT_SCORING,
+    lowpass_input: bool = False,
     indices: Tensor | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> BestPoses:
     """Pose of each particle's best head (least NLL), in particle order, without gradients:
     :func:`infer_head_poses` with ``keep = 1``."""
     return infer_head_poses(encoder, volume, data, keep=1, batch_size=batch_size,
-                            loss_radius_px=loss_radius_px, scoring=scoring,
+                            loss_radius_px=loss_radius_px, lowpass_input=lowpass_input,
                             indices=indices, progress=progress).best()
 
 
@@ -521,14 +516,14 @@ def infer_head_poses(
     keep: int,
     batch_size: int = 256,
     loss_radius_px: float | None = None,
-    scoring: HeadScoring = DEFAULT_SCORING,
+    lowpass_input: bool = False,
     indices: Tensor | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> HeadPoses:
     """Poses of each particle's ``keep`` lowest-NLL heads, in particle order, without gradients.
 
     The encoder runs in eval mode (batch-norm running statistics); its mode is restored after.
-    ``loss_radius_px`` and ``scoring`` are those of the last stage-1 step (see
+    ``loss_radius_px`` and ``lowpass_input`` are those of the last stage-1 step (see
     :func:`predict_nll`); None uses the full training disc. ``indices`` `(n,)` restricts the
     pass to those particles (results in that order; a distributed rank's own particles).
     ``progress`` is called after each batch with its number of images.
@@ -551,7 +546,7 @@ def infer_head_poses(
         for idx in order.split(batch_size):
             batch = data.batch(idx)
             nll, rot, sh = predict_nll(
-                encoder, volume_ht, batch, data, disc, scoring=scoring
+                encoder, volume_ht, batch, data, disc, lowpass_input=lowpass_input
             )  # (B, M), ...
             best_loss, best = nll.topk(k, dim=1, largest=False)  # (B, K), ascending
             rows = torch.arange(best.shape[0], device=best.device)[:, None]  # (B, 1)

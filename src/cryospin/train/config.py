@@ -89,14 +89,6 @@ class ModelConfig:
         Also estimate a 2D in-plane shift per particle (heads in stage 1, pose table in stage 2).
     max_shift_px : float
         Bound on the shift magnitude per axis, pixels.
-    shift_search : bool
-        With shifts, stage 1 gives each head the shift that best explains the image under the
-        current volume on the global search's disc (``optim.search_radius_px``) — the
-        least-squares shift over every integer shift within ``max_shift_px`` (one FFT
-        cross-correlation per head), then sub-pixel
-        (:func:`cryospin.forward.shift_search.best_shifts`) — instead of the encoder's shift
-        outputs, which are then unused (:class:`cryospin.train.scoring.HeadScoring`). Stage 2
-        is unchanged.
     encoder_lowpass : bool
         With frequency marching (``schedule.loss_radius_start_px``), low-pass the encoder's
         input images with a Gaussian of ``σ`` = the current loss radius.
@@ -129,7 +121,6 @@ class ModelConfig:
     encoder_box_px: int | None = None
     predict_shifts: bool = False
     max_shift_px: float = 8.0
-    shift_search: bool = False
     encoder_lowpass: bool = False
     head: HeadType = "spread"
     encoder_input: EncoderInput = "image"

@@ -67,12 +67,7 @@ from cryospin.rundir import RunFiles, Stage, prepare_run_dir, read_metrics
 from cryospin.runlock import describe_command, folder_lock
 from cryospin.symmetry import point_group_rotations
 from cryospin.train.autodecode import JUMP_THRESHOLD_DEG, autodecode_epoch, epoch_search
-from cryospin.train.autoencode import (
-    BestPoses,
-    EpochStats,
-    autoencode_epoch,
-    infer_best_poses,
-)
+from cryospin.train.autoencode import BestPoses, EpochStats, autoencode_epoch, infer_best_poses
 from cryospin.train.config import AMORTIZED_METHODS, Config, config_to_dict
 from cryospin.train.data import TrainingData, num_batches
 from cryospin.train.distributed import (
@@ -110,7 +105,6 @@ from cryospin.train.schedule import (
     stage2_decoder_lr,
     stage2_pose_lrs,
 )
-from cryospin.train.scoring import HeadScoring
 from cryospin.train.setup import initial_state, load_training_data, open_run, resolve_device
 from cryospin.train.state import TrainState, seed_everything
 from cryospin.train.switch import full_pose_table, full_record, switch_poses
@@ -436,7 +430,7 @@ def _stage1_epoch(run: _Run, state: TrainState, epoch: int, cut: int | None,
         state.encoder_opt, state.decoder_opt,
         batch_size=config.optim.batch_size, generator=run.generator, epoch=epoch,
         progress=bar.update, loss_radius=run.loss_radius(epoch),
-        scoring=HeadScoring.of(config), shard=run.shard,
+        lowpass_input=config.model.encoder_lowpass, shard=run.shard,
         grad_scaler=state.grad_scaler, record=state.switch_record if epoch == K else None,
         max_batches=cut, encoder_lr=encoder_lr_schedule(config, run.per_epoch, epoch),
     )
@@ -515,7 +509,7 @@ def _commit(run: _Run, state: TrainState, epoch: int, stats: EpochStats, *, wall
             epoch, encoder=state.encoder, volume=state.volume, data=run.data.unsharded(),
             pose_table=table, batch_size=config.run.inference_batch_size,
             loss_radius_px=None if radius is None else radius(run.per_epoch),
-            scoring=HeadScoring.of(config),
+            lowpass_input=config.model.encoder_lowpass,
         )
     if not run.main:
         return
@@ -555,7 +549,7 @@ def _finish(run: _Run, state: TrainState, particles: ParticleSet) -> FitResult:
                 state.encoder, state.volume, run.data.unsharded(),
                 batch_size=run.config.run.inference_batch_size,
                 loss_radius_px=run.final_stage1_radius(),
-                scoring=HeadScoring.of(run.config), progress=progress.update,
+                lowpass_input=run.config.model.encoder_lowpass, progress=progress.update,
             )
         rotations, shifts_out = best.rotations, best.shifts_px
     rotations = rotations.detach().cpu()

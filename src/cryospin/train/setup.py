@@ -143,10 +143,6 @@ def load_training_data(config: Config, particles: ParticleSet, device: torch.dev
     if shard is not None and len(data) < world.world_size:
         raise InputError(f"{len(data)} particles cannot be shared by {world.world_size} "
                          "processes")
-    m = config.model
-    if m.predict_shifts and m.shift_search and not m.max_shift_px < data.box_px / 2:
-        raise InputError(f"--max-shift-px {m.max_shift_px:g} must be below half the training "
-                         f"box ({data.box_px} px) for the stage-1 shift search")
     return data
 
 

@@ -23,19 +23,13 @@ from torch import nn
 from cryospin.losses import head_usage
 from cryospin.pose import PoseTable
 from cryospin.rotations import random_rotations
-from cryospin.train.autoencode import (
-    BestPoses,
-    HeadPoses,
-    infer_best_poses,
-    infer_head_poses,
-)
+from cryospin.train.autoencode import BestPoses, HeadPoses, infer_best_poses, infer_head_poses
 from cryospin.train.config import Config
 from cryospin.train.data import TrainingData
 from cryospin.train.distributed import Shard
 from cryospin.train.feedback import Feedback
 from cryospin.train.hypotheses import HypothesisSettings, refine_hypotheses
 from cryospin.train.metrics import EpochExtra, HypothesesRecord, SwitchRecord
-from cryospin.train.scoring import HeadScoring
 from cryospin.train.state import build_pose_table
 from cryospin.volume import HartleyVolume
 
@@ -74,7 +68,7 @@ def switch_poses(
                                                 ) as progress:
                 fill = infer_best_poses(
                     encoder, volume, data, batch_size=config.run.inference_batch_size,
-                    loss_radius_px=loss_radius_px, scoring=HeadScoring.of(config),
+                    loss_radius_px=loss_radius_px, lowpass_input=config.model.encoder_lowpass,
                     indices=rows.cpu(), progress=progress.update,
                 )
             best.write(missing, fill.rotations, fill.shifts_px, fill.best_head, fill.loss)
@@ -84,7 +78,7 @@ def switch_poses(
             heads = infer_head_poses(
                 encoder, volume, data, keep=hypothesis_count(config),
                 batch_size=config.run.inference_batch_size, loss_radius_px=loss_radius_px,
-                scoring=HeadScoring.of(config), indices=owned,
+                lowpass_input=config.model.encoder_lowpass, indices=owned,
                 progress=progress.update,
             )
         best = heads.best()

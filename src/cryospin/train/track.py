@@ -44,7 +44,6 @@ from cryospin.pose import PoseTable
 from cryospin.rundir import POSE_TRACK
 from cryospin.train.autoencode import eval_mode, predict_nll
 from cryospin.train.data import TrainingData, sub_disc
-from cryospin.train.scoring import DEFAULT_SCORING, HeadScoring
 
 __all__ = [
     "PoseTrack",
@@ -138,14 +137,14 @@ def head_predictions(
     *,
     batch_size: int = 256,
     loss_radius_px: float | None = None,
-    scoring: HeadScoring = DEFAULT_SCORING,
+    lowpass_input: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Every head's pose and NLL for particles ``indices``, without gradients.
 
     The same computation as the inference pass at the switch
     (:func:`~cryospin.train.autoencode.infer_best_poses`), keeping all heads: the encoder in
     eval mode (restored after), :func:`~cryospin.train.autoencode.predict_nll` on the loss
-    disc of radius ``loss_radius_px`` (None: the full training disc), scored as ``scoring``.
+    disc of radius ``loss_radius_px`` (None: the full training disc).
 
     Parameters
     ----------
@@ -169,7 +168,7 @@ def head_predictions(
         volume_ht = volume()
         for idx in indices.cpu().split(batch_size):
             nll, rot, sh = predict_nll(encoder, volume_ht, data.batch(idx), data, disc,
-                                       scoring=scoring)  # (B, M), (B, M, 3, 3)
+                                       lowpass_input=lowpass_input)  # (B, M), (B, M, 3, 3)
             losses.append(nll.float().cpu())
             rotations.append(rot.float().cpu())
             if sh is not None:
@@ -290,7 +289,7 @@ class PoseTracker:
         pose_table: PoseTable | None,
         batch_size: int = 256,
         loss_radius_px: float | None = None,
-        scoring: HeadScoring = DEFAULT_SCORING,
+        lowpass_input: bool = False,
     ) -> None:
         """Append epoch ``epoch`` and rewrite the file.
 
@@ -311,7 +310,7 @@ class PoseTracker:
                 raise ValueError("record needs the encoder (stage 1) or the pose table")
             nll, rot, sh = head_predictions(encoder, volume, data, idx, batch_size=batch_size,
                                             loss_radius_px=loss_radius_px,
-                                            scoring=scoring)
+                                            lowpass_input=lowpass_input)
             if nll.shape[1] != m:  # the encoder's hypotheses per image, not config's heads
                 if t.epochs.size:
                     raise ValueError(f"the encoder gives {nll.shape[1]} poses per image but "

@@ -92,10 +92,6 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shifts", action=argparse.BooleanOptionalAction, default=None,
                    help="estimate in-plane shifts")
     g.add_argument("--max-shift-px", type=float, metavar="PX", help="shift bound, pixels")
-    g.add_argument("--shift-search", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --shifts: stage 1 gives each head the best shift under the "
-                        "current map (a cross-correlation over every shift within "
-                        "--max-shift-px) instead of the encoder's shift outputs")
     g.add_argument("--epochs", type=int, metavar="E", help="total epochs")
     g.add_argument("--switch-epoch", type=int, metavar="K",
                    help="last epoch of stage 1 (auto-encoding); 0 with search epochs: search "
