@@ -24,6 +24,7 @@ def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(prec.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine
 
 
 def _never() -> StepTimes:
@@ -81,6 +82,39 @@ def test_auto_never_picks_bf16_measured_slower_than_fp32(native_bf16, tmp_path, 
     other = resolve_precision("auto", CPU, measure=measure, shape={"box_px": 32}, cache=cache)
     assert other.name == expected and len(calls) == 2
     assert len(json.loads(cache.read_text())) == 2
+
+
+def test_a_measurement_on_a_busy_machine_decides_its_run_only(native_bf16, tmp_path,
+                                                               monkeypatch) -> None:
+    """Measured while other work loads the machine (1-minute load above half the CPUs), the
+    choice holds for this run and is not cached: the next run measures again, and caches once
+    the machine is idle."""
+    cache = tmp_path / "precision.json"
+    monkeypatch.setattr(prec.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(prec.os, "getloadavg", lambda: (1.9, 1.0, 0.5))
+    calls = []
+
+    def measure(times: StepTimes) -> StepTimes:
+        calls.append(1)
+        return times
+
+    busy = resolve_precision("auto", CPU, measure=lambda: measure(StepTimes(0.0085, 0.0104)),
+                             cache=cache)
+    assert busy.name == "fp32" and "busy machine (load 1.9 on 2 CPUs; not cached)" in busy.reason
+    assert not cache.exists()
+    monkeypatch.setattr(prec.os, "getloadavg", lambda: (0.3, 1.0, 0.5))  # idle (<= 1 of 2)
+    idle = resolve_precision("auto", CPU, measure=lambda: measure(StepTimes(0.0085, 0.0062)),
+                             cache=cache)
+    assert idle.name == "bf16" and len(calls) == 2 and "measured" in idle.reason
+    again = resolve_precision("auto", CPU, measure=_never, cache=cache)
+    assert again.name == "bf16" and "cached" in again.reason
+    assert prec.machine_busy() == (False, "load 0.3 on 2 CPUs")
+
+    def no_load_average() -> tuple[float, float, float]:
+        raise OSError("not available")
+
+    monkeypatch.setattr(prec.os, "getloadavg", no_load_average)
+    assert prec.machine_busy() == (False, "load unknown")
 
 
 def test_a_corrupt_cache_is_measured_again(native_bf16, tmp_path) -> None:

@@ -10,7 +10,10 @@ cannot be expected to know which machine they are on, so ``precision: auto`` dec
   ``ONEDNN_MAX_CPU_ISA``) *and* a micro-benchmark of the actual encoder training step
   (:func:`measure_encoder_step`, about a second) measures it faster than float32; else fp32.
   The measurement is cached per machine, torch version, thread count and encoder shape in the
-  user's cache folder (:func:`cache_path`), so later runs start at once.
+  user's cache folder (:func:`cache_path`), so later runs start at once — unless the machine
+  was busy when it was taken (:func:`machine_busy`): then it decides this run only, and the
+  next run measures again (a measurement beside another job once cached fp32 for good on a
+  CPU where bf16 is 1.4x faster when idle).
 - **CUDA**: bf16 where ``torch.cuda.is_bf16_supported()``, else fp16 with a gradient scaler.
 - **MPS**: fp32 (autocast coverage on MPS differs between macOS and torch versions).
 
@@ -44,6 +47,7 @@ __all__ = [
     "cache_path",
     "cpu_bf16_support",
     "cpu_model_name",
+    "machine_busy",
     "machine_key",
     "measure_encoder_step",
     "resolve_precision",
@@ -60,6 +64,8 @@ _ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP1
                      "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL", "DEFAULT")
 #: bf16 must beat float32 by this factor (a tie is not worth bf16's rounding)
 _MIN_SPEEDUP = 1.1
+#: a machine whose 1-minute load average exceeds this fraction of its CPUs is busy
+_BUSY_LOAD_FRACTION = 0.5
 _BENCH_BUDGET_S = 0.5  # timed steps per precision (after one warm-up step)
 _BENCH_MAX_STEPS = 6
 _BENCH_BATCH = 16
@@ -146,8 +152,9 @@ def cpu_model_name() -> str:
 
 
 # The timed step's version, part of the cache key: 2 since its Adam is the fused one
-# (train/optimizer.adam), which changes both precisions' times; older entries are re-measured.
-_STEP_VERSION = 2
+# (train/optimizer.adam), which changes both precisions' times; 3 since a measurement on a busy
+# machine is no longer cached (older entries may have been); older entries are re-measured.
+_STEP_VERSION = 3
 
 
 def machine_key(shape: dict[str, object]) -> str:
@@ -163,6 +170,17 @@ def machine_key(shape: dict[str, object]) -> str:
         **shape,
     }
     return json.dumps(parts, sort_keys=True)
+
+
+def machine_busy() -> tuple[bool, str]:
+    """Whether other work loads this machine (1-minute load average above half its CPUs), and
+    the load as a phrase; never busy where the load average is unknown (not Unix)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return False, "load unknown"
+    cpus = os.cpu_count() or 1
+    return load > _BUSY_LOAD_FRACTION * cpus, f"load {load:.1f} on {cpus} CPUs"
 
 
 def cache_path() -> Path:
@@ -306,9 +324,13 @@ def resolve_precision(
         except (KeyError, TypeError, ValueError):
             times = None
     if times is None:
+        busy, load = machine_busy()
         times = measure()
-        source = "measured"
-        _write_cache(path, key, times)
+        if busy:  # for this run only: the next one measures again
+            source = f"measured on a busy machine ({load}; not cached)"
+        else:
+            source = "measured"
+            _write_cache(path, key, times)
     rates = (f"{1 / times.fp32_s:.0f} img/s fp32, {1 / times.bf16_s:.0f} img/s bf16"
              if times.fp32_s > 0 and times.bf16_s > 0 else "no timing")
     if times.speedup >= _MIN_SPEEDUP:
