@@ -17,6 +17,7 @@ from cryospin.errors import CryospinError
 __all__ = [
     "SwitchRecord",
     "SearchStopRecord",
+    "SearchStopRule",
     "search_stop_record",
     "search_stop_message",
     "SymmetryRecord",
@@ -58,6 +59,10 @@ class SwitchRecord(TypedDict):
     hypotheses: NotRequired[HypothesesRecord]
 
 
+#: which rule ended the global search early (:func:`cryospin.train.schedule.search_stops`)
+SearchStopRule = Literal["few", "plateau"]
+
+
 class SearchStopRecord(TypedDict):
     """``extra["search_stop"]``: the epoch after which the global search stopped early, the
     fraction of particles that jumped (and in the search epoch before), the thresholds, the
@@ -69,12 +74,12 @@ class SearchStopRecord(TypedDict):
     threshold_deg: float
     stop_fraction: float
     local_epochs: int
-    rule: NotRequired[Literal["few", "plateau"]]
+    rule: NotRequired[SearchStopRule]
     previous_jump_fraction: NotRequired[float]
 
 
 def search_stop_record(epoch: int, jump_fraction: float, previous: float | None, *,
-                       rule: Literal["few", "plateau"], threshold_deg: float,
+                       rule: SearchStopRule, threshold_deg: float,
                        stop_fraction: float, local_epochs: int) -> SearchStopRecord:
     """The record of the global search's early stop by ``rule``
     (:func:`cryospin.train.schedule.search_stops`) after ``epoch``, in which a fraction

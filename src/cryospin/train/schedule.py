@@ -33,9 +33,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Literal
 
 from cryospin.train.config import Config, ScheduleConfig
+from cryospin.train.metrics import SearchStopRule
 
 __all__ = [
     "with_step_budget",
@@ -44,7 +44,6 @@ __all__ = [
     "final_epoch",
     "is_search_epoch",
     "PLATEAU_MIN_DROP",
-    "SearchStopRule",
     "search_stops",
     "impose_epoch",
     "decay_fraction",
@@ -120,9 +119,6 @@ def is_search_epoch(schedule: ScheduleConfig, epoch: int,
 #: The plateau rule (``schedule.search_plateau_fraction``): a search epoch's jump fraction that
 #: fell by less than this share of the previous search epoch's has stopped falling.
 PLATEAU_MIN_DROP = 0.25
-
-#: which rule ended the global search early (:func:`search_stops`)
-SearchStopRule = Literal["few", "plateau"]
 
 
 def search_stops(schedule: ScheduleConfig, epoch: int, jump_fraction: float | None,
