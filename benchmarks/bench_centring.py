@@ -37,31 +37,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cryospin.evaluate.pose_error import pose_error
 from cryospin.forward.ctf import compute_ctf
 from cryospin.forward.hartley import fft2_centered, hartley3, ifft2_centered, ihartley2
+from cryospin.forward.lattice import frequency_grid_2d
 from cryospin.forward.model import render
+from cryospin.forward.shifts import phase_shift_fourier
 from cryospin.io.mrc import read_map, write_stack
 from cryospin.io.particle_set import ParticleSet
 from cryospin.io.particles import load_particles, write_cryodrgn_poses, write_particles_star
+from cryospin.preprocess import radius_grid_px
+from cryospin.rotations import so3_exp
+from cryospin.train.data import radial_profile
 
 CHUNK = 1000
-
-
-def _grids(L: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``kx``, ``ky`` `(L, L)` (cycles per box, centred) and the radius `(L, L)` px."""
-    k = torch.arange(L, dtype=torch.float64) - L // 2
-    ky, kx = torch.meshgrid(k, k, indexing="ij")
-    return kx, ky, torch.sqrt(kx**2 + ky**2)
 
 
 def filtered_transforms(ps: ParticleSet, idx: Tensor, lowpass: float) -> Tensor:
     """Centred FFTs `(n, L, L)` of particles ``idx``, phase-flipped and low-passed, DC zeroed."""
     L = ps.box_px
-    kx, ky, rad = _grids(L)
     F = fft2_centered(ps.images(idx).double())
     if ps.ctf is not None:
         F = F * torch.sign(compute_ctf(ps.ctf[idx], L, ps.pixel_size_angstrom).double())
-    F = F * torch.exp(-(rad**2) / (2 * lowpass**2))
+    F = F * torch.exp(-radius_grid_px(L).square() / (2 * lowpass**2))  # |k| on the same grid
     F[:, L // 2, L // 2] = 0
     return F
 
@@ -69,17 +67,17 @@ def filtered_transforms(ps: ParticleSet, idx: Tensor, lowpass: float) -> Tensor:
 def rotational_average(image: Tensor) -> Tensor:
     """The image `(L, L)` averaged over rings of integer radius about pixel ``L//2``."""
     L = image.shape[-1]
-    ring = _grids(L)[2].round().long().flatten()
-    sums = torch.zeros(int(ring.max()) + 1, dtype=image.dtype).index_add_(0, ring, image.flatten())
-    counts = torch.bincount(ring).to(image.dtype)
-    return (sums / counts)[ring].reshape(L, L)
+    offsets = frequency_grid_2d(L, dtype=torch.float64).reshape(L * L, 2)  # pixel offsets
+    ring = offsets.norm(dim=-1).round().long()
+    profile = radial_profile(image.reshape(1, L * L), offsets, int(ring.max()) + 1)
+    return profile[ring].reshape(L, L).to(image.dtype)
 
 
 def peak_shifts(F: Tensor, reference: Tensor, max_shift_px: float, subpixel: bool) -> Tensor:
     """Shifts `(n, 2)` px of images ``F`` `(n, L, L)` (centred FFTs) against ``reference``
     (centred FFT, `(L, L)` or `(n, L, L)`): the cross-correlation's peak within the radius."""
     L = F.shape[-1]
-    rad = _grids(L)[2]
+    rad = radius_grid_px(L)
     cc = ifft2_centered(F * reference.conj()).real.masked_fill(rad > max_shift_px, -math.inf)
     n, rows = cc.shape[0], torch.arange(cc.shape[0])
     flat = cc.flatten(1).argmax(1)
@@ -107,15 +105,10 @@ def centre_particles(ps: ParticleSet, lowpass: float, max_shift_px: float) -> Te
 
 
 def _about_random_axes(n: int, degrees: float, seed: int) -> Tensor:
-    """`(n, 3, 3)` rotations by ``degrees`` about random axes (Rodrigues)."""
+    """`(n, 3, 3)` rotations by ``degrees`` about random axes."""
     g = torch.Generator().manual_seed(seed)
     axis = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    axis = axis / axis.norm(dim=1, keepdim=True)
-    K = torch.zeros(n, 3, 3, dtype=torch.float64)
-    K[:, 0, 1], K[:, 0, 2], K[:, 1, 2] = -axis[:, 2], axis[:, 1], -axis[:, 0]
-    K = K - K.transpose(1, 2)
-    t = math.radians(degrees)
-    return torch.eye(3, dtype=torch.float64) + math.sin(t) * K + (1 - math.cos(t)) * K @ K
+    return so3_exp(axis / axis.norm(dim=1, keepdim=True) * math.radians(degrees))
 
 
 def oracle_shifts(ps: ParticleSet, gt_map: Path, idx: Tensor, degrees: float,
@@ -134,16 +127,14 @@ def oracle_shifts(ps: ParticleSet, gt_map: Path, idx: Tensor, degrees: float,
 
 
 def shift_errors(estimate: Tensor, ps: ParticleSet, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Errors `(n,)` px of ``estimate`` against the truth, raw and after the best 3D offset."""
+    """Errors `(n,)` px of ``estimate`` against the truth, raw and after the best 3D offset
+    (``cryospin pose-error``'s fit, with the true rotations)."""
     assert ps.shifts_px is not None and ps.rotations is not None
-    err = estimate - ps.shifts_px[idx].double()
     R = ps.rotations[idx].double()
-    best = err.norm(dim=1)
-    for A in (R[:, :2, :], R.transpose(1, 2)[:, :2, :]):
-        c = torch.linalg.lstsq(A.reshape(-1, 3), err.reshape(-1, 1)).solution
-        fitted = (err - (A @ c).squeeze(-1)).norm(dim=1)
-        best = fitted if fitted.median() < best.median() else best
-    return err.norm(dim=1), best
+    result = pose_error(R, R, estimate, ps.shifts_px[idx].double(), allow_flip=False)
+    assert result.shift_error_px is not None and result.shift_error_centered_px is not None
+    return (torch.from_numpy(result.shift_error_px),
+            torch.from_numpy(result.shift_error_centered_px))
 
 
 def write_centred(ps: ParticleSet, data: Path, out: Path, centres: Tensor) -> None:
@@ -151,12 +142,10 @@ def write_centred(ps: ParticleSet, data: Path, out: Path, centres: Tensor) -> No
     assert ps.shifts_px is not None and ps.rotations is not None
     out.mkdir(parents=True, exist_ok=False)
     L = ps.box_px
-    kx, ky, _ = _grids(L)
     stack = np.empty((len(ps), L, L), dtype=np.float32)
-    for c in torch.arange(len(ps)).split(CHUNK):
-        t = centres[c]  # image(r) -> image(r + t): the phase exp(+2πi k·t / L)
-        phase = torch.exp(2j * math.pi * (kx * t[:, :1, None] + ky * t[:, 1:, None]) / L)
-        stack[c.numpy()] = ifft2_centered(fft2_centered(ps.images(c).double()) * phase).real
+    for c in torch.arange(len(ps)).split(CHUNK):  # image(r) -> image(r + t): a shift by −t
+        moved = phase_shift_fourier(fft2_centered(ps.images(c).double()), -centres[c])
+        stack[c.numpy()] = ifft2_centered(moved).real
     write_stack(out / "particles.mrcs", stack, ps.pixel_size_angstrom)
     shifts = ps.shifts_px.double() - centres  # the truth moved with the images
     write_particles_star(out / "particles.star", ps.with_poses(ps.rotations, shifts))
