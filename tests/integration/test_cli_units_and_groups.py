@@ -130,12 +130,13 @@ def test_angstrom_flags_are_converted_with_the_pixel_size(tmp_path: Path, no_rep
     run = tmp_path / "run"
     assert main(["reconstruct", str(star), "-o", str(run), *TRAIN, "--stop-after", "1",
                  "--mask-diameter", "24", "--search-resolution", "8",
-                 "--loss-resolution-start", "16"]) == 0
+                 "--loss-resolution-start", "16", "--loss-resolution-end", "8"]) == 0
     config = yaml.safe_load((run / "config.yaml").read_text())
     extent = BOX * 2.0  # the box in Å
     assert config["data"]["mask_radius_fraction"] == pytest.approx(24 / extent)
     assert config["optim"]["search_radius_px"] == pytest.approx(extent / 8)
     assert config["schedule"]["loss_radius_start_px"] == pytest.approx(extent / 16)
+    assert config["schedule"]["loss_radius_end_px"] == pytest.approx(extent / 8)
 
 
 @pytest.mark.parametrize(("flags", "needles"), [
@@ -143,6 +144,8 @@ def test_angstrom_flags_are_converted_with_the_pixel_size(tmp_path: Path, no_rep
     (["--search-resolution", "3"], ["--search-resolution 3 Å is finer than"]),
     (["--search-resolution", "100"], ["--search-resolution 100 Å is coarser than the box"]),
     (["--loss-resolution-start", "0"], ["--loss-resolution-start must be a positive"]),
+    (["--loss-resolution-end", "16", "--loss-radius-end", "3"],
+     ["give --loss-resolution-end or --loss-radius-end, not both"]),
     (["--search-resolution", "10", "--search-radius", "3"],
      ["give --search-resolution or --search-radius, not both"]),
     (["--mask-diameter", "20", "--mask-radius", "0.5"], ["--mask-diameter or --mask-radius"]),

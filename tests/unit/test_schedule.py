@@ -382,3 +382,31 @@ def test_encoder_lr_decay_settings_are_validated_and_reach_the_config():
                               "--encoder-lr-decay-start", "0.25"])
     o = build_config("default", cli._overrides(args)).optim
     assert (o.encoder_lr_final, o.encoder_lr_decay_start) == (2e-5, 0.25)
+
+
+def test_a_fixed_stage1_disc_keeps_its_radius_at_every_step_and_needs_a_start():
+    """``loss_radius_start_px == loss_radius_end_px``: every stage-1 batch uses that radius
+    (over a step budget with a cut last epoch too); the end alone is refused; the flags in
+    cycles per box reach the config."""
+    from cryospin.cli import reconstruct as cli
+    from cryospin.cli.flags import reconstruct as flags
+    from cryospin.train.schedule import loss_radius_schedule
+
+    config = build_config("default", {"schedule": {"loss_radius_start_px": 10.0,
+                                                   "loss_radius_end_px": 10.0}})
+    budget = dataclasses.replace(config, schedule=with_step_budget(
+        dataclasses.replace(config.schedule, switch_steps=25), 10))  # epochs 1-3, 10+10+5
+    radii = [loss_radius_schedule(budget, 64, 10, e)(b) for e in (1, 2, 3) for b in range(1, 11)]
+    assert radii == [10.0] * 30
+    # the end above the training disc (31 cycles at 64 px) is the disc
+    wide = build_config("default", {"schedule": {"loss_radius_start_px": 4.0,
+                                                 "loss_radius_end_px": 50.0}})
+    assert loss_radius_schedule(wide, 64, 10, 1)(10) == 31.0
+    with pytest.raises(InputError, match="loss_radius_end_px needs loss_radius_start_px"):
+        build_config("default", {"schedule": {"loss_radius_end_px": 10.0}})
+    parser = argparse.ArgumentParser()
+    flags.add_args(parser)
+    args = parser.parse_args(["p.star", "-o", "run", "--loss-radius-start", "10",
+                              "--loss-radius-end", "10"])
+    s = build_config("default", cli._overrides(args)).schedule
+    assert (s.loss_radius_start_px, s.loss_radius_end_px) == (10.0, 10.0)

@@ -70,6 +70,7 @@ _OVERRIDES = {
     "search_radius_symmetric": ("optim", "search_radius_symmetric_px"),
     "search_shift_step": ("optim", "search_shift_step_px"),
     "loss_radius_start": ("schedule", "loss_radius_start_px"),
+    "loss_radius_end": ("schedule", "loss_radius_end_px"),
     "encoder_lowpass": ("model", "encoder_lowpass"),
     "invert_contrast": ("data", "invert_contrast"),
     "no_ctf": ("data", "no_ctf"),
@@ -93,6 +94,7 @@ _ANGSTROM = {
     "mask_diameter": ("mask_radius", ("data", "mask_radius_fraction")),
     "search_resolution": ("search_radius", ("optim", "search_radius_px")),
     "loss_resolution_start": ("loss_radius_start", ("schedule", "loss_radius_start_px")),
+    "loss_resolution_end": ("loss_radius_end", ("schedule", "loss_radius_end_px")),
 }
 # the flag of each configuration field a flag sets ("optim.search_radius_px" -> "--search-radius")
 _FLAG_OF_FIELD = {f"{s}.{k}": "--" + d.replace("_", "-") for d, (s, k) in _OVERRIDES.items()}

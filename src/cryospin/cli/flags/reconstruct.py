@@ -210,6 +210,12 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
                         "switch")
     g.add_argument("--loss-radius-start", type=float, metavar="K",
                    help="the same as a frequency radius in cycles per box, not pixels")
+    g.add_argument("--loss-resolution-end", type=float, metavar="A",
+                   help="with frequency marching, the resolution (Å) reached at the switch "
+                        "instead of the full disc (equal to the start: a fixed low-frequency "
+                        "stage 1)")
+    g.add_argument("--loss-radius-end", type=float, metavar="K",
+                   help="the same as a frequency radius in cycles per box")
     g.add_argument("--encoder-lowpass", action="store_true", default=None,
                    help="with frequency marching, low-pass the encoder input too")
 
