@@ -146,6 +146,7 @@ def test_angstrom_flags_are_converted_with_the_pixel_size(tmp_path: Path, no_rep
     (["--loss-resolution-start", "0"], ["--loss-resolution-start must be a positive"]),
     (["--loss-resolution-end", "16", "--loss-radius-end", "3"],
      ["give --loss-resolution-end or --loss-radius-end, not both"]),
+    (["--loss-radius-end", "3"], ["--loss-radius-end needs --loss-radius-start"]),
     (["--search-resolution", "10", "--search-radius", "3"],
      ["give --search-resolution or --search-radius, not both"]),
     (["--mask-diameter", "20", "--mask-radius", "0.5"], ["--mask-diameter or --mask-radius"]),

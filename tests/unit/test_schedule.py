@@ -402,7 +402,7 @@ def test_a_fixed_stage1_disc_keeps_its_radius_at_every_step_and_needs_a_start():
     wide = build_config("default", {"schedule": {"loss_radius_start_px": 4.0,
                                                  "loss_radius_end_px": 50.0}})
     assert loss_radius_schedule(wide, 64, 10, 1)(10) == 31.0
-    with pytest.raises(InputError, match="loss_radius_end_px needs loss_radius_start_px"):
+    with pytest.raises(InputError, match="loss_radius_end_px needs schedule.loss_radius_start_px"):
         build_config("default", {"schedule": {"loss_radius_end_px": 10.0}})
     parser = argparse.ArgumentParser()
     flags.add_args(parser)

@@ -258,6 +258,7 @@ class ScheduleConfig:
         ``None``: no marching (the full training disc throughout).
     loss_radius_end_px : float or None
         Radius reached at the switch; ``None`` = the training disc (``data.loss_radius_px``).
+        Needs ``loss_radius_start_px``; equal to it, a fixed low-frequency stage 1.
     search_epochs : int
         The first ``search_epochs`` epochs of stage 2 (at most: see ``search_min_epochs``)
         start every batch with a global rotation search (``optim.search_rotations``,

@@ -206,8 +206,8 @@ def _check_data(c: Config) -> None:
         if value is not None and not value >= 1:
             raise _bad(f"schedule.{name} must be >= 1, got {value}")
     if c.schedule.loss_radius_end_px is not None and c.schedule.loss_radius_start_px is None:
-        raise _bad("schedule.loss_radius_end_px needs loss_radius_start_px (frequency marching "
-                   "from a start radius; the same value for a fixed stage-1 disc)")
+        raise _bad("schedule.loss_radius_end_px needs schedule.loss_radius_start_px (frequency "
+                   "marching from a start radius; the same value for a fixed stage-1 disc)")
     d = c.data
     if d.loss_radius_px is not None and d.loss_radius_px < 1:
         raise _bad(f"data.loss_radius_px must be >= 1, got {d.loss_radius_px}")
