@@ -44,11 +44,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
 from cryospin.forward.rigid import centred_coords, transform_map
+from cryospin.forward.trilinear import sample_volume
 from cryospin.point_group import parse_point_group
 from cryospin.rotations import so3_exp
 from cryospin.symmetry import icosahedral_five_fold, point_group_rotations
@@ -272,9 +272,7 @@ def _sample(padded: Tensor, points: Tensor) -> Tensor:
     box from its centre, xyz), `(..., P)`; zero outside."""
     B2 = padded.shape[-1]
     grid = (points * 2.0 + B2 // 2) * (2.0 / (B2 - 1)) - 1.0
-    flat = grid.reshape(-1, 1, 1, 3)  # (Q, 1, 1, 3)
-    out = F.grid_sample(padded[None, None], flat[None], mode="bilinear", padding_mode="zeros",
-                        align_corners=True)  # (1, 1, Q, 1, 1)
+    out = sample_volume(padded[None], grid.reshape(-1, 3))  # (1, Q), on every CPU thread
     return out.reshape(points.shape[:-1])
 
 

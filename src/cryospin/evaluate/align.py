@@ -26,11 +26,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
 from cryospin.forward.rigid import centred_coords, transform_map
+from cryospin.forward.trilinear import sample_volume
 from cryospin.rotations import quaternion_to_matrix, so3_exp
 
 _MAX_OVERSAMPLED_BOX = 256
@@ -237,11 +237,7 @@ def _sample4(stack: Tensor, points: Tensor) -> Tensor:
     """Trilinear samples of a `(C, L, L, L)` stack at xyz coordinates `(P, 3)` -> `(P, C)`."""
     L = stack.shape[-1]
     grid = (points + (L // 2)) * (2.0 / (L - 1)) - 1.0
-    out = F.grid_sample(
-        stack[None], grid.reshape(1, 1, 1, -1, 3), mode="bilinear", padding_mode="zeros",
-        align_corners=True,
-    )  # (1, C, 1, 1, P)
-    return out[0, :, 0, 0].T
+    return sample_volume(stack, grid.reshape(-1, 3)).T  # on every CPU thread
 
 
 def _ncc(a: Tensor, b: Tensor) -> float:

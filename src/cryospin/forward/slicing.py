@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cryospin.forward.lattice import frequency_grid_2d
+from cryospin.forward.trilinear import sample_volume, sample_volume_adjoint
 
 __all__ = ["extract_central_slices", "insert_central_slices"]
 
@@ -58,8 +59,9 @@ def extract_central_slices(
 ) -> Tensor:
     """Central slices of a real 3D transform at the given poses (trilinear, zero outside).
 
-    One ``torch.nn.functional.grid_sample`` call for the whole batch; the volume is never copied
-    per pose. Differentiable with respect to ``volume`` and ``rotations``.
+    One trilinear ``grid_sample`` of the whole batch's points, split over the CPU threads
+    (:func:`cryospin.forward.trilinear.sample_volume`); the volume is never copied per pose.
+    Differentiable with respect to ``volume`` and ``rotations``.
 
     Parameters
     ----------
@@ -85,13 +87,7 @@ def extract_central_slices(
     q = _slice_points(rot, freqs)  # (B, P, 3) xyz frequencies
     # align_corners=True: normalised coordinate -1 + 2 i / (L - 1) for index i = q + L//2
     grid = (q + (L // 2)) * (2.0 / (L - 1)) - 1.0  # (B, P, 3), last dim (x, y, z) = (W, H, D)
-    out = F.grid_sample(
-        volume[None, None],  # (1, 1, D, H, W), a view
-        grid.reshape(1, 1, 1, -1, 3),  # (1, 1, 1, B*P, 3)
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=True,
-    )  # (1, 1, 1, 1, B*P)
+    out = sample_volume(volume[None], grid.reshape(-1, 3))[0]  # (B*P,)
     out = out.reshape(*batch_shape, P)
     if frequencies is None:
         out = out.reshape(*batch_shape, L, L)
@@ -239,25 +235,19 @@ def _insert_by_kernel(values: Tensor, rot: Tensor, freqs: Tensor, L: int) -> Ten
     `(C, L, L, L)` volume by ATen's ``grid_sampler_3d_backward`` kernel (the exact adjoint of
     the ``grid_sample`` of :func:`extract_central_slices`), chunked over poses. No autograd."""
     C, P = values.shape[0], freqs.shape[0]
-    # only its shape is read (output_mask [True, False]): expanded from one element, no memory
-    shape_only = torch.empty(1, dtype=values.dtype, device=values.device).expand(1, C, L, L, L)
     out: Tensor | None = None  # the first chunk's result, then the sum (no extra volume)
     # each kernel call zeroes and returns a (C, L, L, L) volume: chunks of at least L³/2 samples
     # (their grid, 3 values each, is 1.5 volumes) keep that cost small beside the scatter's
     per_chunk = max(1, max(_INSERT_CHUNK_SAMPLES, L**3 // 2) // max(P, 1))
     for start in range(0, rot.shape[0], per_chunk):
-        r = rot[start : start + per_chunk]
-        grid = _slice_points(r, freqs)  # (b, P, 3)
+        grid = _slice_points(rot[start : start + per_chunk], freqs)  # (b, P, 3)
         grid.add_(L // 2).mul_(2.0 / (L - 1)).sub_(1.0)  # same mapping as extraction
-        v = values[:, start : start + per_chunk].reshape(1, C, 1, 1, -1)  # (1, C, 1, 1, b*P)
-        grad_input, _ = torch.ops.aten.grid_sampler_3d_backward(
-            v.contiguous(), shape_only, grid.reshape(1, 1, 1, -1, 3).contiguous(),
-            0, 0, True, [True, False],  # bilinear, zeros padding, align_corners
-        )
-        out = grad_input if out is None else out.add_(grad_input)
+        v = values[:, start : start + per_chunk].reshape(C, -1)  # (C, b*P)
+        inserted = sample_volume_adjoint(v, grid.reshape(-1, 3), L)  # (C, L, L, L)
+        out = inserted if out is None else out.add_(inserted)
     if out is None:  # no poses
         return torch.zeros(C, L, L, L, dtype=values.dtype, device=values.device)
-    return out[0]
+    return out
 
 
 def _insert_by_index_add(values: Tensor, rot: Tensor, freqs: Tensor, L: int) -> Tensor:

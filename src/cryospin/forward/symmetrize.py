@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cryospin.forward.trilinear import sample_volume
+
 __all__ = ["symmetrize_volume"]
 
 
@@ -50,7 +52,8 @@ def _resampled(volume: Tensor, rotation: list[list[float]], M: int) -> Tensor:
 
     A rotation about ``z`` keeps each plane ``z``: one bilinear resampling shared by the
     planes (the trilinear one's weights, the ``z`` coordinate being exact), planes beyond the
-    volume zero. Otherwise one trilinear ``grid_sample`` of the ``M³`` points."""
+    volume zero. Otherwise one trilinear resampling of the ``M³`` points (on every CPU thread:
+    :func:`cryospin.forward.trilinear.sample_volume`)."""
     L = volume.shape[-1]
     k = _coordinates(L, M, volume.dtype, volume.device)
     scale = 2.0 / (L - 1)  # align_corners=True, as in slicing: index i -> −1 + 2 i / (L − 1)
@@ -66,9 +69,7 @@ def _resampled(volume: Tensor, rotation: list[list[float]], M: int) -> Tensor:
     grid = torch.stack([a * x + b * y + c * z, d * x + e * y + f * z, g * x + h * y + i * z],
                        dim=-1)  # (M, M, M, 3): h m, xyz
     grid = (grid + L // 2) * scale - 1.0
-    out = F.grid_sample(volume[None, None], grid[None], mode="bilinear", padding_mode="zeros",
-                        align_corners=True)  # (1, 1, M, M, M)
-    return out[0, 0]
+    return sample_volume(volume[None], grid.reshape(-1, 3))[0].reshape(M, M, M)
 
 
 def _permuted(summed: Tensor, perm: list[list[int]]) -> Tensor:

@@ -21,10 +21,10 @@ that the same operator then fits would be an "inverse crime"; instead:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as nnf
 from torch import Tensor
 
 from cryospin.forward.resample import fourier_pad_3d
+from cryospin.forward.trilinear import sample_volume
 from cryospin.simulate.density import gaussian_profiles
 
 __all__ = ["project_atoms", "project_map", "upsample_map_for_projection"]
@@ -117,10 +117,7 @@ def project_map(upsampled: Tensor, rotations: Tensor, box_px: int) -> Tensor:
     for b0 in range(0, R.shape[0], per_block):
         src = pts @ R[b0 : b0 + per_block]  # (b, L³, 3): rows of Rᵀ p
         # coordinate c -> upsampled index S//2 + f·c -> align_corners normalised coordinate
-        # (1, bL, L, L, 3)
-        grid = (2.0 * (S // 2 + f * src) / (S - 1) - 1.0).reshape(1, -1, L, L, 3)
-        vals = nnf.grid_sample(
-            upsampled[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
-        )  # (1, 1, b*L, L, L)
+        grid = (2.0 * (S // 2 + f * src) / (S - 1) - 1.0).reshape(-1, 3)  # (b L³, 3)
+        vals = sample_volume(upsampled[None], grid)  # (1, b L³), on every CPU thread
         out.append(vals.reshape(-1, L, L, L).sum(dim=1))  # (b, L, L)
     return torch.cat(out) if out else upsampled.new_zeros((0, L, L))
