@@ -236,8 +236,9 @@ def _insert_by_kernel(values: Tensor, rot: Tensor, freqs: Tensor, L: int) -> Ten
     the ``grid_sample`` of :func:`extract_central_slices`), chunked over poses. No autograd."""
     C, P = values.shape[0], freqs.shape[0]
     out: Tensor | None = None  # the first chunk's result, then the sum (no extra volume)
-    # each kernel call zeroes and returns a (C, L, L, L) volume: chunks of at least L³/2 samples
-    # (their grid, 3 values each, is 1.5 volumes) keep that cost small beside the scatter's
+    # each kernel call zeroes and returns (C, L, L, L) volumes (one per thread's chunk): chunks
+    # of at least L³/2 samples (their grid, 3 values each, is 1.5 volumes) keep that cost small
+    # beside the scatter's
     per_chunk = max(1, max(_INSERT_CHUNK_SAMPLES, L**3 // 2) // max(P, 1))
     for start in range(0, rot.shape[0], per_chunk):
         grid = _slice_points(rot[start : start + per_chunk], freqs)  # (b, P, 3)

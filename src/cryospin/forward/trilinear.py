@@ -25,9 +25,10 @@ __all__ = ["point_chunks", "sample_volume", "sample_volume_adjoint"]
 
 # fewest points per chunk worth a thread of its own
 _MIN_CHUNK_POINTS = 1 << 14
-# at most this many points per volume element written by a chunk's backward: below it, zeroing
-# and summing that chunk's extra volume would cost more than the thread saves (at 128 px a
-# batch of 64 slices has ~0.4 points per voxel and gains 1.9x on 2 threads)
+# where each chunk writes a volume of its own (a backward, an insertion): at least this many
+# points per voxel of that volume a chunk, below which zeroing and summing the chunk's extra
+# volume would cost more than its thread saves (at 128 px a batch of 64 slices on the disc has
+# ~0.4 points per voxel and gains 1.7-1.8x on 2 threads)
 _MIN_POINTS_PER_VOXEL = 1.0 / 16
 # extra memory the chunks' volumes may take (bytes)
 _CHUNK_VOLUME_BYTES = 256 << 20
