@@ -130,13 +130,15 @@ def test_angstrom_flags_are_converted_with_the_pixel_size(tmp_path: Path, no_rep
     run = tmp_path / "run"
     assert main(["reconstruct", str(star), "-o", str(run), *TRAIN, "--stop-after", "1",
                  "--mask-diameter", "24", "--search-resolution", "8",
-                 "--loss-resolution-start", "16", "--loss-resolution-end", "8"]) == 0
+                 "--loss-resolution-start", "16", "--loss-resolution-end", "8",
+                 "--search-refine-resolution", "10"]) == 0
     config = yaml.safe_load((run / "config.yaml").read_text())
     extent = BOX * 2.0  # the box in Å
     assert config["data"]["mask_radius_fraction"] == pytest.approx(24 / extent)
     assert config["optim"]["search_radius_px"] == pytest.approx(extent / 8)
     assert config["schedule"]["loss_radius_start_px"] == pytest.approx(extent / 16)
     assert config["schedule"]["loss_radius_end_px"] == pytest.approx(extent / 8)
+    assert config["optim"]["search_refine_radius_px"] == pytest.approx(extent / 10)
 
 
 @pytest.mark.parametrize(("flags", "needles"), [
@@ -151,6 +153,9 @@ def test_angstrom_flags_are_converted_with_the_pixel_size(tmp_path: Path, no_rep
      ["give --search-resolution or --search-radius, not both"]),
     (["--mask-diameter", "20", "--mask-radius", "0.5"], ["--mask-diameter or --mask-radius"]),
     (["--search-radius", "0.5"], ["--search-radius must be >= 1, got 0.5"]),
+    (["--search-refine-radius", "0.5"], ["--search-refine-radius must be >= 1, got 0.5"]),
+    (["--search-refine-resolution", "10", "--search-refine-radius", "3"],
+     ["give --search-refine-resolution or --search-refine-radius, not both"]),
     (["--mask-radius", "1.5"], ["--mask-radius must be in (0, 1]"]),
     (["--box", "15"], ["--box must be even"]),
 ])

@@ -563,7 +563,7 @@ def test_resume_with_marching_search_and_lr_decay_equals_uninterrupted(tiny, tmp
                                  "search_epochs": 1},
                        model={"encoder_lowpass": True},
                        optim={"search_rotations": 64, "search_radius_px": 3.0,
-                              "decoder_lr_final": 0.005})
+                              "decoder_lr_final": 0.005, "search_refine_radius_px": 4.0})
     ref = fit(cfg, _particles(tiny), tmp_path / "ref")
     assert ref.finished
     run = tmp_path / "run"

@@ -68,6 +68,7 @@ _OVERRIDES = {
     "search_rotations": ("optim", "search_rotations"),
     "search_radius": ("optim", "search_radius_px"),
     "search_radius_symmetric": ("optim", "search_radius_symmetric_px"),
+    "search_refine_radius": ("optim", "search_refine_radius_px"),
     "search_shift_step": ("optim", "search_shift_step_px"),
     "loss_radius_start": ("schedule", "loss_radius_start_px"),
     "loss_radius_end": ("schedule", "loss_radius_end_px"),
@@ -93,6 +94,7 @@ _OVERRIDES = {
 _ANGSTROM = {
     "mask_diameter": ("mask_radius", ("data", "mask_radius_fraction")),
     "search_resolution": ("search_radius", ("optim", "search_radius_px")),
+    "search_refine_resolution": ("search_refine_radius", ("optim", "search_refine_radius_px")),
     "loss_resolution_start": ("loss_radius_start", ("schedule", "loss_radius_start_px")),
     "loss_resolution_end": ("loss_radius_end", ("schedule", "loss_radius_end_px")),
 }

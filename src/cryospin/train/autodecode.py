@@ -10,7 +10,9 @@ of SO(3) (and, with shifts, every shift of a grid) is evaluated on a small low-f
 (two matrix products), and a particle's pose is replaced by the best grid pose when that fits
 better than its current one.
 This rescues the particles whose stage-1 pose sits in a wrong basin, which local refinement
-cannot leave.
+cannot leave. The pose steps of the search epochs may fit a low-frequency disc only
+(:func:`search_refine_disc`, ``optim.search_refine_radius_px``); their volume steps and the
+local epochs fit the whole training disc.
 
 Optionally (:class:`SymmetryCopies`, a pseudo-symmetry placed in the map by
 :mod:`cryospin.train.relax`), each batch then scores every particle's pose at its ``|G|``
@@ -46,6 +48,7 @@ __all__ = [
     "autodecode_epoch",
     "SymmetryCopies",
     "epoch_search",
+    "search_refine_disc",
     "JUMP_THRESHOLD_DEG",
     "pose_change_deg",
     "pose_nll",
@@ -410,6 +413,7 @@ def autodecode_epoch(
     anchor_frame: bool = False,
     symmetry: Tensor | None = None,
     relax: SymmetryCopies | None = None,
+    refine_disc: LossDisc | None = None,
 ) -> EpochStats:
     """One pass over the particles in random order (drawn from ``generator``).
 
@@ -445,6 +449,10 @@ def autodecode_epoch(
     relax : SymmetryCopies, optional
         A pseudo-symmetry of the C1 map: each batch's poses first move to their best copy
         (after the search, before the pose steps).
+    refine_disc : LossDisc, optional
+        A smaller disc (:func:`search_refine_disc`) the pose steps fit (the search and the
+        copies are scored on their own discs); the volume step and the returned loss use the
+        training disc. None: the pose steps fit the training disc too.
 
     Returns
     -------
@@ -477,8 +485,10 @@ def autodecode_epoch(
                 relaxed += _apply_relax(pose_table, volume_fixed, relax, batch, data,
                                         refine_shifts)
         refine_poses(
-            pose_table, volume_fixed, batch, data, steps=pose_steps,
-            refine_shifts=refine_shifts, epoch=epoch, batch_number=b,
+            pose_table, volume_fixed,
+            batch if refine_disc is None else batch.restrict(refine_disc), data,
+            steps=pose_steps, refine_shifts=refine_shifts, epoch=epoch, batch_number=b,
+            disc=refine_disc,
         )
         if anchor_frame and search is None:
             pose_table.rotations[idx] = remove_common_rotation(
@@ -522,6 +532,16 @@ def autodecode_epoch(
         relaxed_fraction=(relaxed / running.weight if relax is not None and running.weight > 0
                           else None),
     )
+
+
+def search_refine_disc(config: Config, data: TrainingData) -> LossDisc | None:
+    """The disc a search epoch's pose steps fit: ``|k| <= optim.search_refine_radius_px``
+    (cycles per box) of the training disc, or None (the training disc) when that is unset or
+    reaches the training disc's largest frequency."""
+    radius = config.optim.search_refine_radius_px
+    if radius is None or radius >= float(data.frequencies.norm(dim=-1).max()):
+        return None
+    return sub_disc(data.frequencies, data.box_px, radius)
 
 
 def epoch_search(config: Config, data: TrainingData, stage2_epoch: int,

@@ -188,6 +188,13 @@ class OptimConfig:
         (``model.symmetry`` imposed), in place of the radius above; ``None``: the same.
         At 6 cycles/box the search cannot place a C7 ring (benchmarks/RESULTS.md,
         "Point-group symmetry").
+    search_refine_radius_px : float or None
+        Radius (cycles per box) of the disc the pose steps of the search epochs (after each
+        batch's search) fit; their volume steps and the local epochs fit the training disc.
+        ``None``: the training disc. On ADK at 128 px the pose steps on the whole disc let
+        one seed settle with a third of its particles in a wrong basin (benchmarks/RESULTS.md,
+        "The search epochs' pose steps on a low-frequency disc"), and they were most of a
+        search epoch's time.
     search_shift_step_px : float or None
         With shifts on (``model.predict_shifts``), the global search also tries every shift of a
         square grid with this spacing (pixels) within ``model.max_shift_px`` per axis, jointly
@@ -221,6 +228,7 @@ class OptimConfig:
     search_radius_px: float = 6.0
     search_radius_end_px: float | None = None
     search_radius_symmetric_px: float | None = None
+    search_refine_radius_px: float | None = None
     search_shift_step_px: float | None = 2.0
     switch_hypotheses: int = 1
     switch_refine_steps: int = 20

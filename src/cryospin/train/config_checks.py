@@ -91,7 +91,8 @@ def _check_optim(c: Config) -> None:
         raise _bad(f"optim.search_rotations must be >= 1, got {o.search_rotations}")
     if not o.search_radius_px >= 1:
         raise _bad(f"optim.search_radius_px must be >= 1, got {o.search_radius_px}")
-    for name in ("search_radius_end_px", "search_radius_symmetric_px"):
+    for name in ("search_radius_end_px", "search_radius_symmetric_px",
+                 "search_refine_radius_px"):
         value = getattr(o, name)
         if value is not None and not value >= 1:
             raise _bad(f"optim.{name} must be >= 1, got {value}")

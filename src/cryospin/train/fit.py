@@ -66,7 +66,12 @@ from cryospin.io.particle_set import ParticleSet
 from cryospin.rundir import RunFiles, Stage, prepare_run_dir, read_metrics
 from cryospin.runlock import describe_command, folder_lock
 from cryospin.symmetry import point_group_rotations
-from cryospin.train.autodecode import JUMP_THRESHOLD_DEG, autodecode_epoch, epoch_search
+from cryospin.train.autodecode import (
+    JUMP_THRESHOLD_DEG,
+    autodecode_epoch,
+    epoch_search,
+    search_refine_disc,
+)
 from cryospin.train.autoencode import BestPoses, EpochStats, autoencode_epoch, infer_best_poses
 from cryospin.train.config import AMORTIZED_METHODS, Config, config_to_dict
 from cryospin.train.data import TrainingData, num_batches
@@ -459,6 +464,7 @@ def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress,
         shard=run.shard, anchor_frame=config.optim.anchor_pose_frame,
         symmetry=_group_or_none(state.volume.point_group),
         relax=None if relax is None else relax.copies,
+        refine_disc=None if search is None else search_refine_disc(config, run.data),
     )
     if relax is not None:
         extra["relax"] = relax_record(relax, stats.relaxed_fraction)

@@ -201,6 +201,12 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--search-radius-symmetric", type=float, metavar="K",
                    help="with --symmetry: the global search's radius (cycles per box) once the "
                         "group is imposed, over one asymmetric unit of the symmetric map")
+    g.add_argument("--search-refine-resolution", type=float, metavar="A",
+                   help="in the search epochs, refine the poses after each batch's search on "
+                        "frequencies up to this resolution, Å (the map and the local epochs "
+                        "fit the whole disc)")
+    g.add_argument("--search-refine-radius", type=float, metavar="K",
+                   help="the same as a frequency radius in cycles per box (the preset's)")
     g.add_argument("--search-shift-step", type=float, metavar="PX",
                    help="with --shifts, the global search also tries a shift grid of this "
                         "spacing within --max-shift-px (default 2)")
