@@ -189,6 +189,56 @@ def test_collectives_match_one_process(tmp_path):
     assert "ok 0" in proc.stdout and "ok 1" in proc.stdout
 
 
+def test_teardown_frees_the_process_group_after_an_optimiser_was_built(tmp_path):
+    """After :func:`teardown_distributed` no gloo thread is left running, even when
+    ``torch.optim`` was first used after the group existed (its first optimiser imports
+    torch._dynamo and with it ``torch.distributed.nn``, whose default arguments used to keep the
+    default group alive: its threads then ran until interpreter exit, which now and then aborted
+    with SIGABRT after a run had written its outputs). Linux: threads read from /proc."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs /proc to list the process's threads")
+    script = tmp_path / "check.py"
+    script.write_text(textwrap.dedent("""
+        import os
+        import torch
+        from cryospin.train.distributed import (init_distributed, teardown_distributed,
+                                                world_from_env)
+        from cryospin.train.optimizer import adam
+
+        def gloo_threads():
+            names = []
+            for task in os.listdir("/proc/self/task"):
+                try:
+                    with open(f"/proc/self/task/{task}/comm") as f:
+                        names.append(f.read().strip())
+                except OSError:  # a thread that ended meanwhile
+                    pass
+            return sorted(n for n in names if "gloo" in n)
+
+        world = world_from_env()
+        created = init_distributed(world, torch.device("cpu"))
+        assert created
+        adam([torch.nn.Parameter(torch.zeros(3))], 0.1)
+        x = torch.ones(3)
+        torch.distributed.all_reduce(x)
+        during = gloo_threads()
+        teardown_distributed(created, synchronise=True)
+        after = gloo_threads()
+        assert during, "no gloo thread found while the group exists: cannot check"
+        assert not after, f"rank {world.rank}: left running after teardown: {after}"
+        os.write(1, ("ok %d" % world.rank + chr(10)).encode())
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         "2", str(script)], env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ok 0" in proc.stdout and "ok 1" in proc.stdout
+
+
 def test_two_ranks_then_resumed_on_one_equal_one_process(particles, reference, tmp_path):
     """2 ranks for the auto-encoding epoch, the switch and the search epoch; then the run is
     resumed by a single process: every map and the final poses equal the 1-process run's."""

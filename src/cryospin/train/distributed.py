@@ -50,6 +50,16 @@ from cryospin.errors import InputError
 from cryospin.pose import PoseTable
 from cryospin.train.batches import Batch
 
+if dist.is_available():
+    # Imported before any process group exists, on purpose: its functions take
+    # ``group=group.WORLD`` as a default argument, evaluated when the module is first imported.
+    # Imported after init_process_group (torch.optim's first optimiser imports torch._dynamo,
+    # which imports it), those defaults kept ten references to the default group, so
+    # destroy_process_group could not free it: gloo's worker threads ran on until interpreter
+    # exit, which then now and then aborted ("terminate called without an active exception",
+    # SIGABRT after the outputs were written). Imported now, the defaults are None.
+    import torch.distributed.nn  # noqa: F401
+
 __all__ = [
     "WorldInfo",
     "Shard",
