@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import mrcfile
@@ -331,3 +332,45 @@ def test_backproject_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture,
     before = _files(tmp_path)
     refused(["backproject", str(star), "-o", str(tmp_path / "bp"), *flags], capsys, needle)
     assert _files(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- box advice
+
+
+def _box_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "consider --box" in r.getMessage()]
+
+
+def test_a_box_above_the_advised_size_gets_one_warning_unless_box_is_given(
+        tmp_path: Path, no_report, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``reconstruct`` on particles whose box exceeds ``ADVISED_BOX_PX`` (lowered to 8 here, so
+    that the 16 px test stack exceeds it) warns once, with the pixel size and Nyquist before and
+    after the crop it suggests; not with an explicit ``--box`` (even the full one), not on
+    ``--resume``, not at or below the advised size."""
+    import cryospin.cli.reconstruct as reconstruct
+
+    star = _star(tmp_path / "data", pixel_sizes=(2.0,))
+    with caplog.at_level(logging.INFO):
+        assert main(["reconstruct", str(star), "-o", str(tmp_path / "at"), *TRAIN,
+                     "--stop-after", "1"]) == 0
+    assert _box_warnings(caplog) == []  # 16 px <= 128
+    monkeypatch.setattr(reconstruct, "ADVISED_BOX_PX", 8)
+    warnings = {}
+    for extra, name in [([], "full"), (["--box", "16"], "given"), (["--box", "8"], "cropped")]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert main(["reconstruct", str(star), "-o", str(tmp_path / name), *TRAIN,
+                         "--stop-after", "1", *extra]) == 0
+        warnings[name] = _box_warnings(caplog)
+    assert warnings["given"] == warnings["cropped"] == []
+    assert len(warnings["full"]) == 1, warnings["full"]
+    for needle in ("full 16 px box (2 Å/px, Nyquist 4 Å)", "~4.0×",
+                   "--box 8 (the map at 4 Å/px, Nyquist 8 Å; poses"):
+        assert needle in warnings["full"][0], warnings["full"][0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["reconstruct", "--resume", str(tmp_path / "full"),
+                     "--stop-after", "2"]) == 0
+    assert _box_warnings(caplog) == []

@@ -30,6 +30,9 @@ __all__ = ["main"]
 
 log = logging.getLogger(__name__)
 
+# Above this box (px) without --box, `reconstruct` advises a Fourier crop (:func:`_advise_box`).
+ADVISED_BOX_PX = 128
+
 # flag dest -> (config section, field); None values mean "not given"
 _OVERRIDES = {
     "heads": ("model", "num_heads"),
@@ -279,6 +282,8 @@ def _train(config: Config, run_dir: Path, halves: bool, args: argparse.Namespace
     )
     config = _in_pixels(config, particles, args)
     _warn_contrast(particles, config.data.invert_contrast)
+    if not args.resume:
+        _advise_box(config, particles)
     world = world_from_env()
     if halves:
         if world.distributed:
@@ -315,6 +320,24 @@ def _warn_contrast(particles: ImageSource, invert_contrast: bool) -> None:
         log.warning("the particles already look bright (t = %.3g over %d images) but "
                     "--invert-contrast is set: consider dropping it",
                     check.z_score, check.num_images)
+
+
+def _advise_box(config: Config, particles: ParticleSet) -> None:
+    """Log a WARNING when the particles' box exceeds :data:`ADVISED_BOX_PX` and no ``--box``
+    was given: each image then costs about ``(L / 128)²`` times as much (slices and loss grow
+    with the box's area), and the presets were tuned at 64–128 px."""
+    L = int(particles.box_px)
+    if config.data.box_px is not None or L <= ADVISED_BOX_PX:
+        return
+    apix = float(particles.pixel_size_angstrom)
+    crop = apix * L / ADVISED_BOX_PX
+    at, map_at = ((f" ({apix:.3g} Å/px, Nyquist {2 * apix:.3g} Å)",
+                   f"the map at {crop:.3g} Å/px, Nyquist {2 * crop:.3g} Å; ") if apix > 0
+                  else ("", ""))
+    log.warning("training on the full %d px box%s: each image costs ~%.1f× what it costs at "
+                "%d px, and ab initio rarely needs more: consider --box %d (%sposes and "
+                "shifts are still written in the particles' frame)", L, at,
+                (L / ADVISED_BOX_PX) ** 2, ADVISED_BOX_PX, ADVISED_BOX_PX, map_at)
 
 
 def _write_report(run_dir: Path, *, halves: bool = False) -> None:
