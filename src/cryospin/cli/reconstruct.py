@@ -20,6 +20,7 @@ from cryospin.preprocess import sample_contrast
 from cryospin.report import write_halves_report, write_report
 from cryospin.rundir import RESUMABLE_OPTIONS, RunFiles, prepare_run_dir
 from cryospin.sources import ImageSource
+from cryospin.train.autodecode import local_refine_radius
 from cryospin.train.config import Config, build_config, load_config
 from cryospin.train.distributed import world_from_env
 from cryospin.train.fit import TrainingInterrupted, fit
@@ -72,6 +73,7 @@ _OVERRIDES = {
     "search_radius": ("optim", "search_radius_px"),
     "search_radius_symmetric": ("optim", "search_radius_symmetric_px"),
     "search_refine_radius": ("optim", "search_refine_radius_px"),
+    "local_refine_resolution": ("optim", "local_refine_resolution_angstrom"),
     "search_shift_step": ("optim", "search_shift_step_px"),
     "loss_radius_start": ("schedule", "loss_radius_start_px"),
     "loss_radius_end": ("schedule", "loss_radius_end_px"),
@@ -281,6 +283,8 @@ def _train(config: Config, run_dir: Path, halves: bool, args: argparse.Namespace
         optics_group=getattr(config.input, "optics_group", None),
     )
     config = _in_pixels(config, particles, args)
+    local_refine_radius(config.optim.local_refine_resolution_angstrom,  # refused before
+                        particles.box_px * float(particles.pixel_size_angstrom))  # any file
     _warn_contrast(particles, config.data.invert_contrast)
     if not args.resume:
         _advise_box(config, particles)

@@ -11,8 +11,9 @@ of SO(3) (and, with shifts, every shift of a grid) is evaluated on a small low-f
 better than its current one.
 This rescues the particles whose stage-1 pose sits in a wrong basin, which local refinement
 cannot leave. The pose steps of the search epochs may fit a low-frequency disc only
-(:func:`search_refine_disc`, ``optim.search_refine_radius_px``); their volume steps and the
-local epochs fit the whole training disc.
+(:func:`search_refine_disc`, ``optim.search_refine_radius_px``), and those of the local
+epochs the frequencies up to a resolution (:func:`local_refine_disc`,
+``optim.local_refine_resolution_angstrom``); the volume steps fit the whole training disc.
 
 Optionally (:class:`SymmetryCopies`, a pseudo-symmetry placed in the map by
 :mod:`cryospin.train.relax`), each batch then scores every particle's pose at its ``|G|``
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cryospin.errors import InputError
 from cryospin.forward.model import render
 from cryospin.forward.shifts import shift_hartley
 from cryospin.forward.slicing import extract_central_slices
@@ -49,6 +51,8 @@ __all__ = [
     "SymmetryCopies",
     "epoch_search",
     "search_refine_disc",
+    "local_refine_disc",
+    "local_refine_radius",
     "JUMP_THRESHOLD_DEG",
     "pose_change_deg",
     "pose_nll",
@@ -450,7 +454,8 @@ def autodecode_epoch(
         A pseudo-symmetry of the C1 map: each batch's poses first move to their best copy
         (after the search, before the pose steps).
     refine_disc : LossDisc, optional
-        A smaller disc (:func:`search_refine_disc`) the pose steps fit (the search and the
+        A smaller disc (:func:`search_refine_disc` in a search epoch, :func:`local_refine_disc`
+        in a local one) the pose steps fit (the search and the
         copies are scored on their own discs); the volume step and the returned loss use the
         training disc. None: the pose steps fit the training disc too.
 
@@ -539,6 +544,38 @@ def search_refine_disc(config: Config, data: TrainingData) -> LossDisc | None:
     (cycles per box) of the training disc, or None (the training disc) when that is unset or
     reaches the training disc's largest frequency."""
     radius = config.optim.search_refine_radius_px
+    if radius is None or radius >= float(data.frequencies.norm(dim=-1).max()):
+        return None
+    return sub_disc(data.frequencies, data.box_px, radius)
+
+
+def local_refine_radius(angstrom: float | None, extent_angstrom: float) -> float | None:
+    """The local epochs' pose-step radius ``extent / angstrom`` (cycles per box) for a box of
+    ``extent_angstrom`` (``L·apix``); None when ``angstrom`` is None or the extent unknown
+    (``<= 0``).
+
+    Raises
+    ------
+    InputError
+        If the resolution is coarser than the box itself (a radius below 1 cycle per box).
+    """
+    if angstrom is None or not extent_angstrom > 0:
+        return None
+    radius = extent_angstrom / angstrom
+    if radius < 1:
+        raise InputError(f"--local-refine-resolution {angstrom:g} Å is coarser than the box "
+                         f"itself ({extent_angstrom:.4g} Å, 1 cycle per box)")
+    return radius
+
+
+def local_refine_disc(config: Config, data: TrainingData) -> LossDisc | None:
+    """The disc a local epoch's pose steps fit: the training disc's frequencies up to
+    ``optim.local_refine_resolution_angstrom``, ``|k| <= L·apix / Å`` cycles per box (``L`` and
+    ``apix`` of the training box, :func:`local_refine_radius`); None (the training disc) when
+    that is unset, when the pixel size is unknown, or when the resolution is at or below what
+    the training disc reaches."""
+    radius = local_refine_radius(config.optim.local_refine_resolution_angstrom,
+                                 data.box_px * data.pixel_size_angstrom)
     if radius is None or radius >= float(data.frequencies.norm(dim=-1).max()):
         return None
     return sub_disc(data.frequencies, data.box_px, radius)

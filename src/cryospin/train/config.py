@@ -195,6 +195,14 @@ class OptimConfig:
         one seed settle with a third of its particles in a wrong basin (benchmarks/RESULTS.md,
         "The search epochs' pose steps on a low-frequency disc"), and they were most of a
         search epoch's time.
+    local_refine_resolution_angstrom : float or None
+        The pose steps of the local epochs (stage 2 without a search) fit only the training
+        disc's frequencies up to this resolution (Å; ``|k| <= L·apix / Å`` cycles per box of
+        the training box); their volume steps and the loss keep the whole disc. ``None``, or
+        a resolution at or below the training images' Nyquist: the whole disc. On ADK at
+        128 px (0.75 Å/px) the whole disc's pose steps fitted frequencies that carry no signal
+        and ended less accurate and slower (benchmarks/RESULTS.md, "The local epochs' pose
+        steps up to 2.4 Å").
     search_shift_step_px : float or None
         With shifts on (``model.predict_shifts``), the global search also tries every shift of a
         square grid with this spacing (pixels) within ``model.max_shift_px`` per axis, jointly
@@ -229,6 +237,7 @@ class OptimConfig:
     search_radius_end_px: float | None = None
     search_radius_symmetric_px: float | None = None
     search_refine_radius_px: float | None = None
+    local_refine_resolution_angstrom: float | None = None
     search_shift_step_px: float | None = 2.0
     switch_hypotheses: int = 1
     switch_refine_steps: int = 20

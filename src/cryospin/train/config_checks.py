@@ -96,6 +96,10 @@ def _check_optim(c: Config) -> None:
         value = getattr(o, name)
         if value is not None and not value >= 1:
             raise _bad(f"optim.{name} must be >= 1, got {value}")
+    if o.local_refine_resolution_angstrom is not None and \
+            not o.local_refine_resolution_angstrom > 0:
+        raise _bad("optim.local_refine_resolution_angstrom must be > 0, got "
+                   f"{o.local_refine_resolution_angstrom}")
     step = o.search_shift_step_px
     if step is not None and not step > 0:
         raise _bad(f"optim.search_shift_step_px must be > 0, got {step}")

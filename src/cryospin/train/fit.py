@@ -70,11 +70,12 @@ from cryospin.train.autodecode import (
     JUMP_THRESHOLD_DEG,
     autodecode_epoch,
     epoch_search,
+    local_refine_disc,
     search_refine_disc,
 )
 from cryospin.train.autoencode import BestPoses, EpochStats, autoencode_epoch, infer_best_poses
 from cryospin.train.config import AMORTIZED_METHODS, Config, config_to_dict
-from cryospin.train.data import TrainingData, num_batches
+from cryospin.train.data import LossDisc, TrainingData, num_batches
 from cryospin.train.distributed import (
     Shard,
     WorldInfo,
@@ -275,6 +276,7 @@ class _Run:
     generator: torch.Generator  # the batch order
     switch_epoch: int  # K; the epochs (E) for the methods that never switch
     tracker: PoseTracker | None  # pose_track.npz (rank 0)
+    local_disc: LossDisc | None  # the local epochs' pose steps (optim.local_refine_...)
 
     @property
     def per_epoch(self) -> int:
@@ -333,7 +335,8 @@ def _fit(
         count=config.run.track_particles, seed=config.run.seed, last_epoch=state.epoch,
     )
     run = _Run(config, given, files, data, device, shard, world.is_main,
-               Feedback() if feedback is None else feedback, generator, K, tracker)
+               Feedback() if feedback is None else feedback, generator, K, tracker,
+               local_refine_disc(config, data))
     end = _train_epochs(run, state, stop_after)
     if state.epoch < end:
         return FitResult(files.dir, state.epoch, state.stage, finished=False)
@@ -464,7 +467,8 @@ def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress,
         shard=run.shard, anchor_frame=config.optim.anchor_pose_frame,
         symmetry=_group_or_none(state.volume.point_group),
         relax=None if relax is None else relax.copies,
-        refine_disc=None if search is None else search_refine_disc(config, run.data),
+        refine_disc=(run.local_disc if search is None
+                     else search_refine_disc(config, run.data)),
     )
     if relax is not None:
         extra["relax"] = relax_record(relax, stats.relaxed_fraction)

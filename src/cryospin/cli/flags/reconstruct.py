@@ -207,6 +207,10 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
                         "fit the whole disc)")
     g.add_argument("--search-refine-radius", type=float, metavar="K",
                    help="the same as a frequency radius in cycles per box (the preset's)")
+    g.add_argument("--local-refine-resolution", type=float, metavar="A",
+                   help="in the local epochs (stage 2 after the search), refine the poses on "
+                        "frequencies up to this resolution, Å (the map fits the whole disc; "
+                        "default preset 2.4; at or below the images' Nyquist: the whole disc)")
     g.add_argument("--search-shift-step", type=float, metavar="PX",
                    help="with --shifts, the global search also tries a shift grid of this "
                         "spacing within --max-shift-px (default 2)")
