@@ -379,18 +379,22 @@ def test_a_box_above_the_advised_size_gets_one_warning_unless_box_is_given(
     assert _box_warnings(caplog) == []
 
 
-def test_local_refine_resolution_changes_the_local_epochs_only(tmp_path: Path,
-                                                               no_report) -> None:
+def test_local_refine_resolution_changes_the_local_epochs_only(
+        tmp_path: Path, no_report, caplog: pytest.LogCaptureFixture) -> None:
     """``--local-refine-resolution``: the search epoch is that of a run without it (the same
-    map after it), the local epoch after it is not; a resolution the 16 px × 2 Å training disc
-    does not reach (4.5 Å: 7.1 cycles per box) changes nothing."""
+    map after it), the local epoch after it is not, and the log says so; a resolution the
+    16 px × 2 Å training disc does not reach (4.5 Å: 7.1 cycles per box) changes nothing."""
     star = _star(tmp_path / "data", pixel_sizes=(2.0,))
-    maps = {}
+    maps, said = {}, {}
     for name, extra in [("whole", []), ("8A", ["--local-refine-resolution", "8"]),
                         ("4.5A", ["--local-refine-resolution", "4.5"])]:
         run = tmp_path / name
-        assert main(["reconstruct", str(star), "-o", str(run), *TRAIN, "--epochs", "3",
-                     *extra]) == 0
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert main(["reconstruct", str(star), "-o", str(run), *TRAIN, "--epochs", "3",
+                         *extra]) == 0
+        said[name] = [r.getMessage() for r in caplog.records
+                      if r.getMessage().startswith("local epochs: the pose steps fit")]
         maps[name] = [mrcfile.read(run / f"map.00{e}.mrc") for e in (2, 3)]
         if extra:
             config = yaml.safe_load((run / "config.yaml").read_text())
@@ -398,3 +402,6 @@ def test_local_refine_resolution_changes_the_local_epochs_only(tmp_path: Path,
     assert np.array_equal(maps["8A"][0], maps["whole"][0])  # epoch 2: the search epoch
     assert not np.allclose(maps["8A"][1], maps["whole"][1], rtol=0, atol=1e-6)  # local
     assert np.array_equal(maps["4.5A"][1], maps["whole"][1])
+    assert said["whole"] == said["4.5A"] == []
+    assert len(said["8A"]) == 1 and "|k| <= 4 cycles/box (8 Å, of the training disc's 7)" \
+        in said["8A"][0], said["8A"]

@@ -337,6 +337,11 @@ def _fit(
     run = _Run(config, given, files, data, device, shard, world.is_main,
                Feedback() if feedback is None else feedback, generator, K, tracker,
                local_refine_disc(config, data))
+    if run.local_disc is not None:
+        logger.info("local epochs: the pose steps fit |k| <= %.3g cycles/box (%.3g Å, of the "
+                    "training disc's %d), the volume steps the whole disc",
+                    run.local_disc.radius_px, config.optim.local_refine_resolution_angstrom,
+                    data.box_px // 2 - 1)
     end = _train_epochs(run, state, stop_after)
     if state.epoch < end:
         return FitResult(files.dir, state.epoch, state.stage, finished=False)
