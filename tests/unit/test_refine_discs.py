@@ -141,7 +141,7 @@ def test_the_local_radius_is_the_box_over_the_resolution():
     assert local_refine_radius(None, 96.0) is None
     assert local_refine_radius(2.4, 0.0) is None  # no pixel size
     assert local_refine_radius(96.0, 96.0) == pytest.approx(1.0)
-    with pytest.raises(InputError, match="--local-refine-resolution 100 Å is coarser"):
+    with pytest.raises(InputError, match="local_refine_resolution_angstrom 100 Å is coarser"):
         local_refine_radius(100.0, 96.0)
 
 

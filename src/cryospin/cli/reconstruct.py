@@ -283,8 +283,9 @@ def _train(config: Config, run_dir: Path, halves: bool, args: argparse.Namespace
         optics_group=getattr(config.input, "optics_group", None),
     )
     config = _in_pixels(config, particles, args)
-    local_refine_radius(config.optim.local_refine_resolution_angstrom,  # refused before
-                        particles.box_px * float(particles.pixel_size_angstrom))  # any file
+    with _errors_name_flags():  # refused before any file is written
+        local_refine_radius(config.optim.local_refine_resolution_angstrom,
+                            particles.box_px * float(particles.pixel_size_angstrom))
     _warn_contrast(particles, config.data.invert_contrast)
     if not args.resume:
         _advise_box(config, particles)

@@ -543,10 +543,7 @@ def search_refine_disc(config: Config, data: TrainingData) -> LossDisc | None:
     """The disc a search epoch's pose steps fit: ``|k| <= optim.search_refine_radius_px``
     (cycles per box) of the training disc, or None (the training disc) when that is unset or
     reaches the training disc's largest frequency."""
-    radius = config.optim.search_refine_radius_px
-    if radius is None or radius >= float(data.frequencies.norm(dim=-1).max()):
-        return None
-    return sub_disc(data.frequencies, data.box_px, radius)
+    return _inner_disc(data, config.optim.search_refine_radius_px)
 
 
 def local_refine_radius(angstrom: float | None, extent_angstrom: float) -> float | None:
@@ -563,8 +560,8 @@ def local_refine_radius(angstrom: float | None, extent_angstrom: float) -> float
         return None
     radius = extent_angstrom / angstrom
     if radius < 1:
-        raise InputError(f"--local-refine-resolution {angstrom:g} Å is coarser than the box "
-                         f"itself ({extent_angstrom:.4g} Å, 1 cycle per box)")
+        raise InputError(f"optim.local_refine_resolution_angstrom {angstrom:g} Å is coarser "
+                         f"than the box itself ({extent_angstrom:.4g} Å, 1 cycle per box)")
     return radius
 
 
@@ -574,11 +571,16 @@ def local_refine_disc(config: Config, data: TrainingData) -> LossDisc | None:
     ``apix`` of the training box, :func:`local_refine_radius`); None (the training disc) when
     that is unset, when the pixel size is unknown, or when the resolution is at or below what
     the training disc reaches."""
-    radius = local_refine_radius(config.optim.local_refine_resolution_angstrom,
-                                 data.box_px * data.pixel_size_angstrom)
-    if radius is None or radius >= float(data.frequencies.norm(dim=-1).max()):
+    return _inner_disc(data, local_refine_radius(config.optim.local_refine_resolution_angstrom,
+                                                 data.box_px * data.pixel_size_angstrom))
+
+
+def _inner_disc(data: TrainingData, radius_px: float | None) -> LossDisc | None:
+    """The training disc's frequencies with ``|k| <= radius_px`` (cycles per box); None when
+    ``radius_px`` is None or reaches the training disc's largest frequency (the whole disc)."""
+    if radius_px is None or radius_px >= float(data.frequencies.norm(dim=-1).max()):
         return None
-    return sub_disc(data.frequencies, data.box_px, radius)
+    return sub_disc(data.frequencies, data.box_px, radius_px)
 
 
 def epoch_search(config: Config, data: TrainingData, stage2_epoch: int,

@@ -276,7 +276,8 @@ class _Run:
     generator: torch.Generator  # the batch order
     switch_epoch: int  # K; the epochs (E) for the methods that never switch
     tracker: PoseTracker | None  # pose_track.npz (rank 0)
-    local_disc: LossDisc | None  # the local epochs' pose steps (optim.local_refine_...)
+    search_disc: LossDisc | None  # the search epochs' pose steps (search_refine_disc)
+    local_disc: LossDisc | None  # the local epochs' pose steps (local_refine_disc)
 
     @property
     def per_epoch(self) -> int:
@@ -336,12 +337,12 @@ def _fit(
     )
     run = _Run(config, given, files, data, device, shard, world.is_main,
                Feedback() if feedback is None else feedback, generator, K, tracker,
-               local_refine_disc(config, data))
+               search_refine_disc(config, data), local_refine_disc(config, data))
     if run.local_disc is not None:
         logger.info("local epochs: the pose steps fit |k| <= %.3g cycles/box (%.3g Å, of the "
-                    "training disc's %d), the volume steps the whole disc",
+                    "training disc's %.3g), the volume steps the whole disc",
                     run.local_disc.radius_px, config.optim.local_refine_resolution_angstrom,
-                    data.box_px // 2 - 1)
+                    float(data.frequencies.norm(dim=-1).max()))
     end = _train_epochs(run, state, stop_after)
     if state.epoch < end:
         return FitResult(files.dir, state.epoch, state.stage, finished=False)
@@ -472,8 +473,7 @@ def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress,
         shard=run.shard, anchor_frame=config.optim.anchor_pose_frame,
         symmetry=_group_or_none(state.volume.point_group),
         relax=None if relax is None else relax.copies,
-        refine_disc=(run.local_disc if search is None
-                     else search_refine_disc(config, run.data)),
+        refine_disc=run.local_disc if search is None else run.search_disc,
     )
     if relax is not None:
         extra["relax"] = relax_record(relax, stats.relaxed_fraction)
