@@ -19,7 +19,13 @@ from torch import Tensor
 
 from cryospin.rotations import geodesic_distance_deg
 
-__all__ = ["gaussian_nll", "winner_take_all", "head_usage", "head_spread_deg"]
+__all__ = [
+    "gaussian_nll",
+    "log_likelihood_ratio",
+    "winner_take_all",
+    "head_usage",
+    "head_spread_deg",
+]
 
 
 def gaussian_nll(predicted: Tensor, observed: Tensor, noise_variance: float | Tensor) -> Tensor:
@@ -63,6 +69,37 @@ def gaussian_nll(predicted: Tensor, observed: Tensor, noise_variance: float | Te
     inv_two_var = (0.5 / noise_variance).broadcast_to(observed.shape)  # (B, P)
     sq = (predicted - observed.unsqueeze(1)).square()  # (B, M, P)
     return (sq * inv_two_var.unsqueeze(1)).sum(-1)  # (B, M)
+
+
+def log_likelihood_ratio(predicted: Tensor, observed: Tensor,
+                         noise_variance: float | Tensor) -> Tensor:
+    """Log-likelihood of each image under its prediction against an empty image, in nats.
+
+    ``llr[b] = NLL(0) − NLL(predicted) = Σ_p (2 y_p ŷ_p − ŷ_p²) / (2 σ²)`` with the NLL of
+    :func:`gaussian_nll` (``y`` = ``observed``, ``ŷ`` = ``predicted``), evaluated in this
+    cancellation-free form in float64. Positive: the prediction explains the image better
+    than no particle at all. For ``y = ŷ + noise`` its mean is ``Σ ŷ² / (2 σ²)``; for pure
+    noise ``−Σ ŷ² / (2 σ²)``; its standard deviation is ``sqrt(Σ ŷ²) / σ`` in both cases.
+
+    Parameters
+    ----------
+    predicted, observed : `(B, P)`
+        Hartley coefficients on the ``P`` frequencies of the loss disc.
+    noise_variance : float or Tensor
+        ``σ²`` per coefficient, as in :func:`gaussian_nll` (broadcastable against `(B, P)`).
+
+    Returns
+    -------
+    `(B,)` float64
+    """
+    if predicted.ndim != 2 or predicted.shape != observed.shape:
+        raise ValueError(f"expected predicted and observed of the same shape (B, P), got "
+                         f"{tuple(predicted.shape)} and {tuple(observed.shape)}")
+    var = torch.as_tensor(noise_variance, dtype=torch.float64, device=predicted.device)
+    if not bool((var > 0).all()):
+        raise ValueError("noise_variance must be positive")
+    y, yhat = observed.double(), predicted.double()
+    return ((2.0 * y - yhat) * yhat / (2.0 * var).broadcast_to(y.shape)).sum(-1)
 
 
 def winner_take_all(loss_bm: Tensor) -> tuple[Tensor, Tensor]:

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONFIG", "CHECKPOINT", "METRICS", "POSE_TRACK", "RUN_LOG", "PARTICLE_SET", "MAP",
-    "MAP_DECODER", "CONVERGENCE", "POSES_STAR", "POSES_PKL", "POSES_CS", "REPORT_HTML", "FSC_JSON",
+    "MAP_DECODER", "CONVERGENCE", "POSES_STAR", "POSES_PKL", "POSES_CS", "SELECTED", "REPORT_HTML",
+    "FSC_JSON",
     "EPOCH_MAP_PATTERN", "epoch_map_name", "HALVES_MARKER", "HALF_SET", "HALF_NAMES", "HALF_MAPS",
     "HALF_INDICES", "RunFiles", "HalvesFiles", "prepare_run_dir", "Stage", "CHECKPOINT_FORMAT",
     "Checkpoint", "save_checkpoint", "load_checkpoint", "RESUMABLE_OPTIONS", "RELOCATABLE_SECTION",
@@ -76,6 +77,9 @@ CONVERGENCE = "convergence_fsc.json"
 POSES_STAR = "poses.star"
 POSES_PKL = "poses.pkl"
 POSES_CS = "poses.cs"
+#: 0-based indices of the particles the map explains better than an empty image
+#: (:mod:`cryospin.train.scores`), a cryoDRGN ``--ind`` pickle.
+SELECTED = "selected.pkl"
 #: The run report (:mod:`cryospin.report`).
 REPORT_HTML = "report.html"
 #: An FSC curve with its crossings (:func:`cryospin.evaluate.fsc.write_fsc_json`).
@@ -112,6 +116,7 @@ class RunFiles:
         self.star = self.dir / POSES_STAR
         self.pkl = self.dir / POSES_PKL
         self.cs = self.dir / POSES_CS  # only for .cs inputs
+        self.selected = self.dir / SELECTED
         self.log = self.dir / RUN_LOG
         self.particle_set = self.dir / PARTICLE_SET
         self.convergence = self.dir / CONVERGENCE
@@ -151,6 +156,7 @@ class HalvesFiles:
         self.pkl = self.dir / POSES_PKL
         self.log = self.dir / RUN_LOG
         self.cs = self.dir / POSES_CS  # only for .cs inputs
+        self.selected = self.dir / SELECTED
         self.particle_set = self.dir / PARTICLE_SET
         self.report = self.dir / REPORT_HTML
 

@@ -28,9 +28,10 @@ from tests._synthetic import make_dataset
 
 from cryospin.cli.main import main as cli_main
 from cryospin.io.mrc import read_map
-from cryospin.io.particles import load_particles, write_particles_star
+from cryospin.io.particles import load_indices, load_particles, write_particles_star
 from cryospin.io.pkl import write_cryodrgn_poses
 from cryospin.io.star import read_relion_star
+from cryospin.io.star_tables import numbers
 from cryospin.rundir import read_metrics
 from cryospin.train.config import load_config
 
@@ -144,6 +145,14 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     half_a = read_relion_star(run / "half_A" / "poses.star", metadata_only=True)
     torch.testing.assert_close(R[torch.from_numpy(subsets == 1)], half_a.rotations,
                                atol=1e-9, rtol=0)
+    # each particle's score is its own half's, and selected.pkl lists those above the line
+    scores = numbers(poses.star_table["rlnLogLikeliContribution"])
+    for which, name in ((1, "half_A"), (2, "half_B")):
+        half = read_relion_star(run / name / "poses.star", metadata_only=True)
+        np.testing.assert_array_equal(scores[subsets == which],
+                                      numbers(half.star_table["rlnLogLikeliContribution"]))
+    np.testing.assert_array_equal(load_indices(run / "selected.pkl", n=N),
+                                  np.flatnonzero(scores > 0))
 
     # the run report, written at the end: the halves' pages and the whole run's
     _check_halves_report(run, run / "report.html", gt=False)

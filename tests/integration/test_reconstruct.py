@@ -25,7 +25,7 @@ from cryospin.forward.hartley import hartley3
 from cryospin.forward.model import render
 from cryospin.io.cs import read_cryosparc
 from cryospin.io.mrc import read_map, write_stack
-from cryospin.io.particles import load_particles
+from cryospin.io.particles import load_indices, load_particles
 from cryospin.io.pkl import read_cryodrgn_poses
 from cryospin.io.star_tables import read_star_tables
 from cryospin.rotations import random_rotations
@@ -136,6 +136,31 @@ def test_outputs_and_round_trips(uninterrupted, tiny):
 
     # config.yaml gives back the run's configuration
     assert load_config(run / "config.yaml") == _tiny_config()
+
+
+def test_poses_star_holds_each_particles_score_and_selected_pkl_the_others(uninterrupted,
+                                                                          tiny):
+    """``rlnLogLikeliContribution``: each particle's score recomputed from the checkpoint's
+    volume and pose table (:func:`particle_scores`); ``selected.pkl``: those above the
+    empty-image line, readable as ``--ind``."""
+    from cryospin.train.data import prepare_data
+    from cryospin.train.scores import EMPTY_SCORE, particle_scores
+    from cryospin.volume import HartleyVolume
+
+    run = uninterrupted.run_dir
+    table, _ = read_star_tables(run / "poses.star")
+    written = table["rlnLogLikeliContribution"].astype(float).to_numpy()
+    state = load_checkpoint(run / "checkpoint.pt")
+    data = prepare_data(_particles(tiny), _tiny_config().data, device=torch.device("cpu"))
+    volume = HartleyVolume(16, init_scale=0.0)
+    volume.load_state_dict(state["volume"])
+    with torch.no_grad():
+        again = particle_scores(volume(), state["pose_table"]["rotations"],
+                                state["pose_table"]["shifts_px"], data)
+    np.testing.assert_allclose(written, again.numpy(), atol=1e-3, rtol=1e-6)
+    assert (written > EMPTY_SCORE).any()
+    selected = load_indices(run / "selected.pkl", n=64)
+    np.testing.assert_array_equal(selected, np.flatnonzero(written > EMPTY_SCORE))
 
 
 def test_plain_run_records_a_convergence_check_not_a_resolution(uninterrupted):

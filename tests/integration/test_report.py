@@ -22,6 +22,7 @@ from _html import image_sources as _image_sources
 from cryospin.cli.main import main as cli_main
 from cryospin.errors import InputError
 from cryospin.io.mrc import write_map
+from cryospin.io.star_tables import numbers, read_star_tables
 from cryospin.report import write_report
 from cryospin.report.analysis import (
     head_usage_table,
@@ -40,7 +41,7 @@ needs_matplotlib = pytest.mark.skipif(
     reason="the report's figures need matplotlib (pip install 'cryospin[report]')",
 )
 EXPECTED_FIGURES = {"training.png", "head_usage.png", "orientations.png", "map_views.png",
-                    "fsc.png", "orientations_gt.png", "rotation_error.png",
+                    "particle_scores.png", "fsc.png", "orientations_gt.png", "rotation_error.png",
                     "rotation_error_epochs.png", "head_errors.png"}
 
 
@@ -87,6 +88,14 @@ def test_report_html_and_figures(full_report: Path, tiny_run: dict[str, Path]) -
     assert summary["pixel_size_angstrom"] == pytest.approx(13.0)
     assert summary["epochs_completed"] == 2
     assert summary["switch_epoch"] == 2  # first auto-decoding epoch
+    # the particles' scores of poses.star: how many fit no better than an empty image
+    scores = summary["particle_scores"]
+    written = numbers(read_star_tables(tiny_run["run"] / "poses.star")[0][
+        "rlnLogLikeliContribution"])
+    low = int((written <= 0).sum())
+    assert scores["scored"] == 64 and scores["no_better_than_empty"] == low
+    assert scores["median_score_of_others"] == pytest.approx(float(np.median(written[written > 0])))
+    assert f"{low:,} of 64" in text and "Particle scores" in text
     # resolution between Nyquist (26 Å) and the box (208 Å); one value per epoch map
     assert 26.0 - 1e-6 <= summary["resolution_0143_angstrom"] <= 208.0
     assert [r["epoch"] for r in summary["epoch_resolutions"]] == [1, 2]
@@ -116,7 +125,7 @@ def test_report_without_ground_truth_to_other_path(tiny_run: dict[str, Path],
     result = write_report(tiny_run["run"], output=out)
     figures, _ = _image_sources(out)
     assert {p.name for p in figures} == {"training.png", "head_usage.png", "orientations.png",
-                                         "map_views.png"}
+                                         "particle_scores.png", "map_views.png"}
     assert all(p.parent == tmp_path / "my report" for p in figures)
     assert figures == result.figure_paths
     for p in figures:

@@ -10,6 +10,7 @@ import torch
 
 from cryospin.errors import InputError
 from cryospin.forward.ctf import CTFParams
+from cryospin.io.particles import load_indices
 from cryospin.io.pkl import (
     cryodrgn_trans_from_shift_px,
     read_cryodrgn_ctf,
@@ -17,6 +18,7 @@ from cryospin.io.pkl import (
     shift_px_from_cryodrgn_trans,
     write_cryodrgn_ctf,
     write_cryodrgn_poses,
+    write_indices_pkl,
 )
 from cryospin.rotations import random_rotations
 
@@ -68,6 +70,16 @@ def test_pose_round_trip_and_sign(tmp_path):
     R2, s2 = read_cryodrgn_poses(tmp_path / "pose.pkl", 64)
     torch.testing.assert_close(R2, R, rtol=0, atol=0)
     torch.testing.assert_close(s2, shift, rtol=0, atol=1e-13)
+
+
+def test_index_pickle_is_an_int64_array_that_ind_reads_back(tmp_path):
+    write_indices_pkl(tmp_path / "ind.pkl", np.array([0, 3, 7], dtype=np.int32))
+    with open(tmp_path / "ind.pkl", "rb") as fh:
+        raw = pickle.load(fh)
+    assert raw.dtype == np.int64 and raw.tolist() == [0, 3, 7]  # what cryoDRGN's --ind loads
+    np.testing.assert_array_equal(load_indices(tmp_path / "ind.pkl", n=8), [0, 3, 7])
+    with pytest.raises(ValueError, match="1D integer"):
+        write_indices_pkl(tmp_path / "bad.pkl", np.array([0.5]))
 
 
 def test_trans_helpers_are_inverse():

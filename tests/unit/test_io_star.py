@@ -112,6 +112,23 @@ def test_write_then_load_round_trip(tmp_path):
     assert blocks["particles"]["rlnImageName"].iloc[0] == "000001@../stacks/s0.mrcs"
 
 
+def test_columns_given_replace_an_input_column_of_that_name_in_place_or_follow_the_others(
+        tmp_path):
+    ps = _synthetic_set(tmp_path)
+    n = len(ps)
+    write_relion_star(tmp_path / "a.star", ps, columns={"rlnLogLikeliContribution": np.zeros(n)})
+    first = load_particles(tmp_path / "a.star")
+    cols = list(starfile.read(tmp_path / "a.star", always_dict=True)["particles"].columns)
+    assert cols[-1] == "rlnLogLikeliContribution"
+    scores = np.linspace(-2.5, 7.125, n)
+    write_relion_star(tmp_path / "b.star", first, columns={"rlnLogLikeliContribution": scores})
+    table = starfile.read(tmp_path / "b.star", always_dict=True)["particles"]
+    assert list(table.columns) == cols  # the input's column replaced where it stood
+    np.testing.assert_array_equal(table["rlnLogLikeliContribution"].to_numpy(), scores)
+    with pytest.raises(ValueError, match="rlnLogLikeliContribution"):
+        write_relion_star(tmp_path / "c.star", ps, columns={"rlnLogLikeliContribution": [1.0]})
+
+
 def test_round_trip_twice_is_stable(tmp_path):
     ps = _synthetic_set(tmp_path, seed=3)
     write_relion_star(tmp_path / "a.star", ps)

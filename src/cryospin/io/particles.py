@@ -239,10 +239,12 @@ def _read_plain_stacks(path: Path, *, datadir: str | Path | None) -> ParticleSet
 
 # ---------------------------------------------------------------------------- writing
 def write_particles_star(path: str | Path, particles: ParticleSet, *,
-                         relative_to: str | Path | None = None) -> None:
+                         relative_to: str | Path | None = None,
+                         columns: Mapping[str, np.ndarray] | None = None) -> None:
     """Write ``particles`` as a RELION 3.1 star file, carrying the input's columns and image
-    paths (see :func:`cryospin.io.star_write.write_relion_star`)."""
-    write_relion_star(path, particles, relative_to=relative_to)
+    paths, with ``columns`` `(N,)` set by name (see
+    :func:`cryospin.io.star_write.write_relion_star`)."""
+    write_relion_star(path, particles, relative_to=relative_to, columns=columns)
 
 
 def write_cryodrgn_poses(

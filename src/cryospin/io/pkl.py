@@ -39,6 +39,7 @@ __all__ = [
     "write_cryodrgn_poses",
     "shift_px_from_cryodrgn_trans",
     "cryodrgn_trans_from_shift_px",
+    "write_indices_pkl",
 ]
 
 
@@ -259,3 +260,12 @@ def write_cryodrgn_poses(
     if rot.ndim != 3 or rot.shape[1:] != (3, 3) or trans.shape != (rot.shape[0], 2):
         raise ValueError(f"rotations {rot.shape} / shifts {trans.shape} must be (N,3,3) / (N,2)")
     _dump_pickle(path, (rot, trans))
+
+
+def write_indices_pkl(path: str | Path, indices: ArrayLike) -> None:
+    """Write 0-based particle indices `(n,)` as an int64 array pickle (cryoDRGN's ``--ind``
+    file; also read by ``cryospin reconstruct --ind``), atomically."""
+    arr = np.asarray(indices)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"indices must be a 1D integer array, got {arr.dtype} {arr.shape}")
+    _dump_pickle(path, arr.astype(np.int64))

@@ -8,7 +8,7 @@ cryoSPARC"); the loops are written by :func:`cryospin.io.star_tables.loop_text`.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +88,8 @@ def _optics_tables(ps: ParticleSet) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def write_relion_star(
-    path: str | Path, particles: ParticleSet, *, relative_to: str | Path | None = None
+    path: str | Path, particles: ParticleSet, *, relative_to: str | Path | None = None,
+    columns: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """Write a RELION 3.1 star (``data_optics`` + ``data_particles``), atomically.
 
@@ -107,6 +108,9 @@ def write_relion_star(
       no longer hold (per-particle ``rlnVoltage``, ``rlnImagePixelSize``, ...) are updated,
       RELION 3.0 ``rlnDetectorPixelSize``/``rlnMagnification`` dropped when they no longer
       give the pixel size.
+
+    * ``columns``: per-particle values `(N,)` by RELION column name (e.g. a score), written
+      in place of an input column of the same name or after the others.
 
     The optics table is the input's (``particles.optics``, text), its ``rlnImagePixelSize``,
     ``rlnImageSize`` and per-group ``rlnVoltage``, ``rlnSphericalAberration``,
@@ -174,19 +178,24 @@ def write_relion_star(
             if not np.allclose(apix_30, apix, rtol=1e-4, atol=0):
                 dropped |= {"rlnDetectorPixelSize", "rlnMagnification"}
 
-    columns: dict[str, Sequence[object]] = {}
+    for col, values in (columns or {}).items():
+        given = np.asarray(values, dtype=np.float64)
+        if given.shape != (n,):
+            raise ValueError(f"column {col}: expected ({n},) values, got {given.shape}")
+        new[col] = [format_number(x) for x in given.tolist()]
+    written: dict[str, Sequence[object]] = {}
     kept = pd.DataFrame() if carried is None else carried
     for col in kept.columns:
         target = renamed.get(col, col)
         if col in dropped:
             continue
         if target in new:
-            columns[target] = new.pop(target)
+            written[target] = new.pop(target)
         elif target == col:  # carried as it is (a replaced column already placed is dropped)
-            columns[col] = kept[col].tolist()
-    columns.update(new)
+            written[col] = kept[col].tolist()
+    written.update(new)
     text = ("# version 30001\n" + loop_text("optics", {c: optics[c].tolist() for c in optics})
-            + "# version 30001\n" + loop_text("particles", columns))
+            + "# version 30001\n" + loop_text("particles", written))
     atomic_write_text(path, text)
 
 

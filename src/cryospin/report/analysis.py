@@ -20,10 +20,12 @@ import numpy as np
 from torch import Tensor
 
 from cryospin.evaluate.gold_standard import GoldStandardFSC
-from cryospin.report.summary import HalvesSummary, RunSummary, Stage1Heads
+from cryospin.report.summary import HalvesSummary, RunSummary, ScoreSummary, Stage1Heads
 from cryospin.rundir import RunData, Stage, search_stopped_after
+from cryospin.train.scores import EMPTY_SCORE
 
 __all__ = [
+    "score_summary",
     "MetricsLine",
     "JSONObject",
     "RANDOM_SPREAD_DEG",
@@ -305,3 +307,14 @@ def json_ready(x: object) -> object:
     if isinstance(x, list):
         return [json_ready(v) for v in x]
     return x if not isinstance(x, float) or math.isfinite(x) else None
+
+
+def score_summary(scores: np.ndarray) -> ScoreSummary:
+    """The :class:`ScoreSummary` of the particles' scores `(N,)` (nats)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    others = scores[scores > EMPTY_SCORE]
+    low = int(scores.size - others.size)
+    return ScoreSummary(
+        scored=int(scores.size), empty_score=EMPTY_SCORE, no_better_than_empty=low,
+        fraction_no_better_than_empty=low / scores.size if scores.size else 0.0,
+        median_score_of_others=float(np.median(others)) if others.size else None)

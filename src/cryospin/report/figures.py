@@ -12,6 +12,8 @@ backend, imported only when a figure is drawn: :func:`cryospin.plotting.pyplot`)
   of equal-area bins;
 * :func:`plot_map_views` — central sections and projections (sums) along z, y and x, and on
   the sections the symmetry axes (:mod:`~cryospin.report.map_figure`);
+* :func:`plot_particle_scores` — histogram of the particles' scores (how much better the map
+  explains each image than an empty image), the empty-image line marked;
 * :func:`plot_rotation_errors` — histogram of the rotation error against ground-truth poses;
 * :func:`plot_track_errors` — with ``pose_track.npz`` and ground-truth poses: median and mean
   rotation error of the tracked particles against the epoch, the median view-direction and
@@ -65,6 +67,7 @@ __all__ = [
     "plot_head_usage",
     "plot_orientations",
     "plot_map_views",
+    "plot_particle_scores",
     "plot_rotation_errors",
     "plot_track_errors",
     "plot_head_errors",
@@ -301,6 +304,29 @@ def plot_orientations(rotations: Tensor | np.ndarray, path: str | Path, *,
     ax.tick_params(labelsize=7)
     ax.set_title(title or f"view directions R[2, :] of {n} particles "
                  f"(longitude atan2(y, x), latitude asin z; equal-area)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_particle_scores(scores: np.ndarray, empty_score: float, path: str | Path) -> None:
+    """Histogram of the particles' scores `(N,)` (nats, :mod:`cryospin.train.scores`), the
+    line ``empty_score`` at or below which the map explains an image no better than an empty
+    one, and how many lie there."""
+    plt = pyplot()
+    scores = np.asarray(scores, dtype=np.float64)
+    low = int((scores <= empty_score).sum())
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    lo, hi = float(np.percentile(scores, 0.1)), float(np.percentile(scores, 99.9))
+    lo, hi = min(lo, empty_score - 1.0), max(hi, empty_score + 1.0)
+    ax.hist(np.clip(scores, lo, hi), bins=np.linspace(lo, hi, 81), color="tab:blue", alpha=0.8)
+    ax.axvline(empty_score, color="tab:red", linestyle="--", linewidth=1.2,
+               label=f"no better than an empty image: {low:,} of {scores.size:,} "
+                     f"({100.0 * low / max(scores.size, 1):.1f} %)")
+    ax.set_xlabel("score: log-likelihood against an empty image (nats; outermost 0.1 % "
+                  "drawn at the edges)", fontsize=8)
+    ax.set_ylabel("particles")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
 

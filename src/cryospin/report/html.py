@@ -307,11 +307,25 @@ def run_summary_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
     if "epochs_completed" in s:
         rows += _epoch_rows(s, run)
     rows += _stage1_summary_rows(s)
+    rows += _score_summary_rows(s)
     rows += gt_summary_rows(s)
     rows += _tracked_summary_rows(s)
     if not run.finished:
         rows.append(("status", "unfinished"))
     return rows
+
+
+def _score_summary_rows(s: RunSummary) -> list[tuple[str, str]]:
+    """How many particles fit the map no better than an empty image."""
+    sc = s.get("particle_scores")
+    if sc is None:
+        return []
+    median = sc["median_score_of_others"]
+    return [("particles no better than an empty image",
+             f"{sc['no_better_than_empty']:,} of {sc['scored']:,} "
+             f"({100.0 * sc['fraction_no_better_than_empty']:.1f} %; score <= "
+             f"{sc['empty_score']:g} nats"
+             + ("" if median is None else f"; the others' median score {median:.3g}") + ")")]
 
 
 def _stage1_summary_rows(s: RunSummary) -> list[tuple[str, str]]:

@@ -21,13 +21,16 @@ from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
 from cryospin.io.mrc import read_map
 from cryospin.io.particles import load_particles
 from cryospin.io.pkl import read_cryodrgn_poses
+from cryospin.io.star_tables import numbers
 from cryospin.rundir import RunFiles
+from cryospin.train.scores import SCORE_COLUMN
 from cryospin.train.track import PoseTrack, load_pose_track
 
 __all__ = [
     "read_volume",
     "ground_truth_on_grid",
     "read_poses",
+    "read_scores",
     "read_gt_poses",
     "read_track",
 ]
@@ -70,6 +73,22 @@ def read_poses(path: Path, box_px: int) -> tuple[Tensor, Tensor | None]:
     if ps.rotations is None:
         raise InputError("no poses (rlnAngleRot/Tilt/Psi) in the file", path)
     return ps.rotations, ps.shifts_px
+
+
+def read_scores(path: Path, box_px: int) -> np.ndarray | None:
+    """The particles' scores `(N,)` (nats, :mod:`cryospin.train.scores`) from a run's
+    ``poses.star``; None for another file or a star without them (a run of an older
+    version)."""
+    if path.suffix.lower() != ".star":
+        return None
+    ps = load_particles(path, metadata_only=True, no_ctf=True, check_finite=False,
+                        box_px=box_px)
+    if ps.star_table is None or SCORE_COLUMN not in ps.star_table.columns:
+        return None
+    scores = numbers(ps.star_table[SCORE_COLUMN])
+    if not np.isfinite(scores).all():
+        raise InputError(f"{SCORE_COLUMN} holds values that are not numbers", path)
+    return scores
 
 
 def read_gt_poses(gt_poses: str | Path, rotations: Tensor | None, box_px: int | None,

@@ -21,6 +21,7 @@ from cryospin.report.analysis import (
     head_spread_table,
     head_usage_table,
     run_summary,
+    score_summary,
     view_directions,
 )
 from cryospin.report.figures import (
@@ -28,6 +29,7 @@ from cryospin.report.figures import (
     plot_head_errors,
     plot_head_usage,
     plot_orientations,
+    plot_particle_scores,
     plot_track_errors,
     plot_training,
 )
@@ -57,6 +59,7 @@ from cryospin.report.inputs import (
     ground_truth_on_grid,
     read_gt_poses,
     read_poses,
+    read_scores,
     read_track,
     read_volume,
 )
@@ -71,7 +74,8 @@ from cryospin.report.symmetry_check import (
     relaxed_symmetry,
     symmetry_summary,
 )
-from cryospin.rundir import RunData, load_run
+from cryospin.rundir import SELECTED, RunData, load_run
+from cryospin.train.scores import EMPTY_SCORE, SCORE_COLUMN
 from cryospin.train.track import PoseTrack
 
 __all__ = ["write_report"]
@@ -87,6 +91,7 @@ class _Inputs:
     gt: np.ndarray | None  # ground-truth map on the run's grid
     rotations: Tensor | None  # (N, 3, 3)
     shifts: Tensor | None  # (N, 2) px
+    scores: np.ndarray | None  # (N,) nats, poses.star's particle scores
     gt_R: Tensor | None
     gt_t: Tensor | None
     symmetry: str  # the imposed point group, "C1" = none
@@ -121,13 +126,14 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
         if volume is None:
             raise InputError("the run has no map to compare with the ground truth", run.run_dir)
         gt = ground_truth_on_grid(Path(gt_map), int(volume.shape[0]), apix or 0.0)
-    rotations = shifts = None
+    rotations = shifts = scores = None
     if run.poses_path is not None and box is not None:
         rotations, shifts = read_poses(run.poses_path, box)
+        scores = read_scores(run.poses_path, box)
     gt_R = gt_t = None
     if gt_poses is not None:
         gt_R, gt_t = read_gt_poses(gt_poses, rotations, box, run.run_dir)
-    return _Inputs(run, volume, apix, gt, rotations, shifts, gt_R, gt_t,
+    return _Inputs(run, volume, apix, gt, rotations, shifts, scores, gt_R, gt_t,
                    imposed_symmetry(run.config, run.metrics))
 
 
@@ -138,6 +144,8 @@ def _analyse(inp: _Inputs, *, max_epoch_fsc: int, search_hand: bool) -> _Numbers
         run, num_poses=None if inp.rotations is None else int(inp.rotations.shape[0]),
         box_px=None if inp.volume is None else int(inp.volume.shape[0]),
         pixel_size_angstrom=inp.apix)
+    if inp.scores is not None:
+        summary["particle_scores"] = score_summary(inp.scores)
     notes: list[str] = []
     resolutions: list[EpochResolution] = []
     final_fsc = None
@@ -237,6 +245,16 @@ def _figures(figs: FigureSet, inp: _Inputs, num: _Numbers, gt_map: str | Path | 
             "View directions (third row of each R, the projection direction in the map "
             "frame) of the final poses, binned in equal-area cells on a Mollweide "
             "projection."))
+    if inp.scores is not None:
+        plot_particle_scores(inp.scores, EMPTY_SCORE, figs.add(
+            "particle_scores.png", "Particle scores",
+            f"How much better the map explains each image than an empty image would: the "
+            f"log-likelihood ratio (nats) of the image under the trained map at the particle's "
+            f"final pose, with its CTF and shift, against no particle at all, under the "
+            f"training's noise model ({SCORE_COLUMN} in poses.star). Images at or below the "
+            f"line (empty ice, false picks) fit no better than an empty image; "
+            f"{SELECTED} lists the others, for --ind. Contamination with structure of its own "
+            f"can score above it."))
     if inp.volume is not None and run.map_path is not None:
         drawn = num.drawn
         add_map_views(figs, inp.volume, title="Map", what=run.map_path.name,

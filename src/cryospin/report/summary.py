@@ -17,6 +17,7 @@ __all__ = [
     "PosesVsGT",
     "GroupScore",
     "SymmetrySummary",
+    "ScoreSummary",
     "RunSummary",
     "HalvesSummary",
 ]
@@ -90,6 +91,18 @@ class SymmetrySummary(TypedDict):
     pose_errors_modulo: str | None
 
 
+class ScoreSummary(TypedDict):
+    """The particles' scores in ``poses.star`` (:mod:`cryospin.train.scores`, nats): how many
+    fit the map no better than an empty image (score <= ``empty_score``), and the median
+    score of the others (None when there are none)."""
+
+    scored: int
+    empty_score: float
+    no_better_than_empty: int
+    fraction_no_better_than_empty: float
+    median_score_of_others: float | None
+
+
 class _GroundTruthFields(TypedDict, total=False):
     """:class:`MapVsGT` and :class:`PosesVsGT`, present when a ground truth was given."""
 
@@ -129,6 +142,7 @@ class RunSummary(_RunRequired, _GroundTruthFields, _SymmetryFields, total=False)
     pixel_size_angstrom: float | None
     epoch_resolutions: list[EpochResolutionRow]
     tracked_rotation_error: list[TrackedEpoch]
+    particle_scores: ScoreSummary
 
 
 class _HalvesRequired(TypedDict):

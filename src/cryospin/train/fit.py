@@ -111,6 +111,7 @@ from cryospin.train.schedule import (
     stage2_decoder_lr,
     stage2_pose_lrs,
 )
+from cryospin.train.scores import particle_scores
 from cryospin.train.setup import initial_state, load_training_data, open_run, resolve_device
 from cryospin.train.state import TrainState, seed_everything
 from cryospin.train.switch import full_pose_table, full_record, switch_poses
@@ -569,9 +570,13 @@ def _finish(run: _Run, state: TrainState, particles: ParticleSet) -> FitResult:
         rotations, shifts_out = best.rotations, best.shifts_px
     rotations = rotations.detach().cpu()
     shifts_out = None if shifts_out is None else shifts_out.detach().cpu()
+    with run.feedback.start("final: particle scores", n) as progress, torch.no_grad():
+        scores = particle_scores(state.volume(), rotations, shifts_out, run.data.unsharded(),
+                                 batch_size=run.config.run.inference_batch_size,
+                                 progress=progress.update)
     try:
         write_final(files, run.config, particles, run.data, state.volume, rotations,
-                    shifts_out, feedback=run.feedback)
+                    shifts_out, feedback=run.feedback, scores=scores)
     except OutputError as exc:  # every epoch is checkpointed: --resume writes these again
         raise OutputError(f"{exc}; {_resume_hint(files.dir, state.epoch)}") from None
     return FitResult(

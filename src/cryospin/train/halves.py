@@ -69,7 +69,9 @@ from cryospin.io.particles import (
     write_cryodrgn_poses,
     write_particles_star,
 )
+from cryospin.io.pkl import write_indices_pkl
 from cryospin.io.star import read_relion_star
+from cryospin.io.star_tables import numbers
 from cryospin.plotting import plot_fsc
 from cryospin.point_group import parse_point_group
 from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from here
@@ -89,6 +91,7 @@ from cryospin.train.config import Config, ScheduleConfig, save_config
 from cryospin.train.fit import TrainingInterrupted, fit
 from cryospin.train.runlog import header_line, run_log, start_run_log
 from cryospin.train.schedule import final_epoch
+from cryospin.train.scores import SCORE_COLUMN, selected_indices
 from cryospin.train.setup import record_resume
 
 __all__ = [
@@ -380,13 +383,19 @@ def _train_and_combine(
     return HalvesResult(files.dir, True, (done[0], done[1]), sizes, source, gold, align)
 
 
-def _read_half_poses(star: Path, box_px: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_half_poses(star: Path, box_px: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+    """A half's poses `(n, 3, 3)`, shifts `(n, 2)` (original pixels) and its particles'
+    scores `(n,)` (None when its star has none: a run of an older version)."""
     ps = read_relion_star(star, no_ctf=True, metadata_only=True, box_px=box_px)
     if ps.rotations is None:
         raise InputError("no poses in the half's star file", star)
     n = len(ps)
     shifts = ps.shifts_px if ps.shifts_px is not None else torch.zeros(n, 2, dtype=torch.float64)
-    return ps.rotations.double(), shifts.double()
+    scores = None
+    if ps.star_table is not None and SCORE_COLUMN in ps.star_table.columns:
+        scores = numbers(ps.star_table[SCORE_COLUMN])
+    return ps.rotations.double(), shifts.double(), scores
 
 
 def combine_halves(
@@ -493,9 +502,10 @@ def _combine(
     n = len(particles)
     rotations = torch.zeros(n, 3, 3, dtype=torch.float64)
     shifts = torch.zeros(n, 2, dtype=torch.float64)
+    scores: np.ndarray | None = np.zeros(n)
     for which, f in zip((1, 2), half_files, strict=True):
         idx = torch.from_numpy(np.flatnonzero(half_set == which))
-        R, s = _read_half_poses(f.star, particles.box_px)
+        R, s, half_scores = _read_half_poses(f.star, particles.box_px)
         if R.shape[0] != idx.numel():
             raise InputError(f"{R.shape[0]} poses for {idx.numel()} particles of this half",
                              f.star)
@@ -504,13 +514,20 @@ def _combine(
             R, s = poses_in_aligned_frame(R, s, align.rotation,
                                           align.translation_px * to_original_px, align.flipped)
         rotations[idx], shifts[idx] = R, s
+        if scores is not None and half_scores is not None and half_scores.shape == (len(idx),):
+            scores[idx.numpy()] = half_scores  # each half's own map's scores
+        else:
+            scores = None
     both = dataclasses.replace(particles.with_poses(rotations, shifts),
                                random_subset=half_set.astype(np.int64))
-    write_particles_star(files.star, both, relative_to=config.input.relative_to)
+    write_particles_star(files.star, both, relative_to=config.input.relative_to,
+                         columns=None if scores is None else {SCORE_COLUMN: scores})
     write_cryodrgn_poses(files.pkl, rotations, shifts, particles.box_px)
     if both.cs_table is not None:  # a .cs input: its rows with the new poses
         write_cryosparc(files.cs, both)
     log.info("wrote %s, %s, %s", files.map, files.postprocess, files.star)
+    if scores is not None:
+        write_indices_pkl(files.selected, selected_indices(scores))
     return gold, align
 
 

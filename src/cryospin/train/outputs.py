@@ -31,6 +31,7 @@ from cryospin.io.cs import write_cryosparc
 from cryospin.io.mrc import write_map
 from cryospin.io.particle_set import ParticleSet
 from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
+from cryospin.io.pkl import write_indices_pkl
 from cryospin.rundir import Checkpoint, EpochMetrics, RunFiles, Stage, append_metrics
 from cryospin.symmetry import point_group_rotations
 from cryospin.train.autoencode import EpochStats
@@ -39,6 +40,7 @@ from cryospin.train.convergence import record_convergence_check
 from cryospin.train.data import TrainingData
 from cryospin.train.feedback import Feedback
 from cryospin.train.metrics import EpochExtra
+from cryospin.train.scores import EMPTY_SCORE, SCORE_COLUMN, selected_indices
 from cryospin.volume import HartleyVolume
 
 __all__ = ["epoch_metrics", "write_epoch", "write_final", "final_backprojection"]
@@ -105,9 +107,12 @@ def write_final(
     shifts_px: torch.Tensor | None,
     *,
     feedback: Feedback | None = None,
+    scores: torch.Tensor | None = None,
 ) -> None:
     """The final outputs (module docstring) from the final poses, `(N, 3, 3)` and `(N, 2)`
-    in training pixels (None: no shifts), of ``particles`` (a ``ParticleSet``)."""
+    in training pixels (None: no shifts), of ``particles`` (a ``ParticleSet``); with the
+    particles' ``scores`` `(N,)` (:mod:`cryospin.train.scores`), also their column in
+    ``poses.star`` and ``selected.pkl``."""
     with torch.no_grad():
         real = volume.to_real_space().detach().cpu()
     if config.run.final_map == "backprojection":
@@ -127,11 +132,29 @@ def write_final(
     # shifts in the ORIGINAL particles' pixels (training pixels are L/box_px times larger)
     shifts = shifts * (int(particles.box_px) / data.box_px)
     final = particles.with_poses(rotations, shifts)
-    write_particles_star(files.star, final, relative_to=config.input.relative_to)
+    columns = None if scores is None else {SCORE_COLUMN: np.round(scores.double().numpy(), 3)}
+    write_particles_star(files.star, final, relative_to=config.input.relative_to,
+                         columns=columns)
     write_cryodrgn_poses(files.pkl, rotations, shifts, int(particles.box_px))
     if final.cs_table is not None:  # a .cs input: its rows with the new poses
         write_cryosparc(files.cs, final)
     logger.info("wrote %s, %s and %s", files.map, files.star, files.pkl)
+    if scores is not None:
+        _write_selection(files, scores)
+
+
+def _write_selection(files: RunFiles, scores: torch.Tensor) -> None:
+    """``selected.pkl`` from the particles' ``scores`` `(N,)`, and one log line."""
+    selected = selected_indices(scores)
+    write_indices_pkl(files.selected, selected)
+    n, kept = int(scores.numel()), int(selected.size)
+    logger.info(
+        "particle scores (%s in %s): %s of %s particles (%.1f %%) fit the map no better than "
+        "an empty image (score <= %g nats; median score of the others %.3g); %s lists the "
+        "other %s (--ind)", SCORE_COLUMN, files.star.name, f"{n - kept:,}", f"{n:,}",
+        100.0 * (n - kept) / max(n, 1), EMPTY_SCORE,
+        float(np.median(scores.numpy()[selected])) if kept else float("nan"),
+        files.selected.name, f"{kept:,}")
 
 
 class _TrainingImages:
