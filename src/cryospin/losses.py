@@ -22,6 +22,7 @@ from cryospin.rotations import geodesic_distance_deg
 __all__ = [
     "gaussian_nll",
     "log_likelihood_ratio",
+    "particle_responsibility",
     "winner_take_all",
     "head_usage",
     "head_spread_deg",
@@ -100,6 +101,19 @@ def log_likelihood_ratio(predicted: Tensor, observed: Tensor,
         raise ValueError("noise_variance must be positive")
     y, yhat = observed.double(), predicted.double()
     return ((2.0 * y - yhat) * yhat / (2.0 * var).broadcast_to(y.shape)).sum(-1)
+
+
+def particle_responsibility(llr: Tensor) -> Tensor:
+    """Posterior probability that each image holds the particle rather than nothing, `(B,)`.
+
+    A two-class image model with equal priors: the image is the prediction ``ŷ`` plus noise,
+    or noise alone. With ``llr`` = :func:`log_likelihood_ratio` `(B,)`, Bayes' rule gives
+    ``p(ŷ | y) = 1 / (1 + exp(−llr)) = σ(llr)``. The gradient of the mixture's NLL
+    ``−log(½ p(y | ŷ) + ½ p(y | 0))`` with respect to ``ŷ`` is this responsibility times the
+    gradient of the particle class's NLL (:func:`gaussian_nll`): weighting each image's NLL
+    by it (held constant) is the mixture's volume gradient. Same dtype as ``llr``.
+    """
+    return torch.sigmoid(llr)
 
 
 def winner_take_all(loss_bm: Tensor) -> tuple[Tensor, Tensor]:

@@ -439,9 +439,12 @@ class EpochMetrics:
     start of the run, including resumed parts) and ``jump_fraction`` (stage 2: fraction of the
     visited particles whose rotation moved by more than
     ``cryospin.train.autodecode.JUMP_THRESHOLD_DEG`` during the epoch; absent from files
-    written before it existed), ``encoder_lr`` (stage 1: the encoder's learning rate at the
-    epoch's last step; absent from older files). ``extra`` holds ``"switch"`` (the switch's epoch),
-    ``"search_stop"`` (the global search's early stop; :func:`search_stopped_after`) and
+    written before it existed; with ``model.empty_class``, of the images more likely particle
+    than empty), ``encoder_lr`` (stage 1: the encoder's learning rate at the epoch's last step;
+    absent from older files), ``empty_fraction`` (stage 2 with ``model.empty_class``: the
+    fraction of images more likely empty; otherwise None). ``extra`` holds ``"switch"`` (the
+    switch's epoch), ``"search_stop"`` (the global search's early stop;
+    :func:`search_stopped_after`) and
     ``"symmetry"`` (the impose-symmetry step, :mod:`cryospin.train.impose`).
     """
 
@@ -460,6 +463,7 @@ class EpochMetrics:
     elapsed_s: float | None = None
     jump_fraction: float | None = None
     encoder_lr: float | None = None
+    empty_fraction: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:

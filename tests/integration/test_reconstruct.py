@@ -163,6 +163,49 @@ def test_poses_star_holds_each_particles_score_and_selected_pkl_the_others(unint
     np.testing.assert_array_equal(selected, np.flatnonzero(written > EMPTY_SCORE))
 
 
+def test_the_empty_class_finds_the_empty_images_and_the_final_map_leaves_them_out(
+        tiny, tmp_path, caplog):
+    """``model.empty_class``: a quarter of the images replaced by noise alone; each stage-2
+    epoch logs and records the share of images more likely empty (its value is measured on
+    the 64 px sets, benchmarks/RESULTS.md), and the final map is the backprojection of the
+    particles scoring above an empty image."""
+    import logging
+
+    from cryospin.train.data import prepare_data
+    from cryospin.train.outputs import final_backprojection
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    images = np.array(read_map(tiny.folder / "particles.mrcs")[0], dtype=np.float64)
+    rng = np.random.default_rng(0)
+    sigma = images[:, 0, :].std()  # the noise: the blobs leave the box's edge empty
+    images[48:] = rng.normal(0.0, sigma, size=images[48:].shape)  # 16 empty images
+    write_stack(folder / "particles.mrcs", images, 4.0)
+    particles = load_particles(folder / "particles.mrcs", ctf_pkl=tiny.folder / "ctf.pkl")
+    config = _tiny_config(model={"empty_class": True}, schedule={"epochs": 5})
+    with caplog.at_level(logging.INFO, logger="cryospin"):
+        result = fit(config, particles, tmp_path / "run")
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert rows[0]["empty_fraction"] is None  # stage 1
+    assert all(0.0 <= r["empty_fraction"] <= 1.0 for r in rows[1:])
+    assert "% of the images more likely empty" in caplog.text
+    table, _ = read_star_tables(result.run_dir / "poses.star")
+    scores = table["rlnLogLikeliContribution"].astype(float).to_numpy()
+    # every empty image scores below every particle; some of them (a map of 64 tiny
+    # particles is faint: the others' best-fitting poses score a few nats above 0) at or
+    # below the line, and no particle
+    assert scores[48:].max() < scores[:48].min()
+    keep = np.flatnonzero(scores > 0)
+    assert 48 <= keep.size < 64
+    assert f"({64 - keep.size:,} scoring no better than an empty image left out)" in caplog.text
+    data = prepare_data(particles, config.data, device=torch.device("cpu"))
+    expected = final_backprojection(particles, data, result.rotations, result.shifts_px,
+                                    seed=config.run.seed, keep=keep)
+    final = read_map(result.run_dir / "map.mrc")[0]
+    np.testing.assert_allclose(final, expected.numpy(), rtol=1e-5,
+                               atol=1e-6 * np.abs(final).max())
+
+
 def test_plain_run_records_a_convergence_check_not_a_resolution(uninterrupted):
     """A run without --halves ends with the FSC of map.mrc (backprojection) and
     map_decoder.mrc (trained volume), written and logged as a convergence check, pointing to

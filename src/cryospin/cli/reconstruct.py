@@ -39,6 +39,7 @@ _OVERRIDES = {
     "heads": ("model", "num_heads"),
     "width": ("model", "width_multiplier"),
     "shifts": ("model", "predict_shifts"),
+    "empty_class": ("model", "empty_class"),
     "max_shift_px": ("model", "max_shift_px"),
     "epochs": ("schedule", "epochs"),
     "switch_epoch": ("schedule", "switch_epoch"),

@@ -34,7 +34,7 @@ from cryospin.errors import InputError
 from cryospin.forward.model import render
 from cryospin.forward.shifts import shift_hartley
 from cryospin.forward.slicing import extract_central_slices
-from cryospin.losses import gaussian_nll
+from cryospin.losses import gaussian_nll, particle_responsibility
 from cryospin.pose import PoseTable
 from cryospin.rotations import geodesic_distance_deg, quaternion_to_matrix, so3_exp, so3_log
 from cryospin.rundir import Stage
@@ -45,6 +45,7 @@ from cryospin.train.data import Batch, LossDisc, TrainingData, sub_disc
 from cryospin.train.distributed import Shard, local_batches
 from cryospin.train.metrics import RunningMean, check_finite_gradients, check_finite_loss
 from cryospin.train.schedule import search_radius_px
+from cryospin.train.scores import score_from_nll
 
 __all__ = [
     "autodecode_epoch",
@@ -418,6 +419,7 @@ def autodecode_epoch(
     symmetry: Tensor | None = None,
     relax: SymmetryCopies | None = None,
     refine_disc: LossDisc | None = None,
+    empty_class: bool = False,
 ) -> EpochStats:
     """One pass over the particles in random order (drawn from ``generator``).
 
@@ -458,13 +460,21 @@ def autodecode_epoch(
         in a local one) the pose steps fit (the search and the
         copies are scored on their own discs); the volume step and the returned loss use the
         training disc. None: the pose steps fit the training disc too.
+    empty_class : bool
+        The image model has a second class, an empty image (``model.empty_class``): each
+        image's NLL in the volume step is weighted by the posterior probability that it holds
+        the particle (:func:`cryospin.losses.particle_responsibility` of its score after the
+        pose steps), and only images more likely particle than empty count in the jump
+        fraction.
 
     Returns
     -------
     EpochStats
         With ``jump_fraction``: the fraction of visited particles whose rotation moved by more
-        than :data:`JUMP_THRESHOLD_DEG` from the start of their batch to its end; with
-        ``relax``, ``relaxed_fraction``: the fraction that moved to another copy.
+        than :data:`JUMP_THRESHOLD_DEG` from the start of their batch to its end (with
+        ``empty_class``, of those more likely particle than empty); with ``relax``,
+        ``relaxed_fraction``: the fraction that moved to another copy; with ``empty_class``,
+        ``empty_fraction``: the fraction of visited images more likely empty.
 
     Raises
     ------
@@ -478,6 +488,7 @@ def autodecode_epoch(
     shift_change = RunningMean()
     jumps = 0  # visited particles whose rotation moved > JUMP_THRESHOLD_DEG
     relaxed = 0  # visited particles moved to another copy (relax)
+    empty = 0  # visited images more likely empty than particle (empty_class)
     batches = data.epoch_batches(batch_size, generator)
     for b, (batch, total) in enumerate(local_batches(batches, shard), start=1):
         idx = batch.indices
@@ -501,7 +512,13 @@ def autodecode_epoch(
         rot, shift = pose_table.gather(batch.indices)
         nll = pose_nll(volume(), rot, shift if refine_shifts else None, batch, data)  # (B,)
         loss = nll.mean()
-        objective = loss if shard is None else shard.objective(nll, total)
+        weighted = nll
+        is_particle = None
+        if empty_class:
+            weight = particle_responsibility(score_from_nll(nll.detach(), batch, data))  # (B,)
+            weighted = nll * weight.to(nll.dtype)
+            is_particle = weight > 0.5
+        objective = weighted.mean() if shard is None else shard.objective(weighted, total)
         check_finite_loss(objective, Stage.AUTODECODE, epoch, b)
         decoder_optimizer.zero_grad(set_to_none=True)
         objective.backward()
@@ -516,27 +533,37 @@ def autodecode_epoch(
         running.add(float(loss.detach()), n)
         change_deg = pose_change_deg(rot0, rot, symmetry)  # (B,)
         rot_change.add(float(change_deg.mean()), n)
-        jumps += int((change_deg > JUMP_THRESHOLD_DEG).sum())
+        jumped = change_deg > JUMP_THRESHOLD_DEG
+        if is_particle is not None:
+            jumped &= is_particle
+            empty += int((~is_particle).sum())
+        jumps += int(jumped.sum())
         if refine_shifts:
             shift_change.add(float((shift - shift0).norm(dim=-1).mean()), n)
         if progress is not None:
             progress(n, float(loss.detach()))
     if shard is not None:  # statistics of all ranks
         sums = shard.all_sum(torch.tensor([running.total, running.weight, rot_change.total,
-                                           shift_change.total, float(jumps), float(relaxed)]))
+                                           shift_change.total, float(jumps), float(relaxed),
+                                           float(empty)]))
         running.total, running.weight = float(sums[0]), float(sums[1])
         rot_change.total, rot_change.weight = float(sums[2]), float(sums[1])
         shift_change.total, shift_change.weight = float(sums[3]), float(sums[1])
         jumps, relaxed = round(float(sums[4])), round(float(sums[5]))
+        empty = round(float(sums[6]))
+    counted = running.weight - empty  # the particles whose jumps count
     return EpochStats(
         loss=running.mean,
         num_images=int(running.weight),
         mean_pose_change_deg=rot_change.mean,
         mean_shift_change_px=shift_change.mean if refine_shifts else None,
-        jump_fraction=jumps / running.weight if running.weight > 0 else None,
+        jump_fraction=jumps / counted if counted > 0 else None,
         relaxed_fraction=(relaxed / running.weight if relax is not None and running.weight > 0
                           else None),
+        empty_fraction=(empty / running.weight if empty_class and running.weight > 0
+                        else None),
     )
+
 
 
 def search_refine_disc(config: Config, data: TrainingData) -> LossDisc | None:

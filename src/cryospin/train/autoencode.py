@@ -81,6 +81,9 @@ class EpochStats:
     relaxed_fraction : float or None
         Fraction of the visited particles moved to another copy of their pose under a relaxed
         pseudo-symmetry (stage 2 with ``model.relax_symmetry``).
+    empty_fraction : float or None
+        Fraction of the visited images more likely empty than particle (stage 2 with
+        ``model.empty_class``).
     """
 
     loss: float
@@ -91,6 +94,7 @@ class EpochStats:
     mean_shift_change_px: float | None = None
     jump_fraction: float | None = None
     relaxed_fraction: float | None = None
+    empty_fraction: float | None = None
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,13 @@ class ModelConfig:
         each pose are scored and the best kept (:mod:`cryospin.train.relax`; RELION's
         ``--relax_sym``); ``auto``: the cyclic group each stage-2 epoch's map shows, in a
         C1 semi-amortized run (elsewhere nothing).
+    empty_class : bool
+        The stage-2 image model has a second class, an empty image (empty ice, a false pick):
+        each image's weight in the volume steps is the posterior probability that it holds
+        the particle (:func:`cryospin.losses.particle_responsibility` of its score,
+        :mod:`cryospin.train.scores`), the search's jump fraction counts only images more
+        likely particle, and the final map leaves out the particles scoring no better than
+        an empty image. Off: every image is the particle (cryospin <= 0.3).
     """
 
     num_heads: int = 7
@@ -127,6 +134,7 @@ class ModelConfig:
     pooling: Pooling = "vgg16"
     symmetry: str = "C1"
     relax_symmetry: str = "C1"
+    empty_class: bool = False
 
     def encoder_input_box(self, box_px: int) -> int:
         """The encoder trunk's box for training images of ``box_px``: ``encoder_box_px`` when

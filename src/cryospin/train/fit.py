@@ -419,12 +419,14 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
     _commit(run, state, epoch, stats, wall=wall, elapsed_s=elapsed, extra=extra)
     state.epoch = epoch
     logger.info(
-        "epoch %d/%d %s: loss %.6g, %.1f images/s%s%s", epoch, clock.end, state.stage,
+        "epoch %d/%d %s: loss %.6g, %.1f images/s%s%s%s", epoch, clock.end, state.stage,
         stats.loss, stats.num_images / wall if wall > 0 else float("nan"),
         f", pose change {stats.mean_pose_change_deg:.3g} deg"
         if stats.mean_pose_change_deg is not None else "",
         f", {100 * stats.jump_fraction:.1f} % jumped > {JUMP_THRESHOLD_DEG:g} deg"
         if stats.jump_fraction is not None else "",
+        f", {100 * stats.empty_fraction:.1f} % of the images more likely empty"
+        if stats.empty_fraction is not None else "",
     )
     if "search_stop" in extra:
         logger.info(search_stop_message(extra["search_stop"]))
@@ -475,6 +477,7 @@ def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress,
         symmetry=_group_or_none(state.volume.point_group),
         relax=None if relax is None else relax.copies,
         refine_disc=run.local_disc if search is None else run.search_disc,
+        empty_class=config.model.empty_class,
     )
     if relax is not None:
         extra["relax"] = relax_record(relax, stats.relaxed_fraction)

@@ -80,6 +80,7 @@ def epoch_metrics(
         pose_lr=pose_lr,
         elapsed_s=elapsed_s,
         jump_fraction=stats.jump_fraction,
+        empty_fraction=stats.empty_fraction,
         encoder_lr=encoder_lr,
         extra=dict(extra),
     )
@@ -118,11 +119,20 @@ def write_final(
     if config.run.final_map == "backprojection":
         write_map(files.map_decoder, real.numpy(), data.pixel_size_angstrom)
         trained = real
-        with (feedback or Feedback()).start("final map: backprojection",
-                                            rotations.shape[0]) as progress:
+        keep = None
+        if config.model.empty_class and scores is not None:
+            keep = selected_indices(scores)
+            if keep.size < 2:
+                logger.warning("only %d particles score above an empty image: the final map "
+                               "uses all %d", keep.size, rotations.shape[0])
+            if keep.size < 2 or keep.size == rotations.shape[0]:
+                keep = None
+        with (feedback or Feedback()).start(
+                "final map: backprojection",
+                rotations.shape[0] if keep is None else int(keep.size)) as progress:
             real = final_backprojection(particles, data, rotations, shifts_px,
                                         seed=config.run.seed, on_batch=progress.update,
-                                        symmetry=volume.point_group)
+                                        symmetry=volume.point_group, keep=keep)
         # logged and written as a convergence check, never as a resolution (use --halves)
         record_convergence_check(files.convergence, real, trained,
                                  pixel_size_angstrom=data.pixel_size_angstrom,
@@ -161,15 +171,18 @@ class _TrainingImages:
     """The images as trained on (cropped, normalised, contrast-corrected; not the encoder's
     input mask) as an ``.images(idx)`` source, read from ``data.source``."""
 
-    def __init__(self, data: TrainingData) -> None:
+    def __init__(self, data: TrainingData, rows: torch.Tensor | None = None) -> None:
         if data.source is None:  # prepare_data always gives one
             raise ValueError("the training data have no image source")
         self.source = data.source
         self.scale = float(data.image_scale)
         self.box_px = data.box_px
+        self.rows = rows  # (K,) particle of each index, None: index = particle
 
     def images(self, indices: np.ndarray | torch.Tensor) -> torch.Tensor:
         idx = torch.as_tensor(indices, dtype=torch.int64)
+        if self.rows is not None:
+            idx = self.rows[idx]
         return self.source.images(idx).to(torch.float64) * self.scale
 
 
@@ -182,6 +195,7 @@ def final_backprojection(
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
     symmetry: str = "C1",
+    keep: np.ndarray | None = None,
 ) -> torch.Tensor:
     """The final map: Wiener backprojection of the training images from the final poses.
 
@@ -203,6 +217,9 @@ def final_backprojection(
     symmetry : str
         Point group (:mod:`cryospin.symmetry`): each image is inserted at its ``|G|``
         symmetry-related poses ``R g`` (``"C1"``: once).
+    keep : `(K,)` int64, optional
+        Backproject only these particles (0-based, ``K >= 2``; the half-set split is then
+        that of ``K`` particles); None: all.
 
     Returns
     -------
@@ -218,15 +235,25 @@ def final_backprojection(
     source = data.source if data.source is not None else particles
     # a training source's CTF table is the particles' CTFParams (ParticleSet and its views)
     ctf = cast("CTFParams | None", source.ctf if data.use_ctf else None)
+    images = _TrainingImages(data)
+    n = rotations.shape[0]
+    if keep is not None:
+        rows = torch.as_tensor(np.asarray(keep, dtype=np.int64))
+        rotations = rotations[rows]
+        shifts_px = None if shifts_px is None else shifts_px[rows]
+        ctf = None if ctf is None else ctf[rows]
+        images = _TrainingImages(data, rows)
     group = point_group_rotations(symmetry)  # (G, 3, 3)
     device = data.device  # the training device: a GPU run backprojects on its GPU
     dtype = backprojection_dtype(device)
     result = backproject(
-        _TrainingImages(data), rotations.detach().to(device, dtype),
+        images, rotations.detach().to(device, dtype),
         None if shifts_px is None else shifts_px.detach().to(device, dtype), ctf, dtype=dtype,
         box_px=data.box_px, pixel_size_angstrom=data.pixel_size_angstrom, seed=seed,
         on_batch=on_batch, symmetry=group if group.shape[0] > 1 else None,
     )
-    logger.info("final map: Wiener backprojection of %d images from the final poses%s",
-                rotations.shape[0], "" if group.shape[0] == 1 else f", symmetry {symmetry}")
+    logger.info("final map: Wiener backprojection of %d images from the final poses%s%s",
+                rotations.shape[0], "" if group.shape[0] == 1 else f", symmetry {symmetry}",
+                "" if keep is None else
+                f" ({n - rotations.shape[0]:,} scoring no better than an empty image left out)")
     return result.volume.float().cpu()

@@ -92,6 +92,11 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shifts", action=argparse.BooleanOptionalAction, default=None,
                    help="estimate in-plane shifts")
     g.add_argument("--max-shift-px", type=float, metavar="PX", help="shift bound, pixels")
+    g.add_argument("--empty-class", action=argparse.BooleanOptionalAction, default=None,
+                   help="stage 2's image model also has an empty image (empty ice, false "
+                        "picks): each image weighs in the volume steps by the probability "
+                        "that it holds the particle, and the final map leaves out those "
+                        "scoring no better than an empty image (default: from the preset)")
     g.add_argument("--epochs", type=int, metavar="E", help="total epochs")
     g.add_argument("--switch-epoch", type=int, metavar="K",
                    help="last epoch of stage 1 (auto-encoding); 0 with search epochs: search "
