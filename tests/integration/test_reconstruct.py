@@ -930,7 +930,7 @@ def test_cli_reconstruct_star_writes_every_input_column_back(tiny, tmp_path):
 
     inp_p, inp_o = read_star_tables(star, as_text=True)
     out_p, out_o = read_star_tables(run / "poses.star", as_text=True)
-    assert list(out_p.columns) == cols
+    assert list(out_p.columns) == [*cols, "rlnLogLikeliContribution"]  # + the run's scores
     poses = {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"}
     for col in cols:
         if col not in poses:

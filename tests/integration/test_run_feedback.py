@@ -89,7 +89,8 @@ def test_run_log_of_a_run_and_its_resume(data, tmp_path):
     assert any(line.startswith(f"INFO resuming {run} after epoch 1") for line in rest)
     assert any(line.startswith("INFO switch to auto-decoding") for line in rest)
     assert any(line.startswith("INFO epoch 3/3 autodecode: loss ") for line in rest)
-    assert rest[-1].startswith(f"INFO wrote {run / 'map.mrc'}")
+    assert rest[-2].startswith(f"INFO wrote {run / 'map.mrc'}")
+    assert rest[-1].startswith("INFO particle scores (rlnLogLikeliContribution in poses.star)")
     assert not any("images/s, ETA" in line for line in lines)  # progress_interval_s = 0
 
 
