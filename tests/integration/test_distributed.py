@@ -31,6 +31,7 @@ import pytest
 
 from cryospin.io.mrc import read_map
 from cryospin.io.pkl import read_cryodrgn_poses
+from cryospin.io.star_tables import numbers, read_star_tables
 from cryospin.rotations import geodesic_distance_deg
 from cryospin.rundir import load_checkpoint, read_metrics
 
@@ -393,6 +394,25 @@ def test_amortized_two_ranks_equal_one_process(particles, tmp_path):
     for name in ("map.002.mrc", "map.mrc"):
         assert_same_map(ref / name, run / name)
     assert_same_poses(ref / "poses.pkl", run / "poses.pkl")
+
+
+def test_the_empty_class_on_two_ranks_equals_one_process(particles, tmp_path):
+    """``--empty-class``: each rank weighs its own images, the volume's objective and the
+    counts of images more likely empty are those of all ranks; the final scores are rank 0's
+    over every particle."""
+    argv = [*TRAIN, "--empty-class"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cryospin([str(particles), "-o", str(one), *argv]))
+    assert_ok(run_cryospin([str(particles), "-o", str(two), *argv], nproc=2))
+    a, b = (read_metrics(run / "metrics.jsonl") for run in (one, two))
+    assert all(r["empty_fraction"] is not None for r in a[1:])
+    for key in ("empty_fraction", "jump_fraction"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], abs=0.01)
+    assert_same_map(one / "map.mrc", two / "map.mrc")
+    assert_same_poses(one / "poses.pkl", two / "poses.pkl")
+    scores = [numbers(read_star_tables(run / "poses.star")[0]["rlnLogLikeliContribution"])
+              for run in (one, two)]
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-3, atol=0.05)
 
 
 def test_symmetry_step_two_ranks_equal_one_process(particles, tmp_path):

@@ -281,3 +281,19 @@ def test_build_html_is_static_and_escaped() -> None:
     assert 'src="report/a%20b.png"' in page and "k: &lt;v&gt;" in page
     assert "<b>n</b>" in page  # notes are trusted HTML
     assert "<script" not in page and "http" not in page
+
+
+def test_the_epoch_table_has_the_share_of_empty_images_only_when_the_run_recorded_it() -> None:
+    from cryospin.report.html import epoch_table
+
+    rows = [{"epoch": 1, "stage": "autoencode", "loss": 2.0, "wall_time_s": 1.0,
+             "empty_fraction": None},
+            {"epoch": 2, "stage": "autodecode", "loss": 1.0, "wall_time_s": 1.0,
+             "empty_fraction": 0.3}]
+    _, header, cells = epoch_table(rows, np.array([1.0, 2.0]), [])
+    column = header.index("images more likely empty")
+    assert [row[column] for row in cells] == ["–", "30.0 %"]
+    for r in rows:
+        r["empty_fraction"] = None
+    _, header, cells = epoch_table(rows, np.array([1.0, 2.0]), [])
+    assert "images more likely empty" not in header and len(cells[0]) == len(header)

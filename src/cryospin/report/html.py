@@ -378,22 +378,28 @@ def epoch_table(
     metrics: Sequence[MetricsLine], elapsed: np.ndarray,
     resolutions: Sequence[EpochResolution],
 ) -> Table:
-    """The per-epoch table: epoch, stage, loss, times, throughput, pose change, resolution."""
+    """The per-epoch table: epoch, stage, loss, times, throughput, pose change, the share of
+    images more likely empty (runs with ``model.empty_class``), resolution."""
     res = {r.epoch: r for r in resolutions}
 
     def num(x: object, fmt: str) -> str:
         return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt % x
 
+    empty = any(r.get("empty_fraction") is not None for r in metrics)
     header = ["epoch", "stage", "loss", "epoch time", "elapsed", "images/s",
-              "mean pose change", "resolution vs GT (0.5 / 0.143)"]
+              "mean pose change", *(["images more likely empty"] if empty else []),
+              "resolution vs GT (0.5 / 0.143)"]
     rows = []
     for r, t in zip(metrics, elapsed, strict=True):
         e = int(r["epoch"])
         rr = res.get(e)
+        fraction = r.get("empty_fraction")
         rows.append([
             str(e), str(r.get("stage", "")), num(r.get("loss"), "%.6g"),
             format_duration(float(r.get("wall_time_s") or 0.0)), format_duration(float(t)),
             num(r.get("images_per_s"), "%.1f"), num(r.get("mean_pose_change_deg"), "%.2f°"),
+            *([num(None if fraction is None else 100.0 * fraction, "%.1f %%")] if empty
+              else []),
             "–" if rr is None else f"{format_resolution(rr.resolution_05_angstrom)} / "
                                    f"{format_resolution(rr.resolution_0143_angstrom)}",
         ])
