@@ -1,0 +1,85 @@
+"""A copy of a simulated data set with a share of its images replaced by junk.
+
+Real particle stacks hold images that are not the particle: empty ice and false picks
+(``empty``: the noise alone) and contamination with structure of its own (``blobs``: 2-8
+Gaussian blobs of 2 to L/6 px anywhere in the inner 80 % of the box, under the row's own CTF,
+scaled to the clean stack's mean power, plus the noise). The noise has the simulation's
+``noise_sigma``; the star, the ground truth and ``simulation.json`` are copied (a junk row
+keeps the particle's row, whose pose means nothing), and ``junk.npy`` lists the junk rows
+(0-based)::
+
+    python benchmarks/junk_set.py SPIKE_64 SPIKE_64_EMPTY30 --fraction 0.3 --kind empty
+    python benchmarks/bench_junk.py --data SPIKE_64_EMPTY30 --symmetry C3 run=RUN
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryospin.forward.ctf import compute_ctf
+from cryospin.forward.hartley import fft2_centered, ifft2_centered
+from cryospin.io.mrc import write_stack
+from cryospin.io.particles import load_particles
+
+COPIED = ("particles.star", "gt.mrc", "gt_poses.pkl", "simulation.json")
+
+
+def _blobs(rng: np.random.Generator, box_px: int) -> np.ndarray:
+    """2-8 Gaussian blobs `(L, L)` (see the module docstring)."""
+    yy, xx = np.mgrid[0:box_px, 0:box_px].astype(np.float64) - box_px // 2
+    image = np.zeros((box_px, box_px))
+    for _ in range(int(rng.integers(2, 9))):
+        cx, cy = rng.uniform(-0.4 * box_px, 0.4 * box_px, 2)
+        s = rng.uniform(2.0, box_px / 6)
+        image += rng.uniform(0.3, 1.0) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))
+    return image
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="a `cryospin simulate` folder")
+    parser.add_argument("out", type=Path, help="new folder")
+    parser.add_argument("--fraction", type=float, required=True, help="share of junk rows")
+    parser.add_argument("--kind", choices=("empty", "blobs"), required=True)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    if not 0 < args.fraction < 1:
+        parser.error("--fraction must lie in (0, 1)")
+    if args.out.exists():
+        parser.error(f"{args.out} exists")
+    sim = json.loads((args.source / "simulation.json").read_text())
+    sigma, clean_var = float(sim["noise_sigma"]), float(sim["clean_variance"])
+    apix = float(sim["pixel_size_angstrom"])
+    particles = load_particles(args.source / "particles.star")
+    n, box = len(particles), int(particles.box_px)
+    images = np.array(particles.images_numpy(), dtype=np.float32)  # (N, L, L)
+    rng = np.random.default_rng(args.seed)
+    junk = np.sort(rng.choice(n, int(round(args.fraction * n)), replace=False))
+    for j in junk:
+        noise = sigma * rng.standard_normal((box, box))
+        if args.kind == "empty":
+            images[j] = noise
+            continue
+        assert particles.ctf is not None
+        ctf = compute_ctf(particles.ctf[j:j + 1], box, apix)[0]  # (L, L)
+        blob = ifft2_centered(fft2_centered(torch.from_numpy(_blobs(rng, box))) * ctf).real.numpy()
+        blob *= np.sqrt(clean_var / blob.var())
+        images[j] = blob + noise
+    args.out.mkdir(parents=True)
+    write_stack(args.out / "particles.mrcs", images, apix)
+    for name in COPIED:
+        shutil.copy(args.source / name, args.out / name)
+    np.save(args.out / "junk.npy", junk)
+    print(f"{args.out}: {n} images, {junk.size} junk ({args.kind})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
