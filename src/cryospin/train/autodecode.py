@@ -565,7 +565,6 @@ def autodecode_epoch(
     )
 
 
-
 def search_refine_disc(config: Config, data: TrainingData) -> LossDisc | None:
     """The disc a search epoch's pose steps fit: ``|k| <= optim.search_refine_radius_px``
     (cycles per box) of the training disc, or None (the training disc) when that is unset or

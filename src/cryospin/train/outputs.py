@@ -252,8 +252,8 @@ def final_backprojection(
         box_px=data.box_px, pixel_size_angstrom=data.pixel_size_angstrom, seed=seed,
         on_batch=on_batch, symmetry=group if group.shape[0] > 1 else None,
     )
-    logger.info("final map: Wiener backprojection of %d images from the final poses%s%s",
-                rotations.shape[0], "" if group.shape[0] == 1 else f", symmetry {symmetry}",
+    logger.info("final map: Wiener backprojection of %s images from the final poses%s%s",
+                f"{rotations.shape[0]:,}", "" if group.shape[0] == 1 else f", symmetry {symmetry}",
                 "" if keep is None else
                 f" ({n - rotations.shape[0]:,} scoring no better than an empty image left out)")
     return result.volume.float().cpu()
