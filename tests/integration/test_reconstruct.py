@@ -943,6 +943,9 @@ def test_cli_reconstruct_star_writes_every_input_column_back(tiny, tmp_path):
     torch.testing.assert_close(back.rotations, rot_pkl, atol=1e-6, rtol=0)
     torch.testing.assert_close(back.shifts_px, shift_pkl, atol=1e-6, rtol=0)
     assert not (run / "poses.cs").exists()  # only for .cs inputs
+    # selected.pkl indexes the input star (through --ind): --ind of it picks those particles
+    scores = out_p["rlnLogLikeliContribution"].astype(float).to_numpy()
+    np.testing.assert_array_equal(load_indices(run / "selected.pkl"), ind[scores > 0])
 
 
 def test_cli_reconstruct_cs_writes_poses_cs_and_relative_to(tiny, tmp_path):

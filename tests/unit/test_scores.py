@@ -139,6 +139,11 @@ def test_with_the_true_map_and_poses_particles_score_above_and_empty_images_belo
     assert bool((scores[:N_PARTICLES] > EMPTY_SCORE).all())
     assert bool((scores[N_PARTICLES:] <= EMPTY_SCORE).all())
     np.testing.assert_array_equal(selected_indices(scores), np.arange(N_PARTICLES))
+    # a run on rows `ind` of its input: the input's indices of the particles above the line
+    ind = np.arange(100, 100 + N_PARTICLES + N_EMPTY)[::-1].copy()
+    np.testing.assert_array_equal(selected_indices(scores, ind), ind[:N_PARTICLES])
+    with pytest.raises(ValueError, match="does not match"):
+        selected_indices(scores, ind[:3])
 
 
 def test_scores_are_the_training_nll_of_an_empty_image_minus_that_of_the_pose(half_empty):

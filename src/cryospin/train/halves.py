@@ -526,8 +526,9 @@ def _combine(
     if both.cs_table is not None:  # a .cs input: its rows with the new poses
         write_cryosparc(files.cs, both)
     log.info("wrote %s, %s, %s", files.map, files.postprocess, files.star)
-    if scores is not None:
-        write_indices_pkl(files.selected, selected_indices(scores))
+    if scores is not None:  # indices in the input, through the user's --ind
+        ind = None if config.input.ind is None else load_indices(config.input.ind)
+        write_indices_pkl(files.selected, selected_indices(scores, ind))
     return gold, align
 
 

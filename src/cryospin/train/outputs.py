@@ -30,7 +30,7 @@ from cryospin.forward.ctf import CTFParams
 from cryospin.io.cs import write_cryosparc
 from cryospin.io.mrc import write_map
 from cryospin.io.particle_set import ParticleSet
-from cryospin.io.particles import write_cryodrgn_poses, write_particles_star
+from cryospin.io.particles import load_indices, write_cryodrgn_poses, write_particles_star
 from cryospin.io.pkl import write_indices_pkl
 from cryospin.rundir import Checkpoint, EpochMetrics, RunFiles, Stage, append_metrics
 from cryospin.symmetry import point_group_rotations
@@ -121,7 +121,7 @@ def write_final(
         trained = real
         keep = None
         if config.model.empty_class and scores is not None:
-            keep = selected_indices(scores)
+            keep = selected_indices(scores)  # rows of this run's particles
             if keep.size < 2:
                 logger.warning("only %d particles score above an empty image: the final map "
                                "uses all %d", keep.size, rotations.shape[0])
@@ -150,21 +150,23 @@ def write_final(
         write_cryosparc(files.cs, final)
     logger.info("wrote %s, %s and %s", files.map, files.star, files.pkl)
     if scores is not None:
-        _write_selection(files, scores)
+        _write_selection(files, scores, config.input.ind)
 
 
-def _write_selection(files: RunFiles, scores: torch.Tensor) -> None:
-    """``selected.pkl`` from the particles' ``scores`` `(N,)`, and one log line."""
-    selected = selected_indices(scores)
+def _write_selection(files: RunFiles, scores: torch.Tensor, ind: str | None) -> None:
+    """``selected.pkl`` from the particles' ``scores`` `(N,)` (indices in the input, through
+    the run's index file ``ind``), and one log line."""
+    above = scores.numpy() > EMPTY_SCORE
+    selected = selected_indices(scores, None if ind is None else load_indices(ind))
     write_indices_pkl(files.selected, selected)
     n, kept = int(scores.numel()), int(selected.size)
     logger.info(
         "particle scores (%s in %s): %s of %s particles (%.1f %%) fit the map no better than "
         "an empty image (score <= %g nats; median score of the others %.3g); %s lists the "
-        "other %s (--ind)", SCORE_COLUMN, files.star.name, f"{n - kept:,}", f"{n:,}",
-        100.0 * (n - kept) / max(n, 1), EMPTY_SCORE,
-        float(np.median(scores.numpy()[selected])) if kept else float("nan"),
-        files.selected.name, f"{kept:,}")
+        "other %s (0-based in the input%s, for --ind)", SCORE_COLUMN, files.star.name,
+        f"{n - kept:,}", f"{n:,}", 100.0 * (n - kept) / max(n, 1), EMPTY_SCORE,
+        float(np.median(scores.numpy()[above])) if kept else float("nan"),
+        files.selected.name, f"{kept:,}", "" if ind is None else ", through this run's --ind")
 
 
 class _TrainingImages:

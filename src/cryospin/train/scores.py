@@ -88,6 +88,15 @@ def score_from_nll(nll: Tensor, batch: Batch, data: TrainingData) -> Tensor:
     return empty - nll.double()
 
 
-def selected_indices(scores: Tensor | np.ndarray) -> np.ndarray:
-    """0-based indices `(n,)` int64 of the particles scoring above :data:`EMPTY_SCORE`."""
-    return np.flatnonzero(np.asarray(scores) > EMPTY_SCORE).astype(np.int64)
+def selected_indices(scores: Tensor | np.ndarray, ind: np.ndarray | None = None) -> np.ndarray:
+    """0-based indices `(n,)` int64 of the particles scoring above :data:`EMPTY_SCORE`, of
+    ``scores`` `(N,)`; with ``ind`` `(N,)` (the run's ``--ind``: where its particles lie in
+    the input), their indices in the input, so that ``--ind`` of the result selects them
+    from the same input."""
+    chosen = np.flatnonzero(np.asarray(scores) > EMPTY_SCORE).astype(np.int64)
+    if ind is None:
+        return chosen
+    ind = np.asarray(ind, dtype=np.int64)
+    if ind.shape != (len(np.asarray(scores)),):
+        raise ValueError(f"ind {ind.shape} does not match {len(np.asarray(scores))} scores")
+    return ind[chosen]
