@@ -174,7 +174,8 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     assert [r["epoch"] for r in read_metrics(run / "half_B" / "metrics.jsonl")] == [1, 2]
 
 
-HALVES_FIGURES = {"fsc_gold.png", "training.png", "orientations.png", "map_views.png"}
+HALVES_FIGURES = {"fsc_gold.png", "training.png", "orientations.png", "particle_scores.png",
+                  "map_views.png"}
 HALVES_GT_FIGURES = {"fsc.png", "orientations_gt.png", "rotation_error.png"}
 
 
@@ -204,6 +205,12 @@ def _check_halves_report(run: Path, page: Path, *, gt: bool) -> dict:
     assert summary["split_source"] == "rlnRandomSubset"
     assert summary["epochs_completed"] == [2, 2]
     assert all(w > 0 for w in summary["wall_time_s"])
+    # the combined star's scores (each half's own): counted on the page as in poses.star
+    scores = numbers(read_relion_star(run / "poses.star", metadata_only=True).star_table[
+        "rlnLogLikeliContribution"])
+    assert summary["particle_scores"]["scored"] == N
+    assert summary["particle_scores"]["no_better_than_empty"] == int((scores <= 0).sum())
+    assert "particles no better than an empty image" in text
     return summary
 
 

@@ -29,11 +29,12 @@ from cryospin.evaluate.fsc import FSCResult
 from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.evaluate.pose_error import PoseErrorResult
 from cryospin.plotting import plot_fsc
-from cryospin.report.analysis import JSONObject, halves_summary
+from cryospin.report.analysis import JSONObject, halves_summary, score_summary
 from cryospin.report.figures import (
     add_gt_figures,
     plot_halves_training,
     plot_orientations,
+    plot_particle_scores,
 )
 from cryospin.report.ground_truth import compare_map_with_gt, compare_poses_with_gt
 from cryospin.report.html import (
@@ -48,7 +49,13 @@ from cryospin.report.html import (
     symmetry_section,
     write_page,
 )
-from cryospin.report.inputs import ground_truth_on_grid, read_gt_poses, read_poses, read_volume
+from cryospin.report.inputs import (
+    ground_truth_on_grid,
+    read_gt_poses,
+    read_poses,
+    read_scores,
+    read_volume,
+)
 from cryospin.report.map_figure import add_map_views
 from cryospin.report.run_page import write_report
 from cryospin.report.symmetry_check import (
@@ -59,8 +66,9 @@ from cryospin.report.symmetry_check import (
     relaxed_symmetry,
     symmetry_summary,
 )
-from cryospin.rundir import HALF_NAMES, HalvesFiles, RunData, load_run
+from cryospin.rundir import HALF_NAMES, SELECTED, HalvesFiles, RunData, load_run
 from cryospin.train.halves import is_halves_run
+from cryospin.train.scores import EMPTY_SCORE, SCORE_COLUMN
 
 __all__ = ["write_halves_report"]
 
@@ -79,6 +87,7 @@ class _Inputs:
     gt: np.ndarray | None  # ground-truth map on the run's grid
     rotations: Tensor | None  # (N, 3, 3), the combined poses
     shifts: Tensor | None  # (N, 2) px
+    scores: np.ndarray | None  # (N,) nats, each particle's under its own half's map
     gt_R: Tensor | None
     gt_t: Tensor | None
 
@@ -112,13 +121,14 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
     except (OSError, ValueError):
         raise InputError("halves.json is unreadable", files.marker) from None
     gt = None if gt_map is None else ground_truth_on_grid(Path(gt_map), box, apix)
-    rotations = shifts = gt_R = gt_t = None
+    rotations = shifts = gt_R = gt_t = scores = None
     if files.star.is_file():
         rotations, shifts = read_poses(files.star, box)
+        scores = read_scores(files.star, box)
     if gt_poses is not None:
         gt_R, gt_t = read_gt_poses(gt_poses, rotations, box, files.dir)
     return _Inputs(files, gold, fsc_summary, marker, halves, volume, apix, gt, rotations,
-                   shifts, gt_R, gt_t)
+                   shifts, scores, gt_R, gt_t)
 
 
 def _gold_figure(figs: FigureSet, gold: GoldStandardFSC) -> None:
@@ -157,6 +167,13 @@ def _figures(figs: FigureSet, inp: _Inputs, gt_map: str | Path | None,
             "orientations.png", "Orientation distribution",
             "View directions of the combined poses (half B's brought into half A's frame), "
             "binned in equal-area cells on a Mollweide projection."))
+    if inp.scores is not None:
+        plot_particle_scores(inp.scores, EMPTY_SCORE, figs.add(
+            "particle_scores.png", "Particle scores",
+            "Each particle's score under its own half's map (poses.star's "
+            f"{SCORE_COLUMN}, nats): how much better the map explains its image than an empty "
+            f"image would. At or below the line: no better (empty ice, false picks); "
+            f"{SELECTED} lists the others, for --ind."))
     add_map_views(figs, inp.volume, title="Combined map",
                   what="map.mrc, the FSC-weighted average of the two aligned half maps "
                        "(unmasked, unsharpened)",
@@ -213,6 +230,8 @@ def write_halves_report(
                                search_hand=search_hand).html_path for h in inp.halves]
     summary = halves_summary(str(files.dir), inp.halves, inp.gold, inp.fsc_summary, inp.marker,
                              box_px=int(inp.volume.shape[0]), pixel_size_angstrom=inp.apix)
+    if inp.scores is not None:
+        summary["particle_scores"] = score_summary(inp.scores)
     final_fsc = pose_result = None
     notes: list[str] = []
     imposed = imposed_symmetry(inp.halves[0].config, inp.halves[0].metrics)

@@ -315,7 +315,7 @@ def run_summary_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
     return rows
 
 
-def _score_summary_rows(s: RunSummary) -> list[tuple[str, str]]:
+def _score_summary_rows(s: RunSummary | HalvesSummary) -> list[tuple[str, str]]:
     """How many particles fit the map no better than an empty image."""
     sc = s.get("particle_scores")
     if sc is None:
@@ -431,6 +431,7 @@ def halves_summary_rows(run_dir: Path, s: HalvesSummary) -> list[tuple[str, str]
                  f"unmasked "
                  f"{format_resolution(s['resolution_0143_unmasked'])}, masked "
                  f"{format_resolution(s['resolution_0143_masked'])})"))
+    rows += _score_summary_rows(s)
     rows += gt_summary_rows(s)
     return rows
 

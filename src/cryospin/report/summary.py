@@ -116,6 +116,12 @@ class _GroundTruthFields(TypedDict, total=False):
     poses_flipped_vs_gt: bool
 
 
+class _ScoreFields(TypedDict, total=False):
+    """The :class:`ScoreSummary` of the page's ``poses.star`` (when it has scores)."""
+
+    particle_scores: ScoreSummary
+
+
 class _SymmetryFields(TypedDict, total=False):
     """The :class:`SymmetrySummary` of the page's map (pages with a map)."""
 
@@ -127,7 +133,7 @@ class _RunRequired(TypedDict):
     finished: bool
 
 
-class RunSummary(_RunRequired, _GroundTruthFields, _SymmetryFields, total=False):
+class RunSummary(_RunRequired, _GroundTruthFields, _SymmetryFields, _ScoreFields, total=False):
     """The summary of one run; the metrics' fields only when ``metrics.jsonl`` has lines."""
 
     particles: int | None
@@ -142,7 +148,6 @@ class RunSummary(_RunRequired, _GroundTruthFields, _SymmetryFields, total=False)
     pixel_size_angstrom: float | None
     epoch_resolutions: list[EpochResolutionRow]
     tracked_rotation_error: list[TrackedEpoch]
-    particle_scores: ScoreSummary
 
 
 class _HalvesRequired(TypedDict):
@@ -162,6 +167,6 @@ class _HalvesRequired(TypedDict):
     randomise_from: float
 
 
-class HalvesSummary(_HalvesRequired, _GroundTruthFields, _SymmetryFields):
+class HalvesSummary(_HalvesRequired, _GroundTruthFields, _SymmetryFields, _ScoreFields):
     """The summary of a ``--halves`` run: per-half lists of epochs and wall times, the
     alignment of half B onto half A and the gold-standard resolutions."""
