@@ -7,6 +7,7 @@ without errors.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -297,3 +298,27 @@ def test_the_epoch_table_has_the_share_of_empty_images_only_when_the_run_recorde
         r["empty_fraction"] = None
     _, header, cells = epoch_table(rows, np.array([1.0, 2.0]), [])
     assert "images more likely empty" not in header and len(cells[0]) == len(header)
+
+
+def test_a_star_without_scores_reads_none_and_the_page_draws_no_histogram(
+        tiny_run: dict[str, Path], tmp_path: Path) -> None:
+    """A run of a version before the scores: its poses.star has no
+    rlnLogLikeliContribution; the page has no score figure nor summary row."""
+    import shutil
+
+    from cryospin.io.particles import load_particles, write_particles_star
+    from cryospin.report.inputs import read_scores
+
+    run = tmp_path / "old"
+    shutil.copytree(tiny_run["run"], run, ignore=shutil.ignore_patterns("report*"))
+    star = run / "poses.star"
+    assert read_scores(star, 16) is not None
+    old = load_particles(star, metadata_only=True, no_ctf=True)
+    assert old.star_table is not None
+    old = dataclasses.replace(old, star_table=old.star_table.drop(
+        columns=["rlnLogLikeliContribution"]))
+    write_particles_star(star, old)
+    assert read_scores(star, 16) is None
+    result = write_report(run)
+    assert "particle_scores.png" not in {p.name for p in result.figure_paths}
+    assert "particle_scores" not in result.summary
