@@ -14,6 +14,8 @@ NLL equals the Fourier NLL with the same ``σ²`` per real degree of freedom.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -22,7 +24,9 @@ from cryospin.rotations import geodesic_distance_deg
 __all__ = [
     "gaussian_nll",
     "log_likelihood_ratio",
-    "particle_responsibility",
+    "random_phase_log_likelihood_ratio",
+    "shell_signal_power",
+    "class_responsibility",
     "winner_take_all",
     "head_usage",
     "head_spread_deg",
@@ -103,17 +107,105 @@ def log_likelihood_ratio(predicted: Tensor, observed: Tensor,
     return ((2.0 * y - yhat) * yhat / (2.0 * var).broadcast_to(y.shape)).sum(-1)
 
 
-def particle_responsibility(llr: Tensor) -> Tensor:
-    """Posterior probability that each image holds the particle rather than nothing, `(B,)`.
+def random_phase_log_likelihood_ratio(observed: Tensor, signal_power: Tensor,
+                                      noise_variance: float | Tensor) -> Tensor:
+    """Log-likelihood of each image under a random-phase particle against an empty image, nats.
 
-    A two-class image model with equal priors: the image is the prediction ``ŷ`` plus noise,
-    or noise alone. With ``llr`` = :func:`log_likelihood_ratio` `(B,)`, Bayes' rule gives
-    ``p(ŷ | y) = 1 / (1 + exp(−llr)) = σ(llr)``. The gradient of the mixture's NLL
-    ``−log(½ p(y | ŷ) + ½ p(y | 0))`` with respect to ``ŷ`` is this responsibility times the
-    gradient of the particle class's NLL (:func:`gaussian_nll`): weighting each image's NLL
-    by it (held constant) is the mixture's volume gradient. Same dtype as ``llr``.
+    The junk class's image model: every coefficient ``y_p ~ N(0, σ² + S_p)``, the noise plus a
+    signal of power ``S_p`` whose phases carry no structure (a particle of that power spectrum
+    at no consistent pose, e.g. contamination, aggregates, a false pick on carbon). Against the
+    empty image ``y_p ~ N(0, σ²)``::
+
+        llr[b] = Σ_p  y_p² / 2 · (1/σ² − 1/(σ² + S_p)) − ½ log(1 + S_p / σ²)
+
+    in float64. Its mean is ``Σ ½ (a − log(1 + a))`` (``a = S/σ²``, ≥ 0) for an image of that
+    power and ``−Σ ½ (log(1 + a) − a / (1 + a))`` (≤ 0) for noise alone.
+
+    Parameters
+    ----------
+    observed : `(B, P)`
+        Hartley coefficients on the loss disc.
+    signal_power : `(B, P)` or broadcastable
+        ``S_p ≥ 0`` per coefficient, in the squared units of ``observed``.
+    noise_variance : float or Tensor
+        ``σ² > 0``, broadcastable against `(B, P)`.
+
+    Returns
+    -------
+    `(B,)` float64
     """
-    return torch.sigmoid(llr)
+    if observed.ndim != 2:
+        raise ValueError(f"expected observed (B, P), got {tuple(observed.shape)}")
+    var = torch.as_tensor(noise_variance, dtype=torch.float64, device=observed.device)
+    if not bool((var > 0).all()):
+        raise ValueError("noise_variance must be positive")
+    s = torch.as_tensor(signal_power, dtype=torch.float64, device=observed.device)
+    if not bool((s >= 0).all()):
+        raise ValueError("signal_power must be non-negative")
+    y2 = observed.double().square()
+    ratio = (s / var).broadcast_to(y2.shape)
+    # 1/σ² − 1/(σ² + S) = a / (σ² (1 + a)), a = S/σ²
+    return (0.5 * y2 * ratio / (var * (1.0 + ratio)) - 0.5 * torch.log1p(ratio)).sum(-1)
+
+
+def shell_signal_power(predicted: Tensor, ctf: Tensor | None, frequencies: Tensor, *,
+                       reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """The random-phase class's signal power `(B, P)` float64 from a batch's predictions.
+
+    The predictions' power pooled over the batch on each shell ``round(|k|)`` (cycles per box)
+    and taken out of the CTF: ``P(r) = Σ_{b, |k_p|≈r} ŷ_bp² / Σ_{b, |k_p|≈r} c_bp²``; each
+    coefficient gets ``S_bp = c_bp² P(r_p)`` (``c`` the CTF, 1 without). Over the
+    orientations of a batch this is the map's power at ``|k|`` as the slices render it (the
+    slice theorem, with the trilinear interpolation's smoothing).
+
+    Parameters
+    ----------
+    predicted : `(B, P)`
+        Predicted Hartley coefficients (slice times CTF; a shift does not change the power).
+    ctf : `(B, P)` or None
+    frequencies : `(P, 2)`
+        ``(kx, ky)`` of the coefficients, cycles per box.
+    reduce : callable, optional
+        Applied to the per-shell sums `(2, K)` before the division: a distributed run's sum
+        over the ranks, so that every rank pools the whole global batch.
+    """
+    if predicted.ndim != 2 or frequencies.shape != (predicted.shape[1], 2):
+        raise ValueError(f"expected predicted (B, P) and frequencies (P, 2), got "
+                         f"{tuple(predicted.shape)} and {tuple(frequencies.shape)}")
+    shell = frequencies.double().norm(dim=-1).round().long().to(predicted.device)  # (P,)
+    c2 = (torch.ones_like(predicted, dtype=torch.float64) if ctf is None
+          else ctf.double().square())  # (B, P)
+    count = int(shell.max()) + 1 if shell.numel() else 1
+    power = torch.zeros(count, dtype=torch.float64, device=predicted.device)
+    weight = torch.zeros_like(power)
+    power.index_add_(0, shell, predicted.double().square().sum(0))
+    weight.index_add_(0, shell, c2.sum(0))
+    if reduce is not None:
+        power, weight = reduce(torch.stack([power, weight])).to(power.device, torch.float64)
+    per_shell = torch.where(weight > 0, power / weight.clamp_min(torch.finfo(torch.float64).tiny),
+                            torch.zeros_like(power))
+    return c2 * per_shell[shell]
+
+
+def class_responsibility(particle_llr: Tensor, junk_llr: Tensor | None = None, *,
+                         empty: bool = True) -> Tensor:
+    """Posterior probability `(B,)` that each image holds the particle, among the classes.
+
+    Equal priors over the particle, the empty image (when ``empty``) and the random-phase
+    junk (when ``junk_llr`` is given), each class's log-likelihood taken against the empty
+    image (:func:`log_likelihood_ratio`, :func:`random_phase_log_likelihood_ratio`; the
+    empty class's is 0): the softmax's particle entry; with the empty class alone
+    ``σ(llr)``. The gradient of the mixture's NLL ``−log Σ_c π_c p(y | c)`` with respect to
+    the particle's prediction ``ŷ`` is this responsibility times the gradient of the
+    particle class's NLL (:func:`gaussian_nll`): weighting each image's NLL by it (held
+    constant) is the mixture's volume gradient. Same dtype as ``particle_llr``.
+    """
+    logits = [particle_llr]
+    if empty:
+        logits.append(torch.zeros_like(particle_llr))
+    if junk_llr is not None:
+        logits.append(junk_llr.to(particle_llr.dtype))
+    return torch.softmax(torch.stack(logits, dim=-1), dim=-1)[..., 0]
 
 
 def winner_take_all(loss_bm: Tensor) -> tuple[Tensor, Tensor]:

@@ -222,7 +222,7 @@ class Checkpoint:
     Saved as a dict (:meth:`to_dict`, keys ``format``, ``cryospin_version``, ``config``,
     ``stage``, ``epoch``, ``volume``, ``encoder``, ``pose_table``, ``optimizers``, ``rng``,
     ``data``, ``extra`` = ``{"elapsed_s", "search_stopped_after", "last_jump_fraction",
-    "volume_symmetry"}``,
+    "volume_symmetry", "last_junk_fraction"}``,
     ``switch_record``) with :func:`torch.save` through :func:`cryospin.atomic.atomic_path`;
     only tensors, numbers, strings, lists, tuples and dicts (``weights_only=True`` loads it).
 
@@ -256,6 +256,9 @@ class Checkpoint:
         (``schedule.switch_poses = last_epoch``).
     volume_symmetry : str or None
         The volume's group (C1 before :mod:`cryospin.train.impose`); None: model.symmetry.
+    last_junk_fraction : float or None
+        The last stage-2 epoch's ``junk_fraction`` (``model.junk_class``; the next epoch's
+        gate, :func:`cryospin.train.scores.junk_takes_effect`); None before and without.
     """
 
     config: dict[str, Any]
@@ -272,6 +275,7 @@ class Checkpoint:
     last_jump_fraction: float | None = None
     switch_record: dict[str, Any] | None = None
     volume_symmetry: str | None = None
+    last_junk_fraction: float | None = None
     cryospin_version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -291,7 +295,9 @@ class Checkpoint:
                       "search_stopped_after": self.search_stopped_after}
                      | ({"last_jump_fraction": self.last_jump_fraction}
                         if self.last_jump_fraction is not None else {})
-                     | ({"volume_symmetry": self.volume_symmetry} if self.volume_symmetry else {}),
+                     | ({"volume_symmetry": self.volume_symmetry} if self.volume_symmetry else {})
+                     | ({"last_junk_fraction": self.last_junk_fraction}
+                        if self.last_junk_fraction is not None else {}),
             "switch_record": self.switch_record,
             "format": CHECKPOINT_FORMAT,
         }
@@ -309,6 +315,7 @@ class Checkpoint:
             extra = state.get("extra") or {}
             stopped = extra.get("search_stopped_after")
             jumps = extra.get("last_jump_fraction")
+            junk = extra.get("last_junk_fraction")
             return cls(
                 config=state["config"], stage=stage, epoch=int(state["epoch"]),
                 volume=state["volume"], encoder=state.get("encoder"),
@@ -320,6 +327,7 @@ class Checkpoint:
                 last_jump_fraction=None if jumps is None else float(jumps),
                 switch_record=state.get("switch_record"),
                 volume_symmetry=extra.get("volume_symmetry"),
+                last_junk_fraction=None if junk is None else float(junk),
                 cryospin_version=str(state.get("cryospin_version", "")),
             )
         except KeyError as exc:
@@ -441,8 +449,12 @@ class EpochMetrics:
     ``cryospin.train.autodecode.JUMP_THRESHOLD_DEG`` during the epoch; absent from files
     written before it existed; with ``model.empty_class``, of the images more likely particle
     than empty), ``encoder_lr`` (stage 1: the encoder's learning rate at the epoch's last step;
-    absent from older files), ``empty_fraction`` (stage 2 with ``model.empty_class``: the
-    fraction of images more likely empty; otherwise None). ``extra`` holds ``"switch"`` (the
+    absent from older files), ``empty_fraction`` (stage 2 with ``model.empty_class`` or
+    ``model.junk_class``: the fraction of images likeliest empty; otherwise None),
+    ``junk_fraction`` (stage 2 with ``model.junk_class``: the fraction of images likeliest
+    junk; otherwise None, absent from older files), ``junk_weighted`` (stage 2 with
+    ``model.junk_class``: whether the junk class weighed in,
+    :func:`cryospin.train.scores.junk_takes_effect`). ``extra`` holds ``"switch"`` (the
     switch's epoch), ``"search_stop"`` (the global search's early stop;
     :func:`search_stopped_after`) and
     ``"symmetry"`` (the impose-symmetry step, :mod:`cryospin.train.impose`).
@@ -464,6 +476,8 @@ class EpochMetrics:
     jump_fraction: float | None = None
     encoder_lr: float | None = None
     empty_fraction: float | None = None
+    junk_fraction: float | None = None
+    junk_weighted: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:

@@ -396,17 +396,21 @@ def test_amortized_two_ranks_equal_one_process(particles, tmp_path):
     assert_same_poses(ref / "poses.pkl", run / "poses.pkl")
 
 
-def test_the_empty_class_on_two_ranks_equals_one_process(particles, tmp_path):
-    """``--empty-class``: each rank weighs its own images, the volume's objective and the
-    counts of images more likely empty are those of all ranks; the final scores are rank 0's
+@pytest.mark.parametrize("classes", [["--empty-class"], ["--empty-class", "--junk-class"]])
+def test_the_image_classes_on_two_ranks_equal_one_process(particles, tmp_path, classes):
+    """``--empty-class`` (and ``--junk-class``): each rank weighs its own images (the junk
+    class's power pooled over the global batch), the volume's objective and the counts of
+    images likeliest empty or junk are those of all ranks; the final scores are rank 0's
     over every particle."""
-    argv = [*TRAIN, "--empty-class"]
+    argv = [*TRAIN, *classes]
     one, two = tmp_path / "one", tmp_path / "two"
     assert_ok(run_cryospin([str(particles), "-o", str(one), *argv]))
     assert_ok(run_cryospin([str(particles), "-o", str(two), *argv], nproc=2))
     a, b = (read_metrics(run / "metrics.jsonl") for run in (one, two))
     assert all(r["empty_fraction"] is not None for r in a[1:])
-    for key in ("empty_fraction", "jump_fraction"):
+    junk = "--junk-class" in classes
+    assert all((r.get("junk_fraction") is not None) == junk for r in a[1:])
+    for key in ("empty_fraction", "jump_fraction", *(["junk_fraction"] if junk else [])):
         assert [r[key] for r in b] == pytest.approx([r[key] for r in a], abs=0.01)
     assert_same_map(one / "map.mrc", two / "map.mrc")
     assert_same_poses(one / "poses.pkl", two / "poses.pkl")

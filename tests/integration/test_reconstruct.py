@@ -25,6 +25,7 @@ from cryospin.forward.hartley import hartley3
 from cryospin.forward.model import render
 from cryospin.io.cs import read_cryosparc
 from cryospin.io.mrc import read_map, write_stack
+from cryospin.io.particle_set import ParticleSet
 from cryospin.io.particles import load_indices, load_particles
 from cryospin.io.pkl import read_cryodrgn_poses
 from cryospin.io.star_tables import read_star_tables
@@ -204,6 +205,120 @@ def test_the_empty_class_finds_the_empty_images_and_the_final_map_leaves_them_ou
     final = read_map(result.run_dir / "map.mrc")[0]
     np.testing.assert_allclose(final, expected.numpy(), rtol=1e-5,
                                atol=1e-6 * np.abs(final).max())
+
+
+def _with_other_structure(folder: Path, snr: float) -> ParticleSet:
+    """128 images of a blob density at 16 px, the last 32 replaced by those of another
+    density (a second simulated set: other blobs, its own CTF and noise), at ``snr``."""
+    base = make_dataset(folder / "base", box_px=16, n=128, seed=1, snr=snr)
+    other = make_dataset(folder / "other", box_px=16, n=128, seed=7, snr=snr)
+    images = np.array(read_map(base.folder / "particles.mrcs")[0], dtype=np.float64)
+    images[96:] = np.array(read_map(other.folder / "particles.mrcs")[0])[96:]
+    write_stack(folder / "particles.mrcs", images, 4.0)
+    return load_particles(folder / "particles.mrcs", ctf_pkl=base.folder / "ctf.pkl")
+
+
+def _junk_config(epochs: int):
+    return _tiny_config(model={"empty_class": True, "junk_class": True,
+                               "predict_shifts": False},
+                        optim={"search_rotations": 1024}, schedule={"epochs": epochs})
+
+
+def _final_scores(result, particles, config, *, junk_class: bool) -> np.ndarray:
+    """The scores of the finished run recomputed from its last checkpoint's volume and its
+    final poses."""
+    from cryospin.train.data import prepare_data
+    from cryospin.train.scores import particle_scores
+    from cryospin.volume import HartleyVolume
+
+    data = prepare_data(particles, config.data, device=torch.device("cpu"))
+    ckpt = load_checkpoint(result.run_dir / "checkpoint.pt")
+    volume = HartleyVolume(data.box_px, init_scale=0.0)
+    volume.load_state_dict(ckpt["volume"])
+    with torch.no_grad():
+        return particle_scores(volume(), result.rotations, None, data,
+                               batch_size=config.run.inference_batch_size,
+                               junk_class=junk_class).numpy()
+
+
+@pytest.fixture(scope="module")
+def junk_run(tmp_path_factory):
+    """``model.junk_class`` at SNR 1 on a quarter of another density's images, 8 epochs."""
+    folder = tmp_path_factory.mktemp("junk")
+    particles = _with_other_structure(folder, snr=1.0)
+    config = _junk_config(epochs=8)
+    return particles, config, fit(config, particles, folder / "run")
+
+
+def test_the_junk_class_weighs_in_once_the_map_beats_junk_and_scores_against_it(junk_run):
+    """While most images fit junk better than the forming map the class is only counted;
+    once fewer than half do it weighs in (``junk_weighted``), the scores in ``poses.star``
+    are taken against the likelier of an empty image and junk, the other density's images
+    score lower than the particles, and the final map is the backprojection of those above
+    0."""
+    from cryospin.train.data import prepare_data
+    from cryospin.train.outputs import final_backprojection
+
+    particles, config, result = junk_run
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert rows[0]["junk_fraction"] is None and rows[0]["junk_weighted"] is None  # stage 1
+    fractions = [r["junk_fraction"] for r in rows[1:]]
+    weighted = [r["junk_weighted"] for r in rows[1:]]
+    assert fractions[0] >= 0.5 and weighted[0] is False  # the first stage-2 epoch: counted
+    # each epoch weighs junk in exactly when the one before had fewer than half junk
+    assert weighted[1:] == [f < 0.5 for f in fractions[:-1]]
+    assert fractions[-1] < 0.5 and weighted[-1]
+    log = (result.run_dir / "run.log").read_text()
+    assert "% more likely junk (not yet weighed in)" in log
+    table, _ = read_star_tables(result.run_dir / "poses.star")
+    scores = table["rlnLogLikeliContribution"].astype(float).to_numpy()
+    np.testing.assert_allclose(scores, _final_scores(result, particles, config, junk_class=True),
+                               atol=0.01)
+    assert np.median(scores[96:]) < np.median(scores[:96])
+    keep = np.flatnonzero(scores > 0)
+    assert 2 <= keep.size < 128
+    assert f"({128 - keep.size:,} scoring no better than an empty image or junk left out)" in log
+    data = prepare_data(particles, config.data, device=torch.device("cpu"))
+    expected = final_backprojection(particles, data, result.rotations, result.shifts_px,
+                                    seed=config.run.seed, keep=keep)
+    final = read_map(result.run_dir / "map.mrc")[0]
+    np.testing.assert_allclose(final, expected.numpy(), rtol=1e-5,
+                               atol=1e-6 * np.abs(final).max())
+
+
+def test_the_junk_gate_survives_a_resume(junk_run, tmp_path):
+    """Stopped after the first epoch with fewer than half junk (the checkpoint carries its
+    fraction, the next epoch's gate) and resumed: the same run as uninterrupted."""
+    particles, config, result = junk_run
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    opened = next(r["epoch"] for r in rows[1:] if r["junk_fraction"] < 0.5)
+    run = tmp_path / "run"
+    fit(config, particles, run, stop_after=opened)
+    assert (load_checkpoint(run / "checkpoint.pt")["extra"]["last_junk_fraction"]
+            == pytest.approx(rows[opened - 1]["junk_fraction"]))
+    fit(config, particles, run, resume=True)
+    _assert_same_run(result.run_dir, run)
+    assert ([r["junk_weighted"] for r in read_metrics(run / "metrics.jsonl")]
+            == [r["junk_weighted"] for r in rows])
+
+
+def test_a_junk_class_that_never_takes_effect_leaves_the_empty_class_run(tmp_path, caplog):
+    """At SNR 10 this tiny run's map never explains most images better than junk: the class
+    is counted in every epoch but never weighs in, a warning says so, and the scores are
+    those against an empty image alone."""
+    import logging
+
+    particles = _with_other_structure(tmp_path, snr=10.0)
+    config = _junk_config(epochs=5)
+    with caplog.at_level(logging.INFO, logger="cryospin"):
+        result = fit(config, particles, tmp_path / "run")
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert all(r["junk_fraction"] >= 0.5 and r["junk_weighted"] is False for r in rows[1:])
+    assert "the junk class never took effect" in caplog.text
+    table, _ = read_star_tables(result.run_dir / "poses.star")
+    scores = table["rlnLogLikeliContribution"].astype(float).to_numpy()
+    np.testing.assert_allclose(scores, _final_scores(result, particles, config,
+                                                     junk_class=False), atol=0.01)
 
 
 def test_plain_run_records_a_convergence_check_not_a_resolution(uninterrupted):

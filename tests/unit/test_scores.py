@@ -1,7 +1,7 @@
 """Per-particle scores: the log-likelihood ratio against an empty image
 (:func:`cryospin.losses.log_likelihood_ratio`), the pass over a run's particles
 (:mod:`cryospin.train.scores`), and the empty class of stage 2 (``model.empty_class``:
-:func:`cryospin.losses.particle_responsibility` weighting the volume step, the final map
+:func:`cryospin.losses.class_responsibility` weighting the volume step, the final map
 leaving out the empty images)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from cryospin.forward.model import render
 from cryospin.io.mrc import write_stack
 from cryospin.io.particles import load_particles
 from cryospin.io.pkl import write_cryodrgn_ctf
-from cryospin.losses import gaussian_nll, log_likelihood_ratio, particle_responsibility
+from cryospin.losses import class_responsibility, gaussian_nll, log_likelihood_ratio
 from cryospin.pose import PoseTable
 from cryospin.rotations import random_rotations
 from cryospin.train.autodecode import RotationSearch, autodecode_epoch, pose_nll
@@ -80,7 +80,7 @@ def test_the_responsibility_is_the_two_class_posterior_and_weights_the_mixture_g
     nll_empty = gaussian_nll(torch.zeros_like(pred)[:, None], obs, var)[:, 0]
     log_joint = torch.stack([-nll_particle, -nll_empty], dim=1) + math.log(0.5)  # (B, 2)
     posterior = torch.softmax(log_joint, dim=1)[:, 0]
-    w = particle_responsibility(log_likelihood_ratio(pred.detach(), obs, var))
+    w = class_responsibility(log_likelihood_ratio(pred.detach(), obs, var))
     torch.testing.assert_close(w, posterior.detach(), rtol=1e-12, atol=1e-15)
     mixture_nll = -torch.logsumexp(log_joint, dim=1).sum()
     (grad_mixture,) = torch.autograd.grad(mixture_nll, pred, retain_graph=True)

@@ -40,6 +40,7 @@ _OVERRIDES = {
     "width": ("model", "width_multiplier"),
     "shifts": ("model", "predict_shifts"),
     "empty_class": ("model", "empty_class"),
+    "junk_class": ("model", "junk_class"),
     "max_shift_px": ("model", "max_shift_px"),
     "epochs": ("schedule", "epochs"),
     "switch_epoch": ("schedule", "switch_epoch"),

@@ -34,7 +34,10 @@ from cryospin.errors import InputError
 from cryospin.forward.model import render
 from cryospin.forward.shifts import shift_hartley
 from cryospin.forward.slicing import extract_central_slices
-from cryospin.losses import gaussian_nll, particle_responsibility
+from cryospin.losses import (
+    class_responsibility,
+    gaussian_nll,
+)
 from cryospin.pose import PoseTable
 from cryospin.rotations import geodesic_distance_deg, quaternion_to_matrix, so3_exp, so3_log
 from cryospin.rundir import Stage
@@ -45,7 +48,7 @@ from cryospin.train.data import Batch, LossDisc, TrainingData, sub_disc
 from cryospin.train.distributed import Shard, local_batches
 from cryospin.train.metrics import RunningMean, check_finite_gradients, check_finite_loss
 from cryospin.train.schedule import search_radius_px
-from cryospin.train.scores import score_from_nll
+from cryospin.train.scores import junk_log_likelihood_ratio, score_from_nll
 
 __all__ = [
     "autodecode_epoch",
@@ -57,6 +60,7 @@ __all__ = [
     "JUMP_THRESHOLD_DEG",
     "pose_change_deg",
     "pose_nll",
+    "pose_prediction",
     "refine_poses",
     "RotationSearch",
     "super_fibonacci_rotations",
@@ -342,15 +346,24 @@ def pose_nll(
     """Per-image NLL `(B,)` of poses ``rotations`` `(B, 3, 3)`, ``shifts_px`` `(B, 2)` or None;
     on the training disc, or on ``disc`` when ``batch`` is restricted to it
     (:meth:`Batch.restrict`)."""
-    pred = render(
+    pred = pose_prediction(volume_ht, rotations, shifts_px, batch, data, disc)  # (B, P)
+    return gaussian_nll(pred[:, None, :], batch.hartley, data.noise_variance)[:, 0]  # (B,)
+
+
+def pose_prediction(
+    volume_ht: Tensor, rotations: Tensor, shifts_px: Tensor | None, batch: Batch,
+    data: TrainingData, disc: LossDisc | None = None,
+) -> Tensor:
+    """The predicted images `(B, P)` (Hartley, on the training disc or on ``disc``) that
+    :func:`pose_nll` scores."""
+    return render(
         volume_ht,
         rotations,
         shifts_px,
         batch.ctf,
         frequencies=data.frequencies if disc is None else disc.frequencies,
         negation_index=data.negation_index if disc is None else disc.negation_index,
-    )  # (B, P)
-    return gaussian_nll(pred[:, None, :], batch.hartley, data.noise_variance)[:, 0]  # (B,)
+    )
 
 
 def refine_poses(
@@ -420,6 +433,8 @@ def autodecode_epoch(
     relax: SymmetryCopies | None = None,
     refine_disc: LossDisc | None = None,
     empty_class: bool = False,
+    junk_class: bool = False,
+    junk_weights: bool = True,
 ) -> EpochStats:
     """One pass over the particles in random order (drawn from ``generator``).
 
@@ -463,9 +478,20 @@ def autodecode_epoch(
     empty_class : bool
         The image model has a second class, an empty image (``model.empty_class``): each
         image's NLL in the volume step is weighted by the posterior probability that it holds
-        the particle (:func:`cryospin.losses.particle_responsibility` of its score after the
+        the particle (:func:`cryospin.losses.class_responsibility` of its score after the
         pose steps), and only images more likely particle than empty count in the jump
         fraction.
+    junk_class : bool
+        The image model has junk as a class too (``model.junk_class``): a signal of the
+        map's power at the batch's poses with random phases
+        (:func:`cryospin.train.scores.junk_log_likelihood_ratio`, pooled over the global
+        batch). The weight is then the particle's posterior among all the
+        classes (:func:`cryospin.losses.class_responsibility`), and only images likeliest
+        the particle count in the jump fraction.
+    junk_weights : bool
+        With ``junk_class``: whether the junk class enters the weights (False: it is only
+        counted, the weights are those of the empty class;
+        :func:`cryospin.train.scores.junk_takes_effect`).
 
     Returns
     -------
@@ -473,8 +499,9 @@ def autodecode_epoch(
         With ``jump_fraction``: the fraction of visited particles whose rotation moved by more
         than :data:`JUMP_THRESHOLD_DEG` from the start of their batch to its end (with
         ``empty_class``, of those more likely particle than empty); with ``relax``,
-        ``relaxed_fraction``: the fraction that moved to another copy; with ``empty_class``,
-        ``empty_fraction``: the fraction of visited images more likely empty.
+        ``relaxed_fraction``: the fraction that moved to another copy; with ``empty_class``
+        or ``junk_class``, ``empty_fraction``: the fraction of visited images likeliest
+        empty; with ``junk_class``, ``junk_fraction``: those likeliest junk.
 
     Raises
     ------
@@ -488,7 +515,8 @@ def autodecode_epoch(
     shift_change = RunningMean()
     jumps = 0  # visited particles whose rotation moved > JUMP_THRESHOLD_DEG
     relaxed = 0  # visited particles moved to another copy (relax)
-    empty = 0  # visited images more likely empty than particle (empty_class)
+    empty = 0  # visited images likeliest empty (empty_class)
+    junk = 0  # visited images most likely junk (junk_class)
     batches = data.epoch_batches(batch_size, generator)
     for b, (batch, total) in enumerate(local_batches(batches, shard), start=1):
         idx = batch.indices
@@ -510,14 +538,20 @@ def autodecode_epoch(
             pose_table.rotations[idx] = remove_common_rotation(
                 rot0, pose_table.rotations[idx], shard)
         rot, shift = pose_table.gather(batch.indices)
-        nll = pose_nll(volume(), rot, shift if refine_shifts else None, batch, data)  # (B,)
+        pred = pose_prediction(volume(), rot, shift if refine_shifts else None, batch, data)
+        nll = gaussian_nll(pred[:, None, :], batch.hartley, data.noise_variance)[:, 0]  # (B,)
         loss = nll.mean()
         weighted = nll
         is_particle = None
-        if empty_class:
-            weight = particle_responsibility(score_from_nll(nll.detach(), batch, data))  # (B,)
+        if empty_class or junk_class:
+            score = score_from_nll(nll.detach(), batch, data)  # (B,) against empty
+            junk_llr = (junk_log_likelihood_ratio(pred.detach(), batch, data,
+                                                  reduce=None if shard is None else shard.all_sum)
+                        if junk_class else None)
+            weight = class_responsibility(score, junk_llr if junk_weights else None,
+                                          empty=empty_class)  # (B,)
             weighted = nll * weight.to(nll.dtype)
-            is_particle = weight > 0.5
+            is_particle, is_junk = _likeliest(score, junk_llr, empty_class)
         objective = weighted.mean() if shard is None else shard.objective(weighted, total)
         check_finite_loss(objective, Stage.AUTODECODE, epoch, b)
         decoder_optimizer.zero_grad(set_to_none=True)
@@ -536,7 +570,8 @@ def autodecode_epoch(
         jumped = change_deg > JUMP_THRESHOLD_DEG
         if is_particle is not None:
             jumped &= is_particle
-            empty += int((~is_particle).sum())
+            empty += int((~is_particle & ~is_junk).sum())
+            junk += int(is_junk.sum())
         jumps += int(jumped.sum())
         if refine_shifts:
             shift_change.add(float((shift - shift0).norm(dim=-1).mean()), n)
@@ -545,13 +580,13 @@ def autodecode_epoch(
     if shard is not None:  # statistics of all ranks
         sums = shard.all_sum(torch.tensor([running.total, running.weight, rot_change.total,
                                            shift_change.total, float(jumps), float(relaxed),
-                                           float(empty)]))
+                                           float(empty), float(junk)]))
         running.total, running.weight = float(sums[0]), float(sums[1])
         rot_change.total, rot_change.weight = float(sums[2]), float(sums[1])
         shift_change.total, shift_change.weight = float(sums[3]), float(sums[1])
         jumps, relaxed = round(float(sums[4])), round(float(sums[5]))
-        empty = round(float(sums[6]))
-    counted = running.weight - empty  # the particles whose jumps count
+        empty, junk = round(float(sums[6])), round(float(sums[7]))
+    counted = running.weight - empty - junk  # the particles whose jumps count
     return EpochStats(
         loss=running.mean,
         num_images=int(running.weight),
@@ -560,9 +595,22 @@ def autodecode_epoch(
         jump_fraction=jumps / counted if counted > 0 else None,
         relaxed_fraction=(relaxed / running.weight if relax is not None and running.weight > 0
                           else None),
-        empty_fraction=(empty / running.weight if empty_class and running.weight > 0
-                        else None),
+        empty_fraction=(empty / running.weight if (empty_class or junk_class)
+                        and running.weight > 0 else None),
+        junk_fraction=(junk / running.weight if junk_class and running.weight > 0 else None),
+        junk_weighted=(junk_weights if junk_class else None),
     )
+
+
+def _likeliest(score: Tensor, junk_llr: Tensor | None,
+               empty_class: bool) -> tuple[Tensor, Tensor]:
+    """Masks `(B,)` of the images likelier the particle than every other class, and of those
+    likelier junk than every other class (ties: not the particle, not junk)."""
+    floor = 0.0 if empty_class else -torch.inf
+    if junk_llr is None:
+        return score > floor, torch.zeros_like(score, dtype=torch.bool)
+    return (score > torch.clamp(junk_llr, min=floor),
+            junk_llr > torch.clamp(score, min=floor))
 
 
 def search_refine_disc(config: Config, data: TrainingData) -> LossDisc | None:

@@ -82,8 +82,12 @@ class EpochStats:
         Fraction of the visited particles moved to another copy of their pose under a relaxed
         pseudo-symmetry (stage 2 with ``model.relax_symmetry``).
     empty_fraction : float or None
-        Fraction of the visited images more likely empty than particle (stage 2 with
-        ``model.empty_class``).
+        Fraction of the visited images likeliest empty (stage 2 with ``model.empty_class``
+        or ``model.junk_class``).
+    junk_fraction : float or None
+        Fraction of the visited images likeliest junk (stage 2 with ``model.junk_class``).
+    junk_weighted : bool or None
+        Whether the junk class weighed in this epoch (stage 2 with ``model.junk_class``).
     """
 
     loss: float
@@ -95,6 +99,8 @@ class EpochStats:
     jump_fraction: float | None = None
     relaxed_fraction: float | None = None
     empty_fraction: float | None = None
+    junk_fraction: float | None = None
+    junk_weighted: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -115,10 +115,19 @@ class ModelConfig:
     empty_class : bool
         The stage-2 image model has a second class, an empty image (empty ice, a false pick):
         each image's weight in the volume steps is the posterior probability that it holds
-        the particle (:func:`cryospin.losses.particle_responsibility` of its score,
+        the particle (:func:`cryospin.losses.class_responsibility` of its score,
         :mod:`cryospin.train.scores`), the search's jump fraction counts only images more
         likely particle, and the final map leaves out the particles scoring no better than
         an empty image. Off: every image is the particle (cryospin <= 0.3).
+    junk_class : bool
+        The stage-2 image model also has junk (contamination, aggregates, false picks with
+        structure): a signal of the map's own power spectrum with random phases
+        (:func:`cryospin.losses.random_phase_log_likelihood_ratio`). Each image's weight in
+        the volume steps is then the particle's posterior among the classes (equal priors,
+        :func:`cryospin.losses.class_responsibility`), the scores are taken against the
+        likelier of an empty image and junk (:func:`cryospin.train.scores.particle_scores`)
+        and the final map leaves out those at or below 0. Off: no junk class (runs from
+        before it existed resume unchanged).
     """
 
     num_heads: int = 7
@@ -135,6 +144,7 @@ class ModelConfig:
     symmetry: str = "C1"
     relax_symmetry: str = "C1"
     empty_class: bool = False
+    junk_class: bool = False
 
     def encoder_input_box(self, box_px: int) -> int:
         """The encoder trunk's box for training images of ``box_px``: ``encoder_box_px`` when

@@ -111,7 +111,7 @@ from cryospin.train.schedule import (
     stage2_decoder_lr,
     stage2_pose_lrs,
 )
-from cryospin.train.scores import particle_scores
+from cryospin.train.scores import JUNK_GATE_FRACTION, junk_takes_effect, particle_scores
 from cryospin.train.setup import initial_state, load_training_data, open_run, resolve_device
 from cryospin.train.state import TrainState, seed_everything
 from cryospin.train.switch import full_pose_table, full_record, switch_poses
@@ -419,7 +419,7 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
     _commit(run, state, epoch, stats, wall=wall, elapsed_s=elapsed, extra=extra)
     state.epoch = epoch
     logger.info(
-        "epoch %d/%d %s: loss %.6g, %.1f images/s%s%s%s", epoch, clock.end, state.stage,
+        "epoch %d/%d %s: loss %.6g, %.1f images/s%s%s%s%s", epoch, clock.end, state.stage,
         stats.loss, stats.num_images / wall if wall > 0 else float("nan"),
         f", pose change {stats.mean_pose_change_deg:.3g} deg"
         if stats.mean_pose_change_deg is not None else "",
@@ -427,6 +427,9 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
         if stats.jump_fraction is not None else "",
         f", {100 * stats.empty_fraction:.1f} % of the images more likely empty"
         if stats.empty_fraction is not None else "",
+        f", {100 * stats.junk_fraction:.1f} % more likely junk"
+        + ("" if stats.junk_weighted else " (not yet weighed in)")
+        if stats.junk_fraction is not None else "",
     )
     if "search_stop" in extra:
         logger.info(search_stop_message(extra["search_stop"]))
@@ -478,7 +481,11 @@ def _stage2_epoch(run: _Run, state: TrainState, epoch: int, bar: PassProgress,
         relax=None if relax is None else relax.copies,
         refine_disc=run.local_disc if search is None else run.search_disc,
         empty_class=config.model.empty_class,
+        junk_class=config.model.junk_class,
+        junk_weights=junk_takes_effect(state.last_junk_fraction),
     )
+    if config.model.junk_class:
+        state.last_junk_fraction = stats.junk_fraction
     if relax is not None:
         extra["relax"] = relax_record(relax, stats.relaxed_fraction)
     return stats
@@ -573,13 +580,20 @@ def _finish(run: _Run, state: TrainState, particles: ParticleSet) -> FitResult:
         rotations, shifts_out = best.rotations, best.shifts_px
     rotations = rotations.detach().cpu()
     shifts_out = None if shifts_out is None else shifts_out.detach().cpu()
+    junk = run.config.model.junk_class and junk_takes_effect(state.last_junk_fraction)
+    if run.config.model.junk_class and not junk:
+        logger.warning(
+            "the junk class never took effect: %s of the last stage-2 epoch's images fit junk "
+            "better than the map (it weighs in below %g %%); the scores are against an empty "
+            "image only", "none" if state.last_junk_fraction is None
+            else f"{100 * state.last_junk_fraction:.1f} %", 100 * JUNK_GATE_FRACTION)
     with run.feedback.start("final: particle scores", n) as progress, torch.no_grad():
         scores = particle_scores(state.volume(), rotations, shifts_out, run.data.unsharded(),
                                  batch_size=run.config.run.inference_batch_size,
-                                 progress=progress.update)
+                                 progress=progress.update, junk_class=junk)
     try:
         write_final(files, run.config, particles, run.data, state.volume, rotations,
-                    shifts_out, feedback=run.feedback, scores=scores)
+                    shifts_out, feedback=run.feedback, scores=scores, junk_scored=junk)
     except OutputError as exc:  # every epoch is checkpointed: --resume writes these again
         raise OutputError(f"{exc}; {_resume_hint(files.dir, state.epoch)}") from None
     return FitResult(

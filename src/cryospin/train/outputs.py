@@ -40,7 +40,7 @@ from cryospin.train.convergence import record_convergence_check
 from cryospin.train.data import TrainingData
 from cryospin.train.feedback import Feedback
 from cryospin.train.metrics import EpochExtra
-from cryospin.train.scores import EMPTY_SCORE, SCORE_COLUMN, selected_indices
+from cryospin.train.scores import EMPTY_SCORE, SCORE_COLUMN, score_alternative, selected_indices
 from cryospin.volume import HartleyVolume
 
 __all__ = ["epoch_metrics", "write_epoch", "write_final", "final_backprojection"]
@@ -81,6 +81,8 @@ def epoch_metrics(
         elapsed_s=elapsed_s,
         jump_fraction=stats.jump_fraction,
         empty_fraction=stats.empty_fraction,
+        junk_fraction=stats.junk_fraction,
+        junk_weighted=stats.junk_weighted,
         encoder_lr=encoder_lr,
         extra=dict(extra),
     )
@@ -109,22 +111,25 @@ def write_final(
     *,
     feedback: Feedback | None = None,
     scores: torch.Tensor | None = None,
+    junk_scored: bool = False,
 ) -> None:
     """The final outputs (module docstring) from the final poses, `(N, 3, 3)` and `(N, 2)`
     in training pixels (None: no shifts), of ``particles`` (a ``ParticleSet``); with the
     particles' ``scores`` `(N,)` (:mod:`cryospin.train.scores`), also their column in
-    ``poses.star`` and ``selected.pkl``."""
+    ``poses.star`` and ``selected.pkl``; ``junk_scored``: the scores are taken against junk
+    too (:func:`cryospin.train.scores.particle_scores`)."""
     with torch.no_grad():
         real = volume.to_real_space().detach().cpu()
+    against = score_alternative(junk_scored)
     if config.run.final_map == "backprojection":
         write_map(files.map_decoder, real.numpy(), data.pixel_size_angstrom)
         trained = real
         keep = None
-        if config.model.empty_class and scores is not None:
+        if (config.model.empty_class or junk_scored) and scores is not None:
             keep = selected_indices(scores)  # rows of this run's particles
             if keep.size < 2:
-                logger.warning("only %d particles score above an empty image: the final map "
-                               "uses all %d", keep.size, rotations.shape[0])
+                logger.warning("only %d particles score above %s: the final map uses all %d",
+                               keep.size, against, rotations.shape[0])
             if keep.size < 2 or keep.size == rotations.shape[0]:
                 keep = None
         with (feedback or Feedback()).start(
@@ -132,7 +137,8 @@ def write_final(
                 rotations.shape[0] if keep is None else int(keep.size)) as progress:
             real = final_backprojection(particles, data, rotations, shifts_px,
                                         seed=config.run.seed, on_batch=progress.update,
-                                        symmetry=volume.point_group, keep=keep)
+                                        symmetry=volume.point_group, keep=keep,
+                                        against=against)
         # logged and written as a convergence check, never as a resolution (use --halves)
         record_convergence_check(files.convergence, real, trained,
                                  pixel_size_angstrom=data.pixel_size_angstrom,
@@ -150,10 +156,11 @@ def write_final(
         write_cryosparc(files.cs, final)
     logger.info("wrote %s, %s and %s", files.map, files.star, files.pkl)
     if scores is not None:
-        _write_selection(files, scores, config.input.ind)
+        _write_selection(files, scores, config.input.ind, against)
 
 
-def _write_selection(files: RunFiles, scores: torch.Tensor, ind: str | None) -> None:
+def _write_selection(files: RunFiles, scores: torch.Tensor, ind: str | None,
+                     against: str = "an empty image") -> None:
     """``selected.pkl`` from the particles' ``scores`` `(N,)` (indices in the input, through
     the run's index file ``ind``), and one log line."""
     above = scores.numpy() > EMPTY_SCORE
@@ -162,9 +169,9 @@ def _write_selection(files: RunFiles, scores: torch.Tensor, ind: str | None) -> 
     n, kept = int(scores.numel()), int(selected.size)
     logger.info(
         "particle scores (%s in %s): %s of %s particles (%.1f %%) fit the map no better than "
-        "an empty image (score <= %g nats; median score of the others %.3g); %s lists the "
+        "%s (score <= %g nats; median score of the others %.3g); %s lists the "
         "other %s (0-based in the input%s, for --ind)", SCORE_COLUMN, files.star.name,
-        f"{n - kept:,}", f"{n:,}", 100.0 * (n - kept) / max(n, 1), EMPTY_SCORE,
+        f"{n - kept:,}", f"{n:,}", 100.0 * (n - kept) / max(n, 1), against, EMPTY_SCORE,
         float(np.median(scores.numpy()[above])) if kept else float("nan"),
         files.selected.name, f"{kept:,}", "" if ind is None else ", through this run's --ind")
 
@@ -198,6 +205,7 @@ def final_backprojection(
     on_batch: Callable[[int], None] | None = None,
     symmetry: str = "C1",
     keep: np.ndarray | None = None,
+    against: str = "an empty image",
 ) -> torch.Tensor:
     """The final map: Wiener backprojection of the training images from the final poses.
 
@@ -222,6 +230,8 @@ def final_backprojection(
     keep : `(K,)` int64, optional
         Backproject only these particles (0-based, ``K >= 2``; the half-set split is then
         that of ``K`` particles); None: all.
+    against : str
+        For the log line: what the left-out particles fit as well as the map.
 
     Returns
     -------
@@ -257,5 +267,5 @@ def final_backprojection(
     logger.info("final map: Wiener backprojection of %s images from the final poses%s%s",
                 f"{rotations.shape[0]:,}", "" if group.shape[0] == 1 else f", symmetry {symmetry}",
                 "" if keep is None else
-                f" ({n - rotations.shape[0]:,} scoring no better than an empty image left out)")
+                f" ({n - rotations.shape[0]:,} scoring no better than {against} left out)")
     return result.volume.float().cpu()

@@ -18,14 +18,31 @@ import torch
 from torch import Tensor
 
 from cryospin.forward.model import render
-from cryospin.losses import log_likelihood_ratio
+from cryospin.losses import (
+    log_likelihood_ratio,
+    random_phase_log_likelihood_ratio,
+    shell_signal_power,
+)
 from cryospin.train.batches import Batch
 from cryospin.train.data import TrainingData
 
-__all__ = ["EMPTY_SCORE", "SCORE_COLUMN", "particle_scores", "score_from_nll", "selected_indices"]
+__all__ = [
+    "EMPTY_SCORE",
+    "SCORE_COLUMN",
+    "JUNK_GATE_FRACTION",
+    "junk_log_likelihood_ratio",
+    "junk_takes_effect",
+    "particle_scores",
+    "score_alternative",
+    "score_from_nll",
+    "selected_indices",
+]
 
 #: particles scoring at most this (nats) fit the map no better than an empty image
 EMPTY_SCORE = 0.0
+#: the junk class weighs in once fewer than this share of a stage-2 epoch's images were
+#: likeliest junk (:func:`junk_takes_effect`)
+JUNK_GATE_FRACTION = 0.5
 #: the ``poses.star`` column holding the scores (RELION's per-particle log-likelihood column)
 SCORE_COLUMN = "rlnLogLikeliContribution"
 
@@ -39,6 +56,7 @@ def particle_scores(
     *,
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
+    junk_class: bool = False,
 ) -> Tensor:
     """Each particle's score (module docstring), in particle order.
 
@@ -72,10 +90,39 @@ def particle_scores(
                       None if shifts_px is None else shifts_px[idx].to(dev, dtype),
                       batch.ctf, frequencies=data.frequencies,
                       negation_index=data.negation_index)  # (B, P)
-        scores[idx] = log_likelihood_ratio(pred, batch.hartley, data.noise_variance).cpu()
+        score = log_likelihood_ratio(pred, batch.hartley, data.noise_variance)
+        if junk_class:
+            score = score - junk_log_likelihood_ratio(pred, batch, data).clamp_min(EMPTY_SCORE)
+        scores[idx] = score.cpu()
         if progress is not None:
             progress(len(idx))
     return scores
+
+
+def junk_takes_effect(last_junk_fraction: float | None) -> bool:
+    """Whether the junk class weighs in (volume steps, scores, final map), given the share of
+    images likeliest junk in the last stage-2 epoch (None: none yet). Only once the map
+    explains most images better than junk: a map still forming (its phases random, its power
+    already there) loses to junk on every image, and weights of ~0 for all would stop it
+    from ever forming; nor where most of the data is junk to this map."""
+    return last_junk_fraction is not None and last_junk_fraction < JUNK_GATE_FRACTION
+
+
+def score_alternative(junk_class: bool) -> str:
+    """What the scores are taken against, in words: an empty image, and with the junk class
+    (``model.junk_class``) the likelier of that and junk."""
+    return "an empty image or junk" if junk_class else "an empty image"
+
+
+def junk_log_likelihood_ratio(predicted: Tensor, batch: Batch, data: TrainingData, *,
+                              reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Each image's log-likelihood `(B,)` float64 under the junk class against an empty image:
+    a signal of the map's power at the batch's poses (:func:`cryospin.losses.shell_signal_power`
+    of ``predicted`` `(B, P)`, the batch's predictions on the training disc; ``reduce``: the
+    sum over a distributed run's ranks) with random phases
+    (:func:`cryospin.losses.random_phase_log_likelihood_ratio`)."""
+    power = shell_signal_power(predicted, batch.ctf, data.frequencies, reduce=reduce)
+    return random_phase_log_likelihood_ratio(batch.hartley, power, data.noise_variance)
 
 
 def score_from_nll(nll: Tensor, batch: Batch, data: TrainingData) -> Tensor:

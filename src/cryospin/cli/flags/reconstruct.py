@@ -97,6 +97,11 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "picks): each image weighs in the volume steps by the probability "
                         "that it holds the particle, and the final map leaves out those "
                         "scoring no better than an empty image (default: from the preset)")
+    g.add_argument("--junk-class", action=argparse.BooleanOptionalAction, default=None,
+                   help="stage 2's image model also has junk: a particle of the map's power "
+                        "spectrum with random phases (contamination, aggregates); images "
+                        "likelier junk weigh little in the volume steps and are left out of "
+                        "the final map (default: from the preset)")
     g.add_argument("--epochs", type=int, metavar="E", help="total epochs")
     g.add_argument("--switch-epoch", type=int, metavar="K",
                    help="last epoch of stage 1 (auto-encoding); 0 with search epochs: search "
