@@ -13,7 +13,7 @@ its third row ``R[2, :]`` is the projection direction in the map frame,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from torch import Tensor
 from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.report.summary import HalvesSummary, RunSummary, ScoreSummary, Stage1Heads
 from cryospin.rundir import RunData, Stage, search_stopped_after
-from cryospin.train.scores import EMPTY_SCORE
+from cryospin.train.scores import EMPTY_SCORE, junk_takes_effect
 
 __all__ = [
     "score_summary",
@@ -309,12 +309,26 @@ def json_ready(x: object) -> object:
     return x if not isinstance(x, float) or math.isfinite(x) else None
 
 
-def score_summary(scores: np.ndarray) -> ScoreSummary:
-    """The :class:`ScoreSummary` of the particles' scores `(N,)` (nats)."""
+def junk_scored(config: Mapping[str, object], metrics: Sequence[Mapping[str, object]]) -> bool:
+    """Whether a run's scores are taken against junk too: its ``config.yaml`` (as read) turned
+    the junk class on (``model.junk_class``; absent in runs from before it existed) and it
+    took effect (:func:`cryospin.train.scores.junk_takes_effect` of the last
+    ``junk_fraction`` in ``metrics.jsonl``)."""
+    model = config.get("model")
+    if not (isinstance(model, Mapping) and model.get("junk_class", False)):
+        return False
+    fractions = [r.get("junk_fraction") for r in metrics if r.get("junk_fraction") is not None]
+    last = fractions[-1] if fractions else None
+    return junk_takes_effect(float(last) if isinstance(last, (int, float)) else None)
+
+
+def score_summary(scores: np.ndarray, against: str = "an empty image") -> ScoreSummary:
+    """The :class:`ScoreSummary` of the particles' scores `(N,)` (nats), taken against
+    ``against`` (:func:`cryospin.train.scores.score_alternative`)."""
     scores = np.asarray(scores, dtype=np.float64)
     others = scores[scores > EMPTY_SCORE]
     low = int(scores.size - others.size)
     return ScoreSummary(
-        scored=int(scores.size), empty_score=EMPTY_SCORE, no_better_than_empty=low,
+        against=against, scored=int(scores.size), empty_score=EMPTY_SCORE, no_better_than_empty=low,
         fraction_no_better_than_empty=low / scores.size if scores.size else 0.0,
         median_score_of_others=float(np.median(others)) if others.size else None)

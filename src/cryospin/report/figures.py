@@ -308,10 +308,12 @@ def plot_orientations(rotations: Tensor | np.ndarray, path: str | Path, *,
     save_figure(fig, path)
 
 
-def plot_particle_scores(scores: np.ndarray, empty_score: float, path: str | Path) -> None:
+def plot_particle_scores(scores: np.ndarray, empty_score: float, path: str | Path,
+                         against: str = "an empty image") -> None:
     """Histogram of the particles' scores `(N,)` (nats, :mod:`cryospin.train.scores`), the
-    line ``empty_score`` at or below which the map explains an image no better than an empty
-    one, and how many lie there."""
+    line ``empty_score`` at or below which the map explains an image no better than
+    ``against`` (an empty image; with the junk class, an empty image or junk), and how many
+    lie there."""
     plt = pyplot()
     scores = np.asarray(scores, dtype=np.float64)
     low = int((scores <= empty_score).sum())
@@ -320,9 +322,9 @@ def plot_particle_scores(scores: np.ndarray, empty_score: float, path: str | Pat
     lo, hi = min(lo, empty_score - 1.0), max(hi, empty_score + 1.0)
     ax.hist(np.clip(scores, lo, hi), bins=np.linspace(lo, hi, 81), color="tab:blue", alpha=0.8)
     ax.axvline(empty_score, color="tab:red", linestyle="--", linewidth=1.2,
-               label=f"no better than an empty image: {low:,} of {scores.size:,} "
+               label=f"no better than {against}: {low:,} of {scores.size:,} "
                      f"({100.0 * low / max(scores.size, 1):.1f} %)")
-    ax.set_xlabel("score: log-likelihood against an empty image (nats; outermost 0.1 % "
+    ax.set_xlabel(f"score: log-likelihood against {against} (nats; outermost 0.1 % "
                   "drawn at the edges)", fontsize=8)
     ax.set_ylabel("particles")
     ax.legend(fontsize=8, loc="upper right")

@@ -29,7 +29,7 @@ from cryospin.evaluate.fsc import FSCResult
 from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.evaluate.pose_error import PoseErrorResult
 from cryospin.plotting import plot_fsc
-from cryospin.report.analysis import JSONObject, halves_summary, score_summary
+from cryospin.report.analysis import JSONObject, halves_summary, junk_scored, score_summary
 from cryospin.report.figures import (
     add_gt_figures,
     plot_halves_training,
@@ -68,7 +68,7 @@ from cryospin.report.symmetry_check import (
 )
 from cryospin.rundir import HALF_NAMES, SELECTED, HalvesFiles, RunData, load_run
 from cryospin.train.halves import is_halves_run
-from cryospin.train.scores import EMPTY_SCORE, SCORE_COLUMN
+from cryospin.train.scores import EMPTY_SCORE, SCORE_COLUMN, score_alternative
 
 __all__ = ["write_halves_report"]
 
@@ -168,12 +168,13 @@ def _figures(figs: FigureSet, inp: _Inputs, gt_map: str | Path | None,
             "View directions of the combined poses (half B's brought into half A's frame), "
             "binned in equal-area cells on a Mollweide projection."))
     if inp.scores is not None:
+        against = score_alternative(junk_scored(inp.halves[0].config, inp.halves[0].metrics))
         plot_particle_scores(inp.scores, EMPTY_SCORE, figs.add(
             "particle_scores.png", "Particle scores",
             "Each particle's score under its own half's map (poses.star's "
-            f"{SCORE_COLUMN}, nats): how much better the map explains its image than an empty "
-            f"image would. At or below the line: no better (empty ice, false picks); "
-            f"{SELECTED} lists the others, for --ind."))
+            f"{SCORE_COLUMN}, nats): how much better the map explains its image than "
+            f"{against} would. At or below the line: no better; {SELECTED} lists the "
+            f"others, for --ind."), against)
     add_map_views(figs, inp.volume, title="Combined map",
                   what="map.mrc, the FSC-weighted average of the two aligned half maps "
                        "(unmasked, unsharpened)",
@@ -231,7 +232,8 @@ def write_halves_report(
     summary = halves_summary(str(files.dir), inp.halves, inp.gold, inp.fsc_summary, inp.marker,
                              box_px=int(inp.volume.shape[0]), pixel_size_angstrom=inp.apix)
     if inp.scores is not None:
-        summary["particle_scores"] = score_summary(inp.scores)
+        summary["particle_scores"] = score_summary(
+            inp.scores, score_alternative(junk_scored(inp.halves[0].config, inp.halves[0].metrics)))
     final_fsc = pose_result = None
     notes: list[str] = []
     imposed = imposed_symmetry(inp.halves[0].config, inp.halves[0].metrics)

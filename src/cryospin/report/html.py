@@ -316,12 +316,13 @@ def run_summary_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
 
 
 def _score_summary_rows(s: RunSummary | HalvesSummary) -> list[tuple[str, str]]:
-    """How many particles fit the map no better than an empty image."""
+    """How many particles fit the map no better than the alternative (an empty image; with
+    the junk class, an empty image or junk)."""
     sc = s.get("particle_scores")
     if sc is None:
         return []
     median = sc["median_score_of_others"]
-    return [("particles no better than an empty image",
+    return [(f"particles no better than {sc.get('against', 'an empty image')}",
              f"{sc['no_better_than_empty']:,} of {sc['scored']:,} "
              f"({100.0 * sc['fraction_no_better_than_empty']:.1f} %; score <= "
              f"{sc['empty_score']:g} nats"
@@ -379,26 +380,31 @@ def epoch_table(
     resolutions: Sequence[EpochResolution],
 ) -> Table:
     """The per-epoch table: epoch, stage, loss, times, throughput, pose change, the share of
-    images more likely empty (runs with ``model.empty_class``), resolution."""
+    images likeliest empty (runs with ``model.empty_class``) and junk (``model.junk_class``),
+    resolution."""
     res = {r.epoch: r for r in resolutions}
 
     def num(x: object, fmt: str) -> str:
         return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt % x
 
     empty = any(r.get("empty_fraction") is not None for r in metrics)
+    junk = any(r.get("junk_fraction") is not None for r in metrics)
     header = ["epoch", "stage", "loss", "epoch time", "elapsed", "images/s",
               "mean pose change", *(["images more likely empty"] if empty else []),
+              *(["images more likely junk"] if junk else []),
               "resolution vs GT (0.5 / 0.143)"]
     rows = []
     for r, t in zip(metrics, elapsed, strict=True):
         e = int(r["epoch"])
         rr = res.get(e)
-        fraction = r.get("empty_fraction")
+        fraction, junk_share = r.get("empty_fraction"), r.get("junk_fraction")
         rows.append([
             str(e), str(r.get("stage", "")), num(r.get("loss"), "%.6g"),
             format_duration(float(r.get("wall_time_s") or 0.0)), format_duration(float(t)),
             num(r.get("images_per_s"), "%.1f"), num(r.get("mean_pose_change_deg"), "%.2f°"),
             *([num(None if fraction is None else 100.0 * fraction, "%.1f %%")] if empty
+              else []),
+            *([num(None if junk_share is None else 100.0 * junk_share, "%.1f %%")] if junk
               else []),
             "–" if rr is None else f"{format_resolution(rr.resolution_05_angstrom)} / "
                                    f"{format_resolution(rr.resolution_0143_angstrom)}",

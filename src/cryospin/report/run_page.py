@@ -20,6 +20,7 @@ from cryospin.report.analysis import (
     elapsed_seconds,
     head_spread_table,
     head_usage_table,
+    junk_scored,
     run_summary,
     score_summary,
     view_directions,
@@ -75,7 +76,7 @@ from cryospin.report.symmetry_check import (
     symmetry_summary,
 )
 from cryospin.rundir import SELECTED, RunData, load_run
-from cryospin.train.scores import EMPTY_SCORE, SCORE_COLUMN
+from cryospin.train.scores import EMPTY_SCORE, SCORE_COLUMN, score_alternative
 from cryospin.train.track import PoseTrack
 
 __all__ = ["write_report"]
@@ -145,7 +146,8 @@ def _analyse(inp: _Inputs, *, max_epoch_fsc: int, search_hand: bool) -> _Numbers
         box_px=None if inp.volume is None else int(inp.volume.shape[0]),
         pixel_size_angstrom=inp.apix)
     if inp.scores is not None:
-        summary["particle_scores"] = score_summary(inp.scores)
+        summary["particle_scores"] = score_summary(
+            inp.scores, score_alternative(junk_scored(run.config, run.metrics)))
     notes: list[str] = []
     resolutions: list[EpochResolution] = []
     final_fsc = None
@@ -246,15 +248,20 @@ def _figures(figs: FigureSet, inp: _Inputs, num: _Numbers, gt_map: str | Path | 
             "frame) of the final poses, binned in equal-area cells on a Mollweide "
             "projection."))
     if inp.scores is not None:
+        junk = junk_scored(run.config, run.metrics)
+        against = score_alternative(junk)
         plot_particle_scores(inp.scores, EMPTY_SCORE, figs.add(
             "particle_scores.png", "Particle scores",
-            f"How much better the map explains each image than an empty image would: the "
+            f"How much better the map explains each image than {against} would: the "
             f"log-likelihood ratio (nats) of the image under the trained map at the particle's "
-            f"final pose, with its CTF and shift, against no particle at all, under the "
-            f"training's noise model ({SCORE_COLUMN} in poses.star). Images at or below the "
-            f"line (empty ice, false picks) fit no better than an empty image; "
-            f"{SELECTED} lists the others, for --ind. Contamination with structure of its own "
-            f"can score above it."))
+            f"final pose, with its CTF and shift, against "
+            + ("the likelier of no particle at all and junk (a signal of the map's power "
+               "spectrum with random phases)" if junk else "no particle at all")
+            + f", under the training's noise model ({SCORE_COLUMN} in poses.star). Images at "
+            f"or below the line fit no better than {against}; {SELECTED} lists the others, "
+            f"for --ind."
+            + ("" if junk else " Contamination with structure of its own can score above it.")),
+            against)
     if inp.volume is not None and run.map_path is not None:
         drawn = num.drawn
         add_map_views(figs, inp.volume, title="Map", what=run.map_path.name,

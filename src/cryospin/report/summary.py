@@ -93,9 +93,11 @@ class SymmetrySummary(TypedDict):
 
 class ScoreSummary(TypedDict):
     """The particles' scores in ``poses.star`` (:mod:`cryospin.train.scores`, nats): how many
-    fit the map no better than an empty image (score <= ``empty_score``), and the median
-    score of the others (None when there are none)."""
+    fit the map no better than the alternative ``against`` (an empty image; with the junk
+    class, an empty image or junk) (score <= ``empty_score``; the keys keep their names),
+    and the median score of the others (None when there are none)."""
 
+    against: str
     scored: int
     empty_score: float
     no_better_than_empty: int
