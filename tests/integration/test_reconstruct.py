@@ -286,6 +286,22 @@ def test_the_junk_class_weighs_in_once_the_map_beats_junk_and_scores_against_it(
                                atol=1e-6 * np.abs(final).max())
 
 
+def test_the_report_of_a_junk_run_says_the_scores_are_against_junk(junk_run, tmp_path):
+    """Its summary, histogram and summary row: against an empty image or junk; the epoch
+    table's column of images more likely junk."""
+    import json
+
+    from cryospin.report import write_report
+
+    _, _, result = junk_run
+    page = write_report(result.run_dir, output=tmp_path / "report.html").html_path
+    text = page.read_text()
+    summary = json.loads((page.parent / page.stem / "summary.json").read_text())
+    assert summary["particle_scores"]["against"] == "an empty image or junk"
+    assert "particles no better than an empty image or junk" in text
+    assert "images more likely junk" in text
+
+
 def test_the_junk_gate_survives_a_resume(junk_run, tmp_path):
     """Stopped after the first epoch with fewer than half junk (the checkpoint carries its
     fraction, the next epoch's gate) and resumed: the same run as uninterrupted."""

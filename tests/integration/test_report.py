@@ -95,6 +95,7 @@ def test_report_html_and_figures(full_report: Path, tiny_run: dict[str, Path]) -
         "rlnLogLikeliContribution"])
     low = int((written <= 0).sum())
     assert scores["scored"] == 64 and scores["no_better_than_empty"] == low
+    assert scores["against"] == "an empty image"  # no junk class
     assert scores["median_score_of_others"] == pytest.approx(float(np.median(written[written > 0])))
     assert f"{low:,} of 64" in text and "Particle scores" in text
     # resolution between Nyquist (26 Å) and the box (208 Å); one value per epoch map
