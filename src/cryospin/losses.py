@@ -142,10 +142,12 @@ def random_phase_log_likelihood_ratio(observed: Tensor, signal_power: Tensor,
     s = torch.as_tensor(signal_power, dtype=torch.float64, device=observed.device)
     if not bool((s >= 0).all()):
         raise ValueError("signal_power must be non-negative")
-    y2 = observed.double().square()
-    ratio = (s / var).broadcast_to(y2.shape)
-    # 1/σ² − 1/(σ² + S) = a / (σ² (1 + a)), a = S/σ²
-    return (0.5 * y2 * ratio / (var * (1.0 + ratio)) - 0.5 * torch.log1p(ratio)).sum(-1)
+    # 1/σ² − 1/(σ² + S) = a / (σ² (1 + a)), a = S/σ²; in place where the tensor is ours
+    a = (s / var).broadcast_to(observed.shape)
+    log_term = torch.log1p(a)  # (B, P)
+    frac = a / (a + 1.0)
+    y2 = observed.double().square()  # a new tensor (observed may be float64)
+    return y2.mul_(frac).div_(var).sub_(log_term).sum(-1).mul_(0.5)
 
 
 def shell_signal_power(predicted: Tensor, ctf: Tensor | None, frequencies: Tensor, *,
@@ -174,7 +176,7 @@ def shell_signal_power(predicted: Tensor, ctf: Tensor | None, frequencies: Tenso
                          f"{tuple(predicted.shape)} and {tuple(frequencies.shape)}")
     shell = frequencies.double().norm(dim=-1).round().long().to(predicted.device)  # (P,)
     c2 = (torch.ones_like(predicted, dtype=torch.float64) if ctf is None
-          else ctf.double().square())  # (B, P)
+          else ctf.double().square())  # (B, P), a new tensor
     count = int(shell.max()) + 1 if shell.numel() else 1
     power = torch.zeros(count, dtype=torch.float64, device=predicted.device)
     weight = torch.zeros_like(power)
@@ -184,7 +186,7 @@ def shell_signal_power(predicted: Tensor, ctf: Tensor | None, frequencies: Tenso
         power, weight = reduce(torch.stack([power, weight])).to(power.device, torch.float64)
     per_shell = torch.where(weight > 0, power / weight.clamp_min(torch.finfo(torch.float64).tiny),
                             torch.zeros_like(power))
-    return c2 * per_shell[shell]
+    return c2.mul_(per_shell[shell])
 
 
 def class_responsibility(particle_llr: Tensor, junk_llr: Tensor | None = None, *,

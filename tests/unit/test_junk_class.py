@@ -296,3 +296,16 @@ def test_the_flag_reaches_the_config(flag, value):
     args = parser.parse_args(["p.star", "-o", "run", *([flag] if flag else [])])
     preset = {"model": {"junk_class": not value}} if flag else {}
     assert build_config(None, {**preset, **cli._overrides(args)}).model.junk_class is value
+
+
+def test_the_junk_functions_leave_their_float64_inputs_alone():
+    g = _gen(10)
+    obs, power = torch.randn(3, 8, generator=g, dtype=F64), torch.rand(3, 8, generator=g,
+                                                                          dtype=F64)
+    pred, ctf = torch.randn(3, 8, generator=g, dtype=F64), torch.randn(3, 8, generator=g,
+                                                                         dtype=F64)
+    copies = [t.clone() for t in (obs, power, pred, ctf)]
+    random_phase_log_likelihood_ratio(obs, power, 0.5)
+    shell_signal_power(pred, ctf, torch.randn(8, 2, generator=g, dtype=F64))
+    for before, after in zip(copies, (obs, power, pred, ctf), strict=True):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
