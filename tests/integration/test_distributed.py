@@ -396,7 +396,8 @@ def test_amortized_two_ranks_equal_one_process(particles, tmp_path):
     assert_same_poses(ref / "poses.pkl", run / "poses.pkl")
 
 
-@pytest.mark.parametrize("classes", [["--empty-class"], ["--empty-class", "--junk-class"]])
+@pytest.mark.parametrize("classes", [["--empty-class", "--no-junk-class"],
+                                     ["--empty-class", "--junk-class"]])
 def test_the_image_classes_on_two_ranks_equal_one_process(particles, tmp_path, classes):
     """``--empty-class`` (and ``--junk-class``): each rank weighs its own images (the junk
     class's power pooled over the global batch), the volume's objective and the counts of

@@ -183,7 +183,8 @@ def test_the_empty_class_finds_the_empty_images_and_the_final_map_leaves_them_ou
     images[48:] = rng.normal(0.0, sigma, size=images[48:].shape)  # 16 empty images
     write_stack(folder / "particles.mrcs", images, 4.0)
     particles = load_particles(folder / "particles.mrcs", ctf_pkl=tiny.folder / "ctf.pkl")
-    config = _tiny_config(model={"empty_class": True}, schedule={"epochs": 5})
+    config = _tiny_config(model={"empty_class": True, "junk_class": False},
+                          schedule={"epochs": 5})
     with caplog.at_level(logging.INFO, logger="cryospin"):
         result = fit(config, particles, tmp_path / "run")
     rows = read_metrics(result.run_dir / "metrics.jsonl")

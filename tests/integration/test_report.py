@@ -35,7 +35,7 @@ from cryospin.report.analysis import (
 from cryospin.report.ground_truth import gt_in_run_frame
 from cryospin.report.html import build_html
 from cryospin.rotations import random_rotations
-from cryospin.rundir import EpochMetrics, append_metrics, load_run
+from cryospin.rundir import EpochMetrics, append_metrics, load_run, read_metrics
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None,
@@ -95,7 +95,11 @@ def test_report_html_and_figures(full_report: Path, tiny_run: dict[str, Path]) -
         "rlnLogLikeliContribution"])
     low = int((written <= 0).sum())
     assert scores["scored"] == 64 and scores["no_better_than_empty"] == low
-    assert scores["against"] == "an empty image"  # no junk class
+    # the preset's junk class: against junk too once it took effect (the last stage-2 epoch
+    # with fewer than half its images likeliest junk)
+    junk = [r.get("junk_fraction") for r in read_metrics(tiny_run["run"] / "metrics.jsonl")]
+    took_effect = junk[-1] is not None and junk[-1] < 0.5
+    assert scores["against"] == ("an empty image or junk" if took_effect else "an empty image")
     assert scores["median_score_of_others"] == pytest.approx(float(np.median(written[written > 0])))
     assert f"{low:,} of 64" in text and "Particle scores" in text
     # resolution between Nyquist (26 Å) and the box (208 Å); one value per epoch map

@@ -7,6 +7,9 @@ noise variance (:func:`cryospin.losses.log_likelihood_ratio`). A particle whose 
 explains no better than an empty one (score ≤ :data:`EMPTY_SCORE`) is likely not the
 particle (empty ice, contamination, a false pick); the run writes the scores into
 ``poses.star`` (``rlnLogLikeliContribution``) and the others' indices into ``selected.pkl``.
+With the junk class (``model.junk_class``, once it took effect: :func:`junk_takes_effect`)
+the score is taken against the likelier of an empty image and junk, a signal of the map's
+power with random phases (:func:`junk_log_likelihood_ratio`): ``score − max(0, junk)``.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ def particle_scores(
         Images per batch.
     progress : callable, optional
         Called after each batch with its number of images.
+    junk_class : bool
+        Take each score against the likelier of an empty image and junk (the junk class's
+        power pooled over each batch of ``batch_size``).
 
     Returns
     -------
