@@ -5,6 +5,7 @@
 * :func:`cryospin_argv` — how to call the ``cryospin`` command line with this interpreter.
 * :func:`read_jsonl` — the lines of a ``metrics.jsonl``.
 * :func:`machine_line` — the CPU and kernel path every speed figure is printed with.
+* :func:`write_derived_set` — a simulated set's copy with other images (junk, contrast).
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from cryospin.io.mrc import write_stack
 
 __all__ = ["run", "cryospin_argv", "read_jsonl", "markdown_table", "machine_line"]
 
@@ -85,3 +91,19 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+#: the files of a `cryospin simulate` folder a derived set keeps as they are
+SIMULATION_FILES = ("particles.star", "gt.mrc", "gt_poses.pkl", "simulation.json")
+
+
+def write_derived_set(source: Path, out: Path, images: Any, pixel_size_angstrom: float,
+                      record: tuple[str, Any]) -> None:
+    """A new folder ``out``: ``images`` `(N, L, L)` as its ``particles.mrcs``, the other
+    files of the simulation ``source`` copied, and ``record`` = (file name, array) saved
+    with ``numpy.save`` (what was changed)."""
+    out.mkdir(parents=True)
+    write_stack(out / "particles.mrcs", images, pixel_size_angstrom)
+    for name in SIMULATION_FILES:
+        shutil.copy(source / name, out / name)
+    np.save(out / record[0], record[1])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -29,10 +28,10 @@ import torch
 
 from cryospin.forward.ctf import compute_ctf
 from cryospin.forward.hartley import fft2_centered, ifft2_centered
-from cryospin.io.mrc import write_stack
 from cryospin.io.particles import load_particles
 
-COPIED = ("particles.star", "gt.mrc", "gt_poses.pkl", "simulation.json")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_derived_set  # noqa: E402
 
 
 def _blobs(rng: np.random.Generator, box_px: int) -> np.ndarray:
@@ -90,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         blob = ifft2_centered(fft2_centered(torch.from_numpy(_blobs(rng, box))) * ctf).real.numpy()
         blob *= np.sqrt(clean_var / blob.var())
         images[j] = blob + noise
-    args.out.mkdir(parents=True)
-    write_stack(args.out / "particles.mrcs", images, apix)
-    for name in COPIED:
-        shutil.copy(args.source / name, args.out / name)
-    np.save(args.out / "junk.npy", junk)
+    write_derived_set(args.source, args.out, images, apix, ("junk.npy", junk))
     print(f"{args.out}: {n} images, {junk.size} junk ({args.kind})")
     return 0
 

@@ -12,15 +12,15 @@ are copied; ``scale.npy`` holds the factors::
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from cryospin.io.mrc import read_map, write_stack
+from cryospin.io.mrc import read_map
 
-COPIED = ("particles.star", "gt.mrc", "gt_poses.pkl", "simulation.json")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_derived_set  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,12 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     images = np.asarray(images, dtype=np.float32)
     rng = np.random.default_rng(args.seed)
     factors = rng.uniform(1 - args.spread, 1 + args.spread, images.shape[0])
-    args.out.mkdir(parents=True)
-    write_stack(args.out / "particles.mrcs", images * factors[:, None, None].astype(np.float32),
-                apix)
-    for name in COPIED:
-        shutil.copy(args.source / name, args.out / name)
-    np.save(args.out / "scale.npy", factors)
+    write_derived_set(args.source, args.out, images * factors[:, None, None].astype(np.float32),
+                      apix, ("scale.npy", factors))
     print(f"{args.out}: {images.shape[0]} images, factors {factors.min():.3f}-{factors.max():.3f}")
     return 0
 

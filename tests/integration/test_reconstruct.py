@@ -164,6 +164,19 @@ def test_poses_star_holds_each_particles_score_and_selected_pkl_the_others(unint
     np.testing.assert_array_equal(selected, np.flatnonzero(written > EMPTY_SCORE))
 
 
+def _assert_final_map_of(result, particles, config, keep: np.ndarray) -> None:
+    """The run's ``map.mrc`` is the backprojection of the particles ``keep`` alone."""
+    from cryospin.train.data import prepare_data
+    from cryospin.train.outputs import final_backprojection
+
+    data = prepare_data(particles, config.data, device=torch.device("cpu"))
+    expected = final_backprojection(particles, data, result.rotations, result.shifts_px,
+                                    seed=config.run.seed, keep=keep)
+    final = read_map(result.run_dir / "map.mrc")[0]
+    np.testing.assert_allclose(final, expected.numpy(), rtol=1e-5,
+                               atol=1e-6 * np.abs(final).max())
+
+
 def test_the_empty_class_finds_the_empty_images_and_the_final_map_leaves_them_out(
         tiny, tmp_path, caplog):
     """``model.empty_class``: a quarter of the images replaced by noise alone; each stage-2
@@ -171,9 +184,6 @@ def test_the_empty_class_finds_the_empty_images_and_the_final_map_leaves_them_ou
     the 64 px sets, benchmarks/RESULTS.md), and the final map is the backprojection of the
     particles scoring above an empty image."""
     import logging
-
-    from cryospin.train.data import prepare_data
-    from cryospin.train.outputs import final_backprojection
 
     folder = tmp_path / "data"
     folder.mkdir()
@@ -200,12 +210,7 @@ def test_the_empty_class_finds_the_empty_images_and_the_final_map_leaves_them_ou
     keep = np.flatnonzero(scores > 0)
     assert 48 <= keep.size < 64
     assert f"({64 - keep.size:,} scoring no better than an empty image left out)" in caplog.text
-    data = prepare_data(particles, config.data, device=torch.device("cpu"))
-    expected = final_backprojection(particles, data, result.rotations, result.shifts_px,
-                                    seed=config.run.seed, keep=keep)
-    final = read_map(result.run_dir / "map.mrc")[0]
-    np.testing.assert_allclose(final, expected.numpy(), rtol=1e-5,
-                               atol=1e-6 * np.abs(final).max())
+    _assert_final_map_of(result, particles, config, keep)
 
 
 def _with_other_structure(folder: Path, snr: float) -> ParticleSet:
@@ -257,8 +262,6 @@ def test_the_junk_class_weighs_in_once_the_map_beats_junk_and_scores_against_it(
     are taken against the likelier of an empty image and junk, the other density's images
     score lower than the particles, and the final map is the backprojection of those above
     0."""
-    from cryospin.train.data import prepare_data
-    from cryospin.train.outputs import final_backprojection
 
     particles, config, result = junk_run
     rows = read_metrics(result.run_dir / "metrics.jsonl")
@@ -279,12 +282,7 @@ def test_the_junk_class_weighs_in_once_the_map_beats_junk_and_scores_against_it(
     keep = np.flatnonzero(scores > 0)
     assert 2 <= keep.size < 128
     assert f"({128 - keep.size:,} scoring no better than an empty image or junk left out)" in log
-    data = prepare_data(particles, config.data, device=torch.device("cpu"))
-    expected = final_backprojection(particles, data, result.rotations, result.shifts_px,
-                                    seed=config.run.seed, keep=keep)
-    final = read_map(result.run_dir / "map.mrc")[0]
-    np.testing.assert_allclose(final, expected.numpy(), rtol=1e-5,
-                               atol=1e-6 * np.abs(final).max())
+    _assert_final_map_of(result, particles, config, keep)
 
 
 def test_the_report_of_a_junk_run_says_the_scores_are_against_junk(junk_run, tmp_path):
