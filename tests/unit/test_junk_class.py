@@ -30,7 +30,7 @@ from cryospin.losses import (
 )
 from cryospin.pose import PoseTable
 from cryospin.rotations import random_rotations
-from cryospin.train.autodecode import autodecode_epoch
+from cryospin.train.autodecode import RotationSearch, autodecode_epoch
 from cryospin.train.config import DataConfig
 from cryospin.train.data import prepare_data
 from cryospin.train.scores import (
@@ -201,11 +201,12 @@ def _training_data(particles, image_scale: float | None = None):
                                noise_variance=(SIGMA * scale) ** 2 * L * L)
 
 
-def _epoch(volume, data, rotations, **classes):
+def _epoch(volume, data, rotations, search=None, **classes):
     optimizer = torch.optim.Adam(volume.parameters(), lr=1e-2)
     table = PoseTable(rotations.float().clone(), None, lr_rot=0.05, lr_shift=0.05)
     return autodecode_epoch(volume, table, data, optimizer, batch_size=len(data), pose_steps=1,
-                            refine_shifts=False, generator=_gen(9), epoch=1, **classes)
+                            refine_shifts=False, generator=_gen(9), epoch=1, search=search,
+                            **classes)
 
 
 def test_an_epoch_with_the_junk_class_finds_the_other_structure_junk(with_junk):
@@ -280,6 +281,26 @@ def test_an_epoch_counts_the_junk_class_without_weighing_it_in_when_told(with_ju
     torch.testing.assert_close(maps[True], maps[False], rtol=0, atol=0)
     assert stats[True].junk_fraction == pytest.approx(N_JUNK / (N_PARTICLES + N_JUNK))
     assert stats[True].junk_weighted is False and stats[False].junk_weighted is None
+
+
+def test_a_junk_class_not_in_effect_leaves_the_jump_fraction_alone(with_junk):
+    """A global search in the epoch, no empty class: the other density's images (and only
+    they) jump to whichever grid pose fits them best. Junk not yet in effect, their jumps
+    count as without the class; in effect, those likeliest junk are left out of the count."""
+    vol, rotations, data, _ = with_junk
+    search = RotationSearch.build(data, 512, 3.0)
+    jumps = {}
+    for classes in ((False, True), (True, False), (True, True)):
+        volume = HartleyVolume.from_real_space((vol * data.image_scale).float())
+        stats = _epoch(volume, data, rotations, empty_class=False, junk_class=classes[0],
+                       junk_weights=classes[1], search=search)
+        jumps[classes] = stats.jump_fraction
+        junk = stats.junk_fraction
+    n = N_PARTICLES + N_JUNK
+    assert jumps[(False, True)] == pytest.approx(N_JUNK / n)  # the other density's images
+    assert jumps[(True, False)] == jumps[(False, True)]
+    assert junk is not None and junk > 0
+    assert jumps[(True, True)] == pytest.approx((N_JUNK - junk * n) / (n - junk * n))
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--junk-class", True), ("--no-junk-class", False),

@@ -34,10 +34,7 @@ from cryospin.errors import InputError
 from cryospin.forward.model import render
 from cryospin.forward.shifts import shift_hartley
 from cryospin.forward.slicing import extract_central_slices
-from cryospin.losses import (
-    class_responsibility,
-    gaussian_nll,
-)
+from cryospin.losses import class_responsibility, gaussian_nll
 from cryospin.pose import PoseTable
 from cryospin.rotations import geodesic_distance_deg, quaternion_to_matrix, so3_exp, so3_log
 from cryospin.rundir import Stage
@@ -489,8 +486,8 @@ def autodecode_epoch(
         classes (:func:`cryospin.losses.class_responsibility`), and only images likeliest
         the particle count in the jump fraction.
     junk_weights : bool
-        With ``junk_class``: whether the junk class enters the weights (False: it is only
-        counted, the weights are those of the empty class;
+        With ``junk_class``: whether the junk class is in effect (False: it is only
+        counted; the weights and the jump fraction are those without it;
         :func:`cryospin.train.scores.junk_takes_effect`).
 
     Returns
@@ -516,7 +513,8 @@ def autodecode_epoch(
     jumps = 0  # visited particles whose rotation moved > JUMP_THRESHOLD_DEG
     relaxed = 0  # visited particles moved to another copy (relax)
     empty = 0  # visited images likeliest empty (empty_class)
-    junk = 0  # visited images most likely junk (junk_class)
+    junk = 0  # visited images likeliest junk (junk_class)
+    counted = 0  # visited images whose jumps count (likeliest the particle among the weights)
     batches = data.epoch_batches(batch_size, generator)
     for b, (batch, total) in enumerate(local_batches(batches, shard), start=1):
         idx = batch.indices
@@ -551,7 +549,8 @@ def autodecode_epoch(
             weight = class_responsibility(score, junk_llr if junk_weights else None,
                                           empty=empty_class)  # (B,)
             weighted = nll * weight.to(nll.dtype)
-            is_particle, is_junk = _likeliest(score, junk_llr, empty_class)
+            is_particle, is_empty, is_junk = _likeliest(score, junk_llr, empty_class,
+                                                        junk_weights)
         objective = weighted.mean() if shard is None else shard.objective(weighted, total)
         check_finite_loss(objective, Stage.AUTODECODE, epoch, b)
         decoder_optimizer.zero_grad(set_to_none=True)
@@ -570,8 +569,11 @@ def autodecode_epoch(
         jumped = change_deg > JUMP_THRESHOLD_DEG
         if is_particle is not None:
             jumped &= is_particle
-            empty += int((~is_particle & ~is_junk).sum())
+            counted += int(is_particle.sum())
+            empty += int(is_empty.sum())
             junk += int(is_junk.sum())
+        else:
+            counted += n
         jumps += int(jumped.sum())
         if refine_shifts:
             shift_change.add(float((shift - shift0).norm(dim=-1).mean()), n)
@@ -580,13 +582,13 @@ def autodecode_epoch(
     if shard is not None:  # statistics of all ranks
         sums = shard.all_sum(torch.tensor([running.total, running.weight, rot_change.total,
                                            shift_change.total, float(jumps), float(relaxed),
-                                           float(empty), float(junk)]))
+                                           float(empty), float(junk), float(counted)]))
         running.total, running.weight = float(sums[0]), float(sums[1])
         rot_change.total, rot_change.weight = float(sums[2]), float(sums[1])
         shift_change.total, shift_change.weight = float(sums[3]), float(sums[1])
         jumps, relaxed = round(float(sums[4])), round(float(sums[5]))
         empty, junk = round(float(sums[6])), round(float(sums[7]))
-    counted = running.weight - empty - junk  # the particles whose jumps count
+        counted = round(float(sums[8]))
     return EpochStats(
         loss=running.mean,
         num_images=int(running.weight),
@@ -602,15 +604,19 @@ def autodecode_epoch(
     )
 
 
-def _likeliest(score: Tensor, junk_llr: Tensor | None,
-               empty_class: bool) -> tuple[Tensor, Tensor]:
-    """Masks `(B,)` of the images likelier the particle than every other class, and of those
-    likelier junk than every other class (ties: not the particle, not junk)."""
-    floor = 0.0 if empty_class else -torch.inf
+def _likeliest(score: Tensor, junk_llr: Tensor | None, empty_class: bool,
+               junk_weights: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Masks `(B,)` of the images likeliest the particle among the classes in the weights
+    (junk only with ``junk_weights``: a class not yet in effect changes nothing), and of
+    those likeliest empty and likeliest junk among all the model's classes (reported; ties:
+    neither the particle nor junk)."""
+    none = torch.zeros_like(score, dtype=torch.bool)
+    floor = torch.zeros_like(score) if empty_class else torch.full_like(score, -torch.inf)
     if junk_llr is None:
-        return score > floor, torch.zeros_like(score, dtype=torch.bool)
-    return (score > torch.clamp(junk_llr, min=floor),
-            junk_llr > torch.clamp(score, min=floor))
+        return score > floor, (score <= floor) if empty_class else none, none
+    rival = torch.maximum(floor, junk_llr) if junk_weights else floor
+    is_empty = (score <= 0) & (junk_llr <= 0) if empty_class else none
+    return score > rival, is_empty, junk_llr > torch.maximum(score, floor)
 
 
 def search_refine_disc(config: Config, data: TrainingData) -> LossDisc | None:
