@@ -131,6 +131,12 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
                    shifts, scores, gt_R, gt_t)
 
 
+def _scores_against(inp: _Inputs) -> str:
+    """What the combined star's scores are taken against (both halves run one config;
+    :func:`cryospin.report.analysis.junk_scored` of half A)."""
+    return score_alternative(junk_scored(inp.halves[0].config, inp.halves[0].metrics))
+
+
 def _gold_figure(figs: FigureSet, gold: GoldStandardFSC) -> None:
     """The four gold-standard FSC curves with the 0.143 line."""
     if gold.randomise_from_shell > gold.unmasked.box_px // 2:
@@ -168,7 +174,7 @@ def _figures(figs: FigureSet, inp: _Inputs, gt_map: str | Path | None,
             "View directions of the combined poses (half B's brought into half A's frame), "
             "binned in equal-area cells on a Mollweide projection."))
     if inp.scores is not None:
-        against = score_alternative(junk_scored(inp.halves[0].config, inp.halves[0].metrics))
+        against = _scores_against(inp)
         plot_particle_scores(inp.scores, EMPTY_SCORE, figs.add(
             "particle_scores.png", "Particle scores",
             "Each particle's score under its own half's map (poses.star's "
@@ -232,8 +238,7 @@ def write_halves_report(
     summary = halves_summary(str(files.dir), inp.halves, inp.gold, inp.fsc_summary, inp.marker,
                              box_px=int(inp.volume.shape[0]), pixel_size_angstrom=inp.apix)
     if inp.scores is not None:
-        summary["particle_scores"] = score_summary(
-            inp.scores, score_alternative(junk_scored(inp.halves[0].config, inp.halves[0].metrics)))
+        summary["particle_scores"] = score_summary(inp.scores, _scores_against(inp))
     final_fsc = pose_result = None
     notes: list[str] = []
     imposed = imposed_symmetry(inp.halves[0].config, inp.halves[0].metrics)
