@@ -249,3 +249,55 @@ def test_halves_refuses_a_used_folder(star_with_subsets, tmp_path, capsys) -> No
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds a run" in err[0]
+
+
+def test_halves_on_a_cs_input_write_poses_cs_with_each_halfs_scores(star_with_subsets,
+                                                                     tmp_path) -> None:
+    """A cryoSPARC input: the halves run's ``poses.cs`` is its rows with the combined poses
+    (half B's in half A's frame, as in ``poses.star``), the split as ``alignments3D/split``
+    and each particle's score under its own half's map as ``cryospin/score``."""
+    star, subsets = star_with_subsets
+    ps = load_particles(star)
+    table = np.zeros(N, dtype=[
+        ("uid", "<u8"), ("blob/path", "S40"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+        ("blob/psize_A", "<f4"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"),
+        ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"),
+        ("ctf/df_angle_rad", "<f4"), ("ctf/phase_shift_rad", "<f4"),
+        ("alignments3D/pose", "<f4", (3,)), ("alignments3D/split", "<u4")])
+    table["uid"] = np.arange(N) + 10**12
+    table["blob/path"] = "particles.mrcs"
+    table["blob/idx"] = np.arange(N)
+    table["blob/shape"] = L
+    table["blob/psize_A"] = APIX
+    table["ctf/accel_kv"] = ps.ctf.voltage_kv.numpy()
+    table["ctf/cs_mm"] = ps.ctf.cs_mm.numpy()
+    table["ctf/amp_contrast"] = ps.ctf.amplitude_contrast.numpy()
+    table["ctf/df1_A"] = ps.ctf.defocus_u_angstrom.numpy()
+    table["ctf/df2_A"] = ps.ctf.defocus_v_angstrom.numpy()
+    table["ctf/df_angle_rad"] = np.deg2rad(ps.ctf.defocus_angle_deg.numpy())
+    table["alignments3D/split"] = subsets - 1  # read with a pose, as cryoSPARC writes them
+    cs = star.parent / "particles.cs"
+    with open(cs, "wb") as fh:
+        np.save(fh, table)
+    run = tmp_path / "run"
+    assert cli_main([
+        "reconstruct", str(cs), "-o", str(run), "--halves", "--epochs", "1",
+        "--switch-epoch", "1", "--heads", "2", "--width", "0.125", "--no-bf16",
+        "--batch-size", "50", "--device", "cpu", "--threads", "1", "--no-progress",
+        "--seed", "4",
+    ]) == 0
+    assert json.loads((run / "halves.json").read_text())["split_source"] == "rlnRandomSubset"
+    out = np.load(run / "poses.cs")
+    np.testing.assert_array_equal(out["uid"], table["uid"])
+    np.testing.assert_array_equal(out["alignments3D/split"], subsets - 1)
+    poses = read_relion_star(run / "poses.star", metadata_only=True)
+    scores = numbers(poses.star_table["rlnLogLikeliContribution"])
+    assert out.dtype["cryospin/score"] == np.dtype("<f4")
+    np.testing.assert_allclose(out["cryospin/score"], scores, rtol=1e-6, atol=1e-3)
+    for which, name in ((1, "half_A"), (2, "half_B")):  # each half's own scores
+        half = read_relion_star(run / name / "poses.star", metadata_only=True)
+        np.testing.assert_array_equal(scores[subsets == which],
+                                      numbers(half.star_table["rlnLogLikeliContribution"]))
+    back = load_particles(run / "poses.cs", datadir=star.parent)
+    angle = torch.linalg.matrix_norm(back.rotations - poses.rotations).max()
+    assert float(angle) < 1e-5  # float32 axis-angle against the star's text

@@ -1116,7 +1116,12 @@ def test_cli_reconstruct_cs_writes_poses_cs_and_relative_to(tiny, tmp_path):
     back = read_cryosparc(run / "poses.cs", metadata_only=True)  # paths: cryoSPARC project
     torch.testing.assert_close(back.rotations, rot_pkl, atol=2e-6, rtol=0)
     torch.testing.assert_close(back.shifts_px, shift_pkl, atol=1e-6, rtol=0)
-    np.testing.assert_array_equal(np.load(run / "poses.cs")["uid"], table["uid"])
+    out = np.load(run / "poses.cs")
+    np.testing.assert_array_equal(out["uid"], table["uid"])
+    # the particles' scores, as in poses.star (float32, as cryoSPARC stores its numbers)
+    scores = read_star_tables(run / "poses.star")[0]["rlnLogLikeliContribution"].to_numpy()
+    assert out.dtype["cryospin/score"] == np.dtype("<f4")
+    np.testing.assert_allclose(out["cryospin/score"], scores, rtol=1e-6, atol=1e-3)
 
 
 def test_the_encoder_lr_decays_to_its_final_value_at_the_switch_and_resumes(tiny, tmp_path):

@@ -403,6 +403,26 @@ def test_cs_writer_subset_and_refusals(tmp_path):
         write_cryosparc(tmp_path / "y.cs", plain.with_poses(R, t))
 
 
+def test_cs_writer_adds_fields_of_one_number_per_particle(tmp_path):
+    """Extra per-particle fields (e.g. the scores) are added as float32 after the input's
+    fields, or replace a field of that name; a field of another length is refused."""
+    table = _cs_table(5)
+    ps = load_particles(_cs_project(tmp_path, table)).with_poses(*_new_poses(5))
+    scores = np.array([-3.25, 0.0, 12.5, 1e4, 7.125])
+    write_cryosparc(tmp_path / "a.cs", ps, fields={"cryospin/score": scores})
+    out = np.load(tmp_path / "a.cs")
+    assert out.dtype.names[-1] == "cryospin/score"
+    assert out.dtype["cryospin/score"] == np.dtype("<f4")
+    np.testing.assert_array_equal(out["cryospin/score"], scores.astype(np.float32))
+    again = load_particles(tmp_path / "a.cs").with_poses(*_new_poses(5))
+    write_cryosparc(tmp_path / "b.cs", again, fields={"cryospin/score": scores + 1})
+    out = np.load(tmp_path / "b.cs")
+    assert list(out.dtype.names).count("cryospin/score") == 1
+    np.testing.assert_array_equal(out["cryospin/score"], (scores + 1).astype(np.float32))
+    with pytest.raises(ValueError, match=r"cryospin/score has shape \(4,\); expected \(5,\)"):
+        write_cryosparc(tmp_path / "c.cs", ps, fields={"cryospin/score": scores[:4]})
+
+
 # ------------------------------------------------------------------------------ cryoDRGN
 
 

@@ -26,6 +26,7 @@ For writing a RELION star the reader also gives the RELION view of each row
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -391,7 +392,8 @@ def _relion_optics(
     return pd.DataFrame(rows)
 
 
-def write_cryosparc(path: str | Path, particles: ParticleSet) -> None:
+def write_cryosparc(path: str | Path, particles: ParticleSet, *,
+                    fields: Mapping[str, np.ndarray] | None = None) -> None:
     """Write the particles' poses into their input ``.cs`` rows, atomically (for cryoSPARC's
     "Import Particle Stack", or any ``.cs`` reader).
 
@@ -399,13 +401,16 @@ def write_cryosparc(path: str | Path, particles: ParticleSet) -> None:
     float32/uint32 as cryoSPARC stores them, when absent): ``alignments3D/pose`` (axis-angle,
     radians, ``log(Rᵀ)``), ``alignments3D/shift`` (``−shift_px``, pixels),
     ``alignments3D/psize_A`` (the image pixel size, so the shift is in image pixels) and, when
-    the half sets are known, ``alignments3D/split`` (``rlnRandomSubset − 1``). Reading the
-    file back with :func:`read_cryosparc` gives the poses to float32 precision.
+    the half sets are known, ``alignments3D/split`` (``rlnRandomSubset − 1``); and each of
+    ``fields`` (name -> one number per particle `(N,)`, stored float32), e.g. the particles'
+    scores. Reading the file back with :func:`read_cryosparc` gives the poses to float32
+    precision.
 
     Raises
     ------
     ValueError
-        The particles did not come from a ``.cs`` (no ``cs_table``), or have no poses.
+        The particles did not come from a ``.cs`` (no ``cs_table``), or have no poses, or a
+        field does not hold one number per particle.
     """
     ps = particles
     if ps.cs_table is None:
@@ -425,11 +430,16 @@ def write_cryosparc(path: str | Path, particles: ParticleSet) -> None:
     rs = ps.random_subset
     if rs is not None and np.isin(rs, (1, 2)).all():
         values["alignments3D/split"] = (np.asarray(rs, np.int64) - 1, np.dtype("<u4"))
+    for name, given in (fields or {}).items():
+        column = np.asarray(given)
+        if column.shape != (n,):
+            raise ValueError(f"field {name} has shape {column.shape}; expected ({n},)")
+        values[name] = (column, np.dtype("<f4"))
     old = ps.cs_table
-    fields = [(name, old.dtype[name]) for name in old.dtype.names or ()]
-    fields += [(name, dtype) for name, (_, dtype) in values.items()
+    layout = [(name, old.dtype[name]) for name in old.dtype.names or ()]
+    layout += [(name, dtype) for name, (_, dtype) in values.items()
                if name not in (old.dtype.names or ())]
-    table = np.zeros(n, dtype=np.dtype(fields))
+    table = np.zeros(n, dtype=np.dtype(layout))
     for name in old.dtype.names or ():
         table[name] = old[name]
     for name, (v, _) in values.items():

@@ -91,7 +91,7 @@ from cryospin.train.config import Config, ScheduleConfig, save_config
 from cryospin.train.fit import TrainingInterrupted, fit
 from cryospin.train.runlog import header_line, run_log, start_run_log
 from cryospin.train.schedule import final_epoch
-from cryospin.train.scores import SCORE_COLUMN, selected_indices
+from cryospin.train.scores import SCORE_COLUMN, SCORE_CS_FIELD, selected_indices
 from cryospin.train.setup import record_resume
 
 __all__ = [
@@ -523,8 +523,9 @@ def _combine(
     write_particles_star(files.star, both, relative_to=config.input.relative_to,
                          columns=None if scores is None else {SCORE_COLUMN: scores})
     write_cryodrgn_poses(files.pkl, rotations, shifts, particles.box_px)
-    if both.cs_table is not None:  # a .cs input: its rows with the new poses
-        write_cryosparc(files.cs, both)
+    if both.cs_table is not None:  # a .cs input: its rows with the new poses (and scores)
+        write_cryosparc(files.cs, both,
+                        fields=None if scores is None else {SCORE_CS_FIELD: scores})
     log.info("wrote %s, %s, %s", files.map, files.postprocess, files.star)
     if scores is not None:  # indices in the input, through the user's --ind
         ind = None if config.input.ind is None else load_indices(config.input.ind)

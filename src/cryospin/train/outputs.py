@@ -12,7 +12,8 @@ At the end (:func:`write_final`): ``map.mrc`` — with ``run.final_map = "backpr
 symmetry-related poses), the trained volume kept as ``map_decoder.mrc`` and their FSC
 as the convergence check ``convergence_fsc.json`` (:mod:`cryospin.train.convergence`; not a
 resolution) — ``poses.star`` (RELION 3.1, every input column carried), ``poses.pkl``
-(cryoDRGN) and, for a ``.cs`` input, ``poses.cs``. Shifts are written in the original
+(cryoDRGN) and, for a ``.cs`` input, ``poses.cs`` (with the scores as
+:data:`~cryospin.train.scores.SCORE_CS_FIELD`). Shifts are written in the original
 particles' pixels.
 """
 
@@ -40,7 +41,13 @@ from cryospin.train.convergence import record_convergence_check
 from cryospin.train.data import TrainingData
 from cryospin.train.feedback import Feedback
 from cryospin.train.metrics import EpochExtra
-from cryospin.train.scores import EMPTY_SCORE, SCORE_COLUMN, score_alternative, selected_indices
+from cryospin.train.scores import (
+    EMPTY_SCORE,
+    SCORE_COLUMN,
+    SCORE_CS_FIELD,
+    score_alternative,
+    selected_indices,
+)
 from cryospin.volume import HartleyVolume
 
 __all__ = ["epoch_metrics", "write_epoch", "write_final", "final_backprojection"]
@@ -116,8 +123,8 @@ def write_final(
     """The final outputs (module docstring) from the final poses, `(N, 3, 3)` and `(N, 2)`
     in training pixels (None: no shifts), of ``particles`` (a ``ParticleSet``); with the
     particles' ``scores`` `(N,)` (:mod:`cryospin.train.scores`), also their column in
-    ``poses.star`` and ``selected.pkl``; ``junk_scored``: the scores are taken against junk
-    too (:func:`cryospin.train.scores.particle_scores`)."""
+    ``poses.star`` (and field in ``poses.cs``) and ``selected.pkl``; ``junk_scored``: the
+    scores are taken against junk too (:func:`cryospin.train.scores.particle_scores`)."""
     with torch.no_grad():
         real = volume.to_real_space().detach().cpu()
     against = score_alternative(junk_scored)
@@ -152,8 +159,9 @@ def write_final(
     write_particles_star(files.star, final, relative_to=config.input.relative_to,
                          columns=columns)
     write_cryodrgn_poses(files.pkl, rotations, shifts, int(particles.box_px))
-    if final.cs_table is not None:  # a .cs input: its rows with the new poses
-        write_cryosparc(files.cs, final)
+    if final.cs_table is not None:  # a .cs input: its rows with the new poses (and scores)
+        write_cryosparc(files.cs, final, fields=None if columns is None
+                        else {SCORE_CS_FIELD: columns[SCORE_COLUMN]})
     logger.info("wrote %s, %s and %s", files.map, files.star, files.pkl)
     if scores is not None:
         _write_selection(files, scores, config.input.ind, against)

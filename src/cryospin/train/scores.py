@@ -32,6 +32,7 @@ from cryospin.train.data import TrainingData
 __all__ = [
     "EMPTY_SCORE",
     "SCORE_COLUMN",
+    "SCORE_CS_FIELD",
     "JUNK_GATE_FRACTION",
     "junk_log_likelihood_ratio",
     "junk_takes_effect",
@@ -48,6 +49,8 @@ EMPTY_SCORE = 0.0
 JUNK_GATE_FRACTION = 0.5
 #: the ``poses.star`` column holding the scores (RELION's per-particle log-likelihood column)
 SCORE_COLUMN = "rlnLogLikeliContribution"
+#: the ``poses.cs`` field holding the same scores (cryoSPARC has no field of this meaning)
+SCORE_CS_FIELD = "cryospin/score"
 
 
 @torch.no_grad()
