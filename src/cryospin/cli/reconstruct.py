@@ -88,6 +88,7 @@ _OVERRIDES = {
     "normalize": ("data", "normalize"),
     "mask_radius": ("data", "mask_radius_fraction"),
     "mask_edge": ("data", "mask_edge_px"),
+    "whiten_noise": ("data", "whiten_noise"),
     "device": ("run", "device"),
     "seed": ("run", "seed"),
     "threads": ("run", "num_threads"),

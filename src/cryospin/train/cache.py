@@ -74,6 +74,9 @@ def cache_key(reader: RowReader, config: DataConfig | None) -> str | None:
     for arr in (src.stack_index, src.image_index):
         h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
     h.update(reader.frequencies.detach().cpu().to(torch.float32).numpy().tobytes())
+    if reader.whitening is not None:
+        h.update(b"whitening")
+        h.update(reader.whitening.detach().cpu().to(torch.float64).numpy().tobytes())
     ctf = src.ctf
     if reader.use_ctf and isinstance(ctf, CTFParams):
         for f in dataclasses.fields(ctf):

@@ -401,6 +401,12 @@ class DataConfig:
         ``normalize: background`` (default 0.8 there). ``None``: no mask.
     mask_edge_px : float
         Width of the mask's raised-cosine edge, pixels of the (cropped) box.
+    whiten_noise : bool
+        Measure the noise's power spectrum on the images' background (outside the inscribed
+        circle) and whiten it: every Hartley value and the CTF multiplied by
+        ``sqrt(σ² / N(|k|))`` on the loss disc (:mod:`cryospin.noise_spectrum`), so the
+        image model's one noise variance ``σ²`` holds at every frequency. Needs the CTF
+        (ignored with ``no_ctf``).
     """
 
     invert_contrast: bool = False
@@ -414,6 +420,7 @@ class DataConfig:
     mask_edge_px: float = 3.0
     max_memory_gb: float | None = None
     cache_dir: str | None = None
+    whiten_noise: bool = False
 
 
 @dataclass(frozen=True)

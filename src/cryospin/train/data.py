@@ -26,6 +26,7 @@ from torch import Tensor
 
 from cryospin.errors import InputError
 from cryospin.forward.lattice import disc_frequencies, negation_permutation
+from cryospin.noise_spectrum import background_noise_spectrum, whitening_filter
 from cryospin.preprocess import PreprocessedParticles
 from cryospin.sources import ImageSource, release_pages
 from cryospin.train.batches import (
@@ -90,7 +91,8 @@ class TrainingData:
         Noise variance of one Hartley coefficient (``L² ×`` the real-space pixel variance).
     radial_amplitude : `(L//2 + 1,)` float32
         RMS Hartley amplitude of the signal per integer frequency shell ``|k|``, corrected for
-        the mean CTF power; used to initialise the volume.
+        the mean CTF power (of the whitened data with ``noise_spectrum``); used to
+        initialise the volume.
     image_scale : float
         Factor applied to the raw images.
     use_ctf : bool
@@ -101,6 +103,12 @@ class TrainingData:
         particles than those in memory cannot be read).
     config : DataConfig or None
         The preprocessing configuration (keys the on-disk cache).
+    noise_spectrum : `(L//2 + 1,)` float64 or None
+        With ``DataConfig.whiten_noise``: the noise variance of one Hartley coefficient per
+        integer shell, measured on the background before whitening
+        (:func:`cryospin.noise_spectrum.background_noise_spectrum`); the rows' Hartley values
+        and CTF are whitened by it (``reader.whitening``), so their noise has variance
+        ``noise_variance`` at every frequency. None: not whitened.
     """
 
     box_px: int
@@ -115,6 +123,7 @@ class TrainingData:
     rows: RowSource
     reader: RowReader | None = None
     config: DataConfig | None = None
+    noise_spectrum: Tensor | None = None
 
     def __len__(self) -> int:
         return self.num_particles
@@ -215,6 +224,7 @@ class TrainingData:
             "pixel_size_angstrom": self.pixel_size_angstrom,
             "num_frequencies": int(self.frequencies.shape[0]),
             "noise_variance_hartley": self.noise_variance,
+            "noise_whitened": self.noise_spectrum is not None,
             "image_scale": self.image_scale,
             "ctf": self.use_ctf,
             "preloaded": self.preloaded,
@@ -314,19 +324,25 @@ def prepare_data(
     stats_idx = _stats_indices(n)
     sample = _read_sample(particles, stored, stats_idx).to(torch.float64)  # (m, L, L)
     scale, noise_var_hartley = _scale_and_noise(sample, config, particles.source)
+    spectrum = whitening = None
+    if config.whiten_noise and use_ctf:
+        spectrum = background_noise_spectrum(sample * scale, _corner_mask(L))
+        whitening = whitening_filter(spectrum, freqs, noise_var_hartley)  # (P,) float64
     amplitude = _radial_amplitude(particles, stored, stats_idx, scale, freqs, use_ctf,
-                                  noise_var_hartley)
+                                  noise_var_hartley, whitening)
 
     dev = torch.device(device)
     mask = particles.encoder_mask if isinstance(particles, PreprocessedParticles) else None
     reader = RowReader(view=particles, stored=stored, image_scale=float(scale),
-                       frequencies=freqs, use_ctf=use_ctf, encoder_mask=mask)
+                       frequencies=freqs, use_ctf=use_ctf, encoder_mask=mask,
+                       whitening=whitening)
     lazy = TrainingData(
         box_px=L, pixel_size_angstrom=float(particles.pixel_size_angstrom), num_particles=n,
         frequencies=freqs.to(dev), negation_index=neg.to(dev),
         noise_variance=float(noise_var_hartley), radial_amplitude=amplitude,
         image_scale=float(scale), use_ctf=use_ctf,
         rows=StreamedRows(reader, HeldParticles(n), dev), reader=reader, config=config,
+        noise_spectrum=spectrum,
     )
     if preload is False:  # the caller attaches the cache (``streaming()``) or preloads later
         return lazy
@@ -378,16 +394,19 @@ def _scale_and_noise(sample: Tensor, config: DataConfig, where: Path | None
 
 def _radial_amplitude(
     particles: ImageSource, stored: ImageSource, stats_idx: Tensor, scale: float,
-    freqs: Tensor, use_ctf: bool, noise_var_hartley: float,
+    freqs: Tensor, use_ctf: bool, noise_var_hartley: float, whitening: Tensor | None = None,
 ) -> Tensor:
     """RMS Hartley amplitude `(L//2 + 1,)` float32 of the signal per shell, corrected for the
     mean CTF power, from the particles ``stats_idx`` (read in chunks whose pages are handed
-    back)."""
+    back); with ``whitening`` `(P,)`, of the whitened rows (their noise variance is
+    ``noise_var_hartley`` in every shell and the CTF carries the filter, so the ratio is
+    the signal's own amplitude again)."""
     shells = int(particles.box_px) // 2 + 1
     parts: list[Rows] = []  # in chunks: the transient memory of the FFTs stays bounded
     for i in range(0, len(stats_idx), _SAMPLE_CHUNK):
         part_idx = stats_idx[i : i + _SAMPLE_CHUNK]
-        parts.append(preprocess_rows(particles, part_idx, scale, freqs, use_ctf))
+        parts.append(preprocess_rows(particles, part_idx, scale, freqs, use_ctf,
+                                     whitening=whitening))
         release_pages(stored, part_idx)
     stats_h = torch.cat([p.hartley for p in parts])  # (m, P)
     ctfs = [p.ctf for p in parts if p.ctf is not None]

@@ -45,14 +45,19 @@ class Rows(NamedTuple):
 
 def preprocess_rows(
     particles: ImageSource, idx: Tensor, scale: float, frequencies: Tensor, use_ctf: bool,
-    encoder_mask: Tensor | None = None,
+    encoder_mask: Tensor | None = None, whitening: Tensor | None = None,
 ) -> Rows:
     """Read particles ``idx`` `(c,)` from ``particles`` and preprocess them (CPU, float32).
 
     The images are multiplied by ``scale``; their Hartley values are taken on the disc
     ``frequencies`` `(P, 2)`; ``encoder_mask`` `(L, L)` (or None) multiplies the encoder's
     images only (the Hartley values stay unmasked); the CTF is computed when ``use_ctf``.
+    ``whitening`` `(P,)` (or None; only with ``use_ctf``) multiplies both the Hartley values
+    and the CTF (:func:`cryospin.noise_spectrum.whitening_filter`: the noise becomes white;
+    the encoder's images stay as they are).
     """
+    if whitening is not None and not use_ctf:
+        raise ValueError("whitening multiplies the CTF rows: it needs use_ctf")
     L = int(particles.box_px)
     where = particles.source
     raw = particles.images(idx)
@@ -76,6 +81,10 @@ def preprocess_rows(
             params[idx], L, float(particles.pixel_size_angstrom),
             frequencies=frequencies.to(torch.float64),
         ).to(torch.float32)  # (c, P)
+    if whitening is not None and ctf is not None:
+        w = whitening.to(torch.float64)
+        hart = hart * w
+        ctf = (ctf.to(torch.float64) * w).to(torch.float32)
     return Rows(x.to(torch.float32), hart.to(torch.float32), ctf)
 
 
@@ -98,6 +107,8 @@ class RowReader:
     use_ctf : bool
     encoder_mask : `(L, L)` or None
         Soft mask of the encoder's input.
+    whitening : `(P,)` float64 or None
+        The noise-whitening filter on ``frequencies`` (:func:`preprocess_rows`).
     """
 
     view: ImageSource
@@ -106,6 +117,7 @@ class RowReader:
     frequencies: Tensor
     use_ctf: bool
     encoder_mask: Tensor | None = None
+    whitening: Tensor | None = None
 
     @property
     def box_px(self) -> int:
@@ -126,7 +138,7 @@ class RowReader:
             return Rows(torch.empty(0, L, L, dtype=torch.float32), empty,
                         empty.clone() if self.use_ctf else None)
         out = preprocess_rows(self.view, idx, self.image_scale, self.frequencies,
-                              self.use_ctf, self.encoder_mask)
+                              self.use_ctf, self.encoder_mask, self.whitening)
         release_pages(self.stored, idx)
         return out
 

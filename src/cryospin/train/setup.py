@@ -140,10 +140,26 @@ def load_training_data(config: Config, particles: ParticleSet, device: torch.dev
     data = plan_and_load(config, prepare_data(particles, config.data, device=device,
                                               preload=False), shard=shard)
     return_free_memory()  # the statistics sample and preprocessing temporaries
+    _log_noise(config, data)
     if shard is not None and len(data) < world.world_size:
         raise InputError(f"{len(data)} particles cannot be shared by {world.world_size} "
                          "processes")
     return data
+
+
+def _log_noise(config: Config, data: TrainingData) -> None:
+    """One line on the noise model: white, or whitened from the measured spectrum."""
+    spectrum = data.noise_spectrum
+    if spectrum is None:
+        if config.data.whiten_noise:
+            logger.info("noise: not whitened (the whitening filter multiplies the CTF, which "
+                        "is ignored here)")
+        return
+    relative = spectrum[1:] / data.noise_variance  # shells 1 .. L/2
+    logger.info("noise: whitened; the background's power per frequency shell is %.2f-%.2fx "
+                "its mean (shell 1: %.2fx, Nyquist: %.2fx), each frequency weighted by the "
+                "inverse", float(relative.min()), float(relative.max()), float(relative[0]),
+                float(relative[-1]))
 
 
 def initial_state(config: Config, files: RunFiles, data: TrainingData, device: torch.device,

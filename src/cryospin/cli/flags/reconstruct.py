@@ -79,6 +79,11 @@ def _add_input_flags(parser: argparse.ArgumentParser) -> None:
                    help="the same mask, radius as a fraction of half the box, in (0, 1]")
     g.add_argument("--mask-edge", type=float, metavar="PX",
                    help="width of the mask's soft edge, pixels (default: 3)")
+    g.add_argument("--whiten-noise", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure the noise's power spectrum on the images' background "
+                        "(outside the inscribed circle) and weight each frequency by it, "
+                        "as real images' noise is not white (needs the CTF; default: from "
+                        "the preset)")
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
