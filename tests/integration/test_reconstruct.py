@@ -317,19 +317,25 @@ def test_the_junk_gate_survives_a_resume(junk_run, tmp_path):
             == [r["junk_weighted"] for r in rows])
 
 
-def test_a_junk_class_that_never_takes_effect_leaves_the_empty_class_run(tmp_path, caplog):
+@pytest.mark.parametrize("whiten", [True, False])
+def test_a_junk_class_that_never_takes_effect_leaves_the_empty_class_run(tmp_path, caplog,
+                                                                        whiten):
     """At SNR 10 this tiny run's map never explains most images better than junk: the class
-    is counted in every epoch but never weighs in, a warning says so, and the scores are
-    those against an empty image alone."""
+    is counted in every epoch but never weighs in, a warning says so (pointing to
+    --whiten-noise when the run did not whiten), and the scores are those against an empty
+    image alone."""
     import logging
 
     particles = _with_other_structure(tmp_path, snr=10.0)
-    config = _junk_config(epochs=5)
+    config = dataclasses.replace(_junk_config(epochs=5), data=dataclasses.replace(
+        _junk_config(epochs=5).data, whiten_noise=whiten))
     with caplog.at_level(logging.INFO, logger="cryospin"):
         result = fit(config, particles, tmp_path / "run")
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     assert all(r["junk_fraction"] >= 0.5 and r["junk_weighted"] is False for r in rows[1:])
     assert "the junk class never took effect" in caplog.text
+    # the hint to whiten the noise only when the run did not
+    assert ("--whiten-noise" in caplog.text) is (not whiten)
     table, _ = read_star_tables(result.run_dir / "poses.star")
     scores = table["rlnLogLikeliContribution"].astype(float).to_numpy()
     np.testing.assert_allclose(scores, _final_scores(result, particles, config,

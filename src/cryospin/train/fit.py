@@ -585,8 +585,11 @@ def _finish(run: _Run, state: TrainState, particles: ParticleSet) -> FitResult:
         logger.warning(
             "the junk class never took effect: %s of the last stage-2 epoch's images fit junk "
             "better than the map (it weighs in below %g %%); the scores are against an empty "
-            "image only", "none" if state.last_junk_fraction is None
-            else f"{100 * state.last_junk_fraction:.1f} %", 100 * JUNK_GATE_FRACTION)
+            "image only%s", "none" if state.last_junk_fraction is None
+            else f"{100 * state.last_junk_fraction:.1f} %", 100 * JUNK_GATE_FRACTION,
+            "" if run.config.data.whiten_noise else
+            " (with noise that is not white, as real images' is, the low frequencies' excess "
+            "power looks like junk: --whiten-noise)")
     with run.feedback.start("final: particle scores", n) as progress, torch.no_grad():
         scores = particle_scores(state.volume(), rotations, shifts_out, run.data.unsharded(),
                                  batch_size=run.config.run.inference_batch_size,
