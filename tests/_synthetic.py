@@ -56,6 +56,22 @@ def blob_volume(
     return vol
 
 
+def dft_radius(box_px: int) -> Tensor:
+    """``|k|`` `(L, L)` float64 (cycles per box) of the unshifted 2D DFT grid."""
+    k = torch.fft.fftfreq(box_px, d=1.0 / box_px, dtype=F64)
+    return torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2)
+
+
+def coloured_noise(n: int, per_pixel: Tensor, generator: torch.Generator) -> Tensor:
+    """Stationary Gaussian noise `(n, L, L)` float64 whose power spectrum on the unshifted DFT
+    grid is ``per_pixel`` `(L, L)` (``Σ_d C(d) e^{-ikd}``; 1 everywhere: unit white noise;
+    its Hartley coefficients' variance is ``L² · per_pixel``): white noise filtered by
+    ``sqrt(per_pixel)`` (even in ``k``, so the result is real)."""
+    L = int(per_pixel.shape[-1])
+    white = torch.randn(n, L, L, generator=generator, dtype=F64)
+    return torch.fft.ifft2(torch.fft.fft2(white) * per_pixel.to(F64).sqrt()).real
+
+
 def ctf_params(defocus_angstrom: Tensor) -> CTFParams:
     """Non-astigmatic CTF parameters `(n,)` for the defocus values given: 300 kV, Cs 2.7 mm,
     amplitude contrast 0.1, no phase shift, no B-factor."""

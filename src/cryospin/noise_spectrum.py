@@ -2,14 +2,14 @@
 
 Real particle images do not have white noise: the background's power per spatial frequency
 falls from the lowest frequencies (ice thickness, drift, the carbon's edge) towards Nyquist
-(the detector's MTF, dose weighting); in the small real stacks of ``../shared/data`` by 2-8x
-across the band. The image model (``docs/conventions.md``, "Noise") has one variance ``σ²``
-per Hartley coefficient; with coloured noise it over-trusts the frequencies where the noise is
-stronger than ``σ²``. Multiplying both the image's coefficients and the CTF by
-``w(k) = sqrt(σ² / N(|k|))`` (``N`` the noise's variance at ``|k|``) makes the noise white
-with variance ``σ²`` and leaves the model unchanged (the CTF is a per-frequency factor of the
-prediction already): the Gaussian likelihood of the whitened data is that of the original
-data under noise of spectrum ``N``.
+(the detector's MTF, dose weighting); in the small real stacks of ``../shared/data`` by 3-9x
+across the band. The image model has one variance ``σ²`` per Hartley coefficient; with
+coloured noise it over-trusts the frequencies where the noise is stronger than ``σ²``.
+Multiplying both the image's coefficients and the CTF by ``w(k) = sqrt(σ² / N(|k|))``
+(``N`` the noise's variance at ``|k|``) makes the noise white with variance ``σ²`` and leaves
+the model unchanged (the CTF is a per-frequency factor of the prediction already): the
+Gaussian likelihood of the whitened data is that of the original data under noise of
+spectrum ``N`` (``docs/conventions.md``, "Preprocessing", noise whitening).
 
 :func:`background_noise_spectrum` measures ``N`` per integer shell ``round(|k|)`` (cycles per
 box) from the pixels of a background mask (for a centred particle: outside the inscribed
@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["background_noise_spectrum", "whitening_filter"]
+
+_CHUNK = 64  # images per FFT batch
 
 
 def background_noise_spectrum(images: Tensor, background: Tensor, *,
@@ -74,9 +76,12 @@ def background_noise_spectrum(images: Tensor, background: Tensor, *,
     n = float(mask.sum())
     if n < 2:
         raise ValueError("the background mask holds fewer than 2 pixels")
-    x = images.to(torch.float64)
-    mean = (x * mask).sum(dim=(-2, -1), keepdim=True) / n  # (m, 1, 1)
-    observed = torch.fft.fft2((x - mean) * mask).abs().square().mean(dim=0)  # (L, L)
+    observed = torch.zeros(L, L, dtype=torch.float64)
+    for i in range(0, images.shape[0], _CHUNK):  # bounded memory for the FFTs
+        x = images[i : i + _CHUNK].to(torch.float64)
+        mean = (x * mask).sum(dim=(-2, -1), keepdim=True) / n  # (c, 1, 1)
+        observed += torch.fft.fft2((x - mean) * mask).abs().square().sum(dim=0)
+    observed /= max(int(images.shape[0]), 1)  # (L, L) mean over the images
     k = torch.fft.fftfreq(L, d=1.0 / L, dtype=torch.float64)  # cycles per box
     shell = torch.round(torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2)).long()  # (L, L)
     shells = L // 2 + 1

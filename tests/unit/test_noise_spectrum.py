@@ -7,27 +7,13 @@ import math
 
 import pytest
 import torch
+from tests._synthetic import coloured_noise, dft_radius
 
 from cryospin.forward.hartley import hartley2
 from cryospin.forward.lattice import disc_frequencies
 from cryospin.noise_spectrum import background_noise_spectrum, whitening_filter
 
 F64 = torch.float64
-
-
-def _shell_of_grid(L: int) -> torch.Tensor:
-    """round(|k|) `(L, L)` of the unshifted DFT grid (cycles per box)."""
-    k = torch.fft.fftfreq(L, d=1.0 / L, dtype=F64)
-    return torch.round(torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2)).long()
-
-
-def _coloured_noise(m: int, L: int, spectrum: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Gaussian noise `(m, L, L)` whose Hartley coefficient at shell ``s`` has variance
-    ``spectrum[s]`` (white unit noise filtered by ``sqrt(spectrum / L²)``)."""
-    shell = _shell_of_grid(L).clamp_max(spectrum.numel() - 1)
-    gain = torch.sqrt(spectrum[shell] / (L * L))  # (L, L), even: the result stays real
-    white = torch.randn(m, L, L, generator=gen, dtype=F64)
-    return torch.fft.ifft2(torch.fft.fft2(white) * gain).real
 
 
 def _outside_circle(L: int) -> torch.Tensor:
@@ -55,11 +41,9 @@ def test_a_steep_coloured_spectrum_is_measured_through_the_background(L) -> None
     estimate is within 8 % in every shell."""
     gen = torch.Generator().manual_seed(1)
     m = 2000
-    k = torch.fft.fftfreq(L, d=1.0 / L, dtype=F64)
-    radius = torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2)
+    radius = dft_radius(L)
     per_pixel = 0.3 + 3.0 * torch.exp(-radius / (L / 8))  # (L, L) on the DFT grid
-    white = torch.randn(m, L, L, generator=gen, dtype=F64)
-    images = torch.fft.ifft2(torch.fft.fft2(white) * per_pixel.sqrt()).real
+    images = coloured_noise(m, per_pixel, gen)
     shell = torch.round(radius).long()
     true = torch.stack([(per_pixel * L * L)[shell == s].mean() for s in range(L // 2 + 1)])
     plain = background_noise_spectrum(images, _outside_circle(L), iterations=0)
@@ -77,10 +61,8 @@ def test_the_expected_periodogram_is_the_monte_carlo_one() -> None:
 
     gen = torch.Generator().manual_seed(4)
     L, m = 24, 20000
-    k = torch.fft.fftfreq(L, d=1.0 / L, dtype=F64)
-    per_pixel = 0.3 + 3.0 * torch.exp(-torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2) / 3.0)
-    x = torch.fft.ifft2(torch.fft.fft2(torch.randn(m, L, L, generator=gen, dtype=F64))
-                        * per_pixel.sqrt()).real
+    per_pixel = 0.3 + 3.0 * torch.exp(-dft_radius(L) / 3.0)
+    x = coloured_noise(m, per_pixel, gen)
     mask = _outside_circle(L).to(F64)
     n = float(mask.sum())
     mean = (x * mask).sum(dim=(-2, -1), keepdim=True) / n
@@ -114,7 +96,8 @@ def test_the_filter_whitens_coloured_noise_to_the_reference_variance() -> None:
     assert w.shape == (freqs.shape[0],) and w.dtype == F64
     k = torch.round(freqs).long()
     flat = (k[:, 1] + L // 2) * L + (k[:, 0] + L // 2)
-    hart = hartley2(_coloured_noise(m, L, true, gen)).reshape(m, L * L)[:, flat]  # (m, P)
+    per_pixel = true[torch.round(dft_radius(L)).long().clamp_max(L // 2)] / (L * L)
+    hart = hartley2(coloured_noise(m, per_pixel, gen)).reshape(m, L * L)[:, flat]  # (m, P)
     var = (hart * w).square().mean(dim=0)  # (P,)
     shell = torch.round(freqs.norm(dim=-1)).long()
     for sh in range(1, L // 2):

@@ -9,7 +9,7 @@ import argparse
 import numpy as np
 import pytest
 import torch
-from tests._synthetic import ctf_params
+from tests._synthetic import coloured_noise, ctf_params, dft_radius
 
 from cryospin.cli import reconstruct as cli
 from cryospin.cli.flags import reconstruct as flags
@@ -26,11 +26,7 @@ L, N, APIX = 32, 1200, 3.0
 
 def _coloured_noise(n: int, gen: torch.Generator) -> torch.Tensor:
     """Gaussian noise `(n, L, L)` whose power falls ~5x from low to high frequency."""
-    k = torch.fft.fftfreq(L, d=1.0 / L, dtype=F64)
-    shell = torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2)
-    gain = torch.sqrt(0.3 + 3.0 * torch.exp(-shell / 4.0))
-    white = torch.randn(n, L, L, generator=gen, dtype=F64)
-    return torch.fft.ifft2(torch.fft.fft2(white) * gain).real
+    return coloured_noise(n, 0.3 + 3.0 * torch.exp(-dft_radius(L) / 4.0), gen)
 
 
 @pytest.fixture(scope="module")

@@ -326,7 +326,7 @@ def prepare_data(
     scale, noise_var_hartley = _scale_and_noise(sample, config, particles.source)
     spectrum = whitening = None
     if config.whiten_noise and use_ctf:
-        spectrum = background_noise_spectrum(sample * scale, _corner_mask(L))
+        spectrum = background_noise_spectrum(sample, _corner_mask(L)) * scale**2
         whitening = whitening_filter(spectrum, freqs, noise_var_hartley)  # (P,) float64
     amplitude = _radial_amplitude(particles, stored, stats_idx, scale, freqs, use_ctf,
                                   noise_var_hartley, whitening)

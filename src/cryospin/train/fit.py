@@ -587,7 +587,7 @@ def _finish(run: _Run, state: TrainState, particles: ParticleSet) -> FitResult:
             "better than the map (it weighs in below %g %%); the scores are against an empty "
             "image only%s", "none" if state.last_junk_fraction is None
             else f"{100 * state.last_junk_fraction:.1f} %", 100 * JUNK_GATE_FRACTION,
-            "" if run.config.data.whiten_noise else
+            "" if run.data.noise_spectrum is not None or not run.data.use_ctf else
             " (with noise that is not white, as real images' is, the low frequencies' excess "
             "power looks like junk: --whiten-noise)")
     with run.feedback.start("final: particle scores", n) as progress, torch.no_grad():
