@@ -154,6 +154,7 @@ def test_angstrom_flags_are_converted_with_the_pixel_size(tmp_path: Path, no_rep
      ["give --search-resolution or --search-radius, not both"]),
     (["--mask-diameter", "20", "--mask-radius", "0.5"], ["--mask-diameter or --mask-radius"]),
     (["--search-radius", "0.5"], ["--search-radius must be >= 1, got 0.5"]),
+    (["--search-candidates", "0"], ["--search-candidates must be >= 1, got 0"]),
     (["--search-refine-radius", "0.5"], ["--search-refine-radius must be >= 1, got 0.5"]),
     (["--search-refine-resolution", "10", "--search-refine-radius", "3"],
      ["give --search-refine-resolution or --search-refine-radius, not both"]),

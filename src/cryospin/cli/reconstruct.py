@@ -72,6 +72,8 @@ _OVERRIDES = {
     "search_stop_fraction": ("schedule", "search_stop_fraction"),
     "search_plateau_fraction": ("schedule", "search_plateau_fraction"),
     "search_rotations": ("optim", "search_rotations"),
+    "search_candidates": ("optim", "search_candidates"),
+    "search_polish_sweeps": ("optim", "search_polish_sweeps"),
     "search_radius": ("optim", "search_radius_px"),
     "search_radius_symmetric": ("optim", "search_radius_symmetric_px"),
     "search_refine_radius": ("optim", "search_refine_radius_px"),

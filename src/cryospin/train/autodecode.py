@@ -8,7 +8,10 @@ Optionally (:class:`RotationSearch`, the first epochs after the switch), each ba
 a global search: the NLL of every image against every rotation of a fixed, near-uniform grid
 of SO(3) (and, with shifts, every shift of a grid) is evaluated on a small low-frequency disc
 (two matrix products), and a particle's pose is replaced by the best grid pose when that fits
-better than its current one.
+better than its current one. With ``optim.search_candidates = K > 1`` the decision moves to a
+wider disc (:func:`decide_candidates`): the ``K`` best grid poses are polished by a pattern
+search there, and the best replaces the pose when it beats it there; the low frequencies
+cannot tell a pseudo-symmetric particle's copies apart under coloured noise.
 This rescues the particles whose stage-1 pose sits in a wrong basin, which local refinement
 cannot leave. The pose steps of the search epochs may fit a low-frequency disc only
 (:func:`search_refine_disc`, ``optim.search_refine_radius_px``), and those of the local
@@ -55,6 +58,7 @@ __all__ = [
     "local_refine_disc",
     "local_refine_radius",
     "JUMP_THRESHOLD_DEG",
+    "CANDIDATE_MARGIN_NATS",
     "pose_change_deg",
     "pose_nll",
     "pose_prediction",
@@ -62,6 +66,10 @@ __all__ = [
     "RotationSearch",
     "super_fibonacci_rotations",
     "search_rotations",
+    "search_top_poses",
+    "polish_rotations",
+    "polish_step_deg",
+    "decide_candidates",
     "shift_grid",
     "remove_common_rotation",
 ]
@@ -72,6 +80,16 @@ __all__ = [
 #: moves a pose by at most that, local steps by a few degrees), while a hop between the protomer
 #: copies of a pseudo-C3 particle moves it by ~120 deg.
 JUMP_THRESHOLD_DEG = 20.0
+
+#: With ``optim.search_candidates > 1``, an image's other basins are weighed on the decision
+#: disc only when one of their grid poses fits within this many nats of its current pose on
+#: the search's own disc (:func:`decide_candidates`). Under the true map of the 64 px spike
+#: (20,000 particles, SNR 0.1, whitened), from a wrong protomer copy the true pose's best grid
+#: pose was at most 2.0 nats worse than the copy on 6 cycles/box in 99 % of the particles (at
+#: most 1.4 with coloured noise), while from the true pose another basin came within 5 nats in
+#: 13 % (ADK 11 %; coloured spike 84 %): benchmarks/RESULTS.md, "The search's decision on a
+#: wider disc".
+CANDIDATE_MARGIN_NATS = 5.0
 
 
 def super_fibonacci_rotations(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -118,15 +136,34 @@ class RotationSearch:
     shifts_px : `(S, 2)` or None
         Candidate shifts ``(tx, ty)`` (pixels), searched jointly with the rotations; None keeps
         each image's current shift.
+    candidates : int
+        How the jump is decided (:func:`decide_candidates`): 1, the best grid pose against the
+        current one on ``disc``; ``K > 1``, each image's ``K`` best grid poses, polished, and
+        the current pose compared on ``decision_disc``.
+    decision_disc : LossDisc or None
+        The disc of the decision among ``K > 1`` candidates; None: the training disc.
+    polish_step_deg : float
+        The candidates' polishing step (:func:`polish_step_deg` of the grid's density).
+    group : `(G, 3, 3)` or None
+        The volume's point group when the grid covers one asymmetric unit (None: C1): a
+        candidate ``R`` is in the basin of a pose ``Q`` when some ``R g`` is.
+    polish_sweeps : int
+        Sweeps of the candidates' pattern search (:func:`polish_rotations`).
     """
 
     rotations: Tensor
     disc: LossDisc
     shifts_px: Tensor | None = None
+    candidates: int = 1
+    decision_disc: LossDisc | None = None
+    polish_step_deg: float = 3.3
+    group: Tensor | None = None
+    polish_sweeps: int = 1
 
     @classmethod
     def build(cls, data: TrainingData, num_rotations: int, radius_px: float,
-              shifts_px: Tensor | None = None, symmetry: str = "C1") -> RotationSearch:
+              shifts_px: Tensor | None = None, symmetry: str = "C1", candidates: int = 1,
+              decision_disc: LossDisc | None = None, polish_sweeps: int = 1) -> RotationSearch:
         """Super-Fibonacci grid of ``num_rotations`` on the disc ``|k| ≤ radius_px``; with a
         point group, only its points in one asymmetric unit
         (:func:`cryospin.symmetry.asymmetric_unit`: the density stays that of
@@ -137,7 +174,17 @@ class RotationSearch:
             grid = asymmetric_unit(grid, group)
         grid = grid.to(data.frequencies.device)
         shifts = None if shifts_px is None else shifts_px.to(data.frequencies)
-        return cls(grid, sub_disc(data.frequencies, data.box_px, radius_px), shifts)
+        return cls(grid, sub_disc(data.frequencies, data.box_px, radius_px), shifts,
+                   candidates, decision_disc, polish_step_deg(num_rotations),
+                   group.to(grid) if group.shape[0] > 1 else None, polish_sweeps)
+
+
+def polish_step_deg(num_rotations: int) -> float:
+    """Half the median distance (degrees) from a random rotation to its nearest rotation of a
+    grid of ``num_rotations`` spread over SO(3): ``½ (6π ln 2 / R)^(1/3)`` rad, since a ball
+    of radius ``θ ≪ 1`` holds the fraction ``θ³ / (6π)`` of SO(3) (3.35° for 8,192; the
+    super-Fibonacci grid's measured median is 6.1°, i.e. 3.07° halved)."""
+    return 0.5 * math.degrees((6.0 * math.pi * math.log(2.0) / num_rotations) ** (1.0 / 3.0))
 
 
 def search_rotations(
@@ -148,7 +195,23 @@ def search_rotations(
     shifts_px: Tensor | None = None,
     chunk: int = 4096,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Best grid pose of every image of ``batch`` and its NLL on ``search.disc``.
+    """Best grid pose of every image of ``batch`` and its NLL on ``search.disc``:
+    :func:`search_top_poses` with one candidate, `(B, 3, 3)`, `(B,)`, `(B, 2)` or None."""
+    rot, nll, shift = search_top_poses(volume_ht, search, batch, data, shifts_px, chunk, 1)
+    return rot[:, 0], nll[:, 0], None if shift is None else shift[:, 0]
+
+
+def search_top_poses(
+    volume_ht: Tensor,
+    search: RotationSearch,
+    batch: Batch,
+    data: TrainingData,
+    shifts_px: Tensor | None = None,
+    chunk: int = 4096,
+    top_k: int = 1,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The ``top_k`` best grid poses of every image of ``batch`` and their NLL on
+    ``search.disc``, best first.
 
     With observed ``y`` `(B, P')`, CTF ``c`` and the slice ``s_r`` of grid rotation ``r``,
     ``NLL[b, r] = Σ_p (y − c s_r)² / (2σ²) = (Σ y² − 2 (y∘c)·s_r + (c²)·(s_r²)) / (2σ²)``:
@@ -170,13 +233,16 @@ def search_rotations(
         Current in-plane shifts of the images (used when the search has no shift grid).
     chunk : int
         Grid rotations per matrix product (memory ``B × S × chunk``; reduced for large ``S``).
+    top_k : int
+        Poses kept per image (at most the grid's ``S × R``).
 
     Returns
     -------
-    best_rotation : `(B, 3, 3)`
-    best_nll : `(B,)`
-    best_shift_px : `(B, 2)` or None
-        The best grid shift (None without a shift grid).
+    rotations : `(B, K, 3, 3)`
+    nll : `(B, K)`
+        Ascending.
+    shifts_px : `(B, K, 2)` or None
+        The grid shifts (None without a shift grid).
     """
     disc = search.disc
     restricted = batch.restrict(disc)
@@ -199,8 +265,8 @@ def search_rotations(
     yc = (y_s * c[:, None, :]).reshape(B * S, -1)  # (B·S, P')
     c2 = c * c  # (B, P')
     y2 = y.square().sum(-1)  # (B,)
-    best_sq = torch.full((B,), float("inf"), dtype=y.dtype, device=y.device)
-    best_flat = torch.zeros(B, dtype=torch.long, device=y.device)  # s · R + r
+    best_sq = y.new_empty((B, 0))  # (B, ≤ K), without the constant Σ y²
+    best_flat = torch.empty((B, 0), dtype=torch.long, device=y.device)  # s · R + r
     R_total = search.rotations.shape[0]
     step = max(64, chunk // max(1, S // 4))
     for start in range(0, R_total, step):
@@ -209,34 +275,183 @@ def search_rotations(
                                         frequencies=disc.frequencies)  # (r, P')
         cross = (yc @ slices.T).reshape(B, S, -1)  # (B, S, r)
         quad = c2 @ slices.square().T  # (B, r)
-        sq = quad[:, None, :] - 2.0 * cross  # (B, S, r), without the constant Σ y²
-        value, index = sq.reshape(B, -1).min(dim=1)  # over (s, r)
-        s_idx, r_idx = index // sq.shape[2], index % sq.shape[2]
-        better = value < best_sq
-        best_sq = torch.where(better, value, best_sq)
-        best_flat = torch.where(better, s_idx * R_total + r_idx + start, best_flat)
-    best_nll = (best_sq + y2) * (0.5 / data.noise_variance)
+        sq = (quad[:, None, :] - 2.0 * cross).reshape(B, -1)  # (B, S·r) over (s, r)
+        value, index = sq.topk(min(top_k, sq.shape[1]), dim=1, largest=False)
+        r_len = grid.shape[0]
+        flat = (index // r_len) * R_total + index % r_len + start
+        best_sq = torch.cat([best_sq, value], dim=1)
+        best_flat = torch.cat([best_flat, flat], dim=1)
+        if best_sq.shape[1] > top_k:
+            best_sq, keep = best_sq.topk(top_k, dim=1, largest=False)
+            best_flat = best_flat.gather(1, keep)
+    best_sq, order = best_sq.sort(dim=1)
+    best_flat = best_flat.gather(1, order)
+    best_nll = (best_sq + y2[:, None]) * (0.5 / data.noise_variance)
     best_rot = search.rotations[best_flat % R_total]
     best_shift = None if search.shifts_px is None else search.shifts_px[best_flat // R_total]
     return best_rot, best_nll, best_shift
+
+
+#: Unit rotation axes of the candidates' pattern search (:func:`polish_rotations`).
+_PATTERN_AXES = torch.cat([torch.eye(3, dtype=torch.float64), -torch.eye(3, dtype=torch.float64)])
+
+
+def polish_rotations(
+    volume_ht: Tensor, rotations: Tensor, shifts_px: Tensor | None, observed: Tensor,
+    ctf: Tensor | None, disc: LossDisc, noise_variance: float, *, step_deg: float,
+    sweeps: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Candidate rotations improved by a pattern search, and their NLL on ``disc``.
+
+    Each sweep tries ``R ← exp(±step·e_i) R`` for the six unit axes in turn and keeps every
+    move that lowers the candidate's NLL (shifts held).
+
+    Parameters
+    ----------
+    volume_ht : `(L, L, L)`
+    rotations : `(B, K, 3, 3)`
+        ``K`` candidate poses of each of ``B`` images.
+    shifts_px : `(B, K, 2)` or None
+        Their shifts (pixels), held fixed.
+    observed, ctf : `(B, P')`
+        The images and their CTF on ``disc``'s frequencies (``ctf`` None: no CTF).
+    disc : LossDisc
+    noise_variance : float
+        ``σ²`` per Hartley coefficient.
+    step_deg : float
+        The move's angle.
+    sweeps : int
+
+    Returns
+    -------
+    rotations : `(B, K, 3, 3)`
+    nll : `(B, K)`
+    """
+    def nll_of(rot: Tensor) -> Tensor:
+        pred = render(volume_ht, rot, shifts_px, None if ctf is None else ctf[:, None],
+                      frequencies=disc.frequencies, negation_index=disc.negation_index)
+        return gaussian_nll(pred, observed, noise_variance)  # (B, K)
+
+    best = rotations
+    best_nll = nll_of(best)
+    moves = so3_exp(_PATTERN_AXES * math.radians(step_deg)).to(rotations)  # (6, 3, 3)
+    for _ in range(sweeps):
+        for move in moves:
+            cand = move @ best
+            cand_nll = nll_of(cand)
+            better = cand_nll < best_nll
+            best = torch.where(better[..., None, None], cand, best)
+            best_nll = torch.where(better, cand_nll, best_nll)
+    return best, best_nll
+
+
+def decide_candidates(
+    volume_ht: Tensor, search: RotationSearch, batch: Batch, data: TrainingData,
+    rotations: Tensor, shifts_px: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The global search with ``search.candidates = K > 1``: each image's ``K`` best grid
+    poses on the search's low-frequency disc, polished (:func:`polish_rotations`, step
+    ``search.polish_step_deg``) on ``search.decision_disc``, and the best of them, to be
+    compared there with the current pose.
+
+    The search's own disc is chosen for speed and for a map that is still blurred; a
+    pseudo-symmetric particle's copies differ at higher frequencies, and coloured noise is
+    strongest at the lowest ones, so the choice among basins is taken where they differ. An
+    unpolished grid pose (~6° from the image's pose for 8,192 rotations) would lose to a
+    refined current pose on that wider disc. Every candidate is polished, those in the
+    current pose's own basin too: with only the other basins' candidates polished (against
+    the current pose, polished or not) the best of several polished starts beat the single
+    current pose by chance, and 8-9 % of the white-noise spike's particles kept hopping
+    between its copies in every search epoch (benchmarks/RESULTS.md, "The search's decision
+    on a wider disc"). An image whose ``K`` candidates all lie in its current pose's basin
+    (within :data:`JUMP_THRESHOLD_DEG`, modulo ``search.group``) has no basin to choose: it
+    is not polished and keeps its pose for the pose steps, and so is one whose other basins'
+    grid poses all fit worse than its current pose on the search's disc by more than
+    :data:`CANDIDATE_MARGIN_NATS`: a search that has settled polishes only the images whose
+    basin is in doubt.
+
+    Parameters
+    ----------
+    rotations : `(B, 3, 3)`
+        The images' current rotations.
+    shifts_px : `(B, 2)` or None
+        Their current shifts (None: no shifts used).
+
+    Returns
+    -------
+    rotations : `(B, 3, 3)`, shifts_px : `(B, 2)` or None
+        The best polished candidate of each image (its grid shift, or the current shift);
+        an image whose candidates were not polished gets its best grid pose.
+    better : `(B,)` bool
+        Where that candidate fits better than the current pose on the decision disc.
+    """
+    grid_rot, grid_nll, grid_shift = search_top_poses(volume_ht, search, batch, data,
+                                                      shifts_px, top_k=search.candidates)
+    B, K = grid_rot.shape[:2]
+    cand_shift = grid_shift if grid_shift is not None else (
+        None if shifts_px is None else shifts_px[:, None].expand(B, K, 2))
+    current = rotations.to(grid_rot)
+    far = pose_change_deg(current[:, None].expand_as(grid_rot).reshape(-1, 3, 3),
+                          grid_rot.reshape(-1, 3, 3), search.group).reshape(B, K) \
+        > JUMP_THRESHOLD_DEG  # (B, K), modulo the group
+    coarse = batch.restrict(search.disc)
+    pred = render(volume_ht, current, shifts_px, coarse.ctf, frequencies=search.disc.frequencies,
+                  negation_index=search.disc.negation_index)  # (B, P')
+    current_coarse = gaussian_nll(pred[:, None, :], coarse.hartley, data.noise_variance)[:, 0]
+    plausible = far & (grid_nll <= current_coarse[:, None] + CANDIDATE_MARGIN_NATS)
+    rows = plausible.any(dim=1).nonzero(as_tuple=True)[0]  # (n,) images with a basin to choose
+    better = torch.zeros(B, dtype=torch.bool, device=grid_rot.device)
+    chosen = grid_rot[:, 0].clone()
+    chosen_shift = None if cand_shift is None else cand_shift[:, 0].clone()
+    if rows.numel() == 0:
+        return chosen, chosen_shift, better
+    disc = search.decision_disc
+    if disc is None:  # the training disc
+        disc = sub_disc(data.frequencies, data.box_px, math.inf)
+    sub = batch.restrict(disc)
+    observed = sub.hartley[rows]
+    ctf = None if sub.ctf is None else sub.ctf[rows]
+    polished, nll = polish_rotations(
+        volume_ht, grid_rot[rows], None if cand_shift is None else cand_shift[rows],
+        observed, ctf, disc, data.noise_variance, step_deg=search.polish_step_deg,
+        sweeps=search.polish_sweeps)
+    best_nll, best = nll.min(dim=1)  # (n,)
+    pick = torch.arange(rows.numel(), device=best.device)
+    pred = render(volume_ht, current[rows], None if shifts_px is None else shifts_px[rows],
+                  ctf, frequencies=disc.frequencies, negation_index=disc.negation_index)
+    now = gaussian_nll(pred[:, None, :], observed, data.noise_variance)[:, 0]  # (n,)
+    chosen[rows] = polished[pick, best]
+    if chosen_shift is not None and cand_shift is not None:
+        chosen_shift[rows] = cand_shift[rows][pick, best]
+    better[rows] = best_nll < now
+    return chosen, chosen_shift, better
 
 
 def _apply_search(
     pose_table: PoseTable, volume_ht: Tensor, search: RotationSearch, batch: Batch,
     data: TrainingData, refine_shifts: bool,
 ) -> int:
-    """Replace the rows of ``batch`` whose best grid pose beats their pose; return count."""
+    """Replace the rows of ``batch`` whose best grid pose beats their pose (with
+    ``search.candidates > 1``: their best polished candidate, :func:`decide_candidates`);
+    return count."""
     idx = batch.indices
     rot, shift = pose_table.gather(idx)
     shift_used = shift if refine_shifts else None
     if not refine_shifts and search.shifts_px is not None:
         raise ValueError("a shift grid needs refine_shifts")
-    grid_rot, grid_nll, grid_shift = search_rotations(volume_ht, search, batch, data, shift_used)
-    sub = batch.restrict(search.disc)
-    pred = render(volume_ht, rot, shift_used, sub.ctf, frequencies=search.disc.frequencies,
-                  negation_index=search.disc.negation_index)  # (B, P')
-    current = gaussian_nll(pred[:, None, :], sub.hartley, data.noise_variance)[:, 0]  # (B,)
-    better = grid_nll < current  # (B,)
+    if search.candidates > 1:
+        grid_rot, grid_shift, better = decide_candidates(volume_ht, search, batch, data, rot,
+                                                         shift_used)
+        if search.shifts_px is None:
+            grid_shift = None  # the current shift, kept
+    else:
+        grid_rot, grid_nll, grid_shift = search_rotations(volume_ht, search, batch, data,
+                                                          shift_used)
+        sub = batch.restrict(search.disc)
+        pred = render(volume_ht, rot, shift_used, sub.ctf, frequencies=search.disc.frequencies,
+                      negation_index=search.disc.negation_index)  # (B, P')
+        current = gaussian_nll(pred[:, None, :], sub.hartley, data.noise_variance)[:, 0]  # (B,)
+        better = grid_nll < current  # (B,)
     _jump_rows(pose_table, idx[better], grid_rot[better],
                None if grid_shift is None else grid_shift[better])
     return int(better.sum())
@@ -680,4 +895,6 @@ def epoch_search(config: Config, data: TrainingData, stage2_epoch: int,
     if config.model.predict_shifts and o.search_shift_step_px is not None:
         shifts = shift_grid(config.model.max_shift_px, o.search_shift_step_px)
     return RotationSearch.build(data, o.search_rotations, radius, shifts_px=shifts,
-                                symmetry=symmetry)
+                                symmetry=symmetry, candidates=o.search_candidates,
+                                decision_disc=search_refine_disc(config, data),
+                                polish_sweeps=o.search_polish_sweeps)

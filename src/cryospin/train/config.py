@@ -196,6 +196,17 @@ class OptimConfig:
         Pose steps per batch before the one volume step (stage 2).
     search_rotations : int
         Rotations of the global search's grid over SO(3) (``schedule.search_epochs``).
+    search_candidates : int
+        The global search's decision: 1 replaces a particle's pose by the best grid pose when
+        that fits better on the search's own low-frequency disc. ``K > 1`` keeps each image's
+        ``K`` best grid poses on that disc, polishes each by a local pattern search and
+        chooses among them, and against the current pose, on the disc of the search epochs'
+        pose steps (``search_refine_radius_px``; :func:`cryospin.train.autodecode.
+        decide_candidates`): the low-frequency disc cannot tell a pseudo-symmetric
+        particle's copies apart when the noise is strongest there (coloured noise).
+    search_polish_sweeps : int
+        With ``search_candidates > 1``: sweeps of the candidates' pattern search (each tries
+        ±half the grid's spacing about the three axes).
     search_radius_px : float
         Radius (cycles per box) of the low-frequency disc the global search is scored on
         (in the first search epoch).
@@ -251,6 +262,8 @@ class OptimConfig:
     anchor_pose_frame: bool = False
     pose_steps_per_batch: int = 5
     search_rotations: int = 8192
+    search_candidates: int = 1
+    search_polish_sweeps: int = 1
     search_radius_px: float = 6.0
     search_radius_end_px: float | None = None
     search_radius_symmetric_px: float | None = None

@@ -89,6 +89,10 @@ def _check_optim(c: Config) -> None:
             raise _bad(f"optim.{name} must be > 0, got {value}")
     if o.search_rotations < 1:
         raise _bad(f"optim.search_rotations must be >= 1, got {o.search_rotations}")
+    if o.search_candidates < 1:
+        raise _bad(f"optim.search_candidates must be >= 1, got {o.search_candidates}")
+    if o.search_polish_sweeps < 1:
+        raise _bad(f"optim.search_polish_sweeps must be >= 1, got {o.search_polish_sweeps}")
     if not o.search_radius_px >= 1:
         raise _bad(f"optim.search_radius_px must be >= 1, got {o.search_radius_px}")
     for name in ("search_radius_end_px", "search_radius_symmetric_px",

@@ -207,6 +207,13 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
                         "never")
     g.add_argument("--search-rotations", type=int, metavar="N",
                    help="rotations in the global search grid")
+    g.add_argument("--search-candidates", type=int, metavar="K",
+                   help="keep each image's K best grid poses, polish each and decide among "
+                        "them and the current pose on the search-refine disc (1: the best "
+                        "grid pose, decided on the search's own disc)")
+    g.add_argument("--search-polish-sweeps", type=int, metavar="N",
+                   help="sweeps of the candidates' pattern search (with --search-candidates "
+                        "above 1)")
     g.add_argument("--search-resolution", type=float, metavar="A",
                    help="score the global search on frequencies up to this resolution, Å "
                         "(the preset gives a radius in cycles per box)")
