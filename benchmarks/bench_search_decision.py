@@ -139,7 +139,8 @@ def main() -> None:
                     step_deg=search.polish_step_deg, sweeps=sweeps)
                 pick = nll.argmin(dim=1)
                 chosen = polished[torch.arange(len(pick)), pick]
-                name = (f"{candidates} best polished ({sweeps} sweeps), chosen on "
+                plural = "s" if sweeps > 1 else ""
+                name = (f"{candidates} best polished ({sweeps} sweep{plural}), chosen on "
                         f"{'the training disc' if math.isinf(r) else f'{r:g} cycles/box'}")
                 choices.setdefault(name, []).append(chosen)
                 seconds[name] = seconds.get(name, 0.0) + t_search + time.perf_counter() - t0

@@ -133,11 +133,12 @@ def test_progress_lines_without_a_terminal(data, tmp_path, monkeypatch):
 
     lines = [line[5:] for line in _lines(run / "run.log") if line.startswith("INFO ")]
     # epoch 1, first batch: 16 images 1 s after the start, 16 more at 16 images/s (1 s), then
-    # 2 * 32 of the search epochs, unmeasured: stage 1's rate times 1.5 (2.7 s); 4 s in all
-    assert ("epoch 1/3 (stage 1): 16/32 images (50 %), 16.0 images/s, ETA epoch 1 s, run 4 s"
+    # 2 * 32 of the search epochs, unmeasured: at stage 1's rate (RELATIVE_SPEED 1, 4 s); 5 s
+    # in all
+    assert ("epoch 1/3 (stage 1): 16/32 images (50 %), 16.0 images/s, ETA epoch 1 s, run 5 s"
             in lines)
     assert "epoch 1/3 (stage 1): 32/32 images (100 %), 16.0 images/s, ETA epoch 0 s, run " \
-           "3 s" in lines
+           "4 s" in lines
     assert [line for line in lines if line.startswith("switch: inference pass")] == [
         f"switch: inference pass: {n}/32 images ({100 * n / 32:.0f} %), 10.0 images/s, "
         f"ETA pass {(32 - n) / 10:.0f} s" for n in (10, 20, 30, 32)][:3] + [
@@ -146,7 +147,9 @@ def test_progress_lines_without_a_terminal(data, tmp_path, monkeypatch):
     assert len(stage2) == 2 and all(", ETA epoch " in x and ", run " in x for x in stage2)
     assert any(line.startswith("epoch 3/3 (stage 2, search): 32/32 images (100 %)")
                and line.endswith(", run 0 s") for line in lines)
-    assert any(line.startswith("final map: backprojection: 32/32 images (100 %)")
+    # the final map's pass over the images it keeps (those scoring above an empty image or
+    # junk: how many depends on this tiny set's map)
+    assert any(re.match(r"final map: backprojection: (\d+)/\1 images \(100 %\)", line)
                for line in lines)
 
 

@@ -56,13 +56,13 @@ def test_remaining_images_by_phase():
 
 def test_eta_in_stage_1_estimates_the_later_stages_from_the_relative_speeds():
     """Epoch 1 of 6 (1 stage-1, 3 search, 2 local), 25 of 100 images in 5 s: 5 images/s.
-    Unmeasured: search at 5 * 1.5 = 7.5, local at 5 * 3 = 15 images/s.
-    75/5 + 300/7.5 + 200/15 = 15 + 40 + 13.33 s."""
-    assert RELATIVE_SPEED == {AUTOENCODE: 1.0, SEARCH: 1.5, LOCAL: 3.0}
+    Unmeasured: search at 5 * 1 = 5, local at 5 * 2 = 10 images/s.
+    75/5 + 300/5 + 200/10 = 15 + 60 + 20 s."""
+    assert RELATIVE_SPEED == {AUTOENCODE: 1.0, SEARCH: 1.0, LOCAL: 2.0}
     plan = RunPlan(switch_epoch=1, last_search_epoch=4, last_epoch=6)
     totals = add_sample({}, AUTOENCODE, 25, 5.0)
-    assert estimate_rates(totals, AUTOENCODE) == {AUTOENCODE: 5.0, SEARCH: 7.5, LOCAL: 15.0}
-    assert run_eta_s(plan, 1, 25, 100, totals) == pytest.approx(15 + 40 + 200 / 15)
+    assert estimate_rates(totals, AUTOENCODE) == {AUTOENCODE: 5.0, SEARCH: 5.0, LOCAL: 10.0}
+    assert run_eta_s(plan, 1, 25, 100, totals) == pytest.approx(15 + 60 + 20)
     # other relative speeds (e.g. measured on a GPU) can be given
     assert run_eta_s(plan, 1, 25, 100, totals, {AUTOENCODE: 1.0, SEARCH: 1.0, LOCAL: 1.0}) == \
         pytest.approx(575 / 5)
@@ -70,7 +70,7 @@ def test_eta_in_stage_1_estimates_the_later_stages_from_the_relative_speeds():
 
 def test_eta_uses_the_measured_rate_of_every_phase_that_ran():
     """Resumed in epoch 2 (search): metrics.jsonl has epoch 1 at 5 images/s; epoch 2 so far
-    50 images in 5 s (10 images/s); local, unmeasured, from the current phase: 10 * 3/1.5 =
+    50 images in 5 s (10 images/s); local, unmeasured, from the current phase: 10 * 2/1 =
     20. (50 + 200)/10 + 200/20 = 25 + 10 s."""
     plan = RunPlan(switch_epoch=1, last_search_epoch=4, last_epoch=6)
     rows = [{"epoch": 1, "stage": "autoencode", "num_images": 100, "wall_time_s": 20.0}]
@@ -90,17 +90,17 @@ def test_eta_uses_the_measured_rate_of_every_phase_that_ran():
 
 def test_eta_after_an_early_stop_of_the_search_counts_only_the_shortened_run():
     """Default schedule, search stopped after epoch 5, in epoch 6 (local) with nothing done
-    yet: 3 local epochs * 100 images at 30 images/s (stage 1's 10 * 3) = 10 s. Without the
+    yet: 3 local epochs * 100 images at 20 images/s (stage 1's 10 * 2) = 15 s. Without the
     stop, epoch 6 would be a search epoch and 4 search epochs at the measured 10 images/s and 3
-    local ones at 10 * 3/1.5 = 20 images/s would remain: 40 + 15 s."""
+    local ones at 10 * 2/1 = 20 images/s would remain: 40 + 15 s."""
     rows = [{"epoch": 1, "stage": "autoencode", "num_images": 100, "wall_time_s": 10.0}] + [
         {"epoch": e, "stage": "autodecode", "num_images": 100, "wall_time_s": 10.0}
         for e in range(2, 6)]
     stopped = RunPlan.from_schedule(SCHEDULE, switch_epoch=1, search_stopped_after=5)
     totals = phase_totals(rows, stopped)
     assert totals == {AUTOENCODE: (100.0, 10.0), SEARCH: (400.0, 40.0)}
-    # nothing local measured: from the first measured phase, 10 * 3/1 = 30 images/s
-    assert run_eta_s(stopped, 6, 0, 100, totals) == pytest.approx(300 / 30)
+    # nothing local measured: from the first measured phase, 10 * 2/1 = 20 images/s
+    assert run_eta_s(stopped, 6, 0, 100, totals) == pytest.approx(300 / 20)
     running = RunPlan.from_schedule(SCHEDULE, switch_epoch=1, search_stopped_after=None)
     assert run_eta_s(running, 6, 0, 100, totals) == pytest.approx(400 / 10 + 300 / 20)
 

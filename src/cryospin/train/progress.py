@@ -62,8 +62,11 @@ PHASE_LABELS: Mapping[str, str] = {AUTOENCODE: "stage 1", SEARCH: "stage 2, sear
 #: local epochs 159 / 330–448 / 711–801 images/s (2.1–2.8× and 4.5–5.0× stage 1); the 64 px,
 #: 20,000-particle benchmark (benchmarks/RESULTS.md): stage 1 223 (bf16) / 140 (fp32) against
 #: stage 2 at best 530 / 471 images/s (2.4–3.4×), and before stage 1 got its 32 px encoder input
-#: a search epoch took 0.7–1.5× a stage-1 epoch. 1.5 and 3 keep the estimate on the long side.
-RELATIVE_SPEED: Mapping[str, float] = {AUTOENCODE: 1.0, SEARCH: 1.5, LOCAL: 3.0}
+#: a search epoch took 0.7–1.5× a stage-1 epoch. Since the search decides on a wider disc
+#: (``optim.search_candidates``, 2026-12-06; 64 px, 20,000, 2 threads, bf16): stage 1 ~515,
+#: search 790–1,230 with 4 candidates (311–892 with 8 and 2 sweeps), local 1,030–1,300
+#: images/s. 1 and 2 keep the estimate on the long side.
+RELATIVE_SPEED: Mapping[str, float] = {AUTOENCODE: 1.0, SEARCH: 1.0, LOCAL: 2.0}
 
 #: ``phase -> (images, seconds)`` trained so far (summed over epochs).
 PhaseTotals = Mapping[str, tuple[float, float]]
