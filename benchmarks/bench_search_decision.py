@@ -134,9 +134,8 @@ def main() -> None:
                 disc = discs[r]
                 sub = batch.restrict(disc)
                 t0 = time.perf_counter()
-                polished, nll = polish_rotations(
-                    volume, grid_rot, None, sub.hartley, sub.ctf, disc, data.noise_variance,
-                    step_deg=search.polish_step_deg, sweeps=sweeps)
+                polished, nll = polish_rotations(volume, grid_rot, None, sub, data, disc,
+                                                 step_deg=search.polish_step, sweeps=sweeps)
                 pick = nll.argmin(dim=1)
                 chosen = polished[torch.arange(len(pick)), pick]
                 plural = "s" if sweeps > 1 else ""

@@ -72,7 +72,7 @@ def _search(data: TrainingData, grid: torch.Tensor, candidates: int = 1,
     decision = None if decision_radius is None else sub_disc(data.frequencies, L,
                                                              decision_radius)
     return RotationSearch(grid, sub_disc(data.frequencies, L, SEARCH_RADIUS), None,
-                          candidates, decision, polish_step_deg(int(grid.shape[0])))
+                          candidates, decision)
 
 
 def test_the_top_poses_are_the_k_lowest_nll_grid_poses_in_order(data):
@@ -126,8 +126,8 @@ def test_polishing_never_raises_the_nll_and_recovers_an_axis_offset(data):
                                            dtype=torch.float64)], dim=1)  # (N, 3, 3, 3)
     start_nll = torch.stack([pose_nll(volume, starts[:, k], None, sub, data, disc)
                              for k in range(3)], dim=1)
-    polished, nll = polish_rotations(volume, starts, None, sub.hartley, sub.ctf, disc,
-                                     data.noise_variance, step_deg=step, sweeps=2)
+    polished, nll = polish_rotations(volume, starts, None, sub, data, disc, step_deg=step,
+                                     sweeps=2)
     assert bool((nll <= start_nll).all())
     again = torch.stack([pose_nll(volume, polished[:, k], None, sub, data, disc)
                          for k in range(3)], dim=1)
@@ -308,3 +308,11 @@ def test_with_a_point_group_a_copy_of_the_current_pose_is_in_its_basin(data, mon
                                                              g]))
     _, _, better = decide_candidates(volume, grouped, batch, data, current, None)
     assert not bool(better.any())
+
+
+@pytest.mark.parametrize("symmetry", ["C1", "C3", "D7"])
+def test_the_polishing_step_follows_the_grid_density_over_so3(data, symmetry):
+    """RotationSearch.polish_step: the step of the grid's density over SO(3) — the same for
+    a grid over one asymmetric unit (R/|G| rotations searched) as for the whole grid."""
+    search = RotationSearch.build(data, 8192, SEARCH_RADIUS, symmetry=symmetry)
+    assert search.polish_step == pytest.approx(polish_step_deg(8192), rel=0.02)

@@ -142,8 +142,6 @@ class RotationSearch:
         the current pose compared on ``decision_disc``.
     decision_disc : LossDisc or None
         The disc of the decision among ``K > 1`` candidates; None: the training disc.
-    polish_step_deg : float
-        The candidates' polishing step (:func:`polish_step_deg` of the grid's density).
     group : `(G, 3, 3)` or None
         The volume's point group when the grid covers one asymmetric unit (None: C1): a
         candidate ``R`` is in the basin of a pose ``Q`` when some ``R g`` is.
@@ -156,9 +154,15 @@ class RotationSearch:
     shifts_px: Tensor | None = None
     candidates: int = 1
     decision_disc: LossDisc | None = None
-    polish_step_deg: float = 3.3
     group: Tensor | None = None
     polish_sweeps: int = 1
+
+    @property
+    def polish_step(self) -> float:
+        """The candidates' polishing step, degrees: :func:`polish_step_deg` of the grid's
+        density over SO(3), ``R·|G|`` rotations (``R`` of one asymmetric unit of ``G``)."""
+        group_order = 1 if self.group is None else self.group.shape[0]
+        return polish_step_deg(self.rotations.shape[0] * group_order)
 
     @classmethod
     def build(cls, data: TrainingData, num_rotations: int, radius_px: float,
@@ -175,8 +179,8 @@ class RotationSearch:
         grid = grid.to(data.frequencies.device)
         shifts = None if shifts_px is None else shifts_px.to(data.frequencies)
         return cls(grid, sub_disc(data.frequencies, data.box_px, radius_px), shifts,
-                   candidates, decision_disc, polish_step_deg(num_rotations),
-                   group.to(grid) if group.shape[0] > 1 else None, polish_sweeps)
+                   candidates, decision_disc, group.to(grid) if group.shape[0] > 1 else None,
+                   polish_sweeps)
 
 
 def polish_step_deg(num_rotations: int) -> float:
@@ -297,11 +301,11 @@ _PATTERN_AXES = torch.cat([torch.eye(3, dtype=torch.float64), -torch.eye(3, dtyp
 
 
 def polish_rotations(
-    volume_ht: Tensor, rotations: Tensor, shifts_px: Tensor | None, observed: Tensor,
-    ctf: Tensor | None, disc: LossDisc, noise_variance: float, *, step_deg: float,
-    sweeps: int = 1,
+    volume_ht: Tensor, rotations: Tensor, shifts_px: Tensor | None, batch: Batch,
+    data: TrainingData, disc: LossDisc | None = None, *, step_deg: float, sweeps: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Candidate rotations improved by a pattern search, and their NLL on ``disc``.
+    """Candidate rotations improved by a pattern search, and their NLL (as
+    :func:`pose_nll`: on the training disc, or on ``disc`` when ``batch`` is restricted to it).
 
     Each sweep tries ``R ← exp(±step·e_i) R`` for the six unit axes in turn and keeps every
     move that lowers the candidate's NLL (shifts held).
@@ -313,11 +317,10 @@ def polish_rotations(
         ``K`` candidate poses of each of ``B`` images.
     shifts_px : `(B, K, 2)` or None
         Their shifts (pixels), held fixed.
-    observed, ctf : `(B, P')`
-        The images and their CTF on ``disc``'s frequencies (``ctf`` None: no CTF).
-    disc : LossDisc
-    noise_variance : float
-        ``σ²`` per Hartley coefficient.
+    batch : Batch
+        The ``B`` images.
+    data : TrainingData
+    disc : LossDisc or None
     step_deg : float
         The move's angle.
     sweeps : int
@@ -327,10 +330,13 @@ def polish_rotations(
     rotations : `(B, K, 3, 3)`
     nll : `(B, K)`
     """
+    lattice = data if disc is None else disc
+    ctf = None if batch.ctf is None else batch.ctf[:, None]  # (B, 1, P')
+
     def nll_of(rot: Tensor) -> Tensor:
-        pred = render(volume_ht, rot, shifts_px, None if ctf is None else ctf[:, None],
-                      frequencies=disc.frequencies, negation_index=disc.negation_index)
-        return gaussian_nll(pred, observed, noise_variance)  # (B, K)
+        pred = render(volume_ht, rot, shifts_px, ctf, frequencies=lattice.frequencies,
+                      negation_index=lattice.negation_index)  # (B, K, P')
+        return gaussian_nll(pred, batch.hartley, data.noise_variance)  # (B, K)
 
     best = rotations
     best_nll = nll_of(best)
@@ -351,7 +357,7 @@ def decide_candidates(
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """The global search with ``search.candidates = K > 1``: each image's ``K`` best grid
     poses on the search's low-frequency disc, polished (:func:`polish_rotations`, step
-    ``search.polish_step_deg``) on ``search.decision_disc``, and the best of them, to be
+    ``search.polish_step``) on ``search.decision_disc``, and the best of them, to be
     compared there with the current pose.
 
     The search's own disc is chosen for speed and for a map that is still blurred; a
@@ -394,10 +400,8 @@ def decide_candidates(
     far = pose_change_deg(current[:, None].expand_as(grid_rot).reshape(-1, 3, 3),
                           grid_rot.reshape(-1, 3, 3), search.group).reshape(B, K) \
         > JUMP_THRESHOLD_DEG  # (B, K), modulo the group
-    coarse = batch.restrict(search.disc)
-    pred = render(volume_ht, current, shifts_px, coarse.ctf, frequencies=search.disc.frequencies,
-                  negation_index=search.disc.negation_index)  # (B, P')
-    current_coarse = gaussian_nll(pred[:, None, :], coarse.hartley, data.noise_variance)[:, 0]
+    current_coarse = pose_nll(volume_ht, current, shifts_px, batch.restrict(search.disc), data,
+                              search.disc)  # (B,)
     plausible = far & (grid_nll <= current_coarse[:, None] + CANDIDATE_MARGIN_NATS)
     rows = plausible.any(dim=1).nonzero(as_tuple=True)[0]  # (n,) images with a basin to choose
     better = torch.zeros(B, dtype=torch.bool, device=grid_rot.device)
@@ -405,21 +409,17 @@ def decide_candidates(
     chosen_shift = None if cand_shift is None else cand_shift[:, 0].clone()
     if rows.numel() == 0:
         return chosen, chosen_shift, better
-    disc = search.decision_disc
-    if disc is None:  # the training disc
-        disc = sub_disc(data.frequencies, data.box_px, math.inf)
-    sub = batch.restrict(disc)
-    observed = sub.hartley[rows]
-    ctf = None if sub.ctf is None else sub.ctf[rows]
+    disc = search.decision_disc  # None: the training disc
+    doubt = batch.select(rows)  # (n,) images
+    if disc is not None:
+        doubt = doubt.restrict(disc)
     polished, nll = polish_rotations(
-        volume_ht, grid_rot[rows], None if cand_shift is None else cand_shift[rows],
-        observed, ctf, disc, data.noise_variance, step_deg=search.polish_step_deg,
-        sweeps=search.polish_sweeps)
+        volume_ht, grid_rot[rows], None if cand_shift is None else cand_shift[rows], doubt,
+        data, disc, step_deg=search.polish_step, sweeps=search.polish_sweeps)
     best_nll, best = nll.min(dim=1)  # (n,)
     pick = torch.arange(rows.numel(), device=best.device)
-    pred = render(volume_ht, current[rows], None if shifts_px is None else shifts_px[rows],
-                  ctf, frequencies=disc.frequencies, negation_index=disc.negation_index)
-    now = gaussian_nll(pred[:, None, :], observed, data.noise_variance)[:, 0]  # (n,)
+    now = pose_nll(volume_ht, current[rows], None if shifts_px is None else shifts_px[rows],
+                   doubt, data, disc)  # (n,)
     chosen[rows] = polished[pick, best]
     if chosen_shift is not None and cand_shift is not None:
         chosen_shift[rows] = cand_shift[rows][pick, best]
@@ -447,10 +447,8 @@ def _apply_search(
     else:
         grid_rot, grid_nll, grid_shift = search_rotations(volume_ht, search, batch, data,
                                                           shift_used)
-        sub = batch.restrict(search.disc)
-        pred = render(volume_ht, rot, shift_used, sub.ctf, frequencies=search.disc.frequencies,
-                      negation_index=search.disc.negation_index)  # (B, P')
-        current = gaussian_nll(pred[:, None, :], sub.hartley, data.noise_variance)[:, 0]  # (B,)
+        current = pose_nll(volume_ht, rot, shift_used, batch.restrict(search.disc), data,
+                           search.disc)  # (B,)
         better = grid_nll < current  # (B,)
     _jump_rows(pose_table, idx[better], grid_rot[better],
                None if grid_shift is None else grid_shift[better])

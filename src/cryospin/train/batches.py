@@ -63,6 +63,16 @@ class Batch:
             global_size=self.global_size,
         )
 
+    def select(self, rows: Tensor) -> Batch:
+        """The batch's rows ``rows`` `(n,)` (positions in it), as a whole batch to score
+        (not a rank's part of a distributed one)."""
+        return Batch(
+            indices=self.indices[rows],
+            images=self.images[rows],
+            hartley=self.hartley[rows],
+            ctf=None if self.ctf is None else self.ctf[rows],
+        )
+
 
 @dataclass(frozen=True)
 class LossDisc:
