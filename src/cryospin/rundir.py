@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONFIG", "CHECKPOINT", "METRICS", "POSE_TRACK", "RUN_LOG", "PARTICLE_SET", "MAP",
     "MAP_DECODER", "CONVERGENCE", "POSES_STAR", "POSES_PKL", "POSES_CS", "SELECTED", "REPORT_HTML",
-    "FSC_JSON",
+    "FSC_JSON", "NOISE_SPECTRUM",
     "EPOCH_MAP_PATTERN", "epoch_map_name", "HALVES_MARKER", "HALF_SET", "HALF_NAMES", "HALF_MAPS",
     "HALF_INDICES", "RunFiles", "HalvesFiles", "prepare_run_dir", "Stage", "CHECKPOINT_FORMAT",
     "Checkpoint", "save_checkpoint", "load_checkpoint", "RESUMABLE_OPTIONS", "RELOCATABLE_SECTION",
@@ -82,6 +82,8 @@ POSES_CS = "poses.cs"
 SELECTED = "selected.pkl"
 #: The run report (:mod:`cryospin.report`).
 REPORT_HTML = "report.html"
+#: The noise spectrum the run whitened with (:mod:`cryospin.train.noise_record`).
+NOISE_SPECTRUM = "noise_spectrum.json"
 #: An FSC curve with its crossings (:func:`cryospin.evaluate.fsc.write_fsc_json`).
 FSC_JSON = "fsc.json"
 #: ``map.NNN.mrc``, the map after epoch ``NNN`` (group 1: the epoch).
@@ -120,6 +122,7 @@ class RunFiles:
         self.log = self.dir / RUN_LOG
         self.particle_set = self.dir / PARTICLE_SET
         self.convergence = self.dir / CONVERGENCE
+        self.noise_spectrum = self.dir / NOISE_SPECTRUM
         self.report = self.dir / REPORT_HTML
 
     def epoch_map(self, epoch: int) -> Path:

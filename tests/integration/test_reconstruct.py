@@ -341,6 +341,8 @@ def test_a_junk_class_that_never_takes_effect_leaves_the_empty_class_run(tmp_pat
     assert "the junk class never took effect" in caplog.text
     # the hint to whiten the noise only when the run did not
     assert ("--whiten-noise" in caplog.text) is (not whiten)
+    # the spectrum the run whitened with is saved (for the report), and only then
+    assert (result.run_dir / "noise_spectrum.json").is_file() is whiten
     table, _ = read_star_tables(result.run_dir / "poses.star")
     scores = table["rlnLogLikeliContribution"].astype(float).to_numpy()
     np.testing.assert_allclose(scores, _final_scores(result, particles, config,

@@ -36,6 +36,7 @@ from cryospin.report.ground_truth import gt_in_run_frame
 from cryospin.report.html import build_html
 from cryospin.rotations import random_rotations
 from cryospin.rundir import EpochMetrics, append_metrics, load_run, read_metrics
+from cryospin.train.noise_record import read_noise_spectrum
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None,
@@ -43,7 +44,7 @@ needs_matplotlib = pytest.mark.skipif(
 )
 EXPECTED_FIGURES = {"training.png", "head_usage.png", "orientations.png", "map_views.png",
                     "particle_scores.png", "fsc.png", "orientations_gt.png", "rotation_error.png",
-                    "rotation_error_epochs.png", "head_errors.png"}
+                    "rotation_error_epochs.png", "head_errors.png", "noise_spectrum.png"}
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -122,6 +123,14 @@ def test_report_html_and_figures(full_report: Path, tiny_run: dict[str, Path]) -
     assert "Rotation error against epoch" in text and "Per-head rotation error" in text
     fsc_json = json.loads((tiny_run["run"] / "report" / "fsc.json").read_text())
     assert fsc_json["fsc"][0] == pytest.approx(1.0, abs=1e-6)  # DC of aligned maps
+    # the default preset whitens the noise: the run saved its spectrum, the page draws it and
+    # sums it up over the training disc's shells
+    record = read_noise_spectrum(tiny_run["run"] / "noise_spectrum.json")
+    on_disc = record.relative_power[record.used_shells()]
+    assert summary["noise"]["relative_power_min"] == pytest.approx(on_disc.min())
+    assert summary["noise"]["relative_power_max"] == pytest.approx(on_disc.max())
+    assert summary["noise"]["relative_power_shell_1"] == pytest.approx(record.relative_power[1])
+    assert "Noise spectrum" in text and "noise (whitened)" in text
 
 
 @needs_matplotlib
@@ -131,7 +140,8 @@ def test_report_without_ground_truth_to_other_path(tiny_run: dict[str, Path],
     result = write_report(tiny_run["run"], output=out)
     figures, _ = _image_sources(out)
     assert {p.name for p in figures} == {"training.png", "head_usage.png", "orientations.png",
-                                         "particle_scores.png", "map_views.png"}
+                                         "particle_scores.png", "map_views.png",
+                                         "noise_spectrum.png"}
     assert all(p.parent == tmp_path / "my report" for p in figures)
     assert figures == result.figure_paths
     for p in figures:

@@ -20,12 +20,20 @@ import numpy as np
 from torch import Tensor
 
 from cryospin.evaluate.gold_standard import GoldStandardFSC
-from cryospin.report.summary import HalvesSummary, RunSummary, ScoreSummary, Stage1Heads
+from cryospin.report.summary import (
+    HalvesSummary,
+    NoiseSummary,
+    RunSummary,
+    ScoreSummary,
+    Stage1Heads,
+)
 from cryospin.rundir import RunData, Stage, search_stopped_after
+from cryospin.train.noise_record import NoiseSpectrumRecord
 from cryospin.train.scores import EMPTY_SCORE, junk_takes_effect
 
 __all__ = [
     "score_summary",
+    "noise_summary",
     "MetricsLine",
     "JSONObject",
     "RANDOM_SPREAD_DEG",
@@ -320,6 +328,21 @@ def junk_scored(config: Mapping[str, object], metrics: Sequence[Mapping[str, obj
     fractions = [r.get("junk_fraction") for r in metrics if r.get("junk_fraction") is not None]
     last = fractions[-1] if fractions else None
     return junk_takes_effect(float(last) if isinstance(last, (int, float)) else None)
+
+
+def noise_summary(record: NoiseSpectrumRecord) -> NoiseSummary:
+    """The :class:`NoiseSummary` of a run's noise spectrum (its shells 1 … the training
+    disc's radius)."""
+    used = np.flatnonzero(record.used_shells())
+    if used.size == 0:  # a disc under one shell: shell 1 stands for it
+        used = np.array([1])
+    power = record.relative_power[used]
+    edge = int(used[-1])
+    return NoiseSummary(
+        relative_power_min=float(power.min()), relative_power_max=float(power.max()),
+        relative_power_shell_1=float(record.relative_power[1]),
+        relative_power_disc_edge=float(record.relative_power[edge]),
+        disc_edge_angstrom=float(record.box_px * record.pixel_size_angstrom / edge))
 
 
 def score_summary(scores: np.ndarray, against: str = "an empty image") -> ScoreSummary:

@@ -14,6 +14,8 @@ backend, imported only when a figure is drawn: :func:`cryospin.plotting.pyplot`)
   the sections the symmetry axes (:mod:`~cryospin.report.map_figure`);
 * :func:`plot_particle_scores` — histogram of the particles' scores (how much better the map
   explains each image than an empty image), the empty-image line marked;
+* :func:`plot_noise_spectrum` — the background noise's power per frequency shell relative to
+  its mean (``noise_spectrum.json``, a run that whitened its noise), the training disc marked;
 * :func:`plot_rotation_errors` — histogram of the rotation error against ground-truth poses;
 * :func:`plot_track_errors` — with ``pose_track.npz`` and ground-truth poses: median and mean
   rotation error of the tracked particles against the epoch, the median view-direction and
@@ -55,6 +57,7 @@ from cryospin.report.ground_truth import EpochResolution, TrackErrors, gt_in_run
 from cryospin.report.html import FigureSet
 from cryospin.report.map_figure import plot_map_views
 from cryospin.rundir import FSC_JSON, Stage
+from cryospin.train.noise_record import NoiseSpectrumRecord
 
 if TYPE_CHECKING:  # matplotlib is optional: its types only for the annotations
     from matplotlib.axes import Axes
@@ -68,6 +71,7 @@ __all__ = [
     "plot_orientations",
     "plot_map_views",
     "plot_particle_scores",
+    "plot_noise_spectrum",
     "plot_rotation_errors",
     "plot_track_errors",
     "plot_head_errors",
@@ -329,6 +333,39 @@ def plot_particle_scores(scores: np.ndarray, empty_score: float, path: str | Pat
     ax.set_ylabel("particles")
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_noise_spectrum(record: NoiseSpectrumRecord, path: str | Path) -> None:
+    """The noise's power per shell relative to its mean (log scale) against spatial frequency
+    (1/Å), for the shells ``1 … L//2``; white noise is the line at 1, each frequency's weight
+    in the likelihood the inverse; the shells beyond the training disc are shaded."""
+    plt = pyplot()
+    shells = record.shells[1:]
+    freq = record.frequency_per_angstrom[1:]
+    power = record.relative_power[1:]
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    ax.semilogy(freq, np.maximum(power, 1e-6), marker=".", color="tab:blue",
+                label="background noise power / its mean")
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="white noise")
+    edge = record.loss_radius_cycles_per_box / (record.box_px * record.pixel_size_angstrom)
+    if record.loss_radius_cycles_per_box < float(shells[-1]):
+        ax.axvspan(edge, float(freq[-1]), color="0.85", zorder=0,
+                   label=f"beyond the training disc ({1.0 / edge:.3g} Å)")
+    used = record.used_shells()[1:]
+    on_disc = power[used] if used.any() else power
+    lo, hi = float(on_disc.min()), float(on_disc.max())
+    ax.set_title(f"noise power {lo:.2g}-{hi:.2g}x its mean on the training disc; each "
+                 "frequency weighted by the inverse", fontsize=9)
+    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_ylabel("relative noise power")
+    plain = plt.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -308,6 +308,7 @@ def run_summary_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
         rows += _epoch_rows(s, run)
     rows += _stage1_summary_rows(s)
     rows += _score_summary_rows(s)
+    rows += _noise_summary_rows(s)
     rows += gt_summary_rows(s)
     rows += _tracked_summary_rows(s)
     if not run.finished:
@@ -327,6 +328,18 @@ def _score_summary_rows(s: RunSummary | HalvesSummary) -> list[tuple[str, str]]:
              f"({100.0 * sc['fraction_no_better_than_empty']:.1f} %; score <= "
              f"{sc['empty_score']:g} nats"
              + ("" if median is None else f"; the others' median score {median:.3g}") + ")")]
+
+
+def _noise_summary_rows(s: RunSummary) -> list[tuple[str, str]]:
+    """The whitened noise's spectrum on the training disc (runs that whitened)."""
+    n = s.get("noise")
+    if n is None:
+        return []
+    return [("noise (whitened)",
+             f"background power {n['relative_power_min']:.2f}-{n['relative_power_max']:.2f}x "
+             f"its mean on the training disc (shell 1: {n['relative_power_shell_1']:.2f}x, "
+             f"at {n['disc_edge_angstrom']:.3g} Å: {n['relative_power_disc_edge']:.2f}x); "
+             "each frequency weighted by the inverse")]
 
 
 def _stage1_summary_rows(s: RunSummary) -> list[tuple[str, str]]:

@@ -1,5 +1,6 @@
 """The report's inputs beyond :func:`cryospin.rundir.load_run` (a run folder's metrics, config
-and the paths of its maps and poses): the maps, the poses, the pose track and the ground truth.
+and the paths of its maps and poses): the maps, the poses, the pose track, the noise spectrum
+and the ground truth.
 
 Everything here only reads; it raises :class:`~cryospin.errors.InputError` naming the file for
 anything that does not fit, so that a page checks all its inputs before it writes anything.
@@ -23,6 +24,7 @@ from cryospin.io.particles import load_particles
 from cryospin.io.pkl import read_cryodrgn_poses
 from cryospin.io.star_tables import numbers
 from cryospin.rundir import RunFiles
+from cryospin.train.noise_record import NoiseSpectrumRecord, read_noise_spectrum
 from cryospin.train.scores import SCORE_COLUMN
 from cryospin.train.track import PoseTrack, load_pose_track
 
@@ -33,6 +35,7 @@ __all__ = [
     "read_scores",
     "read_gt_poses",
     "read_track",
+    "read_noise",
 ]
 
 
@@ -116,3 +119,10 @@ def read_track(run_dir: Path, num_particles: int) -> PoseTrack | None:
         raise InputError(f"tracks particle {int(track.indices.max())} but the ground truth "
                          f"has {num_particles} poses", path)
     return track
+
+
+def read_noise(run_dir: Path) -> NoiseSpectrumRecord | None:
+    """The noise spectrum the run whitened with (``noise_spectrum.json``); None when the run
+    did not whiten its noise (or is from before the file)."""
+    path = RunFiles(run_dir).noise_spectrum
+    return read_noise_spectrum(path) if path.is_file() else None

@@ -21,6 +21,7 @@ from cryospin.report.analysis import (
     head_spread_table,
     head_usage_table,
     junk_scored,
+    noise_summary,
     run_summary,
     score_summary,
     view_directions,
@@ -29,6 +30,7 @@ from cryospin.report.figures import (
     add_gt_figures,
     plot_head_errors,
     plot_head_usage,
+    plot_noise_spectrum,
     plot_orientations,
     plot_particle_scores,
     plot_track_errors,
@@ -59,6 +61,7 @@ from cryospin.report.html import (
 from cryospin.report.inputs import (
     ground_truth_on_grid,
     read_gt_poses,
+    read_noise,
     read_poses,
     read_scores,
     read_track,
@@ -75,7 +78,8 @@ from cryospin.report.symmetry_check import (
     relaxed_symmetry,
     symmetry_summary,
 )
-from cryospin.rundir import SELECTED, RunData, load_run
+from cryospin.rundir import NOISE_SPECTRUM, SELECTED, RunData, load_run
+from cryospin.train.noise_record import NoiseSpectrumRecord
 from cryospin.train.scores import EMPTY_SCORE, SCORE_COLUMN, score_alternative
 from cryospin.train.track import PoseTrack
 
@@ -96,6 +100,7 @@ class _Inputs:
     gt_R: Tensor | None
     gt_t: Tensor | None
     symmetry: str  # the imposed point group, "C1" = none
+    noise: NoiseSpectrumRecord | None  # the spectrum the run whitened with
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,7 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
     if gt_poses is not None:
         gt_R, gt_t = read_gt_poses(gt_poses, rotations, box, run.run_dir)
     return _Inputs(run, volume, apix, gt, rotations, shifts, scores, gt_R, gt_t,
-                   imposed_symmetry(run.config, run.metrics))
+                   imposed_symmetry(run.config, run.metrics), read_noise(run.run_dir))
 
 
 def _analyse(inp: _Inputs, *, max_epoch_fsc: int, search_hand: bool) -> _Numbers:
@@ -148,6 +153,8 @@ def _analyse(inp: _Inputs, *, max_epoch_fsc: int, search_hand: bool) -> _Numbers
     if inp.scores is not None:
         summary["particle_scores"] = score_summary(
             inp.scores, score_alternative(junk_scored(run.config, run.metrics)))
+    if inp.noise is not None:
+        summary["noise"] = noise_summary(inp.noise)
     notes: list[str] = []
     resolutions: list[EpochResolution] = []
     final_fsc = None
@@ -262,6 +269,14 @@ def _figures(figs: FigureSet, inp: _Inputs, num: _Numbers, gt_map: str | Path | 
             f"for --ind."
             + ("" if junk else " Contamination with structure of its own can score above it.")),
             against)
+    if inp.noise is not None:
+        plot_noise_spectrum(inp.noise, figs.add(
+            "noise_spectrum.png", "Noise spectrum",
+            "The noise's power per frequency shell relative to its mean, measured on the "
+            "images' background (outside the inscribed circle) and saved in "
+            f"{NOISE_SPECTRUM}. The training whitened it: each frequency's weight in the "
+            "likelihood is the inverse, so frequencies with strong noise (often the lowest: "
+            "ice, drift, carbon) count for less. White noise is the line at 1."))
     if inp.volume is not None and run.map_path is not None:
         drawn = num.drawn
         add_map_views(figs, inp.volume, title="Map", what=run.map_path.name,

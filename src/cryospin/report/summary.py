@@ -18,6 +18,7 @@ __all__ = [
     "GroupScore",
     "SymmetrySummary",
     "ScoreSummary",
+    "NoiseSummary",
     "RunSummary",
     "HalvesSummary",
 ]
@@ -105,6 +106,18 @@ class ScoreSummary(TypedDict):
     median_score_of_others: float | None
 
 
+class NoiseSummary(TypedDict):
+    """The noise spectrum a run whitened with (``noise_spectrum.json``), on the training
+    disc's shells 1 … its radius: the background's power relative to its mean at the least
+    and the most, at shell 1 and at the disc's last shell."""
+
+    relative_power_min: float
+    relative_power_max: float
+    relative_power_shell_1: float
+    relative_power_disc_edge: float
+    disc_edge_angstrom: float
+
+
 class _GroundTruthFields(TypedDict, total=False):
     """:class:`MapVsGT` and :class:`PosesVsGT`, present when a ground truth was given."""
 
@@ -150,6 +163,7 @@ class RunSummary(_RunRequired, _GroundTruthFields, _SymmetryFields, _ScoreFields
     pixel_size_angstrom: float | None
     epoch_resolutions: list[EpochResolutionRow]
     tracked_rotation_error: list[TrackedEpoch]
+    noise: NoiseSummary
 
 
 class _HalvesRequired(TypedDict):

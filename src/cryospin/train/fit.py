@@ -29,7 +29,9 @@ After every epoch: ``map.NNN.mrc``, a line of ``metrics.jsonl``, ``pose_track.np
 Wiener backprojection from the final poses, the trained volume kept as ``map_decoder.mrc``,
 their FSC as a convergence check) and the poses (:mod:`cryospin.train.outputs`; the names:
 :mod:`cryospin.rundir`). ``config.yaml`` is written at the start, and ``particle_set.json``,
-the particles' identity that ``--resume`` checks (:mod:`cryospin.io.identity`). One process at
+the particles' identity that ``--resume`` checks (:mod:`cryospin.io.identity`), and, when the
+noise is whitened, the spectrum it was whitened with (``noise_spectrum.json``,
+:mod:`cryospin.train.noise_record`). One process at
 a time writes into a run folder: ``fit`` holds its lock, ``RUN_DIR/.cryospin.lock``
 (:mod:`cryospin.runlock`; under torchrun rank 0 holds it).
 
@@ -88,6 +90,7 @@ from cryospin.train.distributed import (
 from cryospin.train.feedback import Feedback, PassProgress
 from cryospin.train.impose import impose_on_state, step_due
 from cryospin.train.metrics import EpochExtra, search_stop_message, search_stop_record
+from cryospin.train.noise_record import noise_record, write_noise_spectrum
 from cryospin.train.outputs import epoch_metrics, write_epoch, write_final
 from cryospin.train.progress import (
     PHASE_LABELS,
@@ -325,6 +328,9 @@ def _fit(
                                    main=world.is_main)
     generator = seed_everything(config.run.seed)
     data = load_training_data(config, particles, device, shard, world)
+    record = noise_record(data)
+    if record is not None and world.is_main:
+        write_noise_spectrum(files.noise_spectrum, record)
     state = initial_state(config, files, data, device, shard, ckpt, generator,
                           main=world.is_main)
     del ckpt
