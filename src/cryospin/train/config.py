@@ -207,6 +207,12 @@ class OptimConfig:
     search_polish_sweeps : int
         With ``search_candidates > 1``: sweeps of the candidates' pattern search (each tries
         ±half the grid's spacing about the three axes).
+    rebackproject_after_search : bool
+        When the global search ends and local epochs follow, the volume is replaced by the
+        Wiener backprojection of the training images from the poses at that point
+        (:mod:`cryospin.train.rebackproject`) and gets a new optimiser: the local epochs refine
+        the poses against a map made from them rather than the one trained along with the
+        search.
     search_radius_px : float
         Radius (cycles per box) of the low-frequency disc the global search is scored on
         (in the first search epoch).
@@ -264,6 +270,7 @@ class OptimConfig:
     search_rotations: int = 8192
     search_candidates: int = 1
     search_polish_sweeps: int = 1
+    rebackproject_after_search: bool = False
     search_radius_px: float = 6.0
     search_radius_end_px: float | None = None
     search_radius_symmetric_px: float | None = None

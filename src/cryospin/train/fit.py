@@ -100,6 +100,7 @@ from cryospin.train.progress import (
     phase_totals,
     run_eta_s,
 )
+from cryospin.train.rebackproject import rebackproject_due, rebackproject_on_state
 from cryospin.train.relax import place_copies, relax_record, relaxed_group
 from cryospin.train.release import return_free_memory
 from cryospin.train.runlog import header_line, run_log
@@ -282,6 +283,7 @@ class _Run:
     tracker: PoseTracker | None  # pose_track.npz (rank 0)
     search_disc: LossDisc | None  # the search epochs' pose steps (search_refine_disc)
     local_disc: LossDisc | None  # the local epochs' pose steps (local_refine_disc)
+    particles: ParticleSet  # the input (the backprojections' CTFs without a training source)
 
     @property
     def per_epoch(self) -> int:
@@ -344,7 +346,7 @@ def _fit(
     )
     run = _Run(config, given, files, data, device, shard, world.is_main,
                Feedback() if feedback is None else feedback, generator, K, tracker,
-               search_refine_disc(config, data), local_refine_disc(config, data))
+               search_refine_disc(config, data), local_refine_disc(config, data), particles)
     if run.local_disc is not None:
         logger.info("local epochs: the pose steps fit |k| <= %.3g cycles/box (%.3g Å, of the "
                     "training disc's %.3g), the volume steps the whole disc",
@@ -406,6 +408,9 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
         return_free_memory()  # the encoder and its optimiser are gone
     if step_due(run.config, epoch, state):  # C1 up to here: the group's frame from now on
         extra["symmetry"] = impose_on_state(run.config, state, run.shard)
+    if rebackproject_due(run.config, epoch, state):  # the local epochs' map, from the poses
+        extra["rebackproject"] = rebackproject_on_state(run.config, state, run.particles,
+                                                        run.data, run.shard)
     cut = (stage1_batches(run.config.schedule, epoch, run.per_epoch)
            if state.stage == Stage.AUTOENCODE else None)  # the step budget's cut epoch
     n = len(run.data)

@@ -22,6 +22,7 @@ __all__ = [
     "search_stop_message",
     "SymmetryRecord",
     "RelaxRecord",
+    "RebackprojectRecord",
     "EpochExtra",
     "HypothesesRecord",
     "RunningMean",
@@ -131,6 +132,16 @@ class RelaxRecord(TypedDict):
     centre_px: list[float]
 
 
+class RebackprojectRecord(TypedDict):
+    """``extra["rebackproject"]`` of the epoch that began with the volume re-made from the
+    poses (``optim.rebackproject_after_search``, :mod:`cryospin.train.rebackproject`): how
+    many images, with which group, in how many seconds."""
+
+    images: int
+    group: str
+    seconds: float
+
+
 class EpochExtra(TypedDict, total=False):
     """:attr:`cryospin.rundir.EpochMetrics.extra` as training writes it."""
 
@@ -138,6 +149,7 @@ class EpochExtra(TypedDict, total=False):
     search_stop: SearchStopRecord
     symmetry: SymmetryRecord
     relax: RelaxRecord
+    rebackproject: RebackprojectRecord
 
 
 class RunningMean:

@@ -214,6 +214,7 @@ def final_backprojection(
     symmetry: str = "C1",
     keep: np.ndarray | None = None,
     against: str = "an empty image",
+    label: str = "final map",
 ) -> torch.Tensor:
     """The final map: Wiener backprojection of the training images from the final poses.
 
@@ -240,6 +241,8 @@ def final_backprojection(
         that of ``K`` particles); None: all.
     against : str
         For the log line: what the left-out particles fit as well as the map.
+    label : str
+        What the log line calls the map.
 
     Returns
     -------
@@ -272,8 +275,9 @@ def final_backprojection(
         box_px=data.box_px, pixel_size_angstrom=data.pixel_size_angstrom, seed=seed,
         on_batch=on_batch, symmetry=group if group.shape[0] > 1 else None,
     )
-    logger.info("final map: Wiener backprojection of %s images from the final poses%s%s",
-                f"{rotations.shape[0]:,}", "" if group.shape[0] == 1 else f", symmetry {symmetry}",
+    logger.info("%s: Wiener backprojection of %s images from the %s poses%s%s", label,
+                f"{rotations.shape[0]:,}", "final" if label == "final map" else "current",
+                "" if group.shape[0] == 1 else f", symmetry {symmetry}",
                 "" if keep is None else
                 f" ({n - rotations.shape[0]:,} scoring no better than {against} left out)")
     return result.volume.float().cpu()

@@ -214,6 +214,11 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--search-polish-sweeps", type=int, metavar="N",
                    help="sweeps of the candidates' pattern search (with --search-candidates "
                         "above 1)")
+    g.add_argument("--rebackproject-after-search", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="when the global search ends, replace the volume by the Wiener "
+                        "backprojection from the poses before the local epochs (default: from "
+                        "the preset)")
     g.add_argument("--search-resolution", type=float, metavar="A",
                    help="score the global search on frequencies up to this resolution, Å "
                         "(the preset gives a radius in cycles per box)")

@@ -1,0 +1,122 @@
+"""``optim.rebackproject_after_search`` (``--rebackproject-after-search``): the first local
+epoch starts with the volume replaced by the Wiener backprojection from the poses after the
+search; recorded in that epoch's metrics; a run resumed across it is the uninterrupted run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tests._synthetic import SyntheticDataset, make_dataset
+
+from cryospin.cli import reconstruct as cli
+from cryospin.cli.flags import reconstruct as flags
+from cryospin.io.mrc import read_map
+from cryospin.io.particles import load_particles
+from cryospin.rundir import Checkpoint, RunFiles, load_checkpoint, read_metrics
+from cryospin.train.config import build_config
+from cryospin.train.data import prepare_data
+from cryospin.train.fit import fit
+from cryospin.train.outputs import final_backprojection
+from cryospin.train.rebackproject import rebackproject_due, rebackproject_on_state
+from cryospin.train.setup import initial_state
+
+
+def _config(rebackproject: bool):
+    """16 px, 3 heads; stage 1 in epoch 1, search in epochs 2-3, local epochs 4-5."""
+    return build_config("default", {
+        "model": {"num_heads": 3, "width_multiplier": 0.125, "head_hidden": 32,
+                  "precision": "fp32", "predict_shifts": True, "max_shift_px": 2.0},
+        "optim": {"batch_size": 32, "encoder_lr": 1e-3, "search_rotations": 256,
+                  "search_radius_px": 3.0, "rebackproject_after_search": rebackproject},
+        "schedule": {"epochs": 5, "switch_epoch": 1, "search_epochs": 2,
+                     "search_min_epochs": None},
+        "run": {"device": "cpu", "num_threads": 1, "seed": 3, "progress": False},
+    })
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> SyntheticDataset:
+    return make_dataset(tmp_path_factory.mktemp("tiny_rb"), box_px=16, n=64, seed=2,
+                        max_shift_px=1.0)
+
+
+def _particles(data: SyntheticDataset):
+    return load_particles(data.folder / "particles.mrcs", ctf_pkl=data.folder / "ctf.pkl")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("rb") / "run"
+    fit(_config(True), _particles(tiny), run)
+    return run
+
+
+def test_the_step_is_recorded_at_the_first_local_epoch_only(uninterrupted) -> None:
+    rows = read_metrics(uninterrupted / "metrics.jsonl")
+    marked = [r["epoch"] for r in rows if "rebackproject" in (r.get("extra") or {})]
+    assert marked == [4]
+    record = rows[3]["extra"]["rebackproject"]
+    assert record["images"] == 64 and record["group"] == "C1" and record["seconds"] >= 0
+
+
+def test_off_no_step(tiny, tmp_path) -> None:
+    fit(_config(False), _particles(tiny), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert not any("rebackproject" in (r.get("extra") or {}) for r in rows)
+
+
+def test_the_new_volume_is_the_backprojection_from_the_poses(tiny, tmp_path) -> None:
+    """After the search (checkpoint of epoch 3), the step's volume is the backprojection of
+    the training images from the pose table, with a fresh optimiser."""
+    config, particles, run = _config(True), _particles(tiny), tmp_path / "run"
+    fit(config, particles, run, stop_after=3)
+    ckpt = Checkpoint.load(RunFiles(run).checkpoint)
+    data = prepare_data(particles, config.data)
+    state = initial_state(config, RunFiles(run), data, torch.device("cpu"), None, ckpt,
+                          torch.Generator().manual_seed(0), main=True)
+    assert rebackproject_due(config, 4, state)
+    assert not rebackproject_due(config, 3, state) and not rebackproject_due(config, 5, state)
+    assert not rebackproject_due(_config(False), 4, state)
+    assert state.pose_table is not None
+    rotations, shifts = state.pose_table.gather(torch.arange(len(data)))
+    expected = final_backprojection(particles, data, rotations, shifts, seed=config.run.seed)
+    record = rebackproject_on_state(config, state, particles, data, None)
+    assert record["images"] == len(data)
+    got = state.volume.to_real_space().detach().double()
+    scale = float(expected.double().abs().max())
+    np.testing.assert_allclose(got.numpy(), expected.double().numpy(), rtol=0,
+                               atol=1e-5 * scale)
+    assert not state.decoder_opt.state  # a new optimiser: no moments of the old volume
+    assert state.decoder_opt.param_groups[0]["params"][0] is next(state.volume.parameters())
+
+
+def test_a_run_resumed_across_the_step_is_the_uninterrupted_run(uninterrupted, tiny,
+                                                                 tmp_path) -> None:
+    run = tmp_path / "run"
+    fit(_config(True), _particles(tiny), run, stop_after=3)
+    fit(_config(True), _particles(tiny), run, resume=True)
+    np.testing.assert_allclose(read_map(run / "map.mrc")[0],
+                               read_map(uninterrupted / "map.mrc")[0], rtol=0, atol=1e-6)
+    a, b = load_checkpoint(run / "checkpoint.pt"), load_checkpoint(uninterrupted /
+                                                                  "checkpoint.pt")
+    torch.testing.assert_close(a["pose_table"]["rotations"], b["pose_table"]["rotations"],
+                               atol=1e-6, rtol=0)
+    assert ([r["loss"] for r in read_metrics(run / "metrics.jsonl")]
+            == pytest.approx([r["loss"] for r in read_metrics(uninterrupted /
+                                                              "metrics.jsonl")], rel=1e-6))
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--rebackproject-after-search", True),
+                                             ("--no-rebackproject-after-search", False),
+                                             (None, False)])
+def test_the_flag_reaches_the_config(flag, value) -> None:
+    parser = argparse.ArgumentParser()
+    flags.add_args(parser)
+    args = parser.parse_args(["p.star", "-o", "run", *([flag] if flag else [])])
+    preset = {"optim": {"rebackproject_after_search": not value}} if flag else {}
+    assert (build_config(None, {**preset, **cli._overrides(args)})
+            .optim.rebackproject_after_search is value)
