@@ -48,6 +48,7 @@ from cryospin.report.analysis import (
     elapsed_seconds,
     head_spread_table,
     head_usage_bars,
+    noise_summary,
     orientation_histogram,
     padded_rows,
     switch_epoch,
@@ -353,9 +354,8 @@ def plot_noise_spectrum(record: NoiseSpectrumRecord, path: str | Path) -> None:
     if record.loss_radius_cycles_per_box < float(shells[-1]):
         ax.axvspan(edge, float(freq[-1]), color="0.85", zorder=0,
                    label=f"beyond the training disc ({1.0 / edge:.3g} Å)")
-    used = record.used_shells()[1:]
-    on_disc = power[used] if used.any() else power
-    lo, hi = float(on_disc.min()), float(on_disc.max())
+    summary = noise_summary(record)
+    lo, hi = summary["relative_power_min"], summary["relative_power_max"]
     ax.set_title(f"noise power {lo:.2g}-{hi:.2g}x its mean on the training disc; each "
                  "frequency weighted by the inverse", fontsize=9)
     ax.set_xlabel("spatial frequency (1/Å)")

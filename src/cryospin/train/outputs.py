@@ -215,6 +215,7 @@ def final_backprojection(
     keep: np.ndarray | None = None,
     against: str = "an empty image",
     label: str = "final map",
+    poses: str = "final",
 ) -> torch.Tensor:
     """The final map: Wiener backprojection of the training images from the final poses.
 
@@ -241,8 +242,8 @@ def final_backprojection(
         that of ``K`` particles); None: all.
     against : str
         For the log line: what the left-out particles fit as well as the map.
-    label : str
-        What the log line calls the map.
+    label, poses : str
+        What the log line calls the map and the poses.
 
     Returns
     -------
@@ -276,7 +277,7 @@ def final_backprojection(
         on_batch=on_batch, symmetry=group if group.shape[0] > 1 else None,
     )
     logger.info("%s: Wiener backprojection of %s images from the %s poses%s%s", label,
-                f"{rotations.shape[0]:,}", "final" if label == "final map" else "current",
+                f"{rotations.shape[0]:,}", poses,
                 "" if group.shape[0] == 1 else f", symmetry {symmetry}",
                 "" if keep is None else
                 f" ({n - rotations.shape[0]:,} scoring no better than {against} left out)")

@@ -61,7 +61,7 @@ def rebackproject_on_state(config: Config, state: TrainState, particles: Particl
         real = final_backprojection(
             particles, data.unsharded(), rotations,
             shifts if config.model.predict_shifts else None, seed=config.run.seed,
-            symmetry=group, label="volume after the search")
+            symmetry=group, label="volume after the search", poses="current")
     else:
         real = torch.zeros(L, L, L)
     if shard is not None:  # rank 0's map on every rank
