@@ -468,3 +468,23 @@ def test_switch_hypotheses_two_ranks_equal_one_process(particles, tmp_path):
     for name in ("map.003.mrc", "map.mrc"):
         assert_same_map(ref / name, run / name)
     assert_same_poses(ref / "poses.pkl", run / "poses.pkl")
+
+
+@pytest.mark.parametrize("group", ["C1", "C2"])
+def test_rebackproject_after_search_two_ranks_equals_one_process(particles, tmp_path, group):
+    """``--rebackproject-after-search`` (:mod:`cryospin.train.rebackproject`): rank 0
+    backprojects every particle from the gathered pose table (with the imposed group when
+    there is one) and the map reaches the other ranks by a sum: the local epoch starts from
+    the same volume, so the maps and poses are the 1-process run's."""
+    argv = [*TRAIN, "--rebackproject-after-search", "--symmetry", group]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cryospin([str(particles), "-o", str(one), *argv]))
+    assert_ok(run_cryospin([str(particles), "-o", str(two), *argv], nproc=2))
+    records = [[(row["epoch"], row["extra"]["rebackproject"]) for row in
+                read_metrics(run / "metrics.jsonl")
+                if "rebackproject" in (row.get("extra") or {})] for run in (one, two)]
+    assert [(e, r["images"], r["group"]) for e, r in records[1]] == \
+        [(e, r["images"], r["group"]) for e, r in records[0]] == [(3, N_PARTICLES, group)]
+    for name in ("map.003.mrc", "map.mrc"):
+        assert_same_map(one / name, two / name)
+    assert_same_poses(one / "poses.pkl", two / "poses.pkl")
