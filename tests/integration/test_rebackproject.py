@@ -120,3 +120,18 @@ def test_the_flag_reaches_the_config(flag, value) -> None:
     preset = {"optim": {"rebackproject_after_search": not value}} if flag else {}
     assert (build_config(None, {**preset, **cli._overrides(args)})
             .optim.rebackproject_after_search is value)
+
+
+@pytest.mark.parametrize(("preset", "argv", "value"), [
+    ("default", [], True),
+    ("default", ["--no-rebackproject-after-search"], False),
+    ("paper-synthetic", [], False),
+    ("paper-real", [], False),
+])
+def test_on_in_the_default_preset_only(preset, argv, value) -> None:
+    """The ``default`` preset re-makes the volume after its search (its comment gives the
+    measurements); the paper presets follow the paper (no such step); the flag turns it off."""
+    parser = argparse.ArgumentParser()
+    flags.add_args(parser)
+    args = parser.parse_args(["p.star", "-o", "run", *argv])
+    assert build_config(preset, cli._overrides(args)).optim.rebackproject_after_search is value

@@ -212,7 +212,7 @@ class OptimConfig:
         Wiener backprojection of the training images from the poses at that point
         (:mod:`cryospin.train.rebackproject`) and gets a new optimiser: the local epochs refine
         the poses against a map made from them rather than the one trained along with the
-        search.
+        search. Off here, on in the ``default`` preset (its comment gives the measurements).
     search_radius_px : float
         Radius (cycles per box) of the low-frequency disc the global search is scored on
         (in the first search epoch).
