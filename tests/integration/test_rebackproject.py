@@ -16,7 +16,9 @@ from cryospin.cli import reconstruct as cli
 from cryospin.cli.flags import reconstruct as flags
 from cryospin.io.mrc import read_map
 from cryospin.io.particles import load_particles
-from cryospin.rundir import Checkpoint, RunFiles, load_checkpoint, read_metrics
+from cryospin.report.analysis import rebackprojection, run_summary
+from cryospin.report.html import run_summary_rows
+from cryospin.rundir import Checkpoint, RunData, RunFiles, load_checkpoint, load_run, read_metrics
 from cryospin.train.config import build_config
 from cryospin.train.data import prepare_data
 from cryospin.train.fit import fit
@@ -63,10 +65,24 @@ def test_the_step_is_recorded_at_the_first_local_epoch_only(uninterrupted) -> No
     assert record["images"] == 64 and record["group"] == "C1" and record["seconds"] >= 0
 
 
+def _report_rows(run: Path) -> dict[str, str]:
+    """The report's summary table of the run."""
+    data = load_run(run)
+    return dict(run_summary_rows(run_summary(data, num_poses=64, box_px=16,
+                                             pixel_size_angstrom=4.0), data))
+
+
+def test_the_report_says_when_the_volume_was_re_made(uninterrupted) -> None:
+    line = _report_rows(uninterrupted)["volume re-made after the search"]
+    assert line.startswith("at the start of epoch 4: the Wiener backprojection of 64 images "
+                           "from the poses replaced the trained volume")
+
+
 def test_off_no_step(tiny, tmp_path) -> None:
     fit(_config(False), _particles(tiny), tmp_path / "run")
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert not any("rebackproject" in (r.get("extra") or {}) for r in rows)
+    assert "volume re-made after the search" not in _report_rows(tmp_path / "run")
 
 
 def test_the_new_volume_is_the_backprojection_from_the_poses(tiny, tmp_path) -> None:
@@ -135,3 +151,21 @@ def test_on_in_the_default_preset_only(preset, argv, value) -> None:
     flags.add_args(parser)
     args = parser.parse_args(["p.star", "-o", "run", *argv])
     assert build_config(preset, cli._overrides(args)).optim.rebackproject_after_search is value
+
+
+def test_the_report_names_the_imposed_group() -> None:
+    """With a point group imposed the row names it (the step's record as training writes it,
+    :class:`cryospin.train.metrics.RebackprojectRecord`)."""
+
+    metrics = [{"epoch": 1, "extra": {}},
+               {"epoch": 7, "extra": {"rebackproject": {"images": 20000, "group": "D7",
+                                                        "seconds": 52.6}}}]
+    assert rebackprojection(metrics) == (7, 20000, "D7", 52.6)
+    run = RunData(run_dir=Path("run"), metrics=metrics, config={}, config_text=None,
+                  map_path=None, epoch_maps={}, poses_path=None, finished=False)
+    line = dict(run_summary_rows(run_summary(run, num_poses=None, box_px=64,
+                                             pixel_size_angstrom=3.4), run))
+    assert line["volume re-made after the search"] == (
+        "at the start of epoch 7: the Wiener backprojection of 20,000 images from the poses "
+        "(symmetry D7) replaced the trained volume for the local epochs (52.6 s)")
+    assert rebackprojection(metrics[:1]) is None

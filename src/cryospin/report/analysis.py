@@ -40,6 +40,7 @@ __all__ = [
     "switch_epoch",
     "switch_hypotheses",
     "relaxations",
+    "rebackprojection",
     "elapsed_seconds",
     "pick_epochs",
     "view_directions",
@@ -97,6 +98,18 @@ def relaxations(metrics: Sequence[MetricsLine]) -> list[tuple[int, str, float, f
             rows.append((int(row["epoch"]), str(relax["group"]), float(relax["score"]),
                          float(relax["moved_fraction"])))
     return rows
+
+
+def rebackprojection(metrics: Sequence[MetricsLine]) -> tuple[int, int, str, float] | None:
+    """The epoch that began with the volume re-made from the poses after the global search
+    (``extra.rebackproject``, :mod:`cryospin.train.rebackproject`): ``(epoch, images, group,
+    seconds)``, or None when the run had no such step."""
+    for row in metrics:
+        record = (row.get("extra") or {}).get("rebackproject")
+        if isinstance(record, dict):
+            return (int(row["epoch"]), int(record["images"]), str(record["group"]),
+                    float(record["seconds"]))
+    return None
 
 
 def elapsed_seconds(metrics: Sequence[MetricsLine]) -> np.ndarray:

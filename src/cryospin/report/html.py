@@ -27,6 +27,7 @@ from cryospin.report.analysis import (
     RANDOM_SPREAD_DEG,
     MetricsLine,
     json_ready,
+    rebackprojection,
     relaxations,
     switch_hypotheses,
 )
@@ -285,6 +286,13 @@ def _epoch_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
             f"{groups} (scored copies of each pose in epochs {relaxed[0][0]}–"
             f"{relaxed[-1][0]}); % of the particles moved to another copy: {moved}; the "
             f"group's score in the last epoch's starting map {relaxed[-1][2]:.3f}")))
+    remade = rebackprojection(run.metrics)
+    if remade is not None:
+        epoch, images, group, seconds = remade
+        rows.append(("volume re-made after the search", (
+            f"at the start of epoch {epoch}: the Wiener backprojection of {images:,} images "
+            f"from the poses{'' if group.upper() == 'C1' else f' (symmetry {group})'} "
+            f"replaced the trained volume for the local epochs ({format_duration(seconds)})")))
     loss = s.get("final_loss")
     rows.append(("final loss", "–" if loss is None else f"{loss:.6g} ({s.get('final_stage')})"))
     rows.append(("wall time", format_duration(s["wall_time_s"])))
