@@ -12,7 +12,6 @@ from cryospin.train.config import ScheduleConfig
 from cryospin.train.progress import (
     AUTOENCODE,
     LOCAL,
-    RELATIVE_SPEED,
     SEARCH,
     RunPlan,
     add_sample,
@@ -21,8 +20,12 @@ from cryospin.train.progress import (
     format_duration,
     phase_totals,
     progress_line,
+    relative_speed,
     run_eta_s,
 )
+
+# relative speeds for hand arithmetic (the run's come from relative_speed(box_px))
+SPEEDS = {AUTOENCODE: 1.0, SEARCH: 1.0, LOCAL: 2.0}
 
 # the default preset's shape: 1 stage-1 epoch, up to 8 search epochs, 3 local epochs
 SCHEDULE = ScheduleConfig(epochs=12, switch_epoch=1, search_epochs=8, search_min_epochs=4,
@@ -58,14 +61,39 @@ def test_eta_in_stage_1_estimates_the_later_stages_from_the_relative_speeds():
     """Epoch 1 of 6 (1 stage-1, 3 search, 2 local), 25 of 100 images in 5 s: 5 images/s.
     Unmeasured: search at 5 * 1 = 5, local at 5 * 2 = 10 images/s.
     75/5 + 300/5 + 200/10 = 15 + 60 + 20 s."""
-    assert RELATIVE_SPEED == {AUTOENCODE: 1.0, SEARCH: 1.0, LOCAL: 2.0}
     plan = RunPlan(switch_epoch=1, last_search_epoch=4, last_epoch=6)
     totals = add_sample({}, AUTOENCODE, 25, 5.0)
-    assert estimate_rates(totals, AUTOENCODE) == {AUTOENCODE: 5.0, SEARCH: 5.0, LOCAL: 10.0}
-    assert run_eta_s(plan, 1, 25, 100, totals) == pytest.approx(15 + 60 + 20)
-    # other relative speeds (e.g. measured on a GPU) can be given
+    assert estimate_rates(totals, AUTOENCODE, SPEEDS) == {AUTOENCODE: 5.0, SEARCH: 5.0,
+                                                          LOCAL: 10.0}
+    assert run_eta_s(plan, 1, 25, 100, totals, SPEEDS) == pytest.approx(15 + 60 + 20)
     assert run_eta_s(plan, 1, 25, 100, totals, {AUTOENCODE: 1.0, SEARCH: 1.0, LOCAL: 1.0}) == \
         pytest.approx(575 / 5)
+
+
+def test_relative_speeds_follow_the_box():
+    """Search 1.6x stage 1 at every box; local 1.6 * 64 / L: as fast as a search epoch at
+    64 px, twice as fast at 32 px, half as fast at 128 px."""
+    assert relative_speed(64) == {AUTOENCODE: 1.0, SEARCH: 1.6, LOCAL: 1.6}
+    assert relative_speed(32)[LOCAL] == pytest.approx(3.2)
+    assert relative_speed(128)[LOCAL] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize(("box_px", "stage1", "search", "local"), [
+    (32, 357.0, 870.0, 2027.0),    # the demo test's size, 1,000 particles (slowest run)
+    (64, 509.0, 863.0, 855.0),     # D7 imposed, 20,000 (the slowest local epochs measured)
+    (64, 514.0, 1018.0, 1205.0),   # the white spike, 20,000
+    (128, 242.0, 560.0, 294.0),    # the coloured spike, 20,000
+])
+def test_the_estimates_err_on_the_long_side(box_px, stage1, search, local):
+    """The ``default`` runs' measured images/s (relative_speed's docstring; the median of each
+    phase's epochs in metrics.jsonl): a phase not yet run is estimated no faster than it ran
+    (D7's local epochs: within 3 %)."""
+    speeds = relative_speed(box_px)
+    in_stage1 = estimate_rates({AUTOENCODE: (stage1, 1.0)}, AUTOENCODE, speeds)
+    assert in_stage1[SEARCH] <= search and in_stage1[LOCAL] <= local
+    in_search = estimate_rates({AUTOENCODE: (stage1, 1.0), SEARCH: (search, 1.0)}, SEARCH,
+                               speeds)
+    assert in_search[LOCAL] <= 1.03 * local
 
 
 def test_eta_uses_the_measured_rate_of_every_phase_that_ran():
@@ -77,8 +105,9 @@ def test_eta_uses_the_measured_rate_of_every_phase_that_ran():
     totals = phase_totals(rows, plan)
     assert totals == {AUTOENCODE: (100.0, 20.0)}
     live = add_sample(totals, SEARCH, 50, 5.0)
-    assert estimate_rates(live, SEARCH) == {AUTOENCODE: 5.0, SEARCH: 10.0, LOCAL: 20.0}
-    assert run_eta_s(plan, 2, 50, 100, live) == pytest.approx(25 + 10)
+    assert estimate_rates(live, SEARCH, SPEEDS) == {AUTOENCODE: 5.0, SEARCH: 10.0,
+                                                     LOCAL: 20.0}
+    assert run_eta_s(plan, 2, 50, 100, live, SPEEDS) == pytest.approx(25 + 10)
     # several epochs of a phase: images and time add up (two search epochs at 10 and 20 /s)
     rows += [{"epoch": 2, "stage": "autodecode", "num_images": 100, "wall_time_s": 10.0},
              {"epoch": 3, "stage": "autodecode", "num_images": 100, "wall_time_s": 5.0},
@@ -100,15 +129,15 @@ def test_eta_after_an_early_stop_of_the_search_counts_only_the_shortened_run():
     totals = phase_totals(rows, stopped)
     assert totals == {AUTOENCODE: (100.0, 10.0), SEARCH: (400.0, 40.0)}
     # nothing local measured: from the first measured phase, 10 * 2/1 = 20 images/s
-    assert run_eta_s(stopped, 6, 0, 100, totals) == pytest.approx(300 / 20)
+    assert run_eta_s(stopped, 6, 0, 100, totals, SPEEDS) == pytest.approx(300 / 20)
     running = RunPlan.from_schedule(SCHEDULE, switch_epoch=1, search_stopped_after=None)
-    assert run_eta_s(running, 6, 0, 100, totals) == pytest.approx(400 / 10 + 300 / 20)
+    assert run_eta_s(running, 6, 0, 100, totals, SPEEDS) == pytest.approx(400 / 10 + 300 / 20)
 
 
 def test_unknown_rates_give_no_eta():
     plan = RunPlan(switch_epoch=1, last_search_epoch=4, last_epoch=6)
-    assert estimate_rates({}, AUTOENCODE) == {}
-    assert run_eta_s(plan, 1, 0, 100, {}) is None
+    assert estimate_rates({}, AUTOENCODE, SPEEDS) == {}
+    assert run_eta_s(plan, 1, 0, 100, {}, SPEEDS) is None
     assert eta_s({SEARCH: 10}, {AUTOENCODE: 1.0}) is None
     assert eta_s({}, {}) == 0.0
 

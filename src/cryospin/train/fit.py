@@ -55,7 +55,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +98,7 @@ from cryospin.train.progress import (
     RunPlan,
     add_sample,
     phase_totals,
+    relative_speed,
     run_eta_s,
 )
 from cryospin.train.rebackproject import rebackproject_due, rebackproject_on_state
@@ -309,6 +310,7 @@ class _Clock:
     totals: PhaseTotals
     scale: float  # distributed: rank 0 reports its own images, the display counts every rank's
     t_start: float
+    speeds: Mapping[str, float]  # the phases' relative images/s at this box (not yet measured)
     bar: PassProgress | None = None
 
 
@@ -377,7 +379,8 @@ def _train_epochs(run: _Run, state: TrainState, stop_after: int | None) -> int:
     # the encoder as trained: in DDP when distributed (checkpoints save `encoder` itself)
     trained = (None if state.encoder is None or run.shard is None
                else wrap_encoder(state.encoder, run.device))
-    clock = _Clock(end, last, plan, totals, scale, time.perf_counter())
+    clock = _Clock(end, last, plan, totals, scale, time.perf_counter(),
+                   relative_speed(run.data.box_px))
     try:
         for epoch in range(state.epoch + 1, last + 1):
             if epoch > clock.last:  # the global search stopped early: the run ends sooner
@@ -415,8 +418,7 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
            if state.stage == Stage.AUTOENCODE else None)  # the step budget's cut epoch
     n = len(run.data)
     images = n if cut is None else min(n, cut * run.config.optim.batch_size)
-    clock.bar = _epoch_progress(run.feedback, clock.plan, clock.totals, epoch, clock.end,
-                                images, clock.scale)
+    clock.bar = _epoch_progress(run.feedback, clock, epoch, images)
     t0 = time.perf_counter()
     if state.stage == Stage.AUTOENCODE:
         stats = _stage1_epoch(run, state, epoch, cut, trained, clock.bar)
@@ -619,18 +621,19 @@ def _finish(run: _Run, state: TrainState, particles: ParticleSet) -> FitResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def _epoch_progress(feedback: Feedback, plan: RunPlan, totals: PhaseTotals, epoch: int,
-                    end: int, images: int, scale: float) -> PassProgress:
-    """The progress display of ``epoch`` (``images`` per epoch, the run's last epoch ``end``),
-    with the run's ETA from the images/s measured so far and this epoch's
-    (:func:`cryospin.train.progress.run_eta_s`)."""
+def _epoch_progress(feedback: Feedback, clock: _Clock, epoch: int,
+                    images: int) -> PassProgress:
+    """The progress display of ``epoch`` (``images`` per epoch), with the run's ETA from the
+    images/s measured so far and this epoch's (:func:`cryospin.train.progress.run_eta_s`)."""
+    plan, totals, speeds = clock.plan, clock.totals, clock.speeds  # as the epoch starts
     phase = plan.phase(epoch)
 
     def run_eta(done: float, seconds: float) -> float | None:
-        return run_eta_s(plan, epoch, done, images, add_sample(totals, phase, done, seconds))
+        return run_eta_s(plan, epoch, done, images, add_sample(totals, phase, done, seconds),
+                         speeds)
 
-    return feedback.start(f"epoch {epoch}/{end} ({PHASE_LABELS[phase]})", images,
-                          what="epoch", run_eta=run_eta, scale=scale)
+    return feedback.start(f"epoch {epoch}/{clock.end} ({PHASE_LABELS[phase]})", images,
+                          what="epoch", run_eta=run_eta, scale=clock.scale)
 
 
 def _resume_hint(run_dir: Path, epochs_done: int) -> str:

@@ -11,12 +11,14 @@ An epoch's **phase** is one of
   :func:`cryospin.train.schedule.last_search_epoch`);
 * ``"local"`` — a stage-2 epoch of local refinement only.
 
-Their speeds differ several-fold (:data:`RELATIVE_SPEED`), so the run's ETA adds up, phase by
-phase, the images still to train divided by that phase's images/s (:func:`run_eta_s`): the
-rate measured in this run for every phase that has run (``metrics.jsonl`` of earlier epochs,
-the current epoch so far), else the current phase's rate scaled by :data:`RELATIVE_SPEED`.
+Their speeds differ several-fold, and by box size (:func:`relative_speed`), so the run's ETA
+adds up, phase by phase, the images still to train divided by that phase's images/s
+(:func:`run_eta_s`): the rate measured in this run for every phase that has run
+(``metrics.jsonl`` of earlier epochs, the current epoch so far), else the current phase's rate
+scaled by :func:`relative_speed`.
 The ETA counts training time only (the per-epoch map and checkpoint writes, the switch's
-inference pass and the final map add a little).
+inference pass, the volume's backprojection after the search and the final map add a little:
+each backprojection about a search epoch's time at 64 px with two threads).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ __all__ = [
     "LOCAL",
     "PHASES",
     "PHASE_LABELS",
-    "RELATIVE_SPEED",
+    "relative_speed",
     "RunPlan",
     "PhaseTotals",
     "phase_totals",
@@ -56,17 +58,26 @@ PHASES = (AUTOENCODE, SEARCH, LOCAL)
 PHASE_LABELS: Mapping[str, str] = {AUTOENCODE: "stage 1", SEARCH: "stage 2, search",
                                    LOCAL: "stage 2, local"}
 
-#: Images/s of each phase relative to stage 1, for a phase not yet measured in this run (from
-#: its first epoch on, the measured rate is used). Measured, default preset: 48 px, 384
-#: particles, 1 thread (this machine, 2026-12-03, shared with other jobs): stage 1 / search /
-#: local epochs 159 / 330–448 / 711–801 images/s (2.1–2.8× and 4.5–5.0× stage 1); the 64 px,
-#: 20,000-particle benchmark (benchmarks/RESULTS.md): stage 1 223 (bf16) / 140 (fp32) against
-#: stage 2 at best 530 / 471 images/s (2.4–3.4×), and before stage 1 got its 32 px encoder input
-#: a search epoch took 0.7–1.5× a stage-1 epoch. Since the search decides on a wider disc
-#: (``optim.search_candidates``, 2026-12-06; 64 px, 20,000, 2 threads, bf16): stage 1 ~515,
-#: search 790–1,230 with 4 candidates (311–892 with 8 and 2 sweeps), local 1,030–1,300
-#: images/s. 1 and 2 keep the estimate on the long side.
-RELATIVE_SPEED: Mapping[str, float] = {AUTOENCODE: 1.0, SEARCH: 1.0, LOCAL: 2.0}
+def relative_speed(box_px: int) -> dict[str, float]:
+    """Images/s of each phase relative to stage 1 at a training box of ``box_px`` pixels,
+    for a phase not yet measured in this run (from its first epoch on, the measured rate is
+    used): stage 1 1, search 1.6, local 1.6 · 64 / ``box_px``.
+
+    A search epoch's cost is mostly the grid search on a fixed low-frequency disc, a local
+    epoch's the pose and volume steps on the whole training disc, so the local epochs slow
+    down with the box and the search epochs much less. Measured (``default`` preset, 2
+    threads, bf16, Intel Xeon with AMX, 2026-12-06; images/s from ``metrics.jsonl``, median
+    over a run's epochs of each phase): 32 px (1,000 particles) stage 1 ~365, search 870-1,070,
+    local 2,030-2,430; 64 px (20,000; spike, ADK, D7, coloured sets) stage 1 510-590, search
+    860-1,250, local 860-1,360 (local / search 0.97 with D7 imposed, else 1.07-1.5);
+    128 px (20,000 spike) stage 1 225-250, search 555-670, local 292-305 (local / search
+    0.46-0.53). So search / stage 1 is 1.6-2.5 and local / search about 2.3 / 1.2 / 0.52 at
+    32 / 64 / 128 px, ~77 / ``box_px``. These factors are below every measured ``default``
+    run's but the local epochs with D7 imposed (3 % above), so the estimate errs on the long
+    side."""
+    search = 1.6
+    return {AUTOENCODE: 1.0, SEARCH: search, LOCAL: search * 64.0 / box_px}
+
 
 #: ``phase -> (images, seconds)`` trained so far (summed over epochs).
 PhaseTotals = Mapping[str, tuple[float, float]]
@@ -151,10 +162,10 @@ def add_sample(totals: PhaseTotals, phase: str, images: float,
 
 
 def estimate_rates(totals: PhaseTotals, current_phase: str,
-                   relative_speed: Mapping[str, float] = RELATIVE_SPEED) -> dict[str, float]:
+                   speeds: Mapping[str, float]) -> dict[str, float]:
     """Images/s of every phase: measured where ``totals`` has it; a phase never measured gets
     the current phase's rate (else the first measured one's) times the ratio of their
-    ``relative_speed``. Empty when nothing has been measured yet."""
+    ``speeds`` (:func:`relative_speed`). Empty when nothing has been measured yet."""
     rates = {p: images / seconds for p, (images, seconds) in totals.items()
              if seconds > 0 and images > 0}
     if not rates:
@@ -162,7 +173,7 @@ def estimate_rates(totals: PhaseTotals, current_phase: str,
     ref = current_phase if current_phase in rates else next(p for p in PHASES if p in rates)
     for p in PHASES:
         if p not in rates:
-            rates[p] = rates[ref] * relative_speed[p] / relative_speed[ref]
+            rates[p] = rates[ref] * speeds[p] / speeds[ref]
     return rates
 
 
@@ -181,14 +192,14 @@ def eta_s(remaining: Mapping[str, float], rates: Mapping[str, float]) -> float |
 
 
 def run_eta_s(plan: RunPlan, epoch: int, images_done: float, images_per_epoch: float,
-              totals: PhaseTotals,
-              relative_speed: Mapping[str, float] = RELATIVE_SPEED) -> float | None:
+              totals: PhaseTotals, speeds: Mapping[str, float]) -> float | None:
     """Seconds until the end of ``plan.last_epoch``, ``images_done`` into ``epoch``.
 
     ``totals`` holds what this run has measured, the current epoch so far included
-    (:func:`add_sample`); None before anything was measured.
+    (:func:`add_sample`); ``speeds`` those of the run's box (:func:`relative_speed`); None
+    before anything was measured.
     """
-    rates = estimate_rates(totals, plan.phase(epoch), relative_speed)
+    rates = estimate_rates(totals, plan.phase(epoch), speeds)
     return eta_s(plan.remaining_images(epoch, images_done, images_per_epoch), rates)
 
 
