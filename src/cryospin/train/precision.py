@@ -237,6 +237,15 @@ def measure_encoder_step(
         after its warm-up when that alone is 3x slower than float32's (an emulated path: no
         need to time more).
     """
+    # the run seeded the global generator before this: leave it as it was, so that a run is
+    # the same whether this machine's timing was cached or measured now
+    with torch.random.fork_rng(devices=[]):
+        return _time_steps(build, box_px, batch, budget_s)
+
+
+def _time_steps(build: Callable[[torch.dtype | None], nn.Module], box_px: int, batch: int,
+                budget_s: float) -> StepTimes:
+    """:func:`measure_encoder_step`'s timing (it seeds and draws from the global generator)."""
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, box_px, box_px, generator=gen)  # (B, L, L)
 
