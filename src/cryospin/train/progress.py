@@ -68,8 +68,9 @@ def relative_speed(box_px: int) -> dict[str, float]:
     down with the box and the search epochs much less. Measured (``default`` preset, bf16,
     Intel Xeon with AMX, 2026-12-06; images/s from ``metrics.jsonl``, median over a run's
     epochs of each phase): 32 px (1,000 particles, one thread) stage 1 ~365, search
-    870-1,070, local 2,030-2,430; two threads: 64 px (20,000; spike, ADK, D7, coloured sets) stage 1 510-590, search
-    860-1,250, local 860-1,360 (local / search 0.97 with D7 imposed, else 1.07-1.5);
+    870-1,070, local 2,030-2,430; two threads: 64 px (20,000; spike, ADK, D7, coloured
+    sets) stage 1 510-590, search 860-1,250, local 860-1,360 (local / search 0.97 with D7
+    imposed, else 1.07-1.5);
     128 px (20,000 spike) stage 1 225-250, search 555-670, local 292-305 (local / search
     0.46-0.53). So search / stage 1 is 1.6-2.5 and local / search about 2.3 / 1.2 / 0.52 at
     32 / 64 / 128 px, ~77 / ``box_px``. These factors are below every measured ``default``
