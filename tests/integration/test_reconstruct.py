@@ -955,9 +955,10 @@ def test_early_stop_with_stop_after_and_resume_equals_uninterrupted(
     passes = []  # (epoch, shown last epoch, the ETA plan's last epoch, phase, images)
     real_progress = fit_module._epoch_progress
 
-    def spy(feedback, plan, totals, epoch, end, images, scale):
-        passes.append((epoch, end, plan.last_epoch, plan.phase(epoch), images))
-        return real_progress(feedback, plan, totals, epoch, end, images, scale)
+    def spy(feedback, clock, epoch, images):
+        passes.append((epoch, clock.end, clock.plan.last_epoch, clock.plan.phase(epoch),
+                       images))
+        return real_progress(feedback, clock, epoch, images)
 
     monkeypatch.setattr(fit_module, "_epoch_progress", spy)
     caplog.set_level("INFO", logger="cryospin.train.fit")
