@@ -284,7 +284,7 @@ class _Run:
     tracker: PoseTracker | None  # pose_track.npz (rank 0)
     search_disc: LossDisc | None  # the search epochs' pose steps (search_refine_disc)
     local_disc: LossDisc | None  # the local epochs' pose steps (local_refine_disc)
-    particles: ParticleSet  # the input (the backprojections' CTFs without a training source)
+    particles: ParticleSet  # the input (outputs; backprojection CTFs without a training source)
 
     @property
     def per_epoch(self) -> int:
@@ -357,7 +357,7 @@ def _fit(
     end = _train_epochs(run, state, stop_after)
     if state.epoch < end:
         return FitResult(files.dir, state.epoch, state.stage, finished=False)
-    return _finish(run, state, particles)
+    return _finish(run, state)
 
 
 # --------------------------------------------------------------------------- the epochs
@@ -568,7 +568,7 @@ def _commit(run: _Run, state: TrainState, epoch: int, stats: EpochStats, *, wall
                 keep_map=config.run.keep_epoch_maps, metrics=metrics, checkpoint=checkpoint)
 
 
-def _finish(run: _Run, state: TrainState, particles: ParticleSet) -> FitResult:
+def _finish(run: _Run, state: TrainState) -> FitResult:
     """The final poses (the pose table, or the encoder's best heads if the run never
     switched) and outputs (rank 0)."""
     files = run.files
@@ -608,7 +608,7 @@ def _finish(run: _Run, state: TrainState, particles: ParticleSet) -> FitResult:
                                  batch_size=run.config.run.inference_batch_size,
                                  progress=progress.update, junk_class=junk)
     try:
-        write_final(files, run.config, particles, run.data, state.volume, rotations,
+        write_final(files, run.config, run.particles, run.data, state.volume, rotations,
                     shifts_out, feedback=run.feedback, scores=scores, junk_scored=junk)
     except OutputError as exc:  # every epoch is checkpointed: --resume writes these again
         raise OutputError(f"{exc}; {_resume_hint(files.dir, state.epoch)}") from None
