@@ -18,15 +18,16 @@ from cryospin.forward.ctf import compute_ctf
 from cryospin.forward.hartley import hartley3, ihartley2
 from cryospin.forward.model import render
 from cryospin.io.mrc import write_stack
-from cryospin.io.particles import load_particles
+from cryospin.io.particles import load_indices, load_particles
 from cryospin.io.pkl import write_cryodrgn_ctf
 from cryospin.losses import class_responsibility, gaussian_nll, log_likelihood_ratio
 from cryospin.pose import PoseTable
 from cryospin.rotations import random_rotations
+from cryospin.rundir import RunFiles
 from cryospin.train.autodecode import RotationSearch, autodecode_epoch, pose_nll
 from cryospin.train.config import DataConfig
 from cryospin.train.data import prepare_data
-from cryospin.train.outputs import final_backprojection
+from cryospin.train.outputs import _write_selection, final_backprojection
 from cryospin.train.scores import EMPTY_SCORE, particle_scores, selected_indices
 from cryospin.volume import HartleyVolume
 
@@ -240,3 +241,23 @@ def test_the_flag_reaches_the_config(flag, value):
     args = parser.parse_args(["p.star", "-o", "run", *([flag] if flag else [])])
     preset = {"model": {"empty_class": not value}} if flag else {}
     assert build_config(None, {**preset, **cli._overrides(args)}).model.empty_class is value
+
+
+def test_the_selection_line_names_the_others_median_or_says_none_is_selected(tmp_path, caplog):
+    """Some above the line: ``selected.pkl`` lists them and the line gives their median; none
+    above (7 real particles of a four-epoch run did this): an empty list and a warning saying
+    so, no ``nan``."""
+    files = RunFiles(tmp_path)
+    with caplog.at_level("INFO", logger="cryospin.train.outputs"):
+        _write_selection(files, torch.tensor([3.0, -1.0, 5.0, 0.0], dtype=F64), None)
+    np.testing.assert_array_equal(load_indices(files.selected), [0, 2])
+    assert "2 of 4 particles (50.0 %)" in caplog.text
+    assert "median score of the others 4)" in caplog.text and "lists the other 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cryospin.train.outputs"):
+        _write_selection(files, torch.tensor([-3.0, -1.0, 0.0], dtype=F64), None)
+    assert load_indices(files.selected).size == 0
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and "nan" not in record.getMessage()
+    assert "3 of 3 particles (100.0 %)" in record.getMessage()
+    assert "selected.pkl is empty: no particle to select" in record.getMessage()

@@ -175,13 +175,16 @@ def _write_selection(files: RunFiles, scores: torch.Tensor, ind: str | None,
     selected = selected_indices(scores, None if ind is None else load_indices(ind))
     write_indices_pkl(files.selected, selected)
     n, kept = int(scores.numel()), int(selected.size)
-    logger.info(
-        "particle scores (%s in %s): %s of %s particles (%.1f %%) fit the map no better than "
-        "%s (score <= %g nats; median score of the others %.3g); %s lists the "
-        "other %s (0-based in the input%s, for --ind)", SCORE_COLUMN, files.star.name,
-        f"{n - kept:,}", f"{n:,}", 100.0 * (n - kept) / max(n, 1), against, EMPTY_SCORE,
-        float(np.median(scores.numpy()[above])) if kept else float("nan"),
-        files.selected.name, f"{kept:,}", "" if ind is None else ", through this run's --ind")
+    head = (f"particle scores ({SCORE_COLUMN} in {files.star.name}): {n - kept:,} of {n:,} "
+            f"particles ({100.0 * (n - kept) / max(n, 1):.1f} %) fit the map no better than "
+            f"{against} (score <= {EMPTY_SCORE:g} nats")
+    via = "" if ind is None else ", through this run's --ind"
+    if kept:
+        logger.info("%s; median score of the others %.3g); %s lists the other %s (0-based in "
+                    "the input%s, for --ind)", head, float(np.median(scores.numpy()[above])),
+                    files.selected.name, f"{kept:,}", via)
+    else:
+        logger.warning("%s); %s is empty: no particle to select", head, files.selected.name)
 
 
 class _TrainingImages:
