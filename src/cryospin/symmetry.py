@@ -25,6 +25,7 @@ __all__ = [
     "asymmetric_unit",
     "expand_rotations",
     "grid_cosets",
+    "insertions_per_image",
     "point_group_rotations",
     "symmetry_axes",
 ]
@@ -167,6 +168,13 @@ def grid_cosets(group: Tensor) -> tuple[Tensor, Tensor]:
     if len(reps) * P.shape[0] != group.shape[0]:
         raise AssertionError("the grid-preserving elements do not split the group into cosets")
     return group[reps], P
+
+
+def insertions_per_image(symbol: str) -> int:
+    """``|G| / |P|``: the insertions per image of a backprojection with point group ``symbol``
+    (:func:`grid_cosets`; C1 1, D7 7, O 1, I 5)."""
+    cosets, _ = grid_cosets(point_group_rotations(symbol))
+    return int(cosets.shape[0])
 
 
 def symmetry_axes(group: Tensor, *, tol: float = 1e-6) -> tuple[Tensor, Tensor]:

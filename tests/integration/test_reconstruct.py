@@ -36,6 +36,7 @@ from cryospin.train import switch as switch_module
 from cryospin.train.config import build_config, load_config
 from cryospin.train.fit import TrainingInterrupted, fit
 from cryospin.train.metrics import NonFiniteLossError
+from cryospin.train.progress import BACKPROJECT
 
 # ----------------------------------------------------------------------------- data
 
@@ -953,11 +954,14 @@ def test_early_stop_with_stop_after_and_resume_equals_uninterrupted(
     cfg = _early_stop_config()
     fit(cfg, _particles(tiny), run, stop_after=1)
     passes = []  # (epoch, shown last epoch, the ETA plan's last epoch, phase, images)
+    ahead = []  # (backprojected images still ahead in the plan, the re-made volume measured)
     real_progress = fit_module._epoch_progress
 
     def spy(feedback, clock, epoch, images):
         passes.append((epoch, clock.end, clock.plan.last_epoch, clock.plan.phase(epoch),
                        images))
+        ahead.append((clock.plan.remaining_images(epoch, 0, images).get(BACKPROJECT),
+                      BACKPROJECT in clock.totals))
         return real_progress(feedback, clock, epoch, images)
 
     monkeypatch.setattr(fit_module, "_epoch_progress", spy)
@@ -966,6 +970,11 @@ def test_early_stop_with_stop_after_and_resume_equals_uninterrupted(
     assert done.finished and done.epochs_completed == 4
     assert passes == [(2, 5, 5, "search", 64), (3, 5, 5, "search", 64),
                       (4, 4, 4, "local", 64)]  # planned epochs 2-5, then 2-4
+    # the ETA's backprojections (C1, 64 particles): the volume re-made after the search (64)
+    # and the final map with the scores (64 * 1.25) ahead, then the final one, its rate from
+    # the re-made volume's, measured at the start of epoch 4
+    assert cfg.optim.rebackproject_after_search
+    assert ahead == [(64 + 80, False), (64 + 80, False), (80, True)]
     assert any(r.getMessage().startswith("global search done after epoch 3: ")
                and "1 local epochs follow" in r.getMessage() for r in caplog.records)
     _assert_same_run(early_stopped.run_dir, run)

@@ -134,11 +134,12 @@ def test_progress_lines_without_a_terminal(data, tmp_path, monkeypatch):
     lines = [line[5:] for line in _lines(run / "run.log") if line.startswith("INFO ")]
     # epoch 1, first batch: 16 images 1 s after the start, 16 more at 16 images/s (1 s), then
     # 2 * 32 of the search epochs, unmeasured: at 1.6x stage 1's rate (relative_speed, 25.6
-    # images/s: 2.5 s); 3.5 s in all, shown rounded half to even (4 s, then 2 s)
+    # images/s: 2.5 s), and the final map with the scores (32 * 1.25 C1 images at 3.6 * 64/16
+    # times stage 1's rate: 0.17 s); 3.67 s in all (4 s), then 2.67 s (3 s)
     assert ("epoch 1/3 (stage 1): 16/32 images (50 %), 16.0 images/s, ETA epoch 1 s, run 4 s"
             in lines)
     assert "epoch 1/3 (stage 1): 32/32 images (100 %), 16.0 images/s, ETA epoch 0 s, run " \
-           "2 s" in lines
+           "3 s" in lines
     assert [line for line in lines if line.startswith("switch: inference pass")] == [
         f"switch: inference pass: {n}/32 images ({100 * n / 32:.0f} %), 10.0 images/s, "
         f"ETA pass {(32 - n) / 10:.0f} s" for n in (10, 20, 30, 32)][:3] + [

@@ -11,13 +11,16 @@ import pytest
 from cryospin.train.config import ScheduleConfig
 from cryospin.train.progress import (
     AUTOENCODE,
+    BACKPROJECT,
     LOCAL,
     SEARCH,
     RunPlan,
     add_sample,
+    backprojection_images,
     estimate_rates,
     eta_s,
     format_duration,
+    insertion_weight,
     phase_totals,
     progress_line,
     relative_speed,
@@ -72,10 +75,11 @@ def test_eta_in_stage_1_estimates_the_later_stages_from_the_relative_speeds():
 
 def test_relative_speeds_follow_the_box():
     """Search 1.6x stage 1 at every box; local 1.6 * 64 / L: as fast as a search epoch at
-    64 px, twice as fast at 32 px, half as fast at 128 px."""
-    assert relative_speed(64) == {AUTOENCODE: 1.0, SEARCH: 1.6, LOCAL: 1.6}
+    64 px, twice as fast at 32 px, half as fast at 128 px; a C1 backprojection 3.6 * 64 / L."""
+    assert relative_speed(64) == {AUTOENCODE: 1.0, SEARCH: 1.6, LOCAL: 1.6, BACKPROJECT: 3.6}
     assert relative_speed(32)[LOCAL] == pytest.approx(3.2)
     assert relative_speed(128)[LOCAL] == pytest.approx(0.8)
+    assert relative_speed(128)[BACKPROJECT] == pytest.approx(1.8)
 
 
 @pytest.mark.parametrize(("box_px", "stage1", "search", "local"), [
@@ -94,6 +98,83 @@ def test_the_estimates_err_on_the_long_side(box_px, stage1, search, local):
     in_search = estimate_rates({AUTOENCODE: (stage1, 1.0), SEARCH: (search, 1.0)}, SEARCH,
                                speeds)
     assert in_search[LOCAL] <= 1.03 * local
+
+
+@pytest.mark.parametrize(("box_px", "stage1", "backprojection"), [
+    (32, 375.7, 1000 / 0.192),   # the demo test's size, 1,000 particles, one thread
+    (64, 505.8, 20_000 / 9.4),   # the fastest re-made volume measured at 64 px (coloured ADK)
+    (64, 533.0, 20_000 / 9.1),   # the 30 % empty set
+    (128, 242.3, 20_000 / 43.9),  # the coloured spike
+])
+def test_the_backprojection_estimate_errs_on_the_long_side(box_px, stage1, backprojection):
+    """The re-made volume's images/s (``rebackproject`` records of ``default`` runs, C1)
+    against the estimate from the first epoch's stage-1 rate: never faster than measured."""
+    rates = estimate_rates({AUTOENCODE: (stage1, 1.0)}, AUTOENCODE, relative_speed(box_px))
+    assert rates[BACKPROJECT] <= backprojection
+
+
+def test_insertion_weight_counts_the_transforms_once():
+    """One insertion: one C1 backprojection. D7 (7 insertions per image) measured 52.6 s
+    against 9.4-10.2 s for C1 (20,000 images, 64 px): 5.2-5.6 times; the weight 5.5."""
+    assert insertion_weight(1) == 1.0
+    assert 52.6 / 10.2 <= insertion_weight(7) <= 52.6 / 9.4
+
+
+def test_the_plan_counts_the_backprojections_still_ahead():
+    """100 particles, 3 insertions each (weight 2.5: 250 C1 images a backprojection); the
+    final map adds 0.25 per particle for the scores. The re-made volume starts epoch 5 (after
+    the last search epoch, 4): ahead up to epoch 4, gone from epoch 5 on."""
+    assert backprojection_images(100, 3, rebackproject=True, final=True) == (250.0, 275.0)
+    assert backprojection_images(100, 3, rebackproject=False, final=False) == (0.0, 0.0)
+    plan = RunPlan.from_schedule(
+        ScheduleConfig(epochs=6, switch_epoch=1, search_epochs=3), switch_epoch=1,
+        search_stopped_after=None, particles=100, insertions=3, rebackproject=True)
+    assert (plan.rebackproject_images, plan.final_images) == (250.0, 275.0)
+    assert plan.remaining_images(4, 50, 100)[BACKPROJECT] == 250 + 275
+    assert plan.remaining_images(5, 0, 100) == {LOCAL: 200, BACKPROJECT: 275}
+    assert plan.remaining_images(6, 100, 100) == {BACKPROJECT: 275}
+    # --stop-after 3: neither comes in this invocation; --stop-after 5: the re-made one only
+    early = RunPlan.from_schedule(
+        ScheduleConfig(epochs=6, switch_epoch=1, search_epochs=3), switch_epoch=1,
+        search_stopped_after=None, last_epoch=3, particles=100, insertions=3,
+        rebackproject=True)
+    assert BACKPROJECT not in early.remaining_images(2, 0, 100)
+    mid = RunPlan.from_schedule(
+        ScheduleConfig(epochs=6, switch_epoch=1, search_epochs=3), switch_epoch=1,
+        search_stopped_after=None, last_epoch=5, particles=100, insertions=3,
+        rebackproject=True)
+    assert mid.remaining_images(2, 0, 100)[BACKPROJECT] == 250
+    # no search epoch (or the option off): no re-made volume; the final map still comes
+    for schedule, on in ((ScheduleConfig(epochs=6, switch_epoch=1, search_epochs=0), True),
+                         (ScheduleConfig(epochs=6, switch_epoch=1, search_epochs=3), False)):
+        plain = RunPlan.from_schedule(schedule, switch_epoch=1, search_stopped_after=None,
+                                      particles=100, insertions=3, rebackproject=on)
+        assert plain.remaining_images(1, 0, 100)[BACKPROJECT] == 275
+
+
+def test_eta_adds_the_backprojections_at_their_measured_or_estimated_rate():
+    """Epoch 1 of 4 (1 stage-1, 2 search, 1 local), 100 particles, C1: 100 C1 images for the
+    re-made volume, 125 for the final map and scores. Stage 1 at 5 images/s, a backprojection
+    estimated 4x that (20/s): 75/5 + 200/5 + 100/10 + 225/20 s. Once the re-made volume has run
+    (100 images in 2 s: 50/s), the final map's 125 take 2.5 s."""
+    speeds = {**SPEEDS, BACKPROJECT: 4.0}
+    schedule = ScheduleConfig(epochs=4, switch_epoch=1, search_epochs=2)
+    plan = RunPlan.from_schedule(schedule, switch_epoch=1, search_stopped_after=None,
+                                 particles=100, insertions=1, rebackproject=True)
+    totals = add_sample({}, AUTOENCODE, 25, 5.0)
+    assert run_eta_s(plan, 1, 25, 100, totals, speeds) == pytest.approx(
+        75 / 5 + 200 / 5 + 100 / 10 + 225 / 20)
+    after = add_sample(add_sample(totals, SEARCH, 200, 40.0), BACKPROJECT, 100, 2.0)
+    assert run_eta_s(plan, 4, 0, 100, after, speeds) == pytest.approx(100 / 10 + 125 / 50)
+
+
+def test_a_rebackproject_record_in_metrics_gives_the_backprojection_rate():
+    """``extra.rebackproject`` of the epoch it started: its images weighted by its group's
+    insertions (D7: 7, weight 5.5), over its seconds."""
+    plan = RunPlan(switch_epoch=1, last_search_epoch=2, last_epoch=4)
+    rows = [{"epoch": 3, "stage": "autodecode", "num_images": 100, "wall_time_s": 10.0,
+             "extra": {"rebackproject": {"images": 100, "group": "D7", "seconds": 11.0}}}]
+    assert phase_totals(rows, plan) == {LOCAL: (100.0, 10.0), BACKPROJECT: (550.0, 11.0)}
 
 
 def test_eta_uses_the_measured_rate_of_every_phase_that_ran():

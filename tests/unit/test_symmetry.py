@@ -11,7 +11,7 @@ from cryospin.evaluate.pose_error import pose_error
 from cryospin.point_group import parse_point_group
 from cryospin.rotations import random_rotations
 from cryospin.simulate.density import AtomicModel, parse_selection, symmetric_assembly
-from cryospin.symmetry import grid_cosets, point_group_rotations
+from cryospin.symmetry import grid_cosets, insertions_per_image, point_group_rotations
 
 GROUPS = [("C1", 1), ("c4", 4), ("C7", 7), ("D2", 4), ("D7", 14), ("T", 12), ("o", 24),
           ("I", 60), ("I1", 60), ("I2", 60), ("i3", 60), ("I4", 60)]
@@ -259,6 +259,7 @@ def test_grid_cosets_split_the_group(symbol, n_cosets, n_grid):
     G = point_group_rotations(symbol)
     H, P = grid_cosets(G)
     assert (H.shape[0], P.shape[0]) == (n_cosets, n_grid)
+    assert insertions_per_image(symbol) == n_cosets  # a backprojection's insertions per image
     assert bool(((P == 0) | (P.abs() == 1)).all())
     torch.testing.assert_close(P[0], torch.eye(3, dtype=torch.float64), rtol=0, atol=0)
     torch.testing.assert_close(H[0], G[0], rtol=0, atol=0)

@@ -59,6 +59,7 @@ from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -67,7 +68,7 @@ from cryospin.errors import OutputError, Terminated
 from cryospin.io.particle_set import ParticleSet
 from cryospin.rundir import RunFiles, Stage, prepare_run_dir, read_metrics
 from cryospin.runlock import describe_command, folder_lock
-from cryospin.symmetry import point_group_rotations
+from cryospin.symmetry import insertions_per_image, point_group_rotations
 from cryospin.train.autodecode import (
     JUMP_THRESHOLD_DEG,
     autodecode_epoch,
@@ -93,10 +94,12 @@ from cryospin.train.metrics import EpochExtra, search_stop_message, search_stop_
 from cryospin.train.noise_record import noise_record, write_noise_spectrum
 from cryospin.train.outputs import epoch_metrics, write_epoch, write_final
 from cryospin.train.progress import (
+    BACKPROJECT,
     PHASE_LABELS,
     PhaseTotals,
     RunPlan,
     add_sample,
+    insertion_weight,
     phase_totals,
     relative_speed,
     run_eta_s,
@@ -300,6 +303,14 @@ class _Run:
         return final_stage1_radius(self.config, self.data.box_px, self.per_epoch)
 
 
+class _BackprojectionPlan(TypedDict):
+    """:meth:`RunPlan.from_schedule`'s backprojection arguments."""
+
+    particles: int
+    insertions: int
+    rebackproject: bool
+
+
 @dataclass
 class _Clock:
     """The epoch plan as it stands and the images/s measured so far (progress and ETAs)."""
@@ -371,7 +382,7 @@ def _train_epochs(run: _Run, state: TrainState, stop_after: int | None) -> int:
     last = end if stop_after is None else min(end, max(stop_after, state.epoch))
     plan = RunPlan.from_schedule(s, switch_epoch=run.switch_epoch,
                                  search_stopped_after=state.search_stopped_after,
-                                 last_epoch=last)
+                                 last_epoch=last, **_backprojection_plan(run, state))
     # progress: the images/s measured so far (resume: earlier epochs)
     totals = phase_totals(read_metrics(run.files.metrics), plan) if run.main else {}
     n = len(run.data)
@@ -412,8 +423,10 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
     if step_due(run.config, epoch, state):  # C1 up to here: the group's frame from now on
         extra["symmetry"] = impose_on_state(run.config, state, run.shard)
     if rebackproject_due(run.config, epoch, state):  # the local epochs' map, from the poses
-        extra["rebackproject"] = rebackproject_on_state(run.config, state, run.particles,
-                                                        run.data, run.shard)
+        record = rebackproject_on_state(run.config, state, run.particles, run.data, run.shard)
+        extra["rebackproject"] = record
+        clock.totals = add_sample(clock.totals, BACKPROJECT, record["images"] * insertion_weight(
+            insertions_per_image(record["group"])), record["seconds"])
     cut = (stage1_batches(run.config.schedule, epoch, run.per_epoch)
            if state.stage == Stage.AUTOENCODE else None)  # the step budget's cut epoch
     n = len(run.data)
@@ -527,7 +540,8 @@ def _stop_search_if_done(run: _Run, state: TrainState, clock: _Clock, epoch: int
     clock.end = final_epoch(s, epoch)
     clock.last = min(clock.last, clock.end)
     clock.plan = RunPlan.from_schedule(s, switch_epoch=run.switch_epoch,
-                                       search_stopped_after=epoch, last_epoch=clock.last)
+                                       search_stopped_after=epoch, last_epoch=clock.last,
+                                       **_backprojection_plan(run, state))
     return {"search_stop": search_stop_record(
         epoch, float(stats.jump_fraction or 0.0), previous, rule=rule,
         threshold_deg=JUMP_THRESHOLD_DEG,
@@ -634,6 +648,19 @@ def _epoch_progress(feedback: Feedback, clock: _Clock, epoch: int,
 
     return feedback.start(f"epoch {epoch}/{clock.end} ({PHASE_LABELS[phase]})", images,
                           what="epoch", run_eta=run_eta, scale=clock.scale)
+
+
+def _backprojection_plan(run: _Run, state: TrainState) -> _BackprojectionPlan:
+    """The backprojections' arguments of :meth:`RunPlan.from_schedule`: every particle, with
+    the volume's group, or the configured one while it is still to be imposed (``auto``: C1,
+    the group is not known yet)."""
+    group = state.volume.point_group
+    wanted = run.config.model.symmetry
+    if group.upper() == "C1" and wanted.lower() != "auto":
+        group = wanted
+    return {"particles": len(run.data), "insertions": insertions_per_image(group),
+            "rebackproject": run.config.optim.rebackproject_after_search
+            and run.config.schedule.method not in AMORTIZED_METHODS}
 
 
 def _resume_hint(run_dir: Path, epochs_done: int) -> str:

@@ -16,9 +16,14 @@ adds up, phase by phase, the images still to train divided by that phase's image
 (:func:`run_eta_s`): the rate measured in this run for every phase that has run
 (``metrics.jsonl`` of earlier epochs, the current epoch so far), else the current phase's rate
 scaled by :func:`relative_speed`.
-The ETA counts training time only (the per-epoch map and checkpoint writes, the switch's
-inference pass, the volume's backprojection after the search and the final map add a little:
-each backprojection about a search epoch's time at 64 px with two threads).
+
+The ETA also counts the backprojections still ahead (:data:`BACKPROJECT`, not an epoch
+phase): the volume re-made from the poses when the search ends
+(``optim.rebackproject_after_search``) and the final map with the particles' scores. Their
+"images" are weighted by the insertions each image costs (:func:`insertion_weight`; ``|G| /
+|P|`` with a point group, :func:`cryospin.symmetry.grid_cosets`), their rate is the re-made
+volume's measured one when it has run, else estimated like an unmeasured phase. Left out: the
+per-epoch map and checkpoint writes, the switch's inference pass (seconds at most).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from cryospin.rundir import Stage
+from cryospin.symmetry import insertions_per_image
 from cryospin.train.config import ScheduleConfig
 from cryospin.train.schedule import final_epoch, last_search_epoch
 
@@ -37,7 +43,10 @@ __all__ = [
     "LOCAL",
     "PHASES",
     "PHASE_LABELS",
+    "BACKPROJECT",
     "relative_speed",
+    "insertion_weight",
+    "backprojection_images",
     "RunPlan",
     "PhaseTotals",
     "phase_totals",
@@ -57,11 +66,16 @@ PHASES = (AUTOENCODE, SEARCH, LOCAL)
 #: How the progress display names each phase.
 PHASE_LABELS: Mapping[str, str] = {AUTOENCODE: "stage 1", SEARCH: "stage 2, search",
                                    LOCAL: "stage 2, local"}
+#: The backprojections' work (module docstring): not an epoch phase, a rate like one.
+BACKPROJECT = "backprojection"
+#: The final map's particle-scoring pass, in C1 backprojections of the same particles.
+SCORES_WEIGHT = 0.25
 
 def relative_speed(box_px: int) -> dict[str, float]:
     """Images/s of each phase relative to stage 1 at a training box of ``box_px`` pixels,
     for a phase not yet measured in this run (from its first epoch on, the measured rate is
-    used): stage 1 1, search 1.6, local 1.6 · 64 / ``box_px``.
+    used): stage 1 1, search 1.6, local 1.6 · 64 / ``box_px``, and a C1 backprojection
+    (:data:`BACKPROJECT`) 3.6 · 64 / ``box_px``.
 
     A search epoch's cost is mostly the grid search on a fixed low-frequency disc, a local
     epoch's the pose and volume steps on the whole training disc, so the local epochs slow
@@ -75,9 +89,32 @@ def relative_speed(box_px: int) -> dict[str, float]:
     0.46-0.53). So search / stage 1 is 1.6-2.5 and local / search about 2.3 / 1.2 / 0.52 at
     32 / 64 / 128 px, ~77 / ``box_px``. These factors are below every measured ``default``
     run's but the local epochs with D7 imposed (3 % above), so the estimate errs on the long
-    side."""
+    side. The re-made volume's C1 backprojection (the same runs' ``rebackproject`` records):
+    5,300 images/s at 32 px (one thread), 1,960-2,200 at 64 px, 455 at 128 px: 14, 3.7-4.2
+    and 1.9 times stage 1's rate."""
     search = 1.6
-    return {AUTOENCODE: 1.0, SEARCH: search, LOCAL: search * 64.0 / box_px}
+    return {AUTOENCODE: 1.0, SEARCH: search, LOCAL: search * 64.0 / box_px,
+            BACKPROJECT: 3.6 * 64.0 / box_px}
+
+
+def insertion_weight(insertions: int) -> float:
+    """A backprojection's cost per image with ``insertions`` insertions per image, in C1
+    backprojections (one insertion): ``0.25 + 0.75 · insertions``, the image's transforms
+    and CTF being computed once. Measured: D7 (7 insertions) 52.6 s against 9.4-10.2 s for
+    C1, 20,000 images at 64 px (5.2-5.6; the formula gives 5.5)."""
+    return 0.25 + 0.75 * insertions
+
+
+def backprojection_images(particles: int, insertions: int, *, rebackproject: bool,
+                          final: bool) -> tuple[float, float]:
+    """The backprojections' work, in C1-backprojected images (:data:`BACKPROJECT`'s unit):
+    ``(the re-made volume's, the final map's)`` for ``particles`` images of ``insertions``
+    insertions each, 0 for one that does not come; the final map adds the particles' scores
+    (:data:`SCORES_WEIGHT`). Measured, the final map and scores against the re-made volume:
+    1.2 times at 64 and 128 px (C1), 1.06 with D7 imposed."""
+    one = particles * insertion_weight(insertions)
+    return (one if rebackproject else 0.0,
+            one + SCORES_WEIGHT * particles if final else 0.0)
 
 
 #: ``phase -> (images, seconds)`` trained so far (summed over epochs).
@@ -97,20 +134,38 @@ class RunPlan:
         Last epoch with the global search (``switch_epoch`` or less: none).
     last_epoch : int
         Last epoch this invocation trains (the run's last, or ``--stop-after``).
+    rebackproject_images : float
+        The volume re-made from the poses at the start of epoch ``last_search_epoch + 1``, in
+        C1-backprojected images (:func:`backprojection_images`; 0: none).
+    final_images : float
+        The final map and the particles' scores after ``last_epoch``, likewise (0: this
+        invocation stops before the run's end).
     """
 
     switch_epoch: int
     last_search_epoch: int
     last_epoch: int
+    rebackproject_images: float = 0.0
+    final_images: float = 0.0
 
     @classmethod
     def from_schedule(cls, schedule: ScheduleConfig, *, switch_epoch: int,
-                      search_stopped_after: int | None,
-                      last_epoch: int | None = None) -> RunPlan:
+                      search_stopped_after: int | None, last_epoch: int | None = None,
+                      particles: int = 0, insertions: int = 1,
+                      rebackproject: bool = False) -> RunPlan:
         """The plan of ``schedule`` (``last_epoch`` None: the run's last,
-        :func:`~cryospin.train.schedule.final_epoch`, which an early stop shortens)."""
-        end = final_epoch(schedule, search_stopped_after) if last_epoch is None else last_epoch
-        return cls(switch_epoch, last_search_epoch(schedule, search_stopped_after), end)
+        :func:`~cryospin.train.schedule.final_epoch`, which an early stop shortens), with the
+        backprojections of ``particles`` images (``insertions`` each): the final map when
+        ``last_epoch`` is the run's last, the re-made volume when ``rebackproject`` and a
+        search runs (``optim.rebackproject_after_search``; none here for 0 particles)."""
+        final = final_epoch(schedule, search_stopped_after)
+        end = final if last_epoch is None else last_epoch
+        last_search = last_search_epoch(schedule, search_stopped_after)
+        rb, fin = backprojection_images(
+            particles, insertions, final=end >= final,
+            rebackproject=rebackproject and schedule.search_epochs > 0
+            and last_search > switch_epoch)
+        return cls(switch_epoch, last_search, end, rb, fin)
 
     def phase(self, epoch: int) -> str:
         """Phase of ``epoch`` (module docstring)."""
@@ -123,12 +178,18 @@ class RunPlan:
     def remaining_images(self, epoch: int, images_done: float,
                          images_per_epoch: float) -> dict[str, float]:
         """Images still to train, by phase, from ``images_done`` into ``epoch`` to the end of
-        ``last_epoch`` (phases with none left are absent)."""
+        ``last_epoch``, and the backprojections still ahead (:data:`BACKPROJECT`; the re-made
+        volume until its epoch starts); phases with none left are absent."""
         out: dict[str, float] = {}
         for e in range(epoch, self.last_epoch + 1):
             left = images_per_epoch - images_done if e == epoch else images_per_epoch
             if left > 0:
                 out[self.phase(e)] = out.get(self.phase(e), 0.0) + left
+        bp = self.final_images
+        if epoch <= self.last_search_epoch < self.last_epoch:
+            bp += self.rebackproject_images
+        if bp > 0:
+            out[BACKPROJECT] = bp
         return out
 
 
@@ -136,9 +197,18 @@ def phase_totals(rows: Iterable[Mapping[str, object]],
                  plan: RunPlan) -> dict[str, tuple[float, float]]:
     """``phase -> (images, seconds)`` of the epochs in ``metrics.jsonl`` rows
     (:func:`cryospin.rundir.read_metrics`); rows without a positive training time are
-    skipped."""
+    skipped. A row's re-made volume (``extra.rebackproject``) adds to :data:`BACKPROJECT`, its
+    images weighted by its group's insertions (:func:`insertion_weight`)."""
     totals: dict[str, tuple[float, float]] = {}
     for row in rows:
+        extra = row.get("extra")
+        record = extra.get("rebackproject") if isinstance(extra, Mapping) else None
+        if isinstance(record, Mapping):
+            n, spent, group = record.get("images"), record.get("seconds"), record.get("group")
+            if (isinstance(n, int | float) and isinstance(spent, int | float)
+                    and isinstance(group, str) and n > 0 and spent > 0):
+                totals = add_sample(totals, BACKPROJECT,
+                                    n * insertion_weight(insertions_per_image(group)), spent)
         images, seconds = row.get("num_images"), row.get("wall_time_s")
         if not isinstance(images, int | float) or not isinstance(seconds, int | float):
             continue
@@ -166,13 +236,15 @@ def estimate_rates(totals: PhaseTotals, current_phase: str,
                    speeds: Mapping[str, float]) -> dict[str, float]:
     """Images/s of every phase: measured where ``totals`` has it; a phase never measured gets
     the current phase's rate (else the first measured one's) times the ratio of their
-    ``speeds`` (:func:`relative_speed`). Empty when nothing has been measured yet."""
+    ``speeds`` (:func:`relative_speed`; a phase it lacks gets none). Empty when nothing has
+    been measured yet."""
     rates = {p: images / seconds for p, (images, seconds) in totals.items()
              if seconds > 0 and images > 0}
     if not rates:
         return {}
-    ref = current_phase if current_phase in rates else next(p for p in PHASES if p in rates)
-    for p in PHASES:
+    ref = current_phase if current_phase in rates else next(
+        p for p in (*PHASES, BACKPROJECT) if p in rates)
+    for p in speeds:
         if p not in rates:
             rates[p] = rates[ref] * speeds[p] / speeds[ref]
     return rates
