@@ -28,7 +28,22 @@ satisfy ``w(m − pᵀ q) = w(p m − q)``, so the insertion at ``R h p`` is the
 (:func:`cryospin.symmetry.grid_cosets`), each image is inserted ``|G| / |P|`` times, at
 ``R_i h``, into a grid that also holds ``k = +L/2`` (the mirror of ``−L/2``; ``(L+1)³`` for even
 ``L``), and the sums are folded once, ``N(m) = Σ_p N_H(p m)``: exact, and O costs one insertion,
-I2 five, D7 seven, C4 one. The Wiener term ``λ``:
+I2 five, D7 seven, C4 one.
+
+A cheaper, inexact way (``symmetrize="resample"``): insert each image once, at ``R_i``, and
+average the four C1 sums over the group afterwards, ``N(m) = Σ_g N_1(g m)``
+(:func:`cryospin.forward.symmetrize.symmetrize_volume` times ``|G|``: the ``|P|`` elements
+exactly, the others by trilinear resampling of the sums). One insertion whatever the group,
+and equal to the above for groups whose elements all map the grid onto itself (C2, C4, D2,
+O); for the others the rotated copies are interpolated twice (inserted, then resampled), a
+smoothing the exact sums do not have. Measured on the D7 ring (20,000 images at 64 px, the
+poses of a ``--symmetry D7`` run, two threads): 10.3 s against 53.1 s, FSC 0.5 against the
+true map 8.21 Å against 8.28 Å, the two maps' FSC 0.999 to shell 20 of 32 and ≥ 0.91 to
+Nyquist. Training uses it for the volume re-made after the search
+(:mod:`cryospin.train.rebackproject`), an intermediate map; the final map and ``cryospin
+backproject`` insert.
+
+The Wiener term ``λ``:
 
 * constant: ``λ = reg · mean(D)`` over the ball ``|k| ≤ L//2`` (scale-free version of cryoDRGN's
   ``--reg``; ``reg`` = 1e-3 by default);
@@ -59,7 +74,7 @@ import functools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import torch
@@ -73,6 +88,7 @@ from cryospin.forward.hartley import hartley2
 from cryospin.forward.lattice import frequency_grid_2d
 from cryospin.forward.shifts import shift_hartley_grid
 from cryospin.forward.slicing import insert_central_slices
+from cryospin.forward.symmetrize import symmetrize_volume
 from cryospin.half_sets import half_set_assignment
 from cryospin.preprocess import PreprocessedParticles
 from cryospin.symmetry import grid_cosets, point_group_rotations
@@ -142,6 +158,8 @@ class ImageReader(Protocol):
 
 #: What the backprojection reads images from: `(N, L, L)` tensor or array, or a reader.
 Images = Tensor | np.ndarray | ImageReader
+#: How a symmetric backprojection averages over the group (module docstring).
+Symmetrize = Literal["insert", "resample"]
 
 
 def _image_getter(images: Images) -> Callable[[np.ndarray], Tensor]:
@@ -168,6 +186,7 @@ def accumulate_backprojection(
     progress: bool = False,
     on_batch: Callable[[int], None] | None = None,
     symmetry: Tensor | None = None,
+    symmetrize: Symmetrize = "insert",
 ) -> BackprojectionSums:
     """Stream over the particles in batches and accumulate ``N`` and ``D`` for each half set.
 
@@ -195,6 +214,9 @@ def accumulate_backprojection(
         Rotations of the particle's point group (:func:`cryospin.symmetry.point_group_rotations`):
         the sums of the insertions at ``R g`` for every ``g`` (None: once, at ``R``), computed
         with ``|G| / |P|`` insertions and a fold over ``P`` (module docstring).
+    symmetrize : "insert" or "resample"
+        With ``symmetry``: those sums (``insert``), or the C1 sums averaged over the group by
+        resampling (``resample``; inexact, one insertion per image: module docstring).
 
     Returns
     -------
@@ -208,10 +230,22 @@ def accumulate_backprojection(
         raise ValueError(f"shifts_px must be ({n}, 2), got {tuple(shifts_px.shape)}")
     if isinstance(ctf, CTFParams) and pixel_size_angstrom is None:
         raise ValueError("CTF parameters need pixel_size_angstrom")
+    if symmetrize not in ("insert", "resample"):
+        raise ValueError(f"symmetrize must be 'insert' or 'resample', got {symmetrize!r}")
     get = _image_getter(images)
     device = rotations.device
     cosets, perms = (None, None) if symmetry is None else grid_cosets(
         symmetry.detach().to(device="cpu", dtype=torch.float64))  # (G/|P|, 3, 3), (|P|, 3, 3)
+    if symmetrize == "resample" and cosets is not None and perms is not None:
+        plain = accumulate_backprojection(
+            images, rotations, shifts_px, ctf, half_set=half_set, box_px=box_px,
+            pixel_size_angstrom=pixel_size_angstrom, batch_size=batch_size, dtype=dtype,
+            progress=progress, on_batch=on_batch)
+        order = cosets.shape[0] * perms.shape[0]
+        c1 = [plain.numerator_a, plain.denominator_a, plain.numerator_b, plain.denominator_b]
+        del plain  # one extra volume at a time
+        return BackprojectionSums(*[order * symmetrize_volume(c1.pop(0), cosets, perms)
+                                    for _ in range(4)])
     # with grid permutations to fold: a grid holding the mirror p m of every voxel m
     fold = perms is not None and perms.shape[0] > 1
     box = L + 1 if fold and L % 2 == 0 else L  # k = −L/2 … L/2 (even L); centre index L//2
@@ -463,6 +497,7 @@ def backproject(
     progress: bool = False,
     on_batch: Callable[[int], None] | None = None,
     symmetry: Tensor | None = None,
+    symmetrize: Symmetrize = "insert",
 ) -> BackprojectionResult:
     """Reconstruct a map and two half maps from images with known poses.
 
@@ -496,6 +531,8 @@ def backproject(
         Called after each batch of the accumulation with its number of images.
     symmetry : `(G, 3, 3)`, optional
         Point-group rotations: the symmetrised backprojection (module docstring).
+    symmetrize : "insert" or "resample"
+        How (:func:`accumulate_backprojection`).
 
     Returns
     -------
@@ -521,7 +558,7 @@ def backproject(
     sums = accumulate_backprojection(
         images, rotations, shifts, ctf, half_set=half_set, box_px=box_px,
         pixel_size_angstrom=pixel_size_angstrom, batch_size=batch_size, dtype=dtype,
-        progress=progress, on_batch=on_batch, symmetry=symmetry,
+        progress=progress, on_batch=on_batch, symmetry=symmetry, symmetrize=symmetrize,
     )
     volume, half_a, half_b, curve = reconstruct_from_sums(
         sums, reg=reg, wiener=wiener, pixel_size_angstrom=pixel_size_angstrom

@@ -19,6 +19,8 @@ from cryospin.io.particles import load_particles
 from cryospin.report.analysis import rebackprojection, run_summary
 from cryospin.report.html import run_summary_rows
 from cryospin.rundir import Checkpoint, RunData, RunFiles, load_checkpoint, load_run, read_metrics
+from cryospin.train import outputs as outputs_module
+from cryospin.train import rebackproject as rebackproject_module
 from cryospin.train.config import build_config
 from cryospin.train.data import prepare_data
 from cryospin.train.fit import fit
@@ -27,11 +29,12 @@ from cryospin.train.rebackproject import rebackproject_due, rebackproject_on_sta
 from cryospin.train.setup import initial_state
 
 
-def _config(rebackproject: bool):
+def _config(rebackproject: bool, symmetry: str = "C1"):
     """16 px, 3 heads; stage 1 in epoch 1, search in epochs 2-3, local epochs 4-5."""
     return build_config("default", {
         "model": {"num_heads": 3, "width_multiplier": 0.125, "head_hidden": 32,
-                  "precision": "fp32", "predict_shifts": True, "max_shift_px": 2.0},
+                  "precision": "fp32", "predict_shifts": True, "max_shift_px": 2.0,
+                  "symmetry": symmetry},
         "optim": {"batch_size": 32, "encoder_lr": 1e-3, "search_rotations": 256,
                   "search_radius_px": 3.0, "rebackproject_after_search": rebackproject},
         "schedule": {"epochs": 5, "switch_epoch": 1, "search_epochs": 2,
@@ -153,19 +156,40 @@ def test_on_in_the_default_preset_only(preset, argv, value) -> None:
     assert build_config(preset, cli._overrides(args)).optim.rebackproject_after_search is value
 
 
+def test_with_a_group_imposed_the_step_averages_the_c1_sums_over_it(tiny, tmp_path,
+                                                                     monkeypatch) -> None:
+    """``--symmetry C3`` (imposed after the search, at the start of epoch 4, before the step):
+    the step backprojects with the volume's group, each image inserted once and the sums
+    averaged over C3 by resampling (``symmetrize="resample"``); the final map inserts each
+    image at its three poses."""
+    calls: list[tuple[str, str, str]] = []
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("label", "final map"), kwargs["symmetry"],
+                      kwargs.get("symmetrize", "insert")))
+        return final_backprojection(*args, **kwargs)
+
+    monkeypatch.setattr(rebackproject_module, "final_backprojection", spy)
+    monkeypatch.setattr(outputs_module, "final_backprojection", spy)
+    fit(_config(True, symmetry="C3"), _particles(tiny), tmp_path / "run")
+    assert calls == [("volume after the search", "C3", "resample"), ("final map", "C3", "insert")]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[3]["extra"]["rebackproject"]["group"] == "C3"
+
+
 def test_the_report_names_the_imposed_group() -> None:
     """With a point group imposed the row names it (the step's record as training writes it,
     :class:`cryospin.train.metrics.RebackprojectRecord`)."""
 
     metrics = [{"epoch": 1, "extra": {}},
                {"epoch": 7, "extra": {"rebackproject": {"images": 20000, "group": "D7",
-                                                        "seconds": 52.6}}}]
-    assert rebackprojection(metrics) == (7, 20000, "D7", 52.6)
+                                                        "seconds": 9.3}}}]
+    assert rebackprojection(metrics) == (7, 20000, "D7", 9.3)
     run = RunData(run_dir=Path("run"), metrics=metrics, config={}, config_text=None,
                   map_path=None, epoch_maps={}, poses_path=None, finished=False)
     line = dict(run_summary_rows(run_summary(run, num_poses=None, box_px=64,
                                              pixel_size_angstrom=3.4), run))
     assert line["volume re-made after the search"] == (
         "at the start of epoch 7: the Wiener backprojection of 20,000 images from the poses "
-        "(symmetry D7) replaced the trained volume for the local epochs (52.6 s)")
+        "(symmetry D7) replaced the trained volume for the local epochs (9.3 s)")
     assert rebackprojection(metrics[:1]) is None

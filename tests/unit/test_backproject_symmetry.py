@@ -11,9 +11,10 @@ from cryospin.forward.ctf import CTFParams
 from cryospin.forward.hartley import hartley3
 from cryospin.forward.resample import fourier_pad_3d
 from cryospin.forward.rigid import transform_map
+from cryospin.forward.symmetrize import symmetrize_volume
 from cryospin.rotations import random_rotations
 from cryospin.simulate import atoms_to_volume, project_map, upsample_map_for_projection
-from cryospin.symmetry import expand_rotations, point_group_rotations
+from cryospin.symmetry import expand_rotations, grid_cosets, point_group_rotations
 
 APIX = 3.0
 
@@ -153,3 +154,73 @@ def test_symmetrised_map_is_symmetric_after_resampling(symbol: str) -> None:
     assert asymmetry(volume) < 0.03  # the resampling itself
     assert asymmetry(sym) < 0.1
     assert asymmetry(sym) < 0.4 * asymmetry(plain), (asymmetry(sym), asymmetry(plain))
+
+
+@pytest.mark.parametrize("symbol", ["C2", "C4", "D2", "O"])
+def test_resampled_sums_equal_the_inserted_ones_for_grid_groups(symbol: str) -> None:
+    """Groups whose every element maps the voxel grid onto itself: averaging the C1 sums over
+    the group (``symmetrize="resample"``) is exact, so it equals inserting each image at its
+    ``|G|`` poses, to rounding (odd box: every voxel's orbit lies on the grid)."""
+    g = torch.Generator().manual_seed(5)
+    n, L = 9, 13
+    images = torch.randn(n, L, L, generator=g, dtype=torch.float64)
+    R = random_rotations(n, generator=g).double()
+    shifts = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    ctf = _ctf(n, g)
+    half = np.array([1, 2, 1, 1, 2, 2, 1, 2, 1])
+    G = point_group_rotations(symbol)
+    kw = dict(half_set=half, box_px=L, pixel_size_angstrom=APIX, batch_size=4, symmetry=G)
+    inserted = accumulate_backprojection(images, R, shifts, ctf, **kw)
+    resampled = accumulate_backprojection(images, R, shifts, ctf, symmetrize="resample", **kw)
+    for name in ("numerator_a", "denominator_a", "numerator_b", "denominator_b"):
+        a, b = getattr(resampled, name), getattr(inserted, name)
+        assert float((a - b).abs().max()) < 1e-12 * float(b.abs().max()), name
+
+
+@pytest.mark.parametrize("symbol", ["C3", "D7", "T", "I"])
+def test_resampled_sums_are_the_group_average_of_the_c1_sums(symbol: str) -> None:
+    """Any group: ``|G|`` times :func:`symmetrize_volume` of each C1 sum, each image inserted
+    once."""
+    g = torch.Generator().manual_seed(6)
+    n, L = 6, 12
+    images = torch.randn(n, L, L, generator=g, dtype=torch.float64)
+    R = random_rotations(n, generator=g).double()
+    half = np.array([1, 2, 1, 2, 2, 1])
+    G = point_group_rotations(symbol)
+    H, P = grid_cosets(G)
+    plain = accumulate_backprojection(images, R, half_set=half, box_px=L, batch_size=4)
+    resampled = accumulate_backprojection(images, R, half_set=half, box_px=L, batch_size=4,
+                                          symmetry=G, symmetrize="resample")
+    for name in ("numerator_a", "denominator_a", "numerator_b", "denominator_b"):
+        expected = G.shape[0] * symmetrize_volume(getattr(plain, name), H, P)
+        torch.testing.assert_close(getattr(resampled, name), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("symbol", ["C3", "D7", "T", "I"])
+def test_resampled_map_approaches_the_inserted_one_as_the_box_grows(symbol: str) -> None:
+    """The rotated copies are interpolated twice (inserted, then resampled): the map differs
+    from the exactly inserted one, less at a larger box for the same particle in Å (measured
+    at 16 / 24 px: C3 9.4 / 6.4 %, D7 8.9 / 5.3 %, T 11.0 / 6.3 %, I 9.6 / 4.8 %), and is
+    symmetric: closer to the true map than the C1 map at 24 px."""
+    diffs = []
+    for L in (16, 24):
+        volume = _symmetric_particle(symbol, L)
+        images, R = _noisy_projections(volume, 60, seed=4)
+        G = point_group_rotations(symbol)
+        inserted = backproject(images, R, pixel_size_angstrom=APIX, symmetry=G).volume
+        resampled = backproject(images, R, pixel_size_angstrom=APIX, symmetry=G,
+                                symmetrize="resample").volume
+        diffs.append(float((resampled - inserted).norm() / inserted.norm()))
+    c1 = backproject(images, R, pixel_size_angstrom=APIX).volume
+
+    def error(v: torch.Tensor) -> float:
+        return float((v - volume).norm() / volume.norm())
+
+    assert diffs[1] < 0.7 * diffs[0] and diffs[0] < 0.12, diffs
+    assert error(resampled) < 0.75 * error(c1), (error(resampled), error(c1))
+
+
+def test_symmetrize_must_be_insert_or_resample() -> None:
+    with pytest.raises(ValueError, match="symmetrize must be"):
+        accumulate_backprojection(torch.zeros(2, 8, 8), torch.eye(3).expand(2, 3, 3),
+                                  half_set=np.array([1, 2]), box_px=8, symmetrize="both")

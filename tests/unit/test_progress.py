@@ -121,16 +121,16 @@ def test_insertion_weight_counts_the_transforms_once():
 
 
 def test_the_plan_counts_the_backprojections_still_ahead():
-    """100 particles, 3 insertions each (weight 2.5: 250 C1 images a backprojection); the
-    final map adds 0.25 per particle for the scores. The re-made volume starts epoch 5 (after
-    the last search epoch, 4): ahead up to epoch 4, gone from epoch 5 on."""
-    assert backprojection_images(100, 3, rebackproject=True, final=True) == (250.0, 275.0)
+    """100 particles, 3 insertions each in the final map (weight 2.5), plus 0.25 per particle
+    for the scores: 275 C1 images; the re-made volume inserts each image once: 100. It starts
+    epoch 5 (after the last search epoch, 4): ahead up to epoch 4, gone from epoch 5 on."""
+    assert backprojection_images(100, 3, rebackproject=True, final=True) == (100.0, 275.0)
     assert backprojection_images(100, 3, rebackproject=False, final=False) == (0.0, 0.0)
     plan = RunPlan.from_schedule(
         ScheduleConfig(epochs=6, switch_epoch=1, search_epochs=3), switch_epoch=1,
         search_stopped_after=None, particles=100, insertions=3, rebackproject=True)
-    assert (plan.rebackproject_images, plan.final_images) == (250.0, 275.0)
-    assert plan.remaining_images(4, 50, 100)[BACKPROJECT] == 250 + 275
+    assert (plan.rebackproject_images, plan.final_images) == (100.0, 275.0)
+    assert plan.remaining_images(4, 50, 100)[BACKPROJECT] == 100 + 275
     assert plan.remaining_images(5, 0, 100) == {LOCAL: 200, BACKPROJECT: 275}
     assert plan.remaining_images(6, 100, 100) == {BACKPROJECT: 275}
     # --stop-after 3: neither comes in this invocation; --stop-after 5: the re-made one only
@@ -143,7 +143,7 @@ def test_the_plan_counts_the_backprojections_still_ahead():
         ScheduleConfig(epochs=6, switch_epoch=1, search_epochs=3), switch_epoch=1,
         search_stopped_after=None, last_epoch=5, particles=100, insertions=3,
         rebackproject=True)
-    assert mid.remaining_images(2, 0, 100)[BACKPROJECT] == 250
+    assert mid.remaining_images(2, 0, 100)[BACKPROJECT] == 100
     # no search epoch (or the option off): no re-made volume; the final map still comes
     for schedule, on in ((ScheduleConfig(epochs=6, switch_epoch=1, search_epochs=0), True),
                          (ScheduleConfig(epochs=6, switch_epoch=1, search_epochs=3), False)):
@@ -169,12 +169,14 @@ def test_eta_adds_the_backprojections_at_their_measured_or_estimated_rate():
 
 
 def test_a_rebackproject_record_in_metrics_gives_the_backprojection_rate():
-    """``extra.rebackproject`` of the epoch it started: its images weighted by its group's
-    insertions (D7: 7, weight 5.5), over its seconds."""
+    """``extra.rebackproject`` of the epoch it started: its images (one insertion each, any
+    group) over its seconds; a record without a positive time is skipped."""
     plan = RunPlan(switch_epoch=1, last_search_epoch=2, last_epoch=4)
     rows = [{"epoch": 3, "stage": "autodecode", "num_images": 100, "wall_time_s": 10.0,
-             "extra": {"rebackproject": {"images": 100, "group": "D7", "seconds": 11.0}}}]
-    assert phase_totals(rows, plan) == {LOCAL: (100.0, 10.0), BACKPROJECT: (550.0, 11.0)}
+             "extra": {"rebackproject": {"images": 100, "group": "D7", "seconds": 2.0}}},
+            {"epoch": 4, "stage": "autodecode", "num_images": 100, "wall_time_s": 10.0,
+             "extra": {"rebackproject": {"images": 100, "group": "C1", "seconds": 0.0}}}]
+    assert phase_totals(rows, plan) == {LOCAL: (200.0, 20.0), BACKPROJECT: (100.0, 2.0)}
 
 
 def test_eta_uses_the_measured_rate_of_every_phase_that_ran():

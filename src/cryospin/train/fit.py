@@ -99,7 +99,6 @@ from cryospin.train.progress import (
     PhaseTotals,
     RunPlan,
     add_sample,
-    insertion_weight,
     phase_totals,
     relative_speed,
     run_eta_s,
@@ -425,8 +424,7 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
     if rebackproject_due(run.config, epoch, state):  # the local epochs' map, from the poses
         record = rebackproject_on_state(run.config, state, run.particles, run.data, run.shard)
         extra["rebackproject"] = record
-        clock.totals = add_sample(clock.totals, BACKPROJECT, record["images"] * insertion_weight(
-            insertions_per_image(record["group"])), record["seconds"])
+        clock.totals = add_sample(clock.totals, BACKPROJECT, record["images"], record["seconds"])
     cut = (stage1_batches(run.config.schedule, epoch, run.per_epoch)
            if state.stage == Stage.AUTOENCODE else None)  # the step budget's cut epoch
     n = len(run.data)

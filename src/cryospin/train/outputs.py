@@ -26,7 +26,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from cryospin.backproject import backproject, backprojection_dtype
+from cryospin.backproject import Symmetrize, backproject, backprojection_dtype
 from cryospin.forward.ctf import CTFParams
 from cryospin.io.cs import write_cryosparc
 from cryospin.io.mrc import write_map
@@ -219,6 +219,7 @@ def final_backprojection(
     against: str = "an empty image",
     label: str = "final map",
     poses: str = "final",
+    symmetrize: Symmetrize = "insert",
 ) -> torch.Tensor:
     """The final map: Wiener backprojection of the training images from the final poses.
 
@@ -239,7 +240,9 @@ def final_backprojection(
         Called after each batch of the backprojection with its number of images.
     symmetry : str
         Point group (:mod:`cryospin.symmetry`): each image is inserted at its ``|G|``
-        symmetry-related poses ``R g`` (``"C1"``: once).
+        symmetry-related poses ``R g`` (``"C1"``: once), or with ``symmetrize="resample"``
+        once and the sums averaged over the group (inexact, faster:
+        :func:`cryospin.backproject.accumulate_backprojection`).
     keep : `(K,)` int64, optional
         Backproject only these particles (0-based, ``K >= 2``; the half-set split is then
         that of ``K`` particles); None: all.
@@ -278,6 +281,7 @@ def final_backprojection(
         None if shifts_px is None else shifts_px.detach().to(device, dtype), ctf, dtype=dtype,
         box_px=data.box_px, pixel_size_angstrom=data.pixel_size_angstrom, seed=seed,
         on_batch=on_batch, symmetry=group if group.shape[0] > 1 else None,
+        symmetrize=symmetrize,
     )
     logger.info("%s: Wiener backprojection of %s images from the %s poses%s%s", label,
                 f"{rotations.shape[0]:,}", poses,

@@ -21,8 +21,9 @@ The ETA also counts the backprojections still ahead (:data:`BACKPROJECT`, not an
 phase): the volume re-made from the poses when the search ends
 (``optim.rebackproject_after_search``) and the final map with the particles' scores. Their
 "images" are weighted by the insertions each image costs (:func:`insertion_weight`; ``|G| /
-|P|`` with a point group, :func:`cryospin.symmetry.grid_cosets`), their rate is the re-made
-volume's measured one when it has run, else estimated like an unmeasured phase. Left out: the
+|P|`` with a point group in the final map, :func:`cryospin.symmetry.grid_cosets`; one in the
+re-made volume), their rate is the re-made volume's measured one when it has run, else
+estimated like an unmeasured phase. Left out: the
 per-epoch map and checkpoint writes, the switch's inference pass (seconds at most).
 """
 
@@ -33,7 +34,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from cryospin.rundir import Stage
-from cryospin.symmetry import insertions_per_image
 from cryospin.train.config import ScheduleConfig
 from cryospin.train.schedule import final_epoch, last_search_epoch
 
@@ -108,13 +108,14 @@ def insertion_weight(insertions: int) -> float:
 def backprojection_images(particles: int, insertions: int, *, rebackproject: bool,
                           final: bool) -> tuple[float, float]:
     """The backprojections' work, in C1-backprojected images (:data:`BACKPROJECT`'s unit):
-    ``(the re-made volume's, the final map's)`` for ``particles`` images of ``insertions``
-    insertions each, 0 for one that does not come; the final map adds the particles' scores
+    ``(the re-made volume's, the final map's)`` for ``particles`` images, 0 for one that does
+    not come. The re-made volume inserts each image once whatever the group (its sums are
+    averaged over the group by resampling, :mod:`cryospin.train.rebackproject`); the final map
+    ``insertions`` times (:func:`insertion_weight`) and adds the particles' scores
     (:data:`SCORES_WEIGHT`). Measured, the final map and scores against the re-made volume:
-    1.2 times at 64 and 128 px (C1), 1.06 with D7 imposed."""
-    one = particles * insertion_weight(insertions)
-    return (one if rebackproject else 0.0,
-            one + SCORES_WEIGHT * particles if final else 0.0)
+    1.2 times at 64 and 128 px (C1)."""
+    return (float(particles) if rebackproject else 0.0,
+            particles * (insertion_weight(insertions) + SCORES_WEIGHT) if final else 0.0)
 
 
 #: ``phase -> (images, seconds)`` trained so far (summed over epochs).
@@ -197,18 +198,17 @@ def phase_totals(rows: Iterable[Mapping[str, object]],
                  plan: RunPlan) -> dict[str, tuple[float, float]]:
     """``phase -> (images, seconds)`` of the epochs in ``metrics.jsonl`` rows
     (:func:`cryospin.rundir.read_metrics`); rows without a positive training time are
-    skipped. A row's re-made volume (``extra.rebackproject``) adds to :data:`BACKPROJECT`, its
-    images weighted by its group's insertions (:func:`insertion_weight`)."""
+    skipped. A row's re-made volume (``extra.rebackproject``: one insertion per image) adds
+    to :data:`BACKPROJECT`."""
     totals: dict[str, tuple[float, float]] = {}
     for row in rows:
         extra = row.get("extra")
         record = extra.get("rebackproject") if isinstance(extra, Mapping) else None
         if isinstance(record, Mapping):
-            n, spent, group = record.get("images"), record.get("seconds"), record.get("group")
+            n, spent = record.get("images"), record.get("seconds")
             if (isinstance(n, int | float) and isinstance(spent, int | float)
-                    and isinstance(group, str) and n > 0 and spent > 0):
-                totals = add_sample(totals, BACKPROJECT,
-                                    n * insertion_weight(insertions_per_image(group)), spent)
+                    and n > 0 and spent > 0):
+                totals = add_sample(totals, BACKPROJECT, float(n), float(spent))
         images, seconds = row.get("num_images"), row.get("wall_time_s")
         if not isinstance(images, int | float) or not isinstance(seconds, int | float):
             continue

@@ -7,6 +7,10 @@ option the first local epoch starts with the volume replaced by the Wiener backp
 the training images from the poses as they are then (:func:`cryospin.train.outputs.
 final_backprojection`, with the volume's point group when one is imposed), and a new
 optimiser for it, so that the local epochs refine the poses against a map made from them.
+With a point group the images are inserted once and the sums averaged over the group by
+resampling (``symmetrize="resample"``, :mod:`cryospin.backproject`): inexact but as close to
+the true map and ~5× faster with D7 than inserting each image at its seven poses, and the
+local epochs refine this map anyway (the final map inserts exactly).
 It runs at the start of the epoch after the last search epoch (early stop included), after
 the impose-symmetry step when both fall on that epoch (:mod:`cryospin.train.impose`); the
 epoch's checkpoint holds the new volume, so a resumed run repeats nothing.
@@ -61,7 +65,8 @@ def rebackproject_on_state(config: Config, state: TrainState, particles: Particl
         real = final_backprojection(
             particles, data.unsharded(), rotations,
             shifts if config.model.predict_shifts else None, seed=config.run.seed,
-            symmetry=group, label="volume after the search", poses="current")
+            symmetry=group, label="volume after the search", poses="current",
+            symmetrize="resample")
     else:
         real = torch.zeros(L, L, L)
     if shard is not None:  # rank 0's map on every rank
