@@ -37,8 +37,9 @@ exactly, the others by trilinear resampling of the sums). One insertion whatever
 and equal to the above for groups whose elements all map the grid onto itself (C2, C4, D2,
 O); for the others the rotated copies are interpolated twice (inserted, then resampled), a
 smoothing the exact sums do not have. Measured on the D7 ring (20,000 images at 64 px, the
-poses of a ``--symmetry D7`` run, two threads): 10.3 s against 53.1 s, FSC 0.5 against the
-true map 8.21 Å against 8.28 Å, the two maps' FSC 0.999 to shell 20 of 32 and ≥ 0.91 to
+poses of a ``--symmetry D7`` run, two threads; ``benchmarks/bench_symmetrize.py``): 10.3 s
+against 53.1 s, FSC 0.5 against the
+true map 8.21 Å against 8.28 Å, the two maps' FSC ≥ 0.99 to shell 22 of 32 and ≥ 0.9 to
 Nyquist. Training uses it for the volume re-made after the search
 (:mod:`cryospin.train.rebackproject`), an intermediate map; the final map and ``cryospin
 backproject`` insert.
@@ -585,6 +586,7 @@ def backproject_particles(
     box_px: int | None = None,
     invert_contrast: bool = False,
     symmetry: str = "C1",
+    symmetrize: Symmetrize = "insert",
 ) -> BackprojectionResult:
     """:func:`backproject` for a :class:`~cryospin.io.particles.ParticleSet` with poses.
 
@@ -595,9 +597,10 @@ def backproject_particles(
     pixel size ``pixel_size · L / box_px``; shifts are scaled to the new pixels).
     ``invert_contrast`` reconstructs ``−image``: backprojection is linear, so the maps are
     negated (the FSC is unchanged). ``symmetry`` (a point-group symbol, :mod:`cryospin.symmetry`)
-    inserts each image at its ``|G|`` symmetry-related poses; ``"C1"`` inserts it once.
-    The sums are computed on ``device`` (the images are read on the CPU and moved there);
-    the maps are returned on the CPU.
+    inserts each image at its ``|G|`` symmetry-related poses; ``"C1"`` inserts it once;
+    ``symmetrize="resample"`` inserts it once and averages the sums over the group
+    (:func:`accumulate_backprojection`). The sums are computed on ``device`` (the images are
+    read on the CPU and moved there); the maps are returned on the CPU.
     """
     if particles.rotations is None:
         raise InputError("the particles have no poses (give them with --poses)", particles.source)
@@ -614,6 +617,7 @@ def backproject_particles(
         box_px=source.box_px, pixel_size_angstrom=source.pixel_size_angstrom, reg=reg,
         wiener=wiener, half_set=half, seed=seed, batch_size=batch_size, dtype=dtype,
         progress=progress, symmetry=group if group.shape[0] > 1 else None,
+        symmetrize=symmetrize,
     )
     sign = -1.0 if invert_contrast else 1.0
     return dataclasses.replace(result, volume=sign * result.volume.cpu(),
