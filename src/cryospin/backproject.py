@@ -38,9 +38,8 @@ and equal to the above for groups whose elements all map the grid onto itself (C
 O); for the others the rotated copies are interpolated twice (inserted, then resampled), a
 smoothing the exact sums do not have. Measured on the D7 ring (20,000 images at 64 px, the
 poses of a ``--symmetry D7`` run, two threads; ``benchmarks/bench_symmetrize.py``): 10.3 s
-against 53.1 s, FSC 0.5 against the
-true map 8.21 Å against 8.28 Å, the two maps' FSC ≥ 0.99 to shell 22 of 32 and ≥ 0.9 to
-Nyquist. Training uses it for the volume re-made after the search
+against 53.1 s, FSC 0.5 against the true map 8.21 Å against 8.28 Å, the two maps' FSC ≥ 0.99
+to shell 22 of 32 and ≥ 0.9 to Nyquist. Training uses it for the volume re-made after the search
 (:mod:`cryospin.train.rebackproject`), an intermediate map; the final map and ``cryospin
 backproject`` insert.
 
