@@ -24,10 +24,11 @@ from cryospin.losses import class_responsibility, gaussian_nll, log_likelihood_r
 from cryospin.pose import PoseTable
 from cryospin.rotations import random_rotations
 from cryospin.rundir import RunFiles
+from cryospin.train import outputs as outputs_module
 from cryospin.train.autodecode import RotationSearch, autodecode_epoch, pose_nll
-from cryospin.train.config import DataConfig
+from cryospin.train.config import DataConfig, build_config
 from cryospin.train.data import prepare_data
-from cryospin.train.outputs import _write_selection, final_backprojection
+from cryospin.train.outputs import _write_selection, final_backprojection, write_final
 from cryospin.train.scores import EMPTY_SCORE, particle_scores, selected_indices
 from cryospin.volume import HartleyVolume
 
@@ -234,7 +235,6 @@ def test_the_flag_reaches_the_config(flag, value):
 
     from cryospin.cli import reconstruct as cli
     from cryospin.cli.flags import reconstruct as flags
-    from cryospin.train.config import build_config
 
     parser = argparse.ArgumentParser()
     flags.add_args(parser)
@@ -261,3 +261,34 @@ def test_the_selection_line_names_the_others_median_or_says_none_is_selected(tmp
     assert record.levelname == "WARNING" and "nan" not in record.getMessage()
     assert "3 of 3 particles (100.0 %)" in record.getMessage()
     assert "selected.pkl is empty: no particle to select" in record.getMessage()
+
+
+@pytest.mark.parametrize(("above", "says"), [(0, "no particle scores"),
+                                             (1, "only 1 particle scores")])
+def test_with_fewer_than_two_above_the_line_the_final_map_uses_every_particle(
+        half_empty, tmp_path, caplog, above, says):
+    """The empty class on, ``above`` particles (0 or 1) scoring above an empty image: no map
+    from fewer than two images; the final map backprojects all, with a warning that says
+    so."""
+    vol, rotations, data, particles = half_empty
+    n = rotations.shape[0]
+    scores = torch.full((n,), -1.0, dtype=F64)
+    scores[:above] = 5.0
+    config = build_config("default", {"model": {"empty_class": True}})
+    volume = HartleyVolume.from_real_space((vol * data.image_scale).float())
+    seen: list[int] = []
+    real_backprojection = outputs_module.final_backprojection
+
+    def spy(*args, **kwargs):
+        seen.append(args[2].shape[0] if kwargs.get("keep") is None else len(kwargs["keep"]))
+        return real_backprojection(*args, **kwargs)
+
+    files = RunFiles(tmp_path)
+    with caplog.at_level("WARNING", logger="cryospin.train.outputs"), \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(outputs_module, "final_backprojection", spy)
+        write_final(files, config, particles, data, volume, rotations.float(), None,
+                    scores=scores)
+    assert seen == [n]
+    assert f"{says} above an empty image: the final map uses all {n}" in caplog.text
+    assert files.map.is_file() and load_indices(files.selected).size == above

@@ -135,8 +135,9 @@ def write_final(
         if (config.model.empty_class or junk_scored) and scores is not None:
             keep = selected_indices(scores)  # rows of this run's particles
             if keep.size < 2:
-                logger.warning("only %d particles score above %s: the final map uses all %d",
-                               keep.size, against, rotations.shape[0])
+                logger.warning("%s above %s: the final map uses all %d",
+                               "no particle scores" if keep.size == 0 else "only 1 particle scores",
+                               against, rotations.shape[0])
             if keep.size < 2 or keep.size == rotations.shape[0]:
                 keep = None
         with (feedback or Feedback()).start(
