@@ -41,6 +41,7 @@ __all__ = [
     "switch_hypotheses",
     "relaxations",
     "rebackprojection",
+    "run_events",
     "elapsed_seconds",
     "pick_epochs",
     "view_directions",
@@ -110,6 +111,27 @@ def rebackprojection(metrics: Sequence[MetricsLine]) -> tuple[int, int, str, flo
             return (int(row["epoch"]), int(record["images"]), str(record["group"]),
                     float(record["seconds"]))
     return None
+
+
+def run_events(metrics: Sequence[MetricsLine]) -> list[tuple[int, str]]:
+    """The steps between epochs that change what stage 2 trains against, as ``(boundary,
+    label)``, ``boundary`` the epoch they follow (0: before the first), in epoch order, labels
+    of one boundary joined by ``"; "``: the global search's early stop (``extra.search_stop``:
+    "search done"), a point group imposed (``extra.symmetry``, a group other than C1: "D7
+    imposed") and the volume re-made from the poses (``extra.rebackproject``: "volume re-made").
+    The switch is not one of them (:func:`switch_epoch`)."""
+    found: dict[int, list[str]] = {}
+    for row in metrics:
+        epoch, extra = int(row["epoch"]), row.get("extra") or {}
+        symmetry = extra.get("symmetry")
+        if isinstance(symmetry, dict) and str(symmetry.get("group", "C1")).upper() != "C1":
+            found.setdefault(epoch - 1, []).append(f"{symmetry['group']} imposed")
+        if isinstance(extra.get("search_stop"), dict):
+            found.setdefault(int(extra["search_stop"].get("after_epoch", epoch)),
+                             []).append("search done")
+        if isinstance(extra.get("rebackproject"), dict):
+            found.setdefault(epoch - 1, []).append("volume re-made")
+    return [(b, "; ".join(found[b])) for b in sorted(found)]
 
 
 def elapsed_seconds(metrics: Sequence[MetricsLine]) -> np.ndarray:

@@ -51,6 +51,7 @@ from cryospin.report.analysis import (
     noise_summary,
     orientation_histogram,
     padded_rows,
+    run_events,
     switch_epoch,
     view_directions,
 )
@@ -105,8 +106,10 @@ def plot_training(
 ) -> None:
     """Loss (and resolution, and mean pose change) against cumulative wall time.
 
-    One panel per quantity, sharing the time axis; markers distinguish the stages and a dashed
-    line marks the switch (end of the last auto-encoding epoch).
+    One panel per quantity, sharing the time axis; markers distinguish the stages, a dashed
+    line marks the switch (end of the last auto-encoding epoch) and dotted ones the steps
+    between stage-2 epochs (:func:`cryospin.report.analysis.run_events`: the search's early
+    stop, a group imposed, the volume re-made), labelled in the last panel.
     """
     if not metrics:
         raise ValueError("no metrics to plot")
@@ -152,10 +155,18 @@ def plot_training(
         ax = axes[panels.index("pose")]
         ax.plot(t, pose_change, "s-", color="tab:orange")
         ax.set_ylabel("mean pose change (°)")
+    row_of = {int(r["epoch"]): j for j, r in enumerate(metrics)}
+    events = [(float(t[row_of[b]]) if b in row_of else 0.0, label)
+              for b, label in run_events(metrics) if b in row_of or b < int(metrics[0]["epoch"])]
     for ax in axes:
         ax.grid(alpha=0.3)
         if t_switch is not None:
             ax.axvline(t_switch, color="k", linestyle="--", linewidth=1)
+        for x, _ in events:
+            ax.axvline(x, color="tab:green", linestyle=":", linewidth=1.2)
+    for x, label in events:
+        axes[-1].text(x, 0.97, label + " ", transform=axes[-1].get_xaxis_transform(),
+                      rotation=90, va="top", ha="right", fontsize=7, color="tab:green")
     if t_switch is not None:
         axes[0].text(t_switch, 1.0, switch_label,
                      transform=axes[0].get_xaxis_transform(), va="bottom", ha="left", fontsize=8)
