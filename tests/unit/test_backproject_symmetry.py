@@ -30,6 +30,16 @@ def _ctf(n: int, g: torch.Generator) -> CTFParams:
     )
 
 
+def _nine_particles(L: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 CTFParams, np.ndarray]:
+    """Nine random images `(9, L, L)`, poses, shifts (px), CTFs and half sets, float64."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(9, L, L, generator=g, dtype=torch.float64)
+    R = random_rotations(9, generator=g).double()
+    shifts = torch.randn(9, 2, generator=g, dtype=torch.float64)
+    return images, R, shifts, _ctf(9, g), np.array([1, 2, 1, 1, 2, 2, 1, 2, 1])
+
+
 @pytest.mark.parametrize("symbol, L", [
     ("C4", 12), ("D2", 14), ("T", 16), ("C3", 13), ("O", 12), ("I", 12), ("I3", 12),
     ("D7", 13), ("D4", 13), ("C2", 16),
@@ -38,13 +48,8 @@ def test_symmetrised_sums_equal_the_explicit_g_fold_insertion(symbol: str, L: in
     """Sums with ``symmetry=G`` (|G|/|P| insertions, then the fold over the grid-preserving
     elements P) equal, to rounding, the C1 sums of the expanded set: every image |G| times
     with poses ``R g``, the same shift, CTF and half set. Even and odd boxes."""
-    g = torch.Generator().manual_seed(0)
     n = 9
-    images = torch.randn(n, L, L, generator=g, dtype=torch.float64)
-    R = random_rotations(n, generator=g).double()
-    shifts = torch.randn(n, 2, generator=g, dtype=torch.float64)
-    ctf = _ctf(n, g)
-    half = np.array([1, 2, 1, 1, 2, 2, 1, 2, 1])
+    images, R, shifts, ctf, half = _nine_particles(L, seed=0)
     G = point_group_rotations(symbol)
     k = G.shape[0]
     sym = accumulate_backprojection(images, R, shifts, ctf, half_set=half, box_px=L,
@@ -161,13 +166,8 @@ def test_resampled_sums_equal_the_inserted_ones_for_grid_groups(symbol: str) -> 
     """Groups whose every element maps the voxel grid onto itself: averaging the C1 sums over
     the group (``symmetrize="resample"``) is exact, so it equals inserting each image at its
     ``|G|`` poses, to rounding (odd box: every voxel's orbit lies on the grid)."""
-    g = torch.Generator().manual_seed(5)
-    n, L = 9, 13
-    images = torch.randn(n, L, L, generator=g, dtype=torch.float64)
-    R = random_rotations(n, generator=g).double()
-    shifts = torch.randn(n, 2, generator=g, dtype=torch.float64)
-    ctf = _ctf(n, g)
-    half = np.array([1, 2, 1, 1, 2, 2, 1, 2, 1])
+    L = 13
+    images, R, shifts, ctf, half = _nine_particles(L, seed=5)
     G = point_group_rotations(symbol)
     kw = dict(half_set=half, box_px=L, pixel_size_angstrom=APIX, batch_size=4, symmetry=G)
     inserted = accumulate_backprojection(images, R, shifts, ctf, **kw)
