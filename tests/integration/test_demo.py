@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cryospin.cli.demo import split_note
 from cryospin.cli.main import main
 
 # The spike's poses, modulo the trimer's pseudo-C3 (pose_error_c3.json), at this size: median
@@ -48,3 +49,15 @@ def test_demo_recovers_poses(tmp_path: Path, capsys) -> None:
     assert f"median rotation error: {err['median_rotation_error_deg']:.2f}" in printed
     assert f"({err_c3['median_rotation_error_deg']:.2f}° modulo" in printed
     assert str(run / "map.mrc") in printed
+    # split between the copies (117 deg, 5.5 deg modulo C3 on seed 0): the summary says so
+    assert (split_note(err["median_rotation_error_deg"], err_c3["median_rotation_error_deg"])
+            is not None) == (err["median_rotation_error_deg"] > 20.0)
+    assert ("stayed split between its three near-identical protomer copies" in printed) == (
+        err["median_rotation_error_deg"] > 20.0)
+
+
+def test_the_split_note_needs_a_large_error_that_the_pseudo_symmetry_explains() -> None:
+    assert split_note(117.48, 10.29) is not None and "10.3°" in split_note(117.48, 10.29)
+    assert split_note(2.31, 2.32) is None  # converged
+    assert split_note(110.0, 80.0) is None  # not converged even modulo C3: not a split
+    assert split_note(15.0, 2.0) is None  # a few particles off: not the split
