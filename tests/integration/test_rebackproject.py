@@ -191,5 +191,6 @@ def test_the_report_names_the_imposed_group() -> None:
                                              pixel_size_angstrom=3.4), run))
     assert line["volume re-made after the search"] == (
         "at the start of epoch 7: the Wiener backprojection of 20,000 images from the poses "
-        "(symmetry D7) replaced the trained volume for the local epochs (9.3 s)")
+        "(symmetry D7: each image inserted once, the sums averaged over the group) replaced "
+        "the trained volume for the local epochs (9.3 s)")
     assert rebackprojection(metrics[:1]) is None

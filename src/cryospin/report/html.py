@@ -289,10 +289,12 @@ def _epoch_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
     remade = rebackprojection(run.metrics)
     if remade is not None:
         epoch, images, group, seconds = remade
+        how = ("" if group.upper() == "C1" else
+               f" (symmetry {group}: each image inserted once, the sums averaged over the group)")
         rows.append(("volume re-made after the search", (
             f"at the start of epoch {epoch}: the Wiener backprojection of {images:,} images "
-            f"from the poses{'' if group.upper() == 'C1' else f' (symmetry {group})'} "
-            f"replaced the trained volume for the local epochs ({format_duration(seconds)})")))
+            f"from the poses{how} replaced the trained volume for the local epochs "
+            f"({format_duration(seconds)})")))
     loss = s.get("final_loss")
     rows.append(("final loss", "–" if loss is None else f"{loss:.6g} ({s.get('final_stage')})"))
     rows.append(("wall time", format_duration(s["wall_time_s"])))
