@@ -157,7 +157,8 @@ def test_on_in_the_default_preset_only(preset, argv, value) -> None:
 
 
 def test_with_a_group_imposed_the_step_averages_the_c1_sums_over_it(tiny, tmp_path,
-                                                                     monkeypatch) -> None:
+                                                                     monkeypatch,
+                                                                     caplog) -> None:
     """``--symmetry C3`` (imposed after the search, at the start of epoch 4, before the step):
     the step backprojects with the volume's group, each image inserted once and the sums
     averaged over C3 by resampling (``symmetrize="resample"``); the final map inserts each
@@ -171,8 +172,14 @@ def test_with_a_group_imposed_the_step_averages_the_c1_sums_over_it(tiny, tmp_pa
 
     monkeypatch.setattr(rebackproject_module, "final_backprojection", spy)
     monkeypatch.setattr(outputs_module, "final_backprojection", spy)
+    caplog.set_level("INFO", logger="cryospin.train.outputs")
     fit(_config(True, symmetry="C3"), _particles(tiny), tmp_path / "run")
     assert calls == [("volume after the search", "C3", "resample"), ("final map", "C3", "insert")]
+    lines = [r.getMessage() for r in caplog.records if "Wiener backprojection" in r.getMessage()]
+    assert lines == [
+        "volume after the search: Wiener backprojection of 64 images from the current poses, "
+        "symmetry C3 (each image inserted once, the sums averaged over the group)",
+        "final map: Wiener backprojection of 64 images from the final poses, symmetry C3"]
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert rows[3]["extra"]["rebackproject"]["group"] == "C3"
 

@@ -286,7 +286,9 @@ def final_backprojection(
     )
     logger.info("%s: Wiener backprojection of %s images from the %s poses%s%s", label,
                 f"{rotations.shape[0]:,}", poses,
-                "" if group.shape[0] == 1 else f", symmetry {symmetry}",
+                "" if group.shape[0] == 1 else f", symmetry {symmetry}" + (
+                    " (each image inserted once, the sums averaged over the group)"
+                    if symmetrize == "resample" else ""),
                 "" if keep is None else
                 f" ({n - rotations.shape[0]:,} scoring no better than {against} left out)")
     return result.volume.float().cpu()
