@@ -20,15 +20,15 @@ SPIKE_PSEUDO_SYMMETRY = "C3"
 def split_note(error_deg: float, modulo_deg: float) -> str | None:
     """A note for the demo's summary when the poses are right only modulo the trimer's
     pseudo-symmetry (median error above 20° and more than twice the error modulo it): the
-    particles stayed split between the near-identical protomer copies, which another seed may
-    avoid (benchmarks/RESULTS.md, "`make demo` across seeds and thread counts"); None
-    otherwise."""
+    particles stayed split between the near-identical protomer copies (and the map is wrong),
+    which another seed may avoid (benchmarks/RESULTS.md, "`make demo` across seeds and thread
+    counts"); None otherwise."""
     if not (error_deg > 20.0 and error_deg > 2.0 * modulo_deg):
         return None
-    return (f"  note: the views are right modulo the trimer's pseudo-{SPIKE_PSEUDO_SYMMETRY} "
-            f"({modulo_deg:.1f}°) but the particles stayed split between its three "
-            "near-identical protomer copies, so the map blends them; a run this small is at "
-            "the edge of telling them apart: `cryospin demo --seed 1` starts from another seed")
+    return (f"  note: the poses are right only modulo the trimer's pseudo-{SPIKE_PSEUDO_SYMMETRY} "
+            f"({modulo_deg:.1f}°): the particles stayed split between its three near-identical "
+            "protomer copies, and the map is not right; a run this small is at the edge of "
+            "telling them apart: `cryospin demo --seed 1` starts from another seed")
 
 
 def _run(argv: list[str]) -> None:
