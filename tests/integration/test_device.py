@@ -2,7 +2,8 @@
 
 Default ``cpu`` (CI has no GPU); ``benchmarks/gpu_check.sh`` runs this file with
 ``CRYOSPIN_TEST_DEVICE=cuda`` on a lent GPU. The kernels (slicing, insertion, the forward model,
-the group average, backprojection) are compared with the float64 CPU reference; the encoder
+the group average, backprojection, with C3 inserted or averaged) are compared with the float64
+CPU reference; the encoder
 trains one step in the precision chosen for the device, with a finite gradient reaching every
 parameter; a small reconstruction (encoder, switch, global search, local refinement, final
 backprojection), its resume, a symmetric run, gold-standard halves and the report run end to
@@ -32,6 +33,7 @@ from cryospin.io.mrc import read_map
 from cryospin.io.pkl import read_cryodrgn_poses, write_cryodrgn_poses
 from cryospin.rotations import random_rotations
 from cryospin.rundir import HALF_NAMES, Checkpoint, read_metrics
+from cryospin.symmetry import point_group_rotations
 from cryospin.train.config import load_config
 from cryospin.train.precision import autocast_dtype, resolve_precision
 from cryospin.train.setup import resolve_device
@@ -110,6 +112,24 @@ def test_backprojection_matches_the_reference(blobs) -> None:
     images += render(vol, rot)  # signal plus noise, Hartley space is irrelevant here
     ref = backproject(images, rot, box_px=L, pixel_size_angstrom=4.0)
     out = backproject(images.to(DEVICE), rot.to(DEVICE), box_px=L, pixel_size_angstrom=4.0)
+    for name in ("volume", "half_a", "half_b"):
+        value, reference = getattr(out, name), getattr(ref, name)
+        assert _relative_error(torch.as_tensor(value), torch.as_tensor(reference)) < 1e-8, name
+
+
+@pytest.mark.parametrize("symmetrize", ["insert", "resample"])
+def test_symmetric_backprojection_matches_the_reference(blobs, symmetrize: str) -> None:
+    """C3 (two of its elements resampled, none a grid permutation): each image inserted at its
+    three poses, or once with the sums averaged over the group (the volume re-made after the
+    search), as on the CPU in float64."""
+    vol, rot = blobs
+    images = torch.randn(40, L, L, dtype=F64, generator=torch.Generator().manual_seed(7))
+    images += render(vol, rot)
+    group = point_group_rotations("C3")
+    ref = backproject(images, rot, box_px=L, pixel_size_angstrom=4.0, symmetry=group,
+                      symmetrize=symmetrize)
+    out = backproject(images.to(DEVICE), rot.to(DEVICE), box_px=L, pixel_size_angstrom=4.0,
+                      symmetry=group.to(DEVICE), symmetrize=symmetrize)
     for name in ("volume", "half_a", "half_b"):
         value, reference = getattr(out, name), getattr(ref, name)
         assert _relative_error(torch.as_tensor(value), torch.as_tensor(reference)) < 1e-8, name
