@@ -4,10 +4,10 @@ Default ``cpu`` (CI has no GPU); ``benchmarks/gpu_check.sh`` runs this file with
 ``CRYOSPIN_TEST_DEVICE=cuda`` on a lent GPU. The kernels (slicing, insertion, the forward model,
 the group average, backprojection, with C3 inserted or averaged) are compared with the float64
 CPU reference; the encoder trains one step in the precision chosen for the device, with a
-finite gradient reaching every parameter; a small reconstruction (encoder, switch, global search, local refinement, final
-backprojection), its resume, a symmetric run, gold-standard halves and the report run end to
-end on the device and write finite outputs. An explicit device that is not available fails
-the module (a GPU check must not pass by skipping).
+finite gradient reaching every parameter; a small reconstruction (encoder, switch, global
+search, local refinement, final backprojection), its resume, a symmetric run, gold-standard
+halves and the report run end to end on the device and write finite outputs. An explicit
+device that is not available fails the module (a GPU check must not pass by skipping).
 """
 
 from __future__ import annotations
