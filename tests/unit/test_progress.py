@@ -114,25 +114,27 @@ def test_the_backprojection_estimate_errs_on_the_long_side(box_px, stage1, backp
 
 
 def test_insertion_weight_counts_the_transforms_once():
-    """One insertion: one C1 backprojection. D7 (7 insertions per image) measured 52.6 s
-    against 9.4-10.2 s for C1 (20,000 images, 64 px): 5.2-5.6 times; the weight 5.5."""
+    """One insertion: one C1 backprojection. D7 (7 insertions per image) measured 36.1 s
+    against 8.6 s for C1 (20,000 images, 64 px): 4.2 times; the weight no shorter and within
+    10 %."""
     assert insertion_weight(1) == 1.0
-    assert 52.6 / 10.2 <= insertion_weight(7) <= 52.6 / 9.4
+    assert 36.1 / 8.6 <= insertion_weight(7) <= 1.1 * 36.1 / 8.6
 
 
 def test_the_plan_counts_the_backprojections_still_ahead():
-    """100 particles, 3 insertions each in the final map (weight 2.5), plus 0.25 per particle
-    for the scores: 275 C1 images; the re-made volume inserts each image once: 100. It starts
+    """100 particles, 3 insertions each in the final map (weight 2.2), plus 0.25 per particle
+    for the scores: 245 C1 images; the re-made volume inserts each image once: 100. It starts
     epoch 5 (after the last search epoch, 4): ahead up to epoch 4, gone from epoch 5 on."""
-    assert backprojection_images(100, 3, rebackproject=True, final=True) == (100.0, 275.0)
+    assert backprojection_images(100, 3, rebackproject=True, final=True) == pytest.approx(
+        (100.0, 245.0))
     assert backprojection_images(100, 3, rebackproject=False, final=False) == (0.0, 0.0)
     plan = RunPlan.from_schedule(
         ScheduleConfig(epochs=6, switch_epoch=1, search_epochs=3), switch_epoch=1,
         search_stopped_after=None, particles=100, insertions=3, rebackproject=True)
-    assert (plan.rebackproject_images, plan.final_images) == (100.0, 275.0)
-    assert plan.remaining_images(4, 50, 100)[BACKPROJECT] == 100 + 275
-    assert plan.remaining_images(5, 0, 100) == {LOCAL: 200, BACKPROJECT: 275}
-    assert plan.remaining_images(6, 100, 100) == {BACKPROJECT: 275}
+    assert (plan.rebackproject_images, plan.final_images) == pytest.approx((100.0, 245.0))
+    assert plan.remaining_images(4, 50, 100)[BACKPROJECT] == pytest.approx(100 + 245)
+    assert plan.remaining_images(5, 0, 100) == pytest.approx({LOCAL: 200, BACKPROJECT: 245})
+    assert plan.remaining_images(6, 100, 100) == pytest.approx({BACKPROJECT: 245})
     # --stop-after 3: neither comes in this invocation; --stop-after 5: the re-made one only
     early = RunPlan.from_schedule(
         ScheduleConfig(epochs=6, switch_epoch=1, search_epochs=3), switch_epoch=1,
@@ -149,7 +151,7 @@ def test_the_plan_counts_the_backprojections_still_ahead():
                          (ScheduleConfig(epochs=6, switch_epoch=1, search_epochs=3), False)):
         plain = RunPlan.from_schedule(schedule, switch_epoch=1, search_stopped_after=None,
                                       particles=100, insertions=3, rebackproject=on)
-        assert plain.remaining_images(1, 0, 100)[BACKPROJECT] == 275
+        assert plain.remaining_images(1, 0, 100)[BACKPROJECT] == pytest.approx(245)
 
 
 def test_eta_adds_the_backprojections_at_their_measured_or_estimated_rate():
