@@ -23,8 +23,8 @@ phase): the volume re-made from the poses when the search ends
 "images" are weighted by the insertions each image costs (:func:`insertion_weight`; ``|G| /
 |P|`` with a point group in the final map, :func:`cryospin.symmetry.grid_cosets`; one in the
 re-made volume), their rate is the re-made volume's measured one when it has run, else
-estimated like an unmeasured phase. Left out: the
-per-epoch map and checkpoint writes, the switch's inference pass (seconds at most).
+estimated like an unmeasured phase. Left out: the per-epoch map and checkpoint writes, the
+switch's inference pass (seconds at most).
 """
 
 from __future__ import annotations
