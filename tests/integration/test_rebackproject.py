@@ -1,6 +1,8 @@
 """``optim.rebackproject_after_search`` (``--rebackproject-after-search``): the first local
 epoch starts with the volume replaced by the Wiener backprojection from the poses after the
-search; recorded in that epoch's metrics; a run resumed across it is the uninterrupted run."""
+search; ``optim.rebackproject_during_search`` (``--rebackproject-during-search``): so does
+every search epoch from the second. Recorded in those epochs' metrics; a run resumed across
+them is the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -16,7 +18,12 @@ from cryospin.cli import reconstruct as cli
 from cryospin.cli.flags import reconstruct as flags
 from cryospin.io.mrc import read_map
 from cryospin.io.particles import load_particles
-from cryospin.report.analysis import rebackprojection, run_summary
+from cryospin.report.analysis import (
+    rebackprojection,
+    run_events,
+    run_summary,
+    search_rebackprojections,
+)
 from cryospin.report.html import run_summary_rows
 from cryospin.rundir import Checkpoint, RunData, RunFiles, load_checkpoint, load_run, read_metrics
 from cryospin.train import outputs as outputs_module
@@ -29,14 +36,15 @@ from cryospin.train.rebackproject import rebackproject_due, rebackproject_on_sta
 from cryospin.train.setup import initial_state
 
 
-def _config(rebackproject: bool, symmetry: str = "C1"):
+def _config(rebackproject: bool, symmetry: str = "C1", during: bool = False):
     """16 px, 3 heads; stage 1 in epoch 1, search in epochs 2-3, local epochs 4-5."""
     return build_config("default", {
         "model": {"num_heads": 3, "width_multiplier": 0.125, "head_hidden": 32,
                   "precision": "fp32", "predict_shifts": True, "max_shift_px": 2.0,
                   "symmetry": symmetry},
         "optim": {"batch_size": 32, "encoder_lr": 1e-3, "search_rotations": 256,
-                  "search_radius_px": 3.0, "rebackproject_after_search": rebackproject},
+                  "search_radius_px": 3.0, "rebackproject_after_search": rebackproject,
+                  "rebackproject_during_search": during},
         "schedule": {"epochs": 5, "switch_epoch": 1, "search_epochs": 2,
                      "search_min_epochs": None},
         "run": {"device": "cpu", "num_threads": 1, "seed": 3, "progress": False},
@@ -201,3 +209,116 @@ def test_the_report_names_the_imposed_group() -> None:
         "(symmetry D7: each image inserted once, the sums averaged over the group) replaced "
         "the trained volume for the local epochs (9.3 s)")
     assert rebackprojection(metrics[:1]) is None
+
+
+@pytest.fixture(scope="module")
+def during(tiny, tmp_path_factory) -> Path:
+    """The run with the volume re-made at the start of search epoch 3 and local epoch 4."""
+    run = tmp_path_factory.mktemp("rb_during") / "run"
+    fit(_config(True, during=True), _particles(tiny), run)
+    return run
+
+
+def test_during_the_search_the_step_starts_every_search_epoch_from_the_second(during) -> None:
+    rows = read_metrics(during / "metrics.jsonl")
+    marked = {r["epoch"]: r["extra"]["rebackproject"] for r in rows
+              if "rebackproject" in (r.get("extra") or {})}
+    assert sorted(marked) == [3, 4]
+    assert marked[3]["during_search"] and not marked[4]["during_search"]
+    assert all(r["images"] == 64 and r["group"] == "C1" for r in marked.values())
+    assert search_rebackprojections(rows) == [(3, marked[3]["seconds"])]
+    assert rebackprojection(rows) == (4, 64, "C1", marked[4]["seconds"])
+    # the figure marks the one after the search only (the others are part of the search)
+    assert [label for _, label in run_events(rows)] == ["volume re-made"]
+    line = _report_rows(during)["volume re-made during the search"]
+    assert line.startswith("at the start of epoch 3 (each search epoch from the second): the "
+                           "Wiener backprojection from the poses of the epoch before replaced "
+                           "the trained volume (once, ")
+
+
+def test_which_step_is_due_when(tiny, tmp_path) -> None:
+    """Stage 1 in epoch 1, search 2-3: the during-search step starts epoch 3, the after-search
+    one epoch 4; with the search stopped after epoch 2 the after-search one moves to epoch 3;
+    neither in stage 1 (no pose table) or with the options off."""
+    config, particles, run = _config(True, during=True), _particles(tiny), tmp_path / "run"
+    fit(config, particles, run, stop_after=2)
+    ckpt = Checkpoint.load(RunFiles(run).checkpoint)
+    data = prepare_data(particles, config.data)
+    state = initial_state(config, RunFiles(run), data, torch.device("cpu"), None, ckpt,
+                          torch.Generator().manual_seed(0), main=True)
+    assert [rebackproject_due(config, e, state) for e in range(1, 6)] == [
+        None, None, "during_search", "after_search", None]
+    assert [rebackproject_due(_config(False, during=True), e, state) for e in range(1, 6)] == [
+        None, None, "during_search", None, None]
+    assert all(rebackproject_due(_config(False), e, state) is None for e in range(1, 6))
+    state.search_stopped_after = 2
+    assert [rebackproject_due(config, e, state) for e in range(1, 6)] == [
+        None, None, "after_search", None, None]
+    fresh = tmp_path / "fresh"
+    fit(config, particles, fresh, stop_after=1)  # still in stage 1 after epoch 1
+    stage1 = initial_state(config, RunFiles(fresh), data, torch.device("cpu"), None,
+                           Checkpoint.load(RunFiles(fresh).checkpoint),
+                           torch.Generator().manual_seed(0), main=True)
+    assert stage1.pose_table is None
+    assert all(rebackproject_due(config, e, stage1) is None for e in range(1, 6))
+
+
+def test_the_search_epoch_step_logs_what_it_did(tiny, tmp_path, caplog) -> None:
+    caplog.set_level("INFO", logger="cryospin.train")
+    fit(_config(False, during=True), _particles(tiny), tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith(("the volume is now", "volume after"))]
+    assert [line.split(" (")[0] for line in lines] == [
+        "volume after epoch 2: Wiener backprojection of 64 images from the current poses",
+        "the volume is now the backprojection from the poses after epoch 2"]
+    assert lines[1].endswith("; the search goes on against it")
+
+
+def test_a_run_resumed_across_a_search_epoch_step_is_the_uninterrupted_run(during, tiny,
+                                                                           tmp_path) -> None:
+    run = tmp_path / "run"
+    fit(_config(True, during=True), _particles(tiny), run, stop_after=2)
+    fit(_config(True, during=True), _particles(tiny), run, resume=True)
+    np.testing.assert_allclose(read_map(run / "map.mrc")[0], read_map(during / "map.mrc")[0],
+                               rtol=0, atol=1e-6)
+    assert ([r["loss"] for r in read_metrics(run / "metrics.jsonl")]
+            == pytest.approx([r["loss"] for r in read_metrics(during / "metrics.jsonl")],
+                             rel=1e-6))
+
+
+@pytest.mark.parametrize(("preset", "argv", "value"), [
+    ("default", [], True),
+    ("default", ["--no-rebackproject-during-search"], False),
+    ("paper-synthetic", [], False),
+    ("paper-synthetic", ["--rebackproject-during-search"], True),
+    ("paper-real", [], False),
+])
+def test_during_the_search_on_in_the_default_preset_only(preset, argv, value) -> None:
+    parser = argparse.ArgumentParser()
+    flags.add_args(parser)
+    args = parser.parse_args(["p.star", "-o", "run", *argv])
+    assert build_config(preset, cli._overrides(args)).optim.rebackproject_during_search is value
+
+
+def test_the_report_counts_the_volumes_re_made_during_the_search() -> None:
+    """Three search epochs began with the step (``during_search``), then the local epochs:
+    one row for each kind; a record without the key (runs made before it existed) is the
+    after-search one."""
+    remade = {"images": 5000, "group": "C1", "seconds": 2.0, "during_search": True}
+    metrics = [{"epoch": 2, "extra": {}}, {"epoch": 3, "extra": {"rebackproject": remade}},
+               {"epoch": 4, "extra": {"rebackproject": {**remade, "seconds": 2.5}}},
+               {"epoch": 5, "extra": {"rebackproject": {**remade, "seconds": 1.5}}},
+               {"epoch": 6, "extra": {"rebackproject": {"images": 5000, "group": "C1",
+                                                        "seconds": 2.1}}}]
+    assert search_rebackprojections(metrics) == [(3, 2.0), (4, 2.5), (5, 1.5)]
+    assert rebackprojection(metrics) == (6, 5000, "C1", 2.1)
+    assert run_events(metrics) == [(5, "volume re-made")]
+    run = RunData(run_dir=Path("run"), metrics=metrics, config={}, config_text=None,
+                  map_path=None, epoch_maps={}, poses_path=None, finished=False)
+    rows = dict(run_summary_rows(run_summary(run, num_poses=None, box_px=48,
+                                             pixel_size_angstrom=4.5), run))
+    assert rows["volume re-made during the search"] == (
+        "at the start of epochs 3–5 (each search epoch from the second): the Wiener "
+        "backprojection from the poses of the epoch before replaced the trained volume "
+        "(3 times, 6.0 s in all)")
+    assert rows["volume re-made after the search"].startswith("at the start of epoch 6: ")

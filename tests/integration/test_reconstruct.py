@@ -143,10 +143,11 @@ def test_outputs_and_round_trips(uninterrupted, tiny):
 def test_poses_star_holds_each_particles_score_and_selected_pkl_the_others(uninterrupted,
                                                                           tiny):
     """``rlnLogLikeliContribution``: each particle's score recomputed from the checkpoint's
-    volume and pose table (:func:`particle_scores`); ``selected.pkl``: those above the
-    empty-image line, readable as ``--ind``."""
+    volume and pose table (:func:`particle_scores`; against junk too when the last epoch's
+    junk fraction let the class weigh in); ``selected.pkl``: those above the empty-image
+    line, readable as ``--ind``."""
     from cryospin.train.data import prepare_data
-    from cryospin.train.scores import EMPTY_SCORE, particle_scores
+    from cryospin.train.scores import EMPTY_SCORE, junk_takes_effect, particle_scores
     from cryospin.volume import HartleyVolume
 
     run = uninterrupted.run_dir
@@ -156,9 +157,10 @@ def test_poses_star_holds_each_particles_score_and_selected_pkl_the_others(unint
     data = prepare_data(_particles(tiny), _tiny_config().data, device=torch.device("cpu"))
     volume = HartleyVolume(16, init_scale=0.0)
     volume.load_state_dict(state["volume"])
+    junk = junk_takes_effect(read_metrics(run / "metrics.jsonl")[-1]["junk_fraction"])
     with torch.no_grad():
         again = particle_scores(volume(), state["pose_table"]["rotations"],
-                                state["pose_table"]["shifts_px"], data)
+                                state["pose_table"]["shifts_px"], data, junk_class=junk)
     np.testing.assert_allclose(written, again.numpy(), atol=1e-3, rtol=1e-6)
     assert (written > EMPTY_SCORE).any()
     selected = load_indices(run / "selected.pkl", n=64)
@@ -970,11 +972,13 @@ def test_early_stop_with_stop_after_and_resume_equals_uninterrupted(
     assert done.finished and done.epochs_completed == 4
     assert passes == [(2, 5, 5, "search", 64), (3, 5, 5, "search", 64),
                       (4, 4, 4, "local", 64)]  # planned epochs 2-5, then 2-4
-    # the ETA's backprojections (C1, 64 particles): the volume re-made after the search (64)
-    # and the final map with the scores (64 * 1.25) ahead, then the final one, its rate from
-    # the re-made volume's, measured at the start of epoch 4
-    assert cfg.optim.rebackproject_after_search
-    assert ahead == [(64 + 80, False), (64 + 80, False), (80, True)]
+    # the ETA's backprojections (C1, 64 particles): the volumes re-made at the start of the
+    # planned search epochs 3 and 4 (64 each), after the search (64) and the final map with the
+    # scores (64 * 1.25) ahead in epoch 2; in epoch 3 (its own made) epoch 4's, the one after
+    # the search and the final map, their rate measured; in epoch 4 (the search stopped after
+    # 3, so epoch 4 began with the one after the search) the final map
+    assert cfg.optim.rebackproject_after_search and cfg.optim.rebackproject_during_search
+    assert ahead == [(2 * 64 + 64 + 80, False), (64 + 64 + 80, True), (80, True)]
     assert any(r.getMessage().startswith("global search done after epoch 3: ")
                and "1 local epochs follow" in r.getMessage() for r in caplog.records)
     _assert_same_run(early_stopped.run_dir, run)

@@ -154,6 +154,40 @@ def test_the_plan_counts_the_backprojections_still_ahead():
         assert plain.remaining_images(1, 0, 100)[BACKPROJECT] == pytest.approx(245)
 
 
+def test_the_plan_counts_the_volumes_re_made_during_the_search_still_ahead():
+    """``rebackproject_during_search``: one C1 backprojection of every particle at the start of
+    each search epoch from the second. Stage 1 in epoch 1, search epochs 2-5, local 6-7: the
+    re-makes start epochs 3, 4 and 5 (the after-search one epoch 6). During epoch 2 all four
+    are ahead; during epoch 4 (its own done) the one of epoch 5 and the after-search one;
+    during epoch 5 only the latter. After an early stop (after epoch 3: last search epoch 3)
+    only epoch 3's; ``--stop-after 4``: epochs 3 and 4's."""
+    schedule = ScheduleConfig(epochs=7, switch_epoch=1, search_epochs=4)
+
+    def plan(**kwargs):
+        return RunPlan.from_schedule(schedule, switch_epoch=1, particles=100, insertions=1,
+                                     rebackproject=True, rebackproject_during_search=True,
+                                     **{"search_stopped_after": None, **kwargs})
+
+    full = plan()
+    assert full.search_rebackproject_images == 100.0
+    final = 125.0  # the final map (one insertion) and the scores
+    assert full.remaining_images(2, 0, 100)[BACKPROJECT] == pytest.approx(4 * 100 + final)
+    assert full.remaining_images(4, 50, 100)[BACKPROJECT] == pytest.approx(2 * 100 + final)
+    assert full.remaining_images(5, 0, 100)[BACKPROJECT] == pytest.approx(100 + final)
+    assert full.remaining_images(6, 0, 100)[BACKPROJECT] == pytest.approx(final)
+    stopped = plan(search_stopped_after=3)  # last search epoch 3, the run ends at epoch 5
+    assert stopped.remaining_images(2, 0, 100)[BACKPROJECT] == pytest.approx(2 * 100 + final)
+    cut = plan(last_epoch=4)  # --stop-after 4: neither the after-search one nor the final map
+    assert cut.remaining_images(2, 0, 100)[BACKPROJECT] == pytest.approx(2 * 100)
+    off = RunPlan.from_schedule(schedule, switch_epoch=1, search_stopped_after=None,
+                                particles=100, insertions=1, rebackproject=True)
+    assert off.remaining_images(2, 0, 100)[BACKPROJECT] == pytest.approx(100 + final)
+    single = RunPlan.from_schedule(ScheduleConfig(epochs=4, switch_epoch=1, search_epochs=1),
+                                   switch_epoch=1, search_stopped_after=None, particles=100,
+                                   insertions=1, rebackproject_during_search=True)
+    assert single.remaining_images(1, 0, 100)[BACKPROJECT] == pytest.approx(final)
+
+
 def test_eta_adds_the_backprojections_at_their_measured_or_estimated_rate():
     """Epoch 1 of 4 (1 stage-1, 2 search, 1 local), 100 particles, C1: 100 C1 images for the
     re-made volume, 125 for the final map and scores. Stage 1 at 5 images/s, a backprojection

@@ -41,6 +41,7 @@ __all__ = [
     "switch_hypotheses",
     "relaxations",
     "rebackprojection",
+    "search_rebackprojections",
     "run_events",
     "elapsed_seconds",
     "pick_epochs",
@@ -101,16 +102,30 @@ def relaxations(metrics: Sequence[MetricsLine]) -> list[tuple[int, str, float, f
     return rows
 
 
+def _rebackprojects(metrics: Sequence[MetricsLine]) -> list[tuple[int, dict[str, Any]]]:
+    """``(epoch, record)`` of the epochs that began with the volume re-made from the poses
+    (``extra.rebackproject``, :mod:`cryospin.train.rebackproject`), in order."""
+    return [(int(row["epoch"]), record) for row in metrics
+            if isinstance(record := (row.get("extra") or {}).get("rebackproject"), dict)]
+
+
 def rebackprojection(metrics: Sequence[MetricsLine]) -> tuple[int, int, str, float] | None:
     """The epoch that began with the volume re-made from the poses after the global search
-    (``extra.rebackproject``, :mod:`cryospin.train.rebackproject`): ``(epoch, images, group,
-    seconds)``, or None when the run had no such step."""
-    for row in metrics:
-        record = (row.get("extra") or {}).get("rebackproject")
-        if isinstance(record, dict):
-            return (int(row["epoch"]), int(record["images"]), str(record["group"]),
+    (``extra.rebackproject`` not ``during_search``): ``(epoch, images, group, seconds)``, or
+    None when the run had no such step."""
+    for epoch, record in _rebackprojects(metrics):
+        if not record.get("during_search", False):
+            return (epoch, int(record["images"]), str(record["group"]),
                     float(record["seconds"]))
     return None
+
+
+def search_rebackprojections(metrics: Sequence[MetricsLine]) -> list[tuple[int, float]]:
+    """The search epochs that began with the volume re-made from the poses
+    (``extra.rebackproject`` with ``during_search``, ``optim.rebackproject_during_search``):
+    ``(epoch, seconds)`` each, in order (empty: none)."""
+    return [(epoch, float(record["seconds"])) for epoch, record in _rebackprojects(metrics)
+            if record.get("during_search", False)]
 
 
 def run_events(metrics: Sequence[MetricsLine]) -> list[tuple[int, str]]:
@@ -118,8 +133,9 @@ def run_events(metrics: Sequence[MetricsLine]) -> list[tuple[int, str]]:
     label)``, ``boundary`` the epoch they follow (0: before the first), in epoch order, labels
     of one boundary joined by ``"; "``: the global search's early stop (``extra.search_stop``:
     "search done"), a point group imposed (``extra.symmetry``, a group other than C1: "D7
-    imposed") and the volume re-made from the poses (``extra.rebackproject``: "volume re-made").
-    The switch is not one of them (:func:`switch_epoch`)."""
+    imposed") and the volume re-made from the poses after the search (``extra.rebackproject``:
+    "volume re-made"). The switch and the volumes re-made during the search
+    (:func:`search_rebackprojections`, part of every search epoch) are not among them."""
     found: dict[int, list[str]] = {}
     for row in metrics:
         epoch, extra = int(row["epoch"]), row.get("extra") or {}
@@ -129,7 +145,8 @@ def run_events(metrics: Sequence[MetricsLine]) -> list[tuple[int, str]]:
         if isinstance(extra.get("search_stop"), dict):
             found.setdefault(int(extra["search_stop"].get("after_epoch", epoch)),
                              []).append("search done")
-        if isinstance(extra.get("rebackproject"), dict):
+        remade = extra.get("rebackproject")
+        if isinstance(remade, dict) and not remade.get("during_search", False):
             found.setdefault(epoch - 1, []).append("volume re-made")
     return [(b, "; ".join(found[b])) for b in sorted(found)]
 

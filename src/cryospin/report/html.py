@@ -29,6 +29,7 @@ from cryospin.report.analysis import (
     json_ready,
     rebackprojection,
     relaxations,
+    search_rebackprojections,
     switch_hypotheses,
 )
 from cryospin.report.ground_truth import EpochResolution
@@ -286,6 +287,15 @@ def _epoch_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
             f"{groups} (scored copies of each pose in epochs {relaxed[0][0]}–"
             f"{relaxed[-1][0]}); % of the particles moved to another copy: {moved}; the "
             f"group's score in the last epoch's starting map {relaxed[-1][2]:.3f}")))
+    during = search_rebackprojections(run.metrics)
+    if during:
+        epochs = (f"epoch {during[0][0]}" if len(during) == 1
+                  else f"epochs {during[0][0]}–{during[-1][0]}")
+        rows.append(("volume re-made during the search", (
+            f"at the start of {epochs} (each search epoch from the second): the Wiener "
+            "backprojection from the poses of the epoch before replaced the trained volume "
+            f"({'once' if len(during) == 1 else f'{len(during)} times'}, "
+            f"{format_duration(sum(t for _, t in during))} in all)")))
     remade = rebackprojection(run.metrics)
     if remade is not None:
         epoch, images, group, seconds = remade

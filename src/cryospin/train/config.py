@@ -213,6 +213,11 @@ class OptimConfig:
         (:mod:`cryospin.train.rebackproject`) and gets a new optimiser: the local epochs refine
         the poses against a map made from them rather than the one trained along with the
         search. Off here, on in the ``default`` preset (its comment gives the measurements).
+    rebackproject_during_search : bool
+        Likewise at the start of every search epoch from the second on: the search goes on
+        against the backprojection from the poses it found in the epoch before, not against
+        the volume trained along with poses that were still jumping between basins. Off here,
+        on in the ``default`` preset (its comment gives the measurements).
     search_radius_px : float
         Radius (cycles per box) of the low-frequency disc the global search is scored on
         (in the first search epoch).
@@ -271,6 +276,7 @@ class OptimConfig:
     search_candidates: int = 1
     search_polish_sweeps: int = 1
     rebackproject_after_search: bool = False
+    rebackproject_during_search: bool = False
     search_radius_px: float = 6.0
     search_radius_end_px: float | None = None
     search_radius_symmetric_px: float | None = None

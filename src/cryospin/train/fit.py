@@ -308,6 +308,7 @@ class _BackprojectionPlan(TypedDict):
     particles: int
     insertions: int
     rebackproject: bool
+    rebackproject_during_search: bool
 
 
 @dataclass
@@ -421,8 +422,10 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
         return_free_memory()  # the encoder and its optimiser are gone
     if step_due(run.config, epoch, state):  # C1 up to here: the group's frame from now on
         extra["symmetry"] = impose_on_state(run.config, state, run.shard)
-    if rebackproject_due(run.config, epoch, state):  # the local epochs' map, from the poses
-        record = rebackproject_on_state(run.config, state, run.particles, run.data, run.shard)
+    when = rebackproject_due(run.config, epoch, state)
+    if when is not None:  # the map of the local epochs or of this search epoch, from the poses
+        record = rebackproject_on_state(run.config, state, run.particles, run.data, run.shard,
+                                        when)
         extra["rebackproject"] = record
         clock.totals = add_sample(clock.totals, BACKPROJECT, record["images"], record["seconds"])
     cut = (stage1_batches(run.config.schedule, epoch, run.per_epoch)
@@ -656,9 +659,11 @@ def _backprojection_plan(run: _Run, state: TrainState) -> _BackprojectionPlan:
     wanted = run.config.model.symmetry
     if group.upper() == "C1" and wanted.lower() != "auto":
         group = wanted
+    searches = run.config.schedule.method not in AMORTIZED_METHODS
     return {"particles": len(run.data), "insertions": insertions_per_image(group),
-            "rebackproject": run.config.optim.rebackproject_after_search
-            and run.config.schedule.method not in AMORTIZED_METHODS}
+            "rebackproject": run.config.optim.rebackproject_after_search and searches,
+            "rebackproject_during_search": run.config.optim.rebackproject_during_search
+            and searches}
 
 
 def _resume_hint(run_dir: Path, epochs_done: int) -> str:

@@ -134,12 +134,15 @@ class RelaxRecord(TypedDict):
 
 class RebackprojectRecord(TypedDict):
     """``extra["rebackproject"]`` of the epoch that began with the volume re-made from the
-    poses (``optim.rebackproject_after_search``, :mod:`cryospin.train.rebackproject`): how
-    many images, with which group, in how many seconds."""
+    poses (``optim.rebackproject_after_search`` or ``_during_search``,
+    :mod:`cryospin.train.rebackproject`): how many images, with which group, in how many
+    seconds, and whether a search epoch began with it (absent in runs made before
+    2026-12-06: after the search)."""
 
     images: int
     group: str
     seconds: float
+    during_search: bool
 
 
 class EpochExtra(TypedDict, total=False):

@@ -19,7 +19,9 @@ scaled by :func:`relative_speed`.
 
 The ETA also counts the backprojections still ahead (:data:`BACKPROJECT`, not an epoch
 phase): the volume re-made from the poses when the search ends
-(``optim.rebackproject_after_search``) and the final map with the particles' scores. Their
+(``optim.rebackproject_after_search``) and at the start of each search epoch from the second
+(``optim.rebackproject_during_search``; up to the maximum number of search epochs, as the
+search's own images), and the final map with the particles' scores. Their
 "images" are weighted by the insertions each image costs (:func:`insertion_weight`; ``|G| /
 |P|`` with a point group in the final map, :func:`cryospin.symmetry.grid_cosets`; one in the
 re-made volume), their rate is the re-made volume's measured one when it has run, else
@@ -139,6 +141,9 @@ class RunPlan:
     rebackproject_images : float
         The volume re-made from the poses at the start of epoch ``last_search_epoch + 1``, in
         C1-backprojected images (:func:`backprojection_images`; 0: none).
+    search_rebackproject_images : float
+        Likewise at the start of each search epoch from the second (``switch_epoch + 2 ..
+        last_search_epoch``; 0: none).
     final_images : float
         The final map and the particles' scores after ``last_epoch``, likewise (0: this
         invocation stops before the run's end).
@@ -149,17 +154,21 @@ class RunPlan:
     last_epoch: int
     rebackproject_images: float = 0.0
     final_images: float = 0.0
+    search_rebackproject_images: float = 0.0
 
     @classmethod
     def from_schedule(cls, schedule: ScheduleConfig, *, switch_epoch: int,
                       search_stopped_after: int | None, last_epoch: int | None = None,
                       particles: int = 0, insertions: int = 1,
-                      rebackproject: bool = False) -> RunPlan:
+                      rebackproject: bool = False,
+                      rebackproject_during_search: bool = False) -> RunPlan:
         """The plan of ``schedule`` (``last_epoch`` None: the run's last,
         :func:`~cryospin.train.schedule.final_epoch`, which an early stop shortens), with the
         backprojections of ``particles`` images (``insertions`` each): the final map when
         ``last_epoch`` is the run's last, the re-made volume when ``rebackproject`` and a
-        search runs (``optim.rebackproject_after_search``; none here for 0 particles)."""
+        search runs (``optim.rebackproject_after_search``), and at the start of each search
+        epoch from the second when ``rebackproject_during_search`` (none here for 0
+        particles)."""
         final = final_epoch(schedule, search_stopped_after)
         end = final if last_epoch is None else last_epoch
         last_search = last_search_epoch(schedule, search_stopped_after)
@@ -167,7 +176,8 @@ class RunPlan:
             particles, insertions, final=end >= final,
             rebackproject=rebackproject and schedule.search_epochs > 0
             and last_search > switch_epoch)
-        return cls(switch_epoch, last_search, end, rb, fin)
+        return cls(switch_epoch, last_search, end, rb, fin,
+                   float(particles) if rebackproject_during_search else 0.0)
 
     def phase(self, epoch: int) -> str:
         """Phase of ``epoch`` (module docstring)."""
@@ -180,7 +190,7 @@ class RunPlan:
     def remaining_images(self, epoch: int, images_done: float,
                          images_per_epoch: float) -> dict[str, float]:
         """Images still to train, by phase, from ``images_done`` into ``epoch`` to the end of
-        ``last_epoch``, and the backprojections still ahead (:data:`BACKPROJECT`; the re-made
+        ``last_epoch``, and the backprojections still ahead (:data:`BACKPROJECT`; a re-made
         volume until its epoch starts); phases with none left are absent."""
         out: dict[str, float] = {}
         for e in range(epoch, self.last_epoch + 1):
@@ -190,6 +200,9 @@ class RunPlan:
         bp = self.final_images
         if epoch <= self.last_search_epoch < self.last_epoch:
             bp += self.rebackproject_images
+        first = max(epoch + 1, self.switch_epoch + 2)  # search epochs that start with one
+        bp += self.search_rebackproject_images * max(
+            0, min(self.last_search_epoch, self.last_epoch) - first + 1)
         if bp > 0:
             out[BACKPROJECT] = bp
         return out

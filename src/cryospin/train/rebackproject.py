@@ -1,19 +1,26 @@
 """The volume re-made from the poses when the global search ends
-(``optim.rebackproject_after_search``).
+(``optim.rebackproject_after_search``) and at the start of every search epoch from the second
+on (``optim.rebackproject_during_search``).
 
 During the search epochs the volume is trained by gradient steps along with poses that are
-still jumping between basins; when the search stops it is a blur of those poses. With this
-option the first local epoch starts with the volume replaced by the Wiener backprojection of
-the training images from the poses as they are then (:func:`cryospin.train.outputs.
-final_backprojection`, with the volume's point group when one is imposed), and a new
-optimiser for it, so that the local epochs refine the poses against a map made from them.
+still jumping between basins; when the search stops it is a blur of those poses. With the
+first option the first local epoch starts with the volume replaced by the Wiener
+backprojection of the training images from the poses as they are then
+(:func:`cryospin.train.outputs.final_backprojection`, with the volume's point group when one
+is imposed), and a new optimiser for it, so that the local epochs refine the poses against a
+map made from them. With the second the same step starts each search epoch after the first:
+the search goes on against a map made from the poses it found, which a pseudo-symmetric
+particle needs to break its near-symmetry (a volume that trails poses still split between the
+copies stays a blend of them; benchmarks/RESULTS.md, "The volume re-made in every search
+epoch").
 With a point group the images are inserted once and the sums averaged over the group by
 resampling (``symmetrize="resample"``, :mod:`cryospin.backproject`): inexact but as close to
 the true map and ~5× faster with D7 than inserting each image at its seven poses, and the
 local epochs refine this map anyway (the final map inserts exactly).
-It runs at the start of the epoch after the last search epoch (early stop included), after
-the impose-symmetry step when both fall on that epoch (:mod:`cryospin.train.impose`); the
-epoch's checkpoint holds the new volume, so a resumed run repeats nothing.
+It runs at the start of the epoch (the one after the last search epoch, early stop included,
+or a search epoch), after the impose-symmetry step when both fall on that epoch
+(:mod:`cryospin.train.impose`); the epoch's checkpoint holds the new volume, so a resumed run
+repeats nothing.
 
 Distributed: rank 0 backprojects every particle (the gathered pose table) and the map reaches
 the other ranks by a sum with their zeros.
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Literal
 
 import torch
 
@@ -37,35 +45,56 @@ from cryospin.train.state import TrainState
 from cryospin.train.switch import full_pose_table
 from cryospin.volume import HartleyVolume
 
-__all__ = ["rebackproject_due", "rebackproject_on_state"]
+__all__ = ["RebackprojectWhen", "rebackproject_due", "rebackproject_on_state"]
 
 logger = logging.getLogger(__name__)
 
+#: Which of the two steps (module docstring) an epoch starts with.
+RebackprojectWhen = Literal["during_search", "after_search"]
 
-def rebackproject_due(config: Config, epoch: int, state: TrainState) -> bool:
-    """Whether epoch ``epoch`` starts with the step: the option is on, the run is in stage 2,
-    at least one search epoch ran and ``epoch`` is the first after the last one."""
+#: The backprojection's label in the log (:func:`cryospin.train.outputs.final_backprojection`).
+_LABELS: dict[RebackprojectWhen, str] = {"after_search": "volume after the search",
+                                         "during_search": "volume after epoch {epoch}"}
+
+
+
+
+
+def rebackproject_due(config: Config, epoch: int, state: TrainState) -> RebackprojectWhen | None:
+    """Whether epoch ``epoch`` starts with the step, and which: ``"after_search"`` when
+    ``optim.rebackproject_after_search``, the run is in stage 2, at least one search epoch ran
+    and ``epoch`` is the first after the last one; ``"during_search"`` when
+    ``optim.rebackproject_during_search`` and ``epoch`` is a search epoch after the first
+    (the search's early stop, at the end of an epoch, ends them); None otherwise."""
     s = config.schedule
     last = last_search_epoch(s, state.search_stopped_after)
-    return (config.optim.rebackproject_after_search and state.pose_table is not None
-            and s.search_epochs > 0 and last > s.switch_epoch and epoch == last + 1)
+    if state.pose_table is None or s.search_epochs <= 0 or last <= s.switch_epoch:
+        return None
+    if config.optim.rebackproject_after_search and epoch == last + 1:
+        return "after_search"
+    if config.optim.rebackproject_during_search and s.switch_epoch + 2 <= epoch <= last:
+        return "during_search"
+    return None
 
 
 def rebackproject_on_state(config: Config, state: TrainState, particles: ParticleSet,
-                           data: TrainingData, shard: Shard | None) -> RebackprojectRecord:
-    """Replace the state's volume by the backprojection from its pose table (module
-    docstring); returns the metrics record (on every rank)."""
+                           data: TrainingData, shard: Shard | None,
+                           when: RebackprojectWhen = "after_search") -> RebackprojectRecord:
+    """Replace the state's volume by the backprojection from its pose table, as the step
+    ``when`` (module docstring; ``state.epoch`` the last epoch done); returns the metrics
+    record (on every rank)."""
     t0 = time.perf_counter()
     old = next(state.volume.parameters())
     group = state.volume.point_group
     L = data.box_px
+    label = _LABELS[when].format(epoch=state.epoch)
     table = full_pose_table(state.pose_table, shard)  # rank 0 (or one process): every row
     if table is not None:
         rotations, shifts = table.gather(torch.arange(len(data), device=table.rotations.device))
         real = final_backprojection(
             particles, data.unsharded(), rotations,
             shifts if config.model.predict_shifts else None, seed=config.run.seed,
-            symmetry=group, label="volume after the search", poses="current",
+            symmetry=group, label=label, poses="current",
             symmetrize="resample")
     else:
         real = torch.zeros(L, L, L)
@@ -74,7 +103,9 @@ def rebackproject_on_state(config: Config, state: TrainState, particles: Particl
     volume = HartleyVolume.from_real_space(real.to(old.dtype), symmetry=group).to(old.device)
     state.replace_volume(config, volume)
     seconds = time.perf_counter() - t0
-    logger.info("the volume is now the backprojection from the poses after the search "
-                "(%s images, %.1f s); the local epochs refine the poses against it",
-                f"{len(data):,}", seconds)
-    return RebackprojectRecord(images=len(data), group=group, seconds=seconds)
+    logger.info("the volume is now the backprojection from the poses after %s (%s images, "
+                "%.1f s); %s", label.removeprefix("volume after "), f"{len(data):,}", seconds,
+                "the local epochs refine the poses against it" if when == "after_search"
+                else "the search goes on against it")
+    return RebackprojectRecord(images=len(data), group=group, seconds=seconds,
+                               during_search=when == "during_search")

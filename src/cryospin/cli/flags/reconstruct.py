@@ -219,6 +219,11 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
                    help="when the global search ends, replace the volume by the Wiener "
                         "backprojection from the poses before the local epochs (default: from "
                         "the preset)")
+    g.add_argument("--rebackproject-during-search", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="at the start of every search epoch from the second on, replace the "
+                        "volume by the Wiener backprojection from the poses (default: from the "
+                        "preset)")
     g.add_argument("--search-resolution", type=float, metavar="A",
                    help="score the global search on frequencies up to this resolution, Å "
                         "(the preset gives a radius in cycles per box)")
