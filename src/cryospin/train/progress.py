@@ -20,8 +20,8 @@ scaled by :func:`relative_speed`.
 The ETA also counts the backprojections still ahead (:data:`BACKPROJECT`, not an epoch
 phase): the volume re-made from the poses when the search ends
 (``optim.rebackproject_after_search``) and at the start of each search epoch from the second
-(``optim.rebackproject_during_search``; up to the maximum number of search epochs, as the
-search's own images), and the final map with the particles' scores. Their
+(``optim.rebackproject_during_search``; counted up to the maximum number of search epochs,
+like the search epochs themselves), and the final map with the particles' scores. Their
 "images" are weighted by the insertions each image costs (:func:`insertion_weight`; ``|G| /
 |P|`` with a point group in the final map, :func:`cryospin.symmetry.grid_cosets`; one in the
 re-made volume), their rate is the re-made volume's measured one when it has run, else
@@ -141,12 +141,12 @@ class RunPlan:
     rebackproject_images : float
         The volume re-made from the poses at the start of epoch ``last_search_epoch + 1``, in
         C1-backprojected images (:func:`backprojection_images`; 0: none).
-    search_rebackproject_images : float
-        Likewise at the start of each search epoch from the second (``switch_epoch + 2 ..
-        last_search_epoch``; 0: none).
     final_images : float
         The final map and the particles' scores after ``last_epoch``, likewise (0: this
         invocation stops before the run's end).
+    search_rebackproject_images : float
+        The volume re-made at the start of each search epoch from the second
+        (``switch_epoch + 2 .. last_search_epoch``), likewise, per epoch (0: none).
     """
 
     switch_epoch: int
