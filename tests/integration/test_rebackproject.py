@@ -192,6 +192,14 @@ def test_with_a_group_imposed_the_step_averages_the_c1_sums_over_it(tiny, tmp_pa
     assert rows[3]["extra"]["rebackproject"]["group"] == "C3"
 
 
+def _rows_of(metrics: list[dict], box_px: int, pixel_size_angstrom: float) -> dict[str, str]:
+    """The report's summary table of a run (no folder) with these ``metrics.jsonl`` rows."""
+    run = RunData(run_dir=Path("run"), metrics=metrics, config={}, config_text=None,
+                  map_path=None, epoch_maps={}, poses_path=None, finished=False)
+    return dict(run_summary_rows(run_summary(run, num_poses=None, box_px=box_px,
+                                             pixel_size_angstrom=pixel_size_angstrom), run))
+
+
 def test_the_report_names_the_imposed_group() -> None:
     """With a point group imposed the row names it (the step's record as training writes it,
     :class:`cryospin.train.metrics.RebackprojectRecord`)."""
@@ -200,10 +208,7 @@ def test_the_report_names_the_imposed_group() -> None:
                {"epoch": 7, "extra": {"rebackproject": {"images": 20000, "group": "D7",
                                                         "seconds": 9.3}}}]
     assert rebackprojection(metrics) == (7, 20000, "D7", 9.3)
-    run = RunData(run_dir=Path("run"), metrics=metrics, config={}, config_text=None,
-                  map_path=None, epoch_maps={}, poses_path=None, finished=False)
-    line = dict(run_summary_rows(run_summary(run, num_poses=None, box_px=64,
-                                             pixel_size_angstrom=3.4), run))
+    line = _rows_of(metrics, box_px=64, pixel_size_angstrom=3.4)
     assert line["volume re-made after the search"] == (
         "at the start of epoch 7: the Wiener backprojection of 20,000 images from the poses "
         "(symmetry D7: each image inserted once, the sums averaged over the group) replaced "
@@ -313,10 +318,7 @@ def test_the_report_counts_the_volumes_re_made_during_the_search() -> None:
     assert search_rebackprojections(metrics) == [(3, 2.0), (4, 2.5), (5, 1.5)]
     assert rebackprojection(metrics) == (6, 5000, "C1", 2.1)
     assert run_events(metrics) == [(5, "volume re-made")]
-    run = RunData(run_dir=Path("run"), metrics=metrics, config={}, config_text=None,
-                  map_path=None, epoch_maps={}, poses_path=None, finished=False)
-    rows = dict(run_summary_rows(run_summary(run, num_poses=None, box_px=48,
-                                             pixel_size_angstrom=4.5), run))
+    rows = _rows_of(metrics, box_px=48, pixel_size_angstrom=4.5)
     assert rows["volume re-made during the search"] == (
         "at the start of epochs 3–5 (each search epoch from the second): the Wiener "
         "backprojection from the poses of the epoch before replaced the trained volume "
