@@ -111,7 +111,7 @@ def test_the_new_volume_is_the_backprojection_from_the_poses(tiny, tmp_path) -> 
     assert state.pose_table is not None
     rotations, shifts = state.pose_table.gather(torch.arange(len(data)))
     expected = final_backprojection(particles, data, rotations, shifts, seed=config.run.seed)
-    record = rebackproject_on_state(config, state, particles, data, None)
+    record = rebackproject_on_state(config, state, particles, data, None, "after_search")
     assert record["images"] == len(data)
     got = state.volume.to_real_space().detach().double()
     scale = float(expected.double().abs().max())

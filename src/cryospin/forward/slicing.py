@@ -265,7 +265,8 @@ def _insert_by_index_add(values: Tensor, rot: Tensor, freqs: Tensor, L: int) -> 
     outside the grid fall in the padding), the ``C`` channels sharing each stencil; chunked over
     poses. Each corner's values are built from contiguous `(S,)` weights, products of the
     three axes' factors, and added by one ``index_add_`` per corner (1.2–1.7× faster than one
-    `(S, 8)` stencil product and add: ``benchmarks/RESULTS.md``, "Backprojection in float64").
+    `(S, 8)` stencil product and add: ``benchmarks/RESULTS.md``, "The float64 scatter by
+    corner").
     Differentiable with respect to ``values`` and ``rot``."""
     C, P = values.shape[0], freqs.shape[0]
     Lp = L + 2

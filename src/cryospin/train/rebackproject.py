@@ -57,9 +57,6 @@ _LABELS: dict[RebackprojectWhen, str] = {"after_search": "volume after the searc
                                          "during_search": "volume after epoch {epoch}"}
 
 
-
-
-
 def rebackproject_due(config: Config, epoch: int, state: TrainState) -> RebackprojectWhen | None:
     """Whether epoch ``epoch`` starts with the step, and which: ``"after_search"`` when
     ``optim.rebackproject_after_search``, the run is in stage 2, at least one search epoch ran
@@ -79,7 +76,7 @@ def rebackproject_due(config: Config, epoch: int, state: TrainState) -> Rebackpr
 
 def rebackproject_on_state(config: Config, state: TrainState, particles: ParticleSet,
                            data: TrainingData, shard: Shard | None,
-                           when: RebackprojectWhen = "after_search") -> RebackprojectRecord:
+                           when: RebackprojectWhen) -> RebackprojectRecord:
     """Replace the state's volume by the backprojection from its pose table, as the step
     ``when`` (module docstring; ``state.epoch`` the last epoch done); returns the metrics
     record (on every rank)."""
