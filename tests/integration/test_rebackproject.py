@@ -7,6 +7,7 @@ them is the uninterrupted run."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from tests._synthetic import SyntheticDataset, make_dataset
 
 from cryospin.cli import reconstruct as cli
 from cryospin.cli.flags import reconstruct as flags
+from cryospin.forward.hartley import hartley3
 from cryospin.io.mrc import read_map
 from cryospin.io.particles import load_particles
 from cryospin.report.analysis import (
@@ -32,11 +34,17 @@ from cryospin.train.config import build_config
 from cryospin.train.data import prepare_data
 from cryospin.train.fit import fit
 from cryospin.train.outputs import final_backprojection
-from cryospin.train.rebackproject import rebackproject_due, rebackproject_on_state
+from cryospin.train.rebackproject import (
+    rebackproject_due,
+    rebackproject_on_state,
+    search_reach_px,
+)
 from cryospin.train.setup import initial_state
+from cryospin.volume import radial_shells
 
 
-def _config(rebackproject: bool, symmetry: str = "C1", during: bool = False):
+def _config(rebackproject: bool, symmetry: str = "C1", during: bool = False,
+            refine_radius_px: float = 16.0):
     """16 px, 3 heads; stage 1 in epoch 1, search in epochs 2-3, local epochs 4-5."""
     return build_config("default", {
         "model": {"num_heads": 3, "width_multiplier": 0.125, "head_hidden": 32,
@@ -44,7 +52,8 @@ def _config(rebackproject: bool, symmetry: str = "C1", during: bool = False):
                   "symmetry": symmetry},
         "optim": {"batch_size": 32, "encoder_lr": 1e-3, "search_rotations": 256,
                   "search_radius_px": 3.0, "rebackproject_after_search": rebackproject,
-                  "rebackproject_during_search": during},
+                  "rebackproject_during_search": during,
+                  "search_refine_radius_px": refine_radius_px},
         "schedule": {"epochs": 5, "switch_epoch": 1, "search_epochs": 2,
                      "search_min_epochs": None},
         "run": {"device": "cpu", "num_threads": 1, "seed": 3, "progress": False},
@@ -231,7 +240,8 @@ def test_during_the_search_the_step_starts_every_search_epoch_from_the_second(du
     assert sorted(marked) == [3, 4]
     assert marked[3]["during_search"] and not marked[4]["during_search"]
     assert all(r["images"] == 64 and r["group"] == "C1" for r in marked.values())
-    assert search_rebackprojections(rows) == [(3, marked[3]["seconds"])]
+    assert marked[3]["radius_px"] is None  # 16 px: the search's discs reach the whole ball
+    assert search_rebackprojections(rows) == [(3, marked[3]["seconds"], None)]
     assert rebackprojection(rows) == (4, 64, "C1", marked[4]["seconds"])
     # the figure marks the one after the search only (the others are part of the search)
     assert [label for _, label in run_events(rows)] == ["volume re-made"]
@@ -315,7 +325,8 @@ def test_the_report_counts_the_volumes_re_made_during_the_search() -> None:
                {"epoch": 5, "extra": {"rebackproject": {**remade, "seconds": 1.5}}},
                {"epoch": 6, "extra": {"rebackproject": {"images": 5000, "group": "C1",
                                                         "seconds": 2.1}}}]
-    assert search_rebackprojections(metrics) == [(3, 2.0), (4, 2.5), (5, 1.5)]
+    assert search_rebackprojections(metrics) == [(3, 2.0, None), (4, 2.5, None),
+                                                 (5, 1.5, None)]
     assert rebackprojection(metrics) == (6, 5000, "C1", 2.1)
     assert run_events(metrics) == [(5, "volume re-made")]
     rows = _rows_of(metrics, box_px=48, pixel_size_angstrom=4.5)
@@ -324,3 +335,75 @@ def test_the_report_counts_the_volumes_re_made_during_the_search() -> None:
         "backprojection from the poses of the epoch before replaced the trained volume "
         "(3 times, 6.0 s in all)")
     assert rows["volume re-made after the search"].startswith("at the start of epoch 6: ")
+
+
+def test_the_report_says_up_to_which_shell() -> None:
+    """Records with ``radius_px`` (a low-pass re-make): the row says up to where."""
+    remade = {"images": 20000, "group": "C1", "seconds": 3.0, "during_search": True,
+              "radius_px": 18}
+    metrics = [{"epoch": 3, "extra": {"rebackproject": remade}},
+               {"epoch": 4, "extra": {"rebackproject": remade}}]
+    assert search_rebackprojections(metrics) == [(3, 3.0, 18), (4, 3.0, 18)]
+    assert _rows_of(metrics, box_px=128, pixel_size_angstrom=1.7)[
+        "volume re-made during the search"] == (
+        "at the start of epochs 3–4 (each search epoch from the second): the Wiener "
+        "backprojection from the poses of the epoch before replaced the trained volume up to "
+        "18 cycles/box (the shells the search reads; beyond, the volume as trained) (2 times, "
+        "6.0 s in all)")
+
+
+@pytest.mark.parametrize(("box_px", "overrides", "group", "reach"), [
+    (64, {}, "C1", 18),                       # the default: pose steps on 16 cycles/box
+    (128, {}, "C1", 18),
+    (32, {}, "C1", None),                     # 18 reaches the ball (16): every frequency
+    (64, {"search_refine_radius_px": None}, "C1", None),  # the pose steps on the whole disc
+    (64, {"search_refine_radius_px": 4.0}, "C1", 8),      # the search's own 6 is the larger
+    (64, {"search_refine_radius_px": 4.0}, "D7", 12),     # with a group: its 10 cycles/box
+    (64, {"search_refine_radius_px": 4.0, "search_radius_end_px": 12.0}, "C1", 14),
+])
+def test_the_search_reads_the_shells_within_reach_of_its_discs(box_px, overrides, group,
+                                                               reach) -> None:
+    """``round(|k|)`` of the farthest trilinear corner of the search's discs: the largest of
+    its radii + √3, rounded (16 + 1.73 → 18)."""
+    config = build_config("default", {"optim": overrides})
+    if "search_refine_radius_px" in overrides and overrides["search_refine_radius_px"] is None:
+        config = dataclasses.replace(config, optim=dataclasses.replace(
+            config.optim, search_refine_radius_px=None))  # a None override keeps the preset's
+    assert search_reach_px(config, box_px, group) == reach
+
+
+def test_the_low_pass_step_replaces_the_shells_the_search_reads(tiny, tmp_path,
+                                                               caplog) -> None:
+    """Pose steps on 3 cycles/box at 16 px (the search's disc 3 too): the step re-makes the
+    shells ``round(|k|) <= 5`` and keeps the trained volume beyond. On those shells the new
+    volume is the low-pass backprojection from the poses; beyond, the old volume's values
+    exactly; a fresh optimiser; recorded and logged with the radius."""
+    config = _config(True, during=True, refine_radius_px=3.0)
+    particles, run = _particles(tiny), tmp_path / "run"
+    fit(config, particles, run, stop_after=2)
+    ckpt = Checkpoint.load(RunFiles(run).checkpoint)
+    data = prepare_data(particles, config.data)
+    state = initial_state(config, RunFiles(run), data, torch.device("cpu"), None, ckpt,
+                          torch.Generator().manual_seed(0), main=True)
+    assert rebackproject_due(config, 3, state) == "during_search"
+    assert search_reach_px(config, 16, "C1") == 5
+    before = state.volume().detach().clone()
+    assert state.pose_table is not None
+    rotations, shifts = state.pose_table.gather(torch.arange(len(data)))
+    expected = hartley3(final_backprojection(particles, data, rotations, shifts,
+                                             seed=config.run.seed, radius_px=5).double())
+    caplog.set_level("INFO", logger="cryospin.train")
+    record = rebackproject_on_state(config, state, particles, data, None, "during_search")
+    assert record["radius_px"] == 5 and record["during_search"]
+    after = state.volume().detach().double()
+    low = radial_shells(16, 3) <= 5
+    scale = float(expected.abs().max())
+    assert float((after - expected)[low].abs().max()) < 1e-5 * scale
+    torch.testing.assert_close(after[~low], before[~low].double(), rtol=1e-6, atol=0)
+    assert float((after - before.double())[low].abs().max()) > 1e-2 * scale  # it changed
+    assert not state.decoder_opt.state
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("volume after epoch 2: Wiener backprojection of 64 images "
+                               "from the current poses, up to 5 cycles/box") for line in lines)
+    assert any("(64 images, up to 5 cycles/box, the trained volume beyond; " in line
+               for line in lines)

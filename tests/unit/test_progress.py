@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from cryospin.train.config import ScheduleConfig
@@ -21,6 +22,7 @@ from cryospin.train.progress import (
     eta_s,
     format_duration,
     insertion_weight,
+    lowpass_weight,
     phase_totals,
     progress_line,
     relative_speed,
@@ -212,7 +214,7 @@ def test_a_rebackproject_record_in_metrics_gives_the_backprojection_rate():
              "extra": {"rebackproject": {"images": 100, "group": "D7", "seconds": 2.0}}},
             {"epoch": 4, "stage": "autodecode", "num_images": 100, "wall_time_s": 10.0,
              "extra": {"rebackproject": {"images": 100, "group": "C1", "seconds": 0.0}}}]
-    assert phase_totals(rows, plan) == {LOCAL: (200.0, 20.0), BACKPROJECT: (100.0, 2.0)}
+    assert phase_totals(rows, plan, 64) == {LOCAL: (200.0, 20.0), BACKPROJECT: (100.0, 2.0)}
 
 
 def test_eta_uses_the_measured_rate_of_every_phase_that_ran():
@@ -221,7 +223,7 @@ def test_eta_uses_the_measured_rate_of_every_phase_that_ran():
     20. (50 + 200)/10 + 200/20 = 25 + 10 s."""
     plan = RunPlan(switch_epoch=1, last_search_epoch=4, last_epoch=6)
     rows = [{"epoch": 1, "stage": "autoencode", "num_images": 100, "wall_time_s": 20.0}]
-    totals = phase_totals(rows, plan)
+    totals = phase_totals(rows, plan, 64)
     assert totals == {AUTOENCODE: (100.0, 20.0)}
     live = add_sample(totals, SEARCH, 50, 5.0)
     assert estimate_rates(live, SEARCH, SPEEDS) == {AUTOENCODE: 5.0, SEARCH: 10.0,
@@ -232,7 +234,7 @@ def test_eta_uses_the_measured_rate_of_every_phase_that_ran():
              {"epoch": 3, "stage": "autodecode", "num_images": 100, "wall_time_s": 5.0},
              {"epoch": 5, "stage": "autodecode", "num_images": 100, "wall_time_s": 2.0},
              {"epoch": 6, "stage": "autodecode", "num_images": 100, "wall_time_s": None}]
-    assert phase_totals(rows, plan) == {AUTOENCODE: (100.0, 20.0), SEARCH: (200.0, 15.0),
+    assert phase_totals(rows, plan, 64) == {AUTOENCODE: (100.0, 20.0), SEARCH: (200.0, 15.0),
                                         LOCAL: (100.0, 2.0)}
 
 
@@ -245,7 +247,7 @@ def test_eta_after_an_early_stop_of_the_search_counts_only_the_shortened_run():
         {"epoch": e, "stage": "autodecode", "num_images": 100, "wall_time_s": 10.0}
         for e in range(2, 6)]
     stopped = RunPlan.from_schedule(SCHEDULE, switch_epoch=1, search_stopped_after=5)
-    totals = phase_totals(rows, stopped)
+    totals = phase_totals(rows, stopped, 64)
     assert totals == {AUTOENCODE: (100.0, 10.0), SEARCH: (400.0, 40.0)}
     # nothing local measured: from the first measured phase, 10 * 2/1 = 20 images/s
     assert run_eta_s(stopped, 6, 0, 100, totals, SPEEDS) == pytest.approx(300 / 20)
@@ -277,3 +279,39 @@ def test_progress_line():
     assert progress_line("switch: inference pass", 0, 64, 1.0).endswith("ETA pass ?")
     assert progress_line("epoch 1/3 (stage 1)", 32, 64, 2.0, what="epoch", run_eta=None,
                          with_run_eta=True).endswith("ETA epoch 2 s, run ?")
+
+
+@pytest.mark.parametrize(("box_px", "radius_px", "inserted"), [
+    (128, 18, 1289), (64, 18, 1289), (48, 18, 1289), (32, 2, 57)])
+def test_a_low_pass_backprojection_weighs_by_the_frequencies_it_inserts(box_px, radius_px,
+                                                                         inserted):
+    """``0.15 + 0.85 · f``, ``f`` the share of the box's pixels within ``radius + 0.5 + √3``
+    (shell 18: |k| <= 20.23, 1,289 pixels whatever the box that holds the disc; shell 2:
+    |k| <= 4.23, 57 pixels; counted here by brute force); None: a whole backprojection."""
+    k = np.arange(box_px) - box_px // 2
+    reach_sq = (radius_px + 0.5 + np.sqrt(3)) ** 2
+    count = int(((k[:, None] ** 2 + k[None, :] ** 2) <= reach_sq).sum())
+    assert count == inserted
+    assert lowpass_weight(box_px, radius_px) == pytest.approx(
+        0.15 + 0.85 * inserted / box_px**2, rel=1e-12)
+    assert lowpass_weight(box_px, None) == 1.0
+
+
+def test_a_low_pass_re_make_counts_by_its_weight():
+    """The plan's re-makes during the search and a metrics record's images are weighted by
+    :func:`lowpass_weight`: 100 particles at 128 px, shell 18 (weight ~0.217) per search
+    epoch; a record of 100 images in 2 s with ``radius_px`` 18 is ~21.7 C1 images."""
+    weight = lowpass_weight(128, 18)
+    assert 0.2 < weight < 0.25
+    schedule = ScheduleConfig(epochs=7, switch_epoch=1, search_epochs=4)
+    plan = RunPlan.from_schedule(schedule, switch_epoch=1, search_stopped_after=None,
+                                 particles=100, insertions=1, rebackproject=True,
+                                 rebackproject_during_search=True,
+                                 search_rebackproject_weight=weight)
+    assert plan.search_rebackproject_images == pytest.approx(100 * weight)
+    assert plan.remaining_images(2, 0, 100)[BACKPROJECT] == pytest.approx(
+        3 * 100 * weight + 100 + 125)
+    rows = [{"epoch": 3, "stage": "autodecode", "num_images": 100, "wall_time_s": 10.0,
+             "extra": {"rebackproject": {"images": 100, "group": "C1", "seconds": 2.0,
+                                         "during_search": True, "radius_px": 18}}}]
+    assert phase_totals(rows, plan, 128)[BACKPROJECT] == pytest.approx((100 * weight, 2.0))

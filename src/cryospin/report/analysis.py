@@ -120,12 +120,15 @@ def rebackprojection(metrics: Sequence[MetricsLine]) -> tuple[int, int, str, flo
     return None
 
 
-def search_rebackprojections(metrics: Sequence[MetricsLine]) -> list[tuple[int, float]]:
+def search_rebackprojections(
+        metrics: Sequence[MetricsLine]) -> list[tuple[int, float, int | None]]:
     """The search epochs that began with the volume re-made from the poses
     (``extra.rebackproject`` with ``during_search``, ``optim.rebackproject_during_search``):
-    ``(epoch, seconds)`` each, in order (empty: none)."""
-    return [(epoch, float(record["seconds"])) for epoch, record in _rebackprojects(metrics)
-            if record.get("during_search", False)]
+    ``(epoch, seconds, radius_px)`` each, in order (empty: none); ``radius_px`` the last shell
+    re-made (cycles per box), None for every frequency (and in runs that did not record it)."""
+    return [(epoch, float(record["seconds"]),
+             None if record.get("radius_px") is None else int(record["radius_px"]))
+            for epoch, record in _rebackprojects(metrics) if record.get("during_search", False)]
 
 
 def run_events(metrics: Sequence[MetricsLine]) -> list[tuple[int, str]]:

@@ -291,11 +291,15 @@ def _epoch_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
     if during:
         epochs = (f"epoch {during[0][0]}" if len(during) == 1
                   else f"epochs {during[0][0]}–{during[-1][0]}")
+        radii = {r for _, _, r in during}
+        part = ("" if radii == {None} else
+                f" up to {'/'.join(str(r) for r in sorted(x for x in radii if x is not None))}"
+                " cycles/box (the shells the search reads; beyond, the volume as trained)")
         rows.append(("volume re-made during the search", (
             f"at the start of {epochs} (each search epoch from the second): the Wiener "
-            "backprojection from the poses of the epoch before replaced the trained volume "
-            f"({'once' if len(during) == 1 else f'{len(during)} times'}, "
-            f"{format_duration(sum(t for _, t in during))} in all)")))
+            "backprojection from the poses of the epoch before replaced the trained volume"
+            f"{part} ({'once' if len(during) == 1 else f'{len(during)} times'}, "
+            f"{format_duration(sum(t for _, t, _ in during))} in all)")))
     remade = rebackprojection(run.metrics)
     if remade is not None:
         epoch, images, group, seconds = remade

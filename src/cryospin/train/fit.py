@@ -99,11 +99,16 @@ from cryospin.train.progress import (
     PhaseTotals,
     RunPlan,
     add_sample,
+    lowpass_weight,
     phase_totals,
     relative_speed,
     run_eta_s,
 )
-from cryospin.train.rebackproject import rebackproject_due, rebackproject_on_state
+from cryospin.train.rebackproject import (
+    rebackproject_due,
+    rebackproject_on_state,
+    search_reach_px,
+)
 from cryospin.train.relax import place_copies, relax_record, relaxed_group
 from cryospin.train.release import return_free_memory
 from cryospin.train.runlog import header_line, run_log
@@ -309,6 +314,7 @@ class _BackprojectionPlan(TypedDict):
     insertions: int
     rebackproject: bool
     rebackproject_during_search: bool
+    search_rebackproject_weight: float
 
 
 @dataclass
@@ -384,7 +390,8 @@ def _train_epochs(run: _Run, state: TrainState, stop_after: int | None) -> int:
                                  search_stopped_after=state.search_stopped_after,
                                  last_epoch=last, **_backprojection_plan(run, state))
     # progress: the images/s measured so far (resume: earlier epochs)
-    totals = phase_totals(read_metrics(run.files.metrics), plan) if run.main else {}
+    totals = (phase_totals(read_metrics(run.files.metrics), plan, run.data.box_px)
+              if run.main else {})
     n = len(run.data)
     scale = 1.0 if run.shard is None else n / max(int(run.shard.owned(n).numel()), 1)
     # the encoder as trained: in DDP when distributed (checkpoints save `encoder` itself)
@@ -427,7 +434,10 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
         record = rebackproject_on_state(run.config, state, run.particles, run.data, run.shard,
                                         when)
         extra["rebackproject"] = record
-        clock.totals = add_sample(clock.totals, BACKPROJECT, record["images"], record["seconds"])
+        clock.totals = add_sample(
+            clock.totals, BACKPROJECT,
+            record["images"] * lowpass_weight(run.data.box_px, record["radius_px"]),
+            record["seconds"])
     cut = (stage1_batches(run.config.schedule, epoch, run.per_epoch)
            if state.stage == Stage.AUTOENCODE else None)  # the step budget's cut epoch
     n = len(run.data)
@@ -663,7 +673,9 @@ def _backprojection_plan(run: _Run, state: TrainState) -> _BackprojectionPlan:
     return {"particles": len(run.data), "insertions": insertions_per_image(group),
             "rebackproject": run.config.optim.rebackproject_after_search and searches,
             "rebackproject_during_search": run.config.optim.rebackproject_during_search
-            and searches}
+            and searches,
+            "search_rebackproject_weight": lowpass_weight(
+                run.data.box_px, search_reach_px(run.config, run.data.box_px, group))}
 
 
 def _resume_hint(run_dir: Path, epochs_done: int) -> str:

@@ -136,13 +136,15 @@ class RebackprojectRecord(TypedDict):
     """``extra["rebackproject"]`` of the epoch that began with the volume re-made from the
     poses (``optim.rebackproject_after_search`` or ``_during_search``,
     :mod:`cryospin.train.rebackproject`): how many images, with which group, in how many
-    seconds, and whether a search epoch began with it (absent in runs made before
-    2026-12-06: after the search)."""
+    seconds, whether a search epoch began with it (absent in runs made before
+    2026-12-06: after the search) and up to which shell it was re-made (``radius_px``,
+    cycles per box; None: every frequency; absent before 2026-12-07: every frequency)."""
 
     images: int
     group: str
     seconds: float
     during_search: bool
+    radius_px: int | None
 
 
 class EpochExtra(TypedDict, total=False):

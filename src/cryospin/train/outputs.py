@@ -221,6 +221,7 @@ def final_backprojection(
     label: str = "final map",
     poses: str = "final",
     symmetrize: Symmetrize = "insert",
+    radius_px: float | None = None,
 ) -> torch.Tensor:
     """The final map: Wiener backprojection of the training images from the final poses.
 
@@ -251,6 +252,10 @@ def final_backprojection(
         For the log line: what the left-out particles fit as well as the map.
     label, poses : str
         What the log line calls the map and the poses.
+    radius_px : float, optional
+        A low-pass map: the shells ``round(|k|) <= radius_px`` (cycles per box of the
+        training box) only, zero beyond (:func:`cryospin.backproject.backproject`); None:
+        every frequency.
 
     Returns
     -------
@@ -282,10 +287,11 @@ def final_backprojection(
         None if shifts_px is None else shifts_px.detach().to(device, dtype), ctf, dtype=dtype,
         box_px=data.box_px, pixel_size_angstrom=data.pixel_size_angstrom, seed=seed,
         on_batch=on_batch, symmetry=group if group.shape[0] > 1 else None,
-        symmetrize=symmetrize,
+        symmetrize=symmetrize, radius_px=radius_px,
     )
-    logger.info("%s: Wiener backprojection of %s images from the %s poses%s%s", label,
+    logger.info("%s: Wiener backprojection of %s images from the %s poses%s%s%s", label,
                 f"{rotations.shape[0]:,}", poses,
+                "" if radius_px is None else f", up to {radius_px:g} cycles/box",
                 "" if group.shape[0] == 1 else f", symmetry {symmetry}" + (
                     " (each image inserted once, the sums averaged over the group)"
                     if symmetrize == "resample" else ""),
