@@ -84,6 +84,19 @@ def ctf_params(defocus_angstrom: Tensor) -> CTFParams:
     )
 
 
+def random_ctf_params(n: int, generator: torch.Generator) -> CTFParams:
+    """Astigmatic CTF parameters `(n,)` float64 drawn from ``generator`` (defocus 8,000-16,000
+    Å, 500 Å astigmatism, random angle): 300 kV, Cs 2.7 mm, amplitude contrast 0.1."""
+    full = lambda v: torch.full((n,), v, dtype=F64)  # noqa: E731
+    u = torch.rand(n, generator=generator, dtype=F64)
+    return CTFParams(
+        defocus_u_angstrom=8000 + 8000 * u, defocus_v_angstrom=7500 + 8000 * u,
+        defocus_angle_deg=360 * torch.rand(n, generator=generator, dtype=F64),
+        voltage_kv=full(300.0), cs_mm=full(2.7), amplitude_contrast=full(0.1),
+        phase_shift_deg=full(0.0), bfactor_a2=full(0.0),
+    )
+
+
 @dataclass(frozen=True)
 class SyntheticDataset:
     """What ``make_dataset`` wrote to ``folder`` and the truth behind it."""

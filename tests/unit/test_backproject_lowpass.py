@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tests._synthetic import random_ctf_params
 
 from cryospin.backproject import (
     BackprojectionSums,
@@ -26,17 +27,6 @@ APIX = 3.0
 NAMES = ("numerator_a", "denominator_a", "numerator_b", "denominator_b")
 
 
-def _ctf(n: int, g: torch.Generator) -> CTFParams:
-    full = lambda v: torch.full((n,), v, dtype=torch.float64)  # noqa: E731
-    u = torch.rand(n, generator=g, dtype=torch.float64)
-    return CTFParams(
-        defocus_u_angstrom=8000 + 8000 * u, defocus_v_angstrom=7500 + 8000 * u,
-        defocus_angle_deg=360 * torch.rand(n, generator=g, dtype=torch.float64),
-        voltage_kv=full(300.0), cs_mm=full(2.7), amplitude_contrast=full(0.1),
-        phase_shift_deg=full(0.0), bfactor_a2=full(0.0),
-    )
-
-
 def _particles(n: int, L: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                    CTFParams, np.ndarray]:
     """Random images `(n, L, L)`, poses, shifts (px), CTFs and half sets, float64."""
@@ -45,7 +35,7 @@ def _particles(n: int, L: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, t
     R = random_rotations(n, generator=g).double()
     shifts = torch.randn(n, 2, generator=g, dtype=torch.float64)
     half = np.arange(n) % 2 + 1
-    return images, R, shifts, _ctf(n, g), half
+    return images, R, shifts, random_ctf_params(n, g), half
 
 
 def _distance(L: int) -> torch.Tensor:

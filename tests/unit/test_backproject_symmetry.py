@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests._synthetic import random_ctf_params
 
 from cryospin.backproject import accumulate_backprojection, backproject
 from cryospin.forward.ctf import CTFParams
@@ -19,17 +20,6 @@ from cryospin.symmetry import expand_rotations, grid_cosets, point_group_rotatio
 APIX = 3.0
 
 
-def _ctf(n: int, g: torch.Generator) -> CTFParams:
-    full = lambda v: torch.full((n,), v, dtype=torch.float64)  # noqa: E731
-    u = torch.rand(n, generator=g, dtype=torch.float64)
-    return CTFParams(
-        defocus_u_angstrom=8000 + 8000 * u, defocus_v_angstrom=7500 + 8000 * u,
-        defocus_angle_deg=360 * torch.rand(n, generator=g, dtype=torch.float64),
-        voltage_kv=full(300.0), cs_mm=full(2.7), amplitude_contrast=full(0.1),
-        phase_shift_deg=full(0.0), bfactor_a2=full(0.0),
-    )
-
-
 def _nine_particles(L: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                  CTFParams, np.ndarray]:
     """Nine random images `(9, L, L)`, poses, shifts (px), CTFs and half sets, float64."""
@@ -37,7 +27,7 @@ def _nine_particles(L: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torc
     images = torch.randn(9, L, L, generator=g, dtype=torch.float64)
     R = random_rotations(9, generator=g).double()
     shifts = torch.randn(9, 2, generator=g, dtype=torch.float64)
-    return images, R, shifts, _ctf(9, g), np.array([1, 2, 1, 1, 2, 2, 1, 2, 1])
+    return images, R, shifts, random_ctf_params(9, g), np.array([1, 2, 1, 1, 2, 2, 1, 2, 1])
 
 
 @pytest.mark.parametrize("symbol, L", [
