@@ -407,3 +407,24 @@ def test_the_low_pass_step_replaces_the_shells_the_search_reads(tiny, tmp_path,
                                "from the current poses, up to 5 cycles/box") for line in lines)
     assert any("(64 images, up to 5 cycles/box, the trained volume beyond; " in line
                for line in lines)
+
+
+def test_a_run_with_the_low_pass_step_records_it_and_resumes_across_it(tiny, tmp_path) -> None:
+    """A whole run with the search's discs inside the ball (pose steps on 3 cycles/box at
+    16 px): the search epoch's re-make is low-pass (``radius_px`` 5), the one after the search
+    whole (None); the report row says up to where; a run resumed across the step is the
+    uninterrupted run."""
+    config, run = _config(True, during=True, refine_radius_px=3.0), tmp_path / "run"
+    fit(config, _particles(tiny), run)
+    rows = read_metrics(run / "metrics.jsonl")
+    marked = {r["epoch"]: r["extra"]["rebackproject"] for r in rows
+              if "rebackproject" in (r.get("extra") or {})}
+    assert {e: (m["during_search"], m["radius_px"]) for e, m in marked.items()} == {
+        3: (True, 5), 4: (False, None)}
+    assert "up to 5 cycles/box (the shells the search reads; beyond, the volume as trained)" in (
+        _report_rows(run)["volume re-made during the search"])
+    resumed = tmp_path / "resumed"
+    fit(config, _particles(tiny), resumed, stop_after=2)
+    fit(config, _particles(tiny), resumed, resume=True)
+    np.testing.assert_allclose(read_map(resumed / "map.mrc")[0], read_map(run / "map.mrc")[0],
+                               rtol=0, atol=1e-6)
