@@ -1,8 +1,9 @@
 """``optim.rebackproject_after_search`` (``--rebackproject-after-search``): the first local
 epoch starts with the volume replaced by the Wiener backprojection from the poses after the
 search; ``optim.rebackproject_during_search`` (``--rebackproject-during-search``): so does
-every search epoch from the second. Recorded in those epochs' metrics; a run resumed across
-them is the uninterrupted run."""
+every search epoch from the second, there up to the shells the search's discs read (a
+low-pass backprojection, the trained volume beyond). Recorded in those epochs' metrics; a run
+resumed across them is the uninterrupted run."""
 
 from __future__ import annotations
 
