@@ -112,6 +112,36 @@ def test_the_inference_pass_reports_every_batch(data):
     assert sizes == [4, 4, 3]
 
 
+def test_the_run_eta_says_how_soon_an_early_stop_of_the_search_would_end_it(data, tmp_path,
+                                                                           monkeypatch):
+    """6 epochs: stage 1 in epoch 1, at most 4 search epochs (2-5) that may stop from search
+    epoch 2 (after epoch 3) on, then 1 local epoch. Until then each progress line gives the
+    run's ETA as planned and, in brackets, if the search stopped after epoch 3; never in the
+    local epoch."""
+    clock = iter(range(1, 10**6))
+    monkeypatch.setattr(feedback_module, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(feedback_module, "stderr_is_terminal", lambda: False)
+    config = build_config("default", {
+        "model": {"num_heads": 2, "width_multiplier": 0.125, "head_hidden": 16,
+                  "precision": "fp32", "encoder_box_px": None},
+        "optim": {"batch_size": 16, "search_rotations": 64, "search_radius_px": 3.0},
+        "schedule": {"epochs": 6, "switch_epoch": 1, "search_epochs": 4,
+                     "search_min_epochs": 2},
+        "run": {"device": "cpu", "num_threads": 1, "seed": 2, "track_particles": 0,
+                "keep_epoch_maps": False, "progress": True, "progress_interval_s": 1.0},
+    })
+    run = tmp_path / "run"
+    assert fit(config, _particles(data), run).finished
+    lines = [line[5:] for line in _lines(run / "run.log")
+             if line.startswith("INFO epoch ") and "images/s, ETA" in line]
+    early = re.compile(r", run (\d+) s \((\d+) s if the search stops after epoch 3\)$")
+    firsts = [early.search(line) for line in lines if line.startswith(("epoch 1/", "epoch 2/"))]
+    assert len(firsts) == 4  # two lines per epoch (32 images, batches of 16)
+    assert all(m is not None and int(m[2]) < int(m[1]) for m in firsts), lines
+    last = [line for line in lines if "(stage 2, local)" in line]
+    assert last and not any("if the search stops" in line for line in last)
+
+
 def test_progress_lines_without_a_terminal(data, tmp_path, monkeypatch):
     """stderr not a terminal, a bar wanted (the default): lines every second of the fake
     clock, i.e. after every batch, for the epochs, the switch's inference pass and the final

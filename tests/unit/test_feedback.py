@@ -17,6 +17,7 @@ import pytest
 from cryospin.errors import InputError, OutputError
 from cryospin.train import feedback as feedback_module
 from cryospin.train.feedback import BAR, LINES, OFF, Feedback, PassProgress
+from cryospin.train.progress import RunEstimate
 from cryospin.train.runlog import RUN_LOG, header_line, note, run_log, start_run_log
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
@@ -50,7 +51,8 @@ def _messages(caplog) -> list[str]:
 def test_a_line_every_interval_with_the_pass_and_run_eta(clock, caplog):
     caplog.set_level(logging.INFO, logger="cryospin.train.feedback")
     progress = PassProgress("epoch 1/2 (stage 1)", 100, display=LINES, interval_s=10,
-                            what="epoch", run_eta=lambda done, seconds: 99.0 + done)
+                            what="epoch",
+                            run_eta=lambda done, seconds: RunEstimate(99.0 + done))
     for t in (105, 110, 115, 121):
         clock.now = t
         progress.update(20, loss=1.5)
@@ -107,7 +109,8 @@ def test_bar_shows_the_run_eta_and_log_records_go_above_it(clock, capsys):
         with feedback.console():
             assert handler not in root.handlers  # replaced by one writing through tqdm
             progress = feedback.start("epoch 1/3 (stage 1)", 64, what="epoch",
-                                      run_eta=lambda done, seconds: 125.0)
+                                      run_eta=lambda done, seconds: RunEstimate(
+                                          125.0, 65.0, 4))
             clock.now += 1
             progress.update(32, loss=0.5)
             progress.bar.refresh()
@@ -118,7 +121,8 @@ def test_bar_shows_the_run_eta_and_log_records_go_above_it(clock, capsys):
         root.removeHandler(handler)
         log.setLevel(level)
     err = capsys.readouterr().err
-    assert "epoch 1/3 (stage 1)" in err and "run ETA=2 min 05 s" in err
+    assert "epoch 1/3 (stage 1)" in err
+    assert "run ETA=2 min 05 s (1 min 05 s if the search stops after epoch 4)" in err
     line = next(x for x in err.split("\n") if "switch to auto-decoding" in x)
     assert line.split("\r")[-1].strip() == "INFO switch to auto-decoding"
 

@@ -15,12 +15,14 @@ from cryospin.train.progress import (
     BACKPROJECT,
     LOCAL,
     SEARCH,
+    RunEstimate,
     RunPlan,
     add_sample,
     backprojection_images,
     estimate_rates,
     eta_s,
     format_duration,
+    format_run_eta,
     insertion_weight,
     lowpass_weight,
     phase_totals,
@@ -28,6 +30,7 @@ from cryospin.train.progress import (
     relative_speed,
     run_eta_s,
 )
+from cryospin.train.schedule import earliest_search_stop
 
 # relative speeds for hand arithmetic (the run's come from relative_speed(box_px))
 SPEEDS = {AUTOENCODE: 1.0, SEARCH: 1.0, LOCAL: 2.0}
@@ -273,9 +276,12 @@ def test_format_duration():
 def test_progress_line():
     """1,280 of 5,000 images in 20 s: 64 images/s, 3,720 left = 58 s."""
     line = progress_line("epoch 3/12 (stage 2, search)", 1280, 5000, 20.0, what="epoch",
-                         run_eta=750.0, with_run_eta=True)
+                         run_eta=RunEstimate(750.0), with_run_eta=True)
     assert line == ("epoch 3/12 (stage 2, search): 1,280/5,000 images (26 %), 64.0 images/s, "
                     "ETA epoch 58 s, run 12 min 30 s")
+    early = progress_line("epoch 3/12 (stage 2, search)", 1280, 5000, 20.0, what="epoch",
+                          run_eta=RunEstimate(750.0, 430.0, 5), with_run_eta=True)
+    assert early.endswith("run 12 min 30 s (7 min 10 s if the search stops after epoch 5)")
     assert progress_line("switch: inference pass", 0, 64, 1.0).endswith("ETA pass ?")
     assert progress_line("epoch 1/3 (stage 1)", 32, 64, 2.0, what="epoch", run_eta=None,
                          with_run_eta=True).endswith("ETA epoch 2 s, run ?")
@@ -315,3 +321,36 @@ def test_a_low_pass_re_make_counts_by_its_weight():
              "extra": {"rebackproject": {"images": 100, "group": "C1", "seconds": 2.0,
                                          "during_search": True, "radius_px": 18}}}]
     assert phase_totals(rows, plan, 128)[BACKPROJECT] == pytest.approx((100 * weight, 2.0))
+
+
+def test_format_run_eta_shows_an_earlier_end_only_when_there_is_one():
+    assert format_run_eta(RunEstimate(700.0, 400.0, 5)) == (
+        "11 min 40 s (6 min 40 s if the search stops after epoch 5)")
+    assert format_run_eta(RunEstimate(700.0)) == "11 min 40 s"
+    assert format_run_eta(RunEstimate(700.0, 700.0, 5)) == "11 min 40 s"  # no earlier end
+    assert format_run_eta(RunEstimate(4.2, 3.8, 5)) == "4 s"  # the same when shown
+    assert format_run_eta(RunEstimate(None, 400.0, 5)) == "?"
+    assert format_run_eta(RunEstimate(700.0, None, 5)) == "11 min 40 s"
+    assert format_run_eta(None) == "?"
+
+
+def test_the_eta_if_the_search_stopped_at_the_first_chance():
+    """The default schedule (stage 1 in epoch 1, at most 8 search epochs, early stop from
+    search epoch 4, 3 local epochs): in epoch 3 the earliest stop is after epoch 5; stopped
+    there the plan ends at epoch 8. 100 images per epoch, search 10 images/s, local 20, in
+    epoch 3 with nothing done: planned 7 search epochs (3-9) and 3 local, 70 + 15 s; stopped
+    after 5: 3 search and 3 local, 30 + 15 s."""
+    assert earliest_search_stop(SCHEDULE, 3, None) == 5
+    assert earliest_search_stop(SCHEDULE, 7, None) == 7
+    assert earliest_search_stop(SCHEDULE, 9, None) is None  # the last search epoch
+    assert earliest_search_stop(SCHEDULE, 6, 5) is None  # stopped already
+    assert earliest_search_stop(SCHEDULE, 1, None) == 5  # from stage 1 on
+    rows = [{"epoch": 1, "stage": "autoencode", "num_images": 100, "wall_time_s": 10.0},
+            {"epoch": 2, "stage": "autodecode", "num_images": 100, "wall_time_s": 10.0}]
+    planned = RunPlan.from_schedule(SCHEDULE, switch_epoch=1, search_stopped_after=None)
+    early = RunPlan.from_schedule(SCHEDULE, switch_epoch=1, search_stopped_after=5)
+    assert early.last_epoch == 8
+    totals = phase_totals(rows, planned, 64)
+    speeds = {AUTOENCODE: 1.0, SEARCH: 1.0, LOCAL: 2.0}
+    assert run_eta_s(planned, 3, 0, 100, totals, speeds) == pytest.approx(70 + 15)
+    assert run_eta_s(early, 3, 0, 100, totals, speeds) == pytest.approx(30 + 15)

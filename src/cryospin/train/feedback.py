@@ -12,7 +12,8 @@ backprojection) reports its progress through a :class:`PassProgress`, shown one 
 * ``"lines"`` — no terminal (``nohup``, a batch scheduler, output redirected) or no bar wanted:
   every ``run.progress_interval_s`` seconds of a pass, one INFO log record: the pass, images
   done / total, images/s, the pass's ETA and the run's (:func:`cryospin.train.progress
-  .progress_line`). Being log records they also reach ``RUN_DIR/run.log``
+  .progress_line`; while the global search can still stop early, also the ETA if it stopped
+  at the earliest). Being log records they also reach ``RUN_DIR/run.log``
   (:mod:`cryospin.train.runlog`).
 * ``"off"`` — ``progress_interval_s = 0`` without a bar, and every rank but 0 under torchrun.
 
@@ -34,7 +35,7 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from cryospin.train.progress import format_duration, progress_line
+from cryospin.train.progress import RunEstimate, format_run_eta, progress_line
 
 __all__ = ["BAR", "LINES", "OFF", "Feedback", "PassProgress", "stderr_is_terminal"]
 
@@ -44,8 +45,8 @@ BAR = "bar"
 LINES = "lines"
 OFF = "off"
 
-#: ``(images done in the pass, seconds since it started) -> seconds to the end of the run``.
-RunEta = Callable[[float, float], float | None]
+#: ``(images done in the pass, seconds since it started) ->`` the run's ETA.
+RunEta = Callable[[float, float], RunEstimate]
 
 
 def stderr_is_terminal() -> bool:
@@ -79,8 +80,8 @@ class PassProgress:
     what : str
         The pass in the ETA wording (``"epoch"``, ``"pass"``).
     run_eta : callable, optional
-        ``(images done, seconds since the pass started) -> seconds to the end of the run`` (or
-        None when unknown); shown beside the pass's ETA.
+        ``(images done, seconds since the pass started) ->`` the run's ETA
+        (:class:`~cryospin.train.progress.RunEstimate`); shown beside the pass's ETA.
     scale : float
         Images counted per image reported to :meth:`update` (under torchrun rank 0 reports its
         own share; scaled, the display counts every rank's).
@@ -111,7 +112,7 @@ class PassProgress:
             self._bar_n = n
             postfix = {} if loss is None else {"loss": f"{loss:.4g}"}
             if self.run_eta is not None:
-                postfix["run ETA"] = format_duration(self.run_eta(self.done, now - self.start))
+                postfix["run ETA"] = format_run_eta(self.run_eta(self.done, now - self.start))
             self.bar.set_postfix(postfix, refresh=False)
         elif (self.display == LINES and self.interval_s > 0
               and now - self.last_line >= self.interval_s):

@@ -97,6 +97,7 @@ from cryospin.train.progress import (
     BACKPROJECT,
     PHASE_LABELS,
     PhaseTotals,
+    RunEstimate,
     RunPlan,
     add_sample,
     lowpass_weight,
@@ -113,6 +114,7 @@ from cryospin.train.relax import place_copies, relax_record, relaxed_group
 from cryospin.train.release import return_free_memory
 from cryospin.train.runlog import header_line, run_log
 from cryospin.train.schedule import (
+    earliest_search_stop,
     encoder_lr_schedule,
     final_epoch,
     final_stage1_radius,
@@ -442,7 +444,8 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
            if state.stage == Stage.AUTOENCODE else None)  # the step budget's cut epoch
     n = len(run.data)
     images = n if cut is None else min(n, cut * run.config.optim.batch_size)
-    clock.bar = _epoch_progress(run.feedback, clock, epoch, images)
+    clock.bar = _epoch_progress(run.feedback, clock, epoch, images,
+                                _earliest_stop_plan(run, state, clock, epoch))
     t0 = time.perf_counter()
     if state.stage == Stage.AUTOENCODE:
         stats = _stage1_epoch(run, state, epoch, cut, trained, clock.bar)
@@ -646,16 +649,38 @@ def _finish(run: _Run, state: TrainState) -> FitResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def _epoch_progress(feedback: Feedback, clock: _Clock, epoch: int,
-                    images: int) -> PassProgress:
+def _earliest_stop_plan(run: _Run, state: TrainState, clock: _Clock,
+                        epoch: int) -> RunPlan | None:
+    """The plan if the global search stopped early at the first chance from ``epoch`` on
+    (:func:`cryospin.train.schedule.earliest_search_stop`), or None when it cannot any more
+    before the search or this session's training ends (or the run has no search)."""
+    s = run.config.schedule
+    if clock.plan.last_search_epoch <= clock.plan.switch_epoch:
+        return None
+    stop = earliest_search_stop(s, epoch, state.search_stopped_after)
+    if stop is None or stop >= min(clock.plan.last_search_epoch, clock.last):
+        return None
+    return RunPlan.from_schedule(s, switch_epoch=run.switch_epoch, search_stopped_after=stop,
+                                 last_epoch=min(clock.last, final_epoch(s, stop)),
+                                 **_backprojection_plan(run, state))
+
+
+def _epoch_progress(feedback: Feedback, clock: _Clock, epoch: int, images: int,
+                    early: RunPlan | None) -> PassProgress:
     """The progress display of ``epoch`` (``images`` per epoch), with the run's ETA from the
-    images/s measured so far and this epoch's (:func:`cryospin.train.progress.run_eta_s`)."""
+    images/s measured so far and this epoch's (:func:`cryospin.train.progress.run_eta_s`):
+    as planned, and with ``early`` (the plan if the search stopped at the first chance) that
+    one's too."""
     plan, totals, speeds = clock.plan, clock.totals, clock.speeds  # as the epoch starts
     phase = plan.phase(epoch)
 
-    def run_eta(done: float, seconds: float) -> float | None:
-        return run_eta_s(plan, epoch, done, images, add_sample(totals, phase, done, seconds),
-                         speeds)
+    def run_eta(done: float, seconds: float) -> RunEstimate:
+        live = add_sample(totals, phase, done, seconds)
+        planned = run_eta_s(plan, epoch, done, images, live, speeds)
+        if early is None:
+            return RunEstimate(planned)
+        return RunEstimate(planned, run_eta_s(early, epoch, done, images, live, speeds),
+                           early.last_search_epoch)
 
     return feedback.start(f"epoch {epoch}/{clock.end} ({PHASE_LABELS[phase]})", images,
                           what="epoch", run_eta=run_eta, scale=clock.scale)

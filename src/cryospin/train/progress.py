@@ -21,7 +21,8 @@ The ETA also counts the backprojections still ahead (:data:`BACKPROJECT`, not an
 phase): the volume re-made from the poses when the search ends
 (``optim.rebackproject_after_search``) and at the start of each search epoch from the second
 (``optim.rebackproject_during_search``; counted up to the maximum number of search epochs,
-like the search epochs themselves), and the final map with the particles' scores. Their
+like the search epochs themselves; :class:`RunEstimate` adds the ETA if the search stopped
+at the first chance), and the final map with the particles' scores. Their
 "images" are weighted by the insertions each image costs (:func:`insertion_weight`; ``|G| /
 |P|`` with a point group in the final map, :func:`cryospin.symmetry.grid_cosets`; one in the
 re-made volume; less for a low-pass one, :func:`lowpass_weight`), their rate is the
@@ -59,6 +60,8 @@ __all__ = [
     "estimate_rates",
     "eta_s",
     "run_eta_s",
+    "RunEstimate",
+    "format_run_eta",
     "format_duration",
     "progress_line",
 ]
@@ -319,6 +322,31 @@ def run_eta_s(plan: RunPlan, epoch: int, images_done: float, images_per_epoch: f
     return eta_s(plan.remaining_images(epoch, images_done, images_per_epoch), rates)
 
 
+@dataclass(frozen=True)
+class RunEstimate:
+    """The run's ETA: ``seconds`` to its end as planned now (the global search running to its
+    maximum number of epochs; None: unknown), and, while the search can still stop early
+    (:func:`cryospin.train.schedule.earliest_search_stop`), ``early_seconds`` if it stopped
+    after epoch ``early_epoch`` (None: no such stop ahead)."""
+
+    seconds: float | None
+    early_seconds: float | None = None
+    early_epoch: int | None = None
+
+
+def format_run_eta(estimate: RunEstimate | None) -> str:
+    """``"11 min 40 s"``; with an earlier end still possible ``"11 min 40 s (7 min 10 s if the
+    search stops after epoch 5)"`` (not when the two read the same); ``"?"`` when unknown."""
+    if estimate is None:
+        return "?"
+    text = format_duration(estimate.seconds)
+    early, epoch = estimate.early_seconds, estimate.early_epoch
+    if (early is not None and epoch is not None and estimate.seconds is not None
+            and early < estimate.seconds and format_duration(early) != text):
+        text += f" ({format_duration(early)} if the search stops after epoch {epoch})"
+    return text
+
+
 def format_duration(seconds: float | None) -> str:
     """``"42 s"``, ``"7 min 05 s"``, ``"2 h 03 min"``; ``"?"`` when unknown."""
     if seconds is None or not math.isfinite(seconds):
@@ -332,13 +360,13 @@ def format_duration(seconds: float | None) -> str:
 
 
 def progress_line(label: str, done: float, total: float, elapsed_s: float, *,
-                  what: str = "pass", run_eta: float | None = None,
+                  what: str = "pass", run_eta: RunEstimate | None = None,
                   with_run_eta: bool = False) -> str:
     """One line of progress: ``"epoch 3/12 (stage 2, search): 1,280/5,000 images (26 %),
     57.1 images/s, ETA epoch 1 min 05 s, run 12 min 30 s"``.
 
     ``what`` names the pass in the ETA (``"epoch"``); ``with_run_eta`` adds the run's ETA
-    (``run_eta``, "?" when None).
+    (``run_eta``, :func:`format_run_eta`; "?" when None).
     """
     rate = done / elapsed_s if elapsed_s > 0 else float("nan")
     left = (total - done) / rate if done > 0 and rate > 0 else None
@@ -346,5 +374,5 @@ def progress_line(label: str, done: float, total: float, elapsed_s: float, *,
     line = (f"{label}: {int(round(done)):,}/{int(round(total)):,} images ({pct:.0f} %), "
             f"{rate:.1f} images/s, ETA {what} {format_duration(left)}")
     if with_run_eta:
-        line += f", run {format_duration(run_eta)}"
+        line += f", run {format_run_eta(run_eta)}"
     return line

@@ -42,6 +42,7 @@ __all__ = [
     "stage1_batches",
     "last_search_epoch",
     "final_epoch",
+    "earliest_search_stop",
     "is_search_epoch",
     "PLATEAU_MIN_DROP",
     "search_stops",
@@ -108,6 +109,20 @@ def final_epoch(schedule: ScheduleConfig, search_stopped_after: int | None) -> i
         return schedule.epochs
     local = schedule.epochs - schedule.switch_epoch - schedule.search_epochs
     return search_stopped_after + max(local, 0)
+
+
+def earliest_search_stop(schedule: ScheduleConfig, epoch: int,
+                         search_stopped_after: int | None) -> int | None:
+    """The earliest epoch after which the global search can still end early
+    (:func:`search_stops`), for a run in epoch ``epoch`` (itself included: the stop comes at an
+    epoch's end): ``max(epoch, switch_epoch + search_min_epochs)`` while that is a search epoch
+    before the last; None when the search has stopped, has no early stop
+    (``search_min_epochs`` None) or cannot stop early any more."""
+    low = schedule.search_min_epochs
+    if search_stopped_after is not None or low is None:
+        return None
+    earliest = max(epoch, schedule.switch_epoch + low, schedule.switch_epoch + 1)
+    return earliest if earliest < schedule.switch_epoch + schedule.search_epochs else None
 
 
 def is_search_epoch(schedule: ScheduleConfig, epoch: int,
