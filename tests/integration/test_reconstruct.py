@@ -959,12 +959,12 @@ def test_early_stop_with_stop_after_and_resume_equals_uninterrupted(
     ahead = []  # (backprojected images still ahead in the plan, the re-made volume measured)
     real_progress = fit_module._epoch_progress
 
-    def spy(feedback, clock, epoch, images):
+    def spy(feedback, clock, epoch, images, early):
         passes.append((epoch, clock.end, clock.plan.last_epoch, clock.plan.phase(epoch),
                        images))
         ahead.append((clock.plan.remaining_images(epoch, 0, images).get(BACKPROJECT),
                       BACKPROJECT in clock.totals))
-        return real_progress(feedback, clock, epoch, images)
+        return real_progress(feedback, clock, epoch, images, early)
 
     monkeypatch.setattr(fit_module, "_epoch_progress", spy)
     caplog.set_level("INFO", logger="cryospin.train.fit")
