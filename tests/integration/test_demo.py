@@ -22,7 +22,9 @@ from cryospin.cli.main import main
 # capability AVX512, torch 2.13.0; on 2026-12-04, with the preset of then on an AMD EPYC:
 # 4.73 / 5.60 / 6.92 / 5.90). Random poses give ~80 deg modulo C3. The test runs seed 0; the
 # bound leaves ~4x its error. The size sits at the edge of convergence (seed 3 ends 27 deg
-# off even modulo C3; benchmarks/RESULTS.md, "The volume re-made in every search epoch"), and
+# off even modulo C3, on two threads 117.72 / 5.26 deg: a split between the copies that
+# follows the particles' true views; benchmarks/RESULTS.md, "The volume re-made in every
+# search epoch", "The demo test's size, seed 3"), and
 # smaller runs do not converge: 96 particles of 16 px at 13 A/px, SNR 0.1, 3 epochs (the old
 # test) is 6 optimizer steps in all, 113-118 deg; 1,000 particles at SNR 0.1 110 deg; SNR 1 is
 # what brings 1,000 particles to a map the global search can align to.
