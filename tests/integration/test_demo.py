@@ -8,7 +8,12 @@ from pathlib import Path
 from cryospin.cli.demo import split_note
 from cryospin.cli.main import main
 
-# The spike's poses, modulo the trimer's pseudo-C3 (pose_error_c3.json), at this size: median
+# The spike's poses at this size since the copy consensus after the search (2026-12-07,
+# `optim.copy_consensus: auto`; two threads, `cryospin reconstruct ... --seed S` on the data
+# of seed S): median 1.75 / 1.79 / 1.90 deg for seeds 0 / 1 / 2, 98.6-99.4 % within 10 deg
+# (without it 3.15 / 1.76 / 2.34, 66-99 %); seed 3 still splits (its search ends before the
+# views are found); benchmarks/RESULTS.md, "Copy consensus". Before that, modulo the
+# trimer's pseudo-C3 (pose_error_c3.json): median
 # rotation error 1.96 / 1.72 / 3.14 / 26.67 deg for seeds 0 / 1 / 2 / 3 with the `default`
 # preset since 2026-12-06's second change (the volume re-made at the start of every search
 # epoch; unreduced 1.95 / 1.71 / 3.07 / 87.78 deg, seed 0 on two threads 3.15 deg); with the

@@ -488,3 +488,31 @@ def test_rebackproject_after_search_two_ranks_equals_one_process(particles, tmp_
     for name in ("map.003.mrc", "map.mrc"):
         assert_same_map(one / name, two / name)
     assert_same_poses(one / "poses.pkl", two / "poses.pkl")
+
+
+def test_copy_consensus_two_ranks_sum_what_one_process_counts(particles, tmp_path):
+    """``--copy-consensus C3`` (:mod:`cryospin.train.consensus`; a given group is placed in
+    the C1 map whatever its score, so the step runs): rank 0 backprojects every particle from
+    the gathered pose table and places the group, every rank scrambles with the same draw and
+    moves the particles it holds, and the NLLs and moved fractions are summed over the ranks.
+    The old poses' mean NLL and the first round's moved fraction are the 1-process run's; the
+    later rounds may part (a copy choice near a tie, or the placement on this 16 px map whose
+    C3 scores ~0.25, follows the rounding of the map), so only their bookkeeping is compared."""
+    argv = [*TRAIN, "--rebackproject-after-search", "--copy-consensus", "C3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cryospin([str(particles), "-o", str(one), *argv]))
+    assert_ok(run_cryospin([str(particles), "-o", str(two), *argv], nproc=2))
+    records = [[(row["epoch"], row["extra"]["consensus"]) for row in
+                read_metrics(run / "metrics.jsonl")
+                if "consensus" in (row.get("extra") or {})] for run in (one, two)]
+    assert [e for e, _ in records[0]] == [e for e, _ in records[1]] == [3]
+    a, b = records[0][0][1], records[1][0][1]
+    assert a["group"] == b["group"] == "C3" and a["given"] and b["given"]
+    assert b["nll_before"] == pytest.approx(a["nll_before"], rel=1e-6)
+    assert b["moved_fractions"][0] == pytest.approx(a["moved_fractions"][0],
+                                                    abs=1.0 / N_PARTICLES)
+    for r in (a, b):
+        assert 1 <= r["rounds"] == len(r["moved_fractions"])
+        assert r["kept"] == (r["nll_after"] < r["nll_before"])
+    rotations, _ = read_cryodrgn_poses(two / "poses.pkl", BOX_PX)
+    assert rotations.shape == (N_PARTICLES, 3, 3)

@@ -76,6 +76,7 @@ _OVERRIDES = {
     "search_polish_sweeps": ("optim", "search_polish_sweeps"),
     "rebackproject_after_search": ("optim", "rebackproject_after_search"),
     "rebackproject_during_search": ("optim", "rebackproject_during_search"),
+    "copy_consensus": ("optim", "copy_consensus"),
     "search_radius": ("optim", "search_radius_px"),
     "search_radius_symmetric": ("optim", "search_radius_symmetric_px"),
     "search_refine_radius": ("optim", "search_refine_radius_px"),

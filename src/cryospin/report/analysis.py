@@ -41,6 +41,7 @@ __all__ = [
     "switch_hypotheses",
     "relaxations",
     "rebackprojection",
+    "copy_consensus",
     "search_rebackprojections",
     "run_events",
     "elapsed_seconds",
@@ -131,13 +132,24 @@ def search_rebackprojections(
             for epoch, record in _rebackprojects(metrics) if record.get("during_search", False)]
 
 
+def copy_consensus(metrics: Sequence[MetricsLine]) -> tuple[int, dict[str, Any]] | None:
+    """The epoch that began with the copy consensus (``extra.consensus``,
+    :mod:`cryospin.train.consensus`) and its record, or None when the run had none."""
+    for row in metrics:
+        record = (row.get("extra") or {}).get("consensus")
+        if isinstance(record, dict):
+            return int(row["epoch"]), record
+    return None
+
+
 def run_events(metrics: Sequence[MetricsLine]) -> list[tuple[int, str]]:
     """The steps between epochs that change what stage 2 trains against, as ``(boundary,
     label)``, ``boundary`` the epoch they follow (0: before the first), in epoch order, labels
     of one boundary joined by ``"; "``: the global search's early stop (``extra.search_stop``:
     "search done"), a point group imposed (``extra.symmetry``, a group other than C1: "D7
-    imposed") and the volume re-made from the poses after the search (``extra.rebackproject``:
-    "volume re-made"). The switch and the volumes re-made during the search
+    imposed"), the volume re-made from the poses after the search (``extra.rebackproject``:
+    "volume re-made") and the copy consensus's new poses (``extra.consensus`` kept: "copies
+    settled"). The switch and the volumes re-made during the search
     (:func:`search_rebackprojections`, part of every search epoch) are not among them."""
     found: dict[int, list[str]] = {}
     for row in metrics:
@@ -151,6 +163,9 @@ def run_events(metrics: Sequence[MetricsLine]) -> list[tuple[int, str]]:
         remade = extra.get("rebackproject")
         if isinstance(remade, dict) and not remade.get("during_search", False):
             found.setdefault(epoch - 1, []).append("volume re-made")
+        settled = extra.get("consensus")
+        if isinstance(settled, dict) and settled.get("kept"):
+            found.setdefault(epoch - 1, []).append("copies settled")
     return [(b, "; ".join(found[b])) for b in sorted(found)]
 
 

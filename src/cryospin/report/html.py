@@ -17,6 +17,7 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.report.analysis import (
     RANDOM_SPREAD_DEG,
     MetricsLine,
+    copy_consensus,
     json_ready,
     rebackprojection,
     relaxations,
@@ -309,10 +311,35 @@ def _epoch_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
             f"at the start of epoch {epoch}: the Wiener backprojection of {images:,} images "
             f"from the poses{how} replaced the trained volume for the local epochs "
             f"({format_duration(seconds)})")))
+    consensus = copy_consensus(run.metrics)
+    if consensus is not None:
+        rows.append(("copy consensus after the search", _consensus_row(*consensus)))
     loss = s.get("final_loss")
     rows.append(("final loss", "–" if loss is None else f"{loss:.6g} ({s.get('final_stage')})"))
     rows.append(("wall time", format_duration(s["wall_time_s"])))
     return rows
+
+
+def _consensus_row(epoch: int, record: dict[str, Any]) -> str:
+    """The summary row of the copy consensus (:mod:`cryospin.train.consensus`) that began
+    epoch ``epoch``."""
+    took = format_duration(float(record["seconds"]))
+    score, shown = float(record["score"]), str(record.get("detected", "C1"))
+    if str(record["group"]).upper() == "C1":
+        why = (f"the map showed {shown} (score {score:.3f}): its copies agree"
+               if shown.upper() != "C1" else
+               f"the map showed no point group and no cyclic pseudo-symmetry (best {score:.3f})")
+        return f"at the start of epoch {epoch}: {why}; nothing to do ({took})"
+    moved = ", ".join(f"{100 * f:.1f}" for f in record["moved_fractions"])
+    verdict = ("the images fit the new poses better: they and their map were kept"
+               if record["kept"] else "the images fit the old poses better: they were kept")
+    found = (f"{record['group']} given (score {score:.3f} in the map)" if record.get("given")
+             else f"the map showed no point group but a pseudo-{record['group']} (score "
+                  f"{score:.3f})")
+    return (f"at the start of epoch {epoch}: {found}; each particle moved to a random "
+            f"copy, then {record['rounds']} rounds of each to its best copy under the map from "
+            f"the poses (% moved: {moved}); mean NLL {float(record['nll_after']):.2f} against "
+            f"{float(record['nll_before']):.2f}: {verdict} ({took})")
 
 
 def run_summary_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:

@@ -218,6 +218,16 @@ class OptimConfig:
         against the backprojection from the poses it found in the epoch before, not against
         the volume trained along with poses that were still jumping between basins. Off here,
         on in the ``default`` preset (its comment gives the measurements).
+    copy_consensus : str
+        ``auto``: when the global search ends, in a C1 run whose map shows no point group but
+        a cyclic pseudo-symmetry (a group scoring >= 0.25 there), the particles are moved to
+        random copies of their poses under it and then, round by round, each to the copy
+        that fits the map made from the poses best; the new poses are kept only if the
+        images fit their map better (:mod:`cryospin.train.consensus`): a small data set's
+        split between a pseudo-symmetric particle's copies, which more search does not undo.
+        A cyclic group (``C3``): the same with that group, placed in the map whatever its
+        score. ``off`` here; ``auto`` in the ``default`` preset (its comment gives the
+        measurements).
     search_radius_px : float
         Radius (cycles per box) of the low-frequency disc the global search is scored on
         (in the first search epoch).
@@ -277,6 +287,7 @@ class OptimConfig:
     search_polish_sweeps: int = 1
     rebackproject_after_search: bool = False
     rebackproject_during_search: bool = False
+    copy_consensus: str = "off"
     search_radius_px: float = 6.0
     search_radius_end_px: float | None = None
     search_radius_symmetric_px: float | None = None

@@ -172,6 +172,20 @@ def _check_symmetry(c: Config) -> None:
         except InputError as err:
             raise _bad(f"model.symmetry: {err}") from None
     _check_relax(c)
+    _check_consensus(c)
+
+
+def _check_consensus(c: Config) -> None:
+    """``optim.copy_consensus``: ``off``, ``auto`` or a cyclic group of order >= 2."""
+    value = c.optim.copy_consensus
+    if value.lower() in ("off", "auto"):
+        return
+    try:
+        group = parse_point_group(value)
+    except InputError as err:
+        raise _bad(f"optim.copy_consensus: {err}") from None
+    if group.kind != "C" or group.order < 2:
+        raise _bad(f"optim.copy_consensus {value}: a cyclic group (C2, C3, ...), auto or off")
 
 
 def _check_relax(c: Config) -> None:

@@ -78,6 +78,7 @@ from cryospin.train.autodecode import (
 )
 from cryospin.train.autoencode import BestPoses, EpochStats, autoencode_epoch, infer_best_poses
 from cryospin.train.config import AMORTIZED_METHODS, Config, config_to_dict
+from cryospin.train.consensus import consensus_due, consensus_on_state
 from cryospin.train.data import LossDisc, TrainingData, num_batches
 from cryospin.train.distributed import (
     Shard,
@@ -440,6 +441,9 @@ def _epoch(run: _Run, state: TrainState, clock: _Clock, epoch: int,
             clock.totals, BACKPROJECT,
             record["images"] * lowpass_weight(run.data.box_px, record["radius_px"]),
             record["seconds"])
+    if consensus_due(run.config, epoch, state):  # on the map the local epochs start from
+        extra["consensus"] = consensus_on_state(run.config, state, run.particles, run.data,
+                                                run.shard, remade=when == "after_search")
     cut = (stage1_batches(run.config.schedule, epoch, run.per_epoch)
            if state.stage == Stage.AUTOENCODE else None)  # the step budget's cut epoch
     n = len(run.data)

@@ -23,6 +23,7 @@ __all__ = [
     "SymmetryRecord",
     "RelaxRecord",
     "RebackprojectRecord",
+    "ConsensusRecord",
     "EpochExtra",
     "HypothesesRecord",
     "RunningMean",
@@ -147,6 +148,28 @@ class RebackprojectRecord(TypedDict):
     radius_px: int | None
 
 
+class ConsensusRecord(TypedDict):
+    """``extra["consensus"]`` of the epoch after the search with ``optim.copy_consensus``
+    (:mod:`cryospin.train.consensus`): the pseudo-symmetry worked with (``C1``: none),
+    whether it was given (``optim.copy_consensus`` a group, not ``auto``), the point group the
+    map showed (``C1``: none; a given group: that group), the score (of the pseudo-symmetry,
+    else of the group shown, else of the best cyclic group), the rounds and each round's
+    fraction of particles moved, the mean NLL of the images under the map from the old and
+    from the new poses (None when nothing was done), whether the new poses were kept, and
+    the wall time."""
+
+    group: str
+    given: bool
+    detected: str
+    score: float
+    rounds: int
+    moved_fractions: list[float]
+    nll_before: float | None
+    nll_after: float | None
+    kept: bool
+    seconds: float
+
+
 class EpochExtra(TypedDict, total=False):
     """:attr:`cryospin.rundir.EpochMetrics.extra` as training writes it."""
 
@@ -155,6 +178,7 @@ class EpochExtra(TypedDict, total=False):
     symmetry: SymmetryRecord
     relax: RelaxRecord
     rebackproject: RebackprojectRecord
+    consensus: ConsensusRecord
 
 
 class RunningMean:

@@ -224,6 +224,13 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
                    help="at the start of every search epoch from the second on, replace the "
                         "volume by the Wiener backprojection from the poses (default: from the "
                         "preset)")
+    g.add_argument("--copy-consensus", metavar="GROUP",
+                   help="when the search ends, settle a split between a pseudo-symmetric "
+                        "particle's copies: each particle moved to a random copy of its pose, "
+                        "then rounds of each to its best copy under the map from the poses, "
+                        "kept only if the images fit better. auto (the default preset's): "
+                        "where the map shows no point group but a cyclic group scores >= "
+                        "0.25; a cyclic group (C3): that group, placed in the map; off: never")
     g.add_argument("--search-resolution", type=float, metavar="A",
                    help="score the global search on frequencies up to this resolution, Å "
                         "(the preset gives a radius in cycles per box)")
