@@ -36,11 +36,14 @@ from cryospin.rotations import geodesic_distance_deg
 from cryospin.rundir import load_checkpoint, read_metrics
 
 BOX_PX, N_PARTICLES = 16, 200
-# 1 auto-encoding epoch, the switch, 1 search epoch, 1 local epoch
+# 1 auto-encoding epoch, the switch, 1 search epoch, 1 local epoch. The copy consensus (on
+# as auto in the default preset) is off except in its own test: on these 16 px maps its
+# discrete choices (the group's placement, copies near a tie) follow the last bits of a map
+# that one and two processes round differently, so the runs could part after it
 TRAIN = ["--epochs", "3", "--switch-epoch", "1", "--search-epochs", "1",
          "--heads", "2", "--width", "0.125", "--no-bf16", "--batch-size", "50",
          "--search-rotations", "128", "--search-radius", "3", "--device", "cpu",
-         "--threads", "1", "--no-progress", "--seed", "11"]
+         "--threads", "1", "--no-progress", "--seed", "11", "--copy-consensus", "off"]
 MAP_RTOL = 1e-3
 POSE_TOL_DEG = 0.01  # for 99 % of the particles
 POSE_MEDIAN_TOL_DEG = 1e-3

@@ -46,7 +46,8 @@ from cryospin.volume import radial_shells
 
 def _config(rebackproject: bool, symmetry: str = "C1", during: bool = False,
             refine_radius_px: float = 16.0):
-    """16 px, 3 heads; stage 1 in epoch 1, search in epochs 2-3, local epochs 4-5."""
+    """16 px, 3 heads; stage 1 in epoch 1, search in epochs 2-3, local epochs 4-5; no copy
+    consensus (:mod:`cryospin.train.consensus`, tested on its own)."""
     return build_config("default", {
         "model": {"num_heads": 3, "width_multiplier": 0.125, "head_hidden": 32,
                   "precision": "fp32", "predict_shifts": True, "max_shift_px": 2.0,
@@ -54,7 +55,7 @@ def _config(rebackproject: bool, symmetry: str = "C1", during: bool = False,
         "optim": {"batch_size": 32, "encoder_lr": 1e-3, "search_rotations": 256,
                   "search_radius_px": 3.0, "rebackproject_after_search": rebackproject,
                   "rebackproject_during_search": during,
-                  "search_refine_radius_px": refine_radius_px},
+                  "search_refine_radius_px": refine_radius_px, "copy_consensus": "off"},
         "schedule": {"epochs": 5, "switch_epoch": 1, "search_epochs": 2,
                      "search_min_epochs": None},
         "run": {"device": "cpu", "num_threads": 1, "seed": 3, "progress": False},

@@ -16,7 +16,7 @@ from cryospin.pose import PoseTable
 from cryospin.rotations import geodesic_distance_deg, random_rotations
 from cryospin.symmetry import point_group_rotations
 from cryospin.symmetry_search import poses_in_group_frame
-from cryospin.train.autodecode import SymmetryCopies, _apply_relax, autodecode_epoch
+from cryospin.train.autodecode import SymmetryCopies, autodecode_epoch, move_to_best_copies
 from cryospin.train.config import DataConfig, build_config
 from cryospin.train.data import TrainingData, prepare_data
 from cryospin.train.relax import place_copies, relax_record, relaxed_group
@@ -115,7 +115,7 @@ def test_each_row_moves_to_the_copy_that_explains_its_image(data, with_shifts):
     batch = dataclasses.replace(batch, hartley=render(ht, truth, shifts, batch.ctf,
                                                       frequencies=data.frequencies,
                                                       negation_index=data.negation_index))
-    moved = _apply_relax(table, ht, copies, batch, data, refine_shifts=with_shifts)
+    moved = move_to_best_copies(table, ht, copies, batch, data, refine_shifts=with_shifts)
     off = which != 0
     assert moved == int(off.sum()) > 0
     assert float(geodesic_distance_deg(table.rotations, truth).max()) < 1e-3
@@ -123,7 +123,7 @@ def test_each_row_moves_to_the_copy_that_explains_its_image(data, with_shifts):
         assert float((table.shifts_px - shifts).abs().max()) < 1e-4
     assert bool((table.exp_avg_rot[off] == 0).all())
     assert bool((table.exp_avg_rot[~off] == 1).all())
-    again = _apply_relax(table, ht, copies, batch, data, refine_shifts=with_shifts)
+    again = move_to_best_copies(table, ht, copies, batch, data, refine_shifts=with_shifts)
     assert again == 0  # the true pose beats its copies
 
 

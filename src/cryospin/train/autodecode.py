@@ -53,6 +53,7 @@ from cryospin.train.scores import junk_log_likelihood_ratio, score_from_nll
 __all__ = [
     "autodecode_epoch",
     "SymmetryCopies",
+    "move_to_best_copies",
     "epoch_search",
     "search_refine_disc",
     "local_refine_disc",
@@ -503,21 +504,24 @@ class SymmetryCopies:
         return copies, shifts_px[:, None].to(moved) + moved
 
 
-def _apply_relax(
+def move_to_best_copies(
     pose_table: PoseTable, volume_ht: Tensor, copies: SymmetryCopies, batch: Batch,
-    data: TrainingData, refine_shifts: bool,
+    data: TrainingData, refine_shifts: bool, disc: LossDisc | None = None,
 ) -> int:
-    """Each row of ``batch`` keeps the copy of its pose (:meth:`SymmetryCopies.poses`) with
-    the lowest NLL on the training disc, when it fits better than the pose; returns how
-    many rows moved."""
+    """Each row of ``batch`` moves to the copy of its pose (:meth:`SymmetryCopies.poses`)
+    with the lowest NLL on the training disc (or on ``disc``, the batch restricted to it
+    here), when it fits better than the pose; the moved rows' Adam moments are zeroed.
+    Returns how many rows moved."""
+    view = batch if disc is None else batch.restrict(disc)
     rot, shift = pose_table.gather(batch.indices)
     cand_rot, cand_shift = copies.poses(rot, shift if refine_shifts else None)
     nll = torch.stack([
         pose_nll(volume_ht, cand_rot[:, k], None if cand_shift is None else cand_shift[:, k],
-                 batch, data)
+                 view, data, disc)
         for k in range(cand_rot.shape[1])
     ], dim=1)  # (B, G − 1)
-    current = pose_nll(volume_ht, rot, shift if refine_shifts else None, batch, data)  # (B,)
+    current = pose_nll(volume_ht, rot, shift if refine_shifts else None, view, data,
+                       disc)  # (B,)
     best_nll, best = nll.min(dim=1)
     better = best_nll < current
     pick = torch.arange(len(best), device=best.device)
@@ -737,8 +741,8 @@ def autodecode_epoch(
             if search is not None:
                 _apply_search(pose_table, volume_fixed, search, batch, data, refine_shifts)
             if relax is not None:
-                relaxed += _apply_relax(pose_table, volume_fixed, relax, batch, data,
-                                        refine_shifts)
+                relaxed += move_to_best_copies(pose_table, volume_fixed, relax, batch, data,
+                                               refine_shifts)
         refine_poses(
             pose_table, volume_fixed,
             batch if refine_disc is None else batch.restrict(refine_disc), data,

@@ -40,6 +40,8 @@ Where the step works, the poses' Adam moments are zeroed whichever poses it keep
 epochs start afresh). Distributed:
 rank 0 backprojects every particle (the gathered pose table) and detects the group, every rank
 moves the particles it holds, and the moved fractions and NLLs are summed over the ranks.
+The step's choices are discrete (the group's placement, each particle's copy), so where one
+and several processes round the map differently they may choose differently near a tie.
 """
 
 from __future__ import annotations
@@ -56,7 +58,12 @@ from cryospin.io.particle_set import ParticleSet
 from cryospin.point_group import parse_point_group
 from cryospin.symmetry import point_group_rotations
 from cryospin.symmetry_search import GroupFit, SymmetrySearch, detect_symmetry, place_group
-from cryospin.train.autodecode import SymmetryCopies, pose_nll, search_refine_disc
+from cryospin.train.autodecode import (
+    SymmetryCopies,
+    move_to_best_copies,
+    pose_nll,
+    search_refine_disc,
+)
 from cryospin.train.config import Config
 from cryospin.train.data import LossDisc, TrainingData
 from cryospin.train.distributed import Shard, local_batches
@@ -90,9 +97,8 @@ _BATCH = 256
 
 def consensus_due(config: Config, epoch: int, state: TrainState) -> bool:
     """Whether epoch ``epoch`` starts with the step: ``optim.copy_consensus`` not ``off``, a
-    C1 volume,
-    the run in stage 2, at least one search epoch run and ``epoch`` the first after the last
-    one (the search's early stop included)."""
+    C1 volume, the run in stage 2, at least one search epoch run and ``epoch`` the first
+    after the last one (the search's early stop included)."""
     s = config.schedule
     if (config.optim.copy_consensus.lower() == "off" or state.pose_table is None
             or s.search_epochs <= 0):
@@ -147,46 +153,44 @@ def _rows(state: TrainState, shard: Shard | None) -> tuple[Tensor, Tensor] | Non
 
 
 @torch.no_grad()
-def _pass(state: TrainState, volume_ht: Tensor, data: TrainingData, shard: Shard | None,
-          disc: LossDisc | None, copies: SymmetryCopies | None, refine_shifts: bool,
-          seed: int) -> tuple[float, float]:
-    """One pass over this rank's particles against ``volume_ht``: with ``copies``, each moves
-    to the best of its pose and its copies on ``disc``. Returns (mean NLL of the poses
-    before any move, fraction moved), summed over the ranks."""
+def _mean_nll(state: TrainState, volume_ht: Tensor, data: TrainingData, shard: Shard | None,
+              disc: LossDisc | None, refine_shifts: bool, seed: int) -> float:
+    """The images' mean NLL `()` under ``volume_ht`` at their poses, on ``disc`` (summed
+    over the ranks)."""
     table = state.pose_table
     assert table is not None
-    generator = torch.Generator().manual_seed(seed)
-    nll_sum = torch.zeros((), dtype=torch.float64)
-    moved = torch.zeros((), dtype=torch.float64)
-    for batch, _ in local_batches(data.epoch_batches(_BATCH, generator), shard):
+    total = torch.zeros((), dtype=torch.float64)
+    for batch, _ in local_batches(data.epoch_batches(_BATCH, torch.Generator().manual_seed(seed)),
+                                  shard):
         if batch.indices.numel() == 0:
             continue
-        view = batch if disc is None else batch.restrict(disc)
         rot, shift = table.gather(batch.indices)
-        shift_used = shift if refine_shifts else None
-        current = pose_nll(volume_ht, rot, shift_used, view, data, disc)  # (B,)
-        nll_sum += current.double().sum().cpu()
-        if copies is None:
-            continue
-        cand_rot, cand_shift = copies.poses(rot, shift_used)  # (B, G − 1, 3, 3), (B, G − 1, 2)
-        nll = torch.stack([
-            pose_nll(volume_ht, cand_rot[:, k], None if cand_shift is None else cand_shift[:, k],
-                     view, data, disc)
-            for k in range(cand_rot.shape[1])
-        ], dim=1)  # (B, G − 1)
-        best_nll, best = nll.min(dim=1)
-        better = best_nll < current
-        pick = torch.arange(len(best), device=best.device)
-        rows = batch.indices[better]
-        table.rotations[rows] = cand_rot[pick, best][better].to(table.rotations)
-        if cand_shift is not None:
-            table.shifts_px[rows] = cand_shift[pick, best][better].to(table.shifts_px)
-        moved += float(better.sum())
-    totals = torch.stack([nll_sum, moved])
+        view = batch if disc is None else batch.restrict(disc)
+        total += pose_nll(volume_ht, rot, shift if refine_shifts else None, view, data,
+                          disc).double().sum().cpu()
     if shard is not None:
-        totals = shard.all_sum(totals)
-    n = float(len(data))
-    return float(totals[0]) / n, float(totals[1]) / n
+        total = shard.all_sum(total)
+    return float(total) / len(data)
+
+
+@torch.no_grad()
+def _round(state: TrainState, volume_ht: Tensor, data: TrainingData, shard: Shard | None,
+           disc: LossDisc | None, copies: SymmetryCopies, refine_shifts: bool,
+           seed: int) -> float:
+    """Every particle of this rank to the best of its pose and copies under ``volume_ht`` on
+    ``disc`` (:func:`cryospin.train.autodecode.move_to_best_copies`); the fraction moved
+    (summed over the ranks)."""
+    table = state.pose_table
+    assert table is not None
+    moved = torch.zeros((), dtype=torch.float64)
+    for batch, _ in local_batches(data.epoch_batches(_BATCH, torch.Generator().manual_seed(seed)),
+                                  shard):
+        if batch.indices.numel() > 0:
+            moved += move_to_best_copies(table, volume_ht, copies, batch, data, refine_shifts,
+                                         disc)
+    if shard is not None:
+        moved = shard.all_sum(moved)
+    return float(moved) / len(data)
 
 
 @torch.no_grad()
@@ -288,20 +292,20 @@ def consensus_on_state(config: Config, state: TrainState, particles: ParticleSet
     copies = SymmetryCopies((fit.frame @ g0 @ fit.frame.T).float().to(device),
                             centre_px.float().to(device))
     saved = (table.rotations.clone(), table.shifts_px.clone())
-    nll_before, _ = _pass(state, volume_ht, data, shard, disc, None, refine_shifts, seed)
+    nll_before = _mean_nll(state, volume_ht, data, shard, disc, refine_shifts, seed)
     _scramble(state, copies, refine_shifts, seed)
     moved_fractions: list[float] = []
     for round_ in range(1, MAX_ROUNDS + 1):
         _, volume_ht = _map_hartley(config, particles, data, _rows(state, shard), shard, reach,
                                     like, f"copy consensus: round {round_}")
-        _, moved = _pass(state, volume_ht, data, shard, disc, copies, refine_shifts,
-                         seed + round_)
+        moved = _round(state, volume_ht, data, shard, disc, copies, refine_shifts,
+                       seed + round_)
         moved_fractions.append(moved)
         if moved < SETTLED_FRACTION:
             break
     new_real, volume_ht = _map_hartley(config, particles, data, _rows(state, shard), shard,
                                        None, like, "copy consensus: map from the new poses")
-    nll_after, _ = _pass(state, volume_ht, data, shard, disc, None, refine_shifts, seed)
+    nll_after = _mean_nll(state, volume_ht, data, shard, disc, refine_shifts, seed)
     kept = nll_after < nll_before
     if kept:
         table.reset_optimizer_state()
