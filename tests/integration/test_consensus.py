@@ -23,7 +23,7 @@ from cryospin.io.mrc import write_stack
 from cryospin.io.particles import load_particles
 from cryospin.io.pkl import write_cryodrgn_ctf
 from cryospin.report.analysis import run_events, run_summary
-from cryospin.report.html import run_summary_rows
+from cryospin.report.html import _consensus_row, run_summary_rows
 from cryospin.rotations import geodesic_distance_deg, random_rotations
 from cryospin.rundir import Checkpoint, RunFiles, Stage, load_run, read_metrics
 from cryospin.symmetry import point_group_rotations
@@ -121,6 +121,16 @@ def _state(config, data, rotations: torch.Tensor) -> TrainState:
     return state
 
 
+def _at_the_truth(particles, truth: torch.Tensor):
+    """The 24 px config, the prepared data, a stage-2 state at the true poses and a copy of
+    its rotations."""
+    config = _config(box_px=24)
+    data = prepare_data(particles, config.data)
+    state = _state(config, data, truth)
+    assert state.pose_table is not None
+    return config, data, state, state.pose_table.rotations.clone()
+
+
 def _place_c3_on_z(monkeypatch) -> None:
     """The detection finds no group but C3 about z through the centre, scoring 0.5."""
     monkeypatch.setattr(consensus_module, "detect_symmetry",
@@ -178,11 +188,7 @@ def test_the_old_poses_are_kept_when_the_new_ones_fit_worse(pseudo_c3, monkeypat
     """From the true poses with no rounds after the scramble, the scrambled poses fit their
     map worse: the true poses are put back exactly and the volume is left as it was."""
     particles, truth = pseudo_c3
-    config = _config(box_px=24)
-    data = prepare_data(particles, config.data)
-    state = _state(config, data, truth)
-    assert state.pose_table is not None
-    before = state.pose_table.rotations.clone()
+    config, data, state, before = _at_the_truth(particles, truth)
     _place_c3_on_z(monkeypatch)
     monkeypatch.setattr(consensus_module, "MAX_ROUNDS", 0)
     volume_before = state.volume
@@ -206,11 +212,7 @@ def test_nothing_is_done_where_the_map_shows_no_pseudo_symmetry(pseudo_c3, monke
     """No cyclic group scoring 0.25, or a group the map shows: the poses stay, the record
     and the log say why."""
     particles, truth = pseudo_c3
-    config = _config(box_px=24)
-    data = prepare_data(particles, config.data)
-    state = _state(config, data, truth)
-    assert state.pose_table is not None
-    before = state.pose_table.rotations.clone()
+    config, data, state, before = _at_the_truth(particles, truth)
     monkeypatch.setattr(consensus_module, "detect_symmetry", lambda volume: _search(*fits))
     with caplog.at_level("INFO", logger="cryospin.train.consensus"):
         record = consensus_on_state(config, state, particles, data, None, remade=True)
@@ -316,3 +318,25 @@ def test_on_in_the_default_preset_only(preset, argv, value) -> None:
     flags.add_args(parser)
     args = parser.parse_args(["p.star", "-o", "run", *argv])
     assert build_config(preset, cli._overrides(args)).optim.copy_consensus == value
+
+
+def test_the_report_row_says_what_the_step_did() -> None:
+    base = {"rounds": 0, "moved_fractions": [], "nll_before": None, "nll_after": None,
+            "kept": False, "seconds": 1.5, "given": False}
+    assert _consensus_row(4, {**base, "group": "C1", "detected": "C3", "score": 0.848}) == (
+        "at the start of epoch 4: the map showed C3 (score 0.848): its copies agree; nothing "
+        "to do (1.5 s)")
+    assert _consensus_row(6, {**base, "group": "C1", "detected": "C1", "score": 0.106}) == (
+        "at the start of epoch 6: the map showed no point group and no cyclic "
+        "pseudo-symmetry (best 0.106); nothing to do (1.5 s)")
+    worked = {**base, "group": "C3", "detected": "C1", "score": 0.441, "rounds": 2,
+              "moved_fractions": [0.467, 0.003], "nll_before": 430.12, "nll_after": 417.45}
+    assert _consensus_row(14, {**worked, "kept": True}) == (
+        "at the start of epoch 14: the map showed no point group but a pseudo-C3 (score "
+        "0.441); each particle moved to a random copy, then 2 rounds of each to its best copy "
+        "under the map from the poses (% moved: 46.7, 0.3); mean NLL 417.45 against 430.12: "
+        "the images fit the new poses better: they and their map were kept (1.5 s)")
+    assert _consensus_row(14, worked).endswith(
+        "the images fit the old poses better: they were kept (1.5 s)")
+    assert _consensus_row(14, {**worked, "given": True, "detected": "C3"}).startswith(
+        "at the start of epoch 14: C3 given (score 0.441 in the map); each particle moved")
