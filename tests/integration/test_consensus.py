@@ -271,8 +271,10 @@ def test_a_whole_run_records_the_step_and_resumes_across_it(tiny, tmp_path,
     assert marked == [4]
     record = rows[3]["extra"]["consensus"]
     assert record["group"] == "C3" and record["rounds"] == len(record["moved_fractions"]) >= 1
-    assert "copy consensus on the pseudo-C3 (score 0.500 in the map)" in (
-        whole / "run.log").read_text()
+    log = (whole / "run.log").read_text()
+    assert ("copy consensus: the map shows no point group but a pseudo-C3 (score 0.500); every "
+            "particle to a random copy of its pose, then up to 10 rounds") in log
+    assert "copy consensus on the pseudo-C3 (score 0.500 in the map)" in log
     data = load_run(whole)
     rows_html = dict(run_summary_rows(run_summary(data, num_poses=64, box_px=16,
                                                   pixel_size_angstrom=4.0), data))

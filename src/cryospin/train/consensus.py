@@ -291,6 +291,11 @@ def consensus_on_state(config: Config, state: TrainState, particles: ParticleSet
     device = table.rotations.device
     copies = SymmetryCopies((fit.frame @ g0 @ fit.frame.T).float().to(device),
                             centre_px.float().to(device))
+    logger.info("copy consensus: %s; every particle to a random copy of its pose, then up to "
+                "%d rounds of each to its best copy under the map from the poses",
+                f"{fit.group} given (score {fit.score:.3f} in the map)" if record["given"]
+                else f"the map shows no point group but a pseudo-{fit.group} (score "
+                     f"{fit.score:.3f})", MAX_ROUNDS)
     saved = (table.rotations.clone(), table.shifts_px.clone())
     nll_before = _mean_nll(state, volume_ht, data, shard, disc, refine_shifts, seed)
     _scramble(state, copies, refine_shifts, seed)
