@@ -491,6 +491,16 @@ class SymmetryCopies:
     rotations: Tensor
     centre_px: Tensor
 
+    @classmethod
+    def placed(cls, group: str, frame: Tensor, centre_px: Tensor,
+               device: torch.device) -> SymmetryCopies:
+        """The copies of ``group`` placed in a map with the frame ``M`` `(3, 3)` and centre
+        ``c`` `(3,)` (:func:`cryospin.symmetry_search.place_group`): ``M g₀ Mᵀ`` for every
+        element but the identity, float32 on ``device``."""
+        g0 = point_group_rotations(group).double()[1:]  # identity first: left out
+        frame = frame.double().cpu()
+        return cls((frame @ g0 @ frame.T).float().to(device), centre_px.float().to(device))
+
     def poses(self, rotations: Tensor, shifts_px: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Each pose's copies: ``R g`` `(B, G − 1, 3, 3)` and ``t + (R (1 − g) c)_xy``
         `(B, G − 1, 2)` (None without shifts), which give the images that ``(R, t)`` gives of

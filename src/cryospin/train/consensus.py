@@ -56,7 +56,6 @@ from torch import Tensor
 from cryospin.forward.hartley import hartley3
 from cryospin.io.particle_set import ParticleSet
 from cryospin.point_group import parse_point_group
-from cryospin.symmetry import point_group_rotations
 from cryospin.symmetry_search import GroupFit, SymmetrySearch, detect_symmetry, place_group
 from cryospin.train.autodecode import (
     SymmetryCopies,
@@ -69,11 +68,9 @@ from cryospin.train.data import LossDisc, TrainingData
 from cryospin.train.distributed import Shard, local_batches
 from cryospin.train.impose import SymmetryStep, rank0_frame
 from cryospin.train.metrics import ConsensusRecord
-from cryospin.train.outputs import final_backprojection
-from cryospin.train.rebackproject import search_reach_px
+from cryospin.train.rebackproject import map_from_poses, search_reach_px
 from cryospin.train.schedule import last_search_epoch
 from cryospin.train.state import TrainState
-from cryospin.train.switch import full_pose_table
 from cryospin.volume import HartleyVolume
 
 __all__ = ["MAX_ROUNDS", "MIN_SCORE", "SETTLED_FRACTION", "consensus_due", "consensus_group",
@@ -113,43 +110,26 @@ def consensus_group(search: SymmetrySearch, min_score: float = MIN_SCORE) -> Gro
     """The pseudo-symmetry the step works with: None when the map shows a group
     (``search.chosen`` is not C1) or no cyclic group of order ≥ 2 scores ``min_score``; else
     the best-scoring cyclic group."""
-    if search.chosen.group.upper() != "C1":
+    best = _best_cyclic(search)
+    if search.chosen.group.upper() != "C1" or best is None:
         return None
-    cyclic = [f for f in search.fits
-              if f.order > 1 and parse_point_group(f.group).kind == "C"]
-    if not cyclic:
-        return None
-    best = max(cyclic, key=lambda f: f.score)
     return best if best.score >= min_score else None
 
 
-def _map_hartley(config: Config, particles: ParticleSet, data: TrainingData,
-                 table_rows: tuple[Tensor, Tensor] | None, shard: Shard | None,
-                 reach: int | None, like: Tensor, label: str) -> tuple[Tensor, Tensor]:
-    """The Wiener backprojection from every particle's pose (``table_rows``: the gathered
-    rotations and shifts on rank 0, None elsewhere) up to shell ``reach`` (None: all):
-    the real map `(L, L, L)` on the CPU and its Hartley transform on ``like``'s device and
-    in its dtype."""
-    L = data.box_px
-    if table_rows is not None:
-        rotations, shifts = table_rows
-        real = final_backprojection(
-            particles, data.unsharded(), rotations,
-            shifts if config.model.predict_shifts else None, seed=config.run.seed,
-            label=label, poses="current", radius_px=reach)
-    else:
-        real = torch.zeros(L, L, L)
-    if shard is not None:  # rank 0's map on every rank
-        real = shard.all_sum(real.to(like.device)).cpu()
+def _best_cyclic(search: SymmetrySearch) -> GroupFit | None:
+    """The best-scoring cyclic group of order ≥ 2 among ``search.fits`` (None: none)."""
+    cyclic = [f for f in search.fits if f.order > 1 and parse_point_group(f.group).kind == "C"]
+    return max(cyclic, key=lambda f: f.score, default=None)
+
+
+def _map(config: Config, state: TrainState, particles: ParticleSet, data: TrainingData,
+         shard: Shard | None, reach: int | None, like: Tensor,
+         label: str) -> tuple[Tensor, Tensor]:
+    """The backprojection from the current poses up to shell ``reach`` (None: all;
+    :func:`cryospin.train.rebackproject.map_from_poses`): the real map `(L, L, L)` on the CPU
+    and its Hartley transform on ``like``'s device and in its dtype."""
+    real = map_from_poses(config, state, particles, data, shard, label=label, radius_px=reach)
     return real, hartley3(real.to(like.device, like.dtype))
-
-
-def _rows(state: TrainState, shard: Shard | None) -> tuple[Tensor, Tensor] | None:
-    """Every particle's rotation `(N, 3, 3)` and shift `(N, 2)` (rank 0 or one process)."""
-    table = full_pose_table(state.pose_table, shard)
-    if table is None:
-        return None
-    return table.gather(torch.arange(len(table), device=table.rotations.device))
 
 
 @torch.no_grad()
@@ -229,10 +209,9 @@ def _detect(real: Tensor, shard: Shard | None,
         search = place_group(real.float(), given)
         fit = search.chosen
         shown = fit.group
-    cyclic = [f.score for f in search.fits
-              if f.order > 1 and parse_point_group(f.group).kind == "C"]
+    best = _best_cyclic(search)
     score = (fit.score if fit is not None else search.chosen.score if shown != "C1"
-             else max(cyclic, default=0.0))
+             else 0.0 if best is None else best.score)
     frame = fit.frame if fit is not None else torch.eye(3, dtype=torch.float64)
     step = SymmetryStep(fit.group if fit is not None else "C1", float(score),
                         frame.double().cpu(), search.centre_px.double().cpu(),
@@ -271,8 +250,8 @@ def consensus_on_state(config: Config, state: TrainState, particles: ParticleSet
             volume_ht = state.volume().detach()
             real = state.volume.to_real_space().detach().cpu()
     else:
-        real, volume_ht = _map_hartley(config, particles, data, _rows(state, shard), shard,
-                                       None, like, "copy consensus: map from the poses")
+        real, volume_ht = _map(config, state, particles, data, shard, None, like,
+                               "copy consensus: map from the poses")
     given = config.optim.copy_consensus
     fit, shown, score, centre_px = _detect(real, shard, given)
     record: ConsensusRecord = {"group": "C1", "given": given.lower() != "auto",
@@ -287,10 +266,7 @@ def consensus_on_state(config: Config, state: TrainState, particles: ParticleSet
                     f"pseudo-symmetry scoring >= {MIN_SCORE:g} (the best {score:.3f})",
                     record["seconds"])
         return record
-    g0 = point_group_rotations(fit.group).double()[1:]  # identity first: left out
-    device = table.rotations.device
-    copies = SymmetryCopies((fit.frame @ g0 @ fit.frame.T).float().to(device),
-                            centre_px.float().to(device))
+    copies = SymmetryCopies.placed(fit.group, fit.frame, centre_px, table.rotations.device)
     logger.info("copy consensus: %s; every particle to a random copy of its pose, then up to "
                 "%d rounds of each to its best copy under the map from the poses",
                 f"{fit.group} given (score {fit.score:.3f} in the map)" if record["given"]
@@ -301,15 +277,15 @@ def consensus_on_state(config: Config, state: TrainState, particles: ParticleSet
     _scramble(state, copies, refine_shifts, seed)
     moved_fractions: list[float] = []
     for round_ in range(1, MAX_ROUNDS + 1):
-        _, volume_ht = _map_hartley(config, particles, data, _rows(state, shard), shard, reach,
-                                    like, f"copy consensus: round {round_}")
+        _, volume_ht = _map(config, state, particles, data, shard, reach, like,
+                            f"copy consensus: round {round_}")
         moved = _round(state, volume_ht, data, shard, disc, copies, refine_shifts,
                        seed + round_)
         moved_fractions.append(moved)
         if moved < SETTLED_FRACTION:
             break
-    new_real, volume_ht = _map_hartley(config, particles, data, _rows(state, shard), shard,
-                                       None, like, "copy consensus: map from the new poses")
+    new_real, volume_ht = _map(config, state, particles, data, shard, None, like,
+                               "copy consensus: map from the new poses")
     nll_after = _mean_nll(state, volume_ht, data, shard, disc, refine_shifts, seed)
     kept = nll_after < nll_before
     if kept:

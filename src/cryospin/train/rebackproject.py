@@ -41,6 +41,7 @@ from typing import Literal
 
 import torch
 
+from cryospin.backproject import Symmetrize
 from cryospin.forward.hartley import hartley3
 from cryospin.io.particle_set import ParticleSet
 from cryospin.train.config import Config
@@ -53,8 +54,8 @@ from cryospin.train.state import TrainState
 from cryospin.train.switch import full_pose_table
 from cryospin.volume import HartleyVolume, radial_shells
 
-__all__ = ["RebackprojectWhen", "rebackproject_due", "rebackproject_on_state",
-           "search_reach_px"]
+__all__ = ["RebackprojectWhen", "map_from_poses", "rebackproject_due",
+           "rebackproject_on_state", "search_reach_px"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,32 @@ def _low_frequencies_replaced(volume: HartleyVolume, real: torch.Tensor,
     return HartleyVolume(old.shape[-1], init=merged, symmetry=volume.point_group)
 
 
+def map_from_poses(config: Config, state: TrainState, particles: ParticleSet,
+                   data: TrainingData, shard: Shard | None, *, label: str,
+                   radius_px: int | None = None, group: str = "C1",
+                   symmetrize: Symmetrize = "insert") -> torch.Tensor:
+    """The Wiener backprojection `(L, L, L)` (real space, CPU) of the training images from the
+    state's pose table (:func:`cryospin.train.outputs.final_backprojection`; ``radius_px``:
+    up to that shell, None: every frequency; ``group``, ``symmetrize``: its point group and
+    how it is applied), logged under ``label``. Distributed: rank 0 backprojects every
+    particle (the gathered pose table) and the map reaches the other ranks by a sum with
+    their zeros; a collective."""
+    L = data.box_px
+    table = full_pose_table(state.pose_table, shard)  # rank 0 (or one process): every row
+    if table is not None:
+        rotations, shifts = table.gather(torch.arange(len(data), device=table.rotations.device))
+        real = final_backprojection(
+            particles, data.unsharded(), rotations,
+            shifts if config.model.predict_shifts else None, seed=config.run.seed,
+            symmetry=group, label=label, poses="current", symmetrize=symmetrize,
+            radius_px=radius_px)
+    else:
+        real = torch.zeros(L, L, L)
+    if shard is not None:  # rank 0's map on every rank
+        real = shard.all_sum(real.to(next(state.volume.parameters()).device)).cpu()
+    return real
+
+
 def rebackproject_on_state(config: Config, state: TrainState, particles: ParticleSet,
                            data: TrainingData, shard: Shard | None,
                            when: RebackprojectWhen) -> RebackprojectRecord:
@@ -122,21 +149,10 @@ def rebackproject_on_state(config: Config, state: TrainState, particles: Particl
     t0 = time.perf_counter()
     old = next(state.volume.parameters())
     group = state.volume.point_group
-    L = data.box_px
     label = _LABELS[when].format(epoch=state.epoch)
-    reach = search_reach_px(config, L, group) if when == "during_search" else None
-    table = full_pose_table(state.pose_table, shard)  # rank 0 (or one process): every row
-    if table is not None:
-        rotations, shifts = table.gather(torch.arange(len(data), device=table.rotations.device))
-        real = final_backprojection(
-            particles, data.unsharded(), rotations,
-            shifts if config.model.predict_shifts else None, seed=config.run.seed,
-            symmetry=group, label=label, poses="current",
-            symmetrize="resample", radius_px=reach)
-    else:
-        real = torch.zeros(L, L, L)
-    if shard is not None:  # rank 0's map on every rank
-        real = shard.all_sum(real.to(old.device)).cpu()
+    reach = search_reach_px(config, data.box_px, group) if when == "during_search" else None
+    real = map_from_poses(config, state, particles, data, shard, label=label, radius_px=reach,
+                          group=group, symmetrize="resample")
     if reach is None:
         volume = HartleyVolume.from_real_space(real.to(old.dtype), symmetry=group)
     else:

@@ -39,7 +39,6 @@ import logging
 from dataclasses import dataclass
 
 from cryospin.point_group import parse_point_group
-from cryospin.symmetry import point_group_rotations
 from cryospin.train.autodecode import SymmetryCopies
 from cryospin.train.config import Config
 from cryospin.train.distributed import Shard
@@ -94,13 +93,10 @@ def place_copies(volume: HartleyVolume, group: str, shard: Shard | None = None) 
         step = rank0_frame(step, shard)
     if group.lower() == "auto" and parse_point_group(step.group).kind != "C":
         return RelaxFrame(step, None)  # taken for an exact symmetry: nothing to relax
-    g0 = point_group_rotations(step.group).double()[1:]  # identity first: left out
-    if g0.shape[0] == 0:
+    if parse_point_group(step.group).order == 1:
         return RelaxFrame(step, None)
-    rotations = step.rotation @ g0 @ step.rotation.T  # (G − 1, 3, 3)
-    device = volume.mantissa.device
-    return RelaxFrame(step, SymmetryCopies(rotations.float().to(device),
-                                           step.centre_px.float().to(device)))
+    return RelaxFrame(step, SymmetryCopies.placed(step.group, step.rotation, step.centre_px,
+                                                  volume.mantissa.device))
 
 
 def relax_record(frame: RelaxFrame, moved_fraction: float | None) -> RelaxRecord:
