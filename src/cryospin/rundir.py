@@ -225,7 +225,7 @@ class Checkpoint:
     Saved as a dict (:meth:`to_dict`, keys ``format``, ``cryospin_version``, ``config``,
     ``stage``, ``epoch``, ``volume``, ``encoder``, ``pose_table``, ``optimizers``, ``rng``,
     ``data``, ``extra`` = ``{"elapsed_s", "search_stopped_after", "last_jump_fraction",
-    "volume_symmetry", "last_junk_fraction"}``,
+    "last_search_loss", "volume_symmetry", "last_junk_fraction"}``,
     ``switch_record``) with :func:`torch.save` through :func:`cryospin.atomic.atomic_path`;
     only tensors, numbers, strings, lists, tuples and dicts (``weights_only=True`` loads it).
 
@@ -254,6 +254,9 @@ class Checkpoint:
     last_jump_fraction : float or None
         The last search epoch's ``jump_fraction`` (the plateau rule of the early stop compares
         the next with it); None before any search epoch and in older checkpoints.
+    last_search_loss : float or None
+        The last search epoch's mean loss, nats per image (the settled rule of the early stop
+        compares the next with it); None before any search epoch and in older checkpoints.
     switch_record : dict or None
         The last stage-1 epoch's winners when stopped at the switch
         (``schedule.switch_poses = last_epoch``).
@@ -276,6 +279,7 @@ class Checkpoint:
     elapsed_s: float = 0.0
     search_stopped_after: int | None = None
     last_jump_fraction: float | None = None
+    last_search_loss: float | None = None
     switch_record: dict[str, Any] | None = None
     volume_symmetry: str | None = None
     last_junk_fraction: float | None = None
@@ -298,6 +302,8 @@ class Checkpoint:
                       "search_stopped_after": self.search_stopped_after}
                      | ({"last_jump_fraction": self.last_jump_fraction}
                         if self.last_jump_fraction is not None else {})
+                     | ({"last_search_loss": self.last_search_loss}
+                        if self.last_search_loss is not None else {})
                      | ({"volume_symmetry": self.volume_symmetry} if self.volume_symmetry else {})
                      | ({"last_junk_fraction": self.last_junk_fraction}
                         if self.last_junk_fraction is not None else {}),
@@ -318,6 +324,7 @@ class Checkpoint:
             extra = state.get("extra") or {}
             stopped = extra.get("search_stopped_after")
             jumps = extra.get("last_jump_fraction")
+            search_loss = extra.get("last_search_loss")
             junk = extra.get("last_junk_fraction")
             return cls(
                 config=state["config"], stage=stage, epoch=int(state["epoch"]),
@@ -328,6 +335,7 @@ class Checkpoint:
                 elapsed_s=float(extra.get("elapsed_s", 0.0)),
                 search_stopped_after=None if stopped is None else int(stopped),
                 last_jump_fraction=None if jumps is None else float(jumps),
+                last_search_loss=None if search_loss is None else float(search_loss),
                 switch_record=state.get("switch_record"),
                 volume_symmetry=extra.get("volume_symmetry"),
                 last_junk_fraction=None if junk is None else float(junk),

@@ -937,7 +937,8 @@ def test_search_stops_early_and_the_run_ends_sooner(early_stopped):
     assert rows[2]["extra"]["search_stop"] == {
         "after_epoch": 3, "jump_fraction": rows[2]["jump_fraction"],
         "threshold_deg": JUMP_THRESHOLD_DEG, "stop_fraction": 1.0, "local_epochs": 1,
-        "rule": "few", "previous_jump_fraction": rows[1]["jump_fraction"]}
+        "rule": "few", "previous_jump_fraction": rows[1]["jump_fraction"],
+        "loss_drop_nats": rows[1]["loss"] - rows[2]["loss"]}
     assert ["search_stop" in r["extra"] for r in rows] == [False, False, True, False]
     # the decay starts after epoch 3 and reaches its end at epoch 4, the last
     assert [r["decoder_lr"] for r in rows[1:]] == pytest.approx([0.02, 0.02, 0.005])
@@ -992,34 +993,67 @@ def test_early_stop_with_stop_after_and_resume_equals_uninterrupted(
     _assert_same_run(early_stopped.run_dir, run2)
 
 
-def test_the_plateau_rule_compares_with_the_previous_search_epoch_also_after_a_resume(
+def test_the_plateau_and_settled_rules_compare_with_the_previous_search_epoch_after_a_resume(
     early_stopped, tiny, tmp_path, monkeypatch
 ):
     """The early stop is asked after every search epoch with the search epoch before's jump
-    fraction (none before the first), which a checkpoint between them carries."""
+    fraction and the fall of the mean loss since it (none before the first), which a
+    checkpoint between them carries."""
     run = tmp_path / "run"
-    cfg = _early_stop_config(search_plateau_fraction=0.5)
+    cfg = _early_stop_config(search_plateau_fraction=0.5, search_settled_nats=1e-9)
     fit(cfg, _particles(tiny), run, stop_after=2)  # the first search epoch done
-    first = read_metrics(run / "metrics.jsonl")[1]["jump_fraction"]
-    assert load_checkpoint(run / "checkpoint.pt")["extra"]["last_jump_fraction"] == first
+    first = read_metrics(run / "metrics.jsonl")[1]
+    extra = load_checkpoint(run / "checkpoint.pt")["extra"]
+    assert (extra["last_jump_fraction"], extra["last_search_loss"]) == (
+        first["jump_fraction"], first["loss"])
     calls = []
     real = fit_module.search_stops
 
-    def spy(schedule, epoch, jump_fraction, previous_fraction=None):
-        calls.append((epoch, jump_fraction, previous_fraction))
-        return real(schedule, epoch, jump_fraction, previous_fraction)
+    def spy(schedule, epoch, jump_fraction, previous_fraction=None, loss_drop_nats=None):
+        calls.append((epoch, jump_fraction, previous_fraction, loss_drop_nats))
+        return real(schedule, epoch, jump_fraction, previous_fraction, loss_drop_nats)
 
     monkeypatch.setattr(fit_module, "search_stops", spy)
     done = fit(cfg, _particles(tiny), run, resume=True)
     rows = read_metrics(run / "metrics.jsonl")
-    assert done.finished and calls == [(3, rows[2]["jump_fraction"], first)]
-    assert rows[2]["extra"]["search_stop"]["previous_jump_fraction"] == first
+    drop = first["loss"] - rows[2]["loss"]
+    assert done.finished and calls == [(3, rows[2]["jump_fraction"], first["jump_fraction"],
+                                        drop)]
+    stop = rows[2]["extra"]["search_stop"]
+    assert stop["previous_jump_fraction"] == first["jump_fraction"]
+    assert stop["loss_drop_nats"] == drop
     calls.clear()
     fit(cfg, _particles(tiny), tmp_path / "new")  # uninterrupted: the same questions
-    assert calls == [(2, first, None), (3, rows[2]["jump_fraction"], first)]
+    assert calls == [(2, first["jump_fraction"], None, None),
+                     (3, rows[2]["jump_fraction"], first["jump_fraction"], drop)]
     # a stage-1 checkpoint has no search epoch to remember
     fit(cfg, _particles(tiny), tmp_path / "s1", stop_after=1)
-    assert "last_jump_fraction" not in load_checkpoint(tmp_path / "s1" / "checkpoint.pt")["extra"]
+    extra = load_checkpoint(tmp_path / "s1" / "checkpoint.pt")["extra"]
+    assert "last_jump_fraction" not in extra and "last_search_loss" not in extra
+
+
+def test_the_settled_rule_stops_a_search_whose_loss_no_longer_falls(tiny, tmp_path):
+    """With every particle jumping (no 2 % or plateau stop possible) the settled rule ends the
+    search after its second epoch when its loss fell by less than the threshold, and says so
+    in metrics.jsonl and the log."""
+    never = {"search_stop_fraction": 0.0, "search_plateau_fraction": 0.0}
+    plain = fit(_early_stop_config(**never, search_settled_nats=0.0), _particles(tiny),
+                tmp_path / "plain")
+    rows = read_metrics(plain.run_dir / "metrics.jsonl")
+    assert plain.epochs_completed == 5  # no rule on: all 3 search epochs and the local one
+    drop = rows[1]["loss"] - rows[2]["loss"]
+    settled = fit(_early_stop_config(**never, search_settled_nats=drop + 1.0), _particles(tiny),
+                  tmp_path / "settled")
+    got = read_metrics(settled.run_dir / "metrics.jsonl")
+    assert settled.epochs_completed == 4 and [r["loss"] for r in got[:3]] == [
+        r["loss"] for r in rows[:3]]  # the same run up to the stop
+    stop = got[2]["extra"]["search_stop"]
+    assert (stop["after_epoch"], stop["rule"], stop["loss_drop_nats"],
+            stop["settled_nats"]) == (3, "settled", drop, drop + 1.0)
+    assert "the fit no longer improves" in (settled.run_dir / "run.log").read_text()
+    kept = fit(_early_stop_config(**never, search_settled_nats=max(drop - 1.0, 0.0)),
+               _particles(tiny), tmp_path / "kept")
+    assert kept.epochs_completed == 5  # a loss that fell by more: the search goes on
 
 
 def test_resume_with_more_epochs_after_an_early_stop_adds_local_epochs(early_stopped, tiny,

@@ -109,15 +109,49 @@ def test_the_plateau_rule_stops_a_search_whose_jumps_no_longer_fall():
     assert search_stops(plateau, 5, 0.019, 0.019) == "few"
 
 
-def _first_stop(schedule: ScheduleConfig, jumps: list[float]) -> int | None:
-    """The epoch after which the search stops, given each search epoch's jump fraction."""
-    previous = None
+def test_the_settled_rule_stops_a_search_whose_fit_no_longer_improves():
+    settled = dataclasses.replace(SCHEDULE, search_settled_nats=1.0)
+    # the D7 ring in C1 at 64 px: 45 % jumping between exact copies, the loss 0.47 nats lower
+    assert not search_stops(SCHEDULE, 5, 0.452, 0.542, 0.47)  # the rule off (0): as before
+    assert search_stops(settled, 5, 0.452, 0.542, 0.47) == "settled"
+    assert not search_stops(settled, 5, 0.452, 0.542, 1.0)  # strict
+    assert search_stops(settled, 5, 0.452, 0.542, 0.999) == "settled"
+    assert search_stops(settled, 5, 0.452, 0.542, -2.0) == "settled"  # a loss that rose
+    # no loss to compare with (the first search epoch, or a NaN loss): never
+    for drop in (None, math.nan, math.inf, -math.inf):
+        assert not search_stops(settled, 5, 0.452, 0.542, drop)
+    # the same minimum and last epoch as the other rules; the jump fraction still needed
+    assert [e for e in range(2, 10) if search_stops(settled, e, 0.4, 0.4, 0.0)] == [5, 6, 7, 8]
+    assert not search_stops(settled, 5, None, 0.4, 0.0)
+    assert not search_stops(dataclasses.replace(settled, search_min_epochs=None), 5, 0.4, 0.4,
+                            0.0)
+    # the 2 % and plateau rules are named first when they hold too
+    rules = dataclasses.replace(settled, search_plateau_fraction=0.05)
+    assert search_stops(rules, 5, 0.01, 0.4, 0.0) == "few"
+    assert search_stops(rules, 5, 0.03, 0.03, 0.0) == "plateau"
+    assert search_stops(rules, 5, 0.03, None, 0.0) == "settled"
+
+
+def _first_stop(schedule: ScheduleConfig, jumps: list[float],
+                losses: list[float] | None = None) -> int | None:
+    """The epoch after which the search stops, given each search epoch's jump fraction (and
+    mean loss, nats per image)."""
+    return _first_stop_rule(schedule, jumps, losses)[0]
+
+
+def _first_stop_rule(schedule: ScheduleConfig, jumps: list[float],
+                     losses: list[float] | None = None) -> tuple[int | None, str | None]:
+    """:func:`_first_stop` and the rule that fired (None, None: the search ran out)."""
+    previous = previous_loss = None
     for s, fraction in enumerate(jumps, start=1):
         epoch = schedule.switch_epoch + s
-        if search_stops(schedule, epoch, fraction, previous):
-            return epoch
-        previous = fraction
-    return None
+        loss = None if losses is None else losses[s - 1]
+        drop = None if loss is None or previous_loss is None else previous_loss - loss
+        rule = search_stops(schedule, epoch, fraction, previous, drop)
+        if rule:
+            return epoch, rule
+        previous, previous_loss = fraction, loss
+    return None, None
 
 
 # jump fractions per search epoch of measured runs (metrics.jsonl; benchmarks/RESULTS.md, "The
@@ -138,12 +172,55 @@ def test_the_plateau_rule_on_measured_runs_stops_only_the_flipping_search():
     before = dataclasses.replace(default, search_plateau_fraction=0.0)  # the 2 % rule alone
     for name, jumps in MEASURED_DEFAULT.items():
         assert _first_stop(default, jumps) == _first_stop(before, jumps), name
+    # up to 12 search epochs since 2026-12-07 (8 before): demo seed 1's 1.8 % now stops it
     assert [_first_stop(default, j) for j in MEASURED_DEFAULT.values()] == [
-        None, None, None, 7, 8]
+        None, 9, None, 7, 8]
     search_only = dataclasses.replace(default, switch_epoch=0)
     assert _first_stop(dataclasses.replace(search_only, search_plateau_fraction=0.0),
                        SPIKE_60000_SEARCH_ONLY) is None  # all 8 search epochs ran
     assert _first_stop(search_only, SPIKE_60000_SEARCH_ONLY) == 4  # 2.81 % after 2.95 %
+
+
+# each search epoch's jump fraction and mean loss (nats per image) of measured `default` runs
+# (metrics.jsonl; benchmarks/RESULTS.md "A search that stops when the fit stops improving"),
+# their search's last epoch under the preset of 2026-12-07 (up to 12 search epochs, plateau
+# below 4 %, settled below 1 nat) and under the one before (up to 8, plateau below 5 %, no
+# settled rule). 64 px and 128 px: 20,000 particles, SNR 0.1; 48 px: the demo's spike (5,000,
+# SNR 0.1, seed 0); 32 px: the demo test's size (1,000 spike particles, SNR 1), run with
+# --search-epochs 12 --epochs 16 and the new rules.
+MEASURED_WITH_LOSSES = {
+    "spike 64 px": ([0.9658, 0.5873, 0.2333, 0.0066],
+                    [1550.944, 1516.297, 1507.408, 1508.284], (5, "few"), (5, "few")),
+    "ADK 64 px": ([0.9478, 0.2243, 0.0001, 0.0001],
+                  [1498.866, 1479.075, 1477.942, 1479.812], (5, "few"), (5, "few")),
+    "coloured spike 64 px": ([0.9855, 0.3122, 0.0191, 0.0087],
+                             [1521.152, 1509.289, 1507.621, 1506.981], (5, "few"), (5, "few")),
+    "coloured spike 128 px": ([0.965, 0.4617, 0.4673, 0.229, 0.0095],
+                              [6295.921, 6263.323, 6247.883, 6240.787, 6241.655], (6, "few"),
+                              (6, "few")),
+    "demo 48 px": ([0.9602, 0.627, 0.4882, 0.1624, 0.0076],
+                   [871.539, 846.496, 834.269, 829.802, 828.473], (6, "few"), (6, "few")),
+    "D7 ring in C1, 64 px": ([0.9506, 0.6381, 0.542, 0.452, 0.4294, 0.4102, 0.3967, 0.3934],
+                             [1511.652, 1503.361, 1502.196, 1501.732, 1501.521, 1501.245,
+                              1501.172, 1501.04], (5, "settled"), (None, None)),
+    "32 px seed 3": ([0.963, 0.428, 0.2086, 0.1349, 0.0571, 0.0772, 0.0894, 0.124, 0.12,
+                      0.056, 0.024, 0.015],
+                     [596.193, 509.837, 469.727, 445.767, 430.931, 425.782, 421.618, 416.74,
+                      411.496, 406.164, 404.252, 402.807], (None, None), (None, None)),
+    "32 px seed 11": ([0.959, 0.528, 0.1302, 0.0663, 0.052, 0.048, 0.109, 0.28, 0.208, 0.028,
+                       0.004],
+                      [579.815, 500.23, 443.894, 427.755, 417.866, 412.545, 403.493, 393.94,
+                       381.575, 376.704, 375.47], (12, "few"), (7, "plateau")),
+}
+
+
+def test_the_settled_rule_and_the_longer_search_on_measured_runs():
+    default = build_config("default").schedule
+    before = dataclasses.replace(default, search_epochs=8, epochs=12,
+                                 search_plateau_fraction=0.05, search_settled_nats=0.0)
+    for name, (jumps, losses, now, then) in MEASURED_WITH_LOSSES.items():
+        assert _first_stop_rule(default, jumps, losses) == now, name
+        assert _first_stop_rule(before, jumps[:8], losses[:8]) == then, name
 
 
 def test_without_an_early_stop_the_learning_rates_are_bit_identical_to_the_old_decay():
@@ -189,14 +266,19 @@ def test_early_stop_settings_are_validated_with_clear_messages():
             build_config("default", {"schedule": {"search_stop_fraction": bad}})
         with pytest.raises(InputError, match=r"search_plateau_fraction must be in \[0, 1\]"):
             build_config("default", {"schedule": {"search_plateau_fraction": bad}})
+    with pytest.raises(InputError, match=r"search_settled_nats must be >= 0, got -0.5"):
+        build_config("default", {"schedule": {"search_settled_nats": -0.5}})
+    with pytest.raises(InputError, match=r"search_settled_nats must be a finite number"):
+        build_config("default", {"schedule": {"search_settled_nats": math.nan}})
     assert build_config("default", {"schedule": {"search_stop_fraction": 1}}).schedule \
         .search_stop_fraction == 1.0
 
 
 def test_presets_and_the_preset_minimum_above_a_shorter_search():
     default = build_config("default").schedule
-    assert (default.search_epochs, default.search_min_epochs, default.search_stop_fraction,
-            default.search_plateau_fraction) == (8, 4, 0.02, 0.05)
+    assert (default.epochs, default.search_epochs, default.search_min_epochs,
+            default.search_stop_fraction, default.search_plateau_fraction,
+            default.search_settled_nats) == (16, 12, 4, 0.02, 0.04, 1.0)
     # a command line's shorter search drops the preset's minimum (no early stop possible)
     assert build_config("default", {"schedule": {"search_epochs": 2}}).schedule \
         .search_min_epochs is None
@@ -209,6 +291,7 @@ def test_presets_and_the_preset_minimum_above_a_shorter_search():
         assert (s.search_epochs, s.search_min_epochs) == (0, None)
     assert ScheduleConfig().search_min_epochs is None  # built-in default: no early stop
     assert ScheduleConfig().search_plateau_fraction == 0.0
+    assert ScheduleConfig().search_settled_nats == 0.0
 
 
 def test_early_stop_flags_reach_the_config():
@@ -219,10 +302,11 @@ def test_early_stop_flags_reach_the_config():
     flags.add_args(parser)
     args = parser.parse_args(["p.star", "-o", "run", "--search-min-epochs", "2",
                               "--search-stop-fraction", "0.05",
-                              "--search-plateau-fraction", "0.1"])
+                              "--search-plateau-fraction", "0.1",
+                              "--search-settled-nats", "0.5"])
     s = build_config("default", cli._overrides(args)).schedule
     assert (s.search_epochs, s.search_min_epochs, s.search_stop_fraction,
-            s.search_plateau_fraction) == (8, 2, 0.05, 0.1)
+            s.search_plateau_fraction, s.search_settled_nats) == (12, 2, 0.05, 0.1, 0.5)
 
 
 # ----------------------------------------------------------------------------- jump fraction
@@ -336,6 +420,16 @@ def test_search_stop_records_and_messages_say_which_rule_stopped_the_search():
         "falling: 3.0 % in the search epoch before); 4 local epochs follow",
         "global search done after epoch 5: 1.0 % of particles jumped > 20 deg (< 2 %); 3 "
         "local epochs follow"]
+    settled = dataclasses.replace(SCHEDULE, search_settled_nats=1.0)
+    record = search_stop_record(5, 0.452, 0.542, rule=search_stops(settled, 5, 0.452, 0.542,
+                                                                   0.464),
+                                threshold_deg=20.0, stop_fraction=0.02, local_epochs=3,
+                                loss_drop_nats=0.464, settled_nats=1.0)
+    assert (record["rule"], record["loss_drop_nats"], record["settled_nats"]) == (
+        "settled", 0.464, 1.0)
+    assert search_stop_message(record) == (
+        "global search done after epoch 5: 45.2 % of particles jumped > 20 deg (the fit no "
+        "longer improves: the mean loss fell by 0.46 < 1 nats per image); 3 local epochs follow")
     # a record of cryospin <= 0.2 (no rule): the 2 % wording
     old = {k: v for k, v in few.items() if k != "rule"}
     assert search_stop_message(old) == search_stop_message(few)  # type: ignore[arg-type]

@@ -71,6 +71,7 @@ _OVERRIDES = {
     "search_min_epochs": ("schedule", "search_min_epochs"),
     "search_stop_fraction": ("schedule", "search_stop_fraction"),
     "search_plateau_fraction": ("schedule", "search_plateau_fraction"),
+    "search_settled_nats": ("schedule", "search_settled_nats"),
     "search_rotations": ("optim", "search_rotations"),
     "search_candidates": ("optim", "search_candidates"),
     "search_polish_sweeps": ("optim", "search_polish_sweeps"),

@@ -355,6 +355,12 @@ class ScheduleConfig:
         (``cryospin.train.schedule.PLATEAU_MIN_DROP``) from the previous search epoch's, the
         search no longer settles the particles still jumping (flips between the near-identical
         copies of a pseudo-symmetric particle) and stops (0: never).
+    search_settled_nats : float
+        A third early stop, under the same ``search_min_epochs``: after a search epoch whose
+        mean loss (nats per image) fell by less than this since the previous search epoch's,
+        the particles still jumping no longer make the images fit better (a symmetric
+        particle's jumps between exact copies) and the search stops (0: never;
+        :func:`cryospin.train.schedule.search_stops`).
     switch_poses : "inference" or "last_epoch"
         Where each particle's starting pose at the switch comes from: ``inference``, a pass of
         the final encoder over every particle (the paper); ``last_epoch``, the winning head's
@@ -382,6 +388,7 @@ class ScheduleConfig:
     search_min_epochs: int | None = None
     search_stop_fraction: float = 0.0
     search_plateau_fraction: float = 0.0
+    search_settled_nats: float = 0.0
     switch_poses: SwitchPoses = "inference"
     impose_symmetry: ImposeSymmetry = "during_search"
 

@@ -122,6 +122,8 @@ def _check_search(c: Config) -> None:
         value = getattr(s, name)
         if not 0.0 <= value <= 1.0:
             raise _bad(f"schedule.{name} must be in [0, 1], got {value}")
+    if s.search_settled_nats < 0.0:
+        raise _bad(f"schedule.search_settled_nats must be >= 0, got {s.search_settled_nats}")
     if c.optim.pose_steps_per_batch < 0:
         raise _bad(f"optim.pose_steps_per_batch must be >= 0, got {c.optim.pose_steps_per_batch}")
     _check_hypotheses(c)

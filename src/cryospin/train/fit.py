@@ -15,8 +15,9 @@
    grows from ``optim.search_radius_px`` to ``optim.search_radius_end_px``. With
    ``schedule.search_min_epochs`` the search stops early, after a search epoch in which fewer
    than ``schedule.search_stop_fraction`` of the particles jumped, or whose jumps stopped
-   falling (``schedule.search_plateau_fraction``); the local epochs then follow
-   at once and the run ends sooner (:mod:`cryospin.train.schedule`; the stop is kept in the
+   falling (``schedule.search_plateau_fraction``), or whose mean loss fell by less than
+   ``schedule.search_settled_nats`` per image; the local epochs then follow at once
+   and the run ends sooner (:mod:`cryospin.train.schedule`; the stop is kept in the
    checkpoint for ``--resume`` and logged in ``metrics.jsonl``).
 
 Stage 1 may use frequency marching: the loss disc grows from
@@ -543,15 +544,17 @@ def _group_or_none(symbol: str) -> torch.Tensor | None:
 
 def _stop_search_if_done(run: _Run, state: TrainState, clock: _Clock, epoch: int,
                          stats: EpochStats) -> EpochExtra:
-    """After a search epoch in which few particles jumped, or no fewer than in the one before
-    (the same on every rank): the search stops, the run ends sooner; returns the
-    ``metrics.jsonl`` record (empty: no stop)."""
+    """After a search epoch in which few particles jumped, or no fewer than in the one before,
+    or whose mean loss hardly fell since the one before (the same on every rank): the search
+    stops, the run ends sooner; returns the ``metrics.jsonl`` record (empty: no stop)."""
     s = run.config.schedule
     if (not is_search_epoch(s, epoch, state.search_stopped_after)
             or state.search_stopped_after is not None):
         return {}
     previous, state.last_jump_fraction = state.last_jump_fraction, stats.jump_fraction
-    rule = search_stops(s, epoch, stats.jump_fraction, previous)
+    previous_loss, state.last_search_loss = state.last_search_loss, stats.loss
+    drop = None if previous_loss is None else previous_loss - stats.loss
+    rule = search_stops(s, epoch, stats.jump_fraction, previous, drop)
     if rule is None:
         return {}
     state.search_stopped_after = epoch
@@ -563,7 +566,8 @@ def _stop_search_if_done(run: _Run, state: TrainState, clock: _Clock, epoch: int
     return {"search_stop": search_stop_record(
         epoch, float(stats.jump_fraction or 0.0), previous, rule=rule,
         threshold_deg=JUMP_THRESHOLD_DEG,
-        stop_fraction=s.search_stop_fraction, local_epochs=clock.end - epoch)}
+        stop_fraction=s.search_stop_fraction, local_epochs=clock.end - epoch,
+        loss_drop_nats=drop, settled_nats=s.search_settled_nats if rule == "settled" else None)}
 
 
 def _commit(run: _Run, state: TrainState, epoch: int, stats: EpochStats, *, wall: float,

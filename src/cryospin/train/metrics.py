@@ -62,14 +62,15 @@ class SwitchRecord(TypedDict):
 
 
 #: which rule ended the global search early (:func:`cryospin.train.schedule.search_stops`)
-SearchStopRule = Literal["few", "plateau"]
+SearchStopRule = Literal["few", "plateau", "settled"]
 
 
 class SearchStopRecord(TypedDict):
     """``extra["search_stop"]``: the epoch after which the global search stopped early, the
     fraction of particles that jumped (and in the search epoch before), the thresholds, the
     local epochs that follow and the rule that stopped it (``few``: below ``stop_fraction``;
-    ``plateau``: ``schedule.search_plateau_fraction``; absent in cryospin <= 0.2's records)."""
+    ``plateau``: ``schedule.search_plateau_fraction``; ``settled``: the mean loss fell by
+    ``loss_drop_nats`` < ``settled_nats`` per image; absent in cryospin <= 0.2's records)."""
 
     after_epoch: int
     jump_fraction: float
@@ -78,20 +79,29 @@ class SearchStopRecord(TypedDict):
     local_epochs: int
     rule: NotRequired[SearchStopRule]
     previous_jump_fraction: NotRequired[float]
+    loss_drop_nats: NotRequired[float]
+    settled_nats: NotRequired[float]
 
 
 def search_stop_record(epoch: int, jump_fraction: float, previous: float | None, *,
                        rule: SearchStopRule, threshold_deg: float,
-                       stop_fraction: float, local_epochs: int) -> SearchStopRecord:
+                       stop_fraction: float, local_epochs: int,
+                       loss_drop_nats: float | None = None,
+                       settled_nats: float | None = None) -> SearchStopRecord:
     """The record of the global search's early stop by ``rule``
     (:func:`cryospin.train.schedule.search_stops`) after ``epoch``, in which a fraction
     ``jump_fraction`` of the particles moved by more than ``threshold_deg`` (``previous``: the
-    search epoch before's; None: none)."""
+    search epoch before's; None: none; ``loss_drop_nats``: the fall of the mean loss since
+    that epoch, nats per image, recorded with ``settled_nats`` for the settled rule)."""
     record: SearchStopRecord = {
         "after_epoch": epoch, "jump_fraction": jump_fraction, "threshold_deg": threshold_deg,
         "stop_fraction": stop_fraction, "local_epochs": local_epochs, "rule": rule}
     if previous is not None:
         record["previous_jump_fraction"] = float(previous)
+    if loss_drop_nats is not None:
+        record["loss_drop_nats"] = float(loss_drop_nats)
+    if settled_nats is not None:
+        record["settled_nats"] = float(settled_nats)
     return record
 
 
@@ -100,6 +110,10 @@ def search_stop_message(record: SearchStopRecord) -> str:
     if record.get("rule") == "plateau":
         why = (f"no longer falling: {100 * record.get('previous_jump_fraction', 0.0):.1f} % "
                "in the search epoch before")
+    elif record.get("rule") == "settled":
+        why = (f"the fit no longer improves: the mean loss fell by "
+               f"{record.get('loss_drop_nats', 0.0):.2g} < {record.get('settled_nats', 0.0):g} "
+               "nats per image")
     else:
         why = f"< {100 * record['stop_fraction']:g} %"
     return (f"global search done after epoch {record['after_epoch']}: "

@@ -137,24 +137,31 @@ PLATEAU_MIN_DROP = 0.25
 
 
 def search_stops(schedule: ScheduleConfig, epoch: int, jump_fraction: float | None,
-                 previous_fraction: float | None = None) -> SearchStopRule | None:
+                 previous_fraction: float | None = None,
+                 loss_drop_nats: float | None = None) -> SearchStopRule | None:
     """Whether the global search ends early after search epoch ``epoch`` in which a fraction
     ``jump_fraction`` of the particles jumped (``EpochStats.jump_fraction``; the search epoch
     before it: ``previous_fraction``): the rule that stops it, or None (it goes on).
 
     Only after a search epoch ``switch_epoch + s`` with ``search_min_epochs <= s <
-    search_epochs`` (the last one ends the search anyway), and then when either
+    search_epochs`` (the last one ends the search anyway), and then when one of these holds:
 
-    * ``"few"``: few particles jumped, ``jump_fraction < search_stop_fraction``; or
+    * ``"few"``: few particles jumped, ``jump_fraction < search_stop_fraction``;
     * ``"plateau"``: the jumps no longer fall, ``jump_fraction <
       search_plateau_fraction`` and ``jump_fraction > (1 - PLATEAU_MIN_DROP) *
       previous_fraction``. On a pseudo-symmetric particle a few per cent of the particles flip
       between near-identical copies in every search epoch, and more search epochs do not
       settle them (6VYB, 60,000 particles: 2.9, 2.8, 2.7, 2.8, 2.7, 2.7 % in search epochs
-      3-8; benchmarks/RESULTS.md).
+      3-8; benchmarks/RESULTS.md);
+    * ``"settled"``: the fit no longer improves, ``loss_drop_nats`` (the search epoch
+      before's mean loss less this one's, nats per image) below ``search_settled_nats``: the
+      particles that still jump do not make the images fit better (a symmetric particle's
+      jumps between its exact copies in C1: the D7 ring at 64 px, 40 % jumping, its loss
+      falling by 0.1-0.5 nats per search epoch; benchmarks/RESULTS.md).
 
     Never with ``search_min_epochs = None`` or without a measured fraction; the plateau rule
-    never without ``previous_fraction``.
+    never without ``previous_fraction``, the settled rule never without ``loss_drop_nats``.
+    When several hold, the first in this order is named.
     """
     low = schedule.search_min_epochs
     s = epoch - schedule.switch_epoch
@@ -163,11 +170,14 @@ def search_stops(schedule: ScheduleConfig, epoch: int, jump_fraction: float | No
         return None
     if jump_fraction < schedule.search_stop_fraction:
         return "few"
-    if previous_fraction is None or math.isnan(previous_fraction):
-        return None
-    plateau = (jump_fraction < schedule.search_plateau_fraction
-               and jump_fraction > (1.0 - PLATEAU_MIN_DROP) * previous_fraction)
-    return "plateau" if plateau else None
+    if previous_fraction is not None and not math.isnan(previous_fraction) and (
+            jump_fraction < schedule.search_plateau_fraction
+            and jump_fraction > (1.0 - PLATEAU_MIN_DROP) * previous_fraction):
+        return "plateau"
+    if loss_drop_nats is not None and math.isfinite(loss_drop_nats) \
+            and loss_drop_nats < schedule.search_settled_nats:
+        return "settled"
+    return None
 
 
 def decay_fraction(schedule: ScheduleConfig, epoch: int,

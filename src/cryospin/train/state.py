@@ -255,6 +255,8 @@ class TrainState:
         The epoch after which the global search stopped early (:mod:`cryospin.train.schedule`).
     last_jump_fraction : float or None
         The last search epoch's ``jump_fraction`` (the early stop's plateau rule).
+    last_search_loss : float or None
+        The last search epoch's mean loss, nats per image (the early stop's settled rule).
     last_junk_fraction : float or None
         The last stage-2 epoch's ``junk_fraction`` (``model.junk_class``: the gate of the
         next epoch and of the final scores, :func:`cryospin.train.scores.junk_takes_effect`).
@@ -272,6 +274,7 @@ class TrainState:
     elapsed_before_s: float = 0.0
     search_stopped_after: int | None = None
     last_jump_fraction: float | None = None
+    last_search_loss: float | None = None
     last_junk_fraction: float | None = None
 
     @classmethod
@@ -313,6 +316,7 @@ class TrainState:
         self.elapsed_before_s = ckpt.elapsed_s
         self.search_stopped_after = ckpt.search_stopped_after
         self.last_jump_fraction = ckpt.last_jump_fraction
+        self.last_search_loss = ckpt.last_search_loss
         self.last_junk_fraction = ckpt.last_junk_fraction
         if ckpt.switch_record is not None:  # stopped at the switch: its poses
             self.switch_record = BestPoses.from_state_dict(ckpt.switch_record, device)
@@ -339,6 +343,7 @@ class TrainState:
             optimizers=optimizers, rng=dict(capture_rng_state(generator)), data=data,
             elapsed_s=elapsed_s, search_stopped_after=self.search_stopped_after,
             last_jump_fraction=self.last_jump_fraction,
+            last_search_loss=self.last_search_loss,
             last_junk_fraction=self.last_junk_fraction,
             switch_record=None if switch_record is None else switch_record.state_dict(),
             volume_symmetry=self.volume.point_group,

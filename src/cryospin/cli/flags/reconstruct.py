@@ -205,6 +205,10 @@ def _add_optimisation_flags(parser: argparse.ArgumentParser) -> None:
                         "fraction fell by less than a quarter since the previous search epoch "
                         "(particles flipping between a pseudo-symmetric particle's copies); 0 "
                         "never")
+    g.add_argument("--search-settled-nats", type=float, metavar="X",
+                   help="also stop early when the search epoch's mean loss fell by less than "
+                        "X nats per image since the previous search epoch (the particles "
+                        "still jumping no longer improve the fit); 0 never")
     g.add_argument("--search-rotations", type=int, metavar="N",
                    help="rotations in the global search grid")
     g.add_argument("--search-candidates", type=int, metavar="K",
