@@ -29,8 +29,10 @@ from cryospin.io.particle_set import ParticleSet
 from cryospin.io.particles import load_indices, load_particles
 from cryospin.io.pkl import read_cryodrgn_poses
 from cryospin.io.star_tables import read_star_tables
+from cryospin.report.analysis import run_summary
+from cryospin.report.html import run_summary_rows
 from cryospin.rotations import random_rotations
-from cryospin.rundir import load_checkpoint, read_metrics, save_checkpoint
+from cryospin.rundir import load_checkpoint, load_run, read_metrics, save_checkpoint
 from cryospin.train import fit as fit_module
 from cryospin.train import switch as switch_module
 from cryospin.train.config import build_config, load_config
@@ -1050,7 +1052,15 @@ def test_the_settled_rule_stops_a_search_whose_loss_no_longer_falls(tiny, tmp_pa
     stop = got[2]["extra"]["search_stop"]
     assert (stop["after_epoch"], stop["rule"], stop["loss_drop_nats"],
             stop["settled_nats"]) == (3, "settled", drop, drop + 1.0)
-    assert "the fit no longer improves" in (settled.run_dir / "run.log").read_text()
+    message = (f"the fit no longer improves: the mean loss fell by {drop:.2g} < "
+               f"{drop + 1.0:g} nats per image")
+    assert message in (settled.run_dir / "run.log").read_text()
+    data = load_run(settled.run_dir)  # the report's epochs row says why the search stopped
+    rows_html = dict(run_summary_rows(run_summary(data, num_poses=64, box_px=16,
+                                                  pixel_size_angstrom=4.0), data))
+    assert rows_html["epochs"] == (
+        f"4 (of up to 5: the global search stopped early after epoch 3: "
+        f"{100 * got[2]['jump_fraction']:.1f} % of the particles jumped > 20° ({message}))")
     kept = fit(_early_stop_config(**never, search_settled_nats=max(drop - 1.0, 0.0)),
                _particles(tiny), tmp_path / "kept")
     assert kept.epochs_completed == 5  # a loss that fell by more: the search goes on

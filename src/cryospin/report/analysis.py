@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from torch import Tensor
@@ -28,6 +28,7 @@ from cryospin.report.summary import (
     Stage1Heads,
 )
 from cryospin.rundir import RunData, Stage, search_stopped_after
+from cryospin.train.metrics import SearchStopRecord
 from cryospin.train.noise_record import NoiseSpectrumRecord
 from cryospin.train.scores import EMPTY_SCORE, junk_takes_effect
 
@@ -42,6 +43,7 @@ __all__ = [
     "relaxations",
     "rebackprojection",
     "copy_consensus",
+    "search_stop",
     "search_rebackprojections",
     "run_events",
     "elapsed_seconds",
@@ -130,6 +132,17 @@ def search_rebackprojections(
     return [(epoch, float(record["seconds"]),
              None if record.get("radius_px") is None else int(record["radius_px"]))
             for epoch, record in _rebackprojects(metrics) if record.get("during_search", False)]
+
+
+def search_stop(metrics: Sequence[MetricsLine]) -> SearchStopRecord | None:
+    """The global search's early stop (``extra.search_stop``,
+    :func:`cryospin.train.metrics.search_stop_record`), or None when the search ran to its
+    last epoch (or the run had none)."""
+    for row in metrics:
+        record = (row.get("extra") or {}).get("search_stop")
+        if isinstance(record, dict):
+            return cast(SearchStopRecord, record)
+    return None
 
 
 def copy_consensus(metrics: Sequence[MetricsLine]) -> tuple[int, dict[str, Any]] | None:

@@ -32,12 +32,14 @@ from cryospin.report.analysis import (
     rebackprojection,
     relaxations,
     search_rebackprojections,
+    search_stop,
     switch_hypotheses,
 )
 from cryospin.report.ground_truth import EpochResolution
 from cryospin.report.summary import HalvesSummary, RunSummary
 from cryospin.report.symmetry_check import DrawnAxes, SymmetryCheck, symmetry_advice
 from cryospin.rundir import RunData, Stage
+from cryospin.train.metrics import search_stop_reason
 
 __all__ = [
     "HAND_NOTE",
@@ -264,8 +266,12 @@ def _epoch_rows(s: RunSummary, run: RunData) -> list[tuple[str, str]]:
     planned = (run.config.get("schedule") or {}).get("epochs")
     stopped = s.get("search_stopped_after")
     if stopped is not None:  # a shorter run by design, not an unfinished one
+        record = search_stop(run.metrics)
+        why = ("" if record is None else
+               f": {100 * record['jump_fraction']:.1f} % of the particles jumped > "
+               f"{record['threshold_deg']:g}° ({search_stop_reason(record)})")
         rows.append(("epochs", f"{s['epochs_completed']} (of up to {planned}: the global "
-                               f"search stopped early after epoch {stopped})"))
+                               f"search stopped early after epoch {stopped}{why})"))
     else:
         rows.append(("epochs", f"{s['epochs_completed']}" + (
             f" of {planned}" if planned and planned != s["epochs_completed"] else "")))

@@ -20,6 +20,7 @@ __all__ = [
     "SearchStopRule",
     "search_stop_record",
     "search_stop_message",
+    "search_stop_reason",
     "SymmetryRecord",
     "RelaxRecord",
     "RebackprojectRecord",
@@ -105,21 +106,25 @@ def search_stop_record(epoch: int, jump_fraction: float, previous: float | None,
     return record
 
 
+def search_stop_reason(record: SearchStopRecord) -> str:
+    """Why the search stopped, in words, for a :func:`search_stop_record` (the rule and its
+    figures, e.g. ``< 2 %``)."""
+    if record.get("rule") == "plateau":
+        return (f"no longer falling: {100 * record.get('previous_jump_fraction', 0.0):.1f} % "
+                "in the search epoch before")
+    if record.get("rule") == "settled":
+        return (f"the fit no longer improves: the mean loss fell by "
+                f"{record.get('loss_drop_nats', 0.0):.2g} < {record.get('settled_nats', 0.0):g} "
+                "nats per image")
+    return f"< {100 * record['stop_fraction']:g} %"
+
+
 def search_stop_message(record: SearchStopRecord) -> str:
     """One log line for a :func:`search_stop_record`."""
-    if record.get("rule") == "plateau":
-        why = (f"no longer falling: {100 * record.get('previous_jump_fraction', 0.0):.1f} % "
-               "in the search epoch before")
-    elif record.get("rule") == "settled":
-        why = (f"the fit no longer improves: the mean loss fell by "
-               f"{record.get('loss_drop_nats', 0.0):.2g} < {record.get('settled_nats', 0.0):g} "
-               "nats per image")
-    else:
-        why = f"< {100 * record['stop_fraction']:g} %"
     return (f"global search done after epoch {record['after_epoch']}: "
             f"{100 * record['jump_fraction']:.1f} % of particles jumped > "
-            f"{record['threshold_deg']:g} deg ({why}); {record['local_epochs']} local epochs "
-            "follow")
+            f"{record['threshold_deg']:g} deg ({search_stop_reason(record)}); "
+            f"{record['local_epochs']} local epochs follow")
 
 
 class SymmetryRecord(TypedDict):
