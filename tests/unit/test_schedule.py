@@ -430,6 +430,10 @@ def test_search_stop_records_and_messages_say_which_rule_stopped_the_search():
     assert search_stop_message(record) == (
         "global search done after epoch 5: 45.2 % of particles jumped > 20 deg (the fit no "
         "longer improves: the mean loss fell by 0.46 < 1 nats per image); 3 local epochs follow")
+    rose = {**record, "loss_drop_nats": -1.87}
+    assert search_stop_message(rose).endswith(  # type: ignore[arg-type]
+        "(the fit no longer improves: the mean loss rose by 1.9 (a fall of 1 needed) nats per "
+        "image); 3 local epochs follow")
     # a record of cryospin <= 0.2 (no rule): the 2 % wording
     old = {k: v for k, v in few.items() if k != "rule"}
     assert search_stop_message(old) == search_stop_message(few)  # type: ignore[arg-type]

@@ -113,9 +113,10 @@ def search_stop_reason(record: SearchStopRecord) -> str:
         return (f"no longer falling: {100 * record.get('previous_jump_fraction', 0.0):.1f} % "
                 "in the search epoch before")
     if record.get("rule") == "settled":
-        return (f"the fit no longer improves: the mean loss fell by "
-                f"{record.get('loss_drop_nats', 0.0):.2g} < {record.get('settled_nats', 0.0):g} "
-                "nats per image")
+        drop, bar = record.get("loss_drop_nats", 0.0), record.get("settled_nats", 0.0)
+        change = (f"fell by {drop:.2g} < {bar:g}" if drop >= 0 else
+                  f"rose by {-drop:.2g} (a fall of {bar:g} needed)")
+        return f"the fit no longer improves: the mean loss {change} nats per image"
     return f"< {100 * record['stop_fraction']:g} %"
 
 
