@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cryospin.cli.demo import split_note
+from cryospin.cli.demo import split_note, wrong_structure_note
 from cryospin.cli.main import main
 
 # The spike's poses at this size since the copy consensus after the search (2026-12-07,
@@ -65,6 +65,7 @@ def test_demo_recovers_poses(tmp_path: Path, capsys) -> None:
             is not None) == (err["median_rotation_error_deg"] > 20.0)
     assert ("stayed split between its three near-identical protomer copies" in printed) == (
         err["median_rotation_error_deg"] > 20.0)
+    assert "the run did not converge" not in printed  # right modulo C3: no wrong structure
 
 
 def test_the_split_note_needs_a_large_error_that_the_pseudo_symmetry_explains() -> None:
@@ -72,3 +73,16 @@ def test_the_split_note_needs_a_large_error_that_the_pseudo_symmetry_explains() 
     assert split_note(2.31, 2.32) is None  # converged
     assert split_note(110.0, 80.0) is None  # not converged even modulo C3: not a split
     assert split_note(15.0, 2.0) is None  # a few particles off: not the split
+
+
+def test_the_wrong_structure_note_is_for_a_failure_the_pseudo_symmetry_does_not_explain() -> None:
+    # the demo test's seed 6 (RESULTS "A search that stops when the fit stops improving")
+    note = wrong_structure_note(110.65, 34.76, 6)
+    assert note is not None and note.endswith("`cryospin demo --seed 7`")
+    assert "110.7° median, 34.8° modulo the trimer's pseudo-C3" in note
+    assert wrong_structure_note(110.0, 80.0, 0) is not None  # not converged even modulo C3
+    assert wrong_structure_note(117.48, 10.29, 0) is None  # a split: split_note's case
+    assert wrong_structure_note(2.31, 2.32, 0) is None  # converged
+    assert wrong_structure_note(15.0, 2.0, 0) is None  # a few particles off
+    assert wrong_structure_note(40.0, 25.0, 0) is not None  # modulo C3 explains too little
+    assert split_note(110.65, 34.76) is None  # no longer called a split (34.8° modulo C3)
