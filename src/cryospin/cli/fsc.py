@@ -12,17 +12,15 @@ import torch
 from cryospin.errors import InputError
 from cryospin.evaluate.align import align_maps
 from cryospin.evaluate.fsc import fsc, write_fsc_json
-from cryospin.io.mrc import read_map, write_map
+from cryospin.io.mrc import read_cubic_map, write_map
 from cryospin.plotting import plot_fsc
 
 log = logging.getLogger(__name__)
 
 
-def _load(path: Path):
-    volume, apix = read_map(path)
-    if volume.ndim != 3 or len(set(volume.shape)) != 1:
-        raise InputError(f"expected a cubic map, got shape {volume.shape}", path)
-    return torch.tensor(volume, dtype=torch.float64), apix  # a copy: the map may be read-only
+def _load(path: Path) -> tuple[torch.Tensor, float]:
+    volume, apix = read_cubic_map(path)
+    return torch.from_numpy(volume), apix
 
 
 def main(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # annotations only: reading and writing MRC needs no torch
 
 __all__ = [
     "read_map",
+    "read_cubic_map",
     "write_map",
     "looks_like_3d_map",
     "ImageStack",
@@ -88,6 +89,21 @@ def read_map(path: str | Path) -> tuple[np.ndarray, float]:
             f"using the x size", stacklevel=2,
         )
     return volume, vx
+
+
+def read_cubic_map(path: str | Path) -> tuple[np.ndarray, float]:
+    """A cubic map `(L, L, L)` float64 ``[z, y, x]`` (a writable copy) and its voxel size
+    (Å; 0 when the file gives none), as :func:`read_map` reads it.
+
+    Raises
+    ------
+    InputError
+        When the map is not a cube.
+    """
+    volume, apix = read_map(path)
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise InputError(f"expected a cubic map, got shape {volume.shape}", path)
+    return np.array(volume, dtype=np.float64), float(apix)
 
 
 def looks_like_3d_map(path: str | Path) -> bool:

@@ -22,8 +22,8 @@ from torch import Tensor
 from cryospin.evaluate.align import AlignResult, align_maps
 from cryospin.evaluate.fsc import FSCResult, fsc
 from cryospin.evaluate.pose_error import PoseErrorResult, flip_hand, pose_error
+from cryospin.io.mrc import read_cubic_map
 from cryospin.report.analysis import pick_epochs, switch_epoch
-from cryospin.report.inputs import read_volume
 from cryospin.report.summary import MapVsGT, PosesVsGT, TrackedEpoch
 from cryospin.rotations import geodesic_distance_deg
 from cryospin.rundir import RunData, Stage
@@ -115,7 +115,7 @@ def epoch_resolutions(
     budget = max_epoch_fsc - 1 if final_is_last else max_epoch_fsc
     apix = final_fsc.pixel_size_angstrom
     for e in pick_epochs(usable, budget, keep=keep):
-        volume, _ = read_volume(run.epoch_maps[e])
+        volume, _ = read_cubic_map(run.epoch_maps[e])
         if volume.shape != gt.shape:
             continue
         res, al = _align_resolution(gt, volume, apix, search_hand=search_hand, n_rotations=1000)

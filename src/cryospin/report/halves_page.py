@@ -28,6 +28,7 @@ from cryospin.errors import InputError
 from cryospin.evaluate.fsc import FSCResult
 from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.evaluate.pose_error import PoseErrorResult
+from cryospin.io.mrc import read_cubic_map
 from cryospin.plotting import plot_fsc
 from cryospin.report.analysis import JSONObject, halves_summary, junk_scored, score_summary
 from cryospin.report.figures import (
@@ -54,7 +55,6 @@ from cryospin.report.inputs import (
     read_gt_poses,
     read_poses,
     read_scores,
-    read_volume,
 )
 from cryospin.report.map_figure import add_map_views
 from cryospin.report.run_page import write_report
@@ -113,7 +113,7 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
     gold, fsc_summary = _read_fsc_json(files.fsc_json)
     if not files.map.is_file():
         raise InputError("the halves run has no combined map.mrc (not finished)", files.dir)
-    volume, apix = read_volume(files.map)
+    volume, apix = read_cubic_map(files.map)
     box = int(volume.shape[0])
     halves = [load_run(files.half_dir(w)) for w in (1, 2)]
     try:

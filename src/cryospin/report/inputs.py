@@ -19,7 +19,7 @@ from torch import Tensor
 
 from cryospin.errors import InputError
 from cryospin.forward.resample import fourier_crop_3d, fourier_pad_3d
-from cryospin.io.mrc import read_map
+from cryospin.io.mrc import read_cubic_map
 from cryospin.io.particles import load_particles
 from cryospin.io.pkl import read_cryodrgn_poses
 from cryospin.io.star_tables import numbers
@@ -29,7 +29,6 @@ from cryospin.train.scores import SCORE_COLUMN
 from cryospin.train.track import PoseTrack, load_pose_track
 
 __all__ = [
-    "read_volume",
     "ground_truth_on_grid",
     "read_poses",
     "read_scores",
@@ -39,18 +38,10 @@ __all__ = [
 ]
 
 
-def read_volume(path: Path) -> tuple[np.ndarray, float]:
-    """A cubic map `(L, L, L)` float64 ``[z, y, x]`` and its voxel size (Å; 0 if unknown)."""
-    vol, apix = read_map(path)
-    if vol.ndim != 3 or len(set(vol.shape)) != 1:
-        raise InputError(f"expected a cubic map, got shape {vol.shape}", path)
-    return np.array(vol, dtype=np.float64), float(apix)
-
-
 def ground_truth_on_grid(gt_path: Path, box_px: int, pixel_size_angstrom: float) -> np.ndarray:
     """The ground-truth map on the run's grid: same box, or Fourier-resampled when only the
     sampling differs (same physical box size within 1 %)."""
-    gt, apix = read_volume(gt_path)
+    gt, apix = read_cubic_map(gt_path)
     L_gt = gt.shape[0]
     if L_gt == box_px:
         if apix > 0 and pixel_size_angstrom > 0 and abs(apix - pixel_size_angstrom) > (

@@ -15,6 +15,7 @@ from torch import Tensor
 from cryospin.errors import InputError
 from cryospin.evaluate.fsc import FSCResult
 from cryospin.evaluate.pose_error import PoseErrorResult
+from cryospin.io.mrc import read_cubic_map
 from cryospin.report.analysis import (
     MetricsLine,
     elapsed_seconds,
@@ -65,7 +66,6 @@ from cryospin.report.inputs import (
     read_poses,
     read_scores,
     read_track,
-    read_volume,
 )
 from cryospin.report.map_figure import add_map_views
 from cryospin.report.summary import RunSummary
@@ -125,7 +125,7 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
     run = load_run(run_dir)
     volume = apix = None
     if run.map_path is not None:
-        volume, apix = read_volume(run.map_path)
+        volume, apix = read_cubic_map(run.map_path)
     box = None if volume is None else int(volume.shape[0])
     gt = None
     if gt_map is not None:
