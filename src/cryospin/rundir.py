@@ -51,7 +51,7 @@ __all__ = [
     "HALF_INDICES", "RunFiles", "HalvesFiles", "prepare_run_dir", "Stage", "CHECKPOINT_FORMAT",
     "Checkpoint", "save_checkpoint", "load_checkpoint", "RESUMABLE_OPTIONS", "RELOCATABLE_SECTION",
     "resume_conflicts", "EpochMetrics", "append_metrics", "read_metrics", "truncate_metrics",
-    "search_stopped_after", "RunData", "load_run",
+    "search_stop_of", "search_stopped_after", "RunData", "load_run",
 ]
 
 # ----------------------------------------------------------------------------- file names
@@ -531,15 +531,22 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def search_stopped_after(rows: Iterable[Mapping[str, Any]]) -> int | None:
-    """The epoch after which the global search stopped early, from :func:`read_metrics` rows
-    (the ``extra["search_stop"]`` of that epoch's line), or None when it did not (or the file
-    predates early stopping)."""
+def search_stop_of(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The record of the global search's early stop, from :func:`read_metrics` rows (the
+    ``extra["search_stop"]`` of that epoch's line: ``after_epoch``, ``rule``, ...), or None
+    when it did not stop early (or the file predates early stopping)."""
     for row in rows:
         stop = (row.get("extra") or {}).get("search_stop")
         if isinstance(stop, dict) and stop.get("after_epoch") is not None:
-            return int(stop["after_epoch"])
+            return stop
     return None
+
+
+def search_stopped_after(rows: Iterable[Mapping[str, Any]]) -> int | None:
+    """The epoch after which the global search stopped early (:func:`search_stop_of`), or
+    None when it did not."""
+    stop = search_stop_of(rows)
+    return None if stop is None else int(stop["after_epoch"])
 
 
 def truncate_metrics(path: str | Path, last_epoch: int) -> None:

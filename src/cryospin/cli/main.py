@@ -62,6 +62,7 @@ SUBCOMMANDS: dict[str, Command] = {
     "report": Command("flags.report", "report"),
     "flip-hand": Command("flags.flip_hand", "flip_hand"),
     "posterior": Command("flags.posterior", "posterior"),
+    "choose-run": Command("flags.choose_run", "choose_run"),
 }
 
 #: exit status after stdout's reader went away: 128 + SIGPIPE, what a shell reports for
