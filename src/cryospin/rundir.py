@@ -48,7 +48,8 @@ __all__ = [
     "MAP_DECODER", "CONVERGENCE", "POSES_STAR", "POSES_PKL", "POSES_CS", "SELECTED", "REPORT_HTML",
     "FSC_JSON", "NOISE_SPECTRUM",
     "EPOCH_MAP_PATTERN", "epoch_map_name", "HALVES_MARKER", "HALF_SET", "HALF_NAMES", "HALF_MAPS",
-    "HALF_INDICES", "RunFiles", "HalvesFiles", "prepare_run_dir", "Stage", "CHECKPOINT_FORMAT",
+    "HALF_INDICES", "STARTS_MARKER", "STARTS_CHOICE", "CHOSEN_LINK", "RunFiles", "StartsFiles",
+    "HalvesFiles", "prepare_run_dir", "Stage", "CHECKPOINT_FORMAT",
     "Checkpoint", "save_checkpoint", "load_checkpoint", "RESUMABLE_OPTIONS", "RELOCATABLE_SECTION",
     "resume_conflicts", "EpochMetrics", "append_metrics", "read_metrics", "truncate_metrics",
     "search_stop_of", "search_stopped_after", "RunData", "load_run",
@@ -98,6 +99,13 @@ HALF_NAMES = ("half_A", "half_B")
 HALF_MAPS = ("half_A.mrc", "half_B.mrc")
 HALF_INDICES = "particles.ind.npy"
 
+#: A several-starts run (``reconstruct --starts K``, :mod:`cryospin.train.starts`): its marker,
+#: the choice among the starts (``cryospin.cli._choice.choice_record``), the link to the chosen
+#: start's folder, and the starts' folders (``start_1`` ...).
+STARTS_MARKER = "starts.json"
+STARTS_CHOICE = "choice.json"
+CHOSEN_LINK = "chosen"
+
 
 def epoch_map_name(epoch: int) -> str:
     """``map.NNN.mrc``: the map after ``epoch`` (from 1), at least three digits."""
@@ -140,6 +148,23 @@ class RunFiles:
         return dict(sorted(found.items()))
 
 
+class StartsFiles:
+    """Paths of the files in a several-starts run folder (``reconstruct --starts K``)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        self.marker = self.dir / STARTS_MARKER
+        self.config = self.dir / CONFIG
+        self.particle_set = self.dir / PARTICLE_SET
+        self.log = self.dir / RUN_LOG
+        self.choice = self.dir / STARTS_CHOICE
+        self.chosen = self.dir / CHOSEN_LINK
+
+    def start_dir(self, k: int) -> Path:
+        """Run folder of start ``k`` (from 1)."""
+        return self.dir / f"start_{k}"
+
+
 class HalvesFiles:
     """Paths of the files in a halves run folder (``reconstruct --halves``)."""
 
@@ -175,7 +200,7 @@ def prepare_run_dir(run_dir: str | Path, *, resume: bool) -> RunFiles:
     ------
     OutputError
         When the folder cannot be created or written, or (without ``resume``) already holds a
-        run.
+        run (a plain one, or a ``--halves`` or ``--starts`` one).
     InputError
         When ``resume`` and there is neither a checkpoint nor a ``config.yaml`` (a run killed
         before its first checkpoint, with ``config.yaml`` written, resumes from epoch 1).
@@ -185,7 +210,8 @@ def prepare_run_dir(run_dir: str | Path, *, resume: bool) -> RunFiles:
         if not files.checkpoint.is_file() and not files.config.is_file():
             raise InputError(f"no {CHECKPOINT} here to resume from", files.dir)
     else:
-        if files.checkpoint.exists() or files.metrics.exists():
+        if (files.checkpoint.exists() or files.metrics.exists()
+                or (files.dir / HALVES_MARKER).exists() or (files.dir / STARTS_MARKER).exists()):
             raise OutputError(
                 "already holds a run (use --resume to continue it, or choose another -o)",
                 files.dir,

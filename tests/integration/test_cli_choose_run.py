@@ -10,7 +10,7 @@ import torch
 from tests._cli import refused
 from tests._synthetic import blob_volume, make_dataset
 
-from cryospin.cli.choose_run import map_agreement
+from cryospin.cli._choice import map_agreement
 from cryospin.cli.main import main
 from cryospin.io.mrc import write_map
 from cryospin.rundir import read_metrics

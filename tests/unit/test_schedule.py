@@ -365,7 +365,7 @@ def test_jump_fraction_counts_the_rows_moved_beyond_the_threshold(data, monkeypa
 
 def test_metrics_readers_find_the_stop_and_old_files_read_as_not_stopped(tmp_path):
     from cryospin.rundir import EpochMetrics, append_metrics, read_metrics, search_stopped_after
-    from cryospin.train.halves import _half_status
+    from cryospin.train.setup import run_status
 
     def line(epoch: int, **extra) -> EpochMetrics:
         return EpochMetrics(epoch=epoch, stage="autodecode", loss=1.0, num_images=4,
@@ -380,7 +380,7 @@ def test_metrics_readers_find_the_stop_and_old_files_read_as_not_stopped(tmp_pat
     for name in ("map.mrc", "poses.star"):  # written after the checkpoint
         (half / name).write_bytes(b"")
     assert search_stopped_after(read_metrics(half / "metrics.jsonl")) == 6
-    assert _half_status(half, SCHEDULE) == ("finished", 9)  # not "partial": 9 < 12 epochs
+    assert run_status(half, SCHEDULE) == ("finished", 9)  # not "partial": 9 < 12 epochs
     old = [{"epoch": 1, "stage": "autoencode"}, {"epoch": 2, "extra": {"switch": {}}}]
     assert search_stopped_after(old) is None
 

@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from cryospin.cli._choice import agreements, choice_record, format_table
 from cryospin.errors import CryospinError, InputError
 from cryospin.io.particle_set import ParticleSet
 from cryospin.io.particles import load_particles
 from cryospin.preprocess import sample_contrast
 from cryospin.report import write_halves_report, write_report
-from cryospin.rundir import RESUMABLE_OPTIONS, RunFiles, prepare_run_dir
+from cryospin.rundir import RESUMABLE_OPTIONS, RunFiles, StartsFiles, prepare_run_dir
 from cryospin.sources import ImageSource
 from cryospin.train.autodecode import local_refine_radius
 from cryospin.train.config import Config, build_config, load_config
@@ -26,6 +27,7 @@ from cryospin.train.distributed import world_from_env
 from cryospin.train.fit import TrainingInterrupted, fit
 from cryospin.train.halves import fit_halves, format_summary, is_halves_run
 from cryospin.train.runlog import RUN_LOG, header_line, note, run_log
+from cryospin.train.starts import fit_starts, is_starts_run, starts_of, write_choice
 
 __all__ = ["main"]
 
@@ -154,6 +156,7 @@ def refused_on_resume(args: argparse.Namespace) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     """Run ``cryospin reconstruct``; returns the exit status (130 on Ctrl-C, 143 on SIGTERM)."""
     halves = args.halves or bool(args.resume and is_halves_run(args.resume))
+    starts = _starts_requested(args)
     created = False  # whether this command made the run folder
     if args.resume:
         run_dir = Path(args.resume)
@@ -164,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
             raise InputError(f"with --resume only --epochs, --device, --threads, --precision, "
                              f"--final-map and the progress display may change (got "
                              f"{', '.join(refused)})")
-        if not halves:
+        if not halves and starts is None:
             prepare_run_dir(run_dir, resume=True)
         config = load_config(RunFiles(run_dir).config)
         # the flags' values (argparse: untyped; Config checks them)
@@ -209,7 +212,7 @@ def main(args: argparse.Namespace) -> int:
            if world_from_env().is_main else contextlib.nullcontext())
     try:
         with log:
-            return _train(config, run_dir, halves, args)
+            return _train(config, run_dir, halves, starts, args)
     except CryospinError:
         if created:  # failed before writing anything: leave no folder
             with contextlib.suppress(OSError):
@@ -282,9 +285,29 @@ def _say(text: str, *, file: TextIO | None = None) -> None:
     note(text)
 
 
-def _train(config: Config, run_dir: Path, halves: bool, args: argparse.Namespace) -> int:
-    """Load the particles, train (``--halves``: both halves and their combination), say how it
-    ended."""
+def _starts_requested(args: argparse.Namespace) -> int | None:
+    """The number of starts of a ``--starts`` run (new or resumed), None for a plain or
+    ``--halves`` run (``--starts 1``: a plain run)."""
+    resumed = bool(args.resume) and is_starts_run(args.resume)
+    if args.starts is not None and args.starts < 1:
+        raise InputError(f"--starts must be at least 1, got {args.starts}")
+    if args.halves and args.starts not in (None, 1):
+        raise InputError("give --halves or --starts, not both (a --halves run with several "
+                         "starts is not built yet)")
+    if args.resume and not resumed:
+        if args.starts not in (None, 1):
+            raise InputError("--starts cannot be added on --resume: this is not a --starts "
+                             "run", args.resume)
+        return None
+    if resumed:  # fit_starts refuses a --starts other than the run's
+        return int(args.starts) if args.starts is not None else starts_of(args.resume)
+    return args.starts if args.starts is not None and args.starts > 1 else None
+
+
+def _train(config: Config, run_dir: Path, halves: bool, starts: int | None,
+           args: argparse.Namespace) -> int:
+    """Load the particles, train (``--halves``: both halves and their combination;
+    ``--starts``: every start and the choice), say how it ended."""
     assert config.input.particles is not None  # main() refused a config without them
     particles = load_particles(
         config.input.particles, ctf_pkl=config.input.ctf, ind=config.input.ind,
@@ -303,6 +326,10 @@ def _train(config: Config, run_dir: Path, halves: bool, args: argparse.Namespace
         if world.distributed:
             raise InputError("--halves does not run under torchrun yet; run it as one process")
         return _run_halves(config, particles, run_dir, args)
+    if starts is not None:
+        if world.distributed:
+            raise InputError("--starts does not run under torchrun yet; run it as one process")
+        return _run_starts(config, particles, run_dir, starts, args)
     try:
         result = fit(config, particles, run_dir, resume=bool(args.resume),
                      argv=getattr(args, "argv", None), stop_after=args.stop_after)
@@ -379,4 +406,32 @@ def _run_halves(config: Config, particles: ParticleSet, run_dir: Path,
         _say(f"continue with: cryospin reconstruct --resume {run_dir}")
         return 0
     _write_report(run_dir, halves=True)
+    return 0
+
+
+def _run_starts(config: Config, particles: ParticleSet, run_dir: Path, starts: int,
+                args: argparse.Namespace) -> int:
+    """``--starts K``: every start, then each one's report, the choice, its table and record
+    (each other start's map aligned onto the chosen one's)."""
+    try:
+        result = fit_starts(config, particles, run_dir, starts=starts,
+                            resume=bool(args.resume), argv=getattr(args, "argv", None),
+                            stop_after=args.stop_after)
+    except TrainingInterrupted as exc:
+        _say(f"cryospin reconstruct: {exc}", file=sys.stderr)
+        return exc.exit_status
+    if not result.finished or result.chosen is None:
+        _say(f"stopped after epoch(s) {', '.join(map(str, result.epochs_completed))} of the "
+             f"{starts} starts; continue with: cryospin reconstruct --resume {run_dir}")
+        return 0
+    for outcome in result.outcomes:
+        _write_report(outcome.run_dir)
+    outcomes, chosen = result.outcomes, result.chosen
+    agreement = agreements(outcomes, chosen)
+    _say(format_table(outcomes, chosen, agreement))
+    write_choice(run_dir, choice_record(outcomes, chosen, agreement), outcomes[chosen].run_dir)
+    files = StartsFiles(run_dir)
+    _say(f"done: {starts} starts; the chosen one is {files.chosen} -> "
+         f"{outcomes[chosen].run_dir.name} (map {files.chosen / 'map.mrc'}, poses "
+         f"{files.chosen / 'poses.star'}); the choice is in {files.choice}")
     return 0

@@ -82,17 +82,14 @@ from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from 
     METRICS,
     HalvesFiles,
     RunFiles,
-    read_metrics,
-    search_stopped_after,
 )
 from cryospin.runlock import describe_command, folder_lock
 from cryospin.symmetry import grid_cosets, point_group_rotations
-from cryospin.train.config import Config, ScheduleConfig, save_config
+from cryospin.train.config import Config, save_config
 from cryospin.train.fit import TrainingInterrupted, fit
 from cryospin.train.runlog import header_line, run_log, start_run_log
-from cryospin.train.schedule import final_epoch
 from cryospin.train.scores import SCORE_COLUMN, SCORE_CS_FIELD, selected_indices
-from cryospin.train.setup import record_resume
+from cryospin.train.setup import record_resume, run_status
 
 __all__ = [
     "HALF_NAMES",
@@ -244,21 +241,6 @@ def _original_indices(config: Config, local: np.ndarray) -> np.ndarray:
     return load_indices(config.input.ind)[local]
 
 
-def _half_status(half_dir: Path, schedule: ScheduleConfig) -> tuple[str, int]:
-    """``("new" | "partial" | "finished", epochs done)`` of a half's run folder (finished at
-    ``schedule.epochs``, or earlier when its global search stopped early)."""
-    f = RunFiles(half_dir)
-    if not f.checkpoint.is_file():
-        return "new", 0
-    rows = read_metrics(f.metrics)
-    done = int(rows[-1].get("epoch", 0)) if rows else 0
-    last = final_epoch(schedule, search_stopped_after(rows))
-    if (done >= last and f.map.is_file() and f.star.is_file()
-            and f.map.stat().st_mtime >= f.checkpoint.stat().st_mtime):
-        return "finished", done
-    return "partial", done
-
-
 # ----------------------------------------------------------------------------- phases
 
 
@@ -357,7 +339,7 @@ def _train_and_combine(
     for which in (1, 2):
         half_dir = files.half_dir(which)
         local = np.flatnonzero(half == which)
-        status, epochs_done = _half_status(half_dir, config.schedule)
+        status, epochs_done = run_status(half_dir, config.schedule)
         if status == "finished":
             log.info("%s is finished (%d epochs)", half_dir.name, epochs_done)
             done.append(epochs_done)

@@ -38,7 +38,10 @@ from cryospin.rundir import (
     HalvesFiles,
     RunFiles,
     Stage,
+    StartsFiles,
+    read_metrics,
     resume_conflicts,
+    search_stopped_after,
     truncate_metrics,
 )
 from cryospin.train.config import (
@@ -65,6 +68,7 @@ __all__ = [
     "resolve_device",
     "open_run",
     "record_resume",
+    "run_status",
     "check_resume_config",
     "load_training_data",
     "initial_state",
@@ -92,8 +96,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def record_resume(files: RunFiles | HalvesFiles, config: Config, particles: ParticleSet,
-                  argv: list[str] | None, identity: ParticleSetIdentity | None) -> None:
+def record_resume(files: RunFiles | HalvesFiles | StartsFiles, config: Config,
+                  particles: ParticleSet, argv: list[str] | None,
+                  identity: ParticleSetIdentity | None) -> None:
     """On resume: append ``argv`` to ``config.yaml``'s resumptions, and record the particle
     set of a folder from before ``particle_set.json`` (``identity`` None: nothing recorded)."""
     first_argv, resumed = read_config_argv(files.config)
@@ -102,6 +107,23 @@ def record_resume(files: RunFiles | HalvesFiles, config: Config, particles: Part
         logger.warning("%s records no particle set (an older run): cannot check that "
                        "these are its particles", files.dir)
         save_identity(files.particle_set, particle_set_identity(particles))
+
+
+def run_status(run_dir: Path, schedule: ScheduleConfig) -> tuple[str, int]:
+    """``("new" | "partial" | "finished", epochs done)`` of a run folder that a workflow
+    trains in (a ``--halves`` half, a ``--starts`` start): new without a checkpoint, finished
+    at ``schedule.epochs`` (or earlier when its global search stopped early) with its map and
+    poses written after the last checkpoint."""
+    f = RunFiles(run_dir)
+    if not f.checkpoint.is_file():
+        return "new", 0
+    rows = read_metrics(f.metrics)
+    done = int(rows[-1].get("epoch", 0)) if rows else 0
+    last = final_epoch(schedule, search_stopped_after(rows))
+    if (done >= last and f.map.is_file() and f.star.is_file()
+            and f.map.stat().st_mtime >= f.checkpoint.stat().st_mtime):
+        return "finished", done
+    return "partial", done
 
 
 def open_run(config: Config, particles: ParticleSet, files: RunFiles, *, resume: bool,

@@ -17,6 +17,7 @@ examples:
   cryospin reconstruct --resume run1                 # continue after Ctrl-C, SIGTERM, a crash
   cryospin reconstruct --resume run1 --epochs 40     # train longer
   cryospin reconstruct particles.star -o run3 --halves   # gold-standard half maps and FSC
+  cryospin reconstruct particles.star -o run5 --starts 3  # three seeds, the best fit kept
   cryospin reconstruct particles.star -o run4 --symmetry D7   # a D7-symmetric particle
 """
 
@@ -297,6 +298,12 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
                         "trained volume is kept as map_decoder.mrc) or the trained volume")
     g.add_argument("--stop-after", type=int, metavar="EPOCH",
                    help="stop after this epoch (checkpoint kept; continue with --resume)")
+    g.add_argument("--starts", type=int, metavar="K",
+                   help="run the reconstruction K times, from seeds --seed, --seed + 1, ... "
+                        "(RUN_DIR/start_1 ... start_K, one after the other), and keep the "
+                        "one whose images fit best, the lowest final loss (RUN_DIR/choice.json "
+                        "and the link RUN_DIR/chosen; as cryospin choose-run): a start that "
+                        "settled on a wrong structure is left out, at K times the time")
     g.add_argument("--halves", action="store_true",
                    help="gold standard: reconstruct two random halves independently "
                         "(RUN_DIR/half_A, half_B; rlnRandomSubset when present), align them "

@@ -1,0 +1,253 @@
+"""Several starts of one reconstruction, the best kept (``cryospin reconstruct --starts K``).
+
+Ab initio reconstruction is not convex: a run can settle on a wrong structure, and whether it
+does can depend on its seed alone (:mod:`cryospin.train.choose`). :func:`fit_starts` runs the
+same reconstruction ``K`` times, one after the other, from seeds ``run.seed``, ``run.seed +
+1``, ..., and chooses the start whose images fit best (the lowest final loss,
+:func:`cryospin.train.choose.choose_run`).
+
+The run folder holds ``starts.json`` (the marker: the number of starts and their seeds),
+``config.yaml`` (the shared configuration, seed = the first start's), ``particle_set.json``,
+``run.log`` (everything, every start included) and ``start_1`` ... ``start_K``, each an
+ordinary run folder (its own ``config.yaml``, checkpoints, ``map.mrc``, ``poses.star``, report).
+On resume a finished start is skipped, an interrupted one resumed from its checkpoint, a
+missing one started. Once every start has finished, :func:`write_choice` records the choice:
+``choice.json`` and ``chosen``, a relative link to the chosen start's folder (so that
+``RUN/chosen/map.mrc`` is the result), replaced atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryospin import __version__
+from cryospin.atomic import atomic_write_text
+from cryospin.errors import InputError, OutputError
+from cryospin.io.identity import check_same_particles, particle_set_identity, save_identity
+from cryospin.io.particle_set import ParticleSet
+from cryospin.rundir import (
+    CHECKPOINT,
+    METRICS,
+    STARTS_MARKER,
+    RunFiles,
+    StartsFiles,
+)
+from cryospin.runlock import describe_command, folder_lock
+from cryospin.train.choose import RunOutcome, choose_run, run_outcome
+from cryospin.train.config import Config, save_config
+from cryospin.train.fit import TrainingInterrupted, fit
+from cryospin.train.runlog import header_line, run_log, start_run_log
+from cryospin.train.setup import record_resume, run_status
+
+__all__ = ["StartsResult", "is_starts_run", "starts_of", "start_seeds", "fit_starts",
+           "write_choice"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StartsResult:
+    """Outcome of :func:`fit_starts`.
+
+    Attributes
+    ----------
+    run_dir : Path
+    finished : bool
+        Every start trained to its last epoch and its outputs written.
+    epochs_completed : tuple[int, ...]
+        Epochs done by each start.
+    outcomes : tuple[RunOutcome, ...]
+        Each start as :func:`cryospin.train.choose.run_outcome` reads it (empty when not
+        finished).
+    chosen : int or None
+        Index (from 0) of the chosen start in ``outcomes`` (None when not finished).
+    """
+
+    run_dir: Path
+    finished: bool
+    epochs_completed: tuple[int, ...]
+    outcomes: tuple[RunOutcome, ...] = ()
+    chosen: int | None = None
+
+
+def is_starts_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a ``--starts`` run (its ``starts.json`` marker)."""
+    return StartsFiles(run_dir).marker.is_file()
+
+
+def start_seeds(seed: int, starts: int) -> list[int]:
+    """The seeds of ``starts`` starts from ``seed``: ``seed, seed + 1, ...``."""
+    return [seed + k for k in range(starts)]
+
+
+def starts_of(run_dir: str | Path) -> int:
+    """The number of starts of the ``--starts`` run in ``run_dir`` (its marker).
+
+    Raises
+    ------
+    InputError
+        No marker, or one that cannot be read.
+    """
+    files = StartsFiles(run_dir)
+    if not files.marker.is_file():
+        raise InputError(f"not a --starts run (no {STARTS_MARKER} here)", files.dir)
+    try:
+        count = int(json.loads(files.marker.read_text(encoding="utf-8"))["starts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{STARTS_MARKER} is unreadable", files.marker) from None
+    if count < 2:
+        raise InputError(f"{STARTS_MARKER} names {count} starts (at least 2)", files.marker)
+    return count
+
+
+def fit_starts(
+    config: Config,
+    particles: ParticleSet,
+    run_dir: str | Path,
+    *,
+    starts: int | None = None,
+    resume: bool = False,
+    argv: list[str] | None = None,
+    stop_after: int | None = None,
+) -> StartsResult:
+    """Run the starts one after the other, then choose among them (module docstring).
+
+    Parameters
+    ----------
+    config : Config
+        Shared by every start; start ``k`` (from 1) runs with ``run.seed + k - 1``.
+    particles : ParticleSet
+    run_dir : path
+        The ``--starts`` run folder.
+    starts : int, optional
+        Number of starts (at least 2) of a new run; on resume, the marker's (when given, it
+        must agree).
+    resume : bool
+        Continue the run in ``run_dir`` (finished starts are skipped).
+    argv : list of str, optional
+        Command line, recorded in the config files.
+    stop_after : int, optional
+        Stop each start after this epoch (every start is brought to it), without choosing.
+
+    Returns
+    -------
+    StartsResult
+
+    Raises
+    ------
+    TrainingInterrupted
+        On Ctrl-C or SIGTERM, naming ``run_dir`` (continue with ``--resume run_dir``).
+    OutputError
+        When another process holds ``run_dir`` or it already holds a run (without resume).
+    InputError
+        On resume, when ``particles`` are not the ones the run started with, or ``starts``
+        disagrees with the run's; fewer than 2 starts.
+    """
+    files = StartsFiles(run_dir)
+    if resume:
+        count = starts_of(files.dir)
+        if starts is not None and starts != count:
+            raise InputError(f"the run has {count} starts, not {starts} (--starts cannot "
+                             "change on --resume)", files.dir)
+    else:
+        if starts is None or starts < 2:
+            raise InputError(f"--starts needs at least 2 starts, got {starts}")
+        count = starts
+    try:
+        files.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder ({exc.strerror})",
+                          files.dir) from None
+    with folder_lock(files.dir, command=describe_command(argv)):  # each start holds its own
+        if resume:
+            identity = check_same_particles(files.particle_set, particles, files.dir)
+            record_resume(files, config, particles, argv, identity)
+        else:
+            _begin(files, config, particles, argv, count)
+        with run_log(files.log, header=header_line(argv, resumed=resume)):
+            start_run_log(files.log)
+            return _train_starts(files, config, particles, count, argv=argv,
+                                 stop_after=stop_after)
+
+
+def _begin(files: StartsFiles, config: Config, particles: ParticleSet,
+           argv: list[str] | None, count: int) -> None:
+    """New ``--starts`` run: check the folder is unused, write the marker, config and
+    particles' identity."""
+    if files.marker.exists() or any(
+        (files.start_dir(k) / name).exists() for k in range(1, count + 1)
+        for name in (CHECKPOINT, METRICS)
+    ):
+        raise OutputError("already holds a run (use --resume to continue it, or choose "
+                          "another -o)", files.dir)
+    save_config(files.config, config, argv)
+    save_identity(files.particle_set, particle_set_identity(particles))
+    marker = {
+        "cryospin_version": __version__,
+        "kind": "several starts, the lowest final loss chosen",
+        "starts": count,
+        "seeds": start_seeds(int(config.run.seed), count),
+        "folders": [files.start_dir(k).name for k in range(1, count + 1)],
+    }
+    atomic_write_text(files.marker, json.dumps(marker, indent=2) + "\n")
+
+
+def _train_starts(files: StartsFiles, config: Config, particles: ParticleSet, count: int, *,
+                  argv: list[str] | None, stop_after: int | None) -> StartsResult:
+    """Every start (skipping finished ones), then the choice when all have finished."""
+    done: list[int] = []
+    finished = True
+    for k, seed in enumerate(start_seeds(int(config.run.seed), count), start=1):
+        folder = files.start_dir(k)
+        status, epochs_done = run_status(folder, config.schedule)
+        if status == "finished":
+            log.info("%s (seed %d) is finished (%d epochs)", folder.name, seed, epochs_done)
+            done.append(epochs_done)
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        if status == "new":
+            RunFiles(folder).metrics.unlink(missing_ok=True)  # killed before a checkpoint
+        log.info("start %d of %d (%s, seed %d): %s", k, count, folder.name, seed,
+                 "resuming it" if status == "partial" else "starting it")
+        start_config = dataclasses.replace(config, run=dataclasses.replace(config.run,
+                                                                            seed=seed))
+        try:
+            result = fit(start_config, particles, folder, resume=status == "partial",
+                         argv=argv, stop_after=stop_after)
+        except TrainingInterrupted as exc:
+            raise TrainingInterrupted(files.dir, exc.last_epoch,
+                                      terminated=exc.terminated) from None
+        done.append(result.epochs_completed)
+        finished = finished and result.finished
+    if not finished:
+        return StartsResult(files.dir, False, tuple(done))
+    outcomes = tuple(run_outcome(files.start_dir(k)) for k in range(1, count + 1))
+    return StartsResult(files.dir, True, tuple(done), outcomes, choose_run(outcomes))
+
+
+def write_choice(run_dir: str | Path, record: dict[str, Any], chosen: Path) -> None:
+    """Record the choice in a ``--starts`` run folder: ``choice.json`` (``record``) and the
+    ``chosen`` link to the chosen start's folder ``chosen`` (relative; replaced atomically).
+
+    Raises
+    ------
+    OutputError
+        When either cannot be written (the starts' own outputs are untouched).
+    """
+    files = StartsFiles(run_dir)
+    atomic_write_text(files.choice, json.dumps(record, indent=2) + "\n")
+    temporary = files.dir / f".{files.chosen.name}.{os.getpid()}.tmp"
+    try:
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(chosen.name, target_is_directory=True)
+        os.replace(temporary, files.chosen)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise OutputError(f"cannot link the chosen start ({exc.strerror}); it is "
+                          f"{chosen.name}, as {files.choice.name} says", files.chosen) from None
