@@ -120,3 +120,17 @@ def test_refusals(two_starts, data, tmp_path, capsys):
             f"{two_starts}: already holds a run")
     refused(["reconstruct", *data, "-o", str(two_starts), "--starts", "2", *_FLAGS], capsys,
             f"{two_starts}: already holds a run")
+
+
+def test_the_report_of_a_starts_run_is_its_chosen_starts(two_starts, tmp_path, capsys):
+    chosen = (two_starts / "chosen").resolve().name
+    assert main(["report", str(two_starts), "-o", str(tmp_path / "r.html")]) == 0
+    out = capsys.readouterr().out
+    assert f"a --starts run: the report of the chosen start, {chosen}" in out
+    assert (tmp_path / "r.html").is_file()
+    (two_starts / "chosen").rename(tmp_path / "link")  # as before the choice was made
+    try:
+        refused(["report", str(two_starts)], capsys, "a --starts run without a choice yet",
+                f"cryospin report {two_starts / 'start_1'}")
+    finally:
+        (tmp_path / "link").rename(two_starts / "chosen")

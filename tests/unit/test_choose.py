@@ -9,7 +9,7 @@ import pytest
 
 from cryospin.errors import InputError
 from cryospin.io.identity import ParticleSetIdentity, save_identity
-from cryospin.rundir import HALVES_MARKER
+from cryospin.rundir import HALVES_MARKER, STARTS_MARKER
 from cryospin.train.choose import choose_run, comparison_problems, run_outcome
 from cryospin.train.config import build_config, save_config
 
@@ -116,6 +116,7 @@ def test_other_particles_or_another_version_are_not_comparable(tmp_path):
     ("unfinished", "has not finished (last epoch 2, no map.mrc): finish it first with "
                    "cryospin reconstruct --resume"),
     ("halves", "a --halves run"),
+    ("starts", "a --starts run: its choice is in choice.json"),
     ("no identity", "no particle_set.json"),
     ("nan loss", "the last epoch's loss is nan"),
     ("empty", "not a cryospin run folder"),
@@ -126,6 +127,9 @@ def test_a_run_that_cannot_be_compared_is_named(tmp_path, case, needle):
         _run(folder, [400.0, 390.0], finished=False)
     elif case == "halves":
         _run(folder, [400.0]).joinpath(HALVES_MARKER).write_text("{}")
+    elif case == "starts":
+        folder.mkdir()
+        (folder / STARTS_MARKER).write_text("{}")
     elif case == "no identity":
         _run(folder, [400.0], identity=None)
     elif case == "nan loss":

@@ -27,7 +27,7 @@ from typing import Any
 
 from cryospin.errors import InputError
 from cryospin.io.identity import ParticleSetIdentity, identity_differences, load_identity
-from cryospin.rundir import HALVES_MARKER, RunData, load_run, search_stop_of
+from cryospin.rundir import HALVES_MARKER, STARTS_MARKER, RunData, load_run, search_stop_of
 
 __all__ = ["FREE_FIELDS", "RunOutcome", "run_outcome", "comparison_problems", "choose_run"]
 
@@ -99,13 +99,16 @@ def run_outcome(run_dir: str | Path) -> RunOutcome:
     Raises
     ------
     InputError
-        Naming the folder: not a run folder, a ``--halves`` run, not finished, no
+        Naming the folder: not a run folder, a ``--halves`` or ``--starts`` run, not finished, no
         ``particle_set.json`` (a run older than the record), no or a non-finite final loss.
     """
     folder = Path(run_dir)
     if (folder / HALVES_MARKER).is_file():
         raise InputError("a --halves run: choose-run compares plain runs (their FSC between "
                          "halves, fsc.json, is what tells --halves runs apart)", folder)
+    if (folder / STARTS_MARKER).is_file():
+        raise InputError("a --starts run: its choice is in choice.json; give its start_* "
+                         "folders to compare them with other runs", folder)
     run = load_run(folder)
     if not run.finished:
         last = int(run.metrics[-1]["epoch"]) if run.metrics else 0
