@@ -11,7 +11,7 @@ from tests._cli import refused
 from tests._synthetic import make_dataset
 
 from cryospin.cli.main import main
-from cryospin.rundir import read_metrics
+from cryospin.rundir import Checkpoint, read_metrics
 from cryospin.train import starts as starts_module
 from cryospin.train.config import load_config
 from cryospin.train.fit import TrainingInterrupted
@@ -49,6 +49,12 @@ def test_each_start_is_an_ordinary_run_from_its_own_seed(two_starts, data, tmp_p
     for k in (1, 2):
         for name in ("map.mrc", "poses.star", "report.html"):
             assert (two_starts / f"start_{k}" / name).is_file()
+    # the premise of comparing final losses: both starts fit the same rows under one noise
+    # variance (estimated from the data, not the seed)
+    data_1, data_2 = (Checkpoint.load(two_starts / f"start_{k}" / "checkpoint.pt").data
+                      for k in (1, 2))
+    assert data_1["noise_variance_hartley"] == data_2["noise_variance_hartley"]
+    assert data_1 == data_2
     plain = tmp_path / "plain"  # the same command without --starts, seed 5: start 2's run
     assert main(["reconstruct", *data, "-o", str(plain), "--seed", "5", *_FLAGS]) == 0
     assert ([r["loss"] for r in read_metrics(plain / "metrics.jsonl")]
@@ -69,6 +75,7 @@ def test_the_start_with_the_lowest_final_loss_is_chosen_and_linked(two_starts):
     assert (link / "map.mrc").samefile(two_starts / f"start_{best}" / "map.mrc")
     log = (two_starts / "run.log").read_text()
     assert "start 1 of 2 (start_1, seed 4)" in log and "start 2 of 2 (start_2, seed 5)" in log
+    assert "start 1 of 2 took " in log and "; the 1 left, about " in log
     assert f"the chosen one is {link} -> start_{best}" in log
 
 

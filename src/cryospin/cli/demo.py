@@ -36,14 +36,16 @@ def wrong_structure_note(error_deg: float, modulo_deg: float, seed: int) -> str 
     pseudo-symmetry does not explain it (median error above 20° and no :func:`split_note`):
     the search settled on a wrong structure, an unlucky start that another run seed avoids on
     the same data (benchmarks/RESULTS.md, "A search that stops when the fit stops improving":
-    the demo test's seed 6, 110.65°, converges with run seeds 100-103). ``seed``: the demo's;
+    the demo test's seed 6, 110.65°, converges with run seeds 100-103; ``reconstruct --starts``
+    keeps the better of several starts). ``seed``: the demo's;
     None otherwise (converged, or split: :func:`split_note`)."""
     if not error_deg > 20.0 or split_note(error_deg, modulo_deg) is not None:
         return None
     return (f"  note: the run did not converge ({error_deg:.1f}° median, {modulo_deg:.1f}° "
             f"modulo the trimer's pseudo-{SPIKE_PSEUDO_SYMMETRY}): the search settled on a wrong "
             f"structure, and the map is not right; another start usually avoids it: `cryospin "
-            f"demo --seed {seed + 1}`")
+            f"demo --seed {seed + 1}` (on your own data `cryospin reconstruct ... --starts 2` "
+            f"runs two starts and keeps the one that fits the images best)")
 
 
 def _run(argv: list[str]) -> None:

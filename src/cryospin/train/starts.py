@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from cryospin.runlock import describe_command, folder_lock
 from cryospin.train.choose import RunOutcome, choose_run, run_outcome
 from cryospin.train.config import Config, save_config
 from cryospin.train.fit import TrainingInterrupted, fit
+from cryospin.train.progress import format_duration
 from cryospin.train.runlog import header_line, run_log, start_run_log
 from cryospin.train.setup import record_resume, run_status
 
@@ -217,6 +219,7 @@ def _train_starts(files: StartsFiles, config: Config, particles: ParticleSet, co
                  "resuming it" if status == "partial" else "starting it")
         start_config = dataclasses.replace(config, run=dataclasses.replace(config.run,
                                                                             seed=seed))
+        t0 = time.perf_counter()
         try:
             result = fit(start_config, particles, folder, resume=status == "partial",
                          argv=argv, stop_after=stop_after)
@@ -225,6 +228,10 @@ def _train_starts(files: StartsFiles, config: Config, particles: ParticleSet, co
                                       terminated=exc.terminated) from None
         done.append(result.epochs_completed)
         finished = finished and result.finished
+        if status == "new" and result.finished and k < count:  # a whole start: the ETA's unit
+            took = time.perf_counter() - t0
+            log.info("start %d of %d took %s; the %d left, about %s", k, count,
+                     format_duration(took), count - k, format_duration(took * (count - k)))
     if not finished:
         return StartsResult(files.dir, False, tuple(done))
     outcomes = tuple(run_outcome(files.start_dir(k)) for k in range(1, count + 1))
