@@ -92,6 +92,7 @@ WRITERS = {
     "posterior": (["run", "--particles", "0"], "--output", "output"),
     "report": (["run"], "--output", "output"),
     "demo": ([], None, "out"),
+    "choose-run": (["run_a", "run_b"], None, "output"),
 }
 
 
