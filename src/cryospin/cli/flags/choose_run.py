@@ -14,7 +14,7 @@ progress display and final map); anything else that differs is named and refused
 With --maps each other run's map is also aligned onto the chosen one (rotation, shift and
 hand, as cryospin fsc --align) and compared: runs that found the same structure agree to about
 the maps' own resolution, a run that settled on another structure does not (the demo test's
-seed 6: correlation 0.86 and FSC = 0.5 at 78 Å against the chosen map, the converged runs 0.999
+seed 6: correlation 0.86 and FSC = 0.5 at 78-81 Å against the chosen map, the converged runs 0.999
 and 15-17 Å).
 
 Example::
