@@ -11,10 +11,10 @@ which fits the images best: the difference of two runs' final losses is a mean
 log-likelihood ratio per image. :func:`choose_run` keeps the lowest.
 
 Comparable runs (:func:`comparison_problems`): finished plain runs (``map.mrc`` written; a
-``--halves`` folder is refused), made by the same cryospin version, of the same particle set
-(``particle_set.json``, :mod:`cryospin.io.identity`; the data may have moved), whose
-configurations are equal except the seed and :data:`FREE_FIELDS` (how and where the run was
-computed, not what it fits).
+``--halves`` or ``--starts`` folder is refused), made by the same cryospin version, of the same
+particle set (``particle_set.json``, :mod:`cryospin.io.identity`; the data may have moved),
+whose configurations are equal except the seed and :data:`FREE_FIELDS` (how and where the run
+was computed, not what it fits).
 """
 
 from __future__ import annotations
