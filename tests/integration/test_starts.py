@@ -76,6 +76,8 @@ def test_the_start_with_the_lowest_final_loss_is_chosen_and_linked(two_starts):
     log = (two_starts / "run.log").read_text()
     assert "start 1 of 2 (start_1, seed 4)" in log and "start 2 of 2 (start_2, seed 5)" in log
     assert "start 1 of 2 took " in log and "; the 1 left, about " in log
+    assert "seed 4): starting it; the ETAs below are this start's, 1 more follow" in log
+    assert "seed 5): starting it\n" in log
     assert f"the chosen one is {link} -> start_{best}" in log
 
 

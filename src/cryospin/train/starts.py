@@ -215,8 +215,10 @@ def _train_starts(files: StartsFiles, config: Config, particles: ParticleSet, co
         folder.mkdir(parents=True, exist_ok=True)
         if status == "new":
             RunFiles(folder).metrics.unlink(missing_ok=True)  # killed before a checkpoint
-        log.info("start %d of %d (%s, seed %d): %s", k, count, folder.name, seed,
-                 "resuming it" if status == "partial" else "starting it")
+        log.info("start %d of %d (%s, seed %d): %s%s", k, count, folder.name, seed,
+                 "resuming it" if status == "partial" else "starting it",
+                 f"; the ETAs below are this start's, {count - k} more follow"
+                 if k < count else "")
         start_config = dataclasses.replace(config, run=dataclasses.replace(config.run,
                                                                             seed=seed))
         t0 = time.perf_counter()
