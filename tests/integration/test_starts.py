@@ -143,3 +143,21 @@ def test_the_report_of_a_starts_run_is_its_chosen_starts(two_starts, tmp_path, c
                 f"cryospin report {two_starts / 'start_1'}")
     finally:
         (tmp_path / "link").rename(two_starts / "chosen")
+
+
+def test_each_starts_report_shows_the_choice(two_starts):
+    choice = json.loads((two_starts / "choice.json").read_text())
+    for row in choice["runs"]:
+        name = row["run_dir"].rsplit("/", 1)[-1]
+        page = (two_starts / name / "report.html").read_text()
+        assert "Several starts" in page
+        assert f"This run is <b>{name}</b>, one of the 2 starts" in page
+        if row["chosen"]:
+            assert "the chosen one: its images fit best" in page
+        else:
+            assert (f"not the chosen one: its final loss is {row['above_lowest_nats']:.2f} "
+                    "nats per image above") in page
+        for other in choice["runs"]:
+            assert f"<td>{other['final_loss_nats']:.2f}</td>" in page
+        assert (two_starts / name / "report" / "starts_loss.png").stat().st_size > 0
+

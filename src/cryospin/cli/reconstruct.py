@@ -411,8 +411,8 @@ def _run_halves(config: Config, particles: ParticleSet, run_dir: Path,
 
 def _run_starts(config: Config, particles: ParticleSet, run_dir: Path, starts: int,
                 args: argparse.Namespace) -> int:
-    """``--starts K``: every start, then each one's report, the choice, its table and record
-    (each other start's map aligned onto the chosen one's)."""
+    """``--starts K``: every start, then the choice and its record (each other start's map
+    aligned onto the chosen one's), each start's report (showing the choice), the table."""
     try:
         result = fit_starts(config, particles, run_dir, starts=starts,
                             resume=bool(args.resume), argv=getattr(args, "argv", None),
@@ -424,12 +424,12 @@ def _run_starts(config: Config, particles: ParticleSet, run_dir: Path, starts: i
         _say(f"stopped after epoch(s) {', '.join(map(str, result.epochs_completed))} of the "
              f"{starts} starts; continue with: cryospin reconstruct --resume {run_dir}")
         return 0
-    for outcome in result.outcomes:
-        _write_report(outcome.run_dir)
     outcomes, chosen = result.outcomes, result.chosen
     agreement = agreements(outcomes, chosen)
-    _say(format_table(outcomes, chosen, agreement))
     write_choice(run_dir, choice_record(outcomes, chosen, agreement), outcomes[chosen].run_dir)
+    for outcome in outcomes:  # after the choice: each report shows it
+        _write_report(outcome.run_dir)
+    _say(format_table(outcomes, chosen, agreement))
     files = StartsFiles(run_dir)
     _say(f"done: {starts} starts; the chosen one is {files.chosen} -> "
          f"{outcomes[chosen].run_dir.name} (map {files.chosen / 'map.mrc'}, poses "

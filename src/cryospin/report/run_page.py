@@ -68,6 +68,12 @@ from cryospin.report.inputs import (
     read_track,
 )
 from cryospin.report.map_figure import add_map_views
+from cryospin.report.starts_section import (
+    StartsContext,
+    plot_starts_losses,
+    read_starts_context,
+    starts_section,
+)
 from cryospin.report.summary import RunSummary
 from cryospin.report.symmetry_check import (
     DrawnAxes,
@@ -101,6 +107,7 @@ class _Inputs:
     gt_t: Tensor | None
     symmetry: str  # the imposed point group, "C1" = none
     noise: NoiseSpectrumRecord | None  # the spectrum the run whitened with
+    starts: StartsContext | None  # a start of a --starts run: the choice among the starts
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,8 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
     if gt_poses is not None:
         gt_R, gt_t = read_gt_poses(gt_poses, rotations, box, run.run_dir)
     return _Inputs(run, volume, apix, gt, rotations, shifts, scores, gt_R, gt_t,
-                   imposed_symmetry(run.config, run.metrics), read_noise(run.run_dir))
+                   imposed_symmetry(run.config, run.metrics), read_noise(run.run_dir),
+                   read_starts_context(run.run_dir))
 
 
 def _analyse(inp: _Inputs, *, max_epoch_fsc: int, search_hand: bool) -> _Numbers:
@@ -248,6 +256,11 @@ def _figures(figs: FigureSet, inp: _Inputs, num: _Numbers, gt_map: str | Path | 
     run = inp.run
     if run.metrics:
         _training_figures(figs, run.metrics, num)
+    if inp.starts is not None:
+        plot_starts_losses(inp.starts, figs.add(
+            "starts_loss.png", "Several starts",
+            "Each start's mean loss (nats per image) against epoch, from its metrics.jsonl: "
+            "the chosen start (bold) ends lowest; this run is marked with circles."))
     if inp.rotations is not None:
         plot_orientations(inp.rotations, figs.add(
             "orientations.png", "Orientation distribution",
@@ -329,6 +342,8 @@ def write_report(
     _figures(figs, inp, num, gt_map)
     notes = [*num.notes, HAND_NOTE]
     sections: list[Section] = []
+    if inp.starts is not None:
+        sections.append(starts_section(inp.starts))
     if num.symmetry is not None and run.map_path is not None:
         sections.append(symmetry_section(
             num.symmetry, num.drawn, map_name=run.map_path.name,
