@@ -49,23 +49,32 @@ class MapAgreement:
 def map_agreement(reference: Path, other: Path) -> MapAgreement:
     """Align the map at ``other`` onto ``reference`` (rotation, shift, hand;
     :func:`cryospin.evaluate.align.align_maps`) and compare them."""
-    a, apix = read_cubic_map(reference)
-    b, _ = read_cubic_map(other)
-    if a.shape != b.shape:
-        raise InputError(f"box {tuple(b.shape)} differs from {reference}'s {tuple(a.shape)}",
-                         other)
-    target = torch.from_numpy(a)
-    aligned = align_maps(target, torch.from_numpy(b), search_hand=True)
-    curve = fsc(target, aligned.aligned, pixel_size_angstrom=apix if apix > 0 else None)
-    return MapAgreement(float(aligned.correlation), bool(aligned.flipped),
-                        float(curve.resolution(0.5)))
+    return _agreements_with(reference, [other])[0]
 
 
 def agreements(outcomes: Sequence[RunOutcome], chosen: int) -> list[MapAgreement | None]:
-    """Each run's :func:`map_agreement` with the chosen one (None for the chosen run)."""
-    reference = outcomes[chosen].run.files.map
-    return [None if i == chosen else map_agreement(reference, o.run.files.map)
-            for i, o in enumerate(outcomes)]
+    """Each run's :func:`map_agreement` with the chosen one (None for the chosen run; the
+    chosen map is read once)."""
+    others = [o.run.files.map for i, o in enumerate(outcomes) if i != chosen]
+    found = iter(_agreements_with(outcomes[chosen].run.files.map, others))
+    return [None if i == chosen else next(found) for i in range(len(outcomes))]
+
+
+def _agreements_with(reference: Path, others: Sequence[Path]) -> list[MapAgreement]:
+    """:func:`map_agreement` of each of ``others`` with ``reference``."""
+    a, apix = read_cubic_map(reference)
+    target = torch.from_numpy(a)
+    out = []
+    for other in others:
+        b, _ = read_cubic_map(other)
+        if a.shape != b.shape:
+            raise InputError(f"box {tuple(b.shape)} differs from {reference}'s "
+                             f"{tuple(a.shape)}", other)
+        aligned = align_maps(target, torch.from_numpy(b), search_hand=True)
+        curve = fsc(target, aligned.aligned, pixel_size_angstrom=apix if apix > 0 else None)
+        out.append(MapAgreement(float(aligned.correlation), bool(aligned.flipped),
+                                float(curve.resolution(0.5))))
+    return out
 
 
 def _search(o: RunOutcome) -> str:

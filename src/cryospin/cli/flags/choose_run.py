@@ -8,8 +8,9 @@ epoch's mean negative log-likelihood of the images, nats per image; lower fits b
 difference of two runs' losses is a log-likelihood ratio per image — and names the lowest.
 
 The runs must be finished plain runs (not --halves) of the same particles, made by the same
-cryospin version with the same settings except --seed (and the device, threads, precision,
-progress display and final map); anything else that differs is named and refused.
+cryospin version with the same settings except --seed and how a run was computed (device,
+threads, precision, memory and display settings, the final map); anything else that differs
+is named and refused.
 
 With --maps each other run's map is also aligned onto the chosen one (rotation, shift and
 hand, as cryospin fsc --align) and compared: runs that found the same structure agree to about
