@@ -100,7 +100,7 @@ HALF_MAPS = ("half_A.mrc", "half_B.mrc")
 HALF_INDICES = "particles.ind.npy"
 
 #: A several-starts run (``reconstruct --starts K``, :mod:`cryospin.train.starts`): its marker,
-#: the choice among the starts (``cryospin.cli._choice.choice_record``), the link to the chosen
+#: the choice among the starts (``cryospin.train.choice_record``), the link to the chosen
 #: start's folder, and the starts' folders (``start_1`` ...).
 STARTS_MARKER = "starts.json"
 STARTS_CHOICE = "choice.json"

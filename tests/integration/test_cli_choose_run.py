@@ -10,10 +10,10 @@ import torch
 from tests._cli import refused
 from tests._synthetic import blob_volume, make_dataset
 
-from cryospin.cli._choice import map_agreement
 from cryospin.cli.main import main
 from cryospin.io.mrc import write_map
 from cryospin.rundir import read_metrics
+from cryospin.train.choice_record import map_agreement
 
 _COMMON = ["--heads", "2", "--width", "0.125", "--no-bf16", "--batch-size", "32",
            "--search-rotations", "256", "--device", "cpu", "--no-progress"]

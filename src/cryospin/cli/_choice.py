@@ -1,80 +1,16 @@
-"""The choice among runs that differ only in their seed, as the CLI shows it: the table,
-the JSON record, each map's agreement with the chosen one (``cryospin choose-run`` and
-``cryospin reconstruct --starts``; the choice itself: :mod:`cryospin.train.choose`)."""
+"""The choice among runs that differ only in their seed, as the terminal shows it: the table
+(``cryospin choose-run`` and ``cryospin reconstruct --starts``; the choice itself:
+:mod:`cryospin.train.choose`; its record and the maps' agreement:
+:mod:`cryospin.train.choice_record`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import torch
+from cryospin.train.choice_record import MapAgreement
+from cryospin.train.choose import CRITERION, RunOutcome
 
-from cryospin.errors import InputError
-from cryospin.evaluate.align import align_maps
-from cryospin.evaluate.fsc import fsc
-from cryospin.io.mrc import read_cubic_map
-from cryospin.train.choose import RunOutcome
-
-__all__ = ["CRITERION", "MapAgreement", "map_agreement", "agreements", "format_table",
-           "choice_record"]
-
-#: What the final loss is, in the table's heading and the JSON.
-CRITERION = ("the lowest final loss: the last epoch's mean negative log-likelihood of the "
-             "images, nats per image")
-
-
-@dataclass(frozen=True)
-class MapAgreement:
-    """A run's ``map.mrc`` aligned onto the chosen run's (:func:`map_agreement`).
-
-    Attributes
-    ----------
-    correlation : float
-        Real-space correlation after the alignment.
-    flipped : bool
-        The alignment mirrored the map (the other hand).
-    resolution_angstrom : float
-        FSC = 0.5 between the two (Å; px when the maps carry no voxel size; the Nyquist
-        resolution when the curve never falls below 0.5, inf when it starts below).
-    """
-
-    correlation: float
-    flipped: bool
-    resolution_angstrom: float
-
-
-def map_agreement(reference: Path, other: Path) -> MapAgreement:
-    """Align the map at ``other`` onto ``reference`` (rotation, shift, hand;
-    :func:`cryospin.evaluate.align.align_maps`) and compare them."""
-    return _agreements_with(reference, [other])[0]
-
-
-def agreements(outcomes: Sequence[RunOutcome], chosen: int) -> list[MapAgreement | None]:
-    """Each run's :func:`map_agreement` with the chosen one (None for the chosen run; the
-    chosen map is read once)."""
-    others = [o.run.files.map for i, o in enumerate(outcomes) if i != chosen]
-    found = iter(_agreements_with(outcomes[chosen].run.files.map, others))
-    return [None if i == chosen else next(found) for i in range(len(outcomes))]
-
-
-def _agreements_with(reference: Path, others: Sequence[Path]) -> list[MapAgreement]:
-    """:func:`map_agreement` of each of ``others`` with ``reference``."""
-    a, apix = read_cubic_map(reference)
-    target = torch.from_numpy(a)
-    out = []
-    for other in others:
-        b, _ = read_cubic_map(other)
-        if a.shape != b.shape:
-            raise InputError(f"box {tuple(b.shape)} differs from {reference}'s "
-                             f"{tuple(a.shape)}", other)
-        aligned = align_maps(target, torch.from_numpy(b), search_hand=True)
-        curve = fsc(target, aligned.aligned, pixel_size_angstrom=apix if apix > 0 else None)
-        out.append(MapAgreement(float(aligned.correlation), bool(aligned.flipped),
-                                float(curve.resolution(0.5))))
-    return out
+__all__ = ["format_table"]
 
 
 def _search(o: RunOutcome) -> str:
@@ -114,27 +50,3 @@ def format_table(outcomes: Sequence[RunOutcome], chosen: int,
     lines.append(f"chosen: {names[chosen]} (map {outcomes[chosen].run.files.map}); the next "
                  f"lowest is {others[0]:.2f} nats per image higher")
     return "\n".join(lines)
-
-
-def choice_record(outcomes: Sequence[RunOutcome], chosen: int,
-                  agreement: Sequence[MapAgreement | None] | None = None) -> dict[str, Any]:
-    """The JSON of ``-o``: the criterion, the chosen folder and every run's figures."""
-    lowest = outcomes[chosen].final_loss_nats
-    runs = []
-    for i, o in enumerate(outcomes):
-        row: dict[str, Any] = {
-            "run_dir": str(o.run_dir), "seed": o.seed, "epochs": o.epochs,
-            "final_loss_nats": o.final_loss_nats,
-            "above_lowest_nats": o.final_loss_nats - lowest,
-            "search_stop_rule": o.search_stop_rule,
-            "search_stopped_after": o.search_stopped_after,
-            "chosen": i == chosen,
-        }
-        a = None if agreement is None else agreement[i]
-        if a is not None:
-            row["map_vs_chosen"] = {
-                "correlation": a.correlation, "mirrored": a.flipped,
-                "fsc_0.5_resolution_angstrom": a.resolution_angstrom
-                if math.isfinite(a.resolution_angstrom) else None}
-        runs.append(row)
-    return {"criterion": CRITERION, "chosen": str(outcomes[chosen].run_dir), "runs": runs}

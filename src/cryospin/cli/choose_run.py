@@ -7,7 +7,8 @@ import argparse
 import json
 
 from cryospin.atomic import atomic_write_text
-from cryospin.cli._choice import agreements, choice_record, format_table
+from cryospin.cli._choice import format_table
+from cryospin.train.choice_record import agreements, choice_record
 from cryospin.train.choose import choose_run, run_outcome
 
 __all__ = ["main"]

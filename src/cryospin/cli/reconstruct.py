@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from cryospin.cli._choice import agreements, choice_record, format_table
+from cryospin.cli._choice import format_table
 from cryospin.errors import CryospinError, InputError
 from cryospin.io.particle_set import ParticleSet
 from cryospin.io.particles import load_particles
@@ -27,7 +27,7 @@ from cryospin.train.distributed import world_from_env
 from cryospin.train.fit import TrainingInterrupted, fit
 from cryospin.train.halves import fit_halves, format_summary, is_halves_run
 from cryospin.train.runlog import RUN_LOG, header_line, note, run_log
-from cryospin.train.starts import fit_starts, is_starts_run, starts_of, write_choice
+from cryospin.train.starts import fit_starts, is_starts_run, starts_of
 
 __all__ = ["main"]
 
@@ -411,8 +411,8 @@ def _run_halves(config: Config, particles: ParticleSet, run_dir: Path,
 
 def _run_starts(config: Config, particles: ParticleSet, run_dir: Path, starts: int,
                 args: argparse.Namespace) -> int:
-    """``--starts K``: every start, then the choice and its record (each other start's map
-    aligned onto the chosen one's), each start's report (showing the choice), the table."""
+    """``--starts K``: every start and the choice (:func:`fit_starts`), then each start's
+    report (showing the choice) and the table."""
     try:
         result = fit_starts(config, particles, run_dir, starts=starts,
                             resume=bool(args.resume), argv=getattr(args, "argv", None),
@@ -425,11 +425,9 @@ def _run_starts(config: Config, particles: ParticleSet, run_dir: Path, starts: i
              f"{starts} starts; continue with: cryospin reconstruct --resume {run_dir}")
         return 0
     outcomes, chosen = result.outcomes, result.chosen
-    agreement = agreements(outcomes, chosen)
-    write_choice(run_dir, choice_record(outcomes, chosen, agreement), outcomes[chosen].run_dir)
     for outcome in outcomes:  # after the choice: each report shows it
         _write_report(outcome.run_dir)
-    _say(format_table(outcomes, chosen, agreement))
+    _say(format_table(outcomes, chosen, result.agreement))
     files = StartsFiles(run_dir)
     _say(f"done: {starts} starts; the chosen one is {files.chosen} -> "
          f"{outcomes[chosen].run_dir.name} (map {files.chosen / 'map.mrc'}, poses "

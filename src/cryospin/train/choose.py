@@ -29,7 +29,12 @@ from cryospin.errors import InputError
 from cryospin.io.identity import ParticleSetIdentity, identity_differences, load_identity
 from cryospin.rundir import HALVES_MARKER, STARTS_MARKER, RunData, load_run, search_stop_of
 
-__all__ = ["FREE_FIELDS", "RunOutcome", "run_outcome", "comparison_problems", "choose_run"]
+__all__ = ["CRITERION", "FREE_FIELDS", "RunOutcome", "run_outcome", "comparison_problems",
+           "choose_run"]
+
+#: The criterion of :func:`choose_run`, as tables and ``choice.json`` state it.
+CRITERION = ("the lowest final loss: the last epoch's mean negative log-likelihood of the "
+             "images, nats per image")
 
 #: Configuration fields that may differ between runs to choose from (besides ``run.seed``):
 #: where and how fast the run was computed, what it displayed, and which final map it wrote.

@@ -11,9 +11,10 @@ The run folder holds ``starts.json`` (the marker: the number of starts and their
 ``run.log`` (everything, every start included) and ``start_1`` ... ``start_K``, each an
 ordinary run folder (its own ``config.yaml``, checkpoints, ``map.mrc``, ``poses.star``, report).
 On resume a finished start is skipped, an interrupted one resumed from its checkpoint, a
-missing one started. Once every start has finished, :func:`write_choice` records the choice:
-``choice.json`` and ``chosen``, a relative link to the chosen start's folder (so that
-``RUN/chosen/map.mrc`` is the result), replaced atomically.
+missing one started. Once every start has finished, the choice is recorded
+(:func:`cryospin.train.choice_record.record_choice`): ``choice.json`` (every start's final
+loss, and its map aligned onto the chosen one's) and ``chosen``, a relative link to the chosen
+start's folder (so that ``RUN/chosen/map.mrc`` is the result), replaced atomically.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryospin import __version__
 from cryospin.atomic import atomic_write_text
@@ -40,6 +39,7 @@ from cryospin.rundir import (
     StartsFiles,
 )
 from cryospin.runlock import describe_command, folder_lock
+from cryospin.train.choice_record import MapAgreement, record_choice
 from cryospin.train.choose import RunOutcome, choose_run, run_outcome
 from cryospin.train.config import Config, save_config
 from cryospin.train.fit import TrainingInterrupted, fit
@@ -47,8 +47,7 @@ from cryospin.train.progress import format_duration
 from cryospin.train.runlog import header_line, run_log, start_run_log
 from cryospin.train.setup import record_resume, run_status
 
-__all__ = ["StartsResult", "is_starts_run", "starts_of", "start_seeds", "fit_starts",
-           "write_choice"]
+__all__ = ["StartsResult", "is_starts_run", "starts_of", "start_seeds", "fit_starts"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +68,9 @@ class StartsResult:
         finished).
     chosen : int or None
         Index (from 0) of the chosen start in ``outcomes`` (None when not finished).
+    agreement : tuple[MapAgreement or None, ...]
+        Each start's map aligned onto the chosen one's (None for the chosen start; empty when
+        not finished).
     """
 
     run_dir: Path
@@ -76,6 +78,7 @@ class StartsResult:
     epochs_completed: tuple[int, ...]
     outcomes: tuple[RunOutcome, ...] = ()
     chosen: int | None = None
+    agreement: tuple[MapAgreement | None, ...] = ()
 
 
 def is_starts_run(run_dir: str | Path) -> bool:
@@ -118,7 +121,8 @@ def fit_starts(
     argv: list[str] | None = None,
     stop_after: int | None = None,
 ) -> StartsResult:
-    """Run the starts one after the other, then choose among them (module docstring).
+    """Run the starts one after the other, then choose among them and record the choice
+    (module docstring).
 
     Parameters
     ----------
@@ -237,26 +241,10 @@ def _train_starts(files: StartsFiles, config: Config, particles: ParticleSet, co
     if not finished:
         return StartsResult(files.dir, False, tuple(done))
     outcomes = tuple(run_outcome(files.start_dir(k)) for k in range(1, count + 1))
-    return StartsResult(files.dir, True, tuple(done), outcomes, choose_run(outcomes))
-
-
-def write_choice(run_dir: str | Path, record: dict[str, Any], chosen: Path) -> None:
-    """Record the choice in a ``--starts`` run folder: ``choice.json`` (``record``) and the
-    ``chosen`` link to the chosen start's folder ``chosen`` (relative; replaced atomically).
-
-    Raises
-    ------
-    OutputError
-        When either cannot be written (the starts' own outputs are untouched).
-    """
-    files = StartsFiles(run_dir)
-    atomic_write_text(files.choice, json.dumps(record, indent=2) + "\n")
-    temporary = files.dir / f".{files.chosen.name}.{os.getpid()}.tmp"
-    try:
-        temporary.unlink(missing_ok=True)
-        temporary.symlink_to(chosen.name, target_is_directory=True)
-        os.replace(temporary, files.chosen)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise OutputError(f"cannot link the chosen start ({exc.strerror}); it is "
-                          f"{chosen.name}, as {files.choice.name} says", files.chosen) from None
+    chosen = choose_run(outcomes)
+    log.info("every start has finished: aligning the other starts' maps onto the chosen one's "
+             "(%s)", outcomes[chosen].run_dir.name)
+    agreement = record_choice(files.dir, outcomes, chosen)
+    log.info("the choice: %s (%s, the link %s)", outcomes[chosen].run_dir.name,
+             files.choice, files.chosen)
+    return StartsResult(files.dir, True, tuple(done), outcomes, chosen, tuple(agreement))
