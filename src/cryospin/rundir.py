@@ -189,8 +189,15 @@ class HalvesFiles:
         self.report = self.dir / REPORT_HTML
 
     def half_dir(self, which: int) -> Path:
-        """Run folder of half set ``which`` (1 or 2)."""
+        """Folder of half set ``which`` (1 or 2): a run folder, or a ``--starts`` folder when
+        each half ran several starts."""
         return self.dir / HALF_NAMES[which - 1]
+
+    def half_run(self, which: int) -> Path:
+        """The run folder holding half ``which``'s result: :meth:`half_dir`, or its ``chosen``
+        start when the half ran several starts (its ``starts.json``)."""
+        half = self.half_dir(which)
+        return half / CHOSEN_LINK if (half / STARTS_MARKER).is_file() else half
 
 
 def prepare_run_dir(run_dir: str | Path, *, resume: bool) -> RunFiles:

@@ -121,6 +121,8 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
                                summary["fsc_corrected"], atol=1e-6)
     assert summary["half_sizes"] == [N // 2, N // 2]
     assert isinstance(summary["alignment"]["flipped"], bool)
+    half_05 = summary["resolutions"]["corrected"]["0.5_angstrom"]  # beside 0.143 at the end
+    assert f"FSC 0.5: corrected {half_05:.2f} Å" in out
 
     combined, apix = read_map(run / "map.mrc")
     assert combined.shape == (L, L, L) and math.isclose(apix, APIX, rel_tol=1e-5)

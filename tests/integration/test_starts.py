@@ -119,8 +119,6 @@ def test_an_interrupted_start_names_the_starts_folder_and_resumes(data, tmp_path
 def test_refusals(two_starts, data, tmp_path, capsys):
     refused(["reconstruct", *data, "-o", str(tmp_path / "a"), "--starts", "0", *_FLAGS],
             capsys, "--starts must be at least 1, got 0")
-    refused(["reconstruct", *data, "-o", str(tmp_path / "b"), "--starts", "2", "--halves",
-             *_FLAGS], capsys, "give --halves or --starts, not both")
     refused(["reconstruct", "--resume", str(two_starts), "--starts", "3"], capsys,
             f"{two_starts}: the run has 2 starts, not 3")
     refused(["reconstruct", "--resume", str(two_starts / "start_1"), "--starts", "2"], capsys,

@@ -156,7 +156,7 @@ def refused_on_resume(args: argparse.Namespace) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     """Run ``cryospin reconstruct``; returns the exit status (130 on Ctrl-C, 143 on SIGTERM)."""
     halves = args.halves or bool(args.resume and is_halves_run(args.resume))
-    starts = _starts_requested(args)
+    starts = _starts_requested(args, halves)
     created = False  # whether this command made the run folder
     if args.resume:
         run_dir = Path(args.resume)
@@ -285,15 +285,15 @@ def _say(text: str, *, file: TextIO | None = None) -> None:
     note(text)
 
 
-def _starts_requested(args: argparse.Namespace) -> int | None:
-    """The number of starts of a ``--starts`` run (new or resumed), None for a plain or
-    ``--halves`` run (``--starts 1``: a plain run)."""
-    resumed = bool(args.resume) and is_starts_run(args.resume)
+def _starts_requested(args: argparse.Namespace, halves: bool) -> int | None:
+    """The number of starts of a ``--starts`` run (new or resumed), None for a plain run
+    (``--starts 1``: a plain run); for a ``--halves`` run, the ``--starts`` given (the starts
+    of each half; None: the run's on resume, else 1)."""
     if args.starts is not None and args.starts < 1:
         raise InputError(f"--starts must be at least 1, got {args.starts}")
-    if args.halves and args.starts not in (None, 1):
-        raise InputError("give --halves or --starts, not both (a --halves run with several "
-                         "starts is not built yet)")
+    if halves:  # fit_halves refuses a --starts other than the run's on resume
+        return args.starts
+    resumed = bool(args.resume) and is_starts_run(args.resume)
     if args.resume and not resumed:
         if args.starts not in (None, 1):
             raise InputError("--starts cannot be added on --resume: this is not a --starts "
@@ -325,7 +325,7 @@ def _train(config: Config, run_dir: Path, halves: bool, starts: int | None,
     if halves:
         if world.distributed:
             raise InputError("--halves does not run under torchrun yet; run it as one process")
-        return _run_halves(config, particles, run_dir, args)
+        return _run_halves(config, particles, run_dir, starts, args)
     if starts is not None:
         if world.distributed:
             raise InputError("--starts does not run under torchrun yet; run it as one process")
@@ -392,12 +392,14 @@ def _write_report(run_dir: Path, *, halves: bool = False) -> None:
     _say(f"report {report.html_path}")
 
 
-def _run_halves(config: Config, particles: ParticleSet, run_dir: Path,
+def _run_halves(config: Config, particles: ParticleSet, run_dir: Path, starts: int | None,
                 args: argparse.Namespace) -> int:
-    """``--halves``: both half runs, then the gold-standard combination and its summary."""
+    """``--halves [--starts K]``: both halves (each one run, or K starts and the choice),
+    then the gold-standard combination, its summary and the report."""
     try:
         result = fit_halves(config, particles, run_dir, resume=bool(args.resume),
-                            argv=getattr(args, "argv", None), stop_after=args.stop_after)
+                            argv=getattr(args, "argv", None), stop_after=args.stop_after,
+                            starts=starts)
     except TrainingInterrupted as exc:
         _say(f"cryospin reconstruct: {exc}", file=sys.stderr)
         return exc.exit_status

@@ -365,13 +365,19 @@ def run_summary(run: RunData, *, num_poses: int | None, box_px: int | None,
 
 def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFSC,
                    fsc_summary: JSONObject, marker: JSONObject, *, box_px: int,
-                   pixel_size_angstrom: float) -> HalvesSummary:
+                   pixel_size_angstrom: float,
+                   half_runs: Sequence[Sequence[RunData]] | None = None) -> HalvesSummary:
     """The summary of a ``--halves`` run: particles and half sizes, the split, each half's
-    epochs and wall time (seconds), the alignment of half B onto half A and the gold-standard
-    resolutions (Å) from ``fsc.json`` (``fsc_summary``, parsed as ``gold``) and ``halves.json``
-    (``marker``)."""
+    epochs and wall time (seconds; of every run in ``half_runs``, each half's starts, when
+    given), the alignment of half B onto half A and the gold-standard resolutions (Å) from
+    ``fsc.json`` (``fsc_summary``, parsed as ``gold``) and ``halves.json`` (``marker``).
+    ``halves``: the run folder each half's result comes from (its chosen start, with several
+    starts per half)."""
     sizes = fsc_summary.get("half_sizes") or marker.get("half_sizes") or [None, None]
-    walls = [float(elapsed_seconds(h.metrics)[-1]) if h.metrics else 0.0 for h in halves]
+    runs = half_runs if half_runs is not None else [[h] for h in halves]
+    walls = [sum(float(elapsed_seconds(r.metrics)[-1]) for r in rs if r.metrics)
+             for rs in runs]
+    starts = max(len(rs) for rs in runs)
     align = fsc_summary.get("alignment") or {}
     return {
         "run_dir": run_dir,
@@ -382,6 +388,8 @@ def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFS
         "pixel_size_angstrom": pixel_size_angstrom,
         "epochs_completed": [int(h.metrics[-1]["epoch"]) if h.metrics else 0 for h in halves],
         "wall_time_s": walls,
+        "starts_per_half": starts,
+        "chosen_starts": [h.run_dir.resolve().name if starts > 1 else None for h in halves],
         "half_b_mirrored": align.get("flipped"),
         "half_alignment_correlation": align.get("correlation"),
         "resolution_0143_corrected": gold.final_resolution,

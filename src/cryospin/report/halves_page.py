@@ -66,9 +66,10 @@ from cryospin.report.symmetry_check import (
     relaxed_symmetry,
     symmetry_summary,
 )
-from cryospin.rundir import HALF_NAMES, SELECTED, HalvesFiles, RunData, load_run
+from cryospin.rundir import HALF_NAMES, SELECTED, HalvesFiles, RunData, StartsFiles, load_run
 from cryospin.train.halves import is_halves_run
 from cryospin.train.scores import EMPTY_SCORE, SCORE_COLUMN, score_alternative
+from cryospin.train.starts import is_starts_run, starts_of
 
 __all__ = ["write_halves_report"]
 
@@ -81,7 +82,8 @@ class _Inputs:
     gold: GoldStandardFSC
     fsc_summary: JSONObject  # fsc.json as written
     marker: JSONObject  # halves.json
-    halves: list[RunData]
+    halves: list[RunData]  # the run each half's result comes from (its chosen start)
+    half_runs: list[list[RunData]]  # every run of each half (one, or its starts)
     volume: np.ndarray  # (L, L, L) [z, y, x], the combined map
     apix: float  # Å
     gt: np.ndarray | None  # ground-truth map on the run's grid
@@ -115,7 +117,8 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
         raise InputError("the halves run has no combined map.mrc (not finished)", files.dir)
     volume, apix = read_cubic_map(files.map)
     box = int(volume.shape[0])
-    halves = [load_run(files.half_dir(w)) for w in (1, 2)]
+    half_runs = [[load_run(d) for d in _runs_of_half(files, w)] for w in (1, 2)]
+    halves = [load_run(_chosen_run(files, w)) for w in (1, 2)]
     try:
         marker = json.loads(files.marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -127,8 +130,26 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
         scores = read_scores(files.star, box)
     if gt_poses is not None:
         gt_R, gt_t = read_gt_poses(gt_poses, rotations, box, files.dir)
-    return _Inputs(files, gold, fsc_summary, marker, halves, volume, apix, gt, rotations,
-                   shifts, scores, gt_R, gt_t)
+    return _Inputs(files, gold, fsc_summary, marker, halves, half_runs, volume, apix, gt,
+                   rotations, shifts, scores, gt_R, gt_t)
+
+
+def _runs_of_half(files: HalvesFiles, which: int) -> list[Path]:
+    """Half ``which``'s run folders: the half's folder, or its starts (``--halves
+    --starts``)."""
+    half = files.half_dir(which)
+    if not is_starts_run(half):
+        return [half]
+    return [StartsFiles(half).start_dir(k) for k in range(1, starts_of(half) + 1)]
+
+
+def _chosen_run(files: HalvesFiles, which: int) -> Path:
+    """The run folder half ``which``'s result comes from (a chosen start resolved)."""
+    run = files.half_run(which)
+    if not run.is_dir():
+        raise InputError("the half has no chosen start (not every start has finished)",
+                         run.parent)
+    return run.resolve()
 
 
 def _scores_against(inp: _Inputs) -> str:
@@ -189,10 +210,15 @@ def _figures(figs: FigureSet, inp: _Inputs, gt_map: str | Path | None,
                    gt_rotations=inp.gt_R, pose_result=pose_result)
 
 
-def _half_links(figs: FigureSet, half_pages: Sequence[Path]) -> str:
-    """The note linking each half's own report."""
-    links = ", ".join(f'<a href="{figs.link(p)}">{n.replace("_", " ")}</a>'
+def _half_links(figs: FigureSet, half_pages: Sequence[Path], starts: int) -> str:
+    """The note linking each half's own report (its chosen start's, with several starts)."""
+    links = ", ".join(f'<a href="{figs.link(p)}">{n.replace("_", " ")}'
+                      + (f" ({p.parent.name})" if starts > 1 else "") + "</a>"
                       for n, p in zip(HALF_NAMES, half_pages, strict=True))
+    if starts > 1:
+        return (f"Each half's chosen start's own report (training, head usage, map, "
+                f"orientations, and the choice among the half's {starts} starts): {links}; "
+                "every other start's report is in its own folder.")
     return f"Each half's own report (training, head usage, map, orientations): {links}."
 
 
@@ -232,11 +258,15 @@ def write_halves_report(
     inp = _read_inputs(run_dir, gt_map, gt_poses)  # every input checked before writing
     files = inp.files
     html_path = Path(output) if output is not None else files.report
-    # each half's own report (its training, head usage, map, orientations)
-    half_pages = [write_report(h.run_dir, gt_map=gt_map, max_epoch_fsc=max_epoch_fsc,
-                               search_hand=search_hand).html_path for h in inp.halves]
+    # each run's own report (its training, head usage, map, orientations; every start's)
+    pages = {r.run_dir.resolve(): write_report(r.run_dir, gt_map=gt_map,
+                                               max_epoch_fsc=max_epoch_fsc,
+                                               search_hand=search_hand).html_path
+             for runs in inp.half_runs for r in runs}
+    half_pages = [pages[h.run_dir.resolve()] for h in inp.halves]
     summary = halves_summary(str(files.dir), inp.halves, inp.gold, inp.fsc_summary, inp.marker,
-                             box_px=int(inp.volume.shape[0]), pixel_size_angstrom=inp.apix)
+                             box_px=int(inp.volume.shape[0]), pixel_size_angstrom=inp.apix,
+                             half_runs=inp.half_runs)
     if inp.scores is not None:
         summary["particle_scores"] = score_summary(inp.scores, _scores_against(inp))
     final_fsc = pose_result = None
@@ -263,7 +293,7 @@ def write_halves_report(
     figs = FigureSet(html_path)
     figs.create()
     _figures(figs, inp, gt_map, final_fsc, pose_result, drawn)
-    notes += [_half_links(figs, half_pages), HAND_NOTE]
+    notes += [_half_links(figs, half_pages, summary["starts_per_half"]), HAND_NOTE]
     config_text = files.config.read_text(encoding="utf-8") if files.config.is_file() else None
     page = build_html(title=f"cryospin gold-standard report: {files.dir.resolve().name}",
                       summary=halves_summary_rows(files.dir, summary), figures=figs.figures,

@@ -497,8 +497,14 @@ def halves_summary_rows(run_dir: Path, s: HalvesSummary) -> list[tuple[str, str]
     ea, eb = s["epochs_completed"]
     wa, wb = s["wall_time_s"]
     rows.append(("epochs", f"half A {ea}, half B {eb}"))
-    rows.append(("wall time", f"{format_duration(wa + wb)} (half A {format_duration(wa)}, half B "
-                              f"{format_duration(wb)})"))
+    starts = s["starts_per_half"]
+    if starts > 1:
+        ca, cb = s["chosen_starts"]
+        rows.append(("starts", f"{starts} in each half, each half's own lowest final loss "
+                               f"kept: half A {ca}, half B {cb}"))
+    every = f"{starts} starts each: " if starts > 1 else ""
+    rows.append(("wall time", f"{format_duration(wa + wb)} ({every}half A "
+                              f"{format_duration(wa)}, half B {format_duration(wb)})"))
     if s["half_alignment_correlation"] is not None:
         rows.append(("half B onto half A", ("mirrored, " if s["half_b_mirrored"] else "")
                      + f"correlation {s['half_alignment_correlation']:.3f}"))

@@ -175,6 +175,8 @@ class _HalvesRequired(TypedDict):
     pixel_size_angstrom: float
     epochs_completed: list[int]
     wall_time_s: list[float]
+    starts_per_half: int
+    chosen_starts: list[str | None]
     half_b_mirrored: bool | None
     half_alignment_correlation: float | None
     resolution_0143_corrected: float
@@ -184,5 +186,6 @@ class _HalvesRequired(TypedDict):
 
 
 class HalvesSummary(_HalvesRequired, _GroundTruthFields, _SymmetryFields, _ScoreFields):
-    """The summary of a ``--halves`` run: per-half lists of epochs and wall times, the
-    alignment of half B onto half A and the gold-standard resolutions."""
+    """The summary of a ``--halves`` run: per-half lists of epochs and wall times (each half's
+    starts together), the starts per half and each half's chosen start (None: one run per
+    half), the alignment of half B onto half A and the gold-standard resolutions."""

@@ -14,7 +14,13 @@ Phases of :func:`fit_halves`:
    Each holds ``particles.ind.npy``, the 0-based indices of its particles in the original
    particle file, named as ``input.ind`` in its ``config.yaml``. On resume, a finished half is
    skipped, an interrupted one resumed from its checkpoint, a missing one started.
-3. **combination** (:func:`combine_halves`) — half B's ``map.mrc`` is aligned onto half A's
+   With ``starts`` > 1 (``--halves --starts K``) each half folder is a ``--starts`` folder
+   instead (:func:`cryospin.train.starts.fit_starts`): K runs of that half from the half's
+   seed, ``+ 1``, ... (half A ``run.seed`` ..., half B ``run.seed + HALF_B_SEED_OFFSET``
+   ...), the lowest final loss chosen within the half (``half_A/chosen``). The halves stay
+   independent: each chooses among its own starts by its own images' fit.
+3. **combination** (:func:`combine_halves`) — half B's ``map.mrc`` (of its chosen start, with
+   several starts: :meth:`cryospin.rundir.HalvesFiles.half_run`) is aligned onto half A's
    (rotation, translation and hand, :func:`cryospin.evaluate.align.align_maps`; with
    ``model.symmetry`` the aligned half B is averaged over the group again, the half maps being
    symmetric backprojections, :mod:`cryospin.train.outputs`; each half imposes the group in
@@ -28,7 +34,8 @@ Phases of :func:`fit_halves`:
 
 Outputs in ``RUN_DIR``: ``half_A.mrc``, ``half_B.mrc`` (aligned into A's frame), ``map.mrc``
 (FSC-weighted average), ``mask.mrc``, ``map_masked.mrc``, ``postprocess.star`` (RELION layout),
-``fsc.json``, ``fsc.png``, ``poses.star`` (all particles, A's frame, ``rlnRandomSubset`` 1/2)
+``fsc.json`` (with ``half_runs``: the two run folders combined), ``fsc.png``, ``poses.star``
+(all particles, A's frame, ``rlnRandomSubset`` 1/2)
 and ``poses.pkl`` (``poses.cs`` for a ``.cs`` input).
 ``run.log``: what the run logged, both halves included (each half's folder has its own,
 :mod:`cryospin.train.runlog`).
@@ -40,8 +47,10 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,6 +89,7 @@ from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from 
     HALF_NAMES,
     HALVES_MARKER,
     METRICS,
+    STARTS_MARKER,
     HalvesFiles,
     RunFiles,
 )
@@ -87,9 +97,11 @@ from cryospin.runlock import describe_command, folder_lock
 from cryospin.symmetry import grid_cosets, point_group_rotations
 from cryospin.train.config import Config, save_config
 from cryospin.train.fit import TrainingInterrupted, fit
+from cryospin.train.progress import format_duration
 from cryospin.train.runlog import header_line, run_log, start_run_log
 from cryospin.train.scores import SCORE_COLUMN, SCORE_CS_FIELD, selected_indices
 from cryospin.train.setup import record_resume, run_status
+from cryospin.train.starts import fit_starts, is_starts_run
 
 __all__ = [
     "HALF_NAMES",
@@ -97,6 +109,7 @@ __all__ = [
     "HalvesFiles",
     "HalvesResult",
     "is_halves_run",
+    "starts_per_half",
     "split_halves",
     "fit_halves",
     "combine_halves",
@@ -119,7 +132,8 @@ class HalvesResult:
     finished : bool
         Both halves trained to the last epoch and the combined outputs written.
     epochs_completed : tuple[int, int]
-        Epochs done by half A and half B.
+        Epochs done by half A and half B (with several starts per half: the fewest of its
+        starts').
     half_sizes : tuple[int, int]
         Particles in each half.
     split_source : str
@@ -128,6 +142,8 @@ class HalvesResult:
         The FSC curves (None when not finished).
     alignment : AlignResult or None
         Half B's map onto half A's (None when not finished).
+    starts : int
+        Starts per half (1: each half one run).
     """
 
     run_dir: Path
@@ -137,6 +153,7 @@ class HalvesResult:
     split_source: str
     gold_standard: GoldStandardFSC | None = None
     alignment: AlignResult | None = None
+    starts: int = 1
 
 
 def is_halves_run(run_dir: str | Path) -> bool:
@@ -181,12 +198,13 @@ def _load_half_set(files: HalvesFiles, n: int) -> np.ndarray:
 
 
 def _start(
-    files: HalvesFiles, config: Config, particles: ParticleSet, argv: list[str] | None
+    files: HalvesFiles, config: Config, particles: ParticleSet, argv: list[str] | None,
+    starts: int,
 ) -> tuple[np.ndarray, str]:
     """New halves run: check the folder, split, write the marker, split and config."""
     if files.marker.exists() or any(
         (files.half_dir(w) / name).exists() for w in (1, 2)
-        for name in (CHECKPOINT, METRICS)
+        for name in (CHECKPOINT, METRICS, STARTS_MARKER)
     ):
         raise OutputError("already holds a run (use --resume to continue it, or choose "
                           "another -o)", files.dir)
@@ -204,6 +222,7 @@ def _start(
         "seed": int(config.run.seed),
         "half_seeds": [int(config.run.seed), int(config.run.seed) + HALF_B_SEED_OFFSET],
         "halves": list(HALF_NAMES),
+        "starts": starts,
     }
     atomic_write_text(files.marker, json.dumps(marker, indent=2) + "\n")
     return half, source
@@ -222,6 +241,27 @@ def _resume(
         raise InputError(f"{HALVES_MARKER} is unreadable", files.marker) from None
     record_resume(files, config, particles, argv, identity)
     return half, source
+
+
+def starts_per_half(run_dir: str | Path) -> int:
+    """The starts each half of the ``--halves`` run in ``run_dir`` runs (its marker's
+    ``starts``; 1 for a marker without it, written before ``--halves --starts``).
+
+    Raises
+    ------
+    InputError
+        No marker, or one that cannot be read.
+    """
+    files = HalvesFiles(run_dir)
+    if not files.marker.is_file():
+        raise InputError(f"not a --halves run (no {HALVES_MARKER} here)", files.dir)
+    try:
+        count = int(json.loads(files.marker.read_text(encoding="utf-8")).get("starts", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        raise InputError(f"{HALVES_MARKER} is unreadable", files.marker) from None
+    if count < 1:
+        raise InputError(f"{HALVES_MARKER} names {count} starts per half", files.marker)
+    return count
 
 
 def _half_config(config: Config, which: int, ind_path: Path) -> Config:
@@ -252,6 +292,7 @@ def fit_halves(
     resume: bool = False,
     argv: list[str] | None = None,
     stop_after: int | None = None,
+    starts: int | None = None,
 ) -> HalvesResult:
     """Reconstruct two half sets independently, then combine them (module docstring).
 
@@ -269,6 +310,9 @@ def fit_halves(
         Command line, recorded in the config files.
     stop_after : int, optional
         Stop each half after this epoch (both halves are brought to it), without combining.
+    starts : int, optional
+        Starts per half (default 1: each half one run); on resume, the marker's (when given,
+        it must agree).
 
     Returns
     -------
@@ -281,15 +325,23 @@ def fit_halves(
     OutputError
         When another process holds ``run_dir`` (:func:`cryospin.runlock.folder_lock`).
     InputError
-        On resume, when ``particles`` are not the ones the run started with.
+        On resume, when ``particles`` are not the ones the run started with, or ``starts``
+        disagrees with the run's; ``starts`` < 1.
     """
     if config.model.symmetry.lower() == "auto":  # the halves would not share one group
         raise InputError("--symmetry auto cannot be used with --halves (each half could find "
                          "another group): give the group, e.g. the one `cryospin symmetry "
                          "MAP` finds in a plain run's map")
     files = HalvesFiles(run_dir)
-    if resume and not files.marker.is_file():
-        raise InputError(f"not a --halves run (no {HALVES_MARKER} here)", files.dir)
+    if resume:
+        count = starts_per_half(files.dir)
+        if starts is not None and starts != count:
+            raise InputError(f"each half of the run has {count} start(s), not {starts} "
+                             "(--starts cannot change on --resume)", files.dir)
+    else:
+        count = 1 if starts is None else starts
+        if count < 1:
+            raise InputError(f"--starts must be at least 1, got {count}")
     try:
         files.dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -297,7 +349,7 @@ def fit_halves(
                           files.dir) from None
     with folder_lock(files.dir, command=describe_command(argv)):  # each half holds its own too
         return _fit_halves(files, config, particles, resume=resume, argv=argv,
-                           stop_after=stop_after)
+                           stop_after=stop_after, starts=count)
 
 
 def _fit_halves(
@@ -308,14 +360,15 @@ def _fit_halves(
     resume: bool,
     argv: list[str] | None,
     stop_after: int | None,
+    starts: int,
 ) -> HalvesResult:
     """:func:`fit_halves` with the run folder held."""
-    setup = _resume if resume else _start
-    half, source = setup(files, config, particles, argv)
+    half, source = (_resume(files, config, particles, argv) if resume
+                    else _start(files, config, particles, argv, starts))
     with run_log(files.log, header=header_line(argv, resumed=resume)):
         start_run_log(files.log)  # the split and the particles are checked
         return _train_and_combine(files, config, particles, half, source, argv=argv,
-                                  stop_after=stop_after)
+                                  stop_after=stop_after, starts=starts)
 
 
 def _train_and_combine(
@@ -327,6 +380,7 @@ def _train_and_combine(
     *,
     argv: list[str] | None,
     stop_after: int | None,
+    starts: int,
 ) -> HalvesResult:
     """Phases 2 and 3 of :func:`fit_halves` (logged to ``RUN_DIR/run.log``; each half's run
     also to its own)."""
@@ -334,35 +388,83 @@ def _train_and_combine(
     if min(sizes) < 2:
         raise InputError(f"each half needs at least 2 particles, got {sizes[0]} and {sizes[1]}",
                          particles.source)
+    train_half = _train_half if starts == 1 else _train_half_starts
     done: list[int] = []
     finished = True
     for which in (1, 2):
-        half_dir = files.half_dir(which)
-        local = np.flatnonzero(half == which)
-        status, epochs_done = run_status(half_dir, config.schedule)
-        if status == "finished":
-            log.info("%s is finished (%d epochs)", half_dir.name, epochs_done)
-            done.append(epochs_done)
-            continue
-        half_dir.mkdir(parents=True, exist_ok=True)
-        ind_path = half_dir / HALF_INDICES
-        if status == "new":
-            RunFiles(half_dir).metrics.unlink(missing_ok=True)  # crashed before a checkpoint
-            _save_npy(ind_path, _original_indices(config, local))
-        log.info("%s: %s run on %d particles", half_dir.name,
-                 "resuming the" if status == "partial" else "starting a", local.size)
+        t0 = time.perf_counter()
         try:
-            result = fit(_half_config(config, which, ind_path), particles.subset(local),
-                         half_dir, resume=status == "partial", argv=argv, stop_after=stop_after)
+            outcome = train_half(files, config, particles, half, which, argv=argv,
+                                 stop_after=stop_after, starts=starts)
         except TrainingInterrupted as exc:
             raise TrainingInterrupted(files.dir, exc.last_epoch,
                                       terminated=exc.terminated) from None
-        done.append(result.epochs_completed)
-        finished = finished and result.finished
+        done.append(outcome.epochs)
+        finished = finished and outcome.finished
+        if which == 1 and outcome.whole and outcome.finished:  # the ETA's unit: a whole half
+            took = time.perf_counter() - t0
+            log.info("half A took %s; half B (%d particles), about %s more", format_duration(took),
+                     sizes[1], format_duration(took * sizes[1] / sizes[0]))
     if not finished:
-        return HalvesResult(files.dir, False, (done[0], done[1]), sizes, source)
+        return HalvesResult(files.dir, False, (done[0], done[1]), sizes, source, starts=starts)
     gold, align = combine_halves(files.dir, particles, half, config=config)
-    return HalvesResult(files.dir, True, (done[0], done[1]), sizes, source, gold, align)
+    return HalvesResult(files.dir, True, (done[0], done[1]), sizes, source, gold, align,
+                        starts=starts)
+
+
+class _HalfOutcome(NamedTuple):
+    """What training one half did: its epochs done (with several starts, the fewest of its
+    starts'), whether it finished, and whether it ran whole in this call (from its start)."""
+
+    epochs: int
+    finished: bool
+    whole: bool
+
+
+def _train_half(files: HalvesFiles, config: Config, particles: ParticleSet, half: np.ndarray,
+                which: int, *, argv: list[str] | None, stop_after: int | None,
+                starts: int) -> _HalfOutcome:
+    """Half ``which`` as one run (skipped when finished)."""
+    half_dir = files.half_dir(which)
+    local = np.flatnonzero(half == which)
+    status, epochs_done = run_status(half_dir, config.schedule)
+    if status == "finished":
+        log.info("%s is finished (%d epochs)", half_dir.name, epochs_done)
+        return _HalfOutcome(epochs_done, True, False)
+    half_dir.mkdir(parents=True, exist_ok=True)
+    ind_path = half_dir / HALF_INDICES
+    if status == "new":
+        RunFiles(half_dir).metrics.unlink(missing_ok=True)  # crashed before a checkpoint
+        _save_npy(ind_path, _original_indices(config, local))
+    log.info("%s: %s run on %d particles", half_dir.name,
+             "resuming the" if status == "partial" else "starting a", local.size)
+    result = fit(_half_config(config, which, ind_path), particles.subset(local), half_dir,
+                 resume=status == "partial", argv=argv, stop_after=stop_after)
+    return _HalfOutcome(result.epochs_completed, result.finished, status == "new")
+
+
+def _train_half_starts(files: HalvesFiles, config: Config, particles: ParticleSet,
+                       half: np.ndarray, which: int, *, argv: list[str] | None,
+                       stop_after: int | None, starts: int) -> _HalfOutcome:
+    """Half ``which`` as ``starts`` runs and the choice among them (a ``--starts`` folder;
+    finished starts are skipped, the choice made again)."""
+    half_dir = files.half_dir(which)
+    local = np.flatnonzero(half == which)
+    resume = is_starts_run(half_dir)
+    ind_path = half_dir / HALF_INDICES
+    if not resume:
+        half_dir.mkdir(parents=True, exist_ok=True)
+        _save_npy(ind_path, _original_indices(config, local))
+    log.info("%s: %s %d starts on %d particles%s", half_dir.name,
+             "resuming its" if resume else "running", starts, local.size,
+             ", then half B's" if which == 1 else "")
+    result = fit_starts(_half_config(config, which, ind_path), particles.subset(local),
+                        half_dir, starts=starts, resume=resume, argv=argv,
+                        stop_after=stop_after)
+    if result.chosen is not None:
+        log.info("%s: the chosen start is %s", half_dir.name,
+                 result.outcomes[result.chosen].run_dir.name)
+    return _HalfOutcome(min(result.epochs_completed), result.finished, not resume)
 
 
 def _read_half_poses(star: Path, box_px: int
@@ -426,7 +528,12 @@ def _combine(
     mask_dilate_px: float | None,
     mask_soft_edge_px: float | None,
 ) -> tuple[GoldStandardFSC, AlignResult]:
-    half_files = [RunFiles(files.half_dir(w)) for w in (1, 2)]
+    half_runs = [files.half_run(w) for w in (1, 2)]
+    for path in half_runs:
+        if not path.is_dir():  # a --starts half without its choice
+            raise InputError("the half has no chosen start (not every start has finished)",
+                             path.parent)
+    half_files = [RunFiles(path) for path in half_runs]
     maps = [torch.tensor(read_map(f.map)[0], dtype=torch.float64) for f in half_files]
     map_a, map_b = maps
     if map_a.shape != map_b.shape:
@@ -476,6 +583,9 @@ def _combine(
         "correlation": float(align.correlation),
     }
     summary["half_sizes"] = [int((half_set == 1).sum()), int((half_set == 2).sum())]
+    # the run folders combined, relative to the halves folder (a half's chosen start resolved)
+    summary["half_runs"] = [str(path.resolve().relative_to(files.dir.resolve()))
+                            for path in half_runs]
     summary["mask"] = made.to_dict()
     atomic_write_text(files.fsc_json, json.dumps(summary, indent=2) + "\n")
     _plot(files.fsc_png, gold)
@@ -531,7 +641,8 @@ def format_summary(result: HalvesResult) -> str:
     """A few lines for the terminal: half sizes, alignment and the resolutions at 0.143."""
     a, b = result.half_sizes
     lines = [f"halves: {a} + {b} particles ({result.split_source}), epochs "
-             f"{result.epochs_completed[0]} / {result.epochs_completed[1]}"]
+             f"{result.epochs_completed[0]} / {result.epochs_completed[1]}"
+             + (f", {result.starts} starts each" if result.starts > 1 else "")]
     gold, align = result.gold_standard, result.alignment
     if gold is None or align is None:
         return "\n".join(lines)
@@ -545,7 +656,8 @@ def format_summary(result: HalvesResult) -> str:
     lines.append(
         f"FSC 0.143: unmasked {res(gold.unmasked.resolution(0.143))}, masked "
         f"{res(gold.masked.resolution(0.143))}, corrected {res(gold.final_resolution)} "
-        f"(phases randomised beyond {res(gold.randomise_from_resolution)})"
+        f"(phases randomised beyond {res(gold.randomise_from_resolution)}); FSC 0.5: "
+        f"corrected {res(gold.corrected.resolution(0.5))}"
     )
     lines.append(f"map {HalvesFiles(result.run_dir).map}, "
                  f"postprocess {HalvesFiles(result.run_dir).postprocess}")

@@ -18,6 +18,7 @@ examples:
   cryospin reconstruct --resume run1 --epochs 40     # train longer
   cryospin reconstruct particles.star -o run3 --halves   # gold-standard half maps and FSC
   cryospin reconstruct particles.star -o run5 --starts 3  # three seeds, the best fit kept
+  cryospin reconstruct particles.star -o run6 --halves --starts 2  # each half its best of 2
   cryospin reconstruct particles.star -o run4 --symmetry D7   # a D7-symmetric particle
 """
 
@@ -303,7 +304,9 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
                         "(RUN_DIR/start_1 ... start_K, one after the other), and keep the "
                         "one whose images fit best, the lowest final loss (RUN_DIR/choice.json "
                         "and the link RUN_DIR/chosen; as cryospin choose-run): a start that "
-                        "settled on a wrong structure is left out, at K times the time")
+                        "settled on a wrong structure is left out, at K times the time; with "
+                        "--halves, K starts in each half, each half choosing its own "
+                        "(RUN_DIR/half_A/chosen, half_B/chosen)")
     g.add_argument("--halves", action="store_true",
                    help="gold standard: reconstruct two random halves independently "
                         "(RUN_DIR/half_A, half_B; rlnRandomSubset when present), align them "
