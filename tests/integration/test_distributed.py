@@ -19,6 +19,7 @@ poses by degrees and the maps by percents, so these bounds still separate "the s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -519,3 +520,49 @@ def test_copy_consensus_two_ranks_sum_what_one_process_counts(particles, tmp_pat
         assert r["kept"] == (r["nll_after"] < r["nll_before"])
     rotations, _ = read_cryodrgn_poses(two / "poses.pkl", BOX_PX)
     assert rotations.shape == (N_PARTICLES, 3, 3)
+
+
+@pytest.mark.parametrize("starts", [1, 2])
+def test_halves_on_two_ranks_equal_one_process(particles, tmp_path, starts):
+    """``--halves [--starts 2]`` under torchrun: every rank trains each half (each start of
+    each half), rank 0 alone sets up, writes, chooses and combines; the halves' (starts')
+    maps, each half's choice and the combined map are the 1-process run's."""
+    flags = [*TRAIN, "--halves", "--starts", str(starts)]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cryospin([str(particles), "-o", str(one), *flags]))
+    proc = run_cryospin([str(particles), "-o", str(two), *flags], nproc=2)
+    assert_ok(proc)
+    assert "joined process group: rank 0 of 2" in (two / "run.log").read_text()
+    np.testing.assert_array_equal(np.load(one / "half_set.npy"), np.load(two / "half_set.npy"))
+    for half in ("half_A", "half_B"):
+        runs = [f"{half}/start_{k}" for k in (1, 2)] if starts == 2 else [half]
+        for run in runs:
+            assert [r["epoch"] for r in read_metrics(two / run / "metrics.jsonl")] == [1, 2, 3]
+            assert_same_map(one / run / "map.mrc", two / run / "map.mrc")
+        if starts == 2:
+            assert (two / half / "chosen").readlink() == (one / half / "chosen").readlink()
+    fsc_one, fsc_two = (json.loads((run / "fsc.json").read_text()) for run in (one, two))
+    assert fsc_two["half_runs"] == fsc_one["half_runs"]
+    assert_same_map(one / "map.mrc", two / "map.mrc")
+    assert (two / "report.html").is_file()
+    assert proc.stdout.count("FSC 0.143") == 1  # rank 0 alone reports
+
+
+def test_starts_on_two_ranks_stopped_and_resumed_equal_one_process(particles, tmp_path):
+    """``--starts 2`` under torchrun, stopped after epoch 2 of each start and resumed under
+    torchrun: the starts and the choice are the 1-process run's."""
+    flags = [*TRAIN, "--starts", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cryospin([str(particles), "-o", str(one), *flags]))
+    assert_ok(run_cryospin([str(particles), "-o", str(two), *flags, "--stop-after", "2"],
+                           nproc=2))
+    assert not (two / "chosen").exists()
+    assert_ok(run_cryospin(["--resume", str(two)], nproc=2))
+    for k in (1, 2):
+        assert_same_map(one / f"start_{k}" / "map.mrc", two / f"start_{k}" / "map.mrc")
+        assert_same_poses(one / f"start_{k}" / "poses.pkl", two / f"start_{k}" / "poses.pkl")
+    assert (two / "chosen").readlink() == (one / "chosen").readlink()
+    choice = json.loads((two / "choice.json").read_text())
+    assert [r["final_loss_nats"] for r in choice["runs"]] == pytest.approx(
+        [r["final_loss_nats"] for r in json.loads((one / "choice.json").read_text())["runs"]],
+        rel=1e-5)

@@ -322,14 +322,10 @@ def _train(config: Config, run_dir: Path, halves: bool, starts: int | None,
     if not args.resume:
         _advise_box(config, particles)
     world = world_from_env()
-    if halves:
-        if world.distributed:
-            raise InputError("--halves does not run under torchrun yet; run it as one process")
-        return _run_halves(config, particles, run_dir, starts, args)
+    if halves:  # under torchrun every rank trains each run; rank 0 writes and reports
+        return _run_halves(config, particles, run_dir, starts, args, main=world.is_main)
     if starts is not None:
-        if world.distributed:
-            raise InputError("--starts does not run under torchrun yet; run it as one process")
-        return _run_starts(config, particles, run_dir, starts, args)
+        return _run_starts(config, particles, run_dir, starts, args, main=world.is_main)
     try:
         result = fit(config, particles, run_dir, resume=bool(args.resume),
                      argv=getattr(args, "argv", None), stop_after=args.stop_after)
@@ -393,9 +389,10 @@ def _write_report(run_dir: Path, *, halves: bool = False) -> None:
 
 
 def _run_halves(config: Config, particles: ParticleSet, run_dir: Path, starts: int | None,
-                args: argparse.Namespace) -> int:
+                args: argparse.Namespace, *, main: bool) -> int:
     """``--halves [--starts K]``: both halves (each one run, or K starts and the choice),
-    then the gold-standard combination, its summary and the report."""
+    then the gold-standard combination, its summary and the report (``main``: rank 0 of a
+    distributed job, or the one process)."""
     try:
         result = fit_halves(config, particles, run_dir, resume=bool(args.resume),
                             argv=getattr(args, "argv", None), stop_after=args.stop_after,
@@ -403,6 +400,8 @@ def _run_halves(config: Config, particles: ParticleSet, run_dir: Path, starts: i
     except TrainingInterrupted as exc:
         _say(f"cryospin reconstruct: {exc}", file=sys.stderr)
         return exc.exit_status
+    if not main:
+        return 0
     _say(format_summary(result))
     if not result.finished:
         _say(f"continue with: cryospin reconstruct --resume {run_dir}")
@@ -412,9 +411,9 @@ def _run_halves(config: Config, particles: ParticleSet, run_dir: Path, starts: i
 
 
 def _run_starts(config: Config, particles: ParticleSet, run_dir: Path, starts: int,
-                args: argparse.Namespace) -> int:
+                args: argparse.Namespace, *, main: bool) -> int:
     """``--starts K``: every start and the choice (:func:`fit_starts`), then each start's
-    report (showing the choice) and the table."""
+    report (showing the choice) and the table (``main``: rank 0, or the one process)."""
     try:
         result = fit_starts(config, particles, run_dir, starts=starts,
                             resume=bool(args.resume), argv=getattr(args, "argv", None),
@@ -422,6 +421,8 @@ def _run_starts(config: Config, particles: ParticleSet, run_dir: Path, starts: i
     except TrainingInterrupted as exc:
         _say(f"cryospin reconstruct: {exc}", file=sys.stderr)
         return exc.exit_status
+    if not main:
+        return 0
     if not result.finished or result.chosen is None:
         _say(f"stopped after epoch(s) {', '.join(map(str, result.epochs_completed))} of the "
              f"{starts} starts; continue with: cryospin reconstruct --resume {run_dir}")

@@ -33,6 +33,7 @@ trainer's code paths are those of a single process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -69,6 +70,8 @@ __all__ = [
     "device_for_rank",
     "init_distributed",
     "teardown_distributed",
+    "process_group",
+    "synchronise",
     "convert_batch_norm",
     "wrap_encoder",
     "local_batches",
@@ -197,6 +200,29 @@ def teardown_distributed(created: bool, *, synchronise: bool) -> None:
         if synchronise:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(world: WorldInfo, device: torch.device) -> Iterator[None]:
+    """Hold the process group for a workflow of several runs (``--halves``, ``--starts``):
+    joined on entry (a rendezvous: every rank has checked the run folder before rank 0 writes
+    in it), left on exit (after a barrier when the block ended normally). Each run's
+    :func:`cryospin.train.fit.fit` then finds the group and keeps it. Nothing for one
+    process, or when a group exists already (an outer workflow's)."""
+    created = init_distributed(world, device)
+    ended_normally = False
+    try:
+        yield
+        ended_normally = True
+    finally:
+        teardown_distributed(created, synchronise=ended_normally)
+
+
+def synchronise(world: WorldInfo) -> None:
+    """Wait until every rank gets here (a barrier; nothing for one process): in a workflow,
+    between rank 0's writes and the other ranks' reads of the same files."""
+    if world.distributed and dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 # --------------------------------------------------------------------------- batch norm

@@ -86,6 +86,7 @@ from cryospin.train.distributed import (
     WorldInfo,
     device_for_rank,
     init_distributed,
+    synchronise,
     teardown_distributed,
     world_from_env,
     wrap_encoder,
@@ -262,6 +263,8 @@ def _fit_on_device(
         torch.set_num_threads(
             default_cpu_threads(config.run.num_threads, threads_before, available_cpus()))
     created = init_distributed(world, device)
+    if not created:  # a workflow's group (--halves, --starts): every rank has checked the
+        synchronise(world)  # folder (prepare_run_dir) before rank 0 writes in it
     ended_normally = False
     feedback = Feedback.choose(main=world.is_main, bar=config.run.progress,
                                interval_s=config.run.progress_interval_s)

@@ -43,6 +43,7 @@ and ``poses.pkl`` (``poses.cs`` for a ``.cs`` input).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -93,14 +94,14 @@ from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from 
     HalvesFiles,
     RunFiles,
 )
-from cryospin.runlock import describe_command, folder_lock
 from cryospin.symmetry import grid_cosets, point_group_rotations
 from cryospin.train.config import Config, save_config
+from cryospin.train.distributed import WorldInfo, synchronise
 from cryospin.train.fit import TrainingInterrupted, fit
 from cryospin.train.progress import format_duration
 from cryospin.train.runlog import header_line, run_log, start_run_log
 from cryospin.train.scores import SCORE_COLUMN, SCORE_CS_FIELD, selected_indices
-from cryospin.train.setup import record_resume, run_status
+from cryospin.train.setup import record_resume, run_status, workflow_folder
 from cryospin.train.starts import fit_starts, is_starts_run
 
 __all__ = [
@@ -235,12 +236,17 @@ def _resume(
         raise InputError(f"not a --halves run (no {HALVES_MARKER} here)", files.dir)
     identity = check_same_particles(files.particle_set, particles, files.dir)
     half = _load_half_set(files, len(particles))
-    try:
-        source = str(json.loads(files.marker.read_text(encoding="utf-8"))["split_source"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise InputError(f"{HALVES_MARKER} is unreadable", files.marker) from None
+    source = _split_source(files)
     record_resume(files, config, particles, argv, identity)
     return half, source
+
+
+def _split_source(files: HalvesFiles) -> str:
+    """Where the run's split came from (its marker's ``split_source``)."""
+    try:
+        return str(json.loads(files.marker.read_text(encoding="utf-8"))["split_source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{HALVES_MARKER} is unreadable", files.marker) from None
 
 
 def starts_per_half(run_dir: str | Path) -> int:
@@ -342,13 +348,8 @@ def fit_halves(
         count = 1 if starts is None else starts
         if count < 1:
             raise InputError(f"--starts must be at least 1, got {count}")
-    try:
-        files.dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder ({exc.strerror})",
-                          files.dir) from None
-    with folder_lock(files.dir, command=describe_command(argv)):  # each half holds its own too
-        return _fit_halves(files, config, particles, resume=resume, argv=argv,
+    with workflow_folder(files.dir, config, argv) as world:  # each half holds its own too
+        return _fit_halves(files, config, particles, world, resume=resume, argv=argv,
                            stop_after=stop_after, starts=count)
 
 
@@ -356,18 +357,27 @@ def _fit_halves(
     files: HalvesFiles,
     config: Config,
     particles: ParticleSet,
+    world: WorldInfo,
     *,
     resume: bool,
     argv: list[str] | None,
     stop_after: int | None,
     starts: int,
 ) -> HalvesResult:
-    """:func:`fit_halves` with the run folder held."""
-    half, source = (_resume(files, config, particles, argv) if resume
-                    else _start(files, config, particles, argv, starts))
-    with run_log(files.log, header=header_line(argv, resumed=resume)):
-        start_run_log(files.log)  # the split and the particles are checked
-        return _train_and_combine(files, config, particles, half, source, argv=argv,
+    """:func:`fit_halves` with the run folder held (rank 0 sets it up, the other ranks then
+    read the split)."""
+    if world.is_main:
+        half, source = (_resume(files, config, particles, argv) if resume
+                        else _start(files, config, particles, argv, starts))
+    synchronise(world)
+    if not world.is_main:
+        half, source = _load_half_set(files, len(particles)), _split_source(files)
+    log = (run_log(files.log, header=header_line(argv, resumed=resume)) if world.is_main
+           else contextlib.nullcontext())
+    with log:
+        if world.is_main:
+            start_run_log(files.log)  # the split and the particles are checked
+        return _train_and_combine(files, config, particles, half, source, world, argv=argv,
                                   stop_after=stop_after, starts=starts)
 
 
@@ -377,13 +387,15 @@ def _train_and_combine(
     particles: ParticleSet,
     half: np.ndarray,
     source: str,
+    world: WorldInfo,
     *,
     argv: list[str] | None,
     stop_after: int | None,
     starts: int,
 ) -> HalvesResult:
     """Phases 2 and 3 of :func:`fit_halves` (logged to ``RUN_DIR/run.log``; each half's run
-    also to its own)."""
+    also to its own). Every rank trains; rank 0 combines (the others return without the
+    combination's results)."""
     sizes = (int((half == 1).sum()), int((half == 2).sum()))
     if min(sizes) < 2:
         raise InputError(f"each half needs at least 2 particles, got {sizes[0]} and {sizes[1]}",
@@ -394,7 +406,7 @@ def _train_and_combine(
     for which in (1, 2):
         t0 = time.perf_counter()
         try:
-            outcome = train_half(files, config, particles, half, which, argv=argv,
+            outcome = train_half(files, config, particles, half, which, world, argv=argv,
                                  stop_after=stop_after, starts=starts)
         except TrainingInterrupted as exc:
             raise TrainingInterrupted(files.dir, exc.last_epoch,
@@ -405,8 +417,9 @@ def _train_and_combine(
             took = time.perf_counter() - t0
             log.info("half A took %s; half B (%d particles), about %s more", format_duration(took),
                      sizes[1], format_duration(took * sizes[1] / sizes[0]))
-    if not finished:
-        return HalvesResult(files.dir, False, (done[0], done[1]), sizes, source, starts=starts)
+    if not finished or not world.is_main:
+        return HalvesResult(files.dir, finished, (done[0], done[1]), sizes, source,
+                            starts=starts)
     gold, align = combine_halves(files.dir, particles, half, config=config)
     return HalvesResult(files.dir, True, (done[0], done[1]), sizes, source, gold, align,
                         starts=starts)
@@ -422,8 +435,8 @@ class _HalfOutcome(NamedTuple):
 
 
 def _train_half(files: HalvesFiles, config: Config, particles: ParticleSet, half: np.ndarray,
-                which: int, *, argv: list[str] | None, stop_after: int | None,
-                starts: int) -> _HalfOutcome:
+                which: int, world: WorldInfo, *, argv: list[str] | None,
+                stop_after: int | None, starts: int) -> _HalfOutcome:
     """Half ``which`` as one run (skipped when finished)."""
     half_dir = files.half_dir(which)
     local = np.flatnonzero(half == which)
@@ -431,11 +444,14 @@ def _train_half(files: HalvesFiles, config: Config, particles: ParticleSet, half
     if status == "finished":
         log.info("%s is finished (%d epochs)", half_dir.name, epochs_done)
         return _HalfOutcome(epochs_done, True, False)
-    half_dir.mkdir(parents=True, exist_ok=True)
     ind_path = half_dir / HALF_INDICES
-    if status == "new":
-        RunFiles(half_dir).metrics.unlink(missing_ok=True)  # crashed before a checkpoint
-        _save_npy(ind_path, _original_indices(config, local))
+    synchronise(world)  # every rank has read the status before rank 0 changes the folder
+    if world.is_main:
+        half_dir.mkdir(parents=True, exist_ok=True)
+        if status == "new":
+            RunFiles(half_dir).metrics.unlink(missing_ok=True)  # crashed before a checkpoint
+            _save_npy(ind_path, _original_indices(config, local))
+    synchronise(world)
     log.info("%s: %s run on %d particles", half_dir.name,
              "resuming the" if status == "partial" else "starting a", local.size)
     result = fit(_half_config(config, which, ind_path), particles.subset(local), half_dir,
@@ -444,15 +460,17 @@ def _train_half(files: HalvesFiles, config: Config, particles: ParticleSet, half
 
 
 def _train_half_starts(files: HalvesFiles, config: Config, particles: ParticleSet,
-                       half: np.ndarray, which: int, *, argv: list[str] | None,
-                       stop_after: int | None, starts: int) -> _HalfOutcome:
+                       half: np.ndarray, which: int, world: WorldInfo, *,
+                       argv: list[str] | None, stop_after: int | None,
+                       starts: int) -> _HalfOutcome:
     """Half ``which`` as ``starts`` runs and the choice among them (a ``--starts`` folder;
     finished starts are skipped, the choice made again)."""
     half_dir = files.half_dir(which)
     local = np.flatnonzero(half == which)
     resume = is_starts_run(half_dir)
     ind_path = half_dir / HALF_INDICES
-    if not resume:
+    synchronise(world)  # every rank has looked for the marker before rank 0 writes one
+    if world.is_main and not resume:
         half_dir.mkdir(parents=True, exist_ok=True)
         _save_npy(ind_path, _original_indices(config, local))
     log.info("%s: %s %d starts on %d particles%s", half_dir.name,

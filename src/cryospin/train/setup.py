@@ -6,6 +6,8 @@ restore the training state.
   section may change) and the particles (:mod:`cryospin.io.identity`) are checked before
   anything is written; then ``config.yaml`` and ``particle_set.json`` record the run;
 * :func:`resolve_device` — the device named by ``run.device``;
+* :func:`workflow_folder` — a ``--halves`` or ``--starts`` folder created and held (rank 0's
+  lock, the process group of a distributed job);
 * :func:`load_training_data` — preprocessing and the memory plan (:mod:`cryospin.train.data`,
   :mod:`cryospin.train.memory`);
 * :func:`initial_state` — the volume initialised from the data's radial amplitude (averaged
@@ -17,14 +19,16 @@ restore the training state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from cryospin.atomic import remove_stale_temporaries
-from cryospin.errors import InputError
+from cryospin.errors import InputError, OutputError
 from cryospin.io.identity import (
     ParticleSetIdentity,
     check_same_particles,
@@ -44,6 +48,7 @@ from cryospin.rundir import (
     search_stopped_after,
     truncate_metrics,
 )
+from cryospin.runlock import describe_command, folder_lock
 from cryospin.train.config import (
     Config,
     ScheduleConfig,
@@ -54,7 +59,13 @@ from cryospin.train.config import (
     save_config,
 )
 from cryospin.train.data import TrainingData, num_batches, prepare_data
-from cryospin.train.distributed import Shard, WorldInfo
+from cryospin.train.distributed import (
+    Shard,
+    WorldInfo,
+    device_for_rank,
+    process_group,
+    world_from_env,
+)
 from cryospin.train.impose import initial_group
 from cryospin.train.memory import plan_and_load
 from cryospin.train.precision import cpu_model_name
@@ -69,6 +80,7 @@ __all__ = [
     "open_run",
     "record_resume",
     "run_status",
+    "workflow_folder",
     "check_resume_config",
     "load_training_data",
     "initial_state",
@@ -107,6 +119,32 @@ def record_resume(files: RunFiles | HalvesFiles | StartsFiles, config: Config,
         logger.warning("%s records no particle set (an older run): cannot check that "
                        "these are its particles", files.dir)
         save_identity(files.particle_set, particle_set_identity(particles))
+
+
+@contextlib.contextmanager
+def workflow_folder(folder: Path, config: Config,
+                    argv: list[str] | None) -> Iterator[WorldInfo]:
+    """Create and hold the folder of a workflow of several runs (``--halves``, ``--starts``):
+    in a distributed job (``torchrun``) every rank joins the process group first
+    (:func:`cryospin.train.distributed.process_group`: each run's ``fit`` keeps it), then rank
+    0 takes the folder's lock for all ranks (each run inside holds its own too). Yields this
+    process's :class:`~cryospin.train.distributed.WorldInfo`: only rank 0 writes.
+
+    Raises
+    ------
+    OutputError
+        The folder cannot be created, or another process holds it.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder ({exc.strerror})", folder) from None
+    world = world_from_env()
+    device = device_for_rank(resolve_device(config.run.device), world)
+    with process_group(world, device), contextlib.ExitStack() as held:
+        if world.is_main:
+            held.enter_context(folder_lock(folder, command=describe_command(argv)))
+        yield world
 
 
 def run_status(run_dir: Path, schedule: ScheduleConfig) -> tuple[str, int]:

@@ -38,14 +38,14 @@ from cryospin.rundir import (
     RunFiles,
     StartsFiles,
 )
-from cryospin.runlock import describe_command, folder_lock
 from cryospin.train.choice_record import MapAgreement, record_choice
 from cryospin.train.choose import RunOutcome, choose_run, run_outcome
 from cryospin.train.config import Config, save_config
+from cryospin.train.distributed import WorldInfo, synchronise
 from cryospin.train.fit import TrainingInterrupted, fit
 from cryospin.train.progress import format_duration
 from cryospin.train.runlog import header_line, run_log, start_run_log
-from cryospin.train.setup import record_resume, run_status
+from cryospin.train.setup import record_resume, run_status, workflow_folder
 
 __all__ = ["StartsResult", "is_starts_run", "starts_of", "start_seeds", "fit_starts"]
 
@@ -165,12 +165,10 @@ def fit_starts(
         if starts is None or starts < 2:
             raise InputError(f"--starts needs at least 2 starts, got {starts}")
         count = starts
-    try:
-        files.dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder ({exc.strerror})",
-                          files.dir) from None
-    with folder_lock(files.dir, command=describe_command(argv)):  # each start holds its own
+    with workflow_folder(files.dir, config, argv) as world:  # each start holds its own too
+        if not world.is_main:  # rank 0 writes; every rank trains
+            return _train_starts(files, config, particles, count, world, argv=argv,
+                                 stop_after=stop_after)
         if resume:
             identity = check_same_particles(files.particle_set, particles, files.dir)
             record_resume(files, config, particles, argv, identity)
@@ -178,7 +176,7 @@ def fit_starts(
             _begin(files, config, particles, argv, count)
         with run_log(files.log, header=header_line(argv, resumed=resume)):
             start_run_log(files.log)
-            return _train_starts(files, config, particles, count, argv=argv,
+            return _train_starts(files, config, particles, count, world, argv=argv,
                                  stop_after=stop_after)
 
 
@@ -204,9 +202,11 @@ def _begin(files: StartsFiles, config: Config, particles: ParticleSet,
     atomic_write_text(files.marker, json.dumps(marker, indent=2) + "\n")
 
 
-def _train_starts(files: StartsFiles, config: Config, particles: ParticleSet, count: int, *,
-                  argv: list[str] | None, stop_after: int | None) -> StartsResult:
-    """Every start (skipping finished ones), then the choice when all have finished."""
+def _train_starts(files: StartsFiles, config: Config, particles: ParticleSet, count: int,
+                  world: WorldInfo, *, argv: list[str] | None,
+                  stop_after: int | None) -> StartsResult:
+    """Every start (skipping finished ones), then the choice when all have finished (rank 0;
+    the other ranks return without it)."""
     done: list[int] = []
     finished = True
     for k, seed in enumerate(start_seeds(int(config.run.seed), count), start=1):
@@ -216,9 +216,12 @@ def _train_starts(files: StartsFiles, config: Config, particles: ParticleSet, co
             log.info("%s (seed %d) is finished (%d epochs)", folder.name, seed, epochs_done)
             done.append(epochs_done)
             continue
-        folder.mkdir(parents=True, exist_ok=True)
-        if status == "new":
-            RunFiles(folder).metrics.unlink(missing_ok=True)  # killed before a checkpoint
+        synchronise(world)  # every rank has read the status before rank 0 changes the folder
+        if world.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            if status == "new":
+                RunFiles(folder).metrics.unlink(missing_ok=True)  # killed before a checkpoint
+        synchronise(world)
         log.info("start %d of %d (%s, seed %d): %s%s", k, count, folder.name, seed,
                  "resuming it" if status == "partial" else "starting it",
                  f"; the ETAs below are this start's, {count - k} more follow"
@@ -238,8 +241,8 @@ def _train_starts(files: StartsFiles, config: Config, particles: ParticleSet, co
             took = time.perf_counter() - t0
             log.info("start %d of %d took %s; the %d left, about %s", k, count,
                      format_duration(took), count - k, format_duration(took * (count - k)))
-    if not finished:
-        return StartsResult(files.dir, False, tuple(done))
+    if not finished or not world.is_main:
+        return StartsResult(files.dir, finished, tuple(done))
     outcomes = tuple(run_outcome(files.start_dir(k)) for k in range(1, count + 1))
     chosen = choose_run(outcomes)
     log.info("every start has finished: aligning the other starts' maps onto the chosen one's "
