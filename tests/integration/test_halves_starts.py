@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import html
 import json
+import logging
+import shutil
 
 import numpy as np
 import pytest
+import starfile
 from tests._cli import refused
 from tests._synthetic import make_dataset
 
 from cryospin.cli.main import main
 from cryospin.io.mrc import read_map
+from cryospin.io.particles import load_particles
 from cryospin.io.star import read_relion_star
+from cryospin.io.star_tables import numbers
 from cryospin.rundir import read_metrics
 from cryospin.train.config import load_config
+from cryospin.train.halves import HALF_FIT_GAP, combine_halves
+from cryospin.train.scores import SCORE_COLUMN
 
 _FLAGS = ["--heads", "2", "--width", "0.125", "--no-bf16", "--batch-size", "32",
           "--search-rotations", "256", "--device", "cpu", "--threads", "1", "--no-progress",
@@ -141,3 +148,46 @@ def test_refusals(run, data, tmp_path, capsys):
              *_FLAGS], capsys, "--starts must be at least 1, got 0")
     refused(["choose-run", str(run / "half_A"), str(run / "half_B")], capsys,
             str(run / "half_A"))
+
+
+def _half_scores(run, which: int) -> np.ndarray:
+    star = run / "poses.star"  # the combined star: each particle's score under its half's map
+    ps = read_relion_star(star, no_ctf=True, metadata_only=True, box_px=L)
+    assert ps.star_table is not None
+    scores = numbers(ps.star_table[SCORE_COLUMN])
+    return scores[np.load(run / "half_set.npy") == which]
+
+
+def test_the_halves_own_fit_is_recorded_and_reported(run):
+    fit = json.loads((run / "fsc.json").read_text())["half_fit"]
+    means = [float(np.mean(_half_scores(run, w))) for w in (1, 2)]
+    assert fit["mean_score_nats"] == pytest.approx(means, rel=1e-6)
+    gap = abs(means[0] - means[1]) / max(means)
+    assert fit["relative_gap"] == pytest.approx(gap, rel=1e-6)
+    assert fit["agree"] == (gap <= HALF_FIT_GAP) and fit["threshold"] == HALF_FIT_GAP
+    assert "the halves' own fit: mean particle score" in (run / "run.log").read_text()
+    assert f"{100 * gap:.1f} % apart" in (run / "report.html").read_text()
+
+
+def test_a_half_that_fits_its_images_clearly_worse_is_warned_about(run, data, tmp_path,
+                                                                    caplog):
+    """Half B's scores lowered by a fifth in its chosen start's ``poses.star`` (as a half on
+    a wrong structure has them): the combination warns, ``fsc.json`` and the report say so."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    star = copy / "half_B" / "chosen" / "poses.star"
+    blocks = starfile.read(star, always_dict=True)
+    table = blocks["particles"]
+    table[SCORE_COLUMN] = table[SCORE_COLUMN] * 0.8 - 0.2 * abs(table[SCORE_COLUMN].mean())
+    starfile.write(blocks, star, overwrite=True)
+    particles = load_particles(data[0], ctf_pkl=data[2])
+    config = load_config(copy / "config.yaml")
+    with caplog.at_level(logging.WARNING, logger="cryospin.train.halves"):
+        combine_halves(copy, particles, np.load(copy / "half_set.npy"), config=config)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("half B's map explains its images clearly worse" in w for w in warned), warned
+    fit = json.loads((copy / "fsc.json").read_text())["half_fit"]
+    assert fit["agree"] is False and fit["relative_gap"] > HALF_FIT_GAP
+    assert main(["report", str(copy)]) == 0
+    page = html.unescape((copy / "report.html").read_text())
+    assert "one half explains its images clearly worse" in page

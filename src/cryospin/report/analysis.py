@@ -379,6 +379,7 @@ def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFS
              for rs in runs]
     starts = max(len(rs) for rs in runs)
     align = fsc_summary.get("alignment") or {}
+    fit = fsc_summary.get("half_fit")  # absent in runs from before it
     return {
         "run_dir": run_dir,
         "particles": int(sum(s for s in sizes if s is not None)) or None,
@@ -389,6 +390,8 @@ def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFS
         "epochs_completed": [int(h.metrics[-1]["epoch"]) if h.metrics else 0 for h in halves],
         "wall_time_s": walls,
         "starts_per_half": starts,
+        "half_fit_scores_nats": fit.get("mean_score_nats") if isinstance(fit, dict) else None,
+        "half_fit_gap": fit.get("relative_gap") if isinstance(fit, dict) else None,
         "chosen_starts": [h.run_dir.resolve().name if starts > 1 else None for h in halves],
         "half_b_mirrored": align.get("flipped"),
         "half_alignment_correlation": align.get("correlation"),

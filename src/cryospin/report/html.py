@@ -39,6 +39,7 @@ from cryospin.report.ground_truth import EpochResolution
 from cryospin.report.summary import HalvesSummary, RunSummary
 from cryospin.report.symmetry_check import DrawnAxes, SymmetryCheck, symmetry_advice
 from cryospin.rundir import RunData, Stage
+from cryospin.train.halves import HALF_FIT_GAP
 from cryospin.train.metrics import search_stop_reason
 
 __all__ = [
@@ -513,9 +514,26 @@ def halves_summary_rows(run_dir: Path, s: HalvesSummary) -> list[tuple[str, str]
                  f"unmasked "
                  f"{format_resolution(s['resolution_0143_unmasked'])}, masked "
                  f"{format_resolution(s['resolution_0143_masked'])})"))
+    rows += _half_fit_rows(s)
     rows += _score_summary_rows(s)
     rows += gt_summary_rows(s)
     return rows
+
+
+def _half_fit_rows(s: HalvesSummary) -> list[tuple[str, str]]:
+    """How well each half explains its own images (``fsc.json``'s ``half_fit``)."""
+    scores, gap = s["half_fit_scores_nats"], s["half_fit_gap"]
+    if not scores or gap is None:
+        return []
+    a, b = scores
+    text = (f"mean particle score half A {a:.4g}, half B {b:.4g} nats: {100 * gap:.1f} % "
+            "apart")
+    if gap > HALF_FIT_GAP:
+        text += (f" (over {100 * HALF_FIT_GAP:.0f} %: one half explains its images clearly "
+                 "worse, so it has probably settled on another structure or placed part of "
+                 "its particles wrong, which the gold-standard FSC may not show; compare "
+                 "half_A.mrc and half_B.mrc, and consider --starts 2)")
+    return [("halves' own fit", text)]
 
 
 def gold_standard_table(gold: GoldStandardFSC) -> Table:

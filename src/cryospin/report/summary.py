@@ -177,6 +177,8 @@ class _HalvesRequired(TypedDict):
     wall_time_s: list[float]
     starts_per_half: int
     chosen_starts: list[str | None]
+    half_fit_scores_nats: list[float] | None
+    half_fit_gap: float | None
     half_b_mirrored: bool | None
     half_alignment_correlation: float | None
     resolution_0143_corrected: float
