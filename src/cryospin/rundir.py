@@ -47,7 +47,8 @@ __all__ = [
     "CONFIG", "CHECKPOINT", "METRICS", "POSE_TRACK", "RUN_LOG", "PARTICLE_SET", "MAP",
     "MAP_DECODER", "CONVERGENCE", "POSES_STAR", "POSES_PKL", "POSES_CS", "SELECTED", "REPORT_HTML",
     "FSC_JSON", "NOISE_SPECTRUM",
-    "EPOCH_MAP_PATTERN", "epoch_map_name", "HALVES_MARKER", "HALF_SET", "HALF_NAMES", "HALF_MAPS",
+    "EPOCH_MAP_PATTERN", "epoch_map_name", "marker_count", "HALVES_MARKER", "HALF_SET",
+    "HALF_NAMES", "HALF_MAPS",
     "HALF_INDICES", "STARTS_MARKER", "STARTS_CHOICE", "CHOSEN_LINK", "RunFiles", "StartsFiles",
     "HalvesFiles", "prepare_run_dir", "Stage", "CHECKPOINT_FORMAT",
     "Checkpoint", "save_checkpoint", "load_checkpoint", "RESUMABLE_OPTIONS", "RELOCATABLE_SECTION",
@@ -105,6 +106,29 @@ HALF_INDICES = "particles.ind.npy"
 STARTS_MARKER = "starts.json"
 STARTS_CHOICE = "choice.json"
 CHOSEN_LINK = "chosen"
+
+
+def marker_count(marker: Path, key: str, *, kind: str, default: int | None = None,
+                 minimum: int = 1) -> int:
+    """The whole number ``key`` of a workflow folder's marker (``halves.json``,
+    ``starts.json``); ``default`` when the marker lacks it (None: it must have it).
+
+    Raises
+    ------
+    InputError
+        No marker (``kind`` names the workflow: ``--starts``), an unreadable one, or a count
+        below ``minimum``.
+    """
+    if not marker.is_file():
+        raise InputError(f"not a {kind} run (no {marker.name} here)", marker.parent)
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        count = int(record[key] if default is None else record.get(key, default))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(f"{marker.name} is unreadable", marker) from None
+    if count < minimum:
+        raise InputError(f"{marker.name} names {count} {key} (at least {minimum})", marker)
+    return count
 
 
 def epoch_map_name(epoch: int) -> str:

@@ -84,7 +84,7 @@ from cryospin.io.star import read_relion_star
 from cryospin.io.star_tables import numbers
 from cryospin.plotting import plot_fsc
 from cryospin.point_group import parse_point_group
-from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from here
+from cryospin.rundir import (
     CHECKPOINT,
     HALF_INDICES,
     HALF_NAMES,
@@ -93,6 +93,7 @@ from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from 
     STARTS_MARKER,
     HalvesFiles,
     RunFiles,
+    marker_count,  # HALF_NAMES and HalvesFiles: also imported from here
 )
 from cryospin.symmetry import grid_cosets, point_group_rotations
 from cryospin.train.config import Config, save_config
@@ -266,16 +267,7 @@ def starts_per_half(run_dir: str | Path) -> int:
     InputError
         No marker, or one that cannot be read.
     """
-    files = HalvesFiles(run_dir)
-    if not files.marker.is_file():
-        raise InputError(f"not a --halves run (no {HALVES_MARKER} here)", files.dir)
-    try:
-        count = int(json.loads(files.marker.read_text(encoding="utf-8")).get("starts", 1))
-    except (OSError, ValueError, TypeError, AttributeError):
-        raise InputError(f"{HALVES_MARKER} is unreadable", files.marker) from None
-    if count < 1:
-        raise InputError(f"{HALVES_MARKER} names {count} starts per half", files.marker)
-    return count
+    return marker_count(HalvesFiles(run_dir).marker, "starts", kind="--halves", default=1)
 
 
 def _half_config(config: Config, which: int, ind_path: Path) -> Config:

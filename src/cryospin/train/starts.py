@@ -34,9 +34,9 @@ from cryospin.io.particle_set import ParticleSet
 from cryospin.rundir import (
     CHECKPOINT,
     METRICS,
-    STARTS_MARKER,
     RunFiles,
     StartsFiles,
+    marker_count,
 )
 from cryospin.train.choice_record import MapAgreement, record_choice
 from cryospin.train.choose import RunOutcome, choose_run, run_outcome
@@ -99,16 +99,7 @@ def starts_of(run_dir: str | Path) -> int:
     InputError
         No marker, or one that cannot be read.
     """
-    files = StartsFiles(run_dir)
-    if not files.marker.is_file():
-        raise InputError(f"not a --starts run (no {STARTS_MARKER} here)", files.dir)
-    try:
-        count = int(json.loads(files.marker.read_text(encoding="utf-8"))["starts"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise InputError(f"{STARTS_MARKER} is unreadable", files.marker) from None
-    if count < 2:
-        raise InputError(f"{STARTS_MARKER} names {count} starts (at least 2)", files.marker)
-    return count
+    return marker_count(StartsFiles(run_dir).marker, "starts", kind="--starts", minimum=2)
 
 
 def fit_starts(
