@@ -219,9 +219,20 @@ class HalvesFiles:
 
     def half_run(self, which: int) -> Path:
         """The run folder holding half ``which``'s result: :meth:`half_dir`, or its ``chosen``
-        start when the half ran several starts (its ``starts.json``)."""
+        start when the half ran several starts (its ``starts.json``).
+
+        Raises
+        ------
+        InputError
+            A half of several starts without its choice (not every start has finished).
+        """
         half = self.half_dir(which)
-        return half / CHOSEN_LINK if (half / STARTS_MARKER).is_file() else half
+        if not (half / STARTS_MARKER).is_file():
+            return half
+        if not (half / CHOSEN_LINK).is_dir():
+            raise InputError("the half has no chosen start (not every start has finished)",
+                             half)
+        return half / CHOSEN_LINK
 
 
 def prepare_run_dir(run_dir: str | Path, *, resume: bool) -> RunFiles:

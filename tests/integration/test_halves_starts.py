@@ -191,3 +191,11 @@ def test_a_half_that_fits_its_images_clearly_worse_is_warned_about(run, data, tm
     assert main(["report", str(copy)]) == 0
     page = html.unescape((copy / "report.html").read_text())
     assert "one half explains its images clearly worse" in page
+
+
+def test_a_half_without_its_choice_is_named(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    (copy / "half_B" / "chosen").unlink()  # as before half B's choice was made
+    refused(["report", str(copy)], capsys,
+            f"{copy / 'half_B'}: the half has no chosen start (not every start has finished)")

@@ -118,7 +118,7 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
     volume, apix = read_cubic_map(files.map)
     box = int(volume.shape[0])
     half_runs = [[load_run(d) for d in _runs_of_half(files, w)] for w in (1, 2)]
-    halves = [load_run(_chosen_run(files, w)) for w in (1, 2)]
+    halves = [load_run(files.half_run(w).resolve()) for w in (1, 2)]
     try:
         marker = json.loads(files.marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -141,15 +141,6 @@ def _runs_of_half(files: HalvesFiles, which: int) -> list[Path]:
     if not is_starts_run(half):
         return [half]
     return [StartsFiles(half).start_dir(k) for k in range(1, starts_of(half) + 1)]
-
-
-def _chosen_run(files: HalvesFiles, which: int) -> Path:
-    """The run folder half ``which``'s result comes from (a chosen start resolved)."""
-    run = files.half_run(which)
-    if not run.is_dir():
-        raise InputError("the half has no chosen start (not every start has finished)",
-                         run.parent)
-    return run.resolve()
 
 
 def _scores_against(inp: _Inputs) -> str:

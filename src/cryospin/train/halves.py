@@ -84,7 +84,7 @@ from cryospin.io.star import read_relion_star
 from cryospin.io.star_tables import numbers
 from cryospin.plotting import plot_fsc
 from cryospin.point_group import parse_point_group
-from cryospin.rundir import (
+from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from here
     CHECKPOINT,
     HALF_INDICES,
     HALF_NAMES,
@@ -93,7 +93,7 @@ from cryospin.rundir import (
     STARTS_MARKER,
     HalvesFiles,
     RunFiles,
-    marker_count,  # HALF_NAMES and HalvesFiles: also imported from here
+    marker_count,
 )
 from cryospin.symmetry import grid_cosets, point_group_rotations
 from cryospin.train.config import Config, save_config
@@ -547,10 +547,6 @@ def _combine(
     mask_soft_edge_px: float | None,
 ) -> tuple[GoldStandardFSC, AlignResult]:
     half_runs = [files.half_run(w) for w in (1, 2)]
-    for path in half_runs:
-        if not path.is_dir():  # a --starts half without its choice
-            raise InputError("the half has no chosen start (not every start has finished)",
-                             path.parent)
     half_files = [RunFiles(path) for path in half_runs]
     maps = [torch.tensor(read_map(f.map)[0], dtype=torch.float64) for f in half_files]
     map_a, map_b = maps
