@@ -311,4 +311,6 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
                    help="gold standard: reconstruct two random halves independently "
                         "(RUN_DIR/half_A, half_B; rlnRandomSubset when present), align them "
                         "and write the FSC (postprocess.star, fsc.json, fsc.png), the "
-                        "FSC-weighted map.mrc and poses.star")
+                        "FSC-weighted map.mrc and poses.star; warns when one half explains "
+                        "its images clearly worse than the other (a half on a wrong "
+                        "structure, which the FSC can hide: add --starts 2)")
