@@ -690,7 +690,7 @@ def half_fit(scores_a: np.ndarray, scores_b: np.ndarray) -> HalfFit:
     "Gold-standard halves with several starts"): 21 pairs of converged halves 0.6–4.2 %
     apart, 10 pairs with a failed half 10.0–49.7 %, and a pair of a 2.79° half (93 % of its
     particles within 10°) and a 2.15° one 6.8 %; at 64 px and SNR 0.1 (10,000 particles per
-    half) two converged pairs 0.7 and 1.0 %, one with a failed half (ADK, 23.9°) 26.7 %.
+    half) five converged pairs 0.2–1.0 %, one with a failed half (ADK, 23.9°) 26.7 %.
 
     Parameters
     ----------
