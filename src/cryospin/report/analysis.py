@@ -392,6 +392,8 @@ def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFS
         "starts_per_half": starts,
         "half_fit_scores_nats": fit.get("mean_score_nats") if isinstance(fit, dict) else None,
         "half_fit_gap": fit.get("relative_gap") if isinstance(fit, dict) else None,
+        "half_fit_threshold": fit.get("threshold") if isinstance(fit, dict) else None,
+        "half_fit_agree": fit.get("agree") if isinstance(fit, dict) else None,
         "chosen_starts": [h.run_dir.resolve().name if starts > 1 else None for h in halves],
         "half_b_mirrored": align.get("flipped"),
         "half_alignment_correlation": align.get("correlation"),

@@ -117,8 +117,10 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
         raise InputError("the halves run has no combined map.mrc (not finished)", files.dir)
     volume, apix = read_cubic_map(files.map)
     box = int(volume.shape[0])
-    half_runs = [[load_run(d) for d in _runs_of_half(files, w)] for w in (1, 2)]
-    halves = [load_run(files.half_run(w).resolve()) for w in (1, 2)]
+    half_runs = [[load_run(d.resolve()) for d in _runs_of_half(files, w)] for w in (1, 2)]
+    chosen = [files.half_run(w).resolve() for w in (1, 2)]
+    halves = [next(r for r in runs if r.run_dir == c)  # each half's chosen run, loaded once
+              for runs, c in zip(half_runs, chosen, strict=True)]
     try:
         marker = json.loads(files.marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -250,11 +252,11 @@ def write_halves_report(
     files = inp.files
     html_path = Path(output) if output is not None else files.report
     # each run's own report (its training, head usage, map, orientations; every start's)
-    pages = {r.run_dir.resolve(): write_report(r.run_dir, gt_map=gt_map,
+    pages = {r.run_dir: write_report(r.run_dir, gt_map=gt_map,
                                                max_epoch_fsc=max_epoch_fsc,
                                                search_hand=search_hand).html_path
              for runs in inp.half_runs for r in runs}
-    half_pages = [pages[h.run_dir.resolve()] for h in inp.halves]
+    half_pages = [pages[h.run_dir] for h in inp.halves]
     summary = halves_summary(str(files.dir), inp.halves, inp.gold, inp.fsc_summary, inp.marker,
                              box_px=int(inp.volume.shape[0]), pixel_size_angstrom=inp.apix,
                              half_runs=inp.half_runs)

@@ -39,7 +39,6 @@ from cryospin.report.ground_truth import EpochResolution
 from cryospin.report.summary import HalvesSummary, RunSummary
 from cryospin.report.symmetry_check import DrawnAxes, SymmetryCheck, symmetry_advice
 from cryospin.rundir import RunData, Stage
-from cryospin.train.halves import HALF_FIT_GAP
 from cryospin.train.metrics import search_stop_reason
 
 __all__ = [
@@ -521,15 +520,17 @@ def halves_summary_rows(run_dir: Path, s: HalvesSummary) -> list[tuple[str, str]
 
 
 def _half_fit_rows(s: HalvesSummary) -> list[tuple[str, str]]:
-    """How well each half explains its own images (``fsc.json``'s ``half_fit``)."""
+    """How well each half explains its own images (``fsc.json``'s ``half_fit``, as the run
+    judged it)."""
     scores, gap = s["half_fit_scores_nats"], s["half_fit_gap"]
     if not scores or gap is None:
         return []
     a, b = scores
     text = (f"mean particle score half A {a:.4g}, half B {b:.4g} nats: {100 * gap:.1f} % "
             "apart")
-    if gap > HALF_FIT_GAP:
-        text += (f" (over {100 * HALF_FIT_GAP:.0f} %: one half explains its images clearly "
+    threshold = s["half_fit_threshold"]
+    if s["half_fit_agree"] is False and threshold is not None:
+        text += (f" (over {100 * threshold:.0f} %: one half explains its images clearly "
                  "worse, so it has probably settled on another structure or placed part of "
                  "its particles wrong, which the gold-standard FSC may not show; compare "
                  "half_A.mrc and half_B.mrc, and consider --starts 2)")

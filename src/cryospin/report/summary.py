@@ -179,6 +179,8 @@ class _HalvesRequired(TypedDict):
     chosen_starts: list[str | None]
     half_fit_scores_nats: list[float] | None
     half_fit_gap: float | None
+    half_fit_threshold: float | None
+    half_fit_agree: bool | None
     half_b_mirrored: bool | None
     half_alignment_correlation: float | None
     resolution_0143_corrected: float
