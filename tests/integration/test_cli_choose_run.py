@@ -56,6 +56,11 @@ def test_the_run_whose_last_epoch_fit_best_is_chosen(runs, capsys):
     assert [r["chosen"] for r in record["runs"]] == [n == best for n in names]
 
 
+def test_one_run_is_refused(runs, capsys):
+    refused(["choose-run", str(runs / "s1")], capsys,
+            "give at least two run folders to choose from")
+
+
 def test_a_run_with_other_settings_is_refused_by_name(runs, capsys):
     refused(["choose-run", str(runs / "s1"), str(runs / "longer")], capsys,
             f"{runs / 'longer'}: not comparable with {runs / 's1'}",

@@ -141,9 +141,10 @@ def test_a_run_that_cannot_be_compared_is_named(tmp_path, case, needle):
     assert needle in str(err.value) and str(folder) in str(err.value)
 
 
-def test_fewer_than_two_runs_or_one_given_twice_are_refused(tmp_path):
+def test_no_run_or_one_given_twice_are_refused_and_one_run_is_chosen(tmp_path):
     a = run_outcome(_run(tmp_path / "a", [400.0]))
-    with pytest.raises(InputError, match="at least two"):
-        choose_run([a])
+    assert choose_run([a]) == 0  # a starts folder of one start
+    with pytest.raises(InputError, match="no run to choose from"):
+        choose_run([])
     with pytest.raises(InputError, match="the same run folder given twice"):
         choose_run([a, run_outcome(tmp_path / "a" / ".." / "a")])

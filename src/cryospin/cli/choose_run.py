@@ -8,6 +8,7 @@ import json
 
 from cryospin.atomic import atomic_write_text
 from cryospin.cli._choice import format_table
+from cryospin.errors import InputError
 from cryospin.train.choice_record import agreements, choice_record
 from cryospin.train.choose import choose_run, run_outcome
 
@@ -16,6 +17,8 @@ __all__ = ["main"]
 
 def main(args: argparse.Namespace) -> int:
     """Read the runs, choose, print the table (and write the JSON)."""
+    if len(args.runs) < 2:
+        raise InputError("give at least two run folders to choose from")
     outcomes = [run_outcome(path) for path in args.runs]
     chosen = choose_run(outcomes)
     agreement = agreements(outcomes, chosen) if args.maps else None

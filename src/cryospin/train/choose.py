@@ -161,16 +161,17 @@ def comparison_problems(reference: RunOutcome, other: RunOutcome) -> list[str]:
 
 
 def choose_run(outcomes: Sequence[RunOutcome]) -> int:
-    """The index of the run with the lowest final loss (the first of equals).
+    """The index of the run with the lowest final loss (the first of equals; 0 of one run: a
+    ``--starts`` folder of one start, a half of ``--halves`` before it gets another).
 
     Raises
     ------
     InputError
-        Fewer than two runs, a folder given twice, or runs that are not comparable with the
-        first (naming the run and every difference).
+        No run, a folder given twice, or runs that are not comparable with the first (naming
+        the run and every difference).
     """
-    if len(outcomes) < 2:
-        raise InputError("give at least two run folders to choose from")
+    if not outcomes:
+        raise InputError("no run to choose from")
     seen: set[Path] = set()
     for o in outcomes:
         key = o.run_dir.resolve()
