@@ -15,6 +15,10 @@ missing one started. Once every start has finished, the choice is recorded
 (:func:`cryospin.train.choice_record.record_choice`): ``choice.json`` (every start's final
 loss, and its map aligned onto the chosen one's) and ``chosen``, a relative link to the chosen
 start's folder (so that ``RUN/chosen/map.mrc`` is the result), replaced atomically.
+
+A starts folder can grow: :func:`add_start` names one more start in the marker, and the next
+:func:`fit_starts` with ``resume`` runs it and chooses again (``reconstruct --halves`` adds a
+start to a half whose images fit clearly worse than the other half's, :mod:`cryospin.train.halves`).
 """
 
 from __future__ import annotations
@@ -40,14 +44,15 @@ from cryospin.rundir import (
 )
 from cryospin.train.choice_record import MapAgreement, record_choice
 from cryospin.train.choose import RunOutcome, choose_run, run_outcome
-from cryospin.train.config import Config, save_config
+from cryospin.train.config import Config, ScheduleConfig, save_config
 from cryospin.train.distributed import WorldInfo, synchronise
 from cryospin.train.fit import TrainingInterrupted, fit
 from cryospin.train.progress import format_duration
 from cryospin.train.runlog import header_line, run_log, start_run_log
 from cryospin.train.setup import record_resume, run_status, workflow_folder
 
-__all__ = ["StartsResult", "is_starts_run", "starts_of", "start_seeds", "fit_starts"]
+__all__ = ["StartsResult", "is_starts_run", "starts_of", "start_seeds", "add_start",
+           "settled_epochs", "fit_starts"]
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +104,51 @@ def starts_of(run_dir: str | Path) -> int:
     InputError
         No marker, or one that cannot be read.
     """
-    return marker_count(StartsFiles(run_dir).marker, "starts", kind="--starts", minimum=2)
+    return marker_count(StartsFiles(run_dir).marker, "starts", kind="--starts")
+
+
+def add_start(run_dir: str | Path) -> int:
+    """Name one more start in the marker of the ``--starts`` folder ``run_dir`` (its seed the
+    next: the first start's + the count); returns the new count. The start runs, and the
+    choice is made again, at the next :func:`fit_starts` with ``resume``. The marker is
+    replaced atomically.
+
+    Raises
+    ------
+    InputError
+        No marker, or one that cannot be read.
+    """
+    files = StartsFiles(run_dir)
+    count = starts_of(files.dir) + 1
+    try:
+        marker = json.loads(files.marker.read_text(encoding="utf-8"))
+        first_seed = int(marker["seeds"][0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        raise InputError(f"{files.marker.name} is unreadable", files.marker) from None
+    marker.update(starts=count, seeds=start_seeds(first_seed, count),
+                  folders=[files.start_dir(k).name for k in range(1, count + 1)])
+    atomic_write_text(files.marker, json.dumps(marker, indent=2) + "\n")
+    return count
+
+
+def settled_epochs(run_dir: str | Path, schedule: ScheduleConfig) -> tuple[int, ...] | None:
+    """The epochs each start of the ``--starts`` folder ``run_dir`` has done when every start
+    its marker names has finished (:func:`cryospin.train.setup.run_status` under
+    ``schedule``) and ``choice.json`` and the ``chosen`` link cover them all; None otherwise
+    (:func:`fit_starts` has something left to do)."""
+    files = StartsFiles(run_dir)
+    count = starts_of(files.dir)
+    done = []
+    for k in range(1, count + 1):
+        status, epochs = run_status(files.start_dir(k), schedule)
+        if status != "finished":
+            return None
+        done.append(epochs)
+    try:
+        runs = json.loads(files.choice.read_text(encoding="utf-8"))["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return tuple(done) if len(runs) == count and files.chosen.is_dir() else None
 
 
 def fit_starts(
@@ -123,8 +172,9 @@ def fit_starts(
     run_dir : path
         The ``--starts`` run folder.
     starts : int, optional
-        Number of starts (at least 2) of a new run; on resume, the marker's (when given, it
-        must agree).
+        Number of starts of a new run (at least 1; ``reconstruct --starts`` gives 2 or more:
+        one start is a plain run, but a half of ``--halves`` is a starts folder from its first
+        start, :func:`add_start`); on resume, the marker's (when given, it must agree).
     resume : bool
         Continue the run in ``run_dir`` (finished starts are skipped).
     argv : list of str, optional
@@ -144,7 +194,7 @@ def fit_starts(
         When another process holds ``run_dir`` or it already holds a run (without resume).
     InputError
         On resume, when ``particles`` are not the ones the run started with, or ``starts``
-        disagrees with the run's; fewer than 2 starts.
+        disagrees with the run's; fewer than 1 start.
     """
     files = StartsFiles(run_dir)
     if resume:
@@ -153,8 +203,8 @@ def fit_starts(
             raise InputError(f"the run has {count} starts, not {starts} (--starts cannot "
                              "change on --resume)", files.dir)
     else:
-        if starts is None or starts < 2:
-            raise InputError(f"--starts needs at least 2 starts, got {starts}")
+        if starts is None or starts < 1:
+            raise InputError(f"--starts needs at least 1 start, got {starts}")
         count = starts
     with workflow_folder(files.dir, config, argv) as world:  # each start holds its own too
         if not world.is_main:  # rank 0 writes; every rank trains
@@ -236,8 +286,9 @@ def _train_starts(files: StartsFiles, config: Config, particles: ParticleSet, co
         return StartsResult(files.dir, finished, tuple(done))
     outcomes = tuple(run_outcome(files.start_dir(k)) for k in range(1, count + 1))
     chosen = choose_run(outcomes)
-    log.info("every start has finished: aligning the other starts' maps onto the chosen one's "
-             "(%s)", outcomes[chosen].run_dir.name)
+    if count > 1:
+        log.info("every start has finished: aligning the other starts' maps onto the chosen "
+                 "one's (%s)", outcomes[chosen].run_dir.name)
     agreement = record_choice(files.dir, outcomes, chosen)
     log.info("the choice: %s (%s, the link %s)", outcomes[chosen].run_dir.name,
              files.choice, files.chosen)
