@@ -31,7 +31,7 @@ from cryospin.forward.slicing import extract_central_slices, insert_central_slic
 from cryospin.io.mrc import read_map
 from cryospin.io.pkl import read_cryodrgn_poses, write_cryodrgn_poses
 from cryospin.rotations import random_rotations
-from cryospin.rundir import HALF_NAMES, Checkpoint, read_metrics
+from cryospin.rundir import Checkpoint, HalvesFiles, read_metrics
 from cryospin.symmetry import point_group_rotations
 from cryospin.train.config import load_config
 from cryospin.train.precision import autocast_dtype, resolve_precision
@@ -211,8 +211,8 @@ def test_halves(particles, tmp_path: Path) -> None:
     run = tmp_path / "halves"
     assert main(["reconstruct", *_inputs(particles), "-o", str(run), "--halves", "--epochs",
                  "2", "--switch-epoch", "1", "--search-epochs", "1", *COMMON]) == 0
-    for half in HALF_NAMES:
-        _finite_map(run / half / "map.mrc")
+    for half in (1, 2):
+        _finite_map(HalvesFiles(run).half_run(half) / "map.mrc")
     _finite_map(run / "map.mrc")
 
 

@@ -32,7 +32,7 @@ from cryospin.io.particles import load_indices, load_particles, write_particles_
 from cryospin.io.pkl import write_cryodrgn_poses
 from cryospin.io.star import read_relion_star
 from cryospin.io.star_tables import numbers
-from cryospin.rundir import read_metrics
+from cryospin.rundir import HalvesFiles, read_metrics
 from cryospin.train.config import load_config
 
 L, N, APIX = 16, 200, 4.0
@@ -59,10 +59,12 @@ OUTPUTS = ("half_A.mrc", "half_B.mrc", "map.mrc", "mask.mrc", "map_masked.mrc",
 
 
 def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> None:
+    """``--max-starts 1``: each half one run folder, never another start (the default layout,
+    each half a ``--starts`` folder that can grow: test_halves_restart.py)."""
     star, subsets = star_with_subsets
     run = tmp_path / "run"
     status = cli_main([
-        "reconstruct", str(star), "-o", str(run), "--halves", "--epochs", "2",
+        "reconstruct", str(star), "-o", str(run), "--halves", "--max-starts", "1", "--epochs", "2",
         "--switch-epoch", "1", "--heads", "2", "--width", "0.125", "--no-bf16",
         "--batch-size", "50", "--search-rotations", "128", "--device", "cpu",
         "--threads", "1", "--no-progress", "--seed", "4", "--stop-after", "1",
@@ -235,7 +237,7 @@ def test_halves_report_renders_in_headless_chromium(browser, star_with_subsets,
         "--batch-size", "50", "--search-rotations", "128", "--device", "cpu",
         "--threads", "1", "--no-progress", "--seed", "4",
     ]) == 0
-    for i, page in enumerate((run / "report.html", run / "half_A" / "report.html")):
+    for i, page in enumerate((run / "report.html", HalvesFiles(run).half_run(1) / "report.html")):
         scratch = tmp_path / f"browser{i}"
         scratch.mkdir()
         render_in_chromium(browser, page, scratch)
@@ -296,8 +298,9 @@ def test_halves_on_a_cs_input_write_poses_cs_with_each_halfs_scores(star_with_su
     scores = numbers(poses.star_table["rlnLogLikeliContribution"])
     assert out.dtype["cryospin/score"] == np.dtype("<f4")
     np.testing.assert_allclose(out["cryospin/score"], scores, rtol=1e-6, atol=1e-3)
-    for which, name in ((1, "half_A"), (2, "half_B")):  # each half's own scores
-        half = read_relion_star(run / name / "poses.star", metadata_only=True)
+    for which in (1, 2):  # each half's own scores (its chosen start's)
+        half = read_relion_star(HalvesFiles(run).half_run(which) / "poses.star",
+                                metadata_only=True)
         np.testing.assert_array_equal(scores[subsets == which],
                                       numbers(half.star_table["rlnLogLikeliContribution"]))
     back = load_particles(run / "poses.cs", datadir=star.parent)

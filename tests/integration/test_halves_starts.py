@@ -44,10 +44,11 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
-    """``--halves --starts 2 --seed 4`` run to the end."""
+    """``--halves --starts 2 --max-starts 2 --seed 4`` run to the end (two starts in each
+    half, never more)."""
     folder = tmp_path_factory.mktemp("hs") / "run"
     assert main(["reconstruct", *data, "-o", str(folder), "--halves", "--starts", "2",
-                 "--seed", "4", *_FLAGS]) == 0
+                 "--max-starts", "2", "--seed", "4", *_FLAGS]) == 0
     return folder
 
 
@@ -102,11 +103,12 @@ def test_the_log_and_the_report_say_which_starts_were_kept(run):
     assert f"half_B: the chosen start is {chosen[1]}" in log
     assert "half A took " in log and "; half B (48 particles), about " in log
     page = (run / "report.html").read_text()
-    assert html.escape(f"2 in each half, each half's own lowest final loss kept: half A "
+    assert html.escape(f"half A 2, half B 2; each half's own lowest final loss kept: half A "
                        f"{chosen[0]}, half B {chosen[1]}") in page
+    assert "added for fitting its images clearly worse" not in page  # --max-starts 2
     assert f'half_A/{chosen[0]}/report.html">half A ({chosen[0]})</a>' in page
     summary = json.loads((run / "report" / "summary.json").read_text())
-    assert summary["starts_per_half"] == 2 and summary["chosen_starts"] == chosen
+    assert summary["starts_per_half"] == [2, 2] and summary["chosen_starts"] == chosen
     walls = [sum(read_metrics(run / n / f"start_{k}" / "metrics.jsonl")[-1]["elapsed_s"]
                  for k in (1, 2)) for n in ("half_A", "half_B")]  # each half's starts together
     assert summary["wall_time_s"] == pytest.approx(walls, rel=1e-6)
@@ -118,7 +120,7 @@ def test_the_log_and_the_report_say_which_starts_were_kept(run):
 def test_stopped_halves_with_starts_resume_to_the_same_result(run, data, tmp_path, capsys):
     again = tmp_path / "run"
     assert main(["reconstruct", *data, "-o", str(again), "--halves", "--starts", "2",
-                 "--seed", "4", "--stop-after", "2", *_FLAGS]) == 0
+                 "--max-starts", "2", "--seed", "4", "--stop-after", "2", *_FLAGS]) == 0
     assert "continue with: cryospin reconstruct --resume" in capsys.readouterr().out
     for name in ("half_A", "half_B"):
         assert not (again / name / "chosen").exists()

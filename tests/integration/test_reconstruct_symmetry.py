@@ -22,7 +22,7 @@ from tests._cli import refused
 from cryospin.cli.main import main
 from cryospin.io.mrc import read_map
 from cryospin.io.particles import load_particles
-from cryospin.rundir import Checkpoint, read_metrics
+from cryospin.rundir import Checkpoint, HalvesFiles, read_metrics
 
 N = 300
 FLAGS = ["--symmetry", "D2", "--epochs", "4", "--switch-epoch", "1", "--search-epochs", "1",
@@ -136,8 +136,8 @@ def test_halves_with_symmetry(d2_star: Path, tmp_path: Path) -> None:
         _assert_symmetric(run / name)
     poses = load_particles(run / "poses.star", metadata_only=True, check_finite=False)
     assert len(poses) == N
-    for half in ("half_A", "half_B"):  # each half imposes D2 in its own run, after its search
-        steps = _symmetry_steps(run / half)
+    for half in (1, 2):  # each half imposes D2 in its own run, after its search
+        steps = _symmetry_steps(HalvesFiles(run).half_run(half))
         assert [(e, s["group"]) for e, s in steps] == [(3, "D2")], half
 
 

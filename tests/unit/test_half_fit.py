@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from cryospin.train.halves import HALF_FIT_GAP, half_fit
+from cryospin.train.halves import HALF_FIT_GAP, half_fit, half_to_restart
 
 
 def test_the_gap_is_the_difference_over_the_larger_mean_whichever_half_is_worse():
@@ -38,3 +38,22 @@ def test_no_positive_mean_is_not_judged():
     fit = half_fit(np.array([-3.0, -1.0]), np.array([-2.0]))
     assert math.isnan(fit.relative_gap) and not fit.agree
     assert fit.to_dict()["relative_gap"] is None and fit.to_dict()["agree"] is False
+
+
+def test_the_half_that_fits_worse_gets_a_start_until_it_has_the_most():
+    worse_b = half_fit(np.full(4, 100.0), np.full(4, 80.0))
+    worse_a = half_fit(np.full(4, 80.0), np.full(4, 100.0))
+    assert half_to_restart(worse_b, (1, 1), 3) == 2
+    assert half_to_restart(worse_a, (1, 1), 3) == 1
+    assert half_to_restart(worse_b, (1, 2), 3) == 2
+    assert half_to_restart(worse_b, (1, 3), 3) is None  # half B has all its starts
+    assert half_to_restart(worse_b, (3, 1), 1) is None  # --max-starts 1: never
+    assert half_to_restart(worse_a, (1, 3), 3) == 1  # the other half's count does not matter
+
+
+def test_halves_that_agree_or_cannot_be_compared_get_no_start():
+    alike = half_fit(np.full(4, 100.0), np.full(4, 100.0 * (1 - HALF_FIT_GAP)))
+    assert alike.agree and half_to_restart(alike, (1, 1), 3) is None
+    unjudged = half_fit(np.full(4, -1.0), np.full(4, -2.0))
+    assert math.isnan(unjudged.relative_gap) and half_to_restart(unjudged, (1, 1), 3) is None
+    assert half_to_restart(None, (1, 1), 3) is None  # a half's star without scores

@@ -157,6 +157,11 @@ def main(args: argparse.Namespace) -> int:
     """Run ``cryospin reconstruct``; returns the exit status (130 on Ctrl-C, 143 on SIGTERM)."""
     halves = args.halves or bool(args.resume and is_halves_run(args.resume))
     starts = _starts_requested(args, halves)
+    if args.max_starts is not None and not halves:
+        raise InputError("--max-starts is for --halves (how many starts a half that fits "
+                         "its images clearly worse may get)")
+    if args.max_starts is not None and args.max_starts < 1:
+        raise InputError(f"--max-starts must be at least 1, got {args.max_starts}")
     created = False  # whether this command made the run folder
     if args.resume:
         run_dir = Path(args.resume)
@@ -390,13 +395,14 @@ def _write_report(run_dir: Path, *, halves: bool = False) -> None:
 
 def _run_halves(config: Config, particles: ParticleSet, run_dir: Path, starts: int | None,
                 args: argparse.Namespace, *, main: bool) -> int:
-    """``--halves [--starts K]``: both halves (each one run, or K starts and the choice),
-    then the gold-standard combination, its summary and the report (``main``: rank 0 of a
-    distributed job, or the one process)."""
+    """``--halves [--starts K] [--max-starts M]``: both halves (each its starts and the
+    choice, more starts for a half that fits clearly worse; or one run each), then the
+    gold-standard combination, its summary and the report (``main``: rank 0 of a distributed
+    job, or the one process)."""
     try:
         result = fit_halves(config, particles, run_dir, resume=bool(args.resume),
                             argv=getattr(args, "argv", None), stop_after=args.stop_after,
-                            starts=starts)
+                            starts=starts, max_starts=args.max_starts)
     except TrainingInterrupted as exc:
         _say(f"cryospin reconstruct: {exc}", file=sys.stderr)
         return exc.exit_status

@@ -368,16 +368,18 @@ def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFS
                    pixel_size_angstrom: float,
                    half_runs: Sequence[Sequence[RunData]] | None = None) -> HalvesSummary:
     """The summary of a ``--halves`` run: particles and half sizes, the split, each half's
-    epochs and wall time (seconds; of every run in ``half_runs``, each half's starts, when
-    given), the alignment of half B onto half A and the gold-standard resolutions (Å) from
-    ``fsc.json`` (``fsc_summary``, parsed as ``gold``) and ``halves.json`` (``marker``).
-    ``halves``: the run folder each half's result comes from (its chosen start, with several
-    starts per half)."""
+    epochs, starts (at first, ``halves.json``'s, and now, with those a half got for fitting
+    its images clearly worse) and wall time (seconds; of every run in ``half_runs``, each
+    half's starts, when given), the alignment of half B onto half A and the gold-standard
+    resolutions (Å) from ``fsc.json`` (``fsc_summary``, parsed as ``gold``) and
+    ``halves.json`` (``marker``). ``halves``: the run folder each half's result comes from
+    (its chosen start, with several starts per half)."""
     sizes = fsc_summary.get("half_sizes") or marker.get("half_sizes") or [None, None]
     runs = half_runs if half_runs is not None else [[h] for h in halves]
     walls = [sum(float(elapsed_seconds(r.metrics)[-1]) for r in rs if r.metrics)
              for rs in runs]
-    starts = max(len(rs) for rs in runs)
+    starts = [len(rs) for rs in runs]
+    several = max(starts) > 1
     align = fsc_summary.get("alignment") or {}
     fit = fsc_summary.get("half_fit")  # absent in runs from before it
     return {
@@ -390,11 +392,12 @@ def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFS
         "epochs_completed": [int(h.metrics[-1]["epoch"]) if h.metrics else 0 for h in halves],
         "wall_time_s": walls,
         "starts_per_half": starts,
+        "starts_at_first": int(marker.get("starts", 1)),
         "half_fit_scores_nats": fit.get("mean_score_nats") if isinstance(fit, dict) else None,
         "half_fit_gap": fit.get("relative_gap") if isinstance(fit, dict) else None,
         "half_fit_threshold": fit.get("threshold") if isinstance(fit, dict) else None,
         "half_fit_agree": fit.get("agree") if isinstance(fit, dict) else None,
-        "chosen_starts": [h.run_dir.resolve().name if starts > 1 else None for h in halves],
+        "chosen_starts": [h.run_dir.resolve().name if several else None for h in halves],
         "half_b_mirrored": align.get("flipped"),
         "half_alignment_correlation": align.get("correlation"),
         "resolution_0143_corrected": gold.final_resolution,

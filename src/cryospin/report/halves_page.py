@@ -203,15 +203,17 @@ def _figures(figs: FigureSet, inp: _Inputs, gt_map: str | Path | None,
                    gt_rotations=inp.gt_R, pose_result=pose_result)
 
 
-def _half_links(figs: FigureSet, half_pages: Sequence[Path], starts: int) -> str:
+def _half_links(figs: FigureSet, half_pages: Sequence[Path], starts: Sequence[int]) -> str:
     """The note linking each half's own report (its chosen start's, with several starts)."""
+    several = max(starts) > 1
     links = ", ".join(f'<a href="{figs.link(p)}">{n.replace("_", " ")}'
-                      + (f" ({p.parent.name})" if starts > 1 else "") + "</a>"
+                      + (f" ({p.parent.name})" if several else "") + "</a>"
                       for n, p in zip(HALF_NAMES, half_pages, strict=True))
-    if starts > 1:
+    if several:
         return (f"Each half's chosen start's own report (training, head usage, map, "
-                f"orientations, and the choice among the half's {starts} starts): {links}; "
-                "every other start's report is in its own folder.")
+                f"orientations, and the choice among the half's starts: {starts[0]} in "
+                f"half A, {starts[1]} in half B): {links}; every other start's report is in "
+                "its own folder.")
     return f"Each half's own report (training, head usage, map, orientations): {links}."
 
 

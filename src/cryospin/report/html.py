@@ -497,12 +497,16 @@ def halves_summary_rows(run_dir: Path, s: HalvesSummary) -> list[tuple[str, str]
     ea, eb = s["epochs_completed"]
     wa, wb = s["wall_time_s"]
     rows.append(("epochs", f"half A {ea}, half B {eb}"))
-    starts = s["starts_per_half"]
-    if starts > 1:
+    na, nb = s["starts_per_half"]
+    if max(na, nb) > 1:
         ca, cb = s["chosen_starts"]
-        rows.append(("starts", f"{starts} in each half, each half's own lowest final loss "
-                               f"kept: half A {ca}, half B {cb}"))
-    every = f"{starts} starts each: " if starts > 1 else ""
+        first = s["starts_at_first"]
+        added = [f"{n - first} to half {w}" for w, n in (("A", na), ("B", nb)) if n > first]
+        why = (f" ({first} each at first; added for fitting its images clearly worse than "
+               f"the other half: {', '.join(added)})" if added else "")
+        rows.append(("starts", f"half A {na}, half B {nb}{why}; each half's own lowest final "
+                               f"loss kept: half A {ca}, half B {cb}"))
+    every = "all starts: " if max(na, nb) > 1 else ""
     rows.append(("wall time", f"{format_duration(wa + wb)} ({every}half A "
                               f"{format_duration(wa)}, half B {format_duration(wb)})"))
     if s["half_alignment_correlation"] is not None:
@@ -533,7 +537,8 @@ def _half_fit_rows(s: HalvesSummary) -> list[tuple[str, str]]:
         text += (f" (over {100 * threshold:.0f} %: one half explains its images clearly "
                  "worse, so it has probably settled on another structure or placed part of "
                  "its particles wrong, which the gold-standard FSC may not show; compare "
-                 "half_A.mrc and half_B.mrc, and consider --starts 2)")
+                 "half_A.mrc and half_B.mrc; more starts for that half: cryospin reconstruct "
+                 "--resume RUN_DIR --max-starts with one more than it has)")
     return [("halves' own fit", text)]
 
 

@@ -175,7 +175,8 @@ class _HalvesRequired(TypedDict):
     pixel_size_angstrom: float
     epochs_completed: list[int]
     wall_time_s: list[float]
-    starts_per_half: int
+    starts_per_half: list[int]
+    starts_at_first: int
     chosen_starts: list[str | None]
     half_fit_scores_nats: list[float] | None
     half_fit_gap: float | None

@@ -19,6 +19,15 @@ Phases of :func:`fit_halves`:
    seed, ``+ 1``, ... (half A ``run.seed`` ..., half B ``run.seed + HALF_B_SEED_OFFSET``
    ...), the lowest final loss chosen within the half (``half_A/chosen``). The halves stay
    independent: each chooses among its own starts by its own images' fit.
+   **A half that fits its images clearly worse gets another start.** With ``max_starts`` > 1
+   (``--max-starts``, default :data:`DEFAULT_MAX_STARTS`) each half is a ``--starts`` folder
+   from its first start; once both halves have finished, their own fit is compared
+   (:func:`half_fit`, from each half's particle scores) and, while the half whose images fit
+   clearly worse has fewer than ``max_starts`` starts, it gets one more
+   (:func:`cryospin.train.starts.add_start`; its seed the half's next), its choice is made
+   again, and the halves are compared again (:func:`half_to_restart`). Only a half's own
+   images decide its choice, and only the two halves' fit to their own images (never their
+   maps against each other) decides a restart, so the halves stay independent.
 3. **combination** (:func:`combine_halves`) — half B's ``map.mrc`` (of its chosen start, with
    several starts: :meth:`cryospin.rundir.HalvesFiles.half_run`) is aligned onto half A's
    (rotation, translation and hand, :func:`cryospin.evaluate.align.align_maps`; with
@@ -103,7 +112,13 @@ from cryospin.train.progress import format_duration
 from cryospin.train.runlog import header_line, run_log, start_run_log
 from cryospin.train.scores import SCORE_COLUMN, SCORE_CS_FIELD, selected_indices
 from cryospin.train.setup import record_resume, run_status, workflow_folder
-from cryospin.train.starts import fit_starts, is_starts_run
+from cryospin.train.starts import (
+    add_start,
+    fit_starts,
+    is_starts_run,
+    settled_epochs,
+    starts_of,
+)
 
 __all__ = [
     "HALF_NAMES",
@@ -118,6 +133,9 @@ __all__ = [
     "HALF_FIT_GAP",
     "HalfFit",
     "half_fit",
+    "DEFAULT_MAX_STARTS",
+    "max_starts_per_half",
+    "half_to_restart",
     "format_summary",
 ]
 
@@ -127,9 +145,14 @@ log = logging.getLogger(__name__)
 HALF_B_SEED_OFFSET = 1000
 
 #: The halves' mean particle scores may differ by this share of the larger before the run
-#: warns that one half fits its images clearly worse (:func:`half_fit`; measured at the demo
-#: test's size: converged pairs 0.6–4.2 %, a failed half 10.0–49.7 %).
+#: warns that one half fits its images clearly worse, and that half gets another start
+#: (:func:`half_fit`, :func:`half_to_restart`; measured at the demo test's size: converged
+#: pairs 0.4–4.3 %, a failed half 10.0–56.0 %, a mediocre one 5.4–11.9 %).
 HALF_FIT_GAP = 0.05
+
+#: The most starts a half gets by default (``--max-starts``): a half whose images fit clearly
+#: worse than the other's (:data:`HALF_FIT_GAP`) gets more until then.
+DEFAULT_MAX_STARTS = 3
 
 
 @dataclass(frozen=True)
@@ -152,8 +175,10 @@ class HalvesResult:
         The FSC curves (None when not finished).
     alignment : AlignResult or None
         Half B's map onto half A's (None when not finished).
-    starts : int
-        Starts per half (1: each half one run).
+    starts : tuple[int, int]
+        Starts run by half A and half B (1: one run).
+    max_starts : int
+        The most starts a half may get (1: each half one run, never another).
     """
 
     run_dir: Path
@@ -163,7 +188,8 @@ class HalvesResult:
     split_source: str
     gold_standard: GoldStandardFSC | None = None
     alignment: AlignResult | None = None
-    starts: int = 1
+    starts: tuple[int, int] = (1, 1)
+    max_starts: int = 1
 
 
 def is_halves_run(run_dir: str | Path) -> bool:
@@ -209,7 +235,7 @@ def _load_half_set(files: HalvesFiles, n: int) -> np.ndarray:
 
 def _start(
     files: HalvesFiles, config: Config, particles: ParticleSet, argv: list[str] | None,
-    starts: int,
+    starts: int, max_starts: int,
 ) -> tuple[np.ndarray, str]:
     """New halves run: check the folder, split, write the marker, split and config."""
     if files.marker.exists() or any(
@@ -233,13 +259,16 @@ def _start(
         "half_seeds": [int(config.run.seed), int(config.run.seed) + HALF_B_SEED_OFFSET],
         "halves": list(HALF_NAMES),
         "starts": starts,
+        "max_starts": max_starts,
+        "starts_folders": max_starts > 1,
     }
     atomic_write_text(files.marker, json.dumps(marker, indent=2) + "\n")
     return half, source
 
 
 def _resume(
-    files: HalvesFiles, config: Config, particles: ParticleSet, argv: list[str] | None
+    files: HalvesFiles, config: Config, particles: ParticleSet, argv: list[str] | None,
+    max_starts: int,
 ) -> tuple[np.ndarray, str]:
     if not files.marker.is_file():
         raise InputError(f"not a --halves run (no {HALVES_MARKER} here)", files.dir)
@@ -247,6 +276,12 @@ def _resume(
     half = _load_half_set(files, len(particles))
     source = _split_source(files)
     record_resume(files, config, particles, argv, identity)
+    recorded = max_starts_per_half(files.dir)
+    if max_starts != recorded:
+        marker = json.loads(files.marker.read_text(encoding="utf-8"))  # read just above
+        marker["max_starts"] = max_starts
+        atomic_write_text(files.marker, json.dumps(marker, indent=2) + "\n")
+        log.info("the most starts a half may get: %d (was %d)", max_starts, recorded)
     return half, source
 
 
@@ -268,6 +303,39 @@ def starts_per_half(run_dir: str | Path) -> int:
         No marker, or one that cannot be read.
     """
     return marker_count(HalvesFiles(run_dir).marker, "starts", kind="--halves", default=1)
+
+
+def max_starts_per_half(run_dir: str | Path) -> int:
+    """The most starts a half of the ``--halves`` run in ``run_dir`` may get (its marker's
+    ``max_starts``; :func:`starts_per_half` for a marker without it, written before
+    ``--max-starts``).
+
+    Raises
+    ------
+    InputError
+        No marker, or one that cannot be read.
+    """
+    marker = HalvesFiles(run_dir).marker
+    return marker_count(marker, "max_starts", kind="--halves",
+                        default=starts_per_half(run_dir))
+
+
+def _starts_folders(run_dir: Path) -> bool:
+    """Whether each half of the ``--halves`` run in ``run_dir`` is a ``--starts`` folder (its
+    marker's ``starts_folders``; before it was recorded: more than one start per half)."""
+    files = HalvesFiles(run_dir)
+    try:
+        recorded = json.loads(files.marker.read_text(encoding="utf-8")).get("starts_folders")
+    except (OSError, ValueError, AttributeError):
+        raise InputError(f"{HALVES_MARKER} is unreadable", files.marker) from None
+    return starts_per_half(run_dir) > 1 if recorded is None else bool(recorded)
+
+
+def _half_counts(files: HalvesFiles) -> tuple[int, int]:
+    """The starts each half has now (1 for a half that is one run)."""
+    a, b = (starts_of(files.half_dir(w)) if is_starts_run(files.half_dir(w)) else 1
+            for w in (1, 2))
+    return a, b
 
 
 def _half_config(config: Config, which: int, ind_path: Path) -> Config:
@@ -299,6 +367,7 @@ def fit_halves(
     argv: list[str] | None = None,
     stop_after: int | None = None,
     starts: int | None = None,
+    max_starts: int | None = None,
 ) -> HalvesResult:
     """Reconstruct two half sets independently, then combine them (module docstring).
 
@@ -317,8 +386,13 @@ def fit_halves(
     stop_after : int, optional
         Stop each half after this epoch (both halves are brought to it), without combining.
     starts : int, optional
-        Starts per half (default 1: each half one run); on resume, the marker's (when given,
-        it must agree).
+        Starts per half at first (default 1); on resume, the marker's (when given, it must
+        agree).
+    max_starts : int, optional
+        The most starts a half may get when its images fit clearly worse than the other's
+        (default :data:`DEFAULT_MAX_STARTS`, or ``starts`` when larger; 1: each half one run,
+        never another); on resume, the marker's unless given (it may change then, but not
+        below ``starts``, and not above 1 in a run whose halves are single runs).
 
     Returns
     -------
@@ -332,7 +406,8 @@ def fit_halves(
         When another process holds ``run_dir`` (:func:`cryospin.runlock.folder_lock`).
     InputError
         On resume, when ``particles`` are not the ones the run started with, or ``starts``
-        disagrees with the run's; ``starts`` < 1.
+        disagrees with the run's; ``starts`` < 1; ``max_starts`` below ``starts``, or above 1
+        on resume of a run whose halves are single runs.
     """
     if config.model.symmetry.lower() == "auto":  # the halves would not share one group
         raise InputError("--symmetry auto cannot be used with --halves (each half could find "
@@ -344,13 +419,22 @@ def fit_halves(
         if starts is not None and starts != count:
             raise InputError(f"each half of the run has {count} start(s), not {starts} "
                              "(--starts cannot change on --resume)", files.dir)
+        most = max_starts_per_half(files.dir) if max_starts is None else max_starts
+        if most > 1 and not _starts_folders(files.dir):
+            raise InputError("each half of this run is a single run (it was made with "
+                             "--max-starts 1, or before --max-starts), so it cannot get more "
+                             "starts: --max-starts cannot be raised on --resume", files.dir)
     else:
         count = 1 if starts is None else starts
         if count < 1:
             raise InputError(f"--starts must be at least 1, got {count}")
+        most = max(DEFAULT_MAX_STARTS, count) if max_starts is None else max_starts
+    if most < count:
+        raise InputError(f"--max-starts {most} is below the starts each half runs at first "
+                         f"({count}, --starts)")
     with workflow_folder(files.dir, config, argv) as world:  # each half holds its own too
         return _fit_halves(files, config, particles, world, resume=resume, argv=argv,
-                           stop_after=stop_after, starts=count)
+                           stop_after=stop_after, starts=count, max_starts=most)
 
 
 def _fit_halves(
@@ -363,12 +447,13 @@ def _fit_halves(
     argv: list[str] | None,
     stop_after: int | None,
     starts: int,
+    max_starts: int,
 ) -> HalvesResult:
     """:func:`fit_halves` with the run folder held (rank 0 sets it up, the other ranks then
     read the split)."""
     if world.is_main:
-        half, source = (_resume(files, config, particles, argv) if resume
-                        else _start(files, config, particles, argv, starts))
+        half, source = (_resume(files, config, particles, argv, max_starts) if resume
+                        else _start(files, config, particles, argv, starts, max_starts))
     synchronise(world)
     if not world.is_main:
         half, source = _load_half_set(files, len(particles)), _split_source(files)
@@ -378,7 +463,7 @@ def _fit_halves(
         if world.is_main:
             start_run_log(files.log)  # the split and the particles are checked
         return _train_and_combine(files, config, particles, half, source, world, argv=argv,
-                                  stop_after=stop_after, starts=starts)
+                                  stop_after=stop_after, starts=starts, max_starts=max_starts)
 
 
 def _train_and_combine(
@@ -392,15 +477,46 @@ def _train_and_combine(
     argv: list[str] | None,
     stop_after: int | None,
     starts: int,
+    max_starts: int,
 ) -> HalvesResult:
     """Phases 2 and 3 of :func:`fit_halves` (logged to ``RUN_DIR/run.log``; each half's run
-    also to its own). Every rank trains; rank 0 combines (the others return without the
-    combination's results)."""
+    also to its own): both halves, another start for a half that fits clearly worse while it
+    may have one (:func:`half_to_restart`), then the combination. Every rank trains; rank 0
+    decides the restarts and combines (the others return without the combination's
+    results)."""
     sizes = (int((half == 1).sum()), int((half == 2).sum()))
     if min(sizes) < 2:
         raise InputError(f"each half needs at least 2 particles, got {sizes[0]} and {sizes[1]}",
                          particles.source)
-    train_half = _train_half if starts == 1 else _train_half_starts
+    while True:
+        done, finished = _train_both(files, config, particles, half, world, argv=argv,
+                                     stop_after=stop_after, starts=starts,
+                                     one_run=not _starts_folders(files.dir))
+        counts = _half_counts(files)
+        if not finished:
+            return HalvesResult(files.dir, False, done, sizes, source, starts=counts,
+                                max_starts=max_starts)
+        synchronise(world)  # every rank has read the counts before rank 0 adds a start
+        if world.is_main:
+            _restart_worse_half(files, particles.box_px, counts, max_starts)
+        synchronise(world)
+        if _half_counts(files) == counts:  # no start added: the halves stand
+            break
+    if not world.is_main:
+        return HalvesResult(files.dir, True, done, sizes, source, starts=counts,
+                            max_starts=max_starts)
+    gold, align = combine_halves(files.dir, particles, half, config=config)
+    return HalvesResult(files.dir, True, done, sizes, source, gold, align, starts=counts,
+                        max_starts=max_starts)
+
+
+def _train_both(files: HalvesFiles, config: Config, particles: ParticleSet, half: np.ndarray,
+                world: WorldInfo, *, argv: list[str] | None, stop_after: int | None,
+                starts: int, one_run: bool) -> tuple[tuple[int, int], bool]:
+    """Train half A, then half B (finished runs skipped); their epochs done and whether both
+    finished."""
+    sizes = (int((half == 1).sum()), int((half == 2).sum()))
+    train_half = _train_half if one_run else _train_half_starts
     done: list[int] = []
     finished = True
     for which in (1, 2):
@@ -417,12 +533,48 @@ def _train_and_combine(
             took = time.perf_counter() - t0
             log.info("half A took %s; half B (%d particles), about %s more", format_duration(took),
                      sizes[1], format_duration(took * sizes[1] / sizes[0]))
-    if not finished or not world.is_main:
-        return HalvesResult(files.dir, finished, (done[0], done[1]), sizes, source,
-                            starts=starts)
-    gold, align = combine_halves(files.dir, particles, half, config=config)
-    return HalvesResult(files.dir, True, (done[0], done[1]), sizes, source, gold, align,
-                        starts=starts)
+    return (done[0], done[1]), finished
+
+
+def half_to_restart(fit: HalfFit | None, counts: tuple[int, int], max_starts: int) -> int | None:
+    """The half (1: A, 2: B) that gets another start: the one whose images fit clearly worse
+    (:attr:`HalfFit.agree` false, a finite gap), while it has fewer than ``max_starts``
+    starts (``counts``: half A's and half B's now); None when the halves agree, cannot be
+    compared (``fit`` None or a NaN gap), or the worse half has all its starts."""
+    if fit is None or not math.isfinite(fit.relative_gap) or fit.agree:
+        return None
+    which = 1 if fit.worse == "A" else 2
+    return which if counts[which - 1] < max_starts else None
+
+
+def _restart_worse_half(files: HalvesFiles, box_px: int, counts: tuple[int, int],
+                        max_starts: int) -> None:
+    """Compare the finished halves' own fit and, when one half fits clearly worse and may get
+    another start, add it (:func:`cryospin.train.starts.add_start`; it runs at the next pass
+    of the halves)."""
+    if max_starts <= 1:
+        return
+    fit = _halves_fit(files, box_px)
+    which = half_to_restart(fit, counts, max_starts)
+    if fit is None or which is None:
+        return
+    half_dir = files.half_dir(which)
+    count = add_start(half_dir)
+    a, b = fit.mean_score_nats
+    log.warning("the halves' own fit: mean particle score %.4g nats (half A) and %.4g (half B), "
+                "%.1f %% apart (over %.0f %%): half %s's map explains its images clearly worse, "
+                "so it gets another start (start %d of at most %d, --max-starts), chosen "
+                "against its others by its own images' fit; then the halves are compared again",
+                a, b, 100 * fit.relative_gap, 100 * HALF_FIT_GAP, fit.worse, count, max_starts)
+
+
+def _halves_fit(files: HalvesFiles, box_px: int) -> HalfFit | None:
+    """:func:`half_fit` of the finished halves' chosen runs (their ``poses.star`` scores; None
+    when a half's star has none)."""
+    scores = [_read_half_poses(RunFiles(files.half_run(w)).star, box_px)[2] for w in (1, 2)]
+    if scores[0] is None or scores[1] is None:
+        return None
+    return half_fit(scores[0], scores[1])
 
 
 class _HalfOutcome(NamedTuple):
@@ -464,20 +616,27 @@ def _train_half_starts(files: HalvesFiles, config: Config, particles: ParticleSe
                        argv: list[str] | None, stop_after: int | None,
                        starts: int) -> _HalfOutcome:
     """Half ``which`` as ``starts`` runs and the choice among them (a ``--starts`` folder;
-    finished starts are skipped, the choice made again)."""
+    finished starts are skipped and the choice made again, unless every start had finished
+    and been chosen among: then the half is skipped)."""
     half_dir = files.half_dir(which)
     local = np.flatnonzero(half == which)
     resume = is_starts_run(half_dir)
+    settled = settled_epochs(half_dir, config.schedule) if resume else None
+    if settled is not None:
+        log.info("%s is finished (%d start%s, the chosen %s)", half_dir.name, len(settled),
+                 "s" if len(settled) > 1 else "", files.half_run(which).resolve().name)
+        return _HalfOutcome(min(settled), True, False)
     ind_path = half_dir / HALF_INDICES
     synchronise(world)  # every rank has looked for the marker before rank 0 writes one
     if world.is_main and not resume:
         half_dir.mkdir(parents=True, exist_ok=True)
         _save_npy(ind_path, _original_indices(config, local))
-    log.info("%s: %s %d starts on %d particles%s", half_dir.name,
-             "resuming its" if resume else "running", starts, local.size,
-             ", then half B's" if which == 1 else "")
+    count = starts_of(half_dir) if resume else starts
+    log.info("%s: %s %d start%s on %d particles%s", half_dir.name,
+             "resuming its" if resume else "running", count, "s" if count > 1 else "",
+             local.size, ", then half B's" if which == 1 else "")
     result = fit_starts(_half_config(config, which, ind_path), particles.subset(local),
-                        half_dir, starts=starts, resume=resume, argv=argv,
+                        half_dir, starts=None if resume else starts, resume=resume, argv=argv,
                         stop_after=stop_after)
     if result.chosen is not None:
         log.info("%s: the chosen start is %s", half_dir.name,
@@ -599,8 +758,9 @@ def _combine(
         else:
             scores = None
     fit = None if scores is None else half_fit(scores[half_set == 1], scores[half_set == 2])
+    counts, most = _half_counts(files), max_starts_per_half(files.dir)
     if fit is not None:
-        _log_half_fit(fit)
+        _log_half_fit(fit, _more_starts_advice(files, fit, counts, most))
 
     write_map(files.half_maps[0], map_a.numpy(), apix)
     write_map(files.half_maps[1], b_aligned.numpy(), apix)
@@ -624,6 +784,8 @@ def _combine(
     summary["half_runs"] = [str(path.resolve().relative_to(files.dir.resolve()))
                             for path in half_runs]
     summary["mask"] = made.to_dict()
+    summary["starts_per_half"] = list(counts)
+    summary["max_starts"] = most
     if fit is not None:
         summary["half_fit"] = fit.to_dict()
     atomic_write_text(files.fsc_json, json.dumps(summary, indent=2) + "\n")
@@ -690,7 +852,10 @@ def half_fit(scores_a: np.ndarray, scores_b: np.ndarray) -> HalfFit:
     "Gold-standard halves with several starts"): 21 pairs of converged halves 0.6–4.2 %
     apart, 10 pairs with a failed half 10.0–49.7 %, and a pair of a 2.79° half (93 % of its
     particles within 10°) and a 2.15° one 6.8 %; at 64 px and SNR 0.1 (10,000 particles per
-    half) five converged pairs 0.2–1.0 %, one with a failed half (ADK, 23.9°) 26.7 %.
+    half) five converged pairs 0.2–1.0 %, one with a failed half (ADK, 23.9°) 26.7 %. In 16
+    more runs at 32 px (float32): converged pairs 0.4–4.3 %, a failed half 30.1–56.0 %, a
+    mediocre one (2.35–4.97°) 5.4–11.9 % ("A half that fits clearly worse gets another
+    start").
 
     Parameters
     ----------
@@ -707,7 +872,19 @@ def half_fit(scores_a: np.ndarray, scores_b: np.ndarray) -> HalfFit:
     return HalfFit((a, b), gap)
 
 
-def _log_half_fit(fit: HalfFit) -> None:
+def _more_starts_advice(files: HalvesFiles, fit: HalfFit, counts: tuple[int, int],
+                        max_starts: int) -> str:
+    """What the warning about a half that fits clearly worse advises: more starts for it."""
+    worse = counts[0 if fit.worse == "A" else 1]
+    if not _starts_folders(files.dir):
+        return ("a new --halves run without --max-starts 1 gives such a half more starts "
+                f"(up to {DEFAULT_MAX_STARTS} by default)")
+    return (f"half {fit.worse} kept the best of its {worse} start{'s' if worse > 1 else ''} "
+            f"(--max-starts {max_starts}); more: cryospin reconstruct --resume {files.dir} "
+            f"--max-starts {max(max_starts, worse) + 1}")
+
+
+def _log_half_fit(fit: HalfFit, advice: str) -> None:
     a, b = fit.mean_score_nats
     text = (f"the halves' own fit: mean particle score {a:.4g} nats (half A) and {b:.4g} "
             f"(half B), {100 * fit.relative_gap:.1f} % apart")
@@ -718,9 +895,8 @@ def _log_half_fit(fit: HalfFit) -> None:
     log.warning("%s: half %s's map explains its images clearly worse than the other half's "
                 "explains theirs (over %.0f %%), so one half has probably settled on another "
                 "structure or placed part of its particles wrong, and the gold-standard FSC "
-                "may not show it; compare half_A.mrc and half_B.mrc, and run with --starts 2 "
-                "(each half keeps the better of two starts)", text, fit.worse,
-                100 * HALF_FIT_GAP)
+                "may not show it; compare half_A.mrc and half_B.mrc; %s", text, fit.worse,
+                100 * HALF_FIT_GAP, advice)
 
 
 def _plot(path: Path, gold: GoldStandardFSC) -> None:
@@ -738,9 +914,11 @@ def _plot(path: Path, gold: GoldStandardFSC) -> None:
 def format_summary(result: HalvesResult) -> str:
     """A few lines for the terminal: half sizes, alignment and the resolutions at 0.143."""
     a, b = result.half_sizes
+    sa, sb = result.starts
     lines = [f"halves: {a} + {b} particles ({result.split_source}), epochs "
              f"{result.epochs_completed[0]} / {result.epochs_completed[1]}"
-             + (f", {result.starts} starts each" if result.starts > 1 else "")]
+             + (f", starts {sa} / {sb} (at most {result.max_starts})" if max(sa, sb) > 1
+                else "")]
     gold, align = result.gold_standard, result.alignment
     if gold is None or align is None:
         return "\n".join(lines)

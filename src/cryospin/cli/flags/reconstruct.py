@@ -19,6 +19,7 @@ examples:
   cryospin reconstruct particles.star -o run3 --halves   # gold-standard half maps and FSC
   cryospin reconstruct particles.star -o run5 --starts 3  # three seeds, the best fit kept
   cryospin reconstruct particles.star -o run6 --halves --starts 2  # each half its best of 2
+  cryospin reconstruct --resume run3 --max-starts 4  # a worse-fitting half: up to 4 starts
   cryospin reconstruct particles.star -o run4 --symmetry D7   # a D7-symmetric particle
 """
 
@@ -307,10 +308,17 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
                         "settled on a wrong structure is left out, at K times the time; with "
                         "--halves, K starts in each half, each half choosing its own "
                         "(RUN_DIR/half_A/chosen, half_B/chosen)")
+    g.add_argument("--max-starts", type=int, metavar="M",
+                   help="with --halves: a half whose images fit clearly worse than the "
+                        "other's (the halves' fit check) gets another start, chosen against "
+                        "its first by its own images' fit, until the halves agree or it has M "
+                        "starts (default 3, or --starts when larger; 1: never; may be raised "
+                        "with --resume)")
     g.add_argument("--halves", action="store_true",
                    help="gold standard: reconstruct two random halves independently "
                         "(RUN_DIR/half_A, half_B; rlnRandomSubset when present), align them "
                         "and write the FSC (postprocess.star, fsc.json, fsc.png), the "
                         "FSC-weighted map.mrc and poses.star; warns when one half explains "
                         "its images clearly worse than the other (a half on a wrong "
-                        "structure, which the FSC can hide: add --starts 2)")
+                        "structure, which the FSC can hide) and gives that half more starts "
+                        "(--max-starts)")

@@ -9,7 +9,8 @@ rotation-error histogram of the final poses. Figures go to the folder named afte
 
 For a --halves run folder the page shows the gold-standard FSC curves, both halves' training,
 the combined map and poses (and, with --gt/--gt-poses, their FSC and pose error); each half
-gets its own report too (RUN_DIR/half_A/report.html, half_B/report.html).
+gets its own report too (each start's: RUN_DIR/half_A/start_1/report.html ..., the chosen one
+linked; RUN_DIR/half_A/report.html for a half of one run, --max-starts 1).
 
 Example::
 
