@@ -213,13 +213,15 @@ class HalvesFiles:
         self.report = self.dir / REPORT_HTML
 
     def half_dir(self, which: int) -> Path:
-        """Folder of half set ``which`` (1 or 2): a run folder, or a ``--starts`` folder when
-        each half ran several starts."""
+        """Folder of half set ``which`` (1 or 2): a ``--starts`` folder (its starts and the
+        choice among them), or a run folder (``--max-starts 1``, and runs of one start per
+        half from before ``--max-starts``)."""
         return self.dir / HALF_NAMES[which - 1]
 
     def half_run(self, which: int) -> Path:
-        """The run folder holding half ``which``'s result: :meth:`half_dir`, or its ``chosen``
-        start when the half ran several starts (its ``starts.json``).
+        """The run folder holding half ``which``'s result: the ``chosen`` start of
+        :meth:`half_dir` when it is a ``--starts`` folder (its ``starts.json``), else
+        :meth:`half_dir` itself.
 
         Raises
         ------

@@ -6,24 +6,22 @@ Phases of :func:`fit_halves`:
    particles carry a 1/2 split, else a random split seeded by ``run.seed``
    (:func:`split_halves`). Saved as ``RUN_DIR/half_set.npy``; ``RUN_DIR/halves.json`` marks the
    folder as a halves run and ``RUN_DIR/config.yaml`` holds the shared configuration.
-2. **two independent runs** — ``RUN_DIR/half_A`` and ``RUN_DIR/half_B`` are ordinary run
-   folders (:func:`cryospin.train.fit.fit` on the subset, from scratch, same configuration
-   except the seed: half B uses ``run.seed + HALF_B_SEED_OFFSET``, so the two halves do not
-   start from the same random volume, whose high-frequency features could otherwise steer
-   both halves alike and inflate their FSC).
-   Each holds ``particles.ind.npy``, the 0-based indices of its particles in the original
-   particle file, named as ``input.ind`` in its ``config.yaml``. On resume, a finished half is
-   skipped, an interrupted one resumed from its checkpoint, a missing one started.
-   With ``starts`` > 1 (``--halves --starts K``) each half folder is a ``--starts`` folder
-   instead (:func:`cryospin.train.starts.fit_starts`): K runs of that half from the half's
-   seed, ``+ 1``, ... (half A ``run.seed`` ..., half B ``run.seed + HALF_B_SEED_OFFSET``
-   ...), the lowest final loss chosen within the half (``half_A/chosen``). The halves stay
-   independent: each chooses among its own starts by its own images' fit.
-   **A half that fits its images clearly worse gets another start.** With ``max_starts`` > 1
-   (``--max-starts``, default :data:`DEFAULT_MAX_STARTS`) each half is a ``--starts`` folder
-   from its first start; once both halves have finished, their own fit is compared
-   (:func:`half_fit`, from each half's particle scores) and, while the half whose images fit
-   clearly worse has fewer than ``max_starts`` starts, it gets one more
+2. **two independent reconstructions** — ``RUN_DIR/half_A`` and ``RUN_DIR/half_B`` are
+   ``--starts`` folders (:func:`cryospin.train.starts.fit_starts`; with ``max_starts`` = 1,
+   ``--max-starts 1``, ordinary run folders instead, :func:`cryospin.train.fit.fit`), each
+   on its half's particles, from scratch, same configuration except the seed: half A's
+   starts use ``run.seed``, ``+ 1``, ..., half B's ``run.seed + HALF_B_SEED_OFFSET``, ``+ 1``,
+   ..., so the two halves do not start from the same random volume, whose high-frequency
+   features could otherwise steer both halves alike and inflate their FSC. Each half folder
+   holds ``particles.ind.npy``, the 0-based indices of its particles in the original particle
+   file, named as ``input.ind`` in its runs' ``config.yaml``. Each half runs ``starts`` starts
+   at first (``--starts K``; default 1) and keeps the lowest final loss among them
+   (``half_A/chosen``): each chooses by its own images' fit. On resume, a finished half is
+   skipped, an interrupted start resumed from its checkpoint, a missing one started.
+   **A half that fits its images clearly worse gets another start.** Once both halves have
+   finished, their own fit is compared (:func:`half_fit`, from each half's particle scores)
+   and, while the half whose images fit clearly worse has fewer than ``max_starts`` starts
+   (``--max-starts``, default :data:`DEFAULT_MAX_STARTS`), it gets one more
    (:func:`cryospin.train.starts.add_start`; its seed the half's next), its choice is made
    again, and the halves are compared again (:func:`half_to_restart`). Only a half's own
    images decide its choice, and only the two halves' fit to their own images (never their
