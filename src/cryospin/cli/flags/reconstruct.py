@@ -306,12 +306,12 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
                         "one whose images fit best, the lowest final loss (RUN_DIR/choice.json "
                         "and the link RUN_DIR/chosen; as cryospin choose-run): a start that "
                         "settled on a wrong structure is left out, at K times the time; with "
-                        "--halves, K starts in each half, each half choosing its own "
+                        "--halves, K starts in each half at first, each half choosing its own "
                         "(RUN_DIR/half_A/chosen, half_B/chosen)")
     g.add_argument("--max-starts", type=int, metavar="M",
                    help="with --halves: a half whose images fit clearly worse than the "
                         "other's (the halves' fit check) gets another start, chosen against "
-                        "its first by its own images' fit, until the halves agree or it has M "
+                        "its others by its own images' fit, until the halves agree or it has M "
                         "starts (default 3, or --starts when larger; 1: never; may be raised "
                         "with --resume)")
     g.add_argument("--halves", action="store_true",
