@@ -100,8 +100,12 @@ def test_the_worse_half_gets_starts_up_to_the_cap_and_resume_raises_it(data, tmp
     page = html.unescape((run / "report.html").read_text())
     assert f"half A {counts[0]}, half B {counts[1]} (1 each at first; added for fitting its " \
            "images clearly worse than the other half" in page
+    worse = "AB"[int(np.argmin(_half_means(run)))]
+    assert (f"half {worse} kept the best of its 2 starts; more: cryospin reconstruct --resume "
+            f"{run} --max-starts 3") in page
     summary = json.loads((run / "report" / "summary.json").read_text())
     assert summary["starts_per_half"] == list(counts) and summary["starts_at_first"] == 1
+    assert summary["starts_folders"] is True
 
     # --resume with a higher cap: the marker records it, the worse half gets more starts; the
     # starts that had finished are not trained again

@@ -393,6 +393,8 @@ def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFS
         "wall_time_s": walls,
         "starts_per_half": starts,
         "starts_at_first": int(marker.get("starts", 1)),
+        # each half a --starts folder (absent in runs from before: more than one start each)
+        "starts_folders": bool(marker.get("starts_folders", int(marker.get("starts", 1)) > 1)),
         "half_fit_scores_nats": fit.get("mean_score_nats") if isinstance(fit, dict) else None,
         "half_fit_gap": fit.get("relative_gap") if isinstance(fit, dict) else None,
         "half_fit_threshold": fit.get("threshold") if isinstance(fit, dict) else None,

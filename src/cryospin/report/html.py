@@ -534,11 +534,15 @@ def _half_fit_rows(s: HalvesSummary) -> list[tuple[str, str]]:
             "apart")
     threshold = s["half_fit_threshold"]
     if s["half_fit_agree"] is False and threshold is not None:
+        worse = 0 if a < b else 1
+        count = s["starts_per_half"][worse]
+        more = (f"cryospin reconstruct --resume {s['run_dir']} --max-starts {count + 1}"
+                if s["starts_folders"] else "a new --halves run without --max-starts 1")
         text += (f" (over {100 * threshold:.0f} %: one half explains its images clearly "
                  "worse, so it has probably settled on another structure or placed part of "
                  "its particles wrong, which the gold-standard FSC may not show; compare "
-                 "half_A.mrc and half_B.mrc; more starts for that half: cryospin reconstruct "
-                 "--resume RUN_DIR --max-starts with one more than it has)")
+                 f"half_A.mrc and half_B.mrc; half {'AB'[worse]} kept the best of its "
+                 f"{count} start{'s' if count > 1 else ''}; more: {more})")
     return [("halves' own fit", text)]
 
 

@@ -177,6 +177,7 @@ class _HalvesRequired(TypedDict):
     wall_time_s: list[float]
     starts_per_half: list[int]
     starts_at_first: int
+    starts_folders: bool
     chosen_starts: list[str | None]
     half_fit_scores_nats: list[float] | None
     half_fit_gap: float | None
