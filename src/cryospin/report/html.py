@@ -39,6 +39,7 @@ from cryospin.report.ground_truth import EpochResolution
 from cryospin.report.summary import HalvesSummary, RunSummary
 from cryospin.report.symmetry_check import DrawnAxes, SymmetryCheck, symmetry_advice
 from cryospin.rundir import RunData, Stage
+from cryospin.train.halves import more_starts_advice
 from cryospin.train.metrics import search_stop_reason
 
 __all__ = [
@@ -535,14 +536,12 @@ def _half_fit_rows(s: HalvesSummary) -> list[tuple[str, str]]:
     threshold = s["half_fit_threshold"]
     if s["half_fit_agree"] is False and threshold is not None:
         worse = 0 if a < b else 1
-        count = s["starts_per_half"][worse]
-        more = (f"cryospin reconstruct --resume {s['run_dir']} --max-starts {count + 1}"
-                if s["starts_folders"] else "a new --halves run without --max-starts 1")
+        advice = more_starts_advice(s["run_dir"], "AB"[worse], s["starts_per_half"][worse],
+                                    not s["starts_folders"])
         text += (f" (over {100 * threshold:.0f} %: one half explains its images clearly "
                  "worse, so it has probably settled on another structure or placed part of "
                  "its particles wrong, which the gold-standard FSC may not show; compare "
-                 f"half_A.mrc and half_B.mrc; half {'AB'[worse]} kept the best of its "
-                 f"{count} start{'s' if count > 1 else ''}; more: {more})")
+                 f"half_A.mrc and half_B.mrc; {advice})")
     return [("halves' own fit", text)]
 
 

@@ -134,6 +134,7 @@ __all__ = [
     "DEFAULT_MAX_STARTS",
     "max_starts_per_half",
     "half_to_restart",
+    "more_starts_advice",
     "format_summary",
 ]
 
@@ -758,7 +759,9 @@ def _combine(
     fit = None if scores is None else half_fit(scores[half_set == 1], scores[half_set == 2])
     counts, most = _half_counts(files), max_starts_per_half(files.dir)
     if fit is not None:
-        _log_half_fit(fit, _more_starts_advice(files, fit, counts, most))
+        _log_half_fit(fit, more_starts_advice(files.dir, fit.worse,
+                                              counts[0 if fit.worse == "A" else 1],
+                                              not _starts_folders(files.dir)))
 
     write_map(files.half_maps[0], map_a.numpy(), apix)
     write_map(files.half_maps[1], b_aligned.numpy(), apix)
@@ -870,16 +873,17 @@ def half_fit(scores_a: np.ndarray, scores_b: np.ndarray) -> HalfFit:
     return HalfFit((a, b), gap)
 
 
-def _more_starts_advice(files: HalvesFiles, fit: HalfFit, counts: tuple[int, int],
-                        max_starts: int) -> str:
-    """What the warning about a half that fits clearly worse advises: more starts for it."""
-    worse = counts[0 if fit.worse == "A" else 1]
-    if not _starts_folders(files.dir):
+def more_starts_advice(run_dir: str | Path, worse: str, count: int, one_run: bool) -> str:
+    """What a run that still disagrees at its combination advises (the log's warning, the
+    report's row): half ``worse`` (``"A"`` or ``"B"``) kept the best of its ``count`` starts
+    (the restarts stop there only when it has all it may get), and how to give it more —
+    ``--resume`` with one more, or, for halves that are single runs (``one_run``), a new run.
+    """
+    if one_run:
         return ("a new --halves run without --max-starts 1 gives such a half more starts "
                 f"(up to {DEFAULT_MAX_STARTS} by default)")
-    return (f"half {fit.worse} kept the best of its {worse} start{'s' if worse > 1 else ''} "
-            f"(--max-starts {max_starts}); more: cryospin reconstruct --resume {files.dir} "
-            f"--max-starts {max(max_starts, worse) + 1}")
+    return (f"half {worse} kept the best of its {count} start{'s' if count > 1 else ''}; "
+            f"more: cryospin reconstruct --resume {run_dir} --max-starts {count + 1}")
 
 
 def _log_half_fit(fit: HalfFit, advice: str) -> None:
