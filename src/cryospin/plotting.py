@@ -24,6 +24,7 @@ import numpy as np
 from cryospin.atomic import atomic_path
 from cryospin.errors import CryospinError
 from cryospin.evaluate.fsc import FSCResult
+from cryospin.evaluate.sharpen import GuinierFit
 from cryospin.healpix import healpix_ang2pix
 
 if TYPE_CHECKING:  # matplotlib is optional: its types only for the annotations
@@ -128,6 +129,33 @@ def plot_fsc(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_guinier(q2_per_a2: np.ndarray, curves: Sequence[tuple[str, np.ndarray]],
+                 fit: GuinierFit | None, path: str | Path) -> None:
+    """Write a PNG of a Guinier plot: each curve's ``ln`` amplitude `(S,)` against ``q²`` `(S,)`
+    (Å⁻²; values that are not finite or ≤ −99, RELION's ``ln 0``, left out), and the fitted
+    line over its range, with the range's ends marked (``fit``; None: no line)."""
+    plt = pyplot()
+    q2 = np.asarray(q2_per_a2, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=110)
+    for label, values in curves:
+        y = np.asarray(values, dtype=np.float64)
+        keep = np.isfinite(y) & (y > -99.0)
+        ax.plot(q2[keep], y[keep], marker=".", markersize=4, label=label)
+    if fit is not None:
+        x = np.array([1.0 / fit.low_angstrom**2, 1.0 / fit.high_angstrom**2])
+        ax.plot(x, fit.intercept + fit.slope_a2 * x, color="black", linestyle="--",
+                linewidth=1.2, label=f"fit: B-factor {fit.bfactor_a2:.0f} Å² "
+                                     f"({fit.low_angstrom:g}–{fit.high_angstrom:.2f} Å)")
+        for edge in x:
+            ax.axvline(edge, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("q² (1/Å²)")
+    ax.set_ylabel("ln (mean amplitude of the shell)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -32,6 +32,7 @@ from cryospin.evaluate.gold_standard import (
 )
 from cryospin.evaluate.masks import spherical_mask
 from cryospin.evaluate.pose_error import HAND_FLIP, flip_hand
+from cryospin.evaluate.sharpen import apply_bfactor, guinier_plot, postprocess_map
 from cryospin.forward.hartley import hartley3
 from cryospin.forward.model import render_real
 from cryospin.io.particles import ParticleSet
@@ -327,3 +328,49 @@ def test_postprocess_star_round_trip(tmp_path: Path, shared_data: Path) -> None:
                          always_dict=True)
     assert list(table.columns) == list(real["fsc"].columns)
     assert set(real["general"]) <= set(general)
+
+
+def test_postprocess_star_guinier_block_and_bfactor(tmp_path: Path, shared_data: Path) -> None:
+    """With the post-processing: RELION's Guinier labels, the B-factor used and the fitted
+    line in ``data_general``, the plots as computed (``ln 0`` as −99)."""
+    L, apix = 32, 1.0
+    g = torch.Generator().manual_seed(4)
+    truth = apply_bfactor(torch.randn(L, L, L, generator=g, dtype=F64), 80.0, apix)
+    a = truth + 0.02 * torch.randn(L, L, L, generator=g, dtype=F64)
+    b = truth + 0.02 * torch.randn(L, L, L, generator=g, dtype=F64)
+    mask = torch.ones(L, L, L, dtype=F64)
+    res = gold_standard_fsc(a, b, mask, pixel_size_angstrom=apix)
+    weighted = fsc_weighted_average(a, b, res.corrected.fsc)
+    post = postprocess_map(weighted, mask, resolution_angstrom=res.final_resolution,
+                           pixel_size_angstrom=apix)
+    assert post.fit is not None and post.bfactor_a2 < 0
+    original = guinier_plot(0.5 * (a + b), apix)
+    path = tmp_path / "postprocess.star"
+    write_postprocess_star(path, res, half1_name="half_A.mrc", half2_name="half_B.mrc",
+                           mask_name="mask.mrc", masked_map_name="map_masked.mrc", post=post,
+                           original=original)
+    blocks = starfile.read(path, always_dict=True)
+    general, guinier = blocks["general"], blocks["guinier"]
+    assert general["rlnBfactorUsedForSharpening"] == pytest.approx(post.bfactor_a2, rel=1e-5)
+    assert general["rlnFittedSlopeGuinierPlot"] == pytest.approx(post.fit.slope_a2, rel=1e-5)
+    assert general["rlnFittedInterceptGuinierPlot"] == pytest.approx(post.fit.intercept,
+                                                                     abs=1e-5)
+    assert general["rlnCorrelationFitGuinierPlot"] == pytest.approx(post.fit.correlation,
+                                                                    abs=1e-5)
+    real = starfile.read(shared_data / "formats" / "relion30" / "postprocess_rln3.0.8.star",
+                         always_dict=True)
+    assert set(real["guinier"].columns) <= set(guinier.columns)
+    assert "rlnLogAmplitudesSharpened" in guinier.columns
+    assert len(guinier) == L // 2
+    np.testing.assert_allclose(guinier["rlnResolutionSquared"],
+                               (np.arange(1, L // 2 + 1) / (L * apix)) ** 2, rtol=1e-5)
+    np.testing.assert_allclose(guinier["rlnLogAmplitudesOriginal"], original.log_amplitude,
+                               atol=1e-5)
+    sharpened = np.where(np.isfinite(post.sharpened.log_amplitude),
+                         post.sharpened.log_amplitude, -99.0)
+    np.testing.assert_allclose(guinier["rlnLogAmplitudesSharpened"], sharpened, atol=1e-5)
+    # without the post-processing: no B-factor, no Guinier block (as before)
+    write_postprocess_star(path, res, half1_name="half_A.mrc", half2_name="half_B.mrc",
+                           mask_name="mask.mrc", masked_map_name="map_masked.mrc")
+    blocks = starfile.read(path, always_dict=True)
+    assert "guinier" not in blocks and blocks["general"]["rlnBfactorUsedForSharpening"] == 0.0

@@ -1,6 +1,6 @@
 """Gold-standard half-map evaluation: masked FSC with phase-randomisation correction,
 FSC-weighted combination of the halves, poses moved into the reference half's frame, and
-RELION ``postprocess.star`` output.
+RELION ``postprocess.star`` output (with the sharpening of :mod:`cryospin.evaluate.sharpen`).
 
 Conventions (``docs/conventions.md``, "Gold standard"): maps are `(L, L, L)` indexed
 ``[z, y, x]``; FFT shells are ``s = round(|k|)`` cycles per box as in
@@ -58,6 +58,7 @@ from cryospin.atomic import atomic_path
 from cryospin.evaluate.fsc import FSCResult, fsc, shell_index
 from cryospin.evaluate.masks import HalfMapMask, half_map_mask
 from cryospin.evaluate.pose_error import flip_hand
+from cryospin.evaluate.sharpen import Guinier, PostProcessed
 
 __all__ = [
     "RANDOMISE_FSC_THRESHOLD",
@@ -480,18 +481,25 @@ def write_postprocess_star(
     half2_name: str,
     mask_name: str,
     masked_map_name: str,
-    bfactor_a2: float = 0.0,
+    post: PostProcessed | None = None,
+    original: Guinier | None = None,
 ) -> None:
     """Write ``result`` as a RELION ``postprocess.star`` (atomically).
 
-    ``data_general``: ``rlnFinalResolution`` (Å), ``rlnBfactorUsedForSharpening``,
-    ``rlnUnfilteredMapHalf1/2``, ``rlnMaskName``, ``rlnMaskedMapName``, ``rlnRandomiseFrom``
-    (Å). ``data_fsc``, one row per shell ``s``: ``rlnSpectralIndex`` (= ``s``),
-    ``rlnResolution`` (Å⁻¹, ``s / (L · pixel size)``), ``rlnAngstromResolution`` (999 at
-    ``s = 0``, as RELION), ``rlnFourierShellCorrelationCorrected``,
-    ``rlnFourierShellCorrelationUnmaskedMaps``, ``rlnFourierShellCorrelationMaskedMaps``,
-    ``rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps`` (``FSC_n``). Without a
-    pixel size, 1 Å per pixel is written.
+    ``data_general``: ``rlnFinalResolution`` (Å), ``rlnBfactorUsedForSharpening`` (Å², ``post``'s
+    ``B_used``; 0 without), ``rlnUnfilteredMapHalf1/2``, ``rlnMaskName``, ``rlnMaskedMapName``,
+    ``rlnRandomiseFrom`` (Å) and, when a Guinier line was fitted, ``rlnFittedSlopeGuinierPlot``
+    (Å²), ``rlnFittedInterceptGuinierPlot``, ``rlnCorrelationFitGuinierPlot``. ``data_fsc``, one
+    row per shell ``s``: ``rlnSpectralIndex`` (= ``s``), ``rlnResolution`` (Å⁻¹, ``s / (L · pixel
+    size)``), ``rlnAngstromResolution`` (999 at ``s = 0``, as RELION),
+    ``rlnFourierShellCorrelationCorrected``, ``rlnFourierShellCorrelationUnmaskedMaps``,
+    ``rlnFourierShellCorrelationMaskedMaps``,
+    ``rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps`` (``FSC_n``). With ``post``,
+    ``data_guinier``, one row per shell ``1 … L//2``: ``rlnResolutionSquared`` (Å⁻²),
+    ``rlnLogAmplitudesOriginal`` (``original``: the masked average of the halves, when given),
+    ``rlnLogAmplitudesWeighted`` (the masked FSC-weighted map), ``rlnLogAmplitudesSharpened``
+    (the masked post-processed map); ``ln 0`` is written as −99. Without a pixel size, 1 Å per
+    pixel is written.
     """
     r = result.unmasked
     apix = r.pixel_size_angstrom or 1.0
@@ -506,13 +514,17 @@ def write_postprocess_star(
 
     general = {
         "rlnFinalResolution": finite(result.final_resolution),
-        "rlnBfactorUsedForSharpening": float(bfactor_a2),
+        "rlnBfactorUsedForSharpening": 0.0 if post is None else float(post.bfactor_a2),
         "rlnUnfilteredMapHalf1": str(half1_name),
         "rlnUnfilteredMapHalf2": str(half2_name),
         "rlnMaskName": str(mask_name),
         "rlnMaskedMapName": str(masked_map_name),
         "rlnRandomiseFrom": finite(result.randomise_from_resolution),
     }
+    if post is not None and post.fit is not None:
+        general["rlnFittedSlopeGuinierPlot"] = post.fit.slope_a2
+        general["rlnFittedInterceptGuinierPlot"] = post.fit.intercept
+        general["rlnCorrelationFitGuinierPlot"] = post.fit.correlation
     table = pd.DataFrame({
         "rlnSpectralIndex": shells.astype(np.int64),
         "rlnResolution": freq,
@@ -523,5 +535,18 @@ def write_postprocess_star(
         "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps":
             result.phase_randomised.fsc,
     })
+    blocks: dict[str, dict | pd.DataFrame] = {"general": general, "fsc": table}
+    if post is not None:
+        def logs(plot: Guinier) -> np.ndarray:
+            return np.where(np.isfinite(plot.log_amplitude), plot.log_amplitude, -99.0)
+
+        # q² to 7 significant digits (fixed-point %.6f would keep 2 to 4 of the small ones)
+        guinier: dict[str, object] = {
+            "rlnResolutionSquared": [f"{x:.6e}" for x in post.weighted.q2_per_a2]}
+        if original is not None:
+            guinier["rlnLogAmplitudesOriginal"] = logs(original)
+        guinier["rlnLogAmplitudesWeighted"] = logs(post.weighted)
+        guinier["rlnLogAmplitudesSharpened"] = logs(post.sharpened)
+        blocks["guinier"] = pd.DataFrame(guinier)
     with atomic_path(path) as tmp:
-        starfile.write({"general": general, "fsc": table}, tmp, float_format="%.6f", sep=" ")
+        starfile.write(blocks, tmp, float_format="%.6f", sep=" ")
