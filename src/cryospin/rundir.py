@@ -48,7 +48,7 @@ __all__ = [
     "MAP_DECODER", "CONVERGENCE", "POSES_STAR", "POSES_PKL", "POSES_CS", "SELECTED", "REPORT_HTML",
     "FSC_JSON", "NOISE_SPECTRUM",
     "EPOCH_MAP_PATTERN", "epoch_map_name", "marker_count", "HALVES_MARKER", "HALF_SET",
-    "HALF_NAMES", "HALF_MAPS",
+    "HALF_NAMES", "HALF_MAPS", "POSTPROCESS_MAP", "PostprocessFiles",
     "HALF_INDICES", "STARTS_MARKER", "STARTS_CHOICE", "CHOSEN_LINK", "RunFiles", "StartsFiles",
     "HalvesFiles", "prepare_run_dir", "Stage", "CHECKPOINT_FORMAT",
     "Checkpoint", "save_checkpoint", "load_checkpoint", "RESUMABLE_OPTIONS", "RELOCATABLE_SECTION",
@@ -98,6 +98,8 @@ HALVES_MARKER = "halves.json"
 HALF_SET = "half_set.npy"
 HALF_NAMES = ("half_A", "half_B")
 HALF_MAPS = ("half_A.mrc", "half_B.mrc")
+#: A halves run's sharpened, low-passed map (RELION ``postprocess``'s name).
+POSTPROCESS_MAP = "postprocess.mrc"
 HALF_INDICES = "particles.ind.npy"
 
 #: A several-starts run (``reconstruct --starts K``, :mod:`cryospin.train.starts`): its marker,
@@ -189,21 +191,32 @@ class StartsFiles:
         return self.dir / f"start_{k}"
 
 
-class HalvesFiles:
+class PostprocessFiles:
+    """Paths of the post-processing outputs (:mod:`cryospin.evaluate.postprocess`) in a folder:
+    a ``--halves`` run's, or ``cryospin postprocess -o``'s."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.dir = Path(folder)
+        self.map = self.dir / MAP  # FSC-weighted average
+        self.mask = self.dir / "mask.mrc"
+        self.masked_map = self.dir / "map_masked.mrc"
+        self.postprocess = self.dir / "postprocess.star"
+        self.postprocessed = self.dir / POSTPROCESS_MAP  # sharpened, low-passed
+        self.postprocessed_masked = self.dir / "postprocess_masked.mrc"
+        self.fsc_json = self.dir / FSC_JSON
+        self.fsc_png = self.dir / "fsc.png"
+        self.guinier_png = self.dir / "guinier.png"
+
+
+class HalvesFiles(PostprocessFiles):
     """Paths of the files in a halves run folder (``reconstruct --halves``)."""
 
     def __init__(self, run_dir: str | Path) -> None:
-        self.dir = Path(run_dir)
+        super().__init__(run_dir)
         self.marker = self.dir / HALVES_MARKER
         self.config = self.dir / CONFIG
         self.half_set = self.dir / HALF_SET
         self.half_maps = (self.dir / HALF_MAPS[0], self.dir / HALF_MAPS[1])
-        self.map = self.dir / MAP
-        self.mask = self.dir / "mask.mrc"
-        self.masked_map = self.dir / "map_masked.mrc"
-        self.postprocess = self.dir / "postprocess.star"
-        self.fsc_json = self.dir / FSC_JSON
-        self.fsc_png = self.dir / "fsc.png"
         self.star = self.dir / POSES_STAR
         self.pkl = self.dir / POSES_PKL
         self.log = self.dir / RUN_LOG

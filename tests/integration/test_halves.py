@@ -27,6 +27,7 @@ from _html import (  # tests/integration/_html.py
 from tests._synthetic import make_dataset
 
 from cryospin.cli.main import main as cli_main
+from cryospin.evaluate.sharpen import lowpass
 from cryospin.io.mrc import read_map
 from cryospin.io.particles import load_indices, load_particles, write_particles_star
 from cryospin.io.pkl import write_cryodrgn_poses
@@ -55,7 +56,8 @@ def star_with_subsets(tmp_path_factory) -> tuple[Path, np.ndarray]:
 
 
 OUTPUTS = ("half_A.mrc", "half_B.mrc", "map.mrc", "mask.mrc", "map_masked.mrc",
-           "postprocess.star", "fsc.json", "fsc.png", "poses.star", "poses.pkl")
+           "postprocess.mrc", "postprocess_masked.mrc", "postprocess.star", "fsc.json",
+           "fsc.png", "poses.star", "poses.pkl")
 
 
 def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> None:
@@ -138,6 +140,19 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     if summary["mask"]["fallback"] is None:
         assert summary["mask"]["threshold_sigmas"] == pytest.approx(4.0)
     assert np.all(np.abs(summary["fsc_corrected"]) <= 1.0)
+    # sharpening: at 4 Å per voxel in 16 voxels at most two shells lie between 10 Å and
+    # Nyquist, too few for a Guinier line: no B-factor, map.mrc low-passed at the resolution
+    sharpening = summary["sharpening"]
+    assert sharpening["bfactor_a2"] == 0.0 and sharpening["guinier_fit"] is None
+    assert sharpening["no_fit_reason"] and sharpening["lowpass_resolution"] == final
+    assert general["rlnBfactorUsedForSharpening"] == 0.0
+    assert "rlnLogAmplitudesSharpened" in blocks["guinier"].columns
+    assert "sharpening: none (" in log and "not sharpened: " in out
+    post, _ = read_map(run / "postprocess.mrc")
+    expected = lowpass(torch.tensor(combined, dtype=torch.float64), final, APIX).numpy()
+    np.testing.assert_allclose(post, expected, atol=1e-5 * float(np.abs(expected).max()))
+    post_masked, _ = read_map(run / "postprocess_masked.mrc")
+    np.testing.assert_allclose(post_masked, post * mask, atol=1e-6 * float(np.abs(post).max()))
 
     poses = read_relion_star(run / "poses.star", metadata_only=True)
     assert len(poses) == N
@@ -178,8 +193,8 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     assert [r["epoch"] for r in read_metrics(run / "half_B" / "metrics.jsonl")] == [1, 2]
 
 
-HALVES_FIGURES = {"fsc_gold.png", "training.png", "orientations.png", "particle_scores.png",
-                  "map_views.png"}
+HALVES_FIGURES = {"fsc_gold.png", "guinier.png", "training.png", "orientations.png",
+                  "particle_scores.png", "map_views.png"}
 HALVES_GT_FIGURES = {"fsc.png", "orientations_gt.png", "rotation_error.png"}
 
 
@@ -202,13 +217,17 @@ def _check_halves_report(run: Path, page: Path, *, gt: bool) -> dict:
             check_png(p)
     text = page.read_text(encoding="utf-8")
     for needle in ("gold standard", "corrected FSC 0.143", "half B onto half A",
-                   "Gold-standard FSC resolutions", "cryospin flip-hand"):
+                   "Gold-standard FSC resolutions", "cryospin flip-hand", "Guinier plot",
+                   "sharpening</th>", "postprocess.mrc is map.mrc low-passed at"):
         assert needle in text, needle
     summary = json.loads((run / page.stem / "summary.json").read_text())
     assert summary["half_sizes"] == [N // 2, N // 2] and summary["particles"] == N
     assert summary["split_source"] == "rlnRandomSubset"
     assert summary["epochs_completed"] == [2, 2]
     assert all(w > 0 for w in summary["wall_time_s"])
+    sharpening = json.loads((run / "fsc.json").read_text())["sharpening"]
+    assert summary["sharpening_bfactor_a2"] == sharpening["bfactor_a2"] == 0.0
+    assert summary["sharpening_no_fit_reason"] == sharpening["no_fit_reason"]
     # the combined star's scores (each half's own): counted on the page as in poses.star
     scores = numbers(read_relion_star(run / "poses.star", metadata_only=True).star_table[
         "rlnLogLikeliContribution"])

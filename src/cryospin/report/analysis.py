@@ -371,7 +371,7 @@ def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFS
     epochs, starts (at first, ``halves.json``'s, and now, with those a half got for fitting
     its images clearly worse) and wall time (seconds; of every run in ``half_runs``, each
     half's starts, when given), the alignment of half B onto half A and the gold-standard
-    resolutions (Å) from ``fsc.json`` (``fsc_summary``, parsed as ``gold``) and
+    resolutions (Å) and the sharpening from ``fsc.json`` (``fsc_summary``, parsed as ``gold``) and
     ``halves.json`` (``marker``). ``halves``: the run folder each half's result comes from
     (its chosen start, with several starts per half)."""
     sizes = fsc_summary.get("half_sizes") or marker.get("half_sizes") or [None, None]
@@ -382,6 +382,8 @@ def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFS
     several = max(starts) > 1
     align = fsc_summary.get("alignment") or {}
     fit = fsc_summary.get("half_fit")  # absent in runs from before it
+    sharp = fsc_summary.get("sharpening")  # likewise
+    sharp = sharp if isinstance(sharp, dict) else {}
     return {
         "run_dir": run_dir,
         "particles": int(sum(s for s in sizes if s is not None)) or None,
@@ -406,6 +408,10 @@ def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFS
         "resolution_0143_unmasked": gold.unmasked.resolution(0.143),
         "resolution_0143_masked": gold.masked.resolution(0.143),
         "randomise_from": gold.randomise_from_resolution,
+        "sharpening_bfactor_a2": sharp.get("bfactor_a2"),
+        "sharpening_guinier_fit": sharp.get("guinier_fit"),
+        "sharpening_no_fit_reason": sharp.get("no_fit_reason"),
+        "sharpening_lowpass_resolution": sharp.get("lowpass_resolution"),
     }
 
 

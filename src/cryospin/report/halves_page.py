@@ -2,12 +2,15 @@
 
 A halves run folder (:mod:`cryospin.train.halves`) holds two ordinary run folders, ``half_A/`` and
 ``half_B/``, and the combined outputs: ``fsc.json`` (the four gold-standard FSC curves, the
-alignment of half B onto half A, the half sizes), ``map.mrc`` (FSC-weighted average),
-``map_masked.mrc``, ``mask.mrc`` and ``poses.star`` (half B's poses in half A's frame).
+alignment of half B onto half A, the half sizes, the sharpening), ``map.mrc`` (FSC-weighted
+average), ``map_masked.mrc``, ``mask.mrc``, ``postprocess.mrc`` (sharpened), ``postprocess.star``
+(with the Guinier plot) and ``poses.star`` (half B's poses in half A's frame).
 
 :func:`write_halves_report` writes each half's own report (``half_A/report.html``,
 ``half_B/report.html``, :func:`cryospin.report.write_report`) and a page for the whole run:
-the gold-standard FSC curves with the 0.143 line, both halves' loss against wall time with
+the gold-standard FSC curves with the 0.143 line, the Guinier plot with the fitted B-factor's
+line (from ``postprocess.star``; none in runs from before it), both halves' loss against wall
+time with
 their switches, the orientation distribution of the combined poses, central sections and
 projections of the combined map and, with a ground truth, the combined map's FSC against it and
 the combined poses' rotation error. The figures go to the folder named after the HTML file
@@ -22,14 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import starfile
 from torch import Tensor
 
 from cryospin.errors import InputError
 from cryospin.evaluate.fsc import FSCResult
 from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.evaluate.pose_error import PoseErrorResult
+from cryospin.evaluate.sharpen import GuinierFit
 from cryospin.io.mrc import read_cubic_map
-from cryospin.plotting import plot_fsc
+from cryospin.plotting import plot_fsc, plot_guinier
 from cryospin.report.analysis import JSONObject, halves_summary, junk_scored, score_summary
 from cryospin.report.figures import (
     add_gt_figures,
@@ -66,7 +72,16 @@ from cryospin.report.symmetry_check import (
     relaxed_symmetry,
     symmetry_summary,
 )
-from cryospin.rundir import HALF_NAMES, SELECTED, HalvesFiles, RunData, StartsFiles, load_run
+from cryospin.rundir import (
+    HALF_NAMES,
+    MAP,
+    POSTPROCESS_MAP,
+    SELECTED,
+    HalvesFiles,
+    RunData,
+    StartsFiles,
+    load_run,
+)
 from cryospin.train.halves import is_halves_run
 from cryospin.train.scores import EMPTY_SCORE, SCORE_COLUMN, score_alternative
 from cryospin.train.starts import is_starts_run, starts_of
@@ -92,6 +107,7 @@ class _Inputs:
     scores: np.ndarray | None  # (N,) nats, each particle's under its own half's map
     gt_R: Tensor | None
     gt_t: Tensor | None
+    guinier: pd.DataFrame | None  # postprocess.star's data_guinier (None before sharpening)
 
 
 def _read_fsc_json(path: Path) -> tuple[GoldStandardFSC, JSONObject]:
@@ -105,6 +121,20 @@ def _read_fsc_json(path: Path) -> tuple[GoldStandardFSC, JSONObject]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"not a gold-standard FSC summary ({exc.__class__.__name__}: {exc})",
                          path) from None
+
+
+def _read_guinier(path: Path) -> pd.DataFrame | None:
+    """``postprocess.star``'s ``data_guinier`` (None when absent: a run from before the
+    sharpening, or a file that cannot be read, which the page then goes without)."""
+    if not path.is_file():
+        return None
+    try:
+        block = starfile.read(path, always_dict=True).get("guinier")
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    if not isinstance(block, pd.DataFrame) or "rlnResolutionSquared" not in block.columns:
+        return None
+    return block
 
 
 def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
@@ -133,7 +163,7 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
     if gt_poses is not None:
         gt_R, gt_t = read_gt_poses(gt_poses, rotations, box, files.dir)
     return _Inputs(files, gold, fsc_summary, marker, halves, half_runs, volume, apix, gt,
-                   rotations, shifts, scores, gt_R, gt_t)
+                   rotations, shifts, scores, gt_R, gt_t, _read_guinier(files.postprocess))
 
 
 def _runs_of_half(files: HalvesFiles, which: int) -> list[Path]:
@@ -170,11 +200,39 @@ def _gold_figure(figs: FigureSet, gold: GoldStandardFSC) -> None:
              thresholds=(0.143,), title="gold-standard FSC (half A vs aligned half B)")
 
 
+_GUINIER_CURVES = (("rlnLogAmplitudesOriginal", "average of the halves"),
+                   ("rlnLogAmplitudesWeighted", "FSC-weighted (map.mrc)"),
+                   ("rlnLogAmplitudesSharpened", f"sharpened ({POSTPROCESS_MAP})"))
+
+
+def _guinier_figure(figs: FigureSet, inp: _Inputs) -> None:
+    """The Guinier plot of the sharpening, when ``postprocess.star`` has one."""
+    table = inp.guinier
+    if table is None:
+        return
+    sharp = inp.fsc_summary.get("sharpening")
+    fit = sharp.get("guinier_fit") if isinstance(sharp, dict) else None
+    why = (f"the dashed line, fitted between {fit['low_angstrom']:g} Å and the resolution, "
+           f"gives the B-factor applied to {POSTPROCESS_MAP}"
+           if isinstance(fit, dict) else
+           f"no B-factor was fitted ({sharp.get('no_fit_reason')}), so {POSTPROCESS_MAP} is "
+           f"{MAP} low-passed at the resolution" if isinstance(sharp, dict) else "")
+    plot_guinier(table["rlnResolutionSquared"].to_numpy(dtype=np.float64),
+                 [(label, table[col].to_numpy(dtype=np.float64))
+                  for col, label in _GUINIER_CURVES if col in table.columns],
+                 GuinierFit.from_dict(fit) if isinstance(fit, dict) else None,
+                 figs.add("guinier.png", "Guinier plot",
+                          "Log of each shell's mean amplitude, within the mask, against the "
+                          f"squared spatial frequency; {why} (postprocess.star's "
+                          "data_guinier)."))
+
+
 def _figures(figs: FigureSet, inp: _Inputs, gt_map: str | Path | None,
              final_fsc: FSCResult | None, pose_result: PoseErrorResult | None,
              drawn: DrawnAxes | None) -> None:
     """Every figure of the page, in page order."""
     _gold_figure(figs, inp.gold)
+    _guinier_figure(figs, inp)
     if any(h.metrics for h in inp.halves):
         plot_halves_training([(n.replace("_", " "), h.metrics)
                               for n, h in zip(HALF_NAMES, inp.halves, strict=True)],

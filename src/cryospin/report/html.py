@@ -38,7 +38,7 @@ from cryospin.report.analysis import (
 from cryospin.report.ground_truth import EpochResolution
 from cryospin.report.summary import HalvesSummary, RunSummary
 from cryospin.report.symmetry_check import DrawnAxes, SymmetryCheck, symmetry_advice
-from cryospin.rundir import RunData, Stage
+from cryospin.rundir import MAP, POSTPROCESS_MAP, RunData, Stage
 from cryospin.train.halves import more_starts_advice
 from cryospin.train.metrics import search_stop_reason
 
@@ -518,10 +518,28 @@ def halves_summary_rows(run_dir: Path, s: HalvesSummary) -> list[tuple[str, str]
                  f"unmasked "
                  f"{format_resolution(s['resolution_0143_unmasked'])}, masked "
                  f"{format_resolution(s['resolution_0143_masked'])})"))
+    rows += _sharpening_rows(s)
     rows += _half_fit_rows(s)
     rows += _score_summary_rows(s)
     rows += gt_summary_rows(s)
     return rows
+
+
+def _sharpening_rows(s: HalvesSummary) -> list[tuple[str, str]]:
+    """The B-factor of ``postprocess.mrc`` and its Guinier fit, or why there is none
+    (``fsc.json``'s ``sharpening``; no row for runs from before it)."""
+    bfactor, fit = s["sharpening_bfactor_a2"], s["sharpening_guinier_fit"]
+    if bfactor is None:
+        return []
+    at = s["sharpening_lowpass_resolution"]
+    low_passed = f"low-passed at {format_resolution(at)}" if at is not None else "not low-passed"
+    if fit is None:
+        return [("sharpening", f"none ({s['sharpening_no_fit_reason']}): {POSTPROCESS_MAP} is "
+                               f"{MAP} {low_passed}")]
+    return [("sharpening", f"B-factor {bfactor:.0f} Å² from the Guinier plot of the "
+                           f"FSC-weighted map, {fit['low_angstrom']:g} to "
+                           f"{fit['high_angstrom']:.2f} Å ({fit['shells']} shells, correlation "
+                           f"{fit['correlation']:.3f}): {POSTPROCESS_MAP}, {low_passed}")]
 
 
 def _half_fit_rows(s: HalvesSummary) -> list[tuple[str, str]]:

@@ -189,9 +189,14 @@ class _HalvesRequired(TypedDict):
     resolution_0143_unmasked: float
     resolution_0143_masked: float
     randomise_from: float
+    sharpening_bfactor_a2: float | None
+    sharpening_guinier_fit: dict | None
+    sharpening_no_fit_reason: str | None
+    sharpening_lowpass_resolution: float | None
 
 
 class HalvesSummary(_HalvesRequired, _GroundTruthFields, _SymmetryFields, _ScoreFields):
     """The summary of a ``--halves`` run: per-half lists of epochs and wall times (each half's
     starts together), the starts per half and each half's chosen start (None: one run per
-    half), the alignment of half B onto half A and the gold-standard resolutions."""
+    half), the alignment of half B onto half A, the gold-standard resolutions and the
+    sharpening (``sharpening_*``: all None in runs from before it)."""

@@ -37,10 +37,15 @@ Phases of :func:`fit_halves`:
    computed unmasked and within a soft mask whose threshold comes from the halves' noise
    (:func:`cryospin.evaluate.masks.half_map_mask`), with the phase-randomisation correction
    (:func:`cryospin.evaluate.gold_standard.evaluate_half_maps`); the halves are averaged with
-   the FSC weighting; half B's poses are moved into A's frame.
+   the FSC weighting; the weighted map is sharpened by the B-factor of its Guinier plot
+   between 10 Å and the resolution and low-passed there
+   (:func:`cryospin.evaluate.sharpen.postprocess_map`); half B's poses are moved into A's
+   frame.
 
 Outputs in ``RUN_DIR``: ``half_A.mrc``, ``half_B.mrc`` (aligned into A's frame), ``map.mrc``
-(FSC-weighted average), ``mask.mrc``, ``map_masked.mrc``, ``postprocess.star`` (RELION layout),
+(FSC-weighted average), ``mask.mrc``, ``map_masked.mrc``, ``postprocess.mrc`` and
+``postprocess_masked.mrc`` (sharpened, low-passed), ``postprocess.star`` (RELION layout, with
+the Guinier plot),
 ``fsc.json`` (with ``half_runs``: the two run folders combined), ``fsc.png``, ``poses.star``
 (all particles, A's frame, ``rlnRandomSubset`` 1/2)
 and ``poses.pkl`` (``poses.cs`` for a ``.cs`` input).
@@ -66,15 +71,15 @@ import torch
 from cryospin import __version__
 from cryospin.atomic import atomic_path, atomic_write_text
 from cryospin.cpus import available_cpus, default_cpu_threads
-from cryospin.errors import CryospinError, InputError, OutputError
+from cryospin.errors import InputError, OutputError
 from cryospin.evaluate.align import AlignResult, align_maps
-from cryospin.evaluate.gold_standard import (
-    GoldStandardFSC,
-    evaluate_half_maps,
-    fsc_weighted_average,
-    poses_in_aligned_frame,
-    write_postprocess_star,
+from cryospin.evaluate.gold_standard import GoldStandardFSC, poses_in_aligned_frame
+from cryospin.evaluate.postprocess import (
+    postprocess_half_maps,
+    sharpening_summary,
+    write_postprocessed,
 )
+from cryospin.evaluate.sharpen import PostProcessed
 from cryospin.forward.symmetrize import symmetrize_volume
 from cryospin.half_sets import half_set_assignment
 from cryospin.io.cs import write_cryosparc
@@ -89,7 +94,6 @@ from cryospin.io.particles import (
 from cryospin.io.pkl import write_indices_pkl
 from cryospin.io.star import read_relion_star
 from cryospin.io.star_tables import numbers
-from cryospin.plotting import plot_fsc
 from cryospin.point_group import parse_point_group
 from cryospin.rundir import (  # HALF_NAMES and HalvesFiles: also imported from here
     CHECKPOINT,
@@ -178,6 +182,8 @@ class HalvesResult:
         Starts run by half A and half B (1: one run).
     max_starts : int
         The most starts a half may get (1: each half one run, never another).
+    postprocessed : PostProcessed or None
+        The sharpened map and its B-factor (None when not finished).
     """
 
     run_dir: Path
@@ -189,6 +195,15 @@ class HalvesResult:
     alignment: AlignResult | None = None
     starts: tuple[int, int] = (1, 1)
     max_starts: int = 1
+    postprocessed: PostProcessed | None = None
+
+
+class Combined(NamedTuple):
+    """What :func:`combine_halves` computed (the files it wrote aside)."""
+
+    gold_standard: GoldStandardFSC
+    alignment: AlignResult
+    postprocessed: PostProcessed
 
 
 def is_halves_run(run_dir: str | Path) -> bool:
@@ -504,9 +519,9 @@ def _train_and_combine(
     if not world.is_main:
         return HalvesResult(files.dir, True, done, sizes, source, starts=counts,
                             max_starts=max_starts)
-    gold, align = combine_halves(files.dir, particles, half, config=config)
+    gold, align, post = combine_halves(files.dir, particles, half, config=config)
     return HalvesResult(files.dir, True, done, sizes, source, gold, align, starts=counts,
-                        max_starts=max_starts)
+                        max_starts=max_starts, postprocessed=post)
 
 
 def _train_both(files: HalvesFiles, config: Config, particles: ParticleSet, half: np.ndarray,
@@ -666,8 +681,8 @@ def combine_halves(
     config: Config,
     mask_dilate_px: float | None = None,
     mask_soft_edge_px: float | None = None,
-) -> tuple[GoldStandardFSC, AlignResult]:
-    """Align, mask, FSC, combine and write the outputs of two finished half runs.
+) -> Combined:
+    """Align, mask, FSC, combine, sharpen and write the outputs of two finished half runs.
 
     Parameters
     ----------
@@ -685,7 +700,7 @@ def combine_halves(
 
     Returns
     -------
-    (GoldStandardFSC, AlignResult)
+    Combined
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(default_cpu_threads(config.run.num_threads, threads, available_cpus()))
@@ -703,7 +718,7 @@ def _combine(
     config: Config,
     mask_dilate_px: float | None,
     mask_soft_edge_px: float | None,
-) -> tuple[GoldStandardFSC, AlignResult]:
+) -> Combined:
     half_runs = [files.half_run(w) for w in (1, 2)]
     half_files = [RunFiles(path) for path in half_runs]
     maps = [torch.tensor(read_map(f.map)[0], dtype=torch.float64) for f in half_files]
@@ -725,17 +740,10 @@ def _combine(
         # exactly: average it over the group again (exact for signed permutations)
         b_aligned = symmetrize_volume(b_aligned,
                                       *grid_cosets(point_group_rotations(config.model.symmetry)))
-    gold, made = evaluate_half_maps(map_a, b_aligned, pixel_size_angstrom=pixel_size,
-                                    seed=config.run.seed, dilate_px=mask_dilate_px,
-                                    soft_edge_px=mask_soft_edge_px)
-    mask = made.mask
-    log.info("mask: (half A + half B)/2 above %.3g (%.3g noise sigmas, from half A - half B), "
-             "dilated %g px, soft edge %g px, %.0f %% of the box", made.threshold,
-             made.threshold / made.noise_sigma if made.noise_sigma > 0 else math.inf,
-             made.dilate_px, made.soft_edge_px, 100 * made.fraction)
-    if made.fallback is not None:
-        log.warning("mask: %s", made.fallback)
-    combined = fsc_weighted_average(map_a, b_aligned, gold.corrected.fsc)
+    done = postprocess_half_maps(map_a, b_aligned, pixel_size_angstrom=pixel_size,
+                                 seed=config.run.seed, dilate_px=mask_dilate_px,
+                                 soft_edge_px=mask_soft_edge_px)
+    gold, made, post = done.gold, done.made_mask, done.post
     # poses: A's as they are, B's moved into A's frame by the alignment (incl. hand)
     n = len(particles)
     rotations = torch.zeros(n, 3, 3, dtype=torch.float64)
@@ -765,14 +773,9 @@ def _combine(
 
     write_map(files.half_maps[0], map_a.numpy(), apix)
     write_map(files.half_maps[1], b_aligned.numpy(), apix)
-    write_map(files.map, combined.numpy(), apix)
-    write_map(files.mask, mask.numpy(), apix)
-    write_map(files.masked_map, (combined * mask).numpy(), apix)
-    write_postprocess_star(
-        files.postprocess, gold, half1_name=files.half_maps[0].name,
-        half2_name=files.half_maps[1].name, mask_name=files.mask.name,
-        masked_map_name=files.masked_map.name,
-    )
+    write_postprocessed(files, done, apix,
+                        half_names=(files.half_maps[0].name, files.half_maps[1].name),
+                        fsc_title="gold-standard FSC (half A vs aligned half B)")
     summary = gold.to_dict()
     summary["alignment"] = {
         "rotation": align.rotation.tolist(),
@@ -784,13 +787,13 @@ def _combine(
     # the run folders combined, relative to the halves folder (a half's chosen start resolved)
     summary["half_runs"] = [str(path.resolve().relative_to(files.dir.resolve()))
                             for path in half_runs]
-    summary["mask"] = made.to_dict()
+    summary["mask"] = made.to_dict() if made is not None else None
+    summary["sharpening"] = sharpening_summary(post)
     summary["starts_per_half"] = list(counts)
     summary["max_starts"] = most
     if fit is not None:
         summary["half_fit"] = fit.to_dict()
     atomic_write_text(files.fsc_json, json.dumps(summary, indent=2) + "\n")
-    _plot(files.fsc_png, gold)
 
     both = dataclasses.replace(particles.with_poses(rotations, shifts),
                                random_subset=half_set.astype(np.int64))
@@ -800,11 +803,12 @@ def _combine(
     if both.cs_table is not None:  # a .cs input: its rows with the new poses (and scores)
         write_cryosparc(files.cs, both,
                         fields=None if scores is None else {SCORE_CS_FIELD: scores})
-    log.info("wrote %s, %s, %s", files.map, files.postprocess, files.star)
+    log.info("wrote %s, %s, %s, %s", files.map, files.postprocessed, files.postprocess,
+             files.star)
     if scores is not None:  # indices in the input, through the user's --ind
         ind = None if config.input.ind is None else load_indices(config.input.ind)
         write_indices_pkl(files.selected, selected_indices(scores, ind))
-    return gold, align
+    return Combined(gold, align, post)
 
 
 @dataclass(frozen=True)
@@ -901,18 +905,6 @@ def _log_half_fit(fit: HalfFit, advice: str) -> None:
                 100 * HALF_FIT_GAP, advice)
 
 
-def _plot(path: Path, gold: GoldStandardFSC) -> None:
-    try:
-        plot_fsc(
-            [("unmasked", gold.unmasked), ("masked", gold.masked),
-             ("phase-randomised masked", gold.phase_randomised),
-             ("corrected", gold.corrected)],
-            path, thresholds=(0.143,), title="gold-standard FSC (half A vs aligned half B)",
-        )
-    except CryospinError as exc:  # matplotlib missing: the numbers are in fsc.json
-        log.warning("FSC plot not written (%s)", exc)
-
-
 def format_summary(result: HalvesResult) -> str:
     """A few lines for the terminal: half sizes, alignment and the resolutions at 0.143."""
     a, b = result.half_sizes
@@ -937,6 +929,12 @@ def format_summary(result: HalvesResult) -> str:
         f"(phases randomised beyond {res(gold.randomise_from_resolution)}); FSC 0.5: "
         f"corrected {res(gold.corrected.resolution(0.5))}"
     )
-    lines.append(f"map {HalvesFiles(result.run_dir).map}, "
-                 f"postprocess {HalvesFiles(result.run_dir).postprocess}")
+    post = result.postprocessed
+    if post is not None:
+        lines.append(f"sharpened: B-factor {post.bfactor_a2:.0f} Å² (Guinier fit "
+                     f"{post.fit.low_angstrom:g}–{post.fit.high_angstrom:.2f} Å)"
+                     if post.fit is not None else f"not sharpened: {post.reason}")
+    files = HalvesFiles(result.run_dir)
+    lines.append(f"map {files.map}, sharpened {files.postprocessed}, "
+                 f"postprocess {files.postprocess}")
     return "\n".join(lines)
