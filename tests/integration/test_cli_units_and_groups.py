@@ -85,6 +85,7 @@ WRITERS = {
     "reconstruct": (["p.star"], None, "out"),
     "downsample": (["p.star", "--box", "8"], None, "out"),
     "fsc": (["a.mrc", "b.mrc"], "--output", "output"),
+    "postprocess": (["a.mrc", "b.mrc"], None, "outdir"),
     "pose-error": (["a.star", "b.star"], "--output", "output"),
     "flip-hand": (["a.mrc"], "--output", "output"),
     "symmetry-expand": (["p.star", "--symmetry", "C2"], None, "output"),

@@ -55,6 +55,7 @@ SUBCOMMANDS: dict[str, Command] = {
     "presets": Command("flags.presets", "presets"),
     "backproject": Command("flags.backproject", "backproject"),
     "fsc": Command("flags.fsc", "fsc"),
+    "postprocess": Command("flags.postprocess", "postprocess"),
     "pose-error": Command("flags.pose_error", "pose_error"),
     "symmetry-expand": Command("flags.symmetry_expand", "symmetry_expand"),
     "symmetry": Command("flags.symmetry", "symmetry"),
