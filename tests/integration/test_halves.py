@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,23 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     assert 2 * APIX - 1e-6 <= summary["resolution_0143_angstrom"] <= L * APIX
     assert 0.0 <= summary["median_rotation_error_deg"] <= 180.0
     assert summary["resolution_0143_corrected"] == pytest.approx(final, rel=1e-6)
+    # a run from before the sharpening (no fsc.json sharpening, no data_guinier): the page
+    # goes without the Guinier plot and the row
+    old = tmp_path / "old"
+    shutil.copytree(run, old, symlinks=True)
+    shutil.rmtree(old / "report")
+    record = json.loads((old / "fsc.json").read_text())
+    del record["sharpening"]
+    (old / "fsc.json").write_text(json.dumps(record))
+    starfile.write({k: v for k, v in starfile.read(old / "postprocess.star",
+                                                   always_dict=True).items() if k != "guinier"},
+                   old / "postprocess.star")
+    assert cli_main(["report", str(old)]) == 0
+    text = (old / "report.html").read_text(encoding="utf-8")
+    assert "Guinier plot" not in text and "sharpening</th>" not in text
+    assert not (old / "report" / "guinier.png").exists()
+    assert json.loads((old / "report" / "summary.json").read_text())[
+        "sharpening_bfactor_a2"] is None
 
     # half B loses its final outputs (as after a crash while writing them): --resume redoes
     # only those, leaving the finished half A alone
