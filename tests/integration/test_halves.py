@@ -200,6 +200,18 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     assert not (old / "report" / "guinier.png").exists()
     assert json.loads((old / "report" / "summary.json").read_text())[
         "sharpening_bfactor_a2"] is None
+    # a run whose fsc.json records a B-factor applied: the page also shows postprocess.mrc
+    # (at this size none is fitted; the record is what the page reads)
+    sharp = tmp_path / "sharp"
+    shutil.copytree(run, sharp, symlinks=True)
+    shutil.rmtree(sharp / "report")
+    record = json.loads((sharp / "fsc.json").read_text())
+    record["sharpening"]["bfactor_a2"] = -50.0
+    (sharp / "fsc.json").write_text(json.dumps(record))
+    assert cli_main(["report", str(sharp)]) == 0
+    text = (sharp / "report.html").read_text(encoding="utf-8")
+    assert "Sharpened map" in text and "B-factor -50 Å²" in text
+    check_png(sharp / "report" / "map_views_sharpened.png")
 
     # half B loses its final outputs (as after a crash while writing them): --resume redoes
     # only those, leaving the finished half A alone

@@ -108,6 +108,7 @@ class _Inputs:
     gt_R: Tensor | None
     gt_t: Tensor | None
     guinier: pd.DataFrame | None  # postprocess.star's data_guinier (None before sharpening)
+    sharpened: np.ndarray | None  # postprocess.mrc when a B-factor was applied, else None
 
 
 def _read_fsc_json(path: Path) -> tuple[GoldStandardFSC, JSONObject]:
@@ -162,8 +163,13 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
         scores = read_scores(files.star, box)
     if gt_poses is not None:
         gt_R, gt_t = read_gt_poses(gt_poses, rotations, box, files.dir)
+    sharp = fsc_summary.get("sharpening")
+    sharpened = None
+    if isinstance(sharp, dict) and sharp.get("bfactor_a2") and files.postprocessed.is_file():
+        sharpened = read_cubic_map(files.postprocessed)[0]
     return _Inputs(files, gold, fsc_summary, marker, halves, half_runs, volume, apix, gt,
-                   rotations, shifts, scores, gt_R, gt_t, _read_guinier(files.postprocess))
+                   rotations, shifts, scores, gt_R, gt_t, _read_guinier(files.postprocess),
+                   sharpened)
 
 
 def _runs_of_half(files: HalvesFiles, which: int) -> list[Path]:
@@ -257,6 +263,13 @@ def _figures(figs: FigureSet, inp: _Inputs, gt_map: str | Path | None,
                   what="map.mrc, the FSC-weighted average of the two aligned half maps "
                        "(unmasked, unsharpened)",
                   pixel_size_angstrom=inp.apix, drawn=drawn)
+    if inp.sharpened is not None:
+        bfactor = inp.fsc_summary["sharpening"]["bfactor_a2"]
+        add_map_views(figs, inp.sharpened, title="Sharpened map",
+                      what=f"{POSTPROCESS_MAP}, map.mrc sharpened by the B-factor "
+                           f"{bfactor:.0f} Å² and low-passed at the resolution (unmasked)",
+                      pixel_size_angstrom=inp.apix, drawn=drawn,
+                      name="map_views_sharpened.png")
     add_gt_figures(figs, map_path=inp.files.map, gt_map=gt_map, final_fsc=final_fsc,
                    gt_rotations=inp.gt_R, pose_result=pose_result)
 

@@ -107,15 +107,16 @@ def plot_map_views(
 
 
 def add_map_views(figs: FigureSet, volume: Tensor | np.ndarray, *, title: str, what: str,
-                  pixel_size_angstrom: float | None, drawn: DrawnAxes | None) -> None:
-    """A page's map figure (``map_views.png``): :func:`plot_map_views` of ``volume``
+                  pixel_size_angstrom: float | None, drawn: DrawnAxes | None,
+                  name: str = "map_views.png") -> None:
+    """A page's map figure (``name``): :func:`plot_map_views` of ``volume``
     `(L, L, L)`, captioned "Central sections and projections of ``what``", with ``drawn``'s
     symmetry axes on the sections (none when None)."""
     caption = f"Central sections and projections of {what}" + (
         "." if drawn is None else
         f"; on the sections the {drawn.source} {drawn.group} symmetry axes (lines: axes in "
         "the plane, circles: axes piercing it), labelled with their order.")
-    plot_map_views(volume, figs.add("map_views.png", title, caption),
+    plot_map_views(volume, figs.add(name, title, caption),
                    pixel_size_angstrom=pixel_size_angstrom,
                    axis_marks=() if drawn is None else section_marks(
                        drawn, int(volume.shape[-1])),
