@@ -160,6 +160,48 @@ def plot_guinier(q2_per_a2: np.ndarray, curves: Sequence[tuple[str, np.ndarray]]
     save_figure(fig, path)
 
 
+def plot_local_resolution(volume: np.ndarray, local_angstrom: np.ndarray, path: str | Path, *,
+                          unit: str = "Å") -> None:
+    """Write a PNG of a local-resolution map: the central sections of ``volume`` `(L, L, L)`
+    (``[z, y, x]``, grey) with ``local_angstrom`` `(L, L, L)` (0: not estimated) coloured over
+    them, blue the best and red the worst (colour range: its 2nd to 98th percentiles), and a
+    histogram of its values."""
+    plt = pyplot()
+    vol = np.asarray(volume, dtype=np.float64)
+    loc = np.asarray(local_angstrom, dtype=np.float64)
+    inside = loc[loc > 0]
+    lo, hi = ((float(np.percentile(inside, 2)), float(np.percentile(inside, 98)))
+              if inside.size else (0.0, 1.0))
+    hi = hi if hi > lo else lo + 1.0
+    cz, cy, cx = (s // 2 for s in vol.shape)
+    cuts = [(vol[cz], loc[cz], "z", "y", "x"), (vol[:, cy, :], loc[:, cy, :], "y", "z", "x"),
+            (vol[:, :, cx], loc[:, :, cx], "x", "z", "y")]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), dpi=110,
+                             gridspec_kw={"width_ratios": [1, 1, 1, 1.2]})
+    image = None
+    for ax, (grey, colour, normal, vert, horiz) in zip(axes[:3], cuts, strict=True):
+        ax.imshow(grey, origin="lower", cmap="gray", interpolation="nearest")
+        image = ax.imshow(np.ma.masked_where(colour <= 0, colour), origin="lower",
+                          cmap="RdYlBu_r", vmin=lo, vmax=hi, alpha=0.75, interpolation="nearest")
+        ax.set_title(f"section along {normal} ({normal} = 0)", fontsize=9)
+        ax.set_xlabel(f"{horiz} →", fontsize=8)
+        ax.set_ylabel(f"{vert} →", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[:3]), shrink=0.8, label=f"local resolution ({unit})")
+    hist = axes[3]
+    if inside.size:
+        hist.hist(inside, bins=40, color="tab:blue", alpha=0.8)
+        hist.axvline(float(np.median(inside)), color="black", linestyle="--", linewidth=1,
+                     label=f"median {float(np.median(inside)):.2f} {unit}")
+        hist.legend(fontsize=8)
+    hist.set_xlabel(f"local resolution ({unit})", fontsize=8)
+    hist.set_ylabel("voxels within the mask", fontsize=8)
+    hist.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
 def _break_wraps(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Insert NaNs where a path crosses the ±180° meridian (no line across the map)."""
     if lon.size < 2:

@@ -206,6 +206,8 @@ class PostprocessFiles:
         self.fsc_json = self.dir / FSC_JSON
         self.fsc_png = self.dir / "fsc.png"
         self.guinier_png = self.dir / "guinier.png"
+        self.local_resolution = self.dir / "locres.mrc"
+        self.local_resolution_png = self.dir / "locres.png"
 
 
 class HalvesFiles(PostprocessFiles):

@@ -56,7 +56,8 @@ def test_postprocess_finds_the_blur_and_writes_relion_files(halves, tmp_path, ca
     assert main(["postprocess", str(half_a), str(half_b), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     for name in ("postprocess.mrc", "postprocess_masked.mrc", "map.mrc", "map_masked.mrc",
-                 "mask.mrc", "postprocess.star", "fsc.json", "fsc.png", "guinier.png"):
+                 "mask.mrc", "locres.mrc", "postprocess.star", "fsc.json", "fsc.png",
+                 "guinier.png", "locres.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "fsc.json").read_text())
     final = summary["final_resolution_angstrom"]
@@ -96,6 +97,15 @@ def test_postprocess_finds_the_blur_and_writes_relion_files(halves, tmp_path, ca
     assert general["rlnUnfilteredMapHalf1"] == str(half_a)
     assert general["rlnCorrelationFitGuinierPlot"] < -0.95
     assert len(blocks["guinier"]) == L // 2
+    # local resolution: uniform noise over one structure, so around the global value
+    local = summary["local_resolution"]
+    assert local["window_px"] == 24 and local["points"] > 0
+    assert 0.8 * final <= local["median"] <= 1.5 * final
+    assert f"local resolution within the mask: median {local['median']:.2f} Å" in printed
+    locres, _ = read_map(out / "locres.mrc")
+    assert float(np.abs(locres[mask.numpy() < 0.5]).max()) == 0.0
+    assert float(np.median(locres[mask.numpy() >= 0.5])) == pytest.approx(local["median"],
+                                                                          rel=0.2)
 
 
 def test_postprocess_with_a_given_mask_and_bfactor(halves, tmp_path, capsys) -> None:

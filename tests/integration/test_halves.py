@@ -57,8 +57,8 @@ def star_with_subsets(tmp_path_factory) -> tuple[Path, np.ndarray]:
 
 
 OUTPUTS = ("half_A.mrc", "half_B.mrc", "map.mrc", "mask.mrc", "map_masked.mrc",
-           "postprocess.mrc", "postprocess_masked.mrc", "postprocess.star", "fsc.json",
-           "fsc.png", "poses.star", "poses.pkl")
+           "postprocess.mrc", "postprocess_masked.mrc", "postprocess.star", "locres.mrc",
+           "fsc.json", "fsc.png", "guinier.png", "locres.png", "poses.star", "poses.pkl")
 
 
 def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> None:
@@ -154,6 +154,14 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     np.testing.assert_allclose(post, expected, atol=1e-5 * float(np.abs(expected).max()))
     post_masked, _ = read_map(run / "postprocess_masked.mrc")
     np.testing.assert_allclose(post_masked, post * mask, atol=1e-6 * float(np.abs(post).max()))
+    # local resolution: within the mask, from Nyquist to the window, 0 outside
+    local = summary["local_resolution"]
+    assert local["fsc_threshold"] == 0.143 and local["window_px"] == L and local["points"] > 0
+    assert 2 * APIX <= local["percentile_5"] <= local["median"] <= local["percentile_95"]
+    assert local["percentile_95"] <= L * APIX
+    locres, _ = read_map(run / "locres.mrc")
+    assert float(np.abs(locres[mask < 0.5]).max()) == 0.0
+    assert "local resolution (FSC 0.143 in 16-voxel windows" in log
 
     poses = read_relion_star(run / "poses.star", metadata_only=True)
     assert len(poses) == N
@@ -189,7 +197,8 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     shutil.copytree(run, old, symlinks=True)
     shutil.rmtree(old / "report")
     record = json.loads((old / "fsc.json").read_text())
-    del record["sharpening"]
+    del record["sharpening"], record["local_resolution"]
+    (old / "locres.mrc").unlink()
     (old / "fsc.json").write_text(json.dumps(record))
     starfile.write({k: v for k, v in starfile.read(old / "postprocess.star",
                                                    always_dict=True).items() if k != "guinier"},
@@ -197,6 +206,7 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     assert cli_main(["report", str(old)]) == 0
     text = (old / "report.html").read_text(encoding="utf-8")
     assert "Guinier plot" not in text and "sharpening</th>" not in text
+    assert "Local resolution" not in text and "local resolution</th>" not in text
     assert not (old / "report" / "guinier.png").exists()
     assert json.loads((old / "report" / "summary.json").read_text())[
         "sharpening_bfactor_a2"] is None
@@ -223,8 +233,8 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     assert [r["epoch"] for r in read_metrics(run / "half_B" / "metrics.jsonl")] == [1, 2]
 
 
-HALVES_FIGURES = {"fsc_gold.png", "guinier.png", "training.png", "orientations.png",
-                  "particle_scores.png", "map_views.png"}
+HALVES_FIGURES = {"fsc_gold.png", "guinier.png", "local_resolution.png", "training.png",
+                  "orientations.png", "particle_scores.png", "map_views.png"}
 HALVES_GT_FIGURES = {"fsc.png", "orientations_gt.png", "rotation_error.png"}
 
 
@@ -248,7 +258,8 @@ def _check_halves_report(run: Path, page: Path, *, gt: bool) -> dict:
     text = page.read_text(encoding="utf-8")
     for needle in ("gold standard", "corrected FSC 0.143", "half B onto half A",
                    "Gold-standard FSC resolutions", "cryospin flip-hand", "Guinier plot",
-                   "sharpening</th>", "postprocess.mrc is map.mrc low-passed at"):
+                   "sharpening</th>", "postprocess.mrc is map.mrc low-passed at",
+                   "local resolution</th>"):
         assert needle in text, needle
     summary = json.loads((run / page.stem / "summary.json").read_text())
     assert summary["half_sizes"] == [N // 2, N // 2] and summary["particles"] == N

@@ -15,7 +15,7 @@ from cryospin.atomic import atomic_write_text
 from cryospin.errors import InputError
 from cryospin.evaluate.postprocess import (
     postprocess_half_maps,
-    sharpening_summary,
+    postprocess_summary,
     write_postprocessed,
 )
 from cryospin.io.mrc import read_cubic_map
@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
         "half_maps": [str(args.half_a), str(args.half_b)],
         "mask": (done.made_mask.to_dict() if done.made_mask is not None
                  else {"kind": "given", "path": str(args.mask)}),
-        "sharpening": sharpening_summary(done.post),
+        **postprocess_summary(done),
     })
     with claim_output_folder(files.dir, force=args.force,
                              command=describe_command(getattr(args, "argv", None))):
@@ -106,6 +106,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"B-factor {post.bfactor_a2:g} Å² (given)")
     else:
         print(f"not sharpened: {post.reason}")
+    p5, p50, p95 = done.local.percentiles()
+    print(f"local resolution within the mask: median {res(p50)} (5-95 %: {res(p5)} to "
+          f"{res(p95)})")
     print(f"wrote {files.postprocessed}, {files.postprocessed_masked.name}, {files.map.name}, "
-          f"{files.mask.name}, {files.postprocess.name}, {files.fsc_json.name}")
+          f"{files.mask.name}, {files.local_resolution.name}, {files.postprocess.name}, "
+          f"{files.fsc_json.name}")
     return 0

@@ -13,12 +13,15 @@ frame). The steps, each in its own module:
 3. the average weighted per shell by ``sqrt(2 FSC / (1 + FSC))``
    (:func:`cryospin.evaluate.gold_standard.fsc_weighted_average`);
 4. the B-factor of its masked Guinier plot between 10 Å and the resolution, applied, and a
-   low-pass at the resolution (:func:`cryospin.evaluate.sharpen.postprocess_map`).
+   low-pass at the resolution (:func:`cryospin.evaluate.sharpen.postprocess_map`);
+5. the local resolution within the mask
+   (:func:`cryospin.evaluate.local_resolution.local_resolution`).
 
 Files (:class:`cryospin.rundir.PostprocessFiles`): ``map.mrc`` (the weighted average),
 ``mask.mrc``, ``map_masked.mrc``, ``postprocess.mrc`` (sharpened, low-passed),
 ``postprocess_masked.mrc``, ``postprocess.star`` (RELION's layout, with the Guinier plot),
-``fsc.png`` and ``guinier.png``. Maps are `(L, L, L)` indexed ``[z, y, x]``
+``locres.mrc`` (local resolution, Å, 0 outside the mask), ``fsc.png``, ``guinier.png`` and
+``locres.png``. Maps are `(L, L, L)` indexed ``[z, y, x]``
 (``docs/conventions.md``, "Gold standard").
 """
 
@@ -38,14 +41,16 @@ from cryospin.evaluate.gold_standard import (
     gold_standard_fsc,
     write_postprocess_star,
 )
+from cryospin.evaluate.local_resolution import LocalResolution, local_resolution
 from cryospin.evaluate.masks import HalfMapMask, half_map_mask
 from cryospin.evaluate.sharpen import Guinier, PostProcessed, guinier_plot, postprocess_map
 from cryospin.io.mrc import write_map
-from cryospin.plotting import plot_fsc, plot_guinier
+from cryospin.plotting import plot_fsc, plot_guinier, plot_local_resolution
 from cryospin.rundir import MAP, POSTPROCESS_MAP, PostprocessFiles
 
 __all__ = ["HalfMapsPostprocessed", "postprocess_half_maps", "write_postprocessed",
-           "sharpening_summary", "sharpening_line"]
+           "postprocess_summary", "sharpening_summary", "sharpening_line",
+           "local_resolution_line"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,8 @@ class HalfMapsPostprocessed:
         The sharpened, low-passed map and its B-factor (``postprocess.mrc``).
     original : Guinier
         The Guinier plot of the masked plain average (``rlnLogAmplitudesOriginal``).
+    local : LocalResolution
+        The local resolution within the mask (``locres.mrc``).
     """
 
     gold: GoldStandardFSC
@@ -76,6 +83,7 @@ class HalfMapsPostprocessed:
     weighted: Tensor
     post: PostProcessed
     original: Guinier
+    local: LocalResolution
 
 
 def postprocess_half_maps(
@@ -109,8 +117,8 @@ def postprocess_half_maps(
     -------
     HalfMapsPostprocessed
 
-    Logs the mask made (a warning when it fell back) and the sharpening
-    (:func:`sharpening_line`).
+    Logs the mask made (a warning when it fell back), the sharpening
+    (:func:`sharpening_line`) and the local resolution (:func:`local_resolution_line`).
     """
     a = half_a.detach().to(torch.float64)
     b = half_b.detach().to(device=a.device, dtype=torch.float64)
@@ -137,8 +145,11 @@ def postprocess_half_maps(
     post = postprocess_map(weighted, m, resolution_angstrom=gold.final_resolution,
                            pixel_size_angstrom=pixel_size_angstrom, bfactor_a2=bfactor_a2)
     original = guinier_plot(0.5 * (a + b) * m, pixel_size_angstrom or 1.0)
-    log.info(sharpening_line(post, "Å" if pixel_size_angstrom is not None else "px"))
-    return HalfMapsPostprocessed(gold, m, made, weighted, post, original)
+    unit = "Å" if pixel_size_angstrom is not None else "px"
+    log.info(sharpening_line(post, unit))
+    local = local_resolution(a, b, m, pixel_size_angstrom=pixel_size_angstrom)
+    log.info(local_resolution_line(local, unit))
+    return HalfMapsPostprocessed(gold, m, made, weighted, post, original, local)
 
 
 def write_postprocessed(files: PostprocessFiles, result: HalfMapsPostprocessed,
@@ -165,6 +176,7 @@ def write_postprocessed(files: PostprocessFiles, result: HalfMapsPostprocessed,
     write_map(files.masked_map, (result.weighted * mask).numpy(), pixel_size_angstrom)
     write_map(files.postprocessed, post.volume.numpy(), pixel_size_angstrom)
     write_map(files.postprocessed_masked, (post.volume * mask).numpy(), pixel_size_angstrom)
+    write_map(files.local_resolution, result.local.volume.numpy(), pixel_size_angstrom)
     write_postprocess_star(files.postprocess, result.gold, half1_name=half_names[0],
                            half2_name=half_names[1], mask_name=files.mask.name,
                            masked_map_name=files.masked_map.name, post=post,
@@ -180,8 +192,20 @@ def write_postprocessed(files: PostprocessFiles, result: HalfMapsPostprocessed,
                       (f"FSC-weighted ({MAP})", post.weighted.log_amplitude),
                       (f"sharpened ({POSTPROCESS_MAP})", post.sharpened.log_amplitude)],
                      post.fit, files.guinier_png)
+        plot_local_resolution(result.weighted.numpy(), result.local.volume.numpy(),
+                              files.local_resolution_png,
+                              unit="Å" if gold.unmasked.pixel_size_angstrom is not None
+                              else "px")
     except CryospinError as exc:  # matplotlib missing: the numbers are in the star file
         log.warning("plots not written (%s)", exc)
+
+
+def postprocess_summary(result: HalfMapsPostprocessed) -> dict:
+    """``fsc.json``'s ``sharpening`` (:func:`sharpening_summary`) and ``local_resolution``
+    (:meth:`cryospin.evaluate.local_resolution.LocalResolution.to_dict`; Å, or voxels
+    without a pixel size)."""
+    return {"sharpening": sharpening_summary(result.post),
+            "local_resolution": result.local.to_dict()}
 
 
 def sharpening_summary(post: PostProcessed) -> dict:
@@ -192,6 +216,16 @@ def sharpening_summary(post: PostProcessed) -> dict:
             "no_fit_reason": post.reason,
             "lowpass_resolution": (post.resolution_angstrom
                                    if math.isfinite(post.resolution_angstrom) else None)}
+
+
+def local_resolution_line(local: LocalResolution, unit: str) -> str:
+    """One line on the local resolution: its median and spread within the mask."""
+    if local.points.shape[0] == 0:
+        return "local resolution: no sample point within the mask"
+    p5, p50, p95 = local.percentiles()
+    return (f"local resolution (FSC {local.threshold:g} in {local.window_px}-voxel windows "
+            f"every {local.step_px} voxels, {local.points.shape[0]} within the mask): median "
+            f"{p50:.2f} {unit}, 5-95 % {p5:.2f}-{p95:.2f} {unit}")
 
 
 def sharpening_line(post: PostProcessed, unit: str) -> str:

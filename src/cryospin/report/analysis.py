@@ -412,6 +412,8 @@ def halves_summary(run_dir: str, halves: Sequence[RunData], gold: GoldStandardFS
         "sharpening_guinier_fit": sharp.get("guinier_fit"),
         "sharpening_no_fit_reason": sharp.get("no_fit_reason"),
         "sharpening_lowpass_resolution": sharp.get("lowpass_resolution"),
+        "local_resolution": (fsc_summary.get("local_resolution")
+                             if isinstance(fsc_summary.get("local_resolution"), dict) else None),
     }
 
 

@@ -35,7 +35,7 @@ from cryospin.evaluate.gold_standard import GoldStandardFSC
 from cryospin.evaluate.pose_error import PoseErrorResult
 from cryospin.evaluate.sharpen import GuinierFit
 from cryospin.io.mrc import read_cubic_map
-from cryospin.plotting import plot_fsc, plot_guinier
+from cryospin.plotting import plot_fsc, plot_guinier, plot_local_resolution
 from cryospin.report.analysis import JSONObject, halves_summary, junk_scored, score_summary
 from cryospin.report.figures import (
     add_gt_figures,
@@ -109,6 +109,7 @@ class _Inputs:
     gt_t: Tensor | None
     guinier: pd.DataFrame | None  # postprocess.star's data_guinier (None before sharpening)
     sharpened: np.ndarray | None  # postprocess.mrc when a B-factor was applied, else None
+    local: np.ndarray | None  # locres.mrc (Å, 0 outside the mask); None before it existed
 
 
 def _read_fsc_json(path: Path) -> tuple[GoldStandardFSC, JSONObject]:
@@ -167,9 +168,11 @@ def _read_inputs(run_dir: str | Path, gt_map: str | Path | None,
     sharpened = None
     if isinstance(sharp, dict) and sharp.get("bfactor_a2") and files.postprocessed.is_file():
         sharpened = read_cubic_map(files.postprocessed)[0]
+    local = (read_cubic_map(files.local_resolution)[0] if files.local_resolution.is_file()
+             else None)
     return _Inputs(files, gold, fsc_summary, marker, halves, half_runs, volume, apix, gt,
                    rotations, shifts, scores, gt_R, gt_t, _read_guinier(files.postprocess),
-                   sharpened)
+                   sharpened, local)
 
 
 def _runs_of_half(files: HalvesFiles, which: int) -> list[Path]:
@@ -239,6 +242,14 @@ def _figures(figs: FigureSet, inp: _Inputs, gt_map: str | Path | None,
     """Every figure of the page, in page order."""
     _gold_figure(figs, inp.gold)
     _guinier_figure(figs, inp)
+    if inp.local is not None and inp.local.shape == inp.volume.shape:
+        plot_local_resolution(inp.volume, inp.local, figs.add(
+            "local_resolution.png", "Local resolution",
+            "Central sections of map.mrc coloured by the local resolution (locres.mrc: the "
+            "FSC of the whitened halves at 0.143 within a small soft window around points "
+            "inside the mask; blue the best, red the worst) and the histogram of its values "
+            "within the mask. Single windows scatter: read the pattern, not one value."),
+            unit="Å" if inp.apix else "px")
     if any(h.metrics for h in inp.halves):
         plot_halves_training([(n.replace("_", " "), h.metrics)
                               for n, h in zip(HALF_NAMES, inp.halves, strict=True)],

@@ -519,6 +519,7 @@ def halves_summary_rows(run_dir: Path, s: HalvesSummary) -> list[tuple[str, str]
                  f"{format_resolution(s['resolution_0143_unmasked'])}, masked "
                  f"{format_resolution(s['resolution_0143_masked'])})"))
     rows += _sharpening_rows(s)
+    rows += _local_resolution_rows(s)
     rows += _half_fit_rows(s)
     rows += _score_summary_rows(s)
     rows += gt_summary_rows(s)
@@ -540,6 +541,19 @@ def _sharpening_rows(s: HalvesSummary) -> list[tuple[str, str]]:
                            f"FSC-weighted map, {fit['low_angstrom']:g} to "
                            f"{fit['high_angstrom']:.2f} Å ({fit['shells']} shells, correlation "
                            f"{fit['correlation']:.3f}): {POSTPROCESS_MAP}, {low_passed}")]
+
+
+def _local_resolution_rows(s: HalvesSummary) -> list[tuple[str, str]]:
+    """The local resolution's median and spread (``fsc.json``'s; none before it existed)."""
+    local = s["local_resolution"]
+    if not local or not local.get("points"):
+        return []
+    return [("local resolution", f"median {format_resolution(local['median'])}, 5-95 %: "
+                                 f"{format_resolution(local['percentile_5'])} to "
+                                 f"{format_resolution(local['percentile_95'])} (FSC "
+                                 f"{local['fsc_threshold']:g} in {local['window_px']}-voxel "
+                                 f"windows at {local['points']} points within the mask; "
+                                 "locres.mrc)")]
 
 
 def _half_fit_rows(s: HalvesSummary) -> list[tuple[str, str]]:

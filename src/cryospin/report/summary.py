@@ -193,10 +193,12 @@ class _HalvesRequired(TypedDict):
     sharpening_guinier_fit: dict | None
     sharpening_no_fit_reason: str | None
     sharpening_lowpass_resolution: float | None
+    local_resolution: dict | None
 
 
 class HalvesSummary(_HalvesRequired, _GroundTruthFields, _SymmetryFields, _ScoreFields):
     """The summary of a ``--halves`` run: per-half lists of epochs and wall times (each half's
     starts together), the starts per half and each half's chosen start (None: one run per
     half), the alignment of half B onto half A, the gold-standard resolutions and the
-    sharpening (``sharpening_*``: all None in runs from before it)."""
+    sharpening (``sharpening_*``: all None in runs from before it) and the local resolution
+    (``fsc.json``'s; None in runs from before it)."""

@@ -76,7 +76,7 @@ from cryospin.evaluate.align import AlignResult, align_maps
 from cryospin.evaluate.gold_standard import GoldStandardFSC, poses_in_aligned_frame
 from cryospin.evaluate.postprocess import (
     postprocess_half_maps,
-    sharpening_summary,
+    postprocess_summary,
     write_postprocessed,
 )
 from cryospin.evaluate.sharpen import PostProcessed
@@ -788,7 +788,7 @@ def _combine(
     summary["half_runs"] = [str(path.resolve().relative_to(files.dir.resolve()))
                             for path in half_runs]
     summary["mask"] = made.to_dict() if made is not None else None
-    summary["sharpening"] = sharpening_summary(post)
+    summary.update(postprocess_summary(done))
     summary["starts_per_half"] = list(counts)
     summary["max_starts"] = most
     if fit is not None:
