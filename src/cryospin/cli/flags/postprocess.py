@@ -10,10 +10,13 @@ Guinier plot (ln amplitude against 1/d², within the mask) between 10 Å and the
 times 4 (RELION's sign: negative sharpens), unless --bfactor gives one; the map is then
 sharpened by it and low-passed at the resolution.
 
+The local resolution is the FSC 0.143 of the whitened halves within small soft windows around
+points inside the mask (docs/conventions.md, "Gold standard").
+
 Writes OUT_DIR/postprocess.mrc (sharpened, low-passed), postprocess_masked.mrc, map.mrc (the
-FSC-weighted average), map_masked.mrc, mask.mrc, postprocess.star (RELION's layout: FSC curves,
-Guinier plot, B-factor), fsc.json, fsc.png and guinier.png. OUT_DIR must be new or empty
-(--force writes into it).
+FSC-weighted average), map_masked.mrc, mask.mrc, locres.mrc (local resolution, Å; 0 outside
+the mask), postprocess.star (RELION's layout: FSC curves, Guinier plot, B-factor), fsc.json,
+fsc.png, guinier.png and locres.png. OUT_DIR must be new or empty (--force writes into it).
 
 Example::
 
