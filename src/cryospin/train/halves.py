@@ -44,8 +44,8 @@ Phases of :func:`fit_halves`:
 
 Outputs in ``RUN_DIR``: ``half_A.mrc``, ``half_B.mrc`` (aligned into A's frame), ``map.mrc``
 (FSC-weighted average), ``mask.mrc``, ``map_masked.mrc``, ``postprocess.mrc`` and
-``postprocess_masked.mrc`` (sharpened, low-passed), ``postprocess.star`` (RELION layout, with
-the Guinier plot),
+``postprocess_masked.mrc`` (sharpened, low-passed), ``locres.mrc`` (local resolution),
+``postprocess.star`` (RELION layout, with the Guinier plot),
 ``fsc.json`` (with ``half_runs``: the two run folders combined), ``fsc.png``, ``poses.star``
 (all particles, A's frame, ``rlnRandomSubset`` 1/2)
 and ``poses.pkl`` (``poses.cs`` for a ``.cs`` input).
@@ -75,11 +75,11 @@ from cryospin.errors import InputError, OutputError
 from cryospin.evaluate.align import AlignResult, align_maps
 from cryospin.evaluate.gold_standard import GoldStandardFSC, poses_in_aligned_frame
 from cryospin.evaluate.postprocess import (
+    HalfMapsPostprocessed,
     postprocess_half_maps,
     postprocess_summary,
     write_postprocessed,
 )
-from cryospin.evaluate.sharpen import PostProcessed
 from cryospin.forward.symmetrize import symmetrize_volume
 from cryospin.half_sets import half_set_assignment
 from cryospin.io.cs import write_cryosparc
@@ -182,8 +182,8 @@ class HalvesResult:
         Starts run by half A and half B (1: one run).
     max_starts : int
         The most starts a half may get (1: each half one run, never another).
-    postprocessed : PostProcessed or None
-        The sharpened map and its B-factor (None when not finished).
+    postprocessed : HalfMapsPostprocessed or None
+        The sharpened map, its B-factor and the local resolution (None when not finished).
     """
 
     run_dir: Path
@@ -195,7 +195,7 @@ class HalvesResult:
     alignment: AlignResult | None = None
     starts: tuple[int, int] = (1, 1)
     max_starts: int = 1
-    postprocessed: PostProcessed | None = None
+    postprocessed: HalfMapsPostprocessed | None = None
 
 
 class Combined(NamedTuple):
@@ -203,7 +203,7 @@ class Combined(NamedTuple):
 
     gold_standard: GoldStandardFSC
     alignment: AlignResult
-    postprocessed: PostProcessed
+    postprocessed: HalfMapsPostprocessed
 
 
 def is_halves_run(run_dir: str | Path) -> bool:
@@ -743,7 +743,7 @@ def _combine(
     done = postprocess_half_maps(map_a, b_aligned, pixel_size_angstrom=pixel_size,
                                  seed=config.run.seed, dilate_px=mask_dilate_px,
                                  soft_edge_px=mask_soft_edge_px)
-    gold, made, post = done.gold, done.made_mask, done.post
+    gold, made = done.gold, done.made_mask
     # poses: A's as they are, B's moved into A's frame by the alignment (incl. hand)
     n = len(particles)
     rotations = torch.zeros(n, 3, 3, dtype=torch.float64)
@@ -808,7 +808,7 @@ def _combine(
     if scores is not None:  # indices in the input, through the user's --ind
         ind = None if config.input.ind is None else load_indices(config.input.ind)
         write_indices_pkl(files.selected, selected_indices(scores, ind))
-    return Combined(gold, align, post)
+    return Combined(gold, align, done)
 
 
 @dataclass(frozen=True)
@@ -929,12 +929,17 @@ def format_summary(result: HalvesResult) -> str:
         f"(phases randomised beyond {res(gold.randomise_from_resolution)}); FSC 0.5: "
         f"corrected {res(gold.corrected.resolution(0.5))}"
     )
-    post = result.postprocessed
-    if post is not None:
+    done = result.postprocessed
+    if done is not None:
+        post = done.post
         lines.append(f"sharpened: B-factor {post.bfactor_a2:.0f} Å² (Guinier fit "
                      f"{post.fit.low_angstrom:g}–{post.fit.high_angstrom:.2f} Å)"
                      if post.fit is not None else f"not sharpened: {post.reason}")
+        if done.local.points.shape[0]:
+            p5, p50, p95 = done.local.percentiles()
+            lines.append(f"local resolution within the mask: median {res(p50)} (5-95 %: "
+                         f"{res(p5)} to {res(p95)})")
     files = HalvesFiles(result.run_dir)
-    lines.append(f"map {files.map}, sharpened {files.postprocessed}, "
-                 f"postprocess {files.postprocess}")
+    lines.append(f"map {files.map}, sharpened {files.postprocessed}, local resolution "
+                 f"{files.local_resolution}, postprocess {files.postprocess}")
     return "\n".join(lines)
