@@ -1,6 +1,6 @@
 """The gold-standard resolution can be trusted: on simulated data (the bundled spike, 1,500
 particles, CTF, SNR 0.1) with known poses, the masked, phase-randomisation-corrected half-map
-FSC of ``reconstruct --halves`` (:func:`cryospin.evaluate.gold_standard.evaluate_half_maps`)
+FSC of ``reconstruct --halves`` (:func:`cryospin.evaluate.postprocess.postprocess_half_maps`)
 crosses 0.143 within 25 % of where the FSC of the halves' average against the ground truth
 crosses 0.5 (the two criteria estimate the same resolution, Rosenthal & Henderson 2003).
 
@@ -23,7 +23,7 @@ import torch
 
 from cryospin.backproject import backproject
 from cryospin.evaluate.fsc import fsc
-from cryospin.evaluate.gold_standard import evaluate_half_maps
+from cryospin.evaluate.postprocess import postprocess_half_maps
 from cryospin.half_sets import half_set_assignment
 from cryospin.io.mrc import read_map
 from cryospin.io.particles import load_particles
@@ -75,7 +75,9 @@ def _half_maps(sim: Path, wrong_fraction: tuple[float, float] = (0.0, 0.0)):
 
 
 def _check(half_a, half_b, gt, apix) -> tuple[float, float]:
-    gold, mask = evaluate_half_maps(half_a, half_b, pixel_size_angstrom=apix)
+    done = postprocess_half_maps(half_a, half_b, pixel_size_angstrom=apix)
+    gold, mask = done.gold, done.made_mask
+    assert mask is not None
     truth = fsc(0.5 * (half_a + half_b), gt, pixel_size_angstrom=apix).resolution(0.5)
     reported = gold.final_resolution
     assert math.isfinite(truth) and math.isfinite(reported)

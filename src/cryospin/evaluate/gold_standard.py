@@ -20,7 +20,8 @@ Mask correction (Chen et al. 2013, Ultramicroscopy 135, 24–35; RELION's ``post
   Values far below 0 mean ``FSC_n > FSC_t`` by more than the noise allows: the mask is too
   tight for these half maps (:func:`cryospin.evaluate.masks.half_map_mask` avoids that).
 
-Whitening (``whiten=True``, what :func:`evaluate_half_maps` and ``--halves`` use): before the
+Whitening (``whiten=True``, what :func:`cryospin.evaluate.postprocess.postprocess_half_maps`,
+``--halves`` and ``cryospin postprocess`` use): before the
 masked FSCs, both half maps are divided per shell by ``sqrt`` of the shell's mean power of the two
 (shell 0 takes shell 1's factor). The same per-shell factor on both leaves the unmasked FSC
 unchanged; it stops the mask from spreading the strong low-frequency power of Wiener-filtered
@@ -29,7 +30,8 @@ half maps into the weak high shells, where the phase randomisation (which keeps 
 simulated halves that disagree at low resolution: a corrected curve of 0.2–0.5 at Nyquist
 without, ±0.05 with).
 
-The mask (:func:`evaluate_half_maps`): :func:`cryospin.evaluate.masks.half_map_mask`, a core
+The mask (:func:`cryospin.evaluate.postprocess.postprocess_half_maps`):
+:func:`cryospin.evaluate.masks.half_map_mask`, a core
 thresholded at a multiple of the half maps' noise (estimated from their difference), dilated,
 soft-edged, inside the box's inscribed sphere and covering at most a set fraction of the box.
 
@@ -56,7 +58,6 @@ from torch import Tensor
 
 from cryospin.atomic import atomic_path
 from cryospin.evaluate.fsc import FSCResult, fsc, shell_index
-from cryospin.evaluate.masks import HalfMapMask, half_map_mask
 from cryospin.evaluate.pose_error import flip_hand
 from cryospin.evaluate.sharpen import Guinier, PostProcessed
 
@@ -68,7 +69,6 @@ __all__ = [
     "corrected_fsc",
     "gold_standard_fsc",
     "whiten_halves",
-    "evaluate_half_maps",
     "fsc_weights",
     "fsc_weighted_average",
     "poses_in_aligned_frame",
@@ -345,45 +345,6 @@ def whiten_halves(half_a: Tensor, half_b: Tensor) -> tuple[Tensor, Tensor]:
     scale[0] = scale[1]
     factor = scale[groups]
     return torch.fft.ifftn(fa * factor).real, torch.fft.ifftn(fb * factor).real
-
-
-def evaluate_half_maps(
-    half_a: Tensor | np.ndarray,
-    half_b: Tensor | np.ndarray,
-    *,
-    pixel_size_angstrom: float | None = None,
-    seed: int = 0,
-    dilate_px: float | None = None,
-    soft_edge_px: float | None = None,
-) -> tuple[GoldStandardFSC, HalfMapMask]:
-    """The gold-standard evaluation of two aligned half maps, as ``reconstruct --halves`` does it.
-
-    The mask is :func:`cryospin.evaluate.masks.half_map_mask` (threshold from the halves'
-    noise, dilated, soft, at most a set fraction of the box); the curves are those of
-    :func:`gold_standard_fsc` within it, the masked ones on whitened halves
-    (:func:`whiten_halves`).
-
-    Parameters
-    ----------
-    half_a, half_b : `(L, L, L)`
-        Independent half maps in the same frame.
-    pixel_size_angstrom : float, optional
-        Voxel size; resolutions are in Å when given, else in pixels.
-    seed : int
-        Seed of the random phases.
-    dilate_px, soft_edge_px : float, optional
-        Mask dilation and edge (default :func:`cryospin.evaluate.masks.half_map_mask_widths`).
-
-    Returns
-    -------
-    (GoldStandardFSC, HalfMapMask)
-    """
-    a = torch.as_tensor(half_a).to(torch.float64)
-    b = torch.as_tensor(half_b).to(torch.float64)
-    mask = half_map_mask(a, b, dilate_px=dilate_px, soft_edge_px=soft_edge_px)
-    gold = gold_standard_fsc(a, b, mask.mask, pixel_size_angstrom=pixel_size_angstrom,
-                             seed=seed, whiten=True)
-    return gold, mask
 
 
 def fsc_weights(fsc_values: Tensor | np.ndarray) -> np.ndarray:

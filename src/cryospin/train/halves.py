@@ -36,7 +36,7 @@ Phases of :func:`fit_halves`:
    refused); the FSC is
    computed unmasked and within a soft mask whose threshold comes from the halves' noise
    (:func:`cryospin.evaluate.masks.half_map_mask`), with the phase-randomisation correction
-   (:func:`cryospin.evaluate.gold_standard.evaluate_half_maps`); the halves are averaged with
+   (:func:`cryospin.evaluate.postprocess.postprocess_half_maps`); the halves are averaged with
    the FSC weighting; the weighted map is sharpened by the B-factor of its Guinier plot
    between 10 Å and the resolution and low-passed there
    (:func:`cryospin.evaluate.sharpen.postprocess_map`); half B's poses are moved into A's
