@@ -124,11 +124,12 @@ def _crossing(fsc_values: Tensor, threshold: float) -> Tensor:
     ``threshold`` from shell 1 on, linear between the shells around it; ``S − 1`` (Nyquist)
     where it never does."""
     P, S = fsc_values.shape
+    device = fsc_values.device
     below = fsc_values[:, 1:] < threshold  # (P, S-1): shells 1 … S-1
     any_below = below.any(dim=1)
     first = torch.where(any_below, below.to(torch.int64).argmax(dim=1) + 1,
-                        torch.full((P,), S - 1, dtype=torch.int64))  # shell index s ≥ 1
-    rows = torch.arange(P)
+                        torch.full((P,), S - 1, dtype=torch.int64, device=device))  # s ≥ 1
+    rows = torch.arange(P, device=device)
     before, at = fsc_values[rows, first - 1], fsc_values[rows, first]
     span = before - at
     frac = torch.where(span > 0, (before - threshold) / torch.where(span > 0, span, 1.0), 0.0)
@@ -224,7 +225,8 @@ def local_resolution(
         power = torch.sqrt((fa.abs() ** 2 @ onehot) * (fb.abs() ** 2 @ onehot))
         fsc_values = torch.where(power > 0, cross / torch.where(power > 0, power, 1.0), 0.0)
         frequencies.append(_crossing(fsc_values, threshold))
-    freq = torch.cat(frequencies) if frequencies else torch.zeros(0, dtype=torch.float64)
+    freq = (torch.cat(frequencies) if frequencies
+            else torch.zeros(0, dtype=torch.float64, device=a.device))
     resolution = torch.where(freq > 0, W * apix / torch.where(freq > 0, freq, 1.0),
                              torch.full_like(freq, W * apix))  # (P,)
 
