@@ -19,6 +19,7 @@ from cryospin.evaluate.sharpen import apply_bfactor, fit_guinier, guinier_plot, 
 from cryospin.io.mrc import read_map, write_map
 
 L, APIX, BLUR = 40, 1.0, 150.0
+F64 = torch.float64
 
 
 def _blobs(seed: int) -> torch.Tensor:
@@ -167,6 +168,8 @@ def test_postprocess_refusals(halves, tmp_path, capsys) -> None:
             capsys, "--bfactor must be a number")
     refused(["postprocess", str(half_a), str(tmp_path / "missing.mrc"), "-o", str(out)],
             capsys, "missing.mrc", "not found")
+    refused(["postprocess", str(half_a), str(half_a), "-o", str(out)], capsys,
+            str(half_a), "the same map as", "independently")
     assert not out.exists()  # nothing made by a refusal
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -174,3 +177,18 @@ def test_postprocess_refusals(halves, tmp_path, capsys) -> None:
     refused(["postprocess", str(half_a), str(half_b), "-o", str(busy)], capsys,
             str(busy), "not empty", "--force")
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
+
+
+def test_postprocess_warns_when_the_fsc_never_falls(halves, tmp_path, caplog) -> None:
+    """Halves that agree to Nyquist (here: nearly noise-free): a warning, not a silent
+    Nyquist resolution."""
+    _, _, a, _ = halves
+    g = torch.Generator().manual_seed(9)
+    for name, seed_noise in (("a.mrc", 0), ("b.mrc", 1)):
+        noise = 1e-6 * float(a.abs().max()) * torch.randn(L, L, L, generator=g, dtype=F64)
+        write_map(tmp_path / name, (a + noise * (seed_noise + 1)).numpy(), APIX)
+    assert main(["postprocess", str(tmp_path / "a.mrc"), str(tmp_path / "b.mrc"), "-o",
+                 str(tmp_path / "out")]) == 0
+    assert "never falls below 0.143" in caplog.text and "not independent" in caplog.text
+    summary = json.loads((tmp_path / "out" / "fsc.json").read_text())
+    assert summary["final_resolution_angstrom"] == pytest.approx(2 * APIX)

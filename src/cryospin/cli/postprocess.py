@@ -74,6 +74,9 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"box {tuple(b.shape)} differs from {args.half_a}'s "
                          f"{tuple(a.shape)}", args.half_b)
     apix = _voxel_size(args, apix_a, apix_b)
+    if torch.equal(a, b):
+        raise InputError(f"the same map as {args.half_a}: give two independently "
+                         "reconstructed half maps", args.half_b)
     mask = None if args.mask is None else _mask(args.mask, tuple(a.shape))
     done = postprocess_half_maps(a, b, pixel_size_angstrom=apix, seed=args.seed, mask=mask,
                                  bfactor_a2=args.bfactor)

@@ -117,7 +117,8 @@ def postprocess_half_maps(
     -------
     HalfMapsPostprocessed
 
-    Logs the mask made (a warning when it fell back), the sharpening
+    Logs the mask made (a warning when it fell back), a warning when the corrected FSC never
+    falls below 0.143, the sharpening
     (:func:`sharpening_line`) and the local resolution (:func:`local_resolution_line`).
     """
     a = half_a.detach().to(torch.float64)
@@ -141,6 +142,11 @@ def postprocess_half_maps(
                              f"{tuple(a.shape)}")
     gold = gold_standard_fsc(a, b, m, pixel_size_angstrom=pixel_size_angstrom, seed=seed,
                              whiten=True)
+    if bool((gold.corrected.fsc[1:] >= 0.143).all()):
+        unit = "Å" if pixel_size_angstrom is not None else "px"
+        log.warning("the corrected FSC never falls below 0.143: the resolution is Nyquist "
+                    "(%.2f %s) or better, which finer pixels would be needed to measure (or "
+                    "the halves are not independent)", gold.final_resolution, unit)
     weighted = fsc_weighted_average(a, b, gold.corrected.fsc)
     post = postprocess_map(weighted, m, resolution_angstrom=gold.final_resolution,
                            pixel_size_angstrom=pixel_size_angstrom, bfactor_a2=bfactor_a2)
