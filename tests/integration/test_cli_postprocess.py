@@ -102,7 +102,11 @@ def test_postprocess_finds_the_blur_and_writes_relion_files(halves, tmp_path, ca
     local = summary["local_resolution"]
     assert local["window_px"] == 24 and local["points"] > 0
     assert 0.8 * final <= local["median"] <= 1.5 * final
-    assert f"local resolution within the mask: median {local['median']:.2f} Å" in printed
+    assert f"local resolution: median {local['median']:.2f} Å within the mask" in printed
+    # windows centred on the atoms' density (the made mask's threshold) read at least as well
+    assert 0 < local["density_points"] < local["points"]
+    assert local["density_median"] <= local["median"] + 1e-9
+    assert f"{local['density_median']:.2f} Å on density" in printed
     locres, _ = read_map(out / "locres.mrc")
     assert float(np.abs(locres[mask.numpy() < 0.5]).max()) == 0.0
     assert float(np.median(locres[mask.numpy() >= 0.5])) == pytest.approx(local["median"],
@@ -119,6 +123,7 @@ def test_postprocess_with_a_given_mask_and_bfactor(halves, tmp_path, capsys) -> 
     assert "B-factor -50 Å² (given)" in capsys.readouterr().out
     summary = json.loads((out / "fsc.json").read_text())
     assert summary["mask"] == {"kind": "given", "path": str(first / "mask.mrc")}
+    assert summary["local_resolution"]["density_median"] is None  # no density known
     assert summary["sharpening"]["bfactor_a2"] == -50.0
     assert summary["sharpening"]["guinier_fit"] is None
     # the mask made before, given back: the same curves

@@ -162,7 +162,10 @@ def test_halves_end_to_end_with_resume(star_with_subsets, tmp_path, capsys) -> N
     locres, _ = read_map(run / "locres.mrc")
     assert float(np.abs(locres[mask < 0.5]).max()) == 0.0
     assert "local resolution (FSC 0.143 in 16-voxel windows" in log
-    assert f"local resolution within the mask: median {local['median']:.2f} Å" in out
+    assert f"local resolution: median {local['median']:.2f} Å within the mask" in out
+    if local["density_median"] is not None:  # the made mask's density: some points on it
+        assert 0 < local["density_points"] <= local["points"]
+        assert f"{local['density_median']:.2f} Å on density" in out
 
     poses = read_relion_star(run / "poses.star", metadata_only=True)
     assert len(poses) == N

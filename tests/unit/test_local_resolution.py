@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,3 +135,29 @@ def test_refusals() -> None:
         local_resolution(v, v, v, pixel_size_angstrom=1.0, window_px=8, step_px=0)
     empty = local_resolution(v, v, v, pixel_size_angstrom=1.0, window_px=8)
     assert empty.points.shape == (0, 3) and math.isnan(empty.to_dict()["median"])
+
+
+def test_points_on_density_are_summarised_apart() -> None:
+    L = 32
+    truth = _blobs(L, 30, 8)
+    g = torch.Generator().manual_seed(9)
+    a = truth + 0.2 * torch.randn(L, L, L, generator=g, dtype=F64)
+    b = truth + 0.2 * torch.randn(L, L, L, generator=g, dtype=F64)
+    mask = torch.ones(L, L, L, dtype=F64)
+    density = truth > 0.5 * float(truth.max())
+    out = local_resolution(a, b, mask, pixel_size_angstrom=1.0, window_px=16, step_px=2,
+                           density=density)
+    assert out.on_density is not None and out.on_density.shape == (out.points.shape[0],)
+    on = density[out.points[:, 0], out.points[:, 1], out.points[:, 2]]
+    assert torch.equal(out.on_density, on) and 0 < int(on.sum()) < on.numel()
+    values = out.resolution_angstrom[on].numpy()
+    d = out.to_dict()
+    assert d["density_points"] == int(on.sum())
+    assert d["density_median"] == pytest.approx(float(np.median(values)))
+    assert d["density_percentile_5"] == pytest.approx(float(np.percentile(values, 5)))
+    assert d["median"] == pytest.approx(float(np.median(out.resolution_angstrom.numpy())))
+    plain = local_resolution(a, b, mask, pixel_size_angstrom=1.0, window_px=16, step_px=2)
+    assert plain.on_density is None and plain.to_dict()["density_median"] is None
+    torch.testing.assert_close(plain.resolution_angstrom, out.resolution_angstrom)
+    with pytest.raises(ValueError, match="density"):
+        local_resolution(a, b, mask, pixel_size_angstrom=1.0, density=density[:-1])

@@ -14,6 +14,7 @@ import torch
 from cryospin.atomic import atomic_write_text
 from cryospin.errors import InputError
 from cryospin.evaluate.postprocess import (
+    local_resolution_brief,
     postprocess_half_maps,
     postprocess_summary,
     write_postprocessed,
@@ -109,9 +110,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"B-factor {post.bfactor_a2:g} Å² (given)")
     else:
         print(f"not sharpened: {post.reason}")
-    p5, p50, p95 = done.local.percentiles()
-    print(f"local resolution within the mask: median {res(p50)} (5-95 %: {res(p5)} to "
-          f"{res(p95)})")
+    if done.local.points.shape[0]:
+        print(local_resolution_brief(done.local, unit))
     print(f"wrote {files.postprocessed}, {files.postprocessed_masked.name}, {files.map.name}, "
           f"{files.mask.name}, {files.local_resolution.name}, {files.postprocess.name}, "
           f"{files.fsc_json.name}")

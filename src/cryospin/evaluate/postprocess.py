@@ -50,7 +50,7 @@ from cryospin.rundir import MAP, POSTPROCESS_MAP, PostprocessFiles
 
 __all__ = ["HalfMapsPostprocessed", "postprocess_half_maps", "write_postprocessed",
            "postprocess_summary", "sharpening_summary", "sharpening_line",
-           "local_resolution_line"]
+           "local_resolution_line", "local_resolution_brief"]
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,10 @@ def postprocess_half_maps(
     original = guinier_plot(0.5 * (a + b) * m, pixel_size_angstrom or 1.0)
     unit = "Å" if pixel_size_angstrom is not None else "px"
     log.info(sharpening_line(post, unit))
-    local = local_resolution(a, b, m, pixel_size_angstrom=pixel_size_angstrom)
+    # density: the halves' average above the made mask's threshold (a given mask: none known)
+    density = None if made is None else 0.5 * (a + b) >= made.threshold
+    local = local_resolution(a, b, m, pixel_size_angstrom=pixel_size_angstrom,
+                             density=density)
     log.info(local_resolution_line(local, unit))
     return HalfMapsPostprocessed(gold, m, made, weighted, post, original, local)
 
@@ -229,9 +232,27 @@ def local_resolution_line(local: LocalResolution, unit: str) -> str:
     if local.points.shape[0] == 0:
         return "local resolution: no sample point within the mask"
     p5, p50, p95 = local.percentiles()
-    return (f"local resolution (FSC {local.threshold:g} in {local.window_px}-voxel windows "
+    line = (f"local resolution (FSC {local.threshold:g} in {local.window_px}-voxel windows "
             f"every {local.step_px} voxels, {local.points.shape[0]} within the mask): median "
             f"{p50:.2f} {unit}, 5-95 % {p5:.2f}-{p95:.2f} {unit}")
+    d5, d50, d95 = local.percentiles(density_only=True)
+    if not math.isnan(d50):
+        line += (f"; centred on density ({int(local.on_density.sum())} points): median "
+                 f"{d50:.2f} {unit}, 5-95 % {d5:.2f}-{d95:.2f} {unit}"
+                 if local.on_density is not None else "")
+    return line
+
+
+def local_resolution_brief(local: LocalResolution, unit: str) -> str:
+    """The end-of-run line: the median and 5–95 % within the mask and, when known, on
+    density (``unit``: ``"Å"`` or ``"px"``)."""
+    p5, p50, p95 = local.percentiles()
+    line = (f"local resolution: median {p50:.2f} {unit} within the mask (5-95 %: {p5:.2f} to "
+            f"{p95:.2f} {unit})")
+    d5, d50, d95 = local.percentiles(density_only=True)
+    if not math.isnan(d50):
+        line += f", {d50:.2f} {unit} on density (5-95 %: {d5:.2f} to {d95:.2f} {unit})"
+    return line
 
 
 def sharpening_line(post: PostProcessed, unit: str) -> str:

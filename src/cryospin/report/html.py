@@ -548,12 +548,17 @@ def _local_resolution_rows(s: HalvesSummary) -> list[tuple[str, str]]:
     local = s["local_resolution"]
     if not local or not local.get("points"):
         return []
-    return [("local resolution", f"median {format_resolution(local['median'])}, 5-95 %: "
-                                 f"{format_resolution(local['percentile_5'])} to "
-                                 f"{format_resolution(local['percentile_95'])} (FSC "
-                                 f"{local['fsc_threshold']:g} in {local['window_px']}-voxel "
-                                 f"windows at {local['points']} points within the mask; "
-                                 "locres.mrc)")]
+    text = (f"median {format_resolution(local['median'])}, 5-95 %: "
+            f"{format_resolution(local['percentile_5'])} to "
+            f"{format_resolution(local['percentile_95'])} (FSC {local['fsc_threshold']:g} in "
+            f"{local['window_px']}-voxel windows at {local['points']} points within the mask, "
+            "whose edge reaches into the solvent; locres.mrc)")
+    if local.get("density_median") is not None:
+        text += (f"; windows centred on density ({local['density_points']} points): median "
+                 f"{format_resolution(local['density_median'])}, 5-95 %: "
+                 f"{format_resolution(local['density_percentile_5'])} to "
+                 f"{format_resolution(local['density_percentile_95'])}")
+    return [("local resolution", text)]
 
 
 def _half_fit_rows(s: HalvesSummary) -> list[tuple[str, str]]:

@@ -76,6 +76,7 @@ from cryospin.evaluate.align import AlignResult, align_maps
 from cryospin.evaluate.gold_standard import GoldStandardFSC, poses_in_aligned_frame
 from cryospin.evaluate.postprocess import (
     HalfMapsPostprocessed,
+    local_resolution_brief,
     postprocess_half_maps,
     postprocess_summary,
     write_postprocessed,
@@ -936,9 +937,7 @@ def format_summary(result: HalvesResult) -> str:
                      f"{post.fit.low_angstrom:g}–{post.fit.high_angstrom:.2f} Å)"
                      if post.fit is not None else f"not sharpened: {post.reason}")
         if done.local.points.shape[0]:
-            p5, p50, p95 = done.local.percentiles()
-            lines.append(f"local resolution within the mask: median {res(p50)} (5-95 %: "
-                         f"{res(p5)} to {res(p95)})")
+            lines.append(local_resolution_brief(done.local, unit))
     files = HalvesFiles(result.run_dir)
     lines.append(f"map {files.map}, sharpened {files.postprocessed}, local resolution "
                  f"{files.local_resolution}, postprocess {files.postprocess}")
