@@ -26,7 +26,17 @@ from torch import Tensor
 
 from cryospin.atomic import atomic_write_text
 
-__all__ = ["FSCResult", "fsc", "fsc_curve", "shell_index", "resolution_at", "write_fsc_json"]
+__all__ = ["FSCResult", "fsc", "fsc_curve", "frequency_radius", "shell_index", "resolution_at",
+           "write_fsc_json"]
+
+
+def frequency_radius(box_px: int, *, ndim: int = 3,
+                     device: torch.device | str | None = None) -> Tensor:
+    """``|k|`` in cycles per box of every voxel of the *uncentred* FFT grid, `(L,)*ndim`
+    float64."""
+    k = torch.fft.fftfreq(box_px, d=1.0 / box_px, dtype=torch.float64, device=device)  # (L,)
+    grids = torch.meshgrid(*([k] * ndim), indexing="ij")
+    return torch.sqrt(reduce(operator.add, (g * g for g in grids)))
 
 
 def shell_index(box_px: int, *, ndim: int = 3, device: torch.device | str | None = None) -> Tensor:
@@ -34,10 +44,7 @@ def shell_index(box_px: int, *, ndim: int = 3, device: torch.device | str | None
 
     Values above ``L//2`` mark the corners beyond Nyquist.
     """
-    k = torch.fft.fftfreq(box_px, d=1.0 / box_px, dtype=torch.float64, device=device)  # (L,)
-    grids = torch.meshgrid(*([k] * ndim), indexing="ij")
-    radius = torch.sqrt(reduce(operator.add, (g * g for g in grids)))
-    return torch.round(radius).to(torch.int64)
+    return torch.round(frequency_radius(box_px, ndim=ndim, device=device)).to(torch.int64)
 
 
 def fsc_curve(map_a: Tensor, map_b: Tensor) -> tuple[Tensor, Tensor]:

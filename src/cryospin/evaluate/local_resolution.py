@@ -45,6 +45,7 @@ from torch import Tensor
 
 from cryospin.evaluate.fsc import shell_index
 from cryospin.evaluate.gold_standard import whiten_halves
+from cryospin.evaluate.masks import spherical_mask
 
 __all__ = ["LOCAL_FSC_THRESHOLD", "LocalResolution", "default_window_px", "local_resolution",
            "soft_sphere_window"]
@@ -127,13 +128,9 @@ def default_window_px(box_px: int) -> int:
 def soft_sphere_window(window_px: int, *, dtype: torch.dtype = torch.float64,
                        device: torch.device | str | None = None) -> Tensor:
     """The window, `(W, W, W)`: 1 within radius ``W/4`` of voxel ``[W//2]*3``, a raised cosine
-    to 0 at radius ``W/2``, 0 beyond."""
-    x = torch.arange(window_px, dtype=torch.float64, device=device) - window_px // 2
-    z, y, xx = torch.meshgrid(x, x, x, indexing="ij")
-    r = torch.sqrt(z * z + y * y + xx * xx)
-    inner, outer = window_px / 4, window_px / 2
-    t = ((r - inner) / (outer - inner)).clamp(0.0, 1.0)
-    return (0.5 * (1.0 + torch.cos(math.pi * t))).to(dtype)
+    to 0 at radius ``W/2``, 0 beyond (:func:`cryospin.evaluate.masks.spherical_mask`)."""
+    return spherical_mask(window_px, window_px / 4, soft_edge_px=window_px / 4, dtype=dtype,
+                          device=device)
 
 
 def _grid(box_px: int, step_px: int) -> Tensor:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryospin.evaluate.fsc import shell_index
+from cryospin.evaluate.fsc import frequency_radius, shell_index
 
 __all__ = [
     "GUINIER_LOW_ANGSTROM",
@@ -150,13 +150,6 @@ class PostProcessed:
     resolution_angstrom: float
 
 
-def _radius(box_px: int, device: torch.device) -> Tensor:
-    """``|k|`` in cycles per box on the uncentred FFT grid, `(L, L, L)` float64."""
-    k = torch.fft.fftfreq(box_px, d=1.0 / box_px, dtype=torch.float64, device=device)
-    kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
-    return torch.sqrt(kz * kz + ky * ky + kx * kx)
-
-
 def _check_cubic(volume: Tensor) -> int:
     if volume.ndim != 3 or len(set(volume.shape)) != 1:
         raise ValueError(f"expected a cubic (L, L, L) map, got {tuple(volume.shape)}")
@@ -248,7 +241,7 @@ def apply_bfactor(volume: Tensor, bfactor_a2: float, pixel_size_angstrom: float)
     `(L, L, L)`, the dtype of ``volume``.
     """
     L = _check_cubic(volume)
-    q = _radius(L, volume.device) / (L * pixel_size_angstrom)
+    q = frequency_radius(L, device=volume.device) / (L * pixel_size_angstrom)
     return _filtered(volume, torch.exp(-0.25 * bfactor_a2 * q * q))
 
 
@@ -268,7 +261,7 @@ def lowpass(volume: Tensor, resolution_angstrom: float, pixel_size_angstrom: flo
     if not resolution_angstrom > 0:
         raise ValueError(f"the low-pass resolution must be positive, got {resolution_angstrom}")
     cutoff = L * pixel_size_angstrom / resolution_angstrom
-    r = _radius(L, volume.device)
+    r = frequency_radius(L, device=volume.device)
     if edge_shells > 0:
         t = ((r - cutoff + 0.5 * edge_shells) / edge_shells).clamp(0.0, 1.0)
         gain = 0.5 * (1.0 + torch.cos(math.pi * t))
