@@ -81,6 +81,23 @@ def test_plan_grows_with_batch_heads_width_and_search():
         _config(optim={"batch_size": 256}), 500, 64, "in-memory").phases["stage 2"]
 
 
+def test_a_search_only_plan_has_no_encoder():
+    """A search-only run (the ``default`` preset's, switch at 0 with a search) builds no
+    encoder and runs no inference pass: no encoder row, the switch phase is the pose table."""
+    staged = _plan(_config(), 5000, 64, "in-memory")
+    only = _plan(_config(schedule={"switch_epoch": 0, "search_epochs": 2}), 5000, 64,
+                 "in-memory")
+    assert "encoder + Adam" in dict(staged.rows)
+    assert "encoder + Adam" not in dict(only.rows)
+    assert only.phases["stage 1"] == 0
+    assert only.phases["switch"] < staged.phases["switch"]
+    assert only.phases["switch"] == _plan(_config(schedule={"switch_epoch": 0,
+                                                            "search_epochs": 2}),
+                                          10000, 64, "in-memory").phases["switch"] / 2
+    assert only.total_bytes < staged.total_bytes
+    assert only.total_bytes == sum(b for _, b in only.rows)
+
+
 def test_encoder_layers_follow_the_vgg_layout():
     sizes = encoder_layer_sizes(64, 0.5)
     assert len(sizes) == 13 and sizes[0] == (32, 64 * 64) and sizes[-1] == (256, 4 * 4)
@@ -182,6 +199,7 @@ def _measure(tmp_path: Path, L: int, n: int, overrides: dict) -> int:
     (32, 2000, {}, "in-memory"),
     (48, 3000, {"model": {"num_heads": 5}, "optim": {"batch_size": 32}}, "in-memory"),
     (48, 3000, {"data": {"max_preload_gb": 0.0}}, "streaming"),
+    (32, 2000, {"schedule": {"switch_epoch": 0, "search_epochs": 2}}, "in-memory"),
 ])
 def test_prediction_within_35_percent_of_measured_peak_rss(tmp_path, L, n, changes, loader):
     """Measured on this machine (torch 2.13 CPU): ratios predicted/measured of 0.85-1.0."""

@@ -215,14 +215,16 @@ def plan_memory(
     MemoryPlan
         Resident terms (bytes): ``runtime`` (:data:`RUNTIME_BYTES`), ``metadata``
         (``240 N``), ``data`` (in memory ``4 N (L² + P (1 + ctf))``; streaming, the images of
-        :meth:`StreamOptions.resident_images` plus one chunk's preprocessing at
-        ``56 L²`` per image), ``volume`` (``14 · 4 L³``), ``encoder`` (parameters, gradients and
-        Adam: 16 bytes each); and the largest phase: setup (statistics sample ``2000 L² · 12`` and
-        one 512-image preprocessing chunk), stage 1 (activations ``B Σ_layers C·H·W · 10`` +
-        rendering ``B M P · 96``), switch (inference activations + pose table ``100 N`` + best
-        poses ``104 N``), stage 2 (pose table, ``B P · 160``, search grid products, and with a
-        point group the group average's temporaries, :func:`symmetry_volume_bytes`; in stage 1
-        too when it is imposed from the start), final (``96 L³`` + ``700 N`` + pose table).
+        :meth:`StreamOptions.resident_images` plus one chunk's preprocessing at ``56 L²``
+        per image), ``volume`` (``14 · 4 L³``), ``encoder`` (parameters, gradients and Adam:
+        16 bytes each; no row in a search-only run, which builds none); and the largest
+        phase: setup (statistics sample ``2000 L² · 12`` and one 512-image preprocessing
+        chunk), stage 1 (activations ``B Σ_layers C·H·W · 10`` + rendering ``B M P · 96``),
+        switch (inference activations + pose table ``100 N`` + best poses ``104 N``; search
+        only: the pose table alone), stage 2 (pose table, ``B P · 160``, search grid
+        products, and with a point group the group average's temporaries,
+        :func:`symmetry_volume_bytes`; in stage 1 too when it is imposed from the start),
+        final (``96 L³`` + ``700 N`` + pose table).
     """
     if loader not in ("in-memory", "streaming"):
         raise ValueError(f"loader must be 'in-memory' or 'streaming', got {loader!r}")
@@ -246,7 +248,7 @@ def plan_memory(
         data += chunk * L * L * _PREPROCESS_BYTES_PER_PIXEL
         setup_chunk = preprocess_chunk
     volume = _VOLUME_COPIES * 4 * L**3
-    encoder_params = encoder_parameter_count(m, L)
+    encoder_params = 0 if s.search_only else encoder_parameter_count(m, L)  # none built
     trains_encoder = s.switch_epoch > 0
     encoder = 16 * encoder_params if trains_encoder else 4 * encoder_params
 
@@ -262,7 +264,8 @@ def plan_memory(
     }
     ib = min(int(config.run.inference_batch_size), N)
     largest = max((c * hw for c, hw in layers), default=0)
-    phases["switch"] = (ib * largest * 4 * 3 + ib * M * P * 4 * 8
+    phases["switch"] = (N * _POSE_TABLE_BYTES if s.search_only  # random rotations only
+                        else ib * largest * 4 * 3 + ib * M * P * 4 * 8
                         + N * (_POSE_TABLE_BYTES + _BEST_POSES_BYTES))
     r_search = max(o.search_radius_px, o.search_radius_end_px or 0.0,
                    o.search_radius_symmetric_px or 0.0)
@@ -289,7 +292,7 @@ def plan_memory(
         (("images + Hartley + CTF" if loader == "in-memory" else "streamed chunks")
          + (f" (1/{W} per rank)" if W > 1 else ""), data),
         ("volume + Adam", volume),
-        ("encoder + Adam", encoder),
+        *((("encoder + Adam", encoder),) if encoder_params else ()),
         (f"peak phase: {peak_name}", phases[peak_name]),
     )
     return MemoryPlan(loader=loader, rows=rows, phases=phases)
