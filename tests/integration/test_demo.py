@@ -8,7 +8,12 @@ from pathlib import Path
 from cryospin.cli.demo import split_note, wrong_structure_note
 from cryospin.cli.main import main
 
-# The spike's poses at this size since the copy consensus after the search (2026-12-07,
+# Since the `default` dropped its encoder epoch (2026-12-07, search only; one thread per run
+# on an AMD EPYC, capability AVX2, float32, on the data of seeds 0-15 as below): all 16 seeds
+# converge, median 1.56-2.28 deg unreduced (seed 0: 1.57), where the preset with the encoder
+# epoch converged on 15 (seed 6 split, 114 deg; seed 0: 1.71); benchmarks/RESULTS.md, "Search
+# only as the default". Before that change:
+# the spike's poses at this size since the copy consensus after the search (2026-12-07,
 # `optim.copy_consensus: auto`; two threads, `cryospin reconstruct ... --seed S` on the data
 # of seed S): median 1.75 / 1.79 / 1.90 deg for seeds 0 / 1 / 2, 98.6-99.4 % within 10 deg
 # (without it 3.15 / 1.76 / 2.34, 66-99 %); seed 3 still splits (its search ends before the

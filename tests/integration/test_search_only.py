@@ -30,7 +30,8 @@ def particles(tmp_path_factory):
 def test_search_only_is_switch_epoch_0_with_a_search_and_nothing_else():
     assert build_config("default", SMALL).schedule.search_only
     assert build_config("default", {"schedule": {"switch_epoch": 0}}).schedule.search_only
-    assert not build_config("default").schedule.search_only  # its one stage-1 epoch
+    assert build_config("default").schedule.search_only  # the preset since 2026-12-07
+    assert not build_config("default", {"schedule": {"switch_epoch": 1}}).schedule.search_only
     for schedule in ({"search_epochs": 0}, {"switch_steps": 100}):
         config = build_config("default", {"schedule": {"switch_epoch": 0, **schedule}})
         assert not config.schedule.search_only, schedule
@@ -72,6 +73,6 @@ def test_a_search_only_run_resumes_after_its_first_epoch(particles, tmp_path: Pa
 
 
 def test_only_a_search_only_run_switches_without_an_encoder():
-    config = build_config("default")
+    config = build_config("default", {"schedule": {"switch_epoch": 1}})
     with pytest.raises(ValueError, match="only a search-only run"):
         switch_poses(config, None, None, None)  # type: ignore[arg-type]

@@ -204,6 +204,8 @@ def _reconstruct(data: Path, out: Path, method: str) -> int:
     ]
     if method != "cryoai":
         argv += ["--heads", "3"]
+    if method == "semi-amortized":  # one stage-1 epoch, then the switch (the preset has none)
+        argv += ["--switch-epoch", "1"]
     return cli_main(argv)
 
 

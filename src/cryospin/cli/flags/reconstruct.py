@@ -1,11 +1,13 @@
 """Ab initio reconstruction of a volume and per-particle poses (cryoSPIN).
 
-Stage 1 trains a multi-head encoder and the volume together (winner-take-all over heads);
-after --switch-epoch, each particle's best head seeds its pose, which is then refined per
-particle while the volume keeps learning (stage 2). Writes RUN_DIR/map.NNN.mrc after each epoch,
-metrics.jsonl, checkpoint.pt, and at the end map.mrc (a Wiener backprojection of the images from
-the final poses; the trained volume is map_decoder.mrc), poses.star (RELION 3.1: the input's
-columns and image paths, new poses), poses.pkl, and poses.cs for a .cs input.
+Stage 1 trains a multi-head encoder and the volume together (winner-take-all over heads); after
+--switch-epoch, each particle's best head seeds its pose, which is then refined per particle
+while the volume keeps learning (stage 2). The default preset has no stage 1 (--switch-epoch 0):
+every particle starts from a random rotation that a global rotation search replaces; --preset
+paper-synthetic / paper-real train the encoder as the paper does. Writes RUN_DIR/map.NNN.mrc
+after each epoch, metrics.jsonl, checkpoint.pt, and at the end map.mrc (a Wiener backprojection
+of the images from the final poses; the trained volume is map_decoder.mrc), poses.star (RELION
+3.1: the input's columns and image paths, new poses), poses.pkl, and poses.cs for a .cs input.
 
 Progress: a bar per epoch in a terminal; without one (nohup, a batch job) a line every
 --progress-interval seconds with the epoch's and the run's ETA. RUN_DIR/run.log keeps everything
@@ -113,7 +115,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, metavar="E", help="total epochs")
     g.add_argument("--switch-epoch", type=int, metavar="K",
                    help="last epoch of stage 1 (auto-encoding); 0 with search epochs: search "
-                        "only, no encoder (every particle starts from a random rotation)")
+                        "only, no encoder (every particle starts from a random rotation; the "
+                        "default preset's choice)")
     g.add_argument("--switch-steps", type=int, metavar="T",
                    help="stage 1 lasts exactly T optimizer steps (batches) instead of "
                         "--switch-epoch epochs; the --epochs minus --switch-epoch stage-2 "
