@@ -236,10 +236,9 @@ def local_resolution_line(local: LocalResolution, unit: str) -> str:
             f"every {local.step_px} voxels, {local.points.shape[0]} within the mask): median "
             f"{p50:.2f} {unit}, 5-95 % {p5:.2f}-{p95:.2f} {unit}")
     d5, d50, d95 = local.percentiles(density_only=True)
-    if not math.isnan(d50):
+    if local.on_density is not None and not math.isnan(d50):
         line += (f"; centred on density ({int(local.on_density.sum())} points): median "
-                 f"{d50:.2f} {unit}, 5-95 % {d5:.2f}-{d95:.2f} {unit}"
-                 if local.on_density is not None else "")
+                 f"{d50:.2f} {unit}, 5-95 % {d5:.2f}-{d95:.2f} {unit}")
     return line
 
 
